@@ -1,0 +1,266 @@
+"""Put a new head on any torchvision or timm backbone: `build_model`.
+
+The classifier is found by watching a forward pass, not by guessing attribute names: for
+torchvision it is the last module to produce the 1000 ImageNet logits (auxiliary classifiers are the
+ones that produce them only in training mode); for timm it is what `pretrained_cfg['classifier']`
+names, after `reset_classifier(0)` has turned it into the pre-logits identity. The new head is put
+at exactly that place in the module tree, so every backbone parameter keeps its name and value, and
+a final probe forward proves the head is called (the paper's CIFAR-10/SVHN scripts assigned their
+head to a `.fc` that VGG never calls).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from torch import nn
+
+from .heads import create_head
+from .weights import load_backbone_weights, resolve_weights
+
+LIBRARIES = ("torchvision", "timm")
+
+
+@dataclass
+class HeadInfo:
+    """What `build_model` did, kept on the model as `model.spinal_info` (plain values only)."""
+
+    backbone: str
+    num_classes: int
+    head: str
+    head_options: dict
+    feature_width: int
+    head_paths: List[str]          # main head first, then auxiliary heads
+    head_modules: List[str]        # module path of each new head (differs from head_paths for SqueezeNet)
+    replace: str
+    original_head_params: int
+    original_head_macs: int
+    input_size: int
+    weights: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_backbone(backbone: str) -> tuple[str, str]:
+    lib, sep, name = backbone.partition("/")
+    if not sep or lib not in LIBRARIES or not name:
+        raise ValueError(f"backbone must be 'torchvision/<name>' or 'timm/<name>', got {backbone!r}; "
+                         "see `spinal-transfer models`")
+    return lib, name
+
+
+def list_backbones(pattern: Optional[str] = None) -> List[str]:
+    """Every backbone `build_model` accepts: torchvision's classification models and timm's architectures."""
+    import timm
+    import torchvision.models as tvm
+
+    names = [f"torchvision/{n}" for n in tvm.list_models(module=tvm)]
+    names += [f"timm/{n}" for n in timm.list_models()]
+    if pattern:
+        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatch(n, pat)]
+    return names
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(get_module(model, parent), attr, module)
+
+
+def get_head(model: nn.Module) -> nn.Module:
+    """The (main) head that `build_model` attached."""
+    info = getattr(model, "spinal_info", None)
+    if info is None:
+        raise ValueError("this model was not built by spinal_transfer.build_model")
+    return get_module(model, info.head_modules[0])
+
+
+def head_param_names(model: nn.Module) -> List[str]:
+    """State-dict keys that belong to the new head(s); everything else is backbone."""
+    prefixes = tuple(p + "." for p in model.spinal_info.head_paths)
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
+
+
+def _count(module: nn.Module) -> tuple[int, int]:
+    """(params, MACs per sample) of an original classifier: Linear and 1x1 Conv layers only."""
+    params = sum(p.numel() for p in module.parameters())
+    macs = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    macs += sum(m.in_channels * m.out_channels // m.groups for m in module.modules()
+                if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
+    return params, macs
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, input_size: int, watch: dict[str, nn.Module]) -> tuple[dict[str, torch.Size], Any]:
+    """One eval-mode forward of a zero image: (input shape of each watched module that was called,
+    in call order; the model's output)."""
+    seen: dict[str, torch.Size] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            seen.setdefault(name, inputs[0].shape)
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in watch.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
+        out = model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+def _torchvision_input_size(name: str, model: nn.Module, weights: Any) -> int:
+    if weights is not None:
+        return int(weights.transforms().crop_size[0])
+    if hasattr(model, "image_size"):          # ViT: fixed by the position embedding
+        return int(model.image_size)
+    return 299 if name == "inception_v3" else 224
+
+
+def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, int]:
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise ValueError(f"torchvision has no classification model {name!r}; see `spinal-transfer models torchvision/`")
+    kwargs = {}
+    if name in ("inception_v3", "googlenet"):
+        kwargs = dict(aux_logits=True, init_weights=weights is None)
+    model = tvm.get_model(name, weights=weights, **kwargs)
+    return model, _torchvision_input_size(name, model, weights)
+
+
+def _find_torchvision_classifiers(model: nn.Module, input_size: int) -> tuple[str, List[str], torch.Size]:
+    """(main classifier path, auxiliary classifier paths, main classifier's input shape)."""
+    out_dim = 1000
+    cands = {n: m for n, m in model.named_modules()
+             if (isinstance(m, nn.Linear) and m.out_features == out_dim)
+             or (isinstance(m, nn.Conv2d) and m.out_channels == out_dim and m.kernel_size == (1, 1))}
+    seen, _ = _probe(model, input_size, cands)
+    if not seen:
+        raise RuntimeError(f"could not find the classifier of {type(model).__name__}")
+    main = list(seen)[-1]
+    aux = [n for n in cands if n not in seen]
+    return main, aux, seen[main]
+
+
+def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
+                replace: str = "auto", **head_options: Any) -> nn.Module:
+    """Load `backbone` ("torchvision/<name>" or "timm/<name>") and replace its classifier by a new
+    `head` ("linear", "mlp", "spinal") of the width that actually reaches it.
+
+    weights: None/"none", "default", a torchvision weights enum name / timm pretrained tag, or a path
+    to a local state dict (torch file loaded with weights_only=True, or safetensors).
+    replace (torchvision VGG/AlexNet): "classifier" replaces the whole 4096-4096 classifier from the
+    flattened features, as the paper did; "last" only its last Linear; "auto" = "classifier" for
+    spinal/mlp heads on VGG/AlexNet, "last" everywhere else.
+    """
+    lib, name = parse_backbone(backbone)
+    if replace not in ("auto", "last", "classifier"):
+        raise ValueError(f"replace must be auto, last or classifier, got {replace!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    source = resolve_weights(lib, name, weights)
+    notes: List[str] = []
+
+    if lib == "torchvision":
+        try:
+            model, input_size = _build_torchvision(name, source.builtin)
+        except OSError as e:                  # URLError is an OSError: offline, not cached
+            source.raise_unavailable(e)
+        main, aux, main_in = _find_torchvision_classifiers(model, input_size)
+        if replace == "auto":
+            replace = "classifier" if head != "linear" and name.startswith(("vgg", "alexnet")) else "last"
+        if replace == "classifier":
+            parent = main.rpartition(".")[0]
+            if not parent or sum(isinstance(m, nn.Linear) for m in get_module(model, parent).modules()) < 2:
+                raise ValueError(f"{backbone} has no multi-layer classifier to replace; use replace='last'")
+            main_in = _probe(model, input_size, {parent: get_module(model, parent)})[0][parent]
+            if len(main_in) != 2:
+                raise ValueError(f"the classifier of {backbone} starts from a feature map, not a vector; "
+                                 "use replace='last'")
+            main = parent
+        # (path, width) of every classifier to replace: the main one first, then auxiliary ones.
+        def in_width(path: str) -> int:
+            m = get_module(model, path)
+            return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+        main_width = int(main_in[1:].numel()) if replace == "classifier" else in_width(main)
+        targets = [(main, main_width)] + [(p, in_width(p)) for p in aux]
+        original = [get_module(model, p) for p, _ in targets]
+        paths, head_modules = [], []
+        for p, width in targets:
+            new_head = create_head(head, width, num_classes, **head_options)
+            if isinstance(get_module(model, p), nn.Conv2d):   # SqueezeNet: 1x1 conv on the map, then pool
+                p = p.rpartition(".")[0]
+                set_module(model, p, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), new_head))
+                head_modules.append(p + ".2")
+            else:
+                set_module(model, p, new_head)
+                head_modules.append(p)
+            paths.append(p)
+        width = targets[0][1]
+    else:
+        import timm
+
+        try:
+            model = timm.create_model(name if source.tag is None else f"{name}.{source.tag}",
+                                      pretrained=source.builtin is not None)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"timm has no model {name!r}; see `spinal-transfer models timm/`") from None
+            raise
+        except Exception as e:
+            source.raise_unavailable(e)
+        original_cls = model.pretrained_cfg.get("classifier") or "head"
+        paths = [original_cls] if isinstance(original_cls, str) else list(original_cls)
+        original = [get_module(model, p) for p in paths]
+        if replace == "classifier":
+            raise ValueError("replace='classifier' is for torchvision VGG/AlexNet; timm heads are replaced at "
+                             "their pre-logits (use replace='last')")
+        replace = "last"
+        input_size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        model.reset_classifier(0)
+        _, feats = _probe(model, input_size, {})
+        width = int(feats.shape[-1])
+        if width != getattr(model, "num_features", width):
+            notes.append(f"timm reports num_features={model.num_features} but {width} features reach the "
+                         "classifier; the head is sized by the measured width")
+        for p in paths:
+            set_module(model, p, create_head(head, width, num_classes, **head_options))
+        head_modules = list(paths)
+
+    orig_params, orig_macs = _count(original[0])
+    model.spinal_info = HeadInfo(
+        backbone=backbone, num_classes=num_classes, head=head, head_options=dict(head_options),
+        feature_width=width, head_paths=paths, head_modules=head_modules, replace=replace,
+        original_head_params=orig_params, original_head_macs=orig_macs, input_size=input_size,
+        weights=None if weights in (None, "none") else str(weights), notes=notes)
+
+    if source.path is not None:
+        notes.append(load_backbone_weights(model, source.path, head_param_names(model)))
+    _check_head_in_forward(model)
+    return model
+
+
+def _check_head_in_forward(model: nn.Module) -> None:
+    """Fail loudly unless the main head is called and the model outputs (batch, num_classes)."""
+    info = model.spinal_info
+    seen, out = _probe(model, info.input_size, {"head": get_head(model)})
+    if "head" not in seen:
+        raise RuntimeError(f"the new head at {info.head_modules[0]!r} is not in the forward path of {info.backbone}")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, info.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"{info.backbone} with the new head outputs {shape}, expected (1, {info.num_classes})")

@@ -1,0 +1,375 @@
+"""Data folders, decoding, bad-file survival, transforms and the backbone's input settings."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import write_digits_folder
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
+
+from spinal_transfer.config import TrainConfig
+from spinal_transfer.data import (BadImage, BadSample, DataError, ImageDataset, balanced_sample_weights,
+                                  class_counts, class_weights, collate_skip_bad, list_images, load_image,
+                                  resolve_splits, write_skipped)
+from spinal_transfer.transforms import build_transforms, resolve_data_config, transform_signature
+
+RNG = np.random.default_rng(0)
+
+
+def _smooth(h: int, w: int) -> np.ndarray:
+    """A photo-like (low-frequency) RGB image, so JPEG artefacts stay small."""
+    return cv2.resize(RNG.integers(0, 256, (4, 4, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _png(path: Path, h: int = 16, w: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_smooth(h, w)).save(path)
+    return path
+
+
+def _labels_match_folders(samples, classes) -> bool:
+    return all(classes[y] in Path(p).parts for p, y in samples)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts and splits
+
+def test_three_split_layout(digits_folder):
+    s = resolve_splits(digits_folder)
+    assert s.classes == [f"digit_{k}" for k in range(10)]
+    for split in ("train", "val", "test"):
+        files = sorted(str(p) for p in (digits_folder / split).rglob("*.png"))
+        assert sorted(p for p, _ in getattr(s, split)) == files
+        assert _labels_match_folders(getattr(s, split), s.classes)
+        assert s.source[split]["kind"] == "folder"
+    assert s.skipped == []
+
+
+def test_flat_layout_generates_saved_stratified_split_and_reuses_it(tmp_path):
+    root = write_digits_folder(tmp_path / "flat", digits=(0, 1, 2), size=8, splits=())
+    run = tmp_path / "run"
+    s = resolve_splits(root, run_dir=run, val_fraction=0.2, test_fraction=0.1, seed=3)
+    all_files = sorted(str(p) for p in root.rglob("*.png"))
+    parts = [p for split in (s.train, s.val, s.test) for p, _ in split]
+    assert sorted(parts) == all_files  # disjoint and complete
+    assert _labels_match_folders(s.train + s.val + s.test, s.classes)
+    n = len(all_files)
+    assert abs(len(s.test) - 0.1 * n) <= 2 and abs(len(s.val) - 0.2 * n) <= 2  # fractions of the whole
+    for split in (s.val, s.test):  # stratified: every class keeps its share
+        share = class_counts(split, 3) / len(split)
+        np.testing.assert_allclose(share, class_counts(s.train + s.val + s.test, 3) / n, atol=0.03)
+    assert s.source["val"] == {"kind": "generated", "from": "train", "fraction": 0.2, "seed": 3}
+    saved = json.loads((run / "splits.json").read_text())
+    assert saved["classes"] == s.classes and not Path(saved["splits"]["val"][0][0]).is_absolute()
+    assert json.loads((run / "classes.json").read_text()) == s.classes
+
+    _png(root / "digit_0" / "zz_new.png")  # a rerun must not reshuffle, even if the folder grew
+    again = resolve_splits(root, run_dir=run, val_fraction=0.2, test_fraction=0.1, seed=3)
+    assert (again.train, again.val, again.test, again.classes) == (s.train, s.val, s.test, s.classes)
+    with pytest.raises(DataError, match="fraction=0.2 seed=3"):
+        resolve_splits(root, run_dir=run, val_fraction=0.3, test_fraction=0.1, seed=3)
+    gone = Path(s.val[0][0])
+    gone.unlink()
+    with pytest.raises(DataError, match=gone.name):
+        resolve_splits(root, run_dir=run, val_fraction=0.2, test_fraction=0.1, seed=3)
+
+
+def test_train_plus_valid_alias_generates_only_test(tmp_path):
+    root = write_digits_folder(tmp_path / "d", digits=(3, 4), size=8, splits=("train", "val"))
+    (root / "val").rename(root / "valid")
+    s = resolve_splits(root, test_fraction=0.25)
+    assert sorted(p for p, _ in s.val) == sorted(str(p) for p in (root / "valid").rglob("*.png"))
+    assert s.source["val"]["kind"] == "folder" and s.source["test"]["kind"] == "generated"
+    train_files = {str(p) for p in (root / "train").rglob("*.png")}
+    assert {p for p, _ in s.train + s.test} == train_files
+    assert abs(len(s.test) - 0.25 * len(train_files)) <= 1
+
+
+def test_tiny_classes_do_not_crash_the_split(tmp_path):
+    for i in range(6):
+        _png(tmp_path / "d" / "big" / f"{i}.png")
+    _png(tmp_path / "d" / "pair" / "0.png"), _png(tmp_path / "d" / "pair" / "1.png")
+    _png(tmp_path / "d" / "single" / "0.png")
+    s = resolve_splits(tmp_path / "d", val_fraction=0.2, test_fraction=0.2)
+    assert sorted(p for p, _ in s.train + s.val + s.test) == sorted(str(p) for p in (tmp_path / "d").rglob("*.png"))
+    single = s.classes.index("single")
+    assert [y for _, y in s.train].count(single) == 1
+    assert any("single image" in n for n in s.source["notes"])
+
+
+def test_class_mismatch_names_missing_and_extra(tmp_path):
+    for c in ("cat", "dog", "fox"):
+        _png(tmp_path / "train" / c / "a.png")
+    for c in ("cat", "dog", "owl"):
+        _png(tmp_path / "val" / c / "a.png")
+    for c in ("cat", "dog", "fox"):
+        _png(tmp_path / "test" / c / "a.png")
+    with pytest.raises(DataError) as e:
+        resolve_splits(tmp_path)
+    msg = str(e.value)
+    assert "val: missing ['fox'], extra ['owl']" in msg and "test:" not in msg
+
+
+def test_class_without_usable_image_is_named(tmp_path):
+    _png(tmp_path / "cat" / "a.png")
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "dog" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(DataError, match=r"without a usable image: dog"):
+        resolve_splits(tmp_path)
+
+
+def test_hidden_entries_ignored_nested_images_found_and_class_order_is_sorted(tmp_path):
+    names = ["b", "A", "a", "10", "2"]
+    for c in names:
+        _png(tmp_path / c / "x.png")
+    _png(tmp_path / "a" / "deeper" / "nest" / "y.png")
+    for hidden in (".ipynb_checkpoints", "__MACOSX", ".cache"):
+        _png(tmp_path / hidden / "x.png")  # never a class
+        _png(tmp_path / "a" / hidden / "z.png")  # never a sample
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"\0\0")
+    (tmp_path / "a" / "Thumbs.db").write_bytes(b"\0\0")
+    _png(tmp_path / "a" / ".hidden.png")
+    s = resolve_splits(tmp_path, val_fraction=0, test_fraction=0)
+    assert s.classes == sorted(names) == ["10", "2", "A", "a", "b"]
+    a = s.classes.index("a")
+    assert sorted(Path(p).name for p, y in s.train if y == a) == ["x.png", "y.png"]
+    assert s.skipped == [] and s.val == [] and s.test == []
+    assert list_images([tmp_path / "a"]) == [str(tmp_path / "a" / "deeper" / "nest" / "y.png"),
+                                              str(tmp_path / "a" / "x.png")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad files
+
+def _bad_folder(root: Path) -> dict[str, Path]:
+    """Good 16x16 images plus one of every kind of bad file, all in class folders."""
+    good = [_png(root / c / f"good{i}.png") for c in ("a", "b") for i in range(4)]
+    d = root / "a"
+    bad = {"corrupt": d / "corrupt.jpg", "truncated": d / "truncated.jpg", "empty": d / "empty.png",
+           "text": d / "text.png", "bomb": d / "bomb.png", "hard_bomb": root / "b" / "hard_bomb.png"}
+    bad["corrupt"].write_bytes(b"\xff\xd8\xff\xe0 definitely not jpeg data" * 10)
+    noise = RNG.integers(0, 256, (30, 30, 3), dtype=np.uint8)  # noisy: most bytes are scan data
+    Image.fromarray(noise).save(bad["truncated"], quality=90)
+    data = bad["truncated"].read_bytes()
+    bad["truncated"].write_bytes(data[: len(data) * 2 // 3])
+    bad["empty"].write_bytes(b"")
+    bad["text"].write_text("hello, I am a text file\n")
+    Image.fromarray(_smooth(40, 40)).save(bad["bomb"])  # 1600 px: PIL's warning zone with the bound below
+    Image.fromarray(_smooth(50, 50)).save(bad["hard_bomb"])  # 2500 px > 2x bound: PIL's own error
+    return {"good": good, **bad}
+
+
+def test_every_kind_of_bad_file_is_skipped_and_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    files = _bad_folder(tmp_path / "data")
+    bad = {k: v for k, v in files.items() if k != "good"}
+    run = tmp_path / "run"
+
+    s = resolve_splits(tmp_path / "data", run_dir=run, val_fraction=0, test_fraction=0)
+    reasons = dict(s.skipped)
+    assert set(reasons) == {str(p) for k, p in bad.items() if k != "truncated"}  # header looks fine
+    assert reasons[str(bad["empty"])] == "empty file (0 bytes)"
+    assert "not an image" in reasons[str(bad["text"])]
+    assert "decompression-bomb bound" in reasons[str(bad["bomb"])]
+    assert "decompression-bomb bound" in reasons[str(bad["hard_bomb"])]
+
+    # Feed everything (as if the header check had passed) through real worker processes.
+    samples = [(str(p), 0) for p in files["good"]] + [(str(p), 1) for p in bad.values()]
+    dc = resolve_data_config(TrainConfig(img_size=12, resize_size=14))
+    ds = ImageDataset(samples, build_transforms(TrainConfig(), dc, train=True))
+    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_skip_bad)
+    n_good, skipped = 0, []
+    for x, y, bad_batch in loader:
+        assert x.shape[1:] == (3, 12, 12) or x.numel() == 0
+        assert len(x) == len(y)
+        n_good += len(x)
+        skipped += bad_batch
+    assert n_good == len(files["good"])
+    assert {p for p, _ in skipped} == {str(p) for p in bad.values()}
+    assert "truncated" in dict(skipped)[str(bad["truncated"])]
+
+    write_skipped(run, skipped)  # load-time skips merge into the scan-time file without duplicates
+    lines = (run / "skipped_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(str(p) for p in bad.values())
+
+
+def test_collate_with_only_bad_samples():
+    x, y, bad = collate_skip_bad([BadSample("a.jpg", "empty"), BadSample("b.jpg", "corrupt")])
+    assert x.numel() == 0 and y.dtype == torch.long and bad == [("a.jpg", "empty"), ("b.jpg", "corrupt")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding
+
+def _check(out: np.ndarray, expected: np.ndarray, atol: int = 0) -> None:
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+    assert out.shape == expected.shape
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= atol
+
+
+def test_grey_palette_and_alpha_modes(tmp_path):
+    grey = RNG.integers(0, 256, (6, 9), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "l.png")
+    _check(load_image(tmp_path / "l.png"), np.repeat(grey[:, :, None], 3, axis=2))
+
+    idx = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
+    pal = Image.fromarray(idx, "P")
+    pal.putpalette([10, 20, 30, 200, 0, 0, 0, 0, 250] + [0] * 759)
+    pal.save(tmp_path / "p.png", transparency=0)  # index 0 is transparent -> white
+    colours = np.array([[255, 255, 255], [200, 0, 0], [0, 0, 250]], dtype=np.uint8)
+    _check(load_image(tmp_path / "p.png"), colours[idx])
+    pal.save(tmp_path / "p.gif")
+    _check(load_image(tmp_path / "p.gif"), np.array([[10, 20, 30], [200, 0, 0], [0, 0, 250]], np.uint8)[idx])
+
+    rgba = np.concatenate([_smooth(5, 7), RNG.integers(0, 256, (5, 7, 1), dtype=np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    a = rgba[:, :, 3:] / 255.0
+    _check(load_image(tmp_path / "rgba.png"), np.round(rgba[:, :, :3] * a + 255 * (1 - a)), atol=1)
+    Image.fromarray(rgba[:, :, [0, 3]], "LA").save(tmp_path / "la.png")
+    la = np.round(rgba[:, :, 0] * a[:, :, 0] + 255 * (1 - a[:, :, 0]))
+    _check(load_image(tmp_path / "la.png"), np.repeat(la[:, :, None], 3, axis=2), atol=1)
+
+
+def test_cmyk(tmp_path):
+    cmyk = np.array([[[0, 255, 255, 0], [255, 0, 255, 0], [0, 0, 0, 0], [0, 0, 0, 255]]], dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "c.tif")
+    _check(load_image(tmp_path / "c.tif"), np.array([[[255, 0, 0], [0, 255, 0], [255, 255, 255], [0, 0, 0]]]))
+    big = np.repeat(np.repeat(cmyk, 16, axis=0), 16, axis=1)
+    Image.fromarray(big, "CMYK").save(tmp_path / "c.jpg", quality=95)
+    out = load_image(tmp_path / "c.jpg")
+    _check(out, np.array(Image.open(tmp_path / "c.jpg").convert("RGB")))
+    assert out[8, 8].tolist() == pytest.approx([255, 0, 0], abs=8)
+
+
+def test_16_bit_is_scaled_not_clipped(tmp_path):
+    grey = np.array([[0, 255, 256, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    _check(load_image(tmp_path / "g16.png"), np.repeat(np.array([[0, 0, 1, 128, 255]], np.uint8)[:, :, None], 3, 2))
+    rgb = RNG.integers(0, 65536, (4, 5, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb[:, :, ::-1])
+    _check(load_image(tmp_path / "rgb16.png"), (rgb >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_and_fast_path_equal_pil(tmp_path, fmt):
+    img = _smooth(20, 32)
+    plain = tmp_path / f"plain.{fmt.lower()}"
+    Image.fromarray(img).save(plain, fmt, quality=95)
+    base = np.array(Image.open(plain).convert("RGB"))
+    _check(load_image(plain), base)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        p = tmp_path / f"o{orientation}.{fmt.lower()}"
+        Image.fromarray(img).save(p, fmt, quality=95, exif=exif.tobytes())
+        _check(load_image(p), np.array(ImageOps.exif_transpose(Image.open(p)).convert("RGB")))
+    rotated = load_image(tmp_path / f"o6.{fmt.lower()}")  # 6: stored image must be turned 90 deg clockwise
+    assert rotated.shape == (32, 20, 3)
+    _check(rotated, np.rot90(base, k=-1))
+    grey = tmp_path / f"grey.{fmt.lower()}"
+    Image.fromarray(img[:, :, 0], "L").save(grey, fmt, quality=95)
+    _check(load_image(grey), np.array(Image.open(grey).convert("RGB")))
+
+
+def test_load_image_errors(tmp_path, monkeypatch):
+    (tmp_path / "e.jpg").write_bytes(b"")
+    with pytest.raises(BadImage, match="empty"):
+        load_image(tmp_path / "e.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(BadImage, match="decompression-bomb bound"):
+        load_image(_png(tmp_path / "big.png", 12, 12))  # 144 px: the warning zone counts too
+
+
+# ------------------------------------------------------------------------------------------------
+# Class balance
+
+def test_class_balance_helpers():
+    samples = [("a", 0)] * 6 + [("b", 1)] * 2 + [("c", 3)]
+    assert class_counts(samples, 4).tolist() == [6, 2, 0, 1]
+    w = balanced_sample_weights(samples, 4)
+    assert w[:6].sum().item() == pytest.approx(w[6:8].sum().item()) == pytest.approx(w[8].item())
+    cw = class_weights(samples, 4)
+    np.testing.assert_allclose(cw.numpy(), [9 / (3 * 6), 9 / (3 * 2), 1.0, 9 / 3], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transforms and data config
+
+@pytest.mark.parametrize("augment", ["modern", "paper", "none"])
+@pytest.mark.parametrize("train", [True, False])
+def test_transform_output(augment, train):
+    cfg = TrainConfig(augment=augment, img_size=24, vflip=0.5)
+    dc = resolve_data_config(cfg, backbone="torchvision/resnet18")
+    out = build_transforms(cfg, dc, train)(image=_smooth(37, 53))["image"]
+    assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+
+
+def test_normalization_matches_numpy_and_none_equals_eval():
+    cfg = TrainConfig(augment="none", eval_resize="resize", img_size=16, mean=[0.1, 0.5, 0.9], std=[0.2, 0.3, 0.4])
+    dc = resolve_data_config(cfg)
+    img = _smooth(16, 16)
+    out = build_transforms(cfg, dc, train=True)(image=img)["image"].numpy()
+    ref = ((img / 255.0 - np.array(cfg.mean)) / np.array(cfg.std)).transpose(2, 0, 1)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert transform_signature(cfg, dc, True) == transform_signature(cfg, dc, False)
+    big = _smooth(40, 60)
+    crop = dataclasses.replace(cfg, eval_resize="center_crop")
+    a = build_transforms(crop, dc, train=True)(image=big)["image"]
+    assert torch.equal(a, build_transforms(crop, dc, train=False)(image=big)["image"])
+
+
+def test_transform_signature_is_stable_and_sensitive():
+    cfg = TrainConfig(backbone="torchvision/resnet18")
+    dc = resolve_data_config(cfg)
+    sig = transform_signature(cfg, dc, train=False)
+    assert sig == transform_signature(TrainConfig(backbone="torchvision/resnet18"), dc, train=False)
+    assert sig != transform_signature(dataclasses.replace(cfg, eval_resize="resize"), dc, train=False)
+    assert transform_signature(cfg, dc, True) != transform_signature(dataclasses.replace(cfg, hflip=0.2), dc, True)
+
+
+def test_data_config_from_timm():
+    import timm
+    import timm.data
+
+    model = timm.create_model("test_vit", pretrained=False)
+    ref = timm.data.resolve_model_data_config(model)
+    for dc in (resolve_data_config(TrainConfig(backbone="timm/test_vit")),
+               resolve_data_config(TrainConfig(), model=model)):
+        assert dc.img_size == ref["input_size"][1] and dc.mean == tuple(ref["mean"]) and dc.std == tuple(ref["std"])
+        assert dc.interpolation == ref["interpolation"] and dc.crop_pct == ref["crop_pct"]
+        assert dc.resize_size == round(dc.img_size / ref["crop_pct"])
+    tagged = resolve_data_config(TrainConfig(backbone="timm/resnet18", weights="tv_in1k"))
+    assert (tagged.interpolation, tagged.crop_pct) == ("bilinear", 0.875)
+
+
+@pytest.mark.parametrize("weights", ["default", "IMAGENET1K_V2", "none"])
+def test_data_config_from_torchvision_enum(weights):
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights("resnet50")
+    t = (enum.DEFAULT if weights in ("default", "none") else enum[weights]).transforms()
+    dc = resolve_data_config(TrainConfig(backbone="torchvision/resnet50", weights=weights))
+    assert (dc.img_size, dc.resize_size) == (t.crop_size[0], t.resize_size[0])
+    assert dc.mean == tuple(t.mean) and dc.std == tuple(t.std) and dc.interpolation == t.interpolation.value
+
+
+def test_config_overrides_win_and_unknown_backbone_falls_back():
+    cfg = TrainConfig(backbone="torchvision/resnet18", img_size=128, mean=[0.5, 0.5, 0.5], std=[0.25] * 3,
+                      interpolation="bicubic")
+    dc = resolve_data_config(cfg)
+    assert (dc.img_size, dc.mean, dc.std, dc.interpolation) == (128, (0.5,) * 3, (0.25,) * 3, "bicubic")
+    assert dc.resize_size == round(128 / dc.crop_pct)
+    assert resolve_data_config(dataclasses.replace(cfg, resize_size=150)).resize_size == 150
+    paper = TrainConfig(augment="paper", backbone="torchvision/resnet18", img_size=64)
+    pdc = resolve_data_config(paper)
+    assert pdc.resize_size == round(64 / pdc.crop_pct)
+    fallback = resolve_data_config(TrainConfig(backbone="somewhere/unknown"))
+    assert (fallback.img_size, fallback.resize_size, fallback.interpolation) == (224, 256, "bilinear")
