@@ -74,12 +74,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in model.parameters())
     rows = [("backbone", info.backbone), ("classifier replaced", ", ".join(info.head_paths) + f" ({info.replace})"),
             ("feature width", info.feature_width), ("input size", info.input_size),
-            ("original head params", f"{info.original_head_params:,}"),
-            ("original head MACs/sample", f"{info.original_head_macs:,}"),
+            ("default head params", f"{info.default_head_params:,}"),
+            ("default head MACs/sample", f"{info.default_head_macs:,}"),
             (f"new {info.head} head", repr(head).splitlines()[0] if info.head != "spinal" else head.extra_repr()),
             ("new head params", f"{head.num_params():,}"), ("new head MACs/sample", f"{head.macs():,}"),
-            ("MACs ratio original/new", f"{info.original_head_macs / max(head.macs(), 1):.2f}x"),
-            ("params ratio original/new", f"{info.original_head_params / max(head.num_params(), 1):.2f}x"),
+            ("MACs ratio default/new", f"{info.default_head_macs / max(head.macs(), 1):.2f}x"),
+            ("params ratio default/new", f"{info.default_head_params / max(head.num_params(), 1):.2f}x"),
             ("model params (with new head)", f"{total:,}")]
     if len(info.head_paths) > 1:
         rows.append(("auxiliary heads", ", ".join(info.head_paths[1:])))
@@ -90,10 +90,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from . import prepare
-
-    return prepare.main(args)
+PLUGGED = ("prepare", "reproduce", "export", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,16 +139,14 @@ flags win over the recipe. --epochs/--lr replace a recipe's multi-stage schedule
     add_config_args(d, skip=("backbone",))
     d.set_defaults(func=cmd_describe)
 
-    try:
-        from . import prepare
-    except ImportError:                                   # pragma: no cover
-        prepare = None
-    if prepare is not None:
-        pr = sub.add_parser("prepare", help="turn a paper dataset into ROOT/{train,val,test}/<class>/",
-                            description="turn a paper dataset into ROOT/{train,val,test}/<class>/",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        prepare.add_prepare_args(pr)
-        pr.set_defaults(func=cmd_prepare)
+    # Commands that live in their own module: each module has HELP, EXAMPLES, add_args(parser), main(args).
+    import importlib
+
+    for name in PLUGGED:
+        mod = importlib.import_module(f".{name}", __package__)
+        sp = _parser(sub, name, mod.HELP, mod.EXAMPLES)
+        mod.add_args(sp)
+        sp.set_defaults(func=mod.main)
     return p
 
 

@@ -24,11 +24,8 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes:
     loss = float(torch.nn.functional.cross_entropy(logits, targets.cpu()).item()) if len(y) else float("nan")
     pred = logits.argmax(1).numpy()
     probs = torch.softmax(logits, 1).numpy()
-    k = min(5, len(classes))
-    if len(classes) > 2:
-        top5 = float(skm.top_k_accuracy_score(y, probs, k=k, labels=labels))
-    else:   # sklearn's binary top-k takes scores of the positive class; with <= 2 classes top-k is 1.0
-        top5 = 1.0
+    # With 5 classes or fewer every label is in the top 5.
+    top5 = float(skm.top_k_accuracy_score(y, probs, k=5, labels=labels)) if len(classes) > 5 else 1.0
     precision, recall, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     return {
         "top1": float(skm.accuracy_score(y, pred)),

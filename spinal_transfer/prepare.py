@@ -589,8 +589,8 @@ def prepare(name: str, root: Union[str, Path], download: bool = False, source: U
 # ------------------------------------------------------------------------------------------------
 # CLI (wired by spinal_transfer.cli).
 
+HELP = "turn a paper dataset into ROOT/<name>/{train,val,test}/<class>/ image folders"
 EXAMPLES = """\
-examples:
   # CIFAR-10 via torchvision, downloading into data/raw/ and writing data/cifar10/{train,val,test}/<class>/
   spinal-transfer prepare cifar10 --root data --download
 
@@ -608,12 +608,8 @@ Running the same command again does nothing once the output is complete. Missing
 listed with their exact paths and download pages; see data/README.md for every dataset."""
 
 
-def add_prepare_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `spinal-transfer prepare`."""
-    parser.description = ("Turn a dataset into ROOT/<name>/{train,val,test}/<class>/ image folders, "
-                          "with a val split that never comes from test.")
-    parser.epilog = EXAMPLES
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("dataset", choices=list(DATASETS), help="dataset to prepare")
     parser.add_argument("--root", required=True, help="output root: writes ROOT/<dataset>/")
     parser.add_argument("--source", default=None, help="folder with the raw archives/folders (default: ROOT/raw)")

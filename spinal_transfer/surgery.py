@@ -35,8 +35,8 @@ class HeadInfo:
     head_paths: List[str]          # main head first, then auxiliary heads
     head_modules: List[str]        # module path of each new head (differs from head_paths for SqueezeNet)
     replace: str
-    original_head_params: int
-    original_head_macs: int
+    default_head_params: int      # the original classifier, retargeted to num_classes
+    default_head_macs: int
     input_size: int
     weights: Optional[str] = None
     notes: List[str] = field(default_factory=list)
@@ -89,12 +89,21 @@ def head_param_names(model: nn.Module) -> List[str]:
     return [k for k in model.state_dict() if k.startswith(prefixes)]
 
 
-def _count(module: nn.Module) -> tuple[int, int]:
-    """(params, MACs per sample) of an original classifier: Linear and 1x1 Conv layers only."""
-    params = sum(p.numel() for p in module.parameters())
-    macs = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-    macs += sum(m.in_channels * m.out_channels // m.groups for m in module.modules()
-                if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
+def _count(module: nn.Module, num_classes: int, imagenet_classes: int = 1000) -> tuple[int, int]:
+    """(params, MACs per sample) of the original classifier retargeted to `num_classes`: the
+    "default head" the paper compares with. MACs count Linear and 1x1-conv layers only."""
+    params = macs = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            n_in, n_out = m.in_features, m.out_features
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
+            n_in, n_out = m.in_channels // m.groups, m.out_channels
+        else:
+            params += sum(p.numel() for p in m.parameters(recurse=False))
+            continue
+        n_out = num_classes if n_out == imagenet_classes else n_out
+        params += (n_in + (m.bias is not None)) * n_out
+        macs += n_in * n_out
     return params, macs
 
 
@@ -242,11 +251,11 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
             set_module(model, p, create_head(head, width, num_classes, **head_options))
         head_modules = list(paths)
 
-    orig_params, orig_macs = _count(original[0])
+    default_params, default_macs = _count(original[0], num_classes)
     model.spinal_info = HeadInfo(
         backbone=backbone, num_classes=num_classes, head=head, head_options=dict(head_options),
         feature_width=width, head_paths=paths, head_modules=head_modules, replace=replace,
-        original_head_params=orig_params, original_head_macs=orig_macs, input_size=input_size,
+        default_head_params=default_params, default_head_macs=default_macs, input_size=input_size,
         weights=None if weights in (None, "none") else str(weights), notes=notes)
 
     if source.path is not None:

@@ -6,8 +6,10 @@ default); the test split is evaluated once, at the end, with the chosen weights.
 """
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import csv
+import dataclasses
+import io
 import json
 import math
 import time
@@ -16,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 from tqdm.auto import tqdm
@@ -191,6 +192,11 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
         logits_t = torch.cat([p[0] for p in parts if len(p[0])])
         targets_t = torch.cat([p[1] for p in parts])
         skipped = [s for p in parts for s in p[2]]
+        if not skipped:     # undo the rank interleaving of ShardSampler: back to sample order
+            W = world_size()
+            index = torch.cat([torch.arange(r, r + W * len(p[1]), W) for r, p in enumerate(parts)])
+            order = index.argsort()
+            logits_t, targets_t = logits_t[order], targets_t[order]
     return logits_t, targets_t, skipped
 
 
@@ -458,12 +464,27 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
               "head": model_summary(raw)}
     if is_main():
         atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
+        write_predictions(run_dir / "test_predictions.csv", splits.test, test_logits, test_y, skipped)
         plot_curves(metrics_path, run_dir / "plots")
         plot_confusion(test_m["confusion_matrix"], classes, run_dir / "plots" / "confusion_test.png",
                        f"test confusion matrix (top-1 {test_m['top1']:.3f})")
         log.info(f"best epoch {best['epoch'] + 1} (selected on {cfg.select_on}); "
                  f"test top1 {test_m['top1']:.4f}, top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}")
     return report
+
+
+def write_predictions(path: Path, samples: list, logits: torch.Tensor, targets: torch.Tensor, skipped: list) -> None:
+    """Per-image test predictions (path, target, prediction), in sample order, for paired tests."""
+    bad = {p for p, _ in skipped}
+    paths = [p for p, _ in samples if p not in bad]
+    if len(paths) != len(targets):          # a file failed at load time in another way: no pairing possible
+        paths = [""] * len(targets)
+    pred = logits.argmax(1).tolist() if len(logits) else []
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "target", "prediction"])
+    writer.writerows(zip(paths, targets.tolist(), pred))
+    atomic_write_text(path, buf.getvalue())
 
 
 def model_summary(model: nn.Module) -> dict:
@@ -473,7 +494,7 @@ def model_summary(model: nn.Module) -> dict:
     head = get_head(model)
     return {"backbone": info.backbone, "head": info.head, "feature_width": info.feature_width,
             "head_params": head.num_params(), "head_macs": head.macs(),
-            "original_head_params": info.original_head_params, "original_head_macs": info.original_head_macs}
+            "default_head_params": info.default_head_params, "default_head_macs": info.default_head_macs}
 
 
 def evaluate(path: str | Path, data: str, split: str = "test", device_name: str = "auto",

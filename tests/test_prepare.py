@@ -437,7 +437,7 @@ def test_safe_name():
 
 def test_cli_help_has_examples_and_main_reports_errors(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="spinal-transfer prepare")
-    prep.add_prepare_args(parser)
+    prep.add_args(parser)
     assert "examples:" in parser.format_help() and "--no-check-counts" in parser.format_help()
     fake_svhn(tmp_path / "raw")
     args = parser.parse_args(["svhn", "--root", str(tmp_path), "--no-check-counts", "--val-fraction", "0.2"])

@@ -10,9 +10,9 @@ Two parts:
 * one model build per DISTINCT (backbone, head, preset, width, classes, replace) with
   `spinal_transfer.build_model(..., weights=None)`: head type, in_features, width, preset (dropout/BN),
   classes, parameter count, and a forward pass whose output has `classes` logits (which would catch the
-  upstream CIFAR-10/SVHN bug of a head that is attached but never called). Weight initialisation is
-  switched off while building (see `_skip_weight_init`): it costs ~3 s per model on 2 CPUs and none of
-  these checks look at weight values.
+  upstream CIFAR-10/SVHN bug of a head that is attached but never called). The default run builds on the
+  meta device (~1 s per model); `-m slow` repeats it on real CPU tensors (~20 s per model on 2 CPUs, as
+  build_model probes at 224 px; weight init is skipped there, see `_skip_weight_init`).
 """
 from __future__ import annotations
 
@@ -397,3 +397,12 @@ def test_built_model_matches_recipes_cpu(key):
     finally:
         del model
         gc.collect()
+
+
+def test_recipe_data_names_match_prepare():
+    """`data:` is resolved against --data-root, where `prepare <name>` writes ROOT/<name>/{train,val,test}."""
+    from spinal_transfer.prepare import DATASETS as PREPARED
+
+    for ds, ref in DATASETS.items():
+        assert ds in PREPARED, f"`prepare` has no dataset {ds!r}"
+        assert PREPARED[ds].num_classes == ref["classes"], ds

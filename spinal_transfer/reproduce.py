@@ -1,0 +1,511 @@
+"""`spinal-transfer reproduce`: run the paper recipes over seeds and tabulate ours against the published numbers.
+
+Why this shape: the published numbers are single runs, mostly with the best epoch chosen on the split they
+report, and the default-vs-spinal gaps are often a handful of test images. So each recipe runs over several
+seeds, the default and spinal heads of the same seed are compared image by image (exact McNemar test), and
+every number says which selection protocol and which overrides produced it.
+
+Each (recipe, seed) is its own run directory, OUT/runs/<recipe>/seed<k>/: a finished one is skipped, an
+interrupted one is resumed from its last.pt, and the results are rebuilt from those directories every time,
+so an interrupted table is finished by rerunning the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import html
+import io
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from .checkpoint import atomic_write_text
+from .config import TrainConfig
+from .utils import is_main
+
+ALPHA = 0.05                        # significance level of the paired test
+DEFAULT_SEEDS = 3
+DEFAULT_RECIPES = "recipes/*.yaml"
+DEFAULT_DATA_ROOT = "data"
+DEFAULT_OUT = "runs/reproduce"
+DEFAULT_HEAD = "default"            # recipe stems are <dataset>_<backbone>_<head>
+PAPER_RESULTS = "paper_results.csv"  # read from each recipe's folder
+RESULT_FILES = ("results.csv", "results.md", "results.html")
+
+PathLike = Union[str, Path]
+
+
+class ReproduceError(ValueError):
+    """A problem the user can fix; the message says how."""
+
+
+class PairingError(ValueError):
+    """Two runs' test predictions are not over the same images, so no paired test is possible."""
+
+
+# --- recipes and run directories -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe file; its stem `<dataset>_<backbone>_<head>` pairs it with the `_default` one of its group."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def group(self) -> str:
+        return self.name.rsplit("_", 1)[0]
+
+    @property
+    def head(self) -> str:
+        return self.name.rsplit("_", 1)[-1] if "_" in self.name else ""
+
+    @property
+    def partner(self) -> Optional[str]:
+        """Stem of the default-head recipe this one is tested against (None for a default recipe)."""
+        return None if self.head == DEFAULT_HEAD or not self.head else f"{self.group}_{DEFAULT_HEAD}"
+
+
+def find_recipes(pattern: str) -> list[Recipe]:
+    """Recipes matching the glob, plus the default-head partner of each spinal one (the paired test needs it);
+    ordered by group, default first."""
+    found = {Path(p) for p in glob.glob(os.path.expanduser(pattern)) if p.endswith((".yaml", ".yml"))}
+    if not found:
+        raise ReproduceError(f"no recipe matches {pattern!r} (give a glob of YAML files, e.g. {DEFAULT_RECIPES!r})")
+    for p in list(found):
+        partner = Recipe(p).partner
+        found |= {q for q in (p.parent / f"{partner}.yaml", p.parent / f"{partner}.yml") if partner and q.is_file()}
+    return sorted((Recipe(p) for p in found), key=lambda r: (r.group, r.head != DEFAULT_HEAD, r.name))
+
+
+def run_dir(out: PathLike, recipe: str, seed: int) -> Path:
+    return Path(out) / "runs" / recipe / f"seed{seed}"
+
+
+def run_state(path: Path) -> str:
+    """finished (report and per-image predictions written), interrupted (has last.pt) or new.
+
+    train.run writes report.json before test_predictions.csv, so the report alone does not mean finished;
+    resuming such a run only repeats the final evaluation."""
+    if (path / "report.json").is_file() and (path / "test_predictions.csv").is_file():
+        return "finished"
+    if (path / "checkpoints" / "last.pt").is_file():
+        return "interrupted"
+    return "new"
+
+
+def recipe_config(recipe: Recipe, data_root: PathLike, out: PathLike, seed: int, select_on: Optional[str] = None,
+                  epochs: Optional[int] = None, limit_train_batches: Optional[int] = None) -> TrainConfig:
+    """The recipe with reproduce's settings: data under data_root (absolute paths kept), the seed, the run
+    directory, and the overrides. `epochs` replaces every stage's length and keeps its lr; split_seed stays the
+    recipe's, so the default and spinal runs of a seed are tested on the same images."""
+    cfg = TrainConfig.from_yaml(recipe.path)
+    if not cfg.data:
+        raise ReproduceError(f"{recipe.path}: the recipe sets no data folder (data: <name under --data-root>)")
+    changes: dict[str, Any] = {"data": str((Path(data_root).expanduser() / Path(cfg.data).expanduser()).resolve()),
+                               "seed": seed, "out": str(run_dir(out, recipe.name, seed))}
+    if select_on is not None:
+        changes["select_on"] = select_on
+    if epochs is not None:
+        changes["stages"] = [{"epochs": epochs, "lr": s.lr} for s in cfg.resolved_stages()]
+    if limit_train_batches is not None:
+        changes["limit_train_batches"] = limit_train_batches
+    return TrainConfig.from_dict({**cfg.to_dict(), **changes})
+
+
+def _protocol(cfg: TrainConfig) -> dict:
+    """What must agree between a run on disk and the run asked for, or the table would mix protocols."""
+    return {"seed": cfg.seed, "select_on": cfg.select_on, "limit_train_batches": cfg.limit_train_batches,
+            "stages (epochs, lr)": [(s.epochs, s.lr) for s in cfg.resolved_stages()]}
+
+
+def check_protocol(cfg: TrainConfig) -> None:
+    """Refuse to skip or resume a run made with other settings (e.g. a smoke run, or the other selection)."""
+    path = Path(cfg.out)
+    if run_state(path) == "new" or not (path / "config.yaml").is_file():
+        return
+    have, want = _protocol(TrainConfig.from_yaml(path / "config.yaml")), _protocol(cfg)
+    diff = [f"{k}: {have[k]} there, {want[k]} asked for" for k in want if have[k] != want[k]]
+    if diff:
+        raise ReproduceError(f"{path} was run with other settings ({'; '.join(diff)}). "
+                             f"Use another --out, or delete that run directory to redo it.")
+
+
+# --- the paired test -----------------------------------------------------------------------------
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: b successes in b + c trials at 1/2 (binomial test).
+
+    Only the discordant images (one head right, the other wrong) say which head is better; with none,
+    nothing is evidence either way (p = 1)."""
+    if b + c == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(b, b + c, 0.5).pvalue)
+
+
+def read_predictions(path: Path) -> list[tuple[str, int, int]]:
+    """(image path relative to the run's data folder, target, prediction) per test image, in sample order;
+    relative, so runs made from different data roots still pair."""
+    data = TrainConfig.from_yaml(path / "config.yaml").data
+    with open(path / "test_predictions.csv", newline="") as f:
+        return [(os.path.relpath(r["path"], data) if r["path"] else "", int(r["target"]), int(r["prediction"]))
+                for r in csv.DictReader(f)]
+
+
+def discordant(default: Sequence[tuple[str, int, int]], other: Sequence[tuple[str, int, int]]) -> tuple[int, int]:
+    """(b, c): b = default right and other wrong, c = default wrong and other right, over the same images."""
+    if len(default) != len(other):
+        raise PairingError(f"different test sets ({len(default)} vs {len(other)} images)")
+    b = c = 0
+    for (p1, t1, y1), (p2, t2, y2) in zip(default, other):
+        if not p1 or p1 != p2 or t1 != t2:
+            raise PairingError(f"test images differ ({p1 or 'unknown path'} vs {p2 or 'unknown path'})")
+        b += y1 == t1 and y2 != t2
+        c += y1 != t1 and y2 == t2
+    return b, c
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's test of one seed: the recipe's head against the default head."""
+
+    seed: int
+    b: int          # default right, this head wrong
+    c: int          # default wrong, this head right
+    p: float
+
+    def verdict(self, head: str) -> str:
+        if self.p >= ALPHA:
+            return "no significant difference"
+        return f"{head} {'better' if self.c > self.b else 'worse'} (p<{ALPHA:g})"
+
+
+def overall_verdict(tests: Sequence[PairedTest], head: str) -> str:
+    """One verdict per seed; better/worse overall only when every seed says so. Counts are not pooled over
+    seeds: the same test image would count once per seed as if independent, which overstates significance."""
+    if not tests:
+        return ""
+    verdicts = [t.verdict(head) for t in tests]
+    if len(set(verdicts)) == 1:
+        return verdicts[0] + (f" in all {len(tests)} seeds" if len(tests) > 1 else "")
+    counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
+    return "mixed: " + ", ".join(f"{v} in {n}" for v, n in counts.items()) + f" of {len(tests)} seeds"
+
+
+# --- results -------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One recipe's line of the table, rebuilt from its run directories."""
+
+    recipe: str
+    head: str
+    compared_with: str                                  # the default recipe; "" for a default recipe
+    seeds: int                                          # asked for
+    top1: dict[int, float] = field(default_factory=dict)     # seed -> test top-1 (%), finished runs only
+    selected_on: str = ""                               # split that picked the best epoch (ours)
+    overrides: str = ""
+    paper: list[dict] = field(default_factory=list)    # matching rows of paper_results.csv
+    tests: list[PairedTest] = field(default_factory=list)
+    test_note: str = ""                                 # why some paired tests are missing
+
+    @property
+    def mean_std(self) -> tuple[Optional[float], Optional[float]]:
+        v = list(self.top1.values())
+        return (statistics.mean(v) if v else None), (statistics.stdev(v) if len(v) > 1 else None)
+
+
+def _overrides(ran: TrainConfig, recipe: TrainConfig) -> str:
+    parts = []
+    epochs = [s.epochs for s in ran.resolved_stages()]
+    if epochs != [s.epochs for s in recipe.resolved_stages()]:
+        parts.append("epochs=" + "+".join(map(str, epochs)))
+    if ran.limit_train_batches != recipe.limit_train_batches:
+        parts.append(f"limit_train_batches={ran.limit_train_batches}")
+    return ", ".join(parts) or "none"
+
+
+def load_paper_results(recipes: Sequence[Recipe]) -> dict[str, list[dict]]:
+    """recipe stem -> rows of the paper_results.csv next to the recipes."""
+    table: dict[str, list[dict]] = {}
+    for folder in sorted({r.path.parent for r in recipes}):
+        path = folder / PAPER_RESULTS
+        if path.is_file():
+            with open(path, newline="") as f:
+                for r in csv.DictReader(f):
+                    if r.get("recipe"):
+                        table.setdefault(r["recipe"], []).append(r)
+    return table
+
+
+def collect(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row]:
+    """The table as it stands on disk: finished runs only, so it can be rebuilt at any moment."""
+    paper = load_paper_results(recipes)
+    names = {r.name for r in recipes}
+    rows = []
+    for r in recipes:
+        row = Row(r.name, r.head, r.partner or "", seeds, paper=paper.get(r.name, []))
+        recipe_cfg = TrainConfig.from_yaml(r.path)
+        protocols, overrides, notes = set(), set(), set()
+        for seed in range(seeds):
+            d = run_dir(out, r.name, seed)
+            if run_state(d) != "finished":
+                continue
+            report = json.loads((d / "report.json").read_text())
+            row.top1[seed] = 100.0 * report["test"]["top1"]
+            protocols.add(report["selected_on"])
+            overrides.add(_overrides(TrainConfig.from_yaml(d / "config.yaml"), recipe_cfg))
+            if r.partner is None:
+                continue
+            partner = run_dir(out, r.partner, seed)
+            if run_state(partner) != "finished":
+                notes.add(f"{r.partner} not finished" if r.partner in names else f"no recipe {r.partner}")
+                continue
+            try:
+                b, c = discordant(read_predictions(partner), read_predictions(d))
+            except PairingError as e:
+                notes.add(f"not paired: {e}")
+                continue
+            row.tests.append(PairedTest(seed, b, c, mcnemar_p(b, c)))
+        row.selected_on, row.overrides = ", ".join(sorted(protocols)), "; ".join(sorted(overrides))
+        row.test_note = "; ".join(sorted(notes))
+        rows.append(row)
+    return rows
+
+
+def _pct(x: Optional[float], sign: bool = False) -> str:
+    return "" if x is None else (f"{x:+.2f}" if sign else f"{x:.2f}")
+
+
+def _paper_protocol(p: dict) -> str:
+    chosen_on = p["split"] if str(p.get("selected_on_same_split", "")).lower() == "true" else "val"
+    return f"{p['split']} (best epoch on {chosen_on})"
+
+
+def cells(row: Row) -> dict[str, str]:
+    """Display text of a row; the CSV, Markdown and HTML tables all come from here."""
+    mean, std = row.mean_std
+    paper = [float(p["top1"]) for p in row.paper]
+    return {
+        "recipe": row.recipe,
+        "seeds_done": f"{len(row.top1)}/{row.seeds}",
+        "selected_on": row.selected_on,
+        "overrides": row.overrides,
+        "paper_top1": "; ".join(f"{p:.2f}" for p in paper) or "not reported",
+        "paper_protocol": "; ".join(_paper_protocol(p) for p in row.paper),
+        "ours_top1": "" if mean is None else _pct(mean) + ("" if std is None else f" ± {std:.2f}"),
+        "ours_per_seed": "; ".join(f"seed{s}: {v:.2f}" for s, v in row.top1.items()),
+        "diff": "" if mean is None else "; ".join(_pct(mean - p, sign=True) for p in paper),
+        "mcnemar": "; ".join(f"seed{t.seed}: b={t.b} c={t.c} p={t.p:.3g}" for t in row.tests) or row.test_note,
+        "verdict": overall_verdict(row.tests, row.head),
+    }
+
+
+CSV_COLUMNS = ("recipe", "dataset", "backbone", "head", "compared_with", "seeds", "finished_seeds", "selected_on",
+               "overrides", "paper_top1", "paper_split", "paper_selected_on_same_split", "ours_top1_mean",
+               "ours_top1_std", "ours_top1_per_seed", "diff_vs_paper", "mcnemar_seeds", "mcnemar_b", "mcnemar_c",
+               "mcnemar_p", "verdict", "note")
+
+
+def _join(values: Any) -> str:
+    return ";".join(str(v) for v in values)
+
+
+def to_csv(rows: Sequence[Row]) -> str:
+    """Machine-readable: full precision; several values in one cell (seeds, paper rows) are joined by ';', in the
+    order of finished_seeds, mcnemar_seeds and the paper rows."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        mean, std = r.mean_std
+        dataset, _, backbone = r.recipe.rsplit("_", 1)[0].rpartition("_")
+        w.writerow([r.recipe, dataset, backbone, r.head, r.compared_with, r.seeds, _join(r.top1), r.selected_on,
+                    r.overrides, _join(p["top1"] for p in r.paper) or "not reported", _join(p["split"] for p in r.paper),
+                    _join(p.get("selected_on_same_split", "") for p in r.paper), "" if mean is None else mean,
+                    "" if std is None else std, _join(r.top1.values()),
+                    "" if mean is None else _join(mean - float(p["top1"]) for p in r.paper),
+                    _join(t.seed for t in r.tests), _join(t.b for t in r.tests), _join(t.c for t in r.tests), _join(t.p for t in r.tests),
+                    overall_verdict(r.tests, r.head), r.test_note])
+    return buf.getvalue()
+
+
+TABLE = (("recipe", "recipe"), ("seeds", "seeds_done"), ("ours selected on", "selected_on"),
+         ("overrides", "overrides"), ("paper top-1 %", "paper_top1"), ("paper split (selection)", "paper_protocol"),
+         ("ours top-1 % (mean ± std)", "ours_top1"), ("ours per seed", "ours_per_seed"), ("ours − paper", "diff"),
+         ("McNemar vs default (per seed)", "mcnemar"), ("verdict", "verdict"))
+
+NOTES = [
+    "Top-1 accuracy on the test split, in %; mean ± sample std over the finished seeds.",
+    "'ours selected on' is the split that picked the best epoch: val (held-out, the default) or test "
+    "(--select-on test, the published protocol for most numbers). 'overrides' other than none mark a shortened "
+    "(smoke) run whose numbers are not comparable to the paper's.",
+    "McNemar: exact two-sided binomial test on the test images where exactly one head is right; b = default right "
+    "and this head wrong, c = the reverse; same seed, same images. One test per seed (counts are not pooled: the "
+    f"same image would count once per seed as if independent). Significant means p < {ALPHA:g}; the verdict is "
+    "better/worse only if every seed agrees. No correction for the many rows.",
+    "'paper' lists every row of paper_results.csv for the recipe; its split says where the published number was "
+    "measured and where its best epoch was chosen.",
+]
+
+
+def to_markdown(rows: Sequence[Row]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(h for h, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    for r in rows:
+        c = cells(r)
+        lines.append("| " + " | ".join(esc(c[k]) for _, k in TABLE) + " |")
+    return "# SpinalNet transfer results\n\n" + "\n".join(lines) + "\n\n" + "".join(f"* {n}\n" for n in NOTES)
+
+
+def to_html(rows: Sequence[Row]) -> str:
+    """One file, no external assets: opens anywhere, can be attached to a report."""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h, _ in TABLE)
+    body = []
+    for r in rows:
+        c = cells(r)
+        smoke = ' class="smoke"' if r.overrides not in ("", "none") else ""
+        body.append(f"<tr{smoke}>" + "".join(f"<td>{e(c[k])}</td>" for _, k in TABLE) + "</tr>")
+    notes = "".join(f"<li>{e(n)}</li>" for n in NOTES)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>SpinalNet transfer results</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }}
+th {{ background: #eee; }}
+tr.smoke td {{ background: #fff4d6; }}
+</style></head><body>
+<h1>SpinalNet transfer results</h1>
+<table><thead><tr>{head}</tr></thead><tbody>
+{chr(10).join(body)}
+</tbody></table>
+<ul>{notes}<li>Shaded rows are smoke runs (overrides).</li></ul>
+</body></html>
+"""
+
+
+def write_results(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row]:
+    """Rebuild the table from the run directories and write results.{csv,md,html} atomically (rank 0 only)."""
+    if not is_main():
+        return []
+    rows = collect(recipes, seeds, out)
+    for name, text in zip(RESULT_FILES, (to_csv(rows), to_markdown(rows), to_html(rows))):
+        atomic_write_text(Path(out) / name, text)
+    return rows
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def _stderr(msg: str) -> None:
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT, out: PathLike = DEFAULT_OUT,
+              seeds: int = DEFAULT_SEEDS, select_on: Optional[str] = None, epochs: Optional[int] = None,
+              limit_train_batches: Optional[int] = None, log: Callable[[str], Any] = _stderr) -> list[Row]:
+    """Run every (recipe, seed) not finished yet, seed by seed with the default head first, then write the results.
+
+    Every run's settings are checked against the directory before anything trains; the results are rewritten
+    after each run and on the way out of an interruption. A run whose loss becomes non-finite is reported and
+    skipped; its row then shows fewer finished seeds."""
+    from . import train
+
+    if seeds < 1:
+        raise ReproduceError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(out).expanduser().resolve()      # runs record absolute paths: resume works from any directory
+    plan = [(r, seed, recipe_config(r, data_root, out, seed, select_on, epochs, limit_train_batches))
+            for group in dict.fromkeys(r.group for r in recipes)
+            for seed in range(seeds) for r in recipes if r.group == group]
+    for _, _, cfg in plan:
+        check_protocol(cfg)
+    try:
+        for i, (r, seed, cfg) in enumerate(plan, 1):
+            state = run_state(Path(cfg.out))
+            if state == "finished":
+                log(f"[{i}/{len(plan)}] {r.name} seed {seed}: finished, skipped")
+                continue
+            log(f"[{i}/{len(plan)}] {r.name} seed {seed}: {'resuming' if state == 'interrupted' else 'starting'}"
+                f" -> {cfg.out}")
+            try:
+                train.run(cfg, resume=cfg.out if state == "interrupted" else None)
+            except train.NonFiniteLoss as e:
+                log(f"{r.name} seed {seed}: {e}")
+            write_results(recipes, seeds, out)
+    finally:
+        rows = write_results(recipes, seeds, out)
+    log(f"results: {', '.join(str(out / n) for n in RESULT_FILES)}")
+    return rows
+
+
+# --- CLI (wired by spinal_transfer.cli) -----------------------------------------------------------
+
+HELP = "run the paper recipes (default and spinal head) over seeds; compare with the paper and test the gap"
+EXAMPLES = f"""\
+  spinal-transfer prepare stl10 --root data --download
+  spinal-transfer reproduce --recipes 'recipes/stl10_*.yaml' --data-root data --seeds 3 --out runs/reproduce
+
+  # the published protocol: best epoch chosen on the test split
+  spinal-transfer reproduce --recipes 'recipes/stl10_*.yaml' --select-on test --out runs/reproduce_test
+
+  # smoke test: 1 epoch per stage (lrs kept), 5 training batches per epoch; val/test still run in full
+  spinal-transfer reproduce --recipes 'recipes/stl10_*.yaml' --seeds 2 --epochs 1 --limit-train-batches 5 \\
+      --out runs/smoke
+
+Each (recipe, seed) runs in OUT/runs/<recipe>/seed<k>/ with seeds 0..N-1; a spinal recipe brings its
+<dataset>_<backbone>_default partner along for the paired test. Rerun the same command after an
+interruption: finished runs are skipped, interrupted ones resume. A run directory made with other
+settings (--select-on, --epochs, --limit-train-batches) is refused: use another --out. Writes
+OUT/results.csv, results.md and results.html; paper numbers come from {PAPER_RESULTS} next to the recipes."""
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
+    return v
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `spinal-transfer reproduce`."""
+    choices = TrainConfig.__dataclass_fields__["select_on"].metadata["choices"]
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES, metavar="GLOB",
+                        help=f"recipe files, quoted glob (default: {DEFAULT_RECIPES})")
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT, metavar="DIR",
+                        help=f"folder holding the prepared datasets; a recipe's relative data: is resolved "
+                             f"against it (default: {DEFAULT_DATA_ROOT})")
+    parser.add_argument("--seeds", type=_positive_int, default=DEFAULT_SEEDS, metavar="N",
+                        help=f"run seeds 0..N-1 of every recipe (default: {DEFAULT_SEEDS})")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--select-on", choices=choices, default=None,
+                        help="split that picks the best epoch; test reproduces the published protocol "
+                             "(default: the recipe's, val in every shipped recipe)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+                        help="replace every stage's epochs by N, keeping its lr (smoke tests)")
+    parser.add_argument("--limit-train-batches", type=_positive_int, default=None, metavar="N",
+                        help="stop each training epoch after N batches (smoke tests)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """0 when every row has all its seeds, 3 when a run failed (non-finite loss); errors raise to the CLI."""
+    rows = reproduce(find_recipes(args.recipes), args.data_root, args.out, args.seeds, args.select_on,
+                     args.epochs, args.limit_train_batches)
+    incomplete = [r.recipe for r in rows if len(r.top1) < r.seeds]
+    if incomplete:
+        print(f"incomplete rows (see the logs above): {', '.join(incomplete)}", file=sys.stderr)
+        return 3
+    return 0

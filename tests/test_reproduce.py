@@ -1,0 +1,156 @@
+"""`reproduce` end to end on tiny stand-in recipes over the digits folder: results, paired test, resume."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from scipy.stats import binom
+
+import spinal_transfer.train as train
+from spinal_transfer import reproduce as rp
+from spinal_transfer.cli import main as cli
+
+# A recipe pair shaped like the paper's, small enough for CPU: random-init tiny ResNet, 16 px.
+TINY = dict(backbone="timm/test_resnet", weights="none", img_size=16, batch_size=64, workers=0, augment="none",
+            optimizer="sgd", scheduler="none", device="cpu", log_interval=1000, stages=[{"epochs": 2, "lr": 0.05}])
+HEADS = {"default": dict(head="linear"), "spinal": dict(head="spinal", layer_width=8)}
+PAPER = """recipe,dataset,backbone,head,preset,layer_width,top1,split,selected_on_same_split,source
+digits_tiny_spinal,digits,tiny,spinal,resnet,8,50.00,test,true,first number
+digits_tiny_spinal,digits,tiny,spinal,resnet,8,60.00,val,false,second number
+"""
+SMOKE = ["--seeds", "2", "--epochs", "1", "--limit-train-batches", "2"]
+
+
+@pytest.fixture
+def one_thread():
+    """On shared, busy cores a multi-threaded conv mostly waits for its other thread: one is much faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("b,c", [(10, 2), (2, 10), (0, 6), (7, 7), (0, 0), (1, 30)])
+def test_mcnemar_exact_two_sided(b, c):
+    expected = 1.0 if b + c == 0 else min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5))
+    assert rp.mcnemar_p(b, c) == pytest.approx(expected, rel=1e-12)
+
+
+def test_mcnemar_known_values_and_verdicts():
+    assert rp.mcnemar_p(10, 2) == pytest.approx(2 * 79 / 4096)          # 2 * (1 + 12 + 66) / 2**12
+    assert rp.mcnemar_p(7, 7) == 1.0
+    better, worse, none = rp.PairedTest(0, 2, 10, 0.039), rp.PairedTest(1, 10, 2, 0.039), rp.PairedTest(2, 3, 4, 1.0)
+    assert better.verdict("spinal") == "spinal better (p<0.05)"
+    assert worse.verdict("spinal") == "spinal worse (p<0.05)"
+    assert rp.overall_verdict([better, better], "spinal") == "spinal better (p<0.05) in all 2 seeds"
+    assert rp.overall_verdict([better, none], "spinal").startswith("mixed:")
+
+
+def test_discordant_refuses_different_images():
+    a = [("test/x/1.png", 0, 0), ("test/x/2.png", 1, 0)]
+    assert rp.discordant(a, [("test/x/1.png", 0, 1), ("test/x/2.png", 1, 1)]) == (1, 1)
+    with pytest.raises(rp.PairingError):
+        rp.discordant(a, [("test/x/1.png", 0, 0), ("test/x/3.png", 1, 0)])
+    with pytest.raises(rp.PairingError):
+        rp.discordant(a, a[:1])
+
+
+def _write_recipes(folder: Path, data_name: str) -> Path:
+    folder.mkdir()
+    for head, kw in HEADS.items():
+        (folder / f"digits_tiny_{head}.yaml").write_text(yaml.safe_dump({"data": data_name, **TINY, **kw}))
+    (folder / rp.PAPER_RESULTS).write_text(PAPER)
+    return folder
+
+
+def _independent_mcnemar(default: Path, spinal: Path) -> tuple[int, int, float]:
+    with open(default / "test_predictions.csv") as f1, open(spinal / "test_predictions.csv") as f2:
+        d, s = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    assert [r["path"] for r in d] == [r["path"] for r in s] and all(r["path"] for r in d)
+    b = sum(x["prediction"] == x["target"] != y["prediction"] for x, y in zip(d, s))
+    c = sum(y["prediction"] == y["target"] != x["prediction"] for x, y in zip(d, s))
+    return b, c, (1.0 if b + c == 0 else min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5)))
+
+
+def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeypatch, one_thread):
+    recipes_dir = _write_recipes(tmp_path / "recipes", digits_folder.name)
+    out = tmp_path / "out"
+    real_run = train.run
+    calls: list[tuple[str, bool]] = []
+
+    def killed_in_second_run(cfg, resume=None):
+        calls.append((cfg.out, resume is not None))
+        report = real_run(cfg, resume)
+        if len(calls) == 2:     # killed after the last checkpoint, before the report: must resume, not restart
+            (Path(cfg.out) / "report.json").unlink()
+            (Path(cfg.out) / "test_predictions.csv").unlink()
+            raise KeyboardInterrupt
+        return report
+
+    monkeypatch.setattr(train, "run", killed_in_second_run)
+    recipes = rp.find_recipes(str(recipes_dir / "*_spinal.yaml"))          # brings its default partner along
+    assert [r.name for r in recipes] == ["digits_tiny_default", "digits_tiny_spinal"]
+    with pytest.raises(KeyboardInterrupt):
+        rp.reproduce(recipes, digits_folder.parent, out, seeds=2, epochs=1, limit_train_batches=2, log=print)
+    first = rp.run_dir(out, "digits_tiny_default", 0)
+    assert rp.run_state(first) == "finished"
+    assert rp.run_state(rp.run_dir(out, "digits_tiny_spinal", 0)) == "interrupted"
+    with open(out / "results.csv") as f:       # written on the way out of the interruption
+        assert [r["finished_seeds"] for r in csv.DictReader(f)] == ["0", ""]
+    mtime = first.joinpath("report.json").stat().st_mtime_ns
+
+    # Another protocol into the same folder is refused before anything trains.
+    calls.clear()
+    args = ["reproduce", "--recipes", str(recipes_dir / "*.yaml"), "--data-root", str(digits_folder.parent),
+            "--out", str(out), *SMOKE]
+    assert cli(args + ["--select-on", "test"]) == 2 and calls == []
+
+    def recording(cfg, resume=None):
+        calls.append((cfg.out, resume is not None))
+        return real_run(cfg, resume)
+
+    monkeypatch.setattr(train, "run", recording)
+    assert cli(args) == 0
+    dirs = {(name, s): str(rp.run_dir(out, name, s)) for name in ("digits_tiny_default", "digits_tiny_spinal")
+            for s in (0, 1)}
+    assert calls == [(dirs["digits_tiny_spinal", 0], True), (dirs["digits_tiny_default", 1], False),
+                     (dirs["digits_tiny_spinal", 1], False)]
+    assert first.joinpath("report.json").stat().st_mtime_ns == mtime
+
+    with open(out / "results.csv") as f:
+        rows = {r["recipe"]: r for r in csv.DictReader(f)}
+    default, spinal = rows["digits_tiny_default"], rows["digits_tiny_spinal"]
+    assert default["paper_top1"] == "not reported" and spinal["paper_top1"] == "50.00;60.00"
+    for name, row in rows.items():
+        top1 = [100 * json.loads(Path(dirs[name, s], "report.json").read_text())["test"]["top1"] for s in (0, 1)]
+        assert row["finished_seeds"] == "0;1" and row["selected_on"] == "val"
+        assert row["overrides"] == "epochs=1, limit_train_batches=2"
+        assert float(row["ours_top1_mean"]) == pytest.approx(statistics.mean(top1))
+        assert float(row["ours_top1_std"]) == pytest.approx(statistics.stdev(top1))
+    assert float(spinal["diff_vs_paper"].split(";")[1]) == pytest.approx(float(spinal["ours_top1_mean"]) - 60.0)
+    assert default["mcnemar_b"] == "" and spinal["compared_with"] == "digits_tiny_default"
+    expected = [_independent_mcnemar(Path(dirs["digits_tiny_default", s]), Path(dirs["digits_tiny_spinal", s]))
+                for s in (0, 1)]
+    assert spinal["mcnemar_seeds"] == "0;1"
+    assert [int(x) for x in spinal["mcnemar_b"].split(";")] == [e[0] for e in expected]
+    assert [int(x) for x in spinal["mcnemar_c"].split(";")] == [e[1] for e in expected]
+    assert [float(x) for x in spinal["mcnemar_p"].split(";")] == pytest.approx([e[2] for e in expected])
+    assert spinal["verdict"]
+
+    md, page = (out / "results.md").read_text(), (out / "results.html").read_text()
+    for text in (md, page):
+        assert "digits_tiny_spinal" in text and "b=" in text and "not reported" in text
+    assert "McNemar" in md.splitlines()[2]
+    assert page.startswith("<!DOCTYPE html>") and 'class="smoke"' in page
+    assert "<script" not in page and "<link" not in page and "src=" not in page     # self-contained
+    assert not any(n.endswith(".tmp") for n in os.listdir(out))
+
+    # Everything finished: a rerun trains nothing and rewrites the same table.
+    calls.clear()
+    assert cli(args) == 0 and calls == []
