@@ -156,6 +156,9 @@ class TrainConfig:
             raise ValueError("accum_steps must be >= 1")
         if self.cache_features and not self.freeze_backbone:
             raise ValueError("cache_features needs freeze_backbone (a trained backbone changes its features)")
+        if self.cache_features and (self.mixup or self.cutmix or self.ema_decay):
+            raise ValueError("cache_features trains the head on stored feature vectors: mixup, cutmix and "
+                             "ema_decay do not apply there")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The classifier is found by watching a forward pass, not by guessing attribute names: for
 torchvision it is the last module to produce the 1000 ImageNet logits (auxiliary classifiers are the
-ones that produce them only in training mode); for timm it is what `pretrained_cfg['classifier']`
-names, after `reset_classifier(0)` has turned it into the pre-logits identity. The new head is put
+ones that produce them only in training mode); for timm it is the Linear / 1x1 Conv producing the
+logits inside what `pretrained_cfg['classifier']` names (several for multi-branch and distilled
+models), with its input width measured by a probe forward. The new head is put
 at exactly that place in the module tree, so every backbone parameter keeps its name and value, and
 a final probe forward proves the head is called (the paper's CIFAR-10/SVHN scripts assigned their
 head to a `.fc` that VGG never calls).
@@ -165,6 +166,93 @@ def _find_torchvision_classifiers(model: nn.Module, input_size: int) -> tuple[st
     return main, aux, seen[main]
 
 
+class _ShapeAdapter(nn.Module):
+    """Runs a vector head where the original classifier took a non-vector input, and gives its output
+    the shape the rest of the forward expects: a (B, D, H, W) map is average-pooled to (B, D) and the
+    logits come back as (B, C, 1, 1) (a 1x1-conv classifier, after which the model pools or
+    flattens); a (B, N, D) token tensor is classified token by token, giving (B, N, C)."""
+
+    def __init__(self, head: nn.Module, ndim: int):
+        super().__init__()
+        if ndim not in (3, 4):
+            raise ValueError(f"cannot adapt a head to a {ndim}-D classifier input")
+        self.head, self.ndim = head, ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ndim == 4:
+            return self.head(x.mean((2, 3))).unsqueeze(-1).unsqueeze(-1)
+        return self.head(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)
+
+
+def _is_classifier(m: Optional[nn.Module], out_dim: int) -> bool:
+    return ((isinstance(m, nn.Linear) and m.out_features == out_dim)
+            or (isinstance(m, nn.Conv2d) and m.out_channels == out_dim and m.kernel_size == (1, 1)))
+
+
+def _build_timm(name: str, source: Any) -> tuple[nn.Module, int]:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model {name!r}; see `spinal-transfer models timm/`")
+    try:
+        model = timm.create_model(name if source.tag is None else f"{name}.{source.tag}",
+                                  pretrained=source.builtin is not None)
+    except Exception as e:
+        if source.builtin is None:       # no download was involved: a real error
+            raise
+        source.raise_unavailable(e)
+    return model, int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str, torch.Size]]:
+    """[(path, input shape)] of the layer(s) that produce timm's logits, main one first.
+
+    `pretrained_cfg['classifier']` names them (a tuple for distilled or multi-branch models such as
+    DeiT-distilled, LeViT, EfficientFormer, CrossViT, EfficientViM, whose logits are averaged or
+    weighted-summed). A name may point at a wrapper (NormLinear, a ClsHead called with
+    `pre_logits=` keywords): then the last Linear / 1x1 Conv inside it that outputs `num_classes`
+    is the target, so every wrapper, norm and pooling stays where it is and the model's own forward
+    calls the new head exactly where it called the old layer. (timm's `reset_classifier(0)` is not
+    used: for several families it rebuilds the head so that the configured path no longer exists
+    or is no longer called, and multi-branch models then concatenate the branches.) The input each
+    one gets is measured by a probe forward, not read from `num_features`.
+    """
+    out_dim = int(getattr(model, "num_classes", 0) or 0)
+    if out_dim <= 0:
+        raise ValueError(f"timm {type(model).__name__} was created without a classifier (num_classes=0); "
+                         "there is no head to replace")
+    cfg = model.pretrained_cfg.get("classifier") or "head"
+    named = [cfg] if isinstance(cfg, str) else list(cfg)
+    paths: List[str] = []
+    for p in named:
+        try:
+            m = get_module(model, p)
+        except AttributeError:
+            continue
+        if _is_classifier(m, out_dim):
+            paths.append(p)
+            continue
+        inner = [q for q, sub in m.named_modules() if q and _is_classifier(sub, out_dim)]
+        if inner:
+            paths.append(f"{p}.{inner[-1]}")
+    if not paths:        # the config names nothing usable: every layer with num_classes outputs
+        paths = [n for n, m in model.named_modules() if _is_classifier(m, out_dim)]
+    seen, _ = _probe(model, input_size, {p: get_module(model, p) for p in paths})
+    if not seen:
+        raise RuntimeError(f"could not find the classifier of timm {type(model).__name__} "
+                           f"(pretrained_cfg classifier={cfg!r})")
+    targets = [(p, seen[p]) for p in paths if p in seen]
+    for p in paths:      # named but not called in eval mode (train-only auxiliary heads): sized by the layer
+        if p not in seen:
+            m = get_module(model, p)
+            targets.append((p, torch.Size([1, m.in_features if isinstance(m, nn.Linear) else m.in_channels])))
+    for p, shape in targets:
+        if len(shape) not in (2, 3, 4) or (len(shape) == 4) != isinstance(get_module(model, p), nn.Conv2d):
+            raise ValueError(f"timm {type(model).__name__}: the classifier {p!r} receives a {tuple(shape)} "
+                             "input, which no head here can take")
+    return targets
+
+
 def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
                 replace: str = "auto", **head_options: Any) -> nn.Module:
     """Load `backbone` ("torchvision/<name>" or "timm/<name>") and replace its classifier by a new
@@ -222,36 +310,32 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
             paths.append(p)
         width = targets[0][1]
     else:
-        import timm
-
-        try:
-            model = timm.create_model(name if source.tag is None else f"{name}.{source.tag}",
-                                      pretrained=source.builtin is not None)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"timm has no model {name!r}; see `spinal-transfer models timm/`") from None
-            raise
-        except Exception as e:
-            source.raise_unavailable(e)
-        original_cls = model.pretrained_cfg.get("classifier") or "head"
-        paths = [original_cls] if isinstance(original_cls, str) else list(original_cls)
-        original = [get_module(model, p) for p in paths]
         if replace == "classifier":
-            raise ValueError("replace='classifier' is for torchvision VGG/AlexNet; timm heads are replaced at "
-                             "their pre-logits (use replace='last')")
+            raise ValueError("replace='classifier' is for torchvision VGG/AlexNet; timm heads replace the final "
+                             "classifier layer(s) (use replace='last')")
         replace = "last"
-        input_size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-        model.reset_classifier(0)
-        _, feats = _probe(model, input_size, {})
-        width = int(feats.shape[-1])
-        if width != getattr(model, "num_features", width):
-            notes.append(f"timm reports num_features={model.num_features} but {width} features reach the "
-                         "classifier; the head is sized by the measured width")
-        for p in paths:
-            set_module(model, p, create_head(head, width, num_classes, **head_options))
-        head_modules = list(paths)
+        model, input_size = _build_timm(name, source)
+        imagenet_classes = int(model.num_classes)
+        targets = _find_timm_classifiers(model, input_size)
+        original = [get_module(model, p) for p, _ in targets]
+        paths, head_modules = [], []
+        for p, shape in targets:
+            new_head = create_head(head, int(shape[-1] if len(shape) == 3 else shape[1]), num_classes, **head_options)
+            if len(shape) == 2:
+                set_module(model, p, new_head)
+                head_modules.append(p)
+            else:
+                set_module(model, p, _ShapeAdapter(new_head, len(shape)))
+                head_modules.append(p + ".head")
+                notes.append(f"the classifier at {p!r} received {len(shape)}-D input {tuple(shape)}; the new head "
+                             "is wrapped to take it " + ("pooled over its spatial positions" if len(shape) == 4
+                                                         else "token by token"))
+            paths.append(p)
+        width = get_module(model, head_modules[0]).in_features
+        model.num_classes = num_classes          # timm's convention; some forward_heads read it
 
-    default_params, default_macs = _count(original[0], num_classes)
+    default_params, default_macs = _count(original[0], num_classes,
+                                          1000 if lib == "torchvision" else imagenet_classes)
     model.spinal_info = HeadInfo(
         backbone=backbone, num_classes=num_classes, head=head, head_options=dict(head_options),
         feature_width=width, head_paths=paths, head_modules=head_modules, replace=replace,

@@ -27,10 +27,10 @@ from .checkpoint import atomic_save, atomic_write_text, safe_load
 from .config import Stage, TrainConfig
 from .heads import head_options
 from .metrics import classification_metrics, plot_confusion, plot_curves, summary
-from .surgery import build_model, head_param_names
+from .surgery import build_model, get_head, head_param_names
 from .transforms import DataConfig, build_transforms, resolve_data_config
-from .utils import (amp_dtype, barrier, init_distributed, is_main, log, pick_device, rank, rng_state,
-                    seed_everything, set_rng_state, setup_logging, world_size)
+from .utils import (all_gather_list, amp_dtype, any_rank, barrier, broadcast_object, init_distributed, is_main, log,
+                    pick_device, rank, rng_state, seed_everything, set_rng_state, setup_logging, world_size)
 
 AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in their papers
 
@@ -169,6 +169,8 @@ def compute_loss(out: Any, target: torch.Tensor, criterion: nn.Module) -> torch.
 def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: Optional[torch.dtype],
                    channels_last: bool = False, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor, list]:
     """Logits and targets of every sample in the loader, gathered over ranks (each sample once)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module     # evaluation is per rank: no collective inside forward (shards may differ in length)
     model.eval()
     logits, targets, skipped = [], [], []
     for x, y, bad in tqdm(loader, desc=desc, leave=False, disable=not is_main()):
@@ -192,11 +194,15 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
         logits_t = torch.cat([p[0] for p in parts if len(p[0])])
         targets_t = torch.cat([p[1] for p in parts])
         skipped = [s for p in parts for s in p[2]]
-        if not skipped:     # undo the rank interleaving of ShardSampler: back to sample order
-            W = world_size()
-            index = torch.cat([torch.arange(r, r + W * len(p[1]), W) for r, p in enumerate(parts)])
-            order = index.argsort()
-            logits_t, targets_t = logits_t[order], targets_t[order]
+        # Undo ShardSampler's rank interleaving (rank r held samples r, r+W, ... minus its bad files).
+        W, n = world_size(), len(loader.dataset)
+        paths = [p for p, _ in getattr(loader.dataset, "samples", [])]
+        index = []
+        for r, p in enumerate(parts):
+            bad_r = {b[0] for b in p[2]}
+            index += [i for i in range(r, n, W) if not paths or paths[i] not in bad_r]
+        order = torch.as_tensor(index, dtype=torch.long).argsort()
+        logits_t, targets_t = logits_t[order], targets_t[order]
     return logits_t, targets_t, skipped
 
 
@@ -251,19 +257,18 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
         if not last.is_file():
             raise FileNotFoundError(f"cannot resume: {last} does not exist (the run saved no epoch yet)")
         ckpt = safe_load(last)
-        cfg = TrainConfig.from_dict(ckpt["config"])
+        cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]), out=str(resume))   # the run may have moved
     cfg.validate()
     init_distributed(cfg.device)
     device = pick_device(cfg.device)
     run_dir = Path(cfg.out)
     setup_logging(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
-    if cfg.cache_features:
-        raise NotImplementedError("--cache-features is not implemented yet; use --freeze-backbone alone")
 
     # Data: splits are fixed once and saved, so a rerun or resume sees the same files.
-    splits = D.resolve_splits(cfg.data, run_dir if is_main() else None, cfg.val_fraction, cfg.test_fraction,
-                              cfg.split_seed)
+    # Rank 0 scans (or reads RUN/splits.json) and every rank takes its lists: one split for all ranks.
+    splits = broadcast_object(D.resolve_splits(cfg.data, run_dir, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+                              if is_main() else None)
     classes, C = splits.classes, len(splits.classes)
     model = build_model(cfg.backbone, C, head=cfg.head, weights=cfg.weights, replace=cfg.replace,
                         **head_options(cfg))
@@ -279,6 +284,10 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
     skipped = list(splits.skipped)
     log.info(f"{C} classes; train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
              f"{len(skipped)} files skipped (see {run_dir / 'skipped_files.txt'})")
+    lrs = ", ".join(f"{s.lr:g}" for s in cfg.resolved_stages())
+    log.info(f"world size {world_size()}; batch {cfg.batch_size} per device, global batch "
+             f"{cfg.batch_size * world_size()}" + (f" x {cfg.accum_steps} accumulation steps" if cfg.accum_steps > 1 else "")
+             + f"; lr {lrs} (as given: not scaled with the global batch)")
 
     dtype = amp_dtype(cfg.amp, device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -287,22 +296,51 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
         model.to(memory_format=torch.channels_last)
     raw = model
     if cfg.sync_bn and world_size() > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     ema = None
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(raw, decay=cfg.ema_decay)
-    if world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(model) if cfg.compile else model
+
+    def wrap(frozen: bool) -> nn.Module:
+        """What the loop calls: the head alone on cached features, else the whole model; under
+        torchrun a DDP wrapper, rebuilt whenever the set of trainable parameters changes."""
+        set_trainable(raw, frozen)
+        m = get_head(raw) if cfg.cache_features else raw
+        if world_size() > 1:
+            m = nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(m) if cfg.compile else m
 
     train_tf, eval_tf = build_transforms(cfg, dc, train=True), build_transforms(cfg, dc, train=False)
-    sampler = train_sampler(cfg, splits.train, C)
-    train_loader = make_loader(splits.train, train_tf, cfg, True, device, sampler)
-    val_loader = make_loader(splits.val, eval_tf, cfg, False, device)
-    test_loader = make_loader(splits.test, eval_tf, cfg, False, device)
-    weight = D.class_weights(splits.train, C).to(device) if cfg.class_balance == "loss" else None
+    train_samples = splits.train
+    if cfg.cache_features:
+        # The frozen backbone runs once per split (eval preprocessing, no augmentation); rank 0
+        # computes, every rank then reads the same memory-mapped files.
+        from .features import cached_split, feature_loader
+
+        log.info("cached-feature mode: the backbone runs once without augmentation; training sees the stored features")
+        set_trainable(raw, True)
+        cached = {}
+        for turn in ("compute", "load"):
+            if turn == "load" or is_main():
+                for name in ("train", "val", "test"):
+                    cached[name] = cached_split(raw, name, getattr(splits, name), eval_tf, cfg, dc, run_dir, device,
+                                                dtype, make_loader)
+            barrier()
+        train_samples = cached["train"][1]
+        skipped += [b for *_, bad in cached.values() for b in bad]
+        sampler = train_sampler(cfg, train_samples, C)
+        train_loader = feature_loader(cached["train"][0], cfg, sampler, True)
+        val_loader, test_loader = (feature_loader(cached[n][0], cfg, ShardSampler(len(cached[n][0]), world_size(), rank()),
+                                                  False) for n in ("val", "test"))
+        channels_last = False            # inputs are feature vectors now
+    else:
+        sampler = train_sampler(cfg, train_samples, C)
+        train_loader = make_loader(train_samples, train_tf, cfg, True, device, sampler)
+        val_loader = make_loader(splits.val, eval_tf, cfg, False, device)
+        test_loader = make_loader(splits.test, eval_tf, cfg, False, device)
+    weight = D.class_weights(train_samples, C).to(device) if cfg.class_balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -314,7 +352,7 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
         criterion = SoftTargetCrossEntropy()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     meta = checkpoint_meta(cfg, classes, dc, raw)
-    eval_model = (lambda: ema.module) if ema is not None else (lambda: fwd)
+    wrapped_frozen: Optional[bool] = None
 
     # Progress through the schedule; restored from last.pt on resume.
     st = {"stage": 0, "stage_epoch": 0, "epoch": 0, "best": -1.0, "best_epoch": -1, "stage_best": -1.0,
@@ -355,6 +393,8 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
         for e in range(st["stage_epoch"], stage.epochs):
             epoch = st["epoch"]
             frozen = cfg.freeze_backbone or epoch < cfg.freeze_epochs
+            if frozen != wrapped_frozen:
+                fwd, wrapped_frozen = wrap(frozen), frozen
             set_trainable(raw, frozen)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
@@ -403,11 +443,11 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
                 n_loss += len(x)
                 seen += len(x)
                 if i % cfg.log_interval == 0:      # the only host-device syncs in the loop
-                    if bad_loss.item():
+                    if any_rank(bad_loss):       # every rank stops together
                         break
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * world_size() / (time.perf_counter() - t0):.1f}",
                                     lr=f"{opt.param_groups[0]['lr']:.2e}")
-            if bad_loss.item():
+            if any_rank(bad_loss):
                 raise NonFiniteLoss(
                     f"the training loss became NaN/inf in epoch {epoch + 1}; stopped. The last good checkpoint "
                     f"is {ckpt_dir / 'last.pt'} (not overwritten). Try a lower --lr, --amp none, or --clip-grad 1.0.")
@@ -415,9 +455,10 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
                 sched.step()
             train_time = time.perf_counter() - t0
             train_loss = (loss_sum / max(n_loss, 1)).item()
+            skipped = all_gather_list(skipped)     # rank 0 lists the unreadable files every rank met
 
             # ---- evaluate and select ----
-            val_logits, val_y, bad = predict_logits(eval_model(), val_loader, device, dtype, channels_last, "val")
+            val_logits, val_y, bad = predict_logits(ema.module if ema is not None else fwd, val_loader, device, dtype, channels_last, "val")
             skipped += bad
             val_m = classification_metrics(val_logits, val_y, classes)
             row = {"epoch": epoch, "stage": si, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss,
@@ -425,7 +466,7 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
                    "val": summary(val_m)}
             select = val_m
             if cfg.select_on == "test":
-                test_logits, test_y, bad = predict_logits(eval_model(), test_loader, device, dtype, channels_last, "test")
+                test_logits, test_y, bad = predict_logits(ema.module if ema is not None else fwd, test_loader, device, dtype, channels_last, "test")
                 select = classification_metrics(test_logits, test_y, classes)
                 row["test"] = summary(select)
             score = select["top1"]
@@ -456,18 +497,19 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
     # ---- final: chosen weights, test once ----
     best = safe_load(ckpt_dir / "best.pt")
     raw.load_state_dict(best["model"])
+    fwd = get_head(raw) if cfg.cache_features else raw
     val_logits, val_y, _ = predict_logits(fwd, val_loader, device, dtype, channels_last, "val")
     test_logits, test_y, _ = predict_logits(fwd, test_loader, device, dtype, channels_last, "test")
     val_m, test_m = classification_metrics(val_logits, val_y, classes), classification_metrics(test_logits, test_y, classes)
     report = {"best_epoch": best["epoch"], "selected_on": cfg.select_on, "val": val_m, "test": test_m,
               "classes": classes, "num_skipped_files": len(set(p for p, _ in skipped)),
               "head": model_summary(raw)}
-    if is_main():
-        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
+    if is_main():      # report.json last: its presence means the run finished
         write_predictions(run_dir / "test_predictions.csv", splits.test, test_logits, test_y, skipped)
         plot_curves(metrics_path, run_dir / "plots")
         plot_confusion(test_m["confusion_matrix"], classes, run_dir / "plots" / "confusion_test.png",
                        f"test confusion matrix (top-1 {test_m['top1']:.3f})")
+        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
         log.info(f"best epoch {best['epoch'] + 1} (selected on {cfg.select_on}); "
                  f"test top1 {test_m['top1']:.4f}, top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}")
     return report
@@ -489,8 +531,6 @@ def write_predictions(path: Path, samples: list, logits: torch.Tensor, targets: 
 
 def model_summary(model: nn.Module) -> dict:
     info = model.spinal_info
-    from .surgery import get_head
-
     head = get_head(model)
     return {"backbone": info.backbone, "head": info.head, "feature_width": info.feature_width,
             "head_params": head.num_params(), "head_macs": head.macs(),

@@ -112,6 +112,32 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a collective: every rank calls it); `obj` itself when not distributed."""
+    if world_size() <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_list(items: list) -> list:
+    """The concatenation of every rank's list, duplicates dropped (a collective: every rank calls it)."""
+    if world_size() <= 1:
+        return items
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return list(dict.fromkeys(tuple(i) if isinstance(i, list) else i for p in parts for i in p))
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True when `flag` is set on any rank, so that every rank takes the same branch (a collective)."""
+    if world_size() > 1:
+        flag = flag.detach().to(torch.int32, copy=True).reshape(())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def setup_logging(run_dir: Optional[Path] = None) -> logging.Logger:
     """Console + RUN/train.log on rank 0; other ranks only warn."""
     log.handlers.clear()

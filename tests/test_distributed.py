@@ -1,0 +1,176 @@
+"""Distributed training under torchrun: 2 CPU processes (gloo) on the digits folder.
+
+The backbone is timm's test_vit (LayerNorm, no BatchNorm) with a dropout-free spinal head, weights
+from random init, no augmentation, deterministic: two processes with per-device batch B must then
+train exactly what one process with batch 2B trains (EpochShuffle hands rank r the positions
+r, r+2, ... of the epoch order, so the ranks' step-k batches together are the 1-process step-k
+batch, and DDP's gradient average equals the gradient of the mean loss over that global batch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spinal_transfer.checkpoint import safe_load
+from spinal_transfer.config import TrainConfig
+from spinal_transfer.train import run
+
+PER_DEVICE_BATCH = 16
+EPOCHS = 3
+SMALL = dict(backbone="timm/test_vit", weights="none", head="spinal", head_preset="resnet", layer_width=16,
+             img_size=32, workers=0, augment="none", optimizer="sgd", lr=0.05, scheduler="none",
+             deterministic=True, device="cpu", limit_train_batches=3, log_interval=1, epochs=EPOCHS, seed=3)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*train_args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(_free_port()), "-m", "spinal_transfer", "train", *train_args]
+
+
+def _flags(**options) -> list[str]:
+    return [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun's process group and each worker's: a crash of the whole job."""
+    pids = [proc.pid] + _descendants(proc.pid)
+    for pid in pids:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(p) for p in pids[1:]) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _run(cmd: list[str], log: Path, timeout: float = 600) -> None:
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            raise
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def _count(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def two_procs(digits_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "two"
+    _run(_torchrun(*_flags(data=digits_folder, out=out, batch_size=PER_DEVICE_BATCH, **SMALL)),
+         out.parent / "two.log")
+    return out
+
+
+def test_two_processes_count_every_sample_once_and_match_one_process(two_procs, digits_folder, tmp_path):
+    out = two_procs
+    log = (out / "train.log").read_text()
+    assert f"world size 2; batch {PER_DEVICE_BATCH} per device, global batch {2 * PER_DEVICE_BATCH}" in log
+    assert "not scaled" in log
+    report = json.loads((out / "report.json").read_text())
+    for split in ("val", "test"):      # 359 and 360 images: unequal shards, no padding counted
+        assert report[split]["num_samples"] == _count(digits_folder / split), split
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == list(range(EPOCHS))
+    assert not list(out.rglob("*.tmp")), "a temporary file of an atomic write was left behind"
+
+    # One process, the same global batch and seed, run here: one thread like each worker (oversubscribed
+    # threads on busy cores are many times slower); the global determinism flags are restored afterwards.
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run(TrainConfig(**{**SMALL, "data": str(digits_folder), "out": str(tmp_path / "one"),
+                                 "batch_size": 2 * PER_DEVICE_BATCH}))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+    a, b = safe_load(out / "checkpoints" / "last.pt"), safe_load(tmp_path / "one" / "checkpoints" / "last.pt")
+    assert a["progress"] == b["progress"]
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], rtol=0, atol=1e-5), (k, (v - b["model"][k]).abs().max())
+    # Gathered predictions come back in sample order: the per-image CSVs agree line by line.
+    two_rows = (out / "test_predictions.csv").read_text().splitlines()
+    one_rows = (tmp_path / "one" / "test_predictions.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in two_rows] == [r.split(",")[:2] for r in one_rows]
+    assert sum(x != y for x, y in zip(two_rows, one_rows)) <= 1      # a near-tie may flip one argmax
+    assert report["test"]["num_samples"] == one["test"]["num_samples"]
+    assert report["val"]["loss"] == pytest.approx(one["val"]["loss"], abs=1e-4)
+
+
+def test_killed_two_process_run_resumes_to_completion(two_procs, digits_folder, tmp_path):
+    out = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(_torchrun(*_flags(data=digits_folder, out=out, batch_size=PER_DEVICE_BATCH, **SMALL)),
+                                env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        last = out / "checkpoints" / "last.pt"
+        deadline = time.time() + 300
+        try:
+            while not last.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+        finally:
+            _kill_tree(proc)
+    assert last.exists(), "the run was killed before it saved its first epoch:\n" + log.read_text()[-3000:]
+    assert safe_load(last)["progress"]["epoch"] < EPOCHS, "the run finished before it could be killed"
+    assert not (out / "report.json").exists()
+
+    _run(_torchrun("--resume", str(out)), tmp_path / "resume.log")
+    assert (out / "report.json").is_file()
+    assert "resumed from" in (out / "train.log").read_text()
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(EPOCHS))          # every epoch exactly once
+    # ... and the resumed run is the uninterrupted one, weights and per-epoch metrics.
+    a, b = safe_load(two_procs / "checkpoints" / "last.pt"), safe_load(last)
+    assert a["progress"] == b["progress"]
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], rtol=0, atol=1e-6), k
+    full = [json.loads(r)["val"] for r in (two_procs / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val"]["top1"] for r in rows] == [r["top1"] for r in full]
