@@ -22,6 +22,13 @@ class UnsafeCheckpointError(RuntimeError):
     """The file needs arbitrary code to unpickle; we never do that."""
 
 
+def _umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp makes them owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj: Any, path: PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -35,6 +42,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,6 +55,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)
 
 

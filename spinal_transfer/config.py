@@ -52,8 +52,9 @@ class TrainConfig:
     replace: str = _opt("auto", "replace the whole classifier or only its last layer (VGG/AlexNet)",
                         choices=["auto", "last", "classifier"])
     # --- input and augmentation -------------------------------------------------------------
-    augment: str = _opt("modern", "modern: random-resized crop + flip; paper: resize, rotate, crop, flip; none",
-                        choices=["modern", "paper", "none"])
+    augment: str = _opt("modern", "modern: random-resized crop + flip; paper: resize, rotate, random crop, flip; "
+                                  "paper_rrc: paper with a random-resized crop (Fruits-360 script); none",
+                        choices=["modern", "paper", "paper_rrc", "none"])
     img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)")
     resize_size: Optional[int] = _opt(None, "paper recipe: resize to this square before cropping; "
                                             "eval: resize shorter side (default img_size / crop_pct)")

@@ -86,7 +86,10 @@ def load(bundle: PathLike) -> nn.Module:
 
     folder = Path(bundle)
     folder = folder.parent if folder.is_file() else folder
-    model = build_from_config(read_config(folder))
+    config = read_config(folder)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    model = build_from_config(config)
     load_model(model, str(folder / WEIGHTS_FILE))
     return model.eval()
 
@@ -224,25 +227,28 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 def _publish(stage: Path, out: Path) -> None:
-    """Move the staged files into `out`, first removing an earlier export's files (no stale formats)."""
+    """Move the staged files into `out`, first removing an earlier export's files (no stale formats).
+    Temp files are created owner-only; a bundle is meant to be shared, so it is made world-readable."""
     for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values()):
         for f in out.glob(name + "*"):
             f.unlink()
     for f in sorted(stage.iterdir()):
+        f.chmod(0o644)
         os.replace(f, out / f.name)
 
 
-def _run_dir(source: Path) -> Optional[Path]:
-    """The run folder of a RUN dir or of RUN/checkpoints/<file>; None for a loose checkpoint file."""
-    if source.is_dir():
-        return source
-    return source.parent.parent if source.parent.name == "checkpoints" else None
+def _report(source: Path) -> Optional[dict]:
+    """report.json of the run behind a RUN dir or a RUN/checkpoints/<file>, if there is one."""
+    run_dir = source if source.is_dir() else source.parent.parent if source.parent.name == "checkpoints" else None
+    path = run_dir / "report.json" if run_dir else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
 
 
 def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: float = ATOL) -> dict:
     """Write the bundle of `source` (a RUN dir, whose best.pt is used, or a checkpoint file) to `out`,
     plus each of `formats` ("export", "torchscript", "onnx"), each checked against the eager model.
-    Files of an earlier export in `out` are replaced. Returns the bundle's config."""
+    All or nothing: `out` changes only when every file passed, and then an earlier export's files
+    there are replaced. Returns the bundle's config."""
     from safetensors.torch import save_model
 
     from .train import load_run_checkpoint, model_from_checkpoint
@@ -267,7 +273,7 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
     out.mkdir(parents=True, exist_ok=True)
     with _staging(out) as stage:
         save_model(trained, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
-        atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
+        atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))    # rewritten with the formats below
         model = load(stage)                         # export what a user of the bundle gets
         diff = max_abs_diff(model, inputs, expected)
         if diff != 0:
@@ -277,10 +283,7 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
         for fmt in formats:
             config["formats"][fmt] = _export_format(fmt, model, example, inputs, expected, stage, atol)
         atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
-        run_dir = _run_dir(source)
-        report_path = run_dir / "report.json" if run_dir else None
-        report = json.loads(report_path.read_text()) if report_path and report_path.is_file() else None
-        atomic_write_text(stage / CARD_FILE, model_card(config, ckpt["config"], report, source))
+        atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source), source))
         _publish(stage, out)
     return config
 
@@ -298,16 +301,20 @@ _FILE_ROLES = {
 }
 
 
-def model_card(config: dict, train_cfg: dict, report: Optional[dict], source: Path) -> str:
+def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional[dict], source: Path) -> str:
     """README.md of a bundle: what the model is, how it was trained, how well it did, how to use it."""
     import yaml
 
+    from .surgery import get_head
+
     head, inp, classes = config["head"], config["input"], config["classes"]
-    opts = ", ".join(f"{k}={v}" for k, v in head["options"].items())
+    new_head = get_head(model)
+    shape = new_head.extra_repr() if head["kind"] == "spinal" else repr(new_head).splitlines()[0]
     epoch = config["epoch"]
     crop = (f"resize the shorter side to {inp['resize_size']}, center-crop {inp['img_size']}"
             if inp["eval_resize"] == "center_crop" else f"resize to {inp['img_size']}x{inp['img_size']}")
-    schedule = train_cfg["stages"] or [{"epochs": train_cfg["epochs"], "lr": train_cfg["lr"]}]
+    stages = train_cfg["stages"] or [{"epochs": train_cfg["epochs"], "lr": train_cfg["lr"]}]
+    schedule = ", then ".join(f"{s['epochs']} epoch(s) at lr {s['lr']:g}" for s in stages)
     lines = [
         f"# {config['backbone']} with a {head['kind']} head, {len(classes)} classes", "",
         f"Fine-tuned with spinal-transfer {config['spinal_transfer_version']}; exported from `{source}`"
@@ -339,8 +346,9 @@ def model_card(config: dict, train_cfg: dict, report: Optional[dict], source: Pa
     lines += [
         "## Training", "",
         f"- backbone `{config['backbone']}`, starting weights `{train_cfg['weights']}`",
-        f"- head `{head['kind']}` replacing `{head['replace']}`: {opts}",
-        f"- schedule {schedule}, optimizer {train_cfg['optimizer']}, scheduler {train_cfg['scheduler']}, "
+        f"- `{head['kind']}` head in place of the original classifier ({head['replace']}): {shape}, "
+        f"{new_head.num_params():,} parameters",
+        f"- {schedule}; optimizer {train_cfg['optimizer']}, scheduler {train_cfg['scheduler']}, "
         f"batch size {train_cfg['batch_size']}, augmentation {train_cfg['augment']}",
         "", "<details><summary>full training configuration</summary>", "", "```yaml",
         yaml.safe_dump(train_cfg, sort_keys=False).rstrip(), "```", "", "</details>", "",

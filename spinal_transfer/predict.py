@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text
+from .config import TrainConfig
 from .export import CONFIG_FILE, Runner, bundle_config, eval_transform, load, onnx_runner, read_config
 
 PathLike = Union[str, os.PathLike]
@@ -42,14 +43,14 @@ class Predictions:
 
 
 def open_model(source: PathLike, device: torch.device) -> tuple[dict, Runner]:
-    """(bundle config, batch -> logits) of a bundle folder, an .onnx file next to its config.json,
-    a RUN folder (its best.pt) or a checkpoint file."""
+    """(bundle config, batch -> logits) of a bundle folder (or its model.safetensors), an .onnx file next
+    to its config.json, a RUN folder (its best.pt) or a checkpoint file."""
     from .train import load_run_checkpoint, model_from_checkpoint
 
     path = Path(source)
     if path.suffix == ".onnx":
         return read_config(path), onnx_runner(path, device.type)
-    if (path / CONFIG_FILE).is_file():
+    if (path / CONFIG_FILE).is_file() or path.suffix == ".safetensors":
         config, model = read_config(path), load(path)
     else:
         ckpt = load_run_checkpoint(path)          # weights_only: a crafted pickle is refused here
@@ -67,16 +68,15 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
             workers: Optional[int] = None, device: str = "auto") -> Predictions:
     """Class probabilities of every image in `paths` (files, or folders searched recursively);
     batch size and workers default to TrainConfig's."""
-    from .config import TrainConfig
     from .data import list_images
     from .train import make_loader
     from .utils import pick_device
 
-    dev = pick_device(device)
-    config, run = open_model(source, dev)
     files = list_images(list(paths))
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
+    dev = pick_device(device)
+    config, run = open_model(source, dev)
     # The label slot carries each file's index, so results map back to paths after bad files drop out.
     opts = {k: v for k, v in (("batch_size", batch_size), ("workers", workers)) if v is not None}
     loader = make_loader([(f, i) for i, f in enumerate(files)], eval_transform(config), TrainConfig(**opts),
@@ -126,8 +126,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="bundle folder, bundle .onnx file, run folder (best.pt) or checkpoint file")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--topk", type=int, default=TOPK, help=f"classes per image (default: {TOPK})")
-    parser.add_argument("--batch-size", type=int, help="images per batch (default: TrainConfig's)")
-    parser.add_argument("--workers", type=int, help="DataLoader workers decoding images (default: TrainConfig's)")
+    parser.add_argument("--batch-size", type=int, help=f"images per batch (default: {TrainConfig().batch_size})")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes decoding images (default: as in training)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (ONNX: cuda if onnxruntime has it)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
 

@@ -218,9 +218,6 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
     one gets is measured by a probe forward, not read from `num_features`.
     """
     out_dim = int(getattr(model, "num_classes", 0) or 0)
-    if out_dim <= 0:
-        raise ValueError(f"timm {type(model).__name__} was created without a classifier (num_classes=0); "
-                         "there is no head to replace")
     cfg = model.pretrained_cfg.get("classifier") or "head"
     named = [cfg] if isinstance(cfg, str) else list(cfg)
     paths: List[str] = []
@@ -229,13 +226,15 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
             m = get_module(model, p)
         except AttributeError:
             continue
-        if _is_classifier(m, out_dim):
+        if _is_classifier(m, out_dim) or (out_dim == 0 and isinstance(m, nn.Identity)):
+            # (a feature backbone created with num_classes=0, e.g. DINOv3 ViTs: the head goes where
+            # the identity placeholder of the classifier is)
             paths.append(p)
             continue
         inner = [q for q, sub in m.named_modules() if q and _is_classifier(sub, out_dim)]
         if inner:
             paths.append(f"{p}.{inner[-1]}")
-    if not paths:        # the config names nothing usable: every layer with num_classes outputs
+    if not paths and out_dim > 0:   # the config names nothing usable: every layer with num_classes outputs
         paths = [n for n, m in model.named_modules() if _is_classifier(m, out_dim)]
     seen, _ = _probe(model, input_size, {p: get_module(model, p) for p in paths})
     if not seen:
@@ -245,9 +244,11 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
     for p in paths:      # named but not called in eval mode (train-only auxiliary heads): sized by the layer
         if p not in seen:
             m = get_module(model, p)
+            if isinstance(m, nn.Identity):
+                raise RuntimeError(f"timm {type(model).__name__}: the classifier placeholder {p!r} is not called")
             targets.append((p, torch.Size([1, m.in_features if isinstance(m, nn.Linear) else m.in_channels])))
     for p, shape in targets:
-        if len(shape) not in (2, 3, 4) or (len(shape) == 4) != isinstance(get_module(model, p), nn.Conv2d):
+        if len(shape) not in (2, 3, 4) or (len(shape) == 4 and not isinstance(get_module(model, p), nn.Conv2d)):
             raise ValueError(f"timm {type(model).__name__}: the classifier {p!r} receives a {tuple(shape)} "
                              "input, which no head here can take")
     return targets

@@ -30,7 +30,8 @@ from .metrics import classification_metrics, plot_confusion, plot_curves, summar
 from .surgery import build_model, get_head, head_param_names
 from .transforms import DataConfig, build_transforms, resolve_data_config
 from .utils import (all_gather_list, amp_dtype, any_rank, barrier, broadcast_object, init_distributed, is_main, log,
-                    pick_device, rank, rng_state, seed_everything, set_rng_state, setup_logging, world_size)
+                    pick_device, rank, rng_state, seed_everything, set_rng_state, setup_logging, sum_over_ranks,
+                    world_size)
 
 AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in their papers
 
@@ -296,7 +297,10 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
         model.to(memory_format=torch.channels_last)
     raw = model
     if cfg.sync_bn and world_size() > 1:
-        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        if device.type == "cuda":
+            raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        else:      # torch's SyncBatchNorm raises on CPU input in training
+            log.warning("--sync-bn needs CUDA (torch's SyncBatchNorm); on CPU each process keeps its own BN statistics")
     ema = None
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
@@ -454,7 +458,8 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
             if sched_unit == "epoch":
                 sched.step()
             train_time = time.perf_counter() - t0
-            train_loss = (loss_sum / max(n_loss, 1)).item()
+            totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(n_loss), device=device)]))
+            train_loss = (totals[0] / totals[1].clamp(min=1)).item()     # mean over every rank's images
             skipped = all_gather_list(skipped)     # rank 0 lists the unreadable files every rank met
 
             # ---- evaluate and select ----

@@ -139,10 +139,13 @@ def build_transforms(cfg: TrainConfig, dc: DataConfig, train: bool) -> A.Compose
     interp = CV2_INTERPOLATION[dc.interpolation]
     size = dc.img_size
     steps: list[Any]
-    if train and cfg.augment == "paper":
+    if train and cfg.augment in ("paper", "paper_rrc"):
+        crop = (A.RandomCrop(size, size) if cfg.augment == "paper" else
+                A.RandomResizedCrop(size=(size, size), scale=tuple(cfg.rrc_scale), interpolation=interp,
+                                    area_for_downscale="image"))
         steps = [A.Resize(dc.resize_size, dc.resize_size, interpolation=interp, area_for_downscale="image"),
                  A.Rotate(limit=cfg.rotation, interpolation=interp, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
-                 A.RandomCrop(size, size)]
+                 crop]
     elif train and cfg.augment == "modern":
         steps = [A.RandomResizedCrop(size=(size, size), scale=tuple(cfg.rrc_scale), interpolation=interp,
                                      area_for_downscale="image")]

@@ -93,7 +93,10 @@ def local_rank() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0; before the process group is joined, the process torchrun started with RANK=0."""
+    if dist.is_available() and dist.is_initialized():
+        return rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_distributed(device_name: str) -> bool:
@@ -128,6 +131,14 @@ def all_gather_list(items: list) -> list:
     parts: list = [None] * world_size()
     dist.all_gather_object(parts, items)
     return list(dict.fromkeys(tuple(i) if isinstance(i, list) else i for p in parts for i in p))
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of `t` over ranks (a collective: every rank calls it)."""
+    if world_size() > 1:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+    return t
 
 
 def any_rank(flag: torch.Tensor) -> bool:

@@ -19,20 +19,31 @@ from torch import nn
 
 import spinal_transfer
 from conftest import write_digits_folder
-from spinal_transfer.checkpoint import UnsafeCheckpointError
+from spinal_transfer.checkpoint import UnsafeCheckpointError, atomic_save
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
 from spinal_transfer.data import load_image
 from spinal_transfer.export import FORMAT_FILES, READERS, ExportError, MissingDependency, eval_transform, export
+from spinal_transfer.heads import head_options
 from spinal_transfer.metrics import classification_metrics
 from spinal_transfer.surgery import build_model
-from spinal_transfer.train import load_run_checkpoint, model_from_checkpoint, run
+from spinal_transfer.train import checkpoint_meta, load_run_checkpoint, model_from_checkpoint, run
+from spinal_transfer.transforms import resolve_data_config
 
 TINY = dict(backbone="timm/test_resnet", weights="none", head="spinal", head_preset="vgg", layer_width=16,
             img_size=16, batch_size=32, workers=0, augment="none", optimizer="sgd", lr=0.05, scheduler="none",
             epochs=1, limit_train_batches=4, device="cpu", log_interval=1000)
 DIGITS = (0, 1, 2, 3, 4)            # half the digits: ~900 images keep the file's runtime low
 CLASSES = [f"digit_{k}" for k in DIGITS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """16-px images are too small to gain from intra-op threads; on shared cores they cost 2-3x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +202,17 @@ def test_failed_check_fails_loudly_and_keeps_nothing(exported, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "onnxruntime", None)            # as if the extra were not installed
     with pytest.raises(MissingDependency, match=r'pip install -e "\.\[onnx\]"'):
         export(run_dir, tmp_path / "bundle", ["onnx"])
+
+
+@pytest.mark.slow
+def test_googlenet_exports_in_eval_mode(tmp_path):
+    """GoogLeNet returns (logits, aux2, aux1) in train mode, and scripted it returns that tuple even in
+    eval mode: every format must still give plain logits (TorchScript falls back to tracing)."""
+    cfg = TrainConfig(backbone="torchvision/googlenet", weights="none", img_size=64, layer_width=16, head_preset="vgg")
+    model = build_model(cfg.backbone, 3, weights=None, **head_options(cfg))
+    ckpt = {"model": model.state_dict(), "epoch": 0,
+            **checkpoint_meta(cfg, ["a", "b", "c"], resolve_data_config(cfg, model), model)}
+    atomic_save(ckpt, tmp_path / "googlenet.pt")
+    config = export(tmp_path / "googlenet.pt", tmp_path / "bundle", list(FORMAT_FILES))
+    assert config["formats"]["torchscript"]["method"] == "trace"
+    assert "No report.json" in (tmp_path / "bundle" / "README.md").read_text()

@@ -42,7 +42,7 @@ DATASETS = {
                           stages=[(25, 1e-3), (25, 1e-4)], stats=CIFAR100_STATS, spinal=(196, "resnet")),
     "flowers102": dict(classes=102, resize=464, crop=448, eval="resize", hflip=0.5, vflip=0.0, batch=8,
                        stages=[(50, 1e-3)], stats=CIFAR100_STATS, spinal=(102, "resnet")),
-    "fruits360": dict(classes=131, resize=140, crop=128, eval="resize", hflip=0.5, vflip=0.5, batch=224,
+    "fruits360": dict(classes=131, resize=140, crop=128, rrc=True, eval="resize", hflip=0.5, vflip=0.5, batch=224,
                       stages=[(20, 1e-2)], stats=CIFAR100_STATS, spinal=(131, "resnet")),
     "caltech101": dict(classes=101, resize=230, crop=224, eval="resize", hflip=0.5, vflip=0.0, batch=30,
                        stages=[(20, 1e-3)], stats=CIFAR100_STATS, spinal=(1024, "resnet")),
@@ -161,7 +161,8 @@ def test_recipe_matches_reference(path: Path):
     assert cfg.backbone == BACKBONES[bb]
     assert cfg.weights == "IMAGENET1K_V1"            # the paper's torchvision V1 weights, by name
     # input pipeline
-    assert (cfg.augment, cfg.resize_size, cfg.img_size) == ("paper", ref["resize"], ref["crop"])
+    expected_augment = "paper_rrc" if ref.get("rrc") else "paper"
+    assert (cfg.augment, cfg.resize_size, cfg.img_size) == (expected_augment, ref["resize"], ref["crop"])
     assert cfg.eval_resize == ref["eval"]
     assert (cfg.rotation, cfg.hflip, cfg.vflip) == (15.0, ref["hflip"], ref["vflip"])
     assert cfg.interpolation == "bilinear"
