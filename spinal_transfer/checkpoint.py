@@ -18,8 +18,8 @@ _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class UnsafeCheckpointError(RuntimeError):
-    """The file needs arbitrary code to unpickle; we never do that."""
+class UnsafeCheckpointError(ValueError):
+    """The file cannot be read without unpickling arbitrary objects (which could run code); we never do that."""
 
 
 def _umask_mode() -> int:
@@ -67,10 +67,13 @@ def safe_load(path: PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch cannot tell a junk file from a pickle of arbitrary objects: both are refused here
+        detail = next((ln for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: it contains Python objects other than tensors and plain values, "
-            f"and unpickling them could run arbitrary code. Re-save it as a plain state_dict "
-            f"(torch.save(model.state_dict(), ...)) or as safetensors.\n(detail: {str(e).splitlines()[0]})") from None
+            f"refusing to load {path}: it is not a plain checkpoint of tensors and plain values (either not a "
+            f"torch file at all, or it holds Python objects whose unpickling could run arbitrary code). "
+            f"Re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or as safetensors.\n"
+            f"(detail: {detail.strip()})") from None
     except RuntimeError as e:
         if "zip" in str(e).lower() or "magic" in str(e).lower() or "EOF" in str(e):
             raise ValueError(f"{path} is not a readable torch checkpoint ({e})") from None

@@ -33,8 +33,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    print(json.dumps({"best_epoch": report["best_epoch"], "val": _short(report["val"]),
-                      "test": _short(report["test"])}, indent=1))
+    from .utils import is_main
+
+    if is_main():
+        print(json.dumps({"best_epoch": report["best_epoch"], "val": _short(report["val"]),
+                          "test": _short(report["test"])}, indent=1))
     return 0
 
 

@@ -23,6 +23,7 @@ from .checkpoint import atomic_write_text
 from .config import TrainConfig
 from .surgery import get_head
 from .transforms import DataConfig, transform_signature
+from .utils import world_size
 
 
 def _file_digest(path: Path) -> str:
@@ -121,4 +122,4 @@ def cached_split(model: nn.Module, split: str, samples: list, transform: Any, cf
 
 def feature_loader(ds: FeatureDataset, cfg: TrainConfig, sampler: Any, train: bool) -> DataLoader:
     return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=0, collate_fn=_collate,
-                      drop_last=train and len(ds) >= 2 * cfg.batch_size)
+                      drop_last=train and len(ds) >= 2 * cfg.batch_size * world_size())

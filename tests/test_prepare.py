@@ -436,8 +436,10 @@ def test_safe_name():
 
 
 def test_cli_help_has_examples_and_main_reports_errors(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="spinal-transfer prepare")
-    prep.add_args(parser)
+    from spinal_transfer.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["prepare"]
     assert "examples:" in parser.format_help() and "--no-check-counts" in parser.format_help()
     fake_svhn(tmp_path / "raw")
     args = parser.parse_args(["svhn", "--root", str(tmp_path), "--no-check-counts", "--val-fraction", "0.2"])
