@@ -4,12 +4,14 @@
 
 Reference (the paper's scripts): torchvision transforms on PIL images through
 `torchvision.datasets.ImageFolder`, DataLoader(shuffle=True, num_workers=0), fp32, contiguous
-(NCHW) tensors, SGD momentum 0.9, `loss.item()` every step.
+(NCHW) tensors, SGD momentum 0.9, `loss.item()` every step. It runs in a spawned process of its
+own, so it keeps glibc's default allocator settings while this process gets ours.
 
 Ours: the building blocks `spinal_transfer.train.run` uses, with the inner loop copied from it
-(build_model, resolve_data_config, build_transforms, make_loader with EpochShuffle, make_optimizer,
-set_trainable, _autocast, compute_loss, the isfinite/loss-sum bookkeeping); `run()` itself is not
-timed because its epoch also evaluates and writes checkpoints. Settings:
+(tune_cpu_allocator, build_model, resolve_data_config, build_transforms, make_loader with
+EpochShuffle, make_optimizer, set_trainable, _autocast, compute_loss, the isfinite/loss-sum
+bookkeeping); `run()` itself is not timed because its epoch also evaluates and writes checkpoints.
+Settings:
   ours_default  fp32, library CPU defaults (workers = min(8, cores) = 2, channels_last off on CPU)
   ours_fp32_cl  fp32 + channels_last + 2 workers overlapping decode
   ours_bf16_cl  bf16 autocast (`amp: bf16`) + channels_last + 2 workers
@@ -50,7 +52,7 @@ from spinal_transfer.surgery import build_model  # noqa: E402
 from spinal_transfer.train import (EpochShuffle, _autocast, compute_loss, default_workers, make_loader,  # noqa: E402
                                    make_optimizer, set_trainable)
 from spinal_transfer.transforms import build_transforms, resolve_data_config  # noqa: E402
-from spinal_transfer.utils import amp_dtype  # noqa: E402
+from spinal_transfer.utils import amp_dtype, tune_cpu_allocator  # noqa: E402
 
 TARGETS = {"ours_default": None, "ours_fp32_cl": 1.3, "ours_bf16_cl": 2.0}
 
@@ -137,9 +139,42 @@ def reference_setup(root: Path, subset: list, classes: list, backbone: str, size
     return steps
 
 
+def _reference_server(conn, setup_args: tuple, batch: int, epoch_images: int) -> None:
+    """The reference loop in a process of its own (spawned: glibc's default allocator, untouched by
+    our tuning), timing one step per request."""
+    timer = StepTimer(reference_setup(*setup_args), batch, epoch_images)
+    while (msg := conn.recv()) != "stop":
+        conn.send(timer() if msg == "step" else timer.cpu_per_image())
+
+
+class RemoteReference:
+    """Calls like a StepTimer; the steps run in the reference process while this one waits."""
+
+    def __init__(self, setup_args: tuple, batch: int, epoch_images: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_reference_server, args=(child, setup_args, batch, epoch_images), daemon=True)
+        self.proc.start()
+
+    def __call__(self) -> tuple[int, float]:
+        self.conn.send("step")
+        return self.conn.recv()
+
+    def cpu_per_image(self) -> float:
+        self.conn.send("cpu")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.proc.join()
+
+
 def ours_setup(cfg: TrainConfig, subset: list, num_classes: int, state_dict: dict):
     """The objects `run()` builds, and its inner training loop (no eval, no checkpoints)."""
     device = torch.device("cpu")
+    tune_cpu_allocator(device)
     model = build_model(cfg.backbone, num_classes, head=cfg.head, weights=cfg.weights, replace=cfg.replace,
                         **head_options(cfg))
     model.load_state_dict(state_dict)
@@ -193,14 +228,15 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=None, help="crop size (default 128; quick 64)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 32; quick 16")
     ap.add_argument("--batches", type=int, default=None,
-                    help="batches per epoch (the first of each epoch is not timed); default 4, quick 3")
-    ap.add_argument("--rounds", type=int, default=12, help="at most this many rounds")
+                    help="batches per epoch (the first of each epoch is not timed); default 6, quick 3")
+    ap.add_argument("--rounds", type=int, default=None, help="at most this many rounds (default 30; quick 12)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting rounds after this (default 540; quick 100)")
     ap.add_argument("--skip-bf16", action="store_true")
     args = ap.parse_args()
     size = args.img_size or (64 if args.quick else 128)
     batch = args.batch_size or (16 if args.quick else 32)
-    args.batches = args.batches or (3 if args.quick else 4)
+    args.batches = args.batches or (3 if args.quick else 6)
+    args.rounds = args.rounds or (12 if args.quick else 30)
     budget = args.budget_s or (100 if args.quick else 540)
     resize = round(size * 136 / 128)                       # the paper's R136 -> RC128 ratio
     header("bench_train: training images/s, our loop vs the paper-style loop", args)
@@ -226,9 +262,9 @@ def main() -> None:
                 "ours_bf16_cl": dict(channels_last=True, workers=2, amp="bf16")}
     if args.skip_bf16:
         settings.pop("ours_bf16_cl")
-    ref_steps = reference_setup(root, subset, classes, base.backbone, size, resize, batch, dc.mean, dc.std, state,
-                                head_options(base))
-    fns = {"ref": StepTimer(ref_steps, batch, len(subset))}
+    ref = RemoteReference((root, subset, classes, base.backbone, size, resize, batch, dc.mean, dc.std, state,
+                           head_options(base)), batch, len(subset))
+    fns = {"ref": ref}
     for name, kw in settings.items():
         steps, cfg, loader = ours_setup(dataclasses.replace(base, **kw), subset, len(classes), state)
         print(f"  {name}: amp {cfg.amp}, channels_last {cfg.channels_last}, workers {cfg.workers}")
@@ -242,9 +278,10 @@ def main() -> None:
         rows.append((name, f"{R.median_rate(name):.2f} img/s",
                      f"{m:.2f}x (min {lo:.2f}, max {hi:.2f})",
                      verdict(m, TARGETS[name]) or "(reported)"))
-    cpu_rows = []
-    ref_cpu = fns["ref"].cpu_per_image()
-    for name in fns:
+    ref_cpu = ref.cpu_per_image()
+    ref.close()
+    cpu_rows = [("ref", f"{ref_cpu * 1e3:.0f} ms CPU/img", "1.00x", "(diagnostic)")]
+    for name in settings:
         t = fns[name]
         w = f", of which workers' decode {t.worker_cpu / t.worker_images * 1e3:.0f} ms" if t.worker_images else ""
         cpu_rows.append((name, f"{t.cpu_per_image() * 1e3:.0f} ms CPU/img{w}", f"{ref_cpu / t.cpu_per_image():.2f}x",

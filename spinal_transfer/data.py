@@ -104,12 +104,30 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     return np.array(im.convert("RGB"))
 
 
-def load_image(path: PathLike) -> np.ndarray:
+# libjpeg's scaled decoding (1/8, 1/4, 1/2 of each side, in the DCT domain), largest first
+_REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4), (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+def _jpeg_flags(size: tuple[int, int], min_size: Optional[int]) -> int:
+    """cv2 flags decoding a JPEG of `size` as small as possible with its shorter side >= min_size."""
+    short = min(size)
+    for r, reduced in _REDUCED:
+        if min_size and short // r >= min_size:
+            return reduced | cv2.IMREAD_COLOR_RGB     # the REDUCED_GRAYSCALE bit is the scale; RGB the colour
+    return cv2.IMREAD_COLOR_RGB
+
+
+def load_image(path: PathLike, min_size: Optional[int] = None) -> np.ndarray:
     """HxWx3 uint8 RGB, or BadImage saying why not.
 
     Plain 8-bit RGB/greyscale JPEG and PNG (the bulk of any dataset) are decoded by OpenCV, which is
     faster than PIL and applies EXIF orientation the same way; every other mode goes through PIL.
     A JPEG without its end marker goes through PIL too, because cv2 silently grey-fills truncation.
+
+    `min_size`: the shorter side the caller needs. A JPEG at least twice that is decoded at 1/2, 1/4
+    or 1/8 scale (libjpeg's DCT-domain scaling, as PIL's `draft`), never below `min_size`: for a
+    phone photo fed to a 224-px model, a fraction of the decoding and resizing, and only detail that
+    the pipeline's own antialiased downscale would have removed is lost.
     """
     try:
         data = Path(path).read_bytes()
@@ -119,7 +137,8 @@ def load_image(path: PathLike) -> np.ndarray:
     fast = (im.mode in ("RGB", "L") and "transparency" not in im.info
             and (im.format == "PNG" or (im.format == "JPEG" and data.endswith(b"\xff\xd9"))))
     if fast:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        flags = _jpeg_flags(im.size, min_size) if im.format == "JPEG" else cv2.IMREAD_COLOR_RGB
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if arr is not None:
             return arr
     try:
@@ -364,12 +383,14 @@ def write_skipped(run_dir: PathLike, skipped: list[tuple[str, str]]) -> None:
 # Dataset, batching, class balance
 
 class ImageDataset(Dataset):
-    """(path, label) list -> (CHW float tensor, label) via an albumentations pipeline ending in ToTensorV2;
-    an undecodable file yields a BadSample instead of raising."""
+    """(path, label) list -> (CHW float tensor, label) via an albumentations pipeline ending in a tensor;
+    an undecodable file yields a BadSample instead of raising. Large JPEGs are decoded no larger than
+    the transform's `decode_min_size` (see load_image and transforms.build_transforms)."""
 
     def __init__(self, samples: list[Sample], transform) -> None:
         self.samples = samples
         self.transform = transform
+        self.min_size: Optional[int] = getattr(transform, "decode_min_size", None)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -377,7 +398,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            image = load_image(path)
+            image = load_image(path, self.min_size)
         except BadImage as e:
             return BadSample(path, str(e))
         return self.transform(image=image)["image"], label

@@ -70,12 +70,13 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
     batch size and workers default to TrainConfig's."""
     from .data import list_images
     from .train import make_loader
-    from .utils import pick_device
+    from .utils import pick_device, tune_cpu_allocator
 
     files = list_images(list(paths))
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
     dev = pick_device(device)
+    tune_cpu_allocator(dev)
     config, run = open_model(source, dev)
     # The label slot carries each file's index, so results map back to paths after bad files drop out.
     opts = {k: v for k, v in (("batch_size", batch_size), ("workers", workers)) if v is not None}

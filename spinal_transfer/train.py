@@ -31,7 +31,7 @@ from .surgery import build_model, get_head, head_param_names
 from .transforms import DataConfig, build_transforms, resolve_data_config
 from .utils import (all_gather_list, amp_dtype, any_rank, barrier, broadcast_object, init_distributed, is_main, log,
                     pick_device, rank, rng_state, seed_everything, set_rng_state, setup_logging, sum_over_ranks,
-                    world_size)
+                    tune_cpu_allocator, world_size)
 
 AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in their papers
 
@@ -262,6 +262,7 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
     cfg.validate()
     init_distributed(cfg.device)
     device = pick_device(cfg.device)
+    tune_cpu_allocator(device)
     run_dir = Path(cfg.out)
     setup_logging(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -557,6 +558,7 @@ def evaluate(path: str | Path, data: str, split: str = "test", device_name: str 
         raise D.DataError(f"{data} has classes {splits.classes[:10]}..., the model was trained on {classes[:10]}...")
     cfg = dataclasses.replace(cfg, batch_size=batch_size or cfg.batch_size, workers=workers if workers is not None else cfg.workers)
     device = pick_device(device_name)
+    tune_cpu_allocator(device)
     model.to(device)
     loader = make_loader(getattr(splits, split), build_transforms(cfg, dc, train=False), cfg, False, device)
     logits, y, skipped = predict_logits(model, loader, device, amp_dtype(cfg.amp, device), False, split)

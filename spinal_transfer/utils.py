@@ -1,8 +1,11 @@
 """Small runtime helpers: device, seeds and RNG state, torch.distributed, logging."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import platform
 import random
 import sys
 from pathlib import Path
@@ -27,6 +30,26 @@ def pick_device(name: str) -> torch.device:
             raise RuntimeError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
         return torch.device("cuda", local_rank())
     return torch.device(name)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # mallopt parameters (glibc malloc.h)
+
+
+def tune_cpu_allocator(device: torch.device) -> bool:
+    """On the CPU, keep freed memory mapped for reuse in this process (glibc only; True when applied).
+
+    By default glibc hands large blocks back to the kernel as soon as they are freed, so every
+    training step on the CPU page-faults its activations back in (~50,000 faults a step for a
+    ResNet-18 at 128 px, batch 32) and spends ~15-20% of the step doing so. A higher mmap threshold
+    and no trimming keep them for the next step, as a caching allocator would (jemalloc/tcmalloc do
+    the same): the resident size stays at the peak, which a training process reaches anyway."""
+    if device.type != "cpu" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:

@@ -279,6 +279,47 @@ def test_exif_orientation_and_fast_path_equal_pil(tmp_path, fmt):
     _check(load_image(grey), np.array(Image.open(grey).convert("RGB")))
 
 
+def _photo_jpeg(path: Path, h: int, w: int, orientation: int = 1) -> Path:
+    from sklearn.datasets import load_sample_images
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(load_sample_images().images[1]).resize((w, h), Image.BICUBIC).save(
+        path, "JPEG", quality=92, exif=exif.tobytes())
+    return path
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_no_smaller_than_asked(tmp_path):
+    p = _photo_jpeg(tmp_path / "big.jpg", 700, 1000, orientation=6)       # stored 1000 wide, shown 700 wide
+    full = load_image(p)
+    assert full.shape == (1000, 700, 3)
+    for min_size, shape in ((80, (125, 88, 3)), (200, (500, 350, 3)), (350, (500, 350, 3)), (351, (1000, 700, 3))):
+        out = load_image(p, min_size)
+        assert out.shape == shape, min_size                # 1/8, 1/2, 1/2, full: the largest reduction that fits
+        small = cv2.resize(full, shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(out.astype(int) - small).mean() < 3  # same picture, EXIF orientation applied
+    png = tmp_path / "big.png"
+    Image.fromarray(full).save(png)
+    assert load_image(png, 80).shape == full.shape         # only JPEG has scaled decoding
+
+
+def test_reduced_decode_leaves_the_pipeline_output_nearly_unchanged(tmp_path):
+    p = _photo_jpeg(tmp_path / "photo.jpg", 600, 900)
+    for augment, eval_resize, need in (("none", "center_crop", 110), ("none", "resize", 96), ("paper", "", 110),
+                                       ("modern", "", None)):
+        cfg = TrainConfig(augment=augment, eval_resize=eval_resize or "center_crop", img_size=96, resize_size=110,
+                          mean=[0, 0, 0], std=[1, 1, 1], rotation=0.0, hflip=0.0)
+        tf = build_transforms(cfg, resolve_data_config(cfg), train=augment != "none")
+        assert tf.decode_min_size == need
+        if augment != "modern":
+            tf.set_random_seed(0)
+            reduced = ImageDataset([(str(p), 0)], tf)[0][0]
+            tf.set_random_seed(0)
+            full = tf(image=load_image(p))["image"]
+            assert reduced.shape == full.shape == (3, 96, 96)
+            assert (reduced - full).abs().mean() * 255 < 2.0, augment
+
+
 def test_load_image_errors(tmp_path, monkeypatch):
     (tmp_path / "e.jpg").write_bytes(b"")
     with pytest.raises(BadImage, match="empty"):
@@ -324,6 +365,19 @@ def test_normalization_matches_numpy_and_none_equals_eval():
     crop = dataclasses.replace(cfg, eval_resize="center_crop")
     a = build_transforms(crop, dc, train=True)(image=big)["image"]
     assert torch.equal(a, build_transforms(crop, dc, train=False)(image=big)["image"])
+
+
+def test_paper_rotation_samples_nearest_pixels_like_torchvision():
+    """The scripts' RandomRotation(15) samples the nearest pixel and fills with black: on a black-and-white
+    image the rotated output holds only black and white, where bilinear sampling would mix greys."""
+    cfg = TrainConfig(augment="paper", img_size=32, resize_size=32, rotation=15.0, hflip=0.0, mean=[0, 0, 0],
+                      std=[1, 1, 1])
+    tf = build_transforms(cfg, resolve_data_config(cfg), train=True)
+    tf.set_random_seed(0)
+    board = np.kron((np.indices((8, 8)).sum(0) % 2) * 255, np.ones((4, 4)))[:, :, None].repeat(3, 2).astype(np.uint8)
+    outs = [np.rint(tf(image=board)["image"].numpy() * 255) for _ in range(5)]
+    assert any(not np.array_equal(o, board.transpose(2, 0, 1)) for o in outs)       # it did rotate
+    assert set(np.unique(np.concatenate(outs))) <= {0.0, 255.0}
 
 
 def test_transform_signature_is_stable_and_sensitive():

@@ -1,0 +1,72 @@
+"""Run the benchmarks and write benchmarks/RESULTS.md from what they print.
+
+  python benchmarks/run_all.py                 # all of them, ~35 min on 2 CPU cores
+  python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
+  python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run, ~8 min)
+
+Each benchmark is its own process (so one's threads and DataLoader workers never overlap another's) and
+prints its own machine line, command and ratios against a reference measured in the same process. This
+script only collects that output: the summary at the top is every line that states a target (PASS/MISS).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+BENCHES = {   # short name: (script, what it measures)
+    "head": ("bench_head.py", "SpinalHead forward+backward vs a paper-style implementation; MACs vs the original heads"),
+    "data": ("bench_data.py", "decode + augment images/s, ours vs torchvision-on-PIL, per worker and all workers"),
+    "train": ("bench_train.py", "training images/s, our loop vs a paper-style loop (fp32, fp32 + channels_last, bf16)"),
+    "cache": ("bench_cache.py", "cached-feature head training vs frozen backbone without the cache; metric equality"),
+    "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
+}
+_SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
+
+
+def run(name: str, quick: bool) -> str:
+    script, what = BENCHES[name]
+    cmd = [sys.executable, str(HERE / script), *(["--quick"] if quick else [])]
+    print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t = time.time()
+    # stdout is the benchmark's report; stderr (progress bars of the runs it makes) goes to the terminal
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
+    status = "" if res.returncode == 0 else f"\n**exit status {res.returncode}: the benchmark failed**\n"
+    return (f"<!-- begin {name} -->\n## {name}: {what}\n\n`python benchmarks/{script}{' --quick' if quick else ''}`"
+            f" ({time.time() - t:.0f} s){status}\n\n```text\n{res.stdout.rstrip()}\n```\n\n<!-- end {name} -->\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=list(BENCHES), help="run these; keep the other sections of RESULTS.md")
+    ap.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (smoke run)")
+    args = ap.parse_args()
+    sections = dict(_SECTION.findall(RESULTS.read_text())) if RESULTS.exists() and args.only else {}
+    sections = {k: f"<!-- begin {k} -->\n{v}<!-- end {k} -->\n" for k, v in sections.items()}
+    for name in args.only or BENCHES:
+        sections[name] = run(name, args.quick)
+        write(sections)
+    print(f"wrote {RESULTS}", file=sys.stderr)
+
+
+def write(sections: dict[str, str]) -> None:
+    body = [sections[n] for n in BENCHES if n in sections]
+    targets = [f"| {n} | {line.strip().strip('|').strip()} |" for n in BENCHES if n in sections
+               for line in sections[n].splitlines() if re.search(r"\b(PASS|MISS)\b", line)]
+    RESULTS.write_text(
+        "# Benchmark results\n\n"
+        f"Written by `python benchmarks/run_all.py` (last run {datetime.date.today().isoformat()}); every number "
+        "below is printed by the benchmark named in its section, whose first lines give the machine and the exact "
+        "command. Speed is always a ratio against a reference measured in the same process, in alternating "
+        "rounds: absolute times on a shared 2-core machine mean little.\n\n"
+        "## Targets\n\n| benchmark | line |\n|---|---|\n" + "\n".join(targets) + "\n\n" + "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The command line: every command's --help has examples, `models` lists, `describe` prints the right numbers."""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+
+import pytest
+
+from spinal_transfer.cli import build_parser, main
+
+COMMANDS = ("train", "evaluate", "models", "describe", "prepare", "reproduce", "export", "predict")
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_command_has_help_with_examples():
+    subs = _subparsers()
+    assert set(subs) == set(COMMANDS)
+    for name, parser in subs.items():
+        text = parser.format_help()
+        assert "examples:" in text and f"spinal-transfer {name}" in text.split("examples:")[1], name
+
+
+def test_help_runs_as_a_program():
+    out = subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--backbone" in out.stdout and "--resume" in out.stdout
+
+
+def test_models_filter(capsys):
+    assert main(["models", "--filter", "torchvision/resnet*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "torchvision/resnet18" in names and "torchvision/resnet50" in names
+    assert all(n.startswith("torchvision/resnet") for n in names)
+    assert main(["models", "--filter", "test_vit"]) == 0         # a plain word is a substring match
+    assert "timm/test_vit" in capsys.readouterr().out.split()
+
+
+def _describe(capsys, *argv: str) -> dict[str, str]:
+    assert main(["describe", *argv]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        key, _, value = re.split(r"(\s{2,})", line.strip(), maxsplit=1)
+        rows[key] = value
+    return rows
+
+
+def _int(s: str) -> int:
+    return int(s.replace(",", ""))
+
+
+def test_describe_vgg_numbers_follow_the_formulas(capsys):
+    C, w, D = 225, 64, 25088
+    rows = _describe(capsys, "torchvision/vgg11", "--num-classes", str(C), "--head", "spinal", "--head-preset", "vgg",
+                     "--layer-width", str(w))
+    assert _int(rows["feature width"]) == D
+    default_macs = D * 4096 + 4096 * 4096 + 4096 * C                 # VGG's 25088-4096-4096-C classifier
+    assert _int(rows["default head params"]) == default_macs + 4096 + 4096 + C
+    assert _int(rows["default head MACs/sample"]) == default_macs
+    h = D // 2                                                        # two halves; 4 layers; BN after each
+    macs = h * w + 3 * (h + w) * w + 4 * w * C
+    assert _int(rows["new head MACs/sample"]) == macs
+    assert _int(rows["new head params"]) == macs + 4 * w + 4 * 2 * w + C
+    assert rows["MACs ratio default/new"] == f"{default_macs / macs:.2f}x"
+
+
+def test_describe_timm_measures_the_width_that_reaches_the_classifier(capsys):
+    rows = _describe(capsys, "timm/test_resnet", "--num-classes", "7", "--head", "linear")
+    import timm
+
+    width = timm.create_model("test_resnet").num_features
+    assert _int(rows["feature width"]) == width
+    assert _int(rows["new head params"]) == (width + 1) * 7 == _int(rows["default head params"])
+    assert rows["MACs ratio default/new"] == "1.00x"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["describe", "torchvision/no_such_net", "--num-classes", "3"], "no classification model"),
+    (["describe", "resnet18", "--num-classes", "3"], "'torchvision/<name>' or 'timm/<name>'"),
+    (["train", "--data", "/no/such/folder", "--backbone", "timm/test_resnet", "--weights", "none"], "no such data folder"),
+])
+def test_bad_input_is_a_one_line_error_not_a_traceback(argv, message, capsys, tmp_path):
+    if argv[0] == "train":
+        argv = argv + ["--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_models_output_into_a_closed_pipe_is_quiet():
+    cmd = f"{sys.executable} -m spinal_transfer models | head -n 1"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True)
+    assert out.stdout.strip() and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
