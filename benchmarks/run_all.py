@@ -1,11 +1,11 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~35 min on 2 CPU cores
+  python benchmarks/run_all.py                 # all of them, ~5 min on 2 CPU cores
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
-  python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run, ~8 min)
+  python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
 Each benchmark is its own process (so one's threads and DataLoader workers never overlap another's) and
-prints its own machine line, command and ratios against a reference measured in the same process. This
+prints its own machine line, command and ratios against a reference measured in the same run. This
 script only collects that output: the summary at the top is every line that states a target (PASS/MISS).
 """
 from __future__ import annotations
@@ -47,8 +47,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=list(BENCHES), help="run these; keep the other sections of RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (smoke run)")
     args = ap.parse_args()
-    sections = dict(_SECTION.findall(RESULTS.read_text())) if RESULTS.exists() and args.only else {}
-    sections = {k: f"<!-- begin {k} -->\n{v}<!-- end {k} -->\n" for k, v in sections.items()}
+    kept = _SECTION.finditer(RESULTS.read_text()) if RESULTS.exists() and args.only else ()
+    sections = {m.group(1): m.group(0) for m in kept}
     for name in args.only or BENCHES:
         sections[name] = run(name, args.quick)
         write(sections)
@@ -63,7 +63,7 @@ def write(sections: dict[str, str]) -> None:
         "# Benchmark results\n\n"
         f"Written by `python benchmarks/run_all.py` (last run {datetime.date.today().isoformat()}); every number "
         "below is printed by the benchmark named in its section, whose first lines give the machine and the exact "
-        "command. Speed is always a ratio against a reference measured in the same process, in alternating "
+        "command. Speed is always a ratio against a reference measured in the same run, in alternating "
         "rounds: absolute times on a shared 2-core machine mean little.\n\n"
         "## Targets\n\n| benchmark | line |\n|---|---|\n" + "\n".join(targets) + "\n\n" + "\n".join(body))
 
