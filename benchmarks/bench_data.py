@@ -14,7 +14,6 @@ ours / reference images/s, median over alternating rounds. Target: >= 1.4x per w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time

@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~5 min on 2 CPU cores
+  python benchmarks/run_all.py                 # all of them, ~10 min on 2 CPU cores
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
@@ -23,9 +23,10 @@ RESULTS = HERE / "RESULTS.md"
 BENCHES = {   # short name: (script, what it measures)
     "head": ("bench_head.py", "SpinalHead forward+backward vs a paper-style implementation; MACs vs the original heads"),
     "data": ("bench_data.py", "decode + augment images/s, ours vs torchvision-on-PIL, per worker and all workers"),
-    "train": ("bench_train.py", "training images/s, our loop vs a paper-style loop (fp32, fp32 + channels_last, bf16)"),
+    "train": ("bench_train.py", "training images/s, our loop vs a paper-style loop (fp32 defaults, fp32 NCHW, bf16)"),
     "cache": ("bench_cache.py", "cached-feature head training vs frozen backbone without the cache; metric equality"),
     "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
+    "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
 }
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 

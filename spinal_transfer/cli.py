@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 from .config import TrainConfig, add_config_args, config_from_args

@@ -98,7 +98,7 @@ class TrainConfig:
     workers: Optional[int] = _opt(None, "DataLoader workers (default: min(8, cpu count))")
     device: str = _opt("auto", "device", choices=["auto", "cpu", "cuda", "mps"])
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, off on CPU", choices=["auto", "bf16", "fp16", "none"])
-    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA)")
+    channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA and CPU)")
     compile: bool = _opt(False, "torch.compile the model")
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm in distributed runs")
     # --- bookkeeping ------------------------------------------------------------------------

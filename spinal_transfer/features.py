@@ -23,7 +23,7 @@ from .checkpoint import atomic_write_text
 from .config import TrainConfig
 from .surgery import get_head
 from .transforms import DataConfig, transform_signature
-from .utils import world_size
+from .utils import use_channels_last, world_size
 
 
 def _file_digest(path: Path) -> str:
@@ -35,7 +35,7 @@ def _file_digest(path: Path) -> str:
 
 
 def fingerprint(cfg: TrainConfig, dc: DataConfig, model: nn.Module, samples: Sequence[tuple[str, int]],
-                dtype: Optional[torch.dtype]) -> str:
+                dtype: Optional[torch.dtype], channels_last: bool = False) -> str:
     weights = cfg.weights
     if weights and Path(weights).is_file():
         weights = f"file:{_file_digest(Path(weights))}"
@@ -44,13 +44,13 @@ def fingerprint(cfg: TrainConfig, dc: DataConfig, model: nn.Module, samples: Seq
     key = {"backbone": cfg.backbone, "weights": weights, "head_path": info.head_modules[0],
            "replace": info.replace, "feature_width": info.feature_width,
            "preprocessing": transform_signature(cfg, dc, train=False), "files": files,
-           "dtype": str(dtype), "torch": torch.__version__}
+           "dtype": str(dtype), "channels_last": channels_last, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, loader: DataLoader, device: torch.device,
-                     dtype: Optional[torch.dtype]) -> tuple[np.ndarray, list[int], list]:
+def compute_features(model: nn.Module, loader: DataLoader, device: torch.device, dtype: Optional[torch.dtype],
+                     channels_last: bool = False) -> tuple[np.ndarray, list[int], list]:
     """Head inputs of every sample (eval mode), the indices that loaded, and the skipped files."""
     head = get_head(model)
     captured: list[torch.Tensor] = []
@@ -66,7 +66,8 @@ def compute_features(model: nn.Module, loader: DataLoader, device: torch.device,
             start += n
             if len(x):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    model(x.to(device))
+                    x = x.to(device)
+                    model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     finally:
         hook.remove()
     feats = torch.cat(captured).numpy() if captured else np.zeros((0, model.spinal_info.feature_width), np.float32)
@@ -100,7 +101,8 @@ def cached_split(model: nn.Module, split: str, samples: list, transform: Any, cf
                  make_loader: Any) -> tuple[FeatureDataset, list, list]:
     """(features, the samples they belong to, skipped files) of one split; computed and stored
     first when the cache is missing or stale."""
-    fp = fingerprint(cfg, dc, model, samples, dtype)
+    channels_last = use_channels_last(cfg.channels_last, device)      # the format the uncached run uses
+    fp = fingerprint(cfg, dc, model, samples, dtype, channels_last)
     folder = run_dir / "features"
     path, meta_path = folder / f"{split}-{fp}.npy", folder / f"{split}-{fp}.json"
     skipped: list = []
@@ -109,7 +111,7 @@ def cached_split(model: nn.Module, split: str, samples: list, transform: Any, cf
         for stale in folder.glob(f"{split}-*"):
             stale.unlink()
         loader = make_loader(samples, transform, cfg, False, device, SequentialSampler(samples))
-        feats, kept, skipped = compute_features(model, loader, device, dtype)
+        feats, kept, skipped = compute_features(model, loader, device, dtype, channels_last)
         tmp = folder / f".{split}-{fp}.tmp.npy"
         np.save(tmp, feats)
         os.replace(tmp, path)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_text
 from .config import TrainConfig
 from .export import CONFIG_FILE, Runner, bundle_config, eval_transform, load, onnx_runner, read_config
+from .utils import use_channels_last
 
 PathLike = Union[str, os.PathLike]
 TOPK = 5
@@ -56,10 +57,12 @@ def open_model(source: PathLike, device: torch.device) -> tuple[dict, Runner]:
         ckpt = load_run_checkpoint(path)          # weights_only: a crafted pickle is refused here
         config, model = bundle_config(ckpt), model_from_checkpoint(ckpt)[0]
     model.to(device)
+    memory_format = torch.channels_last if use_channels_last(None, device) else torch.contiguous_format
+    model.to(memory_format=memory_format)
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
-        return model(x.to(device, non_blocking=True)).float().cpu()
+        return model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format)).float().cpu()
 
     return config, run
 

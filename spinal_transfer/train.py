@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from .surgery import build_model, get_head, head_param_names
 from .transforms import DataConfig, build_transforms, resolve_data_config
 from .utils import (all_gather_list, amp_dtype, any_rank, barrier, broadcast_object, init_distributed, is_main, log,
                     pick_device, rank, rng_state, seed_everything, set_rng_state, setup_logging, sum_over_ranks,
-                    tune_cpu_allocator, world_size)
+                    tune_cpu_allocator, use_channels_last, world_size)
 
 AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in their papers
 
@@ -248,6 +248,72 @@ def model_from_checkpoint(ckpt: dict) -> tuple[nn.Module, TrainConfig, DataConfi
     return model, cfg, DataConfig(**ckpt["data_config"]), classes
 
 
+# --- the loop ------------------------------------------------------------------------------------
+
+def train_one_epoch(fwd: nn.Module, raw: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    device: torch.device, *, dtype: Optional[torch.dtype], channels_last: bool, criterion: nn.Module,
+                    scaler: torch.amp.GradScaler, sched: Any = None, mixup: Any = None, ema: Any = None,
+                    progress: Optional[dict] = None, skipped: Optional[list] = None, desc: str = "train",
+                    on_step: Optional[Callable[[], None]] = None) -> tuple[float, int, float]:
+    """One pass over `loader`: forward `fwd`, step `opt` every `cfg.accum_steps` batches (and `sched`,
+    when it steps per optimizer step). Returns (mean loss over every rank's images, images seen on this
+    rank, seconds). Unreadable files met go to `skipped`; `progress["step"]` counts optimizer steps;
+    `on_step` is called after every batch (benchmarks time steps with it)."""
+    progress = {"step": 0} if progress is None else progress
+    t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+    bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not is_main())
+    opt.zero_grad(set_to_none=True)
+    for i, (x, y, bad) in enumerate(bar):
+        if skipped is not None:
+            skipped += bad
+        if cfg.limit_train_batches is not None and i >= cfg.limit_train_batches:
+            break
+        if mixup is not None and len(x) % 2:          # timm's Mixup pairs samples
+            x, y = x[:-1], y[:-1]
+        if len(x) < 2:                                 # BatchNorm cannot train on one sample
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with _autocast(device, dtype):
+            loss = compute_loss(fwd(x), y, criterion)
+        bad_loss |= ~torch.isfinite(loss.detach())
+        scaler.scale(loss / cfg.accum_steps).backward()
+        last_batch = i + 1 == len(loader) or i + 1 == cfg.limit_train_batches
+        if (i + 1) % cfg.accum_steps == 0 or last_batch:
+            if cfg.clip_grad is not None:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            if ema is not None:
+                ema.update(raw, step=progress["step"])
+            if sched is not None:
+                sched.step()
+        loss_sum += loss.detach().float() * len(x)
+        seen += len(x)
+        if i % cfg.log_interval == 0:      # the only host-device syncs in the loop
+            if any_rank(bad_loss):         # every rank stops together
+                break
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * world_size() / (time.perf_counter() - t0):.1f}",
+                            lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if on_step is not None:
+            on_step()
+    if any_rank(bad_loss):
+        raise NonFiniteLoss(
+            f"the training loss became NaN/inf in {desc}; stopped. The last good checkpoint is "
+            f"{Path(cfg.out) / 'checkpoints' / 'last.pt'} (not overwritten). Try a lower --lr, --amp none, "
+            f"or --clip-grad 1.0.")
+    seconds = time.perf_counter() - t0
+    totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]))
+    return (totals[0] / totals[1].clamp(min=1)).item(), seen, seconds
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
@@ -292,7 +358,7 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
              + f"; lr {lrs} (as given: not scaled with the global batch)")
 
     dtype = amp_dtype(cfg.amp, device)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    channels_last = use_channels_last(cfg.channels_last, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -409,58 +475,12 @@ def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
             train_loader.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
 
             # ---- train one epoch ----
-            t0, seen, loss_sum, n_loss = time.perf_counter(), 0, torch.zeros((), device=device), 0
-            bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{sum(s.epochs for s in stages)}", leave=False,
-                       disable=not is_main())
-            opt.zero_grad(set_to_none=True)
-            for i, (x, y, bad) in enumerate(bar):
-                skipped += bad
-                if cfg.limit_train_batches is not None and i >= cfg.limit_train_batches:
-                    break
-                if mixup is not None and len(x) % 2:          # timm's Mixup pairs samples
-                    x, y = x[:-1], y[:-1]
-                if len(x) < 2:                                 # BatchNorm cannot train on one sample
-                    continue
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if mixup is not None:
-                    x, y = mixup(x, y)
-                with _autocast(device, dtype):
-                    loss = compute_loss(fwd(x), y, criterion)
-                bad_loss |= ~torch.isfinite(loss.detach())
-                scaler.scale(loss / cfg.accum_steps).backward()
-                last_batch = i + 1 == len(train_loader) or i + 1 == cfg.limit_train_batches
-                if (i + 1) % cfg.accum_steps == 0 or last_batch:
-                    if cfg.clip_grad is not None:
-                        scaler.unscale_(opt)
-                        nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    st["step"] += 1
-                    if ema is not None:
-                        ema.update(raw, step=st["step"])
-                    if sched_unit == "step":
-                        sched.step()
-                loss_sum += loss.detach().float() * len(x)
-                n_loss += len(x)
-                seen += len(x)
-                if i % cfg.log_interval == 0:      # the only host-device syncs in the loop
-                    if any_rank(bad_loss):       # every rank stops together
-                        break
-                    bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * world_size() / (time.perf_counter() - t0):.1f}",
-                                    lr=f"{opt.param_groups[0]['lr']:.2e}")
-            if any_rank(bad_loss):
-                raise NonFiniteLoss(
-                    f"the training loss became NaN/inf in epoch {epoch + 1}; stopped. The last good checkpoint "
-                    f"is {ckpt_dir / 'last.pt'} (not overwritten). Try a lower --lr, --amp none, or --clip-grad 1.0.")
+            train_loss, seen, train_time = train_one_epoch(
+                fwd, raw, train_loader, opt, cfg, device, dtype=dtype, channels_last=channels_last,
+                criterion=criterion, scaler=scaler, sched=sched if sched_unit == "step" else None, mixup=mixup,
+                ema=ema, progress=st, skipped=skipped, desc=f"epoch {epoch + 1}/{sum(s.epochs for s in stages)}")
             if sched_unit == "epoch":
                 sched.step()
-            train_time = time.perf_counter() - t0
-            totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(n_loss), device=device)]))
-            train_loss = (totals[0] / totals[1].clamp(min=1)).item()     # mean over every rank's images
             skipped = all_gather_list(skipped)     # rank 0 lists the unreadable files every rank met
 
             # ---- evaluate and select ----
@@ -559,9 +579,12 @@ def evaluate(path: str | Path, data: str, split: str = "test", device_name: str 
     cfg = dataclasses.replace(cfg, batch_size=batch_size or cfg.batch_size, workers=workers if workers is not None else cfg.workers)
     device = pick_device(device_name)
     tune_cpu_allocator(device)
+    channels_last = use_channels_last(cfg.channels_last, device)
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     loader = make_loader(getattr(splits, split), build_transforms(cfg, dc, train=False), cfg, False, device)
-    logits, y, skipped = predict_logits(model, loader, device, amp_dtype(cfg.amp, device), False, split)
+    logits, y, skipped = predict_logits(model, loader, device, amp_dtype(cfg.amp, device), channels_last, split)
     m = classification_metrics(logits, y, classes)
     m["num_skipped_files"] = len(skipped)
     return m

@@ -61,6 +61,13 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
+def use_channels_last(flag: Optional[bool], device: torch.device) -> bool:
+    """None means on for CUDA and CPU: NHWC convolutions trained CNNs 1.1-1.4x faster on CPU in fp32
+    (ResNet, DenseNet, EfficientNet, MobileNet, RegNet, VGG) and were neutral for ViT and ConvNeXt
+    (benchmarks/RESULTS.md); other devices (MPS) keep NCHW."""
+    return flag if flag is not None else device.type in ("cuda", "cpu")
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -230,6 +230,7 @@ def reference_forward(head: SpinalHead, x: torch.Tensor) -> torch.Tensor:
             bn = head.posts[i].norm
             z = (z - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
         z = torch.clamp(z, min=0)                                    # ReLU
+        assert z.shape[1] == w
         outs.append(z)
     y = torch.cat(outs, dim=1)
     return y @ head.fc_out.weight.T + head.fc_out.bias

@@ -82,7 +82,9 @@ def test_transfer_from_digits_0_4_beats_random_init(tmp_path):
     high = write_digits_folder(tmp_path / "high", digits=(5, 6, 7, 8, 9))
     run(tiny_cfg(low, tmp_path / "r_low", epochs=EPOCHS, scheduler="cosine"))
     pretrained = tmp_path / "r_low" / "checkpoints" / "best.pt"
-    budget = dict(epochs=1, limit_train_batches=6, lr=0.02)
+    # Two short cosine epochs: one epoch of 6 constant-lr steps left the outcome at the mercy of float
+    # noise (channels_last vs NCHW flipped it between 0.45 and chance), this margin holds across seeds.
+    budget = dict(epochs=2, limit_train_batches=4, lr=0.02, scheduler="cosine")
     rep_transfer = run(tiny_cfg(high, tmp_path / "r_transfer", weights=str(pretrained), **budget))
     rep_random = run(tiny_cfg(high, tmp_path / "r_random", **budget))
     assert rep_transfer["test"]["top1"] > rep_random["test"]["top1"] + 0.05, (rep_transfer["test"]["top1"],
@@ -194,10 +196,12 @@ from spinal_transfer.utils import tune_cpu_allocator
 applied = tune_cpu_allocator(torch.device("cpu")) if sys.argv[1] == "tuned" else False
 for _ in range(3):
     torch.empty(1 << 24).fill_(1.0)                   # first touches of 64 MB: fault either way
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.empty(1 << 24).fill_(1.0)                   # freed and allocated again, like activations each step
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+faults = []
+for _ in range(10):                                   # freed and allocated again, like activations each step
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(1 << 24).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sorted(faults)[len(faults) // 2])       # median: now and then one block lands elsewhere
 """
 
 
@@ -214,3 +218,32 @@ def test_cpu_allocator_tuning_stops_page_faults_on_reallocation():
     _, default = faults("default")
     assert default > 10_000 > 100 > tuned        # 64 MB = 16,384 pages faulted in again per step by default
     assert not tune_cpu_allocator(torch.device("meta"))             # only ever applied for the CPU
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    nhwc = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+@pytest.mark.parametrize("flag, expected", [(None, torch.channels_last), (False, torch.contiguous_format)])
+def test_channels_last_is_the_cpu_default_and_can_be_turned_off(digits_folder, tmp_path, monkeypatch, flag, expected):
+    import spinal_transfer.train as T
+
+    seen: dict[str, set] = {"input": set(), "weight": set()}
+    build = T.build_model
+
+    def spying_build_model(*a, **kw):
+        model = build(*a, **kw)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+        def record(module, args):
+            if module.training:
+                seen["input"].add(_memory_format(args[0]))
+                seen["weight"].add(_memory_format(conv.weight))
+        model.register_forward_pre_hook(record)
+        return model
+
+    monkeypatch.setattr(T, "build_model", spying_build_model)
+    run(tiny_cfg(digits_folder, tmp_path / "run", epochs=1, limit_train_batches=2, channels_last=flag))
+    assert seen == {"input": {expected}, "weight": {expected}}
+    assert T.use_channels_last(None, torch.device("cpu")) and not T.use_channels_last(None, torch.device("mps"))
