@@ -72,10 +72,10 @@ def _worker_cpu(loader) -> float:
 
 
 class EpochTimer:
-    """Runs one epoch per call (`run_epoch(on_step)` calls `on_step()` after every batch, here every optimizer step) and
-    returns (images, seconds) of its steady-state steps: from the end of the first step to the end of
-    the last. The first step (iterator start, waiting for the first batch, and at the very start
-    oneDNN warm-up) runs but is not timed.
+    """Runs one epoch per call and returns (images, seconds) of its steady-state steps: from the end
+    of the first step to the end of the last (`run_epoch(on_step)` calls `on_step()` after every batch,
+    here every optimizer step). The first step (iterator start, waiting for the first batch, and at
+    the very start oneDNN warm-up) runs but is not timed.
 
     Also keeps CPU time, which load from other processes does not inflate: this process's CPU seconds
     per image over the same steps, plus (with DataLoader workers) the workers' CPU seconds per decoded

@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~10 min on 2 CPU cores
+  python benchmarks/run_all.py                 # all of them, ~12 min on 2 CPU cores
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
@@ -26,6 +26,7 @@ BENCHES = {   # short name: (script, what it measures)
     "train": ("bench_train.py", "training images/s, our loop vs a paper-style loop (fp32 defaults, fp32 NCHW, bf16)"),
     "cache": ("bench_cache.py", "cached-feature head training vs frozen backbone without the cache; metric equality"),
     "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
+    "channels_last": ("bench_channels_last.py", "fp32 training step per architecture, NCHW vs channels_last (its default)"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
 }
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)

@@ -62,9 +62,9 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def use_channels_last(flag: Optional[bool], device: torch.device) -> bool:
-    """None means on for CUDA and CPU: NHWC convolutions trained CNNs 1.1-1.4x faster on CPU in fp32
-    (ResNet, DenseNet, EfficientNet, MobileNet, RegNet, VGG) and were neutral for ViT and ConvNeXt
-    (benchmarks/RESULTS.md); other devices (MPS) keep NCHW."""
+    """None means on for CUDA and CPU: on the CPU, NHWC made fp32 training steps of CNNs 1.1-1.7x
+    faster (ResNet, DenseNet, EfficientNet, MobileNet, RegNet, VGG) and changed nothing for ViT and
+    ConvNeXt (benchmarks/bench_channels_last.py); other devices (MPS) keep NCHW."""
     return flag if flag is not None else device.type in ("cuda", "cpu")
 
 
