@@ -23,6 +23,7 @@ dense bf16 tensor-core peak (from the table below, or --peak-tflops).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -36,8 +37,10 @@ from torch import nn  # noqa: E402
 from _common import header, print_table  # noqa: E402
 
 from spinal_transfer.config import TrainConfig  # noqa: E402
+from spinal_transfer.heads import head_options  # noqa: E402
 from spinal_transfer.surgery import build_model  # noqa: E402
 from spinal_transfer.train import make_optimizer, train_one_epoch  # noqa: E402
+from spinal_transfer.utils import amp_dtype  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; matched on the
 # device name, first match wins.
@@ -69,20 +72,21 @@ def bf16_peak(device: torch.device, override: float | None) -> float | None:
     return next((tf * 1e12 for key, tf in BF16_PEAK_TFLOPS if key in name), None)
 
 
-def make_epoch(backbone: str, setting: dict, batch: int, size: int, steps: int, classes: int,
-               device: torch.device, state: dict):
-    """A function running one epoch of `steps` training steps in `setting`; returns its seconds."""
-    cfg = TrainConfig(backbone=backbone, weights="none", head="spinal", head_preset="resnet", layer_width=196,
-                      batch_size=batch, img_size=size, lr=1e-3, momentum=0.9, device=str(device),
-                      log_interval=10 ** 9, **setting)
-    model = build_model(backbone, classes, head="spinal", weights="none", preset="resnet", layer_width=196)
+def new_model(cfg: TrainConfig, classes: int) -> nn.Module:
+    return build_model(cfg.backbone, classes, head=cfg.head, weights=cfg.weights, **head_options(cfg))
+
+
+def make_epoch(cfg: TrainConfig, steps: int, classes: int, device: torch.device, state: dict):
+    """A function running one epoch of `steps` training steps with `cfg`; returns its seconds."""
+    batch, size = cfg.batch_size, cfg.img_size
+    model = new_model(cfg, classes)
     model.load_state_dict(state)
     model.to(device).train()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     fwd = torch.compile(model) if cfg.compile else model
     opt = make_optimizer(model, cfg, cfg.lr)
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+    dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     g = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.randn(batch, 3, size, size, device=device, generator=g),
@@ -93,14 +97,17 @@ def make_epoch(backbone: str, setting: dict, batch: int, size: int, steps: int, 
             torch.cuda.synchronize(device)
         t = time.perf_counter()
         train_one_epoch(fwd, model, batches, opt, cfg, device, dtype=dtype, channels_last=bool(cfg.channels_last),
-                        criterion=nn.CrossEntropyLoss(), scaler=scaler, desc=backbone)   # ends on a sync (.item())
+                        criterion=nn.CrossEntropyLoss(), scaler=scaler, desc=cfg.backbone)  # ends on a sync (.item())
         return time.perf_counter() - t
     return epoch
 
 
 def bench_model(backbone: str, args, device: torch.device, peak: float | None) -> list[tuple]:
     torch.manual_seed(0)
-    init = build_model(backbone, args.classes, head="spinal", weights="none", preset="resnet", layer_width=196)
+    base = TrainConfig(backbone=backbone, weights="none", head="spinal", head_preset="resnet", layer_width=196,
+                       batch_size=args.batch_size, img_size=args.img_size, lr=1e-3, momentum=0.9,
+                       device=str(device), log_interval=10 ** 9)
+    init = new_model(base, args.classes)
     state = {k: v.clone() for k, v in init.state_dict().items()}
     flops = model_flops_per_image(init.to(device).train(), args.img_size, device)
     del init
@@ -112,8 +119,8 @@ def bench_model(backbone: str, args, device: torch.device, peak: float | None) -
         if cuda:
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        epochs[name] = make_epoch(backbone, SETTINGS[name], args.batch_size, args.img_size, args.steps,
-                                  args.classes, device, state)
+        epochs[name] = make_epoch(dataclasses.replace(base, **SETTINGS[name]), args.steps, args.classes, device,
+                                  state)
         t = time.perf_counter()
         epochs[name]()                                          # warm-up (cuDNN autotune, compilation)
         mem[name] = f", peak {(torch.cuda.max_memory_allocated(device) - base) / 2 ** 30:.1f} GiB" if cuda else ""
