@@ -114,16 +114,16 @@ def bench_model(backbone: str, args, device: torch.device, peak: float | None) -
     print(f"\n{backbone} + spinal w196, {args.classes} classes, batch {args.batch_size}, {args.img_size} px: "
           f"{flops / 1e9:.3g} GFLOP per image per training step (forward + backward)", flush=True)
     epochs, times, mem = {}, {name: [] for name in args.settings}, {}
+    cuda = device.type == "cuda"
     for name in args.settings:
-        cuda = device.type == "cuda"
-        if cuda:
-            base = torch.cuda.memory_allocated(device)
+        if cuda:                                                # the earlier settings' models stay allocated
+            held = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         epochs[name] = make_epoch(dataclasses.replace(base, **SETTINGS[name]), args.steps, args.classes, device,
                                   state)
         t = time.perf_counter()
         epochs[name]()                                          # warm-up (cuDNN autotune, compilation)
-        mem[name] = f", peak {(torch.cuda.max_memory_allocated(device) - base) / 2 ** 30:.1f} GiB" if cuda else ""
+        mem[name] = f", peak {(torch.cuda.max_memory_allocated(device) - held) / 2 ** 30:.1f} GiB" if cuda else ""
         print(f"  {name}: warm-up {time.perf_counter() - t:.1f} s{mem[name]}", flush=True)
     for r in range(args.rounds):
         order = args.settings[r % len(args.settings):] + args.settings[:r % len(args.settings)]
