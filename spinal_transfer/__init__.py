@@ -1,10 +1,29 @@
-"""spinal-transfer: fine-tune pretrained torchvision/timm classifiers with a SpinalNet head."""
-__version__ = "0.1.0"
+"""spinal-transfer: fine-tune pretrained torchvision/timm classifiers with a SpinalNet head.
 
-from .config import TrainConfig
-from .export import load
-from .heads import LinearHead, MLPHead, SpinalHead, create_head
-from .surgery import build_model, get_head, list_backbones
+The top-level names are imported on first use, so `import spinal_transfer` (and the command line's
+`--help`) does not import torch.
+"""
+from __future__ import annotations
 
-__all__ = ["TrainConfig", "SpinalHead", "MLPHead", "LinearHead", "create_head", "build_model", "get_head",
-           "list_backbones", "load", "__version__"]
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+_LAZY = {"TrainConfig": "config", "SpinalHead": "heads", "MLPHead": "heads", "LinearHead": "heads",
+         "create_head": "heads", "build_model": "surgery", "get_head": "surgery", "list_backbones": "surgery",
+         "load": "export"}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'spinal_transfer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,25 +1,46 @@
-"""The one configuration dataclass: every option and its default lives here.
+"""The one configuration dataclass, its validation, and the one way a run's config is made.
 
-YAML recipes and CLI flags both fill `TrainConfig` (flags win over the recipe, the recipe over
-these defaults). `add_config_args` derives the argparse flags from the fields, so a new option is
-one new field, never a second default somewhere else.
+Every option and its default lives on `TrainConfig`. YAML recipes and CLI flags both fill it; the
+argparse flags are derived from the fields, so a new option is one new field, never a second default
+somewhere else. `resolve_config` is the only function that turns (recipe, flags, resumed run) into a
+config, for `train`, `reproduce` and resume alike, so `--epochs` means the same everywhere.
+
+Every field is type- and range-checked when a recipe or a flag set is loaded, before any data is
+scanned or model built; an error names the file, the YAML line, the key, the value and what is
+expected, in one line.
+
+This module imports no torch: `spinal-transfer --help` builds its flags from here.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import ConfigError
+
+# Fields that may change when a run is resumed: they change how or how long it runs, not what it learns
+# (`data` only moves the folder: the run's recorded files must all be found there). Everything else is the
+# experiment, and a resumed run keeps it.
+RESUME_SAFE = ("epochs", "stages", "data", "workers", "log_interval", "limit_train_batches", "device", "compile",
+               "channels_last", "deterministic")
+
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field that carries its CLI help text."""
+    """A dataclass field that carries its CLI help text and its checks:
+    choices; min/max (inclusive) or gt (exclusive) bounds; item (list element type) and length;
+    applies ({field: values}: the option only matters when those fields take those values)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+SPINAL, MLP_OR_SPINAL = {"head": ("spinal",)}, {"head": ("spinal", "mlp")}
 
 
 @dataclass
@@ -34,81 +55,91 @@ class Stage:
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------
     data: str = _opt("", "image folder: ROOT/{train,val,test}/<class>/ or ROOT/<class>/")
-    val_fraction: float = _opt(0.1, "fraction of train held out for val when ROOT has no val/")
-    test_fraction: float = _opt(0.1, "fraction held out for test when ROOT has no test/")
-    split_seed: int = _opt(0, "seed of the stratified val/test split")
+    val_fraction: float = _opt(0.1, "fraction of train held out for val when ROOT has no val/", min=0.0, max=0.9)
+    test_fraction: float = _opt(0.1, "fraction held out for test when ROOT has no test/", min=0.0, max=0.9)
+    split_seed: int = _opt(0, "seed of the stratified val/test split", min=0)
     # --- model ------------------------------------------------------------------------------
-    backbone: str = _opt("timm/resnet18", "torchvision/<name> or timm/<name>")
+    backbone: str = _opt("timm/resnet18", "torchvision/<name> or timm/<name> (spinal-transfer models lists them)")
     weights: str = _opt("default", "none | default | torchvision enum / timm tag | path to a local file")
     head: str = _opt("spinal", "head kind", choices=["linear", "mlp", "spinal"])
     head_preset: str = _opt("resnet", "spinal preset: resnet (no dropout/BN) or vgg (dropout 0.5 + BN)",
-                            choices=["resnet", "vgg"])
-    layer_width: int = _opt(512, "spinal layer width")
-    num_layers: int = _opt(4, "number of spinal layers")
-    num_splits: int = _opt(2, "number of input parts the spinal layers cycle through")
-    shared_weights: bool = _opt(False, "spinally shared layers: layers 1..L-1 share one Linear")
-    head_dropout: Optional[float] = _opt(None, "override the preset's dropout (spinal, mlp)")
-    mlp_hidden: list = _opt([4096, 4096], "hidden widths of the mlp head")
+                            choices=["resnet", "vgg"], applies=SPINAL)
+    layer_width: int = _opt(512, "spinal layer width", min=1, applies=SPINAL)
+    num_layers: int = _opt(4, "number of spinal layers", min=1, applies=SPINAL)
+    num_splits: int = _opt(2, "number of input parts the spinal layers cycle through", min=1, applies=SPINAL)
+    shared_weights: bool = _opt(False, "spinally shared layers: layers 1..L-1 share one Linear", applies=SPINAL)
+    head_dropout: Optional[float] = _opt(None, "override the preset's dropout", min=0.0, max=0.99,
+                                         applies=MLP_OR_SPINAL)
+    mlp_hidden: list = _opt([4096, 4096], "hidden widths of the mlp head", item=int, min=1, applies={"head": ("mlp",)})
     replace: str = _opt("auto", "replace the whole classifier or only its last layer (VGG/AlexNet)",
                         choices=["auto", "last", "classifier"])
     # --- input and augmentation -------------------------------------------------------------
     augment: str = _opt("modern", "modern: random-resized crop + flip; paper: resize, rotate, random crop, flip; "
                                   "paper_rrc: paper with a random-resized crop (Fruits-360 script); none",
                         choices=["modern", "paper", "paper_rrc", "none"])
-    img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)")
+    img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)", min=8)
     resize_size: Optional[int] = _opt(None, "paper recipe: resize to this square before cropping; "
-                                            "eval: resize shorter side (default img_size / crop_pct)")
+                                            "eval: resize shorter side (default img_size / crop_pct)", min=8)
     eval_resize: str = _opt("center_crop", "eval preprocessing: center_crop (resize then crop) or "
                                            "resize (straight to img_size, as the paper's scripts did)",
                             choices=["center_crop", "resize"])
-    rrc_scale: list = _opt([0.08, 1.0], "random-resized-crop scale range")
-    rotation: float = _opt(15.0, "paper recipe: max rotation in degrees")
-    hflip: float = _opt(0.5, "horizontal flip probability")
-    vflip: float = _opt(0.0, "vertical flip probability")
-    mean: Optional[list] = _opt(None, "normalization mean (default: backbone's pretrained config)")
-    std: Optional[list] = _opt(None, "normalization std (default: backbone's pretrained config)")
+    rrc_scale: list = _opt([0.08, 1.0], "random-resized-crop scale range", item=float, length=2, gt=0.0, max=1.0,
+                           applies={"augment": ("modern", "paper_rrc")})
+    rotation: float = _opt(15.0, "paper recipe: max rotation in degrees", min=0.0, max=180.0,
+                           applies={"augment": ("paper", "paper_rrc")})
+    hflip: float = _opt(0.5, "horizontal flip probability", min=0.0, max=1.0)
+    vflip: float = _opt(0.0, "vertical flip probability", min=0.0, max=1.0)
+    mean: Optional[list] = _opt(None, "normalization mean (default: backbone's pretrained config)", item=float,
+                                length=3)
+    std: Optional[list] = _opt(None, "normalization std (default: backbone's pretrained config)", item=float,
+                               length=3, gt=0.0)
     interpolation: Optional[str] = _opt(None, "resize interpolation (default: backbone's pretrained config)",
                                         choices=["nearest", "bilinear", "bicubic", "area", "lanczos"])
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = _opt(10, "epochs (ignored when stages are given)")
-    lr: float = _opt(1e-3, "learning rate of the head (ignored when stages are given)")
+    epochs: int = _opt(10, "epochs; with a multi-stage recipe, every stage's length", min=1)
+    lr: float = _opt(1e-3, "learning rate of the head; with a multi-stage recipe, the first stage's (the others "
+                           "keep their ratio to it)", gt=0.0)
     stages: list = _opt([], "multi-stage schedule, e.g. [{epochs: 25, lr: 1e-3}, {epochs: 25, lr: 1e-4}]; "
                             "each stage restarts optimizer+scheduler from the previous stage's best weights")
     optimizer: str = _opt("sgd", "optimizer", choices=["sgd", "adamw"])
-    momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(0.0, "weight decay")
+    momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0, applies={"optimizer": ("sgd",)})
+    weight_decay: float = _opt(0.0, "weight decay", min=0.0)
     scheduler: str = _opt("step", "per-stage schedule", choices=["step", "cosine", "none"])
-    step_size: int = _opt(7, "StepLR step (epochs)")
-    gamma: float = _opt(0.1, "StepLR gamma")
-    warmup_epochs: float = _opt(0.0, "linear warmup (epochs) for the cosine schedule")
-    backbone_lr_mult: float = _opt(1.0, "backbone learning rate = lr * this")
-    freeze_epochs: int = _opt(0, "train only the head for the first K epochs")
+    step_size: int = _opt(7, "StepLR step (epochs)", min=1, applies={"scheduler": ("step",)})
+    gamma: float = _opt(0.1, "StepLR gamma", gt=0.0, max=1.0, applies={"scheduler": ("step",)})
+    warmup_epochs: float = _opt(0.0, "linear warmup (epochs) for the cosine schedule", min=0.0,
+                                applies={"scheduler": ("cosine",)})
+    backbone_lr_mult: float = _opt(1.0, "backbone learning rate = lr * this", min=0.0)
+    freeze_epochs: int = _opt(0, "train only the head for the first K epochs", min=0)
     freeze_backbone: bool = _opt(False, "keep the backbone frozen for the whole run")
-    cache_features: bool = _opt(False, "with --freeze-backbone: compute backbone features once, train the head on them")
-    label_smoothing: float = _opt(0.0, "label smoothing")
-    mixup: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables")
-    cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables")
-    accum_steps: int = _opt(1, "gradient accumulation steps")
-    clip_grad: Optional[float] = _opt(None, "clip gradient norm to this value")
+    cache_features: bool = _opt(False, "with --freeze-backbone: compute backbone features once, train the head on them",
+                                applies={"freeze_backbone": (True,)})
+    label_smoothing: float = _opt(0.0, "label smoothing", min=0.0, max=0.99)
+    mixup: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables", min=0.0)
+    cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables", min=0.0)
+    accum_steps: int = _opt(1, "gradient accumulation steps", min=1)
+    clip_grad: Optional[float] = _opt(None, "clip gradient norm to this value", gt=0.0)
     class_balance: str = _opt("none", "imbalanced folders: weighted loss or balanced sampler",
                               choices=["none", "loss", "sampler"])
-    ema_decay: Optional[float] = _opt(None, "keep an EMA of the weights (timm ModelEmaV3) with this decay")
+    ema_decay: Optional[float] = _opt(None, "keep an EMA of the weights (timm ModelEmaV3) with this decay",
+                                      gt=0.0, max=1.0)
     # --- speed and hardware -----------------------------------------------------------------
-    batch_size: int = _opt(32, "batch size per device")
-    workers: Optional[int] = _opt(None, "DataLoader workers (default: min(8, cpu count))")
+    batch_size: int = _opt(32, "batch size per device", min=1)
+    workers: Optional[int] = _opt(None, "DataLoader workers (default: min(8, cpu count))", min=0)
     device: str = _opt("auto", "device", choices=["auto", "cpu", "cuda", "mps"])
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, off on CPU", choices=["auto", "bf16", "fp16", "none"])
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for CUDA and CPU)")
     compile: bool = _opt(False, "torch.compile the model")
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm in distributed runs")
     # --- bookkeeping ------------------------------------------------------------------------
-    seed: int = _opt(0, "random seed")
+    seed: int = _opt(0, "random seed", min=0)
     deterministic: bool = _opt(False, "deterministic algorithms (slower; exact resume on CPU)")
     select_on: str = _opt("val", "split that picks the best epoch (test reproduces the paper's protocol)",
                           choices=["val", "test"])
-    limit_train_batches: Optional[int] = _opt(None, "stop each training epoch after this many batches (smoke tests)")
-    log_interval: int = _opt(20, "steps between progress-bar metric updates")
-    out: str = _opt("runs/run", "run directory")
+    limit_train_batches: Optional[int] = _opt(None, "stop each training epoch after this many batches (smoke tests)",
+                                              min=1)
+    log_interval: int = _opt(20, "steps between loss reads for the non-finite check and the log", min=1)
+    out: str = _opt("", "run folder (default: runs/<backbone>-<head>-<date-time>, a new one per run)")
 
     def resolved_stages(self) -> list[Stage]:
         """The schedule as stages: `stages` when given, else one stage of `epochs` at `lr`."""
@@ -116,63 +147,190 @@ class TrainConfig:
             return [s if isinstance(s, Stage) else Stage(int(s["epochs"]), float(s["lr"])) for s in self.stages]
         return [Stage(self.epochs, self.lr)]
 
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.resolved_stages())
+
+    def applies(self, name: str) -> bool:
+        """Whether option `name` matters for this config (e.g. layer_width only for a spinal head)."""
+        cond = CONFIG_FIELDS[name].metadata.get("applies", {})
+        return all(getattr(self, k) in v for k, v in cond.items())
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stages"] = [dataclasses.asdict(s) if isinstance(s, Stage) else dict(s) for s in self.stages]
         return d
 
-    def save(self, path: Union[str, Path]) -> None:
-        from .checkpoint import atomic_write_text
-
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def to_yaml(self) -> str:
+        """The config as a recipe, options that do not apply to it (see `applies`) left out: reloading gives
+        the same run, and a reader sees only what matters."""
+        d = {k: v for k, v in self.to_dict().items() if self.applies(k)}
+        return yaml.safe_dump(d, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """Checked: every key known, every value of its type and range (ConfigError naming the key)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of option: value, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(CONFIG_FIELDS))
         if unknown:
-            raise ValueError(f"unknown config option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cfg = cls(**d)
+            import difflib
+
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, CONFIG_FIELDS, 1))
+                     else repr(k) for k in unknown]
+            raise ConfigError(f"unknown option {', '.join(hints)}", key=unknown[0])
+        values = {k: check_value(k, v) for k, v in d.items()}
+        cfg = cls(**values)
         cfg.validate()
         return cfg
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "TrainConfig":
-        d = yaml.safe_load(Path(path).read_text()) or {}
+        """A recipe file. An empty file is an error: it is almost always the wrong file, and the defaults are
+        what no recipe gives anyway."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+        try:
+            d = yaml.safe_load(text)
+            lines = _key_lines(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        if d is None:
+            raise ConfigError(f"{path}: the recipe is empty; a recipe is a YAML mapping of option: value "
+                              f"(see recipes/ for examples)")
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: a recipe must be a YAML mapping of option: value")
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping of option: value, not a {type(d).__name__}")
         try:
             return cls.from_dict(d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
+        except ConfigError as e:
+            line = lines.get(e.key or "", lines.get((e.key or "").split("[")[0]))
+            raise ConfigError(f"{path}{f':{line}' if line else ''}: {e}", key=e.key) from None
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ValueError(f"{f.name}={value!r}: choose one of {choices}")
-        for s in self.resolved_stages():
-            if s.epochs < 1 or s.lr <= 0:
-                raise ValueError(f"every stage needs epochs >= 1 and lr > 0, got {s}")
-        if self.accum_steps < 1:
-            raise ValueError("accum_steps must be >= 1")
+        """Checks that span several fields (each field's own type and range is checked on load)."""
+        stages = self.resolved_stages()
+        if not stages:
+            raise ConfigError("stages: the schedule is empty", key="stages")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
+                              f"training images; keep their sum below 1", key="val_fraction")
         if self.cache_features and not self.freeze_backbone:
-            raise ValueError("cache_features needs freeze_backbone (a trained backbone changes its features)")
+            raise ConfigError("cache_features needs freeze_backbone (a trained backbone changes its features)",
+                              key="cache_features")
         if self.cache_features and (self.mixup or self.cutmix or self.ema_decay):
-            raise ValueError("cache_features trains the head on stored feature vectors: mixup, cutmix and "
-                             "ema_decay do not apply there")
+            raise ConfigError("cache_features trains the head on stored feature vectors: mixup, cutmix and "
+                              "ema_decay do not apply there", key="cache_features")
+
+
+CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = get_type_hints(TrainConfig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking one value against its field
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(type, optional) of a hint such as Optional[int]."""
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _describe(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}.get(tp, str(tp))
+
+
+def _scalar(name: str, value: Any, tp: Any, meta: dict) -> Any:
+    """`value` as `tp` (an int is accepted as a float, nothing else is converted), within meta's bounds."""
+    expected = _describe(tp) + _bounds_text(meta)
+    ok = (isinstance(value, bool) if tp is bool else
+          isinstance(value, int) and not isinstance(value, bool) if tp is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) if tp is float else
+          isinstance(value, str))
+    if not ok:
+        shown = f"the string {value!r}" if isinstance(value, str) else repr(value)
+        raise ConfigError(f"{name}: {shown} is not {expected}", key=name)
+    if tp is float:
+        value = float(value)
+    if tp in (int, float):
+        if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]) or \
+                ("gt" in meta and value <= meta["gt"]):
+            raise ConfigError(f"{name}: {value!r} is out of range (expected {expected})", key=name)
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name}: {value!r} is not one of {meta['choices']}", key=name)
+    return value
+
+
+def _bounds_text(meta: dict) -> str:
+    parts = [f">= {meta['min']:g}" if "min" in meta else "", f"> {meta['gt']:g}" if "gt" in meta else "",
+             f"<= {meta['max']:g}" if "max" in meta else ""]
+    parts = [p for p in parts if p]
+    return (" " + " and ".join(parts)) if parts else ""
+
+
+def _stages(value: Any) -> list[dict]:
+    if not isinstance(value, list):
+        raise ConfigError(f"stages: expected a list of {{epochs: N, lr: X}} mappings, got {value!r}", key="stages")
+    out = []
+    for i, s in enumerate(value):
+        key = f"stages[{i}]"
+        if isinstance(s, Stage):
+            s = dataclasses.asdict(s)
+        if not isinstance(s, dict):
+            raise ConfigError(f"{key}: expected a mapping {{epochs: N, lr: X}}, got {s!r}", key=key)
+        missing, extra = sorted({"epochs", "lr"} - set(s)), sorted(set(s) - {"epochs", "lr"})
+        if missing or extra:
+            raise ConfigError(f"{key}: " + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else []))
+                + " (a stage is {epochs: N, lr: X})", key=key)
+        out.append({"epochs": _scalar(f"{key}.epochs", s["epochs"], int, {"min": 1}),
+                    "lr": _scalar(f"{key}.lr", s["lr"], float, {"gt": 0.0})})
+    return out
+
+
+def check_value(name: str, value: Any) -> Any:
+    """`value` checked (and an int widened to float) for field `name`; ConfigError names the key."""
+    f = CONFIG_FIELDS[name]
+    tp, optional = _base_type(_HINTS[name])
+    meta = dict(f.metadata)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required (null given)", key=name)
+    if name == "stages":
+        return _stages(value)
+    if tp is list or get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: {value!r} is not a list of {_describe(meta['item'])}s", key=name)
+        if "length" in meta and len(value) != meta["length"]:
+            raise ConfigError(f"{name}: expected {meta['length']} values, got {len(value)}", key=name)
+        item_meta = {k: meta[k] for k in ("min", "max", "gt") if k in meta}
+        return [_scalar(f"{name}[{i}]", v, meta["item"], item_meta) for i, v in enumerate(value)]
+    return _scalar(name, value, tp, meta)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """1-based line of every top-level key of a YAML mapping, and of each stage (`stages[i]`)."""
+    node = yaml.compose(text)
+    lines: dict[str, int] = {}
+    if not isinstance(node, yaml.MappingNode):
+        return lines
+    for k, v in node.value:
+        lines[str(k.value)] = k.start_mark.line + 1
+        if k.value == "stages" and isinstance(v, yaml.SequenceNode):
+            for i, item in enumerate(v.value):
+                lines[f"stages[{i}]"] = item.start_mark.line + 1
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------
 # CLI glue: flags are generated from the dataclass fields.
-
-def _base_type(tp: Any) -> Any:
-    if get_origin(tp) is Union:
-        args = [a for a in get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
 
 def _parse_bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
@@ -183,35 +341,113 @@ def _parse_bool(s: str) -> bool:
 
 
 def _parse_yaml_value(s: str) -> Any:
-    return yaml.safe_load(s)
+    try:
+        return yaml.safe_load(s)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"not a YAML value: {s!r}") from None
 
 
-def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One `--flag` per TrainConfig field. Defaults are None so that only flags given on the
-    command line override a recipe; `config_from_args` merges them."""
-    hints = get_type_hints(TrainConfig)
+GROUPS = (("data", "data"), ("backbone", "model and head"), ("augment", "input and augmentation"),
+          ("epochs", "optimisation"), ("batch_size", "speed and hardware"), ("seed", "bookkeeping"))
+
+
+def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, ...]] = None) -> None:
+    """One `--flag` per TrainConfig field (or per field in `only`), in argument groups. Defaults are None
+    so that only the flags given on the command line override a recipe; `resolve_config` merges them."""
+    group = parser
+    starts = dict(GROUPS)
     for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
+        if f.name in starts and only is None:
+            group = parser.add_argument_group(starts[f.name])
+        if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(hints[f.name])
+        tp, _ = _base_type(_HINTS[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        cond = f.metadata.get("applies")
+        when = ("; only with " + ", ".join(f"--{k.replace('_', '-')} {'/'.join(map(str, v))}".lower()
+                                          for k, v in cond.items())) if cond else ""
+        help_ = f"{f.metadata.get('help', '')} (default: {default}{when})".replace("%", "%%")
         if tp is bool:
-            parser.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=help_)
+            group.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=help_)
         elif tp in (list, dict) or get_origin(tp) in (list, dict):
-            parser.add_argument(flag, default=None, type=_parse_yaml_value, help=help_ + " [YAML]")
+            group.add_argument(flag, default=None, type=_parse_yaml_value, help=help_ + " [YAML]")
         else:
-            parser.add_argument(flag, default=None, type=tp, choices=f.metadata.get("choices"), help=help_)
+            group.add_argument(flag, default=None, type=tp, choices=f.metadata.get("choices"), help=help_)
 
 
-def config_from_args(args: argparse.Namespace, base: Optional[TrainConfig] = None) -> TrainConfig:
-    """Start from `base` (a recipe or the defaults) and apply every flag that was given."""
-    d = (base or TrainConfig()).to_dict()
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            d[f.name] = v
-    if getattr(args, "weights", None) is not None and args.weights.lower() == "none":
-        d["weights"] = "none"
-    return TrainConfig.from_dict(d)
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields set on the command line (argparse leaves the others None)."""
+    out = {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
+    if isinstance(out.get("weights"), str) and out["weights"].lower() == "none":
+        out["weights"] = "none"
+    return out
+
+
+def _schedule(base: TrainConfig, flags: dict) -> dict:
+    """The flags with `epochs`/`lr` applied to a multi-stage schedule the one way everywhere:
+    --epochs N makes every stage N epochs long; --lr X sets the first stage's lr and keeps the others'
+    ratio to it. Explicit `stages` win."""
+    if "stages" in flags or not base.stages or not ({"epochs", "lr"} & flags.keys()):
+        return flags
+    stages = base.resolved_stages()
+    scale = flags["lr"] / stages[0].lr if "lr" in flags else 1.0
+    new = [{"epochs": flags.get("epochs", s.epochs), "lr": s.lr * scale} for s in stages]
+    return {**{k: v for k, v in flags.items() if k not in ("epochs", "lr")}, "stages": new}
+
+
+def resolve_config(recipe: Optional[Union[str, Path, TrainConfig]] = None, flags: Optional[dict] = None,
+                   resumed: Optional[TrainConfig] = None) -> TrainConfig:
+    """The one way a run's config is made.
+
+    New run: `recipe` (a YAML path or a TrainConfig; None = the defaults), then `flags` on top.
+    Resume (`resumed` = the run's own config): the flags on top of it, checked by `resume_config`.
+    """
+    flags = {k: check_value(k, v) if k in CONFIG_FIELDS else v for k, v in (flags or {}).items()}
+    if resumed is None:
+        base = recipe if isinstance(recipe, TrainConfig) else TrainConfig.from_yaml(recipe) if recipe else TrainConfig()
+        return TrainConfig.from_dict({**base.to_dict(), **_schedule(base, flags)})
+    if recipe is not None:
+        raise ConfigError("--recipe cannot be given with --resume: a resumed run keeps its own config "
+                          "(RUN/config.yaml)")
+    return resume_config(resumed, TrainConfig.from_dict({**resumed.to_dict(), **_schedule(resumed, flags)}))
+
+
+def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int] = None) -> TrainConfig:
+    """The config a resumed run continues with: its own (`old`) with the RESUME_SAFE settings of `new`.
+
+    A setting of `new` that would make the run another experiment is refused, naming it (a None in `new`
+    where None means "resolve from the backbone" is no change). With `done_epochs`, a changed schedule is
+    checked against what the run has done: stages it has finished keep their length."""
+    have, want = old.to_dict(), new.to_dict()
+    changed = {k: v for k, v in want.items() if k != "out" and v != have[k] and old.applies(k)
+               and not (v is None and CONFIG_FIELDS[k].default is None)}
+    refused = [k for k in changed if k not in RESUME_SAFE]
+    if refused:
+        shown = ", ".join(f"--{k.replace('_', '-')} {changed[k]!r} (the run has {have[k]!r})" for k in refused)
+        raise ConfigError(f"{shown} would make the resumed run a different experiment. Resume accepts only "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUME_SAFE)}; for another experiment "
+                          f"start a new run (another --out, or --overwrite)", key=refused[0])
+    cfg = TrainConfig.from_dict({**have, **changed})
+    if done_epochs is not None:
+        _check_schedule_change(old, cfg, done_epochs)
+    return cfg
+
+
+def _check_schedule_change(old: TrainConfig, new: TrainConfig, done: int) -> None:
+    """A resumed run may lengthen or shorten stages it has not finished, and add epochs at the end; a stage
+    it has already finished or left keeps its length (its best weights already started the next one)."""
+    a, b = old.resolved_stages(), new.resolved_stages()
+    if [s.lr for s in a] != [s.lr for s in b]:
+        raise ConfigError("a resumed run keeps its learning rates; only the number of epochs may change",
+                          key="stages")
+    start = 0
+    for i, (s, t) in enumerate(zip(a, b)):
+        end_old = start + s.epochs
+        if s.epochs != t.epochs and done >= end_old and i < len(a) - 1:
+            raise ConfigError(f"stage {i + 1} ({s.epochs} epochs) is already finished; a resumed run can only "
+                              f"change the stages it has not finished", key="epochs")
+        if t.epochs < s.epochs and start + t.epochs < done:
+            raise ConfigError(f"the run has already trained {done} epochs; stage {i + 1} cannot end before that",
+                              key="epochs")
+        start = end_old

@@ -8,12 +8,10 @@ that passed is moved into the bundle, so what is in the bundle is what was check
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,7 +20,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, load_run_checkpoint, model_from_checkpoint
+from .errors import CheckpointError, MissingDependency, UserError
 from .surgery import build_model
 
 PathLike = Union[str, os.PathLike]
@@ -36,12 +35,8 @@ CHECK_BATCHES = (1, 3)      # ... and the batches compared: other sizes, so a ba
 ONNX_EXTRA = 'pip install -e ".[onnx]"  (or pip install onnx onnxruntime onnxscript)'
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """A format could not be written, or its outputs differ from the eager model's."""
-
-
-class MissingDependency(RuntimeError):
-    """An optional dependency (the `onnx` extra) is not installed."""
 
 
 # --- bundle: config, weights, loading ------------------------------------------------------------
@@ -56,8 +51,8 @@ def bundle_config(ckpt: dict) -> dict:
         "backbone": info["backbone"],
         "head": {"kind": info["head"], "replace": info["replace"], "options": dict(info["head_options"])},
         "classes": list(ckpt["classes"]),            # index i is logit i
-        "input": {**ckpt["data_config"], "eval_resize": ckpt["config"]["eval_resize"]},
-        "epoch": ckpt.get("epoch"),
+        "input": dict(ckpt["data_config"]),
+        "epoch": ckpt.get("epoch") or ckpt.get("progress", {}).get("epoch"),     # 1-based
     }
 
 
@@ -67,7 +62,7 @@ def read_config(bundle: PathLike) -> dict:
     folder = folder.parent if folder.is_file() else folder
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a spinal-transfer bundle: no {CONFIG_FILE} there "
+        raise CheckpointError(f"{folder} is not a spinal-transfer bundle: no {CONFIG_FILE} there "
                                 f"(make one with `spinal-transfer export RUN --out DIR`)")
     return json.loads(path.read_text())
 
@@ -88,7 +83,7 @@ def load(bundle: PathLike) -> nn.Module:
     folder = folder.parent if folder.is_file() else folder
     config = read_config(folder)
     if not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+        raise CheckpointError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
     model = build_from_config(config)
     load_model(model, str(folder / WEIGHTS_FILE))
     return model.eval()
@@ -96,12 +91,9 @@ def load(bundle: PathLike) -> nn.Module:
 
 def eval_transform(config: dict):
     """The evaluation preprocessing of a bundle config: build_transforms(train=False), as in training."""
-    from .config import TrainConfig
     from .transforms import DataConfig, build_transforms
 
-    data = dict(config["input"])
-    eval_resize = data.pop("eval_resize")
-    return build_transforms(TrainConfig(eval_resize=eval_resize), DataConfig(**data), train=False)
+    return build_transforms(DataConfig(**config["input"]), train=False)
 
 
 # --- formats: write, read back, compare ----------------------------------------------------------
@@ -238,10 +230,11 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def _report(source: Path) -> Optional[dict]:
-    """report.json of the run behind a RUN dir or a RUN/checkpoints/<file>, if there is one."""
-    run_dir = source if source.is_dir() else source.parent.parent if source.parent.name == "checkpoints" else None
-    path = run_dir / "report.json" if run_dir else None
-    return json.loads(path.read_text()) if path and path.is_file() else None
+    """report.json of the run behind a RUN folder or a RUN/checkpoints/<file>, if there is one."""
+    from .rundir import RunDir
+
+    run = RunDir(source if source.is_dir() else source.parent.parent)
+    return run.read_report() if run.is_finished() else None
 
 
 def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: float = ATOL) -> dict:
@@ -251,12 +244,10 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
     there are replaced. Returns the bundle's config."""
     from safetensors.torch import save_model
 
-    from .train import load_run_checkpoint, model_from_checkpoint
-
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMAT_FILES]
     if unknown:
-        raise ValueError(f"unknown format(s) {unknown}; choose from {list(FORMAT_FILES)}")
+        raise ExportError(f"unknown format(s) {unknown}; choose from {list(FORMAT_FILES)}")
     if "onnx" in formats:
         _require_onnx()
     source, out = Path(source), Path(out)
@@ -318,7 +309,7 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
     lines = [
         f"# {config['backbone']} with a {head['kind']} head, {len(classes)} classes", "",
         f"Fine-tuned with spinal-transfer {config['spinal_transfer_version']}; exported from `{source}`"
-        + (f" (epoch {epoch + 1})." if epoch is not None else "."), "",
+        + (f" (epoch {epoch})." if epoch is not None else "."), "",
         "## Use", "", "```python", "import spinal_transfer", "",
         'model = spinal_transfer.load("THIS_FOLDER")   # offline: no download, weights from model.safetensors',
         "```", "", "```bash", "spinal-transfer predict THIS_FOLDER images/ --out preds.csv",
@@ -338,10 +329,10 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
             m = report[split]
             lines.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" for k, _ in _METRICS)
                          + f" | {m['loss']:.4f} | {m['num_samples']} |")
-        lines += ["", f"From the run's report.json: best epoch {report['best_epoch'] + 1}, chosen on "
+        lines += ["", f"From the run's report.json: best epoch {report['best_epoch']}, chosen on "
                       f"{report['selected_on']}; test evaluated once with those weights."]
         if epoch is not None and epoch != report["best_epoch"]:
-            lines.append(f"**These metrics are of epoch {report['best_epoch'] + 1}; this bundle holds epoch {epoch + 1}.**")
+            lines.append(f"**These metrics are of epoch {report['best_epoch']}; this bundle holds epoch {epoch}.**")
         lines.append("")
     lines += [
         "## Training", "",
@@ -362,36 +353,3 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
         if name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE) or name in checks:
             lines.append(f"| `{name}` | {role} | {checks.get(name, '')} |")
     return "\n".join(lines) + "\n"
-
-
-# --- command line --------------------------------------------------------------------------------
-
-HELP = "write a trained model as a bundle (safetensors + config.json + model card), optionally also " \
-       "as torch.export, TorchScript and ONNX"
-EXAMPLES = """\
-  spinal-transfer export runs/pets --out bundles/pets
-  spinal-transfer export runs/pets --out bundles/pets --format export torchscript onnx
-  spinal-transfer export runs/pets/checkpoints/last.pt --out bundles/pets_last --format onnx
-RUN uses RUN/checkpoints/best.pt. Every format is read back and compared with the eager model
-(max abs logit difference <= --atol) before it is kept; ONNX needs the extra: pip install -e ".[onnx]"."""
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (uses checkpoints/best.pt) or checkpoint file")
-    parser.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
-    parser.add_argument("--format", dest="formats", action="extend", nargs="+", default=[],
-                        choices=list(FORMAT_FILES), help="extra format(s), repeatable; the bundle is always written")
-    parser.add_argument("--atol", type=float, default=ATOL,
-                        help=f"largest max abs logit difference accepted per format (default: {ATOL:g})")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        config = export(args.run, args.out, args.formats, args.atol)
-    except (ExportError, MissingDependency) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {WEIGHTS_FILE}, {CONFIG_FILE}, {CARD_FILE}")
-    for fmt, f in config["formats"].items():
-        print(f"  {fmt}: {f['file']} ({f['method']}, max abs logit difference {f['max_abs_diff']:.2g})")
-    return 0

@@ -1,9 +1,8 @@
 """Cached-feature mode: run the frozen backbone once, store what reaches the head, train the head on it.
 
-The cache is a memory-mapped .npy per split in RUN/features/, named by a fingerprint of everything
-that determines the features (backbone, weights and their file contents, head placement,
-preprocessing, file list, precision). A change to any of them gives a new name, so a stale cache is
-never read.
+The cache is a memory-mapped .npy per split, named by a fingerprint of everything that determines the
+features (backbone, weights and their file contents, head placement, preprocessing, file list, precision).
+A change to any of them gives a new name, so a stale cache is never read.
 """
 from __future__ import annotations
 
@@ -20,10 +19,12 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text
-from .config import TrainConfig
+from .evaluation import autocast
+from .loaders import make_loader
 from .surgery import get_head
-from .transforms import DataConfig, transform_signature
-from .utils import use_channels_last, world_size
+from .transforms import transform_signature
+
+Sample = tuple[str, int]
 
 
 def _file_digest(path: Path) -> str:
@@ -34,44 +35,41 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: TrainConfig, dc: DataConfig, model: nn.Module, samples: Sequence[tuple[str, int]],
-                dtype: Optional[torch.dtype], channels_last: bool = False) -> str:
-    weights = cfg.weights
+def fingerprint(model: nn.Module, weights: Optional[str], transform: Any, samples: Sequence[Sample],
+                dtype: Optional[torch.dtype], channels_last: bool) -> str:
+    """A name for the features of `samples` through `model`'s frozen backbone: changes with anything that
+    changes them (a weights file by its content)."""
     if weights and Path(weights).is_file():
         weights = f"file:{_file_digest(Path(weights))}"
     files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in samples]
     info = model.spinal_info
-    key = {"backbone": cfg.backbone, "weights": weights, "head_path": info.head_modules[0],
+    key = {"backbone": info.backbone, "weights": weights, "head_path": info.head_modules[0],
            "replace": info.replace, "feature_width": info.feature_width,
-           "preprocessing": transform_signature(cfg, dc, train=False), "files": files,
+           "preprocessing": transform_signature(transform), "files": files,
            "dtype": str(dtype), "channels_last": channels_last, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, loader: DataLoader, device: torch.device, dtype: Optional[torch.dtype],
-                     channels_last: bool = False) -> tuple[np.ndarray, list[int], list]:
-    """Head inputs of every sample (eval mode), the indices that loaded, and the skipped files."""
+def compute_features(model: nn.Module, batches: Any, device: torch.device, dtype: Optional[torch.dtype],
+                     channels_last: bool = False) -> tuple[np.ndarray, list[int]]:
+    """Head inputs of every `(images, labels, indices)` batch (eval mode), and the sample indices they belong to."""
     head = get_head(model)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda m, inp: captured.append(inp[0].flatten(1).float().cpu()))
     model.eval()
-    kept, skipped, start = [], [], 0
+    kept: list[int] = []
     try:
-        for x, _, bad in tqdm(loader, desc="features", leave=False):
-            skipped += bad
-            n = len(x) + len(bad)
-            bad_set = {p for p, _ in bad}
-            kept += [i for i in range(start, start + n) if loader.dataset.samples[i][0] not in bad_set]
-            start += n
+        for x, _, idx in tqdm(batches, desc="features", leave=False):
             if len(x):
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    x = x.to(device)
+                kept += idx.tolist()
+                x = x.to(device)
+                with autocast(device, dtype):
                     model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     finally:
         hook.remove()
     feats = torch.cat(captured).numpy() if captured else np.zeros((0, model.spinal_info.feature_width), np.float32)
-    return feats, kept, skipped
+    return feats, kept
 
 
 class FeatureDataset(Dataset):
@@ -83,45 +81,44 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.asarray(indices)
-        return torch.from_numpy(np.ascontiguousarray(self.features[idx])), self.labels[idx]
+    def __getitems__(self, keys: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = np.asarray([k[0] if isinstance(k, tuple) else k for k in keys])     # training keys carry a seed
+        return torch.from_numpy(np.ascontiguousarray(self.features[idx])), self.labels[idx], torch.from_numpy(idx)
 
-    def __getitem__(self, i: int):
-        return self.__getitems__([i])
-
-
-def _collate(batch: Any) -> tuple[torch.Tensor, torch.Tensor, list]:
-    x, y = batch
-    return x, y, []
+    def __getitem__(self, key: Any):
+        return self.__getitems__([key])
 
 
-def cached_split(model: nn.Module, split: str, samples: list, transform: Any, cfg: TrainConfig, dc: DataConfig,
-                 run_dir: Path, device: torch.device, dtype: Optional[torch.dtype],
-                 make_loader: Any) -> tuple[FeatureDataset, list, list]:
-    """(features, the samples they belong to, skipped files) of one split; computed and stored
-    first when the cache is missing or stale."""
-    channels_last = use_channels_last(cfg.channels_last, device)      # the format the uncached run uses
-    fp = fingerprint(cfg, dc, model, samples, dtype, channels_last)
-    folder = run_dir / "features"
-    path, meta_path = folder / f"{split}-{fp}.npy", folder / f"{split}-{fp}.json"
-    skipped: list = []
+def _collate(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    x, y, idx = batch
+    return x, y, idx, []
+
+
+def cached_split(model: nn.Module, samples: list[Sample], transform: Any, cache: Path, name: str, *,
+                 weights: Optional[str], device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
+                 batch_size: int, workers: Optional[int], skips: Any) -> tuple[FeatureDataset, list[Sample]]:
+    """(features, the samples they belong to) of one split; computed and stored in `cache` first when missing
+    or stale. Files that fail to decode go to `skips` (also when read back from the cache)."""
+    fp = fingerprint(model, weights, transform, samples, dtype, channels_last)
+    path, meta_path = cache / f"{name}-{fp}.npy", cache / f"{name}-{fp}.json"
     if not (path.exists() and meta_path.exists()):
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(f"{split}-*"):
+        cache.mkdir(parents=True, exist_ok=True)
+        for stale in cache.glob(f"{name}-*"):
             stale.unlink()
-        loader = make_loader(samples, transform, cfg, False, device, SequentialSampler(samples))
-        feats, kept, skipped = compute_features(model, loader, device, dtype, channels_last)
-        tmp = folder / f".{split}-{fp}.tmp.npy"
+        found = type(skips)()
+        loader = make_loader(samples, transform, batch_size, workers, device, SequentialSampler(range(len(samples))))
+        feats, kept = compute_features(model, found.watch(loader), device, dtype, channels_last)
+        tmp = cache / f".{name}-{fp}.tmp.npy"
         np.save(tmp, feats)
         os.replace(tmp, path)
-        atomic_write_text(meta_path, json.dumps({"kept": kept, "skipped": skipped, "fingerprint": fp}))
+        atomic_write_text(meta_path, json.dumps({"kept": kept, "skipped": list(found.entries.items()),
+                                                 "fingerprint": fp}))
     meta = json.loads(meta_path.read_text())
-    feats = np.load(path, mmap_mode="r")
+    skips.add(meta["skipped"])
     kept = [samples[i] for i in meta["kept"]]
-    return FeatureDataset(feats, [label for _, label in kept]), kept, [tuple(s) for s in meta["skipped"]]
+    return FeatureDataset(np.load(path, mmap_mode="r"), [label for _, label in kept]), kept
 
 
-def feature_loader(ds: FeatureDataset, cfg: TrainConfig, sampler: Any, train: bool) -> DataLoader:
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=0, collate_fn=_collate,
-                      drop_last=train and len(ds) >= 2 * cfg.batch_size * world_size())
+def feature_loader(ds: FeatureDataset, batch_size: int, sampler: Any, drop_last: bool) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, collate_fn=_collate,
+                      drop_last=drop_last)

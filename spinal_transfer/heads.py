@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU,
                "tanh": nn.Tanh, "identity": nn.Identity}
 
@@ -29,7 +31,7 @@ def split_sizes(in_features: int, num_splits: int) -> List[int]:
     the paper's own `round(D/2)` slicing would drop or overrun a feature for odd D.
     """
     if not 1 <= num_splits <= in_features:
-        raise ValueError(f"num_splits must be in [1, in_features={in_features}], got {num_splits}")
+        raise ConfigError(f"num_splits must be in [1, in_features={in_features}], got {num_splits}")
     base, extra = divmod(in_features, num_splits)
     return [base + (1 if i < extra else 0) for i in range(num_splits)]
 
@@ -60,12 +62,12 @@ class SpinalHead(nn.Module):
                  activation: str = "relu", shared_weights: bool = False):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
+            raise ConfigError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
         if num_layers < 1 or layer_width < 1 or num_classes < 1:
-            raise ValueError("num_layers, layer_width and num_classes must be >= 1")
+            raise ConfigError("num_layers, layer_width and num_classes must be >= 1")
         sizes = split_sizes(in_features, num_splits)
         if shared_weights and len(set(sizes)) != 1:
-            raise ValueError(f"shared_weights needs in_features ({in_features}) divisible by num_splits ({num_splits})")
+            raise ConfigError(f"shared_weights needs in_features ({in_features}) divisible by num_splits ({num_splits})")
         self.in_features, self.num_classes, self.layer_width = in_features, num_classes, layer_width
         self.num_layers, self.num_splits, self.split_sizes = num_layers, num_splits, sizes
         self.dropout, self.batch_norm, self.activation = float(dropout), bool(batch_norm), activation
@@ -100,7 +102,7 @@ class SpinalHead(nn.Module):
     @classmethod
     def from_preset(cls, preset: str, in_features: int, num_classes: int, layer_width: int, **kw) -> "SpinalHead":
         if preset not in SPINAL_PRESETS:
-            raise ValueError(f"unknown spinal preset {preset!r}; choose from {sorted(SPINAL_PRESETS)}")
+            raise ConfigError(f"unknown spinal preset {preset!r}; choose from {sorted(SPINAL_PRESETS)}")
         return cls(in_features, num_classes, layer_width, **{**SPINAL_PRESETS[preset], **kw})
 
     def extra_repr(self) -> str:
@@ -185,7 +187,7 @@ def create_head(kind: str, in_features: int, num_classes: int, *, preset: Option
         return MLPHead(in_features, num_classes, hidden, 0.5 if dropout is None else dropout, activation)
     if kind == "spinal":
         if preset and preset not in SPINAL_PRESETS:
-            raise ValueError(f"unknown spinal preset {preset!r}; choose from {sorted(SPINAL_PRESETS)}")
+            raise ConfigError(f"unknown spinal preset {preset!r}; choose from {sorted(SPINAL_PRESETS)}")
         base = dict(SPINAL_PRESETS[preset]) if preset else dict(dropout=0.0, batch_norm=False)
         if dropout is not None:
             base["dropout"] = dropout
@@ -193,7 +195,7 @@ def create_head(kind: str, in_features: int, num_classes: int, *, preset: Option
             base["batch_norm"] = batch_norm
         return SpinalHead(in_features, num_classes, layer_width, num_layers, num_splits,
                           activation=activation, shared_weights=shared_weights, **base)
-    raise ValueError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
+    raise ConfigError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
 
 
 def head_options(cfg) -> dict:

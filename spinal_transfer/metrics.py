@@ -1,8 +1,6 @@
-"""Classification metrics (scikit-learn) and the run's plots (matplotlib)."""
+"""Classification metrics (scikit-learn)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -50,47 +48,3 @@ def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
 
 def summary(m: dict) -> dict:
     return {k: m[k] for k in SUMMARY_KEYS}
-
-
-def plot_curves(metrics_jsonl: Path, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ep = [r["epoch"] for r in rows]
-    for key, ylabel, name in (("loss", "loss", "loss.png"), ("top1", "top-1 accuracy", "accuracy.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if key == "loss":
-            ax.plot(ep, [r["train_loss"] for r in rows], label="train")
-        ax.plot(ep, [r["val"][key] for r in rows], label="val")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
-
-
-def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    n = len(classes)
-    size = min(4 + 0.35 * n, 30)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(classes)).plot(
-        ax=ax, include_values=n <= 30, xticks_rotation="vertical", colorbar=False)
-    ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

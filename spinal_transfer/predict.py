@@ -8,11 +8,9 @@ was skipped, so an old list never outlives its CSV).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -20,10 +18,11 @@ from typing import Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text
-from .config import TrainConfig
+from .checkpoint import atomic_write_text, load_run_checkpoint, model_from_checkpoint
+from .config import CONFIG_FIELDS
+from .errors import DataError
 from .export import CONFIG_FILE, Runner, bundle_config, eval_transform, load, onnx_runner, read_config
-from .utils import use_channels_last
+from .runtime import use_channels_last
 
 PathLike = Union[str, os.PathLike]
 TOPK = 5
@@ -46,8 +45,6 @@ class Predictions:
 def open_model(source: PathLike, device: torch.device) -> tuple[dict, Runner]:
     """(bundle config, batch -> logits) of a bundle folder (or its model.safetensors), an .onnx file next
     to its config.json, a RUN folder (its best.pt) or a checkpoint file."""
-    from .train import load_run_checkpoint, model_from_checkpoint
-
     path = Path(source)
     if path.suffix == ".onnx":
         return read_config(path), onnx_runner(path, device.type)
@@ -70,33 +67,35 @@ def open_model(source: PathLike, device: torch.device) -> tuple[dict, Runner]:
 def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[int] = None,
             workers: Optional[int] = None, device: str = "auto") -> Predictions:
     """Class probabilities of every image in `paths` (files, or folders searched recursively);
-    batch size and workers default to TrainConfig's."""
-    from .data import list_images
-    from .train import make_loader
-    from .utils import pick_device, tune_cpu_allocator
+    batch size and workers default to training's."""
+    from torch.utils.data import SequentialSampler
+
+    from .loaders import make_loader
+    from .rundir import SkipLog
+    from .runtime import configure_process, pick_device
+    from .splits import list_images
 
     files = list_images(list(paths))
     if not files:
-        raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
+        raise DataError(f"no images found in {', '.join(map(str, paths))}")
     dev = pick_device(device)
-    tune_cpu_allocator(dev)
+    configure_process(dev)
     config, run = open_model(source, dev)
-    # The label slot carries each file's index, so results map back to paths after bad files drop out.
-    opts = {k: v for k, v in (("batch_size", batch_size), ("workers", workers)) if v is not None}
-    loader = make_loader([(f, i) for i, f in enumerate(files)], eval_transform(config), TrainConfig(**opts),
-                         False, dev)
-    probs, index, skipped = [], [], []
+    loader = make_loader([(f, -1) for f in files], eval_transform(config),
+                         batch_size or CONFIG_FIELDS["batch_size"].default, workers, dev,
+                         SequentialSampler(range(len(files))))
+    probs, index, skips = [], [], SkipLog()
     with tqdm(total=len(files), desc="predict", unit="img") as bar:
-        for x, idx, bad in loader:
-            skipped += bad
+        for x, _, idx in skips.watch(loader):
             if len(x):
                 probs.append(torch.softmax(run(x).double(), dim=1))
                 index.append(idx)
-            bar.update(len(x) + len(bad))
+            bar.n = len(skips) + sum(len(i) for i in index)
+            bar.refresh()
     order = torch.cat(index).tolist() if index else []
     num_classes = len(config["classes"])
     return Predictions([files[i] for i in order], torch.cat(probs) if probs else torch.zeros(0, num_classes),
-                       config["classes"], skipped)
+                       config["classes"], list(skips.entries.items()))
 
 
 def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK) -> Path:
@@ -112,43 +111,3 @@ def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK) -> Path:
     skipped_path = Path(f"{out}.skipped.txt")
     atomic_write_text(skipped_path, "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in preds.skipped))
     return skipped_path
-
-
-# --- command line --------------------------------------------------------------------------------
-
-HELP = "top-k classes of images with a bundle, its ONNX file, a run or a checkpoint"
-EXAMPLES = """\
-  spinal-transfer predict bundles/pets photos/ --out preds.csv
-  spinal-transfer predict bundles/pets/model.onnx photos/ extra.jpg --topk 3 --out preds.csv
-  spinal-transfer predict runs/pets photos/ --batch-size 128 --workers 8 --device cuda
-Folders are searched recursively for images. The CSV has path, label_1, prob_1, ... label_k, prob_k;
-unreadable files are skipped and listed on stderr and in OUT.skipped.txt (path<TAB>reason)."""
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="BUNDLE_OR_RUN",
-                        help="bundle folder, bundle .onnx file, run folder (best.pt) or checkpoint file")
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    parser.add_argument("--topk", type=int, default=TOPK, help=f"classes per image (default: {TOPK})")
-    parser.add_argument("--batch-size", type=int, help=f"images per batch (default: {TrainConfig().batch_size})")
-    parser.add_argument("--workers", type=int, help="DataLoader worker processes decoding images (default: as in training)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (ONNX: cuda if onnxruntime has it)")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from .export import MissingDependency
-
-    if args.topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    try:
-        preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device)
-    except MissingDependency as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    skipped_path = write_csv(preds, args.out, args.topk)
-    for path, reason in preds.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"wrote {len(preds.paths)} predictions to {args.out}; {len(preds.skipped)} file(s) skipped "
-          f"(listed in {skipped_path})", file=sys.stderr)
-    return 0

@@ -11,12 +11,10 @@ so an interrupted table is finished by rerunning the same command.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import html
 import io
-import json
 import os
 import statistics
 import sys
@@ -24,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .checkpoint import atomic_write_text
-from .config import TrainConfig
-from .utils import is_main
+from .config import TrainConfig, resolve_config
+from .errors import NonFiniteLoss, RunFolderError, UserError
+from .rundir import RunDir
 
 ALPHA = 0.05                        # significance level of the paired test
 DEFAULT_SEEDS = 3
@@ -40,7 +38,7 @@ RESULT_FILES = ("results.csv", "results.md", "results.html")
 PathLike = Union[str, Path]
 
 
-class ReproduceError(ValueError):
+class ReproduceError(UserError, ValueError):
     """A problem the user can fix; the message says how."""
 
 
@@ -86,39 +84,23 @@ def find_recipes(pattern: str) -> list[Recipe]:
     return sorted((Recipe(p) for p in found), key=lambda r: (r.group, r.head != DEFAULT_HEAD, r.name))
 
 
-def run_dir(out: PathLike, recipe: str, seed: int) -> Path:
-    return Path(out) / "runs" / recipe / f"seed{seed}"
-
-
-def run_state(path: Path) -> str:
-    """finished (report and per-image predictions written), interrupted (has last.pt) or new.
-
-    train.run writes report.json before test_predictions.csv, so the report alone does not mean finished;
-    resuming such a run only repeats the final evaluation."""
-    if (path / "report.json").is_file() and (path / "test_predictions.csv").is_file():
-        return "finished"
-    if (path / "checkpoints" / "last.pt").is_file():
-        return "interrupted"
-    return "new"
+def run_dir(out: PathLike, recipe: str, seed: int) -> RunDir:
+    return RunDir(Path(out) / "runs" / recipe / f"seed{seed}")
 
 
 def recipe_config(recipe: Recipe, data_root: PathLike, out: PathLike, seed: int, select_on: Optional[str] = None,
                   epochs: Optional[int] = None, limit_train_batches: Optional[int] = None) -> TrainConfig:
     """The recipe with reproduce's settings: data under data_root (absolute paths kept), the seed, the run
-    directory, and the overrides. `epochs` replaces every stage's length and keeps its lr; split_seed stays the
-    recipe's, so the default and spinal runs of a seed are tested on the same images."""
+    folder, and the overrides, through config.resolve_config as `train` does (so `epochs` replaces every
+    stage's length and keeps its lr). split_seed stays the recipe's, so the default and spinal runs of a seed
+    are tested on the same images."""
     cfg = TrainConfig.from_yaml(recipe.path)
     if not cfg.data:
         raise ReproduceError(f"{recipe.path}: the recipe sets no data folder (data: <name under --data-root>)")
-    changes: dict[str, Any] = {"data": str((Path(data_root).expanduser() / Path(cfg.data).expanduser()).resolve()),
-                               "seed": seed, "out": str(run_dir(out, recipe.name, seed))}
-    if select_on is not None:
-        changes["select_on"] = select_on
-    if epochs is not None:
-        changes["stages"] = [{"epochs": epochs, "lr": s.lr} for s in cfg.resolved_stages()]
-    if limit_train_batches is not None:
-        changes["limit_train_batches"] = limit_train_batches
-    return TrainConfig.from_dict({**cfg.to_dict(), **changes})
+    flags: dict[str, Any] = {"data": str((Path(data_root).expanduser() / Path(cfg.data).expanduser()).resolve()),
+                             "seed": seed, "out": str(run_dir(out, recipe.name, seed).path), "select_on": select_on,
+                             "epochs": epochs, "limit_train_batches": limit_train_batches}
+    return resolve_config(cfg, {k: v for k, v in flags.items() if v is not None})
 
 
 def _protocol(cfg: TrainConfig) -> dict:
@@ -129,13 +111,13 @@ def _protocol(cfg: TrainConfig) -> dict:
 
 def check_protocol(cfg: TrainConfig) -> None:
     """Refuse to skip or resume a run made with other settings (e.g. a smoke run, or the other selection)."""
-    path = Path(cfg.out)
-    if run_state(path) == "new" or not (path / "config.yaml").is_file():
+    run = RunDir(cfg.out)
+    if not run.config.is_file():
         return
-    have, want = _protocol(TrainConfig.from_yaml(path / "config.yaml")), _protocol(cfg)
+    have, want = _protocol(run.read_config()), _protocol(cfg)
     diff = [f"{k}: {have[k]} there, {want[k]} asked for" for k in want if have[k] != want[k]]
     if diff:
-        raise ReproduceError(f"{path} was run with other settings ({'; '.join(diff)}). "
+        raise ReproduceError(f"{run.path} was run with other settings ({'; '.join(diff)}). "
                              f"Use another --out, or delete that run directory to redo it.")
 
 
@@ -153,13 +135,13 @@ def mcnemar_p(b: int, c: int) -> float:
     return float(binomtest(b, b + c, 0.5).pvalue)
 
 
-def read_predictions(path: Path) -> list[tuple[str, int, int]]:
+def read_predictions(run: RunDir) -> list[tuple[str, int, int]]:
     """(image path relative to the run's data folder, target, prediction) per test image, in sample order;
     relative, so runs made from different data roots still pair."""
-    data = TrainConfig.from_yaml(path / "config.yaml").data
-    with open(path / "test_predictions.csv", newline="") as f:
-        return [(os.path.relpath(r["path"], data) if r["path"] else "", int(r["target"]), int(r["prediction"]))
-                for r in csv.DictReader(f)]
+    from .evaluation import read_predictions as rows
+
+    data = run.read_config().data
+    return [(os.path.relpath(r["path"], data), r["target"], r["prediction"]) for r in rows(run.predictions)]
 
 
 def discordant(default: Sequence[tuple[str, int, int]], other: Sequence[tuple[str, int, int]]) -> tuple[int, int]:
@@ -259,16 +241,16 @@ def collect(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row]:
         protocols, overrides, notes = set(), set(), set()
         for seed in range(seeds):
             d = run_dir(out, r.name, seed)
-            if run_state(d) != "finished":
+            if not d.is_finished():
                 continue
-            report = json.loads((d / "report.json").read_text())
+            report = d.read_report()
             row.top1[seed] = 100.0 * report["test"]["top1"]
             protocols.add(report["selected_on"])
-            overrides.add(_overrides(TrainConfig.from_yaml(d / "config.yaml"), recipe_cfg))
+            overrides.add(_overrides(d.read_config(), recipe_cfg))
             if r.partner is None:
                 continue
             partner = run_dir(out, r.partner, seed)
-            if run_state(partner) != "finished":
+            if not partner.is_finished():
                 notes.add(f"{r.partner} not finished" if r.partner in names else f"no recipe {r.partner}")
                 continue
             try:
@@ -399,7 +381,10 @@ tr.smoke td {{ background: #fff4d6; }}
 
 
 def write_results(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row]:
-    """Rebuild the table from the run directories and write results.{csv,md,html} atomically (rank 0 only)."""
+    """Rebuild the table from the run folders and write results.{csv,md,html} atomically (rank 0 only)."""
+    from .checkpoint import atomic_write_text
+    from .distributed import is_main
+
     if not is_main():
         return []
     rows = collect(recipes, seeds, out)
@@ -411,7 +396,7 @@ def write_results(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[
 # --- the driver ----------------------------------------------------------------------------------
 
 def _stderr(msg: str) -> None:
-    if is_main():
+    if int(os.environ.get("RANK", "0")) == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -420,9 +405,9 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
               limit_train_batches: Optional[int] = None, log: Callable[[str], Any] = _stderr) -> list[Row]:
     """Run every (recipe, seed) not finished yet, seed by seed with the default head first, then write the results.
 
-    Every run's settings are checked against the directory before anything trains; the results are rewritten
+    Every run's settings are checked against its folder before anything trains; the results are rewritten
     after each run and on the way out of an interruption. A run whose loss becomes non-finite is reported and
-    skipped; its row then shows fewer finished seeds."""
+    skipped (its row then shows fewer finished seeds); a run another process is training is left to it."""
     from . import train
 
     if seeds < 1:
@@ -435,77 +420,23 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
         check_protocol(cfg)
     try:
         for i, (r, seed, cfg) in enumerate(plan, 1):
-            state = run_state(Path(cfg.out))
+            run, where = RunDir(cfg.out), f"[{i}/{len(plan)}] {r.name} seed {seed}"
+            state = run.state()
             if state == "finished":
-                log(f"[{i}/{len(plan)}] {r.name} seed {seed}: finished, skipped")
+                log(f"{where}: finished, skipped")
                 continue
-            log(f"[{i}/{len(plan)}] {r.name} seed {seed}: {'resuming' if state == 'interrupted' else 'starting'}"
-                f" -> {cfg.out}")
-            try:
-                train.run(cfg, resume=cfg.out if state == "interrupted" else None)
-            except train.NonFiniteLoss as e:
-                log(f"{r.name} seed {seed}: {e}")
+            if run.is_locked():
+                log(f"{where}: being trained by another process, left to it")
+                continue
+            log(f"{where}: {'resuming' if state == 'interrupted' else 'starting'} -> {cfg.out}")
+            try:       # a run that stopped before its first checkpoint starts over
+                train.run(cfg, resume=cfg.out if state == "interrupted" else None, overwrite=state == "started")
+            except NonFiniteLoss as e:
+                log(f"{where}: {e}")
+            except RunFolderError as e:
+                log(f"{where}: {e}")
             write_results(recipes, seeds, out)
     finally:
         rows = write_results(recipes, seeds, out)
     log(f"results: {', '.join(str(out / n) for n in RESULT_FILES)}")
     return rows
-
-
-# --- CLI (wired by spinal_transfer.cli) -----------------------------------------------------------
-
-HELP = "run the paper recipes (default and spinal head) over seeds; compare with the paper and test the gap"
-EXAMPLES = f"""\
-  spinal-transfer prepare stl10 --root data --download
-  spinal-transfer reproduce --recipes 'recipes/stl10_*.yaml' --data-root data --seeds 3 --out runs/reproduce
-
-  # the published protocol: best epoch chosen on the test split
-  spinal-transfer reproduce --recipes 'recipes/stl10_*.yaml' --select-on test --out runs/reproduce_test
-
-  # smoke test: 1 epoch per stage (lrs kept), 5 training batches per epoch; val/test still run in full
-  spinal-transfer reproduce --recipes 'recipes/stl10_*.yaml' --seeds 2 --epochs 1 --limit-train-batches 5 \\
-      --out runs/smoke
-
-Each (recipe, seed) runs in OUT/runs/<recipe>/seed<k>/ with seeds 0..N-1; a spinal recipe brings its
-<dataset>_<backbone>_default partner along for the paired test. Rerun the same command after an
-interruption: finished runs are skipped, interrupted ones resume. A run directory made with other
-settings (--select-on, --epochs, --limit-train-batches) is refused: use another --out. Writes
-OUT/results.csv, results.md and results.html; paper numbers come from {PAPER_RESULTS} next to the recipes."""
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `spinal-transfer reproduce`."""
-    choices = TrainConfig.__dataclass_fields__["select_on"].metadata["choices"]
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES, metavar="GLOB",
-                        help=f"recipe files, quoted glob (default: {DEFAULT_RECIPES})")
-    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT, metavar="DIR",
-                        help=f"folder holding the prepared datasets; a recipe's relative data: is resolved "
-                             f"against it (default: {DEFAULT_DATA_ROOT})")
-    parser.add_argument("--seeds", type=_positive_int, default=DEFAULT_SEEDS, metavar="N",
-                        help=f"run seeds 0..N-1 of every recipe (default: {DEFAULT_SEEDS})")
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--select-on", choices=choices, default=None,
-                        help="split that picks the best epoch; test reproduces the published protocol "
-                             "(default: the recipe's, val in every shipped recipe)")
-    parser.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
-                        help="replace every stage's epochs by N, keeping its lr (smoke tests)")
-    parser.add_argument("--limit-train-batches", type=_positive_int, default=None, metavar="N",
-                        help="stop each training epoch after N batches (smoke tests)")
-
-
-def main(args: argparse.Namespace) -> int:
-    """0 when every row has all its seeds, 3 when a run failed (non-finite loss); errors raise to the CLI."""
-    rows = reproduce(find_recipes(args.recipes), args.data_root, args.out, args.seeds, args.select_on,
-                     args.epochs, args.limit_train_batches)
-    incomplete = [r.recipe for r in rows if len(r.top1) < r.seeds]
-    if incomplete:
-        print(f"incomplete rows (see the logs above): {', '.join(incomplete)}", file=sys.stderr)
-        return 3
-    return 0

@@ -18,6 +18,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .heads import create_head
 from .weights import load_backbone_weights, resolve_weights
 
@@ -49,7 +50,7 @@ class HeadInfo:
 def parse_backbone(backbone: str) -> tuple[str, str]:
     lib, sep, name = backbone.partition("/")
     if not sep or lib not in LIBRARIES or not name:
-        raise ValueError(f"backbone must be 'torchvision/<name>' or 'timm/<name>', got {backbone!r}; "
+        raise ConfigError(f"backbone must be 'torchvision/<name>' or 'timm/<name>', got {backbone!r}; "
                          "see `spinal-transfer models`")
     return lib, name
 
@@ -144,7 +145,7 @@ def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, int]:
     import torchvision.models as tvm
 
     if name not in tvm.list_models(module=tvm):
-        raise ValueError(f"torchvision has no classification model {name!r}; see `spinal-transfer models torchvision/`")
+        raise ConfigError(f"torchvision has no classification model {name!r}; see `spinal-transfer models torchvision/`")
     kwargs = {}
     if name in ("inception_v3", "googlenet"):
         kwargs = dict(aux_logits=True, init_weights=weights is None)
@@ -160,7 +161,7 @@ def _find_torchvision_classifiers(model: nn.Module, input_size: int) -> tuple[st
              or (isinstance(m, nn.Conv2d) and m.out_channels == out_dim and m.kernel_size == (1, 1))}
     seen, _ = _probe(model, input_size, cands)
     if not seen:
-        raise RuntimeError(f"could not find the classifier of {type(model).__name__}")
+        raise ConfigError(f"could not find the classifier of {type(model).__name__}; this backbone is not supported")
     main = list(seen)[-1]
     aux = [n for n in cands if n not in seen]
     return main, aux, seen[main]
@@ -193,7 +194,7 @@ def _build_timm(name: str, source: Any) -> tuple[nn.Module, int]:
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"timm has no model {name!r}; see `spinal-transfer models timm/`")
+        raise ConfigError(f"timm has no model {name!r}; see `spinal-transfer models timm/`")
     try:
         model = timm.create_model(name if source.tag is None else f"{name}.{source.tag}",
                                   pretrained=source.builtin is not None)
@@ -238,18 +239,18 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
         paths = [n for n, m in model.named_modules() if _is_classifier(m, out_dim)]
     seen, _ = _probe(model, input_size, {p: get_module(model, p) for p in paths})
     if not seen:
-        raise RuntimeError(f"could not find the classifier of timm {type(model).__name__} "
+        raise ConfigError(f"could not find the classifier of timm {type(model).__name__} "
                            f"(pretrained_cfg classifier={cfg!r})")
     targets = [(p, seen[p]) for p in paths if p in seen]
     for p in paths:      # named but not called in eval mode (train-only auxiliary heads): sized by the layer
         if p not in seen:
             m = get_module(model, p)
             if isinstance(m, nn.Identity):
-                raise RuntimeError(f"timm {type(model).__name__}: the classifier placeholder {p!r} is not called")
+                raise ConfigError(f"timm {type(model).__name__}: the classifier placeholder {p!r} is not called")
             targets.append((p, torch.Size([1, m.in_features if isinstance(m, nn.Linear) else m.in_channels])))
     for p, shape in targets:
         if len(shape) not in (2, 3, 4) or (len(shape) == 4 and not isinstance(get_module(model, p), nn.Conv2d)):
-            raise ValueError(f"timm {type(model).__name__}: the classifier {p!r} receives a {tuple(shape)} "
+            raise ConfigError(f"timm {type(model).__name__}: the classifier {p!r} receives a {tuple(shape)} "
                              "input, which no head here can take")
     return targets
 
@@ -267,9 +268,9 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
     """
     lib, name = parse_backbone(backbone)
     if replace not in ("auto", "last", "classifier"):
-        raise ValueError(f"replace must be auto, last or classifier, got {replace!r}")
+        raise ConfigError(f"replace must be auto, last or classifier, got {replace!r}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     source = resolve_weights(lib, name, weights)
     notes: List[str] = []
 
@@ -284,10 +285,10 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
         if replace == "classifier":
             parent = main.rpartition(".")[0]
             if not parent or sum(isinstance(m, nn.Linear) for m in get_module(model, parent).modules()) < 2:
-                raise ValueError(f"{backbone} has no multi-layer classifier to replace; use replace='last'")
+                raise ConfigError(f"{backbone} has no multi-layer classifier to replace; use replace='last'")
             main_in = _probe(model, input_size, {parent: get_module(model, parent)})[0][parent]
             if len(main_in) != 2:
-                raise ValueError(f"the classifier of {backbone} starts from a feature map, not a vector; "
+                raise ConfigError(f"the classifier of {backbone} starts from a feature map, not a vector; "
                                  "use replace='last'")
             main = parent
         # (path, width) of every classifier to replace: the main one first, then auxiliary ones.
@@ -312,7 +313,7 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
         width = targets[0][1]
     else:
         if replace == "classifier":
-            raise ValueError("replace='classifier' is for torchvision VGG/AlexNet; timm heads replace the final "
+            raise ConfigError("replace='classifier' is for torchvision VGG/AlexNet; timm heads replace the final "
                              "classifier layer(s) (use replace='last')")
         replace = "last"
         model, input_size = _build_timm(name, source)

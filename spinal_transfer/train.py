@@ -1,159 +1,484 @@
-"""Fine-tune on an image folder: one readable loop, top to bottom.
+"""Fine-tune on an image folder. `run` reads top to bottom: open the run folder, set up, train each stage
+epoch by epoch, select, test once.
 
-Stages follow the paper's scripts: each stage builds a fresh optimizer and scheduler and starts
-from the previous stage's best weights. The best epoch is chosen on `cfg.select_on` (val by
-default); the test split is evaluated once, at the end, with the chosen weights.
+Stages follow the paper's scripts: each stage builds a fresh optimizer and scheduler and starts from the
+previous stage's best weights. The best epoch is chosen on `select_on` (val by default) by the
+CheckpointSaver; the test split is evaluated once, at the end, with the chosen weights. Epochs are numbered
+from 1 wherever a person reads them (log, metrics.jsonl, report.json, plots, model card).
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
-import json
-import math
+import logging
 import time
-from dataclasses import asdict
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from . import data as D
-from .checkpoint import atomic_save, atomic_write_text, safe_load
-from .config import Stage, TrainConfig
+from .checkpoint import CheckpointSaver, checkpoint_meta, load_checkpoint
+from .config import Stage, TrainConfig, resume_config
+from .distributed import (
+    any_rank,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    is_main,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
+from .errors import NonFiniteLoss, ResourceError, RunFolderError, UserError
+from .evaluation import Outputs, autocast, predict_logits, predictions_csv
 from .heads import head_options
-from .metrics import classification_metrics, plot_confusion, plot_curves, summary
-from .surgery import build_model, get_head, head_param_names
-from .transforms import DataConfig, build_transforms, resolve_data_config
-from .utils import (all_gather_list, amp_dtype, any_rank, barrier, broadcast_object, init_distributed, is_main, log,
-                    pick_device, rank, rng_state, seed_everything, set_rng_state, setup_logging, sum_over_ranks,
-                    tune_cpu_allocator, use_channels_last, world_size)
+from .loaders import EpochSampler, ShardSampler, balanced_sample_weights, class_weights, make_loader, train_drop_last
+from .metrics import classification_metrics, summary
+from .optim import FreezePolicy, make_optimizer, make_scheduler
+from .rundir import RunDir, SkipLog, check_new_run, default_run_name
+from .runtime import (
+    amp_dtype,
+    configure_process,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_logging,
+    use_channels_last,
+)
+from .splits import Splits, load_recorded, record, scan
+from .surgery import build_model, get_head
+from .transforms import Augmentation, DataConfig, build_transforms, resolve_data_config
 
+log = logging.getLogger("spinal_transfer")
 AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in their papers
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+@dataclass
+class Progress:
+    """How far the schedule is: epochs finished (the next is epoch + 1), optimizer steps taken in all and in
+    the current stage. Saved in last.pt."""
+
+    epoch: int = 0
+    step: int = 0
+    stage_step: int = 0
+
+    def locate(self, stages: list[Stage]) -> tuple[int, int]:
+        """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done."""
+        start = 0
+        for i, s in enumerate(stages):
+            if self.epoch < start + s.epochs:
+                return i, self.epoch - start
+            start += s.epochs
+        return len(stages), 0
 
 
-# --- data ----------------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """Everything a run needs once set up; built by `setup`, used by the stage and epoch functions."""
 
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler for torch.distributed: rank r takes indices r, r+W, ...; no padding, so
-    every sample is counted exactly once when the shards are gathered."""
+    cfg: TrainConfig
+    run: RunDir
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    channels_last: bool
+    model: nn.Module                      # the raw model (the loop may call a DDP/compiled wrapper of it)
+    ema: Any
+    classes: list[str]
+    samples: dict[str, list]              # per split, the samples its loader reads (in cache mode: what loaded)
+    loaders: dict[str, Any]
+    sampler: EpochSampler
+    criterion: nn.Module
+    mixup: Any
+    scaler: torch.amp.GradScaler
+    skips: SkipLog
+    saver: CheckpointSaver
+    freeze: FreezePolicy
+    progress: Progress
+    resume: Optional[dict] = None         # last.pt while it still has state to restore
+    _wrapped: dict = field(default_factory=dict)
 
-    def __init__(self, n: int, num_replicas: int, rank_: int):
-        self.indices = list(range(rank_, n, num_replicas))
+    def forward_module(self, frozen: bool) -> nn.Module:
+        """What the loop calls: the head alone on cached features, else the whole model; under torchrun a DDP
+        wrapper, rebuilt whenever the set of trainable parameters changes (DDP fixes it at wrapping)."""
+        FreezePolicy.apply(self.model, frozen)
+        if frozen not in self._wrapped:
+            self._wrapped.clear()
+            m = get_head(self.model) if self.cfg.cache_features else self.model
+            if world_size() > 1:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                m = nn.parallel.DistributedDataParallel(m, device_ids=ids)
+            self._wrapped[frozen] = torch.compile(m) if self.cfg.compile else m
+        return self._wrapped[frozen]
 
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class EpochShuffle(Sampler[int]):
-    """Shuffles with a generator seeded by (seed, epoch), so the order of epoch e does not depend on
-    what ran before: a resumed run sees the same batches. Shards across ranks like DistributedSampler."""
-
-    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank_: int = 0):
-        self.n, self.seed, self.num_replicas, self.rank, self.epoch = n, seed, num_replicas, rank_, 0
-        self.per_rank = math.ceil(n / num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        order += order[: self.per_rank * self.num_replicas - self.n]     # pad so ranks stay in step
-        return iter(order[self.rank::self.num_replicas])
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-
-def _seed_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(torch.initial_seed() % 2**32)
-
-
-def default_workers(cfg: TrainConfig) -> int:
-    import os
-
-    return cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    def eval_module(self) -> nn.Module:
+        m = CheckpointSaver.eval_module(self.model, self.ema)
+        return get_head(m) if self.cfg.cache_features else m
 
 
-def make_loader(samples: list, transform: Any, cfg: TrainConfig, train: bool, device: torch.device,
-                sampler: Optional[Sampler] = None) -> DataLoader:
-    workers = default_workers(cfg)
-    ds = D.ImageDataset(samples, transform)
-    if sampler is None and not train:
-        sampler = ShardSampler(len(ds), world_size(), rank())
-    return DataLoader(
-        ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=D.collate_skip_bad, pin_memory=device.type == "cuda",
-        drop_last=train and len(samples) >= 2 * cfg.batch_size * world_size(),   # no size-1 batch for BN heads
-        persistent_workers=workers > 0 and not cfg.deterministic,
-        worker_init_fn=_seed_worker, prefetch_factor=4 if workers > 0 else None)
+# --- the run -------------------------------------------------------------------------------------
+
+def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, overwrite: bool = False) -> dict:
+    """Fine-tune according to `cfg` into its run folder (README, "What lands in RUN/"); return the report.
+
+    `resume`: continue the run in that folder from its last.pt, with its own config; `cfg` (optional) may
+    change what a resumed run may change (config.RESUME_SAFE: more epochs, workers, ...) and nothing else.
+    A new run refuses a folder that holds a run unless `overwrite`."""
+    if cfg is None:
+        if resume is None:
+            raise RunFolderError("train.run needs a TrainConfig, or a run folder to resume")
+        cfg = RunDir(resume).read_config()
+    init_distributed(cfg.device)
+    device = pick_device(cfg.device)
+    configure_process(device)
+    setup_logging()
+    if resume is not None:
+        cfg = dataclasses.replace(cfg, out=str(resume))
+    elif not cfg.out:
+        cfg = dataclasses.replace(cfg, out=broadcast_object(default_run_name(cfg.backbone, cfg.head)))
+    run_dir = RunDir(cfg.out)
+    if resume is None and not overwrite:         # refuse before touching anything (checked again under the lock)
+        _on_main(lambda: check_new_run(run_dir, overwrite, log.info))
+    with _exclusive(run_dir):
+        ckpt = _open(run_dir, resume is not None, overwrite)
+        if ckpt is not None:           # its own config, with the changes a resumed run may take
+            cfg = dataclasses.replace(resume_config(TrainConfig.from_dict(ckpt["config"]), cfg,
+                                                    ckpt["progress"]["epoch"]), out=cfg.out)
+            if run_dir.is_finished() and ckpt["progress"]["epoch"] >= cfg.total_epochs():
+                log.info(f"{run_dir.path} is finished ({ckpt['progress']['epoch']} epochs); nothing to add. To "
+                         f"train more, resume with a larger --epochs")
+                return run_dir.read_report()
+        s = setup(cfg, run_dir, device, ckpt)
+        try:
+            return _train(s)
+        except NonFiniteLoss as e:
+            raise _logged(NonFiniteLoss(f"{e}; stopped. {_last_good(run_dir)} Try a lower --lr, --amp none, or "
+                                        f"--clip-grad 1.0")) from None
+        except ResourceError as e:
+            raise _logged(e) from None
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            raise _logged(_out_of_memory(e, cfg, device, run_dir)) from None
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+                raise
+            raise _logged(_out_of_memory(e, cfg, device, run_dir)) from None
 
 
-def train_sampler(cfg: TrainConfig, samples: list, num_classes: int) -> Sampler:
-    if cfg.class_balance == "sampler":
-        g = torch.Generator().manual_seed(cfg.seed)
-        return WeightedRandomSampler(D.balanced_sample_weights(samples, num_classes), len(samples), generator=g)
-    return EpochShuffle(len(samples), cfg.seed, world_size(), rank())
+def _logged(e: UserError) -> UserError:
+    log.error(f"error: {e}")            # into train.log too, not only the terminal
+    return e
 
 
-# --- model, optimizer, schedule ------------------------------------------------------------------
-
-def param_groups(model: nn.Module, cfg: TrainConfig, lr: float) -> list[dict]:
-    head_keys = set(head_param_names(model))
-    head, backbone = [], []
-    for name, p in model.named_parameters():
-        (head if name in head_keys else backbone).append(p)
-    return [{"params": head, "lr": lr, "name": "head"},
-            {"params": backbone, "lr": lr * cfg.backbone_lr_mult, "name": "backbone"}]
+def _last_good(run: RunDir) -> str:
+    """Where the run can be continued from, named only if it exists."""
+    if not run.last.is_file():
+        return "No checkpoint was saved yet."
+    epoch = load_checkpoint(run.last)["progress"]["epoch"]
+    return f"The last good checkpoint is {run.last} (after epoch {epoch}; not overwritten)."
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg, lr)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+def _out_of_memory(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunDir) -> ResourceError:
+    return ResourceError(f"out of memory on {device} with --batch-size {cfg.batch_size}"
+                         f"{f' at --img-size {cfg.img_size}' if cfg.img_size else ''}: try --batch-size "
+                         f"{max(1, cfg.batch_size // 2)}" + (", --amp bf16" if cfg.amp in ("auto", "none") else "")
+                         + f" or a smaller --img-size, then resume. {_last_good(run)}")
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, stage: Stage, steps_per_epoch: int):
-    """(scheduler, steps per epoch-call): StepLR steps once per epoch (the paper); cosine steps per update."""
-    sched = torch.optim.lr_scheduler
-    if cfg.scheduler == "step":
-        return sched.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma), "epoch"
-    if cfg.scheduler == "none":
-        return sched.LambdaLR(opt, lambda _: 1.0), "epoch"
-    total = max(1, stage.epochs * steps_per_epoch)
-    warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    cosine = sched.CosineAnnealingLR(opt, T_max=total - warm)
-    if warm == 0:
-        return cosine, "step"
-    return sched.SequentialLR(opt, [sched.LinearLR(opt, 1e-3, 1.0, total_iters=warm), cosine], [warm]), "step"
+def _train(s: Session) -> dict:
+    stages = s.cfg.resolved_stages()
+    si, _ = s.progress.locate(stages)
+    if s.run.is_finished() and is_main():
+        log.info(f"extending the finished run: its report moves to {s.run.set_aside_report().name}")
+    barrier()
+    for i in range(si, len(stages)):
+        run_stage(s, i, stages[i])
+    return finish(s)
 
 
-def set_trainable(model: nn.Module, frozen: bool) -> None:
-    """Frozen backbone: no gradients and eval-mode BN/dropout, so its features stay fixed."""
-    head_keys = set(head_param_names(model))
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in head_keys or not frozen)
-    model.train()
-    if frozen:
-        model.eval()
-        for path in model.spinal_info.head_paths:
-            model.get_submodule(path).train()
+def _on_main(step: Callable[[], Any]) -> None:
+    """Run `step` on rank 0; a UserError it raises is raised on every rank (never one rank alone)."""
+    refused: Optional[UserError] = None
+    if is_main():
+        try:
+            step()
+        except UserError as e:
+            refused = e
+    refused = broadcast_object(refused)
+    if refused is not None:
+        raise refused
+
+
+@contextlib.contextmanager
+def _exclusive(run: RunDir):
+    """Rank 0 holds the run folder's lock for the whole run; every rank learns whether it got it."""
+    with contextlib.ExitStack() as stack:
+        _on_main(lambda: stack.enter_context(run.lock()))
+        yield
+
+
+def _open(run: RunDir, resume: bool, overwrite: bool) -> Optional[dict]:
+    """The run folder made ready (rank 0 writes): a new run checked and cleared when asked to, a resumed one
+    rid of an interrupted write's leftovers. Returns last.pt when resuming."""
+    def ready() -> None:
+        for p in run.remove_stray_temps():
+            log.info(f"removed {p}, left by an interrupted write")
+        if not resume:
+            check_new_run(run, overwrite, log.info)
+
+    _on_main(ready)
+    if not resume:
+        return None
+    if not run.last.is_file():
+        raise RunFolderError(f"cannot resume {run.path}: it has no checkpoint yet ({run.last} is missing; the run "
+                             f"stopped before finishing an epoch); start it over with --overwrite")
+    return run.load_last()
+
+
+# --- set-up --------------------------------------------------------------------------------------
+
+def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[dict] = None) -> Session:
+    """Everything the loop needs: data, model, input pipeline, loaders, loss, checkpoint saver, restored state."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    if is_main():
+        run.path.mkdir(parents=True, exist_ok=True)
+        setup_logging(run.log)
+    log.info(f"run folder {run.path}" + (f" (resuming from epoch {ckpt['progress']['epoch']})" if ckpt else ""))
+    skips = SkipLog(run.skipped)
+    splits = load_data(cfg, run, skips)
+    model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
+                        weights="none" if ckpt else cfg.weights, replace=cfg.replace, **head_options(cfg))
+    for note in model.spinal_info.notes:
+        log.info(note)
+    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
+                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
+    cfg = dataclasses.replace(cfg, img_size=dc.img_size, resize_size=dc.resize_size, mean=list(dc.mean),
+                              std=list(dc.std), interpolation=dc.interpolation)
+    if is_main():
+        run.write_text(run.config, cfg.to_yaml())
+    dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
+    model = _place(model, cfg, device, channels_last)
+    ema = _make_ema(model, cfg.ema_decay)
+    samples, loaders, sampler = build_loaders(cfg, model, dc, splits, device, dtype, channels_last, run, skips)
+    saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info),
+                            multi_stage=len(cfg.resolved_stages()) > 1, state=ckpt.get("saver") if ckpt else None)
+    s = Session(cfg, run, device, dtype, channels_last and not cfg.cache_features, model, ema, splits.classes,
+                samples, loaders, sampler, *_loss(cfg, samples["train"], len(splits.classes), device),
+                torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), skips, saver,
+                FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone), Progress(), ckpt)
+    if ckpt is not None:
+        _restore(s, ckpt)
+    _log_start(s, splits)
+    return s
+
+
+def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
+    """The run's file lists: recorded at its start (splits.json) and read back on resume, so images added,
+    removed or changed later never change what it trains and tests on. Rank 0 reads, every rank takes them."""
+    splits = None
+    if is_main():
+        if run.splits.is_file():
+            splits = load_recorded(run.read_json(run.splits), cfg.data)
+        else:
+            splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+            run.write_json(run.splits, record(splits))
+            run.write_json(run.classes, splits.classes)
+    splits = broadcast_object(splits)
+    skips.add(splits.skipped)
+    return splits
+
+
+def _place(model: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool) -> nn.Module:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and world_size() > 1:
+        if device.type == "cuda":
+            info = model.spinal_info
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model.spinal_info = info
+        else:      # torch's SyncBatchNorm raises on CPU input in training
+            log.warning("--sync-bn needs CUDA (torch's SyncBatchNorm); on CPU each process keeps its own BN statistics")
+    return model
+
+
+def _make_ema(model: nn.Module, decay: Optional[float]) -> Any:
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
+
+
+def augmentation(cfg: TrainConfig) -> Augmentation:
+    return Augmentation(policy=cfg.augment, hflip=cfg.hflip, vflip=cfg.vflip, rrc_scale=tuple(cfg.rrc_scale),
+                        rotation=cfg.rotation)
+
+
+def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Splits, device: torch.device,
+                  dtype: Optional[torch.dtype], channels_last: bool, run: RunDir,
+                  skips: SkipLog) -> tuple[dict, dict, EpochSampler]:
+    """(samples, loaders, training sampler) per split: images through the input pipeline, or in cached-feature
+    mode the stored features of the frozen backbone (computed once by rank 0, then read by every rank)."""
+    eval_tf = build_transforms(dc, train=False)
+    samples = {n: splits.get(n) for n in ("train", "val", "test")}
+    if cfg.cache_features:
+        from .features import cached_split
+
+        log.info("cached-feature mode: the backbone runs once without augmentation; training sees the stored features")
+        FreezePolicy.apply(model, frozen=True)
+        feats = {}
+        for turn in ("compute", "load"):
+            if turn == "load" or is_main():
+                for n in samples:
+                    feats[n] = cached_split(model, splits.get(n), eval_tf, run.features, n, weights=cfg.weights,
+                                            device=device, dtype=dtype, channels_last=channels_last,
+                                            batch_size=cfg.batch_size, workers=cfg.workers, skips=skips)
+            barrier()
+        samples = {n: kept for n, (_, kept) in feats.items()}
+    sampler = _train_sampler(cfg, samples["train"], len(splits.classes))
+    drop = train_drop_last(len(samples["train"]), cfg.batch_size, world_size())
+    if cfg.cache_features:
+        from .features import feature_loader
+
+        loaders = {n: feature_loader(ds, cfg.batch_size, sampler if n == "train" else
+                                     ShardSampler(len(ds), world_size(), rank()), drop and n == "train")
+                   for n, (ds, _) in feats.items()}
+    else:
+        train_tf = build_transforms(dc, train=True, aug=augmentation(cfg))
+        loaders = {"train": make_loader(samples["train"], train_tf, cfg.batch_size, cfg.workers, device, sampler, drop)}
+        for n in ("val", "test"):
+            loaders[n] = make_loader(samples[n], eval_tf, cfg.batch_size, cfg.workers, device,
+                                     ShardSampler(len(samples[n]), world_size(), rank()))
+    return samples, loaders, sampler
+
+
+def _train_sampler(cfg: TrainConfig, samples: list, num_classes: int) -> EpochSampler:
+    weights = balanced_sample_weights(samples, num_classes) if cfg.class_balance == "sampler" else None
+    return EpochSampler(len(samples), cfg.seed, world_size(), rank(), weights)
+
+
+def _loss(cfg: TrainConfig, train_samples: list, num_classes: int, device: torch.device) -> tuple[nn.Module, Any]:
+    """(criterion, mixup): cross-entropy (class-weighted, label-smoothed as asked), or timm's soft-target loss
+    under mixup/cutmix."""
+    weight = class_weights(train_samples, num_classes).to(device) if cfg.class_balance == "loss" else None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy(), Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                                               label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing), None
+
+
+def _restore(s: Session, ckpt: dict) -> None:
+    """Weights and progress from last.pt; the optimizer and RNG states are restored when training continues."""
+    s.model.load_state_dict(ckpt["model"])
+    if s.ema is not None and ckpt.get("ema") is not None:
+        s.ema.module.load_state_dict(ckpt["ema"])
+    s.progress = Progress(**ckpt["progress"])
+    if is_main():          # epochs a killed run logged after its last checkpoint are dropped
+        s.run.keep_metrics_until(s.progress.epoch)
+
+
+def _log_start(s: Session, splits: Splits) -> None:
+    cfg = s.cfg
+    log.info(f"{len(s.classes)} classes; train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} "
+             f"images; {len(s.skips)} file(s) skipped (see {s.run.skipped})")
+    lrs = ", ".join(f"{st.lr:g}" for st in cfg.resolved_stages())
+    log.info(f"world size {world_size()}; batch {cfg.batch_size} per device, global batch "
+             f"{cfg.batch_size * world_size()}" + (f" x {cfg.accum_steps} accumulation steps" if cfg.accum_steps > 1
+                                                   else "") + f"; lr {lrs} (as given: not scaled with the global batch)")
+
+
+# --- one stage, one epoch ------------------------------------------------------------------------
+
+def run_stage(s: Session, si: int, stage: Stage) -> None:
+    """A fresh optimizer and scheduler for the stage; the stage starts from the previous stage's best weights,
+    or, resumed, continues where last.pt left it (the scheduler fast-forwarded to its step)."""
+    cfg = s.cfg
+    _, done = s.progress.locate(cfg.resolved_stages())
+    opt = make_optimizer(s.model, cfg.optimizer, stage.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                         backbone_lr_mult=cfg.backbone_lr_mult)
+    steps_per_epoch = max(1, _batches_per_epoch(s) // cfg.accum_steps)
+    if s.resume is not None and done > 0:
+        base = [g["lr"] for g in opt.param_groups]
+        opt.load_state_dict(s.resume["optimizer"])
+        s.scaler.load_state_dict(s.resume["scaler"])
+        for g, lr in zip(opt.param_groups, base):       # the schedule is replayed from the stage's own lr
+            g["lr"] = lr
+    sched, unit = make_scheduler(opt, cfg.scheduler, stage.epochs, steps_per_epoch, step_size=cfg.step_size,
+                                 gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs)
+    with warnings.catch_warnings():       # replaying a schedule steps it before any optimizer step
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(s.progress.stage_step if unit == "step" else done):
+            sched.step()
+    if si > 0 and done == 0:
+        weights = s.saver.stage_start_weights()        # the paper: the next stage starts from this one's best
+        if weights is not None:
+            s.model.load_state_dict(weights)
+    if s.resume is not None:
+        set_rng_state(s.resume["rng"])
+    if done == 0:
+        s.saver.start_stage()
+        s.progress.stage_step = 0
+    s.resume = None
+    for _ in range(done, stage.epochs):
+        run_epoch(s, opt, sched if unit == "step" else None, si)
+        if unit == "epoch":
+            sched.step()
+
+
+def _batches_per_epoch(s: Session) -> int:
+    n = len(s.loaders["train"])
+    return min(n, s.cfg.limit_train_batches) if s.cfg.limit_train_batches else n
+
+
+def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) -> None:
+    """Train one epoch, evaluate, let the saver select, write last.pt and the epoch's metrics row."""
+    cfg, epoch = s.cfg, s.progress.epoch + 1
+    frozen = s.freeze.frozen(epoch)
+    fwd = s.forward_module(frozen)
+    s.sampler.set_epoch(epoch)
+    t0 = time.perf_counter()
+    loss, seen, seconds = train_one_epoch(
+        fwd, s.model, s.skips.watch(s.loaders["train"]), opt, device=s.device, dtype=s.dtype,
+        channels_last=s.channels_last, criterion=s.criterion, scaler=s.scaler, accum_steps=cfg.accum_steps,
+        clip_grad=cfg.clip_grad, limit=cfg.limit_train_batches, log_interval=cfg.log_interval, sched=step_sched,
+        mixup=s.mixup, ema=s.ema, progress=s.progress, total=_batches_per_epoch(s),
+        desc=f"epoch {epoch}/{cfg.total_epochs()}" + (" (backbone frozen)" if frozen else ""))
+    val_m, select_m = evaluate_epoch(s)
+    s.progress.epoch = epoch
+    s.skips.sync()
+    row = {"epoch": epoch, "stage": si + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss,
+           "train_images_per_s": seen * world_size() / max(seconds, 1e-9), "frozen": frozen,
+           "seconds": time.perf_counter() - t0, "val": summary(val_m)}
+    if cfg.select_on == "test":
+        row["test"] = summary(select_m)
+    if is_main():
+        best = s.saver.update(epoch, select_m["top1"], s.model, s.ema)
+        s.saver.save_last(s.model, s.ema, {"optimizer": opt.state_dict(), "scaler": s.scaler.state_dict(),
+                                           "rng": rng_state(), "progress": dataclasses.asdict(s.progress)})
+        s.run.append_metrics(row)
+        log.info(f"epoch {epoch}: " + ("backbone frozen, " if frozen else "") + f"train loss {loss:.4f}, val top1 "
+                 f"{val_m['top1']:.4f} loss {val_m['loss']:.4f}, {row['train_images_per_s']:.1f} img/s"
+                 + (" (best)" if best else ""))
+    barrier()
+
+
+def evaluate_epoch(s: Session) -> tuple[dict, dict]:
+    """(val metrics, metrics of the selection split) of the weights the saver selects on."""
+    val = evaluate_split(s, "val")[0]
+    return val, (evaluate_split(s, "test")[0] if s.cfg.select_on == "test" else val)
+
+
+def evaluate_split(s: Session, name: str, model: Optional[nn.Module] = None) -> tuple[dict, Outputs]:
+    out = predict_logits(model or s.eval_module(), s.skips.watch(s.loaders[name]), s.device, s.dtype,
+                         s.channels_last, desc=name, total=len(s.loaders[name]))
+    return classification_metrics(out.logits, out.targets, s.classes), out
 
 
 def compute_loss(out: Any, target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
@@ -164,427 +489,107 @@ def compute_loss(out: Any, target: torch.Tensor, criterion: nn.Module) -> torch.
     return criterion(out, target)
 
 
-# --- evaluation ----------------------------------------------------------------------------------
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: Optional[torch.dtype],
-                   channels_last: bool = False, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Logits and targets of every sample in the loader, gathered over ranks (each sample once)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module     # evaluation is per rank: no collective inside forward (shards may differ in length)
-    model.eval()
-    logits, targets, skipped = [], [], []
-    for x, y, bad in tqdm(loader, desc=desc, leave=False, disable=not is_main()):
-        skipped += bad
-        if len(x) == 0:
-            continue
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, dtype):
-            out = model(x)
-        logits.append(out.float().cpu())
-        targets.append(y)
-    logits_t = torch.cat(logits) if logits else torch.zeros(0, 0)
-    targets_t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
-    if world_size() > 1:
-        import torch.distributed as dist
-
-        parts: list = [None] * world_size()
-        dist.all_gather_object(parts, (logits_t, targets_t, skipped))
-        logits_t = torch.cat([p[0] for p in parts if len(p[0])])
-        targets_t = torch.cat([p[1] for p in parts])
-        skipped = [s for p in parts for s in p[2]]
-        # Undo ShardSampler's rank interleaving (rank r held samples r, r+W, ... minus its bad files).
-        W, n = world_size(), len(loader.dataset)
-        paths = [p for p, _ in getattr(loader.dataset, "samples", [])]
-        index = []
-        for r, p in enumerate(parts):
-            bad_r = {b[0] for b in p[2]}
-            index += [i for i in range(r, n, W) if not paths or paths[i] not in bad_r]
-        order = torch.as_tensor(index, dtype=torch.long).argsort()
-        logits_t, targets_t = logits_t[order], targets_t[order]
-    return logits_t, targets_t, skipped
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-def _state_dict(module: nn.Module) -> dict:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-def checkpoint_meta(cfg: TrainConfig, classes: list[str], dc: DataConfig, model: nn.Module) -> dict:
-    """What a checkpoint needs to rebuild its model and preprocessing without the run directory."""
-    return {"config": cfg.to_dict(), "classes": list(classes), "data_config": asdict(dc),
-            "head_info": model.spinal_info.to_dict()}
-
-
-def load_run_checkpoint(path: str | Path) -> dict:
-    """RUN directory or checkpoint file -> the checkpoint dict (best.pt for a run directory)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "best.pt"
-    ckpt = safe_load(p)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{p} is not a spinal-transfer checkpoint (expected keys 'model' and 'config')")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> tuple[nn.Module, TrainConfig, DataConfig, list[str]]:
-    """Rebuild the architecture offline (weights=None), then load the checkpoint's weights."""
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    classes = ckpt["classes"]
-    info = ckpt["head_info"]
-    model = build_model(cfg.backbone, len(classes), head=cfg.head, weights=None, replace=info["replace"],
-                        **head_options(cfg))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, cfg, DataConfig(**ckpt["data_config"]), classes
-
-
-# --- the loop ------------------------------------------------------------------------------------
-
-def train_one_epoch(fwd: nn.Module, raw: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    device: torch.device, *, dtype: Optional[torch.dtype], channels_last: bool, criterion: nn.Module,
-                    scaler: torch.amp.GradScaler, sched: Any = None, mixup: Any = None, ema: Any = None,
-                    progress: Optional[dict] = None, skipped: Optional[list] = None, desc: str = "train",
-                    on_step: Optional[Callable[[], None]] = None) -> tuple[float, int, float]:
-    """One pass over `loader`: forward `fwd`, step `opt` every `cfg.accum_steps` batches (and `sched`,
-    when it steps per optimizer step). Returns (mean loss over every rank's images, images seen on this
-    rank, seconds). Unreadable files met go to `skipped`; `progress["step"]` counts optimizer steps;
-    `on_step` is called after every batch (benchmarks time steps with it)."""
-    progress = {"step": 0} if progress is None else progress
-    t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, *,
+                    device: torch.device, dtype: Optional[torch.dtype], channels_last: bool, criterion: nn.Module,
+                    scaler: torch.amp.GradScaler, accum_steps: int = 1, clip_grad: Optional[float] = None,
+                    limit: Optional[int] = None, log_interval: int = 20, sched: Any = None, mixup: Any = None,
+                    ema: Any = None, progress: Optional[Progress] = None, total: Optional[int] = None,
+                    desc: str = "train", on_step: Optional[Callable[[], None]] = None) -> tuple[float, int, float]:
+    """One pass over `(images, labels, indices)` batches: forward `fwd`, step `opt` every `accum_steps` batches
+    (and `sched`, when it steps per optimizer step). Returns (mean loss over every rank's images, images seen
+    on this rank, seconds). The loss is read back only every `log_interval` steps (non-finite check, all ranks
+    together) and for the progress bar about once a second: no per-step host-device sync."""
+    progress = progress or Progress()
+    t0 = last_shown = time.perf_counter()
+    seen, loss_sum = 0, torch.zeros((), device=device)
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-    bar = tqdm(loader, desc=desc, leave=False, disable=not is_main())
+    total = min(total, limit) if total and limit else total or limit
+    bar = tqdm(batches, desc=desc, total=total, leave=False, disable=not is_main())
     opt.zero_grad(set_to_none=True)
-    for i, (x, y, bad) in enumerate(bar):
-        if skipped is not None:
-            skipped += bad
-        if cfg.limit_train_batches is not None and i >= cfg.limit_train_batches:
-            break
+    for i, (x, y, _) in enumerate(bar):
         if mixup is not None and len(x) % 2:          # timm's Mixup pairs samples
             x, y = x[:-1], y[:-1]
-        if len(x) < 2:                                 # BatchNorm cannot train on one sample
-            continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if mixup is not None:
-            x, y = mixup(x, y)
-        with _autocast(device, dtype):
-            loss = compute_loss(fwd(x), y, criterion)
-        bad_loss |= ~torch.isfinite(loss.detach())
-        scaler.scale(loss / cfg.accum_steps).backward()
-        last_batch = i + 1 == len(loader) or i + 1 == cfg.limit_train_batches
-        if (i + 1) % cfg.accum_steps == 0 or last_batch:
-            if cfg.clip_grad is not None:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            progress["step"] += 1
-            if ema is not None:
-                ema.update(raw, step=progress["step"])
-            if sched is not None:
-                sched.step()
-        loss_sum += loss.detach().float() * len(x)
-        seen += len(x)
-        if i % cfg.log_interval == 0:      # the only host-device syncs in the loop
-            if any_rank(bad_loss):         # every rank stops together
-                break
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * world_size() / (time.perf_counter() - t0):.1f}",
-                            lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if len(x) >= 2:                                # BatchNorm cannot train on one sample
+            loss = _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad,
+                         sched, mixup, ema, progress, last=(i + 1) % accum_steps == 0 or i + 1 == total)
+            bad_loss |= ~torch.isfinite(loss)
+            loss_sum += loss.float() * len(x)
+            seen += len(x)
+        if i % log_interval == 0 and any_rank(bad_loss, device):      # every rank stops together
+            break
+        if is_main() and time.perf_counter() - last_shown >= 1.0 and seen:
+            last_shown = time.perf_counter()
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * world_size() / (last_shown - t0):.1f}",
+                            lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
         if on_step is not None:
             on_step()
-    if any_rank(bad_loss):
-        raise NonFiniteLoss(
-            f"the training loss became NaN/inf in {desc}; stopped. The last good checkpoint is "
-            f"{Path(cfg.out) / 'checkpoints' / 'last.pt'} (not overwritten). Try a lower --lr, --amp none, "
-            f"or --clip-grad 1.0.")
+        if i + 1 == total:
+            break
+    if any_rank(bad_loss, device):
+        raise NonFiniteLoss(f"the training loss became NaN/inf in {desc}")
     seconds = time.perf_counter() - t0
     totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]))
     return (totals[0] / totals[1].clamp(min=1)).item(), seen, seconds
 
 
-# --- the run -------------------------------------------------------------------------------------
-
-def run(cfg: TrainConfig, resume: Optional[str | Path] = None) -> dict:
-    """Fine-tune according to `cfg`; write RUN/ (see README); return the report."""
-    ckpt = None
-    if resume is not None:
-        last = Path(resume) / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise FileNotFoundError(f"cannot resume: {last} does not exist (the run saved no epoch yet)")
-        ckpt = safe_load(last)
-        cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]), out=str(resume))   # the run may have moved
-    cfg.validate()
-    init_distributed(cfg.device)
-    device = pick_device(cfg.device)
-    tune_cpu_allocator(device)
-    run_dir = Path(cfg.out)
-    setup_logging(run_dir)
-    seed_everything(cfg.seed, cfg.deterministic)
-
-    # Data: splits are fixed once and saved, so a rerun or resume sees the same files.
-    # Rank 0 scans (or reads RUN/splits.json) and every rank takes its lists: one split for all ranks.
-    splits = broadcast_object(D.resolve_splits(cfg.data, run_dir, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-                              if is_main() else None)
-    classes, C = splits.classes, len(splits.classes)
-    model = build_model(cfg.backbone, C, head=cfg.head, weights=cfg.weights, replace=cfg.replace,
-                        **head_options(cfg))
-    for note in model.spinal_info.notes:
-        log.info(note)
-    dc = resolve_data_config(cfg, model, cfg.backbone, cfg.weights)
-    cfg = dataclasses.replace(cfg, img_size=dc.img_size, resize_size=dc.resize_size, mean=list(dc.mean), std=list(dc.std),
-                      interpolation=dc.interpolation, workers=default_workers(cfg))
-    if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
-        atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=1))
-    skipped = list(splits.skipped)
-    log.info(f"{C} classes; train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
-             f"{len(skipped)} files skipped (see {run_dir / 'skipped_files.txt'})")
-    lrs = ", ".join(f"{s.lr:g}" for s in cfg.resolved_stages())
-    log.info(f"world size {world_size()}; batch {cfg.batch_size} per device, global batch "
-             f"{cfg.batch_size * world_size()}" + (f" x {cfg.accum_steps} accumulation steps" if cfg.accum_steps > 1 else "")
-             + f"; lr {lrs} (as given: not scaled with the global batch)")
-
-    dtype = amp_dtype(cfg.amp, device)
-    channels_last = use_channels_last(cfg.channels_last, device)
-    model.to(device)
+def _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad, sched, mixup,
+          ema, progress: Progress, last: bool) -> torch.Tensor:
+    """Forward and backward of one batch; an optimizer step (clip, scaler, EMA, per-step schedule) when `last`
+    closes an accumulation window. Returns the batch's loss (detached)."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
-    raw = model
-    if cfg.sync_bn and world_size() > 1:
-        if device.type == "cuda":
-            raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-        else:      # torch's SyncBatchNorm raises on CPU input in training
-            log.warning("--sync-bn needs CUDA (torch's SyncBatchNorm); on CPU each process keeps its own BN statistics")
-    ema = None
-    if cfg.ema_decay:
-        from timm.utils import ModelEmaV3
+        x = x.contiguous(memory_format=torch.channels_last)
+    if mixup is not None:
+        x, y = mixup(x, y)
+    with autocast(device, dtype):
+        loss = compute_loss(fwd(x), y, criterion)
+    scaler.scale(loss / accum_steps).backward()
+    if last:
+        if clip_grad is not None:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(raw.parameters(), clip_grad)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.stage_step += 1
+        if ema is not None:
+            ema.update(raw, step=progress.step)
+        if sched is not None:
+            sched.step()
+    return loss.detach()
 
-        ema = ModelEmaV3(raw, decay=cfg.ema_decay)
 
-    def wrap(frozen: bool) -> nn.Module:
-        """What the loop calls: the head alone on cached features, else the whole model; under
-        torchrun a DDP wrapper, rebuilt whenever the set of trainable parameters changes."""
-        set_trainable(raw, frozen)
-        m = get_head(raw) if cfg.cache_features else raw
-        if world_size() > 1:
-            m = nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
-        return torch.compile(m) if cfg.compile else m
+# --- the end: the chosen weights, tested once ----------------------------------------------------
 
-    train_tf, eval_tf = build_transforms(cfg, dc, train=True), build_transforms(cfg, dc, train=False)
-    train_samples = splits.train
-    if cfg.cache_features:
-        # The frozen backbone runs once per split (eval preprocessing, no augmentation); rank 0
-        # computes, every rank then reads the same memory-mapped files.
-        from .features import cached_split, feature_loader
+def finish(s: Session) -> dict:
+    """Load the best epoch's weights, evaluate val and test once, write the per-image predictions, plots and,
+    last of all, report.json (the finished marker)."""
+    best = load_checkpoint(s.run.best)
+    s.model.load_state_dict(best["model"])
+    model = get_head(s.model) if s.cfg.cache_features else s.model
+    val_m, _ = evaluate_split(s, "val", model)
+    test_m, test_out = evaluate_split(s, "test", model)
+    s.skips.sync()
+    report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "epochs_trained": s.progress.epoch,
+              "val": val_m, "test": test_m, "classes": s.classes, "num_skipped_files": len(s.skips),
+              "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
+    if is_main():
+        s.run.write_text(s.run.predictions, predictions_csv(s.samples["test"], test_out, s.classes))
+        from .plots import plot_confusion, plot_curves
 
-        log.info("cached-feature mode: the backbone runs once without augmentation; training sees the stored features")
-        set_trainable(raw, True)
-        cached = {}
-        for turn in ("compute", "load"):
-            if turn == "load" or is_main():
-                for name in ("train", "val", "test"):
-                    cached[name] = cached_split(raw, name, getattr(splits, name), eval_tf, cfg, dc, run_dir, device,
-                                                dtype, make_loader)
-            barrier()
-        train_samples = cached["train"][1]
-        skipped += [b for *_, bad in cached.values() for b in bad]
-        sampler = train_sampler(cfg, train_samples, C)
-        train_loader = feature_loader(cached["train"][0], cfg, sampler, True)
-        val_loader, test_loader = (feature_loader(cached[n][0], cfg, ShardSampler(len(cached[n][0]), world_size(), rank()),
-                                                  False) for n in ("val", "test"))
-        channels_last = False            # inputs are feature vectors now
-    else:
-        sampler = train_sampler(cfg, train_samples, C)
-        train_loader = make_loader(train_samples, train_tf, cfg, True, device, sampler)
-        val_loader = make_loader(splits.val, eval_tf, cfg, False, device)
-        test_loader = make_loader(splits.test, eval_tf, cfg, False, device)
-    weight = D.class_weights(train_samples, C).to(device) if cfg.class_balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-        from timm.loss import SoftTargetCrossEntropy
-
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                      num_classes=C)
-        criterion = SoftTargetCrossEntropy()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    meta = checkpoint_meta(cfg, classes, dc, raw)
-    wrapped_frozen: Optional[bool] = None
-
-    # Progress through the schedule; restored from last.pt on resume.
-    st = {"stage": 0, "stage_epoch": 0, "epoch": 0, "best": -1.0, "best_epoch": -1, "stage_best": -1.0,
-          "step": 0}
-    stages = cfg.resolved_stages()
-    ckpt_dir = run_dir / "checkpoints"
-    metrics_path = run_dir / "metrics.jsonl"
-    if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.module.load_state_dict(ckpt["ema"])
-        st.update(ckpt["progress"])
-        log.info(f"resumed from {resume}: epoch {st['epoch']} (stage {st['stage'] + 1}, "
-                 f"epoch {st['stage_epoch']} of it)")
-        if is_main() and metrics_path.exists():       # drop epochs logged after the checkpoint
-            rows = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["epoch"] < st["epoch"]]
-            atomic_write_text(metrics_path, "".join(r + "\n" for r in rows))
-    elif is_main():
-        metrics_path.unlink(missing_ok=True)
-
-    for si, stage in enumerate(stages):
-        if si < st["stage"]:
-            continue
-        opt = make_optimizer(raw, cfg, stage.lr)
-        sched, sched_unit = make_scheduler(opt, cfg, stage, max(1, len(train_loader) // cfg.accum_steps))
-        if ckpt is not None:
-            set_rng_state(ckpt["rng"])
-        if ckpt is not None and st["stage_epoch"] > 0:
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-        elif si > 0 and (ckpt_dir / "stage_best.pt").exists():   # the paper: next stage starts from this stage's best
-            raw.load_state_dict(safe_load(ckpt_dir / "stage_best.pt")["model"])
-        if st["stage_epoch"] == 0:
-            st["stage_best"] = -1.0
-        ckpt = None
-
-        for e in range(st["stage_epoch"], stage.epochs):
-            epoch = st["epoch"]
-            frozen = cfg.freeze_backbone or epoch < cfg.freeze_epochs
-            if frozen != wrapped_frozen:
-                fwd, wrapped_frozen = wrap(frozen), frozen
-            set_trainable(raw, frozen)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            # Augmentation randomness is a function of (seed, epoch): the main process's transform
-            # for workers=0, each worker's via _seed_worker and the loader's generator otherwise.
-            train_tf.set_random_seed(cfg.seed * 1_000_003 + epoch)
-            train_loader.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-
-            # ---- train one epoch ----
-            train_loss, seen, train_time = train_one_epoch(
-                fwd, raw, train_loader, opt, cfg, device, dtype=dtype, channels_last=channels_last,
-                criterion=criterion, scaler=scaler, sched=sched if sched_unit == "step" else None, mixup=mixup,
-                ema=ema, progress=st, skipped=skipped, desc=f"epoch {epoch + 1}/{sum(s.epochs for s in stages)}")
-            if sched_unit == "epoch":
-                sched.step()
-            skipped = all_gather_list(skipped)     # rank 0 lists the unreadable files every rank met
-
-            # ---- evaluate and select ----
-            val_logits, val_y, bad = predict_logits(ema.module if ema is not None else fwd, val_loader, device, dtype, channels_last, "val")
-            skipped += bad
-            val_m = classification_metrics(val_logits, val_y, classes)
-            row = {"epoch": epoch, "stage": si, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss,
-                   "train_images_per_s": seen * world_size() / max(train_time, 1e-9), "frozen": frozen,
-                   "val": summary(val_m)}
-            select = val_m
-            if cfg.select_on == "test":
-                test_logits, test_y, bad = predict_logits(ema.module if ema is not None else fwd, test_loader, device, dtype, channels_last, "test")
-                select = classification_metrics(test_logits, test_y, classes)
-                row["test"] = summary(select)
-            score = select["top1"]
-            st["epoch"], st["stage_epoch"] = epoch + 1, e + 1
-            if st["stage_epoch"] == stage.epochs:
-                st["stage"], st["stage_epoch"] = si + 1, 0
-            eval_weights = _state_dict(ema.module if ema is not None else raw)
-            if is_main():
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if score > st["stage_best"]:
-                    st["stage_best"] = score
-                    if len(stages) > 1:
-                        atomic_save({"model": _state_dict(raw)}, ckpt_dir / "stage_best.pt")
-                if score > st["best"]:
-                    st["best"], st["best_epoch"] = score, epoch
-                    atomic_save({"model": eval_weights, "epoch": epoch, **meta}, ckpt_dir / "best.pt")
-                atomic_save({"model": _state_dict(raw), "ema": None if ema is None else eval_weights,
-                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "scaler": scaler.state_dict(), "rng": rng_state(), "progress": dict(st), **meta},
-                            ckpt_dir / "last.pt")
-                D.write_skipped(run_dir, skipped)
-            barrier()
-            log.info(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val top1 {val_m['top1']:.4f} "
-                     f"loss {val_m['loss']:.4f}, {row['train_images_per_s']:.1f} img/s"
-                     + (" (best)" if st["best_epoch"] == epoch else ""))
-
-    # ---- final: chosen weights, test once ----
-    best = safe_load(ckpt_dir / "best.pt")
-    raw.load_state_dict(best["model"])
-    fwd = get_head(raw) if cfg.cache_features else raw
-    val_logits, val_y, _ = predict_logits(fwd, val_loader, device, dtype, channels_last, "val")
-    test_logits, test_y, _ = predict_logits(fwd, test_loader, device, dtype, channels_last, "test")
-    val_m, test_m = classification_metrics(val_logits, val_y, classes), classification_metrics(test_logits, test_y, classes)
-    report = {"best_epoch": best["epoch"], "selected_on": cfg.select_on, "val": val_m, "test": test_m,
-              "classes": classes, "num_skipped_files": len(set(p for p, _ in skipped)),
-              "head": model_summary(raw)}
-    if is_main():      # report.json last: its presence means the run finished
-        write_predictions(run_dir / "test_predictions.csv", splits.test, test_logits, test_y, skipped)
-        plot_curves(metrics_path, run_dir / "plots")
-        plot_confusion(test_m["confusion_matrix"], classes, run_dir / "plots" / "confusion_test.png",
+        plot_curves(s.run.read_metrics(), best["epoch"], s.run.plots)
+        plot_confusion(test_m["confusion_matrix"], s.classes, s.run.plot("confusion_test.png"),
                        f"test confusion matrix (top-1 {test_m['top1']:.3f})")
-        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
-        log.info(f"best epoch {best['epoch'] + 1} (selected on {cfg.select_on}); "
-                 f"test top1 {test_m['top1']:.4f}, top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}")
+        s.run.write_json(s.run.report, report)
+        log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on}); test top1 {test_m['top1']:.4f}, "
+                 f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}")
+    barrier()
     return report
 
 
-def write_predictions(path: Path, samples: list, logits: torch.Tensor, targets: torch.Tensor, skipped: list) -> None:
-    """Per-image test predictions (path, target, prediction), in sample order, for paired tests."""
-    bad = {p for p, _ in skipped}
-    paths = [p for p, _ in samples if p not in bad]
-    if len(paths) != len(targets):          # a file failed at load time in another way: no pairing possible
-        paths = [""] * len(targets)
-    pred = logits.argmax(1).tolist() if len(logits) else []
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "target", "prediction"])
-    writer.writerows(zip(paths, targets.tolist(), pred))
-    atomic_write_text(path, buf.getvalue())
-
-
 def model_summary(model: nn.Module) -> dict:
-    info = model.spinal_info
-    head = get_head(model)
+    info, head = model.spinal_info, get_head(model)
     return {"backbone": info.backbone, "head": info.head, "feature_width": info.feature_width,
             "head_params": head.num_params(), "head_macs": head.macs(),
             "default_head_params": info.default_head_params, "default_head_macs": info.default_head_macs}
-
-
-def evaluate(path: str | Path, data: str, split: str = "test", device_name: str = "auto",
-             batch_size: Optional[int] = None, workers: Optional[int] = None) -> dict:
-    """Metrics of a run's best checkpoint (or any checkpoint file) on one split of `data`.
-
-    Uses the run's saved split file when `data` is the run's own folder, so the numbers match
-    report.json exactly."""
-    ckpt = load_run_checkpoint(path)
-    model, cfg, dc, classes = model_from_checkpoint(ckpt)
-    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent.parent
-    same = Path(data).resolve() == Path(cfg.data).resolve() and (run_dir / "splits.json").exists()
-    splits = D.resolve_splits(data, run_dir if same else None, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    if splits.classes != classes:
-        raise D.DataError(f"{data} has classes {splits.classes[:10]}..., the model was trained on {classes[:10]}...")
-    cfg = dataclasses.replace(cfg, batch_size=batch_size or cfg.batch_size, workers=workers if workers is not None else cfg.workers)
-    device = pick_device(device_name)
-    tune_cpu_allocator(device)
-    channels_last = use_channels_last(cfg.channels_last, device)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    loader = make_loader(getattr(splits, split), build_transforms(cfg, dc, train=False), cfg, False, device)
-    logits, y, skipped = predict_logits(model, loader, device, amp_dtype(cfg.amp, device), channels_last, split)
-    m = classification_metrics(logits, y, classes)
-    m["num_skipped_files"] = len(skipped)
-    return m

@@ -2,7 +2,7 @@
 
 Pretrained backbones expect the resolution, normalization and resize interpolation they were trained
 with, so those come from the backbone's own pretrained configuration (timm `pretrained_cfg`,
-torchvision weight enum presets) unless the TrainConfig overrides them.
+torchvision weight enum presets) unless the run's config overrides them.
 
 The paper recipe rotates with nearest-neighbour sampling and a black fill, as the scripts'
 `transforms.RandomRotation(15)` did (torchvision's defaults); it is also 4x cheaper than bilinear.
@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import albumentations as A
 import cv2
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from .config import TrainConfig
+from .errors import ConfigError
 
 CV2_INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -43,7 +43,9 @@ _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 @dataclass
 class DataConfig:
-    """What the model expects as input; `resize_size` is the eval shorter side / paper resize square."""
+    """What the model expects as input: crop size, the eval resize (`resize_size`: shorter side before the
+    centre crop, or the square of the paper recipe's resize), normalization, interpolation, and the eval
+    crop policy. It travels with every checkpoint and bundle, so evaluation and predict preprocess alike."""
 
     img_size: int
     resize_size: int
@@ -51,6 +53,18 @@ class DataConfig:
     std: tuple
     interpolation: str
     crop_pct: float
+    eval_resize: str = "center_crop"
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training-time augmentation, explicit: the policy and its knobs (README, "Augmentation")."""
+
+    policy: str = "none"
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rrc_scale: tuple = (0.08, 1.0)
+    rotation: float = 15.0
 
 
 def _from_timm(d: dict) -> dict:
@@ -93,7 +107,7 @@ def _torchvision_defaults(name: str, weights: str) -> Optional[dict]:
     elif weights in enum.__members__:
         w = enum[weights]
     else:
-        raise ValueError(f"unknown weights {weights!r} for torchvision/{name}; "
+        raise ConfigError(f"unknown weights {weights!r} for torchvision/{name}; "
                          f"choose one of {list(enum.__members__)}, default, none or a file path")
     t = w.transforms()
     if not hasattr(t, "crop_size"):
@@ -104,12 +118,13 @@ def _torchvision_defaults(name: str, weights: str) -> Optional[dict]:
                 interpolation=interp if interp in CV2_INTERPOLATION else "bilinear", crop_pct=img / resize)
 
 
-def resolve_data_config(cfg: TrainConfig, model: Optional[torch.nn.Module] = None,
-                        backbone: Optional[str] = None, weights: Optional[str] = None) -> DataConfig:
-    """Backbone defaults (from `model.pretrained_cfg` when present, else from the backbone id), then
-    every cfg field that is not None wins. Works offline: only registry/enum metadata is read."""
-    backbone = backbone or cfg.backbone
-    weights = weights or cfg.weights
+def resolve_data_config(backbone: str, weights: Optional[str], model: Optional[torch.nn.Module] = None, *,
+                        img_size: Optional[int] = None, resize_size: Optional[int] = None,
+                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                        interpolation: Optional[str] = None, eval_resize: str = "center_crop") -> DataConfig:
+    """Backbone defaults (from `model.pretrained_cfg` when present, else from the backbone id and weights),
+    then every override that is not None wins. Works offline: only registry/enum metadata is read."""
+    weights = weights or "none"
     base: Optional[dict] = None
     if model is not None and getattr(model, "pretrained_cfg", None):
         import timm.data
@@ -123,18 +138,18 @@ def resolve_data_config(cfg: TrainConfig, model: Optional[torch.nn.Module] = Non
             base = _torchvision_defaults(name, weights)
     base = dict(base or _FALLBACK)
 
-    img = cfg.img_size or base["img_size"]
-    if cfg.resize_size:
-        resize, crop_pct = cfg.resize_size, img / cfg.resize_size
-    elif cfg.img_size:
+    img = img_size or base["img_size"]
+    if resize_size:
+        resize, crop_pct = resize_size, img / resize_size
+    elif img_size:
         resize, crop_pct = round(img / base["crop_pct"]), base["crop_pct"]
     else:
         resize, crop_pct = base["resize_size"], base["crop_pct"]
     return DataConfig(
         img_size=int(img), resize_size=int(resize),
-        mean=tuple(float(m) for m in (cfg.mean or base["mean"])),
-        std=tuple(float(s) for s in (cfg.std or base["std"])),
-        interpolation=cfg.interpolation or base["interpolation"], crop_pct=float(crop_pct),
+        mean=tuple(float(m) for m in (mean or base["mean"])),
+        std=tuple(float(s) for s in (std or base["std"])),
+        interpolation=interpolation or base["interpolation"], crop_pct=float(crop_pct), eval_resize=eval_resize,
     )
 
 
@@ -160,8 +175,9 @@ class NormalizeToTensor(ToTensorV2):
         return ("mean", "std")
 
 
-def build_transforms(cfg: TrainConfig, dc: DataConfig, train: bool) -> A.Compose:
-    """uint8 HxWx3 RGB -> normalized CHW float tensor. `augment="none"` and eval share one pipeline.
+def build_transforms(dc: DataConfig, train: bool = False, aug: Augmentation = Augmentation()) -> A.Compose:
+    """uint8 HxWx3 RGB -> normalized CHW float tensor: the training pipeline of `aug` (train=True), else the
+    evaluation pipeline of `dc` (which `aug.policy == "none"` also uses for training).
 
     The result carries `decode_min_size`: the shorter side its first step needs of the decoded image
     (None when a random-resized crop may take a small region of it), so that ImageDataset can decode
@@ -169,40 +185,41 @@ def build_transforms(cfg: TrainConfig, dc: DataConfig, train: bool) -> A.Compose
     interp = CV2_INTERPOLATION[dc.interpolation]
     size = dc.img_size
     steps: list[Any]
-    if train and cfg.augment in ("paper", "paper_rrc"):
-        crop = (A.RandomCrop(size, size) if cfg.augment == "paper" else
-                A.RandomResizedCrop(size=(size, size), scale=tuple(cfg.rrc_scale), interpolation=interp,
+    policy = aug.policy if train else "none"
+    if policy in ("paper", "paper_rrc"):
+        crop = (A.RandomCrop(size, size) if policy == "paper" else
+                A.RandomResizedCrop(size=(size, size), scale=tuple(aug.rrc_scale), interpolation=interp,
                                     area_for_downscale="image"))
         steps = [A.Resize(dc.resize_size, dc.resize_size, interpolation=interp, area_for_downscale="image"),
-                 A.Rotate(limit=cfg.rotation, interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT,
+                 A.Rotate(limit=aug.rotation, interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT,
                           fill=0, p=1.0),
                  crop]
         need: Optional[int] = dc.resize_size
-    elif train and cfg.augment == "modern":
-        steps = [A.RandomResizedCrop(size=(size, size), scale=tuple(cfg.rrc_scale), interpolation=interp,
+    elif policy == "modern":
+        steps = [A.RandomResizedCrop(size=(size, size), scale=tuple(aug.rrc_scale), interpolation=interp,
                                      area_for_downscale="image")]
         need = None
-    elif cfg.eval_resize == "center_crop":
+    elif dc.eval_resize == "center_crop":
         steps = [A.SmallestMaxSize(max_size=dc.resize_size, interpolation=interp, area_for_downscale="image"),
                  A.CenterCrop(size, size)]
         need = dc.resize_size
     else:
         steps = [A.Resize(size, size, interpolation=interp, area_for_downscale="image")]
         need = size
-    if train and cfg.augment != "none":
-        if cfg.hflip > 0:
-            steps.append(A.HorizontalFlip(p=cfg.hflip))
-        if cfg.vflip > 0:
-            steps.append(A.VerticalFlip(p=cfg.vflip))
+    if policy != "none":
+        if aug.hflip > 0:
+            steps.append(A.HorizontalFlip(p=aug.hflip))
+        if aug.vflip > 0:
+            steps.append(A.VerticalFlip(p=aug.vflip))
     steps.append(NormalizeToTensor(dc.mean, dc.std))
     compose = A.Compose(steps)
     compose.decode_min_size = need
     return compose
 
 
-def transform_signature(cfg: TrainConfig, dc: DataConfig, train: bool) -> str:
-    """A short stable hash of the pipeline (albumentations' own serialization, including its version,
-    and the decode size), so a feature cache is reused only with identical preprocessing."""
-    tf = build_transforms(cfg, dc, train)
-    spec = json.dumps({"pipeline": A.to_dict(tf), "decode_min_size": tf.decode_min_size}, sort_keys=True)
+def transform_signature(transform: A.Compose) -> str:
+    """A short stable hash of a pipeline (albumentations' own serialization, including its version, and the
+    decode size), so a feature cache is reused only with identical preprocessing."""
+    spec = json.dumps({"pipeline": A.to_dict(transform), "decode_min_size": transform.decode_min_size},
+                      sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:16]

@@ -10,10 +10,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_state_dict_file
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights are neither cached nor downloadable."""
+from .errors import CheckpointError, ConfigError, WeightsUnavailable
 
 
 @dataclass
@@ -53,7 +50,7 @@ def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource
     if os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or Path(weights).is_file():
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"weights file {path} does not exist")
+            raise ConfigError(f"weights file {path} does not exist")
         src.path = path
         return src
     if lib == "torchvision":
@@ -66,7 +63,7 @@ def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource
         try:
             src.builtin = enum[key] if key != "DEFAULT" else enum.DEFAULT
         except KeyError:
-            raise ValueError(f"torchvision/{name} has no weights {weights!r}; choose from "
+            raise ConfigError(f"torchvision/{name} has no weights {weights!r}; choose from "
                              f"{['default'] + [w.name for w in enum]} or a file path") from None
         return src
     src.builtin = True
@@ -75,7 +72,7 @@ def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource
 
         tags = [m.partition(".")[2] for m in timm.list_pretrained(f"{name}.*")]
         if weights not in tags:
-            raise ValueError(f"timm/{name} has no pretrained tag {weights!r}; choose from {['default'] + tags} "
+            raise ConfigError(f"timm/{name} has no pretrained tag {weights!r}; choose from {['default'] + tags} "
                              "or a file path")
         src.tag = weights
     return src
@@ -96,7 +93,7 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str]) ->
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
              for k in backbone_keys if k in sd and sd[k].shape != own[k].shape]
     if missing or wrong:
-        raise ValueError(f"{path} does not match this backbone: {len(missing)} missing keys "
+        raise CheckpointError(f"{path} does not match this backbone: {len(missing)} missing keys "
                          f"{missing[:5]}, {len(wrong)} shape mismatches {wrong[:5]}")
     head_matches = bool(head_keys) and all(k in sd and sd[k].shape == own[k].shape for k in head_keys)
     keys = backbone_keys + (head_keys if head_matches else [])

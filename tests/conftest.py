@@ -39,6 +39,36 @@ def write_digits_folder(root: Path, digits: tuple[int, ...] = tuple(range(10)), 
     return root
 
 
+def truncated_jpeg(path: Path, seed: int = 0) -> Path:
+    """A JPEG cut after its header and part of its scan data: the cheap header check passes, decoding fails."""
+    from io import BytesIO
+
+    rng = np.random.default_rng(seed)
+    buf = BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+# A small backbone from random init: ~0.4M parameters, 32x32 inputs, CPU-friendly.
+TINY = dict(backbone="timm/test_resnet", weights="none", head="spinal", layer_width=32, img_size=32,
+            batch_size=32, workers=0, augment="none", optimizer="sgd", lr=0.05, scheduler="none",
+            log_interval=1000)
+
+
+def tiny_cfg(data: Path, out: Path, **kw):
+    from spinal_transfer.config import TrainConfig
+
+    return TrainConfig(**{**TINY, "data": str(data), "out": str(out), **kw})
+
+
+def cli_flags(**options) -> list[str]:
+    """--key value flags of TrainConfig options (None: the flag is left out)."""
+    return [a for k, v in options.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory) -> Path:
     """All ten digits, ROOT/{train,val,test}/digit_<k>/*.png (1797 images, 32x32)."""

@@ -13,11 +13,13 @@ from conftest import write_digits_folder
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
-from spinal_transfer.config import TrainConfig
-from spinal_transfer.data import (BadImage, BadSample, DataError, ImageDataset, balanced_sample_weights,
-                                  class_counts, class_weights, collate_skip_bad, list_images, load_image,
-                                  resolve_splits, write_skipped)
-from spinal_transfer.transforms import build_transforms, resolve_data_config, transform_signature
+from spinal_transfer.errors import DataError
+from spinal_transfer.images import BadImage, load_image
+from spinal_transfer.loaders import (BadSample, ImageDataset, balanced_sample_weights, class_counts, class_weights,
+                                     collate)
+from spinal_transfer.rundir import SkipLog
+from spinal_transfer.splits import list_images, load_recorded, record, scan
+from spinal_transfer.transforms import Augmentation, DataConfig, build_transforms, resolve_data_config, transform_signature
 
 RNG = np.random.default_rng(0)
 
@@ -41,7 +43,7 @@ def _labels_match_folders(samples, classes) -> bool:
 # Layouts and splits
 
 def test_three_split_layout(digits_folder):
-    s = resolve_splits(digits_folder)
+    s = scan(digits_folder)
     assert s.classes == [f"digit_{k}" for k in range(10)]
     for split in ("train", "val", "test"):
         files = sorted(str(p) for p in (digits_folder / split).rglob("*.png"))
@@ -51,10 +53,9 @@ def test_three_split_layout(digits_folder):
     assert s.skipped == []
 
 
-def test_flat_layout_generates_saved_stratified_split_and_reuses_it(tmp_path):
+def test_flat_layout_generates_recorded_stratified_split_and_reuses_it(tmp_path):
     root = write_digits_folder(tmp_path / "flat", digits=(0, 1, 2), size=8, splits=())
-    run = tmp_path / "run"
-    s = resolve_splits(root, run_dir=run, val_fraction=0.2, test_fraction=0.1, seed=3)
+    s = scan(root, val_fraction=0.2, test_fraction=0.1, seed=3)
     all_files = sorted(str(p) for p in root.rglob("*.png"))
     parts = [p for split in (s.train, s.val, s.test) for p, _ in split]
     assert sorted(parts) == all_files  # disjoint and complete
@@ -65,25 +66,27 @@ def test_flat_layout_generates_saved_stratified_split_and_reuses_it(tmp_path):
         share = class_counts(split, 3) / len(split)
         np.testing.assert_allclose(share, class_counts(s.train + s.val + s.test, 3) / n, atol=0.03)
     assert s.source["val"] == {"kind": "generated", "from": "train", "fraction": 0.2, "seed": 3}
-    saved = json.loads((run / "splits.json").read_text())
+    saved = json.loads(json.dumps(record(s)))            # what splits.json holds
     assert saved["classes"] == s.classes and not Path(saved["splits"]["val"][0][0]).is_absolute()
-    assert json.loads((run / "classes.json").read_text()) == s.classes
+    first = saved["splits"]["train"][0]
+    assert first[2:] == [Path(root / first[0]).stat().st_size, Path(root / first[0]).stat().st_mtime_ns]
 
-    _png(root / "digit_0" / "zz_new.png")  # a rerun must not reshuffle, even if the folder grew
-    again = resolve_splits(root, run_dir=run, val_fraction=0.2, test_fraction=0.1, seed=3)
+    _png(root / "digit_0" / "zz_new.png")  # read back, the record does not reshuffle, even if the folder grew
+    again = load_recorded(saved, root)
     assert (again.train, again.val, again.test, again.classes) == (s.train, s.val, s.test, s.classes)
-    with pytest.raises(DataError, match="fraction=0.2 seed=3"):
-        resolve_splits(root, run_dir=run, val_fraction=0.3, test_fraction=0.1, seed=3)
-    gone = Path(s.val[0][0])
+    moved = tmp_path / "moved"
+    root.rename(moved)                      # a moved data folder: same files, found by their relative paths
+    assert [Path(p).name for p, _ in load_recorded(saved, moved).val] == [Path(p).name for p, _ in s.val]
+    gone = moved / Path(s.val[0][0]).relative_to(root)
     gone.unlink()
     with pytest.raises(DataError, match=gone.name):
-        resolve_splits(root, run_dir=run, val_fraction=0.2, test_fraction=0.1, seed=3)
+        load_recorded(saved, moved)
 
 
 def test_train_plus_valid_alias_generates_only_test(tmp_path):
     root = write_digits_folder(tmp_path / "d", digits=(3, 4), size=8, splits=("train", "val"))
     (root / "val").rename(root / "valid")
-    s = resolve_splits(root, test_fraction=0.25)
+    s = scan(root, test_fraction=0.25)
     assert sorted(p for p, _ in s.val) == sorted(str(p) for p in (root / "valid").rglob("*.png"))
     assert s.source["val"]["kind"] == "folder" and s.source["test"]["kind"] == "generated"
     train_files = {str(p) for p in (root / "train").rglob("*.png")}
@@ -96,7 +99,7 @@ def test_tiny_classes_do_not_crash_the_split(tmp_path):
         _png(tmp_path / "d" / "big" / f"{i}.png")
     _png(tmp_path / "d" / "pair" / "0.png"), _png(tmp_path / "d" / "pair" / "1.png")
     _png(tmp_path / "d" / "single" / "0.png")
-    s = resolve_splits(tmp_path / "d", val_fraction=0.2, test_fraction=0.2)
+    s = scan(tmp_path / "d", val_fraction=0.2, test_fraction=0.2)
     assert sorted(p for p, _ in s.train + s.val + s.test) == sorted(str(p) for p in (tmp_path / "d").rglob("*.png"))
     single = s.classes.index("single")
     assert [y for _, y in s.train].count(single) == 1
@@ -111,7 +114,7 @@ def test_class_mismatch_names_missing_and_extra(tmp_path):
     for c in ("cat", "dog", "fox"):
         _png(tmp_path / "test" / c / "a.png")
     with pytest.raises(DataError) as e:
-        resolve_splits(tmp_path)
+        scan(tmp_path)
     msg = str(e.value)
     assert "val: missing ['fox'], extra ['owl']" in msg and "test:" not in msg
 
@@ -122,7 +125,7 @@ def test_class_without_usable_image_is_named(tmp_path):
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "dog" / ".DS_Store").write_bytes(b"\0")
     with pytest.raises(DataError, match=r"without a usable image: dog"):
-        resolve_splits(tmp_path)
+        scan(tmp_path)
 
 
 def test_hidden_entries_ignored_nested_images_found_and_class_order_is_sorted(tmp_path):
@@ -136,7 +139,7 @@ def test_hidden_entries_ignored_nested_images_found_and_class_order_is_sorted(tm
     (tmp_path / "a" / ".DS_Store").write_bytes(b"\0\0")
     (tmp_path / "a" / "Thumbs.db").write_bytes(b"\0\0")
     _png(tmp_path / "a" / ".hidden.png")
-    s = resolve_splits(tmp_path, val_fraction=0, test_fraction=0)
+    s = scan(tmp_path, val_fraction=0, test_fraction=0)
     assert s.classes == sorted(names) == ["10", "2", "A", "a", "b"]
     a = s.classes.index("a")
     assert sorted(Path(p).name for p, y in s.train if y == a) == ["x.png", "y.png"]
@@ -172,7 +175,7 @@ def test_every_kind_of_bad_file_is_skipped_and_reported(tmp_path, monkeypatch):
     bad = {k: v for k, v in files.items() if k != "good"}
     run = tmp_path / "run"
 
-    s = resolve_splits(tmp_path / "data", run_dir=run, val_fraction=0, test_fraction=0)
+    s = scan(tmp_path / "data", val_fraction=0, test_fraction=0)
     reasons = dict(s.skipped)
     assert set(reasons) == {str(p) for k, p in bad.items() if k != "truncated"}  # header looks fine
     assert reasons[str(bad["empty"])] == "empty file (0 bytes)"
@@ -182,27 +185,31 @@ def test_every_kind_of_bad_file_is_skipped_and_reported(tmp_path, monkeypatch):
 
     # Feed everything (as if the header check had passed) through real worker processes.
     samples = [(str(p), 0) for p in files["good"]] + [(str(p), 1) for p in bad.values()]
-    dc = resolve_data_config(TrainConfig(img_size=12, resize_size=14))
-    ds = ImageDataset(samples, build_transforms(TrainConfig(), dc, train=True))
-    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_skip_bad)
-    n_good, skipped = 0, []
-    for x, y, bad_batch in loader:
+    dc = resolve_data_config("timm/resnet18", "none", img_size=12, resize_size=14)
+    ds = ImageDataset(samples, build_transforms(dc, train=True, aug=Augmentation("modern")))
+    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate)
+    run.mkdir()
+    skips = SkipLog(run / "skipped_files.txt")
+    skips.add(s.skipped)
+    n_good, seen = 0, []
+    for x, y, idx in skips.watch(loader):
         assert x.shape[1:] == (3, 12, 12) or x.numel() == 0
-        assert len(x) == len(y)
+        assert len(x) == len(y) == len(idx)
+        assert all(samples[i][0] in map(str, files["good"]) for i in idx.tolist())   # indices name the files
         n_good += len(x)
-        skipped += bad_batch
-    assert n_good == len(files["good"])
-    assert {p for p, _ in skipped} == {str(p) for p in bad.values()}
-    assert "truncated" in dict(skipped)[str(bad["truncated"])]
-
-    write_skipped(run, skipped)  # load-time skips merge into the scan-time file without duplicates
+        seen += idx.tolist()
+    assert n_good == len(files["good"]) and sorted(seen) == list(range(len(files["good"])))
+    assert set(skips.entries) == {str(p) for p in bad.values()}          # scan-time and load-time, once each
+    assert "truncated" in skips.entries[str(bad["truncated"])]
+    skips.sync()
     lines = (run / "skipped_files.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in lines) == sorted(str(p) for p in bad.values())
+    assert len(SkipLog(run / "skipped_files.txt")) == len(bad)           # read back
 
 
 def test_collate_with_only_bad_samples():
-    x, y, bad = collate_skip_bad([BadSample("a.jpg", "empty"), BadSample("b.jpg", "corrupt")])
-    assert x.numel() == 0 and y.dtype == torch.long and bad == [("a.jpg", "empty"), ("b.jpg", "corrupt")]
+    x, y, idx, bad = collate([BadSample("a.jpg", "empty", 0), BadSample("b.jpg", "corrupt", 1)])
+    assert x.numel() == 0 and y.dtype == idx.dtype == torch.long and bad == [("a.jpg", "empty"), ("b.jpg", "corrupt")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,9 +314,8 @@ def test_reduced_decode_leaves_the_pipeline_output_nearly_unchanged(tmp_path):
     p = _photo_jpeg(tmp_path / "photo.jpg", 600, 900)
     for augment, eval_resize, need in (("none", "center_crop", 110), ("none", "resize", 96), ("paper", "", 110),
                                        ("modern", "", None)):
-        cfg = TrainConfig(augment=augment, eval_resize=eval_resize or "center_crop", img_size=96, resize_size=110,
-                          mean=[0, 0, 0], std=[1, 1, 1], rotation=0.0, hflip=0.0)
-        tf = build_transforms(cfg, resolve_data_config(cfg), train=augment != "none")
+        dc = DataConfig(96, 110, (0, 0, 0), (1, 1, 1), "bilinear", 96 / 110, eval_resize or "center_crop")
+        tf = build_transforms(dc, train=augment != "none", aug=Augmentation(augment, hflip=0.0, rotation=0.0))
         assert tf.decode_min_size == need
         if augment != "modern":
             tf.set_random_seed(0)
@@ -347,32 +353,30 @@ def test_class_balance_helpers():
 @pytest.mark.parametrize("augment", ["modern", "paper", "none"])
 @pytest.mark.parametrize("train", [True, False])
 def test_transform_output(augment, train):
-    cfg = TrainConfig(augment=augment, img_size=24, vflip=0.5)
-    dc = resolve_data_config(cfg, backbone="torchvision/resnet18")
-    out = build_transforms(cfg, dc, train)(image=_smooth(37, 53))["image"]
+    dc = resolve_data_config("torchvision/resnet18", "none", img_size=24)
+    out = build_transforms(dc, train, Augmentation(augment, vflip=0.5))(image=_smooth(37, 53))["image"]
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
 
 
 def test_normalization_matches_numpy_and_none_equals_eval():
-    cfg = TrainConfig(augment="none", eval_resize="resize", img_size=16, mean=[0.1, 0.5, 0.9], std=[0.2, 0.3, 0.4])
-    dc = resolve_data_config(cfg)
+    mean, std = [0.1, 0.5, 0.9], [0.2, 0.3, 0.4]
+    dc = resolve_data_config("timm/resnet18", "none", img_size=16, mean=mean, std=std, eval_resize="resize")
     img = _smooth(16, 16)
-    out = build_transforms(cfg, dc, train=True)(image=img)["image"].numpy()
-    ref = ((img / 255.0 - np.array(cfg.mean)) / np.array(cfg.std)).transpose(2, 0, 1)
+    out = build_transforms(dc, train=True)(image=img)["image"].numpy()           # policy "none"
+    ref = ((img / 255.0 - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
     np.testing.assert_allclose(out, ref, atol=1e-5)
-    assert transform_signature(cfg, dc, True) == transform_signature(cfg, dc, False)
+    assert transform_signature(build_transforms(dc, True)) == transform_signature(build_transforms(dc, False))
     big = _smooth(40, 60)
-    crop = dataclasses.replace(cfg, eval_resize="center_crop")
-    a = build_transforms(crop, dc, train=True)(image=big)["image"]
-    assert torch.equal(a, build_transforms(crop, dc, train=False)(image=big)["image"])
+    crop = dataclasses.replace(dc, eval_resize="center_crop")
+    a = build_transforms(crop, train=True)(image=big)["image"]
+    assert torch.equal(a, build_transforms(crop, train=False)(image=big)["image"])
 
 
 def test_paper_rotation_samples_nearest_pixels_like_torchvision():
     """The scripts' RandomRotation(15) samples the nearest pixel and fills with black: on a black-and-white
     image the rotated output holds only black and white, where bilinear sampling would mix greys."""
-    cfg = TrainConfig(augment="paper", img_size=32, resize_size=32, rotation=15.0, hflip=0.0, mean=[0, 0, 0],
-                      std=[1, 1, 1])
-    tf = build_transforms(cfg, resolve_data_config(cfg), train=True)
+    dc = DataConfig(32, 32, (0, 0, 0), (1, 1, 1), "bilinear", 1.0)
+    tf = build_transforms(dc, train=True, aug=Augmentation("paper", rotation=15.0, hflip=0.0))
     tf.set_random_seed(0)
     board = np.kron((np.indices((8, 8)).sum(0) % 2) * 255, np.ones((4, 4)))[:, :, None].repeat(3, 2).astype(np.uint8)
     outs = [np.rint(tf(image=board)["image"].numpy() * 255) for _ in range(5)]
@@ -381,12 +385,13 @@ def test_paper_rotation_samples_nearest_pixels_like_torchvision():
 
 
 def test_transform_signature_is_stable_and_sensitive():
-    cfg = TrainConfig(backbone="torchvision/resnet18")
-    dc = resolve_data_config(cfg)
-    sig = transform_signature(cfg, dc, train=False)
-    assert sig == transform_signature(TrainConfig(backbone="torchvision/resnet18"), dc, train=False)
-    assert sig != transform_signature(dataclasses.replace(cfg, eval_resize="resize"), dc, train=False)
-    assert transform_signature(cfg, dc, True) != transform_signature(dataclasses.replace(cfg, hflip=0.2), dc, True)
+    dc = resolve_data_config("torchvision/resnet18", "none")
+    sig = transform_signature(build_transforms(dc))
+    assert sig == transform_signature(build_transforms(resolve_data_config("torchvision/resnet18", "none")))
+    assert sig != transform_signature(build_transforms(dataclasses.replace(dc, eval_resize="resize")))
+    modern = Augmentation("modern")
+    assert transform_signature(build_transforms(dc, True, modern)) != \
+        transform_signature(build_transforms(dc, True, dataclasses.replace(modern, hflip=0.2)))
 
 
 def test_data_config_from_timm():
@@ -395,12 +400,11 @@ def test_data_config_from_timm():
 
     model = timm.create_model("test_vit", pretrained=False)
     ref = timm.data.resolve_model_data_config(model)
-    for dc in (resolve_data_config(TrainConfig(backbone="timm/test_vit")),
-               resolve_data_config(TrainConfig(), model=model)):
+    for dc in (resolve_data_config("timm/test_vit", "none"), resolve_data_config("timm/resnet18", "none", model)):
         assert dc.img_size == ref["input_size"][1] and dc.mean == tuple(ref["mean"]) and dc.std == tuple(ref["std"])
         assert dc.interpolation == ref["interpolation"] and dc.crop_pct == ref["crop_pct"]
         assert dc.resize_size == round(dc.img_size / ref["crop_pct"])
-    tagged = resolve_data_config(TrainConfig(backbone="timm/resnet18", weights="tv_in1k"))
+    tagged = resolve_data_config("timm/resnet18", "tv_in1k")
     assert (tagged.interpolation, tagged.crop_pct) == ("bilinear", 0.875)
 
 
@@ -410,20 +414,18 @@ def test_data_config_from_torchvision_enum(weights):
 
     enum = get_model_weights("resnet50")
     t = (enum.DEFAULT if weights in ("default", "none") else enum[weights]).transforms()
-    dc = resolve_data_config(TrainConfig(backbone="torchvision/resnet50", weights=weights))
+    dc = resolve_data_config("torchvision/resnet50", weights)
     assert (dc.img_size, dc.resize_size) == (t.crop_size[0], t.resize_size[0])
     assert dc.mean == tuple(t.mean) and dc.std == tuple(t.std) and dc.interpolation == t.interpolation.value
 
 
 def test_config_overrides_win_and_unknown_backbone_falls_back():
-    cfg = TrainConfig(backbone="torchvision/resnet18", img_size=128, mean=[0.5, 0.5, 0.5], std=[0.25] * 3,
-                      interpolation="bicubic")
-    dc = resolve_data_config(cfg)
+    over = dict(img_size=128, mean=[0.5, 0.5, 0.5], std=[0.25] * 3, interpolation="bicubic")
+    dc = resolve_data_config("torchvision/resnet18", "none", **over)
     assert (dc.img_size, dc.mean, dc.std, dc.interpolation) == (128, (0.5,) * 3, (0.25,) * 3, "bicubic")
     assert dc.resize_size == round(128 / dc.crop_pct)
-    assert resolve_data_config(dataclasses.replace(cfg, resize_size=150)).resize_size == 150
-    paper = TrainConfig(augment="paper", backbone="torchvision/resnet18", img_size=64)
-    pdc = resolve_data_config(paper)
+    assert resolve_data_config("torchvision/resnet18", "none", **over, resize_size=150).resize_size == 150
+    pdc = resolve_data_config("torchvision/resnet18", "default", img_size=64)
     assert pdc.resize_size == round(64 / pdc.crop_pct)
-    fallback = resolve_data_config(TrainConfig(backbone="somewhere/unknown"))
+    fallback = resolve_data_config("somewhere/unknown", "none")
     assert (fallback.img_size, fallback.resize_size, fallback.interpolation) == (224, 256, "bilinear")

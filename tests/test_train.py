@@ -13,22 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_digits_folder
-from spinal_transfer.checkpoint import safe_load
+from conftest import TINY, tiny_cfg, write_digits_folder
+from spinal_transfer.checkpoint import load_checkpoint
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
-from spinal_transfer.train import NonFiniteLoss, evaluate, run
-from spinal_transfer.utils import tune_cpu_allocator
-
-# A small backbone from random init: ~0.4M parameters, 32x32 inputs, CPU-friendly.
-TINY = dict(backbone="timm/test_resnet", weights="none", head="spinal", layer_width=32, img_size=32,
-            batch_size=32, workers=0, augment="none", optimizer="sgd", lr=0.05, scheduler="none",
-            log_interval=1000)
-
-
-def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, "data": str(data), "out": str(out), **kw})
-
+from spinal_transfer.errors import NonFiniteLoss
+from spinal_transfer.evaluation import evaluate
+from spinal_transfer.runtime import tune_cpu_allocator
+from spinal_transfer.train import run
 
 EPOCHS = 6
 
@@ -56,32 +48,34 @@ def test_digits_end_to_end_reaches_90_percent(trained, digits_folder):
         assert rep[split]["loss"] > 0
     assert rep["test"]["num_samples"] == sum(1 for _ in (digits_folder / "test").rglob("*.png"))
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(EPOCHS))
-    assert rep["best_epoch"] == max(range(EPOCHS), key=lambda e: rows[e]["val"]["top1"])   # chosen on val
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))                      # numbered from 1
+    assert rep["best_epoch"] == max(rows, key=lambda r: r["val"]["top1"])["epoch"]     # chosen on val
+    assert f"best epoch {rep['best_epoch']} " in (out / "train.log").read_text()
     # the resolved config is complete and reloads into the same dataclass
     cfg = TrainConfig.from_yaml(out / "config.yaml")
     assert cfg.img_size == 32 and cfg.mean is not None and cfg.backbone == "timm/test_resnet"
     # checkpoints hold only tensors and plain values
-    ckpt = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
-    assert ckpt["classes"] == [f"digit_{k}" for k in range(10)]
+    ckpt = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert ckpt["classes"] == [f"digit_{k}" for k in range(10)] and ckpt["epoch"] == rep["best_epoch"]
 
 
 def test_evaluate_reproduces_report(trained, digits_folder, capsys):
     out, report = trained
-    m = evaluate(out / "checkpoints" / "best.pt", str(digits_folder), "test", "cpu")
+    m = evaluate(out / "checkpoints" / "best.pt", str(digits_folder), "test", "cpu").metrics
     for k in ("top1", "top5", "balanced_accuracy", "macro_f1"):
         assert m[k] == pytest.approx(report["test"][k], abs=1e-9)
     assert m["loss"] == pytest.approx(report["test"]["loss"], rel=1e-5)
-    assert cli(["evaluate", str(out), "--data", str(digits_folder), "--split", "test", "--device", "cpu"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["top1"] == pytest.approx(report["test"]["top1"])
+    assert cli(["evaluate", str(out), "--split", "test", "--device", "cpu"]) == 0      # --data: the run's own
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["top1"] == pytest.approx(report["test"]["top1"])
+    assert "the run's recorded test split (360 images" in captured.err
 
 
 def test_transfer_from_digits_0_4_beats_random_init(tmp_path):
     low = write_digits_folder(tmp_path / "low", digits=(0, 1, 2, 3, 4))
     high = write_digits_folder(tmp_path / "high", digits=(5, 6, 7, 8, 9))
     run(tiny_cfg(low, tmp_path / "r_low", epochs=EPOCHS, scheduler="cosine"))
-    pretrained = tmp_path / "r_low" / "checkpoints" / "best.pt"
+    pretrained = tmp_path / "r_low" / "checkpoints" / "best.pt"         # a fine-tuned checkpoint as --weights
     # Two short cosine epochs: one epoch of 6 constant-lr steps left the outcome at the mercy of float
     # noise (channels_last vs NCHW flipped it between 0.45 and chance), this margin holds across seeds.
     budget = dict(epochs=2, limit_train_batches=4, lr=0.02, scheduler="cosine")
@@ -114,12 +108,12 @@ def test_kill_and_resume_matches_uninterrupted(digits_folder, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last.exists(), "the run was killed before it saved its first epoch"
-    assert safe_load(last)["progress"]["epoch"] < 3, "the run finished before it could be killed"
+    assert load_checkpoint(last)["progress"]["epoch"] < 3, "the run finished before it could be killed"
     assert not (killed / "report.json").exists()
 
     subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--resume", str(killed)], check=True,
                    env=env, capture_output=True)
-    a, b = safe_load(full / "checkpoints" / "last.pt"), safe_load(last)
+    a, b = load_checkpoint(full / "checkpoints" / "last.pt"), load_checkpoint(last)
     assert a["progress"] == b["progress"]
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -131,17 +125,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(digits_folder, tmp
     out = tmp_path / "nan"
     cfg = tiny_cfg(digits_folder, out, stages=[{"epochs": 1, "lr": 0.05}, {"epochs": 1, "lr": 1e12}],
                    limit_train_batches=10)
-    with pytest.raises(NonFiniteLoss, match="NaN/inf"):
+    with pytest.raises(NonFiniteLoss, match="NaN/inf") as e:
         run(cfg)
-    good = safe_load(out / "checkpoints" / "last.pt")
+    good = load_checkpoint(out / "checkpoints" / "last.pt")
     assert good["progress"]["epoch"] == 1
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'last.pt'} (after epoch 1" in str(e.value)
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
     assert not (out / "report.json").exists()
-    # the CLI turns it into a clear message and a non-zero exit
+    assert "error: the training loss became NaN/inf" in (out / "train.log").read_text()     # logged too
+    # the CLI: one clear line, exit code 3; in the first epoch no checkpoint exists, and none is named
     cmd = _train_cmd(digits_folder, tmp_path / "nan_cli", 1)
     cmd += ["--lr", "1e12"]
     res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 3 and "NaN/inf" in res.stderr
+    assert res.returncode == 3 and "NaN/inf" in res.stderr and "Traceback" not in res.stderr
+    assert "No checkpoint was saved yet" in res.stderr and "last.pt" not in res.stderr
 
 
 def test_messy_folder_trains_and_lists_skipped_files(tmp_path):
@@ -174,25 +171,33 @@ def test_class_weighted_loss_sampler_ema_and_accumulation_run(digits_folder, tmp
 
 def test_recipe_and_flags_fill_one_dataclass(tmp_path):
     from spinal_transfer.cli import build_parser
-    from spinal_transfer.config import config_from_args
+    from spinal_transfer.config import given_flags, resolve_config
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("backbone: timm/test_vit\nlayer_width: 64\nstages:\n- {epochs: 2, lr: 0.001}\n"
                       "- {epochs: 3, lr: 0.0001}\n")
-    args = build_parser().parse_args(["train", "--recipe", str(recipe), "--layer-width", "8", "--data", "x"])
-    cfg = config_from_args(args, TrainConfig.from_yaml(recipe))
+
+    def resolved(*flags: str) -> TrainConfig:
+        args = build_parser("train").parse_args(["train", "--recipe", str(recipe), "--data", "x", *flags])
+        return resolve_config(args.recipe, given_flags(args))
+
+    cfg = resolved("--layer-width", "8")
     assert (cfg.backbone, cfg.layer_width, cfg.data) == ("timm/test_vit", 8, "x")
     assert [(s.epochs, s.lr) for s in cfg.resolved_stages()] == [(2, 1e-3), (3, 1e-4)]
+    # --epochs sets every stage's length; --lr the first stage's lr, the others keep their ratio to it
+    assert [(s.epochs, s.lr) for s in resolved("--epochs", "4").resolved_stages()] == [(4, 1e-3), (4, 1e-4)]
+    assert [(s.epochs, pytest.approx(s.lr)) for s in resolved("--lr", "0.01").resolved_stages()] == [(2, 0.01),
+                                                                                                       (3, 0.001)]
     assert dataclasses.replace(cfg, stages=[]).resolved_stages()[0].epochs == TrainConfig().epochs
     bad = tmp_path / "bad.yaml"
     bad.write_text("layer_wdth: 3\n")
-    with pytest.raises(ValueError, match="unknown config option"):
+    with pytest.raises(ValueError, match="unknown option 'layer_wdth' \\(did you mean 'layer_width'\\?\\)"):
         TrainConfig.from_yaml(bad)
 
 
 _FAULTS = """
 import resource, sys, torch
-from spinal_transfer.utils import tune_cpu_allocator
+from spinal_transfer.runtime import tune_cpu_allocator
 applied = tune_cpu_allocator(torch.device("cpu")) if sys.argv[1] == "tuned" else False
 for _ in range(3):
     torch.empty(1 << 24).fill_(1.0)                   # first touches of 64 MB: fault either way

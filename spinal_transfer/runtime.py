@@ -1,4 +1,9 @@
-"""Small runtime helpers: device, seeds and RNG state, torch.distributed, logging."""
+"""The process a run lives in: device, precision, memory format, seeds and RNG state, process-wide
+settings and logging.
+
+Process-wide settings (OpenCV's thread pool, the glibc allocator, matplotlib's backend) are applied by
+`configure_process`, called by the entry points (`cli.main`, `train.run`, `predict.predict`), never as
+a side effect of importing a module."""
 from __future__ import annotations
 
 import ctypes
@@ -13,7 +18,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from .distributed import is_main, local_rank
+from .errors import ConfigError
 
 log = logging.getLogger("spinal_transfer")
 
@@ -27,9 +34,25 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+            raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
         return torch.device("cuda", local_rank())
     return torch.device(name)
+
+
+def configure_process(device: Optional[torch.device] = None) -> None:
+    """Process-wide settings every entry point wants, applied explicitly (idempotent):
+    OpenCV's own thread pool off (DataLoader workers are already one process per core, and cv2's
+    threads would oversubscribe them), matplotlib drawing to files (no display is needed or
+    assumed), and on the CPU the allocator setting below."""
+    import cv2
+
+    cv2.setNumThreads(0)
+    if "matplotlib" in sys.modules or device is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    if device is not None:
+        tune_cpu_allocator(device)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # mallopt parameters (glibc malloc.h)
@@ -57,7 +80,7 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+        raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
@@ -108,79 +131,8 @@ def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
-# --- torch.distributed (launched by torchrun) ---------------------------------------------------
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def is_main() -> bool:
-    """Rank 0; before the process group is joined, the process torchrun started with RANK=0."""
-    if dist.is_available() and dist.is_initialized():
-        return rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def init_distributed(device_name: str) -> bool:
-    """Join the process group torchrun describes in the environment; False when not under torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank (a collective: every rank calls it); `obj` itself when not distributed."""
-    if world_size() <= 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather_list(items: list) -> list:
-    """The concatenation of every rank's list, duplicates dropped (a collective: every rank calls it)."""
-    if world_size() <= 1:
-        return items
-    parts: list = [None] * world_size()
-    dist.all_gather_object(parts, items)
-    return list(dict.fromkeys(tuple(i) if isinstance(i, list) else i for p in parts for i in p))
-
-
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """The elementwise sum of `t` over ranks (a collective: every rank calls it)."""
-    if world_size() > 1:
-        t = t.detach().clone()
-        dist.all_reduce(t)
-    return t
-
-
-def any_rank(flag: torch.Tensor) -> bool:
-    """True when `flag` is set on any rank, so that every rank takes the same branch (a collective)."""
-    if world_size() > 1:
-        flag = flag.detach().to(torch.int32, copy=True).reshape(())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def setup_logging(run_dir: Optional[Path] = None) -> logging.Logger:
-    """Console + RUN/train.log on rank 0; other ranks only warn."""
+def setup_logging(log_file: Optional[Path] = None) -> logging.Logger:
+    """Console + `log_file` (a run's train.log) on rank 0; other ranks only warn."""
     log.handlers.clear()
     log.setLevel(logging.INFO if is_main() else logging.WARNING)
     log.propagate = False
@@ -188,9 +140,9 @@ def setup_logging(run_dir: Optional[Path] = None) -> logging.Logger:
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(fmt)
     log.addHandler(h)
-    if run_dir is not None and is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "train.log")
+    if log_file is not None and is_main():
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         log.addHandler(fh)
     return log

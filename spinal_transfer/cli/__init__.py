@@ -1,0 +1,82 @@
+"""`spinal-transfer` command line: a thin shell over the library.
+
+Each command lives in its own module here with `EXAMPLES`, `add_args(parser)` and `main(args)`; only the
+module of the command being run is imported (it may import torch), so `import spinal_transfer.cli` and
+`spinal-transfer --help` import neither torch nor timm. `main` is the one place that turns a `UserError`
+into one line on stderr and its exit code (`spinal_transfer.errors`), with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable, Optional
+
+from .. import __version__
+from ..errors import EXIT_ABORTED, EXIT_BUG, UserError
+
+# command -> (its module in this package, its one-line help)
+COMMANDS = {
+    "train": ("train", "fine-tune a backbone with a new head on an image folder"),
+    "evaluate": ("evaluate", "metrics of a trained run (best.pt) or checkpoint on one split"),
+    "models": ("models", "list the backbones build_model can use"),
+    "describe": ("describe", "feature width, head sizes and MACs of a backbone with a new head"),
+    "prepare": ("prepare", "turn a paper dataset into ROOT/<name>/{train,val,test}/<class>/ image folders"),
+    "reproduce": ("reproduce", "run the paper recipes (default and spinal head) over seeds; compare with the paper "
+                               "and test the gap"),
+    "export": ("export", "write a trained model as a bundle (safetensors + config.json + model card), optionally "
+                         "also as torch.export, TorchScript and ONNX"),
+    "predict": ("predict", "top-k classes of images with a bundle, its ONNX file, a run or a checkpoint"),
+}
+
+
+def command_parser(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser. The options of command `only` are loaded (its module imported); with None, every command's."""
+    p = argparse.ArgumentParser(prog="spinal-transfer", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `spinal-transfer COMMAND --help` for a command's options and examples.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_)
+            continue
+        mod = importlib.import_module(f".{module}", __package__)
+        sp = command_parser(sub, name, help_, mod.EXAMPLES)
+        mod.add_args(sp)
+        sp.set_defaults(func=mod.main)
+    return p
+
+
+def _say(message: str) -> None:
+    """One line on stderr, from one process (under torchrun every rank raises the same error)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(only=command).parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as e:
+        _say(f"error: {e}")
+        return e.exit_code
+    except BrokenPipeError:        # output piped into `head` & co.: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BUG
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_ABORTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

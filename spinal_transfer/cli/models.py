@@ -1,0 +1,25 @@
+"""`spinal-transfer models`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = """\
+  spinal-transfer models timm/                 # every timm architecture
+  spinal-transfer models 'torchvision/resnet*'
+  spinal-transfer models convnext              # a plain word matches anywhere in the name"""
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pattern", nargs="?", metavar="PATTERN",
+                        help="glob (or substring) on 'library/name', e.g. timm/ or 'torchvision/vgg*'")
+    parser.add_argument("--filter", dest="filter", metavar="PATTERN", help="the same as PATTERN")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..surgery import list_backbones
+
+    names = list_backbones(args.pattern or args.filter)
+    print("\n".join(names))
+    print(f"# {len(names)} backbones", file=sys.stderr)
+    return 0

@@ -1,0 +1,39 @@
+"""`spinal-transfer predict`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import CONFIG_FIELDS
+from ..errors import ConfigError
+from ..predict import TOPK, predict, write_csv
+
+EXAMPLES = """\
+  spinal-transfer predict bundles/pets photos/ --out preds.csv
+  spinal-transfer predict bundles/pets/model.onnx photos/ extra.jpg --topk 3 --out preds.csv
+  spinal-transfer predict runs/pets photos/ --batch-size 128 --workers 8 --device cuda
+Folders are searched recursively for images. The CSV has path, label_1, prob_1, ... label_k, prob_k;
+unreadable files are skipped and listed on stderr and in OUT.skipped.txt (path<TAB>reason)."""
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="BUNDLE_OR_RUN",
+                        help="bundle folder, bundle .onnx file, run folder (best.pt) or checkpoint file")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    parser.add_argument("--topk", type=int, default=TOPK, help=f"classes per image (default: {TOPK})")
+    parser.add_argument("--batch-size", type=int, help=f"images per batch (default: {CONFIG_FIELDS['batch_size'].default})")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes decoding images (default: as in training)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (ONNX: cuda if onnxruntime has it)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.topk < 1:
+        raise ConfigError(f"--topk must be >= 1, got {args.topk}")
+    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device)
+    skipped_path = write_csv(preds, args.out, args.topk)
+    for path, reason in preds.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"wrote {len(preds.paths)} predictions to {args.out}; {len(preds.skipped)} file(s) skipped "
+          f"(listed in {skipped_path})", file=sys.stderr)
+    return 0

@@ -1,0 +1,57 @@
+"""`spinal-transfer train`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import add_config_args, given_flags, resolve_config
+from ..errors import ConfigError, RunFolderError
+
+EXAMPLES = """\
+  spinal-transfer train --data ~/pets --backbone timm/resnet50 --head spinal --epochs 10 --out runs/pets
+  spinal-transfer train --data ~/pets --backbone torchvision/vgg19_bn --head spinal --head-preset vgg \\
+      --weights default --img-size 224 --lr 1e-3 --optimizer sgd --out runs/pets_vgg
+  spinal-transfer train --recipe recipes/stl10_wrn101_spinal.yaml --data data/stl10 --out runs/stl10
+  spinal-transfer train --resume runs/pets                 # continue an interrupted run
+  spinal-transfer train --resume runs/pets --epochs 20     # extend a run to 20 epochs
+  spinal-transfer train --data ~/pets --out runs/pets --overwrite    # start runs/pets over
+ROOT is ROOT/{train,val,test}/<class>/<image> or ROOT/<class>/<image>; missing val/test splits are
+made (stratified) and every split's file list is recorded in RUN/splits.json. Every option can also be
+set in a YAML --recipe; flags win over the recipe. --epochs sets every stage's length; --lr the first
+stage's lr (the others keep their ratio). Without --out a new folder runs/<backbone>-<head>-<time> is
+made. A resumed run keeps its config: only --epochs, --workers, --device, --log-interval,
+--limit-train-batches and other settings that do not change the experiment may be given with --resume."""
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", help="YAML file of options (see recipes/)")
+    parser.add_argument("--resume", metavar="RUN", help="continue RUN from RUN/checkpoints/last.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --out that holds a run (removes that run's files, nothing else)")
+    add_config_args(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..distributed import is_main
+    from ..metrics import summary
+    from ..rundir import RunDir
+    from ..train import run
+
+    flags = given_flags(args)
+    if args.resume:
+        folder = RunDir(args.resume)
+        if not folder.holds_run():
+            raise RunFolderError(f"cannot resume {args.resume}: it holds no run (no config.yaml or checkpoint)")
+        if args.overwrite:
+            raise ConfigError("--overwrite and --resume contradict each other: resume continues the run, "
+                              "--overwrite starts it over")
+        cfg = resolve_config(args.recipe, flags, resumed=folder.read_config())
+    else:
+        cfg = resolve_config(args.recipe, flags)
+        if not cfg.data:
+            raise ConfigError("--data DIR is required (or a --recipe that sets data)")
+    report = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    if is_main():
+        print(json.dumps({"best_epoch": report["best_epoch"], "val": summary(report["val"]),
+                          "test": summary(report["test"])}, indent=1))
+    return 0

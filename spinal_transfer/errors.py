@@ -1,0 +1,81 @@
+"""The errors a user can act on, each with the exit code the command line ends with.
+
+Every module raises one of these for a problem that is not a bug in this package: a bad flag, file,
+folder or checkpoint, a run folder in use, a diverged run, a full disk, an interruption. Only
+`cli.main` catches them: it prints `error: <message>` (one line, no traceback) and exits with the
+error's code. Anything else is a bug and keeps its traceback.
+
+Exit codes (README, "Exit codes"):
+
+| code | meaning |
+|---|---|
+| 0 | success |
+| 1 | an unexpected error (a bug: the traceback is printed) |
+| 2 | a user mistake: bad flag, config, data folder, file or checkpoint; a run folder in use |
+| 3 | training stopped: the loss became NaN/inf (the last good checkpoint is kept) |
+| 4 | the system refused: disk full, no permission, read-only folder, out of memory |
+| 75 | interrupted by a signal after saving a checkpoint: resumable (`train --resume RUN`) |
+| 130 | a second Ctrl-C: stopped at once |
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_DIVERGED, EXIT_SYSTEM, EXIT_INTERRUPTED, EXIT_ABORTED = 0, 1, 2, 3, 4, 75, 130
+
+
+class UserError(Exception):
+    """A problem the user can fix or act on; the message says what and what to do. `key` names the config
+    option at fault, when there is one (recipes add its file and line)."""
+
+    exit_code = EXIT_USER
+
+    def __init__(self, message: str = "", key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key
+
+
+class ConfigError(UserError, ValueError):
+    """A recipe or flag has a bad key, type or value."""
+
+
+class DataError(UserError, ValueError):
+    """A problem with the user's data folder."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file is missing, empty, truncated, corrupted, foreign or of another kind."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file needs arbitrary unpickling (which could run code); we never do that."""
+
+
+class RunFolderError(UserError):
+    """The run folder holds another run, is in use by another process, or cannot be resumed."""
+
+
+class WeightsUnavailable(UserError, RuntimeError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+class MissingDependency(UserError, RuntimeError):
+    """An optional dependency is not installed."""
+
+
+class NonFiniteLoss(UserError, RuntimeError):
+    """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class ResourceError(UserError, OSError):
+    """The system refused: no space, no permission, read-only file system, out of memory."""
+
+    exit_code = EXIT_SYSTEM
+
+
+class Interrupted(UserError):
+    """A signal asked the run to stop; a checkpoint was written and the run can be resumed."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -1,0 +1,112 @@
+"""Decoding one image file into an HxWx3 uint8 RGB array, or a `BadImage` that says why not.
+
+Every file goes through here: training, evaluation, feature caching and `predict`, so a picture gives the
+same pixels everywhere. Files are header-checked up front (cheap, `check_image_header`); a full-decode
+failure surfaces at load time as `BadImage`, which the dataset turns into a skipped file.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Optional, Union
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+PathLike = Union[str, os.PathLike]
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class BadImage(Exception):
+    """A file that cannot be decoded into an image; the message says why."""
+
+
+def _open(fp: BinaryIO) -> Image.Image:
+    """Lazy PIL open (header only) that turns every failure, including the decompression-bomb
+    warning zone (> MAX_IMAGE_PIXELS, below PIL's own hard error at 2x), into BadImage."""
+    if fp.seek(0, os.SEEK_END) == 0:
+        raise BadImage("empty file (0 bytes)")
+    fp.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(fp)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise BadImage(f"exceeds the decompression-bomb bound (PIL.Image.MAX_IMAGE_PIXELS="
+                       f"{Image.MAX_IMAGE_PIXELS}): {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except Exception as e:  # PIL raises many types for malformed headers
+        raise BadImage(f"unreadable image header: {type(e).__name__}: {e}") from None
+
+
+def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """Decode with PIL: EXIF orientation; 16-bit keeps its high byte (as PIL's 16-bit RGB PNG reader
+    and cv2 do); alpha and palette transparency are composited onto white (transparent backgrounds
+    become white, not whatever colour hides under alpha=0); CMYK etc. via PIL's convert."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        high = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
+        return np.repeat(high.astype(np.uint8)[:, :, None], 3, axis=2)
+    if "A" in im.mode or "a" in im.mode or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return np.array(im.convert("RGB"))
+
+
+# libjpeg's scaled decoding (1/8, 1/4, 1/2 of each side, in the DCT domain), largest first
+_REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4), (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+def _jpeg_flags(size: tuple[int, int], min_size: Optional[int]) -> int:
+    """cv2 flags decoding a JPEG of `size` as small as possible with its shorter side >= min_size."""
+    short = min(size)
+    for r, reduced in _REDUCED:
+        if min_size and short // r >= min_size:
+            return reduced | cv2.IMREAD_COLOR_RGB     # the REDUCED_GRAYSCALE bit is the scale; RGB the colour
+    return cv2.IMREAD_COLOR_RGB
+
+
+def load_image(path: PathLike, min_size: Optional[int] = None) -> np.ndarray:
+    """HxWx3 uint8 RGB, or BadImage saying why not.
+
+    Plain 8-bit RGB/greyscale JPEG and PNG (the bulk of any dataset) are decoded by OpenCV, which is
+    faster than PIL and applies EXIF orientation the same way; every other mode goes through PIL.
+    A JPEG without its end marker goes through PIL too, because cv2 silently grey-fills truncation.
+
+    `min_size`: the shorter side the caller needs. A JPEG at least twice that is decoded at 1/2, 1/4
+    or 1/8 scale (libjpeg's DCT-domain scaling, as PIL's `draft`), never below `min_size`: for a
+    phone photo fed to a 224-px model, a fraction of the decoding and resizing, and only detail that
+    the pipeline's own antialiased downscale would have removed is lost.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadImage(f"cannot read file: {e}") from None
+    im = _open(io.BytesIO(data))
+    fast = (im.mode in ("RGB", "L") and "transparency" not in im.info
+            and (im.format == "PNG" or (im.format == "JPEG" and data.endswith(b"\xff\xd9"))))
+    if fast:
+        flags = _jpeg_flags(im.size, min_size) if im.format == "JPEG" else cv2.IMREAD_COLOR_RGB
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if arr is not None:
+            return arr
+    try:
+        return _pil_to_rgb(im)
+    except Exception as e:  # truncated/corrupt streams raise OSError, SyntaxError, ValueError, ...
+        raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
+
+
+def check_image_header(path: PathLike) -> Optional[str]:
+    """Cheap up-front check (header only, no decode): None if plausible, else the reason to skip."""
+    try:
+        with open(path, "rb") as fp:
+            _open(fp).close()
+    except BadImage as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot read file: {e}"
+    return None

@@ -1,0 +1,291 @@
+"""A run folder: the one owner of its layout, its lock, its finished marker and its skip log.
+
+No other module builds a path inside a run folder by hand: they ask a `RunDir` for it. Files are written
+atomically (temporary file, then rename), so a kill at any moment leaves each file old or new, never torn.
+
+Layout (README, "What lands in RUN/"):
+
+    config.yaml  classes.json  splits.json  metrics.jsonl  report.json  report.html  test_predictions.csv
+    skipped_files.txt  train.log  checkpoints/{best,last,stage_best}.pt  plots/*.png  features/  .lock
+
+`report.json` is written last: its presence is the one marker of a finished run (`is_finished`).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Union
+
+from .checkpoint import TMP_SUFFIX, atomic_write_text, load_checkpoint
+from .errors import ResourceError, RunFolderError
+
+PathLike = Union[str, os.PathLike]
+
+# Every file and folder a run writes; --overwrite removes these and nothing else.
+OWN_FILES = ("config.yaml", "classes.json", "splits.json", "metrics.jsonl", "report.json", "report.html",
+             "test_predictions.csv", "skipped_files.txt", "train.log", "lr_find.png")
+OWN_DIRS = ("checkpoints", "plots", "features", "tensorboard", "wandb")
+
+
+def default_run_name(backbone: str, head: str, now: Optional[datetime.datetime] = None) -> str:
+    """runs/<backbone>-<head>-<date-time>: a new folder per run, sortable by time (-2, -3, ... when two runs
+    start in the same second)."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    name = backbone.split("/")[-1].replace(":", "_").replace("/", "_")
+    base = Path("runs") / f"{name}-{head}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return str(path)
+
+
+class RunDir:
+    """Paths, state and atomic writes of one run folder."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # --- paths ----------------------------------------------------------------------------------
+    config = property(lambda self: self.path / "config.yaml")
+    classes = property(lambda self: self.path / "classes.json")
+    splits = property(lambda self: self.path / "splits.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    report = property(lambda self: self.path / "report.json")
+    report_html = property(lambda self: self.path / "report.html")
+    predictions = property(lambda self: self.path / "test_predictions.csv")
+    skipped = property(lambda self: self.path / "skipped_files.txt")
+    log = property(lambda self: self.path / "train.log")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    best = property(lambda self: self.path / "checkpoints" / "best.pt")
+    last = property(lambda self: self.path / "checkpoints" / "last.pt")
+    stage_best = property(lambda self: self.path / "checkpoints" / "stage_best.pt")
+    plots = property(lambda self: self.path / "plots")
+    features = property(lambda self: self.path / "features")
+    lock_file = property(lambda self: self.path / ".lock")
+
+    def plot(self, name: str) -> Path:
+        return self.plots / name
+
+    # --- state ----------------------------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """A run was started here (its config, metrics or a checkpoint exist)."""
+        return any(p.exists() for p in (self.config, self.metrics, self.last, self.best))
+
+    def is_finished(self) -> bool:
+        """The one marker of a finished run: report.json, which training writes last."""
+        return self.report.is_file()
+
+    def state(self) -> str:
+        """finished, interrupted (has last.pt to resume from), started (config but no checkpoint yet) or new."""
+        if self.is_finished():
+            return "finished"
+        if self.last.is_file():
+            return "interrupted"
+        return "started" if self.holds_run() else "new"
+
+    def own_files(self) -> list[Path]:
+        """Everything here that a run wrote (what --overwrite may remove)."""
+        names = [self.path / n for n in OWN_FILES] + [self.path / d for d in OWN_DIRS]
+        return [p for p in names if p.exists()] + sorted(self.path.glob(f".*{TMP_SUFFIX}"))
+
+    # --- reading --------------------------------------------------------------------------------
+    def read_config(self):
+        from .config import TrainConfig
+
+        if not self.config.is_file():
+            raise RunFolderError(f"{self.path} is not a run folder (no {self.config.name})")
+        return TrainConfig.from_yaml(self.config)
+
+    def read_json(self, path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RunFolderError(f"{path} does not exist") from None
+        except (ValueError, OSError) as e:
+            raise RunFolderError(f"{path} is unreadable ({e}); the run folder is damaged") from None
+
+    def read_report(self) -> dict:
+        return self.read_json(self.report)
+
+    def read_classes(self) -> list[str]:
+        return self.read_json(self.classes)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def load_last(self) -> dict:
+        return load_checkpoint(self.last)
+
+    # --- writing (rank 0) -----------------------------------------------------------------------
+    def write_text(self, path: Path, text: str) -> None:
+        atomic_write_text(path, text)
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+    def append_metrics(self, row: dict) -> None:
+        try:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            from .checkpoint import system_error
+
+            raise system_error(e, self.metrics) from None
+
+    def keep_metrics_until(self, epoch: int) -> None:
+        """Drop metric rows after `epoch` (1-based): epochs a killed run logged after its last checkpoint."""
+        rows = [r for r in self.read_metrics() if r["epoch"] <= epoch]
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def remove_stray_temps(self) -> list[Path]:
+        """Temporary files an interrupted atomic write left behind (kill -9 mid-save); removed on the next start."""
+        stray = [p for d in (self.path, self.checkpoints, self.plots, self.features) if d.is_dir()
+                 for p in d.glob(f".*{TMP_SUFFIX}")]
+        for p in stray:
+            p.unlink(missing_ok=True)
+        return stray
+
+    def clear(self) -> list[Path]:
+        """--overwrite: remove what a run wrote here, nothing else; returns what was removed."""
+        import shutil
+
+        removed = self.own_files()
+        for p in removed:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        return removed
+
+    def set_aside_report(self) -> Optional[Path]:
+        """A finished run that is extended is unfinished again until it ends: its report moves aside
+        (report-epoch<N>.json), so the finished marker never describes weights that are gone."""
+        if not self.report.is_file():
+            return None
+        epoch = self.read_report().get("epochs_trained", "x")
+        aside = self.path / f"report-epoch{epoch}.json"
+        os.replace(self.report, aside)
+        return aside
+
+    # --- the lock -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use of this folder by this process for the block. A POSIX lock (fcntl): the kernel drops it
+        when the process dies, even by kill -9, so a killed run never leaves it stuck; forked DataLoader workers
+        do not inherit it; it works on NFS. The lock file holds who has it, for the message of the next one."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            from .checkpoint import system_error
+
+            raise system_error(e, self.lock_file) from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise RunFolderError(f"{self.path} is in use by {holder}; wait for it to end, or use another "
+                                     f"--out") from None
+            raise ResourceError(f"cannot lock {self.lock_file}: {e.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n".encode(), 0)
+        self._lock_fd = fd
+        try:
+            yield
+        finally:
+            self._lock_fd = None
+            os.ftruncate(fd, 0)   # nobody holds it now
+            os.close(fd)          # closing releases the POSIX lock
+
+    def is_locked(self) -> bool:
+        """Whether another process holds this folder's lock right now (a test that takes nothing)."""
+        if self._lock_fd is not None or not self.lock_file.exists():
+            return False
+        fd = os.open(self.lock_file, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+def check_new_run(run: RunDir, overwrite: bool, log: Any) -> None:
+    """Starting a new run in `run`: refuse a folder that holds a run unless `overwrite`, which removes only
+    what a run wrote there, and says what."""
+    if not run.holds_run():
+        return
+    if not overwrite:
+        state = run.state()
+        hint = (f"extend it with `spinal-transfer train --resume {run.path} --epochs N`" if state == "finished"
+                else f"continue it with `spinal-transfer train --resume {run.path}`")
+        raise RunFolderError(f"{run.path} already holds a {state} run; {hint}, start over with --overwrite "
+                             f"(removes that run's files), or choose another --out")
+    removed = run.clear()
+    log(f"--overwrite: removed the earlier run's {', '.join(p.name for p in removed)} from {run.path}")
+
+
+# --- the skip log --------------------------------------------------------------------------------
+
+class SkipLog:
+    """Every unreadable file met in any split, at any time, on any rank: listed once with its reason in
+    skipped_files.txt (`path<TAB>reason`) and counted in report.json.
+
+    Loaders yield `(images, labels, indices, bad)`; `watch` takes `bad` out of each batch and yields the
+    rest, so no loop handles bad files itself. `sync` gathers every rank's finds and rank 0 writes the file.
+    """
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path = path
+        self.entries: dict[str, str] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                p, _, reason = line.rpartition("\t")
+                if p:
+                    self.entries[p] = reason
+        self._written = dict(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.entries
+
+    def add(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for p, reason in pairs:
+            self.entries.setdefault(str(p), " ".join(str(reason).split()))
+
+    def watch(self, batches: Iterable) -> Iterator[tuple]:
+        """The batches of a loader without their unreadable files, which are recorded here."""
+        for images, labels, index, bad in batches:
+            if bad:
+                self.add(bad)
+            yield images, labels, index
+
+    def sync(self, write: bool = True) -> None:
+        """Merge every rank's entries (a collective under torchrun), then rank 0 writes the file if it changed."""
+        from .distributed import gather_objects, is_main
+
+        for part in gather_objects(self.entries):
+            for p, r in part.items():
+                self.entries.setdefault(p, r)
+        if write and self.path is not None and is_main() and self.entries != self._written:
+            atomic_write_text(self.path, "".join(f"{p}\t{r}\n" for p, r in self.entries.items()))
+            self._written = dict(self.entries)

@@ -1,0 +1,186 @@
+"""A run is one owned thing: its folder's lock and layout, resume that listens, one skip log, one numbering."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, cli_flags, tiny_cfg, truncated_jpeg, write_digits_folder
+from spinal_transfer.checkpoint import load_checkpoint
+from spinal_transfer.evaluation import read_predictions
+from spinal_transfer.train import run
+
+PACKAGE = Path(__file__).resolve().parents[1] / "spinal_transfer"
+ENV = {**os.environ, "PYTHONHASHSEED": "0"}
+
+
+def _cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spinal_transfer", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=timeout)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def three_digits(tmp_path_factory) -> Path:
+    return write_digits_folder(tmp_path_factory.mktemp("d3") / "digits", digits=(0, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def finished(three_digits, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(tiny_cfg(three_digits, out, epochs=2, limit_train_batches=3))
+    return out
+
+
+def _train_args(data: Path, out: Path, **kw) -> list[str]:
+    return ["train", *cli_flags(**{**TINY, "data": data, "out": out, "epochs": 2, "limit_train_batches": 3, **kw})]
+
+
+# --- one skip log; per-image outputs keep their exact paths --------------------------------------
+
+@pytest.mark.parametrize("options", [dict(select_on="val"), dict(select_on="test"),
+                                     dict(freeze_backbone=True, cache_features=True)],
+                         ids=["select-on-val", "select-on-test", "cache-features"])
+def test_undecodable_test_image_is_listed_once_and_predictions_keep_exact_paths(tmp_path, options):
+    data = write_digits_folder(tmp_path / "d", digits=(0, 1, 2))
+    cut = truncated_jpeg(data / "test" / "digit_1" / "cut.jpg")
+    out = tmp_path / "run"
+    report = run(tiny_cfg(data, out, epochs=2, limit_train_batches=2, **options))
+    lines = (out / "skipped_files.txt").read_text().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == [str(cut)]           # listed once, whatever the epochs
+    assert "truncated" in lines[0] or "corrupt" in lines[0]
+    assert report["num_skipped_files"] == json.loads((out / "report.json").read_text())["num_skipped_files"] == 1
+    others = sorted(str(p) for p in (data / "test").rglob("*.png"))
+    rows = read_predictions(out / "test_predictions.csv")
+    assert [r["path"] for r in rows] == others                          # exact paths, in sample order
+    assert all(r["target_name"] == Path(r["path"]).parent.name for r in rows)
+    assert report["test"]["num_samples"] == len(others)
+
+
+# --- the folder is owned: no silent overwrite, a lock, a fresh default name ----------------------
+
+def test_rerun_into_a_finished_run_refuses_and_leaves_every_file_byte_identical(finished, three_digits):
+    before = _snapshot(finished)
+    res = _cli(*_train_args(three_digits, finished))
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "already holds a finished run" in lines[0] and "--resume" in lines[0]
+    assert "--overwrite" in lines[0] and "Traceback" not in res.stderr
+    assert _snapshot(finished) == before
+
+
+def test_overwrite_removes_the_runs_files_and_nothing_else(finished, three_digits, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    (copy / "my_notes.txt").write_text("mine")
+    (copy / "checkpoints" / "best.pt").write_bytes(b"junk that must go")
+    res = _cli(*_train_args(three_digits, copy, epochs=1, limit_train_batches=1), "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert (copy / "my_notes.txt").read_text() == "mine"
+    assert "--overwrite: removed the earlier run's" in res.stderr and "checkpoints" in res.stderr
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 1
+    assert load_checkpoint(copy / "checkpoints" / "best.pt")["epoch"] == 1
+
+
+def test_a_second_train_on_the_same_folder_refuses_while_the_first_runs(three_digits, tmp_path):
+    out = tmp_path / "busy"
+    first = subprocess.Popen([sys.executable, "-m", "spinal_transfer", *_train_args(three_digits, out, epochs=50,
+                                                                                   limit_train_batches=None)],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "config.yaml").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, "the first run ended before the test could start the second"
+        second = _cli(*_train_args(three_digits, out), "--overwrite")      # not even --overwrite gets in
+        assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr
+        resume = _cli("train", "--resume", str(out))
+        assert resume.returncode == 2 and "is in use" in resume.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # a killed process leaves no stuck lock: the folder can be started over at once
+    again = _cli(*_train_args(three_digits, out, epochs=1, limit_train_batches=1), "--overwrite")
+    assert again.returncode == 0, again.stderr
+
+
+def test_default_out_is_a_new_folder_per_run_printed_at_the_start(three_digits, tmp_path):
+    args = ["train", *cli_flags(**{**TINY, "data": three_digits, "epochs": 1, "limit_train_batches": 1})]
+    first, second = _cli(*args, cwd=tmp_path), _cli(*args, cwd=tmp_path)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.startswith("test_resnet-spinal-") for r in runs)
+    assert f"run folder runs/{runs[0]}" in first.stderr and f"run folder runs/{runs[1]}" in second.stderr
+
+
+# --- resume that listens -------------------------------------------------------------------------
+
+def test_resume_with_more_epochs_extends_a_finished_run_and_reselects(finished, tmp_path):
+    copy = tmp_path / "extend"
+    shutil.copytree(finished, copy)
+    res = _cli("train", "--resume", str(copy), "--epochs", "3")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(r) for r in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    report = json.loads((copy / "report.json").read_text())
+    assert report["epochs_trained"] == 3
+    assert report["best_epoch"] == max(rows, key=lambda r: r["val"]["top1"])["epoch"]
+    assert (copy / "report-epoch2.json").is_file()                     # the earlier report, kept aside
+    assert load_checkpoint(copy / "checkpoints" / "last.pt")["progress"]["epoch"] == 3
+    again = _cli("train", "--resume", str(copy))
+    assert again.returncode == 0 and "nothing to add" in again.stderr
+
+
+@pytest.mark.parametrize("flag", [["--lr", "0.5"], ["--backbone", "timm/test_vit"], ["--seed", "7"],
+                                  ["--head", "linear"], ["--augment", "modern"]])
+def test_resume_refuses_a_flag_that_would_change_the_experiment(finished, flag):
+    before = _snapshot(finished)
+    res = _cli("train", "--resume", str(finished), *flag)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{flag[0]} " in res.stderr and "different experiment" in res.stderr
+    assert _snapshot(finished) == before
+
+
+def test_resume_cannot_shorten_below_what_was_trained(finished):
+    res = _cli("train", "--resume", str(finished), "--epochs", "1")
+    assert res.returncode == 2 and "already trained 2 epochs" in res.stderr
+
+
+# --- structure -----------------------------------------------------------------------------------
+
+def test_the_command_line_imports_neither_torch_nor_timm():
+    code = ("import sys\nimport spinal_transfer, spinal_transfer.cli\nfrom spinal_transfer.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["False", "False"]
+    version = _cli("--version")
+    assert version.returncode == 0 and version.stdout.split() == ["spinal-transfer", __import__("spinal_transfer").__version__]
+    import spinal_transfer
+
+    assert spinal_transfer.build_model.__name__ == "build_model"       # top-level names load on use
+
+
+def test_train_py_is_made_of_short_functions_and_only_the_drivers_import_it():
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+    assert long == []
+    importers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and (node.module == "train" or (
+                    node.module is None and any(a.name == "train" for a in node.names))):
+                importers.add(str(path.relative_to(PACKAGE)))
+    assert importers <= {"cli/train.py", "reproduce.py"}, importers
