@@ -3,7 +3,9 @@
 Why: the paper's scripts read `ImageFolder` trees cut from Kaggle repackagings and, for most datasets, picked the
 best epoch on the test images. Here every dataset is rebuilt from its official source (torchvision where it has
 one), checked against the official split sizes, and given a val split that never touches test: the official one
-where it exists, else a stratified, seeded slice of train recorded in ROOT/<name>/prepare.json.
+where it exists, else a stratified, seeded slice of train recorded in ROOT/<name>/prepare.json. Where the paper's
+layout differs from the official one and matters (Flowers-102: the Kaggle competition layout with 6,552 training
+images instead of the official 1,020), it is a dataset of its own (`flowers102_kaggle`) next to the official one.
 
 Safety: a finished output is never redone; each file is written under a temp name and renamed, so an interrupted
 run is simply rerun; a file that exists with other content, or anything in the output this run would not write,
@@ -76,6 +78,7 @@ class DatasetSpec:
     downloadable: bool = True
     test_fraction: float = 0.0            # only for datasets without an official test split
     note: str = ""
+    unlabeled: tuple[str, ...] = ()       # source splits without labels: counted and checked, never written
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +202,18 @@ def _load_folders(folder: str, split_names: Sequence[str]) -> Callable[[Path, bo
     return load
 
 
+def _load_flowers_kaggle(src: Path, download: bool) -> Splits:
+    """Kaggle `oxford-102-flower-pytorch` flower_data/: train/ and valid/ hold class folders 1..102; test/ holds
+    the competition's unlabeled images (file names only), so it is counted but gives no labelled split."""
+    top = _find_dir(src / "flowers102_kaggle", ("train", "valid"))
+    out = {s: _class_folder_items(top / s) for s in ("train", "valid")}
+    test = top / "test"
+    files = sorted(f for f in test.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS
+                   and not f.name.startswith(".")) if test.is_dir() else []
+    out["test"] = [Item("", f.name, f) for f in files]
+    return out
+
+
 CINIC_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
 
 
@@ -216,6 +231,7 @@ def _load_cinic10(src: Path, download: bool) -> Splits:
 
 _CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 _FLOWERS = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+_FLOWERS_KAGGLE = "https://www.kaggle.com/c/oxford-102-flower-pytorch/data"
 _CALTECH_ZIP = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
 _CARS_KAGGLE = "https://www.kaggle.com/datasets/jessicali9530/stanford-cars-dataset"
 _STL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
@@ -244,7 +260,23 @@ DATASETS: dict[str, DatasetSpec] = {
         needs=("flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"),
         archives=(Archive("flowers-102/102flowers.tgz", "flowers-102/jpg"),),
         load=_load_flowers102, num_classes=102, sizes={"train": 1020, "val": 1020, "test": 6149},
-        split_map={"train": "train", "val": "val", "test": "test"}),
+        split_map={"train": "train", "val": "val", "test": "test"},
+        note="This is the official split (1,020 training images). The paper's scripts used the Kaggle "
+             "`oxford-102-flower-pytorch` layout instead: prepare it as flowers102_kaggle."),
+    "flowers102_kaggle": DatasetSpec(
+        title="Oxford Flowers-102, Kaggle oxford-102-flower-pytorch layout (the paper's data)",
+        origin="Kaggle competition oxford-102-flower-pytorch, flower_data.zip: flower_data/{train,valid}/<1..102>/",
+        page=_FLOWERS_KAGGLE,
+        fetch=(("flower_data.zip", f"{_FLOWERS_KAGGLE} (the file flower_data.zip on the Data tab; sign in and "
+                                   f"accept the competition rules first)"),),
+        needs=("flowers102_kaggle",), archives=(Archive("flower_data.zip", "flowers102_kaggle"),),
+        load=_load_flowers_kaggle, num_classes=102, sizes={"train": 6552, "valid": 818, "test": 819},
+        split_map={"train": "train", "valid": "test"}, unlabeled=("test",), downloadable=False,
+        note="Kaggle needs a login, so --download cannot fetch it. Instead of the zip you may put its extracted "
+             "content in flowers102_kaggle/ (the folder holding train/ and valid/ is found automatically). "
+             "Class folders keep Kaggle's names 1..102 (cat_to_name.json maps them to flower names; it is not "
+             "needed). Kaggle's valid/ (818 images) is the split the paper reported, so it becomes test/; val/ is "
+             "held out of train/. Kaggle's test/ (819 images) has no labels: it is counted, not written."),
     "fruits360": DatasetSpec(
         title="Fruits-360 (131 classes)", origin="Kaggle moltean/fruits, Training/ and Test/ class folders",
         page="https://www.kaggle.com/datasets/moltean/fruits",
@@ -393,7 +425,7 @@ def _check_counts(name: str, splits: Splits, check: bool, log: Callable[[str], A
     spec = DATASETS[name]
     problems = [f"{s}: {len(splits.get(s, []))} images, official {n}" for s, n in spec.sizes.items()
                 if len(splits.get(s, [])) != n]
-    classes = len({it.label for items in splits.values() for it in items})
+    classes = len({it.label for s, items in splits.items() if s not in spec.unlabeled for it in items})
     if classes != spec.num_classes:
         problems.append(f"{classes} classes, official {spec.num_classes}")
     if not problems:
@@ -433,7 +465,8 @@ def _carve(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], l
 
 
 def _assign(name: str, splits: Splits, settings: dict[str, dict[str, Any]]) -> Splits:
-    out = {DATASETS[name].split_map[s]: items for s, items in splits.items()}
+    spec = DATASETS[name]
+    out = {spec.split_map[s]: items for s, items in splits.items() if s not in spec.unlabeled}
     for split in ("test", "val"):
         if split not in out:
             out["train"], out[split] = _carve(out["train"], settings[split]["fraction"], settings[split]["seed"])
@@ -580,6 +613,7 @@ def prepare(name: str, root: Union[str, Path], download: bool = False, source: U
                   else "copies of the original files",
         "source_counts": {s: len(items) for s, items in splits.items()}, "official_counts": spec.sizes,
         "counts_checked": check_counts, "classes": len({it.label for it in plan.values()}),
+        "unlabeled_not_written": {s: len(splits.get(s, [])) for s in spec.unlabeled},
         "counts": counts, "splits": settings,
     })
     log(f"{name}: done -> {out} ({_counts_text(counts)})")
@@ -597,6 +631,11 @@ EXAMPLES = """\
   # Kaggle datasets cannot be downloaded: put the zip in the source folder first
   #   data/raw/fruits.zip  (kaggle datasets download -d moltean/fruits)
   spinal-transfer prepare fruits360 --root data
+
+  # Flowers-102 as the paper's scripts used it (Kaggle oxford-102-flower-pytorch: 6,552 train / 818 valid);
+  # `flowers102` is the official split (1,020 / 1,020 / 6,149)
+  #   data/raw/flower_data.zip  (https://www.kaggle.com/c/oxford-102-flower-pytorch/data)
+  spinal-transfer prepare flowers102_kaggle --root data
 
   # raw archives elsewhere, a 20% val split with another seed
   spinal-transfer prepare stanford_cars --root data --source /mnt/raw --val-fraction 0.2 --seed 1

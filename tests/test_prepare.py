@@ -122,6 +122,33 @@ def fake_flowers102(src: Path):
             {"pink primrose", "hard-leaved pocket orchid", "pink-yellow dahlia_"})
 
 
+KAGGLE_FLOWER_CLASSES = ["1", "10", "102"]  # Kaggle's folder names are the class numbers 1..102
+
+
+def fake_flowers102_kaggle(src: Path):
+    """flower_data.zip as the Kaggle competition oxford-102-flower-pytorch serves it (the file the authors'
+    notebook unzips): flower_data/{train,valid}/<1..102>/image_NNNNN.jpg, flower_data/test/image_NNNNN.jpg
+    with no class folders (the competition's unlabeled test), and flower_data/cat_to_name.json."""
+    tmp = src.parent / "flower_build"
+    top = tmp / "flower_data"
+    n = 0
+    for split, per_class in (("train", N_TRAIN), ("valid", N_TEST)):
+        for c in KAGGLE_FLOWER_CLASSES:
+            for _ in range(per_class):
+                n += 1
+                _jpeg(top / split / c / f"image_{n:05d}.jpg")
+    for _ in range(7):
+        n += 1
+        _jpeg(top / "test" / f"image_{n:05d}.jpg")
+    (top / "cat_to_name.json").write_text(json.dumps({"1": "pink primrose", "10": "globe thistle",
+                                                      "102": "blackberry lily"}))
+    src.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(src / "flower_data.zip", "w") as zf:
+        for f in sorted(tmp.rglob("*")):
+            zf.write(f, f.relative_to(tmp).as_posix())
+    return {"train": 30, "valid": 12, "test": 7}, set(KAGGLE_FLOWER_CLASSES)
+
+
 def fake_caltech101(src: Path):
     base = src / "caltech101" / "101_ObjectCategories"
     for cat in ("BACKGROUND_Google", "Faces_easy", "accordion", "airplanes"):
@@ -210,8 +237,8 @@ def _quiet(_msg: str) -> None:
 # ---- layout, counts, splits --------------------------------------------------------------------
 
 def test_registry_covers_the_paper_datasets():
-    assert set(prep.DATASETS) == {"stanford_cars", "flowers102", "fruits360", "caltech101", "stl10", "cifar10",
-                                  "cifar100", "svhn", "cinic10", "bird225"}
+    assert set(prep.DATASETS) == {"stanford_cars", "flowers102", "flowers102_kaggle", "fruits360", "caltech101",
+                                  "stl10", "cifar10", "cifar100", "svhn", "cinic10", "bird225"}
     assert set(FAKES) == set(prep.DATASETS)
 
 
@@ -230,10 +257,11 @@ def test_prepare_layout_counts_and_manifest(tmp_path, name):
     assert manifest["dataset"] == name and manifest["origin"] == spec.origin
     assert manifest["counts"] == counts and manifest["source_counts"] == sizes
     assert manifest["classes"] == len(classes) and manifest["counts_checked"] is False
-    total = sum(sizes.values())
+    assert manifest["unlabeled_not_written"] == {s: sizes[s] for s in spec.unlabeled}
+    total = sum(n for s, n in sizes.items() if s not in spec.unlabeled)   # unlabeled images are never written
     assert sum(counts.values()) == total
 
-    official = {spec.split_map[s]: n for s, n in sizes.items()}
+    official = {spec.split_map[s]: n for s, n in sizes.items() if s not in spec.unlabeled}
     train = official["train"]
     if "test" in official:
         assert counts["test"] == official["test"]
@@ -251,6 +279,62 @@ def test_prepare_layout_counts_and_manifest(tmp_path, name):
         assert counts["val"] == math.ceil(0.1 * train)
         train -= counts["val"]
     assert counts["train"] == train
+
+
+# ---- Flowers-102: the official split and the authors' Kaggle layout ----------------------------
+
+def test_flowers_kaggle_layout_gives_the_authors_splits(tmp_path):
+    """Kaggle's train/ is what the authors trained on (val is held out of it for the honest protocol), Kaggle's
+    valid/ is the split they reported (our test/, copied byte for byte), and the unlabeled test/ is not written."""
+    fake_flowers102_kaggle(tmp_path / "raw")
+    out = prep.prepare("flowers102_kaggle", tmp_path, check_counts=False, log=_quiet)
+    files = _files(out)
+    manifest = json.loads((out / prep.MANIFEST).read_text())
+    assert manifest["source_counts"] == {"train": 30, "valid": 12, "test": 7}
+    assert manifest["unlabeled_not_written"] == {"test": 7}
+    assert manifest["counts"] == {"train": 27, "val": 3, "test": 12} and manifest["classes"] == 3
+    assert manifest["splits"]["test"] == {"from": "valid"} and manifest["splits"]["train"] == {"from": "train"}
+    assert manifest["splits"]["val"]["from"] == "train" and manifest["splits"]["val"]["stratified"] is True
+    assert sorted(files["test"]) == sorted(KAGGLE_FLOWER_CLASSES)
+    kaggle = tmp_path / "raw" / "flowers102_kaggle" / "flower_data"
+    for c in KAGGLE_FLOWER_CLASSES:
+        assert files["test"][c] == sorted(f.name for f in (kaggle / "valid" / c).iterdir())
+        assert sorted(files["train"][c] + files["val"][c]) == sorted(f.name for f in (kaggle / "train" / c).iterdir())
+        assert len(files["val"][c]) == 1          # ceil(0.1 * 10) per class
+    some = next((out / "test" / "10").iterdir())
+    assert some.read_bytes() == (kaggle / "valid" / "10" / some.name).read_bytes()
+    unlabeled = {f.name for f in (kaggle / "test").iterdir()}
+    assert not unlabeled & {f.name for f in out.rglob("*.jpg")}
+
+
+def test_flowers_kaggle_counts_are_the_authors(tmp_path):
+    """The count check holds the Kaggle archive to the sizes the authors' notebooks imply (6,552 train images,
+    818 in valid; with the 819 unlabeled test images these are the official 8,189) and the official split stays."""
+    kaggle, official = prep.DATASETS["flowers102_kaggle"], prep.DATASETS["flowers102"]
+    assert kaggle.sizes == {"train": 6552, "valid": 818, "test": 819} and kaggle.num_classes == 102
+    assert official.sizes == {"train": 1020, "val": 1020, "test": 6149} and official.num_classes == 102
+    assert sum(kaggle.sizes.values()) == sum(official.sizes.values()) == 8189
+    # 811/818 = 99.14% and 808/818 = 98.78%: the valid accuracies printed by the authors' Flowers notebook
+    assert (round(100 * 811 / 818, 2), round(100 * 808 / 818, 2)) == (99.14, 98.78)
+    fake_flowers102_kaggle(tmp_path / "raw")
+    with pytest.raises(prep.PrepareError) as e:
+        prep.prepare("flowers102_kaggle", tmp_path, log=_quiet)
+    msg = str(e.value)
+    for text in ("train: 30 images, official 6552", "valid: 12 images, official 818", "test: 7 images, official 819",
+                 "3 classes, official 102", "--no-check-counts"):
+        assert text in msg, text
+    assert not (tmp_path / "flowers102_kaggle").exists()
+
+
+def test_flowers_kaggle_and_official_live_side_by_side(tmp_path):
+    fake_flowers102(tmp_path / "raw")
+    fake_flowers102_kaggle(tmp_path / "raw")
+    official = prep.prepare("flowers102", tmp_path, check_counts=False, log=_quiet)
+    kaggle = prep.prepare("flowers102_kaggle", tmp_path, check_counts=False, log=_quiet)
+    assert (official, kaggle) == (tmp_path / "flowers102", tmp_path / "flowers102_kaggle")
+    assert json.loads((official / prep.MANIFEST).read_text())["splits"]["val"] == {"from": "val"}
+    assert json.loads((kaggle / prep.MANIFEST).read_text())["splits"]["test"] == {"from": "valid"}
+    assert "flowers102_kaggle" in prep.how_to_get("flowers102", tmp_path / "raw")
 
 
 def test_array_datasets_become_pngs_with_the_right_pixels(tmp_path):
@@ -365,6 +449,8 @@ def test_a_foreign_manifest_is_refused(tmp_path):
     ("stl10", ["stl10_binary/train_X.bin", "stl10_binary/unlabeled_X.bin", "stl10_binary.tar.gz"]),
     ("flowers102", ["flowers-102/jpg", "flowers-102/setid.mat", "flowers-102/102flowers.tgz",
                     "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/imagelabels.mat"]),
+    ("flowers102_kaggle", ["flowers102_kaggle", "flower_data.zip", "https://www.kaggle.com/c/oxford-102-flower-pytorch",
+                           "--download cannot fetch it"]),
     ("caltech101", ["caltech101/101_ObjectCategories", "caltech101/caltech-101.zip",
                     "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"]),
     ("stanford_cars", ["stanford_cars/devkit/cars_meta.mat", "stanford_cars/cars_test_annos_withlabels.mat",
