@@ -25,10 +25,11 @@ import yaml
 from .errors import ConfigError
 
 # Fields that may change when a run is resumed: they change how or how long it runs, not what it learns
-# (`data` only moves the folder: the run's recorded files must all be found there). Everything else is the
-# experiment, and a resumed run keeps it.
+# (`data` only moves the folder: the run's recorded files must all be found there). batch_size and
+# accum_steps may change together when their product, the global batch, stays (e.g. after running out of
+# memory). Everything else is the experiment, and a resumed run keeps it.
 RESUME_SAFE = ("epochs", "stages", "data", "workers", "log_interval", "limit_train_batches", "device", "compile",
-               "channels_last", "deterministic")
+               "channels_last", "deterministic", "cache_dir")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -114,6 +115,9 @@ class TrainConfig:
     freeze_backbone: bool = _opt(False, "keep the backbone frozen for the whole run")
     cache_features: bool = _opt(False, "with --freeze-backbone: compute backbone features once, train the head on them",
                                 applies={"freeze_backbone": (True,)})
+    cache_dir: str = _opt("", "where cached features are kept, shared by every run that uses the same backbone, "
+                              "weights, preprocessing and files (default: feature-cache/ beside the run folder)",
+                          applies={"cache_features": (True,)})
     label_smoothing: float = _opt(0.0, "label smoothing", min=0.0, max=0.99)
     mixup: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables", min=0.0)
     cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables", min=0.0)
@@ -403,7 +407,12 @@ def resolve_config(recipe: Optional[Union[str, Path, TrainConfig]] = None, flags
     New run: `recipe` (a YAML path or a TrainConfig; None = the defaults), then `flags` on top.
     Resume (`resumed` = the run's own config): the flags on top of it, checked by `resume_config`.
     """
-    flags = {k: check_value(k, v) if k in CONFIG_FIELDS else v for k, v in (flags or {}).items()}
+    try:
+        flags = {k: check_value(k, v) if k in CONFIG_FIELDS else v for k, v in (flags or {}).items()}
+    except ConfigError as e:          # a flag's error names the flag as it was typed
+        key = (e.key or "").split("[")[0]
+        raise ConfigError(f"--{key.replace('_', '-')}{str(e)[len(key):]}" if str(e).startswith(key) else str(e),
+                          key=e.key) from None
     if resumed is None:
         base = recipe if isinstance(recipe, TrainConfig) else TrainConfig.from_yaml(recipe) if recipe else TrainConfig()
         return TrainConfig.from_dict({**base.to_dict(), **_schedule(base, flags)})
@@ -422,7 +431,9 @@ def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int]
     have, want = old.to_dict(), new.to_dict()
     changed = {k: v for k, v in want.items() if k != "out" and v != have[k] and old.applies(k)
                and not (v is None and CONFIG_FIELDS[k].default is None)}
-    refused = [k for k in changed if k not in RESUME_SAFE]
+    same_global_batch = old.batch_size * old.accum_steps == new.batch_size * new.accum_steps
+    refused = [k for k in changed if k not in RESUME_SAFE
+               and not (k in ("batch_size", "accum_steps") and same_global_batch)]
     if refused:
         shown = ", ".join(f"--{k.replace('_', '-')} {changed[k]!r} (the run has {have[k]!r})" for k in refused)
         raise ConfigError(f"{shown} would make the resumed run a different experiment. Resume accepts only "

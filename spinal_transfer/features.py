@@ -1,16 +1,25 @@
 """Cached-feature mode: run the frozen backbone once, store what reaches the head, train the head on it.
 
-The cache is a memory-mapped .npy per split, named by a fingerprint of everything that determines the
-features (backbone, weights and their file contents, head placement, preprocessing, file list, precision).
-A change to any of them gives a new name, so a stale cache is never read.
+The cache is a folder shared by every run, seed and head that uses the same backbone on the same files
+(default: feature-cache/ beside the run folders). An entry is a memory-mapped `<fingerprint>.npy` and its
+`<fingerprint>.json`, named by a fingerprint of everything that determines the features (backbone, weights
+and their file contents, head placement, preprocessing, file list, precision): a change to any of them gives
+a new name, so a stale entry is never read.
+
+Safe under concurrent readers and writers: an entry is computed under a lock of its own (a second process
+that wants it waits, then reads what the first wrote), its files are written under temporary names and
+renamed, and the .json, renamed last, is the entry's completion mark: a half-written entry is never read.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +34,7 @@ from .surgery import get_head
 from .transforms import transform_signature
 
 Sample = tuple[str, int]
+log = logging.getLogger("spinal_transfer")
 
 
 def _file_digest(path: Path) -> str:
@@ -94,25 +104,44 @@ def _collate(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list
     return x, y, idx, []
 
 
+def default_cache_dir(run_path: Path) -> Path:
+    """feature-cache/ beside the run folder, so the runs of one folder of runs share it."""
+    return run_path.resolve().parent / "feature-cache"
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path) -> Iterator[None]:
+    """Exclusive right to compute one cache entry; waits while another process holds it (POSIX lock: released
+    when its holder dies)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def cached_split(model: nn.Module, samples: list[Sample], transform: Any, cache: Path, name: str, *,
                  weights: Optional[str], device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
                  batch_size: int, workers: Optional[int], skips: Any) -> tuple[FeatureDataset, list[Sample]]:
-    """(features, the samples they belong to) of one split; computed and stored in `cache` first when missing
-    or stale. Files that fail to decode go to `skips` (also when read back from the cache)."""
+    """(features, the samples they belong to) of one split, computed and stored in `cache` first when no other
+    run has. Files that fail to decode go to `skips` (also when read back from the cache)."""
     fp = fingerprint(model, weights, transform, samples, dtype, channels_last)
-    path, meta_path = cache / f"{name}-{fp}.npy", cache / f"{name}-{fp}.json"
-    if not (path.exists() and meta_path.exists()):
-        cache.mkdir(parents=True, exist_ok=True)
-        for stale in cache.glob(f"{name}-*"):
-            stale.unlink()
-        found = type(skips)()
-        loader = make_loader(samples, transform, batch_size, workers, device, SequentialSampler(range(len(samples))))
-        feats, kept = compute_features(model, found.watch(loader), device, dtype, channels_last)
-        tmp = cache / f".{name}-{fp}.tmp.npy"
-        np.save(tmp, feats)
-        os.replace(tmp, path)
-        atomic_write_text(meta_path, json.dumps({"kept": kept, "skipped": list(found.entries.items()),
-                                                 "fingerprint": fp}))
+    cache.mkdir(parents=True, exist_ok=True)
+    path, meta_path = cache / f"{fp}.npy", cache / f"{fp}.json"
+    if not meta_path.exists():
+        with _entry_lock(cache / f".{fp}.lock"):
+            if not meta_path.exists():          # nobody computed it while we waited
+                found = type(skips)()
+                loader = make_loader(samples, transform, batch_size, workers, device,
+                                     SequentialSampler(range(len(samples))))
+                log.info(f"computing {name} features ({len(samples)} images) into {path}")
+                feats, kept = compute_features(model, found.watch(loader), device, dtype, channels_last)
+                tmp = cache / f".{fp}.{os.getpid()}.tmp.npy"
+                np.save(tmp, feats)
+                os.replace(tmp, path)
+                atomic_write_text(meta_path, json.dumps({"split": name, "kept": kept, "fingerprint": fp,
+                                                         "skipped": list(found.entries.items())}))
     meta = json.loads(meta_path.read_text())
     skips.add(meta["skipped"])
     kept = [samples[i] for i in meta["kept"]]

@@ -6,7 +6,7 @@ atomically (temporary file, then rename), so a kill at any moment leaves each fi
 Layout (README, "What lands in RUN/"):
 
     config.yaml  classes.json  splits.json  metrics.jsonl  report.json  report.html  test_predictions.csv
-    skipped_files.txt  train.log  checkpoints/{best,last,stage_best}.pt  plots/*.png  features/  .lock
+    skipped_files.txt  train.log  checkpoints/{best,last,stage_best}.pt  plots/*.png  .lock
 
 `report.json` is written last: its presence is the one marker of a finished run (`is_finished`).
 """
@@ -30,7 +30,7 @@ PathLike = Union[str, os.PathLike]
 # Every file and folder a run writes; --overwrite removes these and nothing else.
 OWN_FILES = ("config.yaml", "classes.json", "splits.json", "metrics.jsonl", "report.json", "report.html",
              "test_predictions.csv", "skipped_files.txt", "train.log", "lr_find.png")
-OWN_DIRS = ("checkpoints", "plots", "features", "tensorboard", "wandb")
+OWN_DIRS = ("checkpoints", "plots", "tensorboard", "wandb")
 
 
 def default_run_name(backbone: str, head: str, now: Optional[datetime.datetime] = None) -> str:
@@ -71,7 +71,6 @@ class RunDir:
     last = property(lambda self: self.path / "checkpoints" / "last.pt")
     stage_best = property(lambda self: self.path / "checkpoints" / "stage_best.pt")
     plots = property(lambda self: self.path / "plots")
-    features = property(lambda self: self.path / "features")
     lock_file = property(lambda self: self.path / ".lock")
 
     def plot(self, name: str) -> Path:
@@ -152,7 +151,7 @@ class RunDir:
 
     def remove_stray_temps(self) -> list[Path]:
         """Temporary files an interrupted atomic write left behind (kill -9 mid-save); removed on the next start."""
-        stray = [p for d in (self.path, self.checkpoints, self.plots, self.features) if d.is_dir()
+        stray = [p for d in (self.path, self.checkpoints, self.plots) if d.is_dir()
                  for p in d.glob(f".*{TMP_SUFFIX}")]
         for p in stray:
             p.unlink(missing_ok=True)
@@ -231,6 +230,11 @@ def check_new_run(run: RunDir, overwrite: bool, log: Any) -> None:
     """Starting a new run in `run`: refuse a folder that holds a run unless `overwrite`, which removes only
     what a run wrote there, and says what."""
     if not run.holds_run():
+        return
+    if run.state() == "started" and not overwrite:     # it never finished an epoch: nothing to lose
+        removed = run.clear()
+        log(f"{run.path} held a run that never finished an epoch; starting over (removed "
+            f"{', '.join(p.name for p in removed)})")
         return
     if not overwrite:
         state = run.state()

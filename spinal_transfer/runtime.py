@@ -131,18 +131,53 @@ def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
-def setup_logging(log_file: Optional[Path] = None) -> logging.Logger:
-    """Console + `log_file` (a run's train.log) on rank 0; other ranks only warn."""
+class _Pending(logging.Handler):
+    """Holds the records logged before a run's train.log may be written (the run folder is not touched until
+    its data and model are checked); `attach_log_file` writes them there first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _RunLogFile(logging.FileHandler):
+    """train.log; a failed write (full disk) must not print a logging traceback: the checkpoint writer reports
+    the real problem in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+_FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging() -> logging.Logger:
+    """Messages to the console on rank 0 (other ranks only warn), kept until `attach_log_file`."""
     log.handlers.clear()
     log.setLevel(logging.INFO if is_main() else logging.WARNING)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(fmt)
+    h.setFormatter(_FORMAT)
+    h.addFilter(lambda r: not getattr(r, "file_only", False))     # e.g. the final error: cli.main prints it
     log.addHandler(h)
-    if log_file is not None and is_main():
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
+    log.addHandler(_Pending())
     return log
+
+
+def attach_log_file(log_file: Path) -> None:
+    """From now on also into `log_file` (a run's train.log, rank 0), starting with what was logged before."""
+    pending = [h for h in log.handlers if isinstance(h, _Pending)]
+    for h in pending:
+        log.removeHandler(h)
+    if not is_main():
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fh = _RunLogFile(log_file)
+    fh.setFormatter(_FORMAT)
+    for h in pending:
+        for record in h.records:
+            fh.handle(record)
+    log.addHandler(fh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import time
 import warnings
@@ -21,35 +22,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointSaver, checkpoint_meta, load_checkpoint
+from .checkpoint import CheckpointSaver, checkpoint_meta, load_checkpoint, system_error
 from .config import Stage, TrainConfig, resume_config
-from .distributed import (
-    any_rank,
-    barrier,
-    broadcast_object,
-    init_distributed,
-    is_main,
-    rank,
-    sum_over_ranks,
-    world_size,
-)
-from .errors import NonFiniteLoss, ResourceError, RunFolderError, UserError
+from .distributed import (any_rank, barrier, broadcast_object, init_distributed, is_main, rank, sum_over_ranks,
+                          world_size)
+from .errors import DataError, NonFiniteLoss, ResourceError, RunFolderError, UserError
 from .evaluation import Outputs, autocast, predict_logits, predictions_csv
 from .heads import head_options
 from .loaders import EpochSampler, ShardSampler, balanced_sample_weights, class_weights, make_loader, train_drop_last
 from .metrics import classification_metrics, summary
 from .optim import FreezePolicy, make_optimizer, make_scheduler
 from .rundir import RunDir, SkipLog, check_new_run, default_run_name
-from .runtime import (
-    amp_dtype,
-    configure_process,
-    pick_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    setup_logging,
-    use_channels_last,
-)
+from .runtime import (amp_dtype, configure_process, pick_device, rng_state, seed_everything, set_rng_state,
+                      attach_log_file, setup_logging, use_channels_last)
 from .splits import Splits, load_recorded, record, scan
 from .surgery import build_model, get_head
 from .transforms import Augmentation, DataConfig, build_transforms, resolve_data_config
@@ -141,6 +126,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
     elif not cfg.out:
         cfg = dataclasses.replace(cfg, out=broadcast_object(default_run_name(cfg.backbone, cfg.head)))
     run_dir = RunDir(cfg.out)
+    if resume is None:
+        _check_data_folder(cfg.data, run_dir)
     if resume is None and not overwrite:         # refuse before touching anything (checked again under the lock)
         _on_main(lambda: check_new_run(run_dir, overwrite, log.info))
     with _exclusive(run_dir):
@@ -166,10 +153,23 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
             if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
                 raise
             raise _logged(_out_of_memory(e, cfg, device, run_dir)) from None
+        except OSError as e:       # a full disk or a lost permission while writing plots, logs, predictions
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise _logged(system_error(e, Path(e.filename or run_dir.path))) from None
+
+
+def _check_data_folder(data: str, run: RunDir) -> None:
+    folder = Path(data).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{data}: no such data folder" if data else "no data folder given (--data DIR)")
+    if run.path.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"--out {run.path} is inside the data folder {data}: the run's files would be read as a "
+                        f"class; choose an --out outside it")
 
 
 def _logged(e: UserError) -> UserError:
-    log.error(f"error: {e}")            # into train.log too, not only the terminal
+    log.error(f"error: {e}", extra={"file_only": True})      # into train.log; cli.main prints it on the terminal
     return e
 
 
@@ -177,15 +177,17 @@ def _last_good(run: RunDir) -> str:
     """Where the run can be continued from, named only if it exists."""
     if not run.last.is_file():
         return "No checkpoint was saved yet."
-    epoch = load_checkpoint(run.last)["progress"]["epoch"]
-    return f"The last good checkpoint is {run.last} (after epoch {epoch}; not overwritten)."
+    p = load_checkpoint(run.last)["progress"]
+    where = f"epoch {p['epoch'] + 1}, batch {p['batch']}" if p.get("batch") else f"after epoch {p['epoch']}"
+    return f"The last good checkpoint is {run.last} ({where}; not overwritten)."
 
 
 def _out_of_memory(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunDir) -> ResourceError:
+    half = max(1, cfg.batch_size // 2)
     return ResourceError(f"out of memory on {device} with --batch-size {cfg.batch_size}"
-                         f"{f' at --img-size {cfg.img_size}' if cfg.img_size else ''}: try --batch-size "
-                         f"{max(1, cfg.batch_size // 2)}" + (", --amp bf16" if cfg.amp in ("auto", "none") else "")
-                         + f" or a smaller --img-size, then resume. {_last_good(run)}")
+                         f"{f' at --img-size {cfg.img_size}' if cfg.img_size else ''}: try --batch-size {half} "
+                         f"--accum-steps {cfg.accum_steps * 2} (the same global batch; a resumed run accepts it)"
+                         + (" or --amp bf16" if cfg.amp in ("auto", "none") else "") + f". {_last_good(run)}")
 
 
 def _train(s: Session) -> dict:
@@ -243,14 +245,15 @@ def _open(run: RunDir, resume: bool, overwrite: bool) -> Optional[dict]:
 def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[dict] = None) -> Session:
     """Everything the loop needs: data, model, input pipeline, loaders, loss, checkpoint saver, restored state."""
     seed_everything(cfg.seed, cfg.deterministic)
-    if is_main():
-        run.path.mkdir(parents=True, exist_ok=True)
-        setup_logging(run.log)
     log.info(f"run folder {run.path}" + (f" (resuming from epoch {ckpt['progress']['epoch']})" if ckpt else ""))
     skips = SkipLog(run.skipped)
     splits = load_data(cfg, run, skips)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
                         weights="none" if ckpt else cfg.weights, replace=cfg.replace, **head_options(cfg))
+    attach_log_file(run.log)                          # data and model are fine: the run folder is written from here
+    if is_main() and not run.splits.is_file():
+        run.write_json(run.splits, record(splits))
+        run.write_json(run.classes, splits.classes)
     for note in model.spinal_info.notes:
         log.info(note)
     dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
@@ -276,16 +279,13 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
 
 
 def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
-    """The run's file lists: recorded at its start (splits.json) and read back on resume, so images added,
-    removed or changed later never change what it trains and tests on. Rank 0 reads, every rank takes them."""
+    """The run's file lists: scanned at its start (and recorded in splits.json by `setup`), read back on resume,
+    so images added, removed or changed later never change what it trains and tests on. Rank 0 reads, every
+    rank takes them."""
     splits = None
     if is_main():
-        if run.splits.is_file():
-            splits = load_recorded(run.read_json(run.splits), cfg.data)
-        else:
-            splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-            run.write_json(run.splits, record(splits))
-            run.write_json(run.classes, splits.classes)
+        splits = (load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else
+                  scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed))
     splits = broadcast_object(splits)
     skips.add(splits.skipped)
     return splits
@@ -326,15 +326,17 @@ def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Sp
     eval_tf = build_transforms(dc, train=False)
     samples = {n: splits.get(n) for n in ("train", "val", "test")}
     if cfg.cache_features:
-        from .features import cached_split
+        from .features import cached_split, default_cache_dir
 
-        log.info("cached-feature mode: the backbone runs once without augmentation; training sees the stored features")
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run.path)
+        log.info(f"cached-feature mode: the backbone runs once without augmentation (features in {cache}); "
+                 f"training sees the stored features")
         FreezePolicy.apply(model, frozen=True)
         feats = {}
         for turn in ("compute", "load"):
             if turn == "load" or is_main():
                 for n in samples:
-                    feats[n] = cached_split(model, splits.get(n), eval_tf, run.features, n, weights=cfg.weights,
+                    feats[n] = cached_split(model, splits.get(n), eval_tf, cache, n, weights=cfg.weights,
                                             device=device, dtype=dtype, channels_last=channels_last,
                                             batch_size=cfg.batch_size, workers=cfg.workers, skips=skips)
             barrier()

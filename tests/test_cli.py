@@ -10,7 +10,7 @@ import pytest
 
 from spinal_transfer.cli import build_parser, main
 
-COMMANDS = ("train", "evaluate", "models", "describe", "prepare", "reproduce", "export", "predict")
+from spinal_transfer.cli import COMMANDS
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -37,6 +37,9 @@ def test_models_filter(capsys):
     assert all(n.startswith("torchvision/resnet") for n in names)
     assert main(["models", "--filter", "test_vit"]) == 0         # a plain word is a substring match
     assert "timm/test_vit" in capsys.readouterr().out.split()
+    assert main(["models", "timm/"]) == 0                           # the form error messages suggest
+    names = capsys.readouterr().out.split()
+    assert "timm/resnet50" in names and all(n.startswith("timm/") for n in names)
 
 
 def _describe(capsys, *argv: str) -> dict[str, str]:
@@ -64,7 +67,7 @@ def test_describe_vgg_numbers_follow_the_formulas(capsys):
     macs = h * w + 3 * (h + w) * w + 4 * w * C
     assert _int(rows["new head MACs/sample"]) == macs
     assert _int(rows["new head params"]) == macs + 4 * w + 4 * 2 * w + C
-    assert rows["MACs ratio default/new"] == f"{default_macs / macs:.2f}x"
+    assert rows["new head MACs vs default"] == f"{default_macs / macs:.2f}x fewer"
 
 
 def test_describe_timm_measures_the_width_that_reaches_the_classifier(capsys):
@@ -74,13 +77,20 @@ def test_describe_timm_measures_the_width_that_reaches_the_classifier(capsys):
     width = timm.create_model("test_resnet").num_features
     assert _int(rows["feature width"]) == width
     assert _int(rows["new head params"]) == (width + 1) * 7 == _int(rows["default head params"])
-    assert rows["MACs ratio default/new"] == "1.00x"
+    assert rows["new head MACs vs default"] == "the same"
+
+
+def test_describe_says_how_much_larger_a_head_is_than_the_default(capsys):
+    rows = _describe(capsys, "timm/test_resnet", "--num-classes", "4", "--head", "spinal", "--layer-width", "64")
+    default, new = _int(rows["default head MACs/sample"]), _int(rows["new head MACs/sample"])
+    assert new > default and rows["new head MACs vs default"] == f"{new / default:.2f}x more"
 
 
 @pytest.mark.parametrize("argv,message", [
     (["describe", "torchvision/no_such_net", "--num-classes", "3"], "no classification model"),
     (["describe", "resnet18", "--num-classes", "3"], "'torchvision/<name>' or 'timm/<name>'"),
     (["train", "--data", "/no/such/folder", "--backbone", "timm/test_resnet", "--weights", "none"], "no such data folder"),
+    (["describe", "timm/no_such_net", "--num-classes", "3"], "spinal-transfer models timm/"),
 ])
 def test_bad_input_is_a_one_line_error_not_a_traceback(argv, message, capsys, tmp_path):
     if argv[0] == "train":

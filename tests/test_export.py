@@ -19,15 +19,16 @@ from torch import nn
 
 import spinal_transfer
 from conftest import write_digits_folder
-from spinal_transfer.checkpoint import UnsafeCheckpointError, atomic_save
+from spinal_transfer.checkpoint import atomic_save, checkpoint_meta, load_run_checkpoint, model_from_checkpoint
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
-from spinal_transfer.data import load_image
-from spinal_transfer.export import FORMAT_FILES, READERS, ExportError, MissingDependency, eval_transform, export
+from spinal_transfer.images import load_image
+from spinal_transfer.export import FORMAT_FILES, READERS, ExportError, eval_transform, export
 from spinal_transfer.heads import head_options
 from spinal_transfer.metrics import classification_metrics
 from spinal_transfer.surgery import build_model
-from spinal_transfer.train import checkpoint_meta, load_run_checkpoint, model_from_checkpoint, run
+from spinal_transfer.errors import MissingDependency, UnsafeCheckpointError
+from spinal_transfer.train import run
 from spinal_transfer.transforms import resolve_data_config
 
 TINY = dict(backbone="timm/test_resnet", weights="none", head="spinal", head_preset="vgg", layer_width=16,
@@ -210,8 +211,9 @@ def test_googlenet_exports_in_eval_mode(tmp_path):
     eval mode: every format must still give plain logits (TorchScript falls back to tracing)."""
     cfg = TrainConfig(backbone="torchvision/googlenet", weights="none", img_size=64, layer_width=16, head_preset="vgg")
     model = build_model(cfg.backbone, 3, weights=None, **head_options(cfg))
-    ckpt = {"model": model.state_dict(), "epoch": 0,
-            **checkpoint_meta(cfg, ["a", "b", "c"], resolve_data_config(cfg, model), model)}
+    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size)
+    ckpt = {"model": model.state_dict(), "epoch": 1, **checkpoint_meta(cfg.to_dict(), ["a", "b", "c"], dc,
+                                                                       model.spinal_info)}
     atomic_save(ckpt, tmp_path / "googlenet.pt")
     config = export(tmp_path / "googlenet.pt", tmp_path / "bundle", list(FORMAT_FILES))
     assert config["formats"]["torchscript"]["method"] == "trace"

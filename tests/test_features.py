@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import write_digits_folder
+from spinal_transfer.checkpoint import atomic_save, load_checkpoint
 from spinal_transfer.config import TrainConfig
 from spinal_transfer.train import run
 
@@ -16,54 +18,55 @@ BASE = dict(backbone="timm/test_resnet", weights="none", head="spinal", head_pre
             freeze_backbone=True, log_interval=1000)
 
 
-def _features(run_dir):
-    return sorted(p.name for p in (run_dir / "features").glob("*.npy"))
+def _features(cache: Path) -> dict[str, int]:
+    """Cache entries: file name -> modification time."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(cache.glob("*.npy"))}
 
 
 def test_cached_run_matches_uncached_frozen_run(digits_folder, tmp_path):
     cfg = TrainConfig(**BASE, data=str(digits_folder), out=str(tmp_path / "plain"))
     plain = run(cfg)
     cached = run(dataclasses.replace(cfg, cache_features=True, out=str(tmp_path / "cached")))
-    assert len(_features(tmp_path / "cached")) == 3
+    assert len(_features(tmp_path / "feature-cache")) == 3                 # beside the runs, one per split
     for split in ("val", "test"):
         for k in ("top1", "top5", "macro_f1"):
             assert cached[split][k] == pytest.approx(plain[split][k], abs=1e-6), (split, k)
         assert cached[split]["loss"] == pytest.approx(plain[split]["loss"], rel=1e-4, abs=1e-5)
-    a = torch.load(tmp_path / "plain" / "checkpoints" / "best.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "cached" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    a = load_checkpoint(tmp_path / "plain" / "checkpoints" / "best.pt")["model"]
+    b = load_checkpoint(tmp_path / "cached" / "checkpoints" / "best.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def test_changed_preprocessing_or_weight_file_invalidates_cache(tmp_path):
+def test_runs_share_the_cache_and_a_change_of_preprocessing_or_weights_file_makes_new_entries(tmp_path):
     digits_folder = write_digits_folder(tmp_path / "digits", digits=(0, 1, 2))
     # a backbone checkpoint to start from, saved by a short run
     src = tmp_path / "src"
     run(TrainConfig(**{**BASE, "epochs": 1, "freeze_backbone": False, "limit_train_batches": 2},
                     data=str(digits_folder), out=str(src)))
     weights = src / "checkpoints" / "best.pt"
-    out = tmp_path / "cached"
-    cfg = TrainConfig(**{**BASE, "epochs": 1, "weights": str(weights)}, data=str(digits_folder), out=str(out),
-                      cache_features=True)
+    cache = tmp_path / "shared"
+    cfg = TrainConfig(**{**BASE, "epochs": 1, "weights": str(weights)}, data=str(digits_folder),
+                      out=str(tmp_path / "a"), cache_features=True, cache_dir=str(cache))
     run(cfg)
-    first = _features(out)
-    mtimes = {p: p.stat().st_mtime_ns for p in (out / "features").glob("*.npy")}
-    run(cfg)                                   # unchanged: the cache is reused, not rewritten
-    assert _features(out) == first
-    assert {p: p.stat().st_mtime_ns for p in (out / "features").glob("*.npy")} == mtimes
+    first = _features(cache)
+    assert len(first) == 3
+    run(dataclasses.replace(cfg, out=str(tmp_path / "b"), seed=1, head="linear"))   # another run: reused as is
+    assert _features(cache) == first
 
-    run(dataclasses.replace(cfg, mean=[0.4, 0.4, 0.4]))          # other preprocessing
-    second = _features(out)
-    assert second != first and len(second) == 3
+    run(dataclasses.replace(cfg, out=str(tmp_path / "c"), mean=[0.4, 0.4, 0.4]))  # other preprocessing
+    second = _features(cache)
+    assert len(second) == 6 and set(first) < set(second)
 
-    ckpt = torch.load(weights, weights_only=True)                # same file name, other contents
+    ckpt = load_checkpoint(weights)                               # same file name, other contents
     ckpt["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    torch.save(ckpt, weights)
-    run(dataclasses.replace(cfg, mean=[0.4, 0.4, 0.4]))
-    third = _features(out)
-    assert third != second and len(third) == 3
-    meta = json.loads(next((out / "features").glob("train-*.json")).read_text())
-    assert f"train-{meta['fingerprint']}.npy" in third
+    atomic_save(ckpt, weights)
+    run(dataclasses.replace(cfg, out=str(tmp_path / "d"), mean=[0.4, 0.4, 0.4]))
+    third = _features(cache)
+    assert len(third) == 9 and set(second) < set(third)
+    for name in third:
+        meta = json.loads((cache / name.replace(".npy", ".json")).read_text())
+        assert f"{meta['fingerprint']}.npy" == name and meta["split"] in ("train", "val", "test")
 
 
 def test_cache_requires_frozen_backbone():

@@ -84,9 +84,9 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     real_run = train.run
     calls: list[tuple[str, bool]] = []
 
-    def killed_in_second_run(cfg, resume=None):
+    def killed_in_second_run(cfg, resume=None, overwrite=False):
         calls.append((cfg.out, resume is not None))
-        report = real_run(cfg, resume)
+        report = real_run(cfg, resume, overwrite)
         if len(calls) == 2:     # killed after the last checkpoint, before the report: must resume, not restart
             (Path(cfg.out) / "report.json").unlink()
             (Path(cfg.out) / "test_predictions.csv").unlink()
@@ -99,11 +99,11 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         rp.reproduce(recipes, digits_folder.parent, out, seeds=2, epochs=1, limit_train_batches=2, log=print)
     first = rp.run_dir(out, "digits_tiny_default", 0)
-    assert rp.run_state(first) == "finished"
-    assert rp.run_state(rp.run_dir(out, "digits_tiny_spinal", 0)) == "interrupted"
+    assert first.state() == "finished"
+    assert rp.run_dir(out, "digits_tiny_spinal", 0).state() == "interrupted"
     with open(out / "results.csv") as f:       # written on the way out of the interruption
         assert [r["finished_seeds"] for r in csv.DictReader(f)] == ["0", ""]
-    mtime = first.joinpath("report.json").stat().st_mtime_ns
+    mtime = first.report.stat().st_mtime_ns
 
     # Another protocol into the same folder is refused before anything trains.
     calls.clear()
@@ -111,17 +111,17 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
             "--out", str(out), *SMOKE]
     assert cli(args + ["--select-on", "test"]) == 2 and calls == []
 
-    def recording(cfg, resume=None):
+    def recording(cfg, resume=None, overwrite=False):
         calls.append((cfg.out, resume is not None))
-        return real_run(cfg, resume)
+        return real_run(cfg, resume, overwrite)
 
     monkeypatch.setattr(train, "run", recording)
     assert cli(args) == 0
-    dirs = {(name, s): str(rp.run_dir(out, name, s)) for name in ("digits_tiny_default", "digits_tiny_spinal")
+    dirs = {(name, s): str(rp.run_dir(out, name, s).path) for name in ("digits_tiny_default", "digits_tiny_spinal")
             for s in (0, 1)}
     assert calls == [(dirs["digits_tiny_spinal", 0], True), (dirs["digits_tiny_default", 1], False),
                      (dirs["digits_tiny_spinal", 1], False)]
-    assert first.joinpath("report.json").stat().st_mtime_ns == mtime
+    assert first.report.stat().st_mtime_ns == mtime
 
     with open(out / "results.csv") as f:
         rows = {r["recipe"]: r for r in csv.DictReader(f)}

@@ -25,7 +25,7 @@ from torch import nn
 
 from spinal_transfer.heads import LinearHead, MLPHead, SpinalHead
 from spinal_transfer.surgery import build_model, get_head, head_param_names, list_backbones
-from spinal_transfer.weights import WeightsUnavailable
+from spinal_transfer.errors import ConfigError, WeightsUnavailable
 
 C = 5                                              # classes of the new heads
 HEAD_OPTS = {"linear": {}, "mlp": {"hidden": (16,)}, "spinal": {"layer_width": 8}}
@@ -445,7 +445,7 @@ def test_weights_file_that_does_not_match(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError):
         build_model("torchvision/mobilenet_v3_small", C, weights=str(tmp_path / "junk.pt"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="does not exist"):
         build_model("torchvision/mobilenet_v3_small", C, weights=str(tmp_path / "missing.pth"))
 
 

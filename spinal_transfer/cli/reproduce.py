@@ -5,15 +5,8 @@ import argparse
 import sys
 
 from ..config import CONFIG_FIELDS
-from ..reproduce import (
-    DEFAULT_DATA_ROOT,
-    DEFAULT_OUT,
-    DEFAULT_RECIPES,
-    DEFAULT_SEEDS,
-    PAPER_RESULTS,
-    find_recipes,
-    reproduce,
-)
+from ..reproduce import (DEFAULT_DATA_ROOT, DEFAULT_OUT, DEFAULT_RECIPES, DEFAULT_SEEDS, PAPER_RESULTS, find_recipes,
+                         reproduce)
 
 EXAMPLES = f"""\
   spinal-transfer prepare stl10 --root data --download
