@@ -127,17 +127,6 @@ class _Pipe:
                     raise BrowserError(f"{method}: {ans['error']}")
                 return ans.get("result", {})
 
-    def wait_event(self, method: str, session: Optional[str], timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                for e in self.events:
-                    if e.get("method") == method and e.get("sessionId") == session:
-                        return e
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise BrowserError(f"no {method} within {timeout:.0f} s")
 
 
 def _high_fd(fd: int) -> int:
@@ -198,7 +187,18 @@ def render(page: PathLike, *, width: int = 1280, height: int = 900, full_page: b
         nav = cdp.call("Page.navigate", {"url": url}, session=s, timeout=timeout)
         if nav.get("errorText"):
             raise BrowserError(f"cannot open {url}: {nav['errorText']}")
-        cdp.wait_event("Page.loadEventFired", s, timeout)
+        # Loaded = this URL's document has fired `load` (all images in); polling the document itself
+        # cannot be fooled by the about:blank load event that may arrive late.
+        deadline = time.monotonic() + timeout
+        while True:
+            state = cdp.call("Runtime.evaluate", {"expression": "document.readyState === 'complete' && "
+                                                                "location.href !== 'about:blank'",
+                                                  "returnByValue": True}, session=s)
+            if state.get("result", {}).get("value") is True:
+                break
+            if time.monotonic() > deadline:
+                raise BrowserError(f"{url} did not finish loading within {timeout:.0f} s (last state: {state})")
+            time.sleep(0.05)
         result = PageLoad(url=url)
         images = cdp.call("Runtime.evaluate", {"expression": _IMAGES_JS, "awaitPromise": True,
                                                "returnByValue": True}, session=s, timeout=timeout)

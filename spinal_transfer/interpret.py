@@ -63,6 +63,12 @@ def _float(v: Optional[str]) -> Optional[float]:
     return float(v)
 
 
+def _name(row: dict, key: str, idx: int, classes: Optional[Sequence[str]]) -> str:
+    if row.get(key):
+        return row[key]
+    return classes[idx] if classes is not None and 0 <= idx < len(classes) else str(idx)
+
+
 def read_predictions(path: PathLike, classes: Optional[Sequence[str]] = None) -> list[Prediction]:
     """Rows of a predictions CSV, in file order. `classes` fills in names for the old 3-column format."""
     out: list[Prediction] = []
@@ -74,19 +80,14 @@ def read_predictions(path: PathLike, classes: Optional[Sequence[str]] = None) ->
             k += 1
         for r in reader:
             t, p = int(r["target"]), int(r["prediction"])
-
-            def name(key: str, idx: int) -> str:
-                if r.get(key):
-                    return r[key]
-                return classes[idx] if classes is not None and 0 <= idx < len(classes) else str(idx)
-
             tp = _float(r.get("target_prob"))
             loss = _float(r.get("loss"))
             if loss is None and tp is not None:     # the contract defines loss as -log p(target)
                 loss = -math.log(max(tp, 1e-45))
             topk = tuple((r[f"top{i}_name"], float(r[f"top{i}_prob"])) for i in range(1, k + 1)
                          if r.get(f"top{i}_name"))
-            out.append(Prediction(r["path"], t, p, name("target_name", t), name("prediction_name", p), tp,
+            out.append(Prediction(r["path"], t, p, _name(r, "target_name", t, classes),
+                                  _name(r, "prediction_name", p, classes), tp,
                                   _float(r.get("prediction_prob")), loss, topk))
     return out
 

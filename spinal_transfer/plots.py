@@ -185,7 +185,11 @@ def normalize_confusion(cm: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def _short(name: str, width: int = 24) -> str:
-    return name if len(name) <= width else name[: width - 1] + "\u2026"
+    """Shorten in the middle: class names often share a prefix and differ at the end."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "\u2026" + name[-(width - 1 - head):]
 
 
 def confusion_figure(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> "Figure":
