@@ -29,7 +29,8 @@ from .errors import ConfigError
 # accum_steps may change together when their product, the global batch, stays (e.g. after running out of
 # memory). Everything else is the experiment, and a resumed run keeps it.
 RESUME_SAFE = ("epochs", "stages", "data", "workers", "log_interval", "limit_train_batches", "device", "compile",
-               "channels_last", "deterministic", "cache_dir")
+               "channels_last", "deterministic", "cache_dir", "checkpoint_every", "checkpoint_every_steps",
+               "stop_signals", "log_to", "tracking_uri", "experiment")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -143,6 +144,18 @@ class TrainConfig:
     limit_train_batches: Optional[int] = _opt(None, "stop each training epoch after this many batches (smoke tests)",
                                               min=1)
     log_interval: int = _opt(20, "steps between loss reads for the non-finite check and the log", min=1)
+    checkpoint_every: Optional[float] = _opt(None, "also write last.pt inside an epoch every this many minutes "
+                                                   "(preemptible or time-limited jobs)", gt=0.0)
+    checkpoint_every_steps: Optional[int] = _opt(None, "also write last.pt inside an epoch every this many "
+                                                       "optimizer steps", min=1)
+    stop_signals: str = _opt("TERM,USR1,INT", "signals that stop the run after the step in flight, with a "
+                                              "checkpoint (exit code 75: resumable); empty: none")
+    log_to: str = _opt("", "experiment trackers, any of tensorboard,mlflow,wandb (pip install "
+                           "'spinal-transfer[track]')")
+    tracking_uri: Optional[str] = _opt(None, "MLflow tracking URI (default: sqlite:///<runs folder>/mlruns.db)",
+                                       applies={"log_to": ()})
+    experiment: Optional[str] = _opt(None, "MLflow experiment / W&B project (default: spinal-transfer)",
+                                     applies={"log_to": ()})
     out: str = _opt("", "run folder (default: runs/<backbone>-<head>-<date-time>, a new one per run)")
 
     def resolved_stages(self) -> list[Stage]:
@@ -155,9 +168,10 @@ class TrainConfig:
         return sum(s.epochs for s in self.resolved_stages())
 
     def applies(self, name: str) -> bool:
-        """Whether option `name` matters for this config (e.g. layer_width only for a spinal head)."""
+        """Whether option `name` matters for this config (e.g. layer_width only for a spinal head); an empty
+        tuple of values means "when that option is set at all"."""
         cond = CONFIG_FIELDS[name].metadata.get("applies", {})
-        return all(getattr(self, k) in v for k, v in cond.items())
+        return all(getattr(self, k) in v if v else bool(getattr(self, k)) for k, v in cond.items())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -223,6 +237,17 @@ class TrainConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
                               f"training images; keep their sum below 1", key="val_fraction")
+        if self.log_to:
+            from .tracking import parse_log_to
+
+            try:
+                parse_log_to(self.log_to)
+            except ValueError as e:
+                raise ConfigError(f"log_to: {e}", key="log_to") from None
+        if self.stop_signals:
+            from .preemption import parse_signals
+
+            parse_signals(self.stop_signals)
         if self.cache_features and not self.freeze_backbone:
             raise ConfigError("cache_features needs freeze_backbone (a trained backbone changes its features)",
                               key="cache_features")
@@ -369,8 +394,8 @@ def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, .
         tp, _ = _base_type(_HINTS[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         cond = f.metadata.get("applies")
-        when = ("; only with " + ", ".join(f"--{k.replace('_', '-')} {'/'.join(map(str, v))}".lower()
-                                          for k, v in cond.items())) if cond else ""
+        when = ("; only with " + ", ".join(f"--{k.replace('_', '-')} {'/'.join(map(str, v)) if v else ''}".lower()
+                                          .rstrip() for k, v in cond.items())) if cond else ""
         help_ = f"{f.metadata.get('help', '')} (default: {default}{when})".replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=help_)

@@ -29,6 +29,7 @@ class UserError(Exception):
     option at fault, when there is one (recipes add its file and line)."""
 
     exit_code = EXIT_USER
+    prefix = "error"           # how cli.main introduces the message
 
     def __init__(self, message: str = "", key: Optional[str] = None):
         super().__init__(message)
@@ -79,3 +80,4 @@ class Interrupted(UserError):
     """A signal asked the run to stop; a checkpoint was written and the run can be resumed."""
 
     exit_code = EXIT_INTERRUPTED
+    prefix = "stopped"

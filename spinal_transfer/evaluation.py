@@ -7,8 +7,6 @@ file that fails to decode simply has no row.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -18,9 +16,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import gather_objects, is_main
-
-TOPK_COLUMNS = 5
-
 
 @dataclass
 class Outputs:
@@ -69,41 +64,11 @@ def predict_logits(model: nn.Module, batches: Iterable, device: torch.device, dt
     return Outputs(out.logits[order], out.targets[order], out.index[order])
 
 
-def prediction_rows(samples: Sequence[tuple[str, int]], out: Outputs, classes: Sequence[str],
-                    topk: int = TOPK_COLUMNS) -> tuple[list[str], list[list]]:
-    """(header, rows) of the per-image predictions: path, target, prediction, their class names and
-    probabilities, the image's cross-entropy loss, and the top-k classes with their probabilities."""
-    k = min(topk, len(classes))
-    header = ["path", "target", "prediction", "target_name", "prediction_name", "target_prob", "prediction_prob",
-              "loss"] + [f"top{j}_{c}" for j in range(1, k + 1) for c in ("name", "prob")]
-    if not len(out):
-        return header, []
-    logp = torch.log_softmax(out.logits.double(), dim=1)
-    probs = logp.exp()
-    pred = probs.argmax(1)
-    top_p, top_i = probs.topk(k, dim=1)
-    rows = []
-    for r in range(len(out)):
-        i, t, p = int(out.index[r]), int(out.targets[r]), int(pred[r])
-        rows.append([samples[i][0], t, p, classes[t], classes[p], f"{probs[r, t].item():.6g}",
-                     f"{probs[r, p].item():.6g}", f"{-logp[r, t].item():.6g}"]
-                    + [v for j in range(k) for v in (classes[int(top_i[r, j])], f"{top_p[r, j].item():.6g}")])
-    return header, rows
+def write_predictions(path: Path, samples: Sequence[tuple[str, int]], out: Outputs, classes: Sequence[str]) -> None:
+    """The per-image predictions CSV (interpret.py's format): each row with its image's exact path."""
+    from .interpret import write_predictions_csv
 
-
-def predictions_csv(samples: Sequence[tuple[str, int]], out: Outputs, classes: Sequence[str]) -> str:
-    header, rows = prediction_rows(samples, out, classes)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def read_predictions(path: Path) -> list[dict]:
-    """The rows of a predictions CSV as dicts (target/prediction as ints)."""
-    with open(path, newline="") as f:
-        return [{**r, "target": int(r["target"]), "prediction": int(r["prediction"])} for r in csv.DictReader(f)]
+    write_predictions_csv(path, [samples[i][0] for i in out.index.tolist()], out.logits, out.targets, classes)
 
 
 # --- `evaluate`: a trained run or checkpoint on one split -----------------------------------------

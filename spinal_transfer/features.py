@@ -150,4 +150,4 @@ def cached_split(model: nn.Module, samples: list[Sample], transform: Any, cache:
 
 def feature_loader(ds: FeatureDataset, batch_size: int, sampler: Any, drop_last: bool) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, collate_fn=_collate,
-                      drop_last=drop_last)
+                      drop_last=drop_last, generator=torch.Generator().manual_seed(0))    # see loaders.make_loader

@@ -16,10 +16,6 @@ import signal
 import time
 from typing import Any, Optional
 
-import torch
-
-from .distributed import world_size
-
 log = logging.getLogger("spinal_transfer")
 SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2, "INT": signal.SIGINT,
            "HUP": signal.SIGHUP}
@@ -44,9 +40,8 @@ class StopControl:
     torchrun; nothing in a single process)."""
 
     def __init__(self, signals: list[signal.Signals], every_minutes: Optional[float] = None,
-                 every_steps: Optional[int] = None, device: Optional[torch.device] = None):
+                 every_steps: Optional[int] = None):
         self.signals, self.every_minutes, self.every_steps = signals, every_minutes, every_steps
-        self.device = device
         self.received: Optional[str] = None
         self._previous: dict = {}
         self._last_save = time.monotonic()
@@ -76,12 +71,16 @@ class StopControl:
                         + ("; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""))
 
     # --- the per-step decision --------------------------------------------------------------------
-    def decide(self, step: int) -> str:
-        """"stop", "checkpoint" or "" after optimizer step `step` (a collective under torchrun)."""
-        due = bool((self.every_steps and step % self.every_steps == 0) or
-                   (self.every_minutes and time.monotonic() - self._last_save >= 60 * self.every_minutes))
+    def decide(self, step: int, due_ok: bool = True) -> str:
+        """"stop", "checkpoint" or "" after optimizer step `step` (a collective under torchrun); with
+        `due_ok=False` (a checkpoint was just written) only a stop is looked for."""
+        due = due_ok and bool((self.every_steps and step % self.every_steps == 0) or
+                              (self.every_minutes and time.monotonic() - self._last_save >= 60 * self.every_minutes))
         stop = self.received is not None
+        from .distributed import world_size
+
         if world_size() > 1:
+            import torch
             import torch.distributed as dist
 
             flags = torch.tensor([stop, due], dtype=torch.int32)
@@ -89,6 +88,8 @@ class StopControl:
                 flags = flags.cuda()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)     # any rank's signal or clock decides for all
             stop, due = bool(flags[0]), bool(flags[1])
+        if not due_ok:
+            self._last_save = time.monotonic()
         if stop:
             return "stop"
         if due:

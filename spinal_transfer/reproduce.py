@@ -138,10 +138,10 @@ def mcnemar_p(b: int, c: int) -> float:
 def read_predictions(run: RunDir) -> list[tuple[str, int, int]]:
     """(image path relative to the run's data folder, target, prediction) per test image, in sample order;
     relative, so runs made from different data roots still pair."""
-    from .evaluation import read_predictions as rows
+    from .interpret import read_predictions as rows
 
     data = run.read_config().data
-    return [(os.path.relpath(r["path"], data), r["target"], r["prediction"]) for r in rows(run.predictions)]
+    return [(os.path.relpath(r.path, data), r.target, r.prediction) for r in rows(run.predictions)]
 
 
 def discordant(default: Sequence[tuple[str, int, int]], other: Sequence[tuple[str, int, int]]) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,17 +27,19 @@ from .checkpoint import CheckpointSaver, checkpoint_meta, load_checkpoint, syste
 from .config import Stage, TrainConfig, resume_config
 from .distributed import (any_rank, barrier, broadcast_object, init_distributed, is_main, rank, sum_over_ranks,
                           world_size)
-from .errors import DataError, NonFiniteLoss, ResourceError, RunFolderError, UserError
-from .evaluation import Outputs, autocast, predict_logits, predictions_csv
+from .errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
+from .evaluation import Outputs, autocast, predict_logits, write_predictions
 from .heads import head_options
 from .loaders import EpochSampler, ShardSampler, balanced_sample_weights, class_weights, make_loader, train_drop_last
 from .metrics import classification_metrics, summary
 from .optim import FreezePolicy, make_optimizer, make_scheduler
+from .preemption import StopControl, parse_signals
 from .rundir import RunDir, SkipLog, check_new_run, default_run_name
 from .runtime import (amp_dtype, configure_process, pick_device, rng_state, seed_everything, set_rng_state,
                       attach_log_file, setup_logging, use_channels_last)
 from .splits import Splits, load_recorded, record, scan
 from .surgery import build_model, get_head
+from .tracking import Tracker
 from .transforms import Augmentation, DataConfig, build_transforms, resolve_data_config
 
 log = logging.getLogger("spinal_transfer")
@@ -46,11 +49,15 @@ AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in 
 @dataclass
 class Progress:
     """How far the schedule is: epochs finished (the next is epoch + 1), optimizer steps taken in all and in
-    the current stage. Saved in last.pt."""
+    the current stage, and within an interrupted epoch the batches done (per rank) and the training loss summed
+    so far over every rank's images. Saved in last.pt."""
 
     epoch: int = 0
     step: int = 0
     stage_step: int = 0
+    batch: int = 0
+    epoch_loss: float = 0.0
+    epoch_seen: int = 0
 
     def locate(self, stages: list[Stage]) -> tuple[int, int]:
         """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done."""
@@ -84,6 +91,8 @@ class Session:
     saver: CheckpointSaver
     freeze: FreezePolicy
     progress: Progress
+    control: StopControl
+    tracker: Tracker
     resume: Optional[dict] = None         # last.pt while it still has state to restore
     _wrapped: dict = field(default_factory=dict)
 
@@ -139,24 +148,29 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
                 log.info(f"{run_dir.path} is finished ({ckpt['progress']['epoch']} epochs); nothing to add. To "
                          f"train more, resume with a larger --epochs")
                 return run_dir.read_report()
-        s = setup(cfg, run_dir, device, ckpt)
-        try:
-            return _train(s)
-        except NonFiniteLoss as e:
-            raise _logged(NonFiniteLoss(f"{e}; stopped. {_last_good(run_dir)} Try a lower --lr, --amp none, or "
-                                        f"--clip-grad 1.0")) from None
-        except ResourceError as e:
-            raise _logged(e) from None
-        except (torch.OutOfMemoryError, MemoryError) as e:
-            raise _logged(_out_of_memory(e, cfg, device, run_dir)) from None
-        except RuntimeError as e:
-            if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
-                raise
-            raise _logged(_out_of_memory(e, cfg, device, run_dir)) from None
-        except OSError as e:       # a full disk or a lost permission while writing plots, logs, predictions
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            raise _logged(system_error(e, Path(e.filename or run_dir.path))) from None
+        with StopControl(parse_signals(cfg.stop_signals), cfg.checkpoint_every, cfg.checkpoint_every_steps) as stop:
+            s = setup(cfg, run_dir, device, ckpt, stop)
+            try:
+                return _train(s)
+            except BaseException as e:
+                s.tracker.close("KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
+                raise _explain(e, cfg, device, run_dir) from None
+
+
+def _explain(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunDir) -> BaseException:
+    """The error a failed run ends with, in plain words and in train.log: a diverged loss, a full disk or lost
+    permission, memory running out. Anything else is returned as it is (a bug keeps its traceback)."""
+    if isinstance(e, NonFiniteLoss):
+        e = NonFiniteLoss(f"{e}; stopped. {_last_good(run)} Try a lower --lr, --amp none, or --clip-grad 1.0")
+    elif isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+            isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))):
+        e = _out_of_memory(e, cfg, device, run)
+    elif isinstance(e, OSError) and not isinstance(e, UserError) and e.errno in (
+            errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        e = system_error(e, Path(e.filename or run.path))      # writing plots, logs, predictions
+    if isinstance(e, UserError):
+        log.error(f"{e.prefix}: {e}", extra={"file_only": True})   # into train.log; cli.main prints it
+    return e
 
 
 def _check_data_folder(data: str, run: RunDir) -> None:
@@ -166,11 +180,6 @@ def _check_data_folder(data: str, run: RunDir) -> None:
     if run.path.resolve().is_relative_to(folder.resolve()):
         raise DataError(f"--out {run.path} is inside the data folder {data}: the run's files would be read as a "
                         f"class; choose an --out outside it")
-
-
-def _logged(e: UserError) -> UserError:
-    log.error(f"error: {e}", extra={"file_only": True})      # into train.log; cli.main prints it on the terminal
-    return e
 
 
 def _last_good(run: RunDir) -> str:
@@ -242,7 +251,8 @@ def _open(run: RunDir, resume: bool, overwrite: bool) -> Optional[dict]:
 
 # --- set-up --------------------------------------------------------------------------------------
 
-def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[dict] = None) -> Session:
+def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[dict] = None,
+          control: Optional[StopControl] = None) -> Session:
     """Everything the loop needs: data, model, input pipeline, loaders, loss, checkpoint saver, restored state."""
     seed_everything(cfg.seed, cfg.deterministic)
     log.info(f"run folder {run.path}" + (f" (resuming from epoch {ckpt['progress']['epoch']})" if ckpt else ""))
@@ -262,6 +272,9 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
                               std=list(dc.std), interpolation=dc.interpolation)
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
+    tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
+                             enabled=is_main())
+    tracker.log_params(cfg.to_dict())
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
     model = _place(model, cfg, device, channels_last)
     ema = _make_ema(model, cfg.ema_decay)
@@ -271,7 +284,8 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     s = Session(cfg, run, device, dtype, channels_last and not cfg.cache_features, model, ema, splits.classes,
                 samples, loaders, sampler, *_loss(cfg, samples["train"], len(splits.classes), device),
                 torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), skips, saver,
-                FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone), Progress(), ckpt)
+                FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone), Progress(), control or StopControl([]), tracker,
+                ckpt)
     if ckpt is not None:
         _restore(s, ckpt)
     _log_start(s, splits)
@@ -403,10 +417,11 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
     or, resumed, continues where last.pt left it (the scheduler fast-forwarded to its step)."""
     cfg = s.cfg
     _, done = s.progress.locate(cfg.resolved_stages())
+    fresh = done == 0 and s.progress.batch == 0             # the stage starts now (not resumed inside it)
     opt = make_optimizer(s.model, cfg.optimizer, stage.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                          backbone_lr_mult=cfg.backbone_lr_mult)
     steps_per_epoch = max(1, _batches_per_epoch(s) // cfg.accum_steps)
-    if s.resume is not None and done > 0:
+    if s.resume is not None and not fresh:
         base = [g["lr"] for g in opt.param_groups]
         opt.load_state_dict(s.resume["optimizer"])
         s.scaler.load_state_dict(s.resume["scaler"])
@@ -418,13 +433,13 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(s.progress.stage_step if unit == "step" else done):
             sched.step()
-    if si > 0 and done == 0:
+    if si > 0 and fresh:
         weights = s.saver.stage_start_weights()        # the paper: the next stage starts from this one's best
         if weights is not None:
             s.model.load_state_dict(weights)
     if s.resume is not None:
         set_rng_state(s.resume["rng"])
-    if done == 0:
+    if fresh:
         s.saver.start_stage()
         s.progress.stage_step = 0
     s.resume = None
@@ -435,25 +450,29 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
 
 
 def _batches_per_epoch(s: Session) -> int:
-    n = len(s.loaders["train"])
+    """Batches per rank in a whole epoch (the loader's length before any resumed start is skipped)."""
+    n = math.ceil(s.sampler.per_rank / s.cfg.batch_size) if not s.loaders["train"].drop_last else \
+        s.sampler.per_rank // s.cfg.batch_size
     return min(n, s.cfg.limit_train_batches) if s.cfg.limit_train_batches else n
 
 
 def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) -> None:
-    """Train one epoch, evaluate, let the saver select, write last.pt and the epoch's metrics row."""
-    cfg, epoch = s.cfg, s.progress.epoch + 1
+    """Train one epoch (or the rest of an interrupted one), evaluate, let the saver select, write last.pt and
+    the epoch's metrics row."""
+    cfg, epoch, start = s.cfg, s.progress.epoch + 1, s.progress.batch
     frozen = s.freeze.frozen(epoch)
     fwd = s.forward_module(frozen)
-    s.sampler.set_epoch(epoch)
+    s.sampler.set_epoch(epoch, start=start * cfg.batch_size)
     t0 = time.perf_counter()
     loss, seen, seconds = train_one_epoch(
         fwd, s.model, s.skips.watch(s.loaders["train"]), opt, device=s.device, dtype=s.dtype,
         channels_last=s.channels_last, criterion=s.criterion, scaler=s.scaler, accum_steps=cfg.accum_steps,
-        clip_grad=cfg.clip_grad, limit=cfg.limit_train_batches, log_interval=cfg.log_interval, sched=step_sched,
-        mixup=s.mixup, ema=s.ema, progress=s.progress, total=_batches_per_epoch(s),
+        clip_grad=cfg.clip_grad, log_interval=cfg.log_interval, sched=step_sched, mixup=s.mixup, ema=s.ema,
+        progress=s.progress, total=_batches_per_epoch(s), start=start, on_log=s.tracker.log_step,
+        after_step=lambda *partial: _between_steps(s, opt, *partial),
         desc=f"epoch {epoch}/{cfg.total_epochs()}" + (" (backbone frozen)" if frozen else ""))
     val_m, select_m = evaluate_epoch(s)
-    s.progress.epoch = epoch
+    s.progress.epoch, s.progress.batch, s.progress.epoch_loss, s.progress.epoch_seen = epoch, 0, 0.0, 0
     s.skips.sync()
     row = {"epoch": epoch, "stage": si + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss,
            "train_images_per_s": seen * world_size() / max(seconds, 1e-9), "frozen": frozen,
@@ -462,13 +481,46 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
         row["test"] = summary(select_m)
     if is_main():
         best = s.saver.update(epoch, select_m["top1"], s.model, s.ema)
-        s.saver.save_last(s.model, s.ema, {"optimizer": opt.state_dict(), "scaler": s.scaler.state_dict(),
-                                           "rng": rng_state(), "progress": dataclasses.asdict(s.progress)})
+        s.saver.save_last(s.model, s.ema, _train_state(s, opt))
         s.run.append_metrics(row)
+        s.tracker.log_epoch(epoch, row)
         log.info(f"epoch {epoch}: " + ("backbone frozen, " if frozen else "") + f"train loss {loss:.4f}, val top1 "
                  f"{val_m['top1']:.4f} loss {val_m['loss']:.4f}, {row['train_images_per_s']:.1f} img/s"
                  + (" (best)" if best else ""))
     barrier()
+    if s.control.decide(s.progress.step, due_ok=False) == "stop":     # a signal during evaluation
+        raise _interrupted(s)
+
+
+def _train_state(s: Session, opt: torch.optim.Optimizer) -> dict:
+    """What last.pt holds besides the weights: enough to continue at the next batch."""
+    return {"optimizer": opt.state_dict(), "scaler": s.scaler.state_dict(), "rng": rng_state(),
+            "progress": dataclasses.asdict(s.progress)}
+
+
+def _between_steps(s: Session, opt: torch.optim.Optimizer, batches: int, loss_sum: torch.Tensor, seen: int) -> None:
+    """After an optimizer step inside an epoch: write a mid-epoch last.pt when a signal or the checkpoint clock
+    asks for one (every rank agrees first), and stop after it on a signal."""
+    decision = s.control.decide(s.progress.step)
+    if not decision:
+        return
+    totals = sum_over_ranks(torch.stack([loss_sum.detach().float(), torch.tensor(float(seen), device=s.device)]))
+    p = s.progress          # updated in place: the epoch loop holds this object
+    p.batch, p.epoch_loss, p.epoch_seen = batches, totals[0].item(), int(totals[1].item())
+    if is_main():
+        s.saver.save_last(s.model, s.ema, _train_state(s, opt))
+        log.info(f"checkpoint written inside epoch {s.progress.epoch + 1} after batch {batches} "
+                 f"(optimizer step {s.progress.step})")
+    barrier()
+    if decision == "stop":
+        raise _interrupted(s)
+
+
+def _interrupted(s: Session) -> Interrupted:
+    p = s.progress
+    where = f"epoch {p.epoch + 1}, batch {p.batch}" if p.batch else f"the end of epoch {p.epoch}"
+    return Interrupted(f"{s.control.received} received: stopped at {where} (optimizer step {p.step}); {s.run.last} "
+                       f"holds everything to continue: spinal-transfer train --resume {s.run.path}")
 
 
 def evaluate_epoch(s: Session) -> tuple[dict, dict]:
@@ -494,43 +546,54 @@ def compute_loss(out: Any, target: torch.Tensor, criterion: nn.Module) -> torch.
 def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, *,
                     device: torch.device, dtype: Optional[torch.dtype], channels_last: bool, criterion: nn.Module,
                     scaler: torch.amp.GradScaler, accum_steps: int = 1, clip_grad: Optional[float] = None,
-                    limit: Optional[int] = None, log_interval: int = 20, sched: Any = None, mixup: Any = None,
-                    ema: Any = None, progress: Optional[Progress] = None, total: Optional[int] = None,
-                    desc: str = "train", on_step: Optional[Callable[[], None]] = None) -> tuple[float, int, float]:
+                    log_interval: int = 20, sched: Any = None, mixup: Any = None, ema: Any = None,
+                    progress: Optional[Progress] = None, total: Optional[int] = None, start: int = 0,
+                    desc: str = "train", on_step: Optional[Callable[[], None]] = None,
+                    on_log: Optional[Callable[[int, dict], None]] = None,
+                    after_step: Optional[Callable[[int, torch.Tensor, int], None]] = None) -> tuple[float, int, float]:
     """One pass over `(images, labels, indices)` batches: forward `fwd`, step `opt` every `accum_steps` batches
-    (and `sched`, when it steps per optimizer step). Returns (mean loss over every rank's images, images seen
-    on this rank, seconds). The loss is read back only every `log_interval` steps (non-finite check, all ranks
-    together) and for the progress bar about once a second: no per-step host-device sync."""
+    (and `sched`, when it steps per optimizer step), for `total` batches of the epoch of which `start` were done
+    before (a resumed epoch). Returns (mean loss over every rank's images of the whole epoch, images seen on
+    this rank in this call, seconds). The loss is read back only every `log_interval` steps (non-finite check,
+    all ranks together) and about once a second for the progress bar and `on_log(step, values)`: no per-step
+    host-device sync. `after_step(batches done, loss sum, images)` runs after every optimizer step (mid-epoch
+    checkpoints); `on_step()` after every batch (benchmarks time steps with it)."""
     progress = progress or Progress()
     t0 = last_shown = time.perf_counter()
-    seen, loss_sum = 0, torch.zeros((), device=device)
+    seen = 0
+    loss_sum = torch.full((), progress.epoch_loss if start and is_main() else 0.0, device=device)
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-    total = min(total, limit) if total and limit else total or limit
-    bar = tqdm(batches, desc=desc, total=total, leave=False, disable=not is_main())
+    bar = tqdm(batches, desc=desc, total=total, initial=start, leave=False, disable=not is_main())
     opt.zero_grad(set_to_none=True)
-    for i, (x, y, _) in enumerate(bar):
+    for i, (x, y, _) in enumerate(bar, start):
         if mixup is not None and len(x) % 2:          # timm's Mixup pairs samples
             x, y = x[:-1], y[:-1]
+        closes = (i + 1) % accum_steps == 0 or i + 1 == total
         if len(x) >= 2:                                # BatchNorm cannot train on one sample
             loss = _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad,
-                         sched, mixup, ema, progress, last=(i + 1) % accum_steps == 0 or i + 1 == total)
+                         sched, mixup, ema, progress, last=closes)
             bad_loss |= ~torch.isfinite(loss)
             loss_sum += loss.float() * len(x)
             seen += len(x)
         if i % log_interval == 0 and any_rank(bad_loss, device):      # every rank stops together
             break
         if is_main() and time.perf_counter() - last_shown >= 1.0 and seen:
-            last_shown = time.perf_counter()
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * world_size() / (last_shown - t0):.1f}",
-                            lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
+            last_shown, value, lr = time.perf_counter(), loss.item(), opt.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen * world_size() / (last_shown - t0):.1f}",
+                            lr=f"{lr:.2e}", refresh=False)
+            if on_log is not None:
+                on_log(progress.step, {"train_loss": value, "lr": lr})
         if on_step is not None:
             on_step()
+        if closes and after_step is not None and i + 1 != total:
+            after_step(i + 1, loss_sum, (progress.epoch_seen if start and is_main() else 0) + seen)
         if i + 1 == total:
             break
     if any_rank(bad_loss, device):
         raise NonFiniteLoss(f"the training loss became NaN/inf in {desc}")
     seconds = time.perf_counter() - t0
-    totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]))
+    before = progress.epoch_seen if start and is_main() else 0
+    totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(before + seen), device=device)]))
     return (totals[0] / totals[1].clamp(min=1)).item(), seen, seconds
 
 
@@ -565,8 +628,8 @@ def _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, 
 # --- the end: the chosen weights, tested once ----------------------------------------------------
 
 def finish(s: Session) -> dict:
-    """Load the best epoch's weights, evaluate val and test once, write the per-image predictions, plots and,
-    last of all, report.json (the finished marker)."""
+    """Load the best epoch's weights, evaluate val and test once, write the per-image predictions, plots, the
+    report page and, last of all, report.json (the finished marker)."""
     best = load_checkpoint(s.run.best)
     s.model.load_state_dict(best["model"])
     model = get_head(s.model) if s.cfg.cache_features else s.model
@@ -577,17 +640,30 @@ def finish(s: Session) -> dict:
               "val": val_m, "test": test_m, "classes": s.classes, "num_skipped_files": len(s.skips),
               "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
     if is_main():
-        s.run.write_text(s.run.predictions, predictions_csv(s.samples["test"], test_out, s.classes))
-        from .plots import plot_confusion, plot_curves
-
-        plot_curves(s.run.read_metrics(), best["epoch"], s.run.plots)
-        plot_confusion(test_m["confusion_matrix"], s.classes, s.run.plot("confusion_test.png"),
-                       f"test confusion matrix (top-1 {test_m['top1']:.3f})")
-        s.run.write_json(s.run.report, report)
+        write_outputs(s.run, report, s.samples["test"], test_out)
+        s.tracker.log_summary(report)
+        s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])
+        s.tracker.close()
         log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on}); test top1 {test_m['top1']:.4f}, "
-                 f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}")
+                 f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}; see {s.run.report_html}")
     barrier()
     return report
+
+
+def write_outputs(run: RunDir, report: dict, test_samples: list, test_out: Outputs) -> None:
+    """What a finished run leaves for people to read: per-image test predictions, the plots, report.html; then
+    report.json, the finished marker, last."""
+    from .plots import plot_confusion, plot_curves, plot_top_losses
+    from .interpret import read_predictions, top_losses
+    from .report_page import write_report_html
+
+    write_predictions(run.predictions, test_samples, test_out, report["classes"])
+    plot_curves(run.read_metrics(), run.plots, best_epoch=report["best_epoch"])
+    plot_confusion(report["test"]["confusion_matrix"], report["classes"], run.plot("confusion_test.png"),
+                   f"test confusion matrix (top-1 {report['test']['top1']:.3f})")
+    plot_top_losses(top_losses(read_predictions(run.predictions)), run.plot("top_losses.png"))
+    write_report_html(run.path, report=report)
+    run.write_json(run.report, report)
 
 
 def model_summary(model: nn.Module) -> dict:

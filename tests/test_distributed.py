@@ -23,7 +23,7 @@ import torch
 from conftest import cli_flags, truncated_jpeg
 from spinal_transfer.checkpoint import load_checkpoint
 from spinal_transfer.config import TrainConfig
-from spinal_transfer.evaluation import read_predictions
+from spinal_transfer.interpret import read_predictions
 from spinal_transfer.train import run
 
 PER_DEVICE_BATCH = 16
@@ -161,7 +161,7 @@ def test_an_undecodable_test_image_met_by_any_rank_is_listed_and_paths_stay_exac
     assert [ln.split("\t")[0] for ln in (out / "skipped_files.txt").read_text().splitlines()] == [str(cut)]
     assert json.loads((out / "report.json").read_text())["num_skipped_files"] == 1
     rows = read_predictions(out / "test_predictions.csv")
-    assert [r["path"] for r in rows] == sorted(str(p) for p in (data / "test").rglob("*.png"))
+    assert [r.path for r in rows] == sorted(str(p) for p in (data / "test").rglob("*.png"))
 
 
 def test_two_processes_count_every_sample_once_and_match_one_process(ddp_run, data, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY, cli_flags, tiny_cfg, truncated_jpeg, write_digits_folder
 from spinal_transfer.checkpoint import load_checkpoint
-from spinal_transfer.evaluation import read_predictions
+from spinal_transfer.interpret import read_predictions
 from spinal_transfer.train import run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "spinal_transfer"
@@ -63,8 +63,8 @@ def test_undecodable_test_image_is_listed_once_and_predictions_keep_exact_paths(
     assert report["num_skipped_files"] == json.loads((out / "report.json").read_text())["num_skipped_files"] == 1
     others = sorted(str(p) for p in (data / "test").rglob("*.png"))
     rows = read_predictions(out / "test_predictions.csv")
-    assert [r["path"] for r in rows] == others                          # exact paths, in sample order
-    assert all(r["target_name"] == Path(r["path"]).parent.name for r in rows)
+    assert [r.path for r in rows] == others                          # exact paths, in sample order
+    assert all(r.target_name == Path(r.path).parent.name for r in rows)
     assert report["test"]["num_samples"] == len(others)
 
 

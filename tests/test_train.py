@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,12 +95,28 @@ def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
     return cmd
 
 
-def test_kill_and_resume_matches_uninterrupted(digits_folder, tmp_path):
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_train_cmd(digits_folder, full, 3), check=True, env=env, capture_output=True)
+ENV = {**os.environ, "PYTHONHASHSEED": "0"}
+EXACT_EPOCHS = 3          # x 12 batches: the uninterrupted reference every interrupted run must equal
 
-    proc = subprocess.Popen(_train_cmd(digits_folder, killed, 3), env=env, stdout=subprocess.DEVNULL,
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_folder, tmp_path_factory) -> Path:
+    """A deterministic run (paper augmentation, dropout and BatchNorm in the head) never interrupted."""
+    out = tmp_path_factory.mktemp("exact") / "full"
+    subprocess.run(_train_cmd(digits_folder, out, EXACT_EPOCHS), check=True, env=ENV, capture_output=True)
+    return out
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    x, y = load_checkpoint(a / "checkpoints" / "last.pt"), load_checkpoint(b / "checkpoints" / "last.pt")
+    assert x["progress"] == y["progress"]
+    for k, v in x["model"].items():
+        assert torch.equal(v, y["model"][k]), k
+
+
+def test_kill_and_resume_matches_uninterrupted(digits_folder, tmp_path, uninterrupted):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(digits_folder, killed, EXACT_EPOCHS), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     last = killed / "checkpoints" / "last.pt"
     deadline = time.time() + 300
@@ -108,17 +125,75 @@ def test_kill_and_resume_matches_uninterrupted(digits_folder, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last.exists(), "the run was killed before it saved its first epoch"
-    assert load_checkpoint(last)["progress"]["epoch"] < 3, "the run finished before it could be killed"
+    assert load_checkpoint(last)["progress"]["epoch"] < EXACT_EPOCHS, "the run finished before it could be killed"
     assert not (killed / "report.json").exists()
 
     subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--resume", str(killed)], check=True,
-                   env=env, capture_output=True)
-    a, b = load_checkpoint(full / "checkpoints" / "last.pt"), load_checkpoint(last)
-    assert a["progress"] == b["progress"]
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert [json.loads(r)["val"] for r in (full / "metrics.jsonl").read_text().splitlines()] == \
+                   env=ENV, capture_output=True)
+    _same_weights(uninterrupted, killed)
+    assert [json.loads(r)["val"] for r in (uninterrupted / "metrics.jsonl").read_text().splitlines()] == \
            [json.loads(r)["val"] for r in (killed / "metrics.jsonl").read_text().splitlines()]
+
+
+# Sends `signal` to its own process (or rank) right after optimizer step `k`: the test then knows exactly how
+# many steps were done before the signal. A real signal, a real handler.
+SIGNAL_AT_STEP = """
+import os, signal, sys
+import spinal_transfer.train as T
+k, name, times, only_rank = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+real, fired = T.train_one_epoch, []
+
+def patched(*args, **kw):
+    progress = kw["progress"]
+
+    def on_step():
+        if progress.step == k and not fired and only_rank in (-1, int(os.environ.get("RANK", 0))):
+            fired.append(k)
+            for _ in range(times):
+                os.kill(os.getpid(), getattr(signal, "SIG" + name))
+    return real(*args, **{**kw, "on_step": on_step})
+
+T.train_one_epoch = patched
+from spinal_transfer.cli import main
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+@pytest.mark.parametrize("name", ["TERM", "USR1"])
+def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_is_exact(digits_folder, tmp_path, uninterrupted, name):
+    out = tmp_path / "signalled"
+    k = int(np.random.default_rng().integers(2, EXACT_EPOCHS * 12 - 1))     # any step, epoch ends included
+    cmd = [sys.executable, "-c", SIGNAL_AT_STEP, str(k), name, "1", "-1", *_train_cmd(digits_folder, out,
+                                                                                       EXACT_EPOCHS)[3:]]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 75, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and f"stopped: SIG{name} received" in res.stderr
+    progress = load_checkpoint(out / "checkpoints" / "last.pt")["progress"]
+    assert progress["step"] == k                          # nothing done before the signal is lost
+    assert progress["epoch"] * 12 + progress["batch"] == k
+    resumed = subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--resume", str(out)], env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_weights(uninterrupted, out)
+
+
+def test_a_second_ctrl_c_stops_at_once(digits_folder, tmp_path):
+    cmd = [sys.executable, "-c", SIGNAL_AT_STEP, "3", "INT", "2", "-1", *_train_cmd(digits_folder, tmp_path / "r", 2)[3:]]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and res.stderr.strip().endswith("interrupted")
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()        # no checkpoint was asked to finish
+
+
+def test_checkpoints_inside_an_epoch_every_n_steps(digits_folder, tmp_path, uninterrupted):
+    out = tmp_path / "every5"
+    res = subprocess.run(_train_cmd(digits_folder, out, EXACT_EPOCHS) + ["--checkpoint-every-steps", "5"], env=ENV,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert log.count("checkpoint written inside epoch") == len([s for s in range(1, EXACT_EPOCHS * 12 + 1)
+                                                                if s % 5 == 0 and s % 12 != 0])
+    _same_weights(uninterrupted, out)                    # writing checkpoints changes nothing
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(digits_folder, tmp_path):

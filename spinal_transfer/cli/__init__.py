@@ -68,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return func(args)
     except UserError as e:
-        _say(f"error: {e}")
+        _say(f"{e.prefix}: {e}")
         return e.exit_code
     except BrokenPipeError:        # output piped into `head` & co.: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -22,13 +22,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--workers", type=int)
-    parser.add_argument("--out", metavar="DIR", help="write metrics_<split>.json and predictions_<split>.csv there")
+    parser.add_argument("--out", metavar="DIR", help="write metrics_<split>.json, predictions_<split>.csv and "
+                                                     "report.html (the page a run has, for this split) there")
     parser.add_argument("--full", action="store_true", help="also print per-class metrics and the confusion matrix")
 
 
 def main(args: argparse.Namespace) -> int:
     from ..checkpoint import atomic_write_text
-    from ..evaluation import evaluate, predictions_csv
+    from ..evaluation import evaluate, write_predictions
     from ..metrics import summary
 
     ev = evaluate(args.run, args.data, args.split, args.device, args.batch_size, args.workers)
@@ -39,7 +40,25 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         atomic_write_text(out / f"metrics_{args.split}.json", json.dumps({**m, "images": ev.source}, indent=1))
-        atomic_write_text(out / f"predictions_{args.split}.csv", predictions_csv(ev.samples, ev.outputs, ev.classes))
-        print(f"wrote {out / f'metrics_{args.split}.json'} and {out / f'predictions_{args.split}.csv'}",
+        write_predictions(out / f"predictions_{args.split}.csv", ev.samples, ev.outputs, ev.classes)
+        page = _page(args, ev, out)
+        print(f"wrote {out / f'metrics_{args.split}.json'}, {out / f'predictions_{args.split}.csv'} and {page}",
               file=sys.stderr)
     return 0
+
+
+def _page(args: argparse.Namespace, ev, out: Path) -> Path:
+    """report.html of this evaluation: the run's settings and curves, this split's analysis."""
+    from ..checkpoint import load_run_checkpoint
+    from ..report_page import run_settings, write_evaluation_html
+    from ..rundir import RunDir
+
+    source = Path(args.run)
+    run = RunDir(source if source.is_dir() else source.parent.parent)
+    report = run.read_report() if run.is_finished() else None
+    cfg = load_run_checkpoint(source)["config"]
+    return write_evaluation_html(out / "report.html", ev.metrics, out / f"predictions_{args.split}.csv", ev.classes,
+                                 {**run_settings(cfg, report, {args.split: ev.metrics["num_samples"]}),
+                                  "images evaluated": ev.source}, run.read_metrics() or None,
+                                 [tuple(x) for x in ev.metrics["skipped_files"]], split=args.split,
+                                 title=f"{run.path.name}: {args.split}", best_epoch=report and report["best_epoch"])
