@@ -94,6 +94,7 @@ class Session:
     control: StopControl
     tracker: Tracker
     resume: Optional[dict] = None         # last.pt while it still has state to restore
+    on_epoch: Optional[Callable[[dict], None]] = None
     _wrapped: dict = field(default_factory=dict)
 
     def forward_module(self, frozen: bool) -> nn.Module:
@@ -116,12 +117,14 @@ class Session:
 
 # --- the run -------------------------------------------------------------------------------------
 
-def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, overwrite: bool = False) -> dict:
+def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, overwrite: bool = False,
+        on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Fine-tune according to `cfg` into its run folder (README, "What lands in RUN/"); return the report.
 
     `resume`: continue the run in that folder from its last.pt, with its own config; `cfg` (optional) may
     change what a resumed run may change (config.RESUME_SAFE: more epochs, workers, ...) and nothing else.
-    A new run refuses a folder that holds a run unless `overwrite`."""
+    A new run refuses a folder that holds a run unless `overwrite`. `on_epoch(row)` is called on every rank
+    with each epoch's metrics row once last.pt is written (a search prunes a trial by raising from it)."""
     if cfg is None:
         if resume is None:
             raise RunFolderError("train.run needs a TrainConfig, or a run folder to resume")
@@ -150,6 +153,7 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
                 return run_dir.read_report()
         with StopControl(parse_signals(cfg.stop_signals), cfg.checkpoint_every, cfg.checkpoint_every_steps) as stop:
             s = setup(cfg, run_dir, device, ckpt, stop)
+            s.on_epoch = on_epoch
             try:
                 return _train(s)
             except BaseException as e:
@@ -490,6 +494,8 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
     barrier()
     if s.control.decide(s.progress.step, due_ok=False) == "stop":     # a signal during evaluation
         raise _interrupted(s)
+    if s.on_epoch is not None:
+        s.on_epoch(row)
 
 
 def _train_state(s: Session, opt: torch.optim.Optimizer) -> dict:
