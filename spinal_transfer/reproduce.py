@@ -15,6 +15,7 @@ import csv
 import glob
 import html
 import io
+import json
 import os
 import statistics
 import sys
@@ -88,24 +89,32 @@ def run_dir(out: PathLike, recipe: str, seed: int) -> RunDir:
     return RunDir(Path(out) / "runs" / recipe / f"seed{seed}")
 
 
-def recipe_config(recipe: Recipe, data_root: PathLike, out: PathLike, seed: int, select_on: Optional[str] = None,
-                  epochs: Optional[int] = None, limit_train_batches: Optional[int] = None) -> TrainConfig:
+OVERRIDES = ("select_on", "epochs", "limit_train_batches", "batch_size", "img_size", "amp", "device", "workers")
+# What must agree between a run on disk and the run asked for, or the table would mix protocols (workers only
+# changes speed, so a rerun may change it).
+PROTOCOL = ("seed", "select_on", "limit_train_batches", "batch_size", "img_size", "amp", "device")
+
+
+def recipe_config(recipe: Recipe, data_root: PathLike, out: PathLike, seed: int,
+                  overrides: Optional[dict] = None) -> TrainConfig:
     """The recipe with reproduce's settings: data under data_root (absolute paths kept), the seed, the run
-    folder, and the overrides, through config.resolve_config as `train` does (so `epochs` replaces every
-    stage's length and keeps its lr). split_seed stays the recipe's, so the default and spinal runs of a seed
-    are tested on the same images."""
+    folder, and the overrides (OVERRIDES; None values ignored), through config.resolve_config as `train` does
+    (so `epochs` replaces every stage's length and keeps its lr). split_seed stays the recipe's, so the default
+    and spinal runs of a seed are tested on the same images."""
     cfg = TrainConfig.from_yaml(recipe.path)
     if not cfg.data:
         raise ReproduceError(f"{recipe.path}: the recipe sets no data folder (data: <name under --data-root>)")
+    unknown = set(overrides or {}) - set(OVERRIDES)
+    if unknown:
+        raise ReproduceError(f"reproduce cannot override {', '.join(sorted(unknown))}")
     flags: dict[str, Any] = {"data": str((Path(data_root).expanduser() / Path(cfg.data).expanduser()).resolve()),
-                             "seed": seed, "out": str(run_dir(out, recipe.name, seed).path), "select_on": select_on,
-                             "epochs": epochs, "limit_train_batches": limit_train_batches}
+                             "seed": seed, "out": str(run_dir(out, recipe.name, seed).path), **(overrides or {})}
     return resolve_config(cfg, {k: v for k, v in flags.items() if v is not None})
 
 
 def _protocol(cfg: TrainConfig) -> dict:
-    """What must agree between a run on disk and the run asked for, or the table would mix protocols."""
-    return {"seed": cfg.seed, "select_on": cfg.select_on, "limit_train_batches": cfg.limit_train_batches,
+    """What must agree between a run on disk and the run asked for (PROTOCOL, and the schedule)."""
+    return {**{k: getattr(cfg, k) for k in PROTOCOL},
             "stages (epochs, lr)": [(s.epochs, s.lr) for s in cfg.resolved_stages()]}
 
 
@@ -208,12 +217,13 @@ class Row:
 
 
 def _overrides(ran: TrainConfig, recipe: TrainConfig) -> str:
+    """The settings of a run that differ from its recipe's, as `key=value` (smoke runs, small machines)."""
     parts = []
     epochs = [s.epochs for s in ran.resolved_stages()]
     if epochs != [s.epochs for s in recipe.resolved_stages()]:
         parts.append("epochs=" + "+".join(map(str, epochs)))
-    if ran.limit_train_batches != recipe.limit_train_batches:
-        parts.append(f"limit_train_batches={ran.limit_train_batches}")
+    parts += [f"{k}={getattr(ran, k)}" for k in ("limit_train_batches", "batch_size", "img_size", "amp", "device")
+              if getattr(ran, k) != getattr(recipe, k) and not (k == "img_size" and recipe.img_size is None)]
     return ", ".join(parts) or "none"
 
 
@@ -230,7 +240,7 @@ def load_paper_results(recipes: Sequence[Recipe]) -> dict[str, list[dict]]:
     return table
 
 
-def collect(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row]:
+def table_rows(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row]:
     """The table as it stands on disk: finished runs only, so it can be rebuilt at any moment."""
     paper = load_paper_results(recipes)
     names = {r.name for r in recipes}
@@ -387,7 +397,7 @@ def write_results(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[
 
     if not is_main():
         return []
-    rows = collect(recipes, seeds, out)
+    rows = table_rows(recipes, seeds, out)
     for name, text in zip(RESULT_FILES, (to_csv(rows), to_markdown(rows), to_html(rows))):
         atomic_write_text(Path(out) / name, text)
     return rows
@@ -400,27 +410,98 @@ def _stderr(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT, out: PathLike = DEFAULT_OUT,
-              seeds: int = DEFAULT_SEEDS, select_on: Optional[str] = None, epochs: Optional[int] = None,
-              limit_train_batches: Optional[int] = None, log: Callable[[str], Any] = _stderr) -> list[Row]:
-    """Run every (recipe, seed) not finished yet, seed by seed with the default head first, then write the results.
+def estimated_cost(cfg: TrainConfig) -> float:
+    """Relative cost of a run for balancing shards, as the README's GPU-time table estimates it: per epoch
+    (training images + evaluated images / 3, forward-only) x crop side squared, summed over the epochs. Image
+    counts come from the data folder (prepare.json's counts, else the files); a folder not there yet counts 1."""
+    counts = _image_counts(Path(cfg.data))
+    train = counts.get("train", 1)
+    if cfg.limit_train_batches:
+        train = min(train, cfg.limit_train_batches * cfg.batch_size)
+    evaluated = counts.get("val", 0) + (counts.get("test", 0) if cfg.select_on == "test" else 0)
+    side = cfg.img_size or 224
+    return cfg.total_epochs() * (train + evaluated / 3) * side * side
 
-    Every run's settings are checked against its folder before anything trains; the results are rewritten
-    after each run and on the way out of an interruption. A run whose loss becomes non-finite is reported and
-    skipped (its row then shows fewer finished seeds); a run another process is training is left to it."""
+
+def _image_counts(data: Path) -> dict[str, int]:
+    manifest = data / "prepare.json"
+    if manifest.is_file():
+        return {k: int(v) for k, v in json.loads(manifest.read_text()).get("counts", {}).items()}
+    if not data.is_dir():
+        return {}
+    return {split: sum(1 for p in (data / split).rglob("*") if p.is_file()) for split in ("train", "val", "test")
+            if (data / split).is_dir()} or {"train": sum(1 for p in data.rglob("*") if p.is_file())}
+
+
+def shard_of(costs: Sequence[float], k: int, n: int) -> list[int]:
+    """Positions of the plan shard k of n runs: largest first to the least loaded shard (ties: lowest index),
+    so the shards' estimated costs are balanced, and every shard computes the same split on its own."""
+    load = [0.0] * n
+    owner: dict[int, int] = {}
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        j = min(range(n), key=lambda j: (load[j], j))
+        owner[i], load[j] = j, load[j] + costs[i]
+    return sorted(i for i, j in owner.items() if j == k)
+
+
+def shard_from_env(spec: str, environ: Optional[dict] = None) -> tuple[int, int]:
+    """(k, n) of `--shard`: "K/N" as given; "auto" or "auto/N" from the scheduler's environment: a SLURM job
+    array (SLURM_ARRAY_TASK_ID, _MIN, _STEP, _COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with
+    N given). k counts from 0."""
+    env = os.environ if environ is None else environ
+    given, _, n_text = spec.partition("/")
+    n = int(n_text) if n_text.isdigit() else None
+    if given.isdigit() and n:
+        k = int(given)
+    elif given == "auto" and "SLURM_ARRAY_TASK_ID" in env:
+        step, low = int(env.get("SLURM_ARRAY_TASK_STEP", 1)), int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        k = (int(env["SLURM_ARRAY_TASK_ID"]) - low) // step
+        count = int(env["SLURM_ARRAY_TASK_COUNT"]) if "SLURM_ARRAY_TASK_COUNT" in env else None
+        if n is not None and count is not None and n != count:
+            raise ReproduceError(f"--shard {spec}: the SLURM array has {count} tasks, not {n}")
+        n = n or count
+    elif given == "auto" and "JOB_COMPLETION_INDEX" in env:
+        k = int(env["JOB_COMPLETION_INDEX"])
+    else:
+        raise ReproduceError(f"--shard {spec}: give K/N (0 <= K < N), or auto inside a SLURM job array or a "
+                             f"Kubernetes Indexed Job (with auto/N there: Kubernetes does not tell the count)")
+    if not n or not 0 <= k < n:
+        raise ReproduceError(f"--shard {spec}: shard {k} of {n} does not exist (K counts from 0 to N-1)")
+    return k, n
+
+
+def plan_runs(recipes: Sequence[Recipe], data_root: PathLike, out: Path, seeds: int,
+              overrides: Optional[dict] = None) -> list[tuple[Recipe, int, TrainConfig]]:
+    """Every (recipe, seed) of the table in order: seed by seed, each default recipe before its spinal ones."""
+    return [(r, seed, recipe_config(r, data_root, out, seed, overrides))
+            for group in dict.fromkeys(r.group for r in recipes)
+            for seed in range(seeds) for r in recipes if r.group == group]
+
+
+def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT, out: PathLike = DEFAULT_OUT,
+              seeds: int = DEFAULT_SEEDS, overrides: Optional[dict] = None, shard: Optional[tuple[int, int]] = None,
+              log: Callable[[str], Any] = _stderr) -> list[Row]:
+    """Run every (recipe, seed) of this shard (all of them without one) not finished yet, then write the tables.
+
+    Every run's settings are checked against its folder before anything trains; the tables are rebuilt from
+    every finished run after each run and on the way out of an interruption, so any shard, or `collect`, writes
+    the whole table as it stands. A run whose loss becomes non-finite is reported and skipped (its row shows
+    fewer finished seeds); a run another process is training is left to it (run folders are locked)."""
     from . import train
 
     if seeds < 1:
         raise ReproduceError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out).expanduser().resolve()      # runs record absolute paths: resume works from any directory
-    plan = [(r, seed, recipe_config(r, data_root, out, seed, select_on, epochs, limit_train_batches))
-            for group in dict.fromkeys(r.group for r in recipes)
-            for seed in range(seeds) for r in recipes if r.group == group]
+    plan = plan_runs(recipes, data_root, out, seeds, overrides)
     for _, _, cfg in plan:
         check_protocol(cfg)
+    mine = shard_of([estimated_cost(cfg) for _, _, cfg in plan], *shard) if shard else range(len(plan))
+    if shard:
+        log(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the {len(plan)} runs")
     try:
-        for i, (r, seed, cfg) in enumerate(plan, 1):
-            run, where = RunDir(cfg.out), f"[{i}/{len(plan)}] {r.name} seed {seed}"
+        for n, i in enumerate(mine, 1):
+            r, seed, cfg = plan[i]
+            run, where = RunDir(cfg.out), f"[{n}/{len(mine)}] {r.name} seed {seed}"
             state = run.state()
             if state == "finished":
                 log(f"{where}: finished, skipped")
@@ -431,12 +512,26 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
             log(f"{where}: {'resuming' if state == 'interrupted' else 'starting'} -> {cfg.out}")
             try:       # a run that stopped before its first checkpoint starts over
                 train.run(cfg, resume=cfg.out if state == "interrupted" else None, overwrite=state == "started")
-            except NonFiniteLoss as e:
-                log(f"{where}: {e}")
-            except RunFolderError as e:
+            except (NonFiniteLoss, RunFolderError) as e:
                 log(f"{where}: {e}")
             write_results(recipes, seeds, out)
     finally:
         rows = write_results(recipes, seeds, out)
     log(f"results: {', '.join(str(out / n) for n in RESULT_FILES)}")
+    return rows
+
+
+def collect(recipes: Sequence[Recipe], data_root: PathLike, out: PathLike, seeds: int,
+            overrides: Optional[dict] = None, log: Callable[[str], Any] = _stderr) -> list[Row]:
+    """The tables from whatever has finished (no training), and what is still missing, said."""
+    out = Path(out).expanduser().resolve()
+    plan = plan_runs(recipes, data_root, out, seeds, overrides)
+    for _, _, cfg in plan:
+        check_protocol(cfg)
+    missing = [f"{r.name} seed {seed} ({RunDir(cfg.out).state()})" for r, seed, cfg in plan
+               if not RunDir(cfg.out).is_finished()]
+    rows = write_results(recipes, seeds, out)
+    log(f"results: {', '.join(str(out / n) for n in RESULT_FILES)}")
+    if missing:
+        log(f"not finished yet ({len(missing)} of {len(plan)} runs): " + "; ".join(missing))
     return rows

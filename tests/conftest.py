@@ -52,6 +52,30 @@ def truncated_jpeg(path: Path, seed: int = 0) -> Path:
     return path
 
 
+# Sends `signal` to its own process (or rank) right after optimizer step `k`: the test then knows exactly how
+# many steps were done before the signal. A real signal, a real handler.
+SIGNAL_AT_STEP = """
+import os, signal, sys
+import spinal_transfer.train as T
+k, name, times, only_rank = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+real, fired = T.train_one_epoch, []
+
+def patched(*args, **kw):
+    progress = kw["progress"]
+
+    def on_step():
+        if progress.step == k and not fired and only_rank in (-1, int(os.environ.get("RANK", 0))):
+            fired.append(k)
+            for _ in range(times):
+                os.kill(os.getpid(), getattr(signal, "SIG" + name))
+    return real(*args, **{**kw, "on_step": on_step})
+
+T.train_one_epoch = patched
+from spinal_transfer.cli import main
+sys.exit(main(sys.argv[5:]))
+"""
+
+
 # A small backbone from random init: ~0.4M parameters, 32x32 inputs, CPU-friendly.
 TINY = dict(backbone="timm/test_resnet", weights="none", head="spinal", layer_width=32, img_size=32,
             batch_size=32, workers=0, augment="none", optimizer="sgd", lr=0.05, scheduler="none",
@@ -73,3 +97,15 @@ def cli_flags(**options) -> list[str]:
 def digits_folder(tmp_path_factory) -> Path:
     """All ten digits, ROOT/{train,val,test}/digit_<k>/*.png (1797 images, 32x32)."""
     return write_digits_folder(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Runs in this process may switch torch's deterministic mode (--deterministic): restore it after each test."""
+    import torch
+
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+    torch.set_num_threads(threads)

@@ -17,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import cli_flags, truncated_jpeg
+from conftest import SIGNAL_AT_STEP, cli_flags, truncated_jpeg
 from spinal_transfer.checkpoint import load_checkpoint
 from spinal_transfer.config import TrainConfig
 from spinal_transfer.interpret import read_predictions
@@ -198,3 +199,25 @@ def test_two_processes_count_every_sample_once_and_match_one_process(ddp_run, da
     rows2, rows1 = ([json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (out, tmp_path / "one"))
     assert [r["train_loss"] for r in rows2] == pytest.approx([r["train_loss"] for r in rows1], abs=1e-5)   # all ranks'
     assert report["val"]["loss"] == pytest.approx(one["val"]["loss"], abs=1e-4)
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_is_exact(ddp_run, data, tmp_path):
+    """SIGTERM reaches rank 1 only, after a random optimizer step: both ranks agree to stop after it, rank 0
+    writes last.pt, every worker exits with 75, and the resumed run ends bit-identical to the uninterrupted one."""
+    harness = tmp_path / "signal_at_step.py"
+    harness.write_text(SIGNAL_AT_STEP)
+    k = int(np.random.default_rng().integers(2, EPOCHS * SMALL["limit_train_batches"]))
+    out = tmp_path / "signalled"
+    cmd = _torchrun(*cli_flags(data=data, out=out, batch_size=PER_DEVICE_BATCH, **SMALL))
+    at = cmd.index("-m")
+    cmd[at:at + 2] = [str(harness), str(k), "TERM", "1", "1"]           # the script instead of -m spinal_transfer
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "exitcode  : 75" in res.stderr + res.stdout, (res.stderr + res.stdout)[-3000:]
+    assert "stopped: SIGTERM received" in res.stderr
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["step"] == k
+    _run(_torchrun("--resume", str(out)), tmp_path / "resume.log")
+    a = load_checkpoint(out / "checkpoints" / "last.pt")
+    b = load_checkpoint(ddp_run["whole"] / "checkpoints" / "last.pt")
+    assert a["progress"] == b["progress"]
+    for key, v in a["model"].items():
+        assert torch.equal(v, b["model"][key]), key

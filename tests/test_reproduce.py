@@ -97,7 +97,8 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     recipes = rp.find_recipes(str(recipes_dir / "*_spinal.yaml"))          # brings its default partner along
     assert [r.name for r in recipes] == ["digits_tiny_default", "digits_tiny_spinal"]
     with pytest.raises(KeyboardInterrupt):
-        rp.reproduce(recipes, digits_folder.parent, out, seeds=2, epochs=1, limit_train_batches=2, log=print)
+        rp.reproduce(recipes, digits_folder.parent, out, seeds=2, overrides={"epochs": 1, "limit_train_batches": 2},
+                     log=print)
     first = rp.run_dir(out, "digits_tiny_default", 0)
     assert first.state() == "finished"
     assert rp.run_dir(out, "digits_tiny_spinal", 0).state() == "interrupted"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, tiny_cfg, write_digits_folder
+from conftest import SIGNAL_AT_STEP, TINY, tiny_cfg, write_digits_folder
 from spinal_transfer.checkpoint import load_checkpoint
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
@@ -133,30 +133,6 @@ def test_kill_and_resume_matches_uninterrupted(digits_folder, tmp_path, uninterr
     _same_weights(uninterrupted, killed)
     assert [json.loads(r)["val"] for r in (uninterrupted / "metrics.jsonl").read_text().splitlines()] == \
            [json.loads(r)["val"] for r in (killed / "metrics.jsonl").read_text().splitlines()]
-
-
-# Sends `signal` to its own process (or rank) right after optimizer step `k`: the test then knows exactly how
-# many steps were done before the signal. A real signal, a real handler.
-SIGNAL_AT_STEP = """
-import os, signal, sys
-import spinal_transfer.train as T
-k, name, times, only_rank = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-real, fired = T.train_one_epoch, []
-
-def patched(*args, **kw):
-    progress = kw["progress"]
-
-    def on_step():
-        if progress.step == k and not fired and only_rank in (-1, int(os.environ.get("RANK", 0))):
-            fired.append(k)
-            for _ in range(times):
-                os.kill(os.getpid(), getattr(signal, "SIG" + name))
-    return real(*args, **{**kw, "on_step": on_step})
-
-T.train_one_epoch = patched
-from spinal_transfer.cli import main
-sys.exit(main(sys.argv[5:]))
-"""
 
 
 @pytest.mark.parametrize("name", ["TERM", "USR1"])

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from ..config import CONFIG_FIELDS
-from ..reproduce import (DEFAULT_DATA_ROOT, DEFAULT_OUT, DEFAULT_RECIPES, DEFAULT_SEEDS, PAPER_RESULTS, find_recipes,
-                         reproduce)
+from ..reproduce import (DEFAULT_DATA_ROOT, DEFAULT_OUT, DEFAULT_RECIPES, DEFAULT_SEEDS, OVERRIDES, PAPER_RESULTS,
+                         collect, find_recipes, reproduce, shard_from_env)
 
 EXAMPLES = f"""\
   spinal-transfer prepare stl10 --root data --download
@@ -15,14 +15,21 @@ EXAMPLES = f"""\
   # the published protocol: best epoch chosen on the test split
   spinal-transfer reproduce --recipes 'recipes/stl10_*.yaml' --select-on test --out runs/reproduce_test
 
-  # smoke test: 1 epoch per stage (lrs kept), 5 training batches per epoch; val/test still run in full
-  spinal-transfer reproduce --recipes 'recipes/stl10_*.yaml' --seeds 2 --epochs 1 --limit-train-batches 5 \\
-      --out runs/smoke
+  # smoke test on a laptop: the tiny recipe pair on the digits (about a minute on 2 CPU cores)
+  spinal-transfer prepare digits --root data
+  spinal-transfer reproduce --recipes 'recipes/smoke/*.yaml' --data-root data --seeds 2 --out runs/smoke
+
+  # a SLURM job array of 8 (examples/slurm/): each task runs its share, then anyone collects the tables
+  spinal-transfer reproduce --recipes 'recipes/*.yaml' --shard auto --out runs/reproduce
+  spinal-transfer reproduce --recipes 'recipes/*.yaml' --collect --out runs/reproduce
 
 Each (recipe, seed) runs in OUT/runs/<recipe>/seed<k>/ with seeds 0..N-1; a spinal recipe brings its
 <dataset>_<backbone>_default partner along for the paired test. Rerun the same command after an
-interruption: finished runs are skipped, interrupted ones resume. A run directory made with other
-settings (--select-on, --epochs, --limit-train-batches) is refused: use another --out. Writes
+interruption: finished runs are skipped, interrupted ones resume; a run folder another process is
+training is locked and left to it. --shard K/N runs a share of the runs balanced by estimated cost
+(--shard auto reads SLURM_ARRAY_TASK_ID/_COUNT or JOB_COMPLETION_INDEX with auto/N). Overrides
+(--epochs, --limit-train-batches, --select-on, --device, --batch-size, --img-size, --amp) are
+recorded per row; a run folder made with other ones is refused: use another --out. Writes
 OUT/results.csv, results.md and results.html; paper numbers come from {PAPER_RESULTS} next to the recipes."""
 
 
@@ -44,21 +51,37 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=_positive_int, default=DEFAULT_SEEDS, metavar="N",
                         help=f"run seeds 0..N-1 of every recipe (default: {DEFAULT_SEEDS})")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--select-on", choices=choices, default=None,
-                        help="split that picks the best epoch; test reproduces the published protocol "
-                             "(default: the recipe's, val in every shipped recipe)")
-    parser.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
-                        help="replace every stage's epochs by N, keeping its lr (smoke tests)")
-    parser.add_argument("--limit-train-batches", type=_positive_int, default=None, metavar="N",
-                        help="stop each training epoch after N batches (smoke tests)")
+    parser.add_argument("--shard", metavar="K/N", help="run shard K of N (0 <= K < N), or auto / auto/N inside a "
+                                                       "SLURM job array or a Kubernetes Indexed Job")
+    parser.add_argument("--collect", action="store_true", help="train nothing: write the tables from the finished "
+                                                               "runs and say which are missing")
+    over = parser.add_argument_group("overrides (recorded per row)")
+    over.add_argument("--select-on", choices=choices, default=None,
+                      help="split that picks the best epoch; test reproduces the published protocol "
+                           "(default: the recipe's, val in every shipped recipe)")
+    over.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+                      help="replace every stage's epochs by N, keeping its lr (smoke tests)")
+    over.add_argument("--limit-train-batches", type=_positive_int, default=None, metavar="N",
+                      help="stop each training epoch after N batches (smoke tests)")
+    over.add_argument("--device", choices=CONFIG_FIELDS["device"].metadata["choices"], help="device for every run")
+    over.add_argument("--batch-size", type=_positive_int, metavar="N", help="batch size per device for every run")
+    over.add_argument("--img-size", type=_positive_int, metavar="PX", help="crop size for every run")
+    over.add_argument("--amp", choices=CONFIG_FIELDS["amp"].metadata["choices"], help="mixed precision for every run")
+    over.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (speed only: not recorded)")
 
 
 def main(args: argparse.Namespace) -> int:
-    """0 when every row has all its seeds, 3 when a run failed (non-finite loss); errors raise to the CLI."""
-    rows = reproduce(find_recipes(args.recipes), args.data_root, args.out, args.seeds, args.select_on,
-                     args.epochs, args.limit_train_batches)
+    """0 when every row has all its seeds (a shard: when its own runs finished), 3 when rows are incomplete
+    (a run diverged, or, for --collect, runs are not finished yet)."""
+    recipes = find_recipes(args.recipes)
+    overrides = {k: getattr(args, k) for k in OVERRIDES}
+    if args.collect:
+        rows = collect(recipes, args.data_root, args.out, args.seeds, overrides)
+        return 3 if any(len(r.top1) < r.seeds for r in rows) else 0
+    shard = shard_from_env(args.shard) if args.shard else None
+    rows = reproduce(recipes, args.data_root, args.out, args.seeds, overrides, shard)
     incomplete = [r.recipe for r in rows if len(r.top1) < r.seeds]
-    if incomplete:
+    if incomplete and shard is None:
         print(f"incomplete rows (see the logs above): {', '.join(incomplete)}", file=sys.stderr)
         return 3
     return 0

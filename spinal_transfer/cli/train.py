@@ -15,6 +15,7 @@ EXAMPLES = """\
   spinal-transfer train --resume runs/pets                 # continue an interrupted run
   spinal-transfer train --resume runs/pets --epochs 20     # extend a run to 20 epochs
   spinal-transfer train --data ~/pets --out runs/pets --overwrite    # start runs/pets over
+  spinal-transfer train --data ~/pets --out runs/pets --resume-if-exists --checkpoint-every 10   # a requeued job
 ROOT is ROOT/{train,val,test}/<class>/<image> or ROOT/<class>/<image>; missing val/test splits are
 made (stratified) and every split's file list is recorded in RUN/splits.json. Every option can also be
 set in a YAML --recipe; flags win over the recipe. --epochs sets every stage's length; --lr the first
@@ -28,16 +29,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN", help="continue RUN from RUN/checkpoints/last.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --out that holds a run (removes that run's files, nothing else)")
+    parser.add_argument("--resume-if-exists", action="store_true",
+                        help="resume --out when it holds a run, start it otherwise: one command for a job that "
+                             "a scheduler may requeue")
     add_config_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..distributed import is_main
-    from ..metrics import summary
     from ..rundir import RunDir
     from ..train import run
 
     flags = given_flags(args)
+    if args.resume_if_exists:
+        return _resume_if_exists(args, flags)
     if args.resume:
         folder = RunDir(args.resume)
         if not folder.holds_run():
@@ -50,7 +54,30 @@ def main(args: argparse.Namespace) -> int:
         cfg = resolve_config(args.recipe, flags)
         if not cfg.data:
             raise ConfigError("--data DIR is required (or a --recipe that sets data)")
-    report = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    return _print(run(cfg, resume=args.resume, overwrite=args.overwrite))
+
+
+def _resume_if_exists(args: argparse.Namespace, flags: dict) -> int:
+    """The command of a requeued job: the same line starts the run the first time and resumes it afterwards
+    (a run that never reached a checkpoint starts over). A resumed run takes the changes resume allows."""
+    from ..rundir import RunDir
+    from ..train import run
+
+    if args.resume or args.overwrite:
+        raise ConfigError("--resume-if-exists decides by itself whether to resume: leave out --resume/--overwrite")
+    cfg = resolve_config(args.recipe, flags)
+    if not cfg.out:
+        raise ConfigError("--resume-if-exists needs --out RUN (the folder to resume when it holds a run)")
+    if not cfg.data:
+        raise ConfigError("--data DIR is required (or a --recipe that sets data)")
+    state = RunDir(cfg.out).state()
+    return _print(run(cfg, resume=cfg.out if state in ("interrupted", "finished") else None))
+
+
+def _print(report: dict) -> int:
+    from ..distributed import is_main
+    from ..metrics import summary
+
     if is_main():
         print(json.dumps({"best_epoch": report["best_epoch"], "val": summary(report["val"]),
                           "test": summary(report["test"])}, indent=1))
