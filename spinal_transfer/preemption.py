@@ -42,8 +42,9 @@ class StopControl:
     def __init__(self, signals: list[signal.Signals], every_minutes: Optional[float] = None,
                  every_steps: Optional[int] = None):
         self.signals, self.every_minutes, self.every_steps = signals, every_minutes, every_steps
-        self.received: Optional[str] = None
+        self.received: Optional[str] = None      # the signal's name, on every rank once they agreed
         self._previous: dict = {}
+        self._signum = 0
         self._last_save = time.monotonic()
 
     # --- handlers -------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ class StopControl:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt          # a second Ctrl-C: stop now
         if self.received is None:
-            self.received = name
+            self.received, self._signum = name, signum
             log.warning(f"{name} received: finishing the step in flight, then writing a checkpoint and stopping "
                         f"(resume with `spinal-transfer train --resume RUN`)"
                         + ("; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""))
@@ -76,18 +77,20 @@ class StopControl:
         `due_ok=False` (a checkpoint was just written) only a stop is looked for."""
         due = due_ok and bool((self.every_steps and step % self.every_steps == 0) or
                               (self.every_minutes and time.monotonic() - self._last_save >= 60 * self.every_minutes))
-        stop = self.received is not None
         from .distributed import world_size
 
         if world_size() > 1:
             import torch
             import torch.distributed as dist
 
-            flags = torch.tensor([stop, due], dtype=torch.int32)
+            flags = torch.tensor([self._signum, due], dtype=torch.int32)
             if dist.get_backend() == "nccl":
                 flags = flags.cuda()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)     # any rank's signal or clock decides for all
-            stop, due = bool(flags[0]), bool(flags[1])
+            if int(flags[0]) and self.received is None:      # a signal another rank received
+                self._signum, self.received = int(flags[0]), signal.Signals(int(flags[0])).name
+            due = bool(flags[1])
+        stop = self.received is not None
         if not due_ok:
             self._last_save = time.monotonic()
         if stop:

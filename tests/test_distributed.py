@@ -209,7 +209,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_is_exact(dd
     k = int(np.random.default_rng().integers(2, EPOCHS * SMALL["limit_train_batches"]))
     out = tmp_path / "signalled"
     cmd = _torchrun(*cli_flags(data=data, out=out, batch_size=PER_DEVICE_BATCH, **SMALL))
-    at = cmd.index("-m")
+    at = cmd.index("spinal_transfer") - 1
     cmd[at:at + 2] = [str(harness), str(k), "TERM", "1", "1"]           # the script instead of -m spinal_transfer
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "exitcode  : 75" in res.stderr + res.stdout, (res.stderr + res.stdout)[-3000:]
