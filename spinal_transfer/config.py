@@ -57,6 +57,15 @@ class Stage:
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------
     data: str = _opt("", "image folder: ROOT/{train,val,test}/<class>/ or ROOT/<class>/")
+    protocol: str = _opt("honest", "honest: the best epoch is chosen on a val split held out of train; paper: the "
+                                   "authors' experiment as the recipe describes it (paper_select_on)",
+                         choices=["honest", "paper"])
+    paper_select_on: Optional[str] = _opt(None, "recipes: the split the authors chose the best epoch on; with "
+                                                "--protocol paper, test means: train on train/ + val/, select on test",
+                                          choices=["val", "test"])
+    paper_val_index_mod: Optional[list] = _opt(None, "recipes: the authors' val was the official-train images whose "
+                                                     "index % m == k, as [m, k] (with --protocol paper)",
+                                               item=int, length=2, min=0)
     val_fraction: float = _opt(0.1, "fraction of train held out for val when ROOT has no val/", min=0.0, max=0.9)
     test_fraction: float = _opt(0.1, "fraction held out for test when ROOT has no test/", min=0.0, max=0.9)
     split_seed: int = _opt(0, "seed of the stratified val/test split", min=0)
@@ -80,8 +89,13 @@ class TrainConfig:
                                   "paper_rrc: paper with a random-resized crop (Fruits-360 script); none",
                         choices=["modern", "paper", "paper_rrc", "none"])
     img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)", min=8)
-    resize_size: Optional[int] = _opt(None, "paper recipe: resize to this square before cropping; "
-                                            "eval: resize shorter side (default img_size / crop_pct)", min=8)
+    resize_size: Optional[Union[int, list]] = _opt(None, "paper recipe: resize to this square (or [H, W]) before "
+                                                         "cropping; eval: resize the shorter side (default img_size / "
+                                                         "crop_pct), or to [H, W] then center-crop", min=8,
+                                                   pair_ok=True)
+    train_center_crop: Optional[int] = _opt(None, "paper recipe: a center crop of this size between the rotation and "
+                                                  "the random crop (the SVHN script)", min=8,
+                                            applies={"augment": ("paper", "paper_rrc")})
     eval_resize: str = _opt("center_crop", "eval preprocessing: center_crop (resize then crop) or "
                                            "resize (straight to img_size, as the paper's scripts did)",
                             choices=["center_crop", "resize"])
@@ -139,8 +153,8 @@ class TrainConfig:
     # --- bookkeeping ------------------------------------------------------------------------
     seed: int = _opt(0, "random seed", min=0)
     deterministic: bool = _opt(False, "deterministic algorithms (slower; exact resume on CPU)")
-    select_on: str = _opt("val", "split that picks the best epoch (test reproduces the paper's protocol)",
-                          choices=["val", "test"])
+    select_on: str = _opt("val", "split that picks the best epoch (with --protocol paper a recipe's paper_select_on "
+                                 "decides)", choices=["val", "test"])
     limit_train_batches: Optional[int] = _opt(None, "stop each training epoch after this many batches (smoke tests)",
                                               min=1)
     log_interval: int = _opt(20, "steps between loss reads for the non-finite check and the log", min=1)
@@ -248,6 +262,9 @@ class TrainConfig:
             from .preemption import parse_signals
 
             parse_signals(self.stop_signals)
+        if self.protocol == "paper" and self.paper_select_on is None:
+            raise ConfigError("protocol: paper needs a recipe that says how the authors ran it (paper_select_on: "
+                              "val or test; the recipes in recipes/ do)", key="protocol")
         if self.cache_features and not self.freeze_backbone:
             raise ConfigError("cache_features needs freeze_backbone (a trained backbone changes its features)",
                               key="cache_features")
@@ -334,6 +351,11 @@ def check_value(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: a value is required (null given)", key=name)
     if name == "stages":
         return _stages(value)
+    if meta.get("pair_ok") and isinstance(value, (list, tuple)):      # an int, or [H, W]
+        if len(value) != 2:
+            raise ConfigError(f"{name}: expected one size or [height, width], got {value!r}", key=name)
+        bounds = {k: meta[k] for k in ("min", "max", "gt") if k in meta}
+        return [_scalar(f"{name}[{i}]", v, int, bounds) for i, v in enumerate(value)]
     if tp is list or get_origin(tp) is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: {value!r} is not a list of {_describe(meta['item'])}s", key=name)
@@ -399,7 +421,7 @@ def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, .
         help_ = f"{f.metadata.get('help', '')} (default: {default}{when})".replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=help_)
-        elif tp in (list, dict) or get_origin(tp) in (list, dict):
+        elif tp in (list, dict) or get_origin(tp) in (list, dict) or f.metadata.get("pair_ok"):
             group.add_argument(flag, default=None, type=_parse_yaml_value, help=help_ + " [YAML]")
         else:
             group.add_argument(flag, default=None, type=tp, choices=f.metadata.get("choices"), help=help_)

@@ -326,7 +326,9 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
         lines += ["| split | " + " | ".join(n for _, n in _METRICS) + " | loss | images |",
                   "|---" * (len(_METRICS) + 3) + "|"]
         for split in ("val", "test"):
-            m = report[split]
+            m = report.get(split)
+            if not m:
+                continue
             lines.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" for k, _ in _METRICS)
                          + f" | {m['loss']:.4f} | {m['num_samples']} |")
         lines += ["", f"From the run's report.json: best epoch {report['best_epoch']}, chosen on "

@@ -89,10 +89,11 @@ def run_dir(out: PathLike, recipe: str, seed: int) -> RunDir:
     return RunDir(Path(out) / "runs" / recipe / f"seed{seed}")
 
 
-OVERRIDES = ("select_on", "epochs", "limit_train_batches", "batch_size", "img_size", "amp", "device", "workers")
+OVERRIDES = ("protocol", "select_on", "epochs", "limit_train_batches", "batch_size", "img_size", "amp", "device",
+             "workers")
 # What must agree between a run on disk and the run asked for, or the table would mix protocols (workers only
 # changes speed, so a rerun may change it).
-PROTOCOL = ("seed", "select_on", "limit_train_batches", "batch_size", "img_size", "amp", "device")
+PROTOCOL = ("seed", "protocol", "select_on", "limit_train_batches", "batch_size", "img_size", "amp", "device")
 
 
 def recipe_config(recipe: Recipe, data_root: PathLike, out: PathLike, seed: int,
@@ -205,6 +206,8 @@ class Row:
     seeds: int                                          # asked for
     top1: dict[int, float] = field(default_factory=dict)     # seed -> test top-1 (%), finished runs only
     selected_on: str = ""                               # split that picked the best epoch (ours)
+    protocol: str = ""                                  # honest or paper
+    train_images: dict[int, int] = field(default_factory=dict)   # seed -> images the run trained on
     overrides: str = ""
     paper: list[dict] = field(default_factory=list)    # matching rows of paper_results.csv
     tests: list[PairedTest] = field(default_factory=list)
@@ -248,14 +251,16 @@ def table_rows(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row
     for r in recipes:
         row = Row(r.name, r.head, r.partner or "", seeds, paper=paper.get(r.name, []))
         recipe_cfg = TrainConfig.from_yaml(r.path)
-        protocols, overrides, notes = set(), set(), set()
+        selections, protocols, overrides, notes = set(), set(), set(), set()
         for seed in range(seeds):
             d = run_dir(out, r.name, seed)
             if not d.is_finished():
                 continue
             report = d.read_report()
             row.top1[seed] = 100.0 * report["test"]["top1"]
-            protocols.add(report["selected_on"])
+            row.train_images[seed] = report["num_images"]["train"]
+            selections.add(report["selected_on"])
+            protocols.add(report["protocol"])
             overrides.add(_overrides(d.read_config(), recipe_cfg))
             if r.partner is None:
                 continue
@@ -269,7 +274,8 @@ def table_rows(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row
                 notes.add(f"not paired: {e}")
                 continue
             row.tests.append(PairedTest(seed, b, c, mcnemar_p(b, c)))
-        row.selected_on, row.overrides = ", ".join(sorted(protocols)), "; ".join(sorted(overrides))
+        row.selected_on, row.protocol = ", ".join(sorted(selections)), ", ".join(sorted(protocols))
+        row.overrides = "; ".join(sorted(overrides))
         row.test_note = "; ".join(sorted(notes))
         rows.append(row)
     return rows
@@ -292,6 +298,8 @@ def cells(row: Row) -> dict[str, str]:
         "recipe": row.recipe,
         "seeds_done": f"{len(row.top1)}/{row.seeds}",
         "selected_on": row.selected_on,
+        "protocol": row.protocol,
+        "train_images": "; ".join(f"{n:,}" for n in sorted(set(row.train_images.values()))),
         "overrides": row.overrides,
         "paper_top1": "; ".join(f"{p:.2f}" for p in paper) or "not reported",
         "paper_protocol": "; ".join(_paper_protocol(p) for p in row.paper),
@@ -303,8 +311,8 @@ def cells(row: Row) -> dict[str, str]:
     }
 
 
-CSV_COLUMNS = ("recipe", "dataset", "backbone", "head", "compared_with", "seeds", "finished_seeds", "selected_on",
-               "overrides", "paper_top1", "paper_split", "paper_selected_on_same_split", "ours_top1_mean",
+CSV_COLUMNS = ("recipe", "dataset", "backbone", "head", "compared_with", "seeds", "finished_seeds", "protocol",
+               "train_images", "selected_on", "overrides", "paper_top1", "paper_split", "paper_selected_on_same_split", "ours_top1_mean",
                "ours_top1_std", "ours_top1_per_seed", "diff_vs_paper", "mcnemar_seeds", "mcnemar_b", "mcnemar_c",
                "mcnemar_p", "verdict", "note")
 
@@ -322,8 +330,8 @@ def to_csv(rows: Sequence[Row]) -> str:
     for r in rows:
         mean, std = r.mean_std
         dataset, _, backbone = r.recipe.rsplit("_", 1)[0].rpartition("_")
-        w.writerow([r.recipe, dataset, backbone, r.head, r.compared_with, r.seeds, _join(r.top1), r.selected_on,
-                    r.overrides, _join(p["top1"] for p in r.paper) or "not reported", _join(p["split"] for p in r.paper),
+        w.writerow([r.recipe, dataset, backbone, r.head, r.compared_with, r.seeds, _join(r.top1), r.protocol,
+                    _join(r.train_images.values()), r.selected_on, r.overrides, _join(p["top1"] for p in r.paper) or "not reported", _join(p["split"] for p in r.paper),
                     _join(p.get("selected_on_same_split", "") for p in r.paper), "" if mean is None else mean,
                     "" if std is None else std, _join(r.top1.values()),
                     "" if mean is None else _join(mean - float(p["top1"]) for p in r.paper),
@@ -332,16 +340,19 @@ def to_csv(rows: Sequence[Row]) -> str:
     return buf.getvalue()
 
 
-TABLE = (("recipe", "recipe"), ("seeds", "seeds_done"), ("ours selected on", "selected_on"),
+TABLE = (("recipe", "recipe"), ("seeds", "seeds_done"), ("protocol", "protocol"), ("training images", "train_images"),
+         ("ours selected on", "selected_on"),
          ("overrides", "overrides"), ("paper top-1 %", "paper_top1"), ("paper split (selection)", "paper_protocol"),
          ("ours top-1 % (mean ± std)", "ours_top1"), ("ours per seed", "ours_per_seed"), ("ours − paper", "diff"),
          ("McNemar vs default (per seed)", "mcnemar"), ("verdict", "verdict"))
 
 NOTES = [
     "Top-1 accuracy on the test split, in %; mean ± sample std over the finished seeds.",
-    "'ours selected on' is the split that picked the best epoch: val (held-out, the default) or test "
-    "(--select-on test, the published protocol for most numbers). 'overrides' other than none mark a shortened "
-    "(smoke) run whose numbers are not comparable to the paper's.",
+    "'protocol' says which experiment produced each number: honest (the default: the best epoch is chosen on a "
+    "val split held out of train) or paper (--protocol paper: the authors' training set and selection split, "
+    "usually the test split they reported); 'training images' is how many images the runs trained on. "
+    "'ours selected on' is the split that picked the best epoch. 'overrides' other than none mark a shortened "
+    "(smoke) or resized run whose numbers are not comparable to the paper's.",
     "McNemar: exact two-sided binomial test on the test images where exactly one head is right; b = default right "
     "and this head wrong, c = the reverse; same seed, same images. One test per seed (counts are not pooled: the "
     f"same image would count once per seed as if independent). Significant means p < {ALPHA:g}; the verdict is "

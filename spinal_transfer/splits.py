@@ -17,6 +17,7 @@ and the run refuses only when files it needs are gone.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -245,6 +246,38 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
         log.warning("%d file(s) under %s skipped (not readable images)", len(skipped), root)
     source["notes"] = notes
     return Splits(cls, splits["train"], splits.get("val", []), splits.get("test", []), skipped, source, str(root))
+
+
+def apply_protocol(s: Splits, protocol: str, paper_select_on: Optional[str],
+                   index_mod: Optional[list] = None) -> Splits:
+    """The splits a protocol trains and selects on (README, "Two protocols").
+
+    honest: as scanned (the best epoch is chosen on val, held out of train where the folder has no val/).
+    paper: the authors' experiment. With `paper_select_on` "test" they trained on all of the official training
+    images and chose the epoch on the split they reported: train/ and val/ (which `prepare` carved from the
+    official train) become one training set and there is no val. With `index_mod` [m, k] their val was the
+    official-train images whose index (the file name `prepare` gives array datasets) % m == k."""
+    if protocol != "paper" or paper_select_on is None:
+        return s
+    notes = list(s.source.get("notes", []))
+    if paper_select_on == "test":
+        notes.append("paper protocol: train/ and val/ together are the training set; the best epoch is chosen on test")
+        return dataclasses.replace(s, train=sorted(s.train + s.val), val=[], source={**s.source, "notes": notes,
+                                                                                     "protocol": "paper"})
+    if not index_mod:
+        return dataclasses.replace(s, source={**s.source, "protocol": "paper"})
+    m, k = index_mod
+    pool = sorted(s.train + s.val)
+    try:
+        chosen = [int(Path(p).stem) % m == k for p, _ in pool]
+    except ValueError:
+        raise DataError(f"paper_val_index_mod needs files named by their index in the official train split (as "
+                        f"`spinal-transfer prepare` writes them, e.g. 00042.png); {s.root} has e.g. "
+                        f"{Path(pool[0][0]).name}") from None
+    notes.append(f"paper protocol: val = the official-train images with index % {m} == {k}")
+    return dataclasses.replace(s, train=[x for x, c in zip(pool, chosen) if not c],
+                               val=[x for x, c in zip(pool, chosen) if c],
+                               source={**s.source, "notes": notes, "protocol": "paper"})
 
 
 # ------------------------------------------------------------------------------------------------

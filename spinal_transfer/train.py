@@ -37,7 +37,7 @@ from .preemption import StopControl, parse_signals
 from .rundir import RunDir, SkipLog, check_new_run, default_run_name
 from .runtime import (amp_dtype, configure_process, pick_device, rng_state, seed_everything, set_rng_state,
                       attach_log_file, setup_logging, use_channels_last)
-from .splits import Splits, load_recorded, record, scan
+from .splits import Splits, apply_protocol, load_recorded, record, scan
 from .surgery import build_model, get_head
 from .tracking import Tracker
 from .transforms import Augmentation, DataConfig, build_transforms, resolve_data_config
@@ -272,8 +272,9 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         log.info(note)
     dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
                              mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
-    cfg = dataclasses.replace(cfg, img_size=dc.img_size, resize_size=dc.resize_size, mean=list(dc.mean),
-                              std=list(dc.std), interpolation=dc.interpolation)
+    cfg = dataclasses.replace(cfg, img_size=dc.img_size, mean=list(dc.mean), std=list(dc.std),
+                              interpolation=dc.interpolation, select_on=selection_split(cfg),
+                              resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
     tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
@@ -296,6 +297,12 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     return s
 
 
+def selection_split(cfg: TrainConfig) -> str:
+    """The split that picks the best epoch: the config's, or under the paper protocol the authors' (a recipe's
+    paper_select_on: test means there is no val split at all, as in their scripts)."""
+    return "test" if cfg.protocol == "paper" and cfg.paper_select_on == "test" else cfg.select_on
+
+
 def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
     """The run's file lists: scanned at its start (and recorded in splits.json by `setup`), read back on resume,
     so images added, removed or changed later never change what it trains and tests on. Rank 0 reads, every
@@ -303,7 +310,8 @@ def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
     splits = None
     if is_main():
         splits = (load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else
-                  scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed))
+                  apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed), cfg.protocol,
+                                 cfg.paper_select_on, cfg.paper_val_index_mod))
     splits = broadcast_object(splits)
     skips.add(splits.skipped)
     return splits
@@ -333,7 +341,7 @@ def _make_ema(model: nn.Module, decay: Optional[float]) -> Any:
 
 def augmentation(cfg: TrainConfig) -> Augmentation:
     return Augmentation(policy=cfg.augment, hflip=cfg.hflip, vflip=cfg.vflip, rrc_scale=tuple(cfg.rrc_scale),
-                        rotation=cfg.rotation)
+                        rotation=cfg.rotation, center_crop=cfg.train_center_crop)
 
 
 def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Splits, device: torch.device,
@@ -480,17 +488,17 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
     s.skips.sync()
     row = {"epoch": epoch, "stage": si + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss,
            "train_images_per_s": seen * world_size() / max(seconds, 1e-9), "frozen": frozen,
-           "seconds": time.perf_counter() - t0, "val": summary(val_m)}
-    if cfg.select_on == "test":
-        row["test"] = summary(select_m)
+           "seconds": time.perf_counter() - t0}
+    row.update({"val": summary(val_m)} if val_m else {})
+    row.update({"test": summary(select_m)} if cfg.select_on == "test" else {})
     if is_main():
         best = s.saver.update(epoch, select_m["top1"], s.model, s.ema)
         s.saver.save_last(s.model, s.ema, _train_state(s, opt))
         s.run.append_metrics(row)
         s.tracker.log_epoch(epoch, row)
-        log.info(f"epoch {epoch}: " + ("backbone frozen, " if frozen else "") + f"train loss {loss:.4f}, val top1 "
-                 f"{val_m['top1']:.4f} loss {val_m['loss']:.4f}, {row['train_images_per_s']:.1f} img/s"
-                 + (" (best)" if best else ""))
+        log.info(f"epoch {epoch}: " + ("backbone frozen, " if frozen else "") + f"train loss {loss:.4f}, "
+                 f"{cfg.select_on} top1 {select_m['top1']:.4f} loss {select_m['loss']:.4f}, "
+                 f"{row['train_images_per_s']:.1f} img/s" + (" (best)" if best else ""))
     barrier()
     if s.control.decide(s.progress.step, due_ok=False) == "stop":     # a signal during evaluation
         raise _interrupted(s)
@@ -529,9 +537,10 @@ def _interrupted(s: Session) -> Interrupted:
                        f"holds everything to continue: spinal-transfer train --resume {s.run.path}")
 
 
-def evaluate_epoch(s: Session) -> tuple[dict, dict]:
-    """(val metrics, metrics of the selection split) of the weights the saver selects on."""
-    val = evaluate_split(s, "val")[0]
+def evaluate_epoch(s: Session) -> tuple[Optional[dict], dict]:
+    """(val metrics or None when there is no val split, metrics of the selection split) of the weights the saver
+    selects on."""
+    val = evaluate_split(s, "val")[0] if s.samples["val"] else None
     return val, (evaluate_split(s, "test")[0] if s.cfg.select_on == "test" else val)
 
 
@@ -639,10 +648,11 @@ def finish(s: Session) -> dict:
     best = load_checkpoint(s.run.best)
     s.model.load_state_dict(best["model"])
     model = get_head(s.model) if s.cfg.cache_features else s.model
-    val_m, _ = evaluate_split(s, "val", model)
+    val_m = evaluate_split(s, "val", model)[0] if s.samples["val"] else None
     test_m, test_out = evaluate_split(s, "test", model)
     s.skips.sync()
-    report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "epochs_trained": s.progress.epoch,
+    report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "protocol": s.cfg.protocol,
+              "epochs_trained": s.progress.epoch,
               "val": val_m, "test": test_m, "classes": s.classes, "num_skipped_files": len(s.skips),
               "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
     if is_main():

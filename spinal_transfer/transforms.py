@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import albumentations as A
 import cv2
@@ -48,7 +48,7 @@ class DataConfig:
     crop policy. It travels with every checkpoint and bundle, so evaluation and predict preprocess alike."""
 
     img_size: int
-    resize_size: int
+    resize_size: Union[int, tuple]        # one size, or (height, width) for a non-square resize
     mean: tuple
     std: tuple
     interpolation: str
@@ -65,6 +65,7 @@ class Augmentation:
     vflip: float = 0.0
     rrc_scale: tuple = (0.08, 1.0)
     rotation: float = 15.0
+    center_crop: Optional[int] = None     # paper policy: a center crop between the rotation and the random crop
 
 
 def _from_timm(d: dict) -> dict:
@@ -119,7 +120,7 @@ def _torchvision_defaults(name: str, weights: str) -> Optional[dict]:
 
 
 def resolve_data_config(backbone: str, weights: Optional[str], model: Optional[torch.nn.Module] = None, *,
-                        img_size: Optional[int] = None, resize_size: Optional[int] = None,
+                        img_size: Optional[int] = None, resize_size: Optional[Union[int, Sequence[int]]] = None,
                         mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                         interpolation: Optional[str] = None, eval_resize: str = "center_crop") -> DataConfig:
     """Backbone defaults (from `model.pretrained_cfg` when present, else from the backbone id and weights),
@@ -140,13 +141,14 @@ def resolve_data_config(backbone: str, weights: Optional[str], model: Optional[t
 
     img = img_size or base["img_size"]
     if resize_size:
-        resize, crop_pct = resize_size, img / resize_size
+        resize = tuple(int(r) for r in resize_size) if isinstance(resize_size, (list, tuple)) else int(resize_size)
+        crop_pct = img / min(_hw(resize))
     elif img_size:
         resize, crop_pct = round(img / base["crop_pct"]), base["crop_pct"]
     else:
         resize, crop_pct = base["resize_size"], base["crop_pct"]
     return DataConfig(
-        img_size=int(img), resize_size=int(resize),
+        img_size=int(img), resize_size=resize if isinstance(resize, tuple) else int(resize),
         mean=tuple(float(m) for m in (mean or base["mean"])),
         std=tuple(float(s) for s in (std or base["std"])),
         interpolation=interpolation or base["interpolation"], crop_pct=float(crop_pct), eval_resize=eval_resize,
@@ -175,6 +177,11 @@ class NormalizeToTensor(ToTensorV2):
         return ("mean", "std")
 
 
+def _hw(resize: Union[int, Sequence[int]]) -> tuple[int, int]:
+    """(height, width) of a resize given as one size or as [height, width]."""
+    return (int(resize[0]), int(resize[1])) if isinstance(resize, (list, tuple)) else (int(resize), int(resize))
+
+
 def build_transforms(dc: DataConfig, train: bool = False, aug: Augmentation = Augmentation()) -> A.Compose:
     """uint8 HxWx3 RGB -> normalized CHW float tensor: the training pipeline of `aug` (train=True), else the
     evaluation pipeline of `dc` (which `aug.policy == "none"` also uses for training).
@@ -186,23 +193,28 @@ def build_transforms(dc: DataConfig, train: bool = False, aug: Augmentation = Au
     size = dc.img_size
     steps: list[Any]
     policy = aug.policy if train else "none"
+    h, w = _hw(dc.resize_size)
     if policy in ("paper", "paper_rrc"):
         crop = (A.RandomCrop(size, size) if policy == "paper" else
                 A.RandomResizedCrop(size=(size, size), scale=tuple(aug.rrc_scale), interpolation=interp,
                                     area_for_downscale="image"))
-        steps = [A.Resize(dc.resize_size, dc.resize_size, interpolation=interp, area_for_downscale="image"),
+        steps = [A.Resize(h, w, interpolation=interp, area_for_downscale="image"),
                  A.Rotate(limit=aug.rotation, interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT,
-                          fill=0, p=1.0),
-                 crop]
-        need: Optional[int] = dc.resize_size
+                          fill=0, p=1.0)]
+        steps += [A.CenterCrop(aug.center_crop, aug.center_crop)] if aug.center_crop else []
+        steps.append(crop)
+        need: Optional[int] = min(h, w)
     elif policy == "modern":
         steps = [A.RandomResizedCrop(size=(size, size), scale=tuple(aug.rrc_scale), interpolation=interp,
                                      area_for_downscale="image")]
         need = None
+    elif dc.eval_resize == "center_crop" and h != w:      # a non-square resize (the SVHN script), then the crop
+        steps = [A.Resize(h, w, interpolation=interp, area_for_downscale="image"), A.CenterCrop(size, size)]
+        need = min(h, w)
     elif dc.eval_resize == "center_crop":
-        steps = [A.SmallestMaxSize(max_size=dc.resize_size, interpolation=interp, area_for_downscale="image"),
+        steps = [A.SmallestMaxSize(max_size=h, interpolation=interp, area_for_downscale="image"),
                  A.CenterCrop(size, size)]
-        need = dc.resize_size
+        need = h
     else:
         steps = [A.Resize(size, size, interpolation=interp, area_for_downscale="image")]
         need = size

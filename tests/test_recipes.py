@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
+import functools
 import gc
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -60,7 +61,7 @@ DATASETS = {
                      stages=[(50, 1e-3)], stats=CIFAR100_STATS, spinal=(512, "vgg")),
     # SVHN: Resize((272,320)) -> CenterCrop 272 -> RandomCrop 256, eval CenterCrop 256, no flip. The WRN number
     # is "Spinal ResNet FC", the script's class is SpinalNet_VGG (used for the VGG-19-bn recipe).
-    "svhn": dict(classes=10, resize=272, crop=256, eval="center_crop", hflip=0.0, vflip=0.0, batch=28,
+    "svhn": dict(classes=10, resize=[272, 320], crop=256, eval="center_crop", hflip=0.0, vflip=0.0, batch=28,
                  stages=[(50, 1e-3)], stats=CIFAR100_STATS, spinal=(20, {"wrn101": "resnet", "vgg19bn": "vgg"})),
     # CINIC-10: the code's 456/448 (its docstring says 272/256).
     "cinic10": dict(classes=10, resize=456, crop=448, eval="resize", hflip=0.5, vflip=0.0, batch=9,
@@ -335,18 +336,10 @@ def test_recipe_header_cites_upstream_files_and_lines(path: Path):
             assert CELL_REF.search(refs), f"{path.name}: {file} without 'cell N LM' or 'cell N output' references"
         elif file.endswith(".py") and not file.endswith("spinalnettorch.py"):
             assert LINE_REF.search(refs), f"{path.name}: {file} without line references"
-    for key in ("# Reported:", "# Authors' data and protocol:", "# needs: paper_select_on: "):
+    for key in ("# Reported:", "# Authors' data and protocol:"):
         assert key in text, f"{path.name}: no {key!r}"
-    # `# needs:` lines hold YAML for fields that do not exist yet; none of them may already be a TrainConfig field
-    # that the recipe sets differently without saying so (resize_size is the documented SVHN exception).
-    needs = {}
-    for line in text.splitlines():
-        if line.startswith("# needs:"):
-            needs.update(yaml.safe_load(line[len("# needs:"):]))
-    assert needs["paper_select_on"] in ("test", "val")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(needs) - {"resize_size"} <= {"paper_select_on", "paper_val_index_mod", "train_center_crop"}
-    assert not (set(needs) - {"resize_size"}) & known, "a `# needs:` field exists now: make it a real key"
+    assert "# needs:" not in text, f"{path.name}: every field the authors' run needs exists: make it a real key"
+    assert load(path).paper_select_on in ("test", "val"), f"{path.name}: no paper_select_on"
 
 
 def read_results() -> list[dict]:
@@ -400,9 +393,8 @@ def test_paper_results_csv():
         assert any(f"{t}%" in header(path) for t in (f"{float(r['top1']):.2f}", r["top1"], f"{float(r['top1']):g}")), \
             (r["recipe"], r["top1"])
         # selected on the reported split <=> the paper protocol selects on test
-        needs = yaml.safe_load(re.search(r"^# needs: (paper_select_on: \w+)", header(path), re.M).group(1))
         if r["selected_on_same_split"] == "true":
-            assert needs["paper_select_on"] == "test", r["recipe"]
+            assert cfg.paper_select_on == "test", r["recipe"]
     datasets = {r["dataset"] for r in rows}
     assert {"stanford_cars", "stl10", "bird225", "caltech101", "flowers102"} <= datasets
 
@@ -566,3 +558,58 @@ def test_recipe_data_names_match_prepare():
         assert PREPARED[data].num_classes == ref["classes"], ds
     for path in RECIPES:
         assert load(path).data in PREPARED, path.name
+
+
+# --- the two protocols: what each recipe trains and selects on -----------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _prepared(dataset: str) -> "Splits":
+    """The train/val/test file lists `prepare` writes for `dataset`, built by prepare's own split code from a
+    stand-in source of the official sizes (names as prepare gives array datasets; labels round-robin)."""
+    from spinal_transfer import prepare as prep
+    from spinal_transfer.splits import Splits
+
+    spec = prep.DATASETS[dataset]
+    classes = [f"c{i:03d}" for i in range(spec.num_classes)]
+    source = {split: [prep.Item(classes[i % len(classes)], f"{i:05d}.png", Path("x")) for i in range(n)]
+              for split, n in spec.sizes.items()}
+    out = prep._assign(dataset, source, prep.split_settings(dataset, 0.1, 0))
+    lists = {s: [(f"{s}/{it.label}/{it.name}", classes.index(it.label)) for it in out[s]] for s in ("train", "val",
+                                                                                                      "test")}
+    return Splits(classes, lists["train"], lists["val"], lists["test"], root="/data")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_paper_protocol_trains_on_the_official_training_set_and_selects_on_the_reported_split(path):
+    from spinal_transfer import prepare as prep
+    from spinal_transfer.splits import apply_protocol
+    from spinal_transfer.train import selection_split
+
+    cfg = load(path)
+    spec = prep.DATASETS[cfg.data]
+    settings = prep.split_settings(cfg.data, 0.1, 0)
+    honest = _prepared(cfg.data)
+    carved_test = len(honest.test) if settings["test"]["from"] == "train" else 0       # Caltech-101: no official test
+    official_train = sum(n for src, n in spec.sizes.items() if spec.split_map.get(src) == "train") - carved_test
+    paper = apply_protocol(honest, "paper", cfg.paper_select_on, cfg.paper_val_index_mod)
+    paper_cfg = TrainConfig.from_dict({**cfg.to_dict(), "protocol": "paper"})
+    if cfg.paper_select_on == "test":          # the authors trained on all of it and chose on what they reported
+        assert len(paper.train) == official_train and paper.val == [] and paper.test == honest.test
+        assert selection_split(paper_cfg) == "test"
+    elif cfg.paper_val_index_mod:              # their val: official-train images with index % m == k
+        m, k = cfg.paper_val_index_mod
+        assert len(paper.val) == sum(1 for i in range(official_train) if i % m == k)
+        assert len(paper.train) + len(paper.val) == official_train and selection_split(paper_cfg) == "val"
+    else:                                      # an official val: the authors' and ours are the same
+        assert (paper.train, paper.val, paper.test) == (honest.train, honest.val, honest.test)
+        assert selection_split(paper_cfg) == "val"
+    # the honest protocol: a val carved out of train where there is no official one, stratified and recorded
+    assert selection_split(cfg) == cfg.select_on == "val"
+    if settings["val"]["from"] == "train":
+        assert settings["val"]["stratified"] and settings["val"]["fraction"] == 0.1
+        assert len(honest.train) + len(honest.val) == official_train
+        share = np.bincount([y for _, y in honest.val], minlength=len(honest.classes)) / len(honest.val)
+        whole = np.bincount([y for _, y in honest.train + honest.val], minlength=len(honest.classes)) / official_train
+        assert np.abs(share - whole).max() < 0.02
+    else:
+        assert len(honest.train) == official_train

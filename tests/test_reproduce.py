@@ -155,3 +155,26 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     # Everything finished: a rerun trains nothing and rewrites the same table.
     calls.clear()
     assert cli(args) == 0 and calls == []
+
+
+def test_reproduce_under_both_protocols_says_which_and_how_many_training_images(digits_folder, tmp_path, one_thread):
+    recipes_dir = tmp_path / "recipes"
+    recipes_dir.mkdir()
+    for head, kw in HEADS.items():           # stand-ins for recipes whose authors chose the epoch on test
+        (recipes_dir / f"digits_tiny_{head}.yaml").write_text(yaml.safe_dump(
+            {"data": digits_folder.name, **TINY, **kw, "paper_select_on": "test"}))
+    recipes = rp.find_recipes(str(recipes_dir / "*.yaml"))
+    n = {s: sum(1 for _ in (digits_folder / s).rglob("*.png")) for s in ("train", "val", "test")}
+    for protocol, train_images, selected in (("honest", n["train"], "val"), ("paper", n["train"] + n["val"], "test")):
+        out = tmp_path / protocol
+        rp.reproduce(recipes, digits_folder.parent, out, seeds=1, log=print,
+                     overrides={"protocol": protocol, "epochs": 1, "limit_train_batches": 2})
+        with open(out / "results.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [(r["protocol"], r["train_images"], r["selected_on"]) for r in rows] == \
+               [(protocol, str(train_images), selected)] * 2
+        report = json.loads((rp.run_dir(out, "digits_tiny_spinal", 0).report).read_text())
+        assert report["protocol"] == protocol and report["num_images"]["train"] == train_images
+        assert (report["val"] is None) == (protocol == "paper")
+        md = (out / "results.md").read_text()
+        assert f"| {protocol} | {train_images:,} |" in md

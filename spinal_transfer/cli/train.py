@@ -79,6 +79,6 @@ def _print(report: dict) -> int:
     from ..metrics import summary
 
     if is_main():
-        print(json.dumps({"best_epoch": report["best_epoch"], "val": summary(report["val"]),
-                          "test": summary(report["test"])}, indent=1))
+        print(json.dumps({"best_epoch": report["best_epoch"],
+                          **{k: summary(report[k]) for k in ("val", "test") if report.get(k)}}, indent=1))
     return 0
