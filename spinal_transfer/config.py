@@ -30,7 +30,7 @@ from .errors import ConfigError
 # memory). Everything else is the experiment, and a resumed run keeps it.
 RESUME_SAFE = ("epochs", "stages", "data", "workers", "log_interval", "limit_train_batches", "device", "compile",
                "channels_last", "deterministic", "cache_dir", "checkpoint_every", "checkpoint_every_steps",
-               "stop_signals", "log_to", "tracking_uri", "experiment")
+               "stop_signals", "log_to", "tracking_uri", "experiment", "early_stop_patience", "early_stop_min_delta")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -142,6 +142,10 @@ class TrainConfig:
                               choices=["none", "loss", "sampler"])
     ema_decay: Optional[float] = _opt(None, "keep an EMA of the weights (timm ModelEmaV3) with this decay",
                                       gt=0.0, max=1.0)
+    early_stop_patience: Optional[int] = _opt(None, "end a stage after this many epochs without the selection "
+                                                    "metric improving by more than --early-stop-min-delta", min=1)
+    early_stop_min_delta: float = _opt(0.0, "improvement of the selection top-1 (a fraction) that resets the "
+                                            "patience", min=0.0, applies={"early_stop_patience": ()})
     # --- speed and hardware -----------------------------------------------------------------
     batch_size: int = _opt(32, "batch size per device", min=1)
     workers: Optional[int] = _opt(None, "DataLoader workers (default: min(8, cpu count))", min=0)

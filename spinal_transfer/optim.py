@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules of one stage, and the freezing policy of a fine-tune.
+"""Optimizers and learning-rate schedules of one stage, and the policies of a fine-tune: freezing, early stopping.
 
 Each stage of a schedule builds a fresh optimizer and scheduler (as the paper's scripts did). Parameters
 fall in two groups, the new head and the backbone, so the backbone can learn more slowly
@@ -7,7 +7,7 @@ fall in two groups, the new head and the backbone, so the backbone can learn mor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -73,3 +73,25 @@ class FreezePolicy:
             model.eval()
             for path in model.spinal_info.head_paths:
                 model.get_submodule(path).train()
+
+
+@dataclass
+class EarlyStopping:
+    """Ends a stage when the selection metric has not improved by more than `min_delta` for `patience` epochs
+    (as fastai's EarlyStoppingCallback, per stage: a multi-stage schedule then starts its next stage from the
+    stage's best weights). Its state lives in the run's Progress, so it survives a resume; every rank sees the
+    same gathered metric, so every rank stops at the same epoch."""
+
+    patience: Optional[int] = None
+    min_delta: float = 0.0
+
+    def update(self, progress: Any, epoch: int, score: float, split: str) -> Optional[str]:
+        """Record `score` of `epoch`; the reason to stop the stage now, or None."""
+        if score > progress.early_best + self.min_delta:
+            progress.early_best, progress.early_best_epoch, progress.early_bad = score, epoch, 0
+            return None
+        progress.early_bad += 1
+        if self.patience is None or progress.early_bad < self.patience:
+            return None
+        return (f"{split} top-1 did not improve by more than {self.min_delta:g} for {self.patience} epoch(s) "
+                f"(stage best {progress.early_best:.4f} at epoch {progress.early_best_epoch})")

@@ -32,7 +32,7 @@ from .evaluation import Outputs, autocast, predict_logits, write_predictions
 from .heads import head_options
 from .loaders import EpochSampler, ShardSampler, balanced_sample_weights, class_weights, make_loader, train_drop_last
 from .metrics import classification_metrics, summary
-from .optim import FreezePolicy, make_optimizer, make_scheduler
+from .optim import EarlyStopping, FreezePolicy, make_optimizer, make_scheduler
 from .preemption import StopControl, parse_signals
 from .rundir import RunDir, SkipLog, check_new_run, default_run_name
 from .runtime import (amp_dtype, configure_process, pick_device, rng_state, seed_everything, set_rng_state,
@@ -58,14 +58,20 @@ class Progress:
     batch: int = 0
     epoch_loss: float = 0.0
     epoch_seen: int = 0
+    stopped: dict = field(default_factory=dict)      # stage index -> {ran, epoch, reason} when it stopped early
+    early_best: float = float("-inf")                # early stopping in the current stage
+    early_best_epoch: int = 0
+    early_bad: int = 0
 
     def locate(self, stages: list[Stage]) -> tuple[int, int]:
-        """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done."""
+        """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done.
+        A stage that stopped early counts with the epochs it ran."""
         start = 0
         for i, s in enumerate(stages):
-            if self.epoch < start + s.epochs:
+            length = self.stopped[i]["ran"] if i in self.stopped else s.epochs
+            if self.epoch < start + length:
                 return i, self.epoch - start
-            start += s.epochs
+            start += length
         return len(stages), 0
 
 
@@ -90,6 +96,7 @@ class Session:
     skips: SkipLog
     saver: CheckpointSaver
     freeze: FreezePolicy
+    early: EarlyStopping
     progress: Progress
     control: StopControl
     tracker: Tracker
@@ -147,7 +154,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
         if ckpt is not None:           # its own config, with the changes a resumed run may take
             cfg = dataclasses.replace(resume_config(TrainConfig.from_dict(ckpt["config"]), cfg,
                                                     ckpt["progress"]["epoch"]), out=cfg.out)
-            if run_dir.is_finished() and ckpt["progress"]["epoch"] >= cfg.total_epochs():
+            if run_dir.is_finished() and Progress(**ckpt["progress"]).locate(cfg.resolved_stages())[0] == \
+                    len(cfg.resolved_stages()):
                 log.info(f"{run_dir.path} is finished ({ckpt['progress']['epoch']} epochs); nothing to add. To "
                          f"train more, resume with a larger --epochs")
                 return run_dir.read_report()
@@ -289,8 +297,9 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     s = Session(cfg, run, device, dtype, channels_last and not cfg.cache_features, model, ema, splits.classes,
                 samples, loaders, sampler, *_loss(cfg, samples["train"], len(splits.classes), device),
                 torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), skips, saver,
-                FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone), Progress(), control or StopControl([]), tracker,
-                ckpt)
+                FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
+                EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta), Progress(),
+                control or StopControl([]), tracker, ckpt)
     if ckpt is not None:
         _restore(s, ckpt)
     _log_start(s, splits)
@@ -453,12 +462,19 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
         set_rng_state(s.resume["rng"])
     if fresh:
         s.saver.start_stage()
-        s.progress.stage_step = 0
+        s.progress.stage_step, s.progress.early_best, s.progress.early_bad = 0, float("-inf"), 0
     s.resume = None
-    for _ in range(done, stage.epochs):
-        run_epoch(s, opt, sched if unit == "step" else None, si)
+    for e in range(done, stage.epochs):
+        stop = run_epoch(s, opt, sched if unit == "step" else None, si)
         if unit == "epoch":
             sched.step()
+        if stop and e + 1 < stage.epochs:
+            s.progress.stopped[si] = {"ran": e + 1, "epoch": s.progress.epoch, "reason": stop}
+            log.info(f"stage {si + 1} stopped early after epoch {s.progress.epoch}: {stop}")
+            if is_main():       # last.pt must know the stage ended, or a resume would continue it
+                s.saver.save_last(s.model, s.ema, _train_state(s, opt))
+            barrier()
+            break
 
 
 def _batches_per_epoch(s: Session) -> int:
@@ -468,9 +484,9 @@ def _batches_per_epoch(s: Session) -> int:
     return min(n, s.cfg.limit_train_batches) if s.cfg.limit_train_batches else n
 
 
-def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) -> None:
+def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) -> Optional[str]:
     """Train one epoch (or the rest of an interrupted one), evaluate, let the saver select, write last.pt and
-    the epoch's metrics row."""
+    the epoch's metrics row. Returns why the stage should stop early, if it should."""
     cfg, epoch, start = s.cfg, s.progress.epoch + 1, s.progress.batch
     frozen = s.freeze.frozen(epoch)
     fwd = s.forward_module(frozen)
@@ -491,6 +507,7 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
            "seconds": time.perf_counter() - t0}
     row.update({"val": summary(val_m)} if val_m else {})
     row.update({"test": summary(select_m)} if cfg.select_on == "test" else {})
+    stop = s.early.update(s.progress, epoch, select_m["top1"], cfg.select_on)
     if is_main():
         best = s.saver.update(epoch, select_m["top1"], s.model, s.ema)
         s.saver.save_last(s.model, s.ema, _train_state(s, opt))
@@ -504,6 +521,7 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
         raise _interrupted(s)
     if s.on_epoch is not None:
         s.on_epoch(row)
+    return stop
 
 
 def _train_state(s: Session, opt: torch.optim.Optimizer) -> dict:
@@ -651,8 +669,9 @@ def finish(s: Session) -> dict:
     val_m = evaluate_split(s, "val", model)[0] if s.samples["val"] else None
     test_m, test_out = evaluate_split(s, "test", model)
     s.skips.sync()
+    stops = [{"stage": i + 1, **v} for i, v in sorted(s.progress.stopped.items())]
     report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "protocol": s.cfg.protocol,
-              "epochs_trained": s.progress.epoch,
+              "epochs_trained": s.progress.epoch, **({"early_stops": stops, "stopped": stops[-1]} if stops else {}),
               "val": val_m, "test": test_m, "classes": s.classes, "num_skipped_files": len(s.skips),
               "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
     if is_main():

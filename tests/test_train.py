@@ -303,3 +303,51 @@ def test_channels_last_is_the_cpu_default_and_can_be_turned_off(digits_folder, t
     run(tiny_cfg(digits_folder, tmp_path / "run", epochs=1, limit_train_batches=2, channels_last=flag))
     assert seen == {"input": {expected}, "weight": {expected}}
     assert T.use_channels_last(None, torch.device("cpu")) and not T.use_channels_last(None, torch.device("mps"))
+
+
+def test_early_stopping_on_a_metric_sequence():
+    from spinal_transfer.optim import EarlyStopping
+    from spinal_transfer.train import Progress
+
+    def first_stop(scores, patience, min_delta=0.0):
+        p, rule = Progress(), EarlyStopping(patience, min_delta)
+        for epoch, score in enumerate(scores, 1):
+            if rule.update(p, epoch, score, "val"):
+                return epoch, p.early_best_epoch
+        return None
+
+    assert first_stop([0.5, 0.6, 0.6, 0.59, 0.7], patience=2) == (4, 2)          # 2 epochs without a gain
+    assert first_stop([0.5, 0.6, 0.61, 0.62, 0.63], patience=2, min_delta=0.02) == (4, 2)   # gains below delta
+    assert first_stop([0.5, 0.6, 0.7, 0.8], patience=1) is None
+    assert first_stop([0.9, 0.1], patience=1) == (2, 1)
+
+
+def test_early_stopping_ends_the_stage_says_why_and_survives_resume(digits_folder, tmp_path):
+    # a frozen backbone (BatchNorm statistics fixed) and an lr that cannot move the head: no epoch improves on
+    # the first, so patience 2 stops stage 1 after its epoch 3; stage 2 (2 epochs) is too short to stop
+    cfg = tiny_cfg(digits_folder, tmp_path / "run", stages=[{"epochs": 6, "lr": 1e-12}, {"epochs": 2, "lr": 1e-12}],
+                   limit_train_batches=2, early_stop_patience=2, freeze_backbone=True)
+    report = run(cfg)
+    assert [(x["stage"], x["ran"], x["epoch"]) for x in report["early_stops"]] == [(1, 3, 3)]
+    assert "did not improve by more than 0 for 2 epoch(s)" in report["stopped"]["reason"]
+    assert report["epochs_trained"] == 5
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["stage"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2)]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "stage 1 stopped early after epoch 3: val top-1 did not improve" in log
+    # interrupted inside epoch 4 (stage 2's first, after stage 1 stopped early) and resumed: the same stops
+    from conftest import cli_flags
+
+    flags = cli_flags(**{**TINY, "data": digits_folder, "out": tmp_path / "again", "limit_train_batches": 2,
+                         "early_stop_patience": 2, "freeze_backbone": "true",
+                         "stages": "[{epochs: 6, lr: 1.0e-12}, {epochs: 2, lr: 1.0e-12}]"})
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, "7", "TERM", "1", "-1", "train", *flags],
+                             env=ENV, capture_output=True, text=True)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "again" / "checkpoints" / "last.pt")["progress"]["stopped"][0]["ran"] == 3
+    resumed = subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--resume", str(tmp_path / "again")],
+                             env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert [(x["stage"], x["ran"], x["epoch"]) for x in again["early_stops"]] == [(1, 3, 3)]
+    assert again["epochs_trained"] == 5
