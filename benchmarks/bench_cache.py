@@ -29,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import header, make_jpeg_folder, print_table, verdict  # noqa: E402
 
+import spinal_transfer.checkpoint as C  # noqa: E402
 import spinal_transfer.train as T  # noqa: E402
 from spinal_transfer.config import TrainConfig  # noqa: E402
 
 TARGET = 50.0
 
 _saves: list[tuple[str, float]] = []
-_atomic_save = T.atomic_save
+_atomic_save = C.atomic_save
 
 
 def _recording_save(obj, path, *a, **kw):
@@ -44,7 +45,7 @@ def _recording_save(obj, path, *a, **kw):
     return out
 
 
-T.atomic_save = _recording_save        # the loop's own checkpoint writes mark the end of each epoch
+C.atomic_save = _recording_save        # the saver's own checkpoint writes mark the end of each epoch
 
 
 def one_run(cfg: TrainConfig) -> dict:
@@ -84,7 +85,8 @@ def main() -> None:
     runs: dict[str, list] = {"plain": [], "cached": []}
     for p in range(pairs):
         for kind in (("plain", "cached") if p % 2 == 0 else ("cached", "plain")):
-            cfg = dataclasses.replace(base, cache_features=kind == "cached", out=str(Path(tmp.name) / f"{kind}{p}"))
+            cfg = dataclasses.replace(base, cache_features=kind == "cached", out=str(Path(tmp.name) / f"{kind}{p}"),
+                                      cache_dir=str(Path(tmp.name) / f"cache{p}"))     # each computes its own
             r = one_run(cfg)
             runs[kind].append(r)
             print(f"  pair {p + 1} {kind}: run {r['wall']:.1f} s; steady epochs: train "

@@ -26,10 +26,9 @@ from PIL import Image  # noqa: E402
 
 from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
 
-from spinal_transfer import data as D  # noqa: E402
-from spinal_transfer.config import TrainConfig  # noqa: E402
-from spinal_transfer.train import EpochShuffle, make_loader  # noqa: E402
-from spinal_transfer.transforms import build_transforms, resolve_data_config  # noqa: E402
+from spinal_transfer.images import load_image  # noqa: E402
+from spinal_transfer.loaders import EpochSampler, ImageDataset, make_loader  # noqa: E402
+from spinal_transfer.transforms import Augmentation, build_transforms, resolve_data_config  # noqa: E402
 
 TARGET_PER_WORKER = 1.4
 
@@ -69,11 +68,10 @@ def main() -> None:
     recipes = ("paper", "modern")
     ours_tf, ref_tf = {}, {}
     for recipe in recipes:
-        cfg = TrainConfig(backbone="torchvision/resnet18", weights="none", augment=recipe, img_size=size,
-                          resize_size=resize, batch_size=args.batch_size, workers=args.workers)
-        dc = resolve_data_config(cfg, None)
-        ours_tf[recipe] = (cfg, build_transforms(cfg, dc, train=True))
-        ref_tf[recipe] = reference_transform(recipe, size, resize, dc.mean, dc.std, cfg.rotation, cfg.rrc_scale)
+        aug = Augmentation(policy=recipe)
+        dc = resolve_data_config("torchvision/resnet18", "none", img_size=size, resize_size=resize)
+        ours_tf[recipe] = (aug, build_transforms(dc, train=True, aug=aug))
+        ref_tf[recipe] = reference_transform(recipe, size, resize, dc.mean, dc.std, aug.rotation, aug.rrc_scale)
         print(f"{recipe} recipe, ours: {[type(t).__name__ for t in ours_tf[recipe][1].transforms]} "
               f"(interpolation {dc.interpolation}, INTER_AREA when downscaling)")
         print(f"{recipe} recipe, reference: {[type(t).__name__ for t in ref_tf[recipe].transforms]}")
@@ -83,7 +81,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ours_ds = {r: D.ImageDataset(samples, ours_tf[r][1]) for r in recipes}
+    ours_ds = {r: ImageDataset(samples, ours_tf[r][1]) for r in recipes}
     ref_ds = {r: ImageFolder(str(root), transform=ref_tf[r]) for r in recipes}
     assert [s for s in ref_ds["paper"].samples] == samples
 
@@ -98,7 +96,7 @@ def main() -> None:
     def decode_ours():
         t = time.perf_counter()
         for p, _ in samples:
-            D.load_image(p)
+            load_image(p)
         return len(samples), time.perf_counter() - t
 
     def decode_ref():          # torchvision's default_loader / pil_loader
@@ -133,8 +131,8 @@ def main() -> None:
     dev = torch.device("cpu")
     loaders = {}
     for r in recipes:
-        cfg = ours_tf[r][0]
-        loaders[f"ours_{r}"] = make_loader(samples, ours_tf[r][1], cfg, True, dev, EpochShuffle(len(samples), 0))
+        loaders[f"ours_{r}"] = make_loader(samples, ours_tf[r][1], args.batch_size, args.workers, dev,
+                                           EpochSampler(len(samples), 0))
         loaders[f"ref_{r}"] = DataLoader(ref_ds[r], batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                          persistent_workers=args.workers > 0)
 

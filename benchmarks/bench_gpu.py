@@ -39,8 +39,8 @@ from _common import header, print_table  # noqa: E402
 from spinal_transfer.config import TrainConfig  # noqa: E402
 from spinal_transfer.heads import head_options  # noqa: E402
 from spinal_transfer.surgery import build_model  # noqa: E402
-from spinal_transfer.train import make_optimizer, train_one_epoch  # noqa: E402
-from spinal_transfer.utils import amp_dtype  # noqa: E402
+from spinal_transfer.runtime import amp_dtype  # noqa: E402
+from spinal_transfer.train import stage_optimizer, train_one_epoch  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; matched on the
 # device name, first match wins.
@@ -85,19 +85,20 @@ def make_epoch(cfg: TrainConfig, steps: int, classes: int, device: torch.device,
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     fwd = torch.compile(model) if cfg.compile else model
-    opt = make_optimizer(model, cfg, cfg.lr)
+    opt = stage_optimizer(cfg, model, cfg.lr)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     g = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.randn(batch, 3, size, size, device=device, generator=g),
-                torch.randint(0, classes, (batch,), device=device, generator=g), [])] * steps
+                torch.randint(0, classes, (batch,), device=device, generator=g), None)] * steps
 
     def epoch() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        train_one_epoch(fwd, model, batches, opt, cfg, device, dtype=dtype, channels_last=bool(cfg.channels_last),
-                        criterion=nn.CrossEntropyLoss(), scaler=scaler, desc=cfg.backbone)  # ends on a sync (.item())
+        train_one_epoch(fwd, model, batches, opt, device=device, dtype=dtype, channels_last=bool(cfg.channels_last),
+                        criterion=nn.CrossEntropyLoss(), scaler=scaler, total=steps, log_interval=cfg.log_interval,
+                        desc=cfg.backbone)  # ends on a sync (.item())
         return time.perf_counter() - t
     return epoch
 

@@ -7,10 +7,9 @@ Reference (the paper's scripts): torchvision transforms on PIL images through
 (NCHW) tensors, SGD momentum 0.9, `loss.item()` every step. It runs in a spawned process of its
 own, so it keeps glibc's default allocator settings while this process gets ours.
 
-Ours: what `spinal_transfer.train.run` builds before its first epoch (tune_cpu_allocator, build_model,
-resolve_data_config, build_transforms, make_loader with EpochShuffle, make_optimizer) and, per epoch,
-`train_one_epoch`: the very function `run()` calls. `run()` itself is not timed because its epoch also
-evaluates and writes checkpoints.
+Ours: what `spinal_transfer.train.run` builds before its first epoch (`train.setup`: the data scan, model,
+input pipeline, loaders, loss) and, per epoch, `train.train_epoch`: the very calls `run()` makes. `run()`
+itself is not timed because its epoch also evaluates and writes checkpoints.
 Settings:
   ours_fp32       the library's CPU defaults: fp32, channels_last, workers = min(8, cores) = 2
                   overlapping decode with compute
@@ -49,11 +48,11 @@ from _common import Rounds, folder_samples, header, make_jpeg_folder, print_tabl
 
 from spinal_transfer.config import TrainConfig  # noqa: E402
 from spinal_transfer.heads import head_options  # noqa: E402
+from spinal_transfer.rundir import RunDir  # noqa: E402
+from spinal_transfer.runtime import configure_process, use_channels_last  # noqa: E402
 from spinal_transfer.surgery import build_model  # noqa: E402
-from spinal_transfer.train import (EpochShuffle, default_workers, make_loader, make_optimizer, set_trainable,  # noqa: E402
-                                   train_one_epoch)
-from spinal_transfer.transforms import build_transforms, resolve_data_config  # noqa: E402
-from spinal_transfer.utils import amp_dtype, tune_cpu_allocator, use_channels_last  # noqa: E402
+from spinal_transfer.train import setup, stage_optimizer, train_epoch  # noqa: E402
+from spinal_transfer.transforms import resolve_data_config  # noqa: E402
 
 TARGETS = {"ours_fp32": 1.3, "ours_fp32_nchw": None, "ours_bf16": 2.0}
 
@@ -166,39 +165,20 @@ class RemoteReference:
         self.proc.join()
 
 
-def ours_setup(cfg: TrainConfig, subset: list, num_classes: int, state_dict: dict):
-    """What `run()` builds before its first epoch, and a function that runs one epoch of its loop
-    (`train_one_epoch`, the same code `run()` calls; no evaluation, no checkpoints)."""
+def ours_setup(cfg: TrainConfig, run_dir: Path, state_dict: dict):
+    """What `run()` builds before its first epoch (`train.setup`, the very function) and a function running one
+    epoch of its loop (`train.train_epoch`, the same call `run()` makes; no evaluation, no checkpoints)."""
     device = torch.device("cpu")
-    tune_cpu_allocator(device)
-    model = build_model(cfg.backbone, num_classes, head=cfg.head, weights=cfg.weights, replace=cfg.replace,
-                        **head_options(cfg))
-    model.load_state_dict(state_dict)
-    dc = resolve_data_config(cfg, model, cfg.backbone, cfg.weights)
-    cfg = dataclasses.replace(cfg, img_size=dc.img_size, resize_size=dc.resize_size, mean=list(dc.mean),
-                              std=list(dc.std), interpolation=dc.interpolation, workers=default_workers(cfg))
-    dtype = amp_dtype(cfg.amp, device)
-    channels_last = use_channels_last(cfg.channels_last, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    train_tf = build_transforms(cfg, dc, train=True)
-    sampler = EpochShuffle(len(subset), cfg.seed)
-    loader = make_loader(subset, train_tf, cfg, True, device, sampler)
-    criterion = nn.CrossEntropyLoss()
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    opt = make_optimizer(model, cfg, cfg.lr)
-    set_trainable(model, False)
+    configure_process(device)
+    s = setup(cfg, RunDir(run_dir), device)
+    s.model.load_state_dict(state_dict)
+    opt = stage_optimizer(s.cfg, s.model, s.cfg.lr)
     epoch_no = [0]
 
     def run_epoch(on_step: Callable) -> None:
-        epoch = epoch_no[0]
         epoch_no[0] += 1
-        sampler.set_epoch(epoch)
-        train_tf.set_random_seed(cfg.seed * 1_000_003 + epoch)
-        loader.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        train_one_epoch(model, model, loader, opt, cfg, device, dtype=dtype, channels_last=channels_last,
-                        criterion=criterion, scaler=scaler, desc=f"{cfg.amp} epoch {epoch + 1}", on_step=on_step)
-    return run_epoch, cfg, loader
+        train_epoch(s, opt, epoch_no[0], frozen=False, desc=f"{cfg.amp} epoch {epoch_no[0]}", on_step=on_step)
+    return run_epoch, s.cfg, s.loaders["train"]
 
 
 def main() -> None:
@@ -227,14 +207,16 @@ def main() -> None:
     samples, classes = folder_samples(root)
     order = np.random.default_rng(0).permutation(len(samples))
     subset = [samples[i] for i in order[: args.batches * batch]]
-    print("data:", size_summary(samples), f"; each epoch uses the same {len(subset)} of them")
+    print("data:", size_summary(samples), f"; each epoch uses {len(subset)} of them (ours: its shuffled training "
+                                          f"split's first {args.batches} batches)")
 
-    base = TrainConfig(backbone=args.backbone, weights="none", head="spinal", head_preset="resnet", augment="paper",
-                       img_size=size, resize_size=resize, batch_size=batch, lr=1e-3, momentum=0.9, seed=0,
-                       device="cpu", amp="none", channels_last=None, workers=None)
+    base = TrainConfig(data=str(root), backbone=args.backbone, weights="none", head="spinal", head_preset="resnet",
+                       augment="paper", img_size=size, resize_size=resize, batch_size=batch, lr=1e-3, momentum=0.9,
+                       seed=0, device="cpu", amp="none", channels_last=None, workers=None,
+                       limit_train_batches=args.batches, log_interval=10 ** 9)
     init = build_model(base.backbone, len(classes), head="spinal", weights="none", **head_options(base))
     state = {k: v.clone() for k, v in init.state_dict().items()}
-    dc = resolve_data_config(base, init, base.backbone, base.weights)
+    dc = resolve_data_config(base.backbone, base.weights, init, img_size=size, resize_size=resize)
     print(f"model: {args.backbone} + spinal head (resnet preset, width {base.layer_width}), {size} px "
           f"(paper recipe: resize {resize}, rotate 15, crop {size}, flip), batch {batch}, SGD momentum 0.9, weights none")
 
@@ -245,7 +227,7 @@ def main() -> None:
                            head_options(base)), batch, len(subset))
     fns = {"ref": ref}
     for name, kw in settings.items():
-        run_epoch, cfg, loader = ours_setup(dataclasses.replace(base, **kw), subset, len(classes), state)
+        run_epoch, cfg, loader = ours_setup(dataclasses.replace(base, **kw), Path(tmp.name) / name, state)
         print(f"  {name}: amp {cfg.amp}, channels_last {use_channels_last(cfg.channels_last, torch.device('cpu'))}, "
               f"workers {cfg.workers}")
         fns[name] = EpochTimer(run_epoch, batch, len(subset), loader)

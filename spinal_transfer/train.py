@@ -439,8 +439,7 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
     cfg = s.cfg
     _, done = s.progress.locate(cfg.resolved_stages())
     fresh = done == 0 and s.progress.batch == 0             # the stage starts now (not resumed inside it)
-    opt = make_optimizer(s.model, cfg.optimizer, stage.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                         backbone_lr_mult=cfg.backbone_lr_mult)
+    opt = stage_optimizer(cfg, s.model, stage.lr)
     steps_per_epoch = max(1, _batches_per_epoch(s) // cfg.accum_steps)
     if s.resume is not None and not fresh:
         base = [g["lr"] for g in opt.param_groups]
@@ -477,6 +476,23 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
             break
 
 
+def stage_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """A stage's fresh optimizer, as the config asks (the benchmarks build theirs here too)."""
+    return make_optimizer(model, cfg.optimizer, lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                          backbone_lr_mult=cfg.backbone_lr_mult)
+
+
+def train_epoch(s: Session, opt: torch.optim.Optimizer, epoch: int, frozen: bool, desc: str, **hooks: Any):
+    """One epoch of `train_one_epoch` as `run_epoch` calls it (the benchmarks time this very call)."""
+    s.sampler.set_epoch(epoch, start=s.progress.batch * s.cfg.batch_size)
+    cfg = s.cfg
+    return train_one_epoch(
+        s.forward_module(frozen), s.model, s.skips.watch(s.loaders["train"]), opt, device=s.device, dtype=s.dtype,
+        channels_last=s.channels_last, criterion=s.criterion, scaler=s.scaler, accum_steps=cfg.accum_steps,
+        clip_grad=cfg.clip_grad, log_interval=cfg.log_interval, mixup=s.mixup, ema=s.ema, progress=s.progress,
+        total=_batches_per_epoch(s), start=s.progress.batch, desc=desc, **hooks)
+
+
 def _batches_per_epoch(s: Session) -> int:
     """Batches per rank in a whole epoch (the loader's length before any resumed start is skipped)."""
     n = math.ceil(s.sampler.per_rank / s.cfg.batch_size) if not s.loaders["train"].drop_last else \
@@ -487,18 +503,13 @@ def _batches_per_epoch(s: Session) -> int:
 def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) -> Optional[str]:
     """Train one epoch (or the rest of an interrupted one), evaluate, let the saver select, write last.pt and
     the epoch's metrics row. Returns why the stage should stop early, if it should."""
-    cfg, epoch, start = s.cfg, s.progress.epoch + 1, s.progress.batch
+    cfg, epoch = s.cfg, s.progress.epoch + 1
     frozen = s.freeze.frozen(epoch)
-    fwd = s.forward_module(frozen)
-    s.sampler.set_epoch(epoch, start=start * cfg.batch_size)
     t0 = time.perf_counter()
-    loss, seen, seconds = train_one_epoch(
-        fwd, s.model, s.skips.watch(s.loaders["train"]), opt, device=s.device, dtype=s.dtype,
-        channels_last=s.channels_last, criterion=s.criterion, scaler=s.scaler, accum_steps=cfg.accum_steps,
-        clip_grad=cfg.clip_grad, log_interval=cfg.log_interval, sched=step_sched, mixup=s.mixup, ema=s.ema,
-        progress=s.progress, total=_batches_per_epoch(s), start=start, on_log=s.tracker.log_step,
-        after_step=lambda *partial: _between_steps(s, opt, *partial),
-        desc=f"epoch {epoch}/{cfg.total_epochs()}" + (" (backbone frozen)" if frozen else ""))
+    loss, seen, seconds = train_epoch(s, opt, epoch, frozen,
+                                      f"epoch {epoch}/{cfg.total_epochs()}" + (" (backbone frozen)" if frozen else ""),
+                                      sched=step_sched, on_log=s.tracker.log_step,
+                                      after_step=lambda *partial: _between_steps(s, opt, *partial))
     val_m, select_m = evaluate_epoch(s)
     s.progress.epoch, s.progress.batch, s.progress.epoch_loss, s.progress.epoch_seen = epoch, 0, 0.0, 0
     s.skips.sync()

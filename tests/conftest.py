@@ -93,6 +93,43 @@ def cli_flags(**options) -> list[str]:
     return [a for k, v in options.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
+@pytest.fixture
+def cli_run(capsys):
+    """`spinal-transfer ARGS` in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from types import SimpleNamespace
+
+    from spinal_transfer.cli import main
+
+    def call(*args) -> SimpleNamespace:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return call
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder and its bytes (the lock file aside: it is the lock, not the run)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="session")
+def three_digits(tmp_path_factory) -> Path:
+    """Digits 0, 1, 2 only (537 images, 32x32): a folder that trains in seconds."""
+    return write_digits_folder(tmp_path_factory.mktemp("d3") / "digits", digits=(0, 1, 2))
+
+
+@pytest.fixture(scope="session")
+def finished_run(three_digits, tmp_path_factory) -> Path:
+    """A finished 2-epoch run on `three_digits` (tests copy it before changing anything)."""
+    from spinal_transfer.train import run
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(tiny_cfg(three_digits, out, epochs=2, limit_train_batches=3))
+    return out
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory) -> Path:
     """All ten digits, ROOT/{train,val,test}/digit_<k>/*.png (1797 images, 32x32)."""

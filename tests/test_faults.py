@@ -22,11 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, cli_flags, tiny_cfg, write_digits_folder
+from conftest import TINY, cli_flags, snapshot, write_digits_folder
 from spinal_transfer.checkpoint import load_checkpoint
 from spinal_transfer.errors import CheckpointError
 from spinal_transfer.rundir import RunDir
-from spinal_transfer.train import run
 
 ENV = {**os.environ, "PYTHONHASHSEED": "0"}
 
@@ -47,21 +46,14 @@ def _one_line_error(res: subprocess.CompletedProcess, code: int, *needles: str) 
     return errors[0]
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+@pytest.fixture
+def data(three_digits) -> Path:
+    return three_digits
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_digits_folder(tmp_path_factory.mktemp("faults") / "digits", digits=(0, 1, 2))
-
-
-@pytest.fixture(scope="module")
-def finished(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults-run") / "run"
-    run(tiny_cfg(data, out, epochs=1, limit_train_batches=2))
-    return out
+@pytest.fixture
+def finished(finished_run) -> Path:
+    return finished_run
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -83,7 +75,7 @@ def test_resume_keeps_the_recorded_files_when_images_and_a_class_are_added(finis
             shutil.copy(next((folder / split / "digit_0").glob("*.png")), folder / split / "digit_1" / f"new{i}.png")
         (folder / split / "digit_9").mkdir()
         shutil.copy(next((folder / split / "digit_0").glob("*.png")), folder / split / "digit_9" / "x.png")
-    res = _cli("train", "--resume", run_copy, "--epochs", 2, "--data", folder)
+    res = _cli("train", "--resume", run_copy, "--epochs", 3, "--data", folder)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "image(s) added to" in res.stderr and "are not used" in res.stderr
     assert "new class folder(s) digit_9" in res.stderr and "keeps its 3 classes" in res.stderr
@@ -92,24 +84,24 @@ def test_resume_keeps_the_recorded_files_when_images_and_a_class_are_added(finis
     assert (run_copy / "classes.json").read_bytes() == classes
 
 
-def test_resume_refuses_when_a_recorded_file_is_gone_and_changes_nothing(finished, data, tmp_path):
+def test_resume_refuses_when_a_recorded_file_is_gone_and_changes_nothing(finished, data, tmp_path, cli_run):
     folder = _copy(data, tmp_path / "digits")
     run_copy = _copy(finished, tmp_path / "run")
     (run_copy / "config.yaml").write_text((run_copy / "config.yaml").read_text().replace(str(data), str(folder)))
     gone = sorted((folder / "test" / "digit_2").glob("*.png"))[0]
     gone.unlink()
-    before = _snapshot(run_copy)
-    res = _cli("train", "--resume", run_copy, "--epochs", 2)
+    before = snapshot(run_copy)
+    res = cli_run("train", "--resume", run_copy, "--epochs", 3)
     _one_line_error(res, 2, "1 file(s) this run uses are gone", gone.name)
-    assert _snapshot(run_copy) == before
+    assert snapshot(run_copy) == before
 
 
-def test_evaluate_on_another_folder_never_carves_a_split(finished, data, tmp_path):
+def test_evaluate_on_another_folder_never_carves_a_split(finished, data, tmp_path, cli_run):
     other = write_digits_folder(tmp_path / "other", digits=(0, 1, 2), splits=("train", "val"))
-    res = _cli("evaluate", finished, "--data", other, "--split", "test")
+    res = cli_run("evaluate", finished, "--data", other, "--split", "test")
     _one_line_error(res, 2, "has no test/ folder", "train/, val/")
     flat = write_digits_folder(tmp_path / "flat", digits=(0, 1, 2), splits=())
-    res = _cli("evaluate", finished, "--data", flat, "--split", "test")
+    res = cli_run("evaluate", finished, "--data", flat, "--split", "test")
     assert res.returncode == 0, res.stderr
     n = sum(1 for _ in flat.rglob("*.png"))
     assert f"all {n} images of {flat} (it has no split folders)" in res.stderr
@@ -127,20 +119,20 @@ def test_evaluate_on_another_folder_never_carves_a_split(finished, data, tmp_pat
     ("head: [spinal", ["recipe.yaml:", "not valid YAML"]),
     ("lr: 0.1\nlayer_wdth: 8", ["recipe.yaml:4", "unknown option 'layer_wdth'", "did you mean 'layer_width'"]),
 ], ids=["word", "quoted", "float", "stage-without-lr", "negative-batch", "bad-yaml", "typo"])
-def test_a_bad_recipe_is_one_line_naming_file_line_and_key_before_any_scan(tmp_path, line, needles):
+def test_a_bad_recipe_is_one_line_naming_file_line_and_key_before_any_scan(tmp_path, line, needles, cli_run):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"backbone: timm/test_resnet\nweights: none\n{line}\n")
-    res = _cli("train", "--recipe", recipe, "--data", tmp_path / "no_such_folder", "--out", tmp_path / "run")
+    res = cli_run("train", "--recipe", recipe, "--data", tmp_path / "no_such_folder", "--out", tmp_path / "run")
     _one_line_error(res, 2, *needles)
     assert not (tmp_path / "run").exists()
 
 
-def test_an_empty_recipe_and_a_bad_flag_are_refused_up_front(tmp_path, data):
+def test_an_empty_recipe_and_a_bad_flag_are_refused_up_front(tmp_path, data, cli_run):
     (tmp_path / "empty.yaml").write_text("\n# nothing\n")
-    _one_line_error(_cli("train", "--recipe", tmp_path / "empty.yaml", "--data", data), 2, "the recipe is empty")
-    res = _cli("train", "--data", data, "--batch-size", "-5", "--out", tmp_path / "run")
+    _one_line_error(cli_run("train", "--recipe", tmp_path / "empty.yaml", "--data", data), 2, "the recipe is empty")
+    res = cli_run("train", "--data", data, "--batch-size", "-5", "--out", tmp_path / "run")
     _one_line_error(res, 2, "--batch-size", "-5", ">= 1")
-    res = _cli("train", "--data", data, "--val-fraction", "0.6", "--test-fraction", "0.5", "--out", tmp_path / "run")
+    res = cli_run("train", "--data", data, "--val-fraction", "0.6", "--test-fraction", "0.5", "--out", tmp_path / "run")
     _one_line_error(res, 2, "val_fraction + test_fraction")
     assert not (tmp_path / "run").exists()
 
@@ -171,18 +163,18 @@ def _break(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how, needle", [("empty", "is empty (0 bytes)"), ("random", "not a torch checkpoint"),
                                          ("truncated", "truncated"), ("flipped", "is corrupted")])
-def test_a_broken_last_checkpoint_is_refused_in_one_line_and_never_loaded(finished, tmp_path, how, needle):
+def test_a_broken_last_checkpoint_is_refused_in_one_line_and_never_loaded(finished, tmp_path, how, needle, cli_run):
     run_copy = _copy(finished, tmp_path / "run")
     _break(run_copy / "checkpoints" / "last.pt", how)
-    before = _snapshot(run_copy)
-    line = _one_line_error(_cli("train", "--resume", run_copy, "--epochs", 2), 2, needle, "last.pt")
+    before = snapshot(run_copy)
+    line = _one_line_error(cli_run("train", "--resume", run_copy, "--epochs", 3), 2, needle, "last.pt")
     assert "unsafe" not in line and "arbitrary code" not in line
-    assert _snapshot(run_copy) == before
+    assert snapshot(run_copy) == before
     with pytest.raises(CheckpointError, match=re.escape(needle)):
         load_checkpoint(run_copy / "checkpoints" / "last.pt")
 
 
-def test_program_files_where_a_checkpoint_is_expected_say_what_they_are(finished, tmp_path):
+def test_program_files_where_a_checkpoint_is_expected_say_what_they_are(finished, tmp_path, cli_run):
     from spinal_transfer.checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(finished / "checkpoints" / "best.pt"))[0]
@@ -190,7 +182,7 @@ def test_program_files_where_a_checkpoint_is_expected_say_what_they_are(finished
     torch.jit.trace(model, x).save(str(tmp_path / "model.torchscript"))
     torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "model.pt2"))
     for name, what in (("model.torchscript", "TorchScript program"), ("model.pt2", "torch.export program")):
-        line = _one_line_error(_cli("evaluate", tmp_path / name), 2, what, "not a checkpoint")
+        line = _one_line_error(cli_run("evaluate", tmp_path / name), 2, what, "not a checkpoint")
         assert "weights_only" not in line
 
 
@@ -352,13 +344,13 @@ def test_symlinks_are_followed_everywhere_and_a_loop_is_read_once(tmp_path):
     assert "already read" in notes and "broken symbolic link" in notes
 
 
-def test_a_folder_with_one_class_is_an_error_and_out_may_not_sit_inside_the_data(tmp_path):
+def test_a_folder_with_one_class_is_an_error_and_out_may_not_sit_inside_the_data(tmp_path, cli_run):
     for i in range(4):
         _png(tmp_path / "data" / "only" / f"{i}.png")
-    res = _cli("train", "--data", tmp_path / "data", "--backbone", "timm/test_resnet", "--weights", "none",
+    res = cli_run("train", "--data", tmp_path / "data", "--backbone", "timm/test_resnet", "--weights", "none",
                "--out", tmp_path / "run")
     _one_line_error(res, 2, "only one class folder", "at least two classes")
     _png(tmp_path / "data" / "other" / "0.png")
-    res = _cli("train", "--data", tmp_path / "data", "--out", tmp_path / "data" / "run")
+    res = cli_run("train", "--data", tmp_path / "data", "--out", tmp_path / "data" / "run")
     _one_line_error(res, 2, "is inside the data folder")
     assert not (tmp_path / "data" / "run").exists()

@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 
 from spinal_transfer.config import Stage, TrainConfig
+from spinal_transfer.splits import Splits
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -563,11 +564,10 @@ def test_recipe_data_names_match_prepare():
 # --- the two protocols: what each recipe trains and selects on -----------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _prepared(dataset: str) -> "Splits":
+def _prepared(dataset: str) -> Splits:
     """The train/val/test file lists `prepare` writes for `dataset`, built by prepare's own split code from a
     stand-in source of the official sizes (names as prepare gives array datasets; labels round-robin)."""
     from spinal_transfer import prepare as prep
-    from spinal_transfer.splits import Splits
 
     spec = prep.DATASETS[dataset]
     classes = [f"c{i:03d}" for i in range(spec.num_classes)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, cli_flags, tiny_cfg, truncated_jpeg, write_digits_folder
+from conftest import TINY, cli_flags, snapshot, tiny_cfg, truncated_jpeg, write_digits_folder
 from spinal_transfer.checkpoint import load_checkpoint
 from spinal_transfer.interpret import read_predictions
 from spinal_transfer.train import run
@@ -27,20 +27,9 @@ def _cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subproces
                           cwd=cwd, timeout=timeout)
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def three_digits(tmp_path_factory) -> Path:
-    return write_digits_folder(tmp_path_factory.mktemp("d3") / "digits", digits=(0, 1, 2))
-
-
-@pytest.fixture(scope="module")
-def finished(three_digits, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finished") / "run"
-    run(tiny_cfg(three_digits, out, epochs=2, limit_train_batches=3))
-    return out
+@pytest.fixture
+def finished(finished_run) -> Path:
+    return finished_run
 
 
 def _train_args(data: Path, out: Path, **kw) -> list[str]:
@@ -70,22 +59,22 @@ def test_undecodable_test_image_is_listed_once_and_predictions_keep_exact_paths(
 
 # --- the folder is owned: no silent overwrite, a lock, a fresh default name ----------------------
 
-def test_rerun_into_a_finished_run_refuses_and_leaves_every_file_byte_identical(finished, three_digits):
-    before = _snapshot(finished)
-    res = _cli(*_train_args(three_digits, finished))
+def test_rerun_into_a_finished_run_refuses_and_leaves_every_file_byte_identical(finished, three_digits, cli_run):
+    before = snapshot(finished)
+    res = cli_run(*_train_args(three_digits, finished))
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "already holds a finished run" in lines[0] and "--resume" in lines[0]
     assert "--overwrite" in lines[0] and "Traceback" not in res.stderr
-    assert _snapshot(finished) == before
+    assert snapshot(finished) == before
 
 
-def test_overwrite_removes_the_runs_files_and_nothing_else(finished, three_digits, tmp_path):
+def test_overwrite_removes_the_runs_files_and_nothing_else(finished, three_digits, tmp_path, cli_run):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
     (copy / "my_notes.txt").write_text("mine")
     (copy / "checkpoints" / "best.pt").write_bytes(b"junk that must go")
-    res = _cli(*_train_args(three_digits, copy, epochs=1, limit_train_batches=1), "--overwrite")
+    res = cli_run(*_train_args(three_digits, copy, epochs=1, limit_train_batches=1), "--overwrite")
     assert res.returncode == 0, res.stderr
     assert (copy / "my_notes.txt").read_text() == "mine"
     assert "--overwrite: removed the earlier run's" in res.stderr and "checkpoints" in res.stderr
@@ -93,7 +82,7 @@ def test_overwrite_removes_the_runs_files_and_nothing_else(finished, three_digit
     assert load_checkpoint(copy / "checkpoints" / "best.pt")["epoch"] == 1
 
 
-def test_a_second_train_on_the_same_folder_refuses_while_the_first_runs(three_digits, tmp_path):
+def test_a_second_train_on_the_same_folder_refuses_while_the_first_runs(three_digits, tmp_path, cli_run):
     out = tmp_path / "busy"
     first = subprocess.Popen([sys.executable, "-m", "spinal_transfer", *_train_args(three_digits, out, epochs=50,
                                                                                    limit_train_batches=None)],
@@ -103,21 +92,22 @@ def test_a_second_train_on_the_same_folder_refuses_while_the_first_runs(three_di
         while not (out / "config.yaml").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert first.poll() is None, "the first run ended before the test could start the second"
-        second = _cli(*_train_args(three_digits, out), "--overwrite")      # not even --overwrite gets in
+        second = cli_run(*_train_args(three_digits, out), "--overwrite")   # not even --overwrite gets in
         assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr
-        resume = _cli("train", "--resume", str(out))
+        resume = cli_run("train", "--resume", str(out))
         assert resume.returncode == 2 and "is in use" in resume.stderr
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     # a killed process leaves no stuck lock: the folder can be started over at once
-    again = _cli(*_train_args(three_digits, out, epochs=1, limit_train_batches=1), "--overwrite")
+    again = cli_run(*_train_args(three_digits, out, epochs=1, limit_train_batches=1), "--overwrite")
     assert again.returncode == 0, again.stderr
 
 
-def test_default_out_is_a_new_folder_per_run_printed_at_the_start(three_digits, tmp_path):
+def test_default_out_is_a_new_folder_per_run_printed_at_the_start(three_digits, tmp_path, cli_run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     args = ["train", *cli_flags(**{**TINY, "data": three_digits, "epochs": 1, "limit_train_batches": 1})]
-    first, second = _cli(*args, cwd=tmp_path), _cli(*args, cwd=tmp_path)
+    first, second = cli_run(*args), cli_run(*args)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all(r.startswith("test_resnet-spinal-") for r in runs)
@@ -126,10 +116,10 @@ def test_default_out_is_a_new_folder_per_run_printed_at_the_start(three_digits, 
 
 # --- resume that listens -------------------------------------------------------------------------
 
-def test_resume_with_more_epochs_extends_a_finished_run_and_reselects(finished, tmp_path):
+def test_resume_with_more_epochs_extends_a_finished_run_and_reselects(finished, tmp_path, cli_run):
     copy = tmp_path / "extend"
     shutil.copytree(finished, copy)
-    res = _cli("train", "--resume", str(copy), "--epochs", "3")
+    res = cli_run("train", "--resume", str(copy), "--epochs", "3")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(r) for r in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -138,22 +128,22 @@ def test_resume_with_more_epochs_extends_a_finished_run_and_reselects(finished, 
     assert report["best_epoch"] == max(rows, key=lambda r: r["val"]["top1"])["epoch"]
     assert (copy / "report-epoch2.json").is_file()                     # the earlier report, kept aside
     assert load_checkpoint(copy / "checkpoints" / "last.pt")["progress"]["epoch"] == 3
-    again = _cli("train", "--resume", str(copy))
+    again = cli_run("train", "--resume", str(copy))
     assert again.returncode == 0 and "nothing to add" in again.stderr
 
 
 @pytest.mark.parametrize("flag", [["--lr", "0.5"], ["--backbone", "timm/test_vit"], ["--seed", "7"],
                                   ["--head", "linear"], ["--augment", "modern"]])
-def test_resume_refuses_a_flag_that_would_change_the_experiment(finished, flag):
-    before = _snapshot(finished)
-    res = _cli("train", "--resume", str(finished), *flag)
+def test_resume_refuses_a_flag_that_would_change_the_experiment(finished, flag, cli_run):
+    before = snapshot(finished)
+    res = cli_run("train", "--resume", str(finished), *flag)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"{flag[0]} " in res.stderr and "different experiment" in res.stderr
-    assert _snapshot(finished) == before
+    assert snapshot(finished) == before
 
 
-def test_resume_cannot_shorten_below_what_was_trained(finished):
-    res = _cli("train", "--resume", str(finished), "--epochs", "1")
+def test_resume_cannot_shorten_below_what_was_trained(finished, cli_run):
+    res = cli_run("train", "--resume", str(finished), "--epochs", "1")
     assert res.returncode == 2 and "already trained 2 epochs" in res.stderr
 
 
