@@ -19,6 +19,8 @@ from ..errors import EXIT_ABORTED, EXIT_BUG, UserError
 # command -> (its module in this package, its one-line help)
 COMMANDS = {
     "train": ("train", "fine-tune a backbone with a new head on an image folder"),
+    "show-batch": ("show_batch", "draw one augmented training batch as `train` would build it, without training"),
+    "lr-find": ("lr_find", "learning-rate range test: sweep the lr, plot the loss, suggest a learning rate"),
     "evaluate": ("evaluate", "metrics of a trained run (best.pt) or checkpoint on one split"),
     "models": ("models", "list the backbones build_model can use"),
     "describe": ("describe", "feature width, head sizes and MACs of a backbone with a new head"),
