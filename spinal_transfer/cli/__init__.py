@@ -24,7 +24,8 @@ COMMANDS = {
     "evaluate": ("evaluate", "metrics of a trained run (best.pt) or checkpoint on one split"),
     "models": ("models", "list the backbones build_model can use"),
     "describe": ("describe", "feature width, head sizes and MACs of a backbone with a new head"),
-    "prepare": ("prepare", "turn a paper dataset into ROOT/<name>/{train,val,test}/<class>/ image folders"),
+    "prepare": ("prepare", "write a dataset (a paper dataset, or the bundled digits / photos) as "
+                           "ROOT/<name>/{train,val,test}/<class>/ image folders"),
     "reproduce": ("reproduce", "run the paper recipes (default and spinal head) over seeds; compare with the paper "
                                "and test the gap"),
     "export": ("export", "write a trained model as a bundle (safetensors + config.json + model card), optionally "
