@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~12 min on 2 CPU cores
+  python benchmarks/run_all.py                 # all of them, ~45 min on 2 CPU cores (defaults: ~30 of them)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
@@ -27,6 +27,8 @@ BENCHES = {   # short name: (script, what it measures)
     "cache": ("bench_cache.py", "cached-feature head training vs frozen backbone without the cache; metric equality"),
     "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
     "channels_last": ("bench_channels_last.py", "fp32 training step per architecture, NCHW vs channels_last (its default)"),
+    "defaults": ("bench_defaults.py", "fine-tuning defaults on transfer tasks (digits 0-4 -> 5-9, photos 5 -> 5 "
+                                      "classes): candidates vs the paper's, fastai-like and timm-like settings"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
 }
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)

@@ -7,15 +7,18 @@ file that fails to decode simply has no row.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import gather_objects, is_main
+from .errors import ConfigError
 
 @dataclass
 class Outputs:
@@ -33,13 +36,96 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+# --- test-time augmentation ------------------------------------------------------------------------
+
+TTA_CROPS = (0, 5)
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: the prediction is the mean of the softmax over views of each (preprocessed) image:
+    the image itself, its horizontal mirror (`flip`), and with `crops=5` the four corner crops and the centre crop
+    of `crop_fraction` of the side, each resized back to the input size (and mirrored too when `flip`).
+
+    Views are cut from the evaluation tensor, so any model and runner (eager, ONNX) takes them, and the flip of an
+    image is exactly the mirror of what plain evaluation sees. Averaging probabilities, not logits, is what
+    fastai's `tta` and timm's `--tta` do: one confident view cannot swamp the others by its logit scale."""
+
+    flip: bool = True
+    crops: int = 0
+    crop_fraction: float = 0.875
+
+    def __post_init__(self) -> None:
+        if self.crops not in TTA_CROPS:
+            raise ConfigError(f"--tta-crops must be one of {TTA_CROPS} (0: none; 5: four corners and the centre), "
+                              f"got {self.crops}", key="tta_crops")
+        if not 0 < self.crop_fraction < 1:
+            raise ConfigError(f"TTA crop_fraction must be in (0, 1), got {self.crop_fraction}")
+
+    @property
+    def num_views(self) -> int:
+        return (1 + self.crops) * (2 if self.flip else 1)
+
+    def to_dict(self) -> dict:
+        """What a report records: the setting and how many views each image was seen in."""
+        return {**asdict(self), "views": self.num_views}
+
+    def describe(self) -> str:
+        parts = ["image"] + (["its mirror"] if self.flip else []) + \
+            ([f"{self.crops} crops of {self.crop_fraction:g} of the side" + (" (and mirrors)" if self.flip else "")]
+             if self.crops else [])
+        return f"TTA: mean softmax over {self.num_views} views ({', '.join(parts)})"
+
+
+def tta_views(x: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
+    """The views of a (N, C, H, W) batch, the unchanged batch first."""
+    bases = [x]
+    if tta.crops:
+        h, w = x.shape[-2:]
+        ch, cw = max(1, round(h * tta.crop_fraction)), max(1, round(w * tta.crop_fraction))
+        corners = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2)]
+        bases += [F.interpolate(x[..., t:t + ch, l:l + cw], size=(h, w), mode="bilinear", align_corners=False)
+                  for t, l in corners]
+    return [v for b in bases for v in ([b, b.flip(-1)] if tta.flip else [b])]
+
+
+def tta_probs(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: Optional[TTA],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mean over the views of softmax(run(view)), in `dtype`; without TTA (or one view) the plain softmax."""
+    views = tta_views(x, tta) if tta is not None else [x]
+    probs = [torch.softmax(run(v).to(dtype), dim=1) for v in views]
+    return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
+
+
+class TTAModel(nn.Module):
+    """`model` seen through test-time augmentation. Its output is the log of the mean softmax over the views, so
+    every consumer of logits (argmax, softmax, cross-entropy loss, top-k) reads the averaged probabilities; with a
+    single view it is the model's own logits, unchanged. With `keep_plain`, the plain logits come first and the
+    TTA output after them along dim 1 (`predict_logits_tta` splits them: both from one pass over the data)."""
+
+    def __init__(self, model: nn.Module, tta: TTA, keep_plain: bool = False):
+        super().__init__()
+        self.model, self.tta, self.keep_plain = model, tta, keep_plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.model(v).float() for v in tta_views(x, self.tta)]
+        # log of the mean softmax, as a log-mean-exp of log-softmaxes: no underflow to log(0) for a confident view
+        out = outs[0] if len(outs) == 1 else \
+            torch.logsumexp(torch.stack([o.log_softmax(1) for o in outs]), 0) - math.log(len(outs))
+        return torch.cat([outs[0], out], dim=1) if self.keep_plain else out
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Iterable, device: torch.device, dtype: Optional[torch.dtype] = None,
-                   channels_last: bool = False, desc: str = "eval", total: Optional[int] = None) -> Outputs:
+                   channels_last: bool = False, desc: str = "eval", total: Optional[int] = None,
+                   tta: Optional[TTA] = None) -> Outputs:
     """Logits of every `(images, labels, indices)` batch, gathered over ranks in sample order (a collective
-    under torchrun: every rank calls it, each with its shard)."""
+    under torchrun: every rank calls it, each with its shard). With `tta`, the log of the mean softmax over the
+    test-time views (see TTAModel), which every metric reads as logits."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module      # per-rank evaluation: no collective inside forward (shards differ in length)
+    if tta is not None:
+        model = TTAModel(model, tta)
     model.eval()
     logits, targets, index = [], [], []
     for x, y, idx in tqdm(batches, desc=desc, leave=False, disable=not is_main(), total=total):
@@ -64,6 +150,17 @@ def predict_logits(model: nn.Module, batches: Iterable, device: torch.device, dt
     return Outputs(out.logits[order], out.targets[order], out.index[order])
 
 
+def predict_logits_tta(model: nn.Module, batches: Iterable, device: torch.device, tta: TTA,
+                       dtype: Optional[torch.dtype] = None, channels_last: bool = False, desc: str = "eval",
+                       total: Optional[int] = None) -> tuple[Outputs, Outputs]:
+    """(plain outputs, TTA outputs) from one pass over the data: the report of a run with TTA, and `evaluate
+    --tta`, show the metric with and without it at the cost of the extra views only."""
+    both = predict_logits(TTAModel(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model,
+                                   tta, keep_plain=True), batches, device, dtype, channels_last, desc, total)
+    c = both.logits.shape[1] // 2
+    return (Outputs(both.logits[:, :c], both.targets, both.index), Outputs(both.logits[:, c:], both.targets, both.index))
+
+
 def write_predictions(path: Path, samples: Sequence[tuple[str, int]], out: Outputs, classes: Sequence[str]) -> None:
     """The per-image predictions CSV (interpret.py's format): each row with its image's exact path."""
     from .interpret import write_predictions_csv
@@ -75,16 +172,18 @@ def write_predictions(path: Path, samples: Sequence[tuple[str, int]], out: Outpu
 
 @dataclass
 class Evaluation:
-    metrics: dict
+    metrics: dict           # with TTA: the TTA metrics (metrics["tta"] records the setting)
     outputs: Outputs
     samples: list
     classes: list[str]
     source: str             # which images were used, in words
+    plain_metrics: Optional[dict] = None      # with TTA: the same split without it
 
 
 def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str = "test", device: str = "auto",
-             batch_size: Optional[int] = None, workers: Optional[int] = None) -> Evaluation:
-    """Metrics of a run's best checkpoint (or any checkpoint file) on one split.
+             batch_size: Optional[int] = None, workers: Optional[int] = None, tta: Optional[TTA] = None) -> Evaluation:
+    """Metrics of a run's best checkpoint (or any checkpoint file) on one split; with `tta`, the metrics with
+    test-time augmentation (`metrics["tta"]` records its setting) and, in `plain_metrics`, without.
 
     Without `data` (or with the run's own data folder) the run's recorded split is used, so the numbers match
     report.json exactly. Another folder is read as it is: its split folder when it has split folders, all its
@@ -107,13 +206,20 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     loader = make_loader(samples, build_transforms(dc, train=False), batch_size or cfg.batch_size,
                          workers if workers is not None else cfg.workers, dev, ShardSampler(len(samples)))
     skips = SkipLog()
-    out = predict_logits(model, skips.watch(loader), dev, amp_dtype(cfg.amp, dev), channels_last, desc=split)
     from .metrics import classification_metrics
 
+    plain_m = None
+    if tta is None:
+        out = predict_logits(model, skips.watch(loader), dev, amp_dtype(cfg.amp, dev), channels_last, desc=split)
+    else:
+        plain, out = predict_logits_tta(model, skips.watch(loader), dev, tta, amp_dtype(cfg.amp, dev), channels_last,
+                                        desc=f"{split} (TTA x{tta.num_views})")
+        plain_m = {**classification_metrics(plain.logits, plain.targets, classes), "tta": None}
     m = classification_metrics(out.logits, out.targets, classes)
+    m["tta"] = tta.to_dict() if tta is not None else None
     m["num_skipped_files"] = len(skips)
     m["skipped_files"] = [[p, r] for p, r in skips.entries.items()]
-    return Evaluation(m, out, samples, classes, used)
+    return Evaluation(m, out, samples, classes, used, plain_m)
 
 
 def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str]) -> tuple[list, str]:

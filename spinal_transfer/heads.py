@@ -173,14 +173,35 @@ class LinearHead(nn.Linear):
 
 
 HEAD_KINDS = ("linear", "mlp", "spinal")
+MIN_LAYER_WIDTH = 32
+
+
+def default_layer_width(in_features: int, num_classes: int) -> int:
+    """The spinal layer width for a head of `num_classes` on `in_features` features when none is given:
+    twice the class count, at least MIN_LAYER_WIDTH (32), at most a quarter of the feature width (but never below
+    the floor), rounded up to a multiple of 8.
+
+    Why: the paper sized its ResNet-preset heads by the class count (CIFAR-10: 20, CIFAR-100: 200, Caltech-101: 101,
+    Flowers: 102, Cars: 196), i.e. C to 2C, not a constant. A constant 512 gives a 4-class folder a head of
+    about 1.3M parameters on 2048 features, ~640x the linear head, with four 512-wide layers that each see only half
+    the features; 2C keeps every layer wide enough to carry a score per class with room to spare, the floor keeps
+    2- to 15-class heads from being a bottleneck of a few units, and the cap keeps a 1000-class head on a narrow
+    backbone (e.g. 512 features) from being wider than the features it reads. Multiples of 8 suit matrix kernels.
+    benchmarks/bench_defaults.py compares it with 512 and with the class count."""
+    if in_features < 1 or num_classes < 1:
+        raise ConfigError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
+    width = min(2 * num_classes, max(MIN_LAYER_WIDTH, in_features // 4))
+    width = max(width, MIN_LAYER_WIDTH)
+    return int(-(-width // 8) * 8)
 
 
 def create_head(kind: str, in_features: int, num_classes: int, *, preset: Optional[str] = "resnet",
-                layer_width: int = 512, num_layers: int = 4, num_splits: int = 2,
+                layer_width: Optional[int] = None, num_layers: int = 4, num_splits: int = 2,
                 dropout: Optional[float] = None, batch_norm: Optional[bool] = None, activation: str = "relu",
                 shared_weights: bool = False, hidden: Sequence[int] = (4096, 4096)) -> nn.Module:
     """The one head factory. `dropout`/`batch_norm` left as None take the spinal preset's values
-    (mlp: dropout 0.5 as in VGG's classifier)."""
+    (mlp: dropout 0.5 as in VGG's classifier); a spinal `layer_width` left as None is
+    `default_layer_width(in_features, num_classes)`, so the rule sees the width that actually reaches the head."""
     if kind == "linear":
         return LinearHead(in_features, num_classes)
     if kind == "mlp":
@@ -193,7 +214,8 @@ def create_head(kind: str, in_features: int, num_classes: int, *, preset: Option
             base["dropout"] = dropout
         if batch_norm is not None:
             base["batch_norm"] = batch_norm
-        return SpinalHead(in_features, num_classes, layer_width, num_layers, num_splits,
+        width = default_layer_width(in_features, num_classes) if layer_width is None else layer_width
+        return SpinalHead(in_features, num_classes, width, num_layers, num_splits,
                           activation=activation, shared_weights=shared_weights, **base)
     raise ConfigError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_text, load_run_checkpoint, model_from_checkpoint
 from .config import CONFIG_FIELDS
 from .errors import DataError
+from .evaluation import TTA, tta_probs
 from .export import CONFIG_FILE, Runner, bundle_config, eval_transform, load, onnx_runner, read_config
 from .runtime import use_channels_last
 
@@ -34,6 +35,7 @@ class Predictions:
     probs: torch.Tensor                 # (len(paths), num_classes) softmax, float64
     classes: list[str]
     skipped: list[tuple[str, str]]      # (path, reason) of files that could not be read
+    tta: Optional[dict] = None          # the test-time augmentation used (TTA.to_dict()), None without
 
     def top(self, k: int) -> list[list[tuple[str, float]]]:
         """Per image, the k most probable (class, probability), most probable first."""
@@ -65,9 +67,10 @@ def open_model(source: PathLike, device: torch.device) -> tuple[dict, Runner]:
 
 
 def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[int] = None,
-            workers: Optional[int] = None, device: str = "auto") -> Predictions:
+            workers: Optional[int] = None, device: str = "auto", tta: Optional[TTA] = None) -> Predictions:
     """Class probabilities of every image in `paths` (files, or folders searched recursively);
-    batch size and workers default to training's."""
+    batch size and workers default to training's. With `tta`, the mean softmax over its views of each
+    preprocessed image (evaluation.TTA; works with every model kind, ONNX included)."""
     from torch.utils.data import SequentialSampler
 
     from .loaders import make_loader
@@ -88,14 +91,14 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
     with tqdm(total=len(files), desc="predict", unit="img") as bar:
         for x, _, idx in skips.watch(loader):
             if len(x):
-                probs.append(torch.softmax(run(x).double(), dim=1))
+                probs.append(tta_probs(run, x, tta, torch.float64))
                 index.append(idx)
             bar.n = len(skips) + sum(len(i) for i in index)
             bar.refresh()
     order = torch.cat(index).tolist() if index else []
     num_classes = len(config["classes"])
     return Predictions([files[i] for i in order], torch.cat(probs) if probs else torch.zeros(0, num_classes),
-                       config["classes"], list(skips.entries.items()))
+                       config["classes"], list(skips.entries.items()), tta.to_dict() if tta is not None else None)
 
 
 def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK) -> Path:

@@ -227,6 +227,85 @@ def _load_cinic10(src: Path, download: bool) -> Splits:
 
 
 # ------------------------------------------------------------------------------------------------
+# Bundled real folders: made from images that installed packages ship, so a fresh machine has a folder to
+# fine-tune on before the user has one (and the tests and benchmarks have real pixels without a download).
+
+BUNDLED = ("digits", "photos")     # datasets made from installed packages' images (the others are the paper's)
+DIGITS_SIZE = 32          # sklearn's 8x8 digits, upscaled (bilinear) to this side and written as RGB PNGs
+
+
+def _load_digits(src: Path, download: bool) -> Splits:
+    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, UCI optdigits test set), one class per digit."""
+    from sklearn.datasets import load_digits
+
+    ds = load_digits()
+    grey = (ds.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    images = np.stack([np.asarray(Image.fromarray(g, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR)
+                                  .convert("RGB")) for g in grey])
+    return {"all": _array_items(images, ds.target, [str(k) for k in range(10)])}
+
+
+PHOTO_SIZE = 64                                  # every crop is written at PHOTO_SIZE x PHOTO_SIZE
+PHOTO_GRID = 4                                   # each photo is cut into a 4x4 grid of tiles ...
+PHOTO_TILES = {"train": 10, "val": 3, "test": 3}  # ... dealt to the splits (seeded), so no pixel is in two splits
+PHOTO_CROPS = {"train": 60, "val": 20, "test": 20}  # crops per class and split
+PHOTO_SEED = 0
+
+
+def _photo_sources() -> dict[str, np.ndarray]:
+    """class name -> the photograph (HxWx3 uint8) it is cut from: the photographs scikit-image ships in its
+    wheel (no download) and scikit-learn's two sample images. Grey textures are made RGB."""
+    try:
+        import skimage.data as skd
+    except ImportError:
+        raise PrepareError("prepare photos needs scikit-image (pip install scikit-image; it ships the photos)") \
+            from None
+    from sklearn.datasets import load_sample_images
+
+    sample = dict(zip((Path(f).stem for f in load_sample_images().filenames), load_sample_images().images))
+    sources = {"astronaut": skd.astronaut(), "brick": skd.brick(), "cat": skd.chelsea(), "coffee": skd.coffee(),
+               "flower": sample["flower"], "grass": skd.grass(), "gravel": skd.gravel(),
+               "motorcycle": skd.stereo_motorcycle()[0], "rocket": skd.rocket(), "temple": sample["china"]}
+    return {k: np.repeat(v[:, :, None], 3, axis=2) if v.ndim == 2 else np.ascontiguousarray(v[:, :, :3])
+            for k, v in sources.items()}
+
+
+def photo_crops(photo: np.ndarray, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
+    """Square crops of one photograph per split. The photo is cut into a PHOTO_GRID x PHOTO_GRID grid and its
+    tiles are dealt to train/val/test at random; every crop lies inside one tile of its split (side 60-100% of
+    the tile's shorter side, anywhere in it), so val and test show parts of the scene that training never saw."""
+    import cv2
+
+    h, w = photo.shape[:2]
+    ys, xs = np.linspace(0, h, PHOTO_GRID + 1).astype(int), np.linspace(0, w, PHOTO_GRID + 1).astype(int)
+    tiles = [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(PHOTO_GRID) for j in range(PHOTO_GRID)]
+    order = rng.permutation(len(tiles))
+    out, start = {}, 0
+    for split, k in PHOTO_TILES.items():
+        mine = [tiles[t] for t in order[start:start + k]]
+        start += k
+        crops = []
+        for _ in range(PHOTO_CROPS[split]):
+            y0, y1, x0, x1 = mine[int(rng.integers(len(mine)))]
+            side = int(round(min(y1 - y0, x1 - x0) * rng.uniform(0.6, 1.0)))
+            top, left = int(rng.integers(y0, y1 - side + 1)), int(rng.integers(x0, x1 - side + 1))
+            crop = photo[top:top + side, left:left + side]
+            interp = cv2.INTER_AREA if side >= PHOTO_SIZE else cv2.INTER_CUBIC
+            crops.append(cv2.resize(crop, (PHOTO_SIZE, PHOTO_SIZE), interpolation=interp))
+        out[split] = crops
+    return out
+
+
+def _load_photos(src: Path, download: bool) -> Splits:
+    rng = np.random.default_rng(PHOTO_SEED)
+    out: Splits = {s: [] for s in PHOTO_TILES}
+    for label, photo in _photo_sources().items():         # a fixed class order: the same folder on every machine
+        for split, crops in photo_crops(photo, rng).items():
+            out[split] += [Item(label, f"{label}_{i:03d}.png", c) for i, c in enumerate(crops)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # The datasets.
 
 _CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -238,6 +317,25 @@ _STL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 _SVHN = "http://ufldl.stanford.edu/housenumbers/"
 
 DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(
+        title="scikit-learn digits (bundled, 8x8 upscaled to 32x32)", origin="sklearn.datasets.load_digits",
+        page="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+        fetch=(), needs=(), load=_load_digits, num_classes=10, sizes={"all": 1797}, split_map={"all": "train"},
+        downloadable=False, test_fraction=0.2,
+        note="Bundled with scikit-learn: nothing to fetch. Class folders 0..9; a stratified 20% is test, then "
+             "--val-fraction of the rest is val."),
+    "photos": DatasetSpec(
+        title="photos: crops of 10 photographs bundled with scikit-image and scikit-learn",
+        origin="skimage.data (astronaut, brick, chelsea, coffee, grass, gravel, stereo_motorcycle, rocket) and "
+               "sklearn.datasets.load_sample_images (flower, china)",
+        page="https://scikit-image.org/docs/stable/api/skimage.data.html",
+        fetch=(), needs=(), load=_load_photos, num_classes=10, sizes={s: 10 * n for s, n in PHOTO_CROPS.items()},
+        split_map={s: s for s in PHOTO_CROPS}, downloadable=False,
+        note="Made from images installed packages ship (scikit-image is a dependency): nothing to fetch. Each "
+             "class is one photograph (astronaut, cat, coffee, flower, motorcycle, rocket, temple; brick, grass "
+             "and gravel textures); its 4x4 tiles are dealt to train/val/test (10/3/3) and 64x64 crops are cut "
+             "inside them, so the task is recognising a scene from a part of it never seen in training. "
+             "--val-fraction and --seed do not apply: the split is the tiles'."),
     "stanford_cars": DatasetSpec(
         title="Stanford Cars", origin="torchvision.datasets.StanfordCars",
         page="https://ai.stanford.edu/~jkrause/cars/car_dataset.html (offline; mirrors below)",
@@ -625,6 +723,10 @@ def prepare(name: str, root: Union[str, Path], download: bool = False, source: U
 
 HELP = "turn a paper dataset into ROOT/<name>/{train,val,test}/<class>/ image folders"
 EXAMPLES = """\
+  # a real folder out of the box, from images installed packages ship (no download)
+  spinal-transfer prepare digits --root data           # data/digits: sklearn's 1,797 digits, 10 classes
+  spinal-transfer prepare photos --root data           # data/photos: 1,000 crops of 10 photographs
+
   # CIFAR-10 via torchvision, downloading into data/raw/ and writing data/cifar10/{train,val,test}/<class>/
   spinal-transfer prepare cifar10 --root data --download
 

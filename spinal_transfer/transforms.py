@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -56,16 +57,65 @@ class DataConfig:
     eval_resize: str = "center_crop"
 
 
+#: Training policies. `none` is the evaluation pipeline; `paper`/`paper_rrc` are the SpinalNet scripts'.
+POLICIES = ("none", "light", "modern", "trivial", "randaugment", "paper", "paper_rrc")
+#: The random-resized-crop scale each cropping policy uses unless told otherwise. `modern` keeps timm's and
+#: torchvision's ImageNet-training range (down to 8% of the area). `light` and the op-based policies start at 35%:
+#: the crop's sides are then at least sqrt(0.35 * 3/4) = 51% of the image's, so a small object or a digit stays
+#: recognisable (at 8% a crop is as small as 24% of a side, and on the digits folder the defaults fell to 0.18
+#: val top-1). 0.35 is the lower end of what fastai's examples use for fine-tuning (min_scale 0.3-0.75).
+DEFAULT_CROP_SCALE = {"light": (0.35, 1.0), "modern": (0.08, 1.0), "trivial": (0.35, 1.0),
+                      "randaugment": (0.35, 1.0), "paper_rrc": (0.08, 1.0)}
+#: Horizontal flip probability each policy uses unless told otherwise (`none` never flips).
+DEFAULT_HFLIP = {p: (0.0 if p == "none" else 0.5) for p in POLICIES}
+RRC_RATIO = (3 / 4, 4 / 3)
+RANDAUGMENT_LEVELS = 30          # torchvision's scale: magnitude M of 0..30 (num_magnitude_bins=31)
+
+
 @dataclass(frozen=True)
 class Augmentation:
-    """The training-time augmentation, explicit: the policy and its knobs (README, "Augmentation")."""
+    """The training-time augmentation, explicit: the policy and its knobs (README, "Augmentation").
+
+    `hflip` and `rrc_scale` left as None take the policy's own (DEFAULT_HFLIP, DEFAULT_CROP_SCALE); an explicit
+    `hflip=0` turns flipping off under every policy. `random_erase` (probability) and `color_jitter` (strength)
+    add to any policy but `none`, which is the evaluation pipeline and takes no knob."""
 
     policy: str = "none"
-    hflip: float = 0.5
+    hflip: Optional[float] = None
     vflip: float = 0.0
-    rrc_scale: tuple = (0.08, 1.0)
+    rrc_scale: Optional[tuple] = None
     rotation: float = 15.0
     center_crop: Optional[int] = None     # paper policy: a center crop between the rotation and the random crop
+    randaugment_n: int = 2
+    randaugment_m: float = 9.0
+    random_erase: float = 0.0
+    color_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"augment: {self.policy!r} is not one of {list(POLICIES)}", key="augment")
+        for name, lo, hi in (("hflip", 0, 1), ("vflip", 0, 1), ("random_erase", 0, 1), ("color_jitter", 0, 1),
+                             ("randaugment_m", 0, RANDAUGMENT_LEVELS)):
+            v = getattr(self, name)
+            if v is not None and not lo <= v <= hi:
+                raise ConfigError(f"{name}: {v!r} is out of range (expected {lo} to {hi})", key=name)
+        if self.randaugment_n < 1:
+            raise ConfigError(f"randaugment_n: {self.randaugment_n!r} must be >= 1", key="randaugment_n")
+        if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise ConfigError(f"rrc_scale: {list(self.rrc_scale)} must be 0 < low <= high <= 1", key="rrc_scale")
+        if self.policy == "none" and (self.random_erase or self.color_jitter):
+            knob = "random_erase" if self.random_erase else "color_jitter"
+            raise ConfigError(f"{knob} needs an augmentation policy: --augment none is the evaluation pipeline "
+                              f"(choose light, modern, trivial or randaugment)", key=knob)
+
+    def flip_p(self) -> float:
+        """The horizontal flip probability in force: the explicit one, else the policy's."""
+        return DEFAULT_HFLIP[self.policy] if self.hflip is None else float(self.hflip)
+
+    def crop_scale(self) -> tuple[float, float]:
+        """The random-resized-crop scale range in force: the explicit one, else the policy's."""
+        scale = self.rrc_scale if self.rrc_scale is not None else DEFAULT_CROP_SCALE.get(self.policy, (0.08, 1.0))
+        return (float(scale[0]), float(scale[1]))
 
 
 def _from_timm(d: dict) -> dict:
@@ -182,13 +232,112 @@ def _hw(resize: Union[int, Sequence[int]]) -> tuple[int, int]:
     return (int(resize[0]), int(resize[1])) if isinstance(resize, (list, tuple)) else (int(resize), int(resize))
 
 
+class Sharpness(A.ImageOnlyTransform):
+    """PIL's `ImageEnhance.Sharpness` (the op TrivialAugment and RandAugment use): blend of the image with its
+    3x3 smoothed version by `factor`, > 1 sharpens and < 1 blurs; the one-pixel border is kept, as PIL does.
+    albumentations' Sharpen only sharpens, so it cannot express the blur half of the range."""
+
+    _KERNEL = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
+
+    def __init__(self, factor_range: tuple = (0.01, 1.99), p: float = 1.0):
+        super().__init__(p=p)
+        self.factor_range = (float(factor_range[0]), float(factor_range[1]))
+
+    def get_params(self) -> dict[str, Any]:
+        return {"factor": self.py_random.uniform(*self.factor_range)}
+
+    def apply(self, img: np.ndarray, factor: float = 1.0, **params: Any) -> np.ndarray:
+        x = img.astype(np.float32)
+        smooth = x.copy()
+        smooth[1:-1, 1:-1] = cv2.filter2D(x, -1, self._KERNEL, borderType=cv2.BORDER_REPLICATE)[1:-1, 1:-1]
+        return np.clip(np.rint(smooth + factor * (x - smooth)), 0, 255).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("factor_range",)
+
+
+# The op set of TrivialAugmentWide and RandAugment (Müller & Hutter 2021; Cubuk et al. 2020), as torchvision
+# defines them: name -> the largest magnitude (TrivialAugmentWide's, RandAugment's). Shear is a shear factor
+# (degrees = atan), translation a fraction of the side (torchvision: 32 px of 224 resp. 150/331 of the width),
+# rotation degrees, the enhancements a factor change 1 +- m, posterize the bits removed, solarize the threshold
+# fraction removed.
+_OP_MAX = {"shear_x": (0.99, 0.3), "shear_y": (0.99, 0.3), "translate_x": (32 / 224, 150 / 331),
+           "translate_y": (32 / 224, 150 / 331), "rotate": (135.0, 30.0), "brightness": (0.99, 0.9),
+           "color": (0.99, 0.9), "contrast": (0.99, 0.9), "sharpness": (0.99, 0.9), "posterize": (6, 4),
+           "solarize": (1.0, 1.0)}
+_FREE_OPS = ("identity", "autocontrast", "equalize")
+
+
+def _signed_op(name: str, lo: float, hi: float) -> A.BasicTransform:
+    """One geometric or enhancement op whose signed magnitude is drawn from [lo, hi] (lo == hi: fixed)."""
+    affine = dict(interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0)
+    if name in ("shear_x", "shear_y"):
+        deg = (math.degrees(math.atan(lo)), math.degrees(math.atan(hi)))
+        return A.Affine(shear={"x": deg, "y": (0, 0)} if name == "shear_x" else {"x": (0, 0), "y": deg}, **affine)
+    if name in ("translate_x", "translate_y"):
+        t = {"x": (lo, hi), "y": (0, 0)} if name == "translate_x" else {"x": (0, 0), "y": (lo, hi)}
+        return A.Affine(translate_percent=t, **affine)
+    if name == "rotate":
+        return A.Affine(rotate=(lo, hi), **affine)
+    if name == "sharpness":
+        return Sharpness((1 + lo, 1 + hi))
+    jitter = {"brightness": (1, 1), "contrast": (1, 1), "saturation": (1, 1), "hue": (0, 0)}
+    jitter["saturation" if name == "color" else name] = (1 + lo, 1 + hi)
+    return A.ColorJitter(**jitter, p=1.0)
+
+
+def _free_op(name: str) -> A.BasicTransform:
+    return {"identity": lambda: A.NoOp(p=1.0), "autocontrast": lambda: A.AutoContrast(p=1.0),
+            "equalize": lambda: A.Equalize(p=1.0)}[name]()
+
+
+def trivial_augment_ops() -> A.OneOf:
+    """TrivialAugmentWide: per image one op, drawn uniformly, at a magnitude drawn uniformly from its whole
+    (wide) range with a random sign. Built from albumentations ops, so it is seeded with the rest of the pipeline."""
+    ops: list[A.BasicTransform] = [_free_op(n) for n in _FREE_OPS]
+    for name, (wide, _) in _OP_MAX.items():
+        if name == "posterize":
+            ops.append(A.Posterize(num_bits=(8 - wide, 8), p=1.0))
+        elif name == "solarize":
+            ops.append(A.Solarize(threshold_range=(0.0, 1.0), p=1.0))
+        else:
+            ops.append(_signed_op(name, -wide, wide))
+    return A.OneOf(ops, p=1.0)
+
+
+def randaugment_ops(n: int, m: float) -> A.SomeOf:
+    """RandAugment: per image `n` ops drawn uniformly with replacement (as torchvision), each at the fixed
+    magnitude `m` of 0..30 (torchvision's scale; timm's m9 of 0..10 is about our 27) with a random sign."""
+    level = m / RANDAUGMENT_LEVELS
+    ops: list[A.BasicTransform] = [_free_op(n_) for n_ in _FREE_OPS]
+    for name, (_, ra) in _OP_MAX.items():
+        v = level * ra
+        if name == "posterize":
+            bits = 8 - int(round(v))
+            ops.append(A.Posterize(num_bits=(bits, bits), p=1.0))
+        elif name == "solarize":
+            ops.append(A.Solarize(threshold_range=(1.0 - v, 1.0 - v), p=1.0))
+        else:
+            ops.append(A.OneOf([_signed_op(name, v, v), _signed_op(name, -v, -v)], p=1.0))
+    return A.SomeOf(ops, n=n, replace=True, p=1.0)
+
+
+def crop_decode_size(size: int, scale: tuple[float, float], ratio: tuple[float, float] = RRC_RATIO) -> int:
+    """The shorter side a decoded image needs so that a random-resized crop of `size` never upsamples: a crop
+    of area share s and aspect r has both sides >= sqrt(s * min(r, 1/r)) times the image's shorter side."""
+    shortest = math.sqrt(scale[0] * min(min(ratio), 1 / max(ratio)))
+    return math.ceil(size / shortest)
+
+
 def build_transforms(dc: DataConfig, train: bool = False, aug: Augmentation = Augmentation()) -> A.Compose:
     """uint8 HxWx3 RGB -> normalized CHW float tensor: the training pipeline of `aug` (train=True), else the
     evaluation pipeline of `dc` (which `aug.policy == "none"` also uses for training).
 
-    The result carries `decode_min_size`: the shorter side its first step needs of the decoded image
-    (None when a random-resized crop may take a small region of it), so that ImageDataset can decode
-    large JPEGs at a reduced size without changing what the pipeline sees."""
+    Training order (torchvision's and timm's): crop, flips, colour jitter, the TrivialAugment/RandAugment op(s),
+    random erasing, normalization. The result carries `decode_min_size`: the shorter side its first step needs of
+    the decoded image (for a random-resized crop, enough that the smallest crop is not upsampled; see
+    `crop_decode_size`), so that ImageDataset can decode large JPEGs at a reduced size without changing what the
+    pipeline sees."""
     interp = CV2_INTERPOLATION[dc.interpolation]
     size = dc.img_size
     steps: list[Any]
@@ -196,7 +345,7 @@ def build_transforms(dc: DataConfig, train: bool = False, aug: Augmentation = Au
     h, w = _hw(dc.resize_size)
     if policy in ("paper", "paper_rrc"):
         crop = (A.RandomCrop(size, size) if policy == "paper" else
-                A.RandomResizedCrop(size=(size, size), scale=tuple(aug.rrc_scale), interpolation=interp,
+                A.RandomResizedCrop(size=(size, size), scale=aug.crop_scale(), ratio=RRC_RATIO, interpolation=interp,
                                     area_for_downscale="image"))
         steps = [A.Resize(h, w, interpolation=interp, area_for_downscale="image"),
                  A.Rotate(limit=aug.rotation, interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT,
@@ -204,10 +353,10 @@ def build_transforms(dc: DataConfig, train: bool = False, aug: Augmentation = Au
         steps += [A.CenterCrop(aug.center_crop, aug.center_crop)] if aug.center_crop else []
         steps.append(crop)
         need: Optional[int] = min(h, w)
-    elif policy == "modern":
-        steps = [A.RandomResizedCrop(size=(size, size), scale=tuple(aug.rrc_scale), interpolation=interp,
+    elif policy in ("light", "modern", "trivial", "randaugment"):
+        steps = [A.RandomResizedCrop(size=(size, size), scale=aug.crop_scale(), ratio=RRC_RATIO, interpolation=interp,
                                      area_for_downscale="image")]
-        need = None
+        need = crop_decode_size(size, aug.crop_scale())
     elif dc.eval_resize == "center_crop" and h != w:      # a non-square resize (the SVHN script), then the crop
         steps = [A.Resize(h, w, interpolation=interp, area_for_downscale="image"), A.CenterCrop(size, size)]
         need = min(h, w)
@@ -219,10 +368,20 @@ def build_transforms(dc: DataConfig, train: bool = False, aug: Augmentation = Au
         steps = [A.Resize(size, size, interpolation=interp, area_for_downscale="image")]
         need = size
     if policy != "none":
-        if aug.hflip > 0:
-            steps.append(A.HorizontalFlip(p=aug.hflip))
+        if aug.flip_p() > 0:
+            steps.append(A.HorizontalFlip(p=aug.flip_p()))
         if aug.vflip > 0:
             steps.append(A.VerticalFlip(p=aug.vflip))
+        if aug.color_jitter > 0:           # timm's --color-jitter S: brightness, contrast, saturation by 1 +- S
+            s = aug.color_jitter
+            steps.append(A.ColorJitter(brightness=(1 - s, 1 + s), contrast=(1 - s, 1 + s),
+                                       saturation=(1 - s, 1 + s), hue=(0, 0), p=1.0))
+        if policy == "trivial":
+            steps.append(trivial_augment_ops())
+        elif policy == "randaugment":
+            steps.append(randaugment_ops(aug.randaugment_n, aug.randaugment_m))
+        if aug.random_erase > 0:           # timm's --reprob with its 'pixel' mode: a box of random pixels
+            steps.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=aug.random_erase))
     steps.append(NormalizeToTensor(dc.mean, dc.std))
     compose = A.Compose(steps)
     compose.decode_min_size = need

@@ -313,17 +313,17 @@ def test_large_jpeg_is_decoded_at_reduced_scale_no_smaller_than_asked(tmp_path):
 def test_reduced_decode_leaves_the_pipeline_output_nearly_unchanged(tmp_path):
     p = _photo_jpeg(tmp_path / "photo.jpg", 600, 900)
     for augment, eval_resize, need in (("none", "center_crop", 110), ("none", "resize", 96), ("paper", "", 110),
-                                       ("modern", "", None)):
+                                       ("modern", "", 392), ("light", "", 188)):
         dc = DataConfig(96, 110, (0, 0, 0), (1, 1, 1), "bilinear", 96 / 110, eval_resize or "center_crop")
         tf = build_transforms(dc, train=augment != "none", aug=Augmentation(augment, hflip=0.0, rotation=0.0))
         assert tf.decode_min_size == need
-        if augment != "modern":
-            tf.set_random_seed(0)
-            reduced = ImageDataset([(str(p), 0)], tf)[0][0]
-            tf.set_random_seed(0)
-            full = tf(image=load_image(p))["image"]
-            assert reduced.shape == full.shape == (3, 96, 96)
-            assert (reduced - full).abs().mean() * 255 < 2.0, augment
+        tf.set_random_seed(0)
+        reduced = ImageDataset([(str(p), 0)], tf)[0][0]
+        tf.set_random_seed(0)
+        full = tf(image=load_image(p))["image"]
+        assert reduced.shape == full.shape == (3, 96, 96)
+        # a random crop's integer position rounds differently at half scale: a fraction of an output pixel's shift
+        assert (reduced - full).abs().mean() * 255 < (2.0 if augment in ("none", "paper") else 4.0), augment
 
 
 def test_load_image_errors(tmp_path, monkeypatch):

@@ -19,10 +19,13 @@ from ..errors import EXIT_ABORTED, EXIT_BUG, UserError
 # command -> (its module in this package, its one-line help)
 COMMANDS = {
     "train": ("train", "fine-tune a backbone with a new head on an image folder"),
+    "show-batch": ("show_batch", "draw one augmented training batch as `train` would build it, without training"),
+    "lr-find": ("lr_find", "learning-rate range test: sweep the lr, plot the loss, suggest a learning rate"),
     "evaluate": ("evaluate", "metrics of a trained run (best.pt) or checkpoint on one split"),
     "models": ("models", "list the backbones build_model can use"),
     "describe": ("describe", "feature width, head sizes and MACs of a backbone with a new head"),
-    "prepare": ("prepare", "turn a paper dataset into ROOT/<name>/{train,val,test}/<class>/ image folders"),
+    "prepare": ("prepare", "write a dataset (a paper dataset, or the bundled digits / photos) as "
+                           "ROOT/<name>/{train,val,test}/<class>/ image folders"),
     "reproduce": ("reproduce", "run the paper recipes (default and spinal head) over seeds; compare with the paper "
                                "and test the gap"),
     "export": ("export", "write a trained model as a bundle (safetensors + config.json + model card), optionally "

@@ -10,9 +10,13 @@ EXAMPLES = """\
   spinal-transfer evaluate runs/pets                       # the run's own test split, as in report.json
   spinal-transfer evaluate runs/pets --split val --out runs/pets/eval_val
   spinal-transfer evaluate runs/pets/checkpoints/last.pt --data ~/other_pets --split test --full
+  spinal-transfer evaluate runs/pets --tta                 # also with test-time augmentation (image + mirror)
+  spinal-transfer evaluate runs/pets --tta --tta-crops 5   # ... and 4 corner + centre crops (12 views)
 Without --data the run's recorded split (RUN/splits.json) is used, so the numbers equal report.json's.
 Another --data folder is read as it is: its SPLIT/ folder, or all its images when it has no split
-folders (a split is never carved out of it). Which images were used is printed on stderr."""
+folders (a split is never carved out of it). Which images were used is printed on stderr. With --tta
+the metrics are printed without and with TTA (mean softmax over the views); metrics_<split>.json
+holds the TTA ones, its "tta" entry the setting, and "without_tta" the plain summary."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -25,21 +29,38 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="write metrics_<split>.json, predictions_<split>.csv and "
                                                      "report.html (the page a run has, for this split) there")
     parser.add_argument("--full", action="store_true", help="also print per-class metrics and the confusion matrix")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the softmax over the image and its horizontal mirror")
+    parser.add_argument("--tta-crops", type=int, default=0, choices=[0, 5],
+                        help="with --tta, also 4 corner crops and the centre crop (87.5%% of the side), each mirrored "
+                             "too (default: 0)")
 
 
 def main(args: argparse.Namespace) -> int:
     from ..checkpoint import atomic_write_text
-    from ..evaluation import evaluate, write_predictions
+    from ..errors import ConfigError
+    from ..evaluation import TTA, evaluate, write_predictions
     from ..metrics import summary
 
-    ev = evaluate(args.run, args.data, args.split, args.device, args.batch_size, args.workers)
-    print(f"evaluated {ev.source}", file=sys.stderr)
+    if args.tta_crops and not args.tta:
+        raise ConfigError("--tta-crops needs --tta")
+    tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
+    ev = evaluate(args.run, args.data, args.split, args.device, args.batch_size, args.workers, tta=tta)
+    print(f"evaluated {ev.source}" + (f"; {tta.describe()}" if tta else ""), file=sys.stderr)
     m = ev.metrics
-    print(json.dumps(m if args.full else {**summary(m), "num_samples": m["num_samples"],
-                                           "num_skipped_files": m["num_skipped_files"]}, indent=1))
+    shown = m if args.full else {**summary(m), "num_samples": m["num_samples"],
+                                 "num_skipped_files": m["num_skipped_files"]}
+    if tta is not None:
+        shown = {"without_tta": summary(ev.plain_metrics), "with_tta": {**shown, "tta": m["tta"]}}
+        print(f"top1 {ev.plain_metrics['top1']:.4f} without TTA, {m['top1']:.4f} with TTA "
+              f"({m['top1'] - ev.plain_metrics['top1']:+.4f})", file=sys.stderr)
+    print(json.dumps(shown, indent=1))
     if args.out:
         out = Path(args.out)
-        atomic_write_text(out / f"metrics_{args.split}.json", json.dumps({**m, "images": ev.source}, indent=1))
+        record = {**m, "images": ev.source}
+        if tta is not None:
+            record["without_tta"] = summary(ev.plain_metrics)
+        atomic_write_text(out / f"metrics_{args.split}.json", json.dumps(record, indent=1))
         write_predictions(out / f"predictions_{args.split}.csv", ev.samples, ev.outputs, ev.classes)
         page = _page(args, ev, out)
         print(f"wrote {out / f'metrics_{args.split}.json'}, {out / f'predictions_{args.split}.csv'} and {page}",

@@ -12,6 +12,7 @@ EXAMPLES = """\
   spinal-transfer predict bundles/pets photos/ --out preds.csv
   spinal-transfer predict bundles/pets/model.onnx photos/ extra.jpg --topk 3 --out preds.csv
   spinal-transfer predict runs/pets photos/ --batch-size 128 --workers 8 --device cuda
+  spinal-transfer predict bundles/pets photos/ --tta --tta-crops 5 --out preds_tta.csv
 Folders are searched recursively for images. The CSV has path, label_1, prob_1, ... label_k, prob_k;
 unreadable files are skipped and listed on stderr and in OUT.skipped.txt (path<TAB>reason)."""
 
@@ -25,12 +26,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="DataLoader worker processes decoding images (default: as in training)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (ONNX: cuda if onnxruntime has it)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the softmax over the image and its horizontal mirror")
+    parser.add_argument("--tta-crops", type=int, default=0, choices=[0, 5],
+                        help="with --tta, also 4 corner crops and the centre crop, each mirrored too (default: 0)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ConfigError(f"--topk must be >= 1, got {args.topk}")
-    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device)
+    if args.tta_crops and not args.tta:
+        raise ConfigError("--tta-crops needs --tta")
+    from ..evaluation import TTA
+
+    tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
+    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta)
+    if tta is not None:
+        print(tta.describe(), file=sys.stderr)
     skipped_path = write_csv(preds, args.out, args.topk)
     for path, reason in preds.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
