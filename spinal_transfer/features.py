@@ -12,14 +12,12 @@ renamed, and the .json, renamed last, is the entry's completion mark: a half-wri
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text
 from .evaluation import autocast
+from .filelock import exclusive
 from .loaders import make_loader
 from .surgery import get_head
 from .transforms import transform_signature
@@ -109,18 +108,6 @@ def default_cache_dir(run_path: Path) -> Path:
     return run_path.resolve().parent / "feature-cache"
 
 
-@contextlib.contextmanager
-def _entry_lock(path: Path) -> Iterator[None]:
-    """Exclusive right to compute one cache entry; waits while another process holds it (POSIX lock: released
-    when its holder dies)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def cached_split(model: nn.Module, samples: list[Sample], transform: Any, cache: Path, name: str, *,
                  weights: Optional[str], device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
                  batch_size: int, workers: Optional[int], skips: Any) -> tuple[FeatureDataset, list[Sample]]:
@@ -130,7 +117,7 @@ def cached_split(model: nn.Module, samples: list[Sample], transform: Any, cache:
     cache.mkdir(parents=True, exist_ok=True)
     path, meta_path = cache / f"{fp}.npy", cache / f"{fp}.json"
     if not meta_path.exists():
-        with _entry_lock(cache / f".{fp}.lock"):
+        with exclusive(cache / f".{fp}.lock"):   # one process computes, the others wait
             if not meta_path.exists():          # nobody computed it while we waited
                 found = type(skips)()
                 loader = make_loader(samples, transform, batch_size, workers, device,
