@@ -28,30 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .config import CONFIG_FIELDS, RESUME_SAFE, TrainConfig, resolve_config
-from .errors import NonFiniteLoss, RunFolderError, UserError
+from .config import CONFIG_FIELDS, TrainConfig, resolve_config
+from .errors import NonFiniteLoss, RunFolderError
 from .heads_spec import HeadSpec
+from .multirun import DEFAULT_MODE, IGNORED, MultiRunError, mode_fields, refuse_torchrun
 from .rundir import RunDir
 from .stats import ALPHA, PairedTest, PairingError, overall_verdict, paired_test
 from .tables import Table, join, to_csv, to_html, to_markdown, write_files
 
-MODES = ("frozen", "finetune")
-DEFAULT_MODE = "frozen"
 DEFAULT_SEEDS = 3
 DEFAULT_OUT = "runs/compare"
 RESULT_FILES = ("compare.csv", "compare.md", "compare.html")
-CACHE_DIR = "feature-cache"
 # TrainConfig fields that compare sets itself (per head, per seed, per mode), so they are not its flags
 CONTROLLED = ("head", "seed", "out", "freeze_backbone", "cache_features", "select_on")
-# Settings that may differ between a run on disk and the run asked for: where and how fast it runs, not what
-# it learns (config.RESUME_SAFE, less the schedule, which changes results).
-IGNORED = (set(RESUME_SAFE) - {"epochs", "stages", "limit_train_batches", "data"}) | {"out"}
 METRICS = (("top1", "test top-1"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"))
 
 PathLike = Union[str, Path]
 
 
-class CompareError(UserError, ValueError):
+class CompareError(MultiRunError):
     """A compare request that cannot run as given; the message says how to fix it."""
 
 
@@ -72,16 +67,6 @@ class Planned:
 
 def run_dir(out: PathLike, head: HeadSpec, seed: int) -> RunDir:
     return RunDir(Path(out) / "runs" / head.slug / f"seed{seed}")
-
-
-def mode_fields(mode: str, out: Path, cache_dir: str = "") -> dict:
-    """The TrainConfig fields a mode sets. Frozen: one feature cache for every run (OUT/feature-cache unless
-    the config names another), so the backbone's features are computed once for all heads and seeds."""
-    if mode not in MODES:
-        raise CompareError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "frozen":
-        return {"freeze_backbone": True, "cache_features": True, "cache_dir": cache_dir or str(out / CACHE_DIR)}
-    return {"freeze_backbone": False, "cache_features": False}
 
 
 def plan(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int, mode: str, out: PathLike) -> list[Planned]:
@@ -139,15 +124,6 @@ def _stderr(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def refuse_torchrun(command: str) -> None:
-    """A driver of many runs decides per run whether to train, skip or leave it to another process; ranks of one
-    torchrun job could decide differently and wait on each other forever. Several processes on one OUT share
-    the work instead (one per GPU, or per machine on a shared file system)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CompareError(f"{command} is not run under torchrun: start one {command} process per GPU (or machine) "
-                           f"on the same --out; they share the runs between them")
-
-
 def run_one(p: Planned, where: str, log: Callable[[str], Any]) -> bool:
     """Train, resume or skip one run: finished runs are skipped, an interrupted one resumes from its last.pt, a
     diverged one is reported and left out of the tables. Returns False when another process is training it
@@ -166,9 +142,14 @@ def run_one(p: Planned, where: str, log: Callable[[str], Any]) -> bool:
         train.run(p.cfg, resume=p.cfg.out if state == "interrupted" else None)
     except NonFiniteLoss as e:
         log(f"{where}: {e}")
-    except RunFolderError as e:          # taken by another process since the check above
+        return True
+    except RunFolderError as e:
+        if p.run.is_locked():            # another process took it between the check above and train's lock
+            log(f"{where}: taken by another process meanwhile, left to it")
+            return False
         log(f"{where}: {e}")
-        return not p.run.is_locked()
+        return True
+    log(f"{where}: trained")
     return True
 
 

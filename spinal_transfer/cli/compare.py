@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..compare import CONTROLLED, DEFAULT_MODE, DEFAULT_OUT, DEFAULT_SEEDS, MODES, RESULT_FILES
+from ..compare import CONTROLLED, DEFAULT_OUT, DEFAULT_SEEDS, RESULT_FILES
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
+from ..multirun import DEFAULT_MODE, MODES
 
 EXAMPLES = f"""\
   # frozen backbone (default): its features are computed once, then every head x seed trains in seconds
