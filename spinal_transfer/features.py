@@ -44,12 +44,26 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _backbone_digest(model: nn.Module) -> str:
+    """A hash of every backbone tensor (the new heads' left out)."""
+    heads = tuple(f"{p}." for p in model.spinal_info.head_modules)
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        if not name.startswith(heads):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(model: nn.Module, weights: Optional[str], transform: Any, samples: Sequence[Sample],
                 dtype: Optional[torch.dtype], channels_last: bool) -> str:
     """A name for the features of `samples` through `model`'s frozen backbone: changes with anything that
-    changes them (a weights file by its content)."""
+    changes them (a weights file by its content; a randomly initialised backbone, which differs from seed to
+    seed, by its tensors)."""
     if weights and Path(weights).is_file():
         weights = f"file:{_file_digest(Path(weights))}"
+    elif not weights or str(weights).lower() == "none":
+        weights = f"random-init:{_backbone_digest(model)}"
     files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in samples]
     info = model.spinal_info
     key = {"backbone": info.backbone, "weights": weights, "head_path": info.head_modules[0],

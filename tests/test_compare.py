@@ -119,6 +119,22 @@ def test_plan_shares_everything_but_head_and_seed(tmp_path):
     assert not any(p.cfg.freeze_backbone or p.cfg.cache_features for p in ft)
 
 
+def test_random_init_backbones_of_different_seeds_do_not_share_features():
+    """weights none: each seed initialises another backbone, so its features get another cache entry; the same
+    seed (whatever the head) shares one."""
+    from spinal_transfer.features import fingerprint
+    from spinal_transfer.surgery import build_model
+    from spinal_transfer.transforms import build_transforms, resolve_data_config
+
+    def entry(seed: int, head: str) -> str:
+        torch.manual_seed(seed)
+        model = build_model("timm/test_resnet", 5, head=head, weights="none")
+        dc = resolve_data_config("timm/test_resnet", "none", model, img_size=SIZE)
+        return fingerprint(model, "none", build_transforms(dc, train=False), [], None, False)
+
+    assert entry(0, "linear") == entry(0, "spinal") != entry(1, "linear")
+
+
 def test_bad_head_spec_on_the_command_line_is_one_line(tmp_path, capsys):
     assert cli(["compare", "--data", str(tmp_path), "--heads", "linear", "spinal:width=abc"]) == 2
     err = capsys.readouterr().err.strip()

@@ -64,8 +64,8 @@ def main(args: argparse.Namespace) -> int:
     heads = parse_head_specs(args.heads)
     base = resolve_config(args.recipe, {k: v for k, v in given_flags(args).items() if k != "out"})
     results = compare(base, heads, args.seeds, args.mode, args.out)
-    missing = [h.head.text for h in results.heads if len(h.metrics) < h.seeds]
-    if missing:
+    if not results.complete:
+        missing = [h.head.text for h in results.heads if len(h.metrics) < h.seeds]
         print(f"heads without all their seeds (see the log above): {', '.join(missing)}", file=sys.stderr)
         return 3
     return 0
