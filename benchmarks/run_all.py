@@ -25,6 +25,7 @@ BENCHES = {   # short name: (script, what it measures)
     "data": ("bench_data.py", "decode + augment images/s, ours vs torchvision-on-PIL, per worker and all workers"),
     "train": ("bench_train.py", "training images/s, our loop vs a paper-style loop (fp32 defaults, fp32 NCHW, bf16)"),
     "cache": ("bench_cache.py", "cached-feature head training vs frozen backbone without the cache; metric equality"),
+    "compare": ("bench_compare.py", "frozen compare, 4 heads x 3 seeds: one shared feature cache vs a cache per run"),
     "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
     "channels_last": ("bench_channels_last.py", "fp32 training step per architecture, NCHW vs channels_last (its default)"),
     "defaults": ("bench_defaults.py", "fine-tuning defaults on transfer tasks (digits 0-4 -> 5-9, photos 5 -> 5 "

@@ -12,14 +12,12 @@ renamed, and the .json, renamed last, is the entry's completion mark: a half-wri
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text
 from .evaluation import autocast
+from .filelock import exclusive
 from .loaders import make_loader
 from .surgery import get_head
 from .transforms import transform_signature
@@ -45,12 +44,26 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _backbone_digest(model: nn.Module) -> str:
+    """A hash of every backbone tensor (the new heads' left out)."""
+    heads = tuple(f"{p}." for p in model.spinal_info.head_modules)
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        if not name.startswith(heads):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(model: nn.Module, weights: Optional[str], transform: Any, samples: Sequence[Sample],
                 dtype: Optional[torch.dtype], channels_last: bool) -> str:
     """A name for the features of `samples` through `model`'s frozen backbone: changes with anything that
-    changes them (a weights file by its content)."""
+    changes them (a weights file by its content; a randomly initialised backbone, which differs from seed to
+    seed, by its tensors)."""
     if weights and Path(weights).is_file():
         weights = f"file:{_file_digest(Path(weights))}"
+    elif not weights or str(weights).lower() == "none":
+        weights = f"random-init:{_backbone_digest(model)}"
     files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in samples]
     info = model.spinal_info
     key = {"backbone": info.backbone, "weights": weights, "head_path": info.head_modules[0],
@@ -109,18 +122,6 @@ def default_cache_dir(run_path: Path) -> Path:
     return run_path.resolve().parent / "feature-cache"
 
 
-@contextlib.contextmanager
-def _entry_lock(path: Path) -> Iterator[None]:
-    """Exclusive right to compute one cache entry; waits while another process holds it (POSIX lock: released
-    when its holder dies)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def cached_split(model: nn.Module, samples: list[Sample], transform: Any, cache: Path, name: str, *,
                  weights: Optional[str], device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
                  batch_size: int, workers: Optional[int], skips: Any) -> tuple[FeatureDataset, list[Sample]]:
@@ -130,7 +131,7 @@ def cached_split(model: nn.Module, samples: list[Sample], transform: Any, cache:
     cache.mkdir(parents=True, exist_ok=True)
     path, meta_path = cache / f"{fp}.npy", cache / f"{fp}.json"
     if not meta_path.exists():
-        with _entry_lock(cache / f".{fp}.lock"):
+        with exclusive(cache / f".{fp}.lock"):   # one process computes, the others wait
             if not meta_path.exists():          # nobody computed it while we waited
                 found = type(skips)()
                 loader = make_loader(samples, transform, batch_size, workers, device,

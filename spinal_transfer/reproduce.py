@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 from .config import TrainConfig, resolve_config
 from .errors import NonFiniteLoss, RunFolderError, UserError
 from .rundir import RunDir
+from .stats import ALPHA, PairedTest, PairingError, discordant, mcnemar_p, overall_verdict, read_predictions
 
-ALPHA = 0.05                        # significance level of the paired test
 DEFAULT_SEEDS = 3
 DEFAULT_RECIPES = "recipes/*.yaml"
 DEFAULT_DATA_ROOT = "data"
@@ -41,10 +41,6 @@ PathLike = Union[str, Path]
 
 class ReproduceError(UserError, ValueError):
     """A problem the user can fix; the message says how."""
-
-
-class PairingError(ValueError):
-    """Two runs' test predictions are not over the same images, so no paired test is possible."""
 
 
 # --- recipes and run directories -----------------------------------------------------------------
@@ -129,69 +125,6 @@ def check_protocol(cfg: TrainConfig) -> None:
     if diff:
         raise ReproduceError(f"{run.path} was run with other settings ({'; '.join(diff)}). "
                              f"Use another --out, or delete that run directory to redo it.")
-
-
-# --- the paired test -----------------------------------------------------------------------------
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value: b successes in b + c trials at 1/2 (binomial test).
-
-    Only the discordant images (one head right, the other wrong) say which head is better; with none,
-    nothing is evidence either way (p = 1)."""
-    if b + c == 0:
-        return 1.0
-    from scipy.stats import binomtest
-
-    return float(binomtest(b, b + c, 0.5).pvalue)
-
-
-def read_predictions(run: RunDir) -> list[tuple[str, int, int]]:
-    """(image path relative to the run's data folder, target, prediction) per test image, in sample order;
-    relative, so runs made from different data roots still pair."""
-    from .interpret import read_predictions as rows
-
-    data = run.read_config().data
-    return [(os.path.relpath(r.path, data), r.target, r.prediction) for r in rows(run.predictions)]
-
-
-def discordant(default: Sequence[tuple[str, int, int]], other: Sequence[tuple[str, int, int]]) -> tuple[int, int]:
-    """(b, c): b = default right and other wrong, c = default wrong and other right, over the same images."""
-    if len(default) != len(other):
-        raise PairingError(f"different test sets ({len(default)} vs {len(other)} images)")
-    b = c = 0
-    for (p1, t1, y1), (p2, t2, y2) in zip(default, other):
-        if not p1 or p1 != p2 or t1 != t2:
-            raise PairingError(f"test images differ ({p1 or 'unknown path'} vs {p2 or 'unknown path'})")
-        b += y1 == t1 and y2 != t2
-        c += y1 != t1 and y2 == t2
-    return b, c
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """McNemar's test of one seed: the recipe's head against the default head."""
-
-    seed: int
-    b: int          # default right, this head wrong
-    c: int          # default wrong, this head right
-    p: float
-
-    def verdict(self, head: str) -> str:
-        if self.p >= ALPHA:
-            return "no significant difference"
-        return f"{head} {'better' if self.c > self.b else 'worse'} (p<{ALPHA:g})"
-
-
-def overall_verdict(tests: Sequence[PairedTest], head: str) -> str:
-    """One verdict per seed; better/worse overall only when every seed says so. Counts are not pooled over
-    seeds: the same test image would count once per seed as if independent, which overstates significance."""
-    if not tests:
-        return ""
-    verdicts = [t.verdict(head) for t in tests]
-    if len(set(verdicts)) == 1:
-        return verdicts[0] + (f" in all {len(tests)} seeds" if len(tests) > 1 else "")
-    counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
-    return "mixed: " + ", ".join(f"{v} in {n}" for v, n in counts.items()) + f" of {len(tests)} seeds"
 
 
 # --- results -------------------------------------------------------------------------------------

@@ -146,3 +146,23 @@ def _restore_torch_globals():
     yield
     torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_transfer(tmp_path_factory) -> tuple[Path, Path]:
+    """(digits 5-9 folder at 16 px, a checkpoint trained on digits 0-4): a backbone whose frozen features
+    carry over to classes it never saw, for comparing and searching heads on it (compare, tune)."""
+    import torch
+
+    from spinal_transfer.train import run
+
+    root = tmp_path_factory.mktemp("transfer")
+    low = write_digits_folder(root / "low", digits=(0, 1, 2, 3, 4), size=16)
+    high = write_digits_folder(root / "high", digits=(5, 6, 7, 8, 9), size=16)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(tiny_cfg(low, root / "pre", epochs=3, scheduler="cosine", img_size=16, batch_size=64, device="cpu"))
+    finally:
+        torch.set_num_threads(n)
+    return high, root / "pre" / "checkpoints" / "best.pt"

@@ -28,6 +28,8 @@ COMMANDS = {
                            "ROOT/<name>/{train,val,test}/<class>/ image folders"),
     "reproduce": ("reproduce", "run the paper recipes (default and spinal head) over seeds; compare with the paper "
                                "and test the gap"),
+    "compare": ("compare", "train several heads over seeds on one split of your folder; test each against the first"),
+    "tune": ("tune", "search the head's kind and shape and lr, weight decay, label smoothing, epochs with Optuna"),
     "export": ("export", "write a trained model as a bundle (safetensors + config.json + model card), optionally "
                          "also as torch.export, TorchScript and ONNX"),
     "predict": ("predict", "top-k classes of images with a bundle, its ONNX file, a run or a checkpoint"),

@@ -1,0 +1,319 @@
+"""`compare` end to end on a real transfer task (digits 5-9 from a digits 0-4 checkpoint, frozen backbone):
+the three result files, McNemar checked against an independent computation from the per-image predictions,
+features computed once for all runs, rerun/resume/lock behaviour, and two processes sharing one folder."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import binom
+
+import spinal_transfer.train as train
+from conftest import cli_flags
+from spinal_transfer import compare as cmp
+from spinal_transfer.cli import main as cli
+from spinal_transfer.config import TrainConfig
+from spinal_transfer.errors import ConfigError
+from spinal_transfer.heads_spec import HeadSpecError, parse_head_spec, parse_head_specs
+
+SIZE = 16
+
+
+@pytest.fixture
+def one_thread():
+    """On shared, busy cores a multi-threaded conv mostly waits for its other thread: one is much faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _options(data: Path, weights: Path) -> dict:
+    return dict(data=data, backbone="timm/test_resnet", weights=weights, img_size=SIZE, batch_size=64, workers=0,
+                augment="none", lr=0.05, scheduler="none", epochs=2, log_interval=1000, device="cpu", layer_width=16)
+
+
+# --- head specs ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,text,fields", [
+    ("linear", "linear", {"head": "linear"}),
+    ("mlp", "mlp", {"head": "mlp"}),
+    ("mlp:hidden=1024", "mlp:hidden=1024", {"head": "mlp", "mlp_hidden": [1024]}),
+    ("mlp:hidden=1024-512,dropout=0.2", "mlp:hidden=1024-512,dropout=0.2",
+     {"head": "mlp", "mlp_hidden": [1024, 512], "head_dropout": 0.2}),
+    ("spinal", "spinal", {"head": "spinal"}),
+    ("spinal:vgg", "spinal:vgg", {"head": "spinal", "head_preset": "vgg"}),
+    ("spinal:preset=vgg", "spinal:vgg", {"head": "spinal", "head_preset": "vgg"}),
+    (" spinal:width=256, layers=6", "spinal:width=256,layers=6",
+     {"head": "spinal", "layer_width": 256, "num_layers": 6}),
+    ("spinal:vgg:width=1024,splits=4,shared=true,dropout=0.3", "spinal:vgg,width=1024,splits=4,shared=true,dropout=0.3",
+     {"head": "spinal", "head_preset": "vgg", "layer_width": 1024, "num_splits": 4, "shared_weights": True,
+      "head_dropout": 0.3}),
+])
+def test_head_specs(spec, text, fields):
+    h = parse_head_spec(spec)
+    assert h.text == text and h.config_fields() == fields
+    assert parse_head_spec(h.text).config_fields() == fields            # the canonical text reads back the same
+    cfg = TrainConfig.from_dict({**h.config_fields()})                  # every value is a valid TrainConfig value
+    assert all(getattr(cfg, k) == v for k, v in fields.items())
+
+
+def test_every_documented_spec_parses():
+    """The grammar in heads_spec's docstring is the code's: each example there parses."""
+    import spinal_transfer.heads_spec as hs
+
+    examples = [line.split()[0] for line in hs.__doc__.splitlines()
+                if line.startswith("    ") and line.split() and line.split()[0].split(":")[0] in hs.KINDS]
+    assert len(examples) >= 8
+    for spec in examples:
+        parse_head_spec(spec)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("conv", "unknown head kind 'conv'"),
+    ("spinal:width=abc", "width=abc is not an integer"),
+    ("spinal:width=0", "width=0 is out of range (expected an integer >= 1)"),
+    ("spinal:dropout=1.5", "dropout=1.5 is out of range"),
+    ("spinal:depth=3", "unknown option 'depth' for a spinal head; spinal takes preset, width, layers"),
+    ("spinal:foo", "'foo' is neither a preset (resnet or vgg) nor an option=value pair"),
+    ("spinal:width", "'width' needs a value"),
+    ("spinal:shared=maybe", "shared=maybe is not true or false"),
+    ("spinal:width=3,width=4", "option 'width' is given twice"),
+    ("linear:width=3", "linear takes no options"),
+    ("mlp:hidden=10-x", "hidden=10-x is not integers joined by '-'"),
+])
+def test_bad_head_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(HeadSpecError) as e:
+        parse_head_spec(spec)
+    assert message in str(e.value) and str(e.value).startswith(f"head spec {spec!r}: ")
+    assert isinstance(e.value, ConfigError) and "\n" not in str(e.value)
+
+
+def test_the_same_head_twice_is_refused(tmp_path):
+    with pytest.raises(HeadSpecError, match="name the same head"):
+        parse_head_specs(["linear", "spinal:vgg", "spinal:preset=vgg"])
+    base = TrainConfig(data=str(tmp_path))              # spinal's default preset is resnet: the same run
+    with pytest.raises(cmp.CompareError, match="'spinal' and 'spinal:resnet' are the same head"):
+        cmp.plan(base, parse_head_specs(["linear", "spinal", "spinal:resnet"]), 2, "frozen", tmp_path / "out")
+    with pytest.raises(cmp.CompareError, match="at least two heads"):
+        cmp.plan(base, parse_head_specs(["spinal"]), 2, "frozen", tmp_path / "out")
+
+
+def test_plan_shares_everything_but_head_and_seed(tmp_path):
+    base = TrainConfig(data=str(tmp_path), split_seed=7, lr=0.01, layer_width=64)
+    runs = cmp.plan(base, parse_head_specs(["linear", "spinal:width=32", "mlp"]), 3, "frozen", tmp_path / "o")
+    assert [(p.head.text, p.seed) for p in runs][:4] == [("linear", 0), ("spinal:width=32", 0), ("mlp", 0),
+                                                         ("linear", 1)]
+    assert {p.cfg.cache_dir for p in runs} == {str((tmp_path / "o" / "feature-cache").resolve())}   # one cache
+    assert all(p.cfg.freeze_backbone and p.cfg.cache_features and p.cfg.split_seed == 7 and p.cfg.lr == 0.01
+               for p in runs)
+    assert [p.cfg.layer_width for p in runs[:2]] == [64, 32] and len({p.cfg.out for p in runs}) == 9
+    ft = cmp.plan(base, parse_head_specs(["linear", "spinal"]), 1, "finetune", tmp_path / "o")
+    assert not any(p.cfg.freeze_backbone or p.cfg.cache_features for p in ft)
+
+
+def test_random_init_backbones_of_different_seeds_do_not_share_features():
+    """weights none: each seed initialises another backbone, so its features get another cache entry; the same
+    seed (whatever the head) shares one."""
+    from spinal_transfer.features import fingerprint
+    from spinal_transfer.surgery import build_model
+    from spinal_transfer.transforms import build_transforms, resolve_data_config
+
+    def entry(seed: int, head: str) -> str:
+        torch.manual_seed(seed)
+        model = build_model("timm/test_resnet", 5, head=head, weights="none")
+        dc = resolve_data_config("timm/test_resnet", "none", model, img_size=SIZE)
+        return fingerprint(model, "none", build_transforms(dc, train=False), [], None, False)
+
+    assert entry(0, "linear") == entry(0, "spinal") != entry(1, "linear")
+
+
+def test_bad_head_spec_on_the_command_line_is_one_line(tmp_path, capsys):
+    assert cli(["compare", "--data", str(tmp_path), "--heads", "linear", "spinal:width=abc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: head spec 'spinal:width=abc': width=abc is not an integer"
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def _independent_mcnemar(reference: Path, other: Path) -> tuple[int, int, float]:
+    """b, c and the exact two-sided p-value straight from two test_predictions.csv files."""
+    with open(reference / "test_predictions.csv") as f1, open(other / "test_predictions.csv") as f2:
+        r, o = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    assert [x["path"] for x in r] == [y["path"] for y in o] and len(r) > 100
+    b = sum(x["prediction"] == x["target"] != y["prediction"] for x, y in zip(r, o))
+    c = sum(y["prediction"] == y["target"] != x["prediction"] for x, y in zip(r, o))
+    return b, c, (1.0 if b + c == 0 else min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5)))
+
+
+def _expected_verdict(tests: list[tuple[int, int, float]], head: str) -> str:
+    signs = {("better" if c > b else "worse") if p < 0.05 else "none" for b, c, p in tests}
+    if len(signs) > 1:
+        return "mixed"
+    sign = signs.pop()
+    verdict = f"{head} {sign} (p<0.05)" if sign != "none" else "no significant difference"
+    return f"{verdict} in all {len(tests)} seeds"
+
+
+def _computing_lines(out: Path) -> dict[str, int]:
+    """Per run folder, the log lines of the backbone computing features (features.cached_split)."""
+    return {str(p.parent.relative_to(out / "runs")): p.read_text().count("computing ")
+            for p in sorted((out / "runs").glob("*/seed*/train.log"))}
+
+
+def _cache(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((out / "feature-cache").glob("*.npy"))}
+
+
+def _hold_lock(run: Path, until: Path) -> subprocess.Popen:
+    """Another process holding a run folder's lock, as one training it would: it takes the lock, and once `until`
+    exists it "finishes" the run (puts back its report and predictions, kept aside as *.held) and lets go."""
+    code = ("import fcntl, os, sys, time\n"
+            "run, until = sys.argv[1], sys.argv[2]\n"
+            "fd = os.open(os.path.join(run, '.lock'), os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "while not os.path.exists(until): time.sleep(0.05)\n"
+            "for name in ('test_predictions.csv', 'report.json'):\n"
+            "    os.replace(os.path.join(run, name + '.held'), os.path.join(run, name))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run), str(until)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypatch, one_thread, capsys):
+    data, weights = digits_transfer
+    out = tmp_path / "cmp"
+    args = ["compare", *cli_flags(**_options(data, weights)), "--heads", "linear", "spinal", "--seeds", "2",
+            "--out", str(out)]
+    real_run = train.run
+    calls: list[tuple[str, bool]] = []
+
+    def recording(cfg, resume=None, overwrite=False, on_epoch=None):
+        calls.append((Path(cfg.out).relative_to(out / "runs").as_posix(), resume is not None))
+        return real_run(cfg, resume, overwrite, on_epoch)
+
+    monkeypatch.setattr(train, "run", recording)
+    assert cli(args) == 0
+    assert calls == [("linear/seed0", False), ("spinal/seed0", False), ("linear/seed1", False), ("spinal/seed1", False)]
+    for name in cmp.RESULT_FILES:
+        assert (out / name).is_file()
+
+    # The backbone ran once for all four runs: three cache entries (train/val/test), all computed by the first run.
+    cache = _cache(out)
+    assert len(cache) == 3
+    assert _computing_lines(out) == {"linear/seed0": 3, "linear/seed1": 0, "spinal/seed0": 0, "spinal/seed1": 0}
+    runs = {(h, s): out / "runs" / h / f"seed{s}" for h in ("linear", "spinal") for s in (0, 1)}
+    for d in runs.values():
+        cfg = TrainConfig.from_yaml(d / "config.yaml")
+        assert cfg.freeze_backbone and cfg.cache_features and cfg.cache_dir == str(out / "feature-cache")
+
+    # The split really is shared: every run recorded the same files.
+    recorded = {json.dumps(json.loads((d / "splits.json").read_text())["splits"]) for d in runs.values()}
+    assert len(recorded) == 1
+
+    with open(out / "compare.csv") as f:
+        rows = {r["head"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["linear", "spinal"]
+    for head in ("linear", "spinal"):
+        reports = [json.loads((runs[head, s] / "report.json").read_text()) for s in (0, 1)]
+        row = rows[head]
+        assert row["finished_seeds"] == "0;1" and row["same_split"] == "yes"
+        for key in ("top1", "balanced_accuracy", "macro_f1"):
+            values = [100 * r["test"][key] for r in reports]
+            assert float(row[f"test_{key}_mean"]) == pytest.approx(statistics.mean(values))
+            assert float(row[f"test_{key}_std"]) == pytest.approx(statistics.stdev(values))
+        seconds = [sum(json.loads(r)["seconds"] for r in (runs[head, s] / "metrics.jsonl").read_text().splitlines())
+                   for s in (0, 1)]
+        assert float(row["train_seconds_mean"]) == pytest.approx(statistics.mean(seconds))
+        width = reports[0]["head"]["feature_width"]
+        params = 5 * (width + 1) if head == "linear" else 4 * (width // 2) * 16 + 3 * 16 ** 2 + 4 * 16 + 4 * 16 * 5 + 5
+        assert int(row["head_params"]) == params                   # README's closed form for 2 halves, width 16
+
+    # McNemar per seed, against an independent computation from the per-image predictions.
+    expected = [_independent_mcnemar(runs["linear", s], runs["spinal", s]) for s in (0, 1)]
+    spinal = rows["spinal"]
+    assert rows["linear"]["mcnemar_b"] == "" and spinal["reference"] == "linear" and spinal["mcnemar_seeds"] == "0;1"
+    assert [int(x) for x in spinal["mcnemar_b"].split(";")] == [e[0] for e in expected]
+    assert [int(x) for x in spinal["mcnemar_c"].split(";")] == [e[1] for e in expected]
+    assert [float(x) for x in spinal["mcnemar_p"].split(";")] == pytest.approx([e[2] for e in expected], rel=1e-9)
+    assert spinal["verdict"].startswith(_expected_verdict(expected, "spinal"))
+
+    md, page = (out / "compare.md").read_text(), (out / "compare.html").read_text()
+    for text in (md, page):
+        assert "all 4 runs recorded the same split" in text
+        assert "Reference head: linear. 2 McNemar tests made so far, of 2 planned (1 head x 2 seeds)" in text
+        assert f"seed0: b={expected[0][0]} c={expected[0][1]}" in text and spinal["verdict"] in text
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "<link" not in page and "src=" not in page
+    assert "all 4 runs recorded the same split" in capsys.readouterr().err
+
+    # Rerun: nothing trains, the features are not recomputed.
+    calls.clear()
+    assert cli(args) == 0 and calls == [] and _cache(out) == cache
+
+    # One run killed after its last checkpoint (no report): it resumes. Another unfinished one that a second
+    # process holds: it is left to that process and waited for, and the table ends with both.
+    for name in ("report.json", "test_predictions.csv"):
+        (runs["spinal", 1] / name).unlink()
+        os.replace(runs["linear", 1] / name, runs["linear", 1] / f"{name}.held")
+    holder = _hold_lock(runs["linear", 1], until=runs["spinal", 1] / "report.json")
+    try:
+        assert cli(args) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert calls == [("spinal/seed1", True)]
+    err = capsys.readouterr().err
+    assert "linear seed 1: being trained by another process, left to it" in err and "waiting for 1 run(s)" in err
+    with open(out / "compare.csv") as f:
+        again = {r["head"]: r for r in csv.DictReader(f)}
+    assert again == rows                       # the resumed runs re-tested their chosen weights: same numbers
+    assert _cache(out) == cache and sum(_computing_lines(out).values()) == 3
+
+
+def test_a_folder_of_other_settings_is_refused(tmp_path):
+    base = TrainConfig(data=str(tmp_path), lr=0.05)
+    heads = parse_head_specs(["linear", "spinal"])
+    out = tmp_path / "cmp"
+    first = cmp.plan(base, heads, 1, "frozen", out)[0]
+    first.run.path.mkdir(parents=True)
+    first.run.write_text(first.run.config, first.cfg.to_yaml())         # as a run started with lr 0.05 leaves it
+    with pytest.raises(cmp.CompareError, match=r"was run with other settings \(lr: 0.05 there, 0.01 asked for\)"):
+        cmp.compare(TrainConfig(**{**base.to_dict(), "lr": 0.01}), heads, 1, "frozen", out)
+    moved = dict(first.cfg.to_dict(), workers=3, log_interval=5)          # how a run runs is not the experiment
+    first.run.write_text(first.run.config, TrainConfig.from_dict(moved).to_yaml())
+    cmp.check_settings(first)
+
+
+def test_two_compare_processes_share_one_folder(digits_transfer, tmp_path):
+    """Started together on one --out: each run is trained once, by one of them (each trains one); the backbone
+    runs once; both end with the whole table."""
+    data, weights = digits_transfer
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "spinal_transfer", "compare", *cli_flags(**_options(data, weights)),
+           "--heads", "linear", "mlp:hidden=32", "--seeds", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    logs = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+        logs.append(err)
+    trained = [[line.split("] ", 1)[1] for line in log.splitlines() if line.endswith(": trained")] for log in logs]
+    assert sorted(trained[0] + trained[1]) == ["linear seed 0: trained", "mlp:hidden=32 seed 0: trained"]
+    assert trained[0] and trained[1], "one process did all the work: they did not run side by side"
+    for d in sorted((out / "runs").glob("*/seed*")):
+        log = (d / "train.log").read_text()
+        assert log.count("run folder ") == 1 and log.count("best epoch ") == 1, d
+        assert len((d / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(_cache(out)) == 3 and sum(_computing_lines(out).values()) == 3
+    with open(out / "compare.csv") as f:
+        assert [r["finished_seeds"] for r in csv.DictReader(f)] == ["0", "0"]

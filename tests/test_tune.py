@@ -1,0 +1,212 @@
+"""`tune` on a digits 0-4 backbone's cached features of digits 5-9: the documented search space, pruning through
+train.run's per-epoch hook, the test split evaluated once (best trial), a recipe that `train --recipe` reproduces
+to the same val metric, a study that continues, and two processes on one SQLite study and one feature cache."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+import spinal_transfer.train as train
+from conftest import cli_flags
+from spinal_transfer import tune
+from spinal_transfer.cli import main as cli
+from spinal_transfer.cli.tune import CONTROLLED
+from spinal_transfer.config import TrainConfig, resolve_config
+from spinal_transfer.multirun import mode_fields
+from spinal_transfer.rundir import RunDir
+
+FLAGS = dict(backbone="timm/test_resnet", img_size=16, batch_size=64, workers=0, augment="none", scheduler="none",
+             epochs=3, log_interval=1000, device="cpu", deterministic="true")
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _study(out: Path) -> optuna.Study:
+    return optuna.load_study(study_name=tune.DEFAULT_STUDY, storage=tune.default_storage(out))
+
+
+def _cache(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((out / "feature-cache").glob("*.npy"))}
+
+
+# --- the search space ----------------------------------------------------------------------------
+
+def _when(kind: str) -> set[str]:
+    return {p for p, _, when in tune.SPACE if when == "always" or kind in when}
+
+
+def test_search_space_is_the_documented_one():
+    """Each head kind samples exactly its rows of SPACE, within the ranges it states; SPACE is in the README."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seen: dict[str, list[dict]] = {"linear": [], "mlp": [], "spinal": []}
+
+    def objective(trial):
+        fields = tune.suggest(trial, 9)
+        assert set(trial.params) == _when(fields["head"])
+        cfg = TrainConfig.from_dict(fields)               # every sample is a valid config
+        seen[cfg.head].append(trial.params)
+        return 0.0
+
+    optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).optimize(objective, n_trials=150)
+    assert all(len(v) > 20 for v in seen.values())
+    every = [p for v in seen.values() for p in v]
+    ranges = {"layer_width": (16, 1024), "num_layers": (2, 8), "num_splits": (2, 4), "mlp_width": (64, 2048),
+              "mlp_layers": (1, 2), "head_dropout": (0.0, 0.5), "lr": (1e-4, 1e-1), "weight_decay": (1e-6, 1e-2),
+              "label_smoothing": (0.0, 0.2), "epochs": (3, 9)}
+    for name, (lo, hi) in ranges.items():
+        values = [p[name] for p in every if name in p]
+        assert values and lo <= min(values) and max(values) <= hi, name
+        assert max(values) - min(values) > 0.5 * (hi - lo) or name in ("lr", "weight_decay"), name
+    assert {p["head_preset"] for p in seen["spinal"]} == {"resnet", "vgg"}
+    assert {p["shared_weights"] for p in seen["spinal"]} == {False, True}
+
+    fixed = optuna.trial.FixedTrial({"head": "mlp", "mlp_width": 256, "mlp_layers": 2, "head_dropout": 0.1, "lr": 0.01,
+                                     "weight_decay": 1e-4, "label_smoothing": 0.1, "epochs": 4})
+    assert tune.suggest(fixed, 9) == {"head": "mlp", "mlp_hidden": [256, 256], "head_dropout": 0.1, "lr": 0.01,
+                                      "weight_decay": 1e-4, "label_smoothing": 0.1, "epochs": 4}
+    # the fields the search sets are SEARCHED (and epochs), which the command line takes no flag for
+    searched = {f for v in seen.values() for p in v for f in tune.suggest(optuna.trial.FixedTrial(p), 9)}
+    assert searched - {"epochs"} == set(tune.SEARCHED) and set(tune.SEARCHED) <= set(CONTROLLED)
+    readme = README.read_text()
+    for name, values, when in tune.SPACE:
+        assert re.search(rf"\| {name} \| {re.escape(values)} \| {when} \|", readme), name
+
+
+def test_a_pruned_trial_stops_early_and_is_never_tested(digits_transfer, tmp_path, one_thread):
+    """Pruning goes through train.run's per-epoch hook: the trial stops after the epoch it was pruned at, with
+    its val score reported, and its test split is never evaluated."""
+    data, weights = digits_transfer
+
+    class AlwaysPrune(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return True
+
+    out = tmp_path / "t"
+    base = resolve_config(None, {**FLAGS, "deterministic": True, "data": str(data), "weights": str(weights),
+                                 **mode_fields("frozen", out)})
+    study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+    study.enqueue_trial({"head": "linear", "lr": 0.05, "weight_decay": 1e-5, "label_smoothing": 0.0, "epochs": 3})
+    study.optimize(tune.make_objective(base, out), n_trials=1)
+    t = study.trials[0]
+    run = RunDir(t.user_attrs["run"])
+    assert t.state == optuna.trial.TrialState.PRUNED and list(t.intermediate_values) == [1]
+    assert [r["epoch"] for r in run.read_metrics()] == [1]                       # stopped after epoch 1 of 3
+    assert t.intermediate_values[1] == run.read_metrics()[0]["val"]["top1"]
+    assert not run.report.exists() and not run.predictions.exists()             # test never evaluated
+
+
+def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkeypatch, one_thread, capsys):
+    data, weights = digits_transfer
+    out = tmp_path / "tune"
+    args = ["tune", *cli_flags(data=data, weights=weights, **FLAGS), "--trials", "4", "--sampler-seed", "0",
+            "--out", str(out)]
+    real_run = train.run
+    calls: list[tuple[str, bool]] = []
+
+    def recording(cfg=None, resume=None, overwrite=False, on_epoch=None):
+        calls.append((Path(cfg.out if cfg else resume).name, resume is not None))
+        return real_run(cfg, resume, overwrite, on_epoch)
+
+    monkeypatch.setattr(train, "run", recording)
+    # A first trial known to learn (the sampler's random start could draw only tiny learning rates for 3 epochs,
+    # and a chance-level val metric would be reproduced by any constant classifier).
+    out.mkdir()
+    optuna.create_study(storage=tune.default_storage(out), study_name=tune.DEFAULT_STUDY,
+                        direction="maximize").enqueue_trial(
+        {"head": "linear", "lr": 0.05, "weight_decay": 1e-5, "label_smoothing": 0.0, "epochs": 3})
+    assert cli(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    study = _study(out)
+    trials = study.trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    best = study.best_trial
+    assert summary["best_trial"] == best.number and summary["params"] == best.params
+    assert best.value == max(t.value for t in trials if t.state.name == "COMPLETE") > 0.5     # 5 classes
+
+    # Selection on val; the test split evaluated once, for the best trial only (its stopped run resumed to the end).
+    assert calls == [(f"trial{n:04d}", False) for n in range(4)] + [(f"trial{best.number:04d}", True)]
+    for t in trials:
+        run = RunDir(t.user_attrs["run"])
+        assert run.report.exists() == (t.number == best.number)
+        assert run.checkpoints.exists() == (t.number == best.number)      # the others' checkpoints are dropped
+    report = RunDir(best.user_attrs["run"]).read_report()
+    assert report["val"]["top1"] == best.value == summary["val"]["top1"]   # the selection score, re-measured
+    assert len(_cache(out)) == 3
+
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert rows[0].startswith("number,state,val_top1,best_epoch") and len(rows) == 5
+    assert [r.split(",")[:2] for r in rows[1:]] == [[str(t.number), t.state.name] for t in trials]
+    page = (out / "tune.html").read_text()
+    assert page.count('src="data:image/png;base64,') >= 2 and "optimization history" in page
+    assert "<script" not in page and "<link" not in page and "best.yaml" in page
+
+    # The recipe, unchanged, through `train --recipe`: the same val metric (deterministic CPU), and the same test.
+    recipe = TrainConfig.from_yaml(out / "best.yaml")
+    assert recipe.out == "" and recipe.deterministic and recipe.head == best.params["head"]
+    assert recipe.lr == best.params["lr"] and recipe.epochs == best.params["epochs"]
+    calls.clear()
+    assert cli(["train", "--recipe", str(out / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["val"]["top1"] == best.value and again["best_epoch"] == best.user_attrs["best_epoch"]
+    assert again["test"]["top1"] == report["test"]["top1"]
+    cache = _cache(out)
+    assert len(cache) == 3                                              # the recipe reuses the search's features
+
+    # Rerunning continues the study: nothing more for the same --trials, exactly one more trial for --trials 5.
+    capsys.readouterr()
+    calls.clear()
+    assert cli(args) == 0 and [c for c in calls if not c[1]] == [] and len(_study(out).trials) == 4
+    args[args.index("--trials") + 1] = "5"
+    assert cli(args) == 0
+    assert [c for c in calls if not c[1]] == [("trial0004", False)] and len(_study(out).trials) == 5
+    assert _cache(out) == cache
+
+
+def test_two_tune_processes_share_one_study_and_one_cache(digits_transfer, tmp_path):
+    data, weights = digits_transfer
+    out = tmp_path / "tune"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmds = [[sys.executable, "-m", "spinal_transfer", "tune", *cli_flags(data=data, weights=weights, **FLAGS),
+             "--trials", "4", "--sampler-seed", str(seed), "--out", str(out)] for seed in (1, 2)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
+    ran = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        ran.append({int(n) for n in re.findall(r"Trial (\d+) (?:finished|pruned)", err)})
+    study = _study(out)
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(len(numbers))) and 4 <= len(numbers) <= 5     # the last trial in flight may end
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == set(numbers)   # each trial once
+    runs = [t.user_attrs["run"] for t in study.trials]
+    assert len(set(runs)) == len(runs)
+    assert sorted(str(p) for p in (out / "trials").iterdir()) == sorted(runs)
+    best = study.best_trial
+    computing = 0
+    for t in study.trials:
+        run = RunDir(t.user_attrs["run"])
+        log = run.log.read_text()
+        assert log.count("run folder ") == 1 + (t.number == best.number), run   # the best: resumed to be tested
+        assert run.report.exists() == (t.number == best.number)                 # test evaluated once, in all
+        computing += log.count("computing ")
+    assert computing == 3 and len(_cache(out)) == 3                             # the backbone ran once
+    assert len((out / "trials.csv").read_text().splitlines()) == len(numbers) + 1
+    with sqlite3.connect(out / "study.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
