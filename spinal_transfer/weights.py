@@ -16,8 +16,7 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights are neither cached nor downloadable."""
 
 
-# How messages name the weights option: `weights=` for Python callers; the CLI switches to `--weights `.
-_OPTION_SPELLING = {"python": "weights=", "cli": "--weights "}
+# How messages name options: `weights=` for Python callers; the CLI switches to `--weights `.
 _option_style = "python"
 
 
@@ -28,9 +27,20 @@ def use_cli_option_names(enabled: bool = True) -> None:
     _option_style = "cli" if enabled else "python"
 
 
+def option_name(name: str, style: Optional[str] = None) -> str:
+    """How a message should name the keyword `name` for the reader: `name=` (Python) or `--name `
+    (CLI, underscores as dashes); style defaults to what use_cli_option_names set."""
+    return f"--{name.replace('_', '-')} " if (style or _option_style) == "cli" else f"{name}="
+
+
+def flag_name(name: str, style: Optional[str] = None) -> str:
+    """A boolean switch as the reader would turn it on: `name=True` (Python) or `--name` (CLI)."""
+    return option_name(name, style).strip() if (style or _option_style) == "cli" else f"{name}=True"
+
+
 def weights_option(style: Optional[str] = None) -> str:
     """`weights=` or `--weights ` (style "python" / "cli"; default: as set by use_cli_option_names)."""
-    return _OPTION_SPELLING[style or _option_style]
+    return option_name("weights", style)
 
 
 @dataclass
