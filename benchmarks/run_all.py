@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~12 min on 2 CPU cores
+  python benchmarks/run_all.py                 # all of them, ~30 min on 2 CPU cores (predict: ~15)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
@@ -28,6 +28,8 @@ BENCHES = {   # short name: (script, what it measures)
     "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
     "channels_last": ("bench_channels_last.py", "fp32 training step per architecture, NCHW vs channels_last (its default)"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
+    "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "
+                                    "and int8) and their top-1, CNN and ViT"),
 }
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 

@@ -20,7 +20,7 @@ ONNX file on labelled batches, compares fp32 and int8 in one pass, and refuses a
 Architectures whose compute does not map to int8 kernels are reported by `int8_suitability`:
 depthwise convolutions (MobileNet, EfficientNet, ConvNeXt: memory-bound, little to gain, and
 sensitive to quantization) and operators that stay float between quantize/dequantize pairs
-(LayerNorm, GELU, Softmax, SiLU/HardSwish), whose share of the work bounds the speed-up.
+(LayerNorm, GELU, SiLU/HardSwish), whose share of the work bounds the speed-up.
 """
 from __future__ import annotations
 
@@ -42,8 +42,12 @@ DEPTHWISE_WARN_SHARE = 0.5          # of spatial convs: MobileNet/EfficientNet/C
 FLOAT_ISLAND_WARN = 4               # float-only nonlinear ops (LayerNorm, GELU, Softmax...) worth a warning
 _MAC_OPS = ("Conv", "MatMul", "Gemm")
 # Ops with no int8 kernel in ORT's CPU provider: they run in fp32 between dequantize and quantize.
-_FLOAT_ISLANDS = {"LayerNormalization": "LayerNorm", "Gelu": "GELU", "Erf": "GELU (erf)", "Softmax": "Softmax",
-                  "HardSwish": "HardSwish", "HardSigmoid": "HardSigmoid", "Sigmoid": "Sigmoid/SiLU", "Tanh": "Tanh"}
+# (Softmax is not one: ORT runs QLinearSoftmax.)
+_FLOAT_ISLANDS = {"LayerNormalization": "LayerNorm", "Gelu": "GELU", "Erf": "GELU (erf)", "HardSwish": "HardSwish",
+                  "HardSigmoid": "HardSigmoid", "Sigmoid": "Sigmoid/SiLU", "Tanh": "Tanh"}
+# In ORT's QDQ registry but without an int8 CPU kernel: quantizing them only rounds their weights (and
+# makes ORT warn about a per-channel axis for 1-D gamma); their neighbours' Q/DQ pairs stay either way.
+_NO_INT8_KERNEL = {"LayerNormalization", "InstanceNormalization", "BatchNormalization"}
 _DATA_MOVEMENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Concat",
                   "Split", "Shape", "Constant", "Identity", "Cast", "Expand", "ConstantOfShape", "Range"}
 
@@ -244,7 +248,7 @@ def node_macs(model: Any) -> dict[str, tuple[str, int, bool, bool]]:
 def int8_suitability(fp32_model: Union[PathLike, Any]) -> dict:
     """How much of an fp32 ONNX graph int8 kernels can take, before quantizing: convolutions and how
     many are depthwise (with their share of conv MACs), matmuls, and the float-only nonlinear ops
-    (LayerNorm, GELU, Softmax, SiLU...) that will sit between dequantize/quantize pairs. `warnings`
+    (LayerNorm, GELU, SiLU...) that will sit between dequantize/quantize pairs. `warnings`
     says, in words, when the architecture is unlikely to gain (or likely to lose accuracy)."""
     import onnx
 
@@ -271,7 +275,7 @@ def int8_suitability(fp32_model: Union[PathLike, Any]) -> dict:
         listed = ", ".join(f"{n} {k}" for k, n in islands.most_common())
         report["warnings"].append(
             f"{n_islands} float-only ops stay fp32 between quantize/dequantize pairs ({listed}); "
-            "LayerNorm/GELU/Softmax (ViT-style) bound the speed-up and their inputs' outliers cost accuracy")
+            "LayerNorm/GELU (ViT-style) bound the speed-up, and outliers in their inputs cost accuracy")
     return report
 
 
@@ -361,6 +365,7 @@ def quantize_onnx(fp32_path: PathLike, out_path: PathLike, calibration_batches: 
     Returns what was done: settings, calibration images, seconds, which ops run int8 / stay fp32
     (`runtime_ops`), the fp32 graph's `int8_suitability` and its `warnings`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     flags = cpu_int8_flags()
@@ -380,6 +385,7 @@ def quantize_onnx(fp32_path: PathLike, out_path: PathLike, calibration_batches: 
         quantize_static(str(src), str(staged), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=_calibration_method(calibrate_method),
+                        op_types_to_quantize=[op for op in QDQRegistry if op not in _NO_INT8_KERNEL],
                         nodes_to_exclude=list(nodes_to_exclude) or None)
         if reader.images == 0:
             raise QuantizationError("no calibration images: calibration_batches was empty")
