@@ -39,7 +39,7 @@ PathLike = Union[str, os.PathLike]
 Batch = Any              # a (B,3,H,W) tensor/array, or an (inputs, labels) pair as a DataLoader yields
 CALIBRATION_IMAGES = 512
 DEPTHWISE_WARN_SHARE = 0.5          # of spatial convs: MobileNet/EfficientNet/ConvNeXt > 80%, ResNet/VGG/RegNet 0
-FLOAT_ISLAND_WARN = 4               # float-only nonlinear ops (LayerNorm, GELU, Softmax...) worth a warning
+FLOAT_ISLAND_WARN = 4               # float-only nonlinear ops (LayerNorm, GELU, SiLU...) worth a warning
 _MAC_OPS = ("Conv", "MatMul", "Gemm")
 # Ops with no int8 kernel in ORT's CPU provider: they run in fp32 between dequantize and quantize.
 # (Softmax is not one: ORT runs QLinearSoftmax.)
