@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~45 min on 2 CPU cores (defaults: ~30 of them)
+  python benchmarks/run_all.py                 # all of them, ~100 min on 2 CPU cores (defaults ~30, predict ~60)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
@@ -31,6 +31,8 @@ BENCHES = {   # short name: (script, what it measures)
     "defaults": ("bench_defaults.py", "fine-tuning defaults on transfer tasks (digits 0-4 -> 5-9, photos 5 -> 5 "
                                       "classes): candidates vs the paper's, fastai-like and timm-like settings"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
+    "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "
+                                    "and int8) and their top-1, CNN and ViT"),
 }
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 

@@ -81,3 +81,25 @@ class Interrupted(UserError):
 
     exit_code = EXIT_INTERRUPTED
     prefix = "stopped"
+
+
+# How messages name options: `weights=` for Python callers; the CLI switches to `--weights `.
+_option_style = "python"
+
+
+def use_cli_option_names(enabled: bool = True) -> None:
+    """Make error messages name options as the command line spells them (`--weights PATH`);
+    the CLI calls this once at start-up."""
+    global _option_style
+    _option_style = "cli" if enabled else "python"
+
+
+def option_name(name: str, style: Optional[str] = None) -> str:
+    """How a message should name the keyword `name` for the reader: `name=` (Python) or `--name `
+    (CLI, underscores as dashes); style defaults to what use_cli_option_names set."""
+    return f"--{name.replace('_', '-')} " if (style or _option_style) == "cli" else f"{name}="
+
+
+def flag_name(name: str, style: Optional[str] = None) -> str:
+    """A boolean switch as the reader would turn it on: `name=True` (Python) or `--name` (CLI)."""
+    return option_name(name, style).strip() if (style or _option_style) == "cli" else f"{name}=True"

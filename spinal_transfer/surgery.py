@@ -48,10 +48,17 @@ class HeadInfo:
 
 
 def parse_backbone(backbone: str) -> tuple[str, str]:
+    """("torchvision" | "timm", name); timm names include Hub repos, `hf-hub:org/name[@revision]`."""
+    from .hub import is_hub_name, split_hub_name
+
     lib, sep, name = backbone.partition("/")
     if not sep or lib not in LIBRARIES or not name:
-        raise ConfigError(f"backbone must be 'torchvision/<name>' or 'timm/<name>', got {backbone!r}; "
-                         "see `spinal-transfer models`")
+        raise ConfigError(f"backbone must be 'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:<org>/<name>' "
+                         f"(a timm model on the Hugging Face Hub), got {backbone!r}; see `spinal-transfer models`")
+    if is_hub_name(name):
+        if lib != "timm":
+            raise ConfigError(f"Hugging Face Hub backbones are timm models: use 'timm/{name}', not {backbone!r}")
+        split_hub_name(name)
     return lib, name
 
 
@@ -62,6 +69,9 @@ def list_backbones(pattern: Optional[str] = None) -> List[str]:
 
     names = [f"torchvision/{n}" for n in tvm.list_models(module=tvm)]
     names += [f"timm/{n}" for n in timm.list_models()]
+    from .hub import cached_hub_backbones
+
+    names += cached_hub_backbones()          # timm/hf-hub:org/name in the local HF cache; any Hub repo works
     if pattern:
         pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
         names = [n for n in names if fnmatch.fnmatch(n, pat)]
@@ -193,11 +203,16 @@ def _is_classifier(m: Optional[nn.Module], out_dim: int) -> bool:
 def _build_timm(name: str, source: Any) -> tuple[nn.Module, int]:
     import timm
 
-    if not timm.is_model(name):
-        raise ConfigError(f"timm has no model {name!r}; see `spinal-transfer models timm/`")
+    from .hub import Unreachable, create_timm, is_hub_name
+
+    if not is_hub_name(name) and not timm.is_model(name):
+        hint = f"; a Hugging Face Hub repo is 'timm/hf-hub:{name}'" if "/" in name else ""
+        raise ConfigError(f"timm has no model {name!r}; see `spinal-transfer models timm/`{hint}")
     try:
-        model = timm.create_model(name if source.tag is None else f"{name}.{source.tag}",
-                                  pretrained=source.builtin is not None)
+        model = create_timm(name if source.tag is None else f"{name}.{source.tag}",
+                            pretrained=source.builtin is not None)
+    except Unreachable as e:             # fails fast, naming the missing files (also config.json of a Hub repo)
+        source.raise_unavailable(e)
     except Exception as e:
         if source.builtin is None:       # no download was involved: a real error
             raise
@@ -257,8 +272,8 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
 
 def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
                 replace: str = "auto", **head_options: Any) -> nn.Module:
-    """Load `backbone` ("torchvision/<name>" or "timm/<name>") and replace its classifier by a new
-    `head` ("linear", "mlp", "spinal") of the width that actually reaches it.
+    """Load `backbone` ("torchvision/<name>", "timm/<name>" or "timm/hf-hub:<org>/<name>") and replace
+    its classifier by a new `head` ("linear", "mlp", "spinal") of the width that actually reaches it.
 
     weights: None/"none", "default", a torchvision weights enum name / timm pretrained tag, or a path
     to a local state dict (torch file loaded with weights_only=True, or safetensors).
@@ -276,6 +291,7 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
 
     if lib == "torchvision":
         try:
+            source.fail_fast()                # not cached and no network: say so now, not after a hang
             model, input_size = _build_torchvision(name, source.builtin)
         except OSError as e:                  # URLError is an OSError: offline, not cached
             source.raise_unavailable(e)

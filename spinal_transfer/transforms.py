@@ -138,6 +138,10 @@ def _timm_defaults(name: str, weights: str) -> Optional[dict]:
     import timm.data
     import timm.models
 
+    from .hub import hub_pretrained_cfg, is_hub_name
+
+    if is_hub_name(name):        # the repo's config.json (from the HF cache when offline)
+        return _from_timm(timm.data.resolve_data_config(pretrained_cfg=hub_pretrained_cfg(name)))
     tagged = "." not in name and _is_named_weights(weights)
     pcfg = timm.models.get_pretrained_cfg(f"{name}.{weights}" if tagged else name)
     return _from_timm(timm.data.resolve_data_config(pretrained_cfg=pcfg.to_dict())) if pcfg else None

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from .checkpoint import load_state_dict_file
-from .errors import CheckpointError, ConfigError, WeightsUnavailable
+from .errors import CheckpointError, ConfigError, WeightsUnavailable, option_name
+
+
+def weights_option(style: Optional[str] = None) -> str:
+    """`weights=` or `--weights ` (style "python" / "cli"; default: as set by use_cli_option_names)."""
+    return option_name("weights", style)
 
 
 @dataclass
@@ -21,24 +26,75 @@ class WeightSource:
     tag: Optional[str] = None      # timm pretrained tag ("a1_in1k")
     path: Optional[Path] = None    # local state-dict file
 
-    def raise_unavailable(self, exc: BaseException) -> NoReturn:
+    def _torchvision_cache(self) -> Path:
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.builtin.url)
+
+    def fail_fast(self) -> None:
+        """For torchvision weights: raise WeightsUnavailable at once when the file is not cached and
+        its server does not answer (urllib's download has no timeout and would hang or fail late)."""
+        from .hub import Unreachable, url_unreachable
+
+        if self.lib == "torchvision" and self.builtin is not None:
+            reason = url_unreachable(self.builtin.url, self._torchvision_cache())
+            if reason:
+                self.raise_unavailable(Unreachable(reason, (self._torchvision_cache().name,)))
+
+    def raise_unavailable(self, exc: BaseException, style: Optional[str] = None) -> NoReturn:
+        """WeightsUnavailable naming the missing file(s), where to put them and the option to use instead;
+        `style` picks how the option is spelled ("python": weights=, "cli": --weights)."""
+        from .hub import Unreachable
+
+        opt = weights_option(style)
+        why = exc.reason if isinstance(exc, Unreachable) else f"{type(exc).__name__}: {_first_line(exc)}"
         if self.lib == "torchvision":
             url = self.builtin.url
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+            cache = self._torchvision_cache()
             msg = (f"cannot load torchvision/{self.name} weights {self.builtin}: the file is not cached and "
-                   f"could not be downloaded ({exc}).\n  Put {os.path.basename(url)} (from {url}) at {cache},\n"
-                   f"  or pass weights=/path/to/state_dict.pth (or .safetensors).")
+                   f"could not be downloaded ({why}).\n  Put {os.path.basename(url)} (from {url}) at {cache},\n"
+                   f"  or pass {opt}/path/to/state_dict.pth (or .safetensors).")
         else:
-            import timm
-
-            cfg = timm.models.get_pretrained_cfg(f"{self.name}.{self.tag}" if self.tag else self.name)
-            hub = getattr(cfg, "hf_hub_id", None) if cfg else None
-            msg = (f"cannot load timm/{self.name} pretrained weights: not in the local cache and could not be "
-                   f"downloaded ({type(exc).__name__}).\n"
-                   + (f"  Download model.safetensors of the Hugging Face repo {hub} into the HF cache "
-                      f"(HF_HOME, then run with HF_HUB_OFFLINE=1),\n" if hub else "")
-                   + "  or pass weights=/path/to/model.safetensors (or a torch state_dict file).")
+            msg = _timm_message(self, exc, why, opt)
         raise WeightsUnavailable(msg) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def _timm_message(src: WeightSource, exc: BaseException, why: str, opt: str) -> str:
+    """The message for timm registry weights and `hf-hub:` backbones: which file of which Hub repo is
+    missing, the HF cache folder it belongs in, and the command that fetches it elsewhere."""
+    from .hub import HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, split_hub_name
+
+    files = exc.files if isinstance(exc, Unreachable) and exc.files else ()
+    if is_hub_name(src.name):
+        repo = split_hub_name(src.name)[0]
+        files = files or HUB_FILES
+        what = f"timm/{src.name}: {' and '.join(files)}"
+        instead = (f",\n  or pass {opt}/path/to/model.safetensors (the repo's config.json is still needed)"
+                   if "config.json" not in files else "")
+    else:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(f"{src.name}.{src.tag}" if src.tag else src.name)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+        if repo is None:             # weights by URL (torch.hub cache), no Hub repo
+            url = getattr(cfg, "url", "") if cfg else ""
+            name = files[0] if files else os.path.basename(url)
+            return (f"cannot load timm/{src.name} pretrained weights: not in the local cache and could not be "
+                    f"downloaded ({why}).\n  Put {name} (from {url}) at "
+                    f"{Path(torch.hub.get_dir()) / 'checkpoints' / name},\n"
+                    f"  or pass {opt}/path/to/model.safetensors (or a torch state_dict file).")
+        files = files or (getattr(cfg, "hf_hub_filename", None) or "model.safetensors",)
+        what = f"timm/{src.name} pretrained weights: {' and '.join(files)}"
+        instead = f",\n  or pass {opt}/path/to/model.safetensors (or a torch state_dict file)"
+    cache = hf_cache_dir()
+    folder = "models--" + repo.replace("/", "--")
+    return (f"cannot load {what} of the Hugging Face repo {repo} {'is' if len(files) == 1 else 'are'} not in "
+            f"the HF cache {cache} and could not be downloaded ({why}).\n"
+            f"  Where there is a network: `hf download {repo} {' '.join(files)}`, then copy its cache folder "
+            f"{folder} into {cache} (or set HF_HUB_CACHE to a copy) and run with HF_HUB_OFFLINE=1"
+            + instead + ".")
 
 
 def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource:
@@ -69,6 +125,12 @@ def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource
     src.builtin = True
     if weights.lower() != "default":
         import timm
+
+        from .hub import is_hub_name
+
+        if is_hub_name(name):
+            raise ConfigError(f"timm/{name} is a Hub repo: its weights are 'default' (the repo's model.safetensors); "
+                             f"pin a version with timm/{name.partition('@')[0]}@<revision>, or give a file path")
 
         tags = [m.partition(".")[2] for m in timm.list_pretrained(f"{name}.*")]
         if weights not in tags:

@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Optional
 
 from .. import __version__
-from ..errors import EXIT_ABORTED, EXIT_BUG, UserError
+from ..errors import EXIT_ABORTED, EXIT_BUG, UserError, use_cli_option_names
 
 # command -> (its module in this package, its one-line help)
 COMMANDS = {
@@ -70,6 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(only=command).parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    use_cli_option_names()           # messages name options as typed here: --weights, not weights=
     try:
         return func(args)
     except UserError as e:
@@ -81,6 +82,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return EXIT_ABORTED
+    finally:
+        use_cli_option_names(False)
 
 
 if __name__ == "__main__":
