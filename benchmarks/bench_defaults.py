@@ -61,17 +61,18 @@ _CAND = dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", 
              backbone_lr_mult=1.0, augment="light", layer_width=RULE)
 SETTINGS: dict[str, dict[str, Any]] = {
     "paper": dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, scheduler="step", step_size=7,
-                  gamma=0.1, layer_width=512, augment="modern"),
+                  gamma=0.1, freeze_epochs=0, backbone_lr_mult=1.0, layer_width=512, augment="modern"),
     "fastai": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,
                    freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2, layer_width=RULE),
     "timm": dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, scheduler="cosine", warmup_epochs=1.0,
-                 label_smoothing=0.1, augment="randaugment", randaugment_n=2, randaugment_m=9, random_erase=0.25,
+                 label_smoothing=0.1, freeze_epochs=0, backbone_lr_mult=1.0, augment="randaugment", randaugment_n=2, randaugment_m=9, random_erase=0.25,
                  layer_width=RULE),
     "cand": dict(_CAND),
     "cand-lr1e-3": {**_CAND, "lr": 1e-3},
     "cand-lr5e-3": {**_CAND, "lr": 5e-3},
     "cand-bb0.1": {**_CAND, "backbone_lr_mult": 0.1},
     "cand-nofreeze": {**_CAND, "freeze_epochs": 0},
+    "cand-10ep": {**_CAND, "epochs": 10},         # train's default length (the others: --epochs, default 5)
     "cand-sgd": {**_CAND, "optimizer": "sgd", "lr": 2e-2, "momentum": 0.9, "weight_decay": 1e-4},
     "cand-trivial": {**_CAND, "augment": "trivial"},
     "cand-w512": {**_CAND, "layer_width": 512},
@@ -143,6 +144,7 @@ def run_once(data: Path, out: Path, size: int, weights: str, options: dict, seed
     from spinal_transfer.train import run
 
     opts = dict(options)
+    epochs = opts.pop("epochs", epochs)
     if opts.get("layer_width") == RULE:
         opts["layer_width"] = default_layer_width(feature_width(), 5)
     with augmentation_for(opts) as (aug_fields, _):

@@ -43,6 +43,8 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 
 SPINAL, MLP_OR_SPINAL = {"head": ("spinal",)}, {"head": ("spinal", "mlp")}
+# transforms.POLICIES (this module imports no albumentations); the test suite checks they agree.
+AUGMENT_POLICIES = ("none", "light", "modern", "trivial", "randaugment", "paper", "paper_rrc")
 
 
 @dataclass
@@ -75,7 +77,8 @@ class TrainConfig:
     head: str = _opt("spinal", "head kind", choices=["linear", "mlp", "spinal"])
     head_preset: str = _opt("resnet", "spinal preset: resnet (no dropout/BN) or vgg (dropout 0.5 + BN)",
                             choices=["resnet", "vgg"], applies=SPINAL)
-    layer_width: int = _opt(512, "spinal layer width", min=1, applies=SPINAL)
+    layer_width: Optional[int] = _opt(None, "spinal layer width (default: 2 x classes, at least 32, at most features/4, "
+                                            "a multiple of 8: heads.default_layer_width)", min=1, applies=SPINAL)
     num_layers: int = _opt(4, "number of spinal layers", min=1, applies=SPINAL)
     num_splits: int = _opt(2, "number of input parts the spinal layers cycle through", min=1, applies=SPINAL)
     shared_weights: bool = _opt(False, "spinally shared layers: layers 1..L-1 share one Linear", applies=SPINAL)
@@ -85,9 +88,11 @@ class TrainConfig:
     replace: str = _opt("auto", "replace the whole classifier or only its last layer (VGG/AlexNet)",
                         choices=["auto", "last", "classifier"])
     # --- input and augmentation -------------------------------------------------------------
-    augment: str = _opt("modern", "modern: random-resized crop + flip; paper: resize, rotate, random crop, flip; "
-                                  "paper_rrc: paper with a random-resized crop (Fruits-360 script); none",
-                        choices=["modern", "paper", "paper_rrc", "none"])
+    augment: str = _opt("light", "light: gentle random-resized crop (35-100% of the area) + flip, for small data; "
+                                 "modern: random-resized crop down to 8% + flip (ImageNet training); trivial: light + "
+                                 "one TrivialAugmentWide op per image; randaugment: light + --randaugment-n ops at "
+                                 "--randaugment-m; paper / paper_rrc: the SpinalNet scripts'; none: the evaluation "
+                                 "pipeline", choices=list(AUGMENT_POLICIES))
     img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)", min=8)
     resize_size: Optional[Union[int, list]] = _opt(None, "paper recipe: resize to this square (or [H, W]) before "
                                                          "cropping; eval: resize the shorter side (default img_size / "
@@ -99,12 +104,27 @@ class TrainConfig:
     eval_resize: str = _opt("center_crop", "eval preprocessing: center_crop (resize then crop) or "
                                            "resize (straight to img_size, as the paper's scripts did)",
                             choices=["center_crop", "resize"])
-    rrc_scale: list = _opt([0.08, 1.0], "random-resized-crop scale range", item=float, length=2, gt=0.0, max=1.0,
-                           applies={"augment": ("modern", "paper_rrc")})
+    rrc_scale: Optional[list] = _opt(None, "random-resized-crop scale range (default: the policy's: light, trivial, "
+                                           "randaugment [0.35, 1]; modern, paper_rrc [0.08, 1])", item=float,
+                                     length=2, gt=0.0, max=1.0,
+                                     applies={"augment": ("light", "modern", "trivial", "randaugment", "paper_rrc")})
     rotation: float = _opt(15.0, "paper recipe: max rotation in degrees", min=0.0, max=180.0,
                            applies={"augment": ("paper", "paper_rrc")})
-    hflip: float = _opt(0.5, "horizontal flip probability", min=0.0, max=1.0)
-    vflip: float = _opt(0.0, "vertical flip probability", min=0.0, max=1.0)
+    hflip: Optional[float] = _opt(None, "horizontal flip probability (default: the policy's, 0.5 for every policy "
+                                        "but none; 0 turns flips off everywhere)", min=0.0, max=1.0,
+                                  applies={"augment": AUGMENT_POLICIES[1:]})
+    vflip: float = _opt(0.0, "vertical flip probability", min=0.0, max=1.0, applies={"augment": AUGMENT_POLICIES[1:]})
+    randaugment_n: int = _opt(2, "RandAugment: ops per image", min=1, applies={"augment": ("randaugment",)})
+    randaugment_m: float = _opt(9.0, "RandAugment: magnitude on torchvision's 0-30 scale (timm's m9 of 0-10 is about "
+                                     "27)", min=0.0, max=30.0, applies={"augment": ("randaugment",)})
+    random_erase: float = _opt(0.0, "probability of erasing a random box with random pixels (timm --reprob)",
+                               min=0.0, max=1.0)
+    color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength S: factors in [1-S, 1+S] (timm "
+                                    "--color-jitter)", min=0.0, max=1.0)
+    tta: bool = _opt(False, "final evaluation with test-time augmentation (mean softmax over the image and its "
+                            "mirror); the report keeps the plain metrics too")
+    tta_crops: int = _opt(0, "with --tta: also the 4 corner and the centre crops, each mirrored (12 views)",
+                          choices=[0, 5], applies={"tta": (True,)})
     mean: Optional[list] = _opt(None, "normalization mean (default: backbone's pretrained config)", item=float,
                                 length=3)
     std: Optional[list] = _opt(None, "normalization std (default: backbone's pretrained config)", item=float,
@@ -113,20 +133,22 @@ class TrainConfig:
                                         choices=["nearest", "bilinear", "bicubic", "area", "lanczos"])
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = _opt(10, "epochs; with a multi-stage recipe, every stage's length", min=1)
-    lr: float = _opt(1e-3, "learning rate of the head; with a multi-stage recipe, the first stage's (the others "
-                           "keep their ratio to it)", gt=0.0)
+    lr: Union[float, str] = _opt(2e-3, "learning rate of the head, or auto: run lr-find first and take its "
+                                       "suggestion; with a multi-stage recipe, the first stage's (the others keep "
+                                       "their ratio to it)", gt=0.0, auto_ok=True)
     stages: list = _opt([], "multi-stage schedule, e.g. [{epochs: 25, lr: 1e-3}, {epochs: 25, lr: 1e-4}]; "
                             "each stage restarts optimizer+scheduler from the previous stage's best weights")
-    optimizer: str = _opt("sgd", "optimizer", choices=["sgd", "adamw"])
+    optimizer: str = _opt("adamw", "optimizer", choices=["sgd", "adamw"])
     momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0, applies={"optimizer": ("sgd",)})
-    weight_decay: float = _opt(0.0, "weight decay", min=0.0)
-    scheduler: str = _opt("step", "per-stage schedule", choices=["step", "cosine", "none"])
+    weight_decay: float = _opt(0.01, "weight decay", min=0.0)
+    scheduler: str = _opt("cosine", "per-stage schedule", choices=["step", "cosine", "none"])
     step_size: int = _opt(7, "StepLR step (epochs)", min=1, applies={"scheduler": ("step",)})
     gamma: float = _opt(0.1, "StepLR gamma", gt=0.0, max=1.0, applies={"scheduler": ("step",)})
-    warmup_epochs: float = _opt(0.0, "linear warmup (epochs) for the cosine schedule", min=0.0,
+    warmup_epochs: float = _opt(1.0, "linear warmup (epochs) for the cosine schedule", min=0.0,
                                 applies={"scheduler": ("cosine",)})
     backbone_lr_mult: float = _opt(1.0, "backbone learning rate = lr * this", min=0.0)
-    freeze_epochs: int = _opt(0, "train only the head for the first K epochs", min=0)
+    freeze_epochs: int = _opt(1, "train only the head for the first K epochs (the log says 'backbone frozen')",
+                              min=0)
     freeze_backbone: bool = _opt(False, "keep the backbone frozen for the whole run")
     cache_features: bool = _opt(False, "with --freeze-backbone: compute backbone features once, train the head on them",
                                 applies={"freeze_backbone": (True,)})
@@ -272,6 +294,18 @@ class TrainConfig:
         if self.cache_features and not self.freeze_backbone:
             raise ConfigError("cache_features needs freeze_backbone (a trained backbone changes its features)",
                               key="cache_features")
+        if self.rrc_scale is not None and self.rrc_scale[0] > self.rrc_scale[1]:
+            raise ConfigError(f"rrc_scale: {self.rrc_scale} must be [low, high] with low <= high", key="rrc_scale")
+        if self.augment == "none" and (self.random_erase or self.color_jitter):
+            knob = "random_erase" if self.random_erase else "color_jitter"
+            raise ConfigError(f"{knob} needs an augmentation policy: --augment none is the evaluation pipeline "
+                              f"(choose light, modern, trivial or randaugment)", key=knob)
+        if self.tta and self.cache_features:
+            raise ConfigError("tta: test-time augmentation views are cut from images; a cached-feature run's head "
+                              "never sees images", key="tta")
+        if self.lr == "auto" and self.stages:
+            raise ConfigError("lr: auto finds one learning rate; a multi-stage schedule gives its own (stages)",
+                              key="lr")
         if self.cache_features and (self.mixup or self.cutmix or self.ema_decay):
             raise ConfigError("cache_features trains the head on stored feature vectors: mixup, cutmix and "
                               "ema_decay do not apply there", key="cache_features")
@@ -355,6 +389,8 @@ def check_value(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: a value is required (null given)", key=name)
     if name == "stages":
         return _stages(value)
+    if meta.get("auto_ok") and value == "auto":
+        return "auto"
     if meta.get("pair_ok") and isinstance(value, (list, tuple)):      # an int, or [H, W]
         if len(value) != 2:
             raise ConfigError(f"{name}: expected one size or [height, width], got {value!r}", key=name)
@@ -395,6 +431,15 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _float_or_auto(s: str) -> Any:
+    if s == "auto":
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {s!r}") from None
+
+
 def _parse_yaml_value(s: str) -> Any:
     try:
         return yaml.safe_load(s)
@@ -427,6 +472,8 @@ def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, .
             group.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=help_)
         elif tp in (list, dict) or get_origin(tp) in (list, dict) or f.metadata.get("pair_ok"):
             group.add_argument(flag, default=None, type=_parse_yaml_value, help=help_ + " [YAML]")
+        elif f.metadata.get("auto_ok"):
+            group.add_argument(flag, default=None, type=_float_or_auto, help=help_)
         else:
             group.add_argument(flag, default=None, type=tp, choices=f.metadata.get("choices"), help=help_)
 
@@ -443,6 +490,8 @@ def _schedule(base: TrainConfig, flags: dict) -> dict:
     """The flags with `epochs`/`lr` applied to a multi-stage schedule the one way everywhere:
     --epochs N makes every stage N epochs long; --lr X sets the first stage's lr and keeps the others'
     ratio to it. Explicit `stages` win."""
+    if flags.get("lr") == "auto" and base.stages and "stages" not in flags:
+        raise ConfigError("lr: auto finds one learning rate; this recipe's stages give their own", key="lr")
     if "stages" in flags or not base.stages or not ({"epochs", "lr"} & flags.keys()):
         return flags
     stages = base.resolved_stages()

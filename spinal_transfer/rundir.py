@@ -29,7 +29,8 @@ PathLike = Union[str, os.PathLike]
 
 # Every file and folder a run writes; --overwrite removes these and nothing else.
 OWN_FILES = ("config.yaml", "classes.json", "splits.json", "metrics.jsonl", "report.json", "report.html",
-             "test_predictions.csv", "skipped_files.txt", "train.log", "lr_find.png")
+             "test_predictions.csv", "skipped_files.txt", "train.log", "lr_find.png",
+             "lr_find.json")
 OWN_DIRS = ("checkpoints", "plots", "tensorboard", "wandb")
 
 
@@ -66,6 +67,7 @@ class RunDir:
     predictions = property(lambda self: self.path / "test_predictions.csv")
     skipped = property(lambda self: self.path / "skipped_files.txt")
     log = property(lambda self: self.path / "train.log")
+    lr_find = property(lambda self: self.path / "lr_find.json")     # train --lr auto: the range test it ran
     checkpoints = property(lambda self: self.path / "checkpoints")
     best = property(lambda self: self.path / "checkpoints" / "best.pt")
     last = property(lambda self: self.path / "checkpoints" / "last.pt")

@@ -28,7 +28,7 @@ from .config import Stage, TrainConfig, resume_config
 from .distributed import (any_rank, barrier, broadcast_object, init_distributed, is_main, rank, sum_over_ranks,
                           world_size)
 from .errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
-from .evaluation import Outputs, autocast, predict_logits, write_predictions
+from .evaluation import TTA, Outputs, autocast, predict_logits, predict_logits_tta, write_predictions
 from .heads import head_options
 from .loaders import EpochSampler, ShardSampler, balanced_sample_weights, class_weights, make_loader, train_drop_last
 from .metrics import classification_metrics, summary
@@ -43,6 +43,7 @@ from .tracking import Tracker
 from .transforms import Augmentation, DataConfig, build_transforms, resolve_data_config
 
 log = logging.getLogger("spinal_transfer")
+LR_FIND_STEPS = 100     # --lr auto: enough for a smooth curve, a minute on a CPU (the lr-find command: 200)
 AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in their papers
 
 
@@ -278,24 +279,35 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         run.write_json(run.classes, splits.classes)
     for note in model.spinal_info.notes:
         log.info(note)
+    if cfg.head == "spinal" and cfg.layer_width is None:      # the rule's width, written into config.yaml
+        cfg = dataclasses.replace(cfg, layer_width=get_head(model).layer_width)
+        log.info(f"spinal layer width {cfg.layer_width}: 2 x {len(splits.classes)} classes, at least 32, at most "
+                 f"features/4 (heads.default_layer_width)")
     dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
                              mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
     cfg = dataclasses.replace(cfg, img_size=dc.img_size, mean=list(dc.mean), std=list(dc.std),
                               interpolation=dc.interpolation, select_on=selection_split(cfg),
                               resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
+    dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
+    model = _place(model, cfg, device, channels_last)
+    samples, loaders, sampler = build_loaders(cfg, model, dc, splits, device, dtype, channels_last, run, skips)
+    if is_main() and not cfg.cache_features and ckpt is None:
+        _write_batch_preview(cfg, dc, samples["train"], splits.classes, run)
+    criterion, mixup = _loss(cfg, samples["train"], len(splits.classes), device)
+    if cfg.lr == "auto":                              # a new run only: a resumed one has the lr it found
+        hard = criterion if mixup is None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        cfg = dataclasses.replace(cfg, lr=_auto_lr(cfg, model, loaders["train"], hard, device, dtype,
+                                                   channels_last and not cfg.cache_features, run, skips))
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
     tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
                              enabled=is_main())
     tracker.log_params(cfg.to_dict())
-    dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
-    model = _place(model, cfg, device, channels_last)
     ema = _make_ema(model, cfg.ema_decay)
-    samples, loaders, sampler = build_loaders(cfg, model, dc, splits, device, dtype, channels_last, run, skips)
     saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info),
                             multi_stage=len(cfg.resolved_stages()) > 1, state=ckpt.get("saver") if ckpt else None)
     s = Session(cfg, run, device, dtype, channels_last and not cfg.cache_features, model, ema, splits.classes,
-                samples, loaders, sampler, *_loss(cfg, samples["train"], len(splits.classes), device),
+                samples, loaders, sampler, criterion, mixup,
                 torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), skips, saver,
                 FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
                 EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta), Progress(),
@@ -349,8 +361,11 @@ def _make_ema(model: nn.Module, decay: Optional[float]) -> Any:
 
 
 def augmentation(cfg: TrainConfig) -> Augmentation:
-    return Augmentation(policy=cfg.augment, hflip=cfg.hflip, vflip=cfg.vflip, rrc_scale=tuple(cfg.rrc_scale),
-                        rotation=cfg.rotation, center_crop=cfg.train_center_crop)
+    """The config's training augmentation (show-batch and lr-find build theirs here too)."""
+    return Augmentation(policy=cfg.augment, hflip=cfg.hflip, vflip=cfg.vflip,
+                        rrc_scale=tuple(cfg.rrc_scale) if cfg.rrc_scale else None, rotation=cfg.rotation,
+                        center_crop=cfg.train_center_crop, randaugment_n=cfg.randaugment_n,
+                        randaugment_m=cfg.randaugment_m, random_erase=cfg.random_erase, color_jitter=cfg.color_jitter)
 
 
 def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Splits, device: torch.device,
@@ -391,6 +406,41 @@ def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Sp
             loaders[n] = make_loader(samples[n], eval_tf, cfg.batch_size, cfg.workers, device,
                                      ShardSampler(len(samples[n]), world_size(), rank()))
     return samples, loaders, sampler
+
+
+def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, criterion: nn.Module, device: torch.device,
+             dtype: Optional[torch.dtype], channels_last: bool, run: RunDir, skips: SkipLog) -> float:
+    """--lr auto: the range test (lr_find.py) on a copy of the model, with the run's data, loss, optimizer and
+    first-epoch freezing, on rank 0; every rank takes its suggestion. Its curve goes to plots/lr_find.png, its
+    numbers to lr_find.json (and report.json)."""
+    from .lr_find import find_lr, plot_lr_find
+
+    suggestion = None
+    if is_main():
+        frozen = FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone).frozen(1)
+        result = find_lr(get_head(model) if cfg.cache_features else model, skips.watch(train_loader), criterion,
+                         lambda m: make_optimizer(m, cfg.optimizer, 1.0, weight_decay=cfg.weight_decay,
+                                                  momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),
+                         device, dtype=dtype, channels_last=channels_last, num_steps=LR_FIND_STEPS,
+                         prepare=None if cfg.cache_features else (lambda m: FreezePolicy.apply(m, frozen)))
+        plot_lr_find(result, run.plot("lr_find.png"))
+        run.write_json(run.lr_find, result.to_dict())
+        log.info(f"lr auto: {result.describe()}; the curve is in {run.plot('lr_find.png')}")
+        suggestion = result.suggestion
+    return float(broadcast_object(suggestion))
+
+
+def _write_batch_preview(cfg: TrainConfig, dc: DataConfig, train_samples: list, classes: list[str],
+                         run: RunDir) -> None:
+    """plots/batch.png: the start of epoch 1's first batch through the training pipeline, pixel for pixel."""
+    from .preview import write_batch_preview
+
+    preview = write_batch_preview(train_samples, build_transforms(dc, train=True, aug=augmentation(cfg)), classes,
+                                  dc.mean, dc.std, run.plot("batch.png"), n=min(32, cfg.batch_size), seed=cfg.seed)
+    log.info(f"first training batch as the model sees it: {run.plot('batch.png')}"
+             + (" (with --class-balance sampler the run draws its batches differently)"
+                if cfg.class_balance == "sampler" else "") + (f"; {len(preview.skipped)} unreadable file(s) left out"
+                                                               if preview.skipped else ""))
 
 
 def _train_sampler(cfg: TrainConfig, samples: list, num_classes: int) -> EpochSampler:
@@ -678,19 +728,31 @@ def finish(s: Session) -> dict:
     s.model.load_state_dict(best["model"])
     model = get_head(s.model) if s.cfg.cache_features else s.model
     val_m = evaluate_split(s, "val", model)[0] if s.samples["val"] else None
-    test_m, test_out = evaluate_split(s, "test", model)
+    extra: dict = {}
+    if s.cfg.tta:        # the test metrics with TTA; the plain ones kept beside them (one pass over the data)
+        tta = TTA(flip=True, crops=s.cfg.tta_crops)
+        plain, test_out = predict_logits_tta(model, s.skips.watch(s.loaders["test"]), s.device, tta, s.dtype,
+                                             s.channels_last, desc="test (TTA)", total=len(s.loaders["test"]))
+        test_m = {**classification_metrics(test_out.logits, test_out.targets, s.classes), "tta": tta.to_dict()}
+        extra["test_without_tta"] = summary(classification_metrics(plain.logits, plain.targets, s.classes))
+    else:
+        test_m, test_out = evaluate_split(s, "test", model)
+    if s.run.lr_find.is_file():
+        extra["lr_find"] = {k: v for k, v in s.run.read_json(s.run.lr_find).items()
+                            if k in ("suggestion", "rule", "stopped", "start_lr", "end_lr", "num_steps")}
     s.skips.sync()
     stops = [{"stage": i + 1, **v} for i, v in sorted(s.progress.stopped.items())]
     report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "protocol": s.cfg.protocol,
               "epochs_trained": s.progress.epoch, **({"early_stops": stops, "stopped": stops[-1]} if stops else {}),
-              "val": val_m, "test": test_m, "classes": s.classes, "num_skipped_files": len(s.skips),
+              "val": val_m, "test": test_m, **extra, "classes": s.classes, "num_skipped_files": len(s.skips),
               "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
     if is_main():
         write_outputs(s.run, report, s.samples["test"], test_out)
         s.tracker.log_summary(report)
         s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])
         s.tracker.close()
-        log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on}); test top1 {test_m['top1']:.4f}, "
+        log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on}); test top1 {test_m['top1']:.4f}"
+                 + (f" with TTA ({extra['test_without_tta']['top1']:.4f} without)" if s.cfg.tta else "") + ", "
                  f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}; see {s.run.report_html}")
     barrier()
     return report
