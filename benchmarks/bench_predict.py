@@ -51,7 +51,7 @@ from torch import nn  # noqa: E402
 from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
 
 from spinal_transfer.config import TrainConfig  # noqa: E402
-from spinal_transfer.data import load_image  # noqa: E402
+from spinal_transfer.images import load_image  # noqa: E402
 from spinal_transfer.quantize import (compare_onnx, cpu_int8_flags, int8_suitability, onnx_session,  # noqa: E402
                                       quantize_onnx)
 from spinal_transfer.surgery import build_model  # noqa: E402

@@ -17,7 +17,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from spinal_transfer.config import TrainConfig  # noqa: E402
-from spinal_transfer.data import list_images, load_image  # noqa: E402
+from spinal_transfer.images import load_image  # noqa: E402
+from spinal_transfer.splits import list_images  # noqa: E402
 from spinal_transfer.quantize import (BatchReader, QuantizationError, check_accuracy_drop, compare_onnx,  # noqa: E402
                                       default_reduce_range, int8_suitability, onnx_session, onnx_top1,
                                       quantize_and_check, quantize_onnx)
