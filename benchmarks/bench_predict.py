@@ -56,7 +56,7 @@ from spinal_transfer.quantize import (compare_onnx, cpu_int8_flags, int8_suitabi
                                       quantize_onnx)
 from spinal_transfer.surgery import build_model  # noqa: E402
 from spinal_transfer.transforms import build_transforms, resolve_data_config  # noqa: E402
-from spinal_transfer.utils import tune_cpu_allocator  # noqa: E402
+from spinal_transfer.runtime import tune_cpu_allocator  # noqa: E402
 
 MODELS = {"cnn": "torchvision/resnet50", "vit": "timm/vit_small_patch16_224"}
 QUICK_MODELS = {"cnn": "torchvision/resnet18", "vit": "timm/vit_tiny_patch16_224"}
