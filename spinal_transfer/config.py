@@ -467,7 +467,9 @@ def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, .
         cond = f.metadata.get("applies")
         when = ("; only with " + ", ".join(f"--{k.replace('_', '-')} {'/'.join(map(str, v)) if v else ''}".lower()
                                           .rstrip() for k, v in cond.items())) if cond else ""
-        help_ = f"{f.metadata.get('help', '')} (default: {default}{when})".replace("%", "%%")
+        text = f.metadata.get("help", "")
+        help_ = (f"{text}{f' ({when[2:]})' if when else ''}" if "(default:" in text else
+                 f"{text} (default: {default}{when})").replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=help_)
         elif tp in (list, dict) or get_origin(tp) in (list, dict) or f.metadata.get("pair_ok"):
@@ -515,11 +517,25 @@ def resolve_config(recipe: Optional[Union[str, Path, TrainConfig]] = None, flags
                           key=e.key) from None
     if resumed is None:
         base = recipe if isinstance(recipe, TrainConfig) else TrainConfig.from_yaml(recipe) if recipe else TrainConfig()
-        return TrainConfig.from_dict({**base.to_dict(), **_schedule(base, flags)})
+        cfg = TrainConfig.from_dict({**base.to_dict(), **_schedule(base, flags)})
+        _warn_unused(cfg, flags)
+        return cfg
     if recipe is not None:
         raise ConfigError("--recipe cannot be given with --resume: a resumed run keeps its own config "
                           "(RUN/config.yaml)")
     return resume_config(resumed, TrainConfig.from_dict({**resumed.to_dict(), **_schedule(resumed, flags)}))
+
+
+def _warn_unused(cfg: TrainConfig, flags: dict) -> None:
+    """A flag given for nothing (--layer-width with --head linear) is said once, not silently dropped."""
+    import logging
+
+    for k in flags:
+        if k in CONFIG_FIELDS and not cfg.applies(k):
+            cond = CONFIG_FIELDS[k].metadata["applies"]
+            need = ", ".join(f"--{o.replace('_', '-')} {'/'.join(map(str, v))}".rstrip() for o, v in cond.items())
+            logging.getLogger("spinal_transfer").warning(f"--{k.replace('_', '-')} has no effect here: it applies "
+                                                         f"only with {need}")
 
 
 def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int] = None) -> TrainConfig:

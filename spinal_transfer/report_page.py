@@ -66,6 +66,11 @@ code,.path{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans M
 """
 
 
+def _n(count: Any, noun: str) -> str:
+    """"1 epoch", "3 epochs"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _e(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
@@ -90,23 +95,23 @@ def _fmt(v: Any, pct: bool = False) -> str:
 def _schedule(cfg: Mapping) -> str:
     stages = cfg.get("stages") or []
     if stages:
-        lr = ", ".join(f"{s['epochs']} epochs at {s['lr']:g}" for s in stages)
+        lr = ", ".join(f"{_n(s['epochs'], 'epoch')} at {s['lr']:g}" for s in stages)
         lr = f"{len(stages)} stages: {lr}"
     else:
-        lr = f"{cfg.get('epochs')} epochs at lr {cfg.get('lr')}"
+        lr = f"{_n(cfg.get('epochs'), 'epoch')} at lr {cfg.get('lr')}"
     sched = cfg.get("scheduler", "none")
     if sched == "step":
-        sched = f"step (every {cfg.get('step_size')} epochs \u00d7{cfg.get('gamma')})"
+        sched = f"step (every {_n(cfg.get('step_size'), 'epoch')} \u00d7{cfg.get('gamma')})"
     elif sched == "cosine":
         w = cfg.get("warmup_epochs") or 0
-        sched = "cosine" + (f", {w:g} warm-up epochs" if w else "")
+        sched = "cosine" + (f", {w:g} warm-up epoch{'' if w == 1 else 's'}" if w else "")
     parts = [lr, f"scheduler {sched}"]
     if cfg.get("backbone_lr_mult", 1.0) != 1.0:
         parts.append(f"backbone lr \u00d7{cfg['backbone_lr_mult']:g}")
     if cfg.get("freeze_backbone"):
         parts.append("backbone frozen throughout" + (" (cached features)" if cfg.get("cache_features") else ""))
     elif cfg.get("freeze_epochs"):
-        parts.append(f"backbone frozen for the first {cfg['freeze_epochs']} epochs")
+        parts.append(f"backbone frozen for the first {_n(cfg['freeze_epochs'], 'epoch')}")
     return "; ".join(parts)
 
 
@@ -262,7 +267,7 @@ def _curves_section(rows: Sequence[dict], best_epoch: Optional[int]) -> str:
 
     uri = _png_uri(figure_png(curves_figure(rows, best_epoch), dpi=90))
     return (f'<section id="curves"><h2>training curves</h2><img class="wide" id="curves-img" alt="loss, accuracy '
-            f'and learning rate per epoch" src="{uri}"><p class="note">{len(rows)} epochs; dashed line: the best '
+            f'and learning rate per epoch" src="{uri}"><p class="note">{_n(len(rows), "epoch")}; dashed line: the best '
             f'epoch; grey band: backbone frozen; dotted line: a new learning-rate stage.</p></section>')
 
 

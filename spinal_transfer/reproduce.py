@@ -357,12 +357,16 @@ def _stderr(msg: str) -> None:
 def estimated_cost(cfg: TrainConfig) -> float:
     """Relative cost of a run for balancing shards, as the README's GPU-time table estimates it: per epoch
     (training images + evaluated images / 3, forward-only) x crop side squared, summed over the epochs. Image
-    counts come from the data folder (prepare.json's counts, else the files); a folder not there yet counts 1."""
+    counts come from the data folder (prepare.json's counts, else the files); a folder not there yet counts 1.
+    Under --protocol paper a recipe that selected on test trains on train + val and evaluates test each epoch."""
     counts = _image_counts(Path(cfg.data))
-    train = counts.get("train", 1)
+    # --protocol paper with selection on test: val joins the training set and test is evaluated every epoch
+    paper_test = cfg.protocol == "paper" and cfg.paper_select_on == "test"
+    train = counts.get("train", 1) + (counts.get("val", 0) if paper_test else 0)
     if cfg.limit_train_batches:
         train = min(train, cfg.limit_train_batches * cfg.batch_size)
-    evaluated = counts.get("val", 0) + (counts.get("test", 0) if cfg.select_on == "test" else 0)
+    evaluated = (0 if paper_test else counts.get("val", 0)) + \
+        (counts.get("test", 0) if paper_test or cfg.select_on == "test" else 0)
     side = cfg.img_size or 224
     return cfg.total_epochs() * (train + evaluated / 3) * side * side
 

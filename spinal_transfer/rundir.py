@@ -20,6 +20,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from .checkpoint import TMP_SUFFIX, atomic_write_text, load_checkpoint
@@ -285,6 +286,10 @@ class SkipLog:
                 self.add(bad)
             yield images, labels, index
 
+    def watched(self, batches: Iterable) -> Iterable[tuple]:
+        """`watch` as an iterable that can be passed over again (each pass a new `watch` of `batches`)."""
+        return _Rewatch(self, batches)
+
     def sync(self, write: bool = True) -> None:
         """Merge every rank's entries (a collective under torchrun), then rank 0 writes the file if it changed."""
         from .distributed import gather_objects, is_main
@@ -295,3 +300,12 @@ class SkipLog:
         if write and self.path is not None and is_main() and self.entries != self._written:
             atomic_write_text(self.path, "".join(f"{p}\t{r}\n" for p, r in self.entries.items()))
             self._written = dict(self.entries)
+
+
+@dataclass
+class _Rewatch:
+    skips: SkipLog
+    batches: Iterable
+
+    def __iter__(self) -> Iterator[tuple]:
+        return self.skips.watch(self.batches)

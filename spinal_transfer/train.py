@@ -418,7 +418,7 @@ def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, criterion: n
     suggestion = None
     if is_main():
         frozen = FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone).frozen(1)
-        result = find_lr(get_head(model) if cfg.cache_features else model, skips.watch(train_loader), criterion,
+        result = find_lr(get_head(model) if cfg.cache_features else model, skips.watched(train_loader), criterion,
                          lambda m: make_optimizer(m, cfg.optimizer, 1.0, weight_decay=cfg.weight_decay,
                                                   momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),
                          device, dtype=dtype, channels_last=channels_last, num_steps=LR_FIND_STEPS,

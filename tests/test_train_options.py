@@ -1,0 +1,85 @@
+"""What train adds around the loop: --lr auto, plots/batch.png, TTA in the final evaluation, the spinal width
+rule written into the run, and flags that do not apply said once."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import tiny_cfg
+from spinal_transfer import train
+from spinal_transfer.config import AUGMENT_POLICIES, resolve_config
+
+
+@pytest.fixture(scope="module")
+def auto_run(three_digits, tmp_path_factory):
+    """A run with --lr auto, --tta, light augmentation, the spinal width left to the rule."""
+    out = tmp_path_factory.mktemp("auto") / "run"
+    cfg = tiny_cfg(three_digits, out, lr="auto", tta=True, augment="light", layer_width=None, epochs=2,
+                   limit_train_batches=4)
+    return out, train.run(cfg)
+
+
+def test_lr_auto_runs_the_range_test_and_trains_with_its_suggestion(auto_run):
+    out, report = auto_run
+    found = json.loads((out / "lr_find.json").read_text())
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert isinstance(cfg["lr"], float) and cfg["lr"] == pytest.approx(found["suggestion"])
+    assert found["lrs"][0] <= cfg["lr"] <= found["lrs"][-1]
+    assert report["lr_find"]["suggestion"] == found["suggestion"] and report["lr_find"]["rule"] == "valley"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] <= cfg["lr"] * (1 + 1e-9)            # the schedule starts from the found lr
+    assert (out / "plots" / "lr_find.png").is_file()
+
+
+def test_width_rule_is_written_into_the_run(auto_run):
+    out, _ = auto_run
+    from spinal_transfer.heads import default_layer_width
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    feature_width = json.loads((out / "report.json").read_text())["head"]["feature_width"]
+    assert cfg["layer_width"] == default_layer_width(feature_width, 3) == 32
+
+
+def test_final_evaluation_with_tta_keeps_the_plain_metrics(auto_run, cli_run):
+    out, report = auto_run
+    assert report["test"]["tta"]["views"] == 2 and "test_without_tta" in report
+    r = cli_run("evaluate", out, "--device", "cpu")         # plain evaluation of the same weights
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["top1"] == pytest.approx(report["test_without_tta"]["top1"])
+
+
+def test_batch_png_is_the_runs_first_batch(auto_run, tmp_path):
+    out, _ = auto_run
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.preview import show_batch
+
+    cfg = TrainConfig.from_yaml(out / "config.yaml")
+    again = show_batch(cfg, tmp_path / "again.png")
+    assert np.array_equal(np.asarray(Image.open(out / "plots" / "batch.png")), np.asarray(Image.open(again.path)))
+
+
+def test_flag_that_does_not_apply_is_said_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="spinal_transfer"):
+        cfg = resolve_config(None, {"head": "linear", "layer_width": 64, "data": "x"})
+    assert cfg.head == "linear"
+    assert [r.getMessage() for r in caplog.records] == [
+        "--layer-width has no effect here: it applies only with --head spinal"]
+
+
+def test_config_knows_every_augmentation_policy():
+    from spinal_transfer.transforms import POLICIES
+
+    assert tuple(AUGMENT_POLICIES) == tuple(POLICIES)
+
+
+def test_lr_auto_refuses_a_multi_stage_recipe():
+    from spinal_transfer.errors import ConfigError
+
+    base = resolve_config(None, {"stages": [{"epochs": 1, "lr": 0.1}, {"epochs": 1, "lr": 0.01}]})
+    with pytest.raises(ConfigError, match="lr: auto"):
+        resolve_config(base, {"lr": "auto"})
