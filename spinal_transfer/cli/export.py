@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..export import (ATOL, CARD_FILE, CONFIG_FILE, FORMAT_FILES, MAX_ACCURACY_DROP, QUANTIZE, WEIGHTS_FILE, export,
                       format_check)
@@ -17,9 +18,9 @@ RUN uses RUN/checkpoints/best.pt. Every format is read back and compared with th
 (max abs logit difference <= --atol) before it is kept; ONNX needs the extra: pip install -e ".[onnx]".
 --quantize int8 also writes model.int8.onnx (onnxruntime static int8, for CPUs): calibrated on up to 512
 of the run's train images (preprocessed as evaluation), then top-1 of fp32 ONNX and of int8 is measured
-on the run's val split (test when it has none) and both are recorded in config.json. When int8 loses more
-than --max-accuracy-drop points (default {MAX_ACCURACY_DROP:g}) the export fails and changes nothing,
-unless --force. Use it with `spinal-transfer predict BUNDLE ... --runner onnx-int8` (or --runner auto)."""
+on the run's val split (test when it has none) and both are recorded in config.json. When int8 loses
+more than --max-accuracy-drop points (default {MAX_ACCURACY_DROP:g}) the export fails and changes nothing,
+unless --force. Predict with it: `spinal-transfer predict BUNDLE PHOTOS --runner onnx-int8` (or auto)."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -49,4 +50,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {WEIGHTS_FILE}, {CONFIG_FILE}, {CARD_FILE}")
     for fmt, f in config["formats"].items():
         print(f"  {fmt}: {f['file']} ({format_check(f)})")
+    int8 = config["formats"].get("onnx-int8")
+    if int8 is not None:
+        for warning in int8["warnings"]:
+            print(f"warning: int8: {warning}", file=sys.stderr)
+        if int8["forced"]:
+            print(f"warning: kept {int8['file']} with --force although it loses {int8['top1_drop_points']:.2f} "
+                  f"top-1 points (more than --max-accuracy-drop {int8['max_accuracy_drop']:g})", file=sys.stderr)
     return 0
