@@ -12,7 +12,7 @@ __version__ = "0.2.0"
 
 _LAZY = {"TrainConfig": "config", "SpinalHead": "heads", "MLPHead": "heads", "LinearHead": "heads",
          "create_head": "heads", "build_model": "surgery", "get_head": "surgery", "list_backbones": "surgery",
-         "load": "export"}
+         "load": "export", "Predictor": "predictor"}
 
 __all__ = [*_LAZY, "__version__"]
 

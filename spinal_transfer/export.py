@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, load_run_checkpoint, model_from_checkpoint
-from .errors import CheckpointError, MissingDependency, UserError
+from .errors import CheckpointError, MissingDependency, UserError, option_name
 from .surgery import build_model
 
 PathLike = Union[str, os.PathLike]
@@ -29,6 +29,9 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
 FORMAT_FILES = {"export": "model.pt2", "torchscript": "model.torchscript", "onnx": "model.onnx"}
+INT8_FILE = "model.int8.onnx"   # --quantize int8: onnxruntime static int8 of model.onnx (config["formats"]["onnx-int8"])
+QUANTIZE = ("int8",)
+MAX_ACCURACY_DROP = 1.0         # top-1 points int8 may lose against fp32 ONNX before the export is refused
 ATOL = 1e-4                 # max abs logit difference an exported format may have from the eager model
 TRACE_BATCH = 2             # example batch for tracing/exporting ...
 CHECK_BATCHES = (1, 3)      # ... and the batches compared: other sizes, so a baked-in batch size fails
@@ -221,7 +224,7 @@ def _staging(out: Path) -> Iterator[Path]:
 def _publish(stage: Path, out: Path) -> None:
     """Move the staged files into `out`, first removing an earlier export's files (no stale formats).
     Temp files are created owner-only; a bundle is meant to be shared, so it is made world-readable."""
-    for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values()):
+    for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE):
         for f in out.glob(name + "*"):
             f.unlink()
     for f in sorted(stage.iterdir()):
@@ -237,9 +240,13 @@ def _report(source: Path) -> Optional[dict]:
     return run.read_report() if run.is_finished() else None
 
 
-def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: float = ATOL) -> dict:
+def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: float = ATOL,
+           quantize: Optional[str] = None, max_accuracy_drop: float = MAX_ACCURACY_DROP, force: bool = False,
+           batch_size: Optional[int] = None, workers: Optional[int] = 0) -> dict:
     """Write the bundle of `source` (a RUN dir, whose best.pt is used, or a checkpoint file) to `out`,
     plus each of `formats` ("export", "torchscript", "onnx"), each checked against the eager model.
+    With `quantize="int8"` (implies "onnx"), also model.int8.onnx: quantize_int8, refused when int8 loses
+    more than `max_accuracy_drop` top-1 points against fp32 ONNX (unless `force`).
     All or nothing: `out` changes only when every file passed, and then an earlier export's files
     there are replaced. Returns the bundle's config."""
     from safetensors.torch import save_model
@@ -248,6 +255,11 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
     unknown = [f for f in formats if f not in FORMAT_FILES]
     if unknown:
         raise ExportError(f"unknown format(s) {unknown}; choose from {list(FORMAT_FILES)}")
+    if quantize is not None:
+        if quantize not in QUANTIZE:
+            raise ExportError(f"{option_name('quantize')}must be one of {list(QUANTIZE)}; got {quantize!r}")
+        if "onnx" not in formats:
+            formats.append("onnx")          # int8 is quantized from the checked fp32 ONNX file
     if "onnx" in formats:
         _require_onnx()
     source, out = Path(source), Path(out)
@@ -273,10 +285,71 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
         config["formats"] = {}
         for fmt in formats:
             config["formats"][fmt] = _export_format(fmt, model, example, inputs, expected, stage, atol)
+        if quantize == "int8":
+            config["formats"]["onnx-int8"] = quantize_int8(source, ckpt, stage, max_accuracy_drop, force,
+                                                           batch_size, workers, out)
         atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
         atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source), source))
         _publish(stage, out)
     return config
+
+
+# --- int8 ----------------------------------------------------------------------------------------
+
+def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int], workers: Optional[int],
+                  limit: Optional[int] = None):
+    """(labelled (inputs, labels) batches with the evaluation preprocessing, images, which split) of the run's
+    recorded `split` (as `evaluate` reads it); at most `limit` images, drawn with a fixed seed."""
+    import random
+
+    from torch.utils.data import SequentialSampler
+
+    from .config import TrainConfig
+    from .evaluation import _eval_samples
+    from .loaders import make_loader
+    from .rundir import SkipLog
+
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    samples, _ = _eval_samples(source, cfg, None, split, list(ckpt["classes"]))
+    if limit is not None and len(samples) > limit:
+        samples = random.Random(0).sample(samples, limit)
+    loader = make_loader(samples, eval_transform(bundle_config(ckpt)), batch_size or cfg.batch_size, workers,
+                         torch.device("cpu"), SequentialSampler(range(len(samples))))
+    skips = SkipLog()
+    return [(x, y) for x, y, _ in skips.watch(loader) if len(x)], len(samples) - len(skips)
+
+
+def quantize_int8(source: Path, ckpt: dict, stage: Path, max_accuracy_drop: float = MAX_ACCURACY_DROP,
+                  force: bool = False, batch_size: Optional[int] = None, workers: Optional[int] = 0,
+                  out: Optional[Path] = None) -> dict:
+    """model.int8.onnx from the staged model.onnx (quantize.quantize_and_check): calibrated on up to
+    quantize.CALIBRATION_IMAGES of the run's train images, top-1 of fp32 ONNX and int8 measured on its val
+    split (test when it has no val). ExportError naming both numbers when the drop exceeds
+    `max_accuracy_drop` points, unless `force`. Returns what config.json records under formats["onnx-int8"]."""
+    from .quantize import CALIBRATION_IMAGES, QuantizationError, quantize_and_check
+
+    calibration, n_calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES)
+    split = "val"
+    evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers)
+    if not n_eval:
+        split = "test"
+        evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers)
+    if not n_calibration or not n_eval:
+        raise ExportError(f"--quantize int8 needs the run's train images (calibration) and its val or test images "
+                          f"(accuracy check); found {n_calibration} train and {n_eval} {split} image(s)")
+    try:
+        info = quantize_and_check(stage / FORMAT_FILES["onnx"], stage / INT8_FILE, calibration, evaluation,
+                                  max_accuracy_drop, force)
+    except QuantizationError as e:
+        raise ExportError(f"{e}; {out or 'the bundle folder'} was left unchanged") from None
+    return {"file": INT8_FILE, "method": f"onnxruntime static {info['format']}, {info['weights']} weights, "
+                                         f"{info['activations']} activations, {info['calibrate_method']} calibration",
+            "quantized_from": FORMAT_FILES["onnx"], "reduce_range": info["reduce_range"],
+            "calibration_images": info["calibration_images"], "eval_split": split, "eval_images": info["eval_images"],
+            "top1_fp32": info["top1_fp32"], "top1_int8": info["top1_int8"],
+            "top1_drop_points": info["top1_drop_points"], "agreement": info["agreement"],
+            "max_accuracy_drop": max_accuracy_drop, "forced": bool(force and info["top1_drop_points"] > max_accuracy_drop),
+            "warnings": info["warnings"]}
 
 
 # --- model card ----------------------------------------------------------------------------------
@@ -289,7 +362,17 @@ _FILE_ROLES = {
     FORMAT_FILES["export"]: "torch.export program, dynamic batch: `torch.export.load(path).module()`",
     FORMAT_FILES["torchscript"]: "TorchScript (deprecated upstream, still widely served): `torch.jit.load(path)`",
     FORMAT_FILES["onnx"]: "ONNX, dynamic batch axis, input `input` -> output `logits`: onnxruntime",
+    INT8_FILE: "int8 ONNX (static, QDQ) for CPUs, same inputs and outputs: onnxruntime",
 }
+
+
+def format_check(f: dict) -> str:
+    """How an exported file was checked, in words (config["formats"][...])."""
+    if "top1_int8" in f:
+        return (f"{f['method']}; top-1 on {f['eval_images']} {f['eval_split']} images: int8 "
+                f"{100 * f['top1_int8']:.2f}% vs fp32 {100 * f['top1_fp32']:.2f}% ({f['top1_drop_points']:+.2f} "
+                f"points; bound {f['max_accuracy_drop']:g}{', forced' if f.get('forced') else ''})")
+    return f"{f['method']}, max abs logit difference {f['max_abs_diff']:.2g}"
 
 
 def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional[dict], source: Path) -> str:
@@ -314,7 +397,9 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
         'model = spinal_transfer.load("THIS_FOLDER")   # offline: no download, weights from model.safetensors',
         "```", "", "```bash", "spinal-transfer predict THIS_FOLDER images/ --out preds.csv",
         *(["spinal-transfer predict THIS_FOLDER/model.onnx images/ --out preds.csv   # via onnxruntime"]
-          if "onnx" in config["formats"] else []), "```", "",
+          if "onnx" in config["formats"] else []),
+        *(["spinal-transfer predict THIS_FOLDER images/ --runner onnx-int8 --out preds.csv   # int8, CPUs"]
+          if "onnx-int8" in config["formats"] else []), "```", "",
         "## Input", "",
         f"RGB, {crop} ({inp['interpolation']} interpolation when upscaling, area when downscaling), "
         f"scale to [0, 1], normalize with mean {list(inp['mean'])} and std {list(inp['std'])}.", "",
@@ -349,8 +434,7 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
         ", ".join(f"{i}: `{c}`" for i, c in enumerate(classes)), "",
         "## Files", "", "| file | what | check against the eager model |", "|---|---|---|",
     ]
-    checks = {f["file"]: f"{f['method']}, max abs logit difference {f['max_abs_diff']:.2g}"
-              for f in config["formats"].values()}
+    checks = {f["file"]: format_check(f) for f in config["formats"].values()}
     for name, role in _FILE_ROLES.items():
         if name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE) or name in checks:
             lines.append(f"| `{name}` | {role} | {checks.get(name, '')} |")

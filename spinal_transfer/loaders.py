@@ -125,12 +125,14 @@ def default_workers(workers: Optional[int]) -> int:
 
 
 def make_loader(samples: Sequence[Sample], transform: Any, batch_size: int, workers: Optional[int],
-                device: torch.device, sampler: Sampler, drop_last: bool = False) -> DataLoader:
-    """A DataLoader over image files: decoding in `workers` processes (persistent), pinned memory on CUDA."""
+                device: torch.device, sampler: Sampler, drop_last: bool = False,
+                dataset_class: type = None) -> DataLoader:
+    """A DataLoader over image files: decoding in `workers` processes (persistent), pinned memory on CUDA.
+    `dataset_class` (default ImageDataset) takes (samples, transform) and yields what ImageDataset does."""
     n_workers = default_workers(workers)
     # A generator of its own: starting an iteration draws a seed from it, which must not move the global RNG
     # (dropout's), or a run resumed inside an epoch would draw other dropout masks than an uninterrupted one.
-    return DataLoader(ImageDataset(samples, transform), batch_size=batch_size, sampler=sampler,
+    return DataLoader((dataset_class or ImageDataset)(samples, transform), batch_size=batch_size, sampler=sampler,
                       num_workers=n_workers, collate_fn=collate, pin_memory=device.type == "cuda",
                       drop_last=drop_last, persistent_workers=n_workers > 0,
                       prefetch_factor=4 if n_workers > 0 else None, generator=torch.Generator().manual_seed(0))

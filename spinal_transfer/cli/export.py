@@ -2,15 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ..export import ATOL, CARD_FILE, CONFIG_FILE, FORMAT_FILES, WEIGHTS_FILE, export
+from ..export import (ATOL, CARD_FILE, CONFIG_FILE, FORMAT_FILES, MAX_ACCURACY_DROP, QUANTIZE, WEIGHTS_FILE, export,
+                      format_check)
 
-EXAMPLES = """\
+EXAMPLES = f"""\
   spinal-transfer export runs/pets --out bundles/pets
   spinal-transfer export runs/pets --out bundles/pets --format export torchscript onnx
   spinal-transfer export runs/pets/checkpoints/last.pt --out bundles/pets_last --format onnx
+  spinal-transfer export runs/pets --out bundles/pets --format onnx --quantize int8
+  spinal-transfer export runs/pets --out bundles/pets --format onnx --quantize int8 --max-accuracy-drop 2
+  spinal-transfer export runs/pets --out bundles/pets --format onnx --quantize int8 --force
 RUN uses RUN/checkpoints/best.pt. Every format is read back and compared with the eager model
-(max abs logit difference <= --atol) before it is kept; ONNX needs the extra: pip install -e ".[onnx]"."""
+(max abs logit difference <= --atol) before it is kept; ONNX needs the extra: pip install -e ".[onnx]".
+--quantize int8 also writes model.int8.onnx (onnxruntime static int8, for CPUs): calibrated on up to 512
+of the run's train images (preprocessed as evaluation), then top-1 of fp32 ONNX and of int8 is measured
+on the run's val split (test when it has none) and both are recorded in config.json. When int8 loses
+more than --max-accuracy-drop points (default {MAX_ACCURACY_DROP:g}) the export fails and changes nothing,
+unless --force. Predict with it: `spinal-transfer predict BUNDLE PHOTOS --runner onnx-int8` (or auto)."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -20,11 +30,31 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         choices=list(FORMAT_FILES), help="extra format(s), repeatable; the bundle is always written")
     parser.add_argument("--atol", type=float, default=ATOL,
                         help=f"largest max abs logit difference accepted per format (default: {ATOL:g})")
+    parser.add_argument("--quantize", choices=QUANTIZE,
+                        help="also write model.int8.onnx, quantized from model.onnx (implies --format onnx), "
+                             "calibrated on the run's train images and checked on its val (or test) split")
+    parser.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
+                        help="with --quantize: the most top-1 percentage points int8 may lose against fp32 ONNX "
+                             f"(default: {MAX_ACCURACY_DROP:g})")
+    parser.add_argument("--force", action="store_true",
+                        help="with --quantize: keep the int8 file even when it loses more than --max-accuracy-drop")
 
 
 def main(args: argparse.Namespace) -> int:
-    config = export(args.run, args.out, args.formats, args.atol)
+    from ..errors import ConfigError
+
+    if args.quantize is None and (args.force or args.max_accuracy_drop != MAX_ACCURACY_DROP):
+        raise ConfigError("--max-accuracy-drop and --force apply to --quantize int8 only")
+    config = export(args.run, args.out, args.formats, args.atol, quantize=args.quantize,
+                    max_accuracy_drop=args.max_accuracy_drop, force=args.force)
     print(f"wrote {args.out}: {WEIGHTS_FILE}, {CONFIG_FILE}, {CARD_FILE}")
     for fmt, f in config["formats"].items():
-        print(f"  {fmt}: {f['file']} ({f['method']}, max abs logit difference {f['max_abs_diff']:.2g})")
+        print(f"  {fmt}: {f['file']} ({format_check(f)})")
+    int8 = config["formats"].get("onnx-int8")
+    if int8 is not None:
+        for warning in int8["warnings"]:
+            print(f"warning: int8: {warning}", file=sys.stderr)
+        if int8["forced"]:
+            print(f"warning: kept {int8['file']} with --force although it loses {int8['top1_drop_points']:.2f} "
+                  f"top-1 points (more than --max-accuracy-drop {int8['max_accuracy_drop']:g})", file=sys.stderr)
     return 0

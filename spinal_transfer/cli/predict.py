@@ -6,15 +6,20 @@ import sys
 
 from ..config import CONFIG_FIELDS
 from ..errors import ConfigError
-from ..predict import TOPK, predict, write_csv
+from ..predict import RUNNERS, TOPK, predict, write_csv
 
 EXAMPLES = """\
   spinal-transfer predict bundles/pets photos/ --out preds.csv
   spinal-transfer predict bundles/pets/model.onnx photos/ extra.jpg --topk 3 --out preds.csv
   spinal-transfer predict runs/pets photos/ --batch-size 128 --workers 8 --device cuda
   spinal-transfer predict bundles/pets photos/ --tta --tta-crops 5 --out preds_tta.csv
+  spinal-transfer predict bundles/pets photos/ --runner onnx-int8 --out preds_int8.csv
+  spinal-transfer predict bundles/pets photos/ --runner torch --device cuda
 Folders are searched recursively for images. The CSV has path, label_1, prob_1, ... label_k, prob_k;
-unreadable files are skipped and listed on stderr and in OUT.skipped.txt (path<TAB>reason)."""
+unreadable files are skipped and listed on stderr and in OUT.skipped.txt (path<TAB>reason).
+--runner auto runs a bundle on the CPU with its int8 ONNX file when it has one (export --quantize int8),
+else its ONNX file, else PyTorch; a run folder or checkpoint with PyTorch, an .onnx file with
+onnxruntime, and a bundle on a GPU with PyTorch. The last line gives the runner and images/s."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +35,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation: average the softmax over the image and its horizontal mirror")
     parser.add_argument("--tta-crops", type=int, default=0, choices=[0, 5],
                         help="with --tta, also 4 corner crops and the centre crop, each mirrored too (default: 0)")
+    parser.add_argument("--runner", default="auto", choices=RUNNERS,
+                        help="what runs the model: torch, onnx (the bundle's model.onnx), onnx-int8 (its "
+                             "model.int8.onnx) or auto (int8 ONNX, else ONNX, else torch; see below) (default: auto)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     from ..evaluation import TTA
 
     tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
-    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta)
+    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta, runner=args.runner)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
     skipped_path = write_csv(preds, args.out, args.topk)
@@ -48,4 +56,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"wrote {len(preds.paths)} predictions to {args.out}; {len(preds.skipped)} file(s) skipped "
           f"(listed in {skipped_path})", file=sys.stderr)
+    print(f"{len(preds.paths)} images in {preds.seconds:.2f} s with {preds.runner}: "
+          f"{preds.images_per_second:.1f} images/s", file=sys.stderr)
     return 0

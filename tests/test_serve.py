@@ -1,0 +1,165 @@
+"""Serving: `Predictor` (one shared decode + preprocessing with `predict`), `export --quantize int8` with its
+accuracy guard, and `predict --runner`. The model is the `finished_run` fixture (timm test_resnet + spinal head
+trained on digits 0-2 at 32 px), exported via the CLI with its int8 ONNX file."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from spinal_transfer.errors import ConfigError, DataError  # noqa: E402
+from spinal_transfer.export import INT8_FILE  # noqa: E402
+from spinal_transfer.predict import predict  # noqa: E402
+from spinal_transfer.predictor import Predictor  # noqa: E402
+from spinal_transfer.splits import list_images  # noqa: E402
+
+NUMBERS = r"int8 top-1 \d+\.\d\d% vs fp32 \d+\.\d\d%: a drop of -?\d+\.\d\d points"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """32-px images gain nothing from intra-op threads; on 2 shared cores they cost several times."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bundle(finished_run, tmp_path_factory) -> Path:
+    """The run exported with ONNX and int8 kept by --force against an impossible bound (-100 points: int8
+    would have to beat fp32 by 100 points), so the int8 file is there whatever this small model's drop."""
+    from spinal_transfer.cli import main
+
+    out = tmp_path_factory.mktemp("serve") / "bundle"
+    assert main(["export", str(finished_run), "--out", str(out), "--format", "onnx", "--quantize", "int8",
+                 "--max-accuracy-drop", "-100", "--force"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(three_digits) -> list[str]:
+    return list_images([three_digits / "test"])[::3]         # 36 images, all three classes
+
+
+def _same(top_a, top_b, tol=1e-6):
+    assert [[c for c, _ in row] for row in top_a] == [[c for c, _ in row] for row in top_b]
+    for a, b in zip(top_a, top_b):
+        assert [p for _, p in a] == pytest.approx([p for _, p in b], abs=tol)
+
+
+@pytest.mark.parametrize("which, runner, tta", [("bundle", "auto", False), ("bundle", "torch", False),
+                                                ("bundle", "torch", True), ("run", "auto", False),
+                                                ("onnx", "auto", False)])
+def test_predictor_matches_predict(which, runner, tta, bundle, finished_run, images):
+    from spinal_transfer.evaluation import TTA
+
+    source = {"bundle": bundle, "run": finished_run, "onnx": bundle / "model.onnx"}[which]
+    p = Predictor(source, device="cpu", runner=runner, tta=tta, tta_crops=5 if tta else 0)
+    preds = predict(source, images, workers=0, device="cpu", runner=runner,
+                    tta=TTA(flip=True, crops=5) if tta else None)
+    assert p.runner == preds.runner == {"bundle": "onnx-int8" if runner == "auto" else runner, "run": "torch",
+                                        "onnx": "onnx"}[which]
+    assert p.classes == preds.classes == ["digit_0", "digit_1", "digit_2"] and preds.paths == images
+    ours = p.predict(images, topk=2)
+    assert len(ours) == len(images) and all(len(row) == 2 for row in ours)
+    _same(ours, preds.top(2))
+    assert preds.seconds > 0 and preds.images_per_second > 0
+
+
+def test_predictor_takes_paths_pil_images_and_arrays(bundle, images):
+    p = Predictor(bundle, device="cpu", runner="torch")
+    from_paths = p.predict(images[:5], topk=3)
+    pil = [Image.open(f) for f in images[:5]]
+    arrays = [np.asarray(im.convert("RGB")) for im in pil]
+    _same(p.predict(pil, topk=3), from_paths, tol=0)
+    _same(p.predict(arrays, topk=3), from_paths, tol=0)
+    _same(p.predict(arrays[0], topk=1), [from_paths[0][:1]])          # one image alone (batch of 1: ~1e-9)
+    assert sum(prob for _, prob in from_paths[0]) == pytest.approx(1.0)
+    with pytest.raises(DataError, match="HxWx3 uint8"):
+        p.predict([np.zeros((8, 8), np.uint8)])
+
+
+def test_quantized_bundle_records_both_numbers(bundle, finished_run):
+    from spinal_transfer.rundir import RunDir
+
+    config = json.loads((bundle / "config.json").read_text())
+    q = config["formats"]["onnx-int8"]
+    run = RunDir(finished_run)
+    splits = run.read_json(run.splits)["splits"]
+    assert q["file"] == INT8_FILE and (bundle / INT8_FILE).is_file() and "onnx" in config["formats"]
+    assert q["calibration_images"] == min(512, len(splits["train"]))
+    assert (q["eval_split"], q["eval_images"]) == ("val", len(splits["val"]))
+    assert q["top1_drop_points"] == pytest.approx(100 * (q["top1_fp32"] - q["top1_int8"]))
+    assert q["forced"] is True and q["max_accuracy_drop"] == -100
+    report = run.read_report()
+    # fp32 ONNX is the trained model: its val top-1 is the run's own (within one image of rounding)
+    assert q["top1_fp32"] == pytest.approx(report["val"]["top1"], abs=1.5 / len(splits["val"]))
+    card = (bundle / "README.md").read_text()
+    assert f"int8 {100 * q['top1_int8']:.2f}% vs fp32 {100 * q['top1_fp32']:.2f}%" in card
+
+
+def test_accuracy_guard_refuses_int8_and_changes_nothing(finished_run, tmp_path, cli_run):
+    out = tmp_path / "bundle"
+    res = cli_run("export", finished_run, "--out", out, "--format", "onnx", "--quantize", "int8",
+                  "--max-accuracy-drop", "-100")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr
+    assert re.search(NUMBERS, lines[0]) and "--force" in lines[0] and "--max-accuracy-drop" in lines[0]
+    assert not (out / INT8_FILE).exists() and not (out / "config.json").exists()
+
+
+def test_predict_runner_onnx_int8_agrees_with_predictor(bundle, images, tmp_path, cli_run):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for f in images:
+        shutil.copy(f, folder / Path(f).name)
+    out = tmp_path / "preds.csv"
+    res = cli_run("predict", bundle, folder, "--runner", "onnx-int8", "--device", "cpu", "--workers", "0",
+                  "--topk", "1", "--out", out)
+    assert res.returncode == 0, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{len(images)} images in \d+\.\d\d s with onnx-int8: \d+\.\d images/s", last), last
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    files = [r[0] for r in rows]
+    ours = Predictor(bundle, device="cpu", runner="onnx-int8").predict(files, topk=1)
+    assert [r[1] for r in rows] == [top[0][0] for top in ours]
+    assert [float(r[2]) for r in rows] == pytest.approx([top[0][1] for top in ours], abs=1e-6)
+
+
+def test_runner_choices_and_errors(bundle, finished_run, images, tmp_path, cli_run):
+    assert Predictor(bundle / INT8_FILE, device="cpu").runner == "onnx-int8"
+    assert Predictor(bundle, device="cpu", runner="onnx").runner == "onnx"
+    assert Predictor(bundle / "model.onnx", device="cpu", runner="torch").runner == "torch"
+    with pytest.raises(ConfigError, match="runner=onnx-int8 needs a bundle"):
+        Predictor(finished_run, device="cpu", runner="onnx-int8")
+    only_onnx = tmp_path / "only_onnx"
+    shutil.copytree(bundle, only_onnx)
+    (only_onnx / INT8_FILE).unlink()
+    assert Predictor(only_onnx, device="cpu").runner == "onnx"
+    res = cli_run("predict", only_onnx, images[0], "--runner", "onnx-int8", "--out", tmp_path / "p.csv")
+    assert res.returncode == 2 and f"has no {INT8_FILE} for --runner onnx-int8" in res.stderr
+    assert "--quantize int8" in res.stderr and "Traceback" not in res.stderr
+    res = cli_run("export", finished_run, "--out", tmp_path / "b", "--force")
+    assert res.returncode == 2 and "--quantize int8 only" in res.stderr
+
+
+def test_help_lists_the_new_options(cli_run, capsys):
+    for command, options in (("export", ["--quantize", "--max-accuracy-drop", "--force"]),
+                             ("predict", ["--runner"])):
+        with pytest.raises(SystemExit):
+            cli_run(command, "--help")
+        text = capsys.readouterr().out
+        examples = text[text.index("examples:"):]
+        for option in options:
+            assert option in text[:text.index("examples:")] and option in examples, (command, option)
