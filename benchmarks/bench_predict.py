@@ -50,7 +50,6 @@ from torch import nn  # noqa: E402
 
 from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
 
-from spinal_transfer.config import TrainConfig  # noqa: E402
 from spinal_transfer.images import load_image  # noqa: E402
 from spinal_transfer.quantize import (compare_onnx, cpu_int8_flags, int8_suitability, onnx_session,  # noqa: E402
                                       quantize_onnx)
@@ -268,9 +267,8 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
     print(f"\n-- {kind}: {name} + spinal head", flush=True)
     torch.manual_seed(0)
     model = build_model(name, 10, head="spinal", weights="none").eval()
-    cfg = TrainConfig(backbone=name, weights="none")
-    dc = resolve_data_config(cfg, model)
-    tf = build_transforms(cfg, dc, train=False)
+    dc = resolve_data_config(name, "none", model)
+    tf = build_transforms(dc, train=False)
     size = dc.img_size
     train_s, val_s = args.labelled
     train, _ = preprocess(train_s, tf, 32)

@@ -16,7 +16,6 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from spinal_transfer.config import TrainConfig  # noqa: E402
 from spinal_transfer.images import load_image  # noqa: E402
 from spinal_transfer.splits import list_images  # noqa: E402
 from spinal_transfer.quantize import (BatchReader, QuantizationError, check_accuracy_drop, compare_onnx,  # noqa: E402
@@ -34,9 +33,9 @@ SIZE, BATCH, EPOCHS = 32, 64, 4
 MIN_AGREEMENT, MAX_TOP1_CHANGE = 0.95, 0.03
 
 
-def _split_batches(root: Path, split: str, cfg: TrainConfig, dc) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _split_batches(root: Path, split: str, dc) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) batches of a split with the library's evaluation preprocessing."""
-    tf = build_transforms(cfg, dc, train=False)
+    tf = build_transforms(dc, train=False)
     classes = sorted(p.name for p in (root / split).iterdir())
     files = list_images([root / split])
     xs = torch.stack([tf(image=load_image(f))["image"] for f in files])
@@ -68,10 +67,9 @@ def trained(digits_folder, tmp_path_factory):
 
 def _train_and_export(digits_folder: Path, tmp_path_factory):
     torch.manual_seed(0)
-    cfg = TrainConfig(backbone="timm/test_resnet", img_size=SIZE)
-    model = build_model(cfg.backbone, 10, head="spinal", weights=None, layer_width=16)
-    dc = resolve_data_config(cfg, model)
-    train, val = (_split_batches(digits_folder, s, cfg, dc) for s in ("train", "val"))
+    model = build_model("timm/test_resnet", 10, head="spinal", weights=None, layer_width=16)
+    dc = resolve_data_config("timm/test_resnet", "none", model, img_size=SIZE)
+    train, val = (_split_batches(digits_folder, s, dc) for s in ("train", "val"))
     xs, ys = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
