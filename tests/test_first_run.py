@@ -45,6 +45,7 @@ def digits_0_4_resnet18(tmp_path_factory) -> tuple[Path, Path]:
     return high, root / "pre" / "checkpoints" / "best.pt"
 
 
+@pytest.mark.slow      # resnet18 pre-trained, then fine-tuned for 10 epochs: minutes on 2 CPU cores
 def test_default_train_fine_tunes_digits_0_4_onto_5_9(digits_0_4_resnet18, tmp_path, cli_run):
     high, checkpoint = digits_0_4_resnet18
     out = tmp_path / "fine"
