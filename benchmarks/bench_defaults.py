@@ -25,9 +25,6 @@ that base 0.800 / 0.810; backbone at 1x 0.956 / 0.820; lr 3e-3 0.922 / 0.780; lr
 0.811 / 0.830; SGD lr 1e-2 0.722 / 0.730; trivial 0.739 / 0.680; width 512 0.900 / 0.700; paper 0.667 / 0.630;
 fastai 0.867 / 0.650; timm 0.822 / 0.830. The backbone at the head's lr and a higher lr were the largest gains.
 
-Options TrainConfig does not have yet (augmentation policies `light`/`trivial`/`randaugment`, `random_erase`,
-`color_jitter`) are passed as config fields once they exist; until then the run's training pipeline is given
-the same `transforms.Augmentation` by replacing `train.augmentation` for that run (printed per setting).
 Accuracy only: nothing here is timed against anything, so the load of a shared machine does not matter.
 """
 from __future__ import annotations
@@ -55,7 +52,6 @@ TASKS = {   # name: (prepared dataset, pre-training classes, fine-tuning classes
                ["grass", "gravel", "motorcycle", "rocket", "temple"], 64),
 }
 RULE = "rule"            # layer_width: heads.default_layer_width(feature width, classes)
-AUG_KEYS = ("augment", "hflip", "rrc_scale", "random_erase", "color_jitter", "randaugment_n", "randaugment_m")
 
 _CAND = dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0, freeze_epochs=1,
              backbone_lr_mult=1.0, augment="light", layer_width=RULE)
@@ -103,32 +99,6 @@ def make_task_folders(root: Path, log) -> dict[str, tuple[Path, Path, int]]:
     return out
 
 
-@contextlib.contextmanager
-def augmentation_for(options: dict):
-    """The setting's augmentation: config fields where TrainConfig has them, else `train.augmentation` replaced
-    by the same `transforms.Augmentation` for the duration of the run. Yields the config fields to pass."""
-    import spinal_transfer.train as train
-    from spinal_transfer.config import CONFIG_FIELDS
-    from spinal_transfer.transforms import Augmentation
-
-    aug = {k: v for k, v in options.items() if k in AUG_KEYS}
-    choices = CONFIG_FIELDS["augment"].metadata.get("choices", ())
-    native = all(k in CONFIG_FIELDS for k in aug) and aug.get("augment", "modern") in choices
-    if native:
-        yield aug, "config fields"
-        return
-    original = train.augmentation
-    policy = Augmentation(policy=aug.get("augment", "modern"), hflip=aug.get("hflip"),
-                          rrc_scale=tuple(aug["rrc_scale"]) if aug.get("rrc_scale") else None,
-                          random_erase=aug.get("random_erase", 0.0), color_jitter=aug.get("color_jitter", 0.0),
-                          randaugment_n=aug.get("randaugment_n", 2), randaugment_m=aug.get("randaugment_m", 9))
-    train.augmentation = lambda cfg: policy
-    try:
-        yield {}, f"injected {policy}"
-    finally:
-        train.augmentation = original
-
-
 @functools.lru_cache(maxsize=None)
 def feature_width() -> int:
     from spinal_transfer.surgery import build_model
@@ -147,13 +117,11 @@ def run_once(data: Path, out: Path, size: int, weights: str, options: dict, seed
     epochs = opts.pop("epochs", epochs)
     if opts.get("layer_width") == RULE:
         opts["layer_width"] = default_layer_width(feature_width(), 5)
-    with augmentation_for(opts) as (aug_fields, _):
-        fields = {k: v for k, v in opts.items() if k not in AUG_KEYS}
-        cfg = TrainConfig(data=str(data), out=str(out), backbone=BACKBONE, weights=weights, head="spinal",
-                          img_size=size, batch_size=32, workers=0, device="cpu", amp="none", epochs=epochs,
-                          seed=seed, log_interval=1000, limit_train_batches=limit, **fields, **aug_fields)
-        t0 = time.perf_counter()
-        report = run(cfg)
+    cfg = TrainConfig(data=str(data), out=str(out), backbone=BACKBONE, weights=weights, head="spinal",
+                      img_size=size, batch_size=32, workers=0, device="cpu", amp="none", epochs=epochs,
+                      seed=seed, log_interval=1000, limit_train_batches=limit, **opts)
+    t0 = time.perf_counter()
+    report = run(cfg)
     report["seconds"] = time.perf_counter() - t0
     return report
 
@@ -221,8 +189,7 @@ def main() -> None:
         seconds: dict[str, list[float]] = {n: [] for n in names}
         t_start = time.perf_counter()
         for name in names:
-            with augmentation_for(SETTINGS[name]) as (_, how):
-                print(f"  {name}: {SETTINGS[name]} (augmentation: {how})", flush=True)
+            print(f"  {name}: {SETTINGS[name]}", flush=True)
             for task, (_, fine, size) in folders.items():
                 for seed in range(seeds):
                     out = root / "runs" / task / name / f"seed{seed}"

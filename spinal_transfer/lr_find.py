@@ -129,13 +129,13 @@ def find_lr(model: nn.Module, batches: Iterable, criterion: nn.Module,
     `batches`: `(images, labels, ...)` batches, iterated again when exhausted. `optimizer_factory(copy)` builds the
     optimizer (its groups' lr ratios are kept, their absolute lr set by the sweep). `prepare(copy)` runs before
     that, e.g. `lambda m: FreezePolicy.apply(m, frozen=True)` to sweep the frozen first epoch. `loss_fn(out,
-    target, criterion)` defaults to train.compute_loss (auxiliary heads included)."""
+    target, criterion)` defaults to optim.compute_loss (auxiliary heads included)."""
     from .evaluation import autocast
 
     if not 0 < start_lr < end_lr:
         raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     if loss_fn is None:
-        from .train import compute_loss as loss_fn
+        from .optim import compute_loss as loss_fn
     lrs_planned = sweep_lrs(start_lr, end_lr, num_steps)
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -232,8 +232,7 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     from .splits import scan
     from .surgery import build_model
     from .heads import head_options
-    from .train import augmentation
-    from .transforms import build_transforms, resolve_data_config
+    from .transforms import Augmentation, build_transforms, resolve_data_config
 
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.device)
@@ -248,7 +247,8 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     if channels_last:
         model.to(memory_format=torch.channels_last)
     train = splits.train
-    loader = make_loader(train, build_transforms(dc, train=True, aug=augmentation(cfg)), cfg.batch_size, cfg.workers,
+    tf = build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
+    loader = make_loader(train, tf, cfg.batch_size, cfg.workers,
                          device, EpochSampler(len(train), cfg.seed), drop_last=train_drop_last(len(train), cfg.batch_size, 1))
     weight = class_weights(train, len(splits.classes)).to(device) if cfg.class_balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)

@@ -95,3 +95,14 @@ class EarlyStopping:
             return None
         return (f"{split} top-1 did not improve by more than {self.min_delta:g} for {self.patience} epoch(s) "
                 f"(stage best {progress.early_best:.4f} at epoch {progress.early_best_epoch})")
+
+
+AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in their papers
+
+
+def compute_loss(out: Any, target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
+    """Main logits, plus auxiliary classifiers' losses (Inception/GoogLeNet in train mode)."""
+    if isinstance(out, tuple):
+        main, *aux = out
+        return criterion(main, target) + AUX_LOSS_WEIGHT * sum(criterion(a, target) for a in aux if a is not None)
+    return criterion(out, target)

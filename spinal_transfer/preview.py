@@ -119,13 +119,12 @@ def training_pipeline(cfg: Any) -> tuple[list[tuple[str, int]], list[str], Any, 
     offline: the data config comes from the backbone's registry metadata (timm pretrained cfg, torchvision weight
     enum) and `weights` only chooses which preset; no model is built and nothing is downloaded."""
     from .splits import scan
-    from .train import augmentation
-    from .transforms import build_transforms, resolve_data_config
+    from .transforms import Augmentation, build_transforms, resolve_data_config
 
     splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     dc = resolve_data_config(cfg.backbone, cfg.weights, None, img_size=cfg.img_size, resize_size=cfg.resize_size,
                              mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
-    return splits.train, splits.classes, dc, build_transforms(dc, train=True, aug=augmentation(cfg))
+    return splits.train, splits.classes, dc, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
 
 
 def show_batch(cfg: Any, out: PathLike, n: Optional[int] = None) -> BatchPreview:

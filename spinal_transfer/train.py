@@ -32,7 +32,7 @@ from .evaluation import TTA, Outputs, autocast, predict_logits, predict_logits_t
 from .heads import head_options
 from .loaders import EpochSampler, ShardSampler, balanced_sample_weights, class_weights, make_loader, train_drop_last
 from .metrics import classification_metrics, summary
-from .optim import EarlyStopping, FreezePolicy, make_optimizer, make_scheduler
+from .optim import EarlyStopping, FreezePolicy, compute_loss, make_optimizer, make_scheduler
 from .preemption import StopControl, parse_signals
 from .rundir import RunDir, SkipLog, check_new_run, default_run_name
 from .runtime import (amp_dtype, configure_process, pick_device, rng_state, seed_everything, set_rng_state,
@@ -44,7 +44,6 @@ from .transforms import Augmentation, DataConfig, build_transforms, resolve_data
 
 log = logging.getLogger("spinal_transfer")
 LR_FIND_STEPS = 100     # --lr auto: enough for a smooth curve, a minute on a CPU (the lr-find command: 200)
-AUX_LOSS_WEIGHT = 0.4   # Inception v3 / GoogLeNet auxiliary classifiers, as in their papers
 
 
 @dataclass
@@ -360,14 +359,6 @@ def _make_ema(model: nn.Module, decay: Optional[float]) -> Any:
     return ModelEmaV3(model, decay=decay)
 
 
-def augmentation(cfg: TrainConfig) -> Augmentation:
-    """The config's training augmentation (show-batch and lr-find build theirs here too)."""
-    return Augmentation(policy=cfg.augment, hflip=cfg.hflip, vflip=cfg.vflip,
-                        rrc_scale=tuple(cfg.rrc_scale) if cfg.rrc_scale else None, rotation=cfg.rotation,
-                        center_crop=cfg.train_center_crop, randaugment_n=cfg.randaugment_n,
-                        randaugment_m=cfg.randaugment_m, random_erase=cfg.random_erase, color_jitter=cfg.color_jitter)
-
-
 def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Splits, device: torch.device,
                   dtype: Optional[torch.dtype], channels_last: bool, run: RunDir,
                   skips: SkipLog) -> tuple[dict, dict, EpochSampler]:
@@ -400,7 +391,7 @@ def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Sp
                                      ShardSampler(len(ds), world_size(), rank()), drop and n == "train")
                    for n, (ds, _) in feats.items()}
     else:
-        train_tf = build_transforms(dc, train=True, aug=augmentation(cfg))
+        train_tf = build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
         loaders = {"train": make_loader(samples["train"], train_tf, cfg.batch_size, cfg.workers, device, sampler, drop)}
         for n in ("val", "test"):
             loaders[n] = make_loader(samples[n], eval_tf, cfg.batch_size, cfg.workers, device,
@@ -435,7 +426,7 @@ def _write_batch_preview(cfg: TrainConfig, dc: DataConfig, train_samples: list, 
     """plots/batch.png: the start of epoch 1's first batch through the training pipeline, pixel for pixel."""
     from .preview import write_batch_preview
 
-    preview = write_batch_preview(train_samples, build_transforms(dc, train=True, aug=augmentation(cfg)), classes,
+    preview = write_batch_preview(train_samples, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg)), classes,
                                   dc.mean, dc.std, run.plot("batch.png"), n=min(32, cfg.batch_size), seed=cfg.seed)
     log.info(f"first training batch as the model sees it: {run.plot('batch.png')}"
              + (" (with --class-balance sampler the run draws its batches differently)"
@@ -627,14 +618,6 @@ def evaluate_split(s: Session, name: str, model: Optional[nn.Module] = None) -> 
     out = predict_logits(model or s.eval_module(), s.skips.watch(s.loaders[name]), s.device, s.dtype,
                          s.channels_last, desc=name, total=len(s.loaders[name]))
     return classification_metrics(out.logits, out.targets, s.classes), out
-
-
-def compute_loss(out: Any, target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
-    """Main logits, plus auxiliary classifiers' losses (Inception/GoogLeNet in train mode)."""
-    if isinstance(out, tuple):
-        main, *aux = out
-        return criterion(main, target) + AUX_LOSS_WEIGHT * sum(criterion(a, target) for a in aux if a is not None)
-    return criterion(out, target)
 
 
 def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, *,

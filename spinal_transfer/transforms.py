@@ -108,6 +108,14 @@ class Augmentation:
             raise ConfigError(f"{knob} needs an augmentation policy: --augment none is the evaluation pipeline "
                               f"(choose light, modern, trivial or randaugment)", key=knob)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Augmentation":
+        """The training augmentation a TrainConfig asks for (train, show-batch and lr-find all build it here)."""
+        return cls(policy=cfg.augment, hflip=cfg.hflip, vflip=cfg.vflip,
+                   rrc_scale=tuple(cfg.rrc_scale) if cfg.rrc_scale else None, rotation=cfg.rotation,
+                   center_crop=cfg.train_center_crop, randaugment_n=cfg.randaugment_n,
+                   randaugment_m=cfg.randaugment_m, random_erase=cfg.random_erase, color_jitter=cfg.color_jitter)
+
     def flip_p(self) -> float:
         """The horizontal flip probability in force: the explicit one, else the policy's."""
         return DEFAULT_HFLIP[self.policy] if self.hflip is None else float(self.hflip)

@@ -63,7 +63,9 @@ def test_every_op_alone_keeps_an_rgb_uint8_image_and_most_change_it(ops):
             out = A.Compose([op])(image=img)["image"]
             assert out.shape == img.shape and out.dtype == np.uint8, op
             changed += not np.array_equal(out, img)
-    assert changed >= 3 * (len(ops.transforms) - 1) - 2         # all but the identity op change the picture
+    # all but the identity op change the picture, but a magnitude drawn near 0 (or autocontrast/equalize on an
+    # image already spanning 0-255) may leave one draw of a few ops as it was
+    assert changed >= 3 * (len(ops.transforms) - 1) - 3
 
 
 def test_sharpness_follows_pil():

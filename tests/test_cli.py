@@ -88,7 +88,7 @@ def test_describe_says_how_much_larger_a_head_is_than_the_default(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["describe", "torchvision/no_such_net", "--num-classes", "3"], "no classification model"),
-    (["describe", "resnet18", "--num-classes", "3"], "'torchvision/<name>' or 'timm/<name>'"),
+    (["describe", "resnet18", "--num-classes", "3"], "'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:"),
     (["train", "--data", "/no/such/folder", "--backbone", "timm/test_resnet", "--weights", "none"], "no such data folder"),
     (["describe", "timm/no_such_net", "--num-classes", "3"], "spinal-transfer models timm/"),
 ])

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from spinal_transfer import hub
-from spinal_transfer.config import TrainConfig
 from spinal_transfer.surgery import build_model, head_param_names, list_backbones, parse_backbone
 from spinal_transfer.transforms import resolve_data_config
 from spinal_transfer.errors import use_cli_option_names
@@ -109,9 +108,8 @@ def test_hub_backbone_loads_weights_and_config(hub_env, saved_hub_model):
 
 
 def test_hub_preprocessing_comes_from_the_repo_config(hub_env):
-    cfg = TrainConfig(backbone=BACKBONE, weights="default")
-    with_model = resolve_data_config(cfg, build_model(BACKBONE, 3, head="linear", weights="default"))
-    without_model = resolve_data_config(cfg)                 # from config.json alone
+    with_model = resolve_data_config(BACKBONE, "default", build_model(BACKBONE, 3, head="linear", weights="default"))
+    without_model = resolve_data_config(BACKBONE, "default")           # from config.json alone
     for dc in (with_model, without_model):
         assert dc.img_size == 96 and dc.mean == DATA["mean"] and dc.std == DATA["std"]
         assert dc.interpolation == "bicubic" and dc.crop_pct == pytest.approx(0.8)
