@@ -1,6 +1,7 @@
 """Shared fixtures: real data (scikit-learn's bundled digits) written out as PNG image folders."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,26 @@ def finished_run(three_digits, tmp_path_factory) -> Path:
 def digits_folder(tmp_path_factory) -> Path:
     """All ten digits, ROOT/{train,val,test}/digit_<k>/*.png (1797 images, 32x32)."""
     return write_digits_folder(tmp_path_factory.mktemp("digits"))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Small images gain nothing from intra-op threads; on 2 shared, busy cores a multi-threaded conv mostly
+    waits for its other thread, so one is several times faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -26,15 +26,6 @@ from spinal_transfer.heads_spec import HeadSpecError, parse_head_spec, parse_hea
 SIZE = 16
 
 
-@pytest.fixture
-def one_thread():
-    """On shared, busy cores a multi-threaded conv mostly waits for its other thread: one is much faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _options(data: Path, weights: Path) -> dict:
     return dict(data=data, backbone="timm/test_resnet", weights=weights, img_size=SIZE, batch_size=64, workers=0,
                 augment="none", lr=0.05, scheduler="none", epochs=2, log_interval=1000, device="cpu", layer_width=16)

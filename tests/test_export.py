@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import spinal_transfer
-from conftest import write_digits_folder
+from conftest import write_digits_folder, torch_threads
 from spinal_transfer.checkpoint import atomic_save, checkpoint_meta, load_run_checkpoint, model_from_checkpoint
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
@@ -41,10 +41,8 @@ CLASSES = [f"digit_{k}" for k in DIGITS]
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """16-px images are too small to gain from intra-op threads; on shared cores they cost 2-3x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from scipy.stats import binom
 
@@ -25,15 +24,6 @@ digits_tiny_spinal,digits,tiny,spinal,resnet,8,50.00,test,true,first number
 digits_tiny_spinal,digits,tiny,spinal,resnet,8,60.00,val,false,second number
 """
 SMOKE = ["--seeds", "2", "--epochs", "1", "--limit-train-batches", "2"]
-
-
-@pytest.fixture
-def one_thread():
-    """On shared, busy cores a multi-threaded conv mostly waits for its other thread: one is much faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("b,c", [(10, 2), (2, 10), (0, 6), (7, 7), (0, 0), (1, 30)])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import torch_threads
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -28,10 +28,8 @@ NUMBERS = r"int8 top-1 \d+\.\d\d% vs fp32 \d+\.\d\d%: a drop of -?\d+\.\d\d poin
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """32-px images gain nothing from intra-op threads; on 2 shared cores they cost several times."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

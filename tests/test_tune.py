@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import optuna
-import pytest
-import torch
 
 import spinal_transfer.train as train
 from conftest import cli_flags
@@ -27,14 +25,6 @@ from spinal_transfer.rundir import RunDir
 FLAGS = dict(backbone="timm/test_resnet", img_size=16, batch_size=64, workers=0, augment="none", scheduler="none",
              epochs=3, log_interval=1000, device="cpu", deterministic="true")
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _study(out: Path) -> optuna.Study:

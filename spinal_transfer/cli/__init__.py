@@ -41,6 +41,14 @@ def command_parser(sub, name: str, help: str, examples: str) -> argparse.Argumen
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def positive_int(s: str) -> int:
+    """argparse type of a count: an integer >= 1."""
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
+    return v
+
+
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser. The options of command `only` are loaded (its module imported); with None, every command's."""
     p = argparse.ArgumentParser(prog="spinal-transfer", description=__doc__.splitlines()[0],

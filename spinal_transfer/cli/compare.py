@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import positive_int
 from ..compare import CONTROLLED, DEFAULT_OUT, DEFAULT_SEEDS, RESULT_FILES
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..multirun import DEFAULT_MODE, MODES
@@ -33,19 +34,12 @@ skipped, interrupted ones resume; several compare processes may share one --out 
 are done). Writes OUT/{', OUT/'.join(RESULT_FILES)}."""
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
-
-
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `spinal-transfer compare`: its own, then every train option it does not set itself."""
     parser.add_argument("--heads", nargs="+", required=True, metavar="SPEC",
                         help="head specs, the first is the reference, e.g. linear spinal spinal:vgg "
                              "spinal:width=256,layers=6 mlp:hidden=1024 (see below)")
-    parser.add_argument("--seeds", type=_positive_int, default=DEFAULT_SEEDS, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=DEFAULT_SEEDS, metavar="N",
                         help=f"train every head with seeds 0..N-1 (default: {DEFAULT_SEEDS})")
     parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                         help="frozen: frozen backbone, features computed once and shared by every run; finetune: "

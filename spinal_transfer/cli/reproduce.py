@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import positive_int
 from ..config import CONFIG_FIELDS
 from ..reproduce import (DEFAULT_DATA_ROOT, DEFAULT_OUT, DEFAULT_RECIPES, DEFAULT_SEEDS, OVERRIDES, PAPER_RESULTS,
                          collect, find_recipes, reproduce, shard_from_env)
@@ -33,13 +34,6 @@ recorded per row; a run folder made with other ones is refused: use another --ou
 OUT/results.csv, results.md and results.html; paper numbers come from {PAPER_RESULTS} next to the recipes."""
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
-
-
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `spinal-transfer reproduce`."""
     choices = CONFIG_FIELDS["select_on"].metadata["choices"]
@@ -48,7 +42,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT, metavar="DIR",
                         help=f"folder holding the prepared datasets; a recipe's relative data: is resolved "
                              f"against it (default: {DEFAULT_DATA_ROOT})")
-    parser.add_argument("--seeds", type=_positive_int, default=DEFAULT_SEEDS, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=DEFAULT_SEEDS, metavar="N",
                         help=f"run seeds 0..N-1 of every recipe (default: {DEFAULT_SEEDS})")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--shard", metavar="K/N", help="run shard K of N (0 <= K < N), or auto / auto/N inside a "
@@ -62,13 +56,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     over.add_argument("--select-on", choices=choices, default=None,
                       help="split that picks the best epoch under the honest protocol (the training set stays "
                            "the same: this is not the authors' protocol; see --protocol paper)")
-    over.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+    over.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                       help="replace every stage's epochs by N, keeping its lr (smoke tests)")
-    over.add_argument("--limit-train-batches", type=_positive_int, default=None, metavar="N",
+    over.add_argument("--limit-train-batches", type=positive_int, default=None, metavar="N",
                       help="stop each training epoch after N batches (smoke tests)")
     over.add_argument("--device", choices=CONFIG_FIELDS["device"].metadata["choices"], help="device for every run")
-    over.add_argument("--batch-size", type=_positive_int, metavar="N", help="batch size per device for every run")
-    over.add_argument("--img-size", type=_positive_int, metavar="PX", help="crop size for every run")
+    over.add_argument("--batch-size", type=positive_int, metavar="N", help="batch size per device for every run")
+    over.add_argument("--img-size", type=positive_int, metavar="PX", help="crop size for every run")
     over.add_argument("--amp", choices=CONFIG_FIELDS["amp"].metadata["choices"], help="mixed precision for every run")
     over.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (speed only: not recorded)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import positive_int
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..multirun import DEFAULT_MODE, MODES
 from ..tune import DEFAULT_OUT, DEFAULT_SAMPLER_SEED, DEFAULT_STUDY, DEFAULT_TRIALS, PRUNERS, SEARCHED
@@ -35,16 +36,9 @@ only the best trial is tested. Writes OUT/best.yaml (a recipe for train --recipe
 OUT/tune.html; the study lives in OUT/study.db unless --storage names another."""
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
-
-
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `spinal-transfer tune`: its own, then every train option it does not search or set."""
-    parser.add_argument("--trials", type=_positive_int, default=DEFAULT_TRIALS, metavar="N",
+    parser.add_argument("--trials", type=positive_int, default=DEFAULT_TRIALS, metavar="N",
                         help=f"finished trials the study should have in all; a rerun adds only the missing ones "
                              f"(default: {DEFAULT_TRIALS})")
     parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
