@@ -86,9 +86,9 @@ def run_dir(out: PathLike, recipe: str, seed: int) -> RunDir:
 
 
 OVERRIDES = ("protocol", "select_on", "epochs", "limit_train_batches", "batch_size", "img_size", "amp", "device",
-             "workers")
-# What must agree between a run on disk and the run asked for, or the table would mix protocols (workers only
-# changes speed, so a rerun may change it).
+             "workers", "log_to", "tracking_uri", "experiment")
+# What must agree between a run on disk and the run asked for, or the table would mix protocols (workers and the
+# trackers do not change what a run learns, so a rerun may change them).
 PROTOCOL = ("seed", "protocol", "select_on", "limit_train_batches", "batch_size", "img_size", "amp", "device")
 
 

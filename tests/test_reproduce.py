@@ -168,3 +168,14 @@ def test_reproduce_under_both_protocols_says_which_and_how_many_training_images(
         assert (report["val"] is None) == (protocol == "paper")
         md = (out / "results.md").read_text()
         assert f"| {protocol} | {train_images:,} |" in md
+
+
+def test_tracking_flags_reach_every_run_and_stay_out_of_the_table(tmp_path):
+    recipe = tmp_path / "tiny_spinal.yaml"
+    recipe.write_text(yaml.safe_dump({"data": "digits", "backbone": "timm/test_resnet", "weights": "none",
+                                      "head": "spinal", "layer_width": 32, "paper_select_on": "val"}))
+    over = {"log_to": "tensorboard,mlflow", "tracking_uri": "sqlite:///x.db", "experiment": "paper"}
+    cfg = rp.recipe_config(rp.Recipe(recipe), tmp_path / "data", tmp_path / "out", 0, over)
+    assert (cfg.log_to, cfg.tracking_uri, cfg.experiment) == ("tensorboard,mlflow", "sqlite:///x.db", "paper")
+    assert rp._overrides(cfg, rp.recipe_config(rp.Recipe(recipe), tmp_path / "data", tmp_path / "out", 0)) == "none"
+    assert not {"log_to", "tracking_uri", "experiment"} & set(rp.PROTOCOL)

@@ -65,6 +65,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     over.add_argument("--img-size", type=positive_int, metavar="PX", help="crop size for every run")
     over.add_argument("--amp", choices=CONFIG_FIELDS["amp"].metadata["choices"], help="mixed precision for every run")
     over.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (speed only: not recorded)")
+    track = parser.add_argument_group("experiment tracking, every run (not recorded in the tables)")
+    for name in ("log_to", "tracking_uri", "experiment"):
+        f = CONFIG_FIELDS[name]
+        track.add_argument("--" + name.replace("_", "-"), default=None, help=f.metadata["help"])
 
 
 def main(args: argparse.Namespace) -> int:
