@@ -85,6 +85,7 @@ def test_shards_cover_every_run_once_and_balance_the_estimated_cost():
 
 # --- three shards together = one sequential table ------------------------------------------------
 
+@pytest.mark.slow      # three reproduce processes: ~1 min
 def test_three_shards_started_together_run_everything_once_and_collect_the_sequential_table(data_root, tmp_path):
     recipes = _recipes(tmp_path / "recipes", "digits")
     base = ["reproduce", "--recipes", str(recipes / "*.yaml"), "--data-root", str(data_root), "--seeds", "2"]

@@ -283,6 +283,7 @@ def test_a_folder_of_other_settings_is_refused(tmp_path):
     cmp.check_settings(first)
 
 
+@pytest.mark.slow      # two processes: ~20 s
 def test_two_compare_processes_share_one_folder(digits_transfer, tmp_path):
     """Started together on one --out: each run is trained once, by one of them (each trains one); the backbone
     runs once; both end with the whole table."""

@@ -137,6 +137,7 @@ def ddp_run(data, tmp_path_factory) -> dict:
     return {"out": out, "killed": killed, "whole": whole}
 
 
+@pytest.mark.slow      # torchrun twice: ~1.5 min
 def test_killed_two_process_run_resumes_to_completion(ddp_run):
     out, killed = ddp_run["out"], ddp_run["killed"]
     assert killed["progress"]["epoch"] < EPOCHS, "the run finished before it could be killed"
@@ -201,6 +202,7 @@ def test_two_processes_count_every_sample_once_and_match_one_process(ddp_run, da
     assert report["val"]["loss"] == pytest.approx(one["val"]["loss"], abs=1e-4)
 
 
+@pytest.mark.slow      # torchrun twice: ~40 s
 def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_is_exact(ddp_run, data, tmp_path):
     """SIGTERM reaches rank 1 only, after a random optimizer step: both ranks agree to stop after it, rank 0
     writes last.pt, every worker exits with 75, and the resumed run ends bit-identical to the uninterrupted one."""

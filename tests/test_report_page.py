@@ -181,7 +181,7 @@ def test_report_html_is_self_contained_and_complete(run_dir):
     assert sorted(names) == sorted(report["classes"])
     assert [f1[n] for n in names] == sorted(f1.values())
     # the settings that matter and the skipped files
-    for text in ("timm/test_resnet", "spinal", "2 stages: 2 epochs at 0.05, 1 epochs at 0.005",
+    for text in ("timm/test_resnet", "spinal", "2 stages: 2 epochs at 0.05, 1 epoch at 0.005",
                  f"{report['best_epoch']} (selected on val top-1)", "train 1,078", "frozen for the first 1 epochs"):
         assert text in html, text
     for path, reason in SkipLog(run_dir / "skipped_files.txt").entries.items():

@@ -68,6 +68,7 @@ def _independent_mcnemar(default: Path, spinal: Path) -> tuple[int, int, float]:
     return b, c, (1.0 if b + c == 0 else min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5)))
 
 
+@pytest.mark.slow      # ~30 s; test_reproduce_under_both_protocols runs reproduce end to end by default
 def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeypatch, one_thread):
     recipes_dir = _write_recipes(tmp_path / "recipes", digits_folder.name)
     out = tmp_path / "out"

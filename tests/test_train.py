@@ -72,6 +72,7 @@ def test_evaluate_reproduces_report(trained, digits_folder, capsys):
     assert "the run's recorded test split (360 images" in captured.err
 
 
+@pytest.mark.slow      # 3 runs; test_first_run's slow test covers transfer with the defaults
 def test_transfer_from_digits_0_4_beats_random_init(tmp_path):
     low = write_digits_folder(tmp_path / "low", digits=(0, 1, 2, 3, 4))
     high = write_digits_folder(tmp_path / "high", digits=(5, 6, 7, 8, 9))
@@ -135,7 +136,7 @@ def test_kill_and_resume_matches_uninterrupted(digits_folder, tmp_path, uninterr
            [json.loads(r)["val"] for r in (killed / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["TERM", "USR1"])
+@pytest.mark.parametrize("name", ["TERM", pytest.param("USR1", marks=pytest.mark.slow)])      # the same path: USR1 in the slow run
 def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_is_exact(digits_folder, tmp_path, uninterrupted, name):
     out = tmp_path / "signalled"
     k = int(np.random.default_rng().integers(2, EXACT_EPOCHS * 12 - 1))     # any step, epoch ends included
@@ -322,6 +323,7 @@ def test_early_stopping_on_a_metric_sequence():
     assert first_stop([0.9, 0.1], patience=1) == (2, 1)
 
 
+@pytest.mark.slow      # 4 runs: ~40 s
 def test_early_stopping_ends_the_stage_says_why_and_survives_resume(digits_folder, tmp_path):
     # a frozen backbone (BatchNorm statistics fixed) and an lr that cannot move the head: no epoch improves on
     # the first, so patience 2 stops stage 1 after its epoch 3; stage 2 (2 epochs) is too short to stop

@@ -168,6 +168,7 @@ def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkey
     assert _cache(out) == cache
 
 
+@pytest.mark.slow      # two processes: ~30 s
 def test_two_tune_processes_share_one_study_and_one_cache(digits_transfer, tmp_path):
     data, weights = digits_transfer
     out = tmp_path / "tune"
