@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 
 import spinal_transfer.train as train
 from conftest import cli_flags
