@@ -132,8 +132,8 @@ class TrainConfig:
     interpolation: Optional[str] = _opt(None, "resize interpolation (default: backbone's pretrained config)",
                                         choices=["nearest", "bilinear", "bicubic", "area", "lanczos"])
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = _opt(5, "epochs; with a multi-stage recipe, every stage's length", min=1)
-    lr: Union[float, str] = _opt(5e-3, "learning rate of the head, or auto: run lr-find first and take its "
+    epochs: int = _opt(10, "epochs; with a multi-stage recipe, every stage's length", min=1)
+    lr: Union[float, str] = _opt(2e-3, "learning rate of the head, or auto: run lr-find first and take its "
                                        "suggestion; with a multi-stage recipe, the first stage's (the others keep "
                                        "their ratio to it)", gt=0.0, auto_ok=True)
     stages: list = _opt([], "multi-stage schedule, e.g. [{epochs: 25, lr: 1e-3}, {epochs: 25, lr: 1e-4}]; "
