@@ -40,7 +40,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,7 +55,7 @@ from spinal_transfer.quantize import (compare_onnx, cpu_int8_flags, int8_suitabi
                                       quantize_onnx)
 from spinal_transfer.surgery import build_model  # noqa: E402
 from spinal_transfer.transforms import build_transforms, resolve_data_config  # noqa: E402
-from spinal_transfer.runtime import tune_cpu_allocator  # noqa: E402
+from spinal_transfer.runtime import torch_threads, tune_cpu_allocator  # noqa: E402
 
 MODELS = {"cnn": "torchvision/resnet50", "vit": "timm/vit_small_patch16_224"}
 QUICK_MODELS = {"cnn": "torchvision/resnet18", "vit": "timm/vit_tiny_patch16_224"}
@@ -213,16 +213,6 @@ def fx_int8(model: nn.Module, calib: Batches, images: int) -> nn.Module:
 
 
 # --- runners --------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
 
 def torch_runner(module: Callable, channels_last: bool, threads: int) -> Callable[[torch.Tensor], np.ndarray]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format

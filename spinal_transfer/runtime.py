@@ -6,6 +6,7 @@ Process-wide settings (OpenCV's thread pool, the glibc allocator, matplotlib's b
 a side effect of importing a module."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -14,7 +15,7 @@ import platform
 import random
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -181,3 +182,15 @@ def attach_log_file(log_file: Path) -> None:
         for record in h.records:
             fh.handle(record)
     log.addHandler(fh)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, then restored. Small inputs gain nothing from more
+    threads, and on shared, busy cores a multi-threaded op mostly waits for its descheduled other thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

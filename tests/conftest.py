@@ -1,7 +1,6 @@
 """Shared fixtures: real data (scikit-learn's bundled digits) written out as PNG image folders."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -137,22 +136,11 @@ def digits_folder(tmp_path_factory) -> Path:
     return write_digits_folder(tmp_path_factory.mktemp("digits"))
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Small images gain nothing from intra-op threads; on 2 shared, busy cores a multi-threaded conv mostly
-    waits for its other thread, so one is several times faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture
 def one_thread():
+    """One intra-op thread for the test (small images; see runtime.torch_threads)."""
+    from spinal_transfer.runtime import torch_threads
+
     with torch_threads(1):
         yield
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import spinal_transfer
-from conftest import write_digits_folder, torch_threads
+from conftest import write_digits_folder
+from spinal_transfer.runtime import torch_threads
 from spinal_transfer.checkpoint import atomic_save, checkpoint_meta, load_run_checkpoint, model_from_checkpoint
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import torch_threads
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -19,6 +18,7 @@ pytest.importorskip("onnxscript")
 from spinal_transfer.errors import ConfigError, DataError  # noqa: E402
 from spinal_transfer.export import INT8_FILE  # noqa: E402
 from spinal_transfer.predict import predict  # noqa: E402
+from spinal_transfer.runtime import torch_threads  # noqa: E402
 from spinal_transfer.predictor import Predictor  # noqa: E402
 from spinal_transfer.splits import list_images  # noqa: E402
 
