@@ -294,12 +294,9 @@ class TrainConfig:
         if self.cache_features and not self.freeze_backbone:
             raise ConfigError("cache_features needs freeze_backbone (a trained backbone changes its features)",
                               key="cache_features")
-        if self.rrc_scale is not None and self.rrc_scale[0] > self.rrc_scale[1]:
-            raise ConfigError(f"rrc_scale: {self.rrc_scale} must be [low, high] with low <= high", key="rrc_scale")
-        if self.augment == "none" and (self.random_erase or self.color_jitter):
-            knob = "random_erase" if self.random_erase else "color_jitter"
-            raise ConfigError(f"{knob} needs an augmentation policy: --augment none is the evaluation pipeline "
-                              f"(choose light, modern, trivial or randaugment)", key=knob)
+        from .transforms import Augmentation
+
+        Augmentation.from_config(self)        # its own checks: rrc_scale low <= high, knobs need a policy
         if self.tta and self.cache_features:
             raise ConfigError("tta: test-time augmentation views are cut from images; a cached-feature run's head "
                               "never sees images", key="tta")
