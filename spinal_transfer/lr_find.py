@@ -227,7 +227,6 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     loss (label smoothing and class weights; no mixup), optimizer (its weight decay, momentum and backbone lr
     multiplier) and the freezing of its first epoch. Writes `plot` when given."""
     from .loaders import EpochSampler, class_weights, make_loader, train_drop_last
-    from .optim import FreezePolicy, make_optimizer
     from .runtime import amp_dtype, configure_process, pick_device, seed_everything, use_channels_last
     from .splits import scan
     from .surgery import build_model
@@ -252,16 +251,28 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
                          device, EpochSampler(len(train), cfg.seed), drop_last=train_drop_last(len(train), cfg.batch_size, 1))
     weight = class_weights(train, len(splits.classes)).to(device) if cfg.class_balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    frozen = FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone).frozen(1)
-    result = find_lr(model, _good_batches(loader), criterion,
-                     lambda m: make_optimizer(m, cfg.optimizer, 1.0, weight_decay=cfg.weight_decay,
-                                              momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),
-                     device, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, dtype=dtype,
-                     channels_last=channels_last, rule=rule, prepare=lambda m: FreezePolicy.apply(m, frozen))
-    if frozen:
-        result.notes.append("swept with the backbone frozen, as the run's first epoch trains")
+    result = find_lr_as_run(cfg, model, _good_batches(loader), criterion, device, dtype, channels_last,
+                            start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, rule=rule)
     if plot is not None:
         plot_lr_find(result, plot)
+    return result
+
+
+def find_lr_as_run(cfg: Any, model: nn.Module, batches: Iterable, criterion: nn.Module, device: torch.device,
+                   dtype: Optional[torch.dtype], channels_last: bool, **sweep: Any) -> LRFindResult:
+    """find_lr with the run's optimizer (its weight decay, momentum, backbone lr multiplier) and its first epoch's
+    freezing; `model` is the head alone in cached-feature mode (nothing to freeze then). `lr-find` and `train --lr
+    auto` both sweep through here."""
+    from .optim import FreezePolicy, make_optimizer
+
+    frozen = FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone).frozen(1) and not cfg.cache_features
+    result = find_lr(model, batches, criterion,
+                     lambda m: make_optimizer(m, cfg.optimizer, 1.0, weight_decay=cfg.weight_decay,
+                                              momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),
+                     device, dtype=dtype, channels_last=channels_last,
+                     prepare=None if cfg.cache_features else (lambda m: FreezePolicy.apply(m, frozen)), **sweep)
+    if frozen:
+        result.notes.append("swept with the backbone frozen, as the run's first epoch trains")
     return result
 
 

@@ -404,16 +404,12 @@ def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, criterion: n
     """--lr auto: the range test (lr_find.py) on a copy of the model, with the run's data, loss, optimizer and
     first-epoch freezing, on rank 0; every rank takes its suggestion. Its curve goes to plots/lr_find.png, its
     numbers to lr_find.json (and report.json)."""
-    from .lr_find import find_lr, plot_lr_find
+    from .lr_find import find_lr_as_run, plot_lr_find
 
     suggestion = None
     if is_main():
-        frozen = FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone).frozen(1)
-        result = find_lr(get_head(model) if cfg.cache_features else model, skips.watched(train_loader), criterion,
-                         lambda m: make_optimizer(m, cfg.optimizer, 1.0, weight_decay=cfg.weight_decay,
-                                                  momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),
-                         device, dtype=dtype, channels_last=channels_last, num_steps=LR_FIND_STEPS,
-                         prepare=None if cfg.cache_features else (lambda m: FreezePolicy.apply(m, frozen)))
+        result = find_lr_as_run(cfg, get_head(model) if cfg.cache_features else model, skips.watched(train_loader),
+                                criterion, device, dtype, channels_last, num_steps=LR_FIND_STEPS)
         plot_lr_find(result, run.plot("lr_find.png"))
         run.write_json(run.lr_find, result.to_dict())
         log.info(f"lr auto: {result.describe()}; the curve is in {run.plot('lr_find.png')}")
