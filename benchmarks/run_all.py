@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~100 min on 2 CPU cores (defaults ~30, predict ~60)
+  python benchmarks/run_all.py                 # all of them, ~115 min on 2 CPU cores (defaults ~45, predict ~60)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
@@ -28,8 +28,8 @@ BENCHES = {   # short name: (script, what it measures)
     "compare": ("bench_compare.py", "frozen compare, 4 heads x 3 seeds: one shared feature cache vs a cache per run"),
     "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
     "channels_last": ("bench_channels_last.py", "fp32 training step per architecture, NCHW vs channels_last (its default)"),
-    "defaults": ("bench_defaults.py", "fine-tuning defaults on transfer tasks (digits 0-4 -> 5-9, photos 5 -> 5 "
-                                      "classes): candidates vs the paper's, fastai-like and timm-like settings"),
+    "defaults": ("bench_defaults.py", "train's defaults on transfer tasks (ResNet-18; digits 0-4 -> 5-9, photos 5 -> 5 "
+                                      "classes) vs the paper's, fastai-like, timm-like settings and one-change variants"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
     "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "
                                     "and int8) and their top-1, CNN and ViT"),
