@@ -100,6 +100,21 @@ def _count(folder: Path) -> int:
     return sum(1 for _ in folder.rglob("*.png"))
 
 
+def _one_process(data: Path, out: Path, **options) -> dict:
+    """The run that two processes with batch B must equal: one process, global batch 2B, the same seed, run
+    here with one thread like each worker (oversubscribed threads on busy cores are many times slower); the
+    global determinism flags are restored afterwards."""
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(TrainConfig(**{**SMALL, **options, "data": str(data), "out": str(out),
+                                  "batch_size": 2 * PER_DEVICE_BATCH}))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+
+
 @pytest.fixture(scope="module")
 def data(digits_folder, tmp_path_factory) -> Path:
     """The digits with one test image that passes the folder scan but cannot be decoded."""
@@ -175,17 +190,7 @@ def test_two_processes_count_every_sample_once_and_match_one_process(ddp_run, da
     for split in ("val", "test"):      # 359 and 360 images: shards of unequal length, no padding counted
         assert report[split]["num_samples"] == _count(data / split), split
 
-    # One process, the same global batch and seed, run here: one thread like each worker (oversubscribed
-    # threads on busy cores are many times slower); the global determinism flags are restored afterwards.
-    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = run(TrainConfig(**{**SMALL, "data": str(data), "out": str(tmp_path / "one"),
-                                 "batch_size": 2 * PER_DEVICE_BATCH}))
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+    one = _one_process(data, tmp_path / "one")
     a, b = load_checkpoint(out / "checkpoints" / "last.pt"), load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     assert a["progress"] == b["progress"]
     assert a["model"].keys() == b["model"].keys()
@@ -223,3 +228,21 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_is_exact(dd
     assert a["progress"] == b["progress"]
     for key, v in a["model"].items():
         assert torch.equal(v, b["model"][key]), key
+
+
+@pytest.mark.slow      # torchrun once and one process: ~40 s
+def test_early_stopping_under_torchrun_stops_both_ranks_where_one_process_stops(data, tmp_path):
+    """Each rank scores only its shard of val; the stop is decided on the gathered metric, so both ranks end
+    the stage after the same epoch (a rank that trained on alone would wait in DDP's all-reduce until the
+    timeout fails this test), and it is the epoch a single process with the global batch stops at."""
+    opts = {"epochs": 6, "early_stop_patience": 1, "early_stop_min_delta": 0.02}
+    out = tmp_path / "two"
+    _run(_torchrun(*cli_flags(data=data, out=out, batch_size=PER_DEVICE_BATCH, **{**SMALL, **opts})),
+         tmp_path / "two.log", timeout=300)
+    two = json.loads((out / "report.json").read_text())
+    one = _one_process(data, tmp_path / "one", **opts)
+    stops = [(x["stage"], x["ran"], x["epoch"]) for x in two["early_stops"]]
+    assert stops and stops == [(x["stage"], x["ran"], x["epoch"]) for x in one["early_stops"]]
+    assert two["epochs_trained"] == one["epochs_trained"] == stops[0][2] < opts["epochs"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == two["epochs_trained"]
+    assert "stage 1 stopped early after epoch" in (out / "train.log").read_text()
