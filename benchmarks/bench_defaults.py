@@ -3,7 +3,8 @@ one-change variants, on transfer tasks, over 3 seeds.
 
   python benchmarks/bench_defaults.py            # 2 tasks x 9 settings x 3 seeds on timm/resnet18, ~45 min on 2 cores
   python benchmarks/bench_defaults.py --quick    # tiny backbone, 1 seed, 3 settings, 2 epochs: a smoke run
-  python benchmarks/bench_defaults.py --keep DIR # keep data and runs; a rerun with the same DIR reuses finished runs
+  python benchmarks/bench_defaults.py --keep DIR # keep data and runs; a rerun with the same DIR reuses finished
+                                                 # runs whose configuration (defaults included) is unchanged
 
 Tasks (real pixels, no download; `spinal-transfer prepare digits|photos` folders):
   digits   pre-train on digits 0-4, fine-tune on digits 5-9 (32 px; 647 / 73 / 180 train/val/test images)
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -94,25 +96,26 @@ def make_task_folders(root: Path, log) -> dict[str, tuple[Path, Path, int]]:
 
 def run_once(data: Path, out: Path, backbone: str, size: int, weights: str, options: dict, seed: int,
              epochs: Optional[int], limit: Optional[int]) -> dict:
-    """One run with train's defaults changed by `options`; returns its report plus the wall time. A run folder
-    that already holds a report (a rerun with --keep) is read back instead of run again."""
+    """One run with train's defaults changed by `options`; returns its report plus the wall time. A finished
+    run of the same configuration in `out` (a rerun with --keep) is read back instead of run again; any other
+    folder there (an interrupted run, or other settings or defaults since) is replaced."""
     from spinal_transfer.config import TrainConfig
     from spinal_transfer.train import run
 
-    if (out / "report.json").exists() and (out / "seconds.txt").exists():
-        report = json.loads((out / "report.json").read_text())
-        report["seconds"] = float((out / "seconds.txt").read_text())
-        return report
-    if out.exists():                                  # an unfinished run from an interrupted benchmark
-        shutil.rmtree(out)
     opts = {"epochs": epochs, **options} if epochs else dict(options)
     cfg = TrainConfig(data=str(data), out=str(out), backbone=backbone, weights=weights, img_size=size,
                       workers=0, device="cpu", amp="none", seed=seed, log_interval=1000,
                       limit_train_batches=limit, **opts)
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    done = out / "bench.json"
+    if (out / "report.json").exists() and done.exists() and json.loads(done.read_text())["config"] == key:
+        return {**json.loads((out / "report.json").read_text()), "seconds": json.loads(done.read_text())["seconds"]}
+    if out.exists():
+        shutil.rmtree(out)
     t0 = time.perf_counter()
     report = run(cfg)
     report["seconds"] = time.perf_counter() - t0
-    (out / "seconds.txt").write_text(f"{report['seconds']:.1f}")
+    done.write_text(json.dumps({"config": key, "seconds": report["seconds"]}))
     return report
 
 
@@ -155,7 +158,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's own, every core)")
     ap.add_argument("--keep", metavar="DIR", help="keep data and runs in DIR (default: a temporary folder); "
-                                                  "finished runs found there are reused")
+                                                  "finished runs of the same configuration found there are reused")
     args = ap.parse_args()
     import torch
 
