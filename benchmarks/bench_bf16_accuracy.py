@@ -4,7 +4,7 @@
 
 Data: scikit-learn's digits written as 32x32 PNG folders by tests/conftest.py `write_digits_folder`
 (train/val/test 60/20/20). Model: timm/test_resnet (weights none) + spinal head, 32 px, 6 epochs
-with cosine decay, `spinal_transfer.train.run` with only `amp` changed, for 3 seeds. Prints both
+with cosine decay, `spinal_transfer.training.train.run` with only `amp` changed, for 3 seeds. Prints both
 accuracies per seed (best-epoch val top1, test top1 at that epoch, per-epoch val top1), the mean
 difference, and the train-throughput ratio bf16 / fp32 from metrics.jsonl for information. "bf16
 must not cost accuracy": PASS when the mean val top1 of bf16 is within one validation image of fp32
@@ -27,7 +27,7 @@ from _common import header  # noqa: E402
 from conftest import write_digits_folder  # noqa: E402
 
 from spinal_transfer.config import TrainConfig  # noqa: E402
-from spinal_transfer.train import run  # noqa: E402
+from spinal_transfer.training.train import run  # noqa: E402
 
 
 def main() -> None:

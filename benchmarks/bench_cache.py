@@ -3,7 +3,7 @@ without the cache: per-epoch time and metric equality.
 
   python benchmarks/bench_cache.py [--quick]
 
-Both runs are `spinal_transfer.train.run` with the same config (frozen backbone, augment none, same
+Both runs are `spinal_transfer.training.train.run` with the same config (frozen backbone, augment none, same
 seed, same generated val/test split of a folder of real JPEGs); only `cache_features` differs. Runs
 alternate (plain, cached, plain, cached, ...); each cached run starts from an empty run directory, so
 it pays for its feature extraction.
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import header, make_jpeg_folder, print_table, verdict  # noqa: E402
 
-import spinal_transfer.checkpoint as C  # noqa: E402
-import spinal_transfer.train as T  # noqa: E402
+import spinal_transfer.runs.checkpoint as C  # noqa: E402
+import spinal_transfer.training.train as T  # noqa: E402
 from spinal_transfer.config import TrainConfig  # noqa: E402
 
 TARGET = 50.0

@@ -19,12 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import Rounds, header, print_table  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import Rounds, header, print_table  # noqa: E402
-
-from spinal_transfer.surgery import build_model  # noqa: E402
-from spinal_transfer.runtime import tune_cpu_allocator  # noqa: E402
+from spinal_transfer.models.surgery import build_model  # noqa: E402
+from spinal_transfer.utils.runtime import tune_cpu_allocator  # noqa: E402
 
 MODELS = ["torchvision/resnet50", "torchvision/densenet121", "torchvision/vgg11_bn", "torchvision/mobilenet_v3_large",
           "timm/efficientnet_b0", "timm/regnety_016", "timm/convnext_tiny", "timm/vit_tiny_patch16_224"]

@@ -8,7 +8,7 @@ can be downloaded here; the cost of a forward pass does not depend on the values
 run saves with the shared cache is the extraction, so the folder must be large enough for it to matter
 next to what every run pays anyway (set-up, checkpoints, test, plots and report page: about 3 s a run on
 an idle 2-core machine). Shared:
-`spinal_transfer.compare.compare(...)`, the command's own code path (heads linear, spinal,
+`spinal_transfer.experiments.compare.compare(...)`, the command's own code path (heads linear, spinal,
 spinal:vgg, mlp:hidden=256; seeds 0-2; frozen mode). Separate: the same 12 configs (`compare.plan`), each
 with cache_dir set to a folder of its own, trained one after the other with `train.run`. Both sides run in
 this process after an untimed warm-up run (imports, allocator), on the same folder of real JPEGs.
@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import header, make_jpeg_folder, print_table, verdict  # noqa: E402
 
-import spinal_transfer.features as F  # noqa: E402
-import spinal_transfer.train as T  # noqa: E402
-from spinal_transfer.compare import compare, plan  # noqa: E402
+import spinal_transfer.training.features as F  # noqa: E402
+import spinal_transfer.training.train as T  # noqa: E402
 from spinal_transfer.config import TrainConfig  # noqa: E402
-from spinal_transfer.heads_spec import parse_head_specs  # noqa: E402
+from spinal_transfer.experiments.compare import compare, plan  # noqa: E402
+from spinal_transfer.models.heads_spec import parse_head_specs  # noqa: E402
 
 TARGET = 5.0
 HEADS = ("linear", "spinal", "spinal:vgg", "mlp:hidden=256")

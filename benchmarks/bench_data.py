@@ -22,13 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
-
-from spinal_transfer.images import load_image  # noqa: E402
-from spinal_transfer.loaders import EpochSampler, ImageDataset, make_loader  # noqa: E402
-from spinal_transfer.transforms import Augmentation, build_transforms, resolve_data_config  # noqa: E402
+from spinal_transfer.data.augment import Augmentation
+from spinal_transfer.data.images import load_image  # noqa: E402
+from spinal_transfer.data.loaders import EpochSampler, ImageDataset, make_loader  # noqa: E402
+from spinal_transfer.data.transforms import build_transforms  # noqa: E402
+from spinal_transfer.models.preprocess import resolve_data_config
 
 TARGET_PER_WORKER = 1.4
 

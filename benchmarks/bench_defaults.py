@@ -13,7 +13,7 @@ Tasks (real pixels, no download; `spinal-transfer prepare digits|photos` folders
            of the photographs that training never sees
 Pre-training: the backbone (train's default, timm/resnet18) from random init on the pre-training classes, SGD 0.05
 cosine, no frozen epoch; its backbone (head dropped, so every fine-tune gets a new head, as from ImageNet weights)
-is the `--weights` file of every fine-tune. Fine-tune: `spinal_transfer.train.run` with train's defaults
+is the `--weights` file of every fine-tune. Fine-tune: `spinal_transfer.training.train.run` with train's defaults
 (`TrainConfig()`: whatever ships, read at run time, not copied here) changed only by the setting's options, over
 seeds 0..2 (head init, batch order, augmentation); reported: test top-1 mean +- std over seeds (the best epoch
 picked on val), and the mean over both tasks. Every setting gets train's default number of epochs unless it says.
@@ -77,7 +77,7 @@ QUICK_SETTINGS = ("defaults", "paper", "timm")
 def make_task_folders(root: Path, log) -> dict[str, tuple[Path, Path, int]]:
     """{task: (pre-training folder, fine-tuning folder, image size)}: the prepared dataset's class folders
     split in two (symlinks, so nothing is copied), each keeping train/val/test."""
-    from spinal_transfer.prepare import prepare
+    from spinal_transfer.data.prepare import prepare
 
     out = {}
     for task, (dataset, pre, fine, size) in TASKS.items():
@@ -100,7 +100,7 @@ def run_once(data: Path, out: Path, backbone: str, size: int, weights: str, opti
     run of the same configuration in `out` (a rerun with --keep) is read back instead of run again; any other
     folder there (an interrupted run, or other settings or defaults since) is replaced."""
     from spinal_transfer.config import TrainConfig
-    from spinal_transfer.train import run
+    from spinal_transfer.training.train import run
 
     opts = {"epochs": epochs, **options} if epochs else dict(options)
     cfg = TrainConfig(data=str(data), out=str(out), backbone=backbone, weights=weights, img_size=size,
@@ -123,8 +123,8 @@ def pretrain(data: Path, out: Path, backbone: str, size: int, epochs: int, limit
     """Train from scratch on the pre-training classes; return a backbone-only state dict file."""
     import torch
 
-    from spinal_transfer.checkpoint import load_checkpoint
-    from spinal_transfer.surgery import build_model, head_param_names
+    from spinal_transfer.models.surgery import build_model, head_param_names
+    from spinal_transfer.runs.checkpoint import load_checkpoint
 
     report = run_once(data, out, backbone, size, "none", PRETRAIN, 0, epochs, limit)
     sd = load_checkpoint(out / "checkpoints" / "best.pt")["model"]

@@ -8,7 +8,7 @@ Models (the paper's backbones, spinal heads with its presets), batch 64, 224 px,
   timm/vit_base_patch16_224    + spinal w196 (resnet preset), 196 classes
 Inputs are random tensors already on the device: this measures the training step (forward, backward,
 optimizer), not decoding, which bench_train and bench_data cover. Each epoch is `train_one_epoch`, the
-function `spinal_transfer.train.run` calls, over `--steps` batches; its only host-device syncs are
+function `spinal_transfer.training.train.run` calls, over `--steps` batches; its only host-device syncs are
 the logging interval (set past the epoch) and the epoch's mean loss.
 Settings:
   fp32               amp none, NCHW; PyTorch's default math (cuDNN convolutions may use TF32, matmuls
@@ -32,15 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import header, print_table  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import header, print_table  # noqa: E402
-
 from spinal_transfer.config import TrainConfig  # noqa: E402
-from spinal_transfer.heads import head_options  # noqa: E402
-from spinal_transfer.surgery import build_model  # noqa: E402
-from spinal_transfer.runtime import amp_dtype  # noqa: E402
-from spinal_transfer.train import stage_optimizer, train_one_epoch  # noqa: E402
+from spinal_transfer.models.heads import head_options  # noqa: E402
+from spinal_transfer.models.surgery import build_model  # noqa: E402
+from spinal_transfer.training.train import stage_optimizer, train_one_epoch  # noqa: E402
+from spinal_transfer.utils.runtime import amp_dtype  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; matched on the
 # device name, first match wins.

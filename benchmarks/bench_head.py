@@ -24,11 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import Rounds, header, print_table  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import Rounds, header, print_table  # noqa: E402
-
-from spinal_transfer.heads import LinearHead, MLPHead, SpinalHead  # noqa: E402
+from spinal_transfer.models.heads import LinearHead, MLPHead, SpinalHead  # noqa: E402
 
 
 class PaperSpinalHead(nn.Module):

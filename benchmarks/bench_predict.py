@@ -21,7 +21,7 @@ runs one batch through a runner. Runners:
   eager_fp32_cl     channels_last model and input (what predict does today)
   compile_fp32      torch.compile (inductor, freezing on) of the channels_last model; compile time printed
   ort_fp32          onnxruntime on the model's ONNX export (dynamo exporter, as `export --format onnx`)
-  ort_int8          spinal_transfer.quantize.quantize_onnx of that file (QDQ, per-channel, calibrated on
+  ort_int8          spinal_transfer.deploy.quantize.quantize_onnx of that file (QDQ, per-channel, calibrated on
                     256 train images with evaluation preprocessing)
   torch_fx_int8     (CNN only; investigated, not kept) torch.ao FX graph-mode int8, x86 backend
 Every runner uses the same number of intra-op threads (`--threads`, default all cores). Rounds
@@ -46,16 +46,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
-
-from spinal_transfer.images import load_image  # noqa: E402
-from spinal_transfer.quantize import (compare_onnx, cpu_int8_flags, int8_suitability, onnx_session,  # noqa: E402
-                                      quantize_onnx)
-from spinal_transfer.surgery import build_model  # noqa: E402
-from spinal_transfer.transforms import build_transforms, resolve_data_config  # noqa: E402
-from spinal_transfer.runtime import torch_threads, tune_cpu_allocator  # noqa: E402
+from spinal_transfer.data.images import load_image  # noqa: E402
+from spinal_transfer.data.transforms import build_transforms  # noqa: E402
+from spinal_transfer.deploy.quantize import (
+    compare_onnx,
+    cpu_int8_flags,
+    int8_suitability,
+    onnx_session,
+    quantize_onnx,
+)
+from spinal_transfer.models.preprocess import resolve_data_config
+from spinal_transfer.models.surgery import build_model  # noqa: E402
+from spinal_transfer.utils.runtime import torch_threads, tune_cpu_allocator  # noqa: E402
 
 MODELS = {"cnn": "torchvision/resnet50", "vit": "timm/vit_small_patch16_224"}
 QUICK_MODELS = {"cnn": "torchvision/resnet18", "vit": "timm/vit_tiny_patch16_224"}

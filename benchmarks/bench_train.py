@@ -7,7 +7,7 @@ Reference (the paper's scripts): torchvision transforms on PIL images through
 (NCHW) tensors, SGD momentum 0.9, `loss.item()` every step. It runs in a spawned process of its
 own, so it keeps glibc's default allocator settings while this process gets ours.
 
-Ours: what `spinal_transfer.train.run` builds before its first epoch (`train.setup`: the data scan, model,
+Ours: what `spinal_transfer.training.train.run` builds before its first epoch (`train.setup`: the data scan, model,
 input pipeline, loaders, loss) and, per epoch, `train.train_epoch`: the very calls `run()` makes. `run()`
 itself is not timed because its epoch also evaluates and writes checkpoints.
 Settings:
@@ -42,17 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import Rounds, folder_samples, header, make_jpeg_folder, print_table, size_summary, verdict  # noqa: E402
-
 from spinal_transfer.config import TrainConfig  # noqa: E402
-from spinal_transfer.heads import head_options  # noqa: E402
-from spinal_transfer.rundir import RunDir  # noqa: E402
-from spinal_transfer.runtime import configure_process, use_channels_last  # noqa: E402
-from spinal_transfer.surgery import build_model  # noqa: E402
-from spinal_transfer.train import setup, stage_optimizer, train_epoch  # noqa: E402
-from spinal_transfer.transforms import resolve_data_config  # noqa: E402
+from spinal_transfer.models.heads import head_options  # noqa: E402
+from spinal_transfer.models.preprocess import resolve_data_config  # noqa: E402
+from spinal_transfer.models.surgery import build_model  # noqa: E402
+from spinal_transfer.runs.rundir import RunDir  # noqa: E402
+from spinal_transfer.training.train import setup, stage_optimizer, train_epoch  # noqa: E402
+from spinal_transfer.utils.runtime import configure_process, use_channels_last  # noqa: E402
 
 TARGETS = {"ours_fp32": 1.3, "ours_fp32_nchw": None, "ours_bf16": 2.0}
 

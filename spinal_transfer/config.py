@@ -22,7 +22,10 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .data.augment import POLICIES, Augmentation
 from .errors import ConfigError
+from .utils.preemption import parse_signals
+from .utils.tracking import parse_log_to
 
 # Fields that may change when a run is resumed: they change how or how long it runs, not what it learns
 # (`data` only moves the folder: the run's recorded files must all be found there). batch_size and
@@ -43,8 +46,6 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 
 SPINAL, MLP_OR_SPINAL = {"head": ("spinal",)}, {"head": ("spinal", "mlp")}
-# transforms.POLICIES (this module imports no albumentations); the test suite checks they agree.
-AUGMENT_POLICIES = ("none", "light", "modern", "trivial", "randaugment", "paper", "paper_rrc")
 
 
 @dataclass
@@ -92,7 +93,7 @@ class TrainConfig:
                                  "modern: random-resized crop down to 8% + flip (ImageNet training); trivial: light + "
                                  "one TrivialAugmentWide op per image; randaugment: light + --randaugment-n ops at "
                                  "--randaugment-m; paper / paper_rrc: the SpinalNet scripts'; none: the evaluation "
-                                 "pipeline", choices=list(AUGMENT_POLICIES))
+                                 "pipeline", choices=list(POLICIES))
     img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)", min=8)
     resize_size: Optional[Union[int, list]] = _opt(None, "paper recipe: resize to this square (or [H, W]) before "
                                                          "cropping; eval: resize the shorter side (default img_size / "
@@ -112,8 +113,8 @@ class TrainConfig:
                            applies={"augment": ("paper", "paper_rrc")})
     hflip: Optional[float] = _opt(None, "horizontal flip probability (default: the policy's, 0.5 for every policy "
                                         "but none; 0 turns flips off everywhere)", min=0.0, max=1.0,
-                                  applies={"augment": AUGMENT_POLICIES[1:]})
-    vflip: float = _opt(0.0, "vertical flip probability", min=0.0, max=1.0, applies={"augment": AUGMENT_POLICIES[1:]})
+                                  applies={"augment": POLICIES[1:]})
+    vflip: float = _opt(0.0, "vertical flip probability", min=0.0, max=1.0, applies={"augment": POLICIES[1:]})
     randaugment_n: int = _opt(2, "RandAugment: ops per image", min=1, applies={"augment": ("randaugment",)})
     randaugment_m: float = _opt(9.0, "RandAugment: magnitude on torchvision's 0-30 scale (timm's m9 of 0-10 is about "
                                      "27)", min=0.0, max=30.0, applies={"augment": ("randaugment",)})
@@ -278,15 +279,11 @@ class TrainConfig:
             raise ConfigError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
                               f"training images; keep their sum below 1", key="val_fraction")
         if self.log_to:
-            from .tracking import parse_log_to
-
             try:
                 parse_log_to(self.log_to)
             except ValueError as e:
                 raise ConfigError(f"log_to: {e}", key="log_to") from None
         if self.stop_signals:
-            from .preemption import parse_signals
-
             parse_signals(self.stop_signals)
         if self.protocol == "paper" and self.paper_select_on is None:
             raise ConfigError("protocol: paper needs a recipe that says how the authors ran it (paper_select_on: "
@@ -294,7 +291,6 @@ class TrainConfig:
         if self.cache_features and not self.freeze_backbone:
             raise ConfigError("cache_features needs freeze_backbone (a trained backbone changes its features)",
                               key="cache_features")
-        from .transforms import Augmentation
 
         Augmentation.from_config(self)        # its own checks: rrc_scale low <= high, knobs need a policy
         if self.tta and self.cache_features:

@@ -123,7 +123,7 @@ def three_digits(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def finished_run(three_digits, tmp_path_factory) -> Path:
     """A finished 2-epoch run on `three_digits` (tests copy it before changing anything)."""
-    from spinal_transfer.train import run
+    from spinal_transfer.training.train import run
 
     out = tmp_path_factory.mktemp("finished") / "run"
     run(tiny_cfg(three_digits, out, epochs=2, limit_train_batches=3))
@@ -139,7 +139,7 @@ def digits_folder(tmp_path_factory) -> Path:
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test (small images; see runtime.torch_threads)."""
-    from spinal_transfer.runtime import torch_threads
+    from spinal_transfer.utils.runtime import torch_threads
 
     with torch_threads(1):
         yield
@@ -163,7 +163,7 @@ def digits_transfer(tmp_path_factory) -> tuple[Path, Path]:
     carry over to classes it never saw, for comparing and searching heads on it (compare, tune)."""
     import torch
 
-    from spinal_transfer.train import run
+    from spinal_transfer.training.train import run
 
     root = tmp_path_factory.mktemp("transfer")
     low = write_digits_folder(root / "low", digits=(0, 1, 2, 3, 4), size=16)

@@ -8,8 +8,8 @@ from pathlib import Path
 from PIL import Image
 
 from spinal_transfer.config import TrainConfig
-from spinal_transfer.images import load_image
-from spinal_transfer.train import run as train
+from spinal_transfer.data.images import load_image
+from spinal_transfer.training.train import run as train
 
 
 def make_run_folder(run: Path, data: Path, epochs: tuple[int, int] = (2, 1), seed: int = 0) -> Path:

@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from spinal_transfer.data.loaders import ImageDataset
+from spinal_transfer.data.augment import DEFAULT_CROP_SCALE, POLICIES, Augmentation
+from spinal_transfer.data.transforms import (
+    DataConfig,
+    Sharpness,
+    build_transforms,
+    crop_decode_size,
+    randaugment_ops,
+    trivial_augment_ops,
+)
 from spinal_transfer.errors import ConfigError
-from spinal_transfer.loaders import ImageDataset
-from spinal_transfer.transforms import (DEFAULT_CROP_SCALE, POLICIES, Augmentation, DataConfig, Sharpness,
-                                        build_transforms, crop_decode_size, randaugment_ops, trivial_augment_ops)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DC = DataConfig(img_size=32, resize_size=36, mean=MEAN, std=STD, interpolation="bilinear", crop_pct=32 / 36)

@@ -8,9 +8,7 @@ import sys
 
 import pytest
 
-from spinal_transfer.cli import build_parser, main
-
-from spinal_transfer.cli import COMMANDS
+from spinal_transfer.cli import COMMANDS, build_parser, main
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_digits_folder
-from spinal_transfer import reproduce as rp
+
 from spinal_transfer.errors import EXIT_INTERRUPTED
+from spinal_transfer.experiments import reproduce as rp
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="timm/test_resnet", weights="none", img_size=16, batch_size=64, workers=0, augment="none",

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_flags
 from scipy.stats import binom
 
-import spinal_transfer.train as train
-from conftest import cli_flags
-from spinal_transfer import compare as cmp
+import spinal_transfer.training.train as train
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
 from spinal_transfer.errors import ConfigError
-from spinal_transfer.heads_spec import HeadSpecError, parse_head_spec, parse_head_specs
+from spinal_transfer.experiments import compare as cmp
+from spinal_transfer.models.heads_spec import HeadSpecError, parse_head_spec, parse_head_specs
 
 SIZE = 16
 
@@ -58,7 +58,7 @@ def test_head_specs(spec, text, fields):
 
 def test_every_documented_spec_parses():
     """The grammar in heads_spec's docstring is the code's: each example there parses."""
-    import spinal_transfer.heads_spec as hs
+    import spinal_transfer.models.heads_spec as hs
 
     examples = [line.split()[0] for line in hs.__doc__.splitlines()
                 if line.startswith("    ") and line.split() and line.split()[0].split(":")[0] in hs.KINDS]
@@ -113,9 +113,10 @@ def test_plan_shares_everything_but_head_and_seed(tmp_path):
 def test_random_init_backbones_of_different_seeds_do_not_share_features():
     """weights none: each seed initialises another backbone, so its features get another cache entry; the same
     seed (whatever the head) shares one."""
-    from spinal_transfer.features import fingerprint
-    from spinal_transfer.surgery import build_model
-    from spinal_transfer.transforms import build_transforms, resolve_data_config
+    from spinal_transfer.data.transforms import build_transforms
+    from spinal_transfer.models.preprocess import resolve_data_config
+    from spinal_transfer.models.surgery import build_model
+    from spinal_transfer.training.features import fingerprint
 
     def entry(seed: int, head: str) -> str:
         torch.manual_seed(seed)

@@ -13,13 +13,21 @@ from conftest import write_digits_folder
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
+from spinal_transfer.data.augment import Augmentation
+from spinal_transfer.data.images import BadImage, load_image
+from spinal_transfer.data.loaders import (
+    BadSample,
+    ImageDataset,
+    balanced_sample_weights,
+    class_counts,
+    class_weights,
+    collate,
+)
+from spinal_transfer.data.skiplog import SkipLog
+from spinal_transfer.data.splits import list_images, load_recorded, record, scan
+from spinal_transfer.data.transforms import DataConfig, build_transforms, transform_signature
 from spinal_transfer.errors import DataError
-from spinal_transfer.images import BadImage, load_image
-from spinal_transfer.loaders import (BadSample, ImageDataset, balanced_sample_weights, class_counts, class_weights,
-                                     collate)
-from spinal_transfer.rundir import SkipLog
-from spinal_transfer.splits import list_images, load_recorded, record, scan
-from spinal_transfer.transforms import Augmentation, DataConfig, build_transforms, resolve_data_config, transform_signature
+from spinal_transfer.models.preprocess import resolve_data_config
 
 RNG = np.random.default_rng(0)
 

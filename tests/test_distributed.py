@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SIGNAL_AT_STEP, cli_flags, truncated_jpeg
-from spinal_transfer.checkpoint import load_checkpoint
+
 from spinal_transfer.config import TrainConfig
-from spinal_transfer.interpret import read_predictions
-from spinal_transfer.train import run
+from spinal_transfer.evaluation.interpret import read_predictions
+from spinal_transfer.runs.checkpoint import load_checkpoint
+from spinal_transfer.training.train import run
 
 PER_DEVICE_BATCH = 16
 EPOCHS = 3

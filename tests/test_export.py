@@ -14,23 +14,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_digits_folder
 from safetensors.torch import load_file
 from torch import nn
 
 import spinal_transfer
-from conftest import write_digits_folder
-from spinal_transfer.runtime import torch_threads
-from spinal_transfer.checkpoint import atomic_save, checkpoint_meta, load_run_checkpoint, model_from_checkpoint
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
-from spinal_transfer.images import load_image
-from spinal_transfer.export import FORMAT_FILES, READERS, ExportError, eval_transform, export
-from spinal_transfer.heads import head_options
-from spinal_transfer.metrics import classification_metrics
-from spinal_transfer.surgery import build_model
+from spinal_transfer.data.images import load_image
+from spinal_transfer.deploy.export import FORMAT_FILES, READERS, ExportError, eval_transform, export
 from spinal_transfer.errors import MissingDependency, UnsafeCheckpointError
-from spinal_transfer.train import run
-from spinal_transfer.transforms import resolve_data_config
+from spinal_transfer.evaluation.metrics import classification_metrics
+from spinal_transfer.models.heads import head_options
+from spinal_transfer.models.preprocess import resolve_data_config
+from spinal_transfer.models.restore import model_from_checkpoint
+from spinal_transfer.models.surgery import build_model
+from spinal_transfer.runs.checkpoint import atomic_save, checkpoint_meta
+from spinal_transfer.runs.rundir import load_run_checkpoint
+from spinal_transfer.training.train import run
+from spinal_transfer.utils.runtime import torch_threads
 
 TINY = dict(backbone="timm/test_resnet", weights="none", head="spinal", head_preset="vgg", layer_width=16,
             img_size=16, batch_size=32, workers=0, augment="none", optimizer="sgd", lr=0.05, scheduler="none",
@@ -194,7 +196,7 @@ def test_failed_check_fails_loudly_and_keeps_nothing(exported, tmp_path, monkeyp
     run_dir, _, _ = exported
     off_by_a_bit = {fmt: (lambda read: lambda path: (lambda x: read(path)(x) + 1e-3))(read)
                     for fmt, read in READERS.items()}
-    monkeypatch.setattr("spinal_transfer.export.READERS", off_by_a_bit)
+    monkeypatch.setattr("spinal_transfer.deploy.export.READERS", off_by_a_bit)
     with pytest.raises(ExportError, match=r"script: max abs logit difference 0.001 > 0.0001[\s\S]*trace:"):
         export(run_dir, tmp_path / "bundle", ["torchscript"])
     assert list((tmp_path / "bundle").iterdir()) == []

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, cli_flags, snapshot, write_digits_folder
 from PIL import Image
 
-from conftest import TINY, cli_flags, snapshot, write_digits_folder
-from spinal_transfer.checkpoint import load_checkpoint
 from spinal_transfer.errors import CheckpointError
-from spinal_transfer.rundir import RunDir
+from spinal_transfer.runs.checkpoint import load_checkpoint
+from spinal_transfer.runs.rundir import RunDir
 
 ENV = {**os.environ, "PYTHONHASHSEED": "0"}
 
@@ -175,7 +175,7 @@ def test_a_broken_last_checkpoint_is_refused_in_one_line_and_never_loaded(finish
 
 
 def test_program_files_where_a_checkpoint_is_expected_say_what_they_are(finished, tmp_path, cli_run):
-    from spinal_transfer.checkpoint import model_from_checkpoint
+    from spinal_transfer.models.restore import model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(finished / "checkpoints" / "best.pt"))[0]
     x = torch.zeros(1, 3, 32, 32)
@@ -299,7 +299,7 @@ def _png(path: Path, value: int = 128) -> None:
 
 
 def test_class_like_folders_next_to_train_and_loose_images_are_reported(tmp_path):
-    from spinal_transfer.splits import scan
+    from spinal_transfer.data.splits import scan
 
     for split in ("train", "val", "test"):
         for c in ("cat", "dog"):
@@ -323,7 +323,7 @@ def test_class_like_folders_next_to_train_and_loose_images_are_reported(tmp_path
 
 
 def test_symlinks_are_followed_everywhere_and_a_loop_is_read_once(tmp_path):
-    from spinal_transfer.splits import scan
+    from spinal_transfer.data.splits import scan
 
     elsewhere = tmp_path / "elsewhere"
     for i in range(3):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_digits_folder
-from spinal_transfer.checkpoint import atomic_save, load_checkpoint
+
 from spinal_transfer.config import TrainConfig
-from spinal_transfer.train import run
+from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
+from spinal_transfer.training.train import run
 
 BASE = dict(backbone="timm/test_resnet", weights="none", head="spinal", head_preset="resnet", layer_width=16,
             img_size=32, batch_size=64, workers=0, augment="none", lr=0.05, scheduler="none", epochs=2,

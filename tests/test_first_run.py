@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_digits_folder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -35,7 +34,7 @@ def first_screen_commands() -> list[str]:
 def digits_0_4_resnet18(tmp_path_factory) -> tuple[Path, Path]:
     """(digits 5-9 folder, a resnet18 checkpoint trained from scratch on digits 0-4)."""
     from spinal_transfer.config import TrainConfig
-    from spinal_transfer.train import run
+    from spinal_transfer.training.train import run
 
     root = tmp_path_factory.mktemp("transfer")
     low = write_digits_folder(root / "low", digits=(0, 1, 2, 3, 4), size=32)

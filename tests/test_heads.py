@@ -10,9 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from spinal_transfer.heads import (SPINAL_PRESETS, LinearHead, MLPHead, SpinalHead, create_head,
-                                   split_sizes)
-
+from spinal_transfer.models.heads import SPINAL_PRESETS, LinearHead, MLPHead, SpinalHead, create_head, split_sizes
 
 # ----------------------------------------------------------------------------------------------------
 # helpers written independently of heads.py

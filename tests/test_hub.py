@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinal_transfer import hub
-from spinal_transfer.surgery import build_model, head_param_names, list_backbones, parse_backbone
-from spinal_transfer.transforms import resolve_data_config
 from spinal_transfer.errors import use_cli_option_names
-from spinal_transfer.weights import WeightsUnavailable
+from spinal_transfer.models import hub
+from spinal_transfer.models.preprocess import resolve_data_config
+from spinal_transfer.models.surgery import build_model, head_param_names, list_backbones, parse_backbone
+from spinal_transfer.models.weights import WeightsUnavailable
 
 REPO = "testorg/tiny-resnet"
 BACKBONE = f"timm/hf-hub:{REPO}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from spinal_transfer.errors import ConfigError
-from spinal_transfer.heads import MIN_LAYER_WIDTH, SpinalHead, create_head, default_layer_width
+from spinal_transfer.models.heads import MIN_LAYER_WIDTH, SpinalHead, create_head, default_layer_width
 
 
 @pytest.mark.parametrize("in_features, num_classes, width", [
@@ -32,7 +32,7 @@ def test_small_folder_head_is_far_smaller_than_with_512():
 
 
 def test_a_head_without_width_follows_the_rule_on_the_measured_feature_width():
-    from spinal_transfer.surgery import build_model, get_head
+    from spinal_transfer.models.surgery import build_model, get_head
 
     assert create_head("spinal", 2048, 100).layer_width == 200
     model = build_model("timm/test_resnet", 5, head="spinal", weights=None, layer_width=None)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_cfg
 from spinal_transfer.cli import main as cli
-from spinal_transfer.lr_find import find_lr, lr_find_for_config, steepest, suggest, sweep_lrs, valley
+from spinal_transfer.training.lr_find import find_lr, lr_find_for_config, steepest, suggest, sweep_lrs, valley
 
 
 def _curve(lrs, noise: float = 0.0, seed: int = 0):
@@ -46,11 +46,13 @@ def test_valley_lies_half_way_along_the_longest_descent_and_survives_noise():
 
 
 def _model_and_batches(digits_folder):
-    from spinal_transfer.heads import head_options
-    from spinal_transfer.loaders import EpochSampler, make_loader
-    from spinal_transfer.splits import scan
-    from spinal_transfer.surgery import build_model
-    from spinal_transfer.transforms import Augmentation, build_transforms, resolve_data_config
+    from spinal_transfer.models.heads import head_options
+    from spinal_transfer.data.loaders import EpochSampler, make_loader
+    from spinal_transfer.data.splits import scan
+    from spinal_transfer.models.surgery import build_model
+    from spinal_transfer.data.augment import Augmentation
+    from spinal_transfer.data.transforms import build_transforms
+    from spinal_transfer.models.preprocess import resolve_data_config
 
     cfg = tiny_cfg(digits_folder, "unused", head_preset="vgg")      # dropout and BatchNorm in the head
     splits = scan(digits_folder)
@@ -63,7 +65,7 @@ def _model_and_batches(digits_folder):
 
 
 def test_find_lr_leaves_model_and_rng_untouched_and_suggests_inside_the_sweep(digits_folder, tmp_path):
-    from spinal_transfer.optim import FreezePolicy, make_optimizer
+    from spinal_transfer.training.optim import FreezePolicy, make_optimizer
 
     model, batches = _model_and_batches(digits_folder)
     model.eval()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spinal_transfer import plots
-from spinal_transfer.interpret import Prediction
+from spinal_transfer.evaluation import plots
+from spinal_transfer.evaluation.interpret import Prediction
 
 
 def rows(n: int = 9, train_top1: bool = True, test: bool = False) -> list[dict]:

@@ -18,7 +18,7 @@ import pytest
 import scipy.io as sio
 from PIL import Image
 
-from spinal_transfer import prepare as prep
+from spinal_transfer.data import prepare as prep
 
 RNG = np.random.default_rng(0)
 N_TRAIN, N_TEST = 10, 4  # images per class in the fakes

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from spinal_transfer.cli import main as cli
-from spinal_transfer.prepare import PHOTO_GRID, PHOTO_SIZE, photo_crops, prepare
-from spinal_transfer.splits import scan
+from spinal_transfer.data.prepare import PHOTO_GRID, PHOTO_SIZE, photo_crops, prepare
+from spinal_transfer.data.splits import scan
 
 PHOTO_CLASSES = ["astronaut", "brick", "cat", "coffee", "flower", "grass", "gravel", "motorcycle", "rocket", "temple"]
 

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_cfg
 from PIL import Image
 
-from conftest import tiny_cfg
 from spinal_transfer.cli import main as cli
-from spinal_transfer.loaders import EpochSampler, ImageDataset
-from spinal_transfer.preview import denormalize, show_batch, training_pipeline, write_batch_preview
-from spinal_transfer.splits import scan
-from spinal_transfer.transforms import Augmentation, build_transforms, resolve_data_config
+from spinal_transfer.data.augment import Augmentation
+from spinal_transfer.data.loaders import EpochSampler, ImageDataset
+from spinal_transfer.data.splits import scan
+from spinal_transfer.data.transforms import build_transforms
+from spinal_transfer.models.preprocess import resolve_data_config
+from spinal_transfer.training.preview import denormalize, show_batch, training_pipeline, write_batch_preview
 
 
 def _tile(png: np.ndarray, box: tuple[int, int, int], scale: int) -> np.ndarray:

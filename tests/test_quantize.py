@@ -1,4 +1,4 @@
-"""int8 ONNX quantization (spinal_transfer.quantize) on a small model trained on real images.
+"""int8 ONNX quantization (spinal_transfer.deploy.quantize) on a small model trained on real images.
 
 The model (timm test_resnet + spinal head, 32 px) is trained for four epochs on scikit-learn's digits
 written as PNGs, so its predictions mean something; it is exported with torch.onnx.export, quantized
@@ -16,14 +16,24 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from spinal_transfer.images import load_image  # noqa: E402
-from spinal_transfer.splits import list_images  # noqa: E402
-from spinal_transfer.quantize import (BatchReader, QuantizationError, check_accuracy_drop, compare_onnx,  # noqa: E402
-                                      default_reduce_range, int8_suitability, onnx_session, onnx_top1,
-                                      quantize_and_check, quantize_onnx)
-from spinal_transfer.surgery import build_model  # noqa: E402
-from spinal_transfer.transforms import build_transforms, resolve_data_config  # noqa: E402
+from spinal_transfer.data.images import load_image  # noqa: E402
+from spinal_transfer.data.splits import list_images  # noqa: E402
+from spinal_transfer.data.transforms import build_transforms  # noqa: E402
+from spinal_transfer.deploy.quantize import (
+    BatchReader,
+    QuantizationError,
+    check_accuracy_drop,
+    compare_onnx,
+    default_reduce_range,
+    int8_suitability,
+    onnx_session,
+    onnx_top1,
+    quantize_and_check,
+    quantize_onnx,
+)
 from spinal_transfer.errors import use_cli_option_names  # noqa: E402
+from spinal_transfer.models.preprocess import resolve_data_config
+from spinal_transfer.models.surgery import build_model  # noqa: E402
 
 SIZE, BATCH, EPOCHS = 32, 64, 4
 # Agreement bound: per-channel int8 with MinMax ranges typically changes the top-1 class of well under

@@ -32,7 +32,7 @@ import yaml
 from torch import nn
 
 from spinal_transfer.config import Stage, TrainConfig
-from spinal_transfer.splits import Splits
+from spinal_transfer.data.splits import Splits
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -260,7 +260,7 @@ def test_closed_form_reproduces_reference_table():
 
 def test_closed_form_matches_heads_module():
     """The A4 formula and heads.SpinalHead.num_params agree (small widths only: cheap to build)."""
-    from spinal_transfer.heads import create_head
+    from spinal_transfer.models.heads import create_head
     for width, classes, preset in [(20, 10, "resnet"), (20, 10, "vgg"), (196, 196, "resnet"), (512, 100, "vgg")]:
         head = create_head("spinal", 2048, classes, preset=preset, layer_width=width)
         assert sum(p.numel() for p in head.parameters()) == spinal_params(2048, width, classes, preset)
@@ -285,7 +285,7 @@ def test_weight_names_exist_in_torchvision():
 CSV_COLUMNS = ["recipe", "dataset", "backbone", "head", "preset", "layer_width", "top1", "split",
                "selected_on_same_split", "source", "commit", "location", "quote", "val_top1", "authors_split",
                "train_images", "settings", "doubt"]
-# Read by spinal_transfer.reproduce (load_paper_results, cells, to_csv): they keep their names and meaning.
+# Read by spinal_transfer.experiments.reproduce (load_paper_results, cells, to_csv): they keep their names and meaning.
 REPRODUCE_COLUMNS = ["recipe", "top1", "split", "selected_on_same_split"]
 
 # Files of dipuk0506/SpinalNet that recipes and paper_results.csv may cite (HEAD 2a2a92f, plus the deleted
@@ -467,7 +467,7 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
 
 def _build(key, device: str):
     from spinal_transfer import build_model
-    from spinal_transfer.heads import head_options
+    from spinal_transfer.models.heads import head_options
 
     paths = GROUPS[key]
     cfg = load(paths[0])
@@ -478,8 +478,8 @@ def _build(key, device: str):
 
 
 def _check_model(model: nn.Module, key, device: str) -> None:
-    from spinal_transfer.heads import LinearHead, MLPHead, SpinalHead
-    from spinal_transfer.surgery import get_head
+    from spinal_transfer.models.heads import LinearHead, MLPHead, SpinalHead
+    from spinal_transfer.models.surgery import get_head
 
     paths = GROUPS[key]
     cfg = load(paths[0])
@@ -551,7 +551,7 @@ def test_built_model_matches_recipes_cpu(key):
 
 def test_recipe_data_names_match_prepare():
     """`data:` is resolved against --data-root, where `prepare <name>` writes ROOT/<name>/{train,val,test}."""
-    from spinal_transfer.prepare import DATASETS as PREPARED
+    from spinal_transfer.data.prepare import DATASETS as PREPARED
 
     for ds, ref in DATASETS.items():
         data = ref.get("data", ds)
@@ -567,7 +567,7 @@ def test_recipe_data_names_match_prepare():
 def _prepared(dataset: str) -> Splits:
     """The train/val/test file lists `prepare` writes for `dataset`, built by prepare's own split code from a
     stand-in source of the official sizes (names as prepare gives array datasets; labels round-robin)."""
-    from spinal_transfer import prepare as prep
+    from spinal_transfer.data import prepare as prep
 
     spec = prep.DATASETS[dataset]
     classes = [f"c{i:03d}" for i in range(spec.num_classes)]
@@ -581,9 +581,9 @@ def _prepared(dataset: str) -> Splits:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_paper_protocol_trains_on_the_official_training_set_and_selects_on_the_reported_split(path):
-    from spinal_transfer import prepare as prep
-    from spinal_transfer.splits import apply_protocol
-    from spinal_transfer.train import selection_split
+    from spinal_transfer.data import prepare as prep
+    from spinal_transfer.data.splits import apply_protocol
+    from spinal_transfer.training.train import selection_split
 
     cfg = load(path)
     spec = prep.DATASETS[cfg.data]

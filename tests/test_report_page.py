@@ -17,14 +17,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from report_run import make_run_folder
-from spinal_transfer.browser import find_chromium, render
-from spinal_transfer.interpret import (most_confused, most_confused_from_matrix, prediction_header, read_predictions,
-                                       top_losses, write_predictions_csv)
-from spinal_transfer.report_page import main as report_main
-from spinal_transfer.report_page import write_evaluation_html, write_report_html
-from spinal_transfer.rundir import SkipLog
+
+from spinal_transfer.data.skiplog import SkipLog
+from spinal_transfer.evaluation.browser import find_chromium, render
+from spinal_transfer.evaluation.interpret import (
+    most_confused,
+    most_confused_from_matrix,
+    prediction_header,
+    read_predictions,
+    top_losses,
+    write_predictions_csv,
+)
+from spinal_transfer.evaluation.report_page import main as report_main
+from spinal_transfer.evaluation.report_page import write_evaluation_html, write_report_html
 
 TOP_N = 16
 
@@ -192,7 +198,7 @@ def test_report_html_is_self_contained_and_complete(run_dir):
 
 def _predictions_for(n_classes: int, tmp: Path) -> tuple[dict, Path, list[str]]:
     """Metrics and a CSV for `n_classes` classes from seeded random logits that favour the truth."""
-    from spinal_transfer.metrics import classification_metrics
+    from spinal_transfer.evaluation.metrics import classification_metrics
 
     g = torch.Generator().manual_seed(n_classes)
     classes = [f"species <{i:03d}>" for i in range(n_classes)]    # '<' must come out escaped
@@ -287,7 +293,7 @@ def test_chromium_check_catches_an_outside_request(tmp_path):
 
 
 def test_screenshot_command(run_dir, tmp_path, capsys, monkeypatch):
-    """`python -m spinal_transfer.report_page RUN --out FILE --screenshot PNG`: the README picture's code path."""
+    """`python -m spinal_transfer.evaluation.report_page RUN --out FILE --screenshot PNG`: the README picture's code path."""
     exe = _chromium_or_skip()
     out, png = tmp_path / "r.html", tmp_path / "shot.png"
     monkeypatch.setenv("CHROMIUM", exe)

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from scipy.stats import binom
 
-import spinal_transfer.train as train
-from spinal_transfer import reproduce as rp
+import spinal_transfer.training.train as train
 from spinal_transfer.cli import main as cli
+from spinal_transfer.experiments import reproduce as rp
 
 # A recipe pair shaped like the paper's, small enough for CPU: random-init tiny ResNet, 16 px.
 TINY = dict(backbone="timm/test_resnet", weights="none", img_size=16, batch_size=64, workers=0, augment="none",

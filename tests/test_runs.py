@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, cli_flags, snapshot, tiny_cfg, truncated_jpeg, write_digits_folder
-from spinal_transfer.checkpoint import load_checkpoint
-from spinal_transfer.interpret import read_predictions
-from spinal_transfer.train import run
+
+from spinal_transfer.evaluation.interpret import read_predictions
+from spinal_transfer.runs.checkpoint import load_checkpoint
+from spinal_transfer.training.train import run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "spinal_transfer"
 ENV = {**os.environ, "PYTHONHASHSEED": "0"}

@@ -15,12 +15,12 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from spinal_transfer.data.splits import list_images  # noqa: E402
+from spinal_transfer.deploy.export import INT8_FILE  # noqa: E402
+from spinal_transfer.deploy.predict import predict  # noqa: E402
+from spinal_transfer.deploy.predictor import Predictor  # noqa: E402
 from spinal_transfer.errors import ConfigError, DataError  # noqa: E402
-from spinal_transfer.export import INT8_FILE  # noqa: E402
-from spinal_transfer.predict import predict  # noqa: E402
-from spinal_transfer.runtime import torch_threads  # noqa: E402
-from spinal_transfer.predictor import Predictor  # noqa: E402
-from spinal_transfer.splits import list_images  # noqa: E402
+from spinal_transfer.utils.runtime import torch_threads  # noqa: E402
 
 NUMBERS = r"int8 top-1 \d+\.\d\d% vs fp32 \d+\.\d\d%: a drop of -?\d+\.\d\d points"
 
@@ -59,7 +59,7 @@ def _same(top_a, top_b, tol=1e-6):
                                                 ("bundle", "torch", True), ("run", "auto", False),
                                                 ("onnx", "auto", False)])
 def test_predictor_matches_predict(which, runner, tta, bundle, finished_run, images):
-    from spinal_transfer.evaluation import TTA
+    from spinal_transfer.evaluation.evaluate import TTA
 
     source = {"bundle": bundle, "run": finished_run, "onnx": bundle / "model.onnx"}[which]
     p = Predictor(source, device="cpu", runner=runner, tta=tta, tta_crops=5 if tta else 0)
@@ -88,7 +88,7 @@ def test_predictor_takes_paths_pil_images_and_arrays(bundle, images):
 
 
 def test_quantized_bundle_records_both_numbers(bundle, finished_run):
-    from spinal_transfer.rundir import RunDir
+    from spinal_transfer.runs.rundir import RunDir
 
     config = json.loads((bundle / "config.json").read_text())
     q = config["formats"]["onnx-int8"]

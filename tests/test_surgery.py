@@ -23,9 +23,9 @@ import pytest
 import torch
 from torch import nn
 
-from spinal_transfer.heads import LinearHead, MLPHead, SpinalHead
-from spinal_transfer.surgery import build_model, get_head, head_param_names, list_backbones
 from spinal_transfer.errors import ConfigError, WeightsUnavailable
+from spinal_transfer.models.heads import LinearHead, MLPHead, SpinalHead
+from spinal_transfer.models.surgery import build_model, get_head, head_param_names, list_backbones
 
 C = 5                                              # classes of the new heads
 HEAD_OPTS = {"linear": {}, "mlp": {"hidden": (16,)}, "spinal": {"layer_width": 8}}

@@ -14,9 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinal_transfer.plots import plot_curves
-from spinal_transfer.tracking import (INSTALL_HINT, Backend, Tracker, epoch_metrics, flatten_params, parse_log_to,
-                                      summary_metrics)
+from spinal_transfer.evaluation.plots import plot_curves
+from spinal_transfer.utils.tracking import (
+    INSTALL_HINT,
+    Backend,
+    Tracker,
+    epoch_metrics,
+    flatten_params,
+    parse_log_to,
+    summary_metrics,
+)
 
 CONFIG = {"backbone": "timm/resnet18", "lr": 0.05, "stages": [{"epochs": 2, "lr": 0.05}, {"epochs": 1, "lr": 0.005}],
           "mean": [0.485, 0.456, 0.406], "clip_grad": None, "freeze_backbone": False, "epochs": 3, "data": "/data/x"}
@@ -194,12 +201,12 @@ def test_wandb_offline_run_read_back(tracked):
 def test_unreachable_mlflow_server_warns_once_and_training_finishes(tmp_path, caplog):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    caplog.set_level(logging.WARNING, logger="spinal_transfer.tracking")
+    caplog.set_level(logging.WARNING, logger="spinal_transfer.utils.tracking")
     t0 = time.perf_counter()
     tracker = Tracker.create(["tensorboard", "mlflow"], run_dir, tracking_uri="http://127.0.0.1:9")
     out = train(tracker, run_dir)
     assert time.perf_counter() - t0 < 60
-    mine = [r for r in caplog.records if r.name == "spinal_transfer.tracking"]
+    mine = [r for r in caplog.records if r.name == "spinal_transfer.utils.tracking"]
     assert len(mine) == 1 and "mlflow" in mine[0].getMessage() and "127.0.0.1:9" in mine[0].getMessage()
     assert len(out["rows"]) == EPOCHS
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -228,25 +235,25 @@ class _DiesInEpoch2(Backend):
 
 
 def test_backend_failing_mid_run_is_switched_off_with_one_warning(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="spinal_transfer.tracking")
+    caplog.set_level(logging.WARNING, logger="spinal_transfer.utils.tracking")
     flaky = _DiesInEpoch2()
     tracker = Tracker([flaky])
     out = train(tracker, tmp_path)
     assert len(out["rows"]) == EPOCHS
     assert [c for c in flaky.calls if c != "step"] == ["epoch 1", "epoch 2", "close FAILED"]
     assert flaky.calls.count("step") == 2 * STEPS_PER_EPOCH            # nothing after the failure
-    mine = [r.getMessage() for r in caplog.records if r.name == "spinal_transfer.tracking"]
+    mine = [r.getMessage() for r in caplog.records if r.name == "spinal_transfer.utils.tracking"]
     assert len(mine) == 1 and "flaky failed in log_epoch (ConnectionError: server went away)" in mine[0]
     assert tracker.active == []
 
 
 def test_missing_package_names_the_extra(tmp_path, caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)          # import wandb -> ImportError
-    caplog.set_level(logging.WARNING, logger="spinal_transfer.tracking")
+    caplog.set_level(logging.WARNING, logger="spinal_transfer.utils.tracking")
     tracker = Tracker.create("wandb", tmp_path)
     assert tracker.active == []
     train(tracker, tmp_path)
-    mine = [r.getMessage() for r in caplog.records if r.name == "spinal_transfer.tracking"]
+    mine = [r.getMessage() for r in caplog.records if r.name == "spinal_transfer.utils.tracking"]
     assert len(mine) == 1 and INSTALL_HINT in mine[0] and "wandb" in mine[0]
 
 

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SIGNAL_AT_STEP, TINY, tiny_cfg, write_digits_folder
-from spinal_transfer.checkpoint import load_checkpoint
+
 from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
 from spinal_transfer.errors import NonFiniteLoss
-from spinal_transfer.evaluation import evaluate
-from spinal_transfer.runtime import tune_cpu_allocator
-from spinal_transfer.train import run
+from spinal_transfer.evaluation.evaluate import evaluate
+from spinal_transfer.runs.checkpoint import load_checkpoint
+from spinal_transfer.training.train import run
+from spinal_transfer.utils.runtime import tune_cpu_allocator
 
 EPOCHS = 6
 
@@ -294,7 +294,7 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 @pytest.mark.parametrize("flag, expected", [(None, torch.channels_last), (False, torch.contiguous_format)])
 def test_channels_last_is_the_cpu_default_and_can_be_turned_off(digits_folder, tmp_path, monkeypatch, flag, expected):
-    import spinal_transfer.train as T
+    import spinal_transfer.training.train as T
 
     seen: dict[str, set] = {"input": set(), "weight": set()}
     build = T.build_model
@@ -317,8 +317,8 @@ def test_channels_last_is_the_cpu_default_and_can_be_turned_off(digits_folder, t
 
 
 def test_early_stopping_on_a_metric_sequence():
-    from spinal_transfer.optim import EarlyStopping
-    from spinal_transfer.train import Progress
+    from spinal_transfer.training.selection import EarlyStopping
+    from spinal_transfer.training.train import Progress
 
     def first_stop(scores, patience, min_delta=0.0):
         p, rule = Progress(), EarlyStopping(patience, min_delta)

@@ -8,11 +8,11 @@ import logging
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_cfg
 from PIL import Image
 
-from conftest import tiny_cfg
-from spinal_transfer import train
-from spinal_transfer.config import AUGMENT_POLICIES, resolve_config
+from spinal_transfer.config import resolve_config
+from spinal_transfer.training import train
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_lr_auto_runs_the_range_test_and_trains_with_its_suggestion(auto_run):
 
 def test_width_rule_is_written_into_the_run(auto_run):
     out, _ = auto_run
-    from spinal_transfer.heads import default_layer_width
+    from spinal_transfer.models.heads import default_layer_width
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     feature_width = json.loads((out / "report.json").read_text())["head"]["feature_width"]
@@ -56,7 +56,7 @@ def test_final_evaluation_with_tta_keeps_the_plain_metrics(auto_run, cli_run):
 def test_batch_png_is_the_runs_first_batch(auto_run, tmp_path):
     out, _ = auto_run
     from spinal_transfer.config import TrainConfig
-    from spinal_transfer.preview import show_batch
+    from spinal_transfer.training.preview import show_batch
 
     cfg = TrainConfig.from_yaml(out / "config.yaml")
     again = show_batch(cfg, tmp_path / "again.png")
@@ -69,12 +69,6 @@ def test_flag_that_does_not_apply_is_said_once(caplog):
     assert cfg.head == "linear"
     assert [r.getMessage() for r in caplog.records] == [
         "--layer-width has no effect here: it applies only with --head spinal"]
-
-
-def test_config_knows_every_augmentation_policy():
-    from spinal_transfer.transforms import POLICIES
-
-    assert tuple(AUGMENT_POLICIES) == tuple(POLICIES)
 
 
 def test_lr_auto_refuses_a_multi_stage_recipe():

@@ -6,21 +6,22 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_cfg
+
 from spinal_transfer.cli import main as cli
+from spinal_transfer.data.loaders import ShardSampler, make_loader
+from spinal_transfer.data.splits import scan
+from spinal_transfer.data.transforms import build_transforms
 from spinal_transfer.errors import ConfigError
-from spinal_transfer.evaluation import TTA, evaluate, predict_logits, predict_logits_tta, tta_views
-from spinal_transfer.loaders import ShardSampler, make_loader
-from spinal_transfer.splits import scan
-from spinal_transfer.transforms import build_transforms, resolve_data_config
+from spinal_transfer.evaluation.evaluate import TTA, evaluate, predict_logits, predict_logits_tta, tta_views
+from spinal_transfer.models.preprocess import resolve_data_config
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def model_and_batches(digits_folder):
-    from spinal_transfer.surgery import build_model
+    from spinal_transfer.models.surgery import build_model
 
     torch.manual_seed(0)
     model = build_model("timm/test_resnet", 10, head="spinal", weights="none", layer_width=32, preset="vgg").eval()
@@ -71,7 +72,7 @@ def test_one_pass_gives_plain_and_tta_outputs(model_and_batches):
 
 @pytest.fixture(scope="module")
 def short_run(digits_folder, tmp_path_factory):
-    from spinal_transfer.train import run
+    from spinal_transfer.training.train import run
 
     out = tmp_path_factory.mktemp("tta") / "run"
     return out, run(tiny_cfg(digits_folder, out, epochs=2, limit_train_batches=8, scheduler="cosine"))
@@ -94,7 +95,7 @@ def test_evaluate_prints_and_records_the_metric_with_and_without_tta(short_run, 
 
 
 def test_predict_with_tta(short_run, digits_folder):
-    from spinal_transfer.predict import predict
+    from spinal_transfer.deploy.predict import predict
 
     out, _ = short_run
     folder = digits_folder / "test" / "digit_3"

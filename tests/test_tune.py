@@ -13,15 +13,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-
-import spinal_transfer.train as train
 from conftest import cli_flags
-from spinal_transfer import tune
+
+import spinal_transfer.training.train as train
 from spinal_transfer.cli import main as cli
 from spinal_transfer.cli.tune import CONTROLLED
 from spinal_transfer.config import TrainConfig, resolve_config
-from spinal_transfer.multirun import mode_fields
-from spinal_transfer.rundir import RunDir
+from spinal_transfer.experiments import tune
+from spinal_transfer.experiments.multirun import mode_fields
+from spinal_transfer.runs.rundir import RunDir
 
 FLAGS = dict(backbone="timm/test_resnet", img_size=16, batch_size=64, workers=0, augment="none", scheduler="none",
              epochs=3, log_interval=1000, device="cpu", deterministic="true")

@@ -31,8 +31,8 @@ def compare(default: int, new: int) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..heads import head_options
-    from ..surgery import build_model, get_head
+    from ..models.heads import head_options
+    from ..models.surgery import build_model, get_head
 
     if args.num_classes < 2:
         raise ConfigError(f"--num-classes must be >= 2, got {args.num_classes}")

@@ -37,10 +37,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..checkpoint import atomic_write_text
+    from ..utils.atomic import atomic_write_text
     from ..errors import ConfigError
-    from ..evaluation import TTA, evaluate, write_predictions
-    from ..metrics import summary
+    from ..evaluation.evaluate import TTA, evaluate, write_predictions
+    from ..evaluation.metrics import summary
 
     if args.tta_crops and not args.tta:
         raise ConfigError("--tta-crops needs --tta")
@@ -70,9 +70,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _page(args: argparse.Namespace, ev, out: Path) -> Path:
     """report.html of this evaluation: the run's settings and curves, this split's analysis."""
-    from ..checkpoint import load_run_checkpoint
-    from ..report_page import run_settings, write_evaluation_html
-    from ..rundir import RunDir
+    from ..runs.rundir import load_run_checkpoint
+    from ..evaluation.report_page import run_settings, write_evaluation_html
+    from ..runs.rundir import RunDir
 
     source = Path(args.run)
     run = RunDir(source if source.is_dir() else source.parent.parent)

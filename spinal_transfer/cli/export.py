@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..export import (ATOL, CARD_FILE, CONFIG_FILE, FORMAT_FILES, MAX_ACCURACY_DROP, QUANTIZE, WEIGHTS_FILE, export,
-                      format_check)
+from ..deploy.export import (
+    ATOL, CARD_FILE, CONFIG_FILE, FORMAT_FILES, MAX_ACCURACY_DROP, QUANTIZE, WEIGHTS_FILE, export, format_check,
+)
 
 EXAMPLES = f"""\
   spinal-transfer export runs/pets --out bundles/pets

@@ -6,7 +6,7 @@ import sys
 
 from ..config import CONFIG_FIELDS
 from ..errors import ConfigError
-from ..predict import RUNNERS, TOPK, predict, write_csv
+from ..deploy.predict import RUNNERS, TOPK, predict, write_csv
 
 EXAMPLES = """\
   spinal-transfer predict bundles/pets photos/ --out preds.csv
@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--topk must be >= 1, got {args.topk}")
     if args.tta_crops and not args.tta:
         raise ConfigError("--tta-crops needs --tta")
-    from ..evaluation import TTA
+    from ..evaluation.evaluate import TTA
 
     tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
     preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta, runner=args.runner)

@@ -6,8 +6,10 @@ import sys
 
 from . import positive_int
 from ..config import CONFIG_FIELDS
-from ..reproduce import (DEFAULT_DATA_ROOT, DEFAULT_OUT, DEFAULT_RECIPES, DEFAULT_SEEDS, OVERRIDES, PAPER_RESULTS,
-                         collect, find_recipes, reproduce, shard_from_env)
+from ..experiments.reproduce import (
+    DEFAULT_DATA_ROOT, DEFAULT_OUT, DEFAULT_RECIPES, DEFAULT_SEEDS, OVERRIDES, PAPER_RESULTS, collect, find_recipes,
+    reproduce, shard_from_env,
+)
 
 EXAMPLES = f"""\
   spinal-transfer prepare stl10 --root data --download

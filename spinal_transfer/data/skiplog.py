@@ -1,0 +1,67 @@
+"""The skip log: every unreadable image met while loading, listed once with its reason."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from ..utils.atomic import atomic_write_text
+from ..utils.distributed import gather_objects, is_main
+
+
+class SkipLog:
+    """Every unreadable file met in any split, at any time, on any rank: listed once with its reason in
+    skipped_files.txt (`path<TAB>reason`) and counted in report.json.
+
+    Loaders yield `(images, labels, indices, bad)`; `watch` takes `bad` out of each batch and yields the
+    rest, so no loop handles bad files itself. `sync` gathers every rank's finds and rank 0 writes the file.
+    """
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path = path
+        self.entries: dict[str, str] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                p, _, reason = line.rpartition("\t")
+                if p:
+                    self.entries[p] = reason
+        self._written = dict(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.entries
+
+    def add(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for p, reason in pairs:
+            self.entries.setdefault(str(p), " ".join(str(reason).split()))
+
+    def watch(self, batches: Iterable) -> Iterator[tuple]:
+        """The batches of a loader without their unreadable files, which are recorded here."""
+        for images, labels, index, bad in batches:
+            if bad:
+                self.add(bad)
+            yield images, labels, index
+
+    def watched(self, batches: Iterable) -> Iterable[tuple]:
+        """`watch` as an iterable that can be passed over again (each pass a new `watch` of `batches`)."""
+        return _Rewatch(self, batches)
+
+    def sync(self, write: bool = True) -> None:
+        """Merge every rank's entries (a collective under torchrun), then rank 0 writes the file if it changed."""
+        for part in gather_objects(self.entries):
+            for p, r in part.items():
+                self.entries.setdefault(p, r)
+        if write and self.path is not None and is_main() and self.entries != self._written:
+            atomic_write_text(self.path, "".join(f"{p}\t{r}\n" for p, r in self.entries.items()))
+            self._written = dict(self.entries)
+
+
+@dataclass
+class _Rewatch:
+    skips: SkipLog
+    batches: Iterable
+
+    def __iter__(self) -> Iterator[tuple]:
+        return self.skips.watch(self.batches)

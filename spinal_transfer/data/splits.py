@@ -1,0 +1,349 @@
+"""Image folders -> labelled train/val/test file lists, recorded in the run so that they never change under it.
+
+Layouts: ROOT/{train,val,test}/<class>/... (aliases below) or flat ROOT/<class>/...; images may sit at any
+depth inside a class folder. Classes are the class-folder names in plain Python `sorted()` order (so "B" <
+"a" and "10" < "2"); label i is classes[i]. A missing val/test split is carved out of train with a
+stratified, seeded split.
+
+Symbolic links are followed everywhere, files and folders alike (a link is what the user put there); a
+folder reached twice (a link loop, or two links to one folder) is read once and reported. Nothing is
+dropped silently: folders next to train/ that are not read, image files outside any class folder and
+new files on resume are all reported.
+
+A run's file lists are fixed at its start (`record`): every split's files with their sizes and modification
+times (one stat each, cheap for a million files), and the classes. A resumed run and `evaluate RUN` use the
+recorded lists (`load_recorded`); a data folder that changed since is reported (added, removed, modified),
+and the run refuses only when files it needs are gone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from ..errors import DataError
+from .images import IMG_EXTENSIONS, check_image_header
+
+log = logging.getLogger("spinal_transfer")
+
+SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+SPLIT_NAMES = ("train", "val", "test")
+_JUNK = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+RECORD_VERSION = 2
+
+Sample = tuple[str, int]
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Splits:
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while scanning
+    # per split: {"kind": "folder", "path": ...} or {"kind": "generated", "from": ..., "fraction": ..., "seed": ...};
+    # "notes": human-readable remarks (e.g. classes too small to stratify).
+    source: dict = field(default_factory=dict)
+    root: str = ""
+
+    def get(self, name: str) -> list[Sample]:
+        if name not in SPLIT_NAMES:
+            raise DataError(f"unknown split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
+        return getattr(self, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Walking folders
+
+def _hidden(name: str) -> bool:
+    """Dot-files/folders (.DS_Store, .ipynb_checkpoints, ...) and OS junk are never classes or samples."""
+    return name.startswith(".") or name in _JUNK
+
+
+def walk_files(folder: Path, notes: Optional[list[str]] = None) -> list[Path]:
+    """Every non-hidden file below `folder`, recursively, links followed, sorted by path. A folder reached a
+    second time (link loop, or two links to one place) is not read again; `notes` says where."""
+    out: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            if notes is not None:
+                notes.append(f"{dirpath} is a link to a folder already read (a link loop or a second link); "
+                             f"read once")
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for f in filenames:
+            p = Path(dirpath, f)
+            if _hidden(f):
+                continue
+            if p.is_file():
+                out.append(p)
+            elif notes is not None and p.is_symlink():
+                notes.append(f"{p} is a broken symbolic link (its target does not exist); not used")
+    return sorted(out)
+
+
+def _subdirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not _hidden(p.name) and p.is_dir())
+
+
+def list_images(paths: list[PathLike]) -> list[str]:
+    """Files as given, folders expanded to their images (recursive, sorted, hidden skipped)."""
+    out: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += [str(f) for f in walk_files(p) if f.suffix.lower() in IMG_EXTENSIONS]
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return list(dict.fromkeys(out))
+
+
+def _scan_split(folder: Path, notes: list[str]) -> tuple[list[str], dict[str, list[str]], list[tuple[str, str]]]:
+    """Classes of one split folder and their header-checked images; skipped files with reasons."""
+    classes = _subdirs(folder)
+    images: dict[str, list[str]] = {}
+    skipped: list[tuple[str, str]] = []
+    for c in classes:
+        images[c] = []
+        for f in walk_files(folder / c, notes):
+            reason = (None if f.suffix.lower() in IMG_EXTENSIONS
+                      else f"extension {f.suffix or '(none)'!r} is not an image extension")
+            reason = reason or check_image_header(f)
+            if reason:
+                skipped.append((str(f), reason))
+            else:
+                images[c].append(str(f))
+    loose = [p.name for p in folder.iterdir() if not _hidden(p.name) and p.is_file()
+             and p.suffix.lower() in IMG_EXTENSIONS]
+    if loose:
+        notes.append(f"{len(loose)} image file(s) directly in {folder} are in no class folder and are not used "
+                     f"(e.g. {loose[0]})")
+    return classes, images, skipped
+
+
+def _find_split_dirs(root: Path, notes: list[str]) -> dict[str, Path]:
+    """{"train": ROOT/train, ...} for the split folders present (aliases allowed, one per split)."""
+    names = set(_subdirs(root))
+    found: dict[str, Path] = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        hits = [a for a in aliases if a in names]
+        if len(hits) > 1:
+            raise DataError(f"{root}: both {' and '.join(hits)} exist; keep one folder for the {split} split")
+        if hits:
+            found[split] = root / hits[0]
+    if found and "train" not in found:
+        raise DataError(f"{root}: found {', '.join(p.name + '/' for p in found.values())} but no train/ folder")
+    if found:
+        unused = sorted(names - {p.name for p in found.values()})
+        if unused:
+            notes.append(f"{root} has folder(s) next to {found['train'].name}/ that are not read: "
+                         f"{', '.join(u + '/' for u in unused[:10])}{' ...' if len(unused) > 10 else ''} "
+                         f"(with a train/ folder only train/, val/ and test/ are read)")
+    return found
+
+
+def _check_classes(classes: dict[str, list[str]]) -> None:
+    """Every folder split must list the same classes as train (a label must mean one thing)."""
+    ref = set(classes["train"])
+    problems = []
+    for split, cls in classes.items():
+        missing, extra = sorted(ref - set(cls)), sorted(set(cls) - ref)
+        if missing or extra:
+            problems.append(f"{split}: missing {missing or 'none'}, extra {extra or 'none'}")
+    if problems:
+        raise DataError("class folders differ between splits (compared with train): " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------
+# Generated splits
+
+def _holdout(samples: list[Sample], fraction: float, seed: int, name: str,
+             notes: list[str]) -> tuple[list[Sample], list[Sample]]:
+    """Stratified (rest, held_out). Classes with a single image stay in rest (they cannot be split);
+    if the held-out set is too small to hold every class once, the split is made unstratified."""
+    from sklearn.model_selection import train_test_split
+
+    if fraction <= 0 or not samples:
+        return samples, []
+    labels = np.array([y for _, y in samples])
+    counts = np.bincount(labels)
+    single = counts[labels] < 2
+    if single.any():
+        notes.append(f"{name}: {int(single.sum())} class(es) with a single image kept in train only")
+    pool = [s for s, one in zip(samples, single) if not one]
+    kept = [s for s, one in zip(samples, single) if one]
+    if len(pool) < 2:
+        return samples, []
+    try:
+        rest, held = train_test_split(pool, test_size=fraction, random_state=seed, stratify=[y for _, y in pool])
+    except ValueError as e:  # e.g. fewer held-out slots than classes
+        notes.append(f"{name}: stratified split impossible ({e}); used a plain random split")
+        rest, held = train_test_split(pool, test_size=fraction, random_state=seed)
+    return sorted(kept + rest), sorted(held)
+
+
+def _generate(splits: dict[str, list[Sample]], source: dict, val_fraction: float, test_fraction: float,
+              seed: int, notes: list[str]) -> None:
+    """Fill missing val/test from train, in place. Fractions are of the images in train/ (when both
+    are missing, test is taken first and val's fraction is rescaled so both are of that total)."""
+    total = len(splits["train"])
+    if "test" not in splits:
+        splits["train"], splits["test"] = _holdout(splits["train"], test_fraction, seed, "test", notes)
+        source["test"] = {"kind": "generated", "from": "train", "fraction": test_fraction, "seed": seed}
+    if "val" not in splits:
+        frac = val_fraction * total / max(len(splits["train"]), 1)
+        splits["train"], splits["val"] = _holdout(splits["train"], frac, seed, "val", notes)
+        source["val"] = {"kind": "generated", "from": "train", "fraction": val_fraction, "seed": seed}
+
+
+def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+         carve: bool = True) -> Splits:
+    """Labelled train/val/test lists of a data folder (see the module docstring for layouts).
+
+    `carve=False` leaves a missing val/test split empty instead of carving it from train (evaluate on another
+    folder must not invent a test split)."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data folder")
+    notes: list[str] = []
+    dirs = _find_split_dirs(root, notes) or {"train": root}
+    classes: dict[str, list[str]] = {}
+    images: dict[str, dict[str, list[str]]] = {}
+    skipped: list[tuple[str, str]] = []
+    for split, folder in dirs.items():
+        classes[split], images[split], sk = _scan_split(folder, notes)
+        skipped += sk
+    if not classes["train"]:
+        raise DataError(f"{dirs['train']}: no class folders found; expected ROOT/<class>/<image> "
+                        f"or ROOT/train/<class>/<image>")
+    if len(classes["train"]) < 2:
+        raise DataError(f"{dirs['train']}: only one class folder ({classes['train'][0]}/); a classifier needs at "
+                        f"least two classes (one class folder per class)")
+    _check_classes(classes)
+    empty = [os.path.relpath(dirs[s] / c, root) for s in images for c, v in images[s].items() if not v]
+    if empty:
+        raise DataError(f"class folder(s) under {root} without a usable image: {', '.join(empty)}"
+                        + (f" (see the {len(skipped)} skipped file(s))" if skipped else ""))
+    cls = classes["train"]
+    splits = {s: [(p, i) for i, c in enumerate(cls) for p in images[s][c]] for s in images}
+    source: dict = {s: {"kind": "folder", "path": str(d)} for s, d in dirs.items()}
+    if carve and not {"val", "test"} <= splits.keys():
+        _generate(splits, source, val_fraction, test_fraction, seed, notes)
+    for n in notes:
+        log.warning(n)
+    if skipped:
+        log.warning("%d file(s) under %s skipped (not readable images)", len(skipped), root)
+    source["notes"] = notes
+    return Splits(cls, splits["train"], splits.get("val", []), splits.get("test", []), skipped, source, str(root))
+
+
+def apply_protocol(s: Splits, protocol: str, paper_select_on: Optional[str],
+                   index_mod: Optional[list] = None) -> Splits:
+    """The splits a protocol trains and selects on (README, "Two protocols").
+
+    honest: as scanned (the best epoch is chosen on val, held out of train where the folder has no val/).
+    paper: the authors' experiment. With `paper_select_on` "test" they trained on all of the official training
+    images and chose the epoch on the split they reported: train/ and val/ (which `prepare` carved from the
+    official train) become one training set and there is no val. With `index_mod` [m, k] their val was the
+    official-train images whose index (the file name `prepare` gives array datasets) % m == k."""
+    if protocol != "paper" or paper_select_on is None:
+        return s
+    notes = list(s.source.get("notes", []))
+    if paper_select_on == "test":
+        notes.append("paper protocol: train/ and val/ together are the training set; the best epoch is chosen on test")
+        return dataclasses.replace(s, train=sorted(s.train + s.val), val=[], source={**s.source, "notes": notes,
+                                                                                     "protocol": "paper"})
+    if not index_mod:
+        return dataclasses.replace(s, source={**s.source, "protocol": "paper"})
+    m, k = index_mod
+    pool = sorted(s.train + s.val)
+    try:
+        chosen = [int(Path(p).stem) % m == k for p, _ in pool]
+    except ValueError:
+        raise DataError(f"paper_val_index_mod needs files named by their index in the official train split (as "
+                        f"`spinal-transfer prepare` writes them, e.g. 00042.png); {s.root} has e.g. "
+                        f"{Path(pool[0][0]).name}") from None
+    notes.append(f"paper protocol: val = the official-train images with index % {m} == {k}")
+    return dataclasses.replace(s, train=[x for x, c in zip(pool, chosen) if not c],
+                               val=[x for x, c in zip(pool, chosen) if c],
+                               source={**s.source, "notes": notes, "protocol": "paper"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The record: a run's file lists, fixed at its start
+
+def record(s: Splits) -> dict:
+    """What splits.json holds: root, classes, how each split was made, and every file with its label, size and
+    modification time (paths relative to root)."""
+    root = Path(s.root)
+
+    def entry(p: str, y: int) -> list:
+        st = os.stat(p)
+        return [os.path.relpath(p, root), y, st.st_size, st.st_mtime_ns]
+
+    return {"version": RECORD_VERSION, "root": str(root), "classes": s.classes, "source": s.source,
+            "splits": {k: [entry(p, y) for p, y in s.get(k)] for k in SPLIT_NAMES},
+            "skipped": [[os.path.relpath(p, root), r] for p, r in s.skipped]}
+
+
+def load_recorded(doc: dict, root: PathLike, log_changes: bool = True) -> Splits:
+    """The recorded splits of a run, with their files found under `root` (the run's data folder, which may
+    have moved). Files gone -> DataError; added, modified files and new class folders -> one warning each."""
+    if doc.get("version") != RECORD_VERSION:
+        raise DataError(f"the run's splits.json is of another version ({doc.get('version')}); it was made by an "
+                        f"older spinal-transfer: start a new run")
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{root}: the run's data folder does not exist (it was {doc['root']}); give its new "
+                        f"place with --data when resuming")
+    out: dict[str, list[Sample]] = {}
+    gone, changed = [], []
+    for split in SPLIT_NAMES:
+        out[split] = []
+        for rel, y, size, mtime in doc["splits"][split]:
+            p = root / rel
+            try:
+                st = os.stat(p)
+            except OSError:
+                gone.append(str(p))
+                continue
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                changed.append(str(p))
+            out[split].append((str(p), int(y)))
+    if gone:
+        shown = "; ".join(gone[:5]) + (f"; ... and {len(gone) - 5} more" if len(gone) > 5 else "")
+        raise DataError(f"{len(gone)} file(s) this run uses are gone from {root}: {shown}. Restore them, or "
+                        f"start a new run on the folder as it is now")
+    skipped = [(str(root / rel), reason) for rel, reason in doc.get("skipped", [])]
+    if log_changes:
+        _report_changes(root, doc, out, skipped, changed)
+    return Splits(doc["classes"], out["train"], out["val"], out["test"], skipped, dict(doc["source"]), str(root))
+
+
+def _report_changes(root: Path, doc: dict, out: dict, skipped: list, changed: list[str]) -> None:
+    """Warn about what changed in the data folder since the run recorded it; nothing of it is used."""
+    known = {p for v in out.values() for p, _ in v} | {p for p, _ in skipped}
+    added = [str(f) for f in walk_files(root) if f.suffix.lower() in IMG_EXTENSIONS and str(f) not in known]
+    if added:
+        log.warning(f"{len(added)} image(s) added to {root} since the run started are not used (the run keeps the "
+                    f"files it started with, listed in splits.json), e.g. {added[0]}")
+    if changed:
+        log.warning(f"{len(changed)} file(s) of the run changed on disk since it started (size or date), e.g. "
+                    f"{changed[0]}; they are read as they are now")
+    split_dirs = _find_split_dirs(root, []) or {"train": root}
+    now = set(_subdirs(split_dirs["train"]))
+    new = sorted(now - set(doc["classes"]))
+    if new:
+        log.warning(f"new class folder(s) {', '.join(new)} in {split_dirs['train']} are not used: the run keeps "
+                    f"its {len(doc['classes'])} classes")

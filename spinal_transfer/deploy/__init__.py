@@ -1,0 +1,1 @@
+"""Export (ONNX, TorchScript, safetensors bundles), int8 quantization, predict and `Predictor`."""

@@ -1,0 +1,435 @@
+"""`spinal-transfer export`: a trained model as a self-describing bundle, plus deployable formats.
+
+A bundle is model.safetensors (weights only: reading it runs no code), config.json (all that is
+needed to rebuild the architecture offline and to preprocess inputs exactly as evaluation did) and
+README.md (a model card). Each extra format (torch.export, TorchScript, ONNX) is written to a staging
+folder, read back from its file and compared with the eager model on the same inputs; only a file
+that passed is moved into the bundle, so what is in the bundle is what was checked.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import TrainConfig
+from ..data.loaders import make_loader
+from ..data.skiplog import SkipLog
+from ..data.transforms import DataConfig, build_transforms
+from ..errors import CheckpointError, MissingDependency, UserError, option_name
+from ..evaluation.evaluate import _eval_samples
+from ..models.restore import model_from_checkpoint
+from ..models.surgery import build_model, get_head
+from ..runs.rundir import RunDir, load_run_checkpoint
+from ..utils.atomic import atomic_write_text
+from .quantize import CALIBRATION_IMAGES, QuantizationError, quantize_and_check
+
+PathLike = Union[str, os.PathLike]
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
+FORMAT_FILES = {"export": "model.pt2", "torchscript": "model.torchscript", "onnx": "model.onnx"}
+INT8_FILE = "model.int8.onnx"   # --quantize int8: onnxruntime static int8 of model.onnx (config["formats"]["onnx-int8"])
+QUANTIZE = ("int8",)
+MAX_ACCURACY_DROP = 1.0         # top-1 points int8 may lose against fp32 ONNX before the export is refused
+ATOL = 1e-4                 # max abs logit difference an exported format may have from the eager model
+TRACE_BATCH = 2             # example batch for tracing/exporting ...
+CHECK_BATCHES = (1, 3)      # ... and the batches compared: other sizes, so a baked-in batch size fails
+ONNX_EXTRA = 'pip install -e ".[onnx]"  (or pip install onnx onnxruntime onnxscript)'
+
+
+class ExportError(UserError):
+    """A format could not be written, or its outputs differ from the eager model's."""
+
+
+# --- bundle: config, weights, loading ------------------------------------------------------------
+
+def bundle_config(ckpt: dict) -> dict:
+    """config.json of a training checkpoint: what rebuilds the model and its eval preprocessing."""
+    info = ckpt["head_info"]
+    return {
+        "spinal_transfer_version": __version__,
+        "backbone": info["backbone"],
+        "head": {"kind": info["head"], "replace": info["replace"], "options": dict(info["head_options"])},
+        "classes": list(ckpt["classes"]),            # index i is logit i
+        "input": dict(ckpt["data_config"]),
+        "epoch": ckpt.get("epoch") or ckpt.get("progress", {}).get("epoch"),     # 1-based
+    }
+
+
+def read_config(bundle: PathLike) -> dict:
+    """config.json of a bundle folder (or of the folder holding a bundle file such as model.onnx)."""
+    folder = Path(bundle)
+    folder = folder.parent if folder.is_file() else folder
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a spinal-transfer bundle: no {CONFIG_FILE} there "
+                                f"(make one with `spinal-transfer export RUN --out DIR`)")
+    return json.loads(path.read_text())
+
+
+def build_from_config(config: dict) -> nn.Module:
+    """The bundle's architecture with random weights; weights=None, so nothing is downloaded."""
+    head = config["head"]
+    return build_model(config["backbone"], len(config["classes"]), head=head["kind"], weights=None,
+                       replace=head["replace"], **head["options"])
+
+
+def load(bundle: PathLike) -> nn.Module:
+    """A bundle folder -> its model in eval mode, rebuilt offline; weights come from safetensors,
+    so loading runs no code from the bundle."""
+    from safetensors.torch import load_model
+
+    folder = Path(bundle)
+    folder = folder.parent if folder.is_file() else folder
+    config = read_config(folder)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    model = build_from_config(config)
+    load_model(model, str(folder / WEIGHTS_FILE))
+    return model.eval()
+
+
+def eval_transform(config: dict):
+    """The evaluation preprocessing of a bundle config: build_transforms(train=False), as in training."""
+    return build_transforms(DataConfig(**config["input"]), train=False)
+
+
+# --- formats: write, read back, compare ----------------------------------------------------------
+
+_BATCH = torch.export.Dim("batch", min=1)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """TorchScript and the TorchScript-based ONNX exporter are deprecated upstream; we use them on purpose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _write_program(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: _BATCH},)), path)
+
+
+def _write_script(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with _quiet():
+        torch.jit.script(model).save(str(path))
+
+
+def _write_trace(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with _quiet():
+        torch.jit.trace(model, example).save(str(path))
+
+
+def _write_onnx_dynamo(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) >= 2**31   # protobuf's limit
+    torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=({0: _BATCH},),
+                      input_names=["input"], output_names=["logits"], external_data=big, verbose=False)
+
+
+def _write_onnx_legacy(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with _quiet():
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def onnx_runner(path: PathLike, device: str = "cpu") -> Runner:
+    """An onnxruntime session as a (batch -> logits) function; CUDA when asked for and available."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingDependency(f"running {path} needs onnxruntime, from the optional extra `onnx`: "
+                                f"{ONNX_EXTRA}") from None
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+
+
+def _read_program(path: Path) -> Runner:
+    return torch.export.load(path).module()
+
+
+def _read_torchscript(path: Path) -> Runner:
+    with _quiet():
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+# Per format: the ways to write it, in order of preference (the next is tried when one raises or
+# fails the check), and how to read it back.
+WAYS = {
+    "export": [("torch.export", _write_program)],
+    "torchscript": [("script", _write_script), ("trace", _write_trace)],
+    "onnx": [("dynamo", _write_onnx_dynamo), ("torchscript-based", _write_onnx_legacy)],
+}
+READERS: dict[str, Callable[[Path], Runner]] = {
+    "export": _read_program, "torchscript": _read_torchscript, "onnx": onnx_runner}
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise MissingDependency(f"--format onnx needs onnx, onnxruntime and onnxscript ({e}); they are the "
+                                f"optional extra `onnx`: {ONNX_EXTRA}") from None
+
+
+@torch.no_grad()
+def max_abs_diff(run: Runner, inputs: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
+    return max(float((run(x).float() - e).abs().max()) for x, e in zip(inputs, expected))
+
+
+def _export_format(fmt: str, model: nn.Module, example: torch.Tensor, inputs: list, expected: list,
+                   stage: Path, atol: float) -> dict:
+    """Write `fmt` into `stage`, read it back and compare; the first way that passes wins."""
+    path = stage / FORMAT_FILES[fmt]
+    failures = []
+    for method, write in WAYS[fmt]:
+        for f in stage.glob(path.name + "*"):          # a failed attempt's leftovers (model.onnx.data)
+            f.unlink()
+        try:
+            write(model, example, path)
+            diff = max_abs_diff(READERS[fmt](path), inputs, expected)
+        except Exception as e:     # exporters fail in many ways; each is reported, the next way is tried
+            failures.append(f"{method}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+            continue
+        if diff <= atol:
+            return {"file": path.name, "method": method, "max_abs_diff": diff}
+        failures.append(f"{method}: max abs logit difference {diff:.3g} > {atol:g}")
+    raise ExportError(f"--format {fmt} failed for {model.spinal_info.backbone}; tried:\n  " + "\n  ".join(failures))
+
+
+# --- the export ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A scratch folder inside `out` (same file system, so moving a file out of it is atomic)."""
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the staged files into `out`, first removing an earlier export's files (no stale formats).
+    Temp files are created owner-only; a bundle is meant to be shared, so it is made world-readable."""
+    for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE):
+        for f in out.glob(name + "*"):
+            f.unlink()
+    for f in sorted(stage.iterdir()):
+        f.chmod(0o644)
+        os.replace(f, out / f.name)
+
+
+def _report(source: Path) -> Optional[dict]:
+    """report.json of the run behind a RUN folder or a RUN/checkpoints/<file>, if there is one."""
+    run = RunDir(source if source.is_dir() else source.parent.parent)
+    return run.read_report() if run.is_finished() else None
+
+
+def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: float = ATOL,
+           quantize: Optional[str] = None, max_accuracy_drop: float = MAX_ACCURACY_DROP, force: bool = False,
+           batch_size: Optional[int] = None, workers: Optional[int] = 0) -> dict:
+    """Write the bundle of `source` (a RUN dir, whose best.pt is used, or a checkpoint file) to `out`,
+    plus each of `formats` ("export", "torchscript", "onnx"), each checked against the eager model.
+    With `quantize="int8"` (implies "onnx"), also model.int8.onnx: quantize_int8, refused when int8 loses
+    more than `max_accuracy_drop` top-1 points against fp32 ONNX (unless `force`).
+    All or nothing: `out` changes only when every file passed, and then an earlier export's files
+    there are replaced. Returns the bundle's config."""
+    from safetensors.torch import save_model
+
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMAT_FILES]
+    if unknown:
+        raise ExportError(f"unknown format(s) {unknown}; choose from {list(FORMAT_FILES)}")
+    if quantize is not None:
+        if quantize not in QUANTIZE:
+            raise ExportError(f"{option_name('quantize')}must be one of {list(QUANTIZE)}; got {quantize!r}")
+        if "onnx" not in formats:
+            formats.append("onnx")          # int8 is quantized from the checked fp32 ONNX file
+    if "onnx" in formats:
+        _require_onnx()
+    source, out = Path(source), Path(out)
+    ckpt = load_run_checkpoint(source)              # weights_only: a crafted pickle is refused here
+    trained, *_ = model_from_checkpoint(ckpt)
+    config = bundle_config(ckpt)
+    size = config["input"]["img_size"]
+    g = torch.Generator().manual_seed(0)
+    example = torch.randn(TRACE_BATCH, 3, size, size, generator=g)
+    inputs = [torch.randn(b, 3, size, size, generator=g) for b in CHECK_BATCHES]
+    with torch.no_grad():
+        expected = [trained(x).float() for x in inputs]
+
+    out.mkdir(parents=True, exist_ok=True)
+    with _staging(out) as stage:
+        save_model(trained, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
+        atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))    # rewritten with the formats below
+        model = load(stage)                         # export what a user of the bundle gets
+        diff = max_abs_diff(model, inputs, expected)
+        if diff != 0:
+            raise ExportError(f"the bundle reloaded from {WEIGHTS_FILE} differs from the checkpoint (max abs "
+                              f"logit difference {diff:.3g})")
+        config["formats"] = {}
+        for fmt in formats:
+            config["formats"][fmt] = _export_format(fmt, model, example, inputs, expected, stage, atol)
+        if quantize == "int8":
+            config["formats"]["onnx-int8"] = quantize_int8(source, ckpt, stage, max_accuracy_drop, force,
+                                                           batch_size, workers, out)
+        atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
+        atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source), source))
+        _publish(stage, out)
+    return config
+
+
+# --- int8 ----------------------------------------------------------------------------------------
+
+def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int], workers: Optional[int],
+                  limit: Optional[int] = None):
+    """(labelled (inputs, labels) batches with the evaluation preprocessing, images, which split) of the run's
+    recorded `split` (as `evaluate` reads it); at most `limit` images, drawn with a fixed seed."""
+    import random
+
+    from torch.utils.data import SequentialSampler
+
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    samples, _ = _eval_samples(source, cfg, None, split, list(ckpt["classes"]))
+    if limit is not None and len(samples) > limit:
+        samples = random.Random(0).sample(samples, limit)
+    loader = make_loader(samples, eval_transform(bundle_config(ckpt)), batch_size or cfg.batch_size, workers,
+                         torch.device("cpu"), SequentialSampler(range(len(samples))))
+    skips = SkipLog()
+    return [(x, y) for x, y, _ in skips.watch(loader) if len(x)], len(samples) - len(skips)
+
+
+def quantize_int8(source: Path, ckpt: dict, stage: Path, max_accuracy_drop: float = MAX_ACCURACY_DROP,
+                  force: bool = False, batch_size: Optional[int] = None, workers: Optional[int] = 0,
+                  out: Optional[Path] = None) -> dict:
+    """model.int8.onnx from the staged model.onnx (quantize.quantize_and_check): calibrated on up to
+    quantize.CALIBRATION_IMAGES of the run's train images, top-1 of fp32 ONNX and int8 measured on its val
+    split (test when it has no val). ExportError naming both numbers when the drop exceeds
+    `max_accuracy_drop` points, unless `force`. Returns what config.json records under formats["onnx-int8"]."""
+    calibration, n_calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES)
+    split = "val"
+    evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers)
+    if not n_eval:
+        split = "test"
+        evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers)
+    if not n_calibration or not n_eval:
+        raise ExportError(f"--quantize int8 needs the run's train images (calibration) and its val or test images "
+                          f"(accuracy check); found {n_calibration} train and {n_eval} {split} image(s)")
+    try:
+        info = quantize_and_check(stage / FORMAT_FILES["onnx"], stage / INT8_FILE, calibration, evaluation,
+                                  max_accuracy_drop, force)
+    except QuantizationError as e:
+        raise ExportError(f"{e}; {out or 'the bundle folder'} was left unchanged") from None
+    return {"file": INT8_FILE, "method": f"onnxruntime static {info['format']}, {info['weights']} weights, "
+                                         f"{info['activations']} activations, {info['calibrate_method']} calibration",
+            "quantized_from": FORMAT_FILES["onnx"], "reduce_range": info["reduce_range"],
+            "calibration_images": info["calibration_images"], "eval_split": split, "eval_images": info["eval_images"],
+            "top1_fp32": info["top1_fp32"], "top1_int8": info["top1_int8"],
+            "top1_drop_points": info["top1_drop_points"], "agreement": info["agreement"],
+            "max_accuracy_drop": max_accuracy_drop, "forced": bool(force and info["top1_drop_points"] > max_accuracy_drop),
+            "warnings": info["warnings"]}
+
+
+# --- model card ----------------------------------------------------------------------------------
+
+_METRICS = (("top1", "top-1"), ("top5", "top-5"), ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro F1"))
+_FILE_ROLES = {
+    WEIGHTS_FILE: "weights only (safetensors: loading runs no code); `spinal_transfer.load(DIR)`",
+    CONFIG_FILE: "backbone, head and its options, classes in logit order, input preprocessing, package version",
+    CARD_FILE: "this model card",
+    FORMAT_FILES["export"]: "torch.export program, dynamic batch: `torch.export.load(path).module()`",
+    FORMAT_FILES["torchscript"]: "TorchScript (deprecated upstream, still widely served): `torch.jit.load(path)`",
+    FORMAT_FILES["onnx"]: "ONNX, dynamic batch axis, input `input` -> output `logits`: onnxruntime",
+    INT8_FILE: "int8 ONNX (static, QDQ) for CPUs, same inputs and outputs: onnxruntime",
+}
+
+
+def format_check(f: dict) -> str:
+    """How an exported file was checked, in words (config["formats"][...])."""
+    if "top1_int8" in f:
+        return (f"{f['method']}; top-1 on {f['eval_images']} {f['eval_split']} images: int8 "
+                f"{100 * f['top1_int8']:.2f}% vs fp32 {100 * f['top1_fp32']:.2f}% ({f['top1_drop_points']:+.2f} "
+                f"points; bound {f['max_accuracy_drop']:g}{', forced' if f.get('forced') else ''})")
+    return f"{f['method']}, max abs logit difference {f['max_abs_diff']:.2g}"
+
+
+def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional[dict], source: Path) -> str:
+    """README.md of a bundle: what the model is, how it was trained, how well it did, how to use it."""
+    import yaml
+
+    head, inp, classes = config["head"], config["input"], config["classes"]
+    new_head = get_head(model)
+    shape = new_head.extra_repr() if head["kind"] == "spinal" else repr(new_head).splitlines()[0]
+    epoch = config["epoch"]
+    crop = (f"resize the shorter side to {inp['resize_size']}, center-crop {inp['img_size']}"
+            if inp["eval_resize"] == "center_crop" else f"resize to {inp['img_size']}x{inp['img_size']}")
+    stages = train_cfg["stages"] or [{"epochs": train_cfg["epochs"], "lr": train_cfg["lr"]}]
+    schedule = ", then ".join(f"{s['epochs']} epoch(s) at lr {s['lr']:g}" for s in stages)
+    lines = [
+        f"# {config['backbone']} with a {head['kind']} head, {len(classes)} classes", "",
+        f"Fine-tuned with spinal-transfer {config['spinal_transfer_version']}; exported from `{source}`"
+        + (f" (epoch {epoch})." if epoch is not None else "."), "",
+        "## Use", "", "```python", "import spinal_transfer", "",
+        'model = spinal_transfer.load("THIS_FOLDER")   # offline: no download, weights from model.safetensors',
+        "```", "", "```bash", "spinal-transfer predict THIS_FOLDER images/ --out preds.csv",
+        *(["spinal-transfer predict THIS_FOLDER/model.onnx images/ --out preds.csv   # via onnxruntime"]
+          if "onnx" in config["formats"] else []),
+        *(["spinal-transfer predict THIS_FOLDER images/ --runner onnx-int8 --out preds.csv   # int8, CPUs"]
+          if "onnx-int8" in config["formats"] else []), "```", "",
+        "## Input", "",
+        f"RGB, {crop} ({inp['interpolation']} interpolation when upscaling, area when downscaling), "
+        f"scale to [0, 1], normalize with mean {list(inp['mean'])} and std {list(inp['std'])}.", "",
+    ]
+    lines += ["## Metrics", ""]
+    if report is None:
+        lines += ["No report.json was found next to the checkpoint.", ""]
+    else:
+        lines += ["| split | " + " | ".join(n for _, n in _METRICS) + " | loss | images |",
+                  "|---" * (len(_METRICS) + 3) + "|"]
+        for split in ("val", "test"):
+            m = report.get(split)
+            if not m:
+                continue
+            lines.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" for k, _ in _METRICS)
+                         + f" | {m['loss']:.4f} | {m['num_samples']} |")
+        lines += ["", f"From the run's report.json: best epoch {report['best_epoch']}, chosen on "
+                      f"{report['selected_on']}; test evaluated once with those weights."]
+        if epoch is not None and epoch != report["best_epoch"]:
+            lines.append(f"**These metrics are of epoch {report['best_epoch']}; this bundle holds epoch {epoch}.**")
+        lines.append("")
+    lines += [
+        "## Training", "",
+        f"- backbone `{config['backbone']}`, starting weights `{train_cfg['weights']}`",
+        f"- `{head['kind']}` head in place of the original classifier ({head['replace']}): {shape}, "
+        f"{new_head.num_params():,} parameters",
+        f"- {schedule}; optimizer {train_cfg['optimizer']}, scheduler {train_cfg['scheduler']}, "
+        f"batch size {train_cfg['batch_size']}, augmentation {train_cfg['augment']}",
+        "", "<details><summary>full training configuration</summary>", "", "```yaml",
+        yaml.safe_dump(train_cfg, sort_keys=False).rstrip(), "```", "", "</details>", "",
+        "## Classes", "", "Logit i is class i:", "",
+        ", ".join(f"{i}: `{c}`" for i, c in enumerate(classes)), "",
+        "## Files", "", "| file | what | check against the eager model |", "|---|---|---|",
+    ]
+    checks = {f["file"]: format_check(f) for f in config["formats"].values()}
+    for name, role in _FILE_ROLES.items():
+        if name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE) or name in checks:
+            lines.append(f"| `{name}` | {role} | {checks.get(name, '')} |")
+    return "\n".join(lines) + "\n"

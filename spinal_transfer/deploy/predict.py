@@ -1,0 +1,232 @@
+"""`spinal-transfer predict`: top-k classes of image files and folders, from a bundle, its ONNX file or a run.
+
+Inputs get the evaluation preprocessing stored with the model (export.eval_transform, which is
+build_transforms(train=False)), so a prediction here is what evaluation would have computed. Decoding and
+preprocessing are one function, `preprocess_input`, which `predict` (in DataLoader workers) and
+`Predictor` (in process) both call: the same file gives the same tensor either way. A file that cannot be
+decoded is skipped, not fatal: it is reported on stderr and in `<out>.skipped.txt` (tab-separated path and
+reason, like a run's skipped_files.txt; always written, empty when nothing was skipped, so an old list
+never outlives its CSV).
+
+Runners (`runner=`, `--runner`): `torch` (eager PyTorch), `onnx` (onnxruntime on the bundle's model.onnx),
+`onnx-int8` (onnxruntime on the bundle's int8 model, `export --quantize int8`). `auto` takes, for a bundle
+on the CPU, the int8 ONNX file when there is one, else the ONNX file, else torch; a run folder or
+checkpoint is run by torch, an .onnx file by onnxruntime, and on a GPU a bundle is run by torch.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import CONFIG_FIELDS
+from ..data.images import BadImage, _pil_to_rgb, load_image
+from ..data.loaders import BadSample, ImageDataset, make_loader
+from ..data.skiplog import SkipLog
+from ..data.splits import list_images
+from ..errors import ConfigError, DataError, option_name
+from ..evaluation.evaluate import TTA, tta_probs
+from ..models.restore import model_from_checkpoint
+from ..runs.rundir import load_run_checkpoint
+from ..utils.atomic import atomic_write_text
+from ..utils.runtime import configure_process, pick_device, use_channels_last
+from .export import (
+    CONFIG_FILE,
+    FORMAT_FILES,
+    INT8_FILE,
+    Runner,
+    bundle_config,
+    eval_transform,
+    load,
+    onnx_runner,
+    read_config,
+)
+
+PathLike = Union[str, os.PathLike]
+ImageInput = Any           # a path, a PIL image or an HxWx3 uint8 RGB array
+TOPK = 5
+RUNNERS = ("auto", "torch", "onnx", "onnx-int8")
+
+
+@dataclass
+class Predictions:
+    paths: list[str]                    # the images that were read, in input order
+    probs: torch.Tensor                 # (len(paths), num_classes) softmax, float64
+    classes: list[str]
+    skipped: list[tuple[str, str]]      # (path, reason) of files that could not be read
+    tta: Optional[dict] = None          # the test-time augmentation used (TTA.to_dict()), None without
+    runner: str = "torch"               # what ran the model: torch, onnx or onnx-int8
+    seconds: float = 0.0                # wall time of decoding, preprocessing and running every image
+
+    def top(self, k: int) -> list[list[tuple[str, float]]]:
+        """Per image, the k most probable (class, probability), most probable first."""
+        return top_classes(self.probs, self.classes, k)
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.paths) / self.seconds if self.seconds > 0 else 0.0
+
+
+def top_classes(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per row of `probs`, the k most probable (class, probability), most probable first."""
+    values, index = probs.topk(min(k, len(classes)), dim=1)
+    return [[(classes[i], p) for i, p in zip(row_i, row_v)] for row_i, row_v in zip(index.tolist(), values.tolist())]
+
+
+# --- decoding and preprocessing: the one path every input takes -----------------------------------
+
+def decode_input(item: ImageInput, min_size: Optional[int] = None) -> np.ndarray:
+    """HxWx3 uint8 RGB of a file path (images.load_image, as training decodes), a PIL image (its EXIF
+    orientation, alpha on white, as a file of it would be) or an HxWx3 uint8 RGB array (used as is).
+    BadImage when a file cannot be decoded; DataError for anything else."""
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(item, min_size)
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return _pil_to_rgb(item)
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise DataError(f"an image array must be HxWx3 uint8 RGB; got shape {item.shape}, dtype {item.dtype}")
+        return np.ascontiguousarray(item)
+    raise DataError(f"cannot read an image from a {type(item).__name__}: give a path, a PIL image or an HxWx3 "
+                    f"uint8 array")
+
+
+def preprocess_input(item: ImageInput, transform: Any) -> torch.Tensor:
+    """The normalized CHW tensor the model sees for one input: decode_input, then the evaluation transform.
+    `predict` and `Predictor` both preprocess through here."""
+    return transform(image=decode_input(item, getattr(transform, "decode_min_size", None)))["image"]
+
+
+class InputDataset(ImageDataset):
+    """ImageDataset whose items go through preprocess_input (no augmentation seeds: evaluation only)."""
+
+    def __getitem__(self, key: Any):
+        i = key[0] if isinstance(key, tuple) else key
+        item, label = self.samples[i]
+        try:
+            return preprocess_input(item, self.transform), label, i
+        except BadImage as e:
+            return BadSample(str(item), str(e), i)
+
+
+# --- models and runners ---------------------------------------------------------------------------
+
+def _has_onnxruntime() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def resolve_runner(source: PathLike, runner: str = "auto", device: Optional[torch.device] = None) -> tuple[str, Path]:
+    """(runner, path) that runs `source`: ("torch", bundle folder / safetensors / run / checkpoint) or
+    ("onnx" | "onnx-int8", the .onnx file). See the module docstring for what `auto` chooses."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"{option_name('runner')}must be one of {', '.join(RUNNERS)}; got {runner!r}", key="runner")
+    path = Path(source)
+    if path.suffix == ".onnx":
+        if runner in ("auto", "onnx"):
+            return ("onnx-int8" if path.name == INT8_FILE else "onnx"), path
+        path = path.parent                   # another runner of the same bundle
+    bundle = (path / CONFIG_FILE).is_file() or path.suffix == ".safetensors"
+    if not bundle:
+        if runner in ("auto", "torch"):
+            return "torch", path
+        raise ConfigError(f"{option_name('runner')}{runner} needs a bundle with its ONNX files; {path} is a run "
+                          f"folder or checkpoint: export it first (spinal-transfer export RUN --out DIR --format onnx "
+                          f"--quantize int8)", key="runner")
+    folder = path if path.is_dir() else path.parent
+    files = {"onnx": folder / FORMAT_FILES["onnx"], "onnx-int8": folder / INT8_FILE}
+    if runner == "auto":
+        if (device is None or device.type == "cpu") and _has_onnxruntime():
+            for kind in ("onnx-int8", "onnx"):
+                if files[kind].is_file():
+                    return kind, files[kind]
+        return "torch", path
+    if runner == "torch":
+        return "torch", path
+    if not files[runner].is_file():
+        how = "--format onnx --quantize int8" if runner == "onnx-int8" else "--format onnx"
+        raise ConfigError(f"{folder} has no {files[runner].name} for {option_name('runner')}{runner}: export it "
+                          f"with `spinal-transfer export RUN --out {folder} {how}`", key="runner")
+    return runner, files[runner]
+
+
+def open_model(source: PathLike, device: torch.device, runner: str = "auto") -> tuple[dict, Runner, str]:
+    """(bundle config, batch -> logits, runner used) of a bundle folder (or its model.safetensors), an .onnx
+    file next to its config.json, a RUN folder (its best.pt) or a checkpoint file; `runner` as in
+    resolve_runner."""
+    kind, path = resolve_runner(source, runner, device)
+    if kind != "torch":
+        return read_config(path), onnx_runner(path, device.type), kind
+    if (path / CONFIG_FILE).is_file() or path.suffix == ".safetensors":
+        config, model = read_config(path), load(path)
+    else:
+        ckpt = load_run_checkpoint(path)          # weights_only: a crafted pickle is refused here
+        config, model = bundle_config(ckpt), model_from_checkpoint(ckpt)[0]
+    model.to(device)
+    memory_format = torch.channels_last if use_channels_last(None, device) else torch.contiguous_format
+    model.to(memory_format=memory_format)
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format)).float().cpu()
+
+    return config, run, kind
+
+
+def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[int] = None,
+            workers: Optional[int] = None, device: str = "auto", tta: Optional[TTA] = None,
+            runner: str = "auto") -> Predictions:
+    """Class probabilities of every image in `paths` (files, or folders searched recursively);
+    batch size and workers default to training's. With `tta`, the mean softmax over its views of each
+    preprocessed image (evaluation.TTA; works with every runner). `runner`: auto, torch, onnx, onnx-int8."""
+    from torch.utils.data import SequentialSampler
+
+    files = list_images(list(paths))
+    if not files:
+        raise DataError(f"no images found in {', '.join(map(str, paths))}")
+    dev = pick_device(device)
+    configure_process(dev)
+    config, run, kind = open_model(source, dev, runner)
+    start = time.perf_counter()
+    loader = make_loader([(f, -1) for f in files], eval_transform(config),
+                         batch_size or CONFIG_FIELDS["batch_size"].default, workers, dev,
+                         SequentialSampler(range(len(files))), dataset_class=InputDataset)
+    probs, index, skips = [], [], SkipLog()
+    with tqdm(total=len(files), desc="predict", unit="img") as bar:
+        for x, _, idx in skips.watch(loader):
+            if len(x):
+                probs.append(tta_probs(run, x, tta, torch.float64))
+                index.append(idx)
+            bar.n = len(skips) + sum(len(i) for i in index)
+            bar.refresh()
+    seconds = time.perf_counter() - start
+    order = torch.cat(index).tolist() if index else []
+    num_classes = len(config["classes"])
+    return Predictions([files[i] for i in order], torch.cat(probs) if probs else torch.zeros(0, num_classes),
+                       config["classes"], list(skips.entries.items()), tta.to_dict() if tta is not None else None,
+                       kind, seconds)
+
+
+def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK) -> Path:
+    """`out`: path, label_1, prob_1, ..., label_k, prob_k per image; `<out>.skipped.txt`: the skipped
+    files. Returns the skip list's path."""
+    k = min(topk, len(preds.classes))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path"] + [f"{col}_{j}" for j in range(1, k + 1) for col in ("label", "prob")])
+    for path, top in zip(preds.paths, preds.top(k)):
+        writer.writerow([path] + [v for label, p in top for v in (label, f"{p:.6f}")])
+    atomic_write_text(out, buf.getvalue())
+    skipped_path = Path(f"{out}.skipped.txt")
+    atomic_write_text(skipped_path, "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in preds.skipped))
+    return skipped_path

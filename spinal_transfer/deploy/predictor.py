@@ -1,0 +1,84 @@
+"""`Predictor`: a trained model as a Python object that classifies images in memory.
+
+    from spinal_transfer import Predictor
+
+    p = Predictor("bundles/pets")                  # a bundle folder, a run folder or a bundle's .onnx file
+    p.predict(["cat.jpg", pil_image, rgb_array])   # per image: [(class, probability), ...] most probable first
+
+It opens the model once (predict.open_model: the same runners, `auto` included) and preprocesses every
+input with predict.preprocess_input, the one function `spinal-transfer predict` uses too: for the same
+files, the same runner and TTA it gives the same classes and probabilities as `predict`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..config import CONFIG_FIELDS
+from ..data.images import BadImage
+from ..errors import ConfigError, DataError, flag_name, option_name
+from ..evaluation.evaluate import TTA, tta_probs
+from ..utils.runtime import configure_process, pick_device
+from .export import eval_transform
+from .predict import TOPK, ImageInput, open_model, preprocess_input, top_classes
+
+PathLike = Union[str, os.PathLike]
+
+
+def _is_single(images: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+
+
+class Predictor:
+    """Classify images with a bundle folder, a run folder (its best checkpoint) or a bundle's .onnx file.
+
+    device: auto, cpu, cuda or mps. runner: auto, torch, onnx, onnx-int8 (as `predict --runner`; `auto` runs a
+    bundle on the CPU with its int8 ONNX file, else its ONNX file, else PyTorch). tta: average the softmax over
+    the image and its mirror; tta_crops=5 adds the four corner crops and the centre crop (each mirrored).
+    batch_size: images per model call (default: training's)."""
+
+    def __init__(self, source: PathLike, device: str = "auto", runner: str = "auto", tta: bool = False,
+                 tta_crops: int = 0, batch_size: Optional[int] = None):
+        if tta_crops and not tta:
+            raise ConfigError(f"{option_name('tta_crops').strip()} needs {flag_name('tta')}", key="tta_crops")
+        self.tta: Optional[TTA] = TTA(flip=True, crops=tta_crops) if tta else None
+        self.batch_size = batch_size or CONFIG_FIELDS["batch_size"].default
+        if self.batch_size < 1:
+            raise ConfigError(f"{option_name('batch_size')}must be >= 1, got {self.batch_size}", key="batch_size")
+        self.device = pick_device(device)
+        configure_process(self.device)
+        self.source = str(source)
+        self.config, self._run, self.runner = open_model(source, self.device, runner)
+        self.classes: list[str] = list(self.config["classes"])
+        self.transform = eval_transform(self.config)
+
+    def __repr__(self) -> str:
+        return (f"Predictor({self.source!r}, runner={self.runner!r}, device={str(self.device)!r}, "
+                f"{len(self.classes)} classes{', TTA' if self.tta else ''})")
+
+    def _tensor(self, item: ImageInput) -> torch.Tensor:
+        try:
+            return preprocess_input(item, self.transform)
+        except BadImage as e:
+            raise DataError(f"{item}: {e}") from None
+
+    def probabilities(self, images: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
+        """(len(images), len(classes)) softmax, float64, in input order; one image may be given alone."""
+        items = [images] if _is_single(images) else list(images)
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            x = torch.stack([self._tensor(item) for item in items[i:i + self.batch_size]])
+            out.append(tta_probs(self._run, x, self.tta, torch.float64))
+        return torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK) -> list[list[tuple[str, float]]]:
+        """Per image (paths, PIL images or HxWx3 uint8 RGB arrays; one may be given alone), its `topk` most
+        probable (class, probability), most probable first. An unreadable file raises DataError."""
+        if topk < 1:
+            raise ConfigError(f"{option_name('topk')}must be >= 1, got {topk}", key="topk")
+        return top_classes(self.probabilities(images), self.classes, topk)

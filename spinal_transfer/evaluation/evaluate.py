@@ -1,0 +1,248 @@
+"""Running a model over a split: logits in sample order on every rank, per-image predictions, `evaluate`.
+
+Every batch carries the sample indices of its images, so outputs map back to their exact files: under
+torchrun each rank evaluates its shard and the gathered outputs are sorted by index (each image once), and a
+file that fails to decode simply has no row.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.loaders import ShardSampler, make_loader
+from ..data.skiplog import SkipLog
+from ..data.splits import load_recorded, scan
+from ..data.transforms import build_transforms
+from ..errors import ConfigError, DataError
+from ..models.restore import model_from_checkpoint
+from ..runs.rundir import RunDir, load_run_checkpoint
+from ..utils.distributed import gather_objects, is_main
+from ..utils.runtime import amp_dtype, configure_process, pick_device, use_channels_last
+from .interpret import write_predictions_csv
+from .metrics import classification_metrics
+
+
+@dataclass
+class Outputs:
+    """What a model said about a split: logits (N, C), targets (N,), and each row's index in the sample list."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# --- test-time augmentation ------------------------------------------------------------------------
+
+TTA_CROPS = (0, 5)
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: the prediction is the mean of the softmax over views of each (preprocessed) image:
+    the image itself, its horizontal mirror (`flip`), and with `crops=5` the four corner crops and the centre crop
+    of `crop_fraction` of the side, each resized back to the input size (and mirrored too when `flip`).
+
+    Views are cut from the evaluation tensor, so any model and runner (eager, ONNX) takes them, and the flip of an
+    image is exactly the mirror of what plain evaluation sees. Averaging probabilities, not logits, is what
+    fastai's `tta` and timm's `--tta` do: one confident view cannot swamp the others by its logit scale."""
+
+    flip: bool = True
+    crops: int = 0
+    crop_fraction: float = 0.875
+
+    def __post_init__(self) -> None:
+        if self.crops not in TTA_CROPS:
+            raise ConfigError(f"--tta-crops must be one of {TTA_CROPS} (0: none; 5: four corners and the centre), "
+                              f"got {self.crops}", key="tta_crops")
+        if not 0 < self.crop_fraction < 1:
+            raise ConfigError(f"TTA crop_fraction must be in (0, 1), got {self.crop_fraction}")
+
+    @property
+    def num_views(self) -> int:
+        return (1 + self.crops) * (2 if self.flip else 1)
+
+    def to_dict(self) -> dict:
+        """What a report records: the setting and how many views each image was seen in."""
+        return {**asdict(self), "views": self.num_views}
+
+    def describe(self) -> str:
+        parts = ["image"] + (["its mirror"] if self.flip else []) + \
+            ([f"{self.crops} crops of {self.crop_fraction:g} of the side" + (" (and mirrors)" if self.flip else "")]
+             if self.crops else [])
+        return f"TTA: mean softmax over {self.num_views} views ({', '.join(parts)})"
+
+
+def tta_views(x: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
+    """The views of a (N, C, H, W) batch, the unchanged batch first."""
+    bases = [x]
+    if tta.crops:
+        h, w = x.shape[-2:]
+        ch, cw = max(1, round(h * tta.crop_fraction)), max(1, round(w * tta.crop_fraction))
+        corners = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2)]
+        bases += [F.interpolate(x[..., t:t + ch, l:l + cw], size=(h, w), mode="bilinear", align_corners=False)
+                  for t, l in corners]
+    return [v for b in bases for v in ([b, b.flip(-1)] if tta.flip else [b])]
+
+
+def tta_probs(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: Optional[TTA],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mean over the views of softmax(run(view)), in `dtype`; without TTA (or one view) the plain softmax."""
+    views = tta_views(x, tta) if tta is not None else [x]
+    probs = [torch.softmax(run(v).to(dtype), dim=1) for v in views]
+    return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
+
+
+class TTAModel(nn.Module):
+    """`model` seen through test-time augmentation. Its output is the log of the mean softmax over the views, so
+    every consumer of logits (argmax, softmax, cross-entropy loss, top-k) reads the averaged probabilities; with a
+    single view it is the model's own logits, unchanged. With `keep_plain`, the plain logits come first and the
+    TTA output after them along dim 1 (`predict_logits_tta` splits them: both from one pass over the data)."""
+
+    def __init__(self, model: nn.Module, tta: TTA, keep_plain: bool = False):
+        super().__init__()
+        self.model, self.tta, self.keep_plain = model, tta, keep_plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.model(v).float() for v in tta_views(x, self.tta)]
+        # log of the mean softmax, as a log-mean-exp of log-softmaxes: no underflow to log(0) for a confident view
+        out = outs[0] if len(outs) == 1 else \
+            torch.logsumexp(torch.stack([o.log_softmax(1) for o in outs]), 0) - math.log(len(outs))
+        return torch.cat([outs[0], out], dim=1) if self.keep_plain else out
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterable, device: torch.device, dtype: Optional[torch.dtype] = None,
+                   channels_last: bool = False, desc: str = "eval", total: Optional[int] = None,
+                   tta: Optional[TTA] = None) -> Outputs:
+    """Logits of every `(images, labels, indices)` batch, gathered over ranks in sample order (a collective
+    under torchrun: every rank calls it, each with its shard). With `tta`, the log of the mean softmax over the
+    test-time views (see TTAModel), which every metric reads as logits."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module      # per-rank evaluation: no collective inside forward (shards differ in length)
+    if tta is not None:
+        model = TTAModel(model, tta)
+    model.eval()
+    logits, targets, index = [], [], []
+    for x, y, idx in tqdm(batches, desc=desc, leave=False, disable=not is_main(), total=total):
+        if len(x) == 0:
+            continue
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            out = model(x)
+        logits.append(out.float().cpu())
+        targets.append(y)
+        index.append(idx)
+    mine = Outputs(torch.cat(logits) if logits else torch.zeros(0, 0),
+                   torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long),
+                   torch.cat(index) if index else torch.zeros(0, dtype=torch.long))
+    parts = [p for p in gather_objects(mine) if len(p)]
+    if not parts:
+        return mine
+    out = Outputs(*(torch.cat([getattr(p, k) for p in parts]) for k in ("logits", "targets", "index")))
+    order = out.index.argsort()
+    return Outputs(out.logits[order], out.targets[order], out.index[order])
+
+
+def predict_logits_tta(model: nn.Module, batches: Iterable, device: torch.device, tta: TTA,
+                       dtype: Optional[torch.dtype] = None, channels_last: bool = False, desc: str = "eval",
+                       total: Optional[int] = None) -> tuple[Outputs, Outputs]:
+    """(plain outputs, TTA outputs) from one pass over the data: the report of a run with TTA, and `evaluate
+    --tta`, show the metric with and without it at the cost of the extra views only."""
+    both = predict_logits(TTAModel(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model,
+                                   tta, keep_plain=True), batches, device, dtype, channels_last, desc, total)
+    c = both.logits.shape[1] // 2
+    return (Outputs(both.logits[:, :c], both.targets, both.index), Outputs(both.logits[:, c:], both.targets, both.index))
+
+
+def write_predictions(path: Path, samples: Sequence[tuple[str, int]], out: Outputs, classes: Sequence[str]) -> None:
+    """The per-image predictions CSV (interpret.py's format): each row with its image's exact path."""
+    write_predictions_csv(path, [samples[i][0] for i in out.index.tolist()], out.logits, out.targets, classes)
+
+
+# --- `evaluate`: a trained run or checkpoint on one split -----------------------------------------
+
+@dataclass
+class Evaluation:
+    metrics: dict           # with TTA: the TTA metrics (metrics["tta"] records the setting)
+    outputs: Outputs
+    samples: list
+    classes: list[str]
+    source: str             # which images were used, in words
+    plain_metrics: Optional[dict] = None      # with TTA: the same split without it
+
+
+def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str = "test", device: str = "auto",
+             batch_size: Optional[int] = None, workers: Optional[int] = None, tta: Optional[TTA] = None) -> Evaluation:
+    """Metrics of a run's best checkpoint (or any checkpoint file) on one split; with `tta`, the metrics with
+    test-time augmentation (`metrics["tta"]` records its setting) and, in `plain_metrics`, without.
+
+    Without `data` (or with the run's own data folder) the run's recorded split is used, so the numbers match
+    report.json exactly. Another folder is read as it is: its split folder when it has split folders, all its
+    images when it is a flat class-folder tree; a split is never carved out of another folder's images."""
+    ckpt = load_run_checkpoint(source)
+    model, cfg, dc, classes = model_from_checkpoint(ckpt)
+    samples, used = _eval_samples(Path(source), cfg, data, split, classes)
+    dev = pick_device(device)
+    configure_process(dev)
+    channels_last = use_channels_last(cfg.channels_last, dev)
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = make_loader(samples, build_transforms(dc, train=False), batch_size or cfg.batch_size,
+                         workers if workers is not None else cfg.workers, dev, ShardSampler(len(samples)))
+    skips = SkipLog()
+
+    plain_m = None
+    if tta is None:
+        out = predict_logits(model, skips.watch(loader), dev, amp_dtype(cfg.amp, dev), channels_last, desc=split)
+    else:
+        plain, out = predict_logits_tta(model, skips.watch(loader), dev, tta, amp_dtype(cfg.amp, dev), channels_last,
+                                        desc=f"{split} (TTA x{tta.num_views})")
+        plain_m = {**classification_metrics(plain.logits, plain.targets, classes), "tta": None}
+    m = classification_metrics(out.logits, out.targets, classes)
+    m["tta"] = tta.to_dict() if tta is not None else None
+    m["num_skipped_files"] = len(skips)
+    m["skipped_files"] = [[p, r] for p, r in skips.entries.items()]
+    return Evaluation(m, out, samples, classes, used, plain_m)
+
+
+def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str]) -> tuple[list, str]:
+    """The samples `evaluate` reads, and a sentence saying which they are."""
+    run = RunDir(source if source.is_dir() else source.parent.parent)
+    own = data is None or Path(data).expanduser().resolve() == Path(cfg.data).resolve()
+    if own and run.splits.is_file():
+        splits = load_recorded(run.read_json(run.splits), data or cfg.data)
+        return splits.get(split), f"the run's recorded {split} split ({len(splits.get(split))} images, {run.splits})"
+    if own:           # a checkpoint away from its run folder: the split is made again the way the run made it
+        splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+        return splits.get(split), (f"the {split} split of {cfg.data} made again from the run's settings (no "
+                                   f"splits.json beside the checkpoint): {len(splits.get(split))} images")
+    folder = data
+    splits = scan(folder, carve=False)
+    if splits.classes != classes:
+        raise DataError(f"{folder} has classes {splits.classes[:10]}{'...' if len(splits.classes) > 10 else ''}; the "
+                        f"model was trained on {classes[:10]}{'...' if len(classes) > 10 else ''}")
+    flat = splits.source["train"]["path"] == splits.root
+    if flat:
+        return splits.train, f"all {len(splits.train)} images of {folder} (it has no split folders)"
+    if not splits.get(split):
+        have = ", ".join(k + "/" for k in ("train", "val", "test") if k in splits.source)
+        raise DataError(f"{folder} has no {split}/ folder (it has {have}); choose --split among those")
+    return splits.get(split), f"{split}/ of {folder} ({len(splits.get(split))} images)"

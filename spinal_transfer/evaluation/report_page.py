@@ -1,0 +1,439 @@
+"""`report.html`: one self-contained page that shows what a run (or an `evaluate`) did.
+
+One file a person can open from disk or from an e-mail attachment: every image is a base64
+`data:` URI, the CSS is inline, there is no JavaScript, and a Content-Security-Policy meta tag
+(`default-src 'none'; img-src data:; style-src 'unsafe-inline'`) makes the browser refuse any
+request that might slip in later, so the page can never phone home or break when offline.
+
+Contents: the settings that matter, the metrics, loss/accuracy/lr curves with the best epoch, the
+normalized confusion matrix (or, past MATRIX_NUMBERS_MAX_CLASSES classes, where a matrix is
+unreadable, only the most-confused-pairs table), per-class precision/recall/F1 worst first, the
+augmented batch preview, the top losses (most confidently wrong images, each figure carrying
+`data-path`/`data-loss` so a test can check them against the CSV) and the skipped files.
+
+    python -m spinal_transfer.evaluation.report_page RUN [--split test] [--out FILE] [--screenshot PNG]
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+from .. import __version__
+from ..data.skiplog import SkipLog
+from ..runs.rundir import RunDir
+from ..utils.atomic import atomic_write_text
+from .browser import screenshot
+from .interpret import (
+    ConfusedPair,
+    Prediction,
+    most_confused,
+    most_confused_from_matrix,
+    read_predictions,
+    top_losses,
+)
+from .plots import MATRIX_NUMBERS_MAX_CLASSES, confusion_figure, curves_figure, figure_png, thumbnail
+
+PathLike = Union[str, Path]
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+SUMMARY_ROWS = (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                ("macro_f1", "macro F1"), ("loss", "loss (cross-entropy)"), ("num_samples", "images"))
+
+_CSS = """
+:root{--fg:#1d2430;--muted:#5b6573;--line:#dde2ea;--bg:#f6f7f9;--accent:#1f6feb;--bad:#d1242f;--ok:#1a7f37}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 -apple-system,BlinkMacSystemFont,"Segoe UI",
+ Roboto,"Helvetica Neue",Arial,"DejaVu Sans",sans-serif}
+main{max-width:1240px;margin:0 auto;padding:24px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:0 0 12px}
+.sub,.note{color:var(--muted)}.note{font-size:13px;margin:6px 0 0}
+section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:18px 20px;margin:16px 0}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0 0}
+.card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px 16px;min-width:150px}
+.card .v{font-size:24px;font-weight:600}.card .k{color:var(--muted);font-size:12px;text-transform:uppercase}
+table{border-collapse:collapse;width:100%}
+th,td{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th{font-weight:600;background:#fafbfc;position:sticky;top:0}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+table.kv th{width:220px;background:none;position:static}
+.scroll{max-height:460px;overflow:auto;border:1px solid var(--line);border-radius:6px}
+.bar{display:inline-block;height:8px;background:var(--accent);border-radius:2px;vertical-align:middle}
+.wide{max-width:100%;height:auto;display:block}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:14px}
+figure.loss{margin:0;border:1px solid var(--line);border-radius:6px;padding:8px;background:#fff}
+figure.loss img{width:100%;height:auto;display:block;image-rendering:auto;background:#eee}
+figure.loss .missing{height:120px;display:flex;align-items:center;justify-content:center;text-align:center;
+ color:var(--bad);font-size:12px;background:#fff3f3}
+figcaption{font-size:12px;margin-top:6px;word-break:break-word}
+.t{color:var(--ok)}.p{color:var(--bad)}
+code,.path{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:12px}
+.path{word-break:break-all}
+"""
+
+
+def _n(count: Any, noun: str) -> str:
+    """"1 epoch", "3 epochs"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _png_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "\u2013"
+    if pct:
+        return f"{100 * float(v):.2f}%"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a run folder
+
+def _schedule(cfg: Mapping) -> str:
+    stages = cfg.get("stages") or []
+    if stages:
+        lr = ", ".join(f"{_n(s['epochs'], 'epoch')} at {s['lr']:g}" for s in stages)
+        lr = f"{len(stages)} stages: {lr}"
+    else:
+        lr = f"{_n(cfg.get('epochs'), 'epoch')} at lr {cfg.get('lr')}"
+    sched = cfg.get("scheduler", "none")
+    if sched == "step":
+        sched = f"step (every {_n(cfg.get('step_size'), 'epoch')} \u00d7{cfg.get('gamma')})"
+    elif sched == "cosine":
+        w = cfg.get("warmup_epochs") or 0
+        sched = "cosine" + (f", {w:g} warm-up epoch{'' if w == 1 else 's'}" if w else "")
+    parts = [lr, f"scheduler {sched}"]
+    if cfg.get("backbone_lr_mult", 1.0) != 1.0:
+        parts.append(f"backbone lr \u00d7{cfg['backbone_lr_mult']:g}")
+    if cfg.get("freeze_backbone"):
+        parts.append("backbone frozen throughout" + (" (cached features)" if cfg.get("cache_features") else ""))
+    elif cfg.get("freeze_epochs"):
+        parts.append(f"backbone frozen for the first {_n(cfg['freeze_epochs'], 'epoch')}")
+    return "; ".join(parts)
+
+
+def _head(cfg: Mapping, head_info: Optional[Mapping]) -> str:
+    kind = cfg.get("head", "?")
+    if kind == "spinal":
+        desc = (f"spinal, {cfg.get('head_preset')} preset: {cfg.get('num_layers')} layers \u00d7 "
+                f"{cfg.get('layer_width')} wide, {cfg.get('num_splits')} splits"
+                + (", shared weights" if cfg.get("shared_weights") else ""))
+    elif kind == "mlp":
+        desc = f"MLP, hidden {cfg.get('mlp_hidden')}"
+    else:
+        desc = str(kind)
+    if cfg.get("head_dropout") is not None:
+        desc += f", dropout {cfg['head_dropout']}"
+    if head_info:
+        fw, hp, dp = head_info.get("feature_width"), head_info.get("head_params"), head_info.get("default_head_params")
+        shape = []
+        if fw is not None:
+            shape.append(f"{fw} features in")
+        if hp is not None:
+            shape.append(f"{hp:,} parameters" + (f" (backbone's own head: {dp:,})" if dp else ""))
+        if head_info.get("head_macs") is not None:
+            shape.append(f"{head_info['head_macs']:,} MACs per image")
+        if shape:
+            desc += " \u2014 " + ", ".join(shape)
+    return desc
+
+
+def run_settings(config: Mapping, report: Optional[Mapping] = None,
+                 sizes: Optional[Mapping[str, int]] = None) -> dict[str, str]:
+    """The settings a reader needs to interpret the numbers, as {label: text}, in reading order.
+
+    From the resolved config (config.yaml as a dict) and, when given, report.json (head shape,
+    best epoch, stop reason, TTA). `evaluate` passes the evaluated run's config and report.
+    """
+    cfg, rep = dict(config), dict(report or {})
+    classes = rep.get("classes")
+    out: dict[str, str] = {
+        "backbone": str(cfg.get("backbone")),
+        "weights": str(cfg.get("weights")),
+        "head": _head(cfg, rep.get("head")),
+        "data folder": str(cfg.get("data")),
+    }
+    if classes is not None:
+        out["classes"] = str(len(classes))
+    if sizes:
+        out["images"] = " \u00b7 ".join(f"{k} {v:,}" for k, v in sizes.items())
+    inp = f"{cfg.get('img_size')} px, {cfg.get('interpolation')} interpolation, eval {cfg.get('eval_resize')}"
+    out["input"] = inp
+    aug = str(cfg.get("augment"))
+    extra = [f"{k.replace('_', ' ')} {cfg[k]}" for k in ("mixup", "cutmix", "label_smoothing") if cfg.get(k)]
+    if cfg.get("class_balance", "none") != "none":
+        extra.append(f"class balance by {cfg['class_balance']}")
+    out["augmentation"] = aug + (f" ({', '.join(extra)})" if extra else "")
+    opt = str(cfg.get("optimizer"))
+    if opt == "sgd":
+        opt += f", momentum {cfg.get('momentum')}"
+    opt += f", weight decay {cfg.get('weight_decay')}"
+    bs = f"batch {cfg.get('batch_size')}" + (f" \u00d7 {cfg['accum_steps']} accumulation" if cfg.get("accum_steps", 1) > 1 else "")
+    out["optimizer"] = f"{opt}; {bs}" + (f"; EMA {cfg['ema_decay']}" if cfg.get("ema_decay") else "")
+    out["schedule"] = _schedule(cfg)
+    if "best_epoch" in rep:
+        on = rep.get("selected_on", "val")
+        out["best epoch"] = f"{rep['best_epoch']} (selected on {on} top-1" + (
+            ": the paper's protocol, test is not held out)" if on == "test" else ")")
+    stopped = rep.get("stopped")
+    if stopped:
+        out["stopped"] = (f"after epoch {stopped.get('epoch')}: {stopped.get('reason')}"
+                          if isinstance(stopped, Mapping) else str(stopped))
+    if rep.get("tta"):
+        tta = rep["tta"]
+        out["test-time augmentation"] = json.dumps(tta) if not isinstance(tta, str) else tta
+    if "num_skipped_files" in rep:
+        out["skipped files"] = str(rep["num_skipped_files"])
+    return out
+
+
+def write_report_html(run_dir: PathLike, out: Optional[PathLike] = None, split: str = "test",
+                      top_n: int = 16, report: Optional[Mapping] = None) -> Path:
+    """Write RUN/report.html (or `out`) for `split` of a run folder; return its path.
+
+    `report`: the run's report (default: read from report.json; training passes it, because it writes the
+    page before report.json, its finished marker). Per-image analysis (top losses, most-confused pairs by name)
+    needs the split's predictions CSV; without one the pairs come from the confusion matrix and the grid is
+    left out."""
+    run = RunDir(run_dir)
+    report = dict(report) if report is not None else run.read_report()
+    if split not in report:
+        raise ValueError(f"{run.report} has no {split!r} metrics (has {[k for k in ('val', 'test') if k in report]})")
+    cfg = run.read_config().to_dict() if run.config.is_file() else {}
+    classes = report.get("classes") or (run.read_classes() if run.classes.is_file() else [])
+    preds = run.predictions if split == "test" else None
+    sizes = {k: int(v) for k, v in report.get("num_images", {}).items()}
+    others = {k: report[k] for k in ("val", "test") if k != split and isinstance(report.get(k), Mapping)}
+    return write_evaluation_html(
+        Path(out) if out is not None else run.report_html, report[split],
+        preds if preds is not None and preds.is_file() else None, classes, run_settings(cfg, report, sizes),
+        run.read_metrics() or None, SkipLog(run.skipped).entries.items(), split=split,
+        title=run.path.resolve().name, batch_preview=run.plot("batch.png"), best_epoch=report.get("best_epoch"),
+        other_metrics=others, top_n=top_n)
+
+
+def write_evaluation_html(out: PathLike, metrics: Mapping, predictions_csv: Optional[PathLike],
+                          classes: Sequence[str], settings: Mapping[str, str], rows: Optional[Sequence[dict]] = None,
+                          skipped: Iterable[tuple[str, str]] = (), *, split: str = "test", title: str = "",
+                          batch_preview: Optional[PathLike] = None, best_epoch: Optional[int] = None,
+                          other_metrics: Optional[Mapping[str, Mapping]] = None, top_n: int = 16) -> Path:
+    """Write a report page from its pieces; the entry point for `evaluate RUN --split S --out DIR`.
+
+    `metrics`: `classification_metrics(...)` of the split shown; `predictions_csv`: that split's
+    per-image CSV (or None); `settings`: `run_settings(...)`; `rows`: metrics.jsonl rows for the
+    curves (None: no curves); `other_metrics`: e.g. {"val": ...} shown beside it.
+    """
+    page = render_report_html(metrics, predictions_csv, classes, settings, rows, skipped, split=split, title=title,
+                              batch_preview=batch_preview, best_epoch=best_epoch, other_metrics=other_metrics,
+                              top_n=top_n)
+
+    atomic_write_text(out, page)
+    return Path(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+
+def _summary_section(metrics: Mapping, split: str, other: Mapping[str, Mapping]) -> str:
+    cards = "".join(f'<div class="card"><div class="k">{_e(label)}</div><div class="v">'
+                    f'{_fmt(metrics.get(k), pct=k not in ("loss", "num_samples"))}</div></div>'
+                    for k, label in SUMMARY_ROWS if k in metrics)
+    table = ""
+    if other:
+        cols = [split] + list(other)
+        head = "".join(f'<th class="n">{_e(c)}</th>' for c in cols)
+        body = ""
+        for k, label in SUMMARY_ROWS:
+            vals = [metrics.get(k)] + [other[c].get(k) for c in other]
+            body += f"<tr><td>{_e(label)}</td>" + "".join(
+                f'<td class="n">{_fmt(v, pct=k not in ("loss", "num_samples"))}</td>' for v in vals) + "</tr>"
+        table = f'<table style="margin-top:14px;max-width:560px"><tr><th>metric</th>{head}</tr>{body}</table>'
+    return f'<section id="metrics"><h2>{_e(split)} metrics</h2><div class="cards">{cards}</div>{table}</section>'
+
+
+def _settings_section(settings: Mapping[str, str]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in settings.items())
+    return f'<section id="settings"><h2>settings</h2><table class="kv">{body}</table></section>'
+
+
+def _curves_section(rows: Sequence[dict], best_epoch: Optional[int]) -> str:
+    uri = _png_uri(figure_png(curves_figure(rows, best_epoch), dpi=90))
+    return (f'<section id="curves"><h2>training curves</h2><img class="wide" id="curves-img" alt="loss, accuracy '
+            f'and learning rate per epoch" src="{uri}"><p class="note">{_n(len(rows), "epoch")}; dashed line: the best '
+            f'epoch; grey band: backbone frozen; dotted line: a new learning-rate stage.</p></section>')
+
+
+def _pairs_table(pairs: Sequence[ConfusedPair]) -> str:
+    if not pairs:
+        return '<p class="note">no mistakes: nothing is confused.</p>'
+    body = "".join(f'<tr><td>{_e(p.true_name)}</td><td>{_e(p.predicted_name)}</td><td class="n">{p.count}</td>'
+                   f'<td class="n">{p.true_total}</td><td class="n">{100 * p.fraction:.1f}%</td></tr>' for p in pairs)
+    table = (f'<table id="confused-pairs"><tr><th>true class</th><th>predicted as</th><th class="n">images</th>'
+             f'<th class="n">of</th><th class="n">share</th></tr>{body}</table>')
+    return f'<div class="scroll">{table}</div>' if len(pairs) > 15 else table
+
+
+def _confusion_section(metrics: Mapping, classes: Sequence[str], preds: Optional[list[Prediction]]) -> str:
+    n = len(classes)
+    cm = metrics.get("confusion_matrix")
+    limit = 10 if n <= MATRIX_NUMBERS_MAX_CLASSES else 50
+    pairs = (most_confused(preds, limit=limit) if preds is not None
+             else most_confused_from_matrix(cm, classes, limit=limit) if cm else [])
+    parts = ['<section id="confusion"><h2>confusion</h2>']
+    if cm and n <= MATRIX_NUMBERS_MAX_CLASSES:
+        uri = _png_uri(figure_png(confusion_figure(cm, classes), dpi=90))
+        parts.append(f'<img class="wide" id="confusion-img" style="max-width:{min(900, 260 + 40 * n)}px" '
+                     f'alt="confusion matrix normalized per true class" src="{uri}">'
+                     '<p class="note">each row is a true class and sums to 100%.</p>'
+                     f'<h2 style="margin-top:18px">most confused pairs</h2>')
+    else:
+        parts.append(f'<p class="note">{n} classes: a matrix would be unreadable, so these are the most frequent '
+                     f'mistakes (true class \u2192 predicted class), the {limit} largest first; plots/ has the matrix '
+                     'as a heat map.</p>')
+    parts.append(_pairs_table(pairs))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _per_class_section(metrics: Mapping) -> str:
+    per = metrics.get("per_class") or {}
+    if not per:
+        return ""
+    items = sorted(per.items(), key=lambda kv: (kv[1]["f1"], kv[1]["recall"], kv[1]["precision"], kv[0]))
+    body = "".join(
+        f'<tr><td>{_e(name)}</td>' + "".join(
+            f'<td class="n">{100 * m[k]:.1f}%</td>' for k in ("precision", "recall", "f1"))
+        + f'<td><span class="bar" style="width:{100 * m["f1"]:.0f}px"></span></td>'
+        f'<td class="n">{m["support"]}</td></tr>' for name, m in items)
+    table = (f'<table id="per-class"><tr><th>class</th><th class="n">precision</th><th class="n">recall</th>'
+             f'<th class="n">F1</th><th></th><th class="n">images</th></tr>{body}</table>')
+    if len(items) > 20:
+        table = f'<div class="scroll">{table}</div>'
+    return f'<section id="classes"><h2>per class, worst F1 first</h2>{table}</section>'
+
+
+def _thumb_uri(path: str, size: int = 192) -> tuple[Optional[str], str]:
+    from PIL import Image
+
+    arr, why = thumbnail(path, size)
+    if arr is None:
+        return None, why
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=True)
+    if buf.tell() > 24_000:          # photographs: JPEG is a fifth of the size
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+        return _png_uri(buf.getvalue(), "image/jpeg"), ""
+    return _png_uri(buf.getvalue()), ""
+
+
+def _top_losses_section(preds: Optional[list[Prediction]], n: int, split: str) -> str:
+    head = f'<section id="top-losses"><h2>top losses: the most confidently wrong {_e(split)} images</h2>'
+    if preds is None:
+        return head + f'<p class="note">no {_e(split)}_predictions.csv: no per-image analysis.</p></section>'
+    if preds and all(p.loss is None for p in preds):
+        return head + ('<p class="note">the predictions CSV has no probabilities (written by an older '
+                       'version): rerun evaluate to get them.</p></section>')
+    worst = top_losses(preds, n)
+    if not worst:
+        return head + '<p class="note">no wrong predictions.</p></section>'
+    figs = []
+    for rank, p in enumerate(worst, 1):
+        uri, why = _thumb_uri(p.path)
+        pic = (f'<img src="{uri}" alt="{_e(Path(p.path).name)}">' if uri
+               else f'<div class="missing">cannot read the image:<br>{_e(why)}</div>')
+        pp = f" ({100 * p.prediction_prob:.1f}%)" if p.prediction_prob is not None else ""
+        tp = f"p(true) {100 * p.target_prob:.2f}% \u00b7 " if p.target_prob is not None else ""
+        figs.append(
+            f'<figure class="loss" data-rank="{rank}" data-path="{_e(p.path)}" data-loss="{p.loss!r}">{pic}'
+            f'<figcaption>true: <b class="t">{_e(p.target_name)}</b><br>predicted: <b class="p">'
+            f'{_e(p.prediction_name)}</b>{pp}<br>{tp}loss {p.loss:.3f}<br>'
+            f'<span class="path" title="{_e(p.path)}">{_e(Path(p.path).name)}</span></figcaption></figure>')
+    wrong = sum(not p.correct for p in preds)
+    note = (f'<p class="note">{len(worst)} of {wrong} wrong predictions among {len(preds)} images, by loss '
+            f'= \u2212log p(true class).</p>')
+    return head + note + f'<div class="grid" id="top-losses-grid">{"".join(figs)}</div></section>'
+
+
+def _batch_section(path: Optional[PathLike]) -> str:
+    if path is None or not Path(path).is_file():
+        return ""
+    data = Path(path).read_bytes()
+    return (f'<section id="batch"><h2>an augmented training batch</h2><img class="wide" id="batch-img" '
+            f'alt="augmented training batch" src="{_png_uri(data)}"></section>')
+
+
+def _skipped_section(skipped: Sequence[tuple[str, str]], limit: int = 500) -> str:
+    if not skipped:
+        return '<section id="skipped"><h2>skipped files</h2><p class="note">none: every file was read.</p></section>'
+    body = "".join(f'<tr><td class="path">{_e(p)}</td><td>{_e(r)}</td></tr>' for p, r in skipped[:limit])
+    more = f'<p class="note">and {len(skipped) - limit} more (see skipped_files.txt).</p>' if len(skipped) > limit else ""
+    table = f'<table id="skipped-files"><tr><th>file</th><th>reason</th></tr>{body}</table>'
+    if len(skipped) > 12:
+        table = f'<div class="scroll">{table}</div>'
+    return f'<section id="skipped"><h2>skipped files ({len(skipped)})</h2>{table}{more}</section>'
+
+
+def render_report_html(metrics: Mapping, predictions_csv: Optional[PathLike], classes: Sequence[str],
+                       settings: Mapping[str, str], rows: Optional[Sequence[dict]] = None,
+                       skipped: Iterable[tuple[str, str]] = (), *, split: str = "test", title: str = "",
+                       batch_preview: Optional[PathLike] = None, best_epoch: Optional[int] = None,
+                       other_metrics: Optional[Mapping[str, Mapping]] = None, top_n: int = 16) -> str:
+    """The page as a string (see `write_evaluation_html` for the arguments)."""
+    preds = read_predictions(predictions_csv, classes) if predictions_csv is not None else None
+    title = title or "spinal-transfer report"
+    body = [
+        f'<header><h1>{_e(title)}</h1><div class="sub">{_e(settings.get("backbone", ""))} \u00b7 '
+        f'{_e(len(classes))} classes \u00b7 {_e(split)} split \u00b7 spinal-transfer {_e(__version__)}</div></header>',
+        _summary_section(metrics, split, dict(other_metrics or {})),
+        _settings_section(settings),
+        _curves_section(rows, best_epoch) if rows else "",
+        _confusion_section(metrics, classes, preds),
+        _per_class_section(metrics),
+        _top_losses_section(preds, top_n, split),
+        _batch_section(batch_preview),
+        _skipped_section(list(skipped)),
+    ]
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{_e(title)} \u2013 spinal-transfer report</title><style>{_CSS}</style></head>'
+            f'<body><main>{"".join(body)}</main></body></html>\n')
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spinal_transfer.evaluation.report_page", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="run folder (with report.json)")
+    ap.add_argument("--split", default="test", choices=["val", "test"])
+    ap.add_argument("--out", help="HTML file to write (default RUN/report.html)")
+    ap.add_argument("--top", type=int, default=16, help="images in the top-losses grid")
+    ap.add_argument("--screenshot", metavar="PNG", help="also render the page in headless Chromium to this PNG")
+    ap.add_argument("--width", type=int, default=1280, help="screenshot viewport width (CSS px)")
+    ap.add_argument("--max-height", type=int, default=None, help="cut the screenshot at this height (CSS px)")
+    args = ap.parse_args(argv)
+    page = write_report_html(args.run, args.out, args.split, args.top)
+    print(page)
+    if args.screenshot:
+        shot = screenshot(page, args.screenshot, width=args.width, max_height=args.max_height)
+        print(shot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Many runs at once: compare heads, tune, reproduce the paper, and their shared multi-run rules."""

@@ -1,0 +1,44 @@
+"""What the commands that run many runs on one folder (`compare`, `tune`) share: the two modes, which
+settings make a different experiment, and why they refuse torchrun.
+
+Modes. `frozen`: the backbone is frozen and its features cached (`features`) in ONE folder for every run of
+the command, so the backbone runs once per split and each run trains only its head. `finetune`: every run
+trains end to end. No torch here (the command line's help shows the modes).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import RESUME_SAFE
+from ..errors import UserError
+
+MODES = ("frozen", "finetune")
+DEFAULT_MODE = "frozen"
+CACHE_DIR = "feature-cache"
+# Settings that may differ between a run (or study) on disk and the one asked for: where and how fast it runs,
+# not what it learns (config.RESUME_SAFE, less the schedule and the data, which change results).
+IGNORED = (set(RESUME_SAFE) - {"epochs", "stages", "limit_train_batches", "data"}) | {"out"}
+
+
+class MultiRunError(UserError, ValueError):
+    """A request to compare or tune that cannot run as given; the message says how to fix it."""
+
+
+def mode_fields(mode: str, out: Path, cache_dir: str = "") -> dict:
+    """The TrainConfig fields a mode sets. Frozen: one feature cache for every run (OUT/feature-cache unless
+    the config names another), so the backbone's features are computed once for all runs."""
+    if mode not in MODES:
+        raise MultiRunError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "frozen":
+        return {"freeze_backbone": True, "cache_features": True, "cache_dir": cache_dir or str(out / CACHE_DIR)}
+    return {"freeze_backbone": False, "cache_features": False}
+
+
+def refuse_torchrun(command: str) -> None:
+    """A driver of many runs decides per run whether to train, skip or leave it to another process; ranks of one
+    torchrun job could decide differently and wait on each other forever. Several processes on one OUT share
+    the work instead (one per GPU, or per machine on a shared file system)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MultiRunError(f"{command} is not run under torchrun: start one {command} process per GPU (or machine) "
+                            f"on the same --out; they share the work between them")

@@ -1,0 +1,472 @@
+"""`spinal-transfer tune`: search the head's kind and shape and the optimisation settings with Optuna.
+
+Why this shape: which head (and which width and depth) suits a folder is an empirical question, and with a
+frozen backbone every candidate trains in seconds on cached features (`features`), so a search of dozens of
+trials takes minutes on a CPU. The rules that keep the answer honest:
+
+* Selection uses val only. A trial's score is the best val top-1 over its epochs (the epoch train.run keeps);
+  pruning reads the per-epoch val top-1 (`train.run(on_epoch=...)`). A trial stops right after its last
+  epoch, BEFORE the test split is evaluated: only the best trial's run is then resumed to its end, which
+  evaluates test once with its chosen weights. (A later command that continues the study and finds a
+  better trial tests that one too; the page counts the trials whose test split was evaluated.)
+* Every trial has the same seed, data split and options (flags or recipe); only the searched fields differ.
+* The best configuration is written as a recipe that `train --recipe` accepts unchanged; with
+  `--deterministic` on a CPU it reproduces the trial's val metric exactly.
+
+Search space: `SPACE` below, a table of (parameter, values, when); the head's kind and shape (width, layers,
+splits, dropout, batch norm via the preset, shared weights) and the optimisation (lr, weight decay, label
+smoothing, epochs up to --epochs). The README and tune.html show the same table (a test holds the README to it).
+
+Sampling: TPE (`optuna.samplers.TPESampler`) with `--sampler-seed`, its first `STARTUP_TRIALS` trials random;
+constant liar on, so parallel workers do not all try the same point. Pruning: `MedianPruner`: once 5 trials
+have ended, a trial whose val top-1 after epoch e >= 2 is below the median of earlier trials at epoch e stops.
+A trial whose loss diverges, or whose shape the backbone cannot take (shared weights need a feature width
+divisible by num_splits), is recorded as failed with the reason.
+
+Storage: an SQLite file in the output folder by default, so rerunning the command continues the study (to
+`--trials` finished trials in all); several processes on one machine may share it. `--storage
+postgresql://user:password@host/db` (any Optuna RDB URL) lets workers on many machines share one study: start
+the same command on each, with the same --study-name, a --out on a shared file system and each its own
+--sampler-seed. Heartbeats mark the trials of a worker that died as failed.
+
+Layout: OUT/study.db, OUT/trials/trial<NNNN>/ (run folders), OUT/feature-cache/ (frozen mode),
+OUT/best.yaml, OUT/trials.csv, OUT/tune.html. A trial's checkpoints (the whole model, twice) are deleted when
+it ends unless it is the best so far; its config, metrics and log stay.
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
+
+from ..config import TrainConfig, resolve_config
+from ..errors import ConfigError, MissingDependency, NonFiniteLoss
+from ..evaluation.plots import figure_png
+from ..evaluation.tables import Table, page, png_img, table_html, to_csv, write_files
+from ..runs.rundir import RunDir
+from ..training import train
+from ..utils.filelock import exclusive
+from .multirun import DEFAULT_MODE, IGNORED, MultiRunError, mode_fields, refuse_torchrun
+
+if TYPE_CHECKING:
+    import optuna
+
+DEFAULT_OUT = "runs/tune"
+DEFAULT_TRIALS = 20
+DEFAULT_STUDY = "spinal-transfer"
+DEFAULT_SAMPLER_SEED = 0
+STORAGE_FILE = "study.db"
+STARTUP_TRIALS = 10                   # TPE samples at random until this many trials exist
+PRUNE_AFTER_TRIALS = 5                # the median pruner waits for this many finished trials...
+PRUNE_FROM_EPOCH = 2                  # ...and stops a trial no earlier than after this epoch
+PRUNERS = ("median", "none")
+HEARTBEAT_S, GRACE_S = 60, 180        # a RUNNING trial silent for GRACE_S is marked failed
+OUTPUT_FILES = ("best.yaml", "trials.csv", "tune.html")
+# TrainConfig fields the search sets (--epochs is the longest a trial may train; the others are not flags)
+SEARCHED = ("head", "head_preset", "layer_width", "num_layers", "num_splits", "shared_weights", "head_dropout",
+            "mlp_hidden", "lr", "weight_decay", "label_smoothing")
+# (parameter, values, when): the documented space; `suggest` samples exactly these
+SPACE = (
+    ("head", "linear, mlp, spinal", "always"),
+    ("head_preset", "resnet (no batch norm), vgg (batch norm after each spinal layer)", "spinal"),
+    ("layer_width", "16 .. 1024, log scale", "spinal"),
+    ("num_layers", "2 .. 8", "spinal"),
+    ("num_splits", "2 .. 4", "spinal"),
+    ("shared_weights", "false, true", "spinal"),
+    ("mlp_width", "64 .. 2048, log scale (mlp_hidden = [mlp_width] * mlp_layers)", "mlp"),
+    ("mlp_layers", "1 .. 2", "mlp"),
+    ("head_dropout", "0 .. 0.5 (replaces the preset's dropout)", "spinal, mlp"),
+    ("lr", "1e-4 .. 1e-1, log scale", "always"),
+    ("weight_decay", "1e-6 .. 1e-2, log scale", "always"),
+    ("label_smoothing", "0 .. 0.2", "always"),
+    ("epochs", "max(1, E // 3) .. E, E = --epochs", "always"),
+)
+
+PathLike = Union[str, Path]
+
+
+class TuneError(MultiRunError):
+    """A tune request that cannot run as given; the message says how to fix it."""
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise MissingDependency("tune needs Optuna: pip install 'spinal-transfer[tune]'") from None
+    return optuna
+
+
+# --- the search space ----------------------------------------------------------------------------
+
+def suggest(trial: "optuna.Trial", max_epochs: int) -> dict:
+    """The TrainConfig fields of one trial, sampled from SPACE (conditional: shape parameters only for the
+    head kind that has them)."""
+    head = trial.suggest_categorical("head", ["linear", "mlp", "spinal"])
+    f: dict[str, Any] = {"head": head}
+    if head == "spinal":
+        f["head_preset"] = trial.suggest_categorical("head_preset", ["resnet", "vgg"])
+        f["layer_width"] = trial.suggest_int("layer_width", 16, 1024, log=True)
+        f["num_layers"] = trial.suggest_int("num_layers", 2, 8)
+        f["num_splits"] = trial.suggest_int("num_splits", 2, 4)
+        f["shared_weights"] = trial.suggest_categorical("shared_weights", [False, True])
+    if head == "mlp":
+        width = trial.suggest_int("mlp_width", 64, 2048, log=True)
+        f["mlp_hidden"] = [width] * trial.suggest_int("mlp_layers", 1, 2)
+    if head != "linear":
+        f["head_dropout"] = trial.suggest_float("head_dropout", 0.0, 0.5)
+    f["lr"] = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    f["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    f["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, 0.2)
+    f["epochs"] = trial.suggest_int("epochs", max(1, max_epochs // 3), max_epochs)
+    return f
+
+
+# --- one trial -----------------------------------------------------------------------------------
+
+class _Trained(Exception):
+    """Raised from on_epoch after a trial's last epoch: the run stops before train.finish tests it."""
+
+
+def trial_dir(out: Path, number: int) -> RunDir:
+    return RunDir(out / "trials" / f"trial{number:04d}")
+
+
+def best_epoch(run: RunDir) -> tuple[int, float]:
+    """(epoch, val top-1) that train.run selects: the first epoch with the highest val top-1."""
+    rows = run.read_metrics()
+    if not rows:
+        raise TuneError(f"{run.path} has no finished epoch")
+    best = max(rows, key=lambda r: r["val"]["top1"])
+    return best["epoch"], best["val"]["top1"]
+
+
+def make_objective(base: TrainConfig, out: Path) -> Callable[["optuna.Trial"], float]:
+    """The objective: train one sampled configuration in OUT/trials/trial<N>/, report val top-1 every epoch
+    (pruning), stop before the test evaluation, return the best val top-1."""
+    optuna = _optuna()
+
+    def objective(trial: "optuna.Trial") -> float:
+        cfg = resolve_config(base, {**suggest(trial, base.epochs), "out": str(trial_dir(out, trial.number).path)})
+        trial.set_user_attr("run", cfg.out)
+        trial.set_user_attr("config", cfg.to_dict())
+        last = cfg.total_epochs()
+
+        def on_epoch(row: dict) -> None:
+            trial.report(row["val"]["top1"], row["epoch"])
+            if row["epoch"] >= last:
+                raise _Trained()
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val top-1 {row['val']['top1']:.4f} after epoch {row['epoch']} is below "
+                                         f"the median of earlier trials")
+
+        try:
+            train.run(cfg, on_epoch=on_epoch)
+        except _Trained:
+            pass
+        except (NonFiniteLoss, ConfigError) as e:
+            trial.set_user_attr("error", str(e))
+            raise
+        epoch, top1 = best_epoch(RunDir(cfg.out))
+        trial.set_user_attr("best_epoch", epoch)
+        return top1
+
+    return objective
+
+
+# --- the study -----------------------------------------------------------------------------------
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(out / STORAGE_FILE).resolve()}"
+
+
+def shown_storage(url: str) -> str:
+    """The storage URL without its password, for pages and logs."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def make_storage(url: str) -> "optuna.storages.RDBStorage":
+    """An RDB storage with heartbeats (a dead worker's trial becomes failed instead of running forever); an
+    SQLite file waits up to a minute for a lock another process holds instead of failing."""
+    optuna = _optuna()
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S)
+    except Exception as e:         # a bad URL, an unreachable server, a missing driver
+        raise TuneError(f"cannot open the study storage {shown_storage(url)}: {str(e).splitlines()[0]}") from None
+
+
+def make_sampler(seed: int) -> "optuna.samplers.BaseSampler":
+    optuna = _optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
+
+
+def make_pruner(name: str) -> "optuna.pruners.BasePruner":
+    optuna = _optuna()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        # steps are 1-based epochs; Optuna prunes only at steps >= n_warmup_steps
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=PRUNE_FROM_EPOCH)
+    raise TuneError(f"--pruner must be one of {', '.join(PRUNERS)}, got {name!r}")
+
+
+def settings_of(base: TrainConfig, mode: str) -> dict:
+    """What every trial of a study shares; a study continued with other settings would mix experiments."""
+    return {"mode": mode, **{k: v for k, v in sorted(base.to_dict().items()) if k not in IGNORED}}
+
+
+def open_study(storage: str, name: str, sampler: Any, pruner: Any, settings: dict, lock: Path) -> "optuna.Study":
+    """Create the study, or load it to continue; refuse one made with other settings. Under `lock`: two workers
+    starting together on a new database would both create its tables (and one would fail)."""
+    optuna = _optuna()
+
+    with exclusive(lock):
+        study = optuna.create_study(storage=make_storage(storage), study_name=name, direction="maximize",
+                                    sampler=sampler, pruner=pruner, load_if_exists=True)
+        have = study.user_attrs.get("settings")
+        if have is None:
+            study.set_user_attr("settings", settings)
+            have = settings
+    if have != settings:
+        diff = [f"{k}: {have.get(k)!r} there, {settings.get(k)!r} asked for" for k in sorted(set(have) | set(settings))
+                if have.get(k) != settings.get(k)]
+        raise TuneError(f"study {name!r} in {shown_storage(storage)} was made with other settings "
+                        f"({'; '.join(diff)}); use another --study-name or --out")
+    return study
+
+
+def counted(study: "optuna.Study") -> int:
+    """Trials that count toward --trials: finished one way or another (complete, pruned or failed)."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+@dataclass
+class TuneResult:
+    study: Any
+    best: Any                      # the best FrozenTrial
+    report: dict                   # its run's report.json (val and test of its chosen epoch)
+    recipe: Path
+    tested: int                    # trials whose test split was ever evaluated
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MODE, out: PathLike = DEFAULT_OUT,
+         storage: Optional[str] = None, study_name: str = DEFAULT_STUDY, sampler_seed: int = DEFAULT_SAMPLER_SEED,
+         pruner: Union[str, Any] = "median", log: Callable[[str], Any] = _stderr) -> TuneResult:
+    """Run trials until the study has `trials` finished ones, test the best trial once, write the outputs.
+
+    `pruner` is a name of PRUNERS or an Optuna pruner object."""
+    _optuna()                        # a missing install is one line before anything starts
+    refuse_torchrun("tune")
+    if trials < 1:
+        raise TuneError(f"--trials must be >= 1, got {trials}")
+    if not base.data:
+        raise TuneError("--data DIR is required (or a --recipe that sets data)")
+    if base.select_on != "val":
+        raise TuneError("tune selects on val only; a recipe with select_on: test would select on test (remove it)")
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = resolve_config(base, {"data": str(Path(base.data).expanduser().resolve()),
+                                 **mode_fields(mode, out, base.cache_dir)})
+    storage = storage or default_storage(out)
+    study = open_study(storage, study_name, make_sampler(sampler_seed),
+                       make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
+                       out / ".study.lock")
+    remaining = trials - counted(study)
+    log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
+        f"{max(0, remaining)} to go")
+    if remaining > 0:
+        from optuna.study import MaxTrialsCallback
+        from optuna.trial import TrialState
+
+        stop = MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        study.optimize(make_objective(base, out), n_trials=remaining,
+                       callbacks=[stop, lambda st, _: drop_checkpoints(st, out)], catch=(NonFiniteLoss, ConfigError))
+    wait_for_running(study, log)
+    return finish_study(study, out, storage, log)
+
+
+def wait_for_running(study: "optuna.Study", log: Callable[[str], Any], poll_s: float = 1.0) -> None:
+    """Wait for the trials other workers are running now, so that the best trial is chosen, and tested, once
+    they have ended rather than once per worker. Trials of a worker that died end as failed when their
+    heartbeat is older than the grace period."""
+    import time
+
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if running:
+        log(f"waiting for {len(running)} trial(s) that other workers are running")
+    while running:
+        time.sleep(poll_s)
+        fail_stale_trials(study)
+        running &= {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+
+def drop_checkpoints(study: "optuna.Study", out: Path) -> None:
+    """Delete the checkpoints of every ended trial but the best so far: each holds the whole model (backbone
+    included), and only the best trial's are ever used (to test it). Configs, metrics and logs stay. Under the
+    lock that `finish_study` holds while it tests the best trial."""
+    import shutil
+
+    from optuna.trial import TrialState
+
+    with exclusive(out / ".tune.lock"):
+        ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        done = [t.number for t in ended if t.state == TrialState.COMPLETE]
+        best = study.best_trial.number if done else None
+        for t in ended:
+            if t.number != best and "run" in t.user_attrs:
+                shutil.rmtree(RunDir(t.user_attrs["run"]).checkpoints, ignore_errors=True)
+
+
+def finish_study(study: "optuna.Study", out: Path, storage: str, log: Callable[[str], Any]) -> TuneResult:
+    """Test the best trial (once: resuming its stopped run runs train.finish), then write best.yaml, trials.csv
+    and tune.html. Under a lock: two workers ending together test it once and write in turn."""
+    with exclusive(out / ".tune.lock"):
+        try:
+            best = study.best_trial
+        except ValueError:
+            reasons = sorted({t.user_attrs.get("error", "") for t in study.trials} - {""})
+            raise TuneError("no trial finished, so there is no best configuration"
+                            + (f"; failures: {'; '.join(reasons[:3])}" if reasons else "")) from None
+        report = test_once(RunDir(best.user_attrs["run"]), log)
+        recipe = out / OUTPUT_FILES[0]
+        tested = sum(RunDir(t.user_attrs["run"]).is_finished() for t in study.trials if "run" in t.user_attrs)
+        write_files(out, {OUTPUT_FILES[0]: recipe_text(study, best, report),
+                          OUTPUT_FILES[1]: trials_csv(study),
+                          OUTPUT_FILES[2]: tune_html(study, best, report, storage, tested)})
+    log(f"best trial {best.number}: val top-1 {report['val']['top1']:.4f}, test top-1 {report['test']['top1']:.4f} "
+        f"(test evaluated once, for this trial); recipe {recipe}")
+    return TuneResult(study, best, report, recipe, tested)
+
+
+def test_once(run: RunDir, log: Callable[[str], Any]) -> dict:
+    """The report of a trial's run, finishing it first if it stopped before its test evaluation."""
+    if not run.is_finished():
+        log(f"testing the best trial once: resuming {run.path} to its end")
+        return train.run(resume=run.path)
+    return run.read_report()
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+def recipe_text(study: "optuna.Study", best: Any, report: dict) -> str:
+    """The best trial's config as a recipe `train --recipe` takes unchanged (no run folder in it)."""
+    cfg = TrainConfig.from_dict({**best.user_attrs["config"], "out": ""})
+    return (f"# best trial {best.number} of study {study.study_name!r}: val top-1 {report['val']['top1']:.4f}, "
+            f"test top-1 {report['test']['top1']:.4f} (evaluated once)\n"
+            f"# spinal-transfer train --recipe best.yaml --out runs/best\n" + cfg.to_yaml())
+
+
+PARAMS = tuple(name for name, _, _ in SPACE)
+TRIAL_COLUMNS = ("number", "state", "val_top1", "best_epoch", "epochs_reported", "seconds", *PARAMS, "run", "error")
+
+
+def _trial_row(t: Any) -> dict:
+    seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+        else ""
+    return {"number": t.number, "state": t.state.name, "val_top1": "" if t.value is None else t.value,
+            "best_epoch": t.user_attrs.get("best_epoch", ""), "epochs_reported": len(t.intermediate_values),
+            "seconds": seconds, **{p: t.params.get(p, "") for p in PARAMS}, "run": t.user_attrs.get("run", ""),
+            "error": t.user_attrs.get("error", "")}
+
+
+def trials_csv(study: "optuna.Study") -> str:
+    """Every trial of the study, one row each (a pruned trial's val_top1 is its last reported value)."""
+    return to_csv(TRIAL_COLUMNS, ([r[c] for c in TRIAL_COLUMNS] for r in map(_trial_row, study.trials)))
+
+
+@contextlib.contextmanager
+def _pyplot_figure() -> Iterator[list]:
+    """Optuna's matplotlib plots draw with pyplot; every figure they open is closed again here."""
+    import matplotlib.pyplot as plt
+
+    before = set(plt.get_fignums())
+    figs: list = []
+    try:
+        yield figs
+    finally:
+        for n in set(plt.get_fignums()) - before:
+            plt.close(n)
+
+
+def plots(study: "optuna.Study", seed: int = 0) -> list[tuple[str, Optional[bytes], str]]:
+    """(title, PNG or None, why not) of Optuna's history, importance and intermediate-value plots."""
+    optuna = _optuna()
+    from optuna.visualization import matplotlib as vm
+
+    makers = (("optimization history (val top-1 per trial, best so far)", vm.plot_optimization_history, {}),
+              ("parameter importances (fANOVA on the finished trials' val top-1)", vm.plot_param_importances,
+               {"evaluator": optuna.importance.FanovaImportanceEvaluator(seed=seed)}),
+              ("val top-1 per epoch of every trial (pruned trials end early)", vm.plot_intermediate_values, {}))
+    out = []
+    for title, make, kw in makers:
+        with warnings.catch_warnings(), _pyplot_figure():
+            warnings.simplefilter("ignore")
+            try:
+                ax = make(study, **kw)
+                ax = ax.flat[0] if hasattr(ax, "flat") else ax
+                out.append((title, figure_png(ax.figure), ""))
+            except Exception as e:        # too few finished trials, or a parameter that never varied
+                out.append((title, None, f"not drawn: {str(e).splitlines()[0] if str(e) else type(e).__name__}"))
+    return out
+
+
+def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, tested: int) -> str:
+    """One self-contained page: summary, the recipe, the search space, the plots (embedded PNGs), all trials."""
+    e = html.escape
+    states: dict[str, int] = {}
+    for t in study.trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    val, test = report["val"], report["test"]
+    summary = (f"Study {study.study_name!r} in {shown_storage(storage)}: {len(study.trials)} trials ("
+               + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + f"). Best trial {best.number}: val "
+               f"top-1 {100 * val['top1']:.2f}% (the selection score); test top-1 {100 * test['top1']:.2f}%, "
+               f"balanced accuracy {100 * test['balanced_accuracy']:.2f}%, macro F1 {100 * test['macro_f1']:.2f}%. "
+               f"The test split was evaluated for {tested} trial(s) in all: the best one at the end of each tune "
+               f"command.")
+    space = Table("", (("parameter", "p"), ("values", "v"), ("when", "w")),
+                  [{"p": p, "v": v, "w": w} for p, v, w in SPACE])
+    trials = Table("", [(c, c) for c in TRIAL_COLUMNS if c not in ("run", "error")] + [("error", "error")],
+                   [{k: _fmt(v) for k, v in _trial_row(t).items()} for t in study.trials],
+                   muted=[i for i, t in enumerate(study.trials) if t.state.name != "COMPLETE"])
+    figures = "".join(f"<h3>{e(title)}</h3>" + (png_img(png, title) if png else f"<p>{e(why)}</p>")
+                      for title, png, why in plots(study))
+    body = (f"<p>{e(summary)}</p>\n<h2>best configuration (best.yaml)</h2>\n"
+            f"<pre>{e(recipe_text(study, best, report))}</pre>\n<h2>plots</h2>\n{figures}\n"
+            f"<h2>search space</h2>\n{table_html(space)}\n<h2>trials</h2>\n{table_html(trials)}\n"
+            f"<p>Shaded: pruned, failed or unfinished trials. val_top1 is the selection score (best epoch on val); "
+            f"a pruned trial's is its last reported value.</p>")
+    return page("Head and hyper-parameter search", body)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)

@@ -1,0 +1,373 @@
+"""Put a new head on any torchvision or timm backbone: `build_model`.
+
+The classifier is found by watching a forward pass, not by guessing attribute names: for
+torchvision it is the last module to produce the 1000 ImageNet logits (auxiliary classifiers are the
+ones that produce them only in training mode); for timm it is the Linear / 1x1 Conv producing the
+logits inside what `pretrained_cfg['classifier']` names (several for multi-branch and distilled
+models), with its input width measured by a probe forward. The new head is put
+at exactly that place in the module tree, so every backbone parameter keeps its name and value, and
+a final probe forward proves the head is called (the paper's CIFAR-10/SVHN scripts assigned their
+head to a `.fc` that VGG never calls).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .heads import create_head
+from .hub import Unreachable, cached_hub_backbones, create_timm, is_hub_name, split_hub_name
+from .weights import load_backbone_weights, resolve_weights
+
+LIBRARIES = ("torchvision", "timm")
+
+
+@dataclass
+class HeadInfo:
+    """What `build_model` did, kept on the model as `model.spinal_info` (plain values only)."""
+
+    backbone: str
+    num_classes: int
+    head: str
+    head_options: dict
+    feature_width: int
+    head_paths: List[str]          # main head first, then auxiliary heads
+    head_modules: List[str]        # module path of each new head (differs from head_paths for SqueezeNet)
+    replace: str
+    default_head_params: int      # the original classifier, retargeted to num_classes
+    default_head_macs: int
+    input_size: int
+    weights: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_backbone(backbone: str) -> tuple[str, str]:
+    """("torchvision" | "timm", name); timm names include Hub repos, `hf-hub:org/name[@revision]`."""
+    lib, sep, name = backbone.partition("/")
+    if not sep or lib not in LIBRARIES or not name:
+        raise ConfigError(f"backbone must be 'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:<org>/<name>' "
+                         f"(a timm model on the Hugging Face Hub), got {backbone!r}; see `spinal-transfer models`")
+    if is_hub_name(name):
+        if lib != "timm":
+            raise ConfigError(f"Hugging Face Hub backbones are timm models: use 'timm/{name}', not {backbone!r}")
+        split_hub_name(name)
+    return lib, name
+
+
+def list_backbones(pattern: Optional[str] = None) -> List[str]:
+    """Every backbone `build_model` accepts: torchvision's classification models and timm's architectures."""
+    import timm
+    import torchvision.models as tvm
+
+    names = [f"torchvision/{n}" for n in tvm.list_models(module=tvm)]
+    names += [f"timm/{n}" for n in timm.list_models()]
+
+    names += cached_hub_backbones()          # timm/hf-hub:org/name in the local HF cache; any Hub repo works
+    if pattern:
+        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatch(n, pat)]
+    return names
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(get_module(model, parent), attr, module)
+
+
+def get_head(model: nn.Module) -> nn.Module:
+    """The (main) head that `build_model` attached."""
+    info = getattr(model, "spinal_info", None)
+    if info is None:
+        raise ValueError("this model was not built by spinal_transfer.build_model")
+    return get_module(model, info.head_modules[0])
+
+
+def head_param_names(model: nn.Module) -> List[str]:
+    """State-dict keys that belong to the new head(s); everything else is backbone."""
+    prefixes = tuple(p + "." for p in model.spinal_info.head_paths)
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
+
+
+def _count(module: nn.Module, num_classes: int, imagenet_classes: int = 1000) -> tuple[int, int]:
+    """(params, MACs per sample) of the original classifier retargeted to `num_classes`: the
+    "default head" the paper compares with. MACs count Linear and 1x1-conv layers only."""
+    params = macs = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            n_in, n_out = m.in_features, m.out_features
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
+            n_in, n_out = m.in_channels // m.groups, m.out_channels
+        else:
+            params += sum(p.numel() for p in m.parameters(recurse=False))
+            continue
+        n_out = num_classes if n_out == imagenet_classes else n_out
+        params += (n_in + (m.bias is not None)) * n_out
+        macs += n_in * n_out
+    return params, macs
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, input_size: int, watch: dict[str, nn.Module]) -> tuple[dict[str, torch.Size], Any]:
+    """One eval-mode forward of a zero image: (input shape of each watched module that was called,
+    in call order; the model's output)."""
+    seen: dict[str, torch.Size] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            seen.setdefault(name, inputs[0].shape)
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in watch.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
+        out = model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+def _torchvision_input_size(name: str, model: nn.Module, weights: Any) -> int:
+    if weights is not None:
+        return int(weights.transforms().crop_size[0])
+    if hasattr(model, "image_size"):          # ViT: fixed by the position embedding
+        return int(model.image_size)
+    return 299 if name == "inception_v3" else 224
+
+
+def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, int]:
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise ConfigError(f"torchvision has no classification model {name!r}; see `spinal-transfer models torchvision/`")
+    kwargs = {}
+    if name in ("inception_v3", "googlenet"):
+        kwargs = dict(aux_logits=True, init_weights=weights is None)
+    model = tvm.get_model(name, weights=weights, **kwargs)
+    return model, _torchvision_input_size(name, model, weights)
+
+
+def _find_torchvision_classifiers(model: nn.Module, input_size: int) -> tuple[str, List[str], torch.Size]:
+    """(main classifier path, auxiliary classifier paths, main classifier's input shape)."""
+    out_dim = 1000
+    cands = {n: m for n, m in model.named_modules()
+             if (isinstance(m, nn.Linear) and m.out_features == out_dim)
+             or (isinstance(m, nn.Conv2d) and m.out_channels == out_dim and m.kernel_size == (1, 1))}
+    seen, _ = _probe(model, input_size, cands)
+    if not seen:
+        raise ConfigError(f"could not find the classifier of {type(model).__name__}; this backbone is not supported")
+    main = list(seen)[-1]
+    aux = [n for n in cands if n not in seen]
+    return main, aux, seen[main]
+
+
+class _ShapeAdapter(nn.Module):
+    """Runs a vector head where the original classifier took a non-vector input, and gives its output
+    the shape the rest of the forward expects: a (B, D, H, W) map is average-pooled to (B, D) and the
+    logits come back as (B, C, 1, 1) (a 1x1-conv classifier, after which the model pools or
+    flattens); a (B, N, D) token tensor is classified token by token, giving (B, N, C)."""
+
+    def __init__(self, head: nn.Module, ndim: int):
+        super().__init__()
+        if ndim not in (3, 4):
+            raise ValueError(f"cannot adapt a head to a {ndim}-D classifier input")
+        self.head, self.ndim = head, ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ndim == 4:
+            return self.head(x.mean((2, 3))).unsqueeze(-1).unsqueeze(-1)
+        return self.head(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)
+
+
+def _is_classifier(m: Optional[nn.Module], out_dim: int) -> bool:
+    return ((isinstance(m, nn.Linear) and m.out_features == out_dim)
+            or (isinstance(m, nn.Conv2d) and m.out_channels == out_dim and m.kernel_size == (1, 1)))
+
+
+def _build_timm(name: str, source: Any) -> tuple[nn.Module, int]:
+    import timm
+
+    if not is_hub_name(name) and not timm.is_model(name):
+        hint = f"; a Hugging Face Hub repo is 'timm/hf-hub:{name}'" if "/" in name else ""
+        raise ConfigError(f"timm has no model {name!r}; see `spinal-transfer models timm/`{hint}")
+    try:
+        model = create_timm(name if source.tag is None else f"{name}.{source.tag}",
+                            pretrained=source.builtin is not None)
+    except Unreachable as e:             # fails fast, naming the missing files (also config.json of a Hub repo)
+        source.raise_unavailable(e)
+    except Exception as e:
+        if source.builtin is None:       # no download was involved: a real error
+            raise
+        source.raise_unavailable(e)
+    return model, int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str, torch.Size]]:
+    """[(path, input shape)] of the layer(s) that produce timm's logits, main one first.
+
+    `pretrained_cfg['classifier']` names them (a tuple for distilled or multi-branch models such as
+    DeiT-distilled, LeViT, EfficientFormer, CrossViT, EfficientViM, whose logits are averaged or
+    weighted-summed). A name may point at a wrapper (NormLinear, a ClsHead called with
+    `pre_logits=` keywords): then the last Linear / 1x1 Conv inside it that outputs `num_classes`
+    is the target, so every wrapper, norm and pooling stays where it is and the model's own forward
+    calls the new head exactly where it called the old layer. (timm's `reset_classifier(0)` is not
+    used: for several families it rebuilds the head so that the configured path no longer exists
+    or is no longer called, and multi-branch models then concatenate the branches.) The input each
+    one gets is measured by a probe forward, not read from `num_features`.
+    """
+    out_dim = int(getattr(model, "num_classes", 0) or 0)
+    cfg = model.pretrained_cfg.get("classifier") or "head"
+    named = [cfg] if isinstance(cfg, str) else list(cfg)
+    paths: List[str] = []
+    for p in named:
+        try:
+            m = get_module(model, p)
+        except AttributeError:
+            continue
+        if _is_classifier(m, out_dim) or (out_dim == 0 and isinstance(m, nn.Identity)):
+            # (a feature backbone created with num_classes=0, e.g. DINOv3 ViTs: the head goes where
+            # the identity placeholder of the classifier is)
+            paths.append(p)
+            continue
+        inner = [q for q, sub in m.named_modules() if q and _is_classifier(sub, out_dim)]
+        if inner:
+            paths.append(f"{p}.{inner[-1]}")
+    if not paths and out_dim > 0:   # the config names nothing usable: every layer with num_classes outputs
+        paths = [n for n, m in model.named_modules() if _is_classifier(m, out_dim)]
+    seen, _ = _probe(model, input_size, {p: get_module(model, p) for p in paths})
+    if not seen:
+        raise ConfigError(f"could not find the classifier of timm {type(model).__name__} "
+                           f"(pretrained_cfg classifier={cfg!r})")
+    targets = [(p, seen[p]) for p in paths if p in seen]
+    for p in paths:      # named but not called in eval mode (train-only auxiliary heads): sized by the layer
+        if p not in seen:
+            m = get_module(model, p)
+            if isinstance(m, nn.Identity):
+                raise ConfigError(f"timm {type(model).__name__}: the classifier placeholder {p!r} is not called")
+            targets.append((p, torch.Size([1, m.in_features if isinstance(m, nn.Linear) else m.in_channels])))
+    for p, shape in targets:
+        if len(shape) not in (2, 3, 4) or (len(shape) == 4 and not isinstance(get_module(model, p), nn.Conv2d)):
+            raise ConfigError(f"timm {type(model).__name__}: the classifier {p!r} receives a {tuple(shape)} "
+                             "input, which no head here can take")
+    return targets
+
+
+def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
+                replace: str = "auto", **head_options: Any) -> nn.Module:
+    """Load `backbone` ("torchvision/<name>", "timm/<name>" or "timm/hf-hub:<org>/<name>") and replace
+    its classifier by a new `head` ("linear", "mlp", "spinal") of the width that actually reaches it.
+
+    weights: None/"none", "default", a torchvision weights enum name / timm pretrained tag, or a path
+    to a local state dict (torch file loaded with weights_only=True, or safetensors).
+    replace (torchvision VGG/AlexNet): "classifier" replaces the whole 4096-4096 classifier from the
+    flattened features, as the paper did; "last" only its last Linear; "auto" = "classifier" for
+    spinal/mlp heads on VGG/AlexNet, "last" everywhere else.
+    """
+    lib, name = parse_backbone(backbone)
+    if replace not in ("auto", "last", "classifier"):
+        raise ConfigError(f"replace must be auto, last or classifier, got {replace!r}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    source = resolve_weights(lib, name, weights)
+    notes: List[str] = []
+
+    if lib == "torchvision":
+        try:
+            source.fail_fast()                # not cached and no network: say so now, not after a hang
+            model, input_size = _build_torchvision(name, source.builtin)
+        except OSError as e:                  # URLError is an OSError: offline, not cached
+            source.raise_unavailable(e)
+        main, aux, main_in = _find_torchvision_classifiers(model, input_size)
+        if replace == "auto":
+            replace = "classifier" if head != "linear" and name.startswith(("vgg", "alexnet")) else "last"
+        if replace == "classifier":
+            parent = main.rpartition(".")[0]
+            if not parent or sum(isinstance(m, nn.Linear) for m in get_module(model, parent).modules()) < 2:
+                raise ConfigError(f"{backbone} has no multi-layer classifier to replace; use replace='last'")
+            main_in = _probe(model, input_size, {parent: get_module(model, parent)})[0][parent]
+            if len(main_in) != 2:
+                raise ConfigError(f"the classifier of {backbone} starts from a feature map, not a vector; "
+                                 "use replace='last'")
+            main = parent
+        # (path, width) of every classifier to replace: the main one first, then auxiliary ones.
+        def in_width(path: str) -> int:
+            m = get_module(model, path)
+            return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+        main_width = int(main_in[1:].numel()) if replace == "classifier" else in_width(main)
+        targets = [(main, main_width)] + [(p, in_width(p)) for p in aux]
+        original = [get_module(model, p) for p, _ in targets]
+        paths, head_modules = [], []
+        for p, width in targets:
+            new_head = create_head(head, width, num_classes, **head_options)
+            if isinstance(get_module(model, p), nn.Conv2d):   # SqueezeNet: 1x1 conv on the map, then pool
+                p = p.rpartition(".")[0]
+                set_module(model, p, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), new_head))
+                head_modules.append(p + ".2")
+            else:
+                set_module(model, p, new_head)
+                head_modules.append(p)
+            paths.append(p)
+        width = targets[0][1]
+    else:
+        if replace == "classifier":
+            raise ConfigError("replace='classifier' is for torchvision VGG/AlexNet; timm heads replace the final "
+                             "classifier layer(s) (use replace='last')")
+        replace = "last"
+        model, input_size = _build_timm(name, source)
+        imagenet_classes = int(model.num_classes)
+        targets = _find_timm_classifiers(model, input_size)
+        original = [get_module(model, p) for p, _ in targets]
+        paths, head_modules = [], []
+        for p, shape in targets:
+            new_head = create_head(head, int(shape[-1] if len(shape) == 3 else shape[1]), num_classes, **head_options)
+            if len(shape) == 2:
+                set_module(model, p, new_head)
+                head_modules.append(p)
+            else:
+                set_module(model, p, _ShapeAdapter(new_head, len(shape)))
+                head_modules.append(p + ".head")
+                notes.append(f"the classifier at {p!r} received {len(shape)}-D input {tuple(shape)}; the new head "
+                             "is wrapped to take it " + ("pooled over its spatial positions" if len(shape) == 4
+                                                         else "token by token"))
+            paths.append(p)
+        width = get_module(model, head_modules[0]).in_features
+        model.num_classes = num_classes          # timm's convention; some forward_heads read it
+
+    default_params, default_macs = _count(original[0], num_classes,
+                                          1000 if lib == "torchvision" else imagenet_classes)
+    model.spinal_info = HeadInfo(
+        backbone=backbone, num_classes=num_classes, head=head, head_options=dict(head_options),
+        feature_width=width, head_paths=paths, head_modules=head_modules, replace=replace,
+        default_head_params=default_params, default_head_macs=default_macs, input_size=input_size,
+        weights=None if weights in (None, "none") else str(weights), notes=notes)
+
+    if source.path is not None:
+        notes.append(load_backbone_weights(model, source.path, head_param_names(model)))
+    _check_head_in_forward(model)
+    return model
+
+
+def _check_head_in_forward(model: nn.Module) -> None:
+    """Fail loudly unless the main head is called and the model outputs (batch, num_classes)."""
+    info = model.spinal_info
+    seen, out = _probe(model, info.input_size, {"head": get_head(model)})
+    if "head" not in seen:
+        raise RuntimeError(f"the new head at {info.head_modules[0]!r} is not in the forward path of {info.backbone}")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, info.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"{info.backbone} with the new head outputs {shape}, expected (1, {info.num_classes})")

@@ -1,0 +1,157 @@
+"""Where a backbone's starting weights come from, and what to do when they cannot be had offline."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, NoReturn, Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, WeightsUnavailable, option_name
+from ..runs.checkpoint import load_state_dict_file
+from .hub import HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, split_hub_name, url_unreachable
+
+
+def weights_option(style: Optional[str] = None) -> str:
+    """`weights=` or `--weights ` (style "python" / "cli"; default: as set by use_cli_option_names)."""
+    return option_name("weights", style)
+
+
+@dataclass
+class WeightSource:
+    lib: str
+    name: str
+    builtin: Any = None            # torchvision Weights enum, or True for timm's pretrained weights
+    tag: Optional[str] = None      # timm pretrained tag ("a1_in1k")
+    path: Optional[Path] = None    # local state-dict file
+
+    def _torchvision_cache(self) -> Path:
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.builtin.url)
+
+    def fail_fast(self) -> None:
+        """For torchvision weights: raise WeightsUnavailable at once when the file is not cached and
+        its server does not answer (urllib's download has no timeout and would hang or fail late)."""
+        if self.lib == "torchvision" and self.builtin is not None:
+            reason = url_unreachable(self.builtin.url, self._torchvision_cache())
+            if reason:
+                self.raise_unavailable(Unreachable(reason, (self._torchvision_cache().name,)))
+
+    def raise_unavailable(self, exc: BaseException, style: Optional[str] = None) -> NoReturn:
+        """WeightsUnavailable naming the missing file(s), where to put them and the option to use instead;
+        `style` picks how the option is spelled ("python": weights=, "cli": --weights)."""
+        opt = weights_option(style)
+        why = exc.reason if isinstance(exc, Unreachable) else f"{type(exc).__name__}: {_first_line(exc)}"
+        if self.lib == "torchvision":
+            url = self.builtin.url
+            cache = self._torchvision_cache()
+            msg = (f"cannot load torchvision/{self.name} weights {self.builtin}: the file is not cached and "
+                   f"could not be downloaded ({why}).\n  Put {os.path.basename(url)} (from {url}) at {cache},\n"
+                   f"  or pass {opt}/path/to/state_dict.pth (or .safetensors).")
+        else:
+            msg = _timm_message(self, exc, why, opt)
+        raise WeightsUnavailable(msg) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def _timm_message(src: WeightSource, exc: BaseException, why: str, opt: str) -> str:
+    """The message for timm registry weights and `hf-hub:` backbones: which file of which Hub repo is
+    missing, the HF cache folder it belongs in, and the command that fetches it elsewhere."""
+    files = exc.files if isinstance(exc, Unreachable) and exc.files else ()
+    if is_hub_name(src.name):
+        repo = split_hub_name(src.name)[0]
+        files = files or HUB_FILES
+        what = f"timm/{src.name}: {' and '.join(files)}"
+        instead = (f",\n  or pass {opt}/path/to/model.safetensors (the repo's config.json is still needed)"
+                   if "config.json" not in files else "")
+    else:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(f"{src.name}.{src.tag}" if src.tag else src.name)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+        if repo is None:             # weights by URL (torch.hub cache), no Hub repo
+            url = getattr(cfg, "url", "") if cfg else ""
+            name = files[0] if files else os.path.basename(url)
+            return (f"cannot load timm/{src.name} pretrained weights: not in the local cache and could not be "
+                    f"downloaded ({why}).\n  Put {name} (from {url}) at "
+                    f"{Path(torch.hub.get_dir()) / 'checkpoints' / name},\n"
+                    f"  or pass {opt}/path/to/model.safetensors (or a torch state_dict file).")
+        files = files or (getattr(cfg, "hf_hub_filename", None) or "model.safetensors",)
+        what = f"timm/{src.name} pretrained weights: {' and '.join(files)}"
+        instead = f",\n  or pass {opt}/path/to/model.safetensors (or a torch state_dict file)"
+    cache = hf_cache_dir()
+    folder = "models--" + repo.replace("/", "--")
+    return (f"cannot load {what} of the Hugging Face repo {repo} {'is' if len(files) == 1 else 'are'} not in "
+            f"the HF cache {cache} and could not be downloaded ({why}).\n"
+            f"  Where there is a network: `hf download {repo} {' '.join(files)}`, then copy its cache folder "
+            f"{folder} into {cache} (or set HF_HUB_CACHE to a copy) and run with HF_HUB_OFFLINE=1"
+            + instead + ".")
+
+
+def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource:
+    """Turn the user's `weights` value into a WeightSource (no loading yet)."""
+    src = WeightSource(lib, name)
+    if weights is None or str(weights).lower() == "none":
+        return src
+    weights = str(weights)
+    if os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or Path(weights).is_file():
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"weights file {path} does not exist")
+        src.path = path
+        return src
+    if lib == "torchvision":
+        import torchvision.models as tvm
+
+        enum = tvm.get_model_weights(name)
+        key = weights.split(".")[-1]
+        if key.lower() == "default":
+            key = "DEFAULT"
+        try:
+            src.builtin = enum[key] if key != "DEFAULT" else enum.DEFAULT
+        except KeyError:
+            raise ConfigError(f"torchvision/{name} has no weights {weights!r}; choose from "
+                             f"{['default'] + [w.name for w in enum]} or a file path") from None
+        return src
+    src.builtin = True
+    if weights.lower() != "default":
+        import timm
+
+        if is_hub_name(name):
+            raise ConfigError(f"timm/{name} is a Hub repo: its weights are 'default' (the repo's model.safetensors); "
+                             f"pin a version with timm/{name.partition('@')[0]}@<revision>, or give a file path")
+
+        tags = [m.partition(".")[2] for m in timm.list_pretrained(f"{name}.*")]
+        if weights not in tags:
+            raise ConfigError(f"timm/{name} has no pretrained tag {weights!r}; choose from {['default'] + tags} "
+                             "or a file path")
+        src.tag = weights
+    return src
+
+
+def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str]) -> str:
+    """Load a local state dict into `model` (already carrying its new head).
+
+    Backbone keys must all be present with matching shapes (else a clear error). Head keys are
+    loaded only when the file holds a head of exactly the same shape (a fine-tuned model); an
+    ImageNet classifier or a head for other classes is left out and the new head keeps its init.
+    """
+    sd = load_state_dict_file(path)
+    own = model.state_dict()
+    head_set = set(head_keys)
+    backbone_keys = [k for k in own if k not in head_set]
+    missing = [k for k in backbone_keys if k not in sd]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in backbone_keys if k in sd and sd[k].shape != own[k].shape]
+    if missing or wrong:
+        raise CheckpointError(f"{path} does not match this backbone: {len(missing)} missing keys "
+                         f"{missing[:5]}, {len(wrong)} shape mismatches {wrong[:5]}")
+    head_matches = bool(head_keys) and all(k in sd and sd[k].shape == own[k].shape for k in head_keys)
+    keys = backbone_keys + (head_keys if head_matches else [])
+    model.load_state_dict({k: sd[k] for k in keys}, strict=False)
+    return (f"loaded {len(keys)} tensors from {path}"
+            + ("" if head_matches else "; the head is new (the file's head, if any, does not match)"))

@@ -1,0 +1,1 @@
+"""The training loop, optimizers and schedules, best-epoch selection, lr-find, cached features, previews."""

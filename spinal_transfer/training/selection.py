@@ -1,0 +1,93 @@
+"""Which epoch is best, and when to stop: the one owner of both.
+
+`CheckpointSaver` decides the best epoch (and writes best.pt, stage_best.pt and last.pt); `EarlyStopping`
+decides when a stage has stopped improving. Both keep their own state, saved in last.pt, so a resumed run
+chooses exactly as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..runs.checkpoint import atomic_save, load_checkpoint, state_dict_cpu
+
+
+class CheckpointSaver:
+    """The one place that decides which weights are "best", and that writes best.pt, stage_best.pt and last.pt.
+
+    - Selection: an epoch is best when its score (top-1 on the selection split) beats every earlier epoch's;
+      ties keep the earlier epoch. The score is that of the weights evaluation ran on, which `eval_module`
+      chooses: the EMA weights when there is an EMA (they are what is evaluated, as in timm), else the raw ones.
+      So best.pt holds exactly the weights whose score made them best.
+    - stage_best.pt (multi-stage schedules) holds the raw weights of the stage's best epoch: the next stage
+      starts from them, as in the paper's scripts (training continues from raw weights, not the EMA).
+    - last.pt holds everything needed to continue: raw and EMA weights, optimizer, scheduler, scaler, RNG
+      states, progress and this saver's own state.
+    Only rank 0 calls the writing methods.
+    """
+
+    def __init__(self, run: Any, meta: dict, multi_stage: bool, state: Optional[dict] = None):
+        self.run, self.meta, self.multi_stage = run, meta, multi_stage
+        state = state or {}
+        self.best = state.get("best", float("-inf"))
+        self.best_epoch = state.get("best_epoch", 0)           # 1-based; 0 = none yet
+        self.stage_best = state.get("stage_best", float("-inf"))
+
+    @staticmethod
+    def eval_module(model: torch.nn.Module, ema: Any) -> torch.nn.Module:
+        """The weights that are evaluated, selected and saved as best."""
+        return ema.module if ema is not None else model
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "stage_best": self.stage_best}
+
+    def start_stage(self) -> None:
+        self.stage_best = float("-inf")
+
+    def update(self, epoch: int, score: float, model: torch.nn.Module, ema: Any) -> bool:
+        """Record epoch `epoch` (1-based) with `score`; write best.pt / stage_best.pt when it beats them.
+        Returns whether it is the best epoch so far. last.pt is written separately (`save_last`)."""
+        if score > self.stage_best:
+            self.stage_best = score
+            if self.multi_stage:
+                atomic_save({"model": state_dict_cpu(model), "epoch": epoch}, self.run.stage_best)
+        if score <= self.best:
+            return False
+        self.best, self.best_epoch = score, epoch
+        atomic_save({"model": state_dict_cpu(self.eval_module(model, ema)), "epoch": epoch, **self.meta},
+                    self.run.best)
+        return True
+
+    def save_last(self, model: torch.nn.Module, ema: Any, train_state: dict) -> None:
+        """last.pt: the weights, the EMA, this saver's state and `train_state` (optimizer, scheduler, scaler,
+        rng, progress)."""
+        atomic_save({"model": state_dict_cpu(model), "ema": None if ema is None else state_dict_cpu(ema.module),
+                     "saver": self.state_dict(), **train_state, **self.meta}, self.run.last)
+
+    def stage_start_weights(self) -> Optional[dict]:
+        """The weights the next stage starts from (the finished stage's best), if saved."""
+        return load_checkpoint(self.run.stage_best)["model"] if self.run.stage_best.is_file() else None
+
+
+@dataclass
+class EarlyStopping:
+    """Ends a stage when the selection metric has not improved by more than `min_delta` for `patience` epochs
+    (as fastai's EarlyStoppingCallback, per stage: a multi-stage schedule then starts its next stage from the
+    stage's best weights). Its state lives in the run's Progress, so it survives a resume; every rank sees the
+    same gathered metric, so every rank stops at the same epoch."""
+
+    patience: Optional[int] = None
+    min_delta: float = 0.0
+
+    def update(self, progress: Any, epoch: int, score: float, split: str) -> Optional[str]:
+        """Record `score` of `epoch`; the reason to stop the stage now, or None."""
+        if score > progress.early_best + self.min_delta:
+            progress.early_best, progress.early_best_epoch, progress.early_bad = score, epoch, 0
+            return None
+        progress.early_bad += 1
+        if self.patience is None or progress.early_bad < self.patience:
+            return None
+        return (f"{split} top-1 did not improve by more than {self.min_delta:g} for {self.patience} epoch(s) "
+                f"(stage best {progress.early_best:.4f} at epoch {progress.early_best_epoch})")

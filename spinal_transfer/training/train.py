@@ -1,0 +1,783 @@
+"""Fine-tune on an image folder. `run` reads top to bottom: open the run folder, set up, train each stage
+epoch by epoch, select, test once.
+
+Stages follow the paper's scripts: each stage builds a fresh optimizer and scheduler and starts from the
+previous stage's best weights. The best epoch is chosen on `select_on` (val by default) by the
+CheckpointSaver; the test split is evaluated once, at the end, with the chosen weights. Epochs are numbered
+from 1 wherever a person reads them (log, metrics.jsonl, report.json, plots, model card).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import Stage, TrainConfig, resume_config
+from ..data.augment import Augmentation
+from ..data.loaders import (
+    EpochSampler,
+    ShardSampler,
+    balanced_sample_weights,
+    class_weights,
+    make_loader,
+    train_drop_last,
+)
+from ..data.skiplog import SkipLog
+from ..data.splits import Splits, apply_protocol, load_recorded, record, scan
+from ..data.transforms import DataConfig, build_transforms
+from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
+from ..evaluation.evaluate import TTA, Outputs, autocast, predict_logits, predict_logits_tta, write_predictions
+from ..evaluation.interpret import read_predictions, top_losses
+from ..evaluation.metrics import classification_metrics, summary
+from ..evaluation.plots import plot_confusion, plot_curves, plot_top_losses
+from ..evaluation.report_page import write_report_html
+from ..models.heads import head_options
+from ..models.preprocess import resolve_data_config
+from ..models.surgery import build_model, get_head
+from ..runs.checkpoint import checkpoint_meta, load_checkpoint
+from ..runs.rundir import RunDir, check_new_run, default_run_name
+from ..utils.atomic import system_error
+from ..utils.distributed import (
+    any_rank,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    is_main,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
+from ..utils.preemption import StopControl, parse_signals
+from ..utils.runtime import (
+    amp_dtype,
+    attach_log_file,
+    configure_process,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_logging,
+    use_channels_last,
+)
+from ..utils.tracking import Tracker
+from .features import cached_split, default_cache_dir, feature_loader
+from .lr_find import find_lr_as_run, plot_lr_find
+from .optim import FreezePolicy, compute_loss, make_optimizer, make_scheduler
+from .preview import write_batch_preview
+from .selection import CheckpointSaver, EarlyStopping
+
+log = logging.getLogger("spinal_transfer")
+LR_FIND_STEPS = 100     # --lr auto: enough for a smooth curve, a minute on a CPU (the lr-find command: 200)
+
+
+@dataclass
+class Progress:
+    """How far the schedule is: epochs finished (the next is epoch + 1), optimizer steps taken in all and in
+    the current stage, and within an interrupted epoch the batches done (per rank) and the training loss summed
+    so far over every rank's images. Saved in last.pt."""
+
+    epoch: int = 0
+    step: int = 0
+    stage_step: int = 0
+    batch: int = 0
+    epoch_loss: float = 0.0
+    epoch_seen: int = 0
+    stopped: dict = field(default_factory=dict)      # stage index -> {ran, epoch, reason} when it stopped early
+    early_best: float = float("-inf")                # early stopping in the current stage
+    early_best_epoch: int = 0
+    early_bad: int = 0
+
+    def locate(self, stages: list[Stage]) -> tuple[int, int]:
+        """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done.
+        A stage that stopped early counts with the epochs it ran."""
+        start = 0
+        for i, s in enumerate(stages):
+            length = self.stopped[i]["ran"] if i in self.stopped else s.epochs
+            if self.epoch < start + length:
+                return i, self.epoch - start
+            start += length
+        return len(stages), 0
+
+
+@dataclass
+class Session:
+    """Everything a run needs once set up; built by `setup`, used by the stage and epoch functions."""
+
+    cfg: TrainConfig
+    run: RunDir
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    channels_last: bool
+    model: nn.Module                      # the raw model (the loop may call a DDP/compiled wrapper of it)
+    ema: Any
+    classes: list[str]
+    samples: dict[str, list]              # per split, the samples its loader reads (in cache mode: what loaded)
+    loaders: dict[str, Any]
+    sampler: EpochSampler
+    criterion: nn.Module
+    mixup: Any
+    scaler: torch.amp.GradScaler
+    skips: SkipLog
+    saver: CheckpointSaver
+    freeze: FreezePolicy
+    early: EarlyStopping
+    progress: Progress
+    control: StopControl
+    tracker: Tracker
+    resume: Optional[dict] = None         # last.pt while it still has state to restore
+    on_epoch: Optional[Callable[[dict], None]] = None
+    _wrapped: dict = field(default_factory=dict)
+
+    def forward_module(self, frozen: bool) -> nn.Module:
+        """What the loop calls: the head alone on cached features, else the whole model; under torchrun a DDP
+        wrapper, rebuilt whenever the set of trainable parameters changes (DDP fixes it at wrapping)."""
+        FreezePolicy.apply(self.model, frozen)
+        if frozen not in self._wrapped:
+            self._wrapped.clear()
+            m = get_head(self.model) if self.cfg.cache_features else self.model
+            if world_size() > 1:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                m = nn.parallel.DistributedDataParallel(m, device_ids=ids)
+            self._wrapped[frozen] = torch.compile(m) if self.cfg.compile else m
+        return self._wrapped[frozen]
+
+    def eval_module(self) -> nn.Module:
+        m = CheckpointSaver.eval_module(self.model, self.ema)
+        return get_head(m) if self.cfg.cache_features else m
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, overwrite: bool = False,
+        on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Fine-tune according to `cfg` into its run folder (README, "What lands in RUN/"); return the report.
+
+    `resume`: continue the run in that folder from its last.pt, with its own config; `cfg` (optional) may
+    change what a resumed run may change (config.RESUME_SAFE: more epochs, workers, ...) and nothing else.
+    A new run refuses a folder that holds a run unless `overwrite`. `on_epoch(row)` is called on every rank
+    with each epoch's metrics row once last.pt is written (a search prunes a trial by raising from it)."""
+    if cfg is None:
+        if resume is None:
+            raise RunFolderError("train.run needs a TrainConfig, or a run folder to resume")
+        cfg = RunDir(resume).read_config()
+    init_distributed(cfg.device)
+    device = pick_device(cfg.device)
+    configure_process(device)
+    setup_logging()
+    if resume is not None:
+        cfg = dataclasses.replace(cfg, out=str(resume))
+    elif not cfg.out:
+        cfg = dataclasses.replace(cfg, out=broadcast_object(default_run_name(cfg.backbone, cfg.head)))
+    run_dir = RunDir(cfg.out)
+    if resume is None:
+        _check_data_folder(cfg.data, run_dir)
+    if resume is None and not overwrite:         # refuse before touching anything (checked again under the lock)
+        _on_main(lambda: check_new_run(run_dir, overwrite, log.info))
+    with _exclusive(run_dir):
+        ckpt = _open(run_dir, resume is not None, overwrite)
+        if ckpt is not None:           # its own config, with the changes a resumed run may take
+            cfg = dataclasses.replace(resume_config(TrainConfig.from_dict(ckpt["config"]), cfg,
+                                                    ckpt["progress"]["epoch"]), out=cfg.out)
+            if run_dir.is_finished() and Progress(**ckpt["progress"]).locate(cfg.resolved_stages())[0] == \
+                    len(cfg.resolved_stages()):
+                log.info(f"{run_dir.path} is finished ({ckpt['progress']['epoch']} epochs); nothing to add. To "
+                         f"train more, resume with a larger --epochs")
+                return run_dir.read_report()
+        with StopControl(parse_signals(cfg.stop_signals), cfg.checkpoint_every, cfg.checkpoint_every_steps) as stop:
+            s = setup(cfg, run_dir, device, ckpt, stop)
+            s.on_epoch = on_epoch
+            try:
+                return _train(s)
+            except BaseException as e:
+                s.tracker.close("KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
+                raise _explain(e, cfg, device, run_dir) from None
+
+
+def _explain(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunDir) -> BaseException:
+    """The error a failed run ends with, in plain words and in train.log: a diverged loss, a full disk or lost
+    permission, memory running out. Anything else is returned as it is (a bug keeps its traceback)."""
+    if isinstance(e, NonFiniteLoss):
+        e = NonFiniteLoss(f"{e}; stopped. {_last_good(run)} Try a lower --lr, --amp none, or --clip-grad 1.0")
+    elif isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+            isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))):
+        e = _out_of_memory(e, cfg, device, run)
+    elif isinstance(e, OSError) and not isinstance(e, UserError) and e.errno in (
+            errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        e = system_error(e, Path(e.filename or run.path))      # writing plots, logs, predictions
+    if isinstance(e, UserError):
+        log.error(f"{e.prefix}: {e}", extra={"file_only": True})   # into train.log; cli.main prints it
+    return e
+
+
+def _check_data_folder(data: str, run: RunDir) -> None:
+    folder = Path(data).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{data}: no such data folder" if data else "no data folder given (--data DIR)")
+    if run.path.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"--out {run.path} is inside the data folder {data}: the run's files would be read as a "
+                        f"class; choose an --out outside it")
+
+
+def _last_good(run: RunDir) -> str:
+    """Where the run can be continued from, named only if it exists."""
+    if not run.last.is_file():
+        return "No checkpoint was saved yet."
+    p = load_checkpoint(run.last)["progress"]
+    where = f"epoch {p['epoch'] + 1}, batch {p['batch']}" if p.get("batch") else f"after epoch {p['epoch']}"
+    return f"The last good checkpoint is {run.last} ({where}; not overwritten)."
+
+
+def _out_of_memory(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunDir) -> ResourceError:
+    half = max(1, cfg.batch_size // 2)
+    return ResourceError(f"out of memory on {device} with --batch-size {cfg.batch_size}"
+                         f"{f' at --img-size {cfg.img_size}' if cfg.img_size else ''}: try --batch-size {half} "
+                         f"--accum-steps {cfg.accum_steps * 2} (the same global batch; a resumed run accepts it)"
+                         + (" or --amp bf16" if cfg.amp in ("auto", "none") else "") + f". {_last_good(run)}")
+
+
+def _train(s: Session) -> dict:
+    stages = s.cfg.resolved_stages()
+    si, _ = s.progress.locate(stages)
+    if s.run.is_finished() and is_main():
+        log.info(f"extending the finished run: its report moves to {s.run.set_aside_report().name}")
+    barrier()
+    for i in range(si, len(stages)):
+        run_stage(s, i, stages[i])
+    return finish(s)
+
+
+def _on_main(step: Callable[[], Any]) -> None:
+    """Run `step` on rank 0; a UserError it raises is raised on every rank (never one rank alone)."""
+    refused: Optional[UserError] = None
+    if is_main():
+        try:
+            step()
+        except UserError as e:
+            refused = e
+    refused = broadcast_object(refused)
+    if refused is not None:
+        raise refused
+
+
+@contextlib.contextmanager
+def _exclusive(run: RunDir):
+    """Rank 0 holds the run folder's lock for the whole run; every rank learns whether it got it."""
+    with contextlib.ExitStack() as stack:
+        _on_main(lambda: stack.enter_context(run.lock()))
+        yield
+
+
+def _open(run: RunDir, resume: bool, overwrite: bool) -> Optional[dict]:
+    """The run folder made ready (rank 0 writes): a new run checked and cleared when asked to, a resumed one
+    rid of an interrupted write's leftovers. Returns last.pt when resuming."""
+    def ready() -> None:
+        for p in run.remove_stray_temps():
+            log.info(f"removed {p}, left by an interrupted write")
+        if not resume:
+            check_new_run(run, overwrite, log.info)
+
+    _on_main(ready)
+    if not resume:
+        return None
+    if not run.last.is_file():
+        raise RunFolderError(f"cannot resume {run.path}: it has no checkpoint yet ({run.last} is missing; the run "
+                             f"stopped before finishing an epoch); start it over with --overwrite")
+    return run.load_last()
+
+
+# --- set-up --------------------------------------------------------------------------------------
+
+def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[dict] = None,
+          control: Optional[StopControl] = None) -> Session:
+    """Everything the loop needs: data, model, input pipeline, loaders, loss, checkpoint saver, restored state."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    log.info(f"run folder {run.path}" + (f" (resuming from epoch {ckpt['progress']['epoch']})" if ckpt else ""))
+    skips = SkipLog(run.skipped)
+    splits = load_data(cfg, run, skips)
+    model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
+                        weights="none" if ckpt else cfg.weights, replace=cfg.replace, **head_options(cfg))
+    attach_log_file(run.log)                          # data and model are fine: the run folder is written from here
+    if is_main() and not run.splits.is_file():
+        run.write_json(run.splits, record(splits))
+        run.write_json(run.classes, splits.classes)
+    for note in model.spinal_info.notes:
+        log.info(note)
+    if cfg.head == "spinal" and cfg.layer_width is None:      # the rule's width, written into config.yaml
+        cfg = dataclasses.replace(cfg, layer_width=get_head(model).layer_width)
+        log.info(f"spinal layer width {cfg.layer_width}: 2 x {len(splits.classes)} classes, at least 32, at most "
+                 f"features/4 (heads.default_layer_width)")
+    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
+                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
+    cfg = dataclasses.replace(cfg, img_size=dc.img_size, mean=list(dc.mean), std=list(dc.std),
+                              interpolation=dc.interpolation, select_on=selection_split(cfg),
+                              resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
+    dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
+    model = _place(model, cfg, device, channels_last)
+    samples, loaders, sampler = build_loaders(cfg, model, dc, splits, device, dtype, channels_last, run, skips)
+    if is_main() and not cfg.cache_features and ckpt is None:
+        _write_batch_preview(cfg, dc, samples["train"], splits.classes, run)
+    criterion, mixup = _loss(cfg, samples["train"], len(splits.classes), device)
+    if cfg.lr == "auto":                              # a new run only: a resumed one has the lr it found
+        hard = criterion if mixup is None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        cfg = dataclasses.replace(cfg, lr=_auto_lr(cfg, model, loaders["train"], hard, device, dtype,
+                                                   channels_last and not cfg.cache_features, run, skips))
+    if is_main():
+        run.write_text(run.config, cfg.to_yaml())
+    tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
+                             enabled=is_main())
+    tracker.log_params(cfg.to_dict())
+    ema = _make_ema(model, cfg.ema_decay)
+    saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info),
+                            multi_stage=len(cfg.resolved_stages()) > 1, state=ckpt.get("saver") if ckpt else None)
+    s = Session(cfg, run, device, dtype, channels_last and not cfg.cache_features, model, ema, splits.classes,
+                samples, loaders, sampler, criterion, mixup,
+                torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), skips, saver,
+                FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
+                EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta), Progress(),
+                control or StopControl([]), tracker, ckpt)
+    if ckpt is not None:
+        _restore(s, ckpt)
+    _log_start(s, splits)
+    return s
+
+
+def selection_split(cfg: TrainConfig) -> str:
+    """The split that picks the best epoch: the config's, or under the paper protocol the authors' (a recipe's
+    paper_select_on: test means there is no val split at all, as in their scripts)."""
+    return "test" if cfg.protocol == "paper" and cfg.paper_select_on == "test" else cfg.select_on
+
+
+def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
+    """The run's file lists: scanned at its start (and recorded in splits.json by `setup`), read back on resume,
+    so images added, removed or changed later never change what it trains and tests on. Rank 0 reads, every
+    rank takes them."""
+    splits = None
+    if is_main():
+        splits = (load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else
+                  apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed), cfg.protocol,
+                                 cfg.paper_select_on, cfg.paper_val_index_mod))
+    splits = broadcast_object(splits)
+    skips.add(splits.skipped)
+    return splits
+
+
+def _place(model: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool) -> nn.Module:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and world_size() > 1:
+        if device.type == "cuda":
+            info = model.spinal_info
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model.spinal_info = info
+        else:      # torch's SyncBatchNorm raises on CPU input in training
+            log.warning("--sync-bn needs CUDA (torch's SyncBatchNorm); on CPU each process keeps its own BN statistics")
+    return model
+
+
+def _make_ema(model: nn.Module, decay: Optional[float]) -> Any:
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
+
+
+def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Splits, device: torch.device,
+                  dtype: Optional[torch.dtype], channels_last: bool, run: RunDir,
+                  skips: SkipLog) -> tuple[dict, dict, EpochSampler]:
+    """(samples, loaders, training sampler) per split: images through the input pipeline, or in cached-feature
+    mode the stored features of the frozen backbone (computed once by rank 0, then read by every rank)."""
+    eval_tf = build_transforms(dc, train=False)
+    samples = {n: splits.get(n) for n in ("train", "val", "test")}
+    if cfg.cache_features:
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run.path)
+        log.info(f"cached-feature mode: the backbone runs once without augmentation (features in {cache}); "
+                 f"training sees the stored features")
+        FreezePolicy.apply(model, frozen=True)
+        feats = {}
+        for turn in ("compute", "load"):
+            if turn == "load" or is_main():
+                for n in samples:
+                    feats[n] = cached_split(model, splits.get(n), eval_tf, cache, n, weights=cfg.weights,
+                                            device=device, dtype=dtype, channels_last=channels_last,
+                                            batch_size=cfg.batch_size, workers=cfg.workers, skips=skips)
+            barrier()
+        samples = {n: kept for n, (_, kept) in feats.items()}
+    sampler = _train_sampler(cfg, samples["train"], len(splits.classes))
+    drop = train_drop_last(len(samples["train"]), cfg.batch_size, world_size())
+    if cfg.cache_features:
+        loaders = {n: feature_loader(ds, cfg.batch_size, sampler if n == "train" else
+                                     ShardSampler(len(ds), world_size(), rank()), drop and n == "train")
+                   for n, (ds, _) in feats.items()}
+    else:
+        train_tf = build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
+        loaders = {"train": make_loader(samples["train"], train_tf, cfg.batch_size, cfg.workers, device, sampler, drop)}
+        for n in ("val", "test"):
+            loaders[n] = make_loader(samples[n], eval_tf, cfg.batch_size, cfg.workers, device,
+                                     ShardSampler(len(samples[n]), world_size(), rank()))
+    return samples, loaders, sampler
+
+
+def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, criterion: nn.Module, device: torch.device,
+             dtype: Optional[torch.dtype], channels_last: bool, run: RunDir, skips: SkipLog) -> float:
+    """--lr auto: the range test (lr_find.py) on a copy of the model, with the run's data, loss, optimizer and
+    first-epoch freezing, on rank 0; every rank takes its suggestion. Its curve goes to plots/lr_find.png, its
+    numbers to lr_find.json (and report.json)."""
+    suggestion = None
+    if is_main():
+        result = find_lr_as_run(cfg, get_head(model) if cfg.cache_features else model, skips.watched(train_loader),
+                                criterion, device, dtype, channels_last, num_steps=LR_FIND_STEPS)
+        plot_lr_find(result, run.plot("lr_find.png"))
+        run.write_json(run.lr_find, result.to_dict())
+        log.info(f"lr auto: {result.describe()}; the curve is in {run.plot('lr_find.png')}")
+        suggestion = result.suggestion
+    return float(broadcast_object(suggestion))
+
+
+def _write_batch_preview(cfg: TrainConfig, dc: DataConfig, train_samples: list, classes: list[str],
+                         run: RunDir) -> None:
+    """plots/batch.png: the start of epoch 1's first batch through the training pipeline, pixel for pixel."""
+    preview = write_batch_preview(train_samples, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg)), classes,
+                                  dc.mean, dc.std, run.plot("batch.png"), n=min(32, cfg.batch_size), seed=cfg.seed)
+    log.info(f"first training batch as the model sees it: {run.plot('batch.png')}"
+             + (" (with --class-balance sampler the run draws its batches differently)"
+                if cfg.class_balance == "sampler" else "") + (f"; {len(preview.skipped)} unreadable file(s) left out"
+                                                               if preview.skipped else ""))
+
+
+def _train_sampler(cfg: TrainConfig, samples: list, num_classes: int) -> EpochSampler:
+    weights = balanced_sample_weights(samples, num_classes) if cfg.class_balance == "sampler" else None
+    return EpochSampler(len(samples), cfg.seed, world_size(), rank(), weights)
+
+
+def _loss(cfg: TrainConfig, train_samples: list, num_classes: int, device: torch.device) -> tuple[nn.Module, Any]:
+    """(criterion, mixup): cross-entropy (class-weighted, label-smoothed as asked), or timm's soft-target loss
+    under mixup/cutmix."""
+    weight = class_weights(train_samples, num_classes).to(device) if cfg.class_balance == "loss" else None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy(), Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                                               label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing), None
+
+
+def _restore(s: Session, ckpt: dict) -> None:
+    """Weights and progress from last.pt; the optimizer and RNG states are restored when training continues."""
+    s.model.load_state_dict(ckpt["model"])
+    if s.ema is not None and ckpt.get("ema") is not None:
+        s.ema.module.load_state_dict(ckpt["ema"])
+    s.progress = Progress(**ckpt["progress"])
+    if is_main():          # epochs a killed run logged after its last checkpoint are dropped
+        s.run.keep_metrics_until(s.progress.epoch)
+
+
+def _log_start(s: Session, splits: Splits) -> None:
+    cfg = s.cfg
+    log.info(f"{len(s.classes)} classes; train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} "
+             f"images; {len(s.skips)} file(s) skipped (see {s.run.skipped})")
+    lrs = ", ".join(f"{st.lr:g}" for st in cfg.resolved_stages())
+    log.info(f"world size {world_size()}; batch {cfg.batch_size} per device, global batch "
+             f"{cfg.batch_size * world_size()}" + (f" x {cfg.accum_steps} accumulation steps" if cfg.accum_steps > 1
+                                                   else "") + f"; lr {lrs} (as given: not scaled with the global batch)")
+
+
+# --- one stage, one epoch ------------------------------------------------------------------------
+
+def run_stage(s: Session, si: int, stage: Stage) -> None:
+    """A fresh optimizer and scheduler for the stage; the stage starts from the previous stage's best weights,
+    or, resumed, continues where last.pt left it (the scheduler fast-forwarded to its step)."""
+    cfg = s.cfg
+    _, done = s.progress.locate(cfg.resolved_stages())
+    fresh = done == 0 and s.progress.batch == 0             # the stage starts now (not resumed inside it)
+    opt = stage_optimizer(cfg, s.model, stage.lr)
+    steps_per_epoch = max(1, _batches_per_epoch(s) // cfg.accum_steps)
+    if s.resume is not None and not fresh:
+        base = [g["lr"] for g in opt.param_groups]
+        opt.load_state_dict(s.resume["optimizer"])
+        s.scaler.load_state_dict(s.resume["scaler"])
+        for g, lr in zip(opt.param_groups, base):       # the schedule is replayed from the stage's own lr
+            g["lr"] = lr
+    sched, unit = make_scheduler(opt, cfg.scheduler, stage.epochs, steps_per_epoch, step_size=cfg.step_size,
+                                 gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs)
+    with warnings.catch_warnings():       # replaying a schedule steps it before any optimizer step
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(s.progress.stage_step if unit == "step" else done):
+            sched.step()
+    if si > 0 and fresh:
+        weights = s.saver.stage_start_weights()        # the paper: the next stage starts from this one's best
+        if weights is not None:
+            s.model.load_state_dict(weights)
+    if s.resume is not None:
+        set_rng_state(s.resume["rng"])
+    if fresh:
+        s.saver.start_stage()
+        s.progress.stage_step, s.progress.early_best, s.progress.early_bad = 0, float("-inf"), 0
+    s.resume = None
+    for e in range(done, stage.epochs):
+        stop = run_epoch(s, opt, sched if unit == "step" else None, si)
+        if unit == "epoch":
+            sched.step()
+        if stop and e + 1 < stage.epochs:
+            s.progress.stopped[si] = {"ran": e + 1, "epoch": s.progress.epoch, "reason": stop}
+            log.info(f"stage {si + 1} stopped early after epoch {s.progress.epoch}: {stop}")
+            if is_main():       # last.pt must know the stage ended, or a resume would continue it
+                s.saver.save_last(s.model, s.ema, _train_state(s, opt))
+            barrier()
+            break
+
+
+def stage_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """A stage's fresh optimizer, as the config asks (the benchmarks build theirs here too)."""
+    return make_optimizer(model, cfg.optimizer, lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                          backbone_lr_mult=cfg.backbone_lr_mult)
+
+
+def train_epoch(s: Session, opt: torch.optim.Optimizer, epoch: int, frozen: bool, desc: str, **hooks: Any):
+    """One epoch of `train_one_epoch` as `run_epoch` calls it (the benchmarks time this very call)."""
+    s.sampler.set_epoch(epoch, start=s.progress.batch * s.cfg.batch_size)
+    cfg = s.cfg
+    return train_one_epoch(
+        s.forward_module(frozen), s.model, s.skips.watch(s.loaders["train"]), opt, device=s.device, dtype=s.dtype,
+        channels_last=s.channels_last, criterion=s.criterion, scaler=s.scaler, accum_steps=cfg.accum_steps,
+        clip_grad=cfg.clip_grad, log_interval=cfg.log_interval, mixup=s.mixup, ema=s.ema, progress=s.progress,
+        total=_batches_per_epoch(s), start=s.progress.batch, desc=desc, **hooks)
+
+
+def _batches_per_epoch(s: Session) -> int:
+    """Batches per rank in a whole epoch (the loader's length before any resumed start is skipped)."""
+    n = math.ceil(s.sampler.per_rank / s.cfg.batch_size) if not s.loaders["train"].drop_last else \
+        s.sampler.per_rank // s.cfg.batch_size
+    return min(n, s.cfg.limit_train_batches) if s.cfg.limit_train_batches else n
+
+
+def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) -> Optional[str]:
+    """Train one epoch (or the rest of an interrupted one), evaluate, let the saver select, write last.pt and
+    the epoch's metrics row. Returns why the stage should stop early, if it should."""
+    cfg, epoch = s.cfg, s.progress.epoch + 1
+    frozen = s.freeze.frozen(epoch)
+    t0 = time.perf_counter()
+    loss, seen, seconds = train_epoch(s, opt, epoch, frozen,
+                                      f"epoch {epoch}/{cfg.total_epochs()}" + (" (backbone frozen)" if frozen else ""),
+                                      sched=step_sched, on_log=s.tracker.log_step,
+                                      after_step=lambda *partial: _between_steps(s, opt, *partial))
+    val_m, select_m = evaluate_epoch(s)
+    s.progress.epoch, s.progress.batch, s.progress.epoch_loss, s.progress.epoch_seen = epoch, 0, 0.0, 0
+    s.skips.sync()
+    row = {"epoch": epoch, "stage": si + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss,
+           "train_images_per_s": seen * world_size() / max(seconds, 1e-9), "frozen": frozen,
+           "seconds": time.perf_counter() - t0}
+    row.update({"val": summary(val_m)} if val_m else {})
+    row.update({"test": summary(select_m)} if cfg.select_on == "test" else {})
+    stop = s.early.update(s.progress, epoch, select_m["top1"], cfg.select_on)
+    if is_main():
+        best = s.saver.update(epoch, select_m["top1"], s.model, s.ema)
+        s.saver.save_last(s.model, s.ema, _train_state(s, opt))
+        s.run.append_metrics(row)
+        s.tracker.log_epoch(epoch, row)
+        log.info(f"epoch {epoch}: " + ("backbone frozen, " if frozen else "") + f"train loss {loss:.4f}, "
+                 f"{cfg.select_on} top1 {select_m['top1']:.4f} loss {select_m['loss']:.4f}, "
+                 f"{row['train_images_per_s']:.1f} img/s" + (" (best)" if best else ""))
+    barrier()
+    if s.control.decide(s.progress.step, due_ok=False) == "stop":     # a signal during evaluation
+        raise _interrupted(s)
+    if s.on_epoch is not None:
+        s.on_epoch(row)
+    return stop
+
+
+def _train_state(s: Session, opt: torch.optim.Optimizer) -> dict:
+    """What last.pt holds besides the weights: enough to continue at the next batch."""
+    return {"optimizer": opt.state_dict(), "scaler": s.scaler.state_dict(), "rng": rng_state(),
+            "progress": dataclasses.asdict(s.progress)}
+
+
+def _between_steps(s: Session, opt: torch.optim.Optimizer, batches: int, loss_sum: torch.Tensor, seen: int) -> None:
+    """After an optimizer step inside an epoch: write a mid-epoch last.pt when a signal or the checkpoint clock
+    asks for one (every rank agrees first), and stop after it on a signal."""
+    decision = s.control.decide(s.progress.step)
+    if not decision:
+        return
+    totals = sum_over_ranks(torch.stack([loss_sum.detach().float(), torch.tensor(float(seen), device=s.device)]))
+    p = s.progress          # updated in place: the epoch loop holds this object
+    p.batch, p.epoch_loss, p.epoch_seen = batches, totals[0].item(), int(totals[1].item())
+    if is_main():
+        s.saver.save_last(s.model, s.ema, _train_state(s, opt))
+        log.info(f"checkpoint written inside epoch {s.progress.epoch + 1} after batch {batches} "
+                 f"(optimizer step {s.progress.step})")
+    barrier()
+    if decision == "stop":
+        raise _interrupted(s)
+
+
+def _interrupted(s: Session) -> Interrupted:
+    p = s.progress
+    where = f"epoch {p.epoch + 1}, batch {p.batch}" if p.batch else f"the end of epoch {p.epoch}"
+    return Interrupted(f"{s.control.received} received: stopped at {where} (optimizer step {p.step}); {s.run.last} "
+                       f"holds everything to continue: spinal-transfer train --resume {s.run.path}")
+
+
+def evaluate_epoch(s: Session) -> tuple[Optional[dict], dict]:
+    """(val metrics or None when there is no val split, metrics of the selection split) of the weights the saver
+    selects on."""
+    val = evaluate_split(s, "val")[0] if s.samples["val"] else None
+    return val, (evaluate_split(s, "test")[0] if s.cfg.select_on == "test" else val)
+
+
+def evaluate_split(s: Session, name: str, model: Optional[nn.Module] = None) -> tuple[dict, Outputs]:
+    out = predict_logits(model or s.eval_module(), s.skips.watch(s.loaders[name]), s.device, s.dtype,
+                         s.channels_last, desc=name, total=len(s.loaders[name]))
+    return classification_metrics(out.logits, out.targets, s.classes), out
+
+
+def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, *,
+                    device: torch.device, dtype: Optional[torch.dtype], channels_last: bool, criterion: nn.Module,
+                    scaler: torch.amp.GradScaler, accum_steps: int = 1, clip_grad: Optional[float] = None,
+                    log_interval: int = 20, sched: Any = None, mixup: Any = None, ema: Any = None,
+                    progress: Optional[Progress] = None, total: Optional[int] = None, start: int = 0,
+                    desc: str = "train", on_step: Optional[Callable[[], None]] = None,
+                    on_log: Optional[Callable[[int, dict], None]] = None,
+                    after_step: Optional[Callable[[int, torch.Tensor, int], None]] = None) -> tuple[float, int, float]:
+    """One pass over `(images, labels, indices)` batches: forward `fwd`, step `opt` every `accum_steps` batches
+    (and `sched`, when it steps per optimizer step), for `total` batches of the epoch of which `start` were done
+    before (a resumed epoch). Returns (mean loss over every rank's images of the whole epoch, images seen on
+    this rank in this call, seconds). The loss is read back only every `log_interval` steps (non-finite check,
+    all ranks together) and about once a second for the progress bar and `on_log(step, values)`: no per-step
+    host-device sync. `after_step(batches done, loss sum, images)` runs after every optimizer step (mid-epoch
+    checkpoints); `on_step()` after every batch (benchmarks time steps with it)."""
+    progress = progress or Progress()
+    t0 = last_shown = time.perf_counter()
+    seen = 0
+    loss_sum = torch.full((), progress.epoch_loss if start and is_main() else 0.0, device=device)
+    bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+    bar = tqdm(batches, desc=desc, total=total, initial=start, leave=False, disable=not is_main())
+    opt.zero_grad(set_to_none=True)
+    for i, (x, y, _) in enumerate(bar, start):
+        if mixup is not None and len(x) % 2:          # timm's Mixup pairs samples
+            x, y = x[:-1], y[:-1]
+        closes = (i + 1) % accum_steps == 0 or i + 1 == total
+        if len(x) >= 2:                                # BatchNorm cannot train on one sample
+            loss = _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad,
+                         sched, mixup, ema, progress, last=closes)
+            bad_loss |= ~torch.isfinite(loss)
+            loss_sum += loss.float() * len(x)
+            seen += len(x)
+        if i % log_interval == 0 and any_rank(bad_loss, device):      # every rank stops together
+            break
+        if is_main() and time.perf_counter() - last_shown >= 1.0 and seen:
+            last_shown, value, lr = time.perf_counter(), loss.item(), opt.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen * world_size() / (last_shown - t0):.1f}",
+                            lr=f"{lr:.2e}", refresh=False)
+            if on_log is not None:
+                on_log(progress.step, {"train_loss": value, "lr": lr})
+        if on_step is not None:
+            on_step()
+        if closes and after_step is not None and i + 1 != total:
+            after_step(i + 1, loss_sum, (progress.epoch_seen if start and is_main() else 0) + seen)
+        if i + 1 == total:
+            break
+    if any_rank(bad_loss, device):
+        raise NonFiniteLoss(f"the training loss became NaN/inf in {desc}")
+    seconds = time.perf_counter() - t0
+    before = progress.epoch_seen if start and is_main() else 0
+    totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(before + seen), device=device)]))
+    return (totals[0] / totals[1].clamp(min=1)).item(), seen, seconds
+
+
+def _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad, sched, mixup,
+          ema, progress: Progress, last: bool) -> torch.Tensor:
+    """Forward and backward of one batch; an optimizer step (clip, scaler, EMA, per-step schedule) when `last`
+    closes an accumulation window. Returns the batch's loss (detached)."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if mixup is not None:
+        x, y = mixup(x, y)
+    with autocast(device, dtype):
+        loss = compute_loss(fwd(x), y, criterion)
+    scaler.scale(loss / accum_steps).backward()
+    if last:
+        if clip_grad is not None:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(raw.parameters(), clip_grad)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.stage_step += 1
+        if ema is not None:
+            ema.update(raw, step=progress.step)
+        if sched is not None:
+            sched.step()
+    return loss.detach()
+
+
+# --- the end: the chosen weights, tested once ----------------------------------------------------
+
+def finish(s: Session) -> dict:
+    """Load the best epoch's weights, evaluate val and test once, write the per-image predictions, plots, the
+    report page and, last of all, report.json (the finished marker)."""
+    best = load_checkpoint(s.run.best)
+    s.model.load_state_dict(best["model"])
+    model = get_head(s.model) if s.cfg.cache_features else s.model
+    val_m = evaluate_split(s, "val", model)[0] if s.samples["val"] else None
+    extra: dict = {}
+    if s.cfg.tta:        # the test metrics with TTA; the plain ones kept beside them (one pass over the data)
+        tta = TTA(flip=True, crops=s.cfg.tta_crops)
+        plain, test_out = predict_logits_tta(model, s.skips.watch(s.loaders["test"]), s.device, tta, s.dtype,
+                                             s.channels_last, desc="test (TTA)", total=len(s.loaders["test"]))
+        test_m = {**classification_metrics(test_out.logits, test_out.targets, s.classes), "tta": tta.to_dict()}
+        extra["test_without_tta"] = summary(classification_metrics(plain.logits, plain.targets, s.classes))
+    else:
+        test_m, test_out = evaluate_split(s, "test", model)
+    if s.run.lr_find.is_file():
+        extra["lr_find"] = {k: v for k, v in s.run.read_json(s.run.lr_find).items()
+                            if k in ("suggestion", "rule", "stopped", "start_lr", "end_lr", "num_steps")}
+    s.skips.sync()
+    stops = [{"stage": i + 1, **v} for i, v in sorted(s.progress.stopped.items())]
+    report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "protocol": s.cfg.protocol,
+              "epochs_trained": s.progress.epoch, **({"early_stops": stops, "stopped": stops[-1]} if stops else {}),
+              "val": val_m, "test": test_m, **extra, "classes": s.classes, "num_skipped_files": len(s.skips),
+              "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
+    if is_main():
+        write_outputs(s.run, report, s.samples["test"], test_out)
+        s.tracker.log_summary(report)
+        s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])
+        s.tracker.close()
+        log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on}); test top1 {test_m['top1']:.4f}"
+                 + (f" with TTA ({extra['test_without_tta']['top1']:.4f} without)" if s.cfg.tta else "") + ", "
+                 f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}; see {s.run.report_html}")
+    barrier()
+    return report
+
+
+def write_outputs(run: RunDir, report: dict, test_samples: list, test_out: Outputs) -> None:
+    """What a finished run leaves for people to read: per-image test predictions, the plots, report.html; then
+    report.json, the finished marker, last."""
+    write_predictions(run.predictions, test_samples, test_out, report["classes"])
+    plot_curves(run.read_metrics(), run.plots, best_epoch=report["best_epoch"])
+    plot_confusion(report["test"]["confusion_matrix"], report["classes"], run.plot("confusion_test.png"),
+                   f"test confusion matrix (top-1 {report['test']['top1']:.3f})")
+    plot_top_losses(top_losses(read_predictions(run.predictions)), run.plot("top_losses.png"))
+    write_report_html(run.path, report=report)
+    run.write_json(run.report, report)
+
+
+def model_summary(model: nn.Module) -> dict:
+    info, head = model.spinal_info, get_head(model)
+    return {"backbone": info.backbone, "head": info.head, "feature_width": info.feature_width,
+            "head_params": head.num_params(), "head_macs": head.macs(),
+            "default_head_params": info.default_head_params, "default_head_macs": info.default_head_macs}

@@ -1,0 +1,70 @@
+"""Atomic file writes: a kill at any moment leaves the old file or the new one, never a torn one; a full or
+read-only disk is reported in plain words (`system_error`)."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..errors import ResourceError
+
+PathLike = Union[str, Path]
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp makes them owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def system_error(e: OSError, path: Path, needed: Optional[int] = None) -> ResourceError:
+    """An OSError from writing `path` in plain words."""
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        need = f" needs about {needed / 2**20:.0f} MB," if needed else ""
+        return ResourceError(f"no space left on device: writing {path}{need} {free / 2**20:.0f} MB free there; "
+                             f"free some space (or choose another --out) and resume")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+        return ResourceError(f"{what}: cannot write {path}; choose a writable --out")
+    return ResourceError(f"cannot write {path}: {e.strerror or e}")
+
+
+def write_atomically(path: Path, write: Any, needed: Optional[int] = None) -> None:
+    """write(file object) into a temporary file beside `path`, fsync, rename over `path`: a kill at any moment
+    leaves the old file or the new one, never a torn one. The temporary file is named `.<name>.<random>.tmp`,
+    which `RunDir.remove_stray_temps` recognises after a kill -9."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if needed and shutil.disk_usage(path.parent).free < needed * 1.05:
+        raise system_error(OSError(errno.ENOSPC, "No space left on device"), path, needed)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise system_error(e, path, needed) from None
+    except RuntimeError as e:       # torch.save reports a failed write as "[enforce fail at inline_container.cc]"
+        Path(tmp).unlink(missing_ok=True)
+        if "inline_container" in str(e) or "unexpected pos" in str(e) or "file write failed" in str(e):
+            raise system_error(OSError(errno.ENOSPC, "No space left on device"), path, needed) from None
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    data = text.encode()
+    write_atomically(Path(path), lambda f: f.write(data), len(data))
