@@ -6,9 +6,13 @@ The top-level names are imported on first use, so `import spinal_transfer` (and 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.2.0"
+
+# albumentations asks the network for a newer release when imported; offline that is a warning on every command
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 _LAZY = {"TrainConfig": "config", "SpinalHead": "heads", "MLPHead": "heads", "LinearHead": "heads",
          "create_head": "heads", "build_model": "surgery", "get_head": "surgery", "list_backbones": "surgery",
