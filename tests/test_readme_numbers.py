@@ -1,0 +1,54 @@
+"""Every number the README quotes from benchmarks/RESULTS.md is there: the benchmark table's results column, the
+prediction-speed table and the figures quoted beside `bench_*.py` names. A quoted number may be rounded (5.3x for
+5.31x) but not made up or left stale when RESULTS.md is regenerated."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?=x\b|\b)")
+
+
+def _numbers(text: str) -> set[float]:
+    return {float(m.group(1)) for m in NUMBER.finditer(text.replace(",", ""))}
+
+
+def _decimals(token: str) -> int:
+    return len(token.split(".")[1]) if "." in token else 0
+
+
+def _quoted(readme: str) -> list[tuple[str, str]]:
+    """(README line, number token) for each figure quoted from RESULTS.md."""
+    out = []
+    for line in readme.splitlines():
+        if line.startswith("| `bench_"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            text = cells[2]
+        elif re.match(r"\| (ResNet-50|ViT-S/16) \+ spinal head \|", line):
+            text = line
+        else:
+            continue
+        text = re.sub(r"\(\d{4}-\d{2}-\d{2}\)|ResNet-\d+|ViT-[SB]/16|WRN-101-2|VGG-19-bn|H200|w\d+|\d+ px|"
+                      r"ResNet-18|4 heads x 3 seeds|1,600 JPEGs|8 architectures", "", text)
+        out += [(line, m.group(1)) for m in NUMBER.finditer(text.replace(",", ""))]
+    return out
+
+
+def test_every_number_the_readme_quotes_from_results_md_is_there():
+    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    have = _numbers(results)
+    quoted = _quoted(readme)
+    assert len(quoted) >= 20, "the README's benchmark tables were not found"
+    missing = [(tok, line[:60]) for line, tok in quoted
+               if not any(round(v, _decimals(tok)) == float(tok) for v in have)]
+    assert not missing, f"README numbers not in benchmarks/RESULTS.md: {missing}"
+
+
+def test_results_md_names_its_machines():
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    sections = re.findall(r"<!-- begin (\w+) -->(.*?)<!-- end \1 -->", results, re.S)
+    assert sections
+    for name, body in sections:
+        assert re.search(r"^cpu: .+, \d+ cores", body, re.M), f"section {name} does not say which machine it ran on"
