@@ -30,7 +30,7 @@ def _quoted(readme: str) -> list[tuple[str, str]]:
         else:
             continue
         text = re.sub(r"\(\d{4}-\d{2}-\d{2}\)|ResNet-\d+|ViT-[SB]/16|WRN-101-2|VGG-19-bn|H200|w\d+|\d+ px|"
-                      r"ResNet-18|4 heads x 3 seeds|1,600 JPEGs|8 architectures", "", text)
+                      r"4096-4096|ResNet-18|4 heads x 3 seeds|1,600 JPEGs|8 architectures", "", text)
         out += [(line, m.group(1)) for m in NUMBER.finditer(text.replace(",", ""))]
     return out
 
