@@ -125,7 +125,7 @@ def test_no_pyplot_and_no_backend_switch(tmp_path):
     """The CLI imports this module: drawing must not import pyplot or select a backend."""
     code = (
         "import sys, matplotlib\n"
-        "from spinal_transfer import plots\n"
+        "from spinal_transfer.evaluation import plots\n"
         f"plots.plot_curves({rows(3)!r}, {str(tmp_path)!r}, best_epoch=2)\n"
         f"plots.plot_confusion([[3, 1], [0, 4]], ['a', 'b'], {str(tmp_path / 'cm.png')!r})\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
