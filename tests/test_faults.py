@@ -188,7 +188,7 @@ def test_program_files_where_a_checkpoint_is_expected_say_what_they_are(finished
 
 _SAVE_FOREVER = """
 import sys, torch
-from spinal_transfer.checkpoint import atomic_save
+from spinal_transfer.runs.checkpoint import atomic_save
 state = {f"w{i}": torch.full((256, 1024), float(i)) for i in range(24)}      # ~24 MB per save
 n = 0
 while True:
