@@ -456,6 +456,7 @@ def versus_untuned(study: "optuna.Study", best: Any) -> str:
 
 
 def study_mode(study: "optuna.Study") -> str:
+    """The mode the study was made with (in its settings), so a continuing command names the right one."""
     return study.user_attrs.get("settings", {}).get("mode", DEFAULT_MODE)
 
 
