@@ -64,7 +64,7 @@ def shared_side(base: TrainConfig, heads, seeds: int, out: Path) -> tuple[float,
     """(wall seconds, extraction seconds) of the compare command's code path."""
     _extraction.clear()
     t0 = time.perf_counter()
-    compare(base, heads, seeds, "frozen", out, log=_quiet)
+    compare(base, heads, seeds, mode="frozen", out=out, log=_quiet)
     return time.perf_counter() - t0, sum(_extraction)
 
 
@@ -73,7 +73,7 @@ def separate_side(base: TrainConfig, heads, seeds: int, out: Path) -> tuple[floa
     _extraction.clear()
     per_run = []
     t0 = time.perf_counter()
-    for i, p in enumerate(plan(base, heads, seeds, "frozen", out)):
+    for i, p in enumerate(plan(base, heads, seeds, mode="frozen", out=out)):
         t = time.perf_counter()
         T.run(dataclasses.replace(p.cfg, cache_dir=str(out / f"cache-{i:02d}")))
         per_run.append(time.perf_counter() - t)

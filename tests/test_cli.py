@@ -23,6 +23,17 @@ def test_every_command_has_help_with_examples():
         assert "examples:" in text and f"spinal-transfer {name}" in text.split("examples:")[1], name
 
 
+@pytest.mark.parametrize("command", ["compare", "tune"])
+def test_compare_and_tune_fine_tune_by_default_and_call_frozen_a_screen(command):
+    parser = _subparsers()[command]
+    required = ["--heads", "linear", "spinal"] if command == "compare" else []
+    assert parser.parse_args(required).mode == "finetune"
+    assert parser.parse_args([*required, "--mode", "frozen"]).mode == "frozen"
+    text = " ".join(parser.format_help().split())
+    assert "(default: finetune)" in text and "frozen: a fast screen, not what train does" in text
+    assert "--mode frozen" in text.split("examples:")[1]
+
+
 def test_help_runs_as_a_program():
     out = subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--backbone" in out.stdout and "--resume" in out.stdout

@@ -1,6 +1,7 @@
-"""`compare` end to end on a real transfer task (digits 5-9 from a digits 0-4 checkpoint, frozen backbone):
-the three result files, McNemar checked against an independent computation from the per-image predictions,
-features computed once for all runs, rerun/resume/lock behaviour, and two processes sharing one folder."""
+"""`compare` end to end on a real transfer task (digits 5-9 from a digits 0-4 checkpoint, as a frozen-backbone
+screen): the three result files, McNemar checked against an independent computation from the per-image
+predictions, features computed once for all runs, rerun/resume/lock behaviour, and two processes sharing one
+folder; and the default mode, fine-tune as train does, on a tiny random-init model."""
 from __future__ import annotations
 
 import csv
@@ -21,6 +22,7 @@ from spinal_transfer.cli import main as cli
 from spinal_transfer.config import TrainConfig
 from spinal_transfer.errors import ConfigError
 from spinal_transfer.experiments import compare as cmp
+from spinal_transfer.experiments.multirun import DEFAULT_MODE, MODE_NAMES
 from spinal_transfer.models.heads_spec import HeadSpecError, parse_head_spec, parse_head_specs
 
 SIZE = 16
@@ -184,7 +186,7 @@ def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypat
     data, weights = digits_transfer
     out = tmp_path / "cmp"
     args = ["compare", *cli_flags(**_options(data, weights)), "--heads", "linear", "spinal", "--seeds", "2",
-            "--out", str(out)]
+            "--mode", "frozen", "--out", str(out)]
     real_run = train.run
     calls: list[tuple[str, bool]] = []
 
@@ -214,6 +216,7 @@ def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypat
     with open(out / "compare.csv") as f:
         rows = {r["head"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["linear", "spinal"]
+    assert {r["mode"] for r in rows.values()} == {MODE_NAMES["frozen"]}
     for head in ("linear", "spinal"):
         reports = [json.loads((runs[head, s] / "report.json").read_text()) for s in (0, 1)]
         row = rows[head]
@@ -241,10 +244,12 @@ def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypat
     md, page = (out / "compare.md").read_text(), (out / "compare.html").read_text()
     for text in (md, page):
         assert "all 4 runs recorded the same split" in text
+        assert "Mode: frozen-backbone screen (features cached; not what train does)." in text
         assert "Reference head: linear. 2 McNemar tests made so far, of 2 planned (1 head x 2 seeds)" in text
         assert f"seed0: b={expected[0][0]} c={expected[0][1]}" in text and spinal["verdict"] in text
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "<link" not in page and "src=" not in page
-    assert "all 4 runs recorded the same split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "all 4 runs recorded the same split" in err and f"mode: {MODE_NAMES['frozen']}" in err
 
     # Rerun: nothing trains, the features are not recomputed.
     calls.clear()
@@ -270,6 +275,32 @@ def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypat
     assert _cache(out) == cache and sum(_computing_lines(out).values()) == 3
 
 
+def test_compare_fine_tunes_as_train_by_default(three_digits, tmp_path, one_thread, capsys):
+    """Without --mode: every run is what `train` does with these options (its frozen first epoch, then the whole
+    network; no feature cache), and every output names the mode."""
+    out = tmp_path / "ft"
+    flags = cli_flags(data=three_digits, backbone="timm/test_resnet", weights="none", img_size=32, batch_size=32,
+                      workers=0, augment="none", epochs=2, limit_train_batches=2, log_interval=1000, device="cpu",
+                      layer_width=16)
+    assert DEFAULT_MODE == "finetune"
+    assert cli(["compare", *flags, "--heads", "linear", "spinal", "--seeds", "1", "--out", str(out)]) == 0
+    assert not (out / "feature-cache").exists()
+    for head in ("linear", "spinal"):
+        run = out / "runs" / head / "seed0"
+        cfg = TrainConfig.from_yaml(run / "config.yaml")
+        assert not cfg.freeze_backbone and not cfg.cache_features and cfg.freeze_epochs == 1
+        epochs = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [e["frozen"] for e in epochs] == [True, False]                 # train's frozen first epoch
+        assert "computing " not in (run / "train.log").read_text()
+    with open(out / "compare.csv") as f:
+        assert [r["mode"] for r in csv.DictReader(f)] == ["fine-tune (as train)"] * 2
+    for name in ("compare.md", "compare.html"):
+        text = (out / name).read_text()
+        assert "Mode: fine-tune (as train). " in text
+        assert "backbone frozen for the first 1 epoch(s), as train does" in text
+    assert "mode: fine-tune (as train)" in capsys.readouterr().err
+
+
 def test_a_folder_of_other_settings_is_refused(tmp_path):
     base = TrainConfig(data=str(tmp_path), lr=0.05)
     heads = parse_head_specs(["linear", "spinal"])
@@ -291,7 +322,7 @@ def test_two_compare_processes_share_one_folder(digits_transfer, tmp_path):
     data, weights = digits_transfer
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "spinal_transfer", "compare", *cli_flags(**_options(data, weights)),
-           "--heads", "linear", "mlp:hidden=32", "--seeds", "1", "--out", str(out)]
+           "--heads", "linear", "mlp:hidden=32", "--seeds", "1", "--mode", "frozen", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]

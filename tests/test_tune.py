@@ -1,8 +1,11 @@
-"""`tune` on a digits 0-4 backbone's cached features of digits 5-9: the documented search space, pruning through
-train.run's per-epoch hook, the test split evaluated once (best trial), a recipe that `train --recipe` reproduces
-to the same val metric, a study that continues, and two processes on one SQLite study and one feature cache."""
+"""`tune` on digits 5-9 from a digits 0-4 backbone, fine-tuned (the default mode) or as a frozen screen on cached
+features: the documented search space, the untuned defaults as the first trial and the recipe never worse than
+them on val, pruning through train.run's per-epoch hook, the test split evaluated once (chosen trial), a recipe
+that `train --recipe` reproduces to the same val metric, a study that continues, and two processes on one SQLite
+study and one feature cache."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -10,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import optuna
 import pytest
@@ -20,7 +24,7 @@ from spinal_transfer.cli import main as cli
 from spinal_transfer.cli.tune import CONTROLLED
 from spinal_transfer.config import TrainConfig, resolve_config
 from spinal_transfer.experiments import tune
-from spinal_transfer.experiments.multirun import mode_fields
+from spinal_transfer.experiments.multirun import DEFAULT_MODE, MODE_NAMES, mode_fields
 from spinal_transfer.runs.rundir import RunDir
 
 FLAGS = dict(backbone="timm/test_resnet", img_size=16, batch_size=64, workers=0, augment="none", scheduler="none",
@@ -103,10 +107,13 @@ def test_a_pruned_trial_stops_early_and_is_never_tested(digits_transfer, tmp_pat
 
 
 def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkeypatch, one_thread, capsys):
+    """Default mode (fine-tune, as train). The untuned defaults come from a recipe whose lr (1e-5) is outside the
+    space and learns little in 2 epochs; a trial known to learn is queued before them, so a tuned trial wins."""
     data, weights = digits_transfer
     out = tmp_path / "tune"
-    args = ["tune", *cli_flags(data=data, weights=weights, **FLAGS), "--trials", "4", "--sampler-seed", "0",
-            "--out", str(out)]
+    (tmp_path / "slow.yaml").write_text("lr: 1.0e-5\n")
+    args = ["tune", *cli_flags(data=data, weights=weights, **{**FLAGS, "epochs": 2}), "--recipe",
+            str(tmp_path / "slow.yaml"), "--trials", "4", "--sampler-seed", "0", "--out", str(out)]
     real_run = train.run
     calls: list[tuple[str, bool]] = []
 
@@ -115,22 +122,42 @@ def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkey
         return real_run(cfg, resume, overwrite, on_epoch)
 
     monkeypatch.setattr(train, "run", recording)
-    # A first trial known to learn (the sampler's random start could draw only tiny learning rates for 3 epochs,
-    # and a chance-level val metric would be reproduced by any constant classifier).
     out.mkdir()
     optuna.create_study(storage=tune.default_storage(out), study_name=tune.DEFAULT_STUDY,
                         direction="maximize").enqueue_trial(
-        {"head": "linear", "lr": 0.05, "weight_decay": 1e-5, "label_smoothing": 0.0, "epochs": 3})
-    assert cli(args) == 0
-    summary = json.loads(capsys.readouterr().out)
+        {"head": "linear", "lr": 0.05, "weight_decay": 1e-5, "label_smoothing": 0.0, "epochs": 2})
+    assert DEFAULT_MODE == "finetune" and cli(args) == 0
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)
     study = _study(out)
     trials = study.trials
     assert [t.number for t in trials] == [0, 1, 2, 3]
-    best = study.best_trial
-    assert summary["best_trial"] == best.number and summary["params"] == best.params
-    assert best.value == max(t.value for t in trials if t.state.name == "COMPLETE") > 0.5     # 5 classes
+    untuned = trials[1]                          # queued by tune after the test's trial
+    assert untuned.user_attrs["untuned"]
+    assert untuned.user_attrs["outside_space"] == ["lr 1e-05 (searched: 0.0001 .. 0.1)"]
+    assert "lr" not in untuned.params and untuned.params["epochs"] == 2
+    assert not any(t.user_attrs.get("untuned") for t in trials if t.number != untuned.number)
+    best = trials[summary["best_trial"]]
+    assert best.value == max(t.value for t in trials if t.state.name == "COMPLETE") > untuned.value
+    assert best.value > 0.5 and summary["params"] == best.params                  # 5 classes
+    assert summary["mode"] == MODE_NAMES["finetune"] == "fine-tune (as train)"
+    assert summary["versus_untuned"] == (
+        f"the tuned recipe beats the untuned defaults by +{best.value - untuned.value:.4f} val top-1 (trial "
+        f"{best.number}: {best.value:.4f}; the defaults, trial 1: {untuned.value:.4f}); the defaults' lr 1e-05 "
+        f"(searched: 0.0001 .. 0.1) lie outside the search space")
+    assert summary["versus_untuned"] in printed.err and "mode: fine-tune (as train); chosen trial" in printed.err
 
-    # Selection on val; the test split evaluated once, for the best trial only (its stopped run resumed to the end).
+    # Fine-tune, as train: every trial's run trains the backbone after train's frozen first epoch; no cache.
+    assert not (out / "feature-cache").exists()
+    for t in trials:
+        run = RunDir(t.user_attrs["run"])
+        cfg = run.read_config()
+        assert not cfg.freeze_backbone and not cfg.cache_features and cfg.freeze_epochs == 1
+        frozen = [r["frozen"] for r in run.read_metrics()]
+        assert frozen == [True, False][:len(frozen)]
+    assert RunDir(untuned.user_attrs["run"]).read_config().lr == 1e-5           # the defaults, untouched
+
+    # Selection on val; the test split evaluated once, for the chosen trial only (its stopped run resumed).
     assert calls == [(f"trial{n:04d}", False) for n in range(4)] + [(f"trial{best.number:04d}", True)]
     for t in trials:
         run = RunDir(t.user_attrs["run"])
@@ -138,26 +165,29 @@ def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkey
         assert run.checkpoints.exists() == (t.number == best.number)      # the others' checkpoints are dropped
     report = RunDir(best.user_attrs["run"]).read_report()
     assert report["val"]["top1"] == best.value == summary["val"]["top1"]   # the selection score, re-measured
-    assert len(_cache(out)) == 3
 
     rows = (out / "trials.csv").read_text().splitlines()
     assert rows[0].startswith("number,state,val_top1,best_epoch") and len(rows) == 5
     assert [r.split(",")[:2] for r in rows[1:]] == [[str(t.number), t.state.name] for t in trials]
+    assert [r.split(",")[-3] for r in rows[1:]] == ["sampled", "untuned defaults", "sampled", "sampled"]
     page = (out / "tune.html").read_text()
     assert page.count('src="data:image/png;base64,') >= 2 and "optimization history" in page
     assert "<script" not in page and "<link" not in page and "best.yaml" in page
+    assert "Mode: fine-tune (as train)." in page and html.escape(summary["versus_untuned"]) in page
 
     # The recipe, unchanged, through `train --recipe`: the same val metric (deterministic CPU), and the same test.
+    text = (out / "best.yaml").read_text()
+    assert text.startswith(f"# trial {best.number} (the best on val) of study 'spinal-transfer', mode fine-tune (as "
+                           f"train): val top-1 {best.value:.4f}")
     recipe = TrainConfig.from_yaml(out / "best.yaml")
     assert recipe.out == "" and recipe.deterministic and recipe.head == best.params["head"]
     assert recipe.lr == best.params["lr"] and recipe.epochs == best.params["epochs"]
+    assert not recipe.freeze_backbone and not recipe.cache_features
     calls.clear()
     assert cli(["train", "--recipe", str(out / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["val"]["top1"] == best.value and again["best_epoch"] == best.user_attrs["best_epoch"]
     assert again["test"]["top1"] == report["test"]["top1"]
-    cache = _cache(out)
-    assert len(cache) == 3                                              # the recipe reuses the search's features
 
     # Rerunning continues the study: nothing more for the same --trials, exactly one more trial for --trials 5.
     capsys.readouterr()
@@ -166,7 +196,102 @@ def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkey
     args[args.index("--trials") + 1] = "5"
     assert cli(args) == 0
     assert [c for c in calls if not c[1]] == [("trial0004", False)] and len(_study(out).trials) == 5
-    assert _cache(out) == cache
+    assert sum(t.user_attrs.get("untuned", False) for t in _study(out).trials) == 1      # queued once
+
+
+def test_frozen_screen_shares_one_cache_and_says_what_it_is(digits_transfer, tmp_path, one_thread, capsys):
+    """--mode frozen: every trial on the same cached features (the backbone runs once), named as a screen in every
+    output, and its recipe trains a frozen backbone as the trials did."""
+    data, weights = digits_transfer
+    out = tmp_path / "screen"
+    assert cli(["tune", *cli_flags(data=data, weights=weights, **FLAGS), "--mode", "frozen", "--trials", "2",
+                "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    name = MODE_NAMES["frozen"]
+    assert summary["mode"] == name == "frozen-backbone screen (features cached; not what train does)"
+    for t in _study(out).trials:
+        cfg = RunDir(t.user_attrs["run"]).read_config()
+        assert cfg.freeze_backbone and cfg.cache_features and cfg.cache_dir == str(out / "feature-cache")
+    assert len(_cache(out)) == 3
+    computing = sum(p.read_text().count("computing ") for p in (out / "trials").glob("*/train.log"))
+    assert computing == 3                                                       # train/val/test, once for all
+    assert f"mode {name}" in (out / "best.yaml").read_text().splitlines()[0]
+    assert f"Mode: {html.escape(name)}." in (out / "tune.html").read_text()
+    recipe = TrainConfig.from_yaml(out / "best.yaml")
+    assert recipe.freeze_backbone and recipe.cache_features
+
+
+# --- the untuned defaults ------------------------------------------------------------------------
+
+def _open(tmp_path: Path, base: TrainConfig) -> optuna.Study:
+    return tune.open_study(tune.default_storage(tmp_path), "s", optuna.samplers.RandomSampler(seed=0),
+                           optuna.pruners.NopPruner(), {"mode": "finetune"}, tmp_path / ".lock",
+                           tune.untuned_params(base))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # study.ask(), not optimize
+def test_a_new_study_starts_with_the_untuned_defaults(tmp_path):
+    """Trial 0 trains the config as given (train's defaults here): its parameters that the space holds are
+    recorded with their default values, the width and dropout left to train's rules are not; it is queued once."""
+    base = resolve_config(None, {"data": str(tmp_path), "epochs": 6})
+    study = _open(tmp_path, base)
+    first = study.ask()
+    assert first.user_attrs == {"untuned": True}
+    assert tune.trial_fields(first, base) == {}                        # trains `base` itself
+    names = ("head", "head_preset", "num_layers", "num_splits", "shared_weights", "lr", "weight_decay",
+             "label_smoothing", "epochs")
+    assert first.params == {n: getattr(base, n) for n in names} and base.layer_width is None is base.head_dropout
+    assert "outside_space" not in study.trials[0].user_attrs
+    assert tune.trial_fields(study.ask(), base) != {}                   # then sampled trials
+    _open(tmp_path, base)                                               # continued: nothing queued again
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # study.ask(), not optimize
+def test_untuned_defaults_outside_the_space_are_named(tmp_path):
+    base = resolve_config(None, {"data": str(tmp_path), "epochs": 3, "head": "mlp", "lr": 0.5,
+                                 "weight_decay": 0.0, "mlp_hidden": [4096, 4096]})
+    trial = _open(tmp_path, base).ask()
+    assert tune.trial_fields(trial, base) == {}
+    assert trial.params == {"head": "mlp", "mlp_layers": 2, "label_smoothing": 0.0, "epochs": 3}
+    assert trial.user_attrs["outside_space"] == ["mlp_width 4096 (searched: 64 .. 2048)",
+                                                  "lr 0.5 (searched: 0.0001 .. 0.1)",
+                                                  "weight_decay 0.0 (searched: 1e-06 .. 0.01)"]
+
+
+def _synthetic(values: list, untuned: Optional[int], state: str = "COMPLETE", **attrs) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    for i, v in enumerate(values):
+        st = getattr(optuna.trial.TrialState, state if i == untuned else "COMPLETE")
+        study.add_trial(optuna.trial.create_trial(
+            state=st, value=v if st.name == "COMPLETE" else None,
+            user_attrs={"untuned": True, **attrs} if i == untuned else {}))
+    return study
+
+
+@pytest.mark.parametrize("values,untuned,state,attrs,chosen,sentence", [
+    ([0.6, 0.7, 0.65], 0, "COMPLETE", {}, 1,
+     "the tuned recipe beats the untuned defaults by +0.1000 val top-1 (trial 1: 0.7000; the defaults, trial 0: "
+     "0.6000)"),
+    ([0.7, 0.7, 0.5], 0, "COMPLETE", {}, 0,          # a tie: tuning bought nothing, the recipe is the defaults
+     "no trial beat the untuned defaults (trial 0, val top-1 0.7000); the written recipe is the defaults"),
+    ([0.5, 0.8, 0.6], 1, "COMPLETE", {"outside_space": ["lr 0.5 (searched: 0.0001 .. 0.1)"]}, 1,
+     "no trial beat the untuned defaults (trial 1, val top-1 0.8000); the written recipe is the defaults; the "
+     "defaults' lr 0.5 (searched: 0.0001 .. 0.1) lie outside the search space"),
+    ([None, 0.8, 0.6], 0, "FAIL", {"error": "loss is nan"}, 1,
+     "the untuned defaults (trial 0) failed (loss is nan), so the recipe, the best other trial, was not checked "
+     "against them"),
+    ([0.5, 0.8], None, "COMPLETE", {}, 1,
+     "no trial of this study trained the untuned defaults (it began before tune ran them), so the recipe was not "
+     "checked against them"),
+])
+def test_the_recipe_is_never_worse_than_the_untuned_defaults(values, untuned, state, attrs, chosen, sentence):
+    study = _synthetic(values, untuned, state, **attrs)
+    best = tune.chosen(study)
+    assert best.number == chosen and tune.versus_untuned(study, best) == sentence
+    # independently: the chosen value is the best, and never below a finished defaults trial
+    finished = [v for v in values if v is not None]
+    assert best.value == max(finished)
 
 
 @pytest.mark.slow      # two processes: ~30 s
@@ -175,7 +300,7 @@ def test_two_tune_processes_share_one_study_and_one_cache(digits_transfer, tmp_p
     out = tmp_path / "tune"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmds = [[sys.executable, "-m", "spinal_transfer", "tune", *cli_flags(data=data, weights=weights, **FLAGS),
-             "--trials", "4", "--sampler-seed", str(seed), "--out", str(out)] for seed in (1, 2)]
+             "--mode", "frozen", "--trials", "4", "--sampler-seed", str(seed), "--out", str(out)] for seed in (1, 2)]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
     ran = []
     for p in procs:

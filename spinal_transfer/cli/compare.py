@@ -7,20 +7,17 @@ import sys
 from . import positive_int
 from ..experiments.compare import CONTROLLED, DEFAULT_OUT, DEFAULT_SEEDS, RESULT_FILES
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
-from ..experiments.multirun import DEFAULT_MODE, MODES
+from ..experiments.multirun import DEFAULT_MODE, MODE_HELP, MODES
 
 EXAMPLES = f"""\
-  # frozen backbone (default): its features are computed once, then every head x seed trains in seconds
+  # fine-tune (default): every head x seed trains as `train` does (each run costs a full training)
   spinal-transfer compare --data ~/pets --backbone timm/resnet50 --weights default \\
-      --heads linear spinal spinal:vgg mlp:hidden=1024 --seeds 3 --epochs 10 --out runs/pets_heads
+      --heads linear spinal spinal:vgg mlp:hidden=1024 --seeds 3 --out runs/pets_heads
 
-  # shapes of the spinal head against the backbone's plain linear head
-  spinal-transfer compare --data ~/pets --backbone timm/resnet50 --weights default \\
-      --heads linear spinal:width=256,layers=6 spinal:vgg,width=1024 --seeds 5 --out runs/pets_shapes
-
-  # end to end: every run fine-tunes the backbone too (each run costs a full training)
-  spinal-transfer compare --data ~/pets --backbone timm/resnet50 --weights default --heads linear spinal \\
-      --mode finetune --seeds 3 --epochs 5 --lr 1e-3 --out runs/pets_heads_ft
+  # a fast screen first: frozen backbone, its features computed once, every run trains its head in seconds
+  # (answers "which head on a frozen backbone?", not what train does; confirm the winner without --mode frozen)
+  spinal-transfer compare --data ~/pets --backbone timm/resnet50 --weights default --mode frozen \\
+      --heads linear spinal:width=256,layers=6 spinal:vgg,width=1024 --seeds 5 --epochs 10 --out runs/pets_screen
 
   # the best configuration of a search (tune's best.yaml) against a linear head, over 5 seeds
   spinal-transfer compare --recipe runs/tune/best.yaml --heads linear spinal --seeds 5 --out runs/check
@@ -29,9 +26,9 @@ HEAD SPECS: KIND[:OPTION,...]. linear | mlp[:hidden=1024-512,dropout=0.2] |
 spinal[:vgg|resnet][,width=256,layers=6,splits=2,shared=true,dropout=0.3]. Options not given keep the
 other flags' (or the recipe's) values. The first head is the reference that every other head is tested
 against. Runs go to OUT/runs/<head>/seed<k>/ (seeds 0..N-1, one split for all: --split-seed); in frozen
-mode all of them share OUT/feature-cache. Rerun the same command after an interruption: finished runs are
-skipped, interrupted ones resume; several compare processes may share one --out (each ends when all runs
-are done). Writes OUT/{', OUT/'.join(RESULT_FILES)}."""
+mode all of them share OUT/feature-cache. The tables and the log name the mode. Rerun the same command
+after an interruption: finished runs are skipped, interrupted ones resume; several compare processes may
+share one --out (each ends when all runs are done). Writes OUT/{', OUT/'.join(RESULT_FILES)}."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +38,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "spinal:width=256,layers=6 mlp:hidden=1024 (see below)")
     parser.add_argument("--seeds", type=positive_int, default=DEFAULT_SEEDS, metavar="N",
                         help=f"train every head with seeds 0..N-1 (default: {DEFAULT_SEEDS})")
-    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
-                        help="frozen: frozen backbone, features computed once and shared by every run; finetune: "
-                             f"train end to end (default: {DEFAULT_MODE})")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     parser.add_argument("--recipe", help="YAML file of train options (see recipes/); flags win over it")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     group = parser.add_argument_group("train options (the same for every run)")

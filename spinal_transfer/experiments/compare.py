@@ -8,11 +8,14 @@ head is compared with the reference on the same test images, one exact McNemar t
 (`stats`). Runs record their own splits.json, so the split is checked, not assumed: the tables say whether
 every run recorded the same files.
 
-Modes. `frozen` (default): the backbone is frozen and its features are cached (`features`) in ONE folder,
-OUT/feature-cache, shared by every head and seed, so the backbone runs once per split for the whole
-comparison and each run trains only its head (seconds). `finetune`: every run trains end to end.
+Modes (`multirun`). `finetune` (default): every run trains as `train` does, so the verdict is about the model the
+user would train. `frozen`, a fast screen that is not what train does: the backbone is frozen and its features
+are cached (`features`) in ONE folder, OUT/feature-cache, shared by every head and seed, so the backbone runs
+once per split for the whole comparison and each run trains only its head (seconds). The tables, the CSV and
+the log name the mode (MODE_NAMES).
 
-Layout: OUT/runs/<head>/seed<k>/ (ordinary run folders), OUT/feature-cache/, OUT/compare.{csv,md,html}.
+Layout: OUT/runs/<head>/seed<k>/ (ordinary run folders), OUT/feature-cache/ (frozen mode),
+OUT/compare.{csv,md,html}.
 Like `reproduce`, rerunning the command skips finished runs, resumes interrupted ones from last.pt, and
 leaves a run that another process is training to it, so several processes can share one OUT; the tables
 are rebuilt from the run folders after every run.
@@ -36,7 +39,7 @@ from ..models.heads_spec import HeadSpec
 from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.filelock import exclusive
-from .multirun import DEFAULT_MODE, IGNORED, MultiRunError, mode_fields, refuse_torchrun
+from .multirun import DEFAULT_MODE, IGNORED, MODE_NAMES, MultiRunError, mode_fields, refuse_torchrun
 
 DEFAULT_SEEDS = 3
 DEFAULT_OUT = "runs/compare"
@@ -172,6 +175,7 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     runs = plan(base, heads, seeds, mode, out)
     for p in runs:
         check_settings(p)
+    log(f"mode: {MODE_NAMES[mode]}")
     try:
         pending = runs
         while pending:
@@ -316,10 +320,14 @@ def collect(runs: Sequence[Planned], mode: str) -> Results:
 
 
 def _settings(cfg: TrainConfig, mode: str, seeds: int) -> str:
-    how = (f"frozen backbone, features cached once in {cfg.cache_dir}" if mode == "frozen"
-           else "fine-tuned end to end")
+    if mode == "frozen":
+        how = f"features cached once in {cfg.cache_dir}"
+    else:
+        how = (f"backbone frozen for the first {cfg.freeze_epochs} epoch(s), as train does" if cfg.freeze_epochs
+               else "end to end from the first epoch")
     epochs = "+".join(str(s.epochs) for s in cfg.resolved_stages())
-    return (f"Data {cfg.data}; backbone {cfg.backbone} (weights {cfg.weights}), {how}; {epochs} epochs, lr "
+    return (f"Mode: {MODE_NAMES[mode]}. Data {cfg.data}; backbone {cfg.backbone} (weights {cfg.weights}), {how}; "
+            f"{epochs} epochs, lr "
             f"{cfg.lr:g}, batch {cfg.batch_size}; seeds 0..{seeds - 1}; split seed {cfg.split_seed}; every run "
             f"picks its epoch on val and evaluates test once.")
 
@@ -348,7 +356,7 @@ def cells(row: HeadResult) -> dict[str, str]:
 CSV_COLUMNS = ("head", "kind", "reference", "seeds", "finished_seeds",
                *(f"test_{k}_{s}" for k, _ in METRICS for s in ("mean", "std")), "test_top1_per_seed",
                "head_params", "head_macs", "train_seconds_mean", "mcnemar_seeds", "mcnemar_b", "mcnemar_c",
-               "mcnemar_p", "verdict", "same_split", "note")
+               "mcnemar_p", "verdict", "same_split", "mode", "note")
 
 
 def csv_text(res: Results) -> str:
@@ -362,7 +370,7 @@ def csv_text(res: Results) -> str:
                    "" if r.head_params is None else r.head_params, "" if r.head_macs is None else r.head_macs,
                    statistics.mean(secs) if secs else "", join(t.seed for t in r.tests), join(t.b for t in r.tests),
                    join(t.c for t in r.tests), join(t.p for t in r.tests), r.verdict,
-                   "yes" if res.splits.same else "no", r.note]
+                   "yes" if res.splits.same else "no", MODE_NAMES[res.mode], r.note]
 
     return to_csv(CSV_COLUMNS, rows())
 

@@ -1,9 +1,11 @@
 """What the commands that run many runs on one folder (`compare`, `tune`) share: the two modes, which
 settings make a different experiment, and why they refuse torchrun.
 
-Modes. `frozen`: the backbone is frozen and its features cached (`features`) in ONE folder for every run of
-the command, so the backbone runs once per split and each run trains only its head. `finetune`: every run
-trains end to end. No torch here (the command line's help shows the modes).
+Modes. `finetune` (the default): every run trains as `train` does, with train's own schedule (its frozen first
+epoch(s) included), so the answer is about what the user will train. `frozen`: a fast screen, not what train
+does: the backbone stays frozen for the whole run and its features are cached (`features`) in ONE folder for
+every run of the command, so the backbone runs once per split and each run trains only its head. Every output
+that shows the mode names it with MODE_NAMES. No torch here (the command line's help shows the modes).
 """
 from __future__ import annotations
 
@@ -14,7 +16,13 @@ from ..config import RESUME_SAFE
 from ..errors import UserError
 
 MODES = ("frozen", "finetune")
-DEFAULT_MODE = "frozen"
+DEFAULT_MODE = "finetune"
+# how the outputs (logs, tables, pages, JSON) name each mode: the screen must never pass for the real thing
+MODE_NAMES = {"finetune": "fine-tune (as train)",
+              "frozen": "frozen-backbone screen (features cached; not what train does)"}
+MODE_HELP = ("finetune: every run trains as `train` does (end to end, after train's frozen first epoch); frozen: a "
+             "fast screen, not what train does: the backbone stays frozen and its features are computed once and "
+             f"shared by every run (default: {DEFAULT_MODE})")
 CACHE_DIR = "feature-cache"
 # Settings that may differ between a run (or study) on disk and the one asked for: where and how fast it runs,
 # not what it learns (config.RESUME_SAFE, less the schedule and the data, which change results).

@@ -1,8 +1,10 @@
 """`spinal-transfer tune`: search the head's kind and shape and the optimisation settings with Optuna.
 
-Why this shape: which head (and which width and depth) suits a folder is an empirical question, and with a
-frozen backbone every candidate trains in seconds on cached features (`features`), so a search of dozens of
-trials takes minutes on a CPU. The rules that keep the answer honest:
+Why this shape: which head (and which width and depth) suits a folder, trained how, is an empirical question.
+By default every trial fine-tunes as `train` does (mode `finetune`, `multirun`), so the recipe is judged as the
+user will train it. `--mode frozen` is a fast screen, not what train does: with a frozen backbone every
+candidate trains in seconds on cached features (`features`), so a search of dozens of trials takes minutes on
+a CPU, but its answer is about a frozen backbone (its recipe trains one). The rules that keep the answer honest:
 
 * Selection uses val only. A trial's score is the best val top-1 over its epochs (the epoch train.run keeps);
   pruning reads the per-epoch val top-1 (`train.run(on_epoch=...)`). A trial stops right after its last
@@ -10,7 +12,10 @@ trials takes minutes on a CPU. The rules that keep the answer honest:
   evaluates test once with its chosen weights. (A later command that continues the study and finds a
   better trial tests that one too; the page counts the trials whose test split was evaluated.)
 * Every trial has the same seed, data split and options (flags or recipe); only the searched fields differ.
-* The best configuration is written as a recipe that `train --recipe` accepts unchanged; with
+* Tuning must not make things worse: trial 0 of a new study trains the untuned defaults (the options as
+  given, `train`'s defaults for the rest: `untuned_params`). The recipe is the best trial only when its val
+  top-1 beats the defaults'; otherwise it is the defaults, and the outputs say so (`versus_untuned`).
+* The chosen configuration is written as a recipe that `train --recipe` accepts unchanged; with
   `--deterministic` on a CPU it reproduces the trial's val metric exactly.
 
 Search space: `SPACE` below, a table of (parameter, values, when); the head's kind and shape (width, layers,
@@ -52,7 +57,7 @@ from ..evaluation.tables import Table, page, png_img, table_html, to_csv, write_
 from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.filelock import exclusive
-from .multirun import DEFAULT_MODE, IGNORED, MultiRunError, mode_fields, refuse_torchrun
+from .multirun import DEFAULT_MODE, IGNORED, MODE_NAMES, MultiRunError, mode_fields, refuse_torchrun
 
 if TYPE_CHECKING:
     import optuna
@@ -67,6 +72,8 @@ PRUNE_AFTER_TRIALS = 5                # the median pruner waits for this many fi
 PRUNE_FROM_EPOCH = 2                  # ...and stops a trial no earlier than after this epoch
 PRUNERS = ("median", "none")
 HEARTBEAT_S, GRACE_S = 60, 180        # a RUNNING trial silent for GRACE_S is marked failed
+UNTUNED = "untuned"                   # user attribute of the trial that trains the untuned defaults
+OUTSIDE = "outside_space"             # ... and its parameters the search space does not hold
 OUTPUT_FILES = ("best.yaml", "trials.csv", "tune.html")
 # TrainConfig fields the search sets (--epochs is the longest a trial may train; the others are not flags)
 SEARCHED = ("head", "head_preset", "layer_width", "num_layers", "num_splits", "shared_weights", "head_dropout",
@@ -128,6 +135,54 @@ def suggest(trial: "optuna.Trial", max_epochs: int) -> dict:
     return f
 
 
+def untuned_params(base: TrainConfig) -> dict:
+    """The untuned defaults in the search's parameters (`suggest`'s names), enqueued as a new study's first
+    trial. None where the config has no value in the space's terms: a spinal layer width or a head dropout left
+    to train's rules (the class count, the preset), an mlp whose hidden widths differ."""
+    hidden = list(base.mlp_hidden)
+    uniform = bool(hidden) and len(set(hidden)) == 1
+    return {"head": base.head, "head_preset": base.head_preset, "layer_width": base.layer_width,
+            "num_layers": base.num_layers, "num_splits": base.num_splits, "shared_weights": base.shared_weights,
+            "mlp_width": hidden[0] if uniform else None, "mlp_layers": len(hidden), "head_dropout": base.head_dropout,
+            "lr": base.lr, "weight_decay": base.weight_decay, "label_smoothing": base.label_smoothing,
+            "epochs": base.epochs}
+
+
+class _Untuned:
+    """How `suggest` sees the untuned trial: a parameter whose untuned value lies in the space is suggested (the
+    queue fixes it to that value, so the trial records it under the space's distribution, for the sampler and
+    trials.csv); any other is handed back unrecorded, and named in `outside` unless it is None (left to a rule
+    of train's). The trial trains the untuned config itself, whatever `suggest` returns."""
+
+    def __init__(self, trial: "optuna.Trial", values: dict):
+        self.trial, self.values, self.outside = trial, values, []
+
+    def _pick(self, name: str, inside: bool, space: str, suggest: Callable[[], Any]) -> Any:
+        value = self.values[name]
+        if value is not None and inside:
+            return suggest()
+        if value is not None:
+            self.outside.append(f"{name} {value!r} (searched: {space})")
+        return value
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        return self._pick(name, self.values[name] in choices, ", ".join(map(str, choices)),
+                          lambda: self.trial.suggest_categorical(name, choices))
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> Any:
+        return self._pick(name, _within(self.values[name], low, high), f"{low} .. {high}",
+                          lambda: self.trial.suggest_int(name, low, high, log=log))
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> Any:
+        return self._pick(name, _within(self.values[name], low, high), f"{low:g} .. {high:g}",
+                          lambda: self.trial.suggest_float(name, low, high, log=log))
+
+
+def _within(value: Any, low: float, high: float) -> bool:
+    """A number in [low, high] (not a bool, not `lr: auto`)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
 # --- one trial -----------------------------------------------------------------------------------
 
 class _Trained(Exception):
@@ -147,13 +202,25 @@ def best_epoch(run: RunDir) -> tuple[int, float]:
     return best["epoch"], best["val"]["top1"]
 
 
+def trial_fields(trial: "optuna.Trial", base: TrainConfig) -> dict:
+    """The searched TrainConfig fields a trial trains with: sampled, or none for the untuned trial (it trains
+    `base` itself; its parameters the space holds are recorded, the others noted in its OUTSIDE attribute)."""
+    if not trial.user_attrs.get(UNTUNED):
+        return suggest(trial, base.epochs)
+    view = _Untuned(trial, untuned_params(base))
+    suggest(view, base.epochs)                   # type: ignore[arg-type]  # records the parameters
+    if view.outside:
+        trial.set_user_attr(OUTSIDE, view.outside)
+    return {}
+
+
 def make_objective(base: TrainConfig, out: Path) -> Callable[["optuna.Trial"], float]:
-    """The objective: train one sampled configuration in OUT/trials/trial<N>/, report val top-1 every epoch
-    (pruning), stop before the test evaluation, return the best val top-1."""
+    """The objective: train one sampled configuration (or the untuned defaults) in OUT/trials/trial<N>/, report
+    val top-1 every epoch (pruning), stop before the test evaluation, return the best val top-1."""
     optuna = _optuna()
 
     def objective(trial: "optuna.Trial") -> float:
-        cfg = resolve_config(base, {**suggest(trial, base.epochs), "out": str(trial_dir(out, trial.number).path)})
+        cfg = resolve_config(base, {**trial_fields(trial, base), "out": str(trial_dir(out, trial.number).path)})
         trial.set_user_attr("run", cfg.out)
         trial.set_user_attr("config", cfg.to_dict())
         last = cfg.total_epochs()
@@ -232,9 +299,11 @@ def settings_of(base: TrainConfig, mode: str) -> dict:
     return {"mode": mode, **{k: v for k, v in sorted(base.to_dict().items()) if k not in IGNORED}}
 
 
-def open_study(storage: str, name: str, sampler: Any, pruner: Any, settings: dict, lock: Path) -> "optuna.Study":
-    """Create the study, or load it to continue; refuse one made with other settings. Under `lock`: two workers
-    starting together on a new database would both create its tables (and one would fail)."""
+def open_study(storage: str, name: str, sampler: Any, pruner: Any, settings: dict, lock: Path,
+               untuned: dict) -> "optuna.Study":
+    """Create the study, or load it to continue; refuse one made with other settings. A new study's first trial
+    (in the queue) is the untuned defaults, `untuned` (untuned_params). Under `lock`: two workers starting
+    together on a new database would both create its tables (and one would fail), or both enqueue the defaults."""
     optuna = _optuna()
 
     with exclusive(lock):
@@ -243,6 +312,7 @@ def open_study(storage: str, name: str, sampler: Any, pruner: Any, settings: dic
         have = study.user_attrs.get("settings")
         if have is None:
             study.set_user_attr("settings", settings)
+            study.enqueue_trial({k: v for k, v in untuned.items() if v is not None}, user_attrs={UNTUNED: True})
             have = settings
     if have != settings:
         diff = [f"{k}: {have.get(k)!r} there, {settings.get(k)!r} asked for" for k in sorted(set(have) | set(settings))
@@ -264,10 +334,12 @@ def counted(study: "optuna.Study") -> int:
 @dataclass
 class TuneResult:
     study: Any
-    best: Any                      # the best FrozenTrial
+    best: Any                      # the chosen FrozenTrial (`chosen`: the best, or the untuned defaults)
     report: dict                   # its run's report.json (val and test of its chosen epoch)
     recipe: Path
     tested: int                    # trials whose test split was ever evaluated
+    versus_untuned: str            # the chosen trial against the untuned defaults, in words
+    mode: str                      # MODES key
 
 
 def _stderr(msg: str) -> None:
@@ -295,7 +367,7 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     storage = storage or default_storage(out)
     study = open_study(storage, study_name, make_sampler(sampler_seed),
                        make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
-                       out / ".study.lock")
+                       out / ".study.lock", untuned_params(base))
     remaining = trials - counted(study)
     log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
         f"{max(0, remaining)} to go")
@@ -339,18 +411,61 @@ def drop_checkpoints(study: "optuna.Study", out: Path) -> None:
     with exclusive(out / ".tune.lock"):
         ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
         done = [t.number for t in ended if t.state == TrialState.COMPLETE]
-        best = study.best_trial.number if done else None
+        best = chosen(study).number if done else None
         for t in ended:
             if t.number != best and "run" in t.user_attrs:
                 shutil.rmtree(RunDir(t.user_attrs["run"]).checkpoints, ignore_errors=True)
 
 
+def untuned_trial(study: "optuna.Study") -> Optional[Any]:
+    """The trial that trained the untuned defaults (None in a study begun before tune enqueued them)."""
+    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(UNTUNED)), None)
+
+
+def chosen(study: "optuna.Study") -> Any:
+    """The trial that becomes the recipe: the best on val, unless it does not beat the untuned defaults (a tie
+    too): then the defaults, since the search found nothing better than not tuning. ValueError: none complete."""
+    from optuna.trial import TrialState
+
+    best, untuned = study.best_trial, untuned_trial(study)
+    if untuned is not None and untuned.state == TrialState.COMPLETE and untuned.value >= best.value:
+        return untuned
+    return best
+
+
+def versus_untuned(study: "optuna.Study", best: Any) -> str:
+    """The chosen trial against the untuned defaults on val, in a sentence for the log, the JSON and the page."""
+    from optuna.trial import TrialState
+
+    untuned = untuned_trial(study)
+    if untuned is None:
+        return ("no trial of this study trained the untuned defaults (it began before tune ran them), so the "
+                "recipe was not checked against them")
+    outside = untuned.user_attrs.get(OUTSIDE)
+    note = f"; the defaults' {', '.join(outside)} lie outside the search space" if outside else ""
+    if untuned.state != TrialState.COMPLETE:
+        how = {"FAIL": "failed", "PRUNED": "were pruned"}.get(untuned.state.name, "did not finish")
+        why = untuned.user_attrs.get("error", "")
+        return (f"the untuned defaults (trial {untuned.number}) {how}{f' ({why})' if why else ''}, so the recipe, "
+                f"the best other trial, was not checked against them{note}")
+    if best.number == untuned.number:
+        return (f"no trial beat the untuned defaults (trial {untuned.number}, val top-1 {untuned.value:.4f}); the "
+                f"written recipe is the defaults{note}")
+    return (f"the tuned recipe beats the untuned defaults by +{best.value - untuned.value:.4f} val top-1 (trial "
+            f"{best.number}: {best.value:.4f}; the defaults, trial {untuned.number}: {untuned.value:.4f}){note}")
+
+
+def study_mode(study: "optuna.Study") -> str:
+    """The mode the study was made with (in its settings), so a continuing command names the right one."""
+    return study.user_attrs.get("settings", {}).get("mode", DEFAULT_MODE)
+
+
 def finish_study(study: "optuna.Study", out: Path, storage: str, log: Callable[[str], Any]) -> TuneResult:
-    """Test the best trial (once: resuming its stopped run runs train.finish), then write best.yaml, trials.csv
+    """Test the chosen trial (once: resuming its stopped run runs train.finish), then write best.yaml, trials.csv
     and tune.html. Under a lock: two workers ending together test it once and write in turn."""
     with exclusive(out / ".tune.lock"):
         try:
-            best = study.best_trial
+            best = chosen(study)
         except ValueError:
             reasons = sorted({t.user_attrs.get("error", "") for t in study.trials} - {""})
             raise TuneError("no trial finished, so there is no best configuration"
@@ -358,12 +473,15 @@ def finish_study(study: "optuna.Study", out: Path, storage: str, log: Callable[[
         report = test_once(RunDir(best.user_attrs["run"]), log)
         recipe = out / OUTPUT_FILES[0]
         tested = sum(RunDir(t.user_attrs["run"]).is_finished() for t in study.trials if "run" in t.user_attrs)
+        verdict = versus_untuned(study, best)
         write_files(out, {OUTPUT_FILES[0]: recipe_text(study, best, report),
                           OUTPUT_FILES[1]: trials_csv(study),
-                          OUTPUT_FILES[2]: tune_html(study, best, report, storage, tested)})
-    log(f"best trial {best.number}: val top-1 {report['val']['top1']:.4f}, test top-1 {report['test']['top1']:.4f} "
-        f"(test evaluated once, for this trial); recipe {recipe}")
-    return TuneResult(study, best, report, recipe, tested)
+                          OUTPUT_FILES[2]: tune_html(study, best, report, storage, tested, verdict)})
+    mode = study_mode(study)
+    log(f"mode: {MODE_NAMES[mode]}; chosen trial {best.number}: val top-1 {report['val']['top1']:.4f}, test top-1 "
+        f"{report['test']['top1']:.4f} (test evaluated once, for this trial); recipe {recipe}")
+    log(verdict)
+    return TuneResult(study, best, report, recipe, tested, verdict, mode)
 
 
 def test_once(run: RunDir, log: Callable[[str], Any]) -> dict:
@@ -377,15 +495,17 @@ def test_once(run: RunDir, log: Callable[[str], Any]) -> dict:
 # --- outputs -------------------------------------------------------------------------------------
 
 def recipe_text(study: "optuna.Study", best: Any, report: dict) -> str:
-    """The best trial's config as a recipe `train --recipe` takes unchanged (no run folder in it)."""
+    """The chosen trial's config as a recipe `train --recipe` takes unchanged (no run folder in it)."""
     cfg = TrainConfig.from_dict({**best.user_attrs["config"], "out": ""})
-    return (f"# best trial {best.number} of study {study.study_name!r}: val top-1 {report['val']['top1']:.4f}, "
-            f"test top-1 {report['test']['top1']:.4f} (evaluated once)\n"
+    what = "the untuned defaults" if best.user_attrs.get(UNTUNED) else "the best on val"
+    return (f"# trial {best.number} ({what}) of study {study.study_name!r}, mode {MODE_NAMES[study_mode(study)]}: "
+            f"val top-1 {report['val']['top1']:.4f}, test top-1 {report['test']['top1']:.4f} (evaluated once)\n"
             f"# spinal-transfer train --recipe best.yaml --out runs/best\n" + cfg.to_yaml())
 
 
 PARAMS = tuple(name for name, _, _ in SPACE)
-TRIAL_COLUMNS = ("number", "state", "val_top1", "best_epoch", "epochs_reported", "seconds", *PARAMS, "run", "error")
+TRIAL_COLUMNS = ("number", "state", "val_top1", "best_epoch", "epochs_reported", "seconds", *PARAMS, "role", "run",
+                 "error")
 
 
 def _trial_row(t: Any) -> dict:
@@ -393,7 +513,8 @@ def _trial_row(t: Any) -> dict:
         else ""
     return {"number": t.number, "state": t.state.name, "val_top1": "" if t.value is None else t.value,
             "best_epoch": t.user_attrs.get("best_epoch", ""), "epochs_reported": len(t.intermediate_values),
-            "seconds": seconds, **{p: t.params.get(p, "") for p in PARAMS}, "run": t.user_attrs.get("run", ""),
+            "seconds": seconds, **{p: t.params.get(p, "") for p in PARAMS},
+            "role": "untuned defaults" if t.user_attrs.get(UNTUNED) else "sampled", "run": t.user_attrs.get("run", ""),
             "error": t.user_attrs.get("error", "")}
 
 
@@ -438,19 +559,20 @@ def plots(study: "optuna.Study", seed: int = 0) -> list[tuple[str, Optional[byte
     return out
 
 
-def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, tested: int) -> str:
+def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, tested: int, verdict: str) -> str:
     """One self-contained page: summary, the recipe, the search space, the plots (embedded PNGs), all trials."""
     e = html.escape
     states: dict[str, int] = {}
     for t in study.trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
     val, test = report["val"], report["test"]
-    summary = (f"Study {study.study_name!r} in {shown_storage(storage)}: {len(study.trials)} trials ("
-               + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + f"). Best trial {best.number}: val "
+    summary = (f"Mode: {MODE_NAMES[study_mode(study)]}. Study {study.study_name!r} in {shown_storage(storage)}: "
+               f"{len(study.trials)} trials (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+               + f"). Chosen trial {best.number}: val "
                f"top-1 {100 * val['top1']:.2f}% (the selection score); test top-1 {100 * test['top1']:.2f}%, "
                f"balanced accuracy {100 * test['balanced_accuracy']:.2f}%, macro F1 {100 * test['macro_f1']:.2f}%. "
-               f"The test split was evaluated for {tested} trial(s) in all: the best one at the end of each tune "
-               f"command.")
+               f"The test split was evaluated for {tested} trial(s) in all: the chosen one at the end of each tune "
+               f"command. Against the untuned defaults: {verdict}.")
     space = Table("", (("parameter", "p"), ("values", "v"), ("when", "w")),
                   [{"p": p, "v": v, "w": w} for p, v, w in SPACE])
     trials = Table("", [(c, c) for c in TRIAL_COLUMNS if c not in ("run", "error")] + [("error", "error")],
@@ -462,7 +584,9 @@ def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, test
             f"<pre>{e(recipe_text(study, best, report))}</pre>\n<h2>plots</h2>\n{figures}\n"
             f"<h2>search space</h2>\n{table_html(space)}\n<h2>trials</h2>\n{table_html(trials)}\n"
             f"<p>Shaded: pruned, failed or unfinished trials. val_top1 is the selection score (best epoch on val); "
-            f"a pruned trial's is its last reported value.</p>")
+            f"a pruned trial's is its last reported value. The trial whose role is 'untuned defaults' trains the "
+            f"options as given and train's defaults for the rest; a parameter left to train's rules (e.g. the "
+            f"spinal layer width from the class count) has no value in its row.</p>")
     return page("Head and hyper-parameter search", body)
 
 
