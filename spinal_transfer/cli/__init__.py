@@ -33,6 +33,8 @@ COMMANDS = {
     "export": ("export", "write a trained model as a bundle (safetensors + config.json + model card), optionally "
                          "also as torch.export, TorchScript and ONNX"),
     "predict": ("predict", "top-k classes of images with a bundle, its ONNX file, a run or a checkpoint"),
+    "convert-weights": ("convert_weights", "another implementation's state dict of the same architecture as a file "
+                                           "--weights loads (tensors paired by order and shape)"),
 }
 
 

