@@ -86,6 +86,12 @@ def _page(args: argparse.Namespace, ev, out: Path) -> Path:
     cfg = load_run_checkpoint(source)["config"]
     return write_evaluation_html(out / "report.html", ev.metrics, out / f"predictions_{args.split}.csv", ev.classes,
                                  {**run_settings(cfg, report, {args.split: ev.metrics["num_samples"]}),
-                                  "images evaluated": ev.source}, run.read_metrics() or None,
+                                  "images evaluated": ev.source, "probabilities": _probabilities(ev.metrics)},
+                                 run.read_metrics() or None,
                                  [tuple(x) for x in ev.metrics["skipped_files"]], split=args.split,
                                  title=f"{run.path.name}: {args.split}", best_epoch=report and report["best_epoch"])
+
+
+def _probabilities(metrics: dict) -> str:
+    t = metrics["temperature"]
+    return f"softmax(logits / T), T = {t:.3f} (the run's calibration)" if t != 1.0 else "plain softmax (T = 1)"

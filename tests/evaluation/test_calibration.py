@@ -119,6 +119,20 @@ def test_run_records_calibration_and_carries_the_temperature(finished_run):
     assert ev.metrics["top1"] == plain.metrics["top1"] == report["test"]["top1"]
 
 
+def test_evaluate_command_switches_calibration_off(finished_run, tmp_path, cli_run):
+    report = json.loads((finished_run / "report.json").read_text())
+    for flags, t, loss, words in ((["--no-calibration"], 1.0, report["test"]["loss"], "plain softmax (T = 1)"),
+                                  ([], report["calibration"]["temperature"], report["calibration"]["test"]["nll_after"],
+                                   "softmax(logits / T), T = ")):
+        out = tmp_path / f"ev{len(flags)}"
+        r = cli_run("evaluate", finished_run, "--device", "cpu", "--workers", "0", "--out", out, *flags)
+        assert r.returncode == 0, r.stderr
+        shown = json.loads(r.stdout)
+        assert shown["temperature"] == t and shown["loss"] == pytest.approx(loss, rel=1e-5)
+        assert json.loads((out / "metrics_test.json").read_text())["temperature"] == t
+        assert words in (out / "report.html").read_text()
+
+
 def test_the_run_without_val_is_not_calibrated(tmp_path, three_digits):
     """No val split: nothing to fit T on without touching test; the note says so and best.pt has no T."""
     import shutil
