@@ -47,11 +47,12 @@ def test_train_says_it_once_and_records_it(three_digits, tmp_path, cli_run):
 
 
 def test_no_leak_check_switches_it_off(three_digits):
+    from conftest import tiny_cfg
+
     from spinal_transfer.cli import build_parser
     from spinal_transfer.config import given_flags
     from spinal_transfer.data.splits import scan
     from spinal_transfer.training.train import check_leakage
-    from conftest import tiny_cfg
 
     args = build_parser("train").parse_args(["train", "--data", str(three_digits), "--no-leak-check"])
     assert given_flags(args)["leak_check"] is False

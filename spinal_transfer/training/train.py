@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from ..config import Stage, TrainConfig, resume_config
 from ..data.augment import Augmentation
+from ..data.leakage import describe as describe_leakage
+from ..data.leakage import leakage
 from ..data.loaders import (
     EpochSampler,
     ShardSampler,
@@ -33,8 +35,6 @@ from ..data.loaders import (
     make_loader,
     train_drop_last,
 )
-from ..data.leakage import describe as describe_leakage
-from ..data.leakage import leakage
 from ..data.skiplog import SkipLog
 from ..data.splits import SPLIT_NAMES, Splits, apply_protocol, load_recorded, record, scan
 from ..data.transforms import DataConfig, build_transforms

@@ -138,6 +138,7 @@ def test_the_run_without_val_is_not_calibrated(tmp_path, three_digits):
     import shutil
 
     from conftest import tiny_cfg
+
     from spinal_transfer.runs.checkpoint import load_checkpoint
     from spinal_transfer.training.train import run
 
