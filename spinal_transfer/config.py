@@ -33,7 +33,8 @@ from .utils.tracking import parse_log_to
 # memory). Everything else is the experiment, and a resumed run keeps it.
 RESUME_SAFE = ("epochs", "stages", "data", "workers", "log_interval", "limit_train_batches", "device", "compile",
                "channels_last", "deterministic", "cache_dir", "checkpoint_every", "checkpoint_every_steps",
-               "stop_signals", "log_to", "tracking_uri", "experiment", "early_stop_patience", "early_stop_min_delta")
+               "stop_signals", "log_to", "tracking_uri", "experiment", "early_stop_patience", "early_stop_min_delta",
+               "leak_check")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -180,6 +181,8 @@ class TrainConfig:
     # --- bookkeeping ------------------------------------------------------------------------
     seed: int = _opt(0, "random seed", min=0)
     deterministic: bool = _opt(False, "deterministic algorithms (slower; exact resume on CPU)")
+    leak_check: bool = _opt(True, "before training, count test and val images that are byte-identical copies of "
+                                  "train images: one warning line, and report.json's leakage (--no-leak-check: off)")
     select_on: str = _opt("val", "split that picks the best epoch (with --protocol paper a recipe's paper_select_on "
                                  "decides)", choices=["val", "test"])
     limit_train_batches: Optional[int] = _opt(None, "stop each training epoch after this many batches (smoke tests)",
@@ -465,6 +468,9 @@ def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, .
                  f"{text} (default: {default}{when})").replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=help_)
+            if default is True:         # a switch that is on by default is turned off with --no-FLAG
+                group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=False,
+                                   default=None, help=f"the same as {flag} false")
         elif tp in (list, dict) or get_origin(tp) in (list, dict) or f.metadata.get("pair_ok"):
             group.add_argument(flag, default=None, type=_parse_yaml_value, help=help_ + " [YAML]")
         elif f.metadata.get("auto_ok"):

@@ -141,11 +141,12 @@ def test_predict_csv_skip_list_and_onnx_agree(exported, digits_folder, tmp_path,
     skipped = (tmp_path / "bundle.csv.skipped.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in skipped] == [str(folder / "broken.png")]
 
-    # Same preprocessing as evaluation: the CSV's top-1 is the model's own on eval-transformed images.
+    # Same preprocessing as evaluation: the CSV's top-1 is the model's own on eval-transformed images, its
+    # probability softmax(logits / T) with the bundle's temperature.
     model = spinal_transfer.load(bundle)
+    config = json.loads((bundle / "config.json").read_text())
     with torch.no_grad():
-        probs = torch.softmax(model(_batch(json.loads((bundle / "config.json").read_text()),
-                                           [Path(r[0]) for r in rows[1:]])).double(), 1)
+        probs = torch.softmax(model(_batch(config, [Path(r[0]) for r in rows[1:]])).double() / config["temperature"], 1)
     for r, p in zip(rows[1:], probs):
         assert r[1] == CLASSES[int(p.argmax())] and float(r[2]) == pytest.approx(float(p.max()), abs=1e-6)
 

@@ -32,6 +32,8 @@ def test_cached_run_matches_uncached_frozen_run(digits_folder, tmp_path):
         for k in ("top1", "top5", "macro_f1"):
             assert cached[split][k] == pytest.approx(plain[split][k], abs=1e-6), (split, k)
         assert cached[split]["loss"] == pytest.approx(plain[split]["loss"], rel=1e-4, abs=1e-5)
+    # the head's logits on stored features calibrate to the same temperature
+    assert cached["calibration"]["temperature"] == pytest.approx(plain["calibration"]["temperature"], rel=1e-3)
     a = load_checkpoint(tmp_path / "plain" / "checkpoints" / "best.pt")["model"]
     b = load_checkpoint(tmp_path / "cached" / "checkpoints" / "best.pt")["model"]
     for k in a:

@@ -177,8 +177,9 @@ def test_report_html_is_self_contained_and_complete(run_dir):
     assert p.urls and all(v.startswith("data:image/") for tag, k, v in p.urls if k == "src"), p.urls[:3]
     assert all(k == "src" for _, k, _ in p.urls)                      # no links, no CSS url()
     assert not re.search(r"https?://", html)
-    assert {"metrics", "settings", "curves", "confusion", "classes", "top-losses", "batch", "skipped"} <= p.ids
-    assert p.tags["img"] == 3 + TOP_N                                  # curves, matrix, batch, the grid
+    assert {"metrics", "settings", "curves", "confusion", "calibration", "classes", "top-losses", "batch",
+            "skipped"} <= p.ids
+    assert p.tags["img"] == 4 + TOP_N                     # curves, matrix, reliability diagram, batch, the grid
     assert p.top_losses == expected_top_losses(run_dir / "test_predictions.csv", TOP_N)
     # per-class table: worst F1 first, every class once
     report = json.loads((run_dir / "report.json").read_text())
@@ -269,7 +270,7 @@ def test_report_renders_in_chromium(run_dir):
                                              "title": "document.querySelector('h1').textContent"})
     assert r.failed == [] and r.errors == [] and r.external_requests == []
     assert r.requests[0] == page.resolve().as_uri()
-    assert len(r.images) == 3 + TOP_N
+    assert len(r.images) == 4 + TOP_N
     assert all(i["complete"] and i["naturalWidth"] > 0 and i["naturalHeight"] > 0 for i in r.images), r.images
     shot = np.asarray(Image.open(io.BytesIO(r.screenshot)).convert("L"), dtype=np.float64)
     assert shot.shape[1] == 1280 and shot.shape[0] > 2000          # the whole page, not one viewport

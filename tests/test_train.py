@@ -65,7 +65,9 @@ def test_evaluate_reproduces_report(trained, digits_folder, capsys):
     m = evaluate(out / "checkpoints" / "best.pt", str(digits_folder), "test", "cpu").metrics
     for k in ("top1", "top5", "balanced_accuracy", "macro_f1"):
         assert m[k] == pytest.approx(report["test"][k], abs=1e-9)
-    assert m["loss"] == pytest.approx(report["test"]["loss"], rel=1e-5)
+    assert m["loss"] == pytest.approx(report["calibration"]["test"]["nll_after"], rel=1e-5)    # softmax(logits / T)
+    plain = evaluate(out / "checkpoints" / "best.pt", str(digits_folder), "test", "cpu", calibrated=False).metrics
+    assert plain["loss"] == pytest.approx(report["test"]["loss"], rel=1e-5)
     assert cli(["evaluate", str(out), "--split", "test", "--device", "cpu"]) == 0      # --data: the run's own
     captured = capsys.readouterr()
     assert json.loads(captured.out)["top1"] == pytest.approx(report["test"]["top1"])

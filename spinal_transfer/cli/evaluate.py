@@ -16,7 +16,10 @@ Without --data the run's recorded split (RUN/splits.json) is used, so the number
 Another --data folder is read as it is: its SPLIT/ folder, or all its images when it has no split
 folders (a split is never carved out of it). Which images were used is printed on stderr. With --tta
 the metrics are printed without and with TTA (mean softmax over the views); metrics_<split>.json
-holds the TTA ones, its "tta" entry the setting, and "without_tta" the plain summary."""
+holds the TTA ones, its "tta" entry the setting, and "without_tta" the plain summary.
+The loss and the predictions' probabilities are calibrated: softmax(logits / T) with the temperature
+the run fitted on its val split (metrics "temperature"); --no-calibration gives the plain softmax, whose
+loss is report.json's. Accuracy metrics are the same either way."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta-crops", type=int, default=0, choices=[0, 5],
                         help="with --tta, also 4 corner crops and the centre crop (87.5%% of the side), each mirrored "
                              "too (default: 0)")
+    parser.add_argument("--no-calibration", dest="calibrated", action="store_false",
+                        help="the plain softmax, without the run's temperature (default: calibrated)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,11 +50,12 @@ def main(args: argparse.Namespace) -> int:
     if args.tta_crops and not args.tta:
         raise ConfigError("--tta-crops needs --tta")
     tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
-    ev = evaluate(args.run, args.data, args.split, args.device, args.batch_size, args.workers, tta=tta)
+    ev = evaluate(args.run, args.data, args.split, args.device, args.batch_size, args.workers, tta=tta,
+                  calibrated=args.calibrated)
     print(f"evaluated {ev.source}" + (f"; {tta.describe()}" if tta else ""), file=sys.stderr)
     m = ev.metrics
     shown = m if args.full else {**summary(m), "num_samples": m["num_samples"],
-                                 "num_skipped_files": m["num_skipped_files"]}
+                                 "num_skipped_files": m["num_skipped_files"], "temperature": m["temperature"]}
     if tta is not None:
         shown = {"without_tta": summary(ev.plain_metrics), "with_tta": {**shown, "tta": m["tta"]}}
         print(f"top1 {ev.plain_metrics['top1']:.4f} without TTA, {m['top1']:.4f} with TTA "
@@ -80,6 +86,12 @@ def _page(args: argparse.Namespace, ev, out: Path) -> Path:
     cfg = load_run_checkpoint(source)["config"]
     return write_evaluation_html(out / "report.html", ev.metrics, out / f"predictions_{args.split}.csv", ev.classes,
                                  {**run_settings(cfg, report, {args.split: ev.metrics["num_samples"]}),
-                                  "images evaluated": ev.source}, run.read_metrics() or None,
+                                  "images evaluated": ev.source, "probabilities": _probabilities(ev.metrics)},
+                                 run.read_metrics() or None,
                                  [tuple(x) for x in ev.metrics["skipped_files"]], split=args.split,
                                  title=f"{run.path.name}: {args.split}", best_epoch=report and report["best_epoch"])
+
+
+def _probabilities(metrics: dict) -> str:
+    t = metrics["temperature"]
+    return f"softmax(logits / T), T = {t:.3f} (the run's calibration)" if t != 1.0 else "plain softmax (T = 1)"

@@ -15,11 +15,15 @@ EXAMPLES = """\
   spinal-transfer predict bundles/pets photos/ --tta --tta-crops 5 --out preds_tta.csv
   spinal-transfer predict bundles/pets photos/ --runner onnx-int8 --out preds_int8.csv
   spinal-transfer predict bundles/pets photos/ --runner torch --device cuda
+  spinal-transfer predict bundles/pets photos/ --min-confidence 0.8 --out preds.csv
 Folders are searched recursively for images. The CSV has path, label_1, prob_1, ... label_k, prob_k;
 unreadable files are skipped and listed on stderr and in OUT.skipped.txt (path<TAB>reason).
 --runner auto runs a bundle on the CPU with its int8 ONNX file when it has one (export --quantize int8),
 else its ONNX file, else PyTorch; a run folder or checkpoint with PyTorch, an .onnx file with
-onnxruntime, and a bundle on a GPU with PyTorch. The last line gives the runner and images/s."""
+onnxruntime, and a bundle on a GPU with PyTorch. The last line gives the runner and images/s.
+Probabilities are calibrated: softmax(logits / T) with the temperature fitted on the run's val split
+(--no-calibration: the plain softmax). --min-confidence P adds a `prediction` column: the top class, or
+`uncertain` where its probability is below P; the number of uncertain rows is printed."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +42,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runner", default="auto", choices=RUNNERS,
                         help="what runs the model: torch, onnx (the bundle's model.onnx), onnx-int8 (its "
                              "model.int8.onnx) or auto (int8 ONNX, else ONNX, else torch; see below) (default: auto)")
+    parser.add_argument("--no-calibration", dest="calibrated", action="store_false",
+                        help="the plain softmax, without the model's temperature (default: calibrated)")
+    parser.add_argument("--min-confidence", type=float, metavar="P",
+                        help="write `uncertain` as the prediction of images whose top probability is below P, in "
+                             "a `prediction` column, and count them")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,17 +54,24 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--topk must be >= 1, got {args.topk}")
     if args.tta_crops and not args.tta:
         raise ConfigError("--tta-crops needs --tta")
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        raise ConfigError(f"--min-confidence must be a probability in [0, 1], got {args.min_confidence}")
     from ..evaluation.evaluate import TTA
 
     tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
-    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta, runner=args.runner)
+    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta, runner=args.runner,
+                    calibrated=args.calibrated)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
-    skipped_path = write_csv(preds, args.out, args.topk)
+    skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)
     for path, reason in preds.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"wrote {len(preds.paths)} predictions to {args.out}; {len(preds.skipped)} file(s) skipped "
           f"(listed in {skipped_path})", file=sys.stderr)
+    if args.min_confidence is not None:
+        print(f"{int(preds.uncertain(args.min_confidence).sum())} of {len(preds.paths)} image(s) uncertain: top "
+              f"probability below {args.min_confidence:g} (softmax(logits / T), T = {preds.temperature:.3f})",
+              file=sys.stderr)
     print(f"{len(preds.paths)} images in {preds.seconds:.2f} s with {preds.runner}: "
           f"{preds.images_per_second:.1f} images/s", file=sys.stderr)
     return 0

@@ -63,6 +63,8 @@ def bundle_config(ckpt: dict) -> dict:
         "classes": list(ckpt["classes"]),            # index i is logit i
         "input": dict(ckpt["data_config"]),
         "epoch": ckpt.get("epoch") or ckpt.get("progress", {}).get("epoch"),     # 1-based
+        # probabilities are softmax(logits / temperature) (evaluation/calibration.py); null: not calibrated (T = 1)
+        "temperature": ckpt.get("temperature"),
     }
 
 
@@ -397,6 +399,11 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
         "## Input", "",
         f"RGB, {crop} ({inp['interpolation']} interpolation when upscaling, area when downscaling), "
         f"scale to [0, 1], normalize with mean {list(inp['mean'])} and std {list(inp['std'])}.", "",
+        "## Probabilities", "",
+        (f"softmax(logits / T) with T = {config['temperature']:.4f} (`temperature` in config.json): temperature "
+         f"scaling fitted on the run's val split, so a probability p means about a fraction p of such predictions "
+         f"is right on images like those; `predict --no-calibration` gives the plain softmax."
+         if config.get("temperature") else "the plain softmax of the logits (not calibrated: T = 1)."), "",
     ]
     lines += ["## Metrics", ""]
     if report is None:

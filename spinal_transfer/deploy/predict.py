@@ -8,6 +8,11 @@ decoded is skipped, not fatal: it is reported on stderr and in `<out>.skipped.tx
 reason, like a run's skipped_files.txt; always written, empty when nothing was skipped, so an old list
 never outlives its CSV).
 
+Probabilities are softmax(logits / T) with the temperature T stored with the model (calibration.py; fitted on
+the run's val split at the end of training; T = 1 for a model without one); `calibrated=False`
+(`--no-calibration`) gives the plain softmax. With `min_confidence` (`--min-confidence P`) the CSV gets a
+`prediction` column: the top class, or `uncertain` where the top probability is below P.
+
 Runners (`runner=`, `--runner`): `torch` (eager PyTorch), `onnx` (onnxruntime on the bundle's model.onnx),
 `onnx-int8` (onnxruntime on the bundle's int8 model, `export --quantize int8`). `auto` takes, for a bundle
 on the CPU, the int8 ONNX file when there is one, else the ONNX file, else torch; a run folder or
@@ -34,6 +39,7 @@ from ..data.loaders import BadSample, ImageDataset, make_loader
 from ..data.skiplog import SkipLog
 from ..data.splits import list_images
 from ..errors import ConfigError, DataError, option_name
+from ..evaluation.calibration import temperature_of
 from ..evaluation.evaluate import TTA, tta_probs
 from ..models.restore import model_from_checkpoint
 from ..runs.rundir import load_run_checkpoint
@@ -55,6 +61,7 @@ PathLike = Union[str, os.PathLike]
 ImageInput = Any           # a path, a PIL image or an HxWx3 uint8 RGB array
 TOPK = 5
 RUNNERS = ("auto", "torch", "onnx", "onnx-int8")
+UNCERTAIN = "uncertain"     # the prediction of an image whose top probability is below --min-confidence
 
 
 @dataclass
@@ -66,6 +73,7 @@ class Predictions:
     tta: Optional[dict] = None          # the test-time augmentation used (TTA.to_dict()), None without
     runner: str = "torch"               # what ran the model: torch, onnx or onnx-int8
     seconds: float = 0.0                # wall time of decoding, preprocessing and running every image
+    temperature: float = 1.0            # probs = softmax(logits / temperature); 1: plain softmax
 
     def top(self, k: int) -> list[list[tuple[str, float]]]:
         """Per image, the k most probable (class, probability), most probable first."""
@@ -74,6 +82,10 @@ class Predictions:
     @property
     def images_per_second(self) -> float:
         return len(self.paths) / self.seconds if self.seconds > 0 else 0.0
+
+    def uncertain(self, min_confidence: float) -> torch.Tensor:
+        """(len(paths),) bool: the images whose top probability is below `min_confidence`."""
+        return self.probs.max(dim=1).values < min_confidence if len(self.paths) else torch.zeros(0, dtype=torch.bool)
 
 
 def top_classes(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
@@ -185,10 +197,11 @@ def open_model(source: PathLike, device: torch.device, runner: str = "auto") -> 
 
 def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[int] = None,
             workers: Optional[int] = None, device: str = "auto", tta: Optional[TTA] = None,
-            runner: str = "auto") -> Predictions:
+            runner: str = "auto", calibrated: bool = True) -> Predictions:
     """Class probabilities of every image in `paths` (files, or folders searched recursively);
     batch size and workers default to training's. With `tta`, the mean softmax over its views of each
-    preprocessed image (evaluation.TTA; works with every runner). `runner`: auto, torch, onnx, onnx-int8."""
+    preprocessed image (evaluation.TTA; works with every runner). `runner`: auto, torch, onnx, onnx-int8.
+    `calibrated`: softmax(logits / T) with the model's temperature (else T = 1)."""
     from torch.utils.data import SequentialSampler
 
     files = list_images(list(paths))
@@ -197,6 +210,7 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
     dev = pick_device(device)
     configure_process(dev)
     config, run, kind = open_model(source, dev, runner)
+    temperature = temperature_of(config) if calibrated else 1.0
     start = time.perf_counter()
     loader = make_loader([(f, -1) for f in files], eval_transform(config),
                          batch_size or CONFIG_FIELDS["batch_size"].default, workers, dev,
@@ -205,7 +219,7 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
     with tqdm(total=len(files), desc="predict", unit="img") as bar:
         for x, _, idx in skips.watch(loader):
             if len(x):
-                probs.append(tta_probs(run, x, tta, torch.float64))
+                probs.append(tta_probs(run, x, tta, torch.float64, temperature))
                 index.append(idx)
             bar.n = len(skips) + sum(len(i) for i in index)
             bar.refresh()
@@ -214,18 +228,23 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
     num_classes = len(config["classes"])
     return Predictions([files[i] for i in order], torch.cat(probs) if probs else torch.zeros(0, num_classes),
                        config["classes"], list(skips.entries.items()), tta.to_dict() if tta is not None else None,
-                       kind, seconds)
+                       kind, seconds, temperature)
 
 
-def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK) -> Path:
-    """`out`: path, label_1, prob_1, ..., label_k, prob_k per image; `<out>.skipped.txt`: the skipped
+def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK, min_confidence: Optional[float] = None) -> Path:
+    """`out`: path, label_1, prob_1, ..., label_k, prob_k per image (with `min_confidence`, a `prediction`
+    column after path: label_1, or `uncertain` where prob_1 is below it); `<out>.skipped.txt`: the skipped
     files. Returns the skip list's path."""
     k = min(topk, len(preds.classes))
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path"] + [f"{col}_{j}" for j in range(1, k + 1) for col in ("label", "prob")])
-    for path, top in zip(preds.paths, preds.top(k)):
-        writer.writerow([path] + [v for label, p in top for v in (label, f"{p:.6f}")])
+    gate = min_confidence is not None
+    writer.writerow(["path"] + (["prediction"] if gate else []) +
+                    [f"{col}_{j}" for j in range(1, k + 1) for col in ("label", "prob")])
+    unsure = preds.uncertain(min_confidence).tolist() if gate else [False] * len(preds.paths)
+    for path, top, no in zip(preds.paths, preds.top(k), unsure):
+        writer.writerow([path] + ([UNCERTAIN if no else top[0][0]] if gate else []) +
+                        [v for label, p in top for v in (label, f"{p:.6f}")])
     atomic_write_text(out, buf.getvalue())
     skipped_path = Path(f"{out}.skipped.txt")
     atomic_write_text(skipped_path, "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in preds.skipped))

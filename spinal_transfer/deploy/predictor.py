@@ -20,6 +20,7 @@ import torch
 from ..config import CONFIG_FIELDS
 from ..data.images import BadImage
 from ..errors import ConfigError, DataError, flag_name, option_name
+from ..evaluation.calibration import temperature_of
 from ..evaluation.evaluate import TTA, tta_probs
 from ..utils.runtime import configure_process, pick_device
 from .export import eval_transform
@@ -40,10 +41,11 @@ class Predictor:
     device: auto, cpu, cuda or mps. runner: auto, torch, onnx, onnx-int8 (as `predict --runner`; `auto` runs a
     bundle on the CPU with its int8 ONNX file, else its ONNX file, else PyTorch). tta: average the softmax over
     the image and its mirror; tta_crops=5 adds the four corner crops and the centre crop (each mirrored).
-    batch_size: images per model call (default: training's)."""
+    batch_size: images per model call (default: training's). calibrated: probabilities are softmax(logits / T)
+    with the model's temperature (`temperature`; 1 for a model without one); False: the plain softmax."""
 
     def __init__(self, source: PathLike, device: str = "auto", runner: str = "auto", tta: bool = False,
-                 tta_crops: int = 0, batch_size: Optional[int] = None):
+                 tta_crops: int = 0, batch_size: Optional[int] = None, calibrated: bool = True):
         if tta_crops and not tta:
             raise ConfigError(f"{option_name('tta_crops').strip()} needs {flag_name('tta')}", key="tta_crops")
         self.tta: Optional[TTA] = TTA(flip=True, crops=tta_crops) if tta else None
@@ -55,6 +57,7 @@ class Predictor:
         self.source = str(source)
         self.config, self._run, self.runner = open_model(source, self.device, runner)
         self.classes: list[str] = list(self.config["classes"])
+        self.temperature = temperature_of(self.config) if calibrated else 1.0
         self.transform = eval_transform(self.config)
 
     def __repr__(self) -> str:
@@ -68,12 +71,13 @@ class Predictor:
             raise DataError(f"{item}: {e}") from None
 
     def probabilities(self, images: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
-        """(len(images), len(classes)) softmax, float64, in input order; one image may be given alone."""
+        """(len(images), len(classes)) softmax(logits / temperature), float64, in input order; one image may be
+        given alone."""
         items = [images] if _is_single(images) else list(images)
         out = []
         for i in range(0, len(items), self.batch_size):
             x = torch.stack([self._tensor(item) for item in items[i:i + self.batch_size]])
-            out.append(tta_probs(self._run, x, self.tta, torch.float64))
+            out.append(tta_probs(self._run, x, self.tta, torch.float64, self.temperature))
         return torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK) -> list[list[tuple[str, float]]]:

@@ -26,6 +26,7 @@ from ..models.restore import model_from_checkpoint
 from ..runs.rundir import RunDir, load_run_checkpoint
 from ..utils.distributed import gather_objects, is_main
 from ..utils.runtime import amp_dtype, configure_process, pick_device, use_channels_last
+from .calibration import TemperatureScaled, calibrated_softmax, temperature_of
 from .interpret import write_predictions_csv
 from .metrics import classification_metrics
 
@@ -100,10 +101,12 @@ def tta_views(x: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
 
 
 def tta_probs(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: Optional[TTA],
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Mean over the views of softmax(run(view)), in `dtype`; without TTA (or one view) the plain softmax."""
+              dtype: torch.dtype = torch.float32, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over the views of softmax(run(view) / temperature) (calibration.calibrated_softmax), in `dtype`;
+    without TTA (or one view) the plain (calibrated) softmax. `predict`, `Predictor` and anything serving a
+    model compute their probabilities here."""
     views = tta_views(x, tta) if tta is not None else [x]
-    probs = [torch.softmax(run(v).to(dtype), dim=1) for v in views]
+    probs = [calibrated_softmax(run(v), temperature, dtype) for v in views]
     return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
 
 
@@ -189,9 +192,14 @@ class Evaluation:
 
 
 def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str = "test", device: str = "auto",
-             batch_size: Optional[int] = None, workers: Optional[int] = None, tta: Optional[TTA] = None) -> Evaluation:
+             batch_size: Optional[int] = None, workers: Optional[int] = None, tta: Optional[TTA] = None,
+             calibrated: bool = True) -> Evaluation:
     """Metrics of a run's best checkpoint (or any checkpoint file) on one split; with `tta`, the metrics with
     test-time augmentation (`metrics["tta"]` records its setting) and, in `plain_metrics`, without.
+
+    `calibrated`: logits divided by the checkpoint's temperature (calibration.py; T = 1 when it has none), so
+    the loss and the predictions CSV are of the calibrated probabilities; accuracy metrics are the same either
+    way. `metrics["temperature"]` records the T applied.
 
     Without `data` (or with the run's own data folder) the run's recorded split is used, so the numbers match
     report.json exactly. Another folder is read as it is: its split folder when it has split folders, all its
@@ -205,6 +213,9 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    temperature = temperature_of(ckpt) if calibrated else 1.0
+    if temperature != 1.0:
+        model = TemperatureScaled(model, temperature)
     loader = make_loader(samples, build_transforms(dc, train=False), batch_size or cfg.batch_size,
                          workers if workers is not None else cfg.workers, dev, ShardSampler(len(samples)))
     skips = SkipLog()
@@ -218,6 +229,7 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
         plain_m = {**classification_metrics(plain.logits, plain.targets, classes), "tta": None}
     m = classification_metrics(out.logits, out.targets, classes)
     m["tta"] = tta.to_dict() if tta is not None else None
+    m["temperature"] = temperature
     m["num_skipped_files"] = len(skips)
     m["skipped_files"] = [[p, r] for p, r in skips.entries.items()]
     return Evaluation(m, out, samples, classes, used, plain_m)

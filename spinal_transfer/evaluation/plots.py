@@ -1,4 +1,5 @@
-"""The run's figures: training curves, the normalized confusion matrix and the top-losses grid.
+"""The run's figures: training curves, the normalized confusion matrix, the top-losses grid and the reliability
+diagram.
 
 Everything is drawn on `matplotlib.figure.Figure` objects rendered by the Agg canvas directly,
 never through `pyplot`: no global backend is selected or switched (importing this module, or
@@ -25,6 +26,8 @@ from .interpret import Prediction
 if TYPE_CHECKING:       # matplotlib is imported inside the functions: the CLI imports this module
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from .calibration import Calibration, SplitCalibration
 
 PathLike = Union[str, Path]
 #: Above this many classes a confusion matrix is drawn without per-cell numbers (and the report
@@ -290,3 +293,46 @@ def top_losses_figure(predictions: Iterable["Prediction"], ncols: int = 4, size:
 def plot_top_losses(predictions: Iterable["Prediction"], path: PathLike, ncols: int = 4) -> Path:
     """Write the top-losses grid PNG (pass `interpret.top_losses(...)`'s result)."""
     return save_figure(top_losses_figure(predictions, ncols), path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration
+
+def _draw_reliability(ax: "Axes", name: str, split: "SplitCalibration") -> None:
+    """Accuracy against confidence per bin, before and after temperature scaling; the diagonal is perfect
+    calibration. Bars: the share of images in each bin (after)."""
+    from matplotlib.ticker import PercentFormatter
+
+    ax.plot([0, 1], [0, 1], ":", color=_BEST, lw=1, label="perfectly calibrated")
+    before, after = split.bins(after=False), split.bins(after=True)
+    mids = (after.edges[:-1] + after.edges[1:]) / 2
+    width = after.edges[1] - after.edges[0]
+    ax.bar(mids, after.counts / max(after.counts.sum(), 1), width=width * 0.9, color=_TEST, alpha=0.15,
+           label="images per bin (after)")
+    for bins, label, color in ((before, f"before (ECE {before.ece:.3f})", _VAL),
+                               (after, f"after, T = {split.temperature:.2f} (ECE {after.ece:.3f})", _TRAIN)):
+        used = bins.counts > 0
+        ax.plot(bins.confidence[used], bins.accuracy[used], "o-", color=color, ms=4, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{name}: {len(split.targets)} images, {len(after.counts)} bins")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+
+
+def calibration_figure(calibration: "Calibration") -> "Figure":
+    """The reliability diagram: one panel per split (val, where T was fitted, then test)."""
+    names = list(calibration.splits)
+    fig = _figure(5.2 * len(names), 4.8)
+    for ax, name in zip(np.atleast_1d(fig.subplots(1, len(names))), names):
+        _draw_reliability(ax, name, calibration.splits[name])
+    return fig
+
+
+def plot_calibration(calibration: "Calibration", path: PathLike) -> Path:
+    """Write plots/calibration.png (see `calibration_figure`)."""
+    return save_figure(calibration_figure(calibration), path)

@@ -7,7 +7,8 @@ request that might slip in later, so the page can never phone home or break when
 
 Contents: the settings that matter, the metrics, loss/accuracy/lr curves with the best epoch, the
 normalized confusion matrix (or, past MATRIX_NUMBERS_MAX_CLASSES classes, where a matrix is
-unreadable, only the most-confused-pairs table), per-class precision/recall/F1 worst first, the
+unreadable, only the most-confused-pairs table), calibration (temperature, ECE and NLL before and after, the
+reliability diagram), per-class precision/recall/F1 worst first, the
 augmented batch preview, the top losses (most confidently wrong images, each figure carrying
 `data-path`/`data-loss` so a test can check them against the CSV) and the skipped files.
 
@@ -198,6 +199,14 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
         out["test-time augmentation"] = json.dumps(tta) if not isinstance(tta, str) else tta
     if "num_skipped_files" in rep:
         out["skipped files"] = str(rep["num_skipped_files"])
+    cal = rep.get("calibration")
+    if isinstance(cal, Mapping):
+        out["probabilities"] = (f"softmax(logits / T), T = {cal['temperature']:.3f} fitted on val"
+                                if cal.get("temperature") else str(cal.get("note", "plain softmax")))
+    leak = rep.get("leakage")
+    if isinstance(leak, Mapping):
+        out["leakage"] = (f"{leak.get('test_in_train', 0)} test and {leak.get('val_in_train', 0)} val image(s) are "
+                          f"byte-identical copies of train images")
     return out
 
 
@@ -223,23 +232,26 @@ def write_report_html(run_dir: PathLike, out: Optional[PathLike] = None, split: 
         preds if preds is not None and preds.is_file() else None, classes, run_settings(cfg, report, sizes),
         run.read_metrics() or None, SkipLog(run.skipped).entries.items(), split=split,
         title=run.path.resolve().name, batch_preview=run.plot("batch.png"), best_epoch=report.get("best_epoch"),
-        other_metrics=others, top_n=top_n)
+        other_metrics=others, top_n=top_n, calibration=report.get("calibration"),
+        calibration_plot=run.plot("calibration.png"))
 
 
 def write_evaluation_html(out: PathLike, metrics: Mapping, predictions_csv: Optional[PathLike],
                           classes: Sequence[str], settings: Mapping[str, str], rows: Optional[Sequence[dict]] = None,
                           skipped: Iterable[tuple[str, str]] = (), *, split: str = "test", title: str = "",
                           batch_preview: Optional[PathLike] = None, best_epoch: Optional[int] = None,
-                          other_metrics: Optional[Mapping[str, Mapping]] = None, top_n: int = 16) -> Path:
+                          other_metrics: Optional[Mapping[str, Mapping]] = None, top_n: int = 16,
+                          calibration: Optional[Mapping] = None, calibration_plot: Optional[PathLike] = None) -> Path:
     """Write a report page from its pieces; the entry point for `evaluate RUN --split S --out DIR`.
 
     `metrics`: `classification_metrics(...)` of the split shown; `predictions_csv`: that split's
     per-image CSV (or None); `settings`: `run_settings(...)`; `rows`: metrics.jsonl rows for the
-    curves (None: no curves); `other_metrics`: e.g. {"val": ...} shown beside it.
+    curves (None: no curves); `other_metrics`: e.g. {"val": ...} shown beside it; `calibration`: report.json's
+    calibration entry, with its reliability diagram `calibration_plot` (None: no calibration section).
     """
     page = render_report_html(metrics, predictions_csv, classes, settings, rows, skipped, split=split, title=title,
                               batch_preview=batch_preview, best_epoch=best_epoch, other_metrics=other_metrics,
-                              top_n=top_n)
+                              top_n=top_n, calibration=calibration, calibration_plot=calibration_plot)
 
     atomic_write_text(out, page)
     return Path(out)
@@ -307,6 +319,32 @@ def _confusion_section(metrics: Mapping, classes: Sequence[str], preds: Optional
     parts.append(_pairs_table(pairs))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _calibration_section(calibration: Optional[Mapping], plot: Optional[PathLike]) -> str:
+    """Temperature, ECE and NLL before and after on val (where T was fitted) and test, and the reliability
+    diagram; or the note saying why the run is not calibrated."""
+    if not calibration:
+        return ""
+    head = '<section id="calibration"><h2>calibration</h2>'
+    if not calibration.get("temperature"):
+        return head + f'<p class="note">{_e(calibration.get("note", "not calibrated"))}</p></section>'
+    rows = "".join(
+        f'<tr><td>{_e(name)}</td>' + "".join(f'<td class="n">{d[k]:.4f}</td>' for k in
+                                            ("ece_before", "ece_after", "nll_before", "nll_after"))
+        + f'<td class="n">{d["num_samples"]}</td></tr>'
+        for name, d in calibration.items() if isinstance(d, Mapping))
+    table = ('<table id="calibration-table" style="max-width:760px"><tr><th>split</th><th class="n">ECE before</th>'
+             '<th class="n">ECE after</th><th class="n">NLL before</th><th class="n">NLL after</th>'
+             f'<th class="n">images</th></tr>{rows}</table>')
+    note = (f'<p class="note">probabilities are softmax(logits / T) with T = {calibration["temperature"]:.3f}, fitted '
+            f'on val to minimise its NLL; accuracy is unchanged. ECE: {calibration.get("num_bins", 15)} equal-width '
+            'confidence bins. The metrics above are of the plain softmax.</p>')
+    img = ""
+    if plot is not None and Path(plot).is_file():
+        img = (f'<img class="wide" id="calibration-img" style="max-width:900px" alt="reliability diagram before '
+               f'and after temperature scaling" src="{_png_uri(Path(plot).read_bytes())}">')
+    return head + table + note + img + "</section>"
 
 
 def _per_class_section(metrics: Mapping) -> str:
@@ -392,7 +430,8 @@ def render_report_html(metrics: Mapping, predictions_csv: Optional[PathLike], cl
                        settings: Mapping[str, str], rows: Optional[Sequence[dict]] = None,
                        skipped: Iterable[tuple[str, str]] = (), *, split: str = "test", title: str = "",
                        batch_preview: Optional[PathLike] = None, best_epoch: Optional[int] = None,
-                       other_metrics: Optional[Mapping[str, Mapping]] = None, top_n: int = 16) -> str:
+                       other_metrics: Optional[Mapping[str, Mapping]] = None, top_n: int = 16,
+                       calibration: Optional[Mapping] = None, calibration_plot: Optional[PathLike] = None) -> str:
     """The page as a string (see `write_evaluation_html` for the arguments)."""
     preds = read_predictions(predictions_csv, classes) if predictions_csv is not None else None
     title = title or "spinal-transfer report"
@@ -403,6 +442,7 @@ def render_report_html(metrics: Mapping, predictions_csv: Optional[PathLike], cl
         _settings_section(settings),
         _curves_section(rows, best_epoch) if rows else "",
         _confusion_section(metrics, classes, preds),
+        _calibration_section(calibration, calibration_plot),
         _per_class_section(metrics),
         _top_losses_section(preds, top_n, split),
         _batch_section(batch_preview),

@@ -66,6 +66,12 @@ class CheckpointSaver:
         atomic_save({"model": state_dict_cpu(model), "ema": None if ema is None else state_dict_cpu(ema.module),
                      "saver": self.state_dict(), **train_state, **self.meta}, self.run.last)
 
+    def record_temperature(self, temperature: float) -> None:
+        """Write the calibration temperature fitted on best.pt's weights into best.pt, so that every model made
+        from it (evaluate, predict, export) applies softmax(logits / T). A later best epoch writes a best.pt
+        without one until the run finishes again and refits it."""
+        atomic_save({**load_checkpoint(self.run.best), "temperature": float(temperature)}, self.run.best)
+
     def stage_start_weights(self) -> Optional[dict]:
         """The weights the next stage starts from (the finished stage's best), if saved."""
         return load_checkpoint(self.run.stage_best)["model"] if self.run.stage_best.is_file() else None

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from ..config import Stage, TrainConfig, resume_config
 from ..data.augment import Augmentation
+from ..data.leakage import describe as describe_leakage
+from ..data.leakage import leakage
 from ..data.loaders import (
     EpochSampler,
     ShardSampler,
@@ -34,13 +36,14 @@ from ..data.loaders import (
     train_drop_last,
 )
 from ..data.skiplog import SkipLog
-from ..data.splits import Splits, apply_protocol, load_recorded, record, scan
+from ..data.splits import SPLIT_NAMES, Splits, apply_protocol, load_recorded, record, scan
 from ..data.transforms import DataConfig, build_transforms
 from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
+from ..evaluation.calibration import NO_VAL_NOTE, calibrate
 from ..evaluation.evaluate import TTA, Outputs, autocast, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
 from ..evaluation.metrics import classification_metrics, summary
-from ..evaluation.plots import plot_confusion, plot_curves, plot_top_losses
+from ..evaluation.plots import plot_calibration, plot_confusion, plot_curves, plot_top_losses
 from ..evaluation.report_page import write_report_html
 from ..models.heads import head_options
 from ..models.preprocess import resolve_data_config
@@ -137,6 +140,7 @@ class Session:
     tracker: Tracker
     resume: Optional[dict] = None         # last.pt while it still has state to restore
     on_epoch: Optional[Callable[[dict], None]] = None
+    leakage: Optional[dict] = None        # held-out images that are copies of train images (None: not checked)
     _wrapped: dict = field(default_factory=dict)
 
     def forward_module(self, frozen: bool) -> nn.Module:
@@ -311,6 +315,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     if is_main() and not run.splits.is_file():
         run.write_json(run.splits, record(splits))
         run.write_json(run.classes, splits.classes)
+    leak = check_leakage(cfg, splits)
     for note in model.spinal_info.notes:
         log.info(note)
     if cfg.head == "spinal" and cfg.layer_width is None:      # the rule's width, written into config.yaml
@@ -345,7 +350,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
                 torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), skips, saver,
                 FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
                 EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta), Progress(),
-                control or StopControl([]), tracker, ckpt)
+                control or StopControl([]), tracker, ckpt, leakage=leak)
     if ckpt is not None:
         _restore(s, ckpt)
     _log_start(s, splits)
@@ -356,6 +361,17 @@ def selection_split(cfg: TrainConfig) -> str:
     """The split that picks the best epoch: the config's, or under the paper protocol the authors' (a recipe's
     paper_select_on: test means there is no val split at all, as in their scripts)."""
     return "test" if cfg.protocol == "paper" and cfg.paper_select_on == "test" else cfg.select_on
+
+
+def check_leakage(cfg: TrainConfig, splits: Splits) -> Optional[dict]:
+    """{test_in_train, val_in_train}: held-out images byte-identical to train images (data/leakage.py, on rank 0,
+    every rank takes the counts), with one warning line when there are any; None with --no-leak-check."""
+    if not cfg.leak_check:
+        return None
+    counts = broadcast_object(leakage({n: splits.get(n) for n in SPLIT_NAMES}) if is_main() else None)
+    if describe_leakage(counts) and is_main():
+        log.warning(describe_leakage(counts))
+    return counts
 
 
 def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
@@ -733,7 +749,7 @@ def finish(s: Session) -> dict:
     best = load_checkpoint(s.run.best)
     s.model.load_state_dict(best["model"])
     model = get_head(s.model) if s.cfg.cache_features else s.model
-    val_m = evaluate_split(s, "val", model)[0] if s.samples["val"] else None
+    val_m, val_out = evaluate_split(s, "val", model) if s.samples["val"] else (None, None)
     extra: dict = {}
     if s.cfg.tta:        # the test metrics with TTA; the plain ones kept beside them (one pass over the data)
         tta = TTA(flip=True, crops=s.cfg.tta_crops)
@@ -743,6 +759,12 @@ def finish(s: Session) -> dict:
         extra["test_without_tta"] = summary(classification_metrics(plain.logits, plain.targets, s.classes))
     else:
         test_m, test_out = evaluate_split(s, "test", model)
+        plain = test_out
+    calib = calibrate((val_out.logits, val_out.targets), {"test": (plain.logits, plain.targets)}) \
+        if val_out is not None and len(val_out) else None
+    extra["calibration"] = calib.to_dict() if calib else {"temperature": None, "note": NO_VAL_NOTE}
+    if s.leakage is not None:
+        extra["leakage"] = s.leakage
     if s.run.lr_find.is_file():
         extra["lr_find"] = {k: v for k, v in s.run.read_json(s.run.lr_find).items()
                             if k in ("suggestion", "rule", "stopped", "start_lr", "end_lr", "num_steps")}
@@ -753,6 +775,10 @@ def finish(s: Session) -> dict:
               "val": val_m, "test": test_m, **extra, "classes": s.classes, "num_skipped_files": len(s.skips),
               "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
     if is_main():
+        if calib is not None:      # the temperature goes with the weights it was fitted on (README, "calibration")
+            s.saver.record_temperature(calib.temperature)
+            plot_calibration(calib, s.run.plot("calibration.png"))
+            log.info(f"calibration: {calib.describe()}")
         write_outputs(s.run, report, s.samples["test"], test_out)
         s.tracker.log_summary(report)
         s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])

@@ -1,0 +1,157 @@
+"""Calibrated probabilities: temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+
+Fine-tuned networks are over-confident: among predictions made with probability 0.95, fewer than 95% are right.
+Temperature scaling divides every logit by one scalar T > 0 fitted on held-out data (the val split) to minimise
+its negative log-likelihood; T > 1 softens over-confident probabilities. The argmax, and so every accuracy
+metric, is unchanged. After it, a probability p means: among images predicted with about p, about a fraction
+p is right (on data like the val split).
+
+`calibrated_softmax` is the one probability function: `evaluate`, `predict`, `Predictor`, the ONNX/int8
+runners (and anything serving a model) compute softmax(logits / T) through it, with T from the checkpoint
+or bundle (`temperature_of`; 1 for one that has none). The expected calibration error (ECE) uses 15 equal-width
+confidence bins, as Guo et al.; the bins themselves (`reliability`) draw the reliability diagram.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_BINS = 15
+T_BOUNDS = (0.05, 20.0)     # beyond these the val split is degenerate (e.g. all correct: T -> 0), not informative
+
+
+def temperature_of(meta: Optional[Mapping]) -> float:
+    """The temperature a checkpoint or bundle config carries; 1 (no change) for one made before calibration, or
+    for a run without a val split."""
+    t = (meta or {}).get("temperature")
+    return float(t) if t else 1.0
+
+
+def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """softmax(logits / T) along dim 1, in `dtype`: the probabilities every consumer of a model reports."""
+    return torch.softmax(logits.to(dtype) / temperature, dim=1)
+
+
+class TemperatureScaled(nn.Module):
+    """`model` whose logits are divided by `temperature` (float32): every consumer of logits (metrics,
+    test-time augmentation's mean softmax, the predictions CSV) then reads calibrated probabilities."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float() / self.temperature
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the targets under softmax(logits / T)."""
+    return float(F.cross_entropy(logits.double() / temperature, targets.long()))
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The T in T_BOUNDS that minimises the NLL of `targets` under softmax(logits / T): L-BFGS on log T
+    (float64; log T keeps T positive, and the bounds are a clamp whose zero gradient stops the search)."""
+    z, y = logits.detach().double().cpu(), targets.detach().long().cpu()
+    lo, hi = (math.log(b) for b in T_BOUNDS)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.clamp(lo, hi).exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().clamp(lo, hi).exp())
+
+
+@dataclass
+class Reliability:
+    """Per equal-width confidence bin (lo, hi]: images, their accuracy and their mean confidence (top
+    probability); empty bins hold 0."""
+
+    edges: np.ndarray
+    counts: np.ndarray
+    accuracy: np.ndarray
+    confidence: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error: sum over bins of (share of images) x |accuracy - confidence|."""
+        n = self.counts.sum()
+        return float((self.counts / max(n, 1) * np.abs(self.accuracy - self.confidence)).sum())
+
+
+def reliability(probs: torch.Tensor, targets: torch.Tensor, bins: int = NUM_BINS) -> Reliability:
+    """The reliability bins of predicted probabilities `probs` (N, C) against `targets` (N,)."""
+    p = probs.detach().double().cpu().numpy()
+    y = targets.detach().cpu().numpy()
+    conf, correct = p.max(1), (p.argmax(1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)      # bin i holds (e_i, e_i+1]
+    counts = np.bincount(which, minlength=bins).astype(np.float64)
+    safe = np.maximum(counts, 1)
+    return Reliability(edges, counts, np.bincount(which, correct, bins) / safe, np.bincount(which, conf, bins) / safe)
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = NUM_BINS) -> float:
+    return reliability(probs, targets, bins).ece
+
+
+@dataclass
+class SplitCalibration:
+    """One split's logits and targets, before and after temperature T."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    temperature: float
+
+    def bins(self, after: bool) -> Reliability:
+        return reliability(calibrated_softmax(self.logits, self.temperature if after else 1.0), self.targets)
+
+    def to_dict(self) -> dict:
+        return {"ece_before": self.bins(False).ece, "ece_after": self.bins(True).ece,
+                "nll_before": nll(self.logits, self.targets), "nll_after": nll(self.logits, self.targets,
+                                                                              self.temperature),
+                "num_samples": len(self.targets)}
+
+
+@dataclass
+class Calibration:
+    """A fitted temperature and the splits it is measured on (val: where it was fitted; test: held out)."""
+
+    temperature: float
+    splits: dict[str, SplitCalibration]
+
+    def to_dict(self) -> dict:
+        """What report.json records under "calibration"."""
+        return {"temperature": self.temperature, "fitted_on": "val", "num_bins": NUM_BINS,
+                **{name: s.to_dict() for name, s in self.splits.items()}}
+
+    def describe(self) -> str:
+        parts = [f"{name} ECE {d['ece_before']:.4f} -> {d['ece_after']:.4f}, NLL {d['nll_before']:.4f} -> "
+                 f"{d['nll_after']:.4f}" for name, d in ((n, s.to_dict()) for n, s in self.splits.items())]
+        return f"temperature {self.temperature:.3f} (fitted on val): " + "; ".join(parts)
+
+
+def calibrate(val: tuple[torch.Tensor, torch.Tensor], others: Optional[Mapping[str, tuple]] = None) -> Calibration:
+    """Fit T on val's (logits, targets) and measure it there and on each of `others` ({name: (logits,
+    targets)}, e.g. test; empty splits are left out)."""
+    t = fit_temperature(*val)
+    splits = {"val": SplitCalibration(*val, t)}
+    splits.update({name: SplitCalibration(z, y, t) for name, (z, y) in (others or {}).items() if len(y)})
+    return Calibration(t, splits)
+
+
+NO_VAL_NOTE = ("not calibrated: the run has no val split, and fitting the temperature on test would make test "
+               "no longer held out; probabilities are the plain softmax (T = 1)")

@@ -1,0 +1,216 @@
+"""Calibrated probabilities: temperature scaling fitted on val, ECE, and the temperature carried by the checkpoint and
+the bundle into `evaluate`, `predict`, `Predictor` and the ONNX runner. The model is the `finished_run` fixture
+(timm test_resnet + spinal head, digits 0-2 at 32 px), whose training fitted its temperature at the end."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+
+from spinal_transfer.data.splits import list_images
+from spinal_transfer.evaluation.calibration import (
+    NUM_BINS,
+    T_BOUNDS,
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    from spinal_transfer.utils.runtime import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
+def _scipy_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The independent reference: a bounded 1-D search over log T of the NLL written with numpy."""
+    z, y = logits.double().numpy(), targets.numpy()
+
+    def loss(log_t: float) -> float:
+        s = z / math.exp(log_t)
+        s = s - s.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(s).sum(1)) - s[np.arange(len(y)), y]))
+
+    res = minimize_scalar(loss, bounds=tuple(math.log(b) for b in T_BOUNDS), method="bounded",
+                          options={"xatol": 1e-10})
+    return math.exp(res.x)
+
+
+def _overconfident(n: int = 600, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a model right about 70% of the time, multiplied by 5: far too sure of itself."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    z = torch.randn(n, classes, generator=g)
+    z[torch.arange(n), y] += 1.2
+    return 5 * z, y
+
+
+def test_temperature_matches_scipy_and_lowers_nll_on_an_overconfident_model():
+    z, y = _overconfident()
+    t = fit_temperature(z, y)
+    assert t == pytest.approx(_scipy_temperature(z, y), abs=1e-3)
+    assert t > 2                                        # it undoes most of the x5
+    assert nll(z, y, t) < nll(z, y) - 0.5
+    cal = calibrate((z[:400], y[:400]), {"test": (z[400:], y[400:])}).to_dict()
+    for split in ("val", "test"):                       # held-out test improves too: same model, same distribution
+        d = cal[split]
+        assert d["nll_after"] < d["nll_before"] and d["ece_after"] < d["ece_before"]
+    assert cal["val"]["num_samples"] == 400 and cal["test"]["num_samples"] == 200
+
+
+def test_trained_model_made_overconfident_is_calibrated_back(finished_run):
+    """The real model's val logits x5: the fitted T is the scipy optimum and about 5 times the run's own."""
+    from spinal_transfer.evaluation.evaluate import evaluate
+
+    out = evaluate(finished_run, split="val", device="cpu", workers=0, calibrated=False).outputs
+    z, y = 5 * out.logits, out.targets
+    t = fit_temperature(z, y)
+    assert t == pytest.approx(_scipy_temperature(z, y), abs=1e-3)
+    assert nll(z, y, t) < nll(z, y)
+    own = json.loads((finished_run / "report.json").read_text())["calibration"]["temperature"]
+    assert t == pytest.approx(5 * own, rel=1e-3)
+
+
+def test_ece_equals_a_hand_computation():
+    g = np.random.default_rng(3)
+    probs = torch.from_numpy(g.dirichlet([0.6] * 5, size=300))
+    y = torch.from_numpy(g.integers(0, 5, 300))
+    conf, pred = probs.max(1).values.numpy(), probs.argmax(1).numpy()
+    total = 0.0
+    for b in range(NUM_BINS):
+        lo, hi = b / NUM_BINS, (b + 1) / NUM_BINS
+        members = [i for i in range(300) if lo < conf[i] <= hi]
+        if members:
+            acc = sum(pred[i] == y[i].item() for i in members) / len(members)
+            mean_conf = sum(conf[i] for i in members) / len(members)
+            total += len(members) / 300 * abs(acc - mean_conf)
+    assert expected_calibration_error(probs, y) == pytest.approx(total, abs=1e-12)
+
+
+def test_run_records_calibration_and_carries_the_temperature(finished_run):
+    from spinal_transfer.evaluation.evaluate import evaluate
+    from spinal_transfer.runs.checkpoint import load_checkpoint
+
+    report = json.loads((finished_run / "report.json").read_text())
+    cal = report["calibration"]
+    t = cal["temperature"]
+    assert T_BOUNDS[0] < t < T_BOUNDS[1] and t != 1.0
+    assert load_checkpoint(finished_run / "checkpoints" / "best.pt")["temperature"] == t
+    assert (finished_run / "plots" / "calibration.png").stat().st_size > 0
+    assert 'id="calibration-table"' in (finished_run / "report.html").read_text()
+    # evaluate applies T: its loss is the calibrated NLL of report.json; --no-calibration's is the plain loss
+    ev = evaluate(finished_run, split="test", device="cpu", workers=0)
+    plain = evaluate(finished_run, split="test", device="cpu", workers=0, calibrated=False)
+    assert ev.metrics["temperature"] == t and plain.metrics["temperature"] == 1.0
+    assert ev.metrics["loss"] == pytest.approx(cal["test"]["nll_after"], rel=1e-5)
+    assert plain.metrics["loss"] == pytest.approx(report["test"]["loss"], rel=1e-5)
+    assert ev.metrics["loss"] == pytest.approx(nll(plain.outputs.logits, plain.outputs.targets, t), rel=1e-5)
+    assert ev.metrics["top1"] == plain.metrics["top1"] == report["test"]["top1"]
+
+
+def test_evaluate_command_switches_calibration_off(finished_run, tmp_path, cli_run):
+    report = json.loads((finished_run / "report.json").read_text())
+    for flags, t, loss, words in ((["--no-calibration"], 1.0, report["test"]["loss"], "plain softmax (T = 1)"),
+                                  ([], report["calibration"]["temperature"], report["calibration"]["test"]["nll_after"],
+                                   "softmax(logits / T), T = ")):
+        out = tmp_path / f"ev{len(flags)}"
+        r = cli_run("evaluate", finished_run, "--device", "cpu", "--workers", "0", "--out", out, *flags)
+        assert r.returncode == 0, r.stderr
+        shown = json.loads(r.stdout)
+        assert shown["temperature"] == t and shown["loss"] == pytest.approx(loss, rel=1e-5)
+        assert json.loads((out / "metrics_test.json").read_text())["temperature"] == t
+        assert words in (out / "report.html").read_text()
+
+
+def test_the_run_without_val_is_not_calibrated(tmp_path, three_digits):
+    """No val split: nothing to fit T on without touching test; the note says so and best.pt has no T."""
+    import shutil
+
+    from conftest import tiny_cfg
+
+    from spinal_transfer.runs.checkpoint import load_checkpoint
+    from spinal_transfer.training.train import run
+
+    data = tmp_path / "d"
+    for folder in sorted(three_digits.glob("[!v]*/*")):          # train and test, 8 images per class
+        (data / folder.relative_to(three_digits)).mkdir(parents=True)
+        for f in sorted(folder.glob("*.png"))[:8]:
+            shutil.copy(f, data / f.relative_to(three_digits))
+    report = run(tiny_cfg(data, tmp_path / "r", epochs=1, limit_train_batches=1, select_on="test", val_fraction=0))
+    assert report["calibration"]["temperature"] is None and "no val split" in report["calibration"]["note"]
+    assert "temperature" not in load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def bundle(finished_run, tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from spinal_transfer.cli import main
+
+    out = tmp_path_factory.mktemp("calib") / "bundle"
+    assert main(["export", str(finished_run), "--out", str(out), "--format", "onnx"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(three_digits) -> list[str]:
+    return list_images([three_digits / "test"])[::4]
+
+
+def test_bundle_predictions_are_softmax_of_logits_over_t(bundle, finished_run, images):
+    from spinal_transfer.deploy.export import eval_transform, load, read_config
+    from spinal_transfer.deploy.predict import predict, preprocess_input
+    from spinal_transfer.deploy.predictor import Predictor
+
+    config = read_config(bundle)
+    t = config["temperature"]
+    assert t == json.loads((finished_run / "report.json").read_text())["calibration"]["temperature"]
+    model = load(bundle)
+    x = torch.stack([preprocess_input(p, eval_transform(config)) for p in images])
+    with torch.no_grad():
+        logits = model(x).double()
+    by_hand = torch.exp(logits / t - torch.logsumexp(logits / t, dim=1, keepdim=True))
+    plain = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True))
+    assert not torch.allclose(by_hand, plain, atol=1e-3)          # T changes the probabilities...
+    assert torch.equal(by_hand.argmax(1), plain.argmax(1))        # ... never the class
+    p = Predictor(bundle, device="cpu", runner="torch")
+    assert p.temperature == t
+    assert torch.allclose(p.probabilities(images), by_hand, atol=1e-6)
+    assert torch.allclose(Predictor(bundle, device="cpu", runner="torch", calibrated=False).probabilities(images),
+                          plain, atol=1e-6)
+    onnx = predict(bundle, images, workers=0, device="cpu", runner="onnx")
+    assert onnx.temperature == t and onnx.paths == images
+    assert torch.allclose(onnx.probs, by_hand, atol=1e-4)
+
+
+def test_min_confidence_counts_match_the_rows_written(bundle, images, tmp_path, cli_run):
+    from spinal_transfer.deploy.predictor import Predictor
+
+    top = Predictor(bundle, device="cpu", runner="torch").probabilities(images).max(1).values
+    p = float(top.median())
+    expected = int((top < p).sum())
+    assert 0 < expected < len(images)
+    out = tmp_path / "preds.csv"
+    r = cli_run("predict", bundle, *images, "--runner", "torch", "--device", "cpu", "--workers", "0", "--out", out,
+                "--min-confidence", p, "--topk", "2")
+    assert r.returncode == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(images)
+    uncertain = [row for row in rows if row["prediction"] == "uncertain"]
+    assert len(uncertain) == expected
+    assert all(float(row["prob_1"]) < p for row in uncertain)
+    assert all(row["prediction"] == row["label_1"] for row in rows if row["prediction"] != "uncertain")
+    said = re.search(r"(\d+) of (\d+) image\(s\) uncertain", r.stderr)
+    assert said and (int(said[1]), int(said[2])) == (expected, len(images))
+    assert cli_run("predict", bundle, images[0], "--min-confidence", "1.5", "--out", out).returncode != 0
