@@ -33,6 +33,8 @@ COMMANDS = {
     "export": ("export", "write a trained model as a bundle (safetensors + config.json + model card), optionally "
                          "also as torch.export, TorchScript and ONNX"),
     "predict": ("predict", "top-k classes of images with a bundle, its ONNX file, a run or a checkpoint"),
+    "serve": ("serve", "serve a bundle or run over HTTP: POST /predict with dynamic batching, /healthz, /metadata, "
+                       "/metrics and a page to try it"),
 }
 
 

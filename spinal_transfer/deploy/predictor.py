@@ -31,7 +31,7 @@ PathLike = Union[str, os.PathLike]
 def _is_single(images: Any) -> bool:
     from PIL import Image
 
-    return isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray))
 
 
 class Predictor:
@@ -65,7 +65,14 @@ class Predictor:
         try:
             return preprocess_input(item, self.transform)
         except BadImage as e:
-            raise DataError(f"{item}: {e}") from None
+            what = "image bytes" if isinstance(item, (bytes, bytearray, memoryview)) else item
+            raise DataError(f"{what}: {e}") from None
+
+    def batch_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(len(x), len(classes)) softmax, float64, of a batch of preprocessed inputs (predict.preprocess_input):
+        the one place a Predictor turns model outputs into probabilities, TTA included, as `predict` does;
+        `serve` runs its dynamic batches through here too, so both answer alike."""
+        return tta_probs(self._run, x, self.tta, torch.float64)
 
     def probabilities(self, images: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """(len(images), len(classes)) softmax, float64, in input order; one image may be given alone."""
@@ -73,7 +80,7 @@ class Predictor:
         out = []
         for i in range(0, len(items), self.batch_size):
             x = torch.stack([self._tensor(item) for item in items[i:i + self.batch_size]])
-            out.append(tta_probs(self._run, x, self.tta, torch.float64))
+            out.append(self.batch_probabilities(x))
         return torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK) -> list[list[tuple[str, float]]]:
