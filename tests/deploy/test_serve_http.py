@@ -399,3 +399,23 @@ def test_a_bad_model_is_one_line_before_listening(bundle, tmp_path, cli_run):
     shutil.copy(bundle / "config.json", tmp_path / "config.json")          # a bundle without its weights
     res = cli_run("serve", tmp_path, "--runner", "torch", "--port", str(free_port()))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "model.safetensors" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_workers_share_one_port_and_add_up_their_metrics(bundle, images, tmp_path):
+    server = Server(bundle, tmp_path / "serve.log", "--workers", "2", "--runner", "onnx")
+    try:
+        server.wait_ready(300)
+        deadline = time.monotonic() + 300                 # ready = one worker; wait for the second too
+        while server.output().count("Application startup complete") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        concurrently(*[lambda p=p: server.post(**png(p)) for p in images[:8]])
+        got = samples(server)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(120) == 0
+    finally:
+        server.stop()
+    assert server.sent == {200: 8}
+    assert got[("spinal_serve_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 8     # both workers
+    per_worker = [int(n) for n in re.findall(r"stopped after answering (\d+) /predict", server.output())]
+    assert len(per_worker) == 2 and sum(per_worker) == 8, server.output()
