@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..deploy.predict import RUNNERS, TOPK
-from ..errors import MissingDependency
+from ..errors import ConfigError, MissingDependency
 from . import positive_int
 
 HOST, PORT = "127.0.0.1", 8000
@@ -49,8 +49,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-
     if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
         raise ConfigError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
     try:

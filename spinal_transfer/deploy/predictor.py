@@ -3,7 +3,7 @@
     from spinal_transfer import Predictor
 
     p = Predictor("bundles/pets")                  # a bundle folder, a run folder or a bundle's .onnx file
-    p.predict(["cat.jpg", pil_image, rgb_array])   # per image: [(class, probability), ...] most probable first
+    p.predict(["cat.jpg", pil_image, rgb_array, jpeg_bytes])   # per image: [(class, probability), ...]
 
 It opens the model once (predict.open_model: the same runners, `auto` included) and preprocesses every
 input with predict.preprocess_input, the one function `spinal-transfer predict` uses too: for the same
@@ -84,8 +84,8 @@ class Predictor:
         return torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK) -> list[list[tuple[str, float]]]:
-        """Per image (paths, PIL images or HxWx3 uint8 RGB arrays; one may be given alone), its `topk` most
-        probable (class, probability), most probable first. An unreadable file raises DataError."""
+        """Per image (paths, bytes of image files, PIL images or HxWx3 uint8 RGB arrays; one may be given alone),
+        its `topk` most probable (class, probability), most probable first. An unreadable file raises DataError."""
         if topk < 1:
             raise ConfigError(f"{option_name('topk')}must be >= 1, got {topk}", key="topk")
         return top_classes(self.probabilities(images), self.classes, topk)

@@ -4,7 +4,8 @@ A Starlette app run by uvicorn. Each worker process opens the model once, as a `
 runners, `auto` included), and answers:
 
 * `POST /predict`: one or more images, as multipart files or as the raw bytes of one image with an image
-  content type; JSON with the top-k classes and probabilities of each. Every image is decoded and
+  content type (named by `?name=` in the answer); JSON with the top-k classes and probabilities of each
+  (`?topk=` or --topk). Every image is decoded and
   preprocessed by predict.preprocess_input (in a thread, so the event loop keeps accepting) and its
   probabilities come from Predictor.batch_probabilities: the same answers as `spinal-transfer predict`.
 * `GET /healthz`: 200 once the model is loaded, its files hashed and a check batch has given a softmax over
