@@ -33,6 +33,8 @@ BENCHES = {   # short name: (script, what it measures)
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
     "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "
                                     "and int8) and their top-1, CNN and ViT"),
+    "serve": ("bench_serve.py", "`spinal-transfer serve` answers/s and p50/p99 latency for 1, 8, 32 clients, dynamic "
+                                "batching vs --max-batch 1, PyTorch fp32 vs int8 ONNX"),
 }
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 

@@ -44,7 +44,7 @@ def spinal_commands() -> list[list[str]]:
 def test_readme_has_the_commands_it_should():
     names = {c[0] for c in spinal_commands()}
     assert {"prepare", "train", "show-batch", "lr-find", "evaluate", "compare", "tune", "export", "predict",
-            "reproduce", "describe"} <= names, names
+            "reproduce", "describe", "serve"} <= names, names
 
 
 @pytest.mark.parametrize("argv", spinal_commands(), ids=lambda a: " ".join(a)[:80])

@@ -35,6 +35,8 @@ COMMANDS = {
     "predict": ("predict", "top-k classes of images with a bundle, its ONNX file, a run or a checkpoint"),
     "convert-weights": ("convert_weights", "another implementation's state dict of the same architecture as a file "
                                            "--weights loads (tensors paired by order and shape)"),
+    "serve": ("serve", "serve a bundle or run over HTTP: POST /predict with dynamic batching, /healthz, /metadata, "
+                       "/metrics and a page to try it"),
 }
 
 

@@ -86,6 +86,12 @@ def load_image(path: PathLike, min_size: Optional[int] = None) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError as e:
         raise BadImage(f"cannot read file: {e}") from None
+    return decode_image(data, min_size)
+
+
+def decode_image(data: bytes, min_size: Optional[int] = None) -> np.ndarray:
+    """HxWx3 uint8 RGB of an encoded image held in memory (an upload to `serve`), or BadImage saying why
+    not: decoded exactly as load_image decodes the same bytes from a file, so both give the same pixels."""
     im = _open(io.BytesIO(data))
     fast = (im.mode in ("RGB", "L") and "transparency" not in im.info
             and (im.format == "PNG" or (im.format == "JPEG" and data.endswith(b"\xff\xd9"))))

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import CONFIG_FIELDS
-from ..data.images import BadImage, _pil_to_rgb, load_image
+from ..data.images import BadImage, _pil_to_rgb, decode_image, load_image
 from ..data.loaders import BadSample, ImageDataset, make_loader
 from ..data.skiplog import SkipLog
 from ..data.splits import list_images
@@ -58,7 +58,7 @@ from .export import (
 )
 
 PathLike = Union[str, os.PathLike]
-ImageInput = Any           # a path, a PIL image or an HxWx3 uint8 RGB array
+ImageInput = Any           # a path, the bytes of an image file, a PIL image or an HxWx3 uint8 RGB array
 TOPK = 5
 RUNNERS = ("auto", "torch", "onnx", "onnx-int8")
 UNCERTAIN = "uncertain"     # the prediction of an image whose top probability is below --min-confidence
@@ -97,11 +97,14 @@ def top_classes(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[lis
 # --- decoding and preprocessing: the one path every input takes -----------------------------------
 
 def decode_input(item: ImageInput, min_size: Optional[int] = None) -> np.ndarray:
-    """HxWx3 uint8 RGB of a file path (images.load_image, as training decodes), a PIL image (its EXIF
+    """HxWx3 uint8 RGB of a file path (images.load_image, as training decodes), the bytes of an image file
+    (images.decode_image: the same pixels as that file from its path), a PIL image (its EXIF
     orientation, alpha on white, as a file of it would be) or an HxWx3 uint8 RGB array (used as is).
     BadImage when a file cannot be decoded; DataError for anything else."""
     if isinstance(item, (str, os.PathLike)):
         return load_image(item, min_size)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(item), min_size)
     from PIL import Image
 
     if isinstance(item, Image.Image):
@@ -110,8 +113,8 @@ def decode_input(item: ImageInput, min_size: Optional[int] = None) -> np.ndarray
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise DataError(f"an image array must be HxWx3 uint8 RGB; got shape {item.shape}, dtype {item.dtype}")
         return np.ascontiguousarray(item)
-    raise DataError(f"cannot read an image from a {type(item).__name__}: give a path, a PIL image or an HxWx3 "
-                    f"uint8 array")
+    raise DataError(f"cannot read an image from a {type(item).__name__}: give a path, the bytes of an image file, "
+                    f"a PIL image or an HxWx3 uint8 array")
 
 
 def preprocess_input(item: ImageInput, transform: Any) -> torch.Tensor:

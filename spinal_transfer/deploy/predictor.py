@@ -3,7 +3,7 @@
     from spinal_transfer import Predictor
 
     p = Predictor("bundles/pets")                  # a bundle folder, a run folder or a bundle's .onnx file
-    p.predict(["cat.jpg", pil_image, rgb_array])   # per image: [(class, probability), ...] most probable first
+    p.predict(["cat.jpg", pil_image, rgb_array, jpeg_bytes])   # per image: [(class, probability), ...]
 
 It opens the model once (predict.open_model: the same runners, `auto` included) and preprocesses every
 input with predict.preprocess_input, the one function `spinal-transfer predict` uses too: for the same
@@ -32,7 +32,7 @@ PathLike = Union[str, os.PathLike]
 def _is_single(images: Any) -> bool:
     from PIL import Image
 
-    return isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray))
 
 
 class Predictor:
@@ -68,7 +68,14 @@ class Predictor:
         try:
             return preprocess_input(item, self.transform)
         except BadImage as e:
-            raise DataError(f"{item}: {e}") from None
+            what = "image bytes" if isinstance(item, (bytes, bytearray, memoryview)) else item
+            raise DataError(f"{what}: {e}") from None
+
+    def batch_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(len(x), len(classes)) softmax(logits / temperature), float64, of a batch of preprocessed inputs (predict.preprocess_input):
+        the one place a Predictor turns model outputs into probabilities, TTA included, as `predict` does;
+        `serve` runs its dynamic batches through here too, so both answer alike."""
+        return tta_probs(self._run, x, self.tta, torch.float64, self.temperature)
 
     def probabilities(self, images: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """(len(images), len(classes)) softmax(logits / temperature), float64, in input order; one image may be
@@ -77,12 +84,12 @@ class Predictor:
         out = []
         for i in range(0, len(items), self.batch_size):
             x = torch.stack([self._tensor(item) for item in items[i:i + self.batch_size]])
-            out.append(tta_probs(self._run, x, self.tta, torch.float64, self.temperature))
+            out.append(self.batch_probabilities(x))
         return torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK) -> list[list[tuple[str, float]]]:
-        """Per image (paths, PIL images or HxWx3 uint8 RGB arrays; one may be given alone), its `topk` most
-        probable (class, probability), most probable first. An unreadable file raises DataError."""
+        """Per image (paths, bytes of image files, PIL images or HxWx3 uint8 RGB arrays; one may be given alone),
+        its `topk` most probable (class, probability), most probable first. An unreadable file raises DataError."""
         if topk < 1:
             raise ConfigError(f"{option_name('topk')}must be >= 1, got {topk}", key="topk")
         return top_classes(self.probabilities(images), self.classes, topk)

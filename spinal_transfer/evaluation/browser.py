@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 PathLike = Union[str, Path]
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -150,8 +150,13 @@ _IMAGES_JS = """Promise.all(Array.from(document.images).map(i => (i.decode ? i.d
 
 def render(page: PathLike, *, width: int = 1280, height: int = 900, full_page: bool = True,
            max_height: Optional[int] = None, evaluate: Optional[Mapping[str, str]] = None,
+           files: Optional[Mapping[str, Sequence[PathLike]]] = None,
            chromium: Optional[str] = None, timeout: float = 60.0) -> PageLoad:
-    """Open `page` (a local file) in headless Chromium and report what happened (see PageLoad).
+    """Open `page` (a local file, or an http(s) URL such as `serve`'s page) in headless Chromium and report
+    what happened (see PageLoad).
+
+    `files`: {CSS selector of an <input type=file>: paths}, chosen in that input once the page has loaded, as
+    a user would (the input's change event fires), before `evaluate` runs.
 
     `evaluate`: {name: JavaScript expression}; each result (JSON-able, promises awaited) lands in
     `PageLoad.values[name]`. The screenshot covers the whole page (`full_page`), cut at
@@ -160,7 +165,7 @@ def render(page: PathLike, *, width: int = 1280, height: int = 900, full_page: b
     exe = chromium or find_chromium()
     if not exe:
         raise BrowserError("no Chromium found: install it (Debian: apt-get install chromium) or set $CHROMIUM")
-    url = Path(page).resolve().as_uri()
+    url = str(page) if str(page).startswith(("http://", "https://")) else Path(page).resolve().as_uri()
     profile = tempfile.mkdtemp(prefix="spinal-chromium-")
     to_chrome_r, to_chrome_w = (_high_fd(f) for f in os.pipe())
     from_chrome_r, from_chrome_w = (_high_fd(f) for f in os.pipe())
@@ -203,6 +208,13 @@ def render(page: PathLike, *, width: int = 1280, height: int = 900, full_page: b
         images = cdp.call("Runtime.evaluate", {"expression": _IMAGES_JS, "awaitPromise": True,
                                                "returnByValue": True}, session=s, timeout=timeout)
         result.images = images.get("result", {}).get("value", [])
+        for selector, paths in (files or {}).items():
+            root = cdp.call("DOM.getDocument", session=s)["root"]["nodeId"]
+            node = cdp.call("DOM.querySelector", {"nodeId": root, "selector": selector}, session=s)["nodeId"]
+            if not node:
+                raise BrowserError(f"no element of {url} matches {selector!r}")
+            cdp.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(Path(f).resolve()) for f in paths]},
+                     session=s)
         for name, expr in (evaluate or {}).items():
             ans = cdp.call("Runtime.evaluate", {"expression": expr, "awaitPromise": True, "returnByValue": True},
                            session=s, timeout=timeout)

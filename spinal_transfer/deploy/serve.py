@@ -1,0 +1,443 @@
+"""`spinal-transfer serve`: a bundle (or a run) behind HTTP, with dynamic batching, health, metadata and metrics.
+
+A Starlette app run by uvicorn. Each worker process opens the model once, as a `Predictor` (predict's
+runners, `auto` included), and answers:
+
+* `POST /predict`: one or more images, as multipart files or as the raw bytes of one image with an image
+  content type (named by `?name=` in the answer); JSON with the top-k classes and probabilities of each
+  (`?topk=` or --topk). Every image is decoded and
+  preprocessed by predict.preprocess_input (in a thread, so the event loop keeps accepting) and its
+  probabilities come from Predictor.batch_probabilities: the same answers as `spinal-transfer predict`.
+* `GET /healthz`: 200 once the model is loaded, its files hashed and a check batch has given a softmax over
+  the bundle's classes (and while the batching task runs), else 503.
+* `GET /metadata`: classes, input size, runner, the bundle's digest (sha256 over its files).
+* `GET /metrics`: Prometheus text: requests by endpoint and status, latency and batch-size histograms,
+  errors by reason. With several workers, prometheus_client's multiprocess mode adds them all up.
+* `GET /`: a self-contained page (no outside request) to drop an image on and see the top-k bars.
+
+Dynamic batching: preprocessed images wait on an asyncio queue; one task takes the first, then whatever
+else arrives within `max_wait_ms`, up to `max_batch`, and runs them as one batch in a single model thread.
+A bad upload (not an image, a decompression bomb by PIL's MAX_IMAGE_PIXELS, larger than `max_upload_mb`)
+is answered with a 4xx JSON error before it reaches the queue, so it cannot fail anyone else's batch.
+On SIGTERM uvicorn stops accepting, waits for the requests in flight (their batches still run), then the
+batching task finishes whatever is queued and the process exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
+
+import numpy as np
+import torch
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..data.images import BadImage
+from ..errors import CheckpointError
+from ..runs.rundir import RunDir
+from .export import CONFIG_FILE
+from .predict import preprocess_input, top_classes
+from .predictor import Predictor
+
+MAX_FILES = 64                     # images in one multipart request
+ENDPOINTS = ("/", "/predict", "/healthz", "/metadata", "/metrics")
+SETTINGS_ENV = "SPINAL_TRANSFER_SERVE"       # the settings, as JSON, for worker processes (--workers > 1)
+PAGE = Path(__file__).with_name("serve_page.html")
+log = logging.getLogger("uvicorn.error")     # configured by uvicorn: its lines and ours in one stream
+
+
+@dataclass
+class ServeSettings:
+    """What one worker needs to open the model and answer requests (JSON-able: it travels to workers). The
+    defaults are the command line's (cli/serve.py)."""
+
+    source: str
+    runner: str
+    device: str
+    max_batch: int
+    max_wait_ms: float
+    max_upload_mb: float
+    topk: int
+
+
+class RequestError(Exception):
+    """A request that cannot be answered with predictions: its HTTP status, a metrics reason and a message."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+def bundle_files(source: str | os.PathLike) -> list[Path]:
+    """The files a source is made of: a bundle folder's files (the folder of a bundle's .onnx file too), a run's
+    best checkpoint, or a checkpoint file."""
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent
+    if (folder / CONFIG_FILE).is_file():
+        return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+    return [RunDir(path).best if path.is_dir() else path]
+
+
+def digest_of(files: list[Path]) -> str:
+    """sha256 over each file's name and sha256, in name order: changes when any file of the bundle does."""
+    outer = hashlib.sha256()
+    for f in files:
+        inner = hashlib.sha256()
+        with open(f, "rb") as fp:
+            for chunk in iter(lambda: fp.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(f"{f.name}\0{inner.hexdigest()}\n".encode())
+    return "sha256:" + outer.hexdigest()
+
+
+def check_model(predictor: Predictor) -> None:
+    """Run one blank image through the serving path; CheckpointError unless the answer is a softmax over the
+    bundle's classes (a model file that loads but does not compute is caught before the server is ready)."""
+    size = predictor.config["input"]["img_size"]
+    x = preprocess_input(np.zeros((size, size, 3), np.uint8), predictor.transform)[None]
+    probs = predictor.batch_probabilities(x)
+    ok = probs.shape == (1, len(predictor.classes)) and bool(torch.isfinite(probs).all()) \
+        and math.isclose(float(probs.sum()), 1.0, abs_tol=1e-4)
+    if not ok:
+        raise CheckpointError(f"{predictor.source}: a check batch gave {tuple(probs.shape)} outputs "
+                              f"(sum {float(probs.sum()):.4g}), not a softmax over {len(predictor.classes)} classes")
+
+
+class Model:
+    """One worker's model: the Predictor, what /metadata says about it, and its check (see check_model)."""
+
+    def __init__(self, settings: ServeSettings):
+        self.predictor = Predictor(settings.source, device=settings.device, runner=settings.runner)
+        files = bundle_files(settings.source)
+        check_model(self.predictor)
+        config = self.predictor.config
+        self.metadata = {
+            "classes": self.predictor.classes, "input_size": config["input"]["img_size"],
+            "input": config["input"], "backbone": config["backbone"], "head": config["head"]["kind"],
+            "runner": self.predictor.runner, "device": str(self.predictor.device), "source": str(settings.source),
+            "digest": digest_of(files), "digest_files": [f.name for f in files],
+            "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
+            "max_upload_mb": settings.max_upload_mb, "topk": settings.topk, "version": __version__,
+        }
+
+
+# --- dynamic batching -----------------------------------------------------------------------------
+
+class Batcher:
+    """Collects single preprocessed images into batches: the first waiting image opens a batch, which takes
+    whatever else arrives within `max_wait_s`, up to `max_batch` images, then runs `run` on them in one model
+    thread (so requests keep being accepted and decoded meanwhile). `close` runs what is still queued."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], max_batch: int, max_wait_s: float,
+                 on_batch: Callable[[int], None]):
+        self.run, self.max_batch, self.max_wait_s, self.on_batch = run, max_batch, max_wait_s, on_batch
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="spinal-serve-model")
+        self.task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop(), name="spinal-serve-batcher")
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def submit(self, x: torch.Tensor) -> torch.Tensor:
+        """The probabilities of one preprocessed image (CHW), once its batch has run."""
+        done = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((x, done))
+        return await done
+
+    async def close(self) -> None:
+        """Run every image queued so far, then stop (the None marks the end of the queue)."""
+        if self.running:
+            self.queue.put_nowait(None)
+            await self.task
+        self.model_thread.shutdown(wait=True)
+
+    async def _collect(self) -> tuple[list, bool]:
+        """(the next batch, whether the end marker was reached)."""
+        first = await self.queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    async def _loop(self) -> None:
+        end = False
+        while not end:
+            batch, end = await self._collect()
+            if batch:
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list) -> None:
+        self.on_batch(len(batch))
+        x = torch.stack([x for x, _ in batch])
+        try:
+            probs = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.run, x)
+        except Exception as e:        # the model failed: every request of this batch gets a 500, the server goes on
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(e)
+            return
+        for i, (_, done) in enumerate(batch):
+            if not done.done():      # its client may have gone
+                done.set_result(probs[i])
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+class Metrics:
+    """The Prometheus metrics of one worker. Under --workers > 1 (PROMETHEUS_MULTIPROC_DIR set before the
+    workers start) their values are written to files that /metrics of any worker adds up."""
+
+    def __init__(self, max_batch: int):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("spinal_serve_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("spinal_serve_request_seconds", "time from request to response, by endpoint",
+                                 ["endpoint"], registry=self.registry)
+        buckets = sorted({2 ** i for i in range(int(math.log2(max_batch)) + 1)} | {max_batch})
+        self.batch_size = Histogram("spinal_serve_batch_size", "images per model call (dynamic batching)",
+                                    buckets=buckets, registry=self.registry)
+        self.errors = Counter("spinal_serve_errors", "requests answered with an error, by reason",
+                              ["reason"], registry=self.registry)
+        self.exposed = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)
+
+    def text(self) -> bytes:
+        return generate_latest(self.exposed)
+
+
+def metrics_middleware(app: Callable, metrics: Metrics) -> Callable:
+    """ASGI middleware: counts every HTTP request by endpoint (paths other than ENDPOINTS count as "other")
+    and status, and times it."""
+
+    async def wrapped(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        status = [500]
+        start = time.perf_counter()
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            metrics.requests.labels(endpoint, str(status[0])).inc()
+    return wrapped
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed `limit` bytes (Content-Length, else while
+    it streams in)."""
+    too_large = RequestError(413, "too_large", f"the upload is larger than the server's limit of {limit} bytes "
+                                               f"(--max-upload-mb)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def read_images(request: Request, limit: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each image of a request: every file of a multipart form, or the whole body when its
+    content type is an image (or application/octet-stream)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data" and not kind.startswith("image/") and kind != "application/octet-stream":
+        raise RequestError(415, "unsupported_media_type",
+                           f"send images as multipart/form-data files or as a body with an image content type "
+                           f"(image/jpeg, image/png, ...); got {kind or 'no content type'}")
+    body = await read_body(request, limit)
+    if kind != "multipart/form-data":
+        return [(request.query_params.get("name", "body"), body)]
+    try:
+        form = await MultiPartParser(request.headers, _once(body), max_files=MAX_FILES).parse()
+    except MultiPartException as e:
+        raise RequestError(400, "bad_request", f"malformed multipart form: {e.message}") from None
+    files = []
+    for _, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.append((value.filename or "file", await value.read()))
+            await value.close()
+    if not files:
+        raise RequestError(400, "bad_request", "the multipart form holds no file")
+    return files
+
+
+def requested_topk(request: Request, default: int) -> int:
+    raw = request.query_params.get("topk")
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise RequestError(400, "bad_request", f"topk must be an integer >= 1; got {raw!r}")
+    return int(raw)
+
+
+def preprocess_upload(name: str, data: bytes, transform: Any) -> torch.Tensor:
+    """The model input of one uploaded image, as `predict` computes it from the same file; 422 when it is not
+    an image PIL can read, or is over PIL's decompression-bomb bound (Image.MAX_IMAGE_PIXELS)."""
+    try:
+        return preprocess_input(data, transform)
+    except BadImage as e:
+        raise RequestError(422, "not_an_image", f"{name}: {e}") from None
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+def create_app(settings: ServeSettings, model: Optional[Model] = None) -> Callable:
+    """The ASGI app; `model` when it was opened already (one worker), else it is opened here."""
+    model = model or Model(settings)
+    metrics = Metrics(settings.max_batch)
+    predictor = model.predictor
+    limit = int(settings.max_upload_mb * 2**20)
+    state = {"batcher": None, "answered": 0}
+    page = PAGE.read_text()
+
+    async def predict(request: Request) -> Response:
+        batcher: Batcher = state["batcher"]
+        try:
+            images = await read_images(request, limit)
+            topk = requested_topk(request, settings.topk)
+            tensors = await asyncio.gather(*(run_in_threadpool(preprocess_upload, name, data, predictor.transform)
+                                             for name, data in images))
+            probs = torch.stack(await asyncio.gather(*(batcher.submit(x) for x in tensors)))
+        except RequestError as e:
+            metrics.errors.labels(e.reason).inc()
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        except Exception as e:        # a model failure: reported, counted, and the server goes on
+            log.exception("predict failed")
+            metrics.errors.labels("internal").inc()
+            return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+        finally:
+            state["answered"] += 1
+        rows = top_classes(probs, predictor.classes, topk)
+        return JSONResponse({"runner": predictor.runner, "predictions": [
+            {"name": name, "top": [{"label": c, "probability": p} for c, p in row]}
+            for (name, _), row in zip(images, rows)]})
+
+    async def healthz(request: Request) -> Response:
+        batcher = state["batcher"]
+        ready = batcher is not None and batcher.running
+        return JSONResponse({"status": "ok" if ready else "unavailable", "model": predictor.runner,
+                             "digest": model.metadata["digest"]}, status_code=200 if ready else 503)
+
+    async def metadata(request: Request) -> Response:
+        return JSONResponse(model.metadata)
+
+    async def metrics_text(request: Request) -> Response:
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    async def json_error(request: Request, exc: HTTPException) -> Response:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        batcher = Batcher(predictor.batch_probabilities, settings.max_batch, settings.max_wait_ms / 1000,
+                          metrics.batch_size.observe)
+        batcher.start()
+        state["batcher"] = batcher
+        log.info(f"spinal-transfer serve: {settings.source}, runner {predictor.runner} on {predictor.device}, "
+                 f"{len(predictor.classes)} classes, {model.metadata['digest']}; batches of up to "
+                 f"{settings.max_batch} within {settings.max_wait_ms:g} ms")
+        try:
+            yield
+        finally:
+            await batcher.close()
+            log.info(f"spinal-transfer serve: stopped after answering {state['answered']} /predict request(s)")
+
+    routes = [Route("/", index), Route("/predict", predict, methods=["POST"]), Route("/healthz", healthz),
+              Route("/metadata", metadata), Route("/metrics", metrics_text)]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: json_error})
+    return metrics_middleware(app, metrics)
+
+
+def app_from_environ() -> Callable:
+    """The app of a worker process (uvicorn factory under --workers > 1): settings from $SPINAL_TRANSFER_SERVE."""
+    return create_app(ServeSettings(**json.loads(os.environ[SETTINGS_ENV])))
+
+
+def _exit_after_drain(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def serve(settings: ServeSettings, host: str, port: int, workers: int, drain_timeout: int,
+          model: Optional[Model] = None) -> None:
+    """Run the server until SIGINT/SIGTERM; then the requests in flight are answered (for up to
+    `drain_timeout` seconds) before it returns. One worker serves `model` (opened here if not given); several
+    each open their own copy, and their metrics are added up through a temporary multiprocess folder.
+    uvicorn re-raises the SIGTERM it drained for into the handler it found: ours ends the process with
+    status 0 (a stop that was asked for and done), after this function's cleanup."""
+    signal.signal(signal.SIGTERM, _exit_after_drain)
+    options = dict(host=host, port=port, timeout_graceful_shutdown=drain_timeout)
+    if workers == 1:
+        uvicorn.run(create_app(settings, model), **options)
+        return
+    metrics_dir = tempfile.mkdtemp(prefix="spinal-serve-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+    try:
+        uvicorn.run(f"{__name__}:app_from_environ", factory=True, workers=workers, **options)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

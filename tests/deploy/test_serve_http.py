@@ -1,0 +1,429 @@
+"""`spinal-transfer serve` as a user runs it: the real server in a subprocess on a free port, spoken to over
+real HTTP. Its answers are checked against `predict` on the same files; bad uploads against their 4xx and
+the batch they shared; /metrics against the requests sent; SIGTERM against a burst of requests in flight;
+the page in headless Chromium; the README's curl line and the deployment examples against the CLI.
+
+The model is the `finished_run` fixture (timm test_resnet + spinal head on digits 0-2 at 32 px) exported with
+its ONNX file. The batching server runs batches of exactly 3 (`--max-batch 3` and a minute's wait), so which
+requests share a batch is decided by the test, not by timing."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from spinal_transfer.data.splits import list_images  # noqa: E402
+from spinal_transfer.deploy.predict import predict  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+TOPK = 3
+UPLOAD_MB = 0.05                # the batching server's --max-upload-mb: 52 kB, far above a 32-px PNG
+
+
+# --- the server, as a subprocess ------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m spinal_transfer serve MODEL --port P FLAGS...`, its output in a log file; `sent` counts the
+    /predict requests this test module made to it."""
+
+    def __init__(self, model: Path, log: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": "1"}
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "spinal_transfer", "serve", str(model),
+                                          "--port", str(self.port), *flags],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.sent: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"serve was not ready within {timeout:.0f} s:\n{self.output()}")
+
+    def post(self, **request) -> httpx.Response:
+        """POST /predict (httpx arguments), counted in `sent` by the status it got."""
+        response = httpx.post(self.url + "/predict", timeout=120, **request)
+        with self._lock:
+            self.sent[response.status_code] += 1
+        return response
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+SERVERS = {
+    # the ONNX runner in batches of exactly 3 images: a batch waits up to a minute for its third
+    "batching": ("--runner", "onnx", "--max-batch", "3", "--max-wait-ms", "60000", "--max-upload-mb", str(UPLOAD_MB),
+                 "--topk", str(TOPK)),
+    # the command line's defaults (but the port), with the PyTorch runner
+    "plain": ("--runner", "torch"),
+    # for the SIGTERM test (which stops it): batches of up to 64 that wait 300 ms, so requests are in flight
+    "drain": ("--runner", "onnx", "--max-batch", "64", "--max-wait-ms", "300"),
+}
+
+
+@pytest.fixture(scope="module")
+def bundle(finished_run, tmp_path_factory) -> Path:
+    from spinal_transfer.cli import main
+
+    out = tmp_path_factory.mktemp("serve_http") / "bundle"
+    assert main(["export", str(finished_run), "--out", str(out), "--format", "onnx"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def servers(bundle, tmp_path_factory) -> dict[str, Server]:
+    """The SERVERS, started together (their start-up is mostly imports: it overlaps)."""
+    logs = tmp_path_factory.mktemp("logs")
+    started = {name: Server(bundle, logs / f"{name}.log", *flags) for name, flags in SERVERS.items()}
+    try:
+        yield {name: server.wait_ready() for name, server in started.items()}
+    finally:
+        for server in started.values():
+            if server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGTERM)
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def batching(servers) -> Server:
+    return servers["batching"]
+
+
+@pytest.fixture(scope="module")
+def plain(servers) -> Server:
+    return servers["plain"]
+
+
+@pytest.fixture(scope="module")
+def images(three_digits) -> list[Path]:
+    return [Path(p) for p in list_images([three_digits / "test"])[::12]]        # 9 images, all three classes
+
+
+def expected(bundle: Path, files: list[Path], runner: str, k: int = TOPK) -> list[list[tuple[str, float]]]:
+    """What `predict` says about the same files with the same runner."""
+    return predict(bundle, files, workers=0, device="cpu", runner=runner).top(k)
+
+
+def answered(response: httpx.Response) -> list[list[tuple[str, float]]]:
+    assert response.status_code == 200, response.text
+    return [[(t["label"], t["probability"]) for t in p["top"]] for p in response.json()["predictions"]]
+
+
+def assert_same(ours, theirs, tol: float = 1e-5) -> None:
+    assert [[c for c, _ in row] for row in ours] == [[c for c, _ in row] for row in theirs]
+    for a, b in zip(ours, theirs):
+        assert [p for _, p in a] == pytest.approx([p for _, p in b], abs=tol)
+
+
+def raw(body: bytes, content_type: str) -> dict:
+    """httpx arguments of a request whose body is `body`."""
+    return {"content": body, "headers": {"Content-Type": content_type}}
+
+
+def png(path: Path) -> dict:
+    return raw(path.read_bytes(), "image/png")
+
+
+def samples(server: Server) -> dict[tuple[str, tuple], float]:
+    """GET /metrics through Prometheus' own text parser: {(sample name, sorted labels): value}."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def concurrently(*calls):
+    """Run the calls at once, each in its own thread; their results in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(c) for c in calls]]
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A PNG whose header claims side x side pixels (400 M at 20000: over PIL's decompression-bomb bound)
+    with nearly no data: what a decompression bomb looks like before it is decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+# --- answers --------------------------------------------------------------------------------------
+
+def test_predictions_equal_predicts(batching, bundle, images):
+    want = expected(bundle, images, "onnx")
+    # one multipart request of 6 files (two batches of 3) ...
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in images[:6]]
+    response = batching.post(files=files)
+    assert response.json()["runner"] == "onnx"
+    assert [p["name"] for p in response.json()["predictions"]] == [p.name for p in images[:6]]
+    assert_same(answered(response), want[:6])
+    # ... and three raw-body requests at once (one batch of 3)
+    raw = concurrently(*[lambda p=p: batching.post(**png(p)) for p in images[6:9]])
+    assert_same([answered(r)[0] for r in raw], want[6:9])
+    top1 = batching.post(files=files[:3], params={"topk": 1})           # ?topk= per request
+    assert_same(answered(top1), [row[:1] for row in want[:3]])
+    # what the server decodes, Predictor decodes the same way from the bytes of the files
+    from spinal_transfer.deploy.predictor import Predictor
+
+    assert_same(Predictor(bundle, device="cpu", runner="onnx").predict([p.read_bytes() for p in images], TOPK), want)
+
+
+def test_bad_uploads_get_4xx_while_their_batch_succeeds(batching, bundle, images):
+    before = samples(batching)
+    goods = [lambda p=p: batching.post(**png(p)) for p in images[:3]]
+    bads = {
+        422: lambda: batching.post(**raw(b"this is not an image", "image/png")),
+        413: lambda: batching.post(**raw(os.urandom(int(2 * UPLOAD_MB * 2**20)), "image/jpeg")),
+        415: lambda: batching.post(**raw(b"{}", "application/json")),
+        400: lambda: batching.post(**raw(b"--x\r\nnot a form", "multipart/form-data; boundary=y")),
+    }
+    bomb = lambda: batching.post(**raw(bomb_png(), "image/png"))  # noqa: E731
+    *good, r422, r413, r415, r400, r_bomb = concurrently(*goods, *bads.values(), bomb)
+    assert_same([answered(r)[0] for r in good], expected(bundle, images[:3], "onnx"))
+    for status, r in zip(bads, (r422, r413, r415, r400)):
+        assert r.status_code == status and r.json()["error"], (status, r.text)
+    assert r_bomb.status_code == 422 and "decompression-bomb" in r_bomb.json()["error"]
+    after = samples(batching)
+    # the three good images ran as one batch (it runs only once 3 are queued); no bad one reached the model
+    assert after[("spinal_serve_batch_size_count", ())] - before[("spinal_serve_batch_size_count", ())] == 1
+    assert after[("spinal_serve_batch_size_sum", ())] - before[("spinal_serve_batch_size_sum", ())] == 3
+    reasons = {"not_an_image": 2, "too_large": 1, "unsupported_media_type": 1, "bad_request": 1}
+    for reason, n in reasons.items():
+        key = ("spinal_serve_errors_total", (("reason", reason),))
+        assert after[key] - before.get(key, 0) == n, reason
+    assert httpx.get(batching.url + "/healthz").status_code == 200          # and the server goes on
+
+
+def test_metrics_count_every_request(batching, images):
+    concurrently(*[lambda p=p: batching.post(**png(p)) for p in images[:3]])
+    got = samples(batching)
+    counted = {int(dict(labels)["status"]): v for (name, labels), v in got.items()
+               if name == "spinal_serve_requests_total" and dict(labels)["endpoint"] == "/predict"}
+    assert counted == {s: float(n) for s, n in batching.sent.items()}        # every request, by its status
+    assert got[("spinal_serve_request_seconds_count", (("endpoint", "/predict"),))] == sum(batching.sent.values())
+    assert got[("spinal_serve_request_seconds_bucket", (("endpoint", "/predict"), ("le", "+Inf")))] \
+        == sum(batching.sent.values())
+
+
+def test_metadata_and_health(plain, bundle):
+    from spinal_transfer.deploy.serve import bundle_files, digest_of
+
+    meta = httpx.get(plain.url + "/metadata").json()
+    config = json.loads((bundle / "config.json").read_text())
+    assert meta["classes"] == config["classes"] and meta["input_size"] == config["input"]["img_size"] == 32
+    assert meta["runner"] == "torch" and meta["max_batch"] == 32 and meta["max_wait_ms"] == 5
+    assert meta["digest_files"] == ["README.md", "config.json", "model.onnx", "model.safetensors"]
+    assert meta["digest"] == digest_of(bundle_files(bundle)) and meta["digest"].startswith("sha256:")
+    health = httpx.get(plain.url + "/healthz")
+    assert health.status_code == 200 and health.json()["digest"] == meta["digest"]
+    missing = httpx.get(plain.url + "/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]
+
+
+def test_digest_changes_with_any_file(bundle, tmp_path):
+    from spinal_transfer.deploy.serve import bundle_files, digest_of
+
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    first = digest_of(bundle_files(copy))
+    assert digest_of(bundle_files(copy)) == first
+    (copy / "README.md").write_text((copy / "README.md").read_text() + "\n")
+    assert digest_of(bundle_files(copy)) != first
+
+
+# --- shutdown -------------------------------------------------------------------------------------
+
+async def _burst(url: str, body: bytes, proc: subprocess.Popen, clients: int, signal_after: int) -> tuple:
+    """`clients` loops POSTing `body` until the server refuses connections; SIGTERM once `signal_after`
+    answers are in. Returns ([(status or error name, start, end)], time of the signal)."""
+    outcomes: list[tuple] = []
+    sent_at: list[float] = []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while True:
+            t0 = time.monotonic()
+            try:
+                r = await http.post(url + "/predict", content=body, headers={"Content-Type": "image/png"})
+                outcomes.append((r.status_code, t0, time.monotonic()))
+            except httpx.TransportError as e:
+                outcomes.append((type(e).__name__, t0, time.monotonic()))
+                if isinstance(e, httpx.ConnectError):         # nothing listens any more
+                    return
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        tasks = [asyncio.create_task(client(http)) for _ in range(clients)]
+        while sum(o[0] == 200 for o in outcomes) < signal_after:
+            await asyncio.sleep(0.005)
+        sent_at.append(time.monotonic())
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*tasks), 90)
+    return outcomes, sent_at[0]
+
+
+def test_sigterm_during_a_burst_loses_no_accepted_request(servers, images):
+    server = servers["drain"]
+    outcomes, signalled = asyncio.run(_burst(server.url, images[0].read_bytes(), server.proc, 16, 10))
+    assert server.proc.wait(60) == 0                     # a stop that was asked for and done
+    log = server.output()
+    answered_by_server = int(re.search(r"stopped after answering (\d+) /predict request", log).group(1))
+    ok = [o for o in outcomes if o[0] == 200]
+    refused = Counter(o[0] for o in outcomes if o[0] != 200)
+    # every request the server accepted was answered and its answer arrived; the rest never got in
+    assert len(ok) == answered_by_server, (len(ok), answered_by_server, refused)
+    assert set(refused) <= {"ConnectError", "RemoteProtocolError", "ReadError", "WriteError"}, refused
+    assert any(start < signalled < end for _, start, end in ok), "no request was in flight at SIGTERM"
+
+
+# --- the page, the README, the deployment examples ------------------------------------------------
+
+_RESULT_JS = """new Promise((resolve) => { const t = setInterval(() => {
+  const r = document.getElementById('result');
+  if (r.dataset.state === 'done' || r.dataset.state === 'error') { clearInterval(t); resolve({state: r.dataset.state,
+    top: r.dataset.top, status: document.getElementById('status').textContent,
+    rows: [...r.querySelectorAll('.row')].map((e) => [e.dataset.label, Number(e.dataset.probability)])}); }
+}, 50); })"""
+
+
+def test_page_uploads_an_image_in_chromium(plain, bundle, images):
+    from spinal_transfer.evaluation.browser import find_chromium, render
+
+    if not find_chromium():
+        pytest.skip("no Chromium on this machine (set $CHROMIUM or install chromium)")
+    page = render(plain.url + "/", files={"#file": [images[4]]}, evaluate={"result": _RESULT_JS}, timeout=60)
+    result = page.values["result"]
+    want = expected(bundle, [images[4]], "torch", k=5)[0]
+    assert result["state"] == "done", result
+    assert result["top"] == want[0][0] and result["status"] == f"{images[4].name}: {want[0][0]}"
+    assert_same([[tuple(r) for r in result["rows"]]], [want])
+    assert not page.failed and not page.errors, (page.failed, page.errors)
+    assert all(u.startswith((plain.url + "/", f"blob:{plain.url}/", "data:")) for u in page.requests), \
+        page.requests                                                               # nothing from outside
+
+
+def _serve_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return re.search(r"^## Serve it\n(.*?)(?=^## )", text, re.S | re.M).group(1)
+
+
+def test_readme_curl_example_runs_against_the_server(plain, bundle, images, tmp_path):
+    if not shutil.which("curl"):
+        pytest.skip("no curl on this machine")
+    lines = [line.split("  #")[0].strip() for line in _serve_section().splitlines() if line.startswith("curl ")]
+    assert lines, "the README's 'Serve it' section has no curl line"
+    (tmp_path / "photos").mkdir()
+    for line in lines:
+        argv = shlex.split(line.replace("http://127.0.0.1:8000", plain.url))
+        photo = next(a.split("@", 1)[1] for a in argv if "@" in a)
+        shutil.copy(images[5], tmp_path / photo)
+        out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        got = [[(t["label"], t["probability"]) for t in p["top"]] for p in json.loads(out.stdout)["predictions"]]
+        assert_same(got, expected(bundle, [images[5]], "torch", k=len(got[0])))
+
+
+def _serve_args(argv: list[str]):
+    from spinal_transfer.cli import build_parser
+
+    assert argv[:2] == ["spinal-transfer", "serve"], argv
+    return build_parser(only="serve").parse_args(argv[1:])
+
+
+def test_deployment_examples_use_the_real_cli(plain):
+    import yaml
+
+    docs = list(yaml.safe_load_all((REPO / "examples" / "serve" / "kubernetes.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = _serve_args(container["command"] + container["args"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and ports[probe["port"]] == args.port == 8000
+    assert args.host == "0.0.0.0"                   # reachable from outside the pod
+    assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == args.port
+    assert service["spec"]["selector"] == pod["metadata"]["labels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] in ports
+    assert pod["spec"]["terminationGracePeriodSeconds"] > args.drain_timeout
+    assert httpx.get(plain.url + probe["path"]).status_code == 200       # the probe's path on a real server
+
+    dockerfile = (REPO / "examples" / "serve" / "Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))      # exec form: SIGTERM reaches it
+    args = _serve_args(cmd)
+    assert args.host == "0.0.0.0" and f"EXPOSE {args.port}" in dockerfile
+    assert f"127.0.0.1:{args.port}/healthz" in dockerfile
+
+
+def test_a_bad_model_is_one_line_before_listening(bundle, tmp_path, cli_run):
+    shutil.copy(bundle / "config.json", tmp_path / "config.json")          # a bundle without its weights
+    res = cli_run("serve", tmp_path, "--runner", "torch", "--port", str(free_port()))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "model.safetensors" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_workers_share_one_port_and_add_up_their_metrics(bundle, images, tmp_path):
+    server = Server(bundle, tmp_path / "serve.log", "--workers", "2", "--runner", "onnx")
+    try:
+        server.wait_ready(300)
+        deadline = time.monotonic() + 300                 # ready = one worker; wait for the second too
+        while server.output().count("Application startup complete") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        concurrently(*[lambda p=p: server.post(**png(p)) for p in images[:8]])
+        got = samples(server)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(120) == 0
+    finally:
+        server.stop()
+    assert server.sent == {200: 8}
+    assert got[("spinal_serve_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 8     # both workers
+    per_worker = [int(n) for n in re.findall(r"stopped after answering (\d+) /predict", server.output())]
+    assert len(per_worker) == 2 and sum(per_worker) == 8, server.output()
