@@ -72,8 +72,8 @@ class Predictor:
             raise DataError(f"{what}: {e}") from None
 
     def batch_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """(len(x), len(classes)) softmax(logits / temperature), float64, of a batch of preprocessed inputs (predict.preprocess_input):
-        the one place a Predictor turns model outputs into probabilities, TTA included, as `predict` does;
+        """(len(x), len(classes)) softmax(logits / temperature), float64, of a batch of preprocessed inputs
+        (predict.preprocess_input): the one place a Predictor turns model outputs into probabilities, TTA included, as `predict` does;
         `serve` runs its dynamic batches through here too, so both answer alike."""
         return tta_probs(self._run, x, self.tta, torch.float64, self.temperature)
 
