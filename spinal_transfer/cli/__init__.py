@@ -33,6 +33,8 @@ COMMANDS = {
     "export": ("export", "write a trained model as a bundle (safetensors + config.json + model card), optionally "
                          "also as torch.export, TorchScript and ONNX"),
     "predict": ("predict", "top-k classes of images with a bundle, its ONNX file, a run or a checkpoint"),
+    "audit": ("audit", "is my folder sound? exact and near duplicates, train/test leakage, likely label errors, "
+                       "outliers, class counts and image sizes"),
 }
 
 
