@@ -33,6 +33,8 @@ BENCHES = {   # short name: (script, what it measures)
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
     "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "
                                     "and int8) and their top-1, CNN and ViT"),
+    "audit": ("bench_audit.py", "audit on a folder with flipped labels, test images copied into train and foreign "
+                                "images: precision/recall@k of the flips, leak recall, outlier ranks, time"),
 }
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 

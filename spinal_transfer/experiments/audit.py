@@ -138,13 +138,14 @@ class AuditResult:
             out[it.split][self.classes[it.label]] += 1
         return {s: c for s, c in out.items() if sum(c.values())}
 
-    def imbalance(self, split: Optional[str] = None) -> float:
-        """Largest class over smallest class, in `split` (default: all splits together)."""
+    def imbalance(self, split: Optional[str] = None) -> Optional[float]:
+        """Largest class over smallest class, in `split` (default: all splits together); None when a class has
+        no image there."""
         totals = np.zeros(len(self.classes))
         for it in self.items:
             if split is None or it.split == split:
                 totals[it.label] += 1
-        return float(totals.max() / totals.min()) if totals.min() > 0 else float("inf")
+        return float(totals.max() / totals.min()) if totals.min() > 0 else None
 
     def leaked(self, split: str = "test") -> set[str]:
         """The images of `split` with an exact or near duplicate in another split."""

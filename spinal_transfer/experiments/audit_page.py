@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import __version__
 from ..evaluation.plots import figure_png
-from ..evaluation.report_page import _CSS, CSP, _e, _png_uri, _thumb_uri     # one look for both pages
+from ..evaluation.report_page import _CSS, CSP, _e, _fmt, _png_uri, _thumb_uri     # one look for both pages
 from ..utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def _classes_section(result: "AuditResult") -> str:
     body = "".join(f"<tr><td>{_e(c)}</td>" + "".join(f'<td class="n">{counts[s][c]:,}</td>' for s in splits)
                    + f'<td class="n">{total[c]:,}</td><td><span class="bar" style="width:{120 * total[c] / top:.0f}px">'
                    f'</span></td></tr>' for c in sorted(result.classes, key=lambda c: (total[c], c)))
-    imb = " \u00b7 ".join(f"{s} {result.imbalance(s):.2f}" for s in splits)
+    imb = " \u00b7 ".join(f"{s} {_fmt(result.imbalance(s))}" for s in splits)
     table = (f'<table id="class-counts"><tr><th>class</th>{head}<th class="n">all</th><th></th></tr>{body}</table>')
     if len(result.classes) > 20:
         table = f'<div class="scroll">{table}</div>'
