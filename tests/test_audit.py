@@ -203,6 +203,8 @@ def test_missing_folder_is_one_line_and_an_exit_code(cli_run, tmp_path):
     assert r.returncode == 2 and "not a run folder" in r.stderr and r.stderr.strip().count("\n") == 0
     r = cli_run("audit", "--data", tmp_path, "--threshold", "1.5", "--out", tmp_path / "a")
     assert r.returncode == 2 and "--threshold" in r.stderr
+    r = cli_run("audit", "--data", tmp_path, "--out", tmp_path / "audit")
+    assert r.returncode == 2 and "inside the data folder" in r.stderr and not (tmp_path / "audit").exists()
 
 
 def test_audit_of_a_run_reads_its_recorded_files(finished_run, tmp_path, cli_run):

@@ -396,9 +396,13 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     if folds < 2:
         raise ConfigError(f"--folds must be >= 2, got {folds}")
     t0 = time.perf_counter()
-    splits = audit_splits(cfg, run)
     out = Path(out)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(out)
+    for what, folder in (("--out", out), ("the feature cache", cache)):
+        if cfg.data and folder.resolve().is_relative_to(Path(cfg.data).expanduser().resolve()):
+            raise DataError(f"{what} {folder} is inside the data folder {cfg.data}: it would be read as a class "
+                            f"next time; choose a place outside it")
+    splits = audit_splits(cfg, run)
     items = [Item(p, s, y) for s in SPLIT_NAMES for p, y in splits.get(s)]
     progress(f"auditing {len(items)} images of {splits.root} ({len(splits.classes)} classes)")
     skips = SkipLog()
