@@ -10,7 +10,7 @@ folder with --data) is copied, then damaged in known ways:
     3 resized to 90% of their side;
   * 5 images from an unrelated source (scikit-image's greyscale camera, coins, text, moon and page) put in
     train under random classes.
-Then `audit` runs on it twice (the second run reads the feature cache) and the benchmark reports:
+Then `audit` runs on it twice (the second run reads the features and hashes back) and the benchmark reports:
   flipped labels   precision and recall of the top-k label issues, k = the number flipped   target >= 0.7 each
   leakage          share of the 10 copied test images found as a leak (their pair)         target >= 0.9
   outliers         the rank of each foreign image by cleanlab's OOD score                  target: all in the
@@ -138,7 +138,7 @@ def bench(args, work: Path) -> None:
           f"into train ({', '.join(f'{n} {k}' for k, n in LEAKS.items())}), {len(truth['foreign'])} foreign images")
     cfg = config(args, data, work / "feature-cache")
     times = []
-    for run in ("first run (features computed)", "second run (features cached)"):
+    for run in ("first run (features computed)", "second run (features and hashes cached)"):
         t = time.perf_counter()
         result = audit(cfg, work / "audit", threshold=args.threshold, progress=lambda *_: None)
         times.append((run, time.perf_counter() - t))

@@ -94,14 +94,22 @@ def test_exact_duplicates_across_splits_are_found_and_counted(leaky_run, capsys)
     assert [Path(r["path"]).name for r in bad] == ["broken.jpg"] and bad[0]["split"] == "train"
 
 
-def test_summary_and_a_second_run_reuse_the_feature_cache(leaky_run, cli_run):
+def test_summary_and_a_second_run_reuse_the_caches(leaky_run, cli_run, monkeypatch):
+    """A second audit reads the features and the hashes back (it decodes no image for hashing) and finds the same."""
+    import spinal_transfer.experiments.audit as A
+
     root, out = leaky_run["root"], leaky_run["out"]
     cache = out.parent / "feature-cache"
     before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
     assert len(before) == 3                                                   # train, val, test
+    first = (out / "audit.csv").read_text()
+    decoded, real = [], A.load_image
+    monkeypatch.setattr(A, "load_image", lambda p, *a: decoded.append(p) or real(p, *a))
     r = cli_run("audit", "--data", root, "--out", out, *TINY, *EXACT_ONLY)
     assert r.returncode == 0
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == before
+    assert [Path(p).name for p in decoded] == ["broken.jpg"]                 # undecodable files are tried again
+    assert (out / "audit.csv").read_text() == first
     n_test = len(list((root / "test").rglob("*.png")))
     leaked = {x["path"] for x in csv_rows(out / "audit.csv") if x["leak"] == "1" and x["split"] == "test"}
     assert f"LEAKAGE: {len(leaked)} of {n_test} test images" in r.stdout

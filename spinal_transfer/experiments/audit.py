@@ -2,8 +2,8 @@
 
 The folder is read as `train` reads it (the same scan, protocol and val/test carving, or a run's recorded
 splits with `run=`), and every image's pooled backbone features come from the shared feature cache
-(`training.features`: the same entries a `train --cache-features` run on the same split uses), so a second
-audit of a folder costs the hashing and the analysis only. Findings:
+(`training.features`: the same entries a `train --cache-features` run on the same split uses); the file hashes
+are kept there too (audit-digests.json), so a second audit decodes only new or changed files. Findings:
 
 * exact duplicates: the same file bytes (blake2b) or the same decoded pixels (blake2b of the RGB array as
   `data.images.load_image` decodes it, so a PNG re-saved with other compression is caught), within a split
@@ -214,10 +214,47 @@ def digest(path: str) -> Digest:
     return Digest(h.hexdigest(), px.hexdigest(), ph, (int(arr.shape[1]), int(arr.shape[0])))
 
 
-def hash_images(paths: Sequence[str], threads: int = 8) -> list[Digest]:
-    """`digest` of every path, decoded in threads (OpenCV and hashlib release the GIL), with a progress bar."""
+DIGESTS = "audit-digests.json"      # in the feature cache: {"path|size|mtime_ns": [file, pixels, phash, w, h]}
+
+
+def _file_key(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def hash_images(paths: Sequence[str], cache: Path, threads: int = 8) -> list[Digest]:
+    """`digest` of every path, decoded in threads (OpenCV and hashlib release the GIL), with a progress bar. The
+    digests of decodable files are kept in `cache`/audit-digests.json by path, size and modification time, so a
+    second audit decodes only new or changed files (the file is a cache: concurrent audits may each rewrite it)."""
+    import json
+
+    from ..utils.atomic import atomic_write_text
+
+    store = cache / DIGESTS
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    keys = [_file_key(p) for p in paths]
+    todo = [i for i, k in enumerate(keys) if k not in known]
     with cf.ThreadPoolExecutor(max(1, threads)) as pool:
-        return list(tqdm(pool.map(digest, paths, chunksize=16), total=len(paths), desc="hashing", leave=False))
+        fresh = list(tqdm(pool.map(digest, [paths[i] for i in todo], chunksize=16), total=len(todo),
+                          desc="hashing", leave=False))
+    new = {keys[i]: [d.file, d.pixels, "".join("1" if b else "0" for b in d.phash), *d.size]
+           for i, d in zip(todo, fresh) if keys[i] and not d.error}
+    if new:
+        atomic_write_text(store, json.dumps({**known, **new}))
+    out: list[Digest] = [Digest()] * len(paths)
+    for i, d in zip(todo, fresh):
+        out[i] = d
+    for i, k in enumerate(keys):
+        if k in known:
+            f, px, ph, w, h = known[k]
+            out[i] = Digest(f, px, np.array([c == "1" for c in ph]), (w, h))
+    return out
 
 
 def compute_features(cfg: TrainConfig, splits: Splits, cache: Path, skips: SkipLog) -> tuple[dict, dict]:
@@ -407,7 +444,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     progress(f"auditing {len(items)} images of {splits.root} ({len(splits.classes)} classes)")
     skips = SkipLog()
     skips.add(splits.skipped)
-    digests = hash_images([it.path for it in items], threads=min(8, os.cpu_count() or 1))
+    digests = hash_images([it.path for it in items], cache, threads=min(8, os.cpu_count() or 1))
     skips.add((it.path, d.error) for it, d in zip(items, digests) if d.error)
     t1 = time.perf_counter()
     if str(cfg.weights).lower() == "none":
