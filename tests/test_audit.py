@@ -215,14 +215,27 @@ def test_missing_folder_is_one_line_and_an_exit_code(cli_run, tmp_path):
     assert r.returncode == 2 and "inside the data folder" in r.stderr and not (tmp_path / "audit").exists()
 
 
-def test_audit_of_a_run_reads_its_recorded_files(finished_run, tmp_path, cli_run):
-    """--run: the run's splits.json files (not a new scan), its backbone and weights; the features are the ones
-    `train --cache-features` would compute (the same cache entries)."""
+@pytest.mark.slow      # a cached-feature training run first: ~25 s
+def test_audit_of_a_run_reads_its_files_and_its_cached_features(tmp_path, cli_run):
+    """--run: the run's splits.json files (not a new scan), its backbone and weights, and the features that its
+    `train --cache-features` stored (beside the run folder): nothing is computed again."""
+    from conftest import tiny_cfg, write_digits_folder
+
+    from spinal_transfer.training.train import run
+
+    data = write_digits_folder(tmp_path / "digits", digits=(0, 1), size=16)
+    rd = tmp_path / "runs" / "cached"
+    run(tiny_cfg(data, rd, epochs=1, img_size=16, freeze_backbone=True, cache_features=True, limit_train_batches=1))
+    cache = tmp_path / "runs" / "feature-cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
+    assert len(before) == 3
     out = tmp_path / "audit"
-    r = cli_run("audit", "--run", finished_run, "--out", out, "--workers", "0", *EXACT_ONLY)
+    r = cli_run("audit", "--run", rd, "--out", out, *EXACT_ONLY)
     assert r.returncode == 0, r.stderr
-    recorded = json.loads((finished_run / "splits.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == before and "computing" not in r.stderr
+    recorded = json.loads((rd / "splits.json").read_text())
     summary = json.loads((out / "audit.json").read_text())
     assert summary["images"] == {s: len(recorded["splits"][s]) for s in ("train", "val", "test")}
-    assert summary["settings"]["backbone"] == "timm/test_resnet" and summary["settings"]["run"] == str(finished_run)
-    assert summary["classes"] == json.loads((finished_run / "classes.json").read_text())
+    assert summary["settings"]["backbone"] == "timm/test_resnet" and summary["settings"]["run"] == str(rd)
+    assert summary["settings"]["feature_cache"] == str(cache)
+    assert summary["classes"] == json.loads((rd / "classes.json").read_text())

@@ -17,7 +17,7 @@ EXAMPLES = """\
   spinal-transfer audit --run runs/pets --out runs/pets_audit     # the run's own files, backbone and weights
 Reads the folder as `train` does (the same splits, carved with --split-seed when it has no val/ or test/),
 computes every image's pooled backbone features once into the shared feature cache (--cache-dir, default
-feature-cache/ beside OUT; a second audit, or `train --cache-features` on the same split, reuses them), and
+feature-cache/ beside OUT, or beside RUN with --run, where `train --cache-features` keeps them), and
 reports exact duplicates (file bytes or decoded pixels), near duplicates (cosine similarity of the centred
 features >= --threshold, or perceptual hashes <= --hash-bits apart), pairs across train/val/test as leakage,
 likely label errors (out-of-fold logistic regression ranked by cleanlab), outliers (cleanlab's OOD score),

@@ -434,7 +434,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
         raise ConfigError(f"--folds must be >= 2, got {folds}")
     t0 = time.perf_counter()
     out = Path(out)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(out)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(Path(run) if run else out)   # train's
     for what, folder in (("--out", out), ("the feature cache", cache)):
         if cfg.data and folder.resolve().is_relative_to(Path(cfg.data).expanduser().resolve()):
             raise DataError(f"{what} {folder} is inside the data folder {cfg.data}: it would be read as a class "
