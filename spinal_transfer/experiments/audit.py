@@ -302,34 +302,30 @@ def _pair(kind: str, it: Item, other: Item, classes: Sequence[str], score: float
 
 
 def exact_duplicates(items: Sequence[Item], file_hashes: Sequence[str], pixel_hashes: Sequence[Optional[str]],
-                     classes: Sequence[str]) -> tuple[list[Finding], list[int]]:
-    """Groups of images with the same file bytes or the same decoded pixels (joined when either matches),
-    as one finding per image against the group's first (train before val before test); and each image's group."""
-    parent = list(range(len(items)))
+                     classes: Sequence[str]) -> tuple[list[Finding], np.ndarray]:
+    """Groups of images with the same file bytes or the same decoded pixels (joined when either matches: scipy's
+    connected components), as one finding per image against the group's first (train before val before test);
+    and each image's group number."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    edges: list[tuple[int, int]] = []
     for hashes in (file_hashes, pixel_hashes):
         first: dict[str, int] = {}
-        for i, h in enumerate(hashes):
-            if h:
-                j = first.setdefault(h, i)
-                parent[find(i)] = find(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(items)):
-        groups.setdefault(find(i), []).append(i)
+        edges += [(first.setdefault(h, i), i) for i, h in enumerate(hashes) if h]
+    n = len(items)
+    rows, cols = zip(*edges) if edges else ((), ())
+    _, group = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(group):
+        members.setdefault(int(g), []).append(i)
     out = []
-    for members in groups.values():
-        members.sort(key=lambda i: _sort_key(items[i]))
-        head = members[0]
-        for i in members[1:]:
-            same = "same file bytes" if file_hashes[i] == file_hashes[head] else "same pixels, other file bytes"
-            out.append(_pair("exact_duplicate", items[i], items[head], classes, 1.0, same))
-    return out, [find(i) for i in range(len(items))]
+    for ids in members.values():
+        ids.sort(key=lambda i: _sort_key(items[i]))
+        for i in ids[1:]:
+            same = "same file bytes" if file_hashes[i] == file_hashes[ids[0]] else "same pixels, other file bytes"
+            out.append(_pair("exact_duplicate", items[i], items[ids[0]], classes, 1.0, same))
+    return out, group
 
 
 def centred(x: np.ndarray) -> np.ndarray:
@@ -337,12 +333,13 @@ def centred(x: np.ndarray) -> np.ndarray:
     return x - x.mean(axis=0, keepdims=True)
 
 
-def _neighbours(x: np.ndarray, metric: str, radius: float) -> dict[tuple[int, int], float]:
-    """{(i, j): distance} of every pair i < j within `radius` (sklearn NearestNeighbors, brute force)."""
+def _neighbours(x: np.ndarray, metric: str, radius: float) -> set[tuple[int, int]]:
+    """Every pair (i, j), i < j, within `radius` of each other (sklearn NearestNeighbors, brute force)."""
     from sklearn.neighbors import NearestNeighbors
 
-    dist, idx = NearestNeighbors(radius=radius, metric=metric, algorithm="brute").fit(x).radius_neighbors(x)
-    return {(i, int(j)): float(dj) for i, (d, js) in enumerate(zip(dist, idx)) for dj, j in zip(d, js) if j > i}
+    idx = NearestNeighbors(radius=radius, metric=metric, algorithm="brute").fit(x).radius_neighbors(
+        x, return_distance=False)
+    return {(i, int(j)) for i, js in enumerate(idx) for j in js if j > i}
 
 
 def near_duplicates(items: Sequence[Item], x: np.ndarray, phashes: np.ndarray, group: Sequence[int],
@@ -356,7 +353,7 @@ def near_duplicates(items: Sequence[Item], x: np.ndarray, phashes: np.ndarray, g
     ham = _neighbours(phashes.astype(np.uint8), "hamming", (hash_bits + 0.5) / phashes.shape[1])
     xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     out = []
-    for i, j in sorted(cos.keys() | ham.keys()):
+    for i, j in sorted(cos | ham):
         if group[i] == group[j]:
             continue
         sim = float(xn[i] @ xn[j])
