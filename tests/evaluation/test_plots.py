@@ -125,14 +125,14 @@ def test_no_pyplot_and_no_backend_switch(tmp_path):
     """The CLI imports this module: drawing must not import pyplot or select a backend."""
     code = (
         "import sys, matplotlib\n"
-        "from spinal_transfer import plots\n"
+        "from spinal_transfer.evaluation import plots\n"
         f"plots.plot_curves({rows(3)!r}, {str(tmp_path)!r}, best_epoch=2)\n"
         f"plots.plot_confusion([[3, 1], [0, 4]], ['a', 'b'], {str(tmp_path / 'cm.png')!r})\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
         "b = getattr(matplotlib.rcParams, '_get_backend_or_none', lambda: None)()\n"
         "assert b is None, b\n"
     )
-    env_root = Path(__file__).resolve().parents[1]
+    env_root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=env_root,
                        env={"PYTHONPATH": str(env_root), "PATH": "/usr/bin:/bin", "MPLBACKEND": ""})
     assert r.returncode == 0, r.stderr[-2000:]

@@ -249,7 +249,7 @@ def test_recipe_and_flags_fill_one_dataclass(tmp_path):
 
 _HEAP = """
 import ctypes, ctypes.util, sys, torch
-from spinal_transfer.runtime import tune_cpu_allocator
+from spinal_transfer.utils.runtime import tune_cpu_allocator
 
 class MallInfo2(ctypes.Structure):                    # glibc >= 2.33, malloc.h
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -1,0 +1,1 @@
+"""A run's folder (its lock, layout, config and reports) and the checkpoint file format."""
