@@ -33,6 +33,7 @@ COMMANDS = {
     "export": ("export", "write a trained model as a bundle (safetensors + config.json + model card), optionally "
                          "also as torch.export, TorchScript and ONNX"),
     "predict": ("predict", "top-k classes of images with a bundle, its ONNX file, a run or a checkpoint"),
+    "report": ("report", "write a finished run's report.html again (another split, a screenshot)"),
 }
 
 
