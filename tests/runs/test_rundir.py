@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from spinal_transfer.errors import RunFolderError
+from spinal_transfer.errors import CheckpointError, RunFolderError
 from spinal_transfer.runs.checkpoint import atomic_save
-from spinal_transfer.runs.rundir import RunDir
+from spinal_transfer.runs.rundir import RunDir, load_run_checkpoint
 
 HOLD = """
 import sys
-from spinal_transfer.runs.rundir import RunDir
+from spinal_transfer.runs.rundir import RunDir, load_run_checkpoint
 with RunDir(sys.argv[1]).lock():
     print('held', flush=True)
     sys.stdin.readline()
@@ -73,3 +73,13 @@ def test_stray_temps_and_metrics_after_the_last_checkpoint_are_dropped(tmp_path)
     stray = run.path / ".metrics.jsonl.x1y2.tmp"
     stray.write_text("torn")
     assert run.remove_stray_temps() == [stray] and not stray.exists()
+
+
+def test_a_folder_without_best_pt_or_a_checkpoint_without_a_model_is_refused(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.write_text(run.config, "epochs: 2\n")
+    with pytest.raises(CheckpointError, match="has no checkpoints/best.pt: it is not a run folder"):
+        load_run_checkpoint(run.path)
+    atomic_save({"model": {}}, run.best)
+    with pytest.raises(CheckpointError, match="holds no model description"):
+        load_run_checkpoint(run.path)
