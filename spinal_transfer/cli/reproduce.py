@@ -66,9 +66,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     over.add_argument("--limit-train-batches", type=positive_int, default=None, metavar="N",
                       help="stop each training epoch after N batches (smoke tests)")
     over.add_argument("--img-size", type=positive_int, metavar="PX", help="crop size for every run")
-    add_config_args(over, only=("batch_size", "device", "amp"), defaults=dict.fromkeys(SHARED, "each recipe's"))
-    speed = parser.add_argument_group("speed only (not recorded)")
-    add_config_args(speed, only=("workers",), defaults=dict.fromkeys(SHARED, "each recipe's"))
+    recipes_own = dict.fromkeys(SHARED, "each recipe's")
+    add_config_args(over, only=("batch_size", "device", "amp"), defaults=recipes_own)
+    add_config_args(parser.add_argument_group("speed only (not recorded)"), only=("workers",), defaults=recipes_own)
     track = parser.add_argument_group("experiment tracking, every run (not recorded in the tables)")
     for name in ("log_to", "tracking_uri", "experiment"):
         f = CONFIG_FIELDS[name]
