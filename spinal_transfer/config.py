@@ -447,9 +447,13 @@ GROUPS = (("data", "data"), ("backbone", "model and head"), ("augment", "input a
           ("epochs", "optimisation"), ("batch_size", "speed and hardware"), ("seed", "bookkeeping"))
 
 
-def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, ...]] = None) -> None:
+def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, ...]] = None,
+                    defaults: Optional[dict[str, str]] = None) -> None:
     """One `--flag` per TrainConfig field (or per field in `only`), in argument groups. Defaults are None
-    so that only the flags given on the command line override a recipe; `resolve_config` merges them."""
+    so that only the flags given on the command line override a recipe; `resolve_config` merges them.
+    Commands that take a few of these flags without making a TrainConfig (evaluate, predict, reproduce) get the
+    same names, types and choices, say in `defaults` what an absent flag means for them (e.g. "the run's"), and
+    run `check_flags` for the same range checks."""
     group = parser
     starts = dict(GROUPS)
     for f in dataclasses.fields(TrainConfig):
@@ -460,10 +464,12 @@ def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, .
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _base_type(_HINTS[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        text = f.metadata.get("help", "")
+        if defaults and f.name in defaults:
+            default, text = defaults[f.name], text.split(" (default:")[0]
         cond = f.metadata.get("applies")
         when = ("; only with " + ", ".join(f"--{k.replace('_', '-')} {'/'.join(map(str, v)) if v else ''}".lower()
                                           .rstrip() for k, v in cond.items())) if cond else ""
-        text = f.metadata.get("help", "")
         help_ = (f"{text}{f' ({when[2:]})' if when else ''}" if "(default:" in text else
                  f"{text} (default: {default}{when})").replace("%", "%%")
         if tp is bool:
@@ -501,6 +507,17 @@ def _schedule(base: TrainConfig, flags: dict) -> dict:
     return {**{k: v for k, v in flags.items() if k not in ("epochs", "lr")}, "stages": new}
 
 
+def check_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags with every TrainConfig field among them checked (ints widened to floats); a ConfigError names the
+    flag as it was typed (`--batch-size: 0 is out of range ...`)."""
+    try:
+        return {k: check_value(k, v) if k in CONFIG_FIELDS else v for k, v in flags.items()}
+    except ConfigError as e:
+        key = (e.key or "").split("[")[0]
+        raise ConfigError(f"--{key.replace('_', '-')}{str(e)[len(key):]}" if str(e).startswith(key) else str(e),
+                          key=e.key) from None
+
+
 def resolve_config(recipe: Optional[Union[str, Path, TrainConfig]] = None, flags: Optional[dict] = None,
                    resumed: Optional[TrainConfig] = None) -> TrainConfig:
     """The one way a run's config is made.
@@ -508,12 +525,7 @@ def resolve_config(recipe: Optional[Union[str, Path, TrainConfig]] = None, flags
     New run: `recipe` (a YAML path or a TrainConfig; None = the defaults), then `flags` on top.
     Resume (`resumed` = the run's own config): the flags on top of it, checked by `resume_config`.
     """
-    try:
-        flags = {k: check_value(k, v) if k in CONFIG_FIELDS else v for k, v in (flags or {}).items()}
-    except ConfigError as e:          # a flag's error names the flag as it was typed
-        key = (e.key or "").split("[")[0]
-        raise ConfigError(f"--{key.replace('_', '-')}{str(e)[len(key):]}" if str(e).startswith(key) else str(e),
-                          key=e.key) from None
+    flags = check_flags(flags or {})
     if resumed is None:
         base = recipe if isinstance(recipe, TrainConfig) else TrainConfig.from_yaml(recipe) if recipe else TrainConfig()
         cfg = TrainConfig.from_dict({**base.to_dict(), **_schedule(base, flags)})

@@ -52,6 +52,11 @@ class UnsafeCheckpointError(CheckpointError):
     """The file needs arbitrary unpickling (which could run code); we never do that."""
 
 
+class PrepareError(DataError):
+    """`prepare` cannot build a dataset folder: a source file is missing or wrong, or the output holds other files;
+    the message says what to fetch or remove."""
+
+
 class RunFolderError(UserError):
     """The run folder holds another run, is in use by another process, or cannot be resumed."""
 

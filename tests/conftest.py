@@ -1,6 +1,7 @@
 """Shared fixtures: real data (scikit-learn's bundled digits) written out as PNG image folders."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,24 @@ def digits_transfer(tmp_path_factory) -> tuple[Path, Path]:
     finally:
         torch.set_num_threads(n)
     return high, root / "pre" / "checkpoints" / "best.pt"
+
+
+HUB_COMMIT = hashlib.sha1(b"spinal-transfer test commit").hexdigest()
+
+
+def put_in_hub_cache(cache: Path, repo: str, folder: Path, commit: str = HUB_COMMIT) -> Path:
+    """Copy the files of `folder` into `cache` the way huggingface_hub stores a download: content in
+    blobs/<etag> (sha256 for LFS files such as safetensors, git blob sha1 for small text files),
+    snapshots/<commit>/<name> as relative symlinks to them, refs/main holding the commit."""
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        etag = (hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors"
+                else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+        (repo_dir / "blobs" / etag).write_bytes(data)
+        (repo_dir / "snapshots" / commit / f.name).symlink_to(Path("..", "..", "blobs", etag))
+    (repo_dir / "refs" / "main").write_text(commit)
+    return repo_dir

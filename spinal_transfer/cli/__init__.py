@@ -39,6 +39,7 @@ COMMANDS = {
                        "/metrics and a page to try it"),
     "audit": ("audit", "is my folder sound? exact and near duplicates, train/test leakage, likely label errors, "
                        "outliers, class counts and image sizes"),
+    "report": ("report", "write a finished run's report.html again (another split, a screenshot)"),
 }
 
 

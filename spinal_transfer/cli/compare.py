@@ -5,9 +5,10 @@ import argparse
 import sys
 
 from . import positive_int
-from ..experiments.compare import CONTROLLED, DEFAULT_OUT, DEFAULT_SEEDS, RESULT_FILES
+from ..experiments.compare import CONTROLLED, DEFAULT_OUT, DEFAULT_SEEDS, RESULT_FILES, compare
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..experiments.multirun import DEFAULT_MODE, MODE_HELP, MODES
+from ..models.heads_spec import parse_head_specs
 
 EXAMPLES = f"""\
   # fine-tune (default): every head x seed trains as `train` does (each run costs a full training)
@@ -47,9 +48,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """0 when every head has all its seeds, 3 when a run could not finish (diverged, or in use elsewhere)."""
-    from ..experiments.compare import compare
-    from ..models.heads_spec import parse_head_specs
-
     heads = parse_head_specs(args.heads)
     base = resolve_config(args.recipe, {k: v for k, v in given_flags(args).items() if k != "out"})
     results = compare(base, heads, args.seeds, args.mode, args.out)

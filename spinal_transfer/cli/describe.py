@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import add_config_args, given_flags, resolve_config
+from ..errors import ConfigError
 
 EXAMPLES = """\
   spinal-transfer describe torchvision/vgg19_bn --num-classes 225 --head spinal --head-preset vgg --layer-width 1024
@@ -30,9 +31,8 @@ def compare(default: int, new: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..models.heads import head_options
-    from ..models.surgery import build_model, get_head
+    from ..models.heads import head_options  # lazy: no torch at --help
+    from ..models.surgery import build_model, get_head  # lazy: no torch at --help
 
     if args.num_classes < 2:
         raise ConfigError(f"--num-classes must be >= 2, got {args.num_classes}")

@@ -6,6 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import add_config_args, check_flags, given_flags
+from ..errors import ConfigError
+
+# the flags evaluate shares with train, generated from the same TrainConfig fields
+SHARED = ("tta", "tta_crops", "batch_size", "workers", "device")
+
 EXAMPLES = """\
   spinal-transfer evaluate runs/pets                       # the run's own test split, as in report.json
   spinal-transfer evaluate runs/pets --split val --out runs/pets/eval_val
@@ -26,31 +32,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT")
     parser.add_argument("--data", help="image folder (default: the run's own data folder and recorded splits)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--workers", type=int)
     parser.add_argument("--out", metavar="DIR", help="write metrics_<split>.json, predictions_<split>.csv and "
                                                      "report.html (the page a run has, for this split) there")
     parser.add_argument("--full", action="store_true", help="also print per-class metrics and the confusion matrix")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average the softmax over the image and its horizontal mirror")
-    parser.add_argument("--tta-crops", type=int, default=0, choices=[0, 5],
-                        help="with --tta, also 4 corner crops and the centre crop (87.5%% of the side), each mirrored "
-                             "too (default: 0)")
+    add_config_args(parser, only=SHARED, defaults={"batch_size": "the run's", "workers": "the run's"})
     parser.add_argument("--no-calibration", dest="calibrated", action="store_false",
                         help="the plain softmax, without the run's temperature (default: calibrated)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..utils.atomic import atomic_write_text
-    from ..errors import ConfigError
-    from ..evaluation.evaluate import TTA, evaluate, write_predictions
-    from ..evaluation.metrics import summary
+    from ..evaluation.evaluate import TTA, evaluate, write_predictions  # lazy: no torch at --help
+    from ..evaluation.metrics import summary  # lazy: no torch at --help
+    from ..utils.atomic import atomic_write_text  # lazy: no torch at --help
 
-    if args.tta_crops and not args.tta:
+    flags = check_flags({k: v for k, v in given_flags(args).items() if k in SHARED})
+    if flags.get("tta_crops") and not flags.get("tta"):
         raise ConfigError("--tta-crops needs --tta")
-    tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
-    ev = evaluate(args.run, args.data, args.split, args.device, args.batch_size, args.workers, tta=tta,
+    tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
+    ev = evaluate(args.run, args.data, args.split, flags.get("device", "auto"), flags.get("batch_size"),
+                  flags.get("workers"), tta=tta,
                   calibrated=args.calibrated)
     print(f"evaluated {ev.source}" + (f"; {tta.describe()}" if tta else ""), file=sys.stderr)
     m = ev.metrics
@@ -76,9 +76,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _page(args: argparse.Namespace, ev, out: Path) -> Path:
     """report.html of this evaluation: the run's settings and curves, this split's analysis."""
-    from ..runs.rundir import load_run_checkpoint
-    from ..evaluation.report_page import run_settings, write_evaluation_html
-    from ..runs.rundir import RunDir
+    from ..evaluation.report_page import run_settings, write_evaluation_html  # lazy: no torch at --help
+    from ..runs.rundir import RunDir, load_run_checkpoint  # lazy: no torch at --help
 
     source = Path(args.run)
     run = RunDir(source if source.is_dir() else source.parent.parent)

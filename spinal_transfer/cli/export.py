@@ -7,6 +7,7 @@ import sys
 from ..deploy.export import (
     ATOL, CARD_FILE, CONFIG_FILE, FORMAT_FILES, MAX_ACCURACY_DROP, QUANTIZE, WEIGHTS_FILE, export, format_check,
 )
+from ..errors import ConfigError
 
 EXAMPLES = f"""\
   spinal-transfer export runs/pets --out bundles/pets
@@ -42,8 +43,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-
     if args.quantize is None and (args.force or args.max_accuracy_drop != MAX_ACCURACY_DROP):
         raise ConfigError("--max-accuracy-drop and --force apply to --quantize int8 only")
     config = export(args.run, args.out, args.formats, args.atol, quantize=args.quantize,

@@ -29,7 +29,7 @@ def _positive(kind):
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from ..training.lr_find import DEFAULT_END, DEFAULT_START, DEFAULT_STEPS, RULES
+    from ..training.lr_find import DEFAULT_END, DEFAULT_START, DEFAULT_STEPS, RULES  # lazy: no torch at --help
 
     parser.add_argument("--recipe", help="YAML file of options (see recipes/)")
     parser.add_argument("--out", default="lr_find.png", metavar="PNG", help="the plot (default: lr_find.png)")
@@ -45,7 +45,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..training.lr_find import lr_find_for_config
+    from ..training.lr_find import lr_find_for_config  # lazy: no torch at --help
 
     if args.start_lr >= args.end_lr:
         raise ConfigError(f"--start-lr ({args.start_lr:g}) must be below --end-lr ({args.end_lr:g})")

@@ -17,7 +17,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..models.surgery import list_backbones
+    from ..models.surgery import list_backbones  # lazy: no torch at --help
 
     names = list_backbones(args.pattern or args.filter)
     print("\n".join(names))

@@ -4,9 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import CONFIG_FIELDS
-from ..errors import ConfigError
+from ..config import add_config_args, check_flags, given_flags
 from ..deploy.predict import RUNNERS, TOPK, predict, write_csv
+from ..errors import ConfigError
+from ..evaluation.evaluate import TTA
+
+# the flags predict shares with train, generated from the same TrainConfig fields (ONNX: --device cuda if
+# onnxruntime has it)
+SHARED = ("tta", "tta_crops", "batch_size", "workers", "device")
 
 EXAMPLES = """\
   spinal-transfer predict bundles/pets photos/ --out preds.csv
@@ -31,14 +36,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="bundle folder, bundle .onnx file, run folder (best.pt) or checkpoint file")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--topk", type=int, default=TOPK, help=f"classes per image (default: {TOPK})")
-    parser.add_argument("--batch-size", type=int, help=f"images per batch (default: {CONFIG_FIELDS['batch_size'].default})")
-    parser.add_argument("--workers", type=int, help="DataLoader worker processes decoding images (default: as in training)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (ONNX: cuda if onnxruntime has it)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average the softmax over the image and its horizontal mirror")
-    parser.add_argument("--tta-crops", type=int, default=0, choices=[0, 5],
-                        help="with --tta, also 4 corner crops and the centre crop, each mirrored too (default: 0)")
+    add_config_args(parser, only=SHARED, defaults={"workers": "as in training"})
     parser.add_argument("--runner", default="auto", choices=RUNNERS,
                         help="what runs the model: torch, onnx (the bundle's model.onnx), onnx-int8 (its "
                              "model.int8.onnx) or auto (int8 ONNX, else ONNX, else torch; see below) (default: auto)")
@@ -52,15 +51,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ConfigError(f"--topk must be >= 1, got {args.topk}")
-    if args.tta_crops and not args.tta:
+    flags = check_flags({k: v for k, v in given_flags(args).items() if k in SHARED})
+    if flags.get("tta_crops") and not flags.get("tta"):
         raise ConfigError("--tta-crops needs --tta")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise ConfigError(f"--min-confidence must be a probability in [0, 1], got {args.min_confidence}")
-    from ..evaluation.evaluate import TTA
-
-    tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
-    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta, runner=args.runner,
-                    calibrated=args.calibrated)
+    tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
+    preds = predict(args.model, args.paths, flags.get("batch_size"), flags.get("workers"), flags.get("device", "auto"),
+                    tta=tta, runner=args.runner, calibrated=args.calibrated)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
     skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)

@@ -5,11 +5,14 @@ import argparse
 import sys
 
 from . import positive_int
-from ..config import CONFIG_FIELDS
+from ..config import CONFIG_FIELDS, add_config_args, check_flags
 from ..experiments.reproduce import (
     DEFAULT_DATA_ROOT, DEFAULT_OUT, DEFAULT_RECIPES, DEFAULT_SEEDS, OVERRIDES, PAPER_RESULTS, collect, find_recipes,
     reproduce, shard_from_env,
 )
+
+# the flags reproduce shares with train, generated from the same TrainConfig fields
+SHARED = ("batch_size", "device", "amp", "workers")
 
 EXAMPLES = f"""\
   spinal-transfer prepare stl10 --root data --download
@@ -62,11 +65,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                       help="replace every stage's epochs by N, keeping its lr (smoke tests)")
     over.add_argument("--limit-train-batches", type=positive_int, default=None, metavar="N",
                       help="stop each training epoch after N batches (smoke tests)")
-    over.add_argument("--device", choices=CONFIG_FIELDS["device"].metadata["choices"], help="device for every run")
-    over.add_argument("--batch-size", type=positive_int, metavar="N", help="batch size per device for every run")
     over.add_argument("--img-size", type=positive_int, metavar="PX", help="crop size for every run")
-    over.add_argument("--amp", choices=CONFIG_FIELDS["amp"].metadata["choices"], help="mixed precision for every run")
-    over.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (speed only: not recorded)")
+    recipes_own = dict.fromkeys(SHARED, "each recipe's")
+    add_config_args(over, only=("batch_size", "device", "amp"), defaults=recipes_own)
+    add_config_args(parser.add_argument_group("speed only (not recorded)"), only=("workers",), defaults=recipes_own)
     track = parser.add_argument_group("experiment tracking, every run (not recorded in the tables)")
     for name in ("log_to", "tracking_uri", "experiment"):
         f = CONFIG_FIELDS[name]
@@ -76,8 +78,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """0 when every row has all its seeds (a shard: when its own runs finished), 3 when rows are incomplete
     (a run diverged, or, for --collect, runs are not finished yet)."""
-    recipes = find_recipes(args.recipes)
     overrides = {k: getattr(args, k) for k in OVERRIDES}
+    check_flags({k: v for k, v in overrides.items() if v is not None})        # the ranges train checks
+    recipes = find_recipes(args.recipes)
     if args.collect:
         rows = collect(recipes, args.data_root, args.out, args.seeds, overrides)
         return 3 if any(len(r.top1) < r.seeds for r in rows) else 0

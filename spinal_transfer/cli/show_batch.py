@@ -26,7 +26,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..training.preview import show_batch
+    from ..training.preview import show_batch  # lazy: no torch at --help
 
     if args.num_images is not None and args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")

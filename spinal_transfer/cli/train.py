@@ -36,8 +36,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..runs.rundir import RunDir
-    from ..training.train import run
+    from ..runs.rundir import RunDir  # lazy: no torch at --help
+    from ..training.train import run  # lazy: no torch at --help
 
     flags = given_flags(args)
     if args.resume_if_exists:
@@ -60,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
 def _resume_if_exists(args: argparse.Namespace, flags: dict) -> int:
     """The command of a requeued job: the same line starts the run the first time and resumes it afterwards
     (a run that never reached a checkpoint starts over). A resumed run takes the changes resume allows."""
-    from ..runs.rundir import RunDir
-    from ..training.train import run
+    from ..runs.rundir import RunDir  # lazy: no torch at --help
+    from ..training.train import run  # lazy: no torch at --help
 
     if args.resume or args.overwrite:
         raise ConfigError("--resume-if-exists decides by itself whether to resume: leave out --resume/--overwrite")
@@ -75,8 +75,8 @@ def _resume_if_exists(args: argparse.Namespace, flags: dict) -> int:
 
 
 def _print(report: dict) -> int:
-    from ..utils.distributed import is_main
-    from ..evaluation.metrics import summary
+    from ..utils.distributed import is_main  # lazy: no torch at --help
+    from ..evaluation.metrics import summary  # lazy: no torch at --help
 
     if is_main():
         print(json.dumps({"best_epoch": report["best_epoch"],

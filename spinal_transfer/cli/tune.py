@@ -6,8 +6,10 @@ import json
 
 from . import positive_int
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
+from ..evaluation.metrics import summary
 from ..experiments.multirun import DEFAULT_MODE, MODE_HELP, MODE_NAMES, MODES
-from ..experiments.tune import DEFAULT_OUT, DEFAULT_SAMPLER_SEED, DEFAULT_STUDY, DEFAULT_TRIALS, PRUNERS, SEARCHED
+from ..experiments.tune import (DEFAULT_OUT, DEFAULT_SAMPLER_SEED, DEFAULT_STUDY, DEFAULT_TRIALS, PRUNERS, SEARCHED,
+                                 tune)
 
 # TrainConfig fields tune searches or sets itself, so they are not its flags (--epochs is: the longest trial)
 CONTROLLED = (*SEARCHED, "out", "freeze_backbone", "cache_features", "select_on")
@@ -68,9 +70,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..evaluation.metrics import summary
-    from ..experiments.tune import tune
-
     base = resolve_config(args.recipe, {k: v for k, v in given_flags(args).items() if k != "out"})
     result = tune(base, args.trials, args.mode, args.out, args.storage, args.study_name, args.sampler_seed,
                   args.pruner)

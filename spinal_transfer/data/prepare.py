@@ -13,13 +13,11 @@ stops the run before a single file is written.
 """
 from __future__ import annotations
 
-import argparse
 import filecmp
 import json
 import os
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -30,15 +28,13 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from ..errors import PrepareError
+
 MANIFEST = "prepare.json"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 _PARTIAL = ".partial"  # suffix of our temp files: `.<name>.partial` next to the final file
 _UNSAFE = re.compile(r'[\x00-\x1f/\\:*?"<>|]')
-
-
-class PrepareError(ValueError):
-    """A problem the user can fix; the message says how."""
 
 
 @dataclass(frozen=True)
@@ -335,7 +331,7 @@ DATASETS: dict[str, DatasetSpec] = {
              "class is one photograph (astronaut, cat, coffee, flower, motorcycle, rocket, temple; brick, grass "
              "and gravel textures); its 4x4 tiles are dealt to train/val/test (10/3/3) and 64x64 crops are cut "
              "inside them, so the task is recognising a scene from a part of it never seen in training. "
-             "--val-fraction and --seed do not apply: the split is the tiles'."),
+             "--val-fraction and --split-seed do not apply: the split is the tiles'."),
     "stanford_cars": DatasetSpec(
         title="Stanford Cars", origin="torchvision.datasets.StanfordCars",
         page="https://ai.stanford.edu/~jkrause/cars/car_dataset.html (offline; mirrors below)",
@@ -661,7 +657,7 @@ def _finished(name: str, out: Path, settings: dict, log: Callable[[str], Any]) -
     if old.get("dataset") != name or old_settings != settings:
         raise PrepareError(f"{out} was prepared as {old.get('dataset')} with splits {json.dumps(old_settings)}; "
                            f"this run asks for {name} with {json.dumps(settings)}. Rerun with the same "
-                           f"--val-fraction/--seed, or delete {out} to prepare it again.")
+                           f"--val-fraction/--split-seed, or delete {out} to prepare it again.")
     if _count_files(out) == old_counts:
         log(f"{name}: {out} is already complete ({_counts_text(old_counts)}); nothing to do.")
         return True
@@ -716,60 +712,3 @@ def prepare(name: str, root: Union[str, Path], download: bool = False, source: U
     })
     log(f"{name}: done -> {out} ({_counts_text(counts)})")
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI (wired by spinal_transfer.cli).
-
-HELP = "turn a paper dataset into ROOT/<name>/{train,val,test}/<class>/ image folders"
-EXAMPLES = """\
-  # a real folder out of the box, from images installed packages ship (no download)
-  spinal-transfer prepare digits --root data           # data/digits: sklearn's 1,797 digits, 10 classes
-  spinal-transfer prepare photos --root data           # data/photos: 1,000 crops of 10 photographs
-
-  # CIFAR-10 via torchvision, downloading into data/raw/ and writing data/cifar10/{train,val,test}/<class>/
-  spinal-transfer prepare cifar10 --root data --download
-
-  # Kaggle datasets cannot be downloaded: put the zip in the source folder first
-  #   data/raw/fruits.zip  (kaggle datasets download -d moltean/fruits)
-  spinal-transfer prepare fruits360 --root data
-
-  # Flowers-102 as the paper's scripts used it (Kaggle oxford-102-flower-pytorch: 6,552 train / 818 valid);
-  # `flowers102` is the official split (1,020 / 1,020 / 6,149)
-  #   data/raw/flower_data.zip  (https://www.kaggle.com/c/oxford-102-flower-pytorch/data)
-  spinal-transfer prepare flowers102_kaggle --root data
-
-  # raw archives elsewhere, a 20% val split with another seed
-  spinal-transfer prepare stanford_cars --root data --source /mnt/raw --val-fraction 0.2 --seed 1
-
-  # a subset or another version: warn instead of failing on the official image counts
-  spinal-transfer prepare bird225 --root data --no-check-counts
-
-Running the same command again does nothing once the output is complete. Missing source files are
-listed with their exact paths and download pages; see data/README.md for every dataset."""
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `spinal-transfer prepare`."""
-    parser.add_argument("dataset", choices=list(DATASETS), help="dataset to prepare")
-    parser.add_argument("--root", required=True, help="output root: writes ROOT/<dataset>/")
-    parser.add_argument("--source", default=None, help="folder with the raw archives/folders (default: ROOT/raw)")
-    parser.add_argument("--download", action="store_true",
-                        help="fetch missing raw files (torchvision datasets and CINIC-10 only)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="share of each class held out of train for val, where there is no official val "
-                             "(default: 0.1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified splits (default: 0)")
-    parser.add_argument("--no-check-counts", dest="check_counts", action="store_false",
-                        help="warn instead of failing when image counts differ from the official split sizes")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `prepare` from parsed arguments; 0 on success, 2 with the message on stderr otherwise."""
-    try:
-        prepare(args.dataset, args.root, download=args.download, source=args.source,
-                val_fraction=args.val_fraction, seed=args.seed, check_counts=args.check_counts)
-    except PrepareError as e:
-        print(f"spinal-transfer prepare: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -12,17 +12,15 @@ reliability diagram), per-class precision/recall/F1 worst first, the
 augmented batch preview, the top losses (most confidently wrong images, each figure carrying
 `data-path`/`data-loss` so a test can check them against the CSV) and the skipped files.
 
-    python -m spinal_transfer.evaluation.report_page RUN [--split test] [--out FILE] [--screenshot PNG]
+    spinal-transfer report RUN [--split test] [--out FILE] [--screenshot PNG]      (spinal_transfer.cli.report)
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -30,7 +28,6 @@ from .. import __version__
 from ..data.skiplog import SkipLog
 from ..runs.rundir import RunDir
 from ..utils.atomic import atomic_write_text
-from .browser import screenshot
 from .interpret import (
     ConfusedPair,
     Prediction,
@@ -453,27 +450,3 @@ def render_report_html(metrics: Mapping, predictions_csv: Optional[PathLike], cl
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<title>{_e(title)} \u2013 spinal-transfer report</title><style>{_CSS}</style></head>'
             f'<body><main>{"".join(body)}</main></body></html>\n')
-
-
-# ------------------------------------------------------------------------------------------------
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m spinal_transfer.evaluation.report_page", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", help="run folder (with report.json)")
-    ap.add_argument("--split", default="test", choices=["val", "test"])
-    ap.add_argument("--out", help="HTML file to write (default RUN/report.html)")
-    ap.add_argument("--top", type=int, default=16, help="images in the top-losses grid")
-    ap.add_argument("--screenshot", metavar="PNG", help="also render the page in headless Chromium to this PNG")
-    ap.add_argument("--width", type=int, default=1280, help="screenshot viewport width (CSS px)")
-    ap.add_argument("--max-height", type=int, default=None, help="cut the screenshot at this height (CSS px)")
-    args = ap.parse_args(argv)
-    page = write_report_html(args.run, args.out, args.split, args.top)
-    print(page)
-    if args.screenshot:
-        shot = screenshot(page, args.screenshot, width=args.width, max_height=args.max_height)
-        print(shot)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,1 +1,1 @@
-"""The run folder and the checkpoint file format (what is written where, verified on load)."""
+"""A run's folder (its lock, layout, config and reports) and the checkpoint file format."""

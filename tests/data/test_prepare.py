@@ -404,7 +404,7 @@ def test_interrupted_run_is_completed_without_rewriting(tmp_path):
 def test_rerun_with_other_split_settings_is_refused(tmp_path):
     fake_svhn(tmp_path / "raw")
     prep.prepare("svhn", tmp_path, check_counts=False, log=_quiet)
-    with pytest.raises(prep.PrepareError, match="--val-fraction/--seed"):
+    with pytest.raises(prep.PrepareError, match="--val-fraction/--split-seed"):
         prep.prepare("svhn", tmp_path, seed=1, check_counts=False, log=_quiet)
 
 
@@ -523,14 +523,13 @@ def test_safe_name():
 
 
 def test_cli_help_has_examples_and_main_reports_errors(tmp_path, capsys):
-    from spinal_transfer.cli import build_parser
+    from spinal_transfer.cli import build_parser, main
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = sub.choices["prepare"]
     assert "examples:" in parser.format_help() and "--no-check-counts" in parser.format_help()
     fake_svhn(tmp_path / "raw")
-    args = parser.parse_args(["svhn", "--root", str(tmp_path), "--no-check-counts", "--val-fraction", "0.2"])
-    assert prep.main(args) == 0
+    assert main(["prepare", "svhn", "--root", str(tmp_path), "--no-check-counts", "--val-fraction", "0.2"]) == 0
     assert json.loads((tmp_path / "svhn" / prep.MANIFEST).read_text())["splits"]["val"]["fraction"] == 0.2
-    assert prep.main(parser.parse_args(["cifar10", "--root", str(tmp_path)])) == 2
+    assert main(["prepare", "cifar10", "--root", str(tmp_path)]) == 2
     assert "cifar-10-python.tar.gz" in capsys.readouterr().err

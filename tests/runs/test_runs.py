@@ -18,7 +18,7 @@ from spinal_transfer.evaluation.interpret import read_predictions
 from spinal_transfer.runs.checkpoint import load_checkpoint
 from spinal_transfer.training.train import run
 
-PACKAGE = Path(__file__).resolve().parents[1] / "spinal_transfer"
+PACKAGE = Path(__file__).resolve().parents[2] / "spinal_transfer"
 ENV = {**os.environ, "PYTHONHASHSEED": "0"}
 
 

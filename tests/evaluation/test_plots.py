@@ -132,7 +132,7 @@ def test_no_pyplot_and_no_backend_switch(tmp_path):
         "b = getattr(matplotlib.rcParams, '_get_backend_or_none', lambda: None)()\n"
         "assert b is None, b\n"
     )
-    env_root = Path(__file__).resolve().parents[1]
+    env_root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=env_root,
                        env={"PYTHONPATH": str(env_root), "PATH": "/usr/bin:/bin", "MPLBACKEND": ""})
     assert r.returncode == 0, r.stderr[-2000:]

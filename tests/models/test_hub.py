@@ -7,7 +7,6 @@ must recognise it. Everything runs with HF_HUB_OFFLINE=1 or an unreachable endpo
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import HUB_COMMIT as COMMIT, put_in_hub_cache
 from spinal_transfer.errors import use_cli_option_names
 from spinal_transfer.models import hub
 from spinal_transfer.models.preprocess import resolve_data_config
@@ -25,26 +25,7 @@ from spinal_transfer.models.weights import WeightsUnavailable
 REPO = "testorg/tiny-resnet"
 BACKBONE = f"timm/hf-hub:{REPO}"
 DATA = dict(input_size=(3, 96, 96), mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), crop_pct=0.8, interpolation="bicubic")
-COMMIT = hashlib.sha1(b"spinal-transfer test commit").hexdigest()
 FAIL_FAST_S = 15          # today (before this change) these cases took ~50 s of huggingface_hub retries
-
-
-def put_in_hub_cache(cache: Path, repo: str, folder: Path, commit: str = COMMIT) -> Path:
-    """Copy the files of `folder` into `cache` the way huggingface_hub stores a download: content in
-    blobs/<etag> (sha256 for LFS files such as safetensors, git blob sha1 for small text files),
-    snapshots/<commit>/<name> as relative symlinks to them, refs/main holding the commit."""
-    repo_dir = cache / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs").mkdir(exist_ok=True)
-    for f in sorted(folder.iterdir()):
-        data = f.read_bytes()
-        etag = (hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors"
-                else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
-        (repo_dir / "blobs" / etag).write_bytes(data)
-        (repo_dir / "snapshots" / commit / f.name).symlink_to(Path("..", "..", "blobs", etag))
-    (repo_dir / "refs" / "main").write_text(commit)
-    return repo_dir
 
 
 @pytest.fixture(scope="module")

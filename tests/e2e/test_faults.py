@@ -280,7 +280,7 @@ def test_out_of_memory_names_the_batch_size_and_suggests_a_smaller_one(data, tmp
     script = textwrap.dedent(f"""
         import resource, sys
         import torch, timm, albumentations, cv2, sklearn.metrics         # the libraries' own mappings first
-        import spinal_transfer.train, spinal_transfer.cli
+        import spinal_transfer.training.train, spinal_transfer.cli
         used = sum(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (used + 3 * 2**30, resource.RLIM_INFINITY))
         from spinal_transfer.cli import main

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 HEADING = "Use it from Python"
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def section_code(text: str, heading: str = HEADING) -> str | None:

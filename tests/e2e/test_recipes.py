@@ -34,7 +34,7 @@ from torch import nn
 from spinal_transfer.config import Stage, TrainConfig
 from spinal_transfer.data.splits import Splits
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 RESULTS_CSV = RECIPES_DIR / "paper_results.csv"
 

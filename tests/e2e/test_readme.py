@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def blocks(lang: str) -> list[str]:
@@ -68,7 +68,7 @@ def readme_world(finished_run, tmp_path, monkeypatch, cli_run):
 
 
 def test_python_blocks_run(readme_world):
-    python = [b for b in blocks("python") if "Predictor" not in b]     # Predictor: tests/test_readme_predictor.py
+    python = [b for b in blocks("python") if "Predictor" not in b]     # Predictor: tests/e2e/test_readme_predictor.py
     assert len(python) >= 2
     for block in python:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})

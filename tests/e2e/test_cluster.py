@@ -19,7 +19,7 @@ from conftest import write_digits_folder
 from spinal_transfer.errors import EXIT_INTERRUPTED
 from spinal_transfer.experiments import reproduce as rp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(backbone="timm/test_resnet", weights="none", img_size=16, batch_size=64, workers=0, augment="none",
             optimizer="sgd", scheduler="none", device="cpu", log_interval=1000, deterministic=True,
             stages=[{"epochs": 2, "lr": 0.05}], limit_train_batches=2)

@@ -29,7 +29,7 @@ from spinal_transfer.runs.rundir import RunDir
 
 FLAGS = dict(backbone="timm/test_resnet", img_size=16, batch_size=64, workers=0, augment="none", scheduler="none",
              epochs=3, log_interval=1000, device="cpu", deterministic="true")
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _study(out: Path) -> optuna.Study:

@@ -20,7 +20,7 @@ from spinal_transfer.config import TrainConfig
 from spinal_transfer.evaluation.browser import find_chromium, render
 from spinal_transfer.experiments.audit import audit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_audit import save_variant  # noqa: E402
 
 TINY = ("--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "32", "--workers", "0",

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import write_digits_folder
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def first_screen_commands() -> list[str]:
@@ -64,7 +64,7 @@ def _put_resnet18_in_hf_cache(home: Path) -> None:
     timm/resnet18.a1_in1k), in huggingface_hub's cache layout."""
     import timm
     from safetensors.torch import save_file
-    from test_hub import put_in_hub_cache
+    from conftest import put_in_hub_cache
 
     name = timm.models.get_pretrained_cfg("resnet18").hf_hub_id or "timm/resnet18.a1_in1k"
     files = home / "export"

@@ -29,7 +29,7 @@ from spinal_transfer.evaluation.interpret import (
     top_losses,
     write_predictions_csv,
 )
-from spinal_transfer.evaluation.report_page import main as report_main
+from spinal_transfer.cli import main as cli
 from spinal_transfer.evaluation.report_page import write_evaluation_html, write_report_html
 
 TOP_N = 16
@@ -294,11 +294,11 @@ def test_chromium_check_catches_an_outside_request(tmp_path):
 
 
 def test_screenshot_command(run_dir, tmp_path, capsys, monkeypatch):
-    """`python -m spinal_transfer.evaluation.report_page RUN --out FILE --screenshot PNG`: the README picture's code path."""
+    """`spinal-transfer report RUN --out FILE --screenshot PNG`: the README picture's code path."""
     exe = _chromium_or_skip()
     out, png = tmp_path / "r.html", tmp_path / "shot.png"
     monkeypatch.setenv("CHROMIUM", exe)
-    assert report_main([str(run_dir), "--out", str(out), "--screenshot", str(png), "--max-height", "1600"]) == 0
+    assert cli(["report", str(run_dir), "--out", str(out), "--screenshot", str(png), "--max-height", "1600"]) == 0
     assert capsys.readouterr().out.split() == [str(out), str(png)]
     im = Image.open(png)
     assert im.size == (1280, 1600)

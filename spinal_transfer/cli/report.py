@@ -1,0 +1,38 @@
+"""`spinal-transfer report`."""
+from __future__ import annotations
+
+import argparse
+
+from . import positive_int
+
+EXAMPLES = """\
+  spinal-transfer report runs/pets                          # rewrite runs/pets/report.html (test split)
+  spinal-transfer report runs/pets --split val --out runs/pets/report_val.html
+  spinal-transfer report runs/pets --screenshot docs/report.png --max-height 2600    # the README's picture
+Reads a finished run folder (report.json, metrics, predictions, plots) and writes its self-contained
+page again; training writes the same page at the end of a run. --screenshot renders the page in
+headless Chromium (chromium or google-chrome on PATH)."""
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="finished run folder (with report.json)")
+    parser.add_argument("--split", default="test", choices=["val", "test"], help="split the page shows (default: test)")
+    parser.add_argument("--out", metavar="HTML", help="file to write (default: RUN/report.html)")
+    parser.add_argument("--top", type=positive_int, default=16, metavar="N",
+                        help="images in the top-losses grid (default: 16)")
+    parser.add_argument("--screenshot", metavar="PNG", help="also render the page in headless Chromium to this PNG")
+    parser.add_argument("--width", type=positive_int, default=1280, metavar="PX",
+                        help="screenshot viewport width in CSS px (default: 1280)")
+    parser.add_argument("--max-height", type=positive_int, default=None, metavar="PX",
+                        help="cut the screenshot at this height in CSS px (default: the whole page)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..evaluation.browser import screenshot  # lazy: no torch at --help
+    from ..evaluation.report_page import write_report_html  # lazy: no torch at --help
+
+    page = write_report_html(args.run, args.out, args.split, args.top)
+    print(page)
+    if args.screenshot:
+        print(screenshot(page, args.screenshot, width=args.width, max_height=args.max_height))
+    return 0

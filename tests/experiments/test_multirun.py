@@ -1,0 +1,35 @@
+"""What compare and tune share: the two modes' config fields, and the refusal to run under torchrun."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spinal_transfer.config import RESUME_SAFE, TrainConfig
+from spinal_transfer.experiments.multirun import IGNORED, MODES, MultiRunError, mode_fields, refuse_torchrun
+
+
+def test_frozen_mode_shares_one_feature_cache_and_finetune_trains_end_to_end(tmp_path):
+    assert set(MODES) == {"frozen", "finetune"}
+    frozen = mode_fields("frozen", tmp_path / "out")
+    assert frozen["freeze_backbone"] and frozen["cache_features"]
+    assert Path(frozen["cache_dir"]).parent == tmp_path / "out"
+    assert mode_fields("frozen", tmp_path / "out", cache_dir="/shared/cache")["cache_dir"] == "/shared/cache"
+    assert mode_fields("finetune", tmp_path) == {"freeze_backbone": False, "cache_features": False}
+    TrainConfig(**frozen)                               # fields a config accepts as they are
+    with pytest.raises(MultiRunError, match="--mode must be one of"):
+        mode_fields("linear-probe", tmp_path)
+
+
+def test_fields_that_do_not_change_what_a_run_learns_are_ignored_in_its_identity():
+    assert "out" in IGNORED and "workers" in IGNORED and "device" in IGNORED
+    assert not {"epochs", "stages", "data", "limit_train_batches"} & IGNORED
+    assert IGNORED - {"out"} <= set(RESUME_SAFE)
+
+
+def test_refuses_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MultiRunError, match="compare is not run under torchrun"):
+        refuse_torchrun("compare")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    refuse_torchrun("compare")

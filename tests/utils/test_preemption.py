@@ -1,0 +1,28 @@
+"""Stopping safely: signal names parsed as the config gives them, a real signal turned into "stop" at the next
+step, checkpoints every N steps, and the previous handlers back afterwards."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from spinal_transfer.errors import ConfigError
+from spinal_transfer.utils.preemption import StopControl, parse_signals
+
+
+def test_parse_signals():
+    assert parse_signals("TERM, sigusr1,int") == [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]
+    assert parse_signals("") == []
+    with pytest.raises(ConfigError, match="unknown signal 'KILL'"):
+        parse_signals("TERM,KILL")
+
+
+def test_a_signal_stops_at_the_next_step_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopControl([signal.SIGUSR1], every_steps=3) as stop:
+        assert [stop.decide(s) for s in (1, 2, 3, 4)] == ["", "", "checkpoint", ""]
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.received == "SIGUSR1" and stop.decide(5) == "stop"
+        assert stop.decide(6, due_ok=False) == "stop"
+    assert signal.getsignal(signal.SIGUSR1) is before
