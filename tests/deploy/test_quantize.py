@@ -24,7 +24,6 @@ from spinal_transfer.deploy.quantize import (
     QuantizationError,
     check_accuracy_drop,
     compare_onnx,
-    default_reduce_range,
     int8_suitability,
     onnx_session,
     onnx_top1,
@@ -108,7 +107,7 @@ def test_int8_model_reloads_runs_and_agrees(trained, tmp_path):
 
     info = quantize_onnx(fp32, tmp_path / "int8.onnx", train)
     assert info["calibration_images"] == 512 and info["format"] == "QDQ"
-    assert info["reduce_range"] == default_reduce_range()
+    assert info["reduce_range"] is False                               # 8-bit weights on every CPU
     n_conv = int8_suitability(fp32)["convs"]
     assert info["int8_ops"]["QLinearConv"] == n_conv and not {"Conv", "FusedConv"} & set(info["fp32_ops"])
     assert info["int8_ops"].get("QGemm", 0) >= 3                          # the spinal head's Linears
@@ -161,14 +160,6 @@ def test_batch_reader_feeds_at_most_max_images():
     assert all(d["input"].dtype == np.float32 and d["input"].flags["C_CONTIGUOUS"] for d in fed)
     assert fed[2]["input"][0, 0, 0, 0] == 2.0
     assert [len(d["x"]) for d in BatchReader([np.zeros((3, 3, 8, 8))] * 2, "x", None)] == [3, 3]
-
-
-def test_default_reduce_range_follows_the_cpu():
-    base = dict(machine="x86_64", avx2=True, avx512=False, vnni=False, amx=False, arm=False, dotprod=False)
-    assert default_reduce_range(base) is True                               # AVX2 only: avoid saturation
-    assert default_reduce_range({**base, "avx512": True, "vnni": True}) is False
-    assert default_reduce_range({**base, "amx": True}) is False
-    assert default_reduce_range({**base, "machine": "aarch64", "arm": True, "avx2": False}) is False
 
 
 def _separable(cin: int, cout: int) -> torch.nn.Sequential:
