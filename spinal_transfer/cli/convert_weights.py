@@ -23,7 +23,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..errors import ConfigError  # lazy: torch and timm only once the command runs
-    from ..models.convert import convert_weights
+    from ..models.convert import convert_weights  # lazy: no torch at --help
 
     if args.out.exists():
         raise ConfigError(f"{args.out} exists; choose another --out (nothing was written)")

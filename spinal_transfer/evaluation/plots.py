@@ -27,7 +27,7 @@ if TYPE_CHECKING:       # matplotlib is imported inside the functions: the CLI i
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .calibration import Calibration, SplitCalibration
+    from .calibration import Calibration, SplitCalibration  # lazy: type names only; calibration imports torch
 
 PathLike = Union[str, Path]
 #: Above this many classes a confusion matrix is drawn without per-cell numbers (and the report

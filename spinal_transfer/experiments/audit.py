@@ -45,7 +45,10 @@ its cosine reaches 0.954.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import csv
 import hashlib
+import io
+import json
 import logging
 import os
 import time
@@ -68,7 +71,9 @@ from ..models.preprocess import resolve_data_config
 from ..models.surgery import build_model
 from ..runs.rundir import RunDir
 from ..training.features import cached_split, default_cache_dir
+from ..utils.atomic import atomic_write_text
 from ..utils.runtime import amp_dtype, configure_process, pick_device, seed_everything, use_channels_last
+from .audit_page import write_audit_html
 
 log = logging.getLogger("spinal_transfer")
 PathLike = Union[str, os.PathLike]
@@ -231,10 +236,6 @@ def hash_images(paths: Sequence[str], cache: Path, threads: int = 8) -> list[Dig
     """`digest` of every path, decoded in threads (OpenCV and hashlib release the GIL), with a progress bar. The
     digests of decodable files are kept in `cache`/audit-digests.json by path, size and modification time, so a
     second audit decodes only new or changed files (the file is a cache: concurrent audits may each rewrite it)."""
-    import json
-
-    from ..utils.atomic import atomic_write_text
-
     store = cache / DIGESTS
     try:
         known = json.loads(store.read_text())
@@ -490,13 +491,6 @@ def _label_of(path: str, items: Iterable[Item], classes: Sequence[str]) -> str:
 
 def write_outputs(result: AuditResult, out: Path) -> None:
     """OUT/audit.csv (one row per finding), OUT/audit.json (the summary), OUT/audit.html (the page)."""
-    import csv
-    import io
-    import json
-
-    from ..utils.atomic import atomic_write_text
-    from .audit_page import write_audit_html
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()

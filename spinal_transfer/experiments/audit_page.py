@@ -9,17 +9,14 @@ findings a section says how many more audit.csv holds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .. import __version__
 from ..evaluation.plots import figure_png
-from ..evaluation.report_page import _CSS, CSP, _e, _fmt, _png_uri, _thumb_uri     # one look for both pages
+from ..evaluation.report_page import _CSS, CSP, _e, _fmt, _png_uri, _thumb_uri  # one look for both pages
 from ..utils.atomic import atomic_write_text
-
-if TYPE_CHECKING:
-    from .audit import AuditResult, Finding
 
 THUMB = 128
 _MORE_CSS = """
@@ -41,7 +38,7 @@ def _name(path: str) -> str:
     return f'<span class="path" title="{_e(path)}">{_e(Path(path).parent.name)}/{_e(Path(path).name)}</span>'
 
 
-def _figure(f: "Finding") -> str:
+def _figure(f: Any) -> str:
     attrs = (f'class="loss finding{" leak" if f.leak else ""}" data-kind="{_e(f.kind)}" data-path="{_e(f.path)}" '
              f'data-other="{_e(f.other_path)}" data-score="{f.score!r}"')
     if f.other_path:
@@ -59,7 +56,7 @@ def _figure(f: "Finding") -> str:
     return f'<figure {attrs}>{pic}<figcaption>{cap}</figcaption></figure>'
 
 
-def _grid_section(sid: str, title: str, note: str, found: Sequence["Finding"], limit: int) -> str:
+def _grid_section(sid: str, title: str, note: str, found: Sequence[Any], limit: int) -> str:
     head = f'<section id="{sid}"><h2>{_e(title)} ({len(found)})</h2><p class="note">{note}</p>'
     if not found:
         return head + '<p class="note">none found.</p></section>'
@@ -68,7 +65,7 @@ def _grid_section(sid: str, title: str, note: str, found: Sequence["Finding"], l
     return head + f'<div class="grid">{"".join(_figure(f) for f in shown)}</div>{more}</section>'
 
 
-def _cards(result: "AuditResult") -> str:
+def _cards(result: Any) -> str:
     s = result.summary()
     n = sum(s["images"].values())
     cards = [("images", f"{n:,}"), ("classes", str(len(result.classes))),
@@ -82,7 +79,7 @@ def _cards(result: "AuditResult") -> str:
                                            f'</div></div>' for k, v in cards) + "</div>"
 
 
-def _classes_section(result: "AuditResult") -> str:
+def _classes_section(result: Any) -> str:
     counts = result.counts()
     splits = list(counts)
     head = "".join(f'<th class="n">{_e(s)}</th>' for s in splits)
@@ -114,7 +111,7 @@ def sizes_figure(sizes: Sequence[tuple[int, int]]):
     return fig
 
 
-def _sizes_section(result: "AuditResult") -> str:
+def _sizes_section(result: Any) -> str:
     if not result.sizes:
         return ""
     uri = _png_uri(figure_png(sizes_figure(result.sizes), dpi=90))
@@ -122,7 +119,7 @@ def _sizes_section(result: "AuditResult") -> str:
             f'shorter side and of the aspect ratio" src="{uri}"></section>')
 
 
-def _settings_section(result: "AuditResult") -> str:
+def _settings_section(result: Any) -> str:
     rows = {**{k: v for k, v in result.settings.items() if v not in ("", None)},
             "near-duplicate threshold": f"cosine similarity of the centred features >= {result.threshold:g}, or "
                                         f"perceptual hashes <= {result.settings.get('hash_bits')} bits apart",
@@ -131,7 +128,7 @@ def _settings_section(result: "AuditResult") -> str:
     return f'<section id="settings"><h2>settings</h2><table class="kv">{body}</table></section>'
 
 
-def _undecodable_section(found: Sequence["Finding"]) -> str:
+def _undecodable_section(found: Sequence[Any]) -> str:
     if not found:
         return '<section id="undecodable"><h2>undecodable files</h2><p class="note">none.</p></section>'
     body = "".join(f'<tr><td class="path">{_e(f.path)}</td><td>{_e(f.detail)}</td></tr>' for f in found)
@@ -139,7 +136,7 @@ def _undecodable_section(found: Sequence["Finding"]) -> str:
             f'<table id="undecodable-files"><tr><th>file</th><th>reason</th></tr>{body}</table></section>')
 
 
-def render_audit_html(result: "AuditResult", limit: int = 200) -> str:
+def render_audit_html(result: Any, limit: int = 200) -> str:
     pairs = result.of_kind("exact_duplicate") + result.of_kind("near_duplicate")
     leaks = [f for f in pairs if f.leak]
     within = [f for f in pairs if not f.leak]
@@ -172,6 +169,6 @@ def render_audit_html(result: "AuditResult", limit: int = 200) -> str:
             f'<style>{_CSS}{_MORE_CSS}</style></head><body><main>{"".join(body)}</main></body></html>\n')
 
 
-def write_audit_html(result: "AuditResult", out: Path, limit: int = 200) -> Path:
+def write_audit_html(result: Any, out: Path, limit: int = 200) -> Path:
     atomic_write_text(out, render_audit_html(result, limit))
     return Path(out)
