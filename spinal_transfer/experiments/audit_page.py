@@ -9,7 +9,7 @@ findings a section says how many more audit.csv holds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
