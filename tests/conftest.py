@@ -197,3 +197,16 @@ def put_in_hub_cache(cache: Path, repo: str, folder: Path, commit: str = HUB_COM
         (repo_dir / "snapshots" / commit / f.name).symlink_to(Path("..", "..", "blobs", etag))
     (repo_dir / "refs" / "main").write_text(commit)
     return repo_dir
+
+
+def chromium_or_skip() -> str:
+    """The headless browser's executable, or skip the test saying why (the browser tests of report.html, audit.html
+    and serve's page)."""
+    from spinal_transfer.evaluation.browser import find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        reason = "no Chromium on this machine (.ci/run installs Debian's chromium; set $CHROMIUM to another)"
+        print(f"SKIPPED: {reason}")
+        pytest.skip(reason)
+    return exe

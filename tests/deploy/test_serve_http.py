@@ -32,6 +32,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
+from conftest import chromium_or_skip
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from spinal_transfer.data.splits import list_images  # noqa: E402
@@ -334,10 +335,9 @@ _RESULT_JS = """new Promise((resolve) => { const t = setInterval(() => {
 
 
 def test_page_uploads_an_image_in_chromium(plain, bundle, images):
-    from spinal_transfer.evaluation.browser import find_chromium, render
+    from spinal_transfer.evaluation.browser import render
 
-    if not find_chromium():
-        pytest.skip("no Chromium on this machine (set $CHROMIUM or install chromium)")
+    chromium_or_skip()
     page = render(plain.url + "/", files={"#file": [images[4]]}, evaluate={"result": _RESULT_JS}, timeout=60)
     result = page.values["result"]
     want = expected(bundle, [images[4]], "torch", k=5)[0]

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import chromium_or_skip
 from PIL import Image
 from report_run import make_run_folder
 
+from spinal_transfer.cli import main as cli
 from spinal_transfer.data.skiplog import SkipLog
-from spinal_transfer.evaluation.browser import find_chromium, render
+from spinal_transfer.evaluation.browser import render
 from spinal_transfer.evaluation.interpret import (
     most_confused,
     most_confused_from_matrix,
@@ -29,7 +31,6 @@ from spinal_transfer.evaluation.interpret import (
     top_losses,
     write_predictions_csv,
 )
-from spinal_transfer.cli import main as cli
 from spinal_transfer.evaluation.report_page import write_evaluation_html, write_report_html
 
 TOP_N = 16
@@ -249,22 +250,13 @@ def test_old_csv_without_probabilities_is_reported_not_ranked(run_dir, tmp_path)
 # ------------------------------------------------------------------------------------------------
 # In a real browser
 
-def _chromium_or_skip() -> str:
-    exe = find_chromium()
-    if exe is None:
-        reason = "no Chromium on this machine (.ci/run installs Debian's chromium; set $CHROMIUM to another)"
-        print(f"SKIPPED: {reason}")
-        pytest.skip(reason)
-    return exe
-
-
 _TOP_LOSSES_JS = ("Array.from(document.querySelectorAll('#top-losses-grid figure'))"
                   ".map(f => [f.dataset.path, Number(f.dataset.loss), f.querySelector('img') !== null,"
                   " f.getBoundingClientRect().width])")
 
 
 def test_report_renders_in_chromium(run_dir):
-    exe = _chromium_or_skip()
+    exe = chromium_or_skip()
     page = write_report_html(run_dir)
     r = render(page, chromium=exe, evaluate={"top_losses": _TOP_LOSSES_JS,
                                              "title": "document.querySelector('h1').textContent"})
@@ -283,7 +275,7 @@ def test_report_renders_in_chromium(run_dir):
 
 def test_chromium_check_catches_an_outside_request(tmp_path):
     """The browser check itself can fail: a page with an outside image and a broken one is caught."""
-    exe = _chromium_or_skip()
+    exe = chromium_or_skip()
     bad = tmp_path / "bad.html"
     bad.write_text('<!DOCTYPE html><h1>x</h1><img src="http://127.0.0.1:9/x.png">'
                    '<img src="data:image/png;base64,AAAA">')
@@ -295,7 +287,7 @@ def test_chromium_check_catches_an_outside_request(tmp_path):
 
 def test_screenshot_command(run_dir, tmp_path, capsys, monkeypatch):
     """`spinal-transfer report RUN --out FILE --screenshot PNG`: the README picture's code path."""
-    exe = _chromium_or_skip()
+    exe = chromium_or_skip()
     out, png = tmp_path / "r.html", tmp_path / "shot.png"
     monkeypatch.setenv("CHROMIUM", exe)
     assert cli(["report", str(run_dir), "--out", str(out), "--screenshot", str(png), "--max-height", "1600"]) == 0

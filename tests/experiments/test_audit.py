@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import truncated_jpeg
+from conftest import chromium_or_skip, truncated_jpeg
 from PIL import Image
 
 from spinal_transfer.config import TrainConfig
-from spinal_transfer.evaluation.browser import find_chromium, render
+from spinal_transfer.evaluation.browser import render
 from spinal_transfer.experiments.audit import audit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -174,21 +174,12 @@ def test_flipped_labels_rank_first(damaged):
     assert scores == sorted(scores, reverse=True)                  # self-confidence ranking: least confident first
 
 
-def _chromium_or_skip() -> str:
-    exe = find_chromium()
-    if exe is None:
-        reason = "no Chromium on this machine (.ci/run installs Debian's chromium; set $CHROMIUM to another)"
-        print(f"SKIPPED: {reason}")
-        pytest.skip(reason)
-    return exe
-
-
 _FIGURES_JS = ("Array.from(document.querySelectorAll('figure.finding')).map(f => [f.dataset.kind, f.dataset.path,"
                " f.dataset.other, f.querySelectorAll('img').length, f.getBoundingClientRect().width])")
 
 
 def test_audit_html_renders_in_chromium_with_its_thumbnails(leaky_run):
-    exe = _chromium_or_skip()
+    exe = chromium_or_skip()
     page = leaky_run["out"] / "audit.html"
     r = render(page, chromium=exe, evaluate={"figures": _FIGURES_JS})
     assert r.failed == [] and r.errors == [] and r.external_requests == []
