@@ -56,7 +56,7 @@ def truncated_jpeg(path: Path, seed: int = 0) -> Path:
 # many steps were done before the signal. A real signal, a real handler.
 SIGNAL_AT_STEP = """
 import os, signal, sys
-import spinal_transfer.train as T
+import spinal_transfer.training.train as T
 k, name, times, only_rank = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 real, fired = T.train_one_epoch, []
 

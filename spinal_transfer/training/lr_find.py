@@ -29,16 +29,14 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..data.augment import Augmentation
-from ..data.loaders import EpochSampler, class_weights, make_loader, train_drop_last
-from ..data.splits import scan
-from ..data.transforms import build_transforms
+from ..data.loaders import class_weights
+from ..data.splits import config_splits
 from ..evaluation.evaluate import autocast
 from ..evaluation.plots import _figure, save_figure
 from ..models.heads import head_options
-from ..models.preprocess import resolve_data_config
 from ..models.surgery import build_model
 from ..utils.runtime import amp_dtype, configure_process, pick_device, seed_everything, use_channels_last
+from .inputs import RunInputs, train_sampler
 from .optim import FreezePolicy, compute_loss, make_optimizer
 
 PathLike = Union[str, Path]
@@ -234,20 +232,16 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.device)
     configure_process(device)
-    splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    splits = config_splits(cfg)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
                         **head_options(cfg))
-    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
-                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
+    inputs = RunInputs.from_config(cfg, model, splits)
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    train = splits.train
-    tf = build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
-    loader = make_loader(train, tf, cfg.batch_size, cfg.workers,
-                         device, EpochSampler(len(train), cfg.seed), drop_last=train_drop_last(len(train), cfg.batch_size, 1))
-    weight = class_weights(train, len(splits.classes)).to(device) if cfg.class_balance == "loss" else None
+    loader = inputs.loaders(cfg, device, train_sampler(cfg, splits.train, len(splits.classes)))["train"]
+    weight = class_weights(splits.train, len(splits.classes)).to(device) if cfg.class_balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     result = find_lr_as_run(cfg, model, _good_batches(loader), criterion, device, dtype, channels_last,
                             start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, rule=rule)

@@ -24,18 +24,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Stage, TrainConfig, resume_config
-from ..data.augment import Augmentation
-from ..data.loaders import (
-    EpochSampler,
-    ShardSampler,
-    balanced_sample_weights,
-    class_weights,
-    make_loader,
-    train_drop_last,
-)
+from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
 from ..data.skiplog import SkipLog
-from ..data.splits import Splits, apply_protocol, load_recorded, record, scan
-from ..data.transforms import DataConfig, build_transforms
+from ..data.splits import Splits, config_splits, load_recorded, record
+from ..data.transforms import DataConfig
 from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
 from ..evaluation.evaluate import TTA, Outputs, autocast, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
@@ -43,7 +35,6 @@ from ..evaluation.metrics import classification_metrics, summary
 from ..evaluation.plots import plot_confusion, plot_curves, plot_top_losses
 from ..evaluation.report_page import write_report_html
 from ..models.heads import head_options
-from ..models.preprocess import resolve_data_config
 from ..models.surgery import build_model, get_head
 from ..runs.checkpoint import checkpoint_meta, load_checkpoint
 from ..runs.rundir import RunDir, check_new_run, default_run_name
@@ -72,12 +63,15 @@ from ..utils.runtime import (
 )
 from ..utils.tracking import Tracker
 from .features import cached_split, default_cache_dir, feature_loader
+from .inputs import RunInputs, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
 from .optim import FreezePolicy, compute_loss, make_optimizer, make_scheduler
 from .preview import write_batch_preview
 from .selection import CheckpointSaver, EarlyStopping
 
 log = logging.getLogger("spinal_transfer")
+# where a last.pt written before EarlyStopping kept its own state has that state (Progress kept it)
+LEGACY_EARLY = {"early_best": "best", "early_best_epoch": "best_epoch", "early_bad": "bad"}
 LR_FIND_STEPS = 100     # --lr auto: enough for a smooth curve, a minute on a CPU (the lr-find command: 200)
 
 
@@ -94,9 +88,12 @@ class Progress:
     epoch_loss: float = 0.0
     epoch_seen: int = 0
     stopped: dict = field(default_factory=dict)      # stage index -> {ran, epoch, reason} when it stopped early
-    early_best: float = float("-inf")                # early stopping in the current stage
-    early_best_epoch: int = 0
-    early_bad: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "Progress":
+        """last.pt's progress; one written before EarlyStopping kept its own state carried that state here
+        (early_best, early_best_epoch, early_bad), which `early_stopping_state` reads instead."""
+        return cls(**{k: v for k, v in ckpt["progress"].items() if k not in LEGACY_EARLY})
 
     def locate(self, stages: list[Stage]) -> tuple[int, int]:
         """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done.
@@ -175,11 +172,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
     device = pick_device(cfg.device)
     configure_process(device)
     setup_logging()
-    if resume is not None:
-        cfg = dataclasses.replace(cfg, out=str(resume))
-    elif not cfg.out:
-        cfg = dataclasses.replace(cfg, out=broadcast_object(default_run_name(cfg.backbone, cfg.head)))
-    run_dir = RunDir(cfg.out)
+    run_dir = RunDir(resume if resume is not None else cfg.out or
+                     broadcast_object(default_run_name(cfg.backbone, cfg.head)))
     if resume is None:
         _check_data_folder(cfg.data, run_dir)
     if resume is None and not overwrite:         # refuse before touching anything (checked again under the lock)
@@ -187,9 +181,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
     with _exclusive(run_dir):
         ckpt = _open(run_dir, resume is not None, overwrite)
         if ckpt is not None:           # its own config, with the changes a resumed run may take
-            cfg = dataclasses.replace(resume_config(TrainConfig.from_dict(ckpt["config"]), cfg,
-                                                    ckpt["progress"]["epoch"]), out=cfg.out)
-            if run_dir.is_finished() and Progress(**ckpt["progress"]).locate(cfg.resolved_stages())[0] == \
+            cfg = resume_config(TrainConfig.from_dict(ckpt["config"]), cfg, ckpt["progress"]["epoch"])
+            if run_dir.is_finished() and Progress.from_checkpoint(ckpt).locate(cfg.resolved_stages())[0] == \
                     len(cfg.resolved_stages()):
                 log.info(f"{run_dir.path} is finished ({ckpt['progress']['epoch']} epochs); nothing to add. To "
                          f"train more, resume with a larger --epochs")
@@ -313,25 +306,20 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         run.write_json(run.classes, splits.classes)
     for note in model.spinal_info.notes:
         log.info(note)
-    if cfg.head == "spinal" and cfg.layer_width is None:      # the rule's width, written into config.yaml
-        cfg = dataclasses.replace(cfg, layer_width=get_head(model).layer_width)
-        log.info(f"spinal layer width {cfg.layer_width}: 2 x {len(splits.classes)} classes, at least 32, at most "
-                 f"features/4 (heads.default_layer_width)")
-    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
-                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
-    cfg = dataclasses.replace(cfg, img_size=dc.img_size, mean=list(dc.mean), std=list(dc.std),
-                              interpolation=dc.interpolation, select_on=selection_split(cfg),
-                              resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
+    inputs = RunInputs.from_config(cfg, model, splits)
+    dc = inputs.data_config
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
     model = _place(model, cfg, device, channels_last)
-    samples, loaders, sampler = build_loaders(cfg, model, dc, splits, device, dtype, channels_last, run, skips)
+    samples, loaders, sampler = build_loaders(cfg, model, inputs, device, dtype, channels_last, run, skips)
     if is_main() and not cfg.cache_features and ckpt is None:
-        _write_batch_preview(cfg, dc, samples["train"], splits.classes, run)
+        _write_batch_preview(cfg, inputs, run)
     criterion, mixup = _loss(cfg, samples["train"], len(splits.classes), device)
+    lr = cfg.lr
     if cfg.lr == "auto":                              # a new run only: a resumed one has the lr it found
         hard = criterion if mixup is None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        cfg = dataclasses.replace(cfg, lr=_auto_lr(cfg, model, loaders["train"], hard, device, dtype,
-                                                   channels_last and not cfg.cache_features, run, skips))
+        lr = _auto_lr(cfg, model, loaders["train"], hard, device, dtype, channels_last and not cfg.cache_features,
+                      run, skips)
+    cfg = finish_config(cfg, str(run.path), model, dc, lr)
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
     tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
@@ -352,6 +340,23 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     return s
 
 
+def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, lr: Any) -> TrainConfig:
+    """The run's config as it runs and as config.yaml records it, made once, before the first epoch: the values
+    the set-up resolved written in (the run folder; the spinal width the head rule chose; the input size,
+    resize, normalization and interpolation of the backbone; the selection split of the protocol; the lr
+    `--lr auto` found), so a resume, `evaluate` and `export` read what the run did. Nothing changes it after."""
+    width = cfg.layer_width
+    if cfg.head == "spinal" and width is None:         # the rule's width
+        head = get_head(model)
+        width = head.layer_width
+        log.info(f"spinal layer width {width}: 2 x {head.num_classes} classes, at least 32, at most features/4 "
+                 f"(heads.default_layer_width)")
+    return dataclasses.replace(
+        cfg, out=out, layer_width=width, img_size=dc.img_size, mean=list(dc.mean), std=list(dc.std),
+        interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
+        resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
+
+
 def selection_split(cfg: TrainConfig) -> str:
     """The split that picks the best epoch: the config's, or under the paper protocol the authors' (a recipe's
     paper_select_on: test means there is no val split at all, as in their scripts)."""
@@ -364,9 +369,7 @@ def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
     rank takes them."""
     splits = None
     if is_main():
-        splits = (load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else
-                  apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed), cfg.protocol,
-                                 cfg.paper_select_on, cfg.paper_val_index_mod))
+        splits = load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else config_splits(cfg)
     splits = broadcast_object(splits)
     skips.add(splits.skipped)
     return splits
@@ -394,39 +397,35 @@ def _make_ema(model: nn.Module, decay: Optional[float]) -> Any:
     return ModelEmaV3(model, decay=decay)
 
 
-def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Splits, device: torch.device,
+def build_loaders(cfg: TrainConfig, model: nn.Module, inputs: RunInputs, device: torch.device,
                   dtype: Optional[torch.dtype], channels_last: bool, run: RunDir,
                   skips: SkipLog) -> tuple[dict, dict, EpochSampler]:
-    """(samples, loaders, training sampler) per split: images through the input pipeline, or in cached-feature
-    mode the stored features of the frozen backbone (computed once by rank 0, then read by every rank)."""
-    eval_tf = build_transforms(dc, train=False)
+    """(samples, loaders, training sampler) per split: images through the input pipeline (RunInputs), or in
+    cached-feature mode the stored features of the frozen backbone (computed once by rank 0, then read by every
+    rank)."""
+    splits = inputs.splits
     samples = {n: splits.get(n) for n in ("train", "val", "test")}
-    if cfg.cache_features:
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run.path)
-        log.info(f"cached-feature mode: the backbone runs once without augmentation (features in {cache}); "
-                 f"training sees the stored features")
-        FreezePolicy.apply(model, frozen=True)
-        feats = {}
-        for turn in ("compute", "load"):
-            if turn == "load" or is_main():
-                for n in samples:
-                    feats[n] = cached_split(model, splits.get(n), eval_tf, cache, n, weights=cfg.weights,
-                                            device=device, dtype=dtype, channels_last=channels_last,
-                                            batch_size=cfg.batch_size, workers=cfg.workers, skips=skips)
-            barrier()
-        samples = {n: kept for n, (_, kept) in feats.items()}
-    sampler = _train_sampler(cfg, samples["train"], len(splits.classes))
+    if not cfg.cache_features:
+        sampler = train_sampler(cfg, samples["train"], len(splits.classes))
+        return samples, inputs.loaders(cfg, device, sampler), sampler
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run.path)
+    log.info(f"cached-feature mode: the backbone runs once without augmentation (features in {cache}); "
+             f"training sees the stored features")
+    FreezePolicy.apply(model, frozen=True)
+    feats = {}
+    for turn in ("compute", "load"):
+        if turn == "load" or is_main():
+            for n in samples:
+                feats[n] = cached_split(model, splits.get(n), inputs.eval_transform, cache, n, weights=cfg.weights,
+                                        device=device, dtype=dtype, channels_last=channels_last,
+                                        batch_size=cfg.batch_size, workers=cfg.workers, skips=skips)
+        barrier()
+    samples = {n: kept for n, (_, kept) in feats.items()}
+    sampler = train_sampler(cfg, samples["train"], len(splits.classes))
     drop = train_drop_last(len(samples["train"]), cfg.batch_size, world_size())
-    if cfg.cache_features:
-        loaders = {n: feature_loader(ds, cfg.batch_size, sampler if n == "train" else
-                                     ShardSampler(len(ds), world_size(), rank()), drop and n == "train")
-                   for n, (ds, _) in feats.items()}
-    else:
-        train_tf = build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
-        loaders = {"train": make_loader(samples["train"], train_tf, cfg.batch_size, cfg.workers, device, sampler, drop)}
-        for n in ("val", "test"):
-            loaders[n] = make_loader(samples[n], eval_tf, cfg.batch_size, cfg.workers, device,
-                                     ShardSampler(len(samples[n]), world_size(), rank()))
+    loaders = {n: feature_loader(ds, cfg.batch_size, sampler if n == "train" else
+                                 ShardSampler(len(ds), world_size(), rank()), drop and n == "train")
+               for n, (ds, _) in feats.items()}
     return samples, loaders, sampler
 
 
@@ -446,20 +445,15 @@ def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, criterion: n
     return float(broadcast_object(suggestion))
 
 
-def _write_batch_preview(cfg: TrainConfig, dc: DataConfig, train_samples: list, classes: list[str],
-                         run: RunDir) -> None:
+def _write_batch_preview(cfg: TrainConfig, inputs: RunInputs, run: RunDir) -> None:
     """plots/batch.png: the start of epoch 1's first batch through the training pipeline, pixel for pixel."""
-    preview = write_batch_preview(train_samples, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg)), classes,
-                                  dc.mean, dc.std, run.plot("batch.png"), n=min(32, cfg.batch_size), seed=cfg.seed)
+    dc = inputs.data_config
+    preview = write_batch_preview(inputs.splits.train, inputs.train_transform, inputs.classes, dc.mean, dc.std,
+                                  run.plot("batch.png"), n=min(32, cfg.batch_size), seed=cfg.seed)
     log.info(f"first training batch as the model sees it: {run.plot('batch.png')}"
              + (" (with --class-balance sampler the run draws its batches differently)"
                 if cfg.class_balance == "sampler" else "") + (f"; {len(preview.skipped)} unreadable file(s) left out"
                                                                if preview.skipped else ""))
-
-
-def _train_sampler(cfg: TrainConfig, samples: list, num_classes: int) -> EpochSampler:
-    weights = balanced_sample_weights(samples, num_classes) if cfg.class_balance == "sampler" else None
-    return EpochSampler(len(samples), cfg.seed, world_size(), rank(), weights)
 
 
 def _loss(cfg: TrainConfig, train_samples: list, num_classes: int, device: torch.device) -> tuple[nn.Module, Any]:
@@ -480,9 +474,19 @@ def _restore(s: Session, ckpt: dict) -> None:
     s.model.load_state_dict(ckpt["model"])
     if s.ema is not None and ckpt.get("ema") is not None:
         s.ema.module.load_state_dict(ckpt["ema"])
-    s.progress = Progress(**ckpt["progress"])
+    s.progress = Progress.from_checkpoint(ckpt)
+    s.early.load_state_dict(early_stopping_state(ckpt))
     if is_main():          # epochs a killed run logged after its last checkpoint are dropped
         s.run.keep_metrics_until(s.progress.epoch)
+
+
+def early_stopping_state(ckpt: dict) -> dict:
+    """EarlyStopping's state in last.pt: its own entry, or in a last.pt written before it had one, the three
+    values Progress kept for it."""
+    if "early_stopping" in ckpt:
+        return ckpt["early_stopping"]
+    old = ckpt["progress"]
+    return {new: old.get(k, EarlyStopping().state_dict()[new]) for k, new in LEGACY_EARLY.items()}
 
 
 def _log_start(s: Session, splits: Splits) -> None:
@@ -525,7 +529,8 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
         set_rng_state(s.resume["rng"])
     if fresh:
         s.saver.start_stage()
-        s.progress.stage_step, s.progress.early_best, s.progress.early_bad = 0, float("-inf"), 0
+        s.progress.stage_step = 0
+        s.early.start_stage()
     s.resume = None
     for e in range(done, stage.epochs):
         stop = run_epoch(s, opt, sched if unit == "step" else None, si)
@@ -582,7 +587,7 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
            "seconds": time.perf_counter() - t0}
     row.update({"val": summary(val_m)} if val_m else {})
     row.update({"test": summary(select_m)} if cfg.select_on == "test" else {})
-    stop = s.early.update(s.progress, epoch, select_m["top1"], cfg.select_on)
+    stop = s.early.update(epoch, select_m["top1"], cfg.select_on)
     if is_main():
         best = s.saver.update(epoch, select_m["top1"], s.model, s.ema)
         s.saver.save_last(s.model, s.ema, _train_state(s, opt))
@@ -602,7 +607,7 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
 def _train_state(s: Session, opt: torch.optim.Optimizer) -> dict:
     """What last.pt holds besides the weights: enough to continue at the next batch."""
     return {"optimizer": opt.state_dict(), "scaler": s.scaler.state_dict(), "rng": rng_state(),
-            "progress": dataclasses.asdict(s.progress)}
+            "progress": dataclasses.asdict(s.progress), "early_stopping": s.early.state_dict()}
 
 
 def _between_steps(s: Session, opt: torch.optim.Optimizer, batches: int, loss_sum: torch.Tensor, seen: int) -> None:
