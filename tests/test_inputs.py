@@ -40,7 +40,7 @@ def test_lr_find_show_batch_and_evaluate_see_the_runs_files_under_the_paper_prot
     seen = []
 
     def spy(cfg, model, batches, *args, **kw):
-        seen.extend(p for p, _ in batches.loader.dataset.samples)
+        seen.extend(p for p, _ in batches.batches.dataset.samples)      # the loader the run's SkipLog watches
         raise StopIteration     # the files are all this test needs; no sweep
     monkeypatch.setattr(lr_find, "find_lr_as_run", spy)
     try:

@@ -29,7 +29,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import Splits, config_splits, load_recorded, record
 from ..data.transforms import DataConfig
 from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
-from ..evaluation.evaluate import TTA, Outputs, autocast, predict_logits, predict_logits_tta, write_predictions
+from ..evaluation.evaluate import TTA, Outputs, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
 from ..evaluation.metrics import classification_metrics, summary
 from ..evaluation.plots import plot_confusion, plot_curves, plot_top_losses
@@ -65,9 +65,10 @@ from ..utils.tracking import Tracker
 from .features import cached_split, default_cache_dir, feature_loader
 from .inputs import RunInputs, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
-from .optim import FreezePolicy, compute_loss, make_optimizer, make_scheduler
+from .optim import FreezePolicy, make_optimizer, make_scheduler
 from .preview import write_batch_preview
 from .selection import CheckpointSaver, EarlyStopping
+from .step import StepSettings, train_step
 
 log = logging.getLogger("spinal_transfer")
 # where a last.pt written before EarlyStopping kept its own state has that state (Progress kept it)
@@ -113,17 +114,13 @@ class Session:
 
     cfg: TrainConfig
     run: RunDir
-    device: torch.device
-    dtype: Optional[torch.dtype]
-    channels_last: bool
+    settings: StepSettings                # how each batch is stepped: device, precision, loss, accumulation, ...
     model: nn.Module                      # the raw model (the loop may call a DDP/compiled wrapper of it)
     ema: Any
     classes: list[str]
     samples: dict[str, list]              # per split, the samples its loader reads (in cache mode: what loaded)
     loaders: dict[str, Any]
     sampler: EpochSampler
-    criterion: nn.Module
-    mixup: Any
     scaler: torch.amp.GradScaler
     skips: SkipLog
     saver: CheckpointSaver
@@ -144,7 +141,8 @@ class Session:
             self._wrapped.clear()
             m = get_head(self.model) if self.cfg.cache_features else self.model
             if world_size() > 1:
-                ids = [self.device.index] if self.device.type == "cuda" else None
+                device = self.settings.device
+                ids = [device.index] if device.type == "cuda" else None
                 m = nn.parallel.DistributedDataParallel(m, device_ids=ids)
             self._wrapped[frozen] = torch.compile(m) if self.cfg.compile else m
         return self._wrapped[frozen]
@@ -314,11 +312,12 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     if is_main() and not cfg.cache_features and ckpt is None:
         _write_batch_preview(cfg, inputs, run)
     criterion, mixup = _loss(cfg, samples["train"], len(splits.classes), device)
+    settings = StepSettings.from_config(cfg, device, criterion, mixup)
     lr = cfg.lr
     if cfg.lr == "auto":                              # a new run only: a resumed one has the lr it found
         hard = criterion if mixup is None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        lr = _auto_lr(cfg, model, loaders["train"], hard, device, dtype, channels_last and not cfg.cache_features,
-                      run, skips)
+        lr = _auto_lr(cfg, model, loaders["train"], dataclasses.replace(settings, criterion=hard, mixup=None), run,
+                      skips)
     cfg = finish_config(cfg, str(run.path), model, dc, lr)
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
@@ -328,9 +327,8 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     ema = _make_ema(model, cfg.ema_decay)
     saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info),
                             multi_stage=len(cfg.resolved_stages()) > 1, state=ckpt.get("saver") if ckpt else None)
-    s = Session(cfg, run, device, dtype, channels_last and not cfg.cache_features, model, ema, splits.classes,
-                samples, loaders, sampler, criterion, mixup,
-                torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), skips, saver,
+    s = Session(cfg, run, settings, model, ema, splits.classes, samples, loaders, sampler,
+                torch.amp.GradScaler(device.type, enabled=settings.dtype == torch.float16), skips, saver,
                 FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
                 EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta), Progress(),
                 control or StopControl([]), tracker, ckpt)
@@ -429,15 +427,15 @@ def build_loaders(cfg: TrainConfig, model: nn.Module, inputs: RunInputs, device:
     return samples, loaders, sampler
 
 
-def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, criterion: nn.Module, device: torch.device,
-             dtype: Optional[torch.dtype], channels_last: bool, run: RunDir, skips: SkipLog) -> float:
+def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, settings: StepSettings, run: RunDir,
+             skips: SkipLog) -> float:
     """--lr auto: the range test (lr_find.py) on a copy of the model, with the run's data, loss, optimizer and
     first-epoch freezing, on rank 0; every rank takes its suggestion. Its curve goes to plots/lr_find.png, its
     numbers to lr_find.json (and report.json)."""
     suggestion = None
     if is_main():
         result = find_lr_as_run(cfg, get_head(model) if cfg.cache_features else model, skips.watched(train_loader),
-                                criterion, device, dtype, channels_last, num_steps=LR_FIND_STEPS)
+                                settings, num_steps=LR_FIND_STEPS)
         plot_lr_find(result, run.plot("lr_find.png"))
         run.write_json(run.lr_find, result.to_dict())
         log.info(f"lr auto: {result.describe()}; the curve is in {run.plot('lr_find.png')}")
@@ -554,12 +552,9 @@ def stage_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.opti
 def train_epoch(s: Session, opt: torch.optim.Optimizer, epoch: int, frozen: bool, desc: str, **hooks: Any):
     """One epoch of `train_one_epoch` as `run_epoch` calls it (the benchmarks time this very call)."""
     s.sampler.set_epoch(epoch, start=s.progress.batch * s.cfg.batch_size)
-    cfg = s.cfg
-    return train_one_epoch(
-        s.forward_module(frozen), s.model, s.skips.watch(s.loaders["train"]), opt, device=s.device, dtype=s.dtype,
-        channels_last=s.channels_last, criterion=s.criterion, scaler=s.scaler, accum_steps=cfg.accum_steps,
-        clip_grad=cfg.clip_grad, log_interval=cfg.log_interval, mixup=s.mixup, ema=s.ema, progress=s.progress,
-        total=_batches_per_epoch(s), start=s.progress.batch, desc=desc, **hooks)
+    return train_one_epoch(s.forward_module(frozen), s.model, s.skips.watch(s.loaders["train"]), opt, s.scaler,
+                           s.settings, progress=s.progress, ema=s.ema, total=_batches_per_epoch(s),
+                           start=s.progress.batch, desc=desc, **hooks)
 
 
 def _batches_per_epoch(s: Session) -> int:
@@ -616,7 +611,8 @@ def _between_steps(s: Session, opt: torch.optim.Optimizer, batches: int, loss_su
     decision = s.control.decide(s.progress.step)
     if not decision:
         return
-    totals = sum_over_ranks(torch.stack([loss_sum.detach().float(), torch.tensor(float(seen), device=s.device)]))
+    totals = sum_over_ranks(torch.stack([loss_sum.detach().float(),
+                                         torch.tensor(float(seen), device=s.settings.device)]))
     p = s.progress          # updated in place: the epoch loop holds this object
     p.batch, p.epoch_loss, p.epoch_seen = batches, totals[0].item(), int(totals[1].item())
     if is_main():
@@ -643,91 +639,79 @@ def evaluate_epoch(s: Session) -> tuple[Optional[dict], dict]:
 
 
 def evaluate_split(s: Session, name: str, model: Optional[nn.Module] = None) -> tuple[dict, Outputs]:
-    out = predict_logits(model or s.eval_module(), s.skips.watch(s.loaders[name]), s.device, s.dtype,
-                         s.channels_last, desc=name, total=len(s.loaders[name]))
+    st = s.settings
+    out = predict_logits(model or s.eval_module(), s.skips.watch(s.loaders[name]), st.device, st.dtype,
+                         st.channels_last, desc=name, total=len(s.loaders[name]))
     return classification_metrics(out.logits, out.targets, s.classes), out
 
 
-def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, *,
-                    device: torch.device, dtype: Optional[torch.dtype], channels_last: bool, criterion: nn.Module,
-                    scaler: torch.amp.GradScaler, accum_steps: int = 1, clip_grad: Optional[float] = None,
-                    log_interval: int = 20, sched: Any = None, mixup: Any = None, ema: Any = None,
-                    progress: Optional[Progress] = None, total: Optional[int] = None, start: int = 0,
+def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, settings: StepSettings, *, progress: Optional[Progress] = None,
+                    sched: Any = None, ema: Any = None, total: Optional[int] = None, start: int = 0,
                     desc: str = "train", on_step: Optional[Callable[[], None]] = None,
                     on_log: Optional[Callable[[int, dict], None]] = None,
                     after_step: Optional[Callable[[int, torch.Tensor, int], None]] = None) -> tuple[float, int, float]:
-    """One pass over `(images, labels, indices)` batches: forward `fwd`, step `opt` every `accum_steps` batches
-    (and `sched`, when it steps per optimizer step), for `total` batches of the epoch of which `start` were done
-    before (a resumed epoch). Returns (mean loss over every rank's images of the whole epoch, images seen on
-    this rank in this call, seconds). The loss is read back only every `log_interval` steps (non-finite check,
-    all ranks together) and about once a second for the progress bar and `on_log(step, values)`: no per-step
-    host-device sync. `after_step(batches done, loss sum, images)` runs after every optimizer step (mid-epoch
-    checkpoints); `on_step()` after every batch (benchmarks time steps with it)."""
+    """One pass over `(images, labels, indices)` batches: `train_step` on each through `fwd` (an optimizer step
+    every `settings.accum_steps` batches, then the EMA of `raw` and a per-step `sched`), for `total` batches of
+    the epoch of which `start` were done before (a resumed epoch). Returns (mean loss over every rank's images
+    of the whole epoch, images seen on this rank in this call, seconds). The loss is read back only every
+    `log_interval` steps (non-finite check, all ranks together) and about once a second for the progress bar
+    and `on_log(step, values)`: no per-step host-device sync. `after_step(batches done, loss sum, images)` runs
+    after every optimizer step (mid-epoch checkpoints); `on_step()` after every batch (benchmarks time it)."""
     progress = progress or Progress()
+    device, resumed = settings.device, bool(start and is_main())    # rank 0 carries the epoch's sums so far
     t0 = last_shown = time.perf_counter()
     seen = 0
-    loss_sum = torch.full((), progress.epoch_loss if start and is_main() else 0.0, device=device)
+    loss_sum = torch.full((), progress.epoch_loss if resumed else 0.0, device=device)
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(batches, desc=desc, total=total, initial=start, leave=False, disable=not is_main())
     opt.zero_grad(set_to_none=True)
     for i, (x, y, _) in enumerate(bar, start):
-        if mixup is not None and len(x) % 2:          # timm's Mixup pairs samples
-            x, y = x[:-1], y[:-1]
-        closes = (i + 1) % accum_steps == 0 or i + 1 == total
-        if len(x) >= 2:                                # BatchNorm cannot train on one sample
-            loss = _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad,
-                         sched, mixup, ema, progress, last=closes)
+        closes = (i + 1) % settings.accum_steps == 0 or i + 1 == total
+        trained = train_step(fwd, x, y, opt, scaler, settings, closes)
+        if trained is not None:
+            loss, n = trained
             bad_loss |= ~torch.isfinite(loss)
-            loss_sum += loss.float() * len(x)
-            seen += len(x)
-        if i % log_interval == 0 and any_rank(bad_loss, device):      # every rank stops together
+            loss_sum += loss.float() * n
+            seen += n
+            if closes:
+                _count_step(progress, raw, ema, sched)
+        if i % settings.log_interval == 0 and any_rank(bad_loss, device):      # every rank stops together
             break
         if is_main() and time.perf_counter() - last_shown >= 1.0 and seen:
-            last_shown, value, lr = time.perf_counter(), loss.item(), opt.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen * world_size() / (last_shown - t0):.1f}",
-                            lr=f"{lr:.2e}", refresh=False)
-            if on_log is not None:
-                on_log(progress.step, {"train_loss": value, "lr": lr})
+            last_shown = time.perf_counter()
+            _show(bar, loss.item(), opt.param_groups[0]["lr"], seen * world_size() / (last_shown - t0),
+                  progress.step, on_log)
         if on_step is not None:
             on_step()
         if closes and after_step is not None and i + 1 != total:
-            after_step(i + 1, loss_sum, (progress.epoch_seen if start and is_main() else 0) + seen)
+            after_step(i + 1, loss_sum, (progress.epoch_seen if resumed else 0) + seen)
         if i + 1 == total:
             break
     if any_rank(bad_loss, device):
         raise NonFiniteLoss(f"the training loss became NaN/inf in {desc}")
     seconds = time.perf_counter() - t0
-    before = progress.epoch_seen if start and is_main() else 0
+    before = progress.epoch_seen if resumed else 0
     totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(before + seen), device=device)]))
     return (totals[0] / totals[1].clamp(min=1)).item(), seen, seconds
 
 
-def _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad, sched, mixup,
-          ema, progress: Progress, last: bool) -> torch.Tensor:
-    """Forward and backward of one batch; an optimizer step (clip, scaler, EMA, per-step schedule) when `last`
-    closes an accumulation window. Returns the batch's loss (detached)."""
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if mixup is not None:
-        x, y = mixup(x, y)
-    with autocast(device, dtype):
-        loss = compute_loss(fwd(x), y, criterion)
-    scaler.scale(loss / accum_steps).backward()
-    if last:
-        if clip_grad is not None:
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(raw.parameters(), clip_grad)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        progress.step += 1
-        progress.stage_step += 1
-        if ema is not None:
-            ema.update(raw, step=progress.step)
-        if sched is not None:
-            sched.step()
-    return loss.detach()
+def _count_step(progress: Progress, raw: nn.Module, ema: Any, sched: Any) -> None:
+    """After an optimizer step: count it, update the EMA of the raw weights, step a per-step schedule."""
+    progress.step += 1
+    progress.stage_step += 1
+    if ema is not None:
+        ema.update(raw, step=progress.step)
+    if sched is not None:
+        sched.step()
+
+
+def _show(bar: Any, loss: float, lr: float, images_per_s: float, step: int,
+          on_log: Optional[Callable[[int, dict], None]]) -> None:
+    """The progress bar's numbers, and the tracker's step row."""
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", lr=f"{lr:.2e}", refresh=False)
+    if on_log is not None:
+        on_log(step, {"train_loss": loss, "lr": lr})
 
 
 # --- the end: the chosen weights, tested once ----------------------------------------------------
@@ -742,8 +726,9 @@ def finish(s: Session) -> dict:
     extra: dict = {}
     if s.cfg.tta:        # the test metrics with TTA; the plain ones kept beside them (one pass over the data)
         tta = TTA(flip=True, crops=s.cfg.tta_crops)
-        plain, test_out = predict_logits_tta(model, s.skips.watch(s.loaders["test"]), s.device, tta, s.dtype,
-                                             s.channels_last, desc="test (TTA)", total=len(s.loaders["test"]))
+        st = s.settings
+        plain, test_out = predict_logits_tta(model, s.skips.watch(s.loaders["test"]), st.device, tta, st.dtype,
+                                             st.channels_last, desc="test (TTA)", total=len(s.loaders["test"]))
         test_m = {**classification_metrics(test_out.logits, test_out.targets, s.classes), "tta": tta.to_dict()}
         extra["test_without_tta"] = summary(classification_metrics(plain.logits, plain.targets, s.classes))
     else:
