@@ -38,6 +38,7 @@ from torch import nn  # noqa: E402
 from spinal_transfer.config import TrainConfig  # noqa: E402
 from spinal_transfer.models.heads import head_options  # noqa: E402
 from spinal_transfer.models.surgery import build_model  # noqa: E402
+from spinal_transfer.training.step import StepSettings  # noqa: E402
 from spinal_transfer.training.train import stage_optimizer, train_one_epoch  # noqa: E402
 from spinal_transfer.utils.runtime import amp_dtype  # noqa: E402
 
@@ -87,6 +88,7 @@ def make_epoch(cfg: TrainConfig, steps: int, classes: int, device: torch.device,
     opt = stage_optimizer(cfg, model, cfg.lr)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
+    settings = StepSettings(device, dtype, bool(cfg.channels_last), log_interval=cfg.log_interval)
     g = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.randn(batch, 3, size, size, device=device, generator=g),
                 torch.randint(0, classes, (batch,), device=device, generator=g), None)] * steps
@@ -95,9 +97,7 @@ def make_epoch(cfg: TrainConfig, steps: int, classes: int, device: torch.device,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        train_one_epoch(fwd, model, batches, opt, device=device, dtype=dtype, channels_last=bool(cfg.channels_last),
-                        criterion=nn.CrossEntropyLoss(), scaler=scaler, total=steps, log_interval=cfg.log_interval,
-                        desc=cfg.backbone)  # ends on a sync (.item())
+        train_one_epoch(fwd, model, batches, opt, scaler, settings, total=steps, desc=cfg.backbone)  # ends on a sync
         return time.perf_counter() - t
     return epoch
 

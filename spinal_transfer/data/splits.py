@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -278,6 +278,15 @@ def apply_protocol(s: Splits, protocol: str, paper_select_on: Optional[str],
     return dataclasses.replace(s, train=[x for x, c in zip(pool, chosen) if not c],
                                val=[x for x, c in zip(pool, chosen) if c],
                                source={**s.source, "notes": notes, "protocol": "paper"})
+
+
+def config_splits(cfg: Any) -> Splits:
+    """The splits a run of TrainConfig `cfg` trains, selects and tests on: its data folder scanned (a missing
+    val/test carved with its fractions and split seed), then its protocol applied. The one way a config
+    becomes file lists (train, lr-find, show-batch, and `evaluate` of a checkpoint without its splits.json);
+    a run records the result in splits.json and reads that back from then on."""
+    return apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed), cfg.protocol,
+                          cfg.paper_select_on, cfg.paper_val_index_mod)
 
 
 # ------------------------------------------------------------------------------------------------

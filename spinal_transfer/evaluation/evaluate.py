@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data.loaders import ShardSampler, make_loader
 from ..data.skiplog import SkipLog
-from ..data.splits import load_recorded, scan
+from ..data.splits import config_splits, load_recorded, scan
 from ..data.transforms import build_transforms
 from ..errors import ConfigError, DataError
 from ..models.restore import model_from_checkpoint
@@ -243,7 +243,7 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
         splits = load_recorded(run.read_json(run.splits), data or cfg.data)
         return splits.get(split), f"the run's recorded {split} split ({len(splits.get(split))} images, {run.splits})"
     if own:           # a checkpoint away from its run folder: the split is made again the way the run made it
-        splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+        splits = config_splits(cfg)
         return splits.get(split), (f"the {split} split of {cfg.data} made again from the run's settings (no "
                                    f"splits.json beside the checkpoint): {len(splits.get(split))} images")
     folder = data

@@ -21,29 +21,30 @@ falls fastest and longest, which is what a learning rate should be. `rule="steep
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..data.augment import Augmentation
-from ..data.loaders import EpochSampler, class_weights, make_loader, train_drop_last
-from ..data.splits import scan
-from ..data.transforms import build_transforms
-from ..evaluation.evaluate import autocast
+from ..data.loaders import class_weights
+from ..data.skiplog import SkipLog
+from ..data.splits import config_splits
 from ..evaluation.plots import _figure, save_figure
 from ..models.heads import head_options
-from ..models.preprocess import resolve_data_config
 from ..models.surgery import build_model
-from ..utils.runtime import amp_dtype, configure_process, pick_device, seed_everything, use_channels_last
-from .optim import FreezePolicy, compute_loss, make_optimizer
+from ..utils.runtime import configure_process, pick_device, seed_everything
+from .inputs import RunInputs, train_sampler
+from .optim import FreezePolicy, make_optimizer
+from .step import StepSettings, train_step
 
 PathLike = Union[str, Path]
 DEFAULT_START, DEFAULT_END, DEFAULT_STEPS = 1e-7, 10.0, 200
 SMOOTH_BETA, DIVERGE_FACTOR = 0.98, 4.0
+MAX_PASSED = 100          # batches in a row a sweep step may pass over (fewer than 2 images) before giving up
 RULES = ("valley", "steepest")
 
 
@@ -130,22 +131,35 @@ def _batches_forever(batches: Iterable) -> Iterable:
             raise ValueError("lr-find got no training batches")
 
 
-def find_lr(model: nn.Module, batches: Iterable, criterion: nn.Module,
-            optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer], device: torch.device, *,
-            start_lr: float = DEFAULT_START, end_lr: float = DEFAULT_END, num_steps: int = DEFAULT_STEPS,
-            dtype: Optional[torch.dtype] = None, channels_last: bool = False, rule: str = "valley",
-            prepare: Optional[Callable[[nn.Module], None]] = None,
-            loss_fn: Optional[Callable[[Any, torch.Tensor, nn.Module], torch.Tensor]] = None) -> LRFindResult:
+def _step_lr(work: nn.Module, it: Iterator, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             settings: StepSettings) -> torch.Tensor:
+    """One sweep step: the training step on the next batch it can train on (MAX_PASSED batches in a row it
+    cannot, e.g. --batch-size 1, end the test: BatchNorm cannot train on one image)."""
+    for _ in range(MAX_PASSED):
+        x, y = next(it)[:2]
+        trained = train_step(work, x, y, opt, scaler, settings, closes=True)
+        if trained is not None:
+            return trained[0]
+    raise ValueError(f"lr-find: {MAX_PASSED} batches in a row had fewer than 2 images to train on")
+
+
+def find_lr(model: nn.Module, batches: Iterable, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
+            settings: StepSettings, *, start_lr: float = DEFAULT_START, end_lr: float = DEFAULT_END,
+            num_steps: int = DEFAULT_STEPS, rule: str = "valley",
+            prepare: Optional[Callable[[nn.Module], None]] = None) -> LRFindResult:
     """Run the range test on a deep copy of `model` (which, like the torch RNG, is left exactly as it was).
 
-    `batches`: `(images, labels, ...)` batches, iterated again when exhausted. `optimizer_factory(copy)` builds the
-    optimizer (its groups' lr ratios are kept, their absolute lr set by the sweep). `prepare(copy)` runs before
-    that, e.g. `lambda m: FreezePolicy.apply(m, frozen=True)` to sweep the frozen first epoch. `loss_fn(out,
-    target, criterion)` defaults to optim.compute_loss (auxiliary heads included)."""
+    `batches`: `(images, labels, ...)` batches, iterated again when exhausted. Each sweep step is the training
+    step (step.train_step) under `settings` (device, precision, memory format, loss) on one batch, without
+    accumulation or clipping: the test measures where the plain loss diverges. `optimizer_factory(copy)` builds
+    the optimizer (its groups' lr ratios are kept, their absolute lr set by the sweep). `prepare(copy)` runs
+    before that, e.g. `lambda m: FreezePolicy.apply(m, frozen=True)` to sweep the frozen first epoch."""
     if not 0 < start_lr < end_lr:
         raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
-    loss_fn = loss_fn or compute_loss
+    settings = dataclasses.replace(settings, accum_steps=1, clip_grad=None)
+    scaler = torch.amp.GradScaler(settings.device.type, enabled=False)      # a plain backward and step
     lrs_planned = sweep_lrs(start_lr, end_lr, num_steps)
+    device = settings.device
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -154,26 +168,16 @@ def find_lr(model: nn.Module, batches: Iterable, criterion: nn.Module,
         if prepare is not None:
             prepare(work)
         opt = optimizer_factory(work)
+        opt.zero_grad(set_to_none=True)
         base = opt.param_groups[0]["lr"] or 1.0
         ratios = [g["lr"] / base for g in opt.param_groups]
         lrs, raw, smooth = [], [], []
         avg, best, stopped = 0.0, math.inf, "end of sweep"
         it = iter(_batches_forever(batches))
         for t, lr in enumerate(lrs_planned):
-            x, y = next(it)[:2]
-            if len(x) < 2:                          # BatchNorm cannot train on one sample
-                x, y = next(it)[:2]
             for g, r in zip(opt.param_groups, ratios):
                 g["lr"] = lr * r
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                loss = loss_fn(work(x), y, criterion)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = float(loss.detach().float())
+            value = float(_step_lr(work, it, opt, scaler, settings).float())
             if not math.isfinite(value):
                 stopped = "loss not finite"
                 break
@@ -228,57 +232,45 @@ def plot_lr_find(result: LRFindResult, path: PathLike) -> Path:
 def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: float = DEFAULT_START,
                        end_lr: float = DEFAULT_END, num_steps: int = DEFAULT_STEPS,
                        rule: str = "valley") -> LRFindResult:
-    """The range test of the run `cfg` describes: its data (train split), model and weights, training augmentation,
-    loss (label smoothing and class weights; no mixup), optimizer (its weight decay, momentum and backbone lr
-    multiplier) and the freezing of its first epoch. Writes `plot` when given."""
+    """The range test of the run `cfg` describes: its data (train split, RunInputs: as `train` reads it), model
+    and weights, training augmentation, loss (label smoothing and class weights; no mixup), optimizer (its
+    weight decay, momentum and backbone lr multiplier) and the freezing of its first epoch. Writes `plot` when
+    given."""
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.device)
     configure_process(device)
-    splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    splits = config_splits(cfg)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
                         **head_options(cfg))
-    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
-                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
-    dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
+    inputs = RunInputs.from_config(cfg, model, splits)
+    weight = class_weights(splits.train, len(splits.classes)).to(device) if cfg.class_balance == "loss" else None
+    settings = StepSettings.from_config(cfg, device, nn.CrossEntropyLoss(weight=weight,
+                                                                        label_smoothing=cfg.label_smoothing))
     model.to(device)
-    if channels_last:
+    if settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    train = splits.train
-    tf = build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
-    loader = make_loader(train, tf, cfg.batch_size, cfg.workers,
-                         device, EpochSampler(len(train), cfg.seed), drop_last=train_drop_last(len(train), cfg.batch_size, 1))
-    weight = class_weights(train, len(splits.classes)).to(device) if cfg.class_balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    result = find_lr_as_run(cfg, model, _good_batches(loader), criterion, device, dtype, channels_last,
-                            start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, rule=rule)
+    skips = SkipLog()
+    loader = inputs.loaders(cfg, device, train_sampler(cfg, splits.train, len(splits.classes)))["train"]
+    result = find_lr_as_run(cfg, model, skips.watched(loader), settings, start_lr=start_lr, end_lr=end_lr,
+                            num_steps=num_steps, rule=rule)
+    if len(skips):
+        result.notes.append(f"{len(skips)} unreadable file(s) left out, e.g. {next(iter(skips.entries))}")
     if plot is not None:
         plot_lr_find(result, plot)
     return result
 
 
-def find_lr_as_run(cfg: Any, model: nn.Module, batches: Iterable, criterion: nn.Module, device: torch.device,
-                   dtype: Optional[torch.dtype], channels_last: bool, **sweep: Any) -> LRFindResult:
-    """find_lr with the run's optimizer (its weight decay, momentum, backbone lr multiplier) and its first epoch's
-    freezing; `model` is the head alone in cached-feature mode (nothing to freeze then). `lr-find` and `train --lr
-    auto` both sweep through here."""
+def find_lr_as_run(cfg: Any, model: nn.Module, batches: Iterable, settings: StepSettings,
+                   **sweep: Any) -> LRFindResult:
+    """find_lr with the run's step settings, optimizer (its weight decay, momentum, backbone lr multiplier) and
+    its first epoch's freezing; `model` is the head alone in cached-feature mode (nothing to freeze then).
+    `lr-find` and `train --lr auto` both sweep through here."""
     frozen = FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone).frozen(1) and not cfg.cache_features
-    result = find_lr(model, batches, criterion,
+    result = find_lr(model, batches,
                      lambda m: make_optimizer(m, cfg.optimizer, 1.0, weight_decay=cfg.weight_decay,
                                               momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),
-                     device, dtype=dtype, channels_last=channels_last,
-                     prepare=None if cfg.cache_features else (lambda m: FreezePolicy.apply(m, frozen)), **sweep)
+                     settings, prepare=None if cfg.cache_features else (lambda m: FreezePolicy.apply(m, frozen)),
+                     **sweep)
     if frozen:
         result.notes.append("swept with the backbone frozen, as the run's first epoch trains")
     return result
-
-
-class _good_batches:
-    """A loader's batches without the files that failed to decode (re-iterable, like the loader)."""
-
-    def __init__(self, loader: Iterable):
-        self.loader = loader
-
-    def __iter__(self):
-        for x, y, *_ in self.loader:
-            if len(x):
-                yield x, y

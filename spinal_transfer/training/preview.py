@@ -18,11 +18,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ..data.augment import Augmentation
 from ..data.loaders import BadSample, EpochSampler, ImageDataset
-from ..data.splits import scan
-from ..data.transforms import build_transforms
-from ..models.preprocess import resolve_data_config
+from .inputs import RunInputs
 
 PathLike = Union[str, Path]
 TILE_MIN = 96        # tiles are upscaled by a whole factor until at least this many pixels a side
@@ -117,13 +114,12 @@ def write_batch_preview(samples: Sequence[tuple[str, int]], transform: Any, clas
 
 
 def training_pipeline(cfg: Any) -> tuple[list[tuple[str, int]], list[str], Any, Any]:
-    """(training samples, classes, DataConfig, training transform) as `train` would build them from a TrainConfig,
-    offline: the data config comes from the backbone's registry metadata (timm pretrained cfg, torchvision weight
-    enum) and `weights` only chooses which preset; no model is built and nothing is downloaded."""
-    splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    dc = resolve_data_config(cfg.backbone, cfg.weights, None, img_size=cfg.img_size, resize_size=cfg.resize_size,
-                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
-    return splits.train, splits.classes, dc, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
+    """(training samples, classes, DataConfig, training transform) as `train` builds them from a TrainConfig
+    (RunInputs: the protocol applied), offline: the data config comes from the backbone's registry metadata
+    (timm pretrained cfg, torchvision weight enum) and `weights` only chooses which preset; no model is built
+    and nothing is downloaded."""
+    inputs = RunInputs.from_config(cfg)
+    return inputs.splits.train, inputs.classes, inputs.data_config, inputs.train_transform
 
 
 def show_batch(cfg: Any, out: PathLike, n: Optional[int] = None) -> BatchPreview:

@@ -81,19 +81,32 @@ class CheckpointSaver:
 class EarlyStopping:
     """Ends a stage when the selection metric has not improved by more than `min_delta` for `patience` epochs
     (as fastai's EarlyStoppingCallback, per stage: a multi-stage schedule then starts its next stage from the
-    stage's best weights). Its state lives in the run's Progress, so it survives a resume; every rank sees the
-    same gathered metric, so every rank stops at the same epoch."""
+    stage's best weights). It keeps its own state (the stage's best score, its epoch, the epochs since), saved
+    in last.pt through `state_dict`, so it survives a resume; every rank sees the same gathered metric, so every
+    rank stops at the same epoch."""
 
     patience: Optional[int] = None
     min_delta: float = 0.0
+    best: float = float("-inf")
+    best_epoch: int = 0           # 1-based; 0 = none yet in this stage
+    bad: int = 0                  # epochs since the stage's best
 
-    def update(self, progress: Any, epoch: int, score: float, split: str) -> Optional[str]:
+    def start_stage(self) -> None:
+        self.best, self.best_epoch, self.bad = float("-inf"), 0, 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad = float(state["best"]), int(state["best_epoch"]), int(state["bad"])
+
+    def update(self, epoch: int, score: float, split: str) -> Optional[str]:
         """Record `score` of `epoch`; the reason to stop the stage now, or None."""
-        if score > progress.early_best + self.min_delta:
-            progress.early_best, progress.early_best_epoch, progress.early_bad = score, epoch, 0
+        if score > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad = score, epoch, 0
             return None
-        progress.early_bad += 1
-        if self.patience is None or progress.early_bad < self.patience:
+        self.bad += 1
+        if self.patience is None or self.bad < self.patience:
             return None
         return (f"{split} top-1 did not improve by more than {self.min_delta:g} for {self.patience} epoch(s) "
-                f"(stage best {progress.early_best:.4f} at epoch {progress.early_best_epoch})")
+                f"(stage best {self.best:.4f} at epoch {self.best_epoch})")

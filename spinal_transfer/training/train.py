@@ -24,29 +24,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Stage, TrainConfig, resume_config
-from ..data.augment import Augmentation
 from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
-from ..data.loaders import (
-    EpochSampler,
-    ShardSampler,
-    balanced_sample_weights,
-    class_weights,
-    make_loader,
-    train_drop_last,
-)
+from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
 from ..data.skiplog import SkipLog
-from ..data.splits import SPLIT_NAMES, Splits, apply_protocol, load_recorded, record, scan
-from ..data.transforms import DataConfig, build_transforms
+from ..data.splits import SPLIT_NAMES, Splits, config_splits, load_recorded, record
+from ..data.transforms import DataConfig
 from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
 from ..evaluation.calibration import NO_VAL_NOTE, calibrate
-from ..evaluation.evaluate import TTA, Outputs, autocast, predict_logits, predict_logits_tta, write_predictions
+from ..evaluation.evaluate import TTA, Outputs, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
 from ..evaluation.metrics import classification_metrics, summary
 from ..evaluation.plots import plot_calibration, plot_confusion, plot_curves, plot_top_losses
 from ..evaluation.report_page import write_report_html
 from ..models.heads import head_options
-from ..models.preprocess import resolve_data_config
 from ..models.surgery import build_model, get_head
 from ..runs.checkpoint import checkpoint_meta, load_checkpoint
 from ..runs.rundir import RunDir, check_new_run, default_run_name
@@ -75,12 +66,16 @@ from ..utils.runtime import (
 )
 from ..utils.tracking import Tracker
 from .features import cached_split, default_cache_dir, feature_loader
+from .inputs import RunInputs, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
-from .optim import FreezePolicy, compute_loss, make_optimizer, make_scheduler
+from .optim import FreezePolicy, make_optimizer, make_scheduler
 from .preview import write_batch_preview
 from .selection import CheckpointSaver, EarlyStopping
+from .step import StepSettings, train_step
 
 log = logging.getLogger("spinal_transfer")
+# where a last.pt written before EarlyStopping kept its own state has that state (Progress kept it)
+LEGACY_EARLY = {"early_best": "best", "early_best_epoch": "best_epoch", "early_bad": "bad"}
 LR_FIND_STEPS = 100     # --lr auto: enough for a smooth curve, a minute on a CPU (the lr-find command: 200)
 
 
@@ -97,9 +92,12 @@ class Progress:
     epoch_loss: float = 0.0
     epoch_seen: int = 0
     stopped: dict = field(default_factory=dict)      # stage index -> {ran, epoch, reason} when it stopped early
-    early_best: float = float("-inf")                # early stopping in the current stage
-    early_best_epoch: int = 0
-    early_bad: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "Progress":
+        """last.pt's progress; one written before EarlyStopping kept its own state carried that state here
+        (early_best, early_best_epoch, early_bad), which `early_stopping_state` reads instead."""
+        return cls(**{k: v for k, v in ckpt["progress"].items() if k not in LEGACY_EARLY})
 
     def locate(self, stages: list[Stage]) -> tuple[int, int]:
         """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done.
@@ -119,17 +117,13 @@ class Session:
 
     cfg: TrainConfig
     run: RunDir
-    device: torch.device
-    dtype: Optional[torch.dtype]
-    channels_last: bool
+    settings: StepSettings                # how each batch is stepped: device, precision, loss, accumulation, ...
     model: nn.Module                      # the raw model (the loop may call a DDP/compiled wrapper of it)
     ema: Any
     classes: list[str]
     samples: dict[str, list]              # per split, the samples its loader reads (in cache mode: what loaded)
     loaders: dict[str, Any]
     sampler: EpochSampler
-    criterion: nn.Module
-    mixup: Any
     scaler: torch.amp.GradScaler
     skips: SkipLog
     saver: CheckpointSaver
@@ -151,7 +145,8 @@ class Session:
             self._wrapped.clear()
             m = get_head(self.model) if self.cfg.cache_features else self.model
             if world_size() > 1:
-                ids = [self.device.index] if self.device.type == "cuda" else None
+                device = self.settings.device
+                ids = [device.index] if device.type == "cuda" else None
                 m = nn.parallel.DistributedDataParallel(m, device_ids=ids)
             self._wrapped[frozen] = torch.compile(m) if self.cfg.compile else m
         return self._wrapped[frozen]
@@ -179,11 +174,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
     device = pick_device(cfg.device)
     configure_process(device)
     setup_logging()
-    if resume is not None:
-        cfg = dataclasses.replace(cfg, out=str(resume))
-    elif not cfg.out:
-        cfg = dataclasses.replace(cfg, out=broadcast_object(default_run_name(cfg.backbone, cfg.head)))
-    run_dir = RunDir(cfg.out)
+    run_dir = RunDir(resume if resume is not None else cfg.out or
+                     broadcast_object(default_run_name(cfg.backbone, cfg.head)))
     if resume is None:
         _check_data_folder(cfg.data, run_dir)
     if resume is None and not overwrite:         # refuse before touching anything (checked again under the lock)
@@ -191,9 +183,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
     with _exclusive(run_dir):
         ckpt = _open(run_dir, resume is not None, overwrite)
         if ckpt is not None:           # its own config, with the changes a resumed run may take
-            cfg = dataclasses.replace(resume_config(TrainConfig.from_dict(ckpt["config"]), cfg,
-                                                    ckpt["progress"]["epoch"]), out=cfg.out)
-            if run_dir.is_finished() and Progress(**ckpt["progress"]).locate(cfg.resolved_stages())[0] == \
+            cfg = resume_config(TrainConfig.from_dict(ckpt["config"]), cfg, ckpt["progress"]["epoch"])
+            if run_dir.is_finished() and Progress.from_checkpoint(ckpt).locate(cfg.resolved_stages())[0] == \
                     len(cfg.resolved_stages()):
                 log.info(f"{run_dir.path} is finished ({ckpt['progress']['epoch']} epochs); nothing to add. To "
                          f"train more, resume with a larger --epochs")
@@ -318,25 +309,21 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     leak = check_leakage(cfg, splits)
     for note in model.spinal_info.notes:
         log.info(note)
-    if cfg.head == "spinal" and cfg.layer_width is None:      # the rule's width, written into config.yaml
-        cfg = dataclasses.replace(cfg, layer_width=get_head(model).layer_width)
-        log.info(f"spinal layer width {cfg.layer_width}: 2 x {len(splits.classes)} classes, at least 32, at most "
-                 f"features/4 (heads.default_layer_width)")
-    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
-                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
-    cfg = dataclasses.replace(cfg, img_size=dc.img_size, mean=list(dc.mean), std=list(dc.std),
-                              interpolation=dc.interpolation, select_on=selection_split(cfg),
-                              resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
+    inputs = RunInputs.from_config(cfg, model, splits)
+    dc = inputs.data_config
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
     model = _place(model, cfg, device, channels_last)
-    samples, loaders, sampler = build_loaders(cfg, model, dc, splits, device, dtype, channels_last, run, skips)
+    samples, loaders, sampler = build_loaders(cfg, model, inputs, device, dtype, channels_last, run, skips)
     if is_main() and not cfg.cache_features and ckpt is None:
-        _write_batch_preview(cfg, dc, samples["train"], splits.classes, run)
+        _write_batch_preview(cfg, inputs, run)
     criterion, mixup = _loss(cfg, samples["train"], len(splits.classes), device)
+    settings = StepSettings.from_config(cfg, device, criterion, mixup)
+    lr = cfg.lr
     if cfg.lr == "auto":                              # a new run only: a resumed one has the lr it found
         hard = criterion if mixup is None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        cfg = dataclasses.replace(cfg, lr=_auto_lr(cfg, model, loaders["train"], hard, device, dtype,
-                                                   channels_last and not cfg.cache_features, run, skips))
+        lr = _auto_lr(cfg, model, loaders["train"], dataclasses.replace(settings, criterion=hard, mixup=None), run,
+                      skips)
+    cfg = finish_config(cfg, str(run.path), model, dc, lr)
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
     tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
@@ -345,9 +332,8 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     ema = _make_ema(model, cfg.ema_decay)
     saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info),
                             multi_stage=len(cfg.resolved_stages()) > 1, state=ckpt.get("saver") if ckpt else None)
-    s = Session(cfg, run, device, dtype, channels_last and not cfg.cache_features, model, ema, splits.classes,
-                samples, loaders, sampler, criterion, mixup,
-                torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), skips, saver,
+    s = Session(cfg, run, settings, model, ema, splits.classes, samples, loaders, sampler,
+                torch.amp.GradScaler(device.type, enabled=settings.dtype == torch.float16), skips, saver,
                 FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
                 EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta), Progress(),
                 control or StopControl([]), tracker, ckpt, leakage=leak)
@@ -355,6 +341,23 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         _restore(s, ckpt)
     _log_start(s, splits)
     return s
+
+
+def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, lr: Any) -> TrainConfig:
+    """The run's config as it runs and as config.yaml records it, made once, before the first epoch: the values
+    the set-up resolved written in (the run folder; the spinal width the head rule chose; the input size,
+    resize, normalization and interpolation of the backbone; the selection split of the protocol; the lr
+    `--lr auto` found), so a resume, `evaluate` and `export` read what the run did. Nothing changes it after."""
+    width = cfg.layer_width
+    if cfg.head == "spinal" and width is None:         # the rule's width
+        head = get_head(model)
+        width = head.layer_width
+        log.info(f"spinal layer width {width}: 2 x {head.num_classes} classes, at least 32, at most features/4 "
+                 f"(heads.default_layer_width)")
+    return dataclasses.replace(
+        cfg, out=out, layer_width=width, img_size=dc.img_size, mean=list(dc.mean), std=list(dc.std),
+        interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
+        resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
 
 
 def selection_split(cfg: TrainConfig) -> str:
@@ -380,9 +383,7 @@ def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
     rank takes them."""
     splits = None
     if is_main():
-        splits = (load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else
-                  apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed), cfg.protocol,
-                                 cfg.paper_select_on, cfg.paper_val_index_mod))
+        splits = load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else config_splits(cfg)
     splits = broadcast_object(splits)
     skips.add(splits.skipped)
     return splits
@@ -410,51 +411,47 @@ def _make_ema(model: nn.Module, decay: Optional[float]) -> Any:
     return ModelEmaV3(model, decay=decay)
 
 
-def build_loaders(cfg: TrainConfig, model: nn.Module, dc: DataConfig, splits: Splits, device: torch.device,
+def build_loaders(cfg: TrainConfig, model: nn.Module, inputs: RunInputs, device: torch.device,
                   dtype: Optional[torch.dtype], channels_last: bool, run: RunDir,
                   skips: SkipLog) -> tuple[dict, dict, EpochSampler]:
-    """(samples, loaders, training sampler) per split: images through the input pipeline, or in cached-feature
-    mode the stored features of the frozen backbone (computed once by rank 0, then read by every rank)."""
-    eval_tf = build_transforms(dc, train=False)
+    """(samples, loaders, training sampler) per split: images through the input pipeline (RunInputs), or in
+    cached-feature mode the stored features of the frozen backbone (computed once by rank 0, then read by every
+    rank)."""
+    splits = inputs.splits
     samples = {n: splits.get(n) for n in ("train", "val", "test")}
-    if cfg.cache_features:
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run.path)
-        log.info(f"cached-feature mode: the backbone runs once without augmentation (features in {cache}); "
-                 f"training sees the stored features")
-        FreezePolicy.apply(model, frozen=True)
-        feats = {}
-        for turn in ("compute", "load"):
-            if turn == "load" or is_main():
-                for n in samples:
-                    feats[n] = cached_split(model, splits.get(n), eval_tf, cache, n, weights=cfg.weights,
-                                            device=device, dtype=dtype, channels_last=channels_last,
-                                            batch_size=cfg.batch_size, workers=cfg.workers, skips=skips)
-            barrier()
-        samples = {n: kept for n, (_, kept) in feats.items()}
-    sampler = _train_sampler(cfg, samples["train"], len(splits.classes))
+    if not cfg.cache_features:
+        sampler = train_sampler(cfg, samples["train"], len(splits.classes))
+        return samples, inputs.loaders(cfg, device, sampler), sampler
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run.path)
+    log.info(f"cached-feature mode: the backbone runs once without augmentation (features in {cache}); "
+             f"training sees the stored features")
+    FreezePolicy.apply(model, frozen=True)
+    feats = {}
+    for turn in ("compute", "load"):
+        if turn == "load" or is_main():
+            for n in samples:
+                feats[n] = cached_split(model, splits.get(n), inputs.eval_transform, cache, n, weights=cfg.weights,
+                                        device=device, dtype=dtype, channels_last=channels_last,
+                                        batch_size=cfg.batch_size, workers=cfg.workers, skips=skips)
+        barrier()
+    samples = {n: kept for n, (_, kept) in feats.items()}
+    sampler = train_sampler(cfg, samples["train"], len(splits.classes))
     drop = train_drop_last(len(samples["train"]), cfg.batch_size, world_size())
-    if cfg.cache_features:
-        loaders = {n: feature_loader(ds, cfg.batch_size, sampler if n == "train" else
-                                     ShardSampler(len(ds), world_size(), rank()), drop and n == "train")
-                   for n, (ds, _) in feats.items()}
-    else:
-        train_tf = build_transforms(dc, train=True, aug=Augmentation.from_config(cfg))
-        loaders = {"train": make_loader(samples["train"], train_tf, cfg.batch_size, cfg.workers, device, sampler, drop)}
-        for n in ("val", "test"):
-            loaders[n] = make_loader(samples[n], eval_tf, cfg.batch_size, cfg.workers, device,
-                                     ShardSampler(len(samples[n]), world_size(), rank()))
+    loaders = {n: feature_loader(ds, cfg.batch_size, sampler if n == "train" else
+                                 ShardSampler(len(ds), world_size(), rank()), drop and n == "train")
+               for n, (ds, _) in feats.items()}
     return samples, loaders, sampler
 
 
-def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, criterion: nn.Module, device: torch.device,
-             dtype: Optional[torch.dtype], channels_last: bool, run: RunDir, skips: SkipLog) -> float:
+def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, settings: StepSettings, run: RunDir,
+             skips: SkipLog) -> float:
     """--lr auto: the range test (lr_find.py) on a copy of the model, with the run's data, loss, optimizer and
     first-epoch freezing, on rank 0; every rank takes its suggestion. Its curve goes to plots/lr_find.png, its
     numbers to lr_find.json (and report.json)."""
     suggestion = None
     if is_main():
         result = find_lr_as_run(cfg, get_head(model) if cfg.cache_features else model, skips.watched(train_loader),
-                                criterion, device, dtype, channels_last, num_steps=LR_FIND_STEPS)
+                                settings, num_steps=LR_FIND_STEPS)
         plot_lr_find(result, run.plot("lr_find.png"))
         run.write_json(run.lr_find, result.to_dict())
         log.info(f"lr auto: {result.describe()}; the curve is in {run.plot('lr_find.png')}")
@@ -462,20 +459,15 @@ def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, criterion: n
     return float(broadcast_object(suggestion))
 
 
-def _write_batch_preview(cfg: TrainConfig, dc: DataConfig, train_samples: list, classes: list[str],
-                         run: RunDir) -> None:
+def _write_batch_preview(cfg: TrainConfig, inputs: RunInputs, run: RunDir) -> None:
     """plots/batch.png: the start of epoch 1's first batch through the training pipeline, pixel for pixel."""
-    preview = write_batch_preview(train_samples, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg)), classes,
-                                  dc.mean, dc.std, run.plot("batch.png"), n=min(32, cfg.batch_size), seed=cfg.seed)
+    dc = inputs.data_config
+    preview = write_batch_preview(inputs.splits.train, inputs.train_transform, inputs.classes, dc.mean, dc.std,
+                                  run.plot("batch.png"), n=min(32, cfg.batch_size), seed=cfg.seed)
     log.info(f"first training batch as the model sees it: {run.plot('batch.png')}"
              + (" (with --class-balance sampler the run draws its batches differently)"
                 if cfg.class_balance == "sampler" else "") + (f"; {len(preview.skipped)} unreadable file(s) left out"
                                                                if preview.skipped else ""))
-
-
-def _train_sampler(cfg: TrainConfig, samples: list, num_classes: int) -> EpochSampler:
-    weights = balanced_sample_weights(samples, num_classes) if cfg.class_balance == "sampler" else None
-    return EpochSampler(len(samples), cfg.seed, world_size(), rank(), weights)
 
 
 def _loss(cfg: TrainConfig, train_samples: list, num_classes: int, device: torch.device) -> tuple[nn.Module, Any]:
@@ -496,9 +488,19 @@ def _restore(s: Session, ckpt: dict) -> None:
     s.model.load_state_dict(ckpt["model"])
     if s.ema is not None and ckpt.get("ema") is not None:
         s.ema.module.load_state_dict(ckpt["ema"])
-    s.progress = Progress(**ckpt["progress"])
+    s.progress = Progress.from_checkpoint(ckpt)
+    s.early.load_state_dict(early_stopping_state(ckpt))
     if is_main():          # epochs a killed run logged after its last checkpoint are dropped
         s.run.keep_metrics_until(s.progress.epoch)
+
+
+def early_stopping_state(ckpt: dict) -> dict:
+    """EarlyStopping's state in last.pt: its own entry, or in a last.pt written before it had one, the three
+    values Progress kept for it."""
+    if "early_stopping" in ckpt:
+        return ckpt["early_stopping"]
+    old = ckpt["progress"]
+    return {new: old.get(k, EarlyStopping().state_dict()[new]) for k, new in LEGACY_EARLY.items()}
 
 
 def _log_start(s: Session, splits: Splits) -> None:
@@ -541,7 +543,8 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
         set_rng_state(s.resume["rng"])
     if fresh:
         s.saver.start_stage()
-        s.progress.stage_step, s.progress.early_best, s.progress.early_bad = 0, float("-inf"), 0
+        s.progress.stage_step = 0
+        s.early.start_stage()
     s.resume = None
     for e in range(done, stage.epochs):
         stop = run_epoch(s, opt, sched if unit == "step" else None, si)
@@ -565,12 +568,9 @@ def stage_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.opti
 def train_epoch(s: Session, opt: torch.optim.Optimizer, epoch: int, frozen: bool, desc: str, **hooks: Any):
     """One epoch of `train_one_epoch` as `run_epoch` calls it (the benchmarks time this very call)."""
     s.sampler.set_epoch(epoch, start=s.progress.batch * s.cfg.batch_size)
-    cfg = s.cfg
-    return train_one_epoch(
-        s.forward_module(frozen), s.model, s.skips.watch(s.loaders["train"]), opt, device=s.device, dtype=s.dtype,
-        channels_last=s.channels_last, criterion=s.criterion, scaler=s.scaler, accum_steps=cfg.accum_steps,
-        clip_grad=cfg.clip_grad, log_interval=cfg.log_interval, mixup=s.mixup, ema=s.ema, progress=s.progress,
-        total=_batches_per_epoch(s), start=s.progress.batch, desc=desc, **hooks)
+    return train_one_epoch(s.forward_module(frozen), s.model, s.skips.watch(s.loaders["train"]), opt, s.scaler,
+                           s.settings, progress=s.progress, ema=s.ema, total=_batches_per_epoch(s),
+                           start=s.progress.batch, desc=desc, **hooks)
 
 
 def _batches_per_epoch(s: Session) -> int:
@@ -598,7 +598,7 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
            "seconds": time.perf_counter() - t0}
     row.update({"val": summary(val_m)} if val_m else {})
     row.update({"test": summary(select_m)} if cfg.select_on == "test" else {})
-    stop = s.early.update(s.progress, epoch, select_m["top1"], cfg.select_on)
+    stop = s.early.update(epoch, select_m["top1"], cfg.select_on)
     if is_main():
         best = s.saver.update(epoch, select_m["top1"], s.model, s.ema)
         s.saver.save_last(s.model, s.ema, _train_state(s, opt))
@@ -618,7 +618,7 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
 def _train_state(s: Session, opt: torch.optim.Optimizer) -> dict:
     """What last.pt holds besides the weights: enough to continue at the next batch."""
     return {"optimizer": opt.state_dict(), "scaler": s.scaler.state_dict(), "rng": rng_state(),
-            "progress": dataclasses.asdict(s.progress)}
+            "progress": dataclasses.asdict(s.progress), "early_stopping": s.early.state_dict()}
 
 
 def _between_steps(s: Session, opt: torch.optim.Optimizer, batches: int, loss_sum: torch.Tensor, seen: int) -> None:
@@ -627,7 +627,8 @@ def _between_steps(s: Session, opt: torch.optim.Optimizer, batches: int, loss_su
     decision = s.control.decide(s.progress.step)
     if not decision:
         return
-    totals = sum_over_ranks(torch.stack([loss_sum.detach().float(), torch.tensor(float(seen), device=s.device)]))
+    totals = sum_over_ranks(torch.stack([loss_sum.detach().float(),
+                                         torch.tensor(float(seen), device=s.settings.device)]))
     p = s.progress          # updated in place: the epoch loop holds this object
     p.batch, p.epoch_loss, p.epoch_seen = batches, totals[0].item(), int(totals[1].item())
     if is_main():
@@ -654,91 +655,79 @@ def evaluate_epoch(s: Session) -> tuple[Optional[dict], dict]:
 
 
 def evaluate_split(s: Session, name: str, model: Optional[nn.Module] = None) -> tuple[dict, Outputs]:
-    out = predict_logits(model or s.eval_module(), s.skips.watch(s.loaders[name]), s.device, s.dtype,
-                         s.channels_last, desc=name, total=len(s.loaders[name]))
+    st = s.settings
+    out = predict_logits(model or s.eval_module(), s.skips.watch(s.loaders[name]), st.device, st.dtype,
+                         st.channels_last, desc=name, total=len(s.loaders[name]))
     return classification_metrics(out.logits, out.targets, s.classes), out
 
 
-def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torch.optim.Optimizer, *,
-                    device: torch.device, dtype: Optional[torch.dtype], channels_last: bool, criterion: nn.Module,
-                    scaler: torch.amp.GradScaler, accum_steps: int = 1, clip_grad: Optional[float] = None,
-                    log_interval: int = 20, sched: Any = None, mixup: Any = None, ema: Any = None,
-                    progress: Optional[Progress] = None, total: Optional[int] = None, start: int = 0,
+def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, settings: StepSettings, *, progress: Optional[Progress] = None,
+                    sched: Any = None, ema: Any = None, total: Optional[int] = None, start: int = 0,
                     desc: str = "train", on_step: Optional[Callable[[], None]] = None,
                     on_log: Optional[Callable[[int, dict], None]] = None,
                     after_step: Optional[Callable[[int, torch.Tensor, int], None]] = None) -> tuple[float, int, float]:
-    """One pass over `(images, labels, indices)` batches: forward `fwd`, step `opt` every `accum_steps` batches
-    (and `sched`, when it steps per optimizer step), for `total` batches of the epoch of which `start` were done
-    before (a resumed epoch). Returns (mean loss over every rank's images of the whole epoch, images seen on
-    this rank in this call, seconds). The loss is read back only every `log_interval` steps (non-finite check,
-    all ranks together) and about once a second for the progress bar and `on_log(step, values)`: no per-step
-    host-device sync. `after_step(batches done, loss sum, images)` runs after every optimizer step (mid-epoch
-    checkpoints); `on_step()` after every batch (benchmarks time steps with it)."""
+    """One pass over `(images, labels, indices)` batches: `train_step` on each through `fwd` (an optimizer step
+    every `settings.accum_steps` batches, then the EMA of `raw` and a per-step `sched`), for `total` batches of
+    the epoch of which `start` were done before (a resumed epoch). Returns (mean loss over every rank's images
+    of the whole epoch, images seen on this rank in this call, seconds). The loss is read back only every
+    `log_interval` steps (non-finite check, all ranks together) and about once a second for the progress bar
+    and `on_log(step, values)`: no per-step host-device sync. `after_step(batches done, loss sum, images)` runs
+    after every optimizer step (mid-epoch checkpoints); `on_step()` after every batch (benchmarks time it)."""
     progress = progress or Progress()
+    device, resumed = settings.device, bool(start and is_main())    # rank 0 carries the epoch's sums so far
     t0 = last_shown = time.perf_counter()
     seen = 0
-    loss_sum = torch.full((), progress.epoch_loss if start and is_main() else 0.0, device=device)
+    loss_sum = torch.full((), progress.epoch_loss if resumed else 0.0, device=device)
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(batches, desc=desc, total=total, initial=start, leave=False, disable=not is_main())
     opt.zero_grad(set_to_none=True)
     for i, (x, y, _) in enumerate(bar, start):
-        if mixup is not None and len(x) % 2:          # timm's Mixup pairs samples
-            x, y = x[:-1], y[:-1]
-        closes = (i + 1) % accum_steps == 0 or i + 1 == total
-        if len(x) >= 2:                                # BatchNorm cannot train on one sample
-            loss = _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad,
-                         sched, mixup, ema, progress, last=closes)
+        closes = (i + 1) % settings.accum_steps == 0 or i + 1 == total
+        trained = train_step(fwd, x, y, opt, scaler, settings, closes)
+        if trained is not None:
+            loss, n = trained
             bad_loss |= ~torch.isfinite(loss)
-            loss_sum += loss.float() * len(x)
-            seen += len(x)
-        if i % log_interval == 0 and any_rank(bad_loss, device):      # every rank stops together
+            loss_sum += loss.float() * n
+            seen += n
+            if closes:
+                _count_step(progress, raw, ema, sched)
+        if i % settings.log_interval == 0 and any_rank(bad_loss, device):      # every rank stops together
             break
         if is_main() and time.perf_counter() - last_shown >= 1.0 and seen:
-            last_shown, value, lr = time.perf_counter(), loss.item(), opt.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen * world_size() / (last_shown - t0):.1f}",
-                            lr=f"{lr:.2e}", refresh=False)
-            if on_log is not None:
-                on_log(progress.step, {"train_loss": value, "lr": lr})
+            last_shown = time.perf_counter()
+            _show(bar, loss.item(), opt.param_groups[0]["lr"], seen * world_size() / (last_shown - t0),
+                  progress.step, on_log)
         if on_step is not None:
             on_step()
         if closes and after_step is not None and i + 1 != total:
-            after_step(i + 1, loss_sum, (progress.epoch_seen if start and is_main() else 0) + seen)
+            after_step(i + 1, loss_sum, (progress.epoch_seen if resumed else 0) + seen)
         if i + 1 == total:
             break
     if any_rank(bad_loss, device):
         raise NonFiniteLoss(f"the training loss became NaN/inf in {desc}")
     seconds = time.perf_counter() - t0
-    before = progress.epoch_seen if start and is_main() else 0
+    before = progress.epoch_seen if resumed else 0
     totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(before + seen), device=device)]))
     return (totals[0] / totals[1].clamp(min=1)).item(), seen, seconds
 
 
-def _step(fwd, raw, x, y, opt, device, dtype, channels_last, criterion, scaler, accum_steps, clip_grad, sched, mixup,
-          ema, progress: Progress, last: bool) -> torch.Tensor:
-    """Forward and backward of one batch; an optimizer step (clip, scaler, EMA, per-step schedule) when `last`
-    closes an accumulation window. Returns the batch's loss (detached)."""
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if mixup is not None:
-        x, y = mixup(x, y)
-    with autocast(device, dtype):
-        loss = compute_loss(fwd(x), y, criterion)
-    scaler.scale(loss / accum_steps).backward()
-    if last:
-        if clip_grad is not None:
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(raw.parameters(), clip_grad)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        progress.step += 1
-        progress.stage_step += 1
-        if ema is not None:
-            ema.update(raw, step=progress.step)
-        if sched is not None:
-            sched.step()
-    return loss.detach()
+def _count_step(progress: Progress, raw: nn.Module, ema: Any, sched: Any) -> None:
+    """After an optimizer step: count it, update the EMA of the raw weights, step a per-step schedule."""
+    progress.step += 1
+    progress.stage_step += 1
+    if ema is not None:
+        ema.update(raw, step=progress.step)
+    if sched is not None:
+        sched.step()
+
+
+def _show(bar: Any, loss: float, lr: float, images_per_s: float, step: int,
+          on_log: Optional[Callable[[int, dict], None]]) -> None:
+    """The progress bar's numbers, and the tracker's step row."""
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", lr=f"{lr:.2e}", refresh=False)
+    if on_log is not None:
+        on_log(step, {"train_loss": loss, "lr": lr})
 
 
 # --- the end: the chosen weights, tested once ----------------------------------------------------
@@ -753,8 +742,9 @@ def finish(s: Session) -> dict:
     extra: dict = {}
     if s.cfg.tta:        # the test metrics with TTA; the plain ones kept beside them (one pass over the data)
         tta = TTA(flip=True, crops=s.cfg.tta_crops)
-        plain, test_out = predict_logits_tta(model, s.skips.watch(s.loaders["test"]), s.device, tta, s.dtype,
-                                             s.channels_last, desc="test (TTA)", total=len(s.loaders["test"]))
+        st = s.settings
+        plain, test_out = predict_logits_tta(model, s.skips.watch(s.loaders["test"]), st.device, tta, st.dtype,
+                                             st.channels_last, desc="test (TTA)", total=len(s.loaders["test"]))
         test_m = {**classification_metrics(test_out.logits, test_out.targets, s.classes), "tta": tta.to_dict()}
         extra["test_without_tta"] = summary(classification_metrics(plain.logits, plain.targets, s.classes))
     else:

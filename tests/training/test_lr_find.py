@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_cfg
 from spinal_transfer.cli import main as cli
 from spinal_transfer.training.lr_find import find_lr, lr_find_for_config, steepest, suggest, sweep_lrs, valley
+from spinal_transfer.training.step import StepSettings
 
 
 def _curve(lrs, noise: float = 0.0, seed: int = 0):
@@ -74,9 +75,8 @@ def test_find_lr_leaves_model_and_rng_untouched_and_suggests_inside_the_sweep(di
     grads = {k: p.requires_grad for k, p in model.named_parameters()}
     modes = {k: m.training for k, m in model.named_modules()}
     rng = torch.get_rng_state()
-    result = find_lr(model, batches, torch.nn.CrossEntropyLoss(),
-                     lambda m: make_optimizer(m, "sgd", 1.0, backbone_lr_mult=0.1), torch.device("cpu"),
-                     start_lr=1e-3, end_lr=100.0, num_steps=50,
+    result = find_lr(model, batches, lambda m: make_optimizer(m, "sgd", 1.0, backbone_lr_mult=0.1),
+                     StepSettings(torch.device("cpu")), start_lr=1e-3, end_lr=100.0, num_steps=50,
                      prepare=lambda m: FreezePolicy.apply(m, frozen=False))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)                 # weights and BN statistics

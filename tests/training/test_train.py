@@ -320,19 +320,43 @@ def test_channels_last_is_the_cpu_default_and_can_be_turned_off(digits_folder, t
 
 def test_early_stopping_on_a_metric_sequence():
     from spinal_transfer.training.selection import EarlyStopping
-    from spinal_transfer.training.train import Progress
 
     def first_stop(scores, patience, min_delta=0.0):
-        p, rule = Progress(), EarlyStopping(patience, min_delta)
+        rule = EarlyStopping(patience, min_delta)
         for epoch, score in enumerate(scores, 1):
-            if rule.update(p, epoch, score, "val"):
-                return epoch, p.early_best_epoch
+            if rule.update(epoch, score, "val"):
+                return epoch, rule.best_epoch
         return None
 
     assert first_stop([0.5, 0.6, 0.6, 0.59, 0.7], patience=2) == (4, 2)          # 2 epochs without a gain
     assert first_stop([0.5, 0.6, 0.61, 0.62, 0.63], patience=2, min_delta=0.02) == (4, 2)   # gains below delta
     assert first_stop([0.5, 0.6, 0.7, 0.8], patience=1) is None
     assert first_stop([0.9, 0.1], patience=1) == (2, 1)
+
+
+def test_early_stopping_state_round_trips_and_an_old_last_pt_still_resumes():
+    from spinal_transfer.training.selection import EarlyStopping
+    from spinal_transfer.training.train import Progress, early_stopping_state
+
+    scores = [0.5, 0.7, 0.6, 0.65, 0.6]
+    whole = EarlyStopping(3)
+    stops = [whole.update(e, x, "val") for e, x in enumerate(scores, 1)]
+    assert stops[:4] == [None] * 4 and stops[4] and (whole.best, whole.best_epoch, whole.bad) == (0.7, 2, 3)
+    half = EarlyStopping(3)                 # stopped after epoch 3, restored from its state_dict, continued
+    for e, x in enumerate(scores[:3], 1):
+        half.update(e, x, "val")
+    again = EarlyStopping(3)
+    again.load_state_dict(half.state_dict())
+    assert [again.update(e, x, "val") for e, x in enumerate(scores[3:], 4)] == stops[3:]
+    # a last.pt from before: the state sat in progress; it is read from there, and Progress takes the rest
+    old = {"progress": {"epoch": 3, "step": 9, "stage_step": 9, "batch": 0, "epoch_loss": 0.0, "epoch_seen": 0,
+                        "stopped": {}, "early_best": 0.7, "early_best_epoch": 2, "early_bad": 1}}
+    assert early_stopping_state(old) == half.state_dict()
+    assert Progress.from_checkpoint(old) == Progress(epoch=3, step=9, stage_step=9)
+    new = {"progress": dataclasses.asdict(Progress(epoch=3)), "early_stopping": half.state_dict()}
+    assert early_stopping_state(new) == half.state_dict() and Progress.from_checkpoint(new).epoch == 3
+    half.start_stage()
+    assert half.state_dict() == EarlyStopping().state_dict()
 
 
 @pytest.mark.slow      # 4 runs: ~40 s
@@ -349,16 +373,19 @@ def test_early_stopping_ends_the_stage_says_why_and_survives_resume(digits_folde
     assert [(r["epoch"], r["stage"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2)]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "stage 1 stopped early after epoch 3: val top-1 did not improve" in log
-    # interrupted inside epoch 4 (stage 2's first, after stage 1 stopped early) and resumed: the same stops
+    # interrupted inside epoch 3 (after 2 epochs: the stage's best is epoch 1, one epoch without a gain) and
+    # resumed: EarlyStopping's state comes back from last.pt, so stage 1 still stops after epoch 3, not later
     from conftest import cli_flags
 
     flags = cli_flags(**{**TINY, "data": digits_folder, "out": tmp_path / "again", "limit_train_batches": 2,
                          "early_stop_patience": 2, "freeze_backbone": "true",
                          "stages": "[{epochs: 6, lr: 1.0e-12}, {epochs: 2, lr: 1.0e-12}]"})
-    stopped = subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, "7", "TERM", "1", "-1", "train", *flags],
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, "5", "TERM", "1", "-1", "train", *flags],
                              env=ENV, capture_output=True, text=True)
     assert stopped.returncode == 75, stopped.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "again" / "checkpoints" / "last.pt")["progress"]["stopped"][0]["ran"] == 3
+    last = load_checkpoint(tmp_path / "again" / "checkpoints" / "last.pt")
+    assert (last["progress"]["epoch"], last["progress"]["batch"]) == (2, 1)
+    assert (last["early_stopping"]["best_epoch"], last["early_stopping"]["bad"]) == (1, 1)
     resumed = subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--resume", str(tmp_path / "again")],
                              env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

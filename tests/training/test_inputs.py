@@ -1,0 +1,59 @@
+"""One set-up path (training/inputs.py): train, lr-find, show-batch and evaluate read the same files."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from conftest import tiny_cfg
+from PIL import Image
+
+from spinal_transfer.config import TrainConfig
+from spinal_transfer.evaluation.evaluate import evaluate
+from spinal_transfer.training import lr_find
+from spinal_transfer.training.preview import show_batch, training_pipeline
+from spinal_transfer.training.train import run
+
+
+def test_lr_find_show_batch_and_evaluate_see_the_runs_files_under_the_paper_protocol(three_digits, tmp_path,
+                                                                                      monkeypatch):
+    # the paper protocol with an index rule: val = the train/ + val/ images whose file index % 5 == 0, which
+    # is neither the folder's val/ nor what the honest protocol carves
+    cfg = tiny_cfg(three_digits, tmp_path / "run", protocol="paper", paper_select_on="val",
+                   paper_val_index_mod=[5, 0], epochs=1, limit_train_batches=1, batch_size=16)
+    run(cfg)
+    recorded = json.loads((tmp_path / "run" / "splits.json").read_text())["splits"]
+    files = {k: [str(three_digits / e[0]) for e in recorded[k]] for k in ("train", "val")}
+    pool = sorted(str(p) for s in ("train", "val") for p in (three_digits / s).rglob("*.png"))
+    assert sorted(files["val"]) == [p for p in pool if int(Path(p).stem) % 5 == 0]
+    assert sorted(files["train"]) == [p for p in pool if int(Path(p).stem) % 5 != 0]
+
+    # show-batch: the same training list, and the very grid the run drew of its first batch
+    samples, *_ = training_pipeline(cfg)
+    assert [p for p, _ in samples] == files["train"]
+    preview = show_batch(cfg, tmp_path / "batch.png")
+    assert np.array_equal(np.asarray(Image.open(preview.path)),
+                          np.asarray(Image.open(tmp_path / "run" / "plots" / "batch.png")))
+
+    # lr-find: the batches it sweeps come from the same training list
+    seen = []
+
+    def spy(cfg, model, batches, *args, **kw):
+        seen.extend(p for p, _ in batches.batches.dataset.samples)      # the loader the run's SkipLog watches
+        raise StopIteration     # the files are all this test needs; no sweep
+    monkeypatch.setattr(lr_find, "find_lr_as_run", spy)
+    try:
+        lr_find.lr_find_for_config(cfg)
+    except StopIteration:
+        pass
+    assert seen == files["train"]
+
+    # evaluate of the checkpoint away from its run folder (no splits.json beside it): the run's val again
+    away = tmp_path / "away" / "checkpoints"
+    away.mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "checkpoints" / "best.pt", away / "best.pt")
+    ev = evaluate(away / "best.pt", split="val", device="cpu", workers=0)
+    assert [p for p, _ in ev.samples] == files["val"] and "made again" in ev.source
+    honest = TrainConfig.from_dict({**cfg.to_dict(), "protocol": "honest"})
+    assert [p for p, _ in training_pipeline(honest)[0]] != files["train"]       # the protocol matters here
