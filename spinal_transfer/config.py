@@ -99,6 +99,8 @@ class TrainConfig:
     # --- model ------------------------------------------------------------------------------
     backbone: str = _opt("timm/resnet18", "torchvision/<name> or timm/<name> (spinal-transfer models lists them)")
     weights: str = _opt("default", "none | default | torchvision enum / timm tag | path to a local file")
+    weights_partial: bool = _opt(False, "start from a weights file that does not cover the whole backbone (its "
+                                        "loaded/missing counts are logged); without it such a file is refused")
     head: str = _opt("spinal", "head kind", choices=["linear", "mlp", "spinal"])
     head_preset: str = _opt("resnet", "spinal preset: resnet (no dropout/BN) or vgg (dropout 0.5 + BN)",
                             choices=["resnet", "vgg"], applies=SPINAL)

@@ -236,7 +236,7 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     configure_process(device)
     splits = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
-                        **head_options(cfg))
+                        classes=splits.classes, weights_partial=cfg.weights_partial, **head_options(cfg))
     dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
                              mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)

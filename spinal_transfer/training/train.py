@@ -306,7 +306,8 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     skips = SkipLog(run.skipped)
     splits = load_data(cfg, run, skips)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
-                        weights="none" if ckpt else cfg.weights, replace=cfg.replace, **head_options(cfg))
+                        weights="none" if ckpt else cfg.weights, replace=cfg.replace, classes=splits.classes,
+                        weights_partial=cfg.weights_partial, **head_options(cfg))
     attach_log_file(run.log)                          # data and model are fine: the run folder is written from here
     if is_main() and not run.splits.is_file():
         run.write_json(run.splits, record(splits))
@@ -751,7 +752,8 @@ def finish(s: Session) -> dict:
     report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "protocol": s.cfg.protocol,
               "epochs_trained": s.progress.epoch, **({"early_stops": stops, "stopped": stops[-1]} if stops else {}),
               "val": val_m, "test": test_m, **extra, "classes": s.classes, "num_skipped_files": len(s.skips),
-              "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
+              "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model),
+              "weights": best.get("head_info", {}).get("weights_file") or {"source": s.cfg.weights}}
     if is_main():
         write_outputs(s.run, report, s.samples["test"], test_out)
         s.tracker.log_summary(report)
