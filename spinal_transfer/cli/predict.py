@@ -38,6 +38,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runner", default="auto", choices=RUNNERS,
                         help="what runs the model: torch, onnx (the bundle's model.onnx), onnx-int8 (its "
                              "model.int8.onnx) or auto (int8 ONNX, else ONNX, else torch; see below) (default: auto)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="use a bundle whose files differ from the digests export recorded in its config.json "
+                             "(a bundle edited on purpose); without it such a bundle is refused")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,7 +51,8 @@ def main(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import TTA
 
     tta = TTA(flip=True, crops=args.tta_crops) if args.tta else None
-    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta, runner=args.runner)
+    preds = predict(args.model, args.paths, args.batch_size, args.workers, args.device, tta=tta, runner=args.runner,
+                    verify=not args.no_verify)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
     skipped_path = write_csv(preds, args.out, args.topk)

@@ -9,6 +9,7 @@ that passed is moved into the bundle, so what is in the bundle is what was check
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -84,9 +85,32 @@ def build_from_config(config: dict) -> nn.Module:
                        replace=head["replace"], **head["options"])
 
 
-def load(bundle: PathLike) -> nn.Module:
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_bundle(folder: Path, config: dict, used: str) -> None:
+    """Refuse, in one line naming the file, a bundle file `used` (and its companions, e.g. model.onnx.data)
+    whose bytes differ from the sha256 that export recorded in config.json: an edited or corrupted file would
+    change predictions without a word. A bundle exported before digests were recorded is not checked."""
+    for name, want in (config.get("files") or {}).items():
+        if name != used and not name.startswith(used + "."):
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: {CONFIG_FILE} lists it; re-export the bundle")
+        if file_sha256(path) != want:
+            raise CheckpointError(f"{path} does not match the sha256 recorded in {CONFIG_FILE} (edited or corrupted "
+                                  f"since export); re-export the bundle, or pass --no-verify to use it as it is")
+
+
+def load(bundle: PathLike, verify: bool = True) -> nn.Module:
     """A bundle folder -> its model in eval mode, rebuilt offline; weights come from safetensors,
-    so loading runs no code from the bundle."""
+    so loading runs no code from the bundle. `verify`: check model.safetensors against config.json's digest."""
     from safetensors.torch import load_model
 
     folder = Path(bundle)
@@ -94,6 +118,8 @@ def load(bundle: PathLike) -> nn.Module:
     config = read_config(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    if verify:
+        verify_bundle(folder, config, WEIGHTS_FILE)
     model = build_from_config(config)
     load_model(model, str(folder / WEIGHTS_FILE))
     return model.eval()
@@ -291,8 +317,10 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
         if quantize == "int8":
             config["formats"]["onnx-int8"] = quantize_int8(source, ckpt, stage, max_accuracy_drop, force,
                                                            batch_size, workers, out)
-        atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
         atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source), source))
+        config["files"] = {f.name: file_sha256(f) for f in sorted(stage.iterdir())
+                           if f.is_file() and f.name != CONFIG_FILE}      # checked before use (verify_bundle)
+        atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
         _publish(stage, out)
     return config
 

@@ -40,10 +40,11 @@ class Predictor:
     device: auto, cpu, cuda or mps. runner: auto, torch, onnx, onnx-int8 (as `predict --runner`; `auto` runs a
     bundle on the CPU with its int8 ONNX file, else its ONNX file, else PyTorch). tta: average the softmax over
     the image and its mirror; tta_crops=5 adds the four corner crops and the centre crop (each mirrored).
-    batch_size: images per model call (default: training's)."""
+    batch_size: images per model call (default: training's). verify: check a bundle's file against the digest
+    in its config.json first (False, as `predict --no-verify`: for bundles edited on purpose)."""
 
     def __init__(self, source: PathLike, device: str = "auto", runner: str = "auto", tta: bool = False,
-                 tta_crops: int = 0, batch_size: Optional[int] = None):
+                 tta_crops: int = 0, batch_size: Optional[int] = None, verify: bool = True):
         if tta_crops and not tta:
             raise ConfigError(f"{option_name('tta_crops').strip()} needs {flag_name('tta')}", key="tta_crops")
         self.tta: Optional[TTA] = TTA(flip=True, crops=tta_crops) if tta else None
@@ -53,7 +54,7 @@ class Predictor:
         self.device = pick_device(device)
         configure_process(self.device)
         self.source = str(source)
-        self.config, self._run, self.runner = open_model(source, self.device, runner)
+        self.config, self._run, self.runner = open_model(source, self.device, runner, verify)
         self.classes: list[str] = list(self.config["classes"])
         self.transform = eval_transform(self.config)
 

@@ -22,7 +22,7 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from ..errors import ResourceError, RunFolderError
+from ..errors import CheckpointError, ResourceError, RunFolderError
 from ..utils.atomic import TMP_SUFFIX, atomic_write_text
 from .checkpoint import load_checkpoint
 from ..config import TrainConfig
