@@ -205,7 +205,9 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
         tta = rep["tta"]
         out["test-time augmentation"] = json.dumps(tta) if not isinstance(tta, str) else tta
     if "num_skipped_files" in rep:
-        out["skipped files"] = str(rep["num_skipped_files"])
+        per_split = rep.get("num_skipped") or {}
+        out["skipped files"] = str(rep["num_skipped_files"]) + (
+            " (" + " \u00b7 ".join(f"{k} {v:,}" for k, v in per_split.items()) + ")" if per_split else "")
     return out
 
 

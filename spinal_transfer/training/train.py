@@ -488,6 +488,7 @@ def _restore(s: Session, ckpt: dict) -> None:
 
 def _log_start(s: Session, splits: Splits) -> None:
     cfg = s.cfg
+    s.skips.sync()                      # skipped_files.txt exists from here on, empty or not: the log points to it
     log.info(f"{len(s.classes)} classes; train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} "
              f"images; {len(s.skips)} file(s) skipped (see {s.run.skipped})")
     lrs = ", ".join(f"{st.lr:g}" for st in cfg.resolved_stages())
@@ -748,22 +749,33 @@ def finish(s: Session) -> dict:
         extra["lr_find"] = {k: v for k, v in s.run.read_json(s.run.lr_find).items()
                             if k in ("suggestion", "rule", "stopped", "start_lr", "end_lr", "num_steps")}
     s.skips.sync()
+    skipped = s.skips.per_split(s.samples)
     stops = [{"stage": i + 1, **v} for i, v in sorted(s.progress.stopped.items())]
     report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "protocol": s.cfg.protocol,
               "epochs_trained": s.progress.epoch, **({"early_stops": stops, "stopped": stops[-1]} if stops else {}),
               "val": val_m, "test": test_m, **extra, "classes": s.classes, "num_skipped_files": len(s.skips),
-              "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model),
+              "num_images": {n: len(v) - skipped[n] for n, v in s.samples.items()}, "num_skipped": skipped,
+              "head": model_summary(s.model),
               "weights": best.get("head_info", {}).get("weights_file") or {"source": s.cfg.weights}}
     if is_main():
         write_outputs(s.run, report, s.samples["test"], test_out)
         s.tracker.log_summary(report)
         s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])
         s.tracker.close()
+        log.info(_counts_line(report, s.run.skipped))
         log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on}); test top1 {test_m['top1']:.4f}"
                  + (f" with TTA ({extra['test_without_tta']['top1']:.4f} without)" if s.cfg.tta else "") + ", "
                  f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}; see {s.run.report_html}")
     barrier()
     return report
+
+
+def _counts_line(report: dict, skipped_file: Path) -> str:
+    """Images used and skipped per split, the numbers report.json, report.html and skipped_files.txt give."""
+    used, skipped = report["num_images"], report["num_skipped"]
+    return ("images used: " + ", ".join(f"{n} {used[n]}" for n in used) + "; skipped (unreadable): "
+            + ", ".join(f"{n} {skipped[n]}" for n in skipped) + f"; {report['num_skipped_files']} in all, listed in "
+            f"{skipped_file}")
 
 
 def write_outputs(run: RunDir, report: dict, test_samples: list, test_out: Outputs) -> None:
