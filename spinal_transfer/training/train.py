@@ -370,7 +370,21 @@ def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
                                  cfg.paper_select_on, cfg.paper_val_index_mod))
     splits = broadcast_object(splits)
     skips.add(splits.skipped)
+    _check_splits_usable(splits, selection_split(cfg))
     return splits
+
+
+def _check_splits_usable(splits: Splits, select_on: str) -> None:
+    """Refuse, before the run folder is written, splits that leave nothing to choose the best epoch on or to
+    test (e.g. one image per class: such classes stay in train, so val and test are empty)."""
+    empty = [n for n in dict.fromkeys((select_on, "test")) if not splits.get(n)]
+    if empty:
+        why = "; ".join(n for n in splits.source.get("notes", []) if "single image" in n or "impossible" in n)
+        raise DataError(f"{splits.root}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+                        f"(train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images"
+                        + (f"; {why}" if why else "") + "): the best epoch is chosen on " + select_on + " and the "
+                        "model is tested on test; add images (at least 3 per class to carve both), or give val/ and "
+                        "test/ folders")
 
 
 def _place(model: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool) -> nn.Module:
