@@ -52,6 +52,7 @@ class WeightSource:
                    f"  or pass {opt}/path/to/state_dict.pth (or .safetensors).")
         else:
             msg = _timm_message(self, exc, why, opt)
+        msg += f"\n  Without a download: {opt}FILE (a local weights file) or {opt}none (random weights, no download)."
         raise WeightsUnavailable(msg) from None
 
 

@@ -314,6 +314,10 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         run.write_json(run.classes, splits.classes)
     for note in model.spinal_info.notes:
         log.info(note)
+    if cfg.freeze_epochs and str(cfg.weights).lower() == "none" and ckpt is None:
+        log.info(f"freeze_epochs {cfg.freeze_epochs} -> 0: with --weights none the backbone is random, and a frozen "
+                 f"random backbone would only teach the head noise")
+        cfg = dataclasses.replace(cfg, freeze_epochs=0)
     if cfg.head == "spinal" and cfg.layer_width is None:      # the rule's width, written into config.yaml
         cfg = dataclasses.replace(cfg, layer_width=get_head(model).layer_width)
         log.info(f"spinal layer width {cfg.layer_width}: 2 x {len(splits.classes)} classes, at least 32, at most "
