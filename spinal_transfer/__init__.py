@@ -10,9 +10,10 @@ from typing import Any
 
 __version__ = "0.2.0"
 
-_LAZY = {"TrainConfig": "config", "SpinalHead": "heads", "MLPHead": "heads", "LinearHead": "heads",
-         "create_head": "heads", "build_model": "surgery", "get_head": "surgery", "list_backbones": "surgery",
-         "load": "export", "Predictor": "predictor"}
+_LAZY = {"TrainConfig": "config", "SpinalHead": "models.heads", "MLPHead": "models.heads",
+         "LinearHead": "models.heads", "create_head": "models.heads", "build_model": "models.surgery",
+         "get_head": "models.surgery", "list_backbones": "models.surgery", "load": "deploy.export",
+         "Predictor": "deploy.predictor"}
 
 __all__ = [*_LAZY, "__version__"]
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import positive_int
 from ..experiments.compare import CONTROLLED, DEFAULT_OUT, DEFAULT_SEEDS, RESULT_FILES
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
-from ..experiments.multirun import DEFAULT_MODE, MODES
+from ..errors import ConfigError
+from ..experiments.multirun import CACHE_DIR, DEFAULT_MODE, MODES
 
 EXAMPLES = f"""\
   # frozen backbone (default): its features are computed once, then every head x seed trains in seconds
@@ -46,8 +48,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              f"train end to end (default: {DEFAULT_MODE})")
     parser.add_argument("--recipe", help="YAML file of train options (see recipes/); flags win over it")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help=f"--mode frozen: where the backbone's features are computed once and kept for every run "
+                             f"(default: OUT/{CACHE_DIR}); --mode finetune caches nothing")
     group = parser.add_argument_group("train options (the same for every run)")
-    add_config_args(group, only=tuple(n for n in CONFIG_FIELDS if n not in CONTROLLED))
+    add_config_args(group, only=tuple(n for n in CONFIG_FIELDS if n not in CONTROLLED and n != "cache_dir"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,7 +61,13 @@ def main(args: argparse.Namespace) -> int:
     from ..models.heads_spec import parse_head_specs
 
     heads = parse_head_specs(args.heads)
-    base = resolve_config(args.recipe, {k: v for k, v in given_flags(args).items() if k != "out"})
+    flags = {k: v for k, v in given_flags(args).items() if k not in ("out", "cache_dir")}
+    base = resolve_config(args.recipe, flags)
+    if args.cache_dir:              # compare turns feature caching on itself (--mode frozen), so it is no train flag
+        if args.mode != "frozen":
+            raise ConfigError(f"--cache-dir is for --mode frozen (features cached once); --mode {args.mode} trains "
+                              f"every run end to end and caches nothing")
+        base = dataclasses.replace(base, cache_dir=args.cache_dir)
     results = compare(base, heads, args.seeds, args.mode, args.out)
     if not results.complete:
         missing = [h.head.text for h in results.heads if len(h.metrics) < h.seeds]

@@ -11,6 +11,7 @@ files, the same runner and TTA it gives the same classes and probabilities as `p
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -26,6 +27,7 @@ from .export import eval_transform
 from .predict import TOPK, ImageInput, open_model, preprocess_input, top_classes
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger("spinal_transfer")
 
 
 def _is_single(images: Any) -> bool:
@@ -57,29 +59,51 @@ class Predictor:
         self.config, self._run, self.runner = open_model(source, self.device, runner, verify)
         self.classes: list[str] = list(self.config["classes"])
         self.transform = eval_transform(self.config)
+        self.skipped: list[tuple[str, str]] = []    # (path, reason) of the last call's skipped files
 
     def __repr__(self) -> str:
         return (f"Predictor({self.source!r}, runner={self.runner!r}, device={str(self.device)!r}, "
                 f"{len(self.classes)} classes{', TTA' if self.tta else ''})")
 
-    def _tensor(self, item: ImageInput) -> torch.Tensor:
-        try:
-            return preprocess_input(item, self.transform)
-        except BadImage as e:
-            raise DataError(f"{item}: {e}") from None
-
     def probabilities(self, images: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """(len(images), len(classes)) softmax, float64, in input order; one image may be given alone."""
         items = [images] if _is_single(images) else list(images)
-        out = []
-        for i in range(0, len(items), self.batch_size):
-            x = torch.stack([self._tensor(item) for item in items[i:i + self.batch_size]])
-            out.append(tta_probs(self._run, x, self.tta, torch.float64))
-        return torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)
+        return self._probabilities(items, "raise")[0]
 
-    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK) -> list[list[tuple[str, float]]]:
+    def _probabilities(self, items: list, on_error: str) -> tuple[torch.Tensor, list[int]]:
+        """(softmax of the readable items, their indices); with on_error "skip" an unreadable file is recorded
+        in `self.skipped` (path, reason) and left out, else it raises DataError."""
+        out, kept = [], []
+        self.skipped = []
+        for i in range(0, len(items), self.batch_size):
+            xs = []
+            for j, item in enumerate(items[i:i + self.batch_size], start=i):
+                try:
+                    xs.append(preprocess_input(item, self.transform))
+                except BadImage as e:
+                    if on_error != "skip":
+                        raise DataError(f"{item}: {e}") from None
+                    self.skipped.append((str(item), str(e)))
+                    log.warning(f"skipped {item}: {e}")
+                    continue
+                kept.append(j)
+            if xs:
+                out.append(tta_probs(self._run, torch.stack(xs), self.tta, torch.float64))
+        return (torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)), kept
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK,
+                on_error: str = "raise") -> list[Optional[list[tuple[str, float]]]]:
         """Per image (paths, PIL images or HxWx3 uint8 RGB arrays; one may be given alone), its `topk` most
-        probable (class, probability), most probable first. An unreadable file raises DataError."""
+        probable (class, probability), most probable first. An unreadable file raises DataError; with
+        on_error="skip" it is skipped as `spinal-transfer predict` skips it: None in its place, (path, reason)
+        in `self.skipped` and a warning in the log."""
         if topk < 1:
             raise ConfigError(f"{option_name('topk')}must be >= 1, got {topk}", key="topk")
-        return top_classes(self.probabilities(images), self.classes, topk)
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"{option_name('on_error')}must be raise or skip, got {on_error!r}", key="on_error")
+        items = [images] if _is_single(images) else list(images)
+        probs, kept = self._probabilities(items, on_error)
+        out: list[Optional[list[tuple[str, float]]]] = [None] * len(items)
+        for j, top in zip(kept, top_classes(probs, self.classes, topk)):
+            out[j] = top
+        return out
