@@ -314,10 +314,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         run.write_json(run.classes, splits.classes)
     for note in model.spinal_info.notes:
         log.info(note)
-    if cfg.freeze_epochs and str(cfg.weights).lower() == "none" and ckpt is None:
-        log.info(f"freeze_epochs {cfg.freeze_epochs} -> 0: with --weights none the backbone is random, and a frozen "
-                 f"random backbone would only teach the head noise")
-        cfg = dataclasses.replace(cfg, freeze_epochs=0)
+    cfg = cfg if ckpt else _no_frozen_random_backbone(cfg)
     if cfg.head == "spinal" and cfg.layer_width is None:      # the rule's width, written into config.yaml
         cfg = dataclasses.replace(cfg, layer_width=get_head(model).layer_width)
         log.info(f"spinal layer width {cfg.layer_width}: 2 x {len(splits.classes)} classes, at least 32, at most "
@@ -355,6 +352,16 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         _restore(s, ckpt)
     _log_start(s, splits)
     return s
+
+
+def _no_frozen_random_backbone(cfg: TrainConfig) -> TrainConfig:
+    """A new run from --weights none trains its backbone from the first epoch: freezing a random backbone would
+    only teach the head noise. Said in the log; config.yaml records the freeze_epochs used (0)."""
+    if not cfg.freeze_epochs or str(cfg.weights).lower() != "none":
+        return cfg
+    log.info(f"freeze_epochs {cfg.freeze_epochs} -> 0: with --weights none the backbone is random, and a frozen "
+             f"random backbone would only teach the head noise")
+    return dataclasses.replace(cfg, freeze_epochs=0)
 
 
 def selection_split(cfg: TrainConfig) -> str:
