@@ -188,7 +188,7 @@ def test_program_files_where_a_checkpoint_is_expected_say_what_they_are(finished
 
 _SAVE_FOREVER = """
 import sys, torch
-from spinal_transfer.checkpoint import atomic_save
+from spinal_transfer.runs.checkpoint import atomic_save
 state = {f"w{i}": torch.full((256, 1024), float(i)) for i in range(24)}      # ~24 MB per save
 n = 0
 while True:
@@ -280,7 +280,7 @@ def test_out_of_memory_names_the_batch_size_and_suggests_a_smaller_one(data, tmp
     script = textwrap.dedent(f"""
         import resource, sys
         import torch, timm, albumentations, cv2, sklearn.metrics         # the libraries' own mappings first
-        import spinal_transfer.train, spinal_transfer.cli
+        import spinal_transfer.training.train, spinal_transfer.cli
         used = sum(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (used + 3 * 2**30, resource.RLIM_INFINITY))
         from spinal_transfer.cli import main
