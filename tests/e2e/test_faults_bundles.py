@@ -98,3 +98,20 @@ def test_the_onnx_runner_refuses_a_tampered_model_onnx(bundle, three_digits, tmp
     with pytest.raises(CheckpointError, match="does not match the sha256"):
         Predictor(tampered, device="cpu", runner="onnx")
     Predictor(tampered, device="cpu", runner="torch")               # the other files are intact
+
+
+def test_a_bundle_given_as_weights_records_its_architecture_and_classes(bundle):
+    from spinal_transfer.models.surgery import build_model
+
+    config = json.loads((bundle / "config.json").read_text())
+    weights = bundle / "model.safetensors"
+    with pytest.raises(CheckpointError, match=f"holds a {config['backbone']} model.*not --backbone timm/test_efficientnet"):
+        build_model("timm/test_efficientnet", 3, weights=str(weights))
+    head = config["head"]
+    same = build_model(config["backbone"], 3, head=head["kind"], weights=str(weights), replace=head["replace"],
+                       classes=config["classes"], **head["options"])
+    assert f"head: restored from {weights} (same 3 classes)" in same.spinal_info.notes
+    other = build_model(config["backbone"], 3, head=head["kind"], weights=str(weights), replace=head["replace"],
+                        classes=["x", "y", "z"], **head["options"])
+    assert f"head: new ({weights}'s classes differ)" in other.spinal_info.notes
+    assert same.spinal_info.weights_file["head_restored"] and not other.spinal_info.weights_file["head_restored"]
