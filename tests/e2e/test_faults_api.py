@@ -95,7 +95,8 @@ def _complete_bundle(out: Path) -> bool:
 def test_ctrl_c_during_export_is_exit_130_no_traceback_and_no_half_bundle(finished_run, tmp_path, when):
     out = tmp_path / "bundles" / "b"
     proc = subprocess.Popen([sys.executable, "-m", "spinal_transfer", "export", finished_run, "--out", out],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "PYTHONUNBUFFERED": "1"})        # "wrote ..." arrives as it is printed
     if when == "after":                       # the bundle is written: Ctrl-C while the interpreter shuts down
         proc.stdout.readline()
     else:
