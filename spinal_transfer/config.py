@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -44,6 +45,29 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with floats as people write them: YAML 1.1 (PyYAML's) reads `1e-3`, `5E-4` and
+    `1e+6` as strings (it wants a dot and a signed exponent), YAML 1.2 and every config tool read them as
+    numbers. Every YAML the tool reads goes through this loader (`load_yaml`)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+    [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text to Python values with `YamlLoader` (raises yaml.YAMLError on bad YAML)."""
+    return yaml.load(text, Loader=YamlLoader)
 
 
 SPINAL, MLP_OR_SPINAL = {"head": ("spinal",)}, {"head": ("spinal", "mlp")}
@@ -76,6 +100,8 @@ class TrainConfig:
     # --- model ------------------------------------------------------------------------------
     backbone: str = _opt("timm/resnet18", "torchvision/<name> or timm/<name> (spinal-transfer models lists them)")
     weights: str = _opt("default", "none | default | torchvision enum / timm tag | path to a local file")
+    weights_partial: bool = _opt(False, "start from a weights file that does not cover the whole backbone (its "
+                                        "loaded/missing counts are logged); without it such a file is refused")
     head: str = _opt("spinal", "head kind", choices=["linear", "mlp", "spinal"])
     head_preset: str = _opt("resnet", "spinal preset: resnet (no dropout/BN) or vgg (dropout 0.5 + BN)",
                             choices=["resnet", "vgg"], applies=SPINAL)
@@ -255,7 +281,7 @@ class TrainConfig:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
         try:
-            d = yaml.safe_load(text)
+            d = load_yaml(text)
             lines = _key_lines(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
@@ -404,7 +430,7 @@ def check_value(name: str, value: Any) -> Any:
 
 def _key_lines(text: str) -> dict[str, int]:
     """1-based line of every top-level key of a YAML mapping, and of each stage (`stages[i]`)."""
-    node = yaml.compose(text)
+    node = yaml.compose(text, Loader=YamlLoader)
     lines: dict[str, int] = {}
     if not isinstance(node, yaml.MappingNode):
         return lines
@@ -438,7 +464,7 @@ def _float_or_auto(s: str) -> Any:
 
 def _parse_yaml_value(s: str) -> Any:
     try:
-        return yaml.safe_load(s)
+        return load_yaml(s)
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"not a YAML value: {s!r}") from None
 

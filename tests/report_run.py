@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import timm
+import torch
 from PIL import Image
 
 from spinal_transfer.config import TrainConfig
@@ -20,7 +22,10 @@ def make_run_folder(run: Path, data: Path, epochs: tuple[int, int] = (2, 1), see
     (folder / "train" / "digit_0" / "empty.png").write_bytes(b"")
     (folder / "train" / "digit_1" / "notes.png").write_text("not a picture\n")
     stages = [{"epochs": epochs[0], "lr": 0.05}, {"epochs": epochs[1], "lr": 0.005}]
-    train(TrainConfig(data=str(folder), backbone="timm/test_resnet", weights="none", head="spinal",
+    weights = run.parent / f"{run.name}-backbone.pt"      # a weights file: --weights none would skip the frozen epoch
+    torch.manual_seed(seed)
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    train(TrainConfig(data=str(folder), backbone="timm/test_resnet", weights=str(weights), head="spinal",
                       layer_width=64, stages=stages, freeze_epochs=1, batch_size=64, augment="none", out=str(run),
                       img_size=32, workers=0, seed=seed, scheduler="none", limit_train_batches=8))
     if not (run / "plots" / "batch.png").exists():

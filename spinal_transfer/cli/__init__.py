@@ -83,10 +83,10 @@ def _say(message: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
-    args = build_parser(only=command).parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    use_cli_option_names()           # messages name options as typed here: --weights, not weights=
-    try:
+    try:                             # building the parser imports the command's module (torch): Ctrl-C may come
+        args = build_parser(only=command).parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        use_cli_option_names()       # messages name options as typed here: --weights, not weights=
         return func(args)
     except UserError as e:
         _say(f"{e.prefix}: {e}")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import positive_int
 from ..config import add_config_args, given_flags, resolve_config
+from . import positive_int
 
 # the train options that decide which files are read and how their features are computed
 AUDIT_FIELDS = ("data", "protocol", "paper_select_on", "paper_val_index_mod", "val_fraction", "test_fraction",
@@ -26,7 +26,7 @@ and OUT/audit.json; prints a summary."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from ..experiments.audit import DEFAULT_FOLDS, DEFAULT_HASH_BITS, DEFAULT_THRESHOLD   # lazy: torch
+    from ..experiments.audit import DEFAULT_FOLDS, DEFAULT_HASH_BITS, DEFAULT_THRESHOLD  # lazy: torch
 
     parser.add_argument("--out", default="audit", metavar="DIR",
                         help="where audit.csv, audit.html and audit.json go (default: audit)")
@@ -50,9 +50,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..experiments.audit import audit, summary_text      # lazy: torch
-    from ..runs.rundir import RunDir                          # lazy: torch
-    from ..utils.runtime import setup_logging                 # lazy: torch
+    from ..experiments.audit import audit, summary_text  # lazy: torch
+    from ..runs.rundir import RunDir  # lazy: torch
+    from ..utils.runtime import setup_logging  # lazy: torch
 
     setup_logging()
     cfg = resolve_config(RunDir(args.run).read_config() if args.run else args.recipe, given_flags(args))

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from . import positive_int
-from ..experiments.compare import CONTROLLED, DEFAULT_OUT, DEFAULT_SEEDS, RESULT_FILES, compare
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
-from ..experiments.multirun import DEFAULT_MODE, MODE_HELP, MODES
+from ..errors import ConfigError
+from ..experiments.compare import CONTROLLED, DEFAULT_OUT, DEFAULT_SEEDS, RESULT_FILES, compare
+from ..experiments.multirun import CACHE_DIR, DEFAULT_MODE, MODE_HELP, MODES
 from ..models.heads_spec import parse_head_specs
+from . import positive_int
 
 EXAMPLES = f"""\
   # fine-tune (default): every head x seed trains as `train` does (each run costs a full training)
@@ -42,14 +44,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     parser.add_argument("--recipe", help="YAML file of train options (see recipes/); flags win over it")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help=f"--mode frozen: where the backbone's features are computed once and kept for every run "
+                             f"(default: OUT/{CACHE_DIR}); --mode finetune caches nothing")
     group = parser.add_argument_group("train options (the same for every run)")
-    add_config_args(group, only=tuple(n for n in CONFIG_FIELDS if n not in CONTROLLED))
+    add_config_args(group, only=tuple(n for n in CONFIG_FIELDS if n not in CONTROLLED and n != "cache_dir"))
 
 
 def main(args: argparse.Namespace) -> int:
     """0 when every head has all its seeds, 3 when a run could not finish (diverged, or in use elsewhere)."""
     heads = parse_head_specs(args.heads)
-    base = resolve_config(args.recipe, {k: v for k, v in given_flags(args).items() if k != "out"})
+    flags = {k: v for k, v in given_flags(args).items() if k not in ("out", "cache_dir")}
+    base = resolve_config(args.recipe, flags)
+    if args.cache_dir:              # compare turns feature caching on itself (--mode frozen), so it is no train flag
+        if args.mode != "frozen":
+            raise ConfigError(f"--cache-dir is for --mode frozen (features cached once); --mode {args.mode} trains "
+                              f"every run end to end and caches nothing")
+        base = dataclasses.replace(base, cache_dir=args.cache_dir)
     results = compare(base, heads, args.seeds, args.mode, args.out)
     if not results.complete:
         missing = [h.head.text for h in results.heads if len(h.metrics) < h.seeds]

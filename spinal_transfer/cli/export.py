@@ -5,7 +5,15 @@ import argparse
 import sys
 
 from ..deploy.export import (
-    ATOL, CARD_FILE, CONFIG_FILE, FORMAT_FILES, MAX_ACCURACY_DROP, QUANTIZE, WEIGHTS_FILE, export, format_check,
+    ATOL,
+    CARD_FILE,
+    CONFIG_FILE,
+    FORMAT_FILES,
+    MAX_ACCURACY_DROP,
+    QUANTIZE,
+    WEIGHTS_FILE,
+    export,
+    format_check,
 )
 from ..errors import ConfigError
 

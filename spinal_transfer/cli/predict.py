@@ -46,6 +46,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-confidence", type=float, metavar="P",
                         help="write `uncertain` as the prediction of images whose top probability is below P, in "
                              "a `prediction` column, and count them")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="use a bundle whose files differ from the digests export recorded in its config.json "
+                             "(a bundle edited on purpose); without it such a bundle is refused")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--min-confidence must be a probability in [0, 1], got {args.min_confidence}")
     tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
     preds = predict(args.model, args.paths, flags.get("batch_size"), flags.get("workers"), flags.get("device", "auto"),
-                    tta=tta, runner=args.runner, calibrated=args.calibrated)
+                    tta=tta, runner=args.runner, calibrated=args.calibrated,
+                    verify=not args.no_verify)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
     skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)

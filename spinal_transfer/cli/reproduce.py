@@ -4,12 +4,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import positive_int
 from ..config import CONFIG_FIELDS, add_config_args, check_flags
 from ..experiments.reproduce import (
-    DEFAULT_DATA_ROOT, DEFAULT_OUT, DEFAULT_RECIPES, DEFAULT_SEEDS, OVERRIDES, PAPER_RESULTS, collect, find_recipes,
-    reproduce, shard_from_env,
+    DEFAULT_DATA_ROOT,
+    DEFAULT_OUT,
+    DEFAULT_RECIPES,
+    DEFAULT_SEEDS,
+    OVERRIDES,
+    PAPER_RESULTS,
+    collect,
+    find_recipes,
+    reproduce,
+    shard_from_env,
 )
+from . import positive_int
 
 # the flags reproduce shares with train, generated from the same TrainConfig fields
 SHARED = ("batch_size", "device", "amp", "workers")

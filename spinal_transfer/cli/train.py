@@ -75,8 +75,8 @@ def _resume_if_exists(args: argparse.Namespace, flags: dict) -> int:
 
 
 def _print(report: dict) -> int:
-    from ..utils.distributed import is_main  # lazy: no torch at --help
     from ..evaluation.metrics import summary  # lazy: no torch at --help
+    from ..utils.distributed import is_main  # lazy: no torch at --help
 
     if is_main():
         print(json.dumps({"best_epoch": report["best_epoch"],

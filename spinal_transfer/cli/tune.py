@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import positive_int
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..evaluation.metrics import summary
 from ..experiments.multirun import DEFAULT_MODE, MODE_HELP, MODE_NAMES, MODES
-from ..experiments.tune import (DEFAULT_OUT, DEFAULT_SAMPLER_SEED, DEFAULT_STUDY, DEFAULT_TRIALS, PRUNERS, SEARCHED,
-                                 tune)
+from ..experiments.tune import DEFAULT_OUT, DEFAULT_SAMPLER_SEED, DEFAULT_STUDY, DEFAULT_TRIALS, PRUNERS, SEARCHED, tune
+from . import positive_int
 
 # TrainConfig fields tune searches or sets itself, so they are not its flags (--epochs is: the longest trial)
 CONTROLLED = (*SEARCHED, "out", "freeze_backbone", "cache_features", "select_on")

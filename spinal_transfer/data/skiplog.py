@@ -37,6 +37,15 @@ class SkipLog:
         for p, reason in pairs:
             self.entries.setdefault(str(p), " ".join(str(reason).split()))
 
+    def per_split(self, samples: dict[str, list]) -> dict[str, int]:
+        """Skipped files per split ({name: [(path, label), ...]}), and under "scan" those skipped while the
+        folder was scanned (in no split: e.g. a wrong extension, a bad header, a link out of its class)."""
+        where = {str(p): name for name, items in samples.items() for p, _ in items}
+        counts = {name: 0 for name in samples} | {"scan": 0}
+        for p in self.entries:
+            counts[where.get(p, "scan")] += 1
+        return counts
+
     def watch(self, batches: Iterable) -> Iterator[tuple]:
         """The batches of a loader without their unreadable files, which are recorded here."""
         for images, labels, index, bad in batches:
@@ -49,11 +58,13 @@ class SkipLog:
         return _Rewatch(self, batches)
 
     def sync(self, write: bool = True) -> None:
-        """Merge every rank's entries (a collective under torchrun), then rank 0 writes the file if it changed."""
+        """Merge every rank's entries (a collective under torchrun), then rank 0 writes the file if it changed or
+        is not there yet (it is always written, empty when nothing was skipped, so the log may point to it)."""
         for part in gather_objects(self.entries):
             for p, r in part.items():
                 self.entries.setdefault(p, r)
-        if write and self.path is not None and is_main() and self.entries != self._written:
+        if write and self.path is not None and is_main() and (self.entries != self._written or
+                                                               not self.path.is_file()):
             atomic_write_text(self.path, "".join(f"{p}\t{r}\n" for p, r in self.entries.items()))
             self._written = dict(self.entries)
 

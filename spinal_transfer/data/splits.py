@@ -6,7 +6,8 @@ depth inside a class folder. Classes are the class-folder names in plain Python 
 stratified, seeded split.
 
 Symbolic links are followed everywhere, files and folders alike (a link is what the user put there); a
-folder reached twice (a link loop, or two links to one folder) is read once and reported. Nothing is
+folder reached twice (a link loop, or two links to one folder) is read once and reported. A link inside a class
+folder that leads elsewhere in the data folder is skipped and listed: it would give images another label. Nothing is
 dropped silently: folders next to train/ that are not read, image files outside any class folder and
 new files on resume are all reported.
 
@@ -22,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -66,9 +67,11 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name in _JUNK
 
 
-def walk_files(folder: Path, notes: Optional[list[str]] = None) -> list[Path]:
+def walk_files(folder: Path, notes: Optional[list[str]] = None,
+               follow: Optional[Callable[[Path], bool]] = None) -> list[Path]:
     """Every non-hidden file below `folder`, recursively, links followed, sorted by path. A folder reached a
-    second time (link loop, or two links to one place) is not read again; `notes` says where."""
+    second time (link loop, or two links to one place) is not read again; `notes` says where. `follow(link)`,
+    when given, is asked about every symbolic link met (folder or file): False leaves it out."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -80,10 +83,11 @@ def walk_files(folder: Path, notes: Optional[list[str]] = None) -> list[Path]:
                              f"read once")
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and (
+            follow is None or not os.path.islink(os.path.join(dirpath, d)) or follow(Path(dirpath, d))))
         for f in filenames:
             p = Path(dirpath, f)
-            if _hidden(f):
+            if _hidden(f) or (follow is not None and p.is_symlink() and p.exists() and not follow(p)):
                 continue
             if p.is_file():
                 out.append(p)
@@ -109,14 +113,31 @@ def list_images(paths: list[PathLike]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _scan_split(folder: Path, notes: list[str]) -> tuple[list[str], dict[str, list[str]], list[tuple[str, str]]]:
-    """Classes of one split folder and their header-checked images; skipped files with reasons."""
+def _stays_in_class(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> Callable[[Path], bool]:
+    """Whether a link inside `class_dir` may be followed: not when it leads elsewhere inside the data folder
+    `root` (up, or into another class or split: its images would get this folder's label, or two labels);
+    such a link is listed in `skipped`. A link out of the data folder (a shared image store) is followed."""
+    inside = Path(os.path.realpath(class_dir))
+
+    def follow(link: Path) -> bool:
+        target = Path(os.path.realpath(link))
+        if target.is_relative_to(inside) or not target.is_relative_to(root):
+            return True
+        skipped.append((str(link), f"link outside its class folder: -> {target}"))
+        return False
+    return follow
+
+
+def _scan_split(folder: Path, notes: list[str],
+                root: Path) -> tuple[list[str], dict[str, list[str]], list[tuple[str, str]]]:
+    """Classes of one split folder of the data folder `root` and their header-checked images; skipped files
+    with reasons."""
     classes = _subdirs(folder)
     images: dict[str, list[str]] = {}
     skipped: list[tuple[str, str]] = []
     for c in classes:
         images[c] = []
-        for f in walk_files(folder / c, notes):
+        for f in walk_files(folder / c, notes, _stays_in_class(folder / c, root, skipped)):
             reason = (None if f.suffix.lower() in IMG_EXTENSIONS
                       else f"extension {f.suffix or '(none)'!r} is not an image extension")
             reason = reason or check_image_header(f)
@@ -222,7 +243,7 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
     images: dict[str, dict[str, list[str]]] = {}
     skipped: list[tuple[str, str]] = []
     for split, folder in dirs.items():
-        classes[split], images[split], sk = _scan_split(folder, notes)
+        classes[split], images[split], sk = _scan_split(folder, notes, root)
         skipped += sk
     if not classes["train"]:
         raise DataError(f"{dirs['train']}: no class folders found; expected ROOT/<class>/<image> "
@@ -243,7 +264,8 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
     for n in notes:
         log.warning(n)
     if skipped:
-        log.warning("%d file(s) under %s skipped (not readable images)", len(skipped), root)
+        log.warning("%d file(s) under %s skipped (not readable images, or links out of their class folder)",
+                    len(skipped), root)
     source["notes"] = notes
     return Splits(cls, splits["train"], splits.get("val", []), splits.get("test", []), skipped, source, str(root))
 

@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from .. import __version__
 from ..config import TrainConfig
+from ..data.images import _pil_to_rgb
 from ..data.loaders import make_loader
 from ..data.skiplog import SkipLog
 from ..data.transforms import DataConfig, build_transforms
-from ..errors import CheckpointError, MissingDependency, UserError, option_name
+from ..errors import CheckpointError, DataError, MissingDependency, UserError, option_name
 from ..evaluation.evaluate import _eval_samples
 from ..models.restore import model_from_checkpoint
 from ..models.surgery import build_model, get_head
@@ -87,9 +92,32 @@ def build_from_config(config: dict) -> nn.Module:
                        replace=head["replace"], **head["options"])
 
 
-def load(bundle: PathLike) -> nn.Module:
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_bundle(folder: Path, config: dict, used: str) -> None:
+    """Refuse, in one line naming the file, a bundle file `used` (and its companions, e.g. model.onnx.data)
+    whose bytes differ from the sha256 that export recorded in config.json: an edited or corrupted file would
+    change predictions without a word. A bundle exported before digests were recorded is not checked."""
+    for name, want in (config.get("files") or {}).items():
+        if name != used and not name.startswith(used + "."):
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: {CONFIG_FILE} lists it; re-export the bundle")
+        if file_sha256(path) != want:
+            raise CheckpointError(f"{path} does not match the sha256 recorded in {CONFIG_FILE} (edited or corrupted "
+                                  f"since export); re-export the bundle, or pass --no-verify to use it as it is")
+
+
+def load(bundle: PathLike, verify: bool = True) -> nn.Module:
     """A bundle folder -> its model in eval mode, rebuilt offline; weights come from safetensors,
-    so loading runs no code from the bundle."""
+    so loading runs no code from the bundle. `verify`: check model.safetensors against config.json's digest."""
     from safetensors.torch import load_model
 
     folder = Path(bundle)
@@ -97,14 +125,36 @@ def load(bundle: PathLike) -> nn.Module:
     config = read_config(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    if verify:
+        verify_bundle(folder, config, WEIGHTS_FILE)
     model = build_from_config(config)
     load_model(model, str(folder / WEIGHTS_FILE))
     return model.eval()
 
 
-def eval_transform(config: dict):
+class EvalTransform:
+    """The evaluation preprocessing of a bundle: `transform(image)` with a PIL image or an HxWx3 uint8 RGB array
+    gives the normalized CHW tensor the model takes; `transform(image=array)` is the albumentations call (a dict
+    with the tensor under "image"), which the data loaders make."""
+
+    def __init__(self, pipeline: Callable[..., dict]):
+        self.pipeline = pipeline
+        self.decode_min_size = getattr(pipeline, "decode_min_size", None)
+
+    def __call__(self, img: Any = None, /, **targets: Any) -> Any:
+        if img is None:
+            return self.pipeline(**targets)
+        if isinstance(img, Image.Image):
+            img = _pil_to_rgb(img)          # EXIF orientation, alpha on white: as a file of it would be read
+        if not (isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8):
+            what = f"shape {img.shape}, dtype {img.dtype}" if isinstance(img, np.ndarray) else type(img).__name__
+            raise DataError(f"eval_transform takes a PIL image or an HxWx3 uint8 RGB array; got {what}")
+        return self.pipeline(image=np.ascontiguousarray(img))["image"]
+
+
+def eval_transform(config: dict) -> EvalTransform:
     """The evaluation preprocessing of a bundle config: build_transforms(train=False), as in training."""
-    return build_transforms(DataConfig(**config["input"]), train=False)
+    return EvalTransform(build_transforms(DataConfig(**config["input"]), train=False))
 
 
 # --- formats: write, read back, compare ----------------------------------------------------------
@@ -252,24 +302,47 @@ def _export_format(fmt: str, model: nn.Module, example: torch.Tensor, inputs: li
 # --- the export ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A scratch folder inside `out` (same file system, so moving a file out of it is atomic)."""
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+def _uninterrupted() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back for the block and delivered after it: steps that must not stop half-way (moving
+    a bundle into place, removing the scratch folder) finish first."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A scratch folder inside `out` (same file system, so moving a file out of it is atomic); `out` and the
+    folders made for it are removed again when the export fails or is interrupted before publishing."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    stage: Optional[Path] = None
+    try:
+        with _uninterrupted():
+            out.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
         yield stage
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with _uninterrupted():
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            for folder in made:           # innermost first; a published bundle is not empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _publish(stage: Path, out: Path) -> None:
-    """Move the staged files into `out`, first removing an earlier export's files (no stale formats).
-    Temp files are created owner-only; a bundle is meant to be shared, so it is made world-readable."""
-    for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE):
-        for f in out.glob(name + "*"):
-            f.unlink()
-    for f in sorted(stage.iterdir()):
-        f.chmod(0o644)
-        os.replace(f, out / f.name)
+    """Move the staged files into `out`, first removing an earlier export's files (no stale formats), with
+    Ctrl-C held back until all are in place. Temp files are created owner-only; a bundle is meant to be shared,
+    so it is made world-readable."""
+    with _uninterrupted():
+        for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE):
+            for f in out.glob(name + "*"):
+                f.unlink()
+        for f in sorted(stage.iterdir()):
+            f.chmod(0o644)
+            os.replace(f, out / f.name)
 
 
 def _report(source: Path) -> Optional[dict]:
@@ -311,7 +384,6 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
     with torch.no_grad():
         expected = [trained(x).float() for x in inputs]
 
-    out.mkdir(parents=True, exist_ok=True)
     with _staging(out) as stage:
         save_model(trained, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))    # rewritten with the formats below
@@ -326,8 +398,10 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
         if quantize == "int8":
             config["formats"]["onnx-int8"] = quantize_int8(source, ckpt, stage, max_accuracy_drop, force,
                                                            batch_size, workers, out)
-        atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
         atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source), source))
+        config["files"] = {f.name: file_sha256(f) for f in sorted(stage.iterdir())
+                           if f.is_file() and f.name != CONFIG_FILE}      # checked before use (verify_bundle)
+        atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
         _publish(stage, out)
     return config
 

@@ -55,6 +55,7 @@ from .export import (
     load,
     onnx_runner,
     read_config,
+    verify_bundle,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -175,15 +176,19 @@ def resolve_runner(source: PathLike, runner: str = "auto", device: Optional[torc
     return runner, files[runner]
 
 
-def open_model(source: PathLike, device: torch.device, runner: str = "auto") -> tuple[dict, Runner, str]:
+def open_model(source: PathLike, device: torch.device, runner: str = "auto",
+               verify: bool = True) -> tuple[dict, Runner, str]:
     """(bundle config, batch -> logits, runner used) of a bundle folder (or its model.safetensors), an .onnx
     file next to its config.json, a RUN folder (its best.pt) or a checkpoint file; `runner` as in
-    resolve_runner."""
+    resolve_runner. `verify`: a bundle's file is checked against the digest in its config.json first."""
     kind, path = resolve_runner(source, runner, device)
     if kind != "torch":
-        return read_config(path), onnx_runner(path, device.type), kind
+        config = read_config(path)
+        if verify:
+            verify_bundle(path.parent, config, path.name)
+        return config, onnx_runner(path, device.type), kind
     if (path / CONFIG_FILE).is_file() or path.suffix == ".safetensors":
-        config, model = read_config(path), load(path)
+        config, model = read_config(path), load(path, verify)
     else:
         ckpt = load_run_checkpoint(path)          # weights_only: a crafted pickle is refused here
         config, model = bundle_config(ckpt), model_from_checkpoint(ckpt)[0]
@@ -200,11 +205,12 @@ def open_model(source: PathLike, device: torch.device, runner: str = "auto") -> 
 
 def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[int] = None,
             workers: Optional[int] = None, device: str = "auto", tta: Optional[TTA] = None,
-            runner: str = "auto", calibrated: bool = True) -> Predictions:
+            runner: str = "auto", calibrated: bool = True, verify: bool = True) -> Predictions:
     """Class probabilities of every image in `paths` (files, or folders searched recursively);
     batch size and workers default to training's. With `tta`, the mean softmax over its views of each
     preprocessed image (evaluation.TTA; works with every runner). `runner`: auto, torch, onnx, onnx-int8.
-    `calibrated`: softmax(logits / T) with the model's temperature (else T = 1)."""
+    `calibrated`: softmax(logits / T) with the model's temperature (else T = 1). `verify`: check a bundle's file
+    against its recorded digest before use (False: for bundles edited on purpose)."""
     from torch.utils.data import SequentialSampler
 
     files = list_images(list(paths))
@@ -212,7 +218,7 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
         raise DataError(f"no images found in {', '.join(map(str, paths))}")
     dev = pick_device(device)
     configure_process(dev)
-    config, run, kind = open_model(source, dev, runner)
+    config, run, kind = open_model(source, dev, runner, verify)
     temperature = temperature_of(config) if calibrated else 1.0
     start = time.perf_counter()
     loader = make_loader([(f, -1) for f in files], eval_transform(config),

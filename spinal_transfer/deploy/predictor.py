@@ -11,6 +11,7 @@ files, the same runner and TTA it gives the same classes and probabilities as `p
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -27,6 +28,7 @@ from .export import eval_transform
 from .predict import TOPK, ImageInput, open_model, preprocess_input, top_classes
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger("spinal_transfer")
 
 
 def _is_single(images: Any) -> bool:
@@ -42,10 +44,12 @@ class Predictor:
     bundle on the CPU with its int8 ONNX file, else its ONNX file, else PyTorch). tta: average the softmax over
     the image and its mirror; tta_crops=5 adds the four corner crops and the centre crop (each mirrored).
     batch_size: images per model call (default: training's). calibrated: probabilities are softmax(logits / T)
-    with the model's temperature (`temperature`; 1 for a model without one); False: the plain softmax."""
+    with the model's temperature (`temperature`; 1 for a model without one); False: the plain softmax.
+    verify: check a bundle's file against the digest in its config.json first (False, as `predict --no-verify`:
+    for bundles edited on purpose)."""
 
     def __init__(self, source: PathLike, device: str = "auto", runner: str = "auto", tta: bool = False,
-                 tta_crops: int = 0, batch_size: Optional[int] = None, calibrated: bool = True):
+                 tta_crops: int = 0, batch_size: Optional[int] = None, calibrated: bool = True, verify: bool = True):
         if tta_crops and not tta:
             raise ConfigError(f"{option_name('tta_crops').strip()} needs {flag_name('tta')}", key="tta_crops")
         self.tta: Optional[TTA] = TTA(flip=True, crops=tta_crops) if tta else None
@@ -55,41 +59,63 @@ class Predictor:
         self.device = pick_device(device)
         configure_process(self.device)
         self.source = str(source)
-        self.config, self._run, self.runner = open_model(source, self.device, runner)
+        self.config, self._run, self.runner = open_model(source, self.device, runner, verify)
         self.classes: list[str] = list(self.config["classes"])
         self.temperature = temperature_of(self.config) if calibrated else 1.0
         self.transform = eval_transform(self.config)
+        self.skipped: list[tuple[str, str]] = []    # (path, reason) of the last call's skipped files
 
     def __repr__(self) -> str:
         return (f"Predictor({self.source!r}, runner={self.runner!r}, device={str(self.device)!r}, "
                 f"{len(self.classes)} classes{', TTA' if self.tta else ''})")
 
-    def _tensor(self, item: ImageInput) -> torch.Tensor:
-        try:
-            return preprocess_input(item, self.transform)
-        except BadImage as e:
-            what = "image bytes" if isinstance(item, (bytes, bytearray, memoryview)) else item
-            raise DataError(f"{what}: {e}") from None
-
     def batch_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """(len(x), len(classes)) softmax(logits / temperature), float64, of a batch of preprocessed inputs
-        (predict.preprocess_input): the one place a Predictor turns model outputs into probabilities, TTA included, as `predict` does;
-        `serve` runs its dynamic batches through here too, so both answer alike."""
+        (predict.preprocess_input): the one place a Predictor turns model outputs into probabilities, TTA included,
+        as `predict` does; `serve` runs its dynamic batches through here too, so both answer alike."""
         return tta_probs(self._run, x, self.tta, torch.float64, self.temperature)
 
     def probabilities(self, images: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """(len(images), len(classes)) softmax(logits / temperature), float64, in input order; one image may be
         given alone."""
         items = [images] if _is_single(images) else list(images)
-        out = []
-        for i in range(0, len(items), self.batch_size):
-            x = torch.stack([self._tensor(item) for item in items[i:i + self.batch_size]])
-            out.append(self.batch_probabilities(x))
-        return torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)
+        return self._probabilities(items, "raise")[0]
 
-    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK) -> list[list[tuple[str, float]]]:
-        """Per image (paths, bytes of image files, PIL images or HxWx3 uint8 RGB arrays; one may be given alone),
-        its `topk` most probable (class, probability), most probable first. An unreadable file raises DataError."""
+    def _probabilities(self, items: list, on_error: str) -> tuple[torch.Tensor, list[int]]:
+        """(softmax of the readable items, their indices); with on_error "skip" an unreadable file is recorded
+        in `self.skipped` (path, reason) and left out, else it raises DataError."""
+        out, kept = [], []
+        self.skipped = []
+        for i in range(0, len(items), self.batch_size):
+            xs = []
+            for j, item in enumerate(items[i:i + self.batch_size], start=i):
+                try:
+                    xs.append(preprocess_input(item, self.transform))
+                except BadImage as e:
+                    if on_error != "skip":
+                        what = "image bytes" if isinstance(item, (bytes, bytearray, memoryview)) else item
+                        raise DataError(f"{what}: {e}") from None
+                    self.skipped.append((str(item), str(e)))
+                    log.warning(f"skipped {item}: {e}")
+                    continue
+                kept.append(j)
+            if xs:
+                out.append(self.batch_probabilities(torch.stack(xs)))
+        return (torch.cat(out) if out else torch.zeros(0, len(self.classes), dtype=torch.float64)), kept
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = TOPK,
+                on_error: str = "raise") -> list[Optional[list[tuple[str, float]]]]:
+        """Per image (paths, bytes of image files, PIL images or HxWx3 uint8 RGB arrays; one may be given alone), its `topk` most
+        probable (class, probability), most probable first. An unreadable file raises DataError; with
+        on_error="skip" it is skipped as `spinal-transfer predict` skips it: None in its place, (path, reason)
+        in `self.skipped` and a warning in the log."""
         if topk < 1:
             raise ConfigError(f"{option_name('topk')}must be >= 1, got {topk}", key="topk")
-        return top_classes(self.probabilities(images), self.classes, topk)
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"{option_name('on_error')}must be raise or skip, got {on_error!r}", key="on_error")
+        items = [images] if _is_single(images) else list(images)
+        probs, kept = self._probabilities(items, on_error)
+        out: list[Optional[list[tuple[str, float]]]] = [None] * len(items)
+        for j, top in zip(kept, top_classes(probs, self.classes, topk)):
+            out[j] = top
+        return out

@@ -150,6 +150,14 @@ def _head(cfg: Mapping, head_info: Optional[Mapping]) -> str:
     return desc
 
 
+def _weights(cfg: Mapping, taken: Optional[Mapping]) -> str:
+    """The weights option, and for a weights file its digest and what was taken from it (report.json)."""
+    if not taken or "sha256" not in taken:
+        return str(cfg.get("weights"))
+    return (f"{taken['source']} (sha256 {taken['sha256'][:12]}; {taken['backbone_tensors']} backbone tensors, head "
+            f"{'restored' if taken['head_restored'] else 'new'})")
+
+
 def run_settings(config: Mapping, report: Optional[Mapping] = None,
                  sizes: Optional[Mapping[str, int]] = None) -> dict[str, str]:
     """The settings a reader needs to interpret the numbers, as {label: text}, in reading order.
@@ -161,7 +169,7 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
     classes = rep.get("classes")
     out: dict[str, str] = {
         "backbone": str(cfg.get("backbone")),
-        "weights": str(cfg.get("weights")),
+        "weights": _weights(cfg, rep.get("weights")),
         "head": _head(cfg, rep.get("head")),
         "data folder": str(cfg.get("data")),
     }
@@ -195,7 +203,9 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
         tta = rep["tta"]
         out["test-time augmentation"] = json.dumps(tta) if not isinstance(tta, str) else tta
     if "num_skipped_files" in rep:
-        out["skipped files"] = str(rep["num_skipped_files"])
+        per_split = rep.get("num_skipped") or {}
+        out["skipped files"] = str(rep["num_skipped_files"]) + (
+            " (" + " \u00b7 ".join(f"{k} {v:,}" for k, v in per_split.items()) + ")" if per_split else "")
     cal = rep.get("calibration")
     if isinstance(cal, Mapping):
         out["probabilities"] = (f"softmax(logits / T), T = {cal['temperature']:.3f} fitted on val"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class HeadInfo:
     input_size: int
     weights: Optional[str] = None
     notes: List[str] = field(default_factory=list)
+    weights_file: Optional[dict] = None   # a --weights FILE: source, sha256, what was taken (WeightsTaken)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -267,12 +268,15 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
 
 
 def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
-                replace: str = "auto", **head_options: Any) -> nn.Module:
+                replace: str = "auto", *, classes: Optional[Sequence[str]] = None, weights_partial: bool = False,
+                **head_options: Any) -> nn.Module:
     """Load `backbone` ("torchvision/<name>", "timm/<name>" or "timm/hf-hub:<org>/<name>") and replace
     its classifier by a new `head` ("linear", "mlp", "spinal") of the width that actually reaches it.
 
     weights: None/"none", "default", a torchvision weights enum name / timm pretrained tag, or a path
     to a local state dict (torch file loaded with weights_only=True, or safetensors).
+    classes: the run's class names; a weights file's head is restored only when it records the same ones.
+    weights_partial: start from a weights file that does not cover the whole backbone (else refused).
     replace (torchvision VGG/AlexNet): "classifier" replaces the whole 4096-4096 classifier from the
     flattened features, as the paper did; "last" only its last Linear; "auto" = "classifier" for
     spinal/mlp heads on VGG/AlexNet, "last" everywhere else.
@@ -357,7 +361,10 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
         weights=None if weights in (None, "none") else str(weights), notes=notes)
 
     if source.path is not None:
-        notes.append(load_backbone_weights(model, source.path, head_param_names(model)))
+        taken = load_backbone_weights(model, source.path, head_param_names(model), backbone, classes,
+                                      weights_partial)
+        notes.extend(taken.notes)
+        model.spinal_info.weights_file = taken.to_dict()
     _check_head_in_forward(model)
     return model
 

@@ -1,16 +1,17 @@
 """Where a backbone's starting weights come from, and what to do when they cannot be had offline."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, WeightsUnavailable, option_name
-from ..runs.checkpoint import load_state_dict_file
+from ..runs.checkpoint import read_weights_file
 from .hub import HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, split_hub_name, url_unreachable
 
 
@@ -51,6 +52,7 @@ class WeightSource:
                    f"  or pass {opt}/path/to/state_dict.pth (or .safetensors).")
         else:
             msg = _timm_message(self, exc, why, opt)
+        msg += f"\n  Without a download: {opt}FILE (a local weights file) or {opt}none (random weights, no download)."
         raise WeightsUnavailable(msg) from None
 
 
@@ -133,25 +135,68 @@ def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource
     return src
 
 
-def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str]) -> str:
-    """Load a local state dict into `model` (already carrying its new head).
+@dataclass
+class WeightsTaken:
+    """What a `--weights FILE` gave the model, for the log and report.json."""
 
-    Backbone keys must all be present with matching shapes (else a clear error). Head keys are
-    loaded only when the file holds a head of exactly the same shape (a fine-tuned model); an
-    ImageNet classifier or a head for other classes is left out and the new head keeps its init.
+    source: str
+    sha256: str
+    backbone_tensors: int
+    head_restored: bool
+    notes: List[str]
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "sha256": self.sha256, "backbone_tensors": self.backbone_tensors,
+                "head_restored": self.head_restored}
+
+
+def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], backbone: str,
+                          classes: Optional[Sequence[str]] = None, partial: bool = False) -> WeightsTaken:
+    """Load a local weights file into `model` (already carrying its new head).
+
+    A file that records its architecture (a run checkpoint, a bundle) must record `backbone`. Every backbone
+    tensor must be in the file with its shape unless `partial`: a silently half-loaded backbone trains, but
+    not from the weights the user meant. The head is restored only when the file records the same class names
+    in the same order (a head for other classes would start the run with their meaning) and its shapes match.
     """
-    sd = load_state_dict_file(path)
+    sd, recorded = read_weights_file(path)
+    opt = weights_option()
+    if recorded.get("backbone") and recorded["backbone"] != backbone:
+        raise CheckpointError(f"{opt}{path} holds a {recorded['backbone']} model (recorded in the file), not "
+                              f"--backbone {backbone}: give a file of that architecture, or --backbone "
+                              f"{recorded['backbone']}")
     own = model.state_dict()
     head_set = set(head_keys)
     backbone_keys = [k for k in own if k not in head_set]
+    fits = [k for k in backbone_keys if k in sd and sd[k].shape == own[k].shape]
     missing = [k for k in backbone_keys if k not in sd]
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
              for k in backbone_keys if k in sd and sd[k].shape != own[k].shape]
-    if missing or wrong:
-        raise CheckpointError(f"{path} does not match this backbone: {len(missing)} missing keys "
-                         f"{missing[:5]}, {len(wrong)} shape mismatches {wrong[:5]}")
-    head_matches = bool(head_keys) and all(k in sd and sd[k].shape == own[k].shape for k in head_keys)
-    keys = backbone_keys + (head_keys if head_matches else [])
-    model.load_state_dict({k: sd[k] for k in keys}, strict=False)
-    return (f"loaded {len(keys)} tensors from {path}"
-            + ("" if head_matches else "; the head is new (the file's head, if any, does not match)"))
+    unexpected = [k for k in sd if k not in own]
+    counts = (f"{len(fits)} of {len(backbone_keys)} backbone tensors loaded from {path}; {len(missing)} missing, "
+              f"{len(wrong)} with a shape mismatch, {len(unexpected)} unexpected (not used)")
+    if (missing or wrong) and not partial:
+        raise CheckpointError(f"{path} does not match this backbone ({backbone}): {counts}; e.g. "
+                              f"{(missing + wrong)[:3]}. Pass --weights-partial to start from what fits")
+    same_classes = recorded.get("classes") is not None and classes is not None and \
+        list(recorded["classes"]) == list(classes)
+    head_fits = bool(head_keys) and all(k in sd and sd[k].shape == own[k].shape for k in head_keys)
+    restored = same_classes and head_fits
+    if restored:
+        head = f"head: restored from {path} (same {len(classes)} classes)"
+    elif recorded.get("classes") is None:
+        head = f"head: new ({path} records no class names)"
+    elif not same_classes:
+        head = f"head: new ({path}'s classes differ)"
+    else:
+        head = f"head: new ({path}'s head has other shapes)"
+    model.load_state_dict({k: sd[k] for k in fits + (head_keys if restored else [])}, strict=False)
+    return WeightsTaken(str(path), _sha256(path), len(fits), restored, [counts, head])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

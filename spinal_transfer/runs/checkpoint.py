@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 import zipfile
 from dataclasses import asdict
@@ -150,7 +151,15 @@ def load_checkpoint(path: PathLike) -> dict:
 def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a torch file (also our training checkpoints, or
     dicts that wrap the state dict under 'model'/'state_dict'); DDP/compile prefixes are stripped."""
+    return read_weights_file(path)[0]
+
+
+def read_weights_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, what the file records about it): a run checkpoint, and a bundle's model.safetensors through
+    the config.json beside it, record their `backbone` and `classes` (so a caller can check the architecture
+    and the head's meaning); a plain state dict records nothing ({})."""
     path = Path(path)
+    recorded: dict = {}
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -159,10 +168,12 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
             sd: Any = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+        recorded = _bundle_record(path)
     else:
         sd = safe_load(path)
         if isinstance(sd, dict) and sd.get("format") == FORMAT:
             sd = load_checkpoint(path)
+            recorded = {"backbone": sd.get("config", {}).get("backbone"), "classes": sd.get("classes")}
         for key in _WRAPPER_KEYS:
             if isinstance(sd, dict) and isinstance(sd.get(key), dict):
                 sd = sd[key]
@@ -175,7 +186,19 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
             if k.startswith(p):
                 k = k[len(p):]
         out[k] = v
-    return out
+    return out, recorded
+
+
+def _bundle_record(weights: Path) -> dict:
+    """backbone and classes from the config.json of the bundle that holds `weights` ({} when it is no bundle)."""
+    config = weights.parent / "config.json"
+    try:
+        d = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(d, dict) or "backbone" not in d or "classes" not in d:
+        return {}
+    return {"backbone": d["backbone"], "classes": d["classes"]}
 
 
 # --- models from checkpoints ---------------------------------------------------------------------

@@ -185,11 +185,30 @@ class RunDir:
         """Exclusive use of this folder by this process for the block. A POSIX lock (fcntl): the kernel drops it
         when the process dies, even by kill -9, so a killed run never leaves it stuck; forked DataLoader workers
         do not inherit it; it works on NFS. The lock file holds who has it, for the message of the next one."""
+        made = [p for p in (self.path, *self.path.parents) if not p.exists()]     # folders this lock creates
+        new_lock = not self.lock_file.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise system_error(e, self.lock_file) from None
+        yield from self._locked(fd, made if new_lock else None)
+
+    def _remove_if_untouched(self, made: list[Path]) -> None:
+        """At the end of a start that was refused before writing anything (no file a run writes is here): the
+        lock file this process made and the folders made for it are removed, so --out is as it was."""
+        try:
+            if self.own_files():
+                return
+            self.lock_file.unlink()
+            for folder in made:            # innermost first; stops at the first one something else is in
+                folder.rmdir()
+        except OSError:
+            return
+
+    def _locked(self, fd: int, made: Optional[list[Path]]) -> Iterator[None]:
+        """Hold the lock on `fd` for the block; `made`: the folders made for a lock file this process created
+        (removed with it when nothing else was written, while the lock is still held)."""
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -207,6 +226,8 @@ class RunDir:
             yield
         finally:
             self._lock_fd = None
+            if made is not None:
+                self._remove_if_untouched(made)
             os.ftruncate(fd, 0)   # nobody holds it now
             os.close(fd)          # closing releases the POSIX lock
 

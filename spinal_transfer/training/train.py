@@ -301,7 +301,8 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     skips = SkipLog(run.skipped)
     splits = load_data(cfg, run, skips)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
-                        weights="none" if ckpt else cfg.weights, replace=cfg.replace, **head_options(cfg))
+                        weights="none" if ckpt else cfg.weights, replace=cfg.replace, classes=splits.classes,
+                        weights_partial=cfg.weights_partial, **head_options(cfg))
     attach_log_file(run.log)                          # data and model are fine: the run folder is written from here
     if is_main() and not run.splits.is_file():
         run.write_json(run.splits, record(splits))
@@ -323,7 +324,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         hard = criterion if mixup is None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         lr = _auto_lr(cfg, model, loaders["train"], dataclasses.replace(settings, criterion=hard, mixup=None), run,
                       skips)
-    cfg = finish_config(cfg, str(run.path), model, dc, lr)
+    cfg = finish_config(cfg, str(run.path), model, dc, lr, new_run=ckpt is None)
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
     tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
@@ -343,11 +344,13 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     return s
 
 
-def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, lr: Any) -> TrainConfig:
+def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, lr: Any,
+                  new_run: bool = True) -> TrainConfig:
     """The run's config as it runs and as config.yaml records it, made once, before the first epoch: the values
     the set-up resolved written in (the run folder; the spinal width the head rule chose; the input size,
     resize, normalization and interpolation of the backbone; the selection split of the protocol; the lr
-    `--lr auto` found), so a resume, `evaluate` and `export` read what the run did. Nothing changes it after."""
+    `--lr auto` found; no frozen epoch for a new run's random backbone), so a resume, `evaluate` and `export` read
+    what the run did. Nothing changes it after."""
     width = cfg.layer_width
     if cfg.head == "spinal" and width is None:         # the rule's width
         head = get_head(model)
@@ -355,9 +358,19 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
         log.info(f"spinal layer width {width}: 2 x {head.num_classes} classes, at least 32, at most features/4 "
                  f"(heads.default_layer_width)")
     return dataclasses.replace(
-        cfg, out=out, layer_width=width, img_size=dc.img_size, mean=list(dc.mean), std=list(dc.std),
-        interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
+        cfg, out=out, layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
+        mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
         resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
+
+
+def _frozen_epochs(cfg: TrainConfig, new_run: bool) -> int:
+    """A new run from --weights none trains its backbone from the first epoch: freezing a random backbone would
+    only teach the head noise. Said in the log; config.yaml records the freeze_epochs used (0)."""
+    if not new_run or not cfg.freeze_epochs or str(cfg.weights).lower() != "none":
+        return cfg.freeze_epochs
+    log.info(f"freeze_epochs {cfg.freeze_epochs} -> 0: with --weights none the backbone is random, and a frozen "
+             f"random backbone would only teach the head noise")
+    return 0
 
 
 def selection_split(cfg: TrainConfig) -> str:
@@ -386,7 +399,21 @@ def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
         splits = load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else config_splits(cfg)
     splits = broadcast_object(splits)
     skips.add(splits.skipped)
+    _check_splits_usable(splits, selection_split(cfg))
     return splits
+
+
+def _check_splits_usable(splits: Splits, select_on: str) -> None:
+    """Refuse, before the run folder is written, splits that leave nothing to choose the best epoch on or to
+    test (e.g. one image per class: such classes stay in train, so val and test are empty)."""
+    empty = [n for n in dict.fromkeys((select_on, "test")) if not splits.get(n)]
+    if empty:
+        why = "; ".join(n for n in splits.source.get("notes", []) if "single image" in n or "impossible" in n)
+        raise DataError(f"{splits.root}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+                        f"(train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images"
+                        + (f"; {why}" if why else "") + "): the best epoch is chosen on " + select_on + " and the "
+                        "model is tested on test; add images (at least 3 per class to carve both), or give val/ and "
+                        "test/ folders")
 
 
 def _place(model: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool) -> nn.Module:
@@ -505,6 +532,7 @@ def early_stopping_state(ckpt: dict) -> dict:
 
 def _log_start(s: Session, splits: Splits) -> None:
     cfg = s.cfg
+    s.skips.sync()                      # skipped_files.txt exists from here on, empty or not: the log points to it
     log.info(f"{len(s.classes)} classes; train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} "
              f"images; {len(s.skips)} file(s) skipped (see {s.run.skipped})")
     lrs = ", ".join(f"{st.lr:g}" for st in cfg.resolved_stages())
@@ -759,11 +787,14 @@ def finish(s: Session) -> dict:
         extra["lr_find"] = {k: v for k, v in s.run.read_json(s.run.lr_find).items()
                             if k in ("suggestion", "rule", "stopped", "start_lr", "end_lr", "num_steps")}
     s.skips.sync()
+    skipped = s.skips.per_split(s.samples)
     stops = [{"stage": i + 1, **v} for i, v in sorted(s.progress.stopped.items())]
     report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "protocol": s.cfg.protocol,
               "epochs_trained": s.progress.epoch, **({"early_stops": stops, "stopped": stops[-1]} if stops else {}),
               "val": val_m, "test": test_m, **extra, "classes": s.classes, "num_skipped_files": len(s.skips),
-              "num_images": {n: len(v) for n, v in s.samples.items()}, "head": model_summary(s.model)}
+              "num_images": {n: len(v) - skipped[n] for n, v in s.samples.items()}, "num_skipped": skipped,
+              "head": model_summary(s.model),
+              "weights": best.get("head_info", {}).get("weights_file") or {"source": s.cfg.weights}}
     if is_main():
         if calib is not None:      # the temperature goes with the weights it was fitted on (README, "calibration")
             s.saver.record_temperature(calib.temperature)
@@ -773,11 +804,20 @@ def finish(s: Session) -> dict:
         s.tracker.log_summary(report)
         s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])
         s.tracker.close()
+        log.info(_counts_line(report, s.run.skipped))
         log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on}); test top1 {test_m['top1']:.4f}"
                  + (f" with TTA ({extra['test_without_tta']['top1']:.4f} without)" if s.cfg.tta else "") + ", "
                  f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}; see {s.run.report_html}")
     barrier()
     return report
+
+
+def _counts_line(report: dict, skipped_file: Path) -> str:
+    """Images used and skipped per split, the numbers report.json, report.html and skipped_files.txt give."""
+    used, skipped = report["num_images"], report["num_skipped"]
+    return ("images used: " + ", ".join(f"{n} {used[n]}" for n in used) + "; skipped (unreadable): "
+            + ", ".join(f"{n} {skipped[n]}" for n in skipped) + f"; {report['num_skipped_files']} in all, listed in "
+            f"{skipped_file}")
 
 
 def write_outputs(run: RunDir, report: dict, test_samples: list, test_out: Outputs) -> None:

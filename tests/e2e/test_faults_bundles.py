@@ -1,0 +1,117 @@
+"""Verified bundles: export records every file's sha256 in config.json; predict, Predictor and the ONNX runners
+refuse a file that differs, in one line naming it; --no-verify (verify=False) uses it as it is; a bundle from
+before digests loads unchecked."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spinal_transfer.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
+
+
+def _flip_last_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x10                       # inside the last tensor's bytes: the file still loads
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def bundle(finished_run, tmp_path_factory) -> Path:
+    from spinal_transfer.deploy.export import export
+
+    formats = ["onnx"] if _has_onnx() else []
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export(finished_run, out, formats)
+    return out
+
+
+def _has_onnx() -> bool:
+    try:
+        import onnx, onnxruntime, onnxscript  # noqa: F401, E401
+    except ImportError:
+        return False
+    return True
+
+
+def test_a_tampered_bundle_is_refused_by_predict_and_predictor_unless_told(bundle, three_digits, tmp_path,
+                                                                           cli_run):
+    from spinal_transfer.deploy.predictor import Predictor
+
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["files"] == {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                               for f in sorted(bundle.iterdir()) if f.name != "config.json"}
+    images = three_digits / "test" / "digit_1"
+    before = Predictor(bundle, device="cpu", runner="torch").probabilities(sorted(images.iterdir())[:4])
+    tampered = tmp_path / "tampered"
+    subprocess.run(["cp", "-r", str(bundle), str(tampered)], check=True)
+    _flip_last_byte(tampered / "model.safetensors")
+    res = subprocess.run([sys.executable, "-m", "spinal_transfer", "predict", tampered, images, "--runner", "torch",
+                          "--device", "cpu", "--out", tmp_path / "p.csv"], capture_output=True, text=True, env=ENV,
+                         timeout=600)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(tampered / "model.safetensors") in errors[0] and "sha256" in errors[0]
+    assert not (tmp_path / "p.csv").exists()
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the sha256"):
+        Predictor(tampered, device="cpu", runner="torch")
+    after = Predictor(tampered, device="cpu", runner="torch", verify=False).probabilities(sorted(images.iterdir())[:4])
+    assert not (after == before).all()                              # the flipped bit does change predictions
+    res = cli_run("predict", tampered, images, "--runner", "torch", "--device", "cpu", "--no-verify",
+                  "--out", tmp_path / "q.csv")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = cli_run("evaluate", tampered)                             # evaluate takes runs and checkpoints only
+    assert res.returncode == 2 and "not a run folder" in res.stderr
+
+
+def test_a_bundle_exported_before_digests_loads_unchecked(bundle, tmp_path):
+    from spinal_transfer.deploy.predictor import Predictor
+
+    old = tmp_path / "old"
+    subprocess.run(["cp", "-r", str(bundle), str(old)], check=True)
+    config = json.loads((old / "config.json").read_text())
+    del config["files"]
+    (old / "config.json").write_text(json.dumps(config))
+    _flip_last_byte(old / "model.safetensors")
+    assert Predictor(old, device="cpu", runner="torch").classes == config["classes"]
+
+
+def test_the_onnx_runner_refuses_a_tampered_model_onnx(bundle, three_digits, tmp_path, cli_run):
+    if not (bundle / "model.onnx").is_file():
+        pytest.skip("onnx, onnxruntime and onnxscript (the extra `onnx`) are not installed")
+    from spinal_transfer.deploy.predictor import Predictor
+
+    tampered = tmp_path / "tampered"
+    subprocess.run(["cp", "-r", str(bundle), str(tampered)], check=True)
+    onnx_files = sorted(tampered.glob("model.onnx*"))
+    _flip_last_byte(onnx_files[-1])
+    res = cli_run("predict", tampered / "model.onnx", three_digits / "test" / "digit_0", "--out", tmp_path / "p.csv")
+    assert res.returncode == 2 and f"{onnx_files[-1]} does not match the sha256" in res.stderr, res.stderr[-2000:]
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        Predictor(tampered, device="cpu", runner="onnx")
+    Predictor(tampered, device="cpu", runner="torch")               # the other files are intact
+
+
+def test_a_bundle_given_as_weights_records_its_architecture_and_classes(bundle):
+    from spinal_transfer.models.surgery import build_model
+
+    config = json.loads((bundle / "config.json").read_text())
+    weights = bundle / "model.safetensors"
+    with pytest.raises(CheckpointError, match=f"holds a {config['backbone']} model.*not --backbone timm/test_efficientnet"):
+        build_model("timm/test_efficientnet", 3, weights=str(weights))
+    head = config["head"]
+    same = build_model(config["backbone"], 3, head=head["kind"], weights=str(weights), replace=head["replace"],
+                       classes=config["classes"], **head["options"])
+    assert f"head: restored from {weights} (same 3 classes)" in same.spinal_info.notes
+    other = build_model(config["backbone"], 3, head=head["kind"], weights=str(weights), replace=head["replace"],
+                        classes=["x", "y", "z"], **head["options"])
+    assert f"head: new ({weights}'s classes differ)" in other.spinal_info.notes
+    assert same.spinal_info.weights_file["head_restored"] and not other.spinal_info.weights_file["head_restored"]

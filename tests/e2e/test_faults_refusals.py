@@ -1,0 +1,83 @@
+"""Refusals leave nothing behind: a start refused for offline weights, another run's lock or data too small to
+split leaves --out byte for byte as it was (not created when it did not exist)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import TINY, cli_flags
+from PIL import Image
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0", "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch")}
+
+
+def _train(tmp_path: Path, data: Path, out: Path, **kw) -> subprocess.CompletedProcess:
+    args = cli_flags(**{**TINY, "data": data, "out": out, "epochs": 1, "limit_train_batches": 1, **kw})
+    return subprocess.run([sys.executable, "-m", "spinal_transfer", "train", *args], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=600)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file and folder below `folder`, the lock file included, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}
+
+
+def _refused(res: subprocess.CompletedProcess, *needles: str) -> str:
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert all(n in errors[0] for n in needles), errors[0]
+    return errors[0]
+
+
+def test_offline_weights_leave_no_folder_and_an_existing_one_unchanged(three_digits, tmp_path):
+    out = tmp_path / "new" / "run"
+    _refused(_train(tmp_path, three_digits, out, weights="default"), "cannot load timm/test_resnet")
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    before = _tree(existing)
+    _refused(_train(tmp_path, three_digits, existing, weights="default"))
+    assert _tree(existing) == before
+
+
+_HOLD = """
+import sys
+from spinal_transfer.runs.rundir import RunDir
+with RunDir(sys.argv[1]).lock():
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_another_runs_lock_leaves_its_folder_as_it_was(three_digits, tmp_path):
+    out = tmp_path / "busy"         # held by another process (reading .lock here would drop this process's lock)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=_env(tmp_path))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _tree(out)
+        _refused(_train(tmp_path, three_digits, out), "is in use by", f"pid {holder.pid}")
+        assert _tree(out) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def test_one_image_per_class_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    for c, value in (("cat", 10), ("dog", 200)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(tmp_path / "data" / c / "0.png")
+    res = _train(tmp_path, tmp_path / "data", tmp_path / "run")
+    _refused(res, "the val and test splits are empty", "train 2, val 0, test 0", "single image")
+    assert res.returncode == 2 and not (tmp_path / "run").exists()

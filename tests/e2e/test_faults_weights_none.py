@@ -1,0 +1,40 @@
+"""`--weights none`: no frozen first epoch on a random backbone (said in one line), and the offline-weights error
+names both ways to go on without a download."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY, cli_flags
+
+from spinal_transfer.config import load_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train(tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch")}
+    return subprocess.run([sys.executable, "-m", "spinal_transfer", "train", *cli_flags(**{**TINY, **kw})],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_random_backbone_is_not_frozen_first_and_the_log_says_why(three_digits, tmp_path):
+    out = tmp_path / "run"
+    res = _train(tmp_path, data=three_digits, out=out, epochs=2, limit_train_batches=1, freeze_epochs=None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert [r["frozen"] for r in rows if "frozen" in r] == [False, False]
+    assert "freeze_epochs 1 -> 0: with --weights none the backbone is random" in (out / "train.log").read_text()
+    assert load_yaml((out / "config.yaml").read_text())["freeze_epochs"] == 0
+
+
+def test_the_offline_weights_error_names_weights_none_and_a_file(three_digits, tmp_path):
+    res = _train(tmp_path, data=three_digits, out=tmp_path / "run", weights="default")
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    text = res.stderr[res.stderr.index("error:"):]
+    assert "--weights FILE" in text and "--weights none" in text, text
+    assert not (tmp_path / "run").exists()
