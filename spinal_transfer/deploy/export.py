@@ -480,6 +480,7 @@ def format_check(f: dict) -> str:
     return f"{f['method']}, max abs logit difference {f['max_abs_diff']:.2g}"
 
 
+# long: the model card's template, read top to bottom as the card reads; parts of it would scatter the card
 def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional[dict], source: Path) -> str:
     """README.md of a bundle: what the model is, how it was trained, how well it did, how to use it."""
     import yaml

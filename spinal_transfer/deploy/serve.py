@@ -343,6 +343,7 @@ def preprocess_upload(name: str, data: bytes, transform: Any) -> torch.Tensor:
 
 # --- the app --------------------------------------------------------------------------------------
 
+# long: the routes are small closures over one server's state (model, queue, metrics), defined where they share it
 def create_app(settings: ServeSettings, model: Optional[Model] = None) -> Callable:
     """The ASGI app; `model` when it was opened already (one worker), else it is opened here."""
     model = model or Model(settings)

@@ -148,6 +148,7 @@ _IMAGES_JS = """Promise.all(Array.from(document.images).map(i => (i.decode ? i.d
   naturalHeight: i.naturalHeight, complete: i.complete}))))"""
 
 
+# long: one headless-Chromium session over the DevTools protocol, in the order it happens (start, load, wait, read, screenshot, stop)
 def render(page: PathLike, *, width: int = 1280, height: int = 900, full_page: bool = True,
            max_height: Optional[int] = None, evaluate: Optional[Mapping[str, str]] = None,
            files: Optional[Mapping[str, Sequence[PathLike]]] = None,

@@ -267,6 +267,7 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
     return targets
 
 
+# long: the one model factory: backbone, weights, head placement and checks in the order a model is put together
 def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
                 replace: str = "auto", *, classes: Optional[Sequence[str]] = None, weights_partial: bool = False,
                 **head_options: Any) -> nn.Module:
