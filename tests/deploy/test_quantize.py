@@ -141,6 +141,9 @@ def test_wrong_calibration_is_caught_by_the_accuracy_guard(trained, tmp_path):
 def test_check_accuracy_drop():
     assert check_accuracy_drop(0.90, 0.895, 1.0) == pytest.approx(0.5)
     assert check_accuracy_drop(0.90, 0.95, 1.0) == pytest.approx(-5.0)
+    assert check_accuracy_drop(0.995, 0.985, 1.0) == pytest.approx(1.0)      # 199 vs 197 of 200: exactly the bound
+    with pytest.raises(QuantizationError):
+        check_accuracy_drop(0.995, 0.98, 1.0)
     with pytest.raises(QuantizationError, match="int8 top-1 88.00% vs fp32 90.00%: a drop of 2.00 points"):
         check_accuracy_drop(0.90, 0.88, 1.0)
     assert check_accuracy_drop(0.90, 0.88, 1.0, force=True) == pytest.approx(2.0)
