@@ -235,9 +235,12 @@ def _in_small_tmpfs(folder: Path, size_kb: int, command: list[str]) -> subproces
 
 def test_a_full_disk_is_one_plain_line_and_the_last_good_checkpoint_stays(finished, data, tmp_path):
     ckpts = finished / "checkpoints"
-    # room for everything epoch 1 writes, not for epoch 2's second copy of last.pt (atomic writes need two)
+    # room for everything epoch 1 writes, with the second copy of best.pt that writing the fitted temperature into it
+    # needs at the end (atomic writes need two), but not for epoch 2's second copy of the larger last.pt
     size = sum(p.stat().st_size for p in finished.rglob("*") if p.is_file())
-    size_kb = (size + (ckpts / "last.pt").stat().st_size // 2) // 1024
+    best, last = ((ckpts / name).stat().st_size for name in ("best.pt", "last.pt"))
+    assert best < last
+    size_kb = (size + (best + last) // 2) // 1024
     disk = tmp_path / "disk"
     code = textwrap.dedent(f"""
         import shutil, subprocess, sys

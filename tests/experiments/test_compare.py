@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import cli_flags
 from scipy.stats import binom
@@ -279,7 +280,9 @@ def test_compare_fine_tunes_as_train_by_default(three_digits, tmp_path, one_thre
     """Without --mode: every run is what `train` does with these options (its frozen first epoch, then the whole
     network; no feature cache), and every output names the mode."""
     out = tmp_path / "ft"
-    flags = cli_flags(data=three_digits, backbone="timm/test_resnet", weights="none", img_size=32, batch_size=32,
+    weights = tmp_path / "backbone.pt"          # a weights file: --weights none would skip the frozen first epoch
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    flags = cli_flags(data=three_digits, backbone="timm/test_resnet", weights=weights, img_size=32, batch_size=32,
                       workers=0, augment="none", epochs=2, limit_train_batches=2, log_interval=1000, device="cpu",
                       layer_width=16)
     assert DEFAULT_MODE == "finetune"
