@@ -237,6 +237,12 @@ class TrainConfig:
     def total_epochs(self) -> int:
         return sum(s.epochs for s in self.resolved_stages())
 
+    def new_run_freeze_epochs(self) -> int:
+        """The frozen first epochs a new run of this config trains: none when its backbone starts random
+        (weights none), where a frozen backbone would only teach the head noise (training/train.finish_config
+        records it in config.yaml, so a resume compares against this, not the value asked for)."""
+        return 0 if str(self.weights).lower() == "none" else self.freeze_epochs
+
     def applies(self, name: str) -> bool:
         """Whether option `name` matters for this config (e.g. layer_width only for a spinal head); an empty
         tuple of values means "when that option is set at all"."""
@@ -583,7 +589,8 @@ def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int]
     checked against what the run has done: stages it has finished keep their length."""
     have, want = old.to_dict(), new.to_dict()
     changed = {k: v for k, v in want.items() if k != "out" and v != have[k] and old.applies(k)
-               and not (v is None and CONFIG_FIELDS[k].default is None)}
+               and not (v is None and CONFIG_FIELDS[k].default is None)
+               and not (k == "freeze_epochs" and new.new_run_freeze_epochs() == have[k])}   # as the run resolved it
     same_global_batch = old.batch_size * old.accum_steps == new.batch_size * new.accum_steps
     refused = [k for k in changed if k not in RESUME_SAFE
                and not (k in ("batch_size", "accum_steps") and same_global_batch)]

@@ -366,11 +366,11 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
 def _frozen_epochs(cfg: TrainConfig, new_run: bool) -> int:
     """A new run from --weights none trains its backbone from the first epoch: freezing a random backbone would
     only teach the head noise. Said in the log; config.yaml records the freeze_epochs used (0)."""
-    if not new_run or not cfg.freeze_epochs or str(cfg.weights).lower() != "none":
+    if not new_run or cfg.new_run_freeze_epochs() == cfg.freeze_epochs:
         return cfg.freeze_epochs
     log.info(f"freeze_epochs {cfg.freeze_epochs} -> 0: with --weights none the backbone is random, and a frozen "
              f"random backbone would only teach the head noise")
-    return 0
+    return cfg.new_run_freeze_epochs()
 
 
 def selection_split(cfg: TrainConfig) -> str:

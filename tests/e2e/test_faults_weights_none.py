@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY, cli_flags
 
 from spinal_transfer.config import load_yaml
@@ -38,3 +39,15 @@ def test_the_offline_weights_error_names_weights_none_and_a_file(three_digits, t
     text = res.stderr[res.stderr.index("error:"):]
     assert "--weights FILE" in text and "--weights none" in text, text
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_random_backbone_run_with_the_freeze_asked_at_its_start_is_the_same_experiment():
+    """config.yaml records the 0 frozen epochs a --weights none run trained; a resume (or reproduce, which passes
+    its whole recipe again) asking for the recipe's 1 is the same experiment, another number is not."""
+    from spinal_transfer.config import TrainConfig, resume_config
+    from spinal_transfer.errors import ConfigError
+
+    ran = TrainConfig(data="d", weights="none", freeze_epochs=0, epochs=2)
+    assert resume_config(ran, TrainConfig(data="d", weights="none", freeze_epochs=1, epochs=3)).freeze_epochs == 0
+    with pytest.raises(ConfigError, match="freeze-epochs"):
+        resume_config(TrainConfig(data="d", weights="w.pt", freeze_epochs=0), TrainConfig(data="d", weights="w.pt"))
