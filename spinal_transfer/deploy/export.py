@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from ..evaluation.evaluate import _eval_samples
 from ..models.restore import model_from_checkpoint
 from ..models.surgery import build_model, get_head
 from ..runs.rundir import RunDir, load_run_checkpoint
-from ..utils.atomic import atomic_write_text
+from ..utils.atomic import atomic_write_text, file_sha256
 from .quantize import CALIBRATION_IMAGES, QuantizationError, quantize_and_check
 
 PathLike = Union[str, os.PathLike]
@@ -90,14 +89,6 @@ def build_from_config(config: dict) -> nn.Module:
     head = config["head"]
     return build_model(config["backbone"], len(config["classes"]), head=head["kind"], weights=None,
                        replace=head["replace"], **head["options"])
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_bundle(folder: Path, config: dict, used: str) -> None:

@@ -1,7 +1,6 @@
 """Where a backbone's starting weights come from, and what to do when they cannot be had offline."""
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, WeightsUnavailable, option_name
 from ..runs.checkpoint import read_weights_file
+from ..utils.atomic import file_sha256
 from .hub import HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, split_hub_name, url_unreachable
 
 
@@ -191,12 +191,6 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
     else:
         head = f"head: new ({path}'s head has other shapes)"
     model.load_state_dict({k: sd[k] for k in fits + (head_keys if restored else [])}, strict=False)
-    return WeightsTaken(str(path), _sha256(path), len(fits), restored, [counts, head])
+    return WeightsTaken(str(path), file_sha256(path), len(fits), restored, [counts, head])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -3,6 +3,7 @@ read-only disk is reported in plain words (`system_error`)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -68,3 +69,13 @@ def write_atomically(path: Path, write: Any, needed: Optional[int] = None) -> No
 def atomic_write_text(path: PathLike, text: str) -> None:
     data = text.encode()
     write_atomically(Path(path), lambda f: f.write(data), len(data))
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MB blocks: what a bundle records of each of its files, and what a
+    run records of its starting weights."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
