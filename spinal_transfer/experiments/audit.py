@@ -64,13 +64,12 @@ from ..config import TrainConfig
 from ..data.images import BadImage, load_image
 from ..data.skiplog import SkipLog
 from ..data.splits import SPLIT_NAMES, Splits, apply_protocol, load_recorded, scan
-from ..data.transforms import build_transforms
 from ..errors import ConfigError, DataError, MissingDependency
 from ..models.heads import head_options
-from ..models.preprocess import resolve_data_config
 from ..models.surgery import build_model
 from ..runs.rundir import RunDir
 from ..training.features import cached_split, default_cache_dir
+from ..training.inputs import RunInputs
 from ..utils.atomic import atomic_write_text
 from ..utils.runtime import amp_dtype, configure_process, pick_device, seed_everything, use_channels_last
 from .audit_page import write_audit_html
@@ -268,13 +267,12 @@ def compute_features(cfg: TrainConfig, splits: Splits, cache: Path, skips: SkipL
     configure_process(device)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
                         **head_options(cfg))
-    dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
-                             mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
+    inputs = RunInputs.from_config(cfg, model, splits)        # train's input settings and evaluation transform
+    dc, tf = inputs.data_config, inputs.eval_transform
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    tf = build_transforms(dc, train=False)
     feats: dict[str, np.ndarray] = {}
     for name in SPLIT_NAMES:
         samples = splits.get(name)
