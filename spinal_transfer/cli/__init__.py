@@ -8,10 +8,13 @@ into one line on stderr and its exit code (`spinal_transfer.errors`), with no tr
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
+import signal
 import sys
-from typing import Callable, Optional
+import threading
+from typing import Callable, NoReturn, Optional
 
 from .. import __version__
 from ..errors import EXIT_ABORTED, EXIT_BUG, UserError, use_cli_option_names
@@ -101,5 +104,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         use_cli_option_names(False)
 
 
+def _interrupted_late(signum: int, frame: object) -> None:
+    """Ctrl-C once the command has ended (atexit callbacks): exit 130 at once and quietly, not with a traceback
+    from whichever library callback it interrupts."""
+    print("interrupted", file=sys.stderr)
+    exit_process(EXIT_ABORTED, finish=False)
+
+
+def exit_process(code: int, finish: bool = True) -> NoReturn:
+    """End the process as the interpreter would (non-daemon threads joined, atexit callbacks run, streams
+    flushed), then at once. The interpreter's own teardown after that first puts Ctrl-C back to the default
+    action, so a Ctrl-C in it killed the process silently (status -SIGINT, not 130); the teardown only frees
+    memory, so it is skipped."""
+    if finish:
+        signal.signal(signal.SIGINT, _interrupted_late)
+        threading._shutdown()                                  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):                           # a closed pipe or stream: nothing left to say
+            pass
+    os._exit(code)
+
+
+def entry() -> NoReturn:
+    """The `spinal-transfer` program: `main`, then `exit_process` with its code."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
