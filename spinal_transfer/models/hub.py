@@ -205,6 +205,45 @@ def hub_model_config(name: str) -> Tuple[dict, str, dict]:
         raise Unreachable(reason or _short(e), ("config.json",), repo) from e
 
 
+def _timm_needs(name: str, pretrained: bool) -> Tuple[str, Optional[str], Optional[str], Tuple[str, ...]]:
+    """(timm's name for create_model, Hub repo or None, revision, files needed from it) for a registry name
+    (possibly `arch.tag`) or `hf-hub:org/name[@rev]`; a registry model whose weights come by URL has no repo
+    and needs (url,)."""
+    import timm
+
+    if is_hub_name(name):
+        repo, rev = split_hub_name(name)
+        needed = ("config.json", "model.safetensors") if pretrained else ("config.json",)
+        return HUB_PREFIX + name.split(":", 1)[1], repo, rev, needed
+    if not pretrained:
+        return name, None, None, ()
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if not repo:                                        # older timm weights: a torch.hub download by URL
+        url = getattr(cfg, "url", None) if cfg else None
+        return name, None, None, (url,) if url else ()
+    return name, repo, None, (getattr(cfg, "hf_hub_filename", None) or "model.safetensors",)
+
+
+def _url_target(url: str) -> Path:
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlsplit(url).path)
+
+
+def timm_unavailable(name: str, pretrained: bool) -> Optional[Unreachable]:
+    """What `create_timm(name, pretrained)` would fail for, without building anything: Unreachable (why, the
+    missing files, the repo) when a needed file is not cached and its server cannot be reached; else None.
+    Lets a run refuse before it reads its data or takes its folder's lock."""
+    name, repo, rev, needed = _timm_needs(name, pretrained)
+    if repo is None:
+        reason = url_unreachable(needed[0], _url_target(needed[0])) if needed else None
+        return Unreachable(reason, (_url_target(needed[0]).name,)) if reason else None
+    missing = tuple(f for f in needed if not _cached_or_alternative(repo, f, rev))
+    reason = hub_offline_reason() if missing else None
+    return Unreachable(reason, missing, repo) if reason else None
+
+
 def create_timm(name: str, pretrained: bool) -> nn.Module:
     """`timm.create_model(name, pretrained=...)` that fails within seconds, raising Unreachable with the
     missing files, when they are not cached and the server cannot be reached. `name` is a registry
@@ -212,19 +251,12 @@ def create_timm(name: str, pretrained: bool) -> nn.Module:
     weights. The Hub is probed once per process; when it does not answer, timm runs in offline mode."""
     import timm
 
-    hub = is_hub_name(name)
-    if not (pretrained or hub):
-        return timm.create_model(name)
-    if hub:
-        repo, rev = split_hub_name(name)
-        name = HUB_PREFIX + name.split(":", 1)[1]
-        needed = ("config.json", "model.safetensors") if pretrained else ("config.json",)
-    else:
-        cfg = timm.models.get_pretrained_cfg(name)
-        repo, rev = (getattr(cfg, "hf_hub_id", None) if cfg else None), None
-        if not repo:                                    # older timm weights: a torch.hub download by URL
-            return _create_timm_from_url(name, getattr(cfg, "url", None) if cfg else None)
-        needed = (getattr(cfg, "hf_hub_filename", None) or "model.safetensors",)
+    gap = timm_unavailable(name, pretrained)
+    if gap is not None:
+        raise gap
+    name, repo, rev, needed = _timm_needs(name, pretrained)
+    if repo is None:
+        return timm.create_model(name, pretrained=pretrained)
     reason = hub_offline_reason()
     try:
         with hub_offline_mode(reason is not None or hf_offline_flag()):
@@ -232,18 +264,6 @@ def create_timm(name: str, pretrained: bool) -> nn.Module:
     except _hub_errors() as e:
         missing = tuple(f for f in needed if not _cached_or_alternative(repo, f, rev)) or needed
         raise Unreachable(reason or _short(e), missing, repo) from e
-
-
-def _create_timm_from_url(name: str, url: Optional[str]) -> nn.Module:
-    import timm
-    import torch
-
-    if url:
-        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlsplit(url).path)
-        reason = url_unreachable(url, target)
-        if reason:
-            raise Unreachable(reason, (target.name,))
-    return timm.create_model(name, pretrained=True)
 
 
 def _cached_or_alternative(repo: str, filename: str, rev: Optional[str]) -> bool:

@@ -268,6 +268,13 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
 
 
 # long: the one model factory: backbone, weights, head placement and checks in the order a model is put together
+def check_weights(backbone: str, weights: Optional[str]) -> None:
+    """Refuse at once (WeightsUnavailable, naming the missing files and --weights none / FILE) when `weights`
+    need a download that cannot happen; nothing is built, so a run can say so before it reads its data."""
+    lib, name = parse_backbone(backbone)
+    resolve_weights(lib, name, weights).fail_fast()
+
+
 def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
                 replace: str = "auto", *, classes: Optional[Sequence[str]] = None, weights_partial: bool = False,
                 **head_options: Any) -> nn.Module:

@@ -12,7 +12,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, WeightsUnavailable, option_name
 from ..runs.checkpoint import read_weights_file
 from ..utils.atomic import file_sha256
-from .hub import HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, split_hub_name, url_unreachable
+from .hub import (HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, split_hub_name, timm_unavailable,
+                  url_unreachable)
 
 
 def weights_option(style: Optional[str] = None) -> str:
@@ -32,12 +33,17 @@ class WeightSource:
         return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.builtin.url)
 
     def fail_fast(self) -> None:
-        """For torchvision weights: raise WeightsUnavailable at once when the file is not cached and
-        its server does not answer (urllib's download has no timeout and would hang or fail late)."""
+        """Raise WeightsUnavailable at once when the weights (or a Hub backbone's config.json) are not cached
+        and their server does not answer, without building the model: urllib's download has no timeout and
+        would hang, and a run should refuse before it reads its data."""
         if self.lib == "torchvision" and self.builtin is not None:
             reason = url_unreachable(self.builtin.url, self._torchvision_cache())
             if reason:
                 self.raise_unavailable(Unreachable(reason, (self._torchvision_cache().name,)))
+        elif self.lib == "timm" and self.path is None:
+            gap = timm_unavailable(f"{self.name}.{self.tag}" if self.tag else self.name, self.builtin is not None)
+            if gap is not None:
+                self.raise_unavailable(gap)
 
     def raise_unavailable(self, exc: BaseException, style: Optional[str] = None) -> NoReturn:
         """WeightsUnavailable naming the missing file(s), where to put them and the option to use instead;

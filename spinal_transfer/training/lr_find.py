@@ -35,7 +35,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import config_splits
 from ..evaluation.plots import _figure, save_figure
 from ..models.heads import head_options
-from ..models.surgery import build_model
+from ..models.surgery import build_model, check_weights
 from ..utils.runtime import configure_process, pick_device, seed_everything
 from .inputs import RunInputs, train_sampler
 from .optim import FreezePolicy, make_optimizer
@@ -239,6 +239,7 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.device)
     configure_process(device)
+    check_weights(cfg.backbone, cfg.weights)         # offline and not cached: refuse before the data is read
     splits = config_splits(cfg)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
                         classes=splits.classes, weights_partial=cfg.weights_partial, **head_options(cfg))
@@ -263,9 +264,9 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
 def find_lr_as_run(cfg: Any, model: nn.Module, batches: Iterable, settings: StepSettings,
                    **sweep: Any) -> LRFindResult:
     """find_lr with the run's step settings, optimizer (its weight decay, momentum, backbone lr multiplier) and
-    its first epoch's freezing; `model` is the head alone in cached-feature mode (nothing to freeze then).
-    `lr-find` and `train --lr auto` both sweep through here."""
-    frozen = FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone).frozen(1) and not cfg.cache_features
+    its first epoch's freezing (a new run's: none for a random backbone); `model` is the head alone in
+    cached-feature mode (nothing to freeze then). `lr-find` and `train --lr auto` both sweep through here."""
+    frozen = FreezePolicy(cfg.new_run_freeze_epochs(), cfg.freeze_backbone).frozen(1) and not cfg.cache_features
     result = find_lr(model, batches,
                      lambda m: make_optimizer(m, cfg.optimizer, 1.0, weight_decay=cfg.weight_decay,
                                               momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),

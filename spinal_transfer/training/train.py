@@ -38,7 +38,7 @@ from ..evaluation.metrics import classification_metrics, summary
 from ..evaluation.plots import plot_calibration, plot_confusion, plot_curves, plot_top_losses
 from ..evaluation.report_page import write_report_html
 from ..models.heads import head_options
-from ..models.surgery import build_model, get_head
+from ..models.surgery import build_model, check_weights, get_head
 from ..runs.checkpoint import checkpoint_meta, load_checkpoint
 from ..runs.rundir import RunDir, check_new_run, default_run_name
 from ..utils.atomic import system_error
@@ -178,6 +178,7 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
                      broadcast_object(default_run_name(cfg.backbone, cfg.head)))
     if resume is None:
         _check_data_folder(cfg.data, run_dir)
+        check_weights(cfg.backbone, cfg.weights)   # offline and not cached: refuse before the data is read
     if resume is None and not overwrite:         # refuse before touching anything (checked again under the lock)
         _on_main(lambda: check_new_run(run_dir, overwrite, log.info))
     with _exclusive(run_dir):

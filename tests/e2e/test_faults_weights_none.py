@@ -51,3 +51,42 @@ def test_resuming_a_random_backbone_run_with_the_freeze_asked_at_its_start_is_th
     assert resume_config(ran, TrainConfig(data="d", weights="none", freeze_epochs=1, epochs=3)).freeze_epochs == 0
     with pytest.raises(ConfigError, match="freeze-epochs"):
         resume_config(TrainConfig(data="d", weights="w.pt", freeze_epochs=0), TrainConfig(data="d", weights="w.pt"))
+
+
+def test_the_lr_sweep_of_a_random_backbone_is_not_frozen_either(three_digits, tmp_path):
+    """`--lr auto` / `lr-find` sweep the first epoch as the run trains it: with --weights none that is unfrozen."""
+    from conftest import tiny_cfg
+
+    from spinal_transfer.training.lr_find import lr_find_for_config
+
+    frozen_note = "swept with the backbone frozen, as the run's first epoch trains"
+    cfg = tiny_cfg(three_digits, tmp_path / "r", weights="none", freeze_epochs=1)
+    notes = lr_find_for_config(cfg, num_steps=8).notes
+    assert frozen_note not in notes, notes
+    cfg = tiny_cfg(three_digits, tmp_path / "r", weights="none", freeze_epochs=1, freeze_backbone=True)
+    assert frozen_note in lr_find_for_config(cfg, num_steps=8).notes      # a backbone frozen throughout still is
+
+
+@pytest.mark.parametrize("command", ["train", "lr-find", "audit"])
+def test_offline_weights_are_refused_before_the_data_is_read(three_digits, tmp_path, monkeypatch, command):
+    """The weights check needs no model and no data: a run that cannot get its weights says so before it scans
+    the folder (a million files take minutes) or takes its folder's lock."""
+    from conftest import tiny_cfg
+
+    from spinal_transfer.errors import WeightsUnavailable
+    from spinal_transfer.experiments import audit
+    from spinal_transfer.training import lr_find, train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+    def read(*a, **k):
+        raise AssertionError("the data folder was read before the weights were checked")
+    for module, name in ((train, "load_data"), (lr_find, "config_splits"), (audit, "audit_splits")):
+        monkeypatch.setattr(module, name, read)
+    cfg = tiny_cfg(three_digits, tmp_path / "run", weights="default")
+    call = {"train": lambda: train.run(cfg), "lr-find": lambda: lr_find.lr_find_for_config(cfg),
+            "audit": lambda: audit.audit(cfg, tmp_path / "audit")}[command]
+    with pytest.raises(WeightsUnavailable, match="--weights none|weights=none"):
+        call()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "audit").exists()
