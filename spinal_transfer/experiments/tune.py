@@ -112,9 +112,10 @@ def _optuna():
 
 # --- the search space ----------------------------------------------------------------------------
 
-def suggest(trial: "optuna.Trial", max_epochs: int) -> dict:
+def suggest(trial: "optuna.Trial", max_epochs: Optional[int]) -> dict:
     """The TrainConfig fields of one trial, sampled from SPACE (conditional: shape parameters only for the
-    head kind that has them)."""
+    head kind that has them). Epochs are searched up to `max_epochs` when the base config sets them; without,
+    every trial's length follows the data as train's does (TrainConfig.epochs_by_data)."""
     head = trial.suggest_categorical("head", ["linear", "mlp", "spinal"])
     f: dict[str, Any] = {"head": head}
     if head == "spinal":
@@ -131,7 +132,8 @@ def suggest(trial: "optuna.Trial", max_epochs: int) -> dict:
     f["lr"] = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
     f["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
     f["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, 0.2)
-    f["epochs"] = trial.suggest_int("epochs", max(1, max_epochs // 3), max_epochs)
+    if max_epochs is not None:
+        f["epochs"] = trial.suggest_int("epochs", max(1, max_epochs // 3), max_epochs)
     return f
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Stage, TrainConfig, resume_config
+from ..config import DEFAULT_EPOCHS, Stage, TrainConfig, resume_config
 from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
 from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
@@ -325,7 +325,9 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         hard = criterion if mixup is None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         lr = _auto_lr(cfg, model, loaders["train"], dataclasses.replace(settings, criterion=hard, mixup=None), run,
                       skips)
-    cfg = finish_config(cfg, str(run.path), model, dc, lr, new_run=ckpt is None)
+    cfg = finish_config(cfg, str(run.path), model, dc, lr, new_run=ckpt is None,
+                        steps_per_epoch=max(1, _epoch_batches(cfg, sampler, loaders["train"].drop_last)
+                                            // cfg.accum_steps))
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
     tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
@@ -346,18 +348,25 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
 
 
 def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, lr: Any,
-                  new_run: bool = True) -> TrainConfig:
+                  new_run: bool = True, steps_per_epoch: Optional[int] = None) -> TrainConfig:
     """The run's config as it runs and as config.yaml records it, made once, before the first epoch: the values
     the set-up resolved written in (the run folder; the spinal width the head rule chose; the input size,
     resize, normalization and interpolation of the backbone; the selection split of the protocol; the lr
-    `--lr auto` found; no frozen epoch for a new run's random backbone), so a resume, `evaluate` and `export` read
-    what the run did. Nothing changes it after."""
+    `--lr auto` found; no frozen epoch for a new run's random backbone; the optimizer steps per epoch that
+    decide the epochs of a run without --epochs), so a resume, `evaluate` and `export` read what the run did.
+    Nothing changes it after."""
     width = cfg.layer_width
     if cfg.head == "spinal" and width is None:         # the rule's width
         head = get_head(model)
         width = head.layer_width
         log.info(f"spinal layer width {width}: 2 x {head.num_classes} classes, at least 32, at most features/4 "
                  f"(heads.default_layer_width)")
+    if new_run and cfg.epochs is None and not cfg.stages:
+        cfg = dataclasses.replace(cfg, steps_per_epoch=steps_per_epoch)
+        epochs = cfg.epochs_by_data()
+        log.info(f"{epochs} epochs of {steps_per_epoch} optimizer steps" + (
+            f": raised from {DEFAULT_EPOCHS} to reach --min-steps {cfg.min_steps} on this folder (--epochs N: exactly N)"
+            if epochs > DEFAULT_EPOCHS else f" (--min-steps {cfg.min_steps} is reached; --epochs N: exactly N)"))
     return dataclasses.replace(
         cfg, out=out, layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
         mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
@@ -603,10 +612,13 @@ def train_epoch(s: Session, opt: torch.optim.Optimizer, epoch: int, frozen: bool
 
 
 def _batches_per_epoch(s: Session) -> int:
+    return _epoch_batches(s.cfg, s.sampler, s.loaders["train"].drop_last)
+
+
+def _epoch_batches(cfg: TrainConfig, sampler: Any, drop_last: bool) -> int:
     """Batches per rank in a whole epoch (the loader's length before any resumed start is skipped)."""
-    n = math.ceil(s.sampler.per_rank / s.cfg.batch_size) if not s.loaders["train"].drop_last else \
-        s.sampler.per_rank // s.cfg.batch_size
-    return min(n, s.cfg.limit_train_batches) if s.cfg.limit_train_batches else n
+    n = sampler.per_rank // cfg.batch_size if drop_last else math.ceil(sampler.per_rank / cfg.batch_size)
+    return min(n, cfg.limit_train_batches) if cfg.limit_train_batches else n
 
 
 def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) -> Optional[str]:
