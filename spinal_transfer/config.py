@@ -99,6 +99,9 @@ class TrainConfig:
     val_fraction: float = _opt(0.1, "fraction of train held out for val when ROOT has no val/", min=0.0, max=0.9)
     test_fraction: float = _opt(0.1, "fraction held out for test when ROOT has no test/", min=0.0, max=0.9)
     split_seed: int = _opt(0, "seed of the stratified val/test split", min=0)
+    follow_links: bool = _opt(False, "also read symbolic links in class folders that lead out of the data folder "
+                                     "(an image store the folder links into); a link to elsewhere inside the data "
+                                     "folder is never read: it would give its images another class's label")
     # --- model ------------------------------------------------------------------------------
     backbone: str = _opt("timm/resnet18", "torchvision/<name> or timm/<name> (spinal-transfer models lists them)")
     weights: str = _opt("default", "none | default | torchvision enum / timm tag | path to a local file")

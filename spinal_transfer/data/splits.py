@@ -5,10 +5,11 @@ depth inside a class folder. Classes are the class-folder names in plain Python 
 "a" and "10" < "2"); label i is classes[i]. A missing val/test split is carved out of train with a
 stratified, seeded split.
 
-Symbolic links are followed everywhere, files and folders alike (a link is what the user put there); a
-folder reached twice (a link loop, or two links to one folder) is read once and reported. A link inside a class
-folder that leads elsewhere in the data folder is skipped and listed: it would give images another label. Nothing is
-dropped silently: folders next to train/ that are not read, image files outside any class folder and
+Links: the data folder, its split and class folders may be symbolic links. Inside a class folder, a link (file or
+folder) is followed only when it stays inside that class folder; a folder reached twice (a link loop) is read once
+and reported. A link that leads elsewhere in the data folder (up, or into another class or split) is skipped and
+listed: it would give images another label, or two. A link out of the data folder (an image store) is skipped and
+listed too, unless --follow-links is given. Nothing is dropped silently: folders next to train/ that are not read, image files outside any class folder and
 new files on resume are all reported.
 
 A run's file lists are fixed at its start (`record`): every split's files with their sizes and modification
@@ -113,23 +114,31 @@ def list_images(paths: list[PathLike]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _stays_in_class(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> Callable[[Path], bool]:
-    """Whether a link inside `class_dir` may be followed: not when it leads elsewhere inside the data folder
-    `root` (up, or into another class or split: its images would get this folder's label, or two labels);
-    such a link is listed in `skipped`. A link out of the data folder (a shared image store) is followed."""
+def _stays_in_class(class_dir: Path, root: Path, skipped: list[tuple[str, str]],
+                    follow_links: bool = False) -> Callable[[Path], bool]:
+    """Whether a link inside `class_dir` may be followed: only when it stays inside that class folder. A link
+    elsewhere inside the data folder `root` (up, or into another class or split) would give its images this
+    folder's label, or two labels: it is never followed. A link out of the data folder (an image store the
+    folder links into) is followed only with `follow_links`. Every link not followed is listed in `skipped`."""
     inside = Path(os.path.realpath(class_dir))
 
     def follow(link: Path) -> bool:
         target = Path(os.path.realpath(link))
-        if target.is_relative_to(inside) or not target.is_relative_to(root):
+        if target.is_relative_to(inside):
             return True
+        if not target.is_relative_to(root):
+            if follow_links:
+                return True
+            skipped.append((str(link), f"link outside its class folder: -> {target} (out of the data folder: "
+                                       f"read with --follow-links)"))
+            return False
         skipped.append((str(link), f"link outside its class folder: -> {target}"))
         return False
     return follow
 
 
-def _scan_split(folder: Path, notes: list[str],
-                root: Path) -> tuple[list[str], dict[str, list[str]], list[tuple[str, str]]]:
+def _scan_split(folder: Path, notes: list[str], root: Path,
+                follow_links: bool = False) -> tuple[list[str], dict[str, list[str]], list[tuple[str, str]]]:
     """Classes of one split folder of the data folder `root` and their header-checked images; skipped files
     with reasons."""
     classes = _subdirs(folder)
@@ -137,7 +146,7 @@ def _scan_split(folder: Path, notes: list[str],
     skipped: list[tuple[str, str]] = []
     for c in classes:
         images[c] = []
-        for f in walk_files(folder / c, notes, _stays_in_class(folder / c, root, skipped)):
+        for f in walk_files(folder / c, notes, _stays_in_class(folder / c, root, skipped, follow_links)):
             reason = (None if f.suffix.lower() in IMG_EXTENSIONS
                       else f"extension {f.suffix or '(none)'!r} is not an image extension")
             reason = reason or check_image_header(f)
@@ -229,10 +238,10 @@ def _generate(splits: dict[str, list[Sample]], source: dict, val_fraction: float
 
 
 def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-         carve: bool = True) -> Splits:
-    """Labelled train/val/test lists of a data folder (see the module docstring for layouts).
+         carve: bool = True, follow_links: bool = False) -> Splits:
+    """Labelled train/val/test lists of a data folder (see the module docstring for layouts and links).
 
-    `carve=False` leaves a missing val/test split empty instead of carving it from train (evaluate on another
+    `follow_links` also reads links in class folders that lead out of the data folder. `carve=False` leaves a missing val/test split empty instead of carving it from train (evaluate on another
     folder must not invent a test split)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -243,7 +252,7 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
     images: dict[str, dict[str, list[str]]] = {}
     skipped: list[tuple[str, str]] = []
     for split, folder in dirs.items():
-        classes[split], images[split], sk = _scan_split(folder, notes, root)
+        classes[split], images[split], sk = _scan_split(folder, notes, root, follow_links)
         skipped += sk
     if not classes["train"]:
         raise DataError(f"{dirs['train']}: no class folders found; expected ROOT/<class>/<image> "
@@ -307,8 +316,9 @@ def config_splits(cfg: Any) -> Splits:
     val/test carved with its fractions and split seed), then its protocol applied. The one way a config
     becomes file lists (train, lr-find, show-batch, and `evaluate` of a checkpoint without its splits.json);
     a run records the result in splits.json and reads that back from then on."""
-    return apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed), cfg.protocol,
-                          cfg.paper_select_on, cfg.paper_val_index_mod)
+    return apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
+                               follow_links=cfg.follow_links), cfg.protocol, cfg.paper_select_on,
+                          cfg.paper_val_index_mod)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.images import BadImage, load_image
 from ..data.skiplog import SkipLog
-from ..data.splits import SPLIT_NAMES, Splits, apply_protocol, load_recorded, scan
+from ..data.splits import SPLIT_NAMES, Splits, config_splits, load_recorded
 from ..errors import ConfigError, DataError, MissingDependency
 from ..models.heads import head_options
 from ..models.surgery import build_model, check_weights
@@ -177,8 +177,7 @@ def audit_splits(cfg: TrainConfig, run: Optional[PathLike] = None) -> Splits:
     if not cfg.data:
         raise ConfigError("--data DIR is required (or --run RUN, or a --recipe that sets data)")
     if run is None:
-        return apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed), cfg.protocol,
-                              cfg.paper_select_on, cfg.paper_val_index_mod)
+        return config_splits(cfg)
     return load_recorded(RunDir(run).read_json(RunDir(run).splits), cfg.data)
 
 

@@ -267,7 +267,6 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
     return targets
 
 
-# long: the one model factory: backbone, weights, head placement and checks in the order a model is put together
 def check_weights(backbone: str, weights: Optional[str]) -> None:
     """Refuse at once (WeightsUnavailable, naming the missing files and --weights none / FILE) when `weights`
     need a download that cannot happen; nothing is built, so a run can say so before it reads its data."""
@@ -275,6 +274,7 @@ def check_weights(backbone: str, weights: Optional[str]) -> None:
     resolve_weights(lib, name, weights).fail_fast()
 
 
+# long: the one model factory: backbone, weights, head placement and checks in the order a model is put together
 def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
                 replace: str = "auto", *, classes: Optional[Sequence[str]] = None, weights_partial: bool = False,
                 **head_options: Any) -> nn.Module:

@@ -335,11 +335,11 @@ def test_symlinks_are_followed_everywhere_and_a_loop_is_read_once(tmp_path):
     for c in ("cat", "dog"):
         for i in range(4):
             _png(root / c / f"{i}.png")
-    os.symlink(elsewhere / "more", root / "cat" / "linked")            # a linked sub-folder: followed
+    os.symlink(elsewhere / "more", root / "cat" / "linked")            # a linked sub-folder: followed (store)
     os.symlink(root / "cat", root / "cat" / "loop")                    # a loop: read once, reported
-    os.symlink(elsewhere / "more" / "0.png", root / "dog" / "linked.png")   # a linked file: followed
+    os.symlink(elsewhere / "more" / "0.png", root / "dog" / "linked.png")   # a linked file: followed (store)
     os.symlink(tmp_path / "nowhere.png", root / "dog" / "dangling.png")     # broken: reported
-    s = scan(root, val_fraction=0, test_fraction=0)
+    s = scan(root, val_fraction=0, test_fraction=0, follow_links=True)
     cat, dog = s.classes.index("cat"), s.classes.index("dog")
     assert sum(y == cat for _, y in s.train) == 4 + 3
     assert sum(y == dog for _, y in s.train) == 4 + 1

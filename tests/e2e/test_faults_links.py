@@ -1,5 +1,6 @@
-"""Links cannot change labels: a symbolic link inside a class folder that leads elsewhere in the data folder (up,
-or into another class) is skipped and listed with its reason, never read under this folder's label."""
+"""Links cannot change labels: a symbolic link inside a class folder that leads out of that class folder is skipped
+and listed with its reason, never read under this folder's label; a link out of the data folder (an image store)
+is read only with --follow-links."""
 from __future__ import annotations
 
 import os
@@ -27,8 +28,8 @@ def test_links_up_or_sideways_are_skipped_with_the_reason_and_never_relabel(tmp_
     os.symlink("../1", root / "0" / "x")                           # sideways: class 1's images as 0
     os.symlink("../2/0.png", root / "0" / "stolen.png")            # one file of class 2
     os.symlink(".", root / "1" / "self")                           # a loop inside its own class: read once
-    os.symlink(tmp_path / "pool", root / "2" / "pool")             # a store outside the data folder: followed
-    s = scan(root, val_fraction=0, test_fraction=0)
+    os.symlink(tmp_path / "pool", root / "2" / "pool")             # a store outside the data folder
+    s = scan(root, val_fraction=0, test_fraction=0, follow_links=True)
 
     labels: dict[str, set[str]] = {}
     for path, y in s.train:
@@ -43,3 +44,27 @@ def test_links_up_or_sideways_are_skipped_with_the_reason_and_never_relabel(tmp_
                        str(root / "0" / "x"): f"link outside its class folder: -> {root / '1'}",
                        str(root / "0" / "stolen.png"): f"link outside its class folder: -> {root / '2' / '0.png'}"}
     assert any("already read" in n for n in s.source["notes"])
+
+
+def test_a_link_out_of_the_data_folder_is_skipped_unless_follow_links(tmp_path, cli_run):
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for i in range(6):
+            _png(root / c / f"{i}.png", 10 * i)
+    _png(tmp_path / "store" / "x.png", 99)
+    os.symlink(tmp_path / "store" / "x.png", root / "a" / "x.png")
+    os.symlink(tmp_path / "store", root / "b" / "store")
+    strict = scan(root, val_fraction=0, test_fraction=0)
+    assert len(strict.train) == 12
+    store = tmp_path / "store"
+    assert dict(strict.skipped) == {
+        str(root / "a" / "x.png"): f"link outside its class folder: -> {store / 'x.png'} (out of the data folder: "
+                                   f"read with --follow-links)",
+        str(root / "b" / "store"): f"link outside its class folder: -> {store} (out of the data folder: read with "
+                                   f"--follow-links)"}
+    followed = scan(root, val_fraction=0, test_fraction=0, follow_links=True)
+    assert len(followed.train) == 14 and not followed.skipped
+    res = cli_run("train", "--data", root, "--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "32",
+                  "--epochs", "1", "--workers", "0", "--follow-links", "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "run" / "skipped_files.txt").read_text().strip() == ""
