@@ -77,3 +77,25 @@ def test_lr_auto_refuses_a_multi_stage_recipe():
     base = resolve_config(None, {"stages": [{"epochs": 1, "lr": 0.1}, {"epochs": 1, "lr": 0.01}]})
     with pytest.raises(ConfigError, match="lr: auto"):
         resolve_config(base, {"lr": "auto"})
+
+
+def test_without_epochs_a_small_folder_trains_until_min_steps_and_a_resume_keeps_that_length(three_digits,
+                                                                                            tmp_path):
+    """Epochs follow the data: max(10, ceil(min_steps / steps per epoch)), steps counted as the run takes them
+    (here 1 batch an epoch); recorded in config.yaml, so a resume trains the same epochs. --epochs N: exactly N."""
+    from spinal_transfer.config import DEFAULT_EPOCHS, TrainConfig
+
+    def epochs_trained(out):
+        return [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()
+                if "epoch" in json.loads(ln)]
+
+    cfg = tiny_cfg(three_digits, tmp_path / "run", epochs=None, min_steps=13, limit_train_batches=1)
+    report = train.run(cfg)
+    assert epochs_trained(tmp_path / "run") == list(range(1, 14))                   # ceil(13 / 1) > 10
+    recorded = TrainConfig.from_dict(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
+    assert (recorded.epochs, recorded.steps_per_epoch, recorded.total_epochs()) == (None, 1, 13)
+    assert train.run(resume=tmp_path / "run") == report                             # finished: nothing to add
+    train.run(tiny_cfg(three_digits, tmp_path / "fixed", epochs=2, min_steps=13, limit_train_batches=1))
+    assert epochs_trained(tmp_path / "fixed") == [1, 2]                             # --epochs is what it says
+    big = TrainConfig(min_steps=300, steps_per_epoch=40)
+    assert big.total_epochs() == DEFAULT_EPOCHS and TrainConfig(min_steps=300, steps_per_epoch=7).total_epochs() == 43
