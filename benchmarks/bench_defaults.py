@@ -19,20 +19,25 @@ The anchors train as long as the defaults do (the length rule), so they differ f
 Settings:
   defaults           train as it ships
   10 epochs          the length before the step rule (--epochs 10)
-  backbone lr x0.1   / x1: the backbone's lr multiplier, whichever the defaults do not use
+  earlier defaults   what train shipped before this benchmark (AdamW 2e-3, wd 0.01, one frozen epoch, `light`
+                     crops, no label smoothing or erasing), chosen on backbones pre-trained here on digits
+  earlier defaults, backbone lr x0.1
   fastai-like        fine_tune: one frozen epoch, then the whole net with the backbone at 0.1x (discriminative
                      lrs), AdamW 2e-3 wd 0.01, cosine with warm-up, flips + light jitter
   timm-like          train.py fine-tune: AdamW 5e-4 wd 0.05, cosine + warm-up, label smoothing 0.1, RandAugment
-                     n2 m9, random erasing 0.25, no frozen epoch
+                     n2 m9, random erasing 0.25, no frozen epoch (the defaults but for the lr: 1e-3 there)
   linear probe       scikit-learn LogisticRegression on the frozen backbone's pooled features (evaluation
-                     preprocessing, as `train --cache-features` computes them), C chosen on val from 1e-3..1e2;
-                     deterministic, so its std over seeds is 0
+                     preprocessing, as `train --cache-features` computes them), standardised, C chosen on val from
+                     1e-3..1e2; deterministic, so its std over seeds is 0
+Runs are kept under DIR/runs/<folder>/<digest of the whole configuration>: a setting that comes to the same
+configuration as another (the defaults adopted timm-like with lr 1e-3, measured as a candidate) reuses its runs.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -50,13 +55,16 @@ from _common import header
 BACKBONE = "timm/tf_efficientnet_lite0"
 IMG_SIZE = 64
 FOLDERS = ("fewshot12", "textures8", "digits100")
-SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defaults
+EARLIER = dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.0,
+               freeze_epochs=1, backbone_lr_mult=1.0, augment="light", random_erase=0.0)
+SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defaults (the anchors: all they set)
     "defaults": {},
     "10 epochs": dict(epochs=10),
-    "backbone lr x0.1": dict(backbone_lr_mult=0.1),
-    "backbone lr x1": dict(backbone_lr_mult=1.0),
+    "earlier defaults": EARLIER,
+    "earlier defaults, backbone lr x0.1": {**EARLIER, "backbone_lr_mult": 0.1},
     "fastai-like": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,
-                        freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2),
+                        freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2, label_smoothing=0.0,
+                        random_erase=0.0),
     "timm-like": dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, scheduler="cosine", warmup_epochs=1.0,
                       label_smoothing=0.1, freeze_epochs=0, backbone_lr_mult=1.0, augment="randaugment",
                       randaugment_n=2, randaugment_m=9, random_erase=0.25),
@@ -73,27 +81,37 @@ def settings_to_run(names: list[str]) -> list[str]:
     return [n for n in names if n in ("defaults", PROBE) or TrainConfig(**SETTINGS[n]) != TrainConfig()]
 
 
-def run_once(data: Path, out: Path, weights: str, options: dict, seed: int, limit: int | None) -> dict:
-    """One run with train's defaults changed by `options`; returns its report plus the wall time. A finished
-    run of the same configuration in `out` (a rerun with --keep) is read back instead of run again; any other
-    folder there (an interrupted run, or other settings or defaults since) is replaced."""
+def run_once(data: Path, runs: Path, weights: str, options: dict, seed: int, limit: Optional[int] = None) -> dict:
+    """One run with train's defaults changed by `options`, in `runs`/<digest of its whole configuration>; returns
+    its report plus the wall time. A finished run of the same configuration (a rerun with --keep, or another
+    setting that comes to the same options, e.g. a variant that the defaults have since adopted) is read back
+    instead of run again; an interrupted one is replaced."""
     from spinal_transfer.config import TrainConfig
     from spinal_transfer.training.train import run
 
-    cfg = TrainConfig(data=str(data), out=str(out), backbone=BACKBONE, weights=weights, img_size=IMG_SIZE,
-                      workers=0, device="cpu", amp="none", seed=seed, log_interval=1000,
-                      limit_train_batches=limit, **options)
-    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    cfg = TrainConfig(data=str(data), backbone=BACKBONE, weights=weights, img_size=IMG_SIZE, workers=0, device="cpu",
+                      amp="none", seed=seed, log_interval=1000, limit_train_batches=limit, **options)
+    key = run_key(dataclasses.asdict(cfg))
+    out = runs / hashlib.sha1(key.encode()).hexdigest()[:16]
     done = out / "bench.json"
     if (out / "report.json").exists() and done.exists() and json.loads(done.read_text())["config"] == key:
-        return {**json.loads((out / "report.json").read_text()), "seconds": json.loads(done.read_text())["seconds"]}
+        return {**json.loads((out / "report.json").read_text()), "seconds": json.loads(done.read_text())["seconds"],
+                "out": out}
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    report = run(cfg)
+    report = run(dataclasses.replace(cfg, out=str(out)))
     report["seconds"] = time.perf_counter() - t0
     done.write_text(json.dumps({"config": key, "seconds": report["seconds"]}))
-    return report
+    return {**report, "out": out}
+
+
+def run_key(config: dict) -> str:
+    """A run's identity: its whole configuration but the run folder (numbers as floats: 9 and 9.0 are one
+    setting)."""
+    def number(v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    return json.dumps({k: number(v) for k, v in config.items() if k != "out"}, sort_keys=True, default=str)
 
 
 def linear_probe(data: Path, weights: str, cache: Path) -> dict:
@@ -202,9 +220,9 @@ def main() -> None:
                           f"{pr['seconds']:.0f} s)", flush=True)
                     continue
                 for seed in range(seeds):
-                    out = root / "runs" / f / name.replace(" ", "_") / f"seed{seed}"
                     quick = {"epochs": 2} if args.quick else {}
-                    rep = run_once(data, out, str(weights), {**SETTINGS[name], **quick}, seed, limit)
+                    rep = run_once(data, root / "runs" / f, str(weights), {**SETTINGS[name], **quick}, seed, limit)
+                    out = rep["out"]
                     results[name][f].append(rep["test"]["top1"])
                     seconds[name].append(rep["seconds"])
                     ran = TrainConfig.from_dict(load_yaml((out / "config.yaml").read_text())).total_epochs()

@@ -121,7 +121,7 @@ class TrainConfig:
     replace: str = _opt("auto", "replace the whole classifier or only its last layer (VGG/AlexNet)",
                         choices=["auto", "last", "classifier"])
     # --- input and augmentation -------------------------------------------------------------
-    augment: str = _opt("light", "light: gentle random-resized crop (35-100% of the area) + flip, for small data; "
+    augment: str = _opt("randaugment", "light: gentle random-resized crop (35-100% of the area) + flip, for small data; "
                                  "modern: random-resized crop down to 8% + flip (ImageNet training); trivial: light + "
                                  "one TrivialAugmentWide op per image; randaugment: light + --randaugment-n ops at "
                                  "--randaugment-m; paper / paper_rrc: the SpinalNet scripts'; none: the evaluation "
@@ -150,7 +150,7 @@ class TrainConfig:
     randaugment_n: int = _opt(2, "RandAugment: ops per image", min=1, applies={"augment": ("randaugment",)})
     randaugment_m: float = _opt(9.0, "RandAugment: magnitude on torchvision's 0-30 scale (timm's m9 of 0-10 is about "
                                      "27)", min=0.0, max=30.0, applies={"augment": ("randaugment",)})
-    random_erase: float = _opt(0.0, "probability of erasing a random box with random pixels (timm --reprob)",
+    random_erase: float = _opt(0.25, "probability of erasing a random box with random pixels (timm --reprob)",
                                min=0.0, max=1.0)
     color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength S: factors in [1-S, 1+S] (timm "
                                     "--color-jitter)", min=0.0, max=1.0)
@@ -173,23 +173,21 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = _opt(None, "recorded by the run: its optimizer steps per epoch (what "
                                                 "--min-steps counts in)", min=1, recorded=True,
                                           applies={"epochs": (None,)})
-    lr: Union[float, str] = _opt(2e-3, "learning rate of the head, or auto: run lr-find first and take its "
+    lr: Union[float, str] = _opt(1e-3, "learning rate of the head, or auto: run lr-find first and take its "
                                        "suggestion; with a multi-stage recipe, the first stage's (the others keep "
                                        "their ratio to it)", gt=0.0, auto_ok=True)
     stages: list = _opt([], "multi-stage schedule, e.g. [{epochs: 25, lr: 1e-3}, {epochs: 25, lr: 1e-4}]; "
                             "each stage restarts optimizer+scheduler from the previous stage's best weights")
     optimizer: str = _opt("adamw", "optimizer", choices=["sgd", "adamw"])
     momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0, applies={"optimizer": ("sgd",)})
-    weight_decay: float = _opt(0.01, "weight decay", min=0.0)
+    weight_decay: float = _opt(0.05, "weight decay", min=0.0)
     scheduler: str = _opt("cosine", "per-stage schedule", choices=["step", "cosine", "none"])
     step_size: int = _opt(7, "StepLR step (epochs)", min=1, applies={"scheduler": ("step",)})
     gamma: float = _opt(0.1, "StepLR gamma", gt=0.0, max=1.0, applies={"scheduler": ("step",)})
     warmup_epochs: float = _opt(1.0, "linear warmup (epochs) for the cosine schedule", min=0.0,
                                 applies={"scheduler": ("cosine",)})
-    backbone_lr_mult: float = _opt(0.1, "backbone learning rate = lr * this (0.1: the pretrained features move less "
-                                        "than the new head; measured on real ImageNet weights, RESULTS.md defaults)",
-                                   min=0.0)
-    freeze_epochs: int = _opt(1, "train only the head for the first K epochs (the log says 'backbone frozen')",
+    backbone_lr_mult: float = _opt(1.0, "backbone learning rate = lr * this", min=0.0)
+    freeze_epochs: int = _opt(0, "train only the head for the first K epochs (the log says 'backbone frozen')",
                               min=0)
     freeze_backbone: bool = _opt(False, "keep the backbone frozen for the whole run")
     cache_features: bool = _opt(False, "with --freeze-backbone: compute backbone features once, train the head on them",
@@ -197,7 +195,7 @@ class TrainConfig:
     cache_dir: str = _opt("", "where cached features are kept, shared by every run that uses the same backbone, "
                               "weights, preprocessing and files (default: feature-cache/ beside the run folder)",
                           applies={"cache_features": (True,)})
-    label_smoothing: float = _opt(0.0, "label smoothing", min=0.0, max=0.99)
+    label_smoothing: float = _opt(0.1, "label smoothing", min=0.0, max=0.99)
     mixup: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables", min=0.0)
     cutmix: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables", min=0.0)
     accum_steps: int = _opt(1, "gradient accumulation steps", min=1)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .. import __version__
+from ..config import TrainConfig
 from ..data.skiplog import SkipLog
 from ..runs.rundir import RunDir
 from ..utils.atomic import atomic_write_text
@@ -107,7 +108,8 @@ def _schedule(cfg: Mapping) -> str:
         lr = ", ".join(f"{_n(s['epochs'], 'epoch')} at {s['lr']:g}" for s in stages)
         lr = f"{len(stages)} stages: {lr}"
     else:
-        lr = f"{_n(cfg.get('epochs'), 'epoch')} at lr {cfg.get('lr')}"
+        epochs = cfg.get("epochs") or TrainConfig.from_dict(dict(cfg)).total_epochs()    # or by the data
+        lr = f"{_n(epochs, 'epoch')} at lr {cfg.get('lr')}"
     sched = cfg.get("scheduler", "none")
     if sched == "step":
         sched = f"step (every {_n(cfg.get('step_size'), 'epoch')} \u00d7{cfg.get('gamma')})"

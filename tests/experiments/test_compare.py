@@ -277,14 +277,14 @@ def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypat
 
 
 def test_compare_fine_tunes_as_train_by_default(three_digits, tmp_path, one_thread, capsys):
-    """Without --mode: every run is what `train` does with these options (its frozen first epoch, then the whole
+    """Without --mode: every run is what `train` does with these options (here a frozen first epoch, then the whole
     network; no feature cache), and every output names the mode."""
     out = tmp_path / "ft"
     weights = tmp_path / "backbone.pt"          # a weights file: --weights none would skip the frozen first epoch
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
     flags = cli_flags(data=three_digits, backbone="timm/test_resnet", weights=weights, img_size=32, batch_size=32,
                       workers=0, augment="none", epochs=2, limit_train_batches=2, log_interval=1000, device="cpu",
-                      layer_width=16)
+                      layer_width=16, freeze_epochs=1)
     assert DEFAULT_MODE == "finetune"
     assert cli(["compare", *flags, "--heads", "linear", "spinal", "--seeds", "1", "--out", str(out)]) == 0
     assert not (out / "feature-cache").exists()

@@ -242,7 +242,7 @@ def test_recipe_and_flags_fill_one_dataclass(tmp_path):
     assert [(s.epochs, s.lr) for s in resolved("--epochs", "4").resolved_stages()] == [(4, 1e-3), (4, 1e-4)]
     assert [(s.epochs, pytest.approx(s.lr)) for s in resolved("--lr", "0.01").resolved_stages()] == [(2, 0.01),
                                                                                                        (3, 0.001)]
-    assert dataclasses.replace(cfg, stages=[]).resolved_stages()[0].epochs == TrainConfig().epochs
+    assert dataclasses.replace(cfg, stages=[]).resolved_stages()[0].epochs == TrainConfig().resolved_stages()[0].epochs
     bad = tmp_path / "bad.yaml"
     bad.write_text("layer_wdth: 3\n")
     with pytest.raises(ValueError, match="unknown option 'layer_wdth' \\(did you mean 'layer_width'\\?\\)"):

@@ -94,6 +94,7 @@ def test_without_epochs_a_small_folder_trains_until_min_steps_and_a_resume_keeps
     assert epochs_trained(tmp_path / "run") == list(range(1, 14))                   # ceil(13 / 1) > 10
     recorded = TrainConfig.from_dict(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
     assert (recorded.epochs, recorded.steps_per_epoch, recorded.total_epochs()) == (None, 1, 13)
+    assert "13 epochs at lr" in (tmp_path / "run" / "report.html").read_text()
     assert train.run(resume=tmp_path / "run") == report                             # finished: nothing to add
     train.run(tiny_cfg(three_digits, tmp_path / "fixed", epochs=2, min_steps=13, limit_train_batches=1))
     assert epochs_trained(tmp_path / "fixed") == [1, 2]                             # --epochs is what it says
