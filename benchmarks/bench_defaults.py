@@ -202,7 +202,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {n: [] for n in names}
     epochs: dict[str, list[int]] = {n: [] for n in names}
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
-        root = Path(tmp)
+        root = Path(tmp).resolve()          # one folder under any name it is given: runs are keyed by paths
         weights = root / "lite0_imagenet.safetensors"
         if not weights.is_file():
             convert_weights("bundled", BACKBONE, weights)
