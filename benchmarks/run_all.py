@@ -83,7 +83,9 @@ def write(sections: dict[str, str]) -> None:
         f"Written by `python benchmarks/run_all.py` (last run {datetime.date.today().isoformat()}); every number "
         "below is printed by the benchmark named in its section, whose first lines give the machine and the exact "
         "command. Speed is always a ratio against a reference measured in the same run, in alternating "
-        "rounds: absolute times on a shared 2-core machine mean little.\n\n"
+        "rounds: absolute times on a shared 2-core machine mean little. `--only` reruns some sections and keeps the "
+        "others, so sections may come from different runs and machines: each one's `cpu:` line names its "
+        "machine.\n\n"
         "## Targets\n\n| benchmark | line |\n|---|---|\n" + "\n".join(targets) + "\n\n" + "\n".join(body))
 
 

@@ -121,11 +121,12 @@ class TrainConfig:
     replace: str = _opt("auto", "replace the whole classifier or only its last layer (VGG/AlexNet)",
                         choices=["auto", "last", "classifier"])
     # --- input and augmentation -------------------------------------------------------------
-    augment: str = _opt("randaugment", "light: gentle random-resized crop (35-100% of the area) + flip, for small data; "
-                                 "modern: random-resized crop down to 8% + flip (ImageNet training); trivial: light + "
-                                 "one TrivialAugmentWide op per image; randaugment: light + --randaugment-n ops at "
-                                 "--randaugment-m; paper / paper_rrc: the SpinalNet scripts'; none: the evaluation "
-                                 "pipeline", choices=list(POLICIES))
+    augment: str = _opt("randaugment", "light: gentle random-resized crop (35-100% of the area) + flip, for small "
+                                       "data; modern: random-resized crop down to 8% + flip (ImageNet training); "
+                                       "trivial: light + one TrivialAugmentWide op per image; randaugment: light + "
+                                       "--randaugment-n ops at --randaugment-m (timm's fine-tuning recipe, with "
+                                       "--random-erase); paper / paper_rrc: the SpinalNet scripts'; none: the "
+                                       "evaluation pipeline", choices=list(POLICIES))
     img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)", min=8)
     resize_size: Optional[Union[int, list]] = _opt(None, "paper recipe: resize to this square (or [H, W]) before "
                                                          "cropping; eval: resize the shorter side (default img_size / "

@@ -12,7 +12,7 @@ EXAMPLES = """\
   spinal-transfer lr-find --data ~/pets --backbone timm/resnet50 --optimizer adamw --weight-decay 0.05
   spinal-transfer lr-find --recipe recipes/stl10_wrn101_spinal.yaml --data data/stl10 --num-steps 300
 Takes the options of `train` and runs the learning-rate range test on a copy of that run's model
-(its data, weights, augmentation, optimizer, backbone lr multiplier, frozen first epoch): the lr grows
+(its data, weights, augmentation, optimizer, backbone lr multiplier, frozen first epoch if any): the lr grows
 exponentially from --start-lr to --end-lr over --num-steps batches, stopping once the smoothed loss
 exceeds 4x its minimum. Prints the suggested lr (fastai's "valley" rule: half way along the longest
 stretch where the loss keeps falling) and writes the curve with the suggestion marked. Then:

@@ -25,7 +25,7 @@ def _train(tmp_path: Path, **kw) -> subprocess.CompletedProcess:
 
 def test_a_random_backbone_is_not_frozen_first_and_the_log_says_why(three_digits, tmp_path):
     out = tmp_path / "run"
-    res = _train(tmp_path, data=three_digits, out=out, epochs=2, limit_train_batches=1, freeze_epochs=None)
+    res = _train(tmp_path, data=three_digits, out=out, epochs=2, limit_train_batches=1, freeze_epochs=1)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     assert [r["frozen"] for r in rows if "frozen" in r] == [False, False]

@@ -25,11 +25,11 @@ def _quoted(readme: str) -> list[tuple[str, str]]:
         if line.startswith("| `bench_"):
             cells = [c.strip() for c in line.strip("|").split(" | ")]
             text = cells[2]
-        elif re.match(r"\| (ResNet-50|ViT-S/16) \+ spinal head \|", line):
+        elif re.match(r"\| (ResNet-50|ViT-S/16|EfficientNet-Lite0) \+ spinal head", line):
             text = line
         else:
             continue
-        text = re.sub(r"\(\d{4}-\d{2}-\d{2}\)|ResNet-\d+|ViT-[SB]/16|WRN-101-2|VGG-19-bn|H200|w\d+|\d+ px|"
+        text = re.sub(r"\(\d{4}-\d{2}-\d{2}\)|EfficientNet-Lite0|ResNet-\d+|ViT-[SB]/16|WRN-101-2|VGG-19-bn|H200|w\d+|\d+ px|"
                       r"4096-4096|ResNet-18|4 heads x 3 seeds|1,600 JPEGs|8 architectures", "", text)
         out += [(line, m.group(1)) for m in NUMBER.finditer(text.replace(",", ""))]
     return out
