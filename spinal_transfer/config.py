@@ -151,8 +151,9 @@ class TrainConfig:
     randaugment_n: int = _opt(2, "RandAugment: ops per image", min=1, applies={"augment": ("randaugment",)})
     randaugment_m: float = _opt(9.0, "RandAugment: magnitude on torchvision's 0-30 scale (timm's m9 of 0-10 is about "
                                      "27)", min=0.0, max=30.0, applies={"augment": ("randaugment",)})
-    random_erase: float = _opt(0.25, "probability of erasing a random box with random pixels (timm --reprob)",
-                               min=0.0, max=1.0)
+    random_erase: Optional[float] = _opt(None, "probability of erasing a random box with random pixels (timm "
+                                               "--reprob) (default: 0.25 with --augment randaugment, timm's "
+                                               "fine-tuning recipe; 0 with the other policies)", min=0.0, max=1.0)
     color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength S: factors in [1-S, 1+S] (timm "
                                     "--color-jitter)", min=0.0, max=1.0)
     tta: bool = _opt(False, "final evaluation with test-time augmentation (mean softmax over the image and its "

@@ -80,8 +80,7 @@ sys.exit(main(sys.argv[5:]))
 # A small backbone from random init: ~0.4M parameters, 32x32 inputs, CPU-friendly.
 TINY = dict(backbone="timm/test_resnet", weights="none", head="spinal", layer_width=32, img_size=32,
             batch_size=32, workers=0, augment="none", optimizer="sgd", lr=0.05, weight_decay=0.0,
-            scheduler="none", freeze_epochs=0, log_interval=1000, min_steps=0, label_smoothing=0.0,
-            random_erase=0.0)
+            scheduler="none", freeze_epochs=0, log_interval=1000, min_steps=0, label_smoothing=0.0)
 
 
 def tiny_cfg(data: Path, out: Path, **kw):

@@ -24,6 +24,12 @@ DEFAULT_CROP_SCALE = {"light": (0.35, 1.0), "modern": (0.08, 1.0), "trivial": (0
 DEFAULT_HFLIP = {p: (0.0 if p == "none" else 0.5) for p in POLICIES}
 RRC_RATIO = (3 / 4, 4 / 3)
 RANDAUGMENT_LEVELS = 30          # torchvision's scale: magnitude M of 0..30 (num_magnitude_bins=31)
+DEFAULT_ERASE = {"randaugment": 0.25}   # a policy's random-erasing probability when none is given (timm's recipe)
+
+
+def erase_probability(policy: str, asked: Optional[float]) -> float:
+    """The random-erasing probability in force: the one asked for, else the policy's (DEFAULT_ERASE)."""
+    return DEFAULT_ERASE.get(policy, 0.0) if asked is None else float(asked)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ class Augmentation:
         return cls(policy=cfg.augment, hflip=cfg.hflip, vflip=cfg.vflip,
                    rrc_scale=tuple(cfg.rrc_scale) if cfg.rrc_scale else None, rotation=cfg.rotation,
                    center_crop=cfg.train_center_crop, randaugment_n=cfg.randaugment_n,
-                   randaugment_m=cfg.randaugment_m, random_erase=cfg.random_erase, color_jitter=cfg.color_jitter)
+                   randaugment_m=cfg.randaugment_m, color_jitter=cfg.color_jitter,
+                   random_erase=erase_probability(cfg.augment, cfg.random_erase))
 
     def flip_p(self) -> float:
         """The horizontal flip probability in force: the explicit one, else the policy's."""

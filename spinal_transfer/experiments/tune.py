@@ -90,9 +90,10 @@ SPACE = (
     ("mlp_layers", "1 .. 2", "mlp"),
     ("head_dropout", "0 .. 0.5 (replaces the preset's dropout)", "spinal, mlp"),
     ("lr", "1e-4 .. 1e-1, log scale", "always"),
-    ("weight_decay", "1e-6 .. 1e-2, log scale", "always"),
+    ("weight_decay", "1e-5 .. 1e-1, log scale", "always"),
     ("label_smoothing", "0 .. 0.2", "always"),
-    ("epochs", "max(1, E // 3) .. E, E = --epochs", "always"),
+    ("epochs", "max(1, E // 3) .. E, E = --epochs",
+     "with --epochs; without it, the length follows the data as train's does"),
 )
 
 PathLike = Union[str, Path]
@@ -130,7 +131,7 @@ def suggest(trial: "optuna.Trial", max_epochs: Optional[int]) -> dict:
     if head != "linear":
         f["head_dropout"] = trial.suggest_float("head_dropout", 0.0, 0.5)
     f["lr"] = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-    f["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    f["weight_decay"] = trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True)      # train's 0.05 inside
     f["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, 0.2)
     if max_epochs is not None:
         f["epochs"] = trial.suggest_int("epochs", max(1, max_epochs // 3), max_epochs)

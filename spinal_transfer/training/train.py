@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import DEFAULT_EPOCHS, Stage, TrainConfig, resume_config
+from ..data.augment import erase_probability
 from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
 from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
@@ -352,9 +353,9 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
     """The run's config as it runs and as config.yaml records it, made once, before the first epoch: the values
     the set-up resolved written in (the run folder; the spinal width the head rule chose; the input size,
     resize, normalization and interpolation of the backbone; the selection split of the protocol; the lr
-    `--lr auto` found; no frozen epoch for a new run's random backbone; the optimizer steps per epoch that
-    decide the epochs of a run without --epochs), so a resume, `evaluate` and `export` read what the run did.
-    Nothing changes it after."""
+    `--lr auto` found; the policy's random erasing; no frozen epoch for a new run's random backbone; the optimizer
+    steps per epoch that decide the epochs of a run without --epochs), so a resume, `evaluate` and `export` read
+    what the run did. Nothing changes it after."""
     width = cfg.layer_width
     if cfg.head == "spinal" and width is None:         # the rule's width
         head = get_head(model)
@@ -370,6 +371,7 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
     return dataclasses.replace(
         cfg, out=out, layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
         mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
+        random_erase=erase_probability(cfg.augment, cfg.random_erase),
         resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
 
 

@@ -27,7 +27,7 @@ def test_exponent_floats_are_numbers_in_a_recipe_and_in_stages(three_digits, tmp
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("backbone: timm/test_resnet\nweights: none\nlr: 1e-3\nweight_decay: 5E-4\n"
                       "label_smoothing: 1e-1\n")
-    flags = cli_flags(**{**TINY, "lr": None, "weight_decay": None})
+    flags = cli_flags(**{**TINY, "lr": None, "weight_decay": None, "label_smoothing": None})
     res = _cli("train", "--recipe", recipe, *flags, "--data", three_digits, "--out", tmp_path / "run",
                "--epochs", 1, "--limit-train-batches", 1)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -50,7 +50,7 @@ def test_resuming_a_random_backbone_run_with_the_freeze_asked_at_its_start_is_th
     ran = TrainConfig(data="d", weights="none", freeze_epochs=0, epochs=2)
     assert resume_config(ran, TrainConfig(data="d", weights="none", freeze_epochs=1, epochs=3)).freeze_epochs == 0
     with pytest.raises(ConfigError, match="freeze-epochs"):
-        resume_config(TrainConfig(data="d", weights="w.pt", freeze_epochs=0), TrainConfig(data="d", weights="w.pt"))
+        resume_config(TrainConfig(data="d", weights="w.pt", freeze_epochs=1), TrainConfig(data="d", weights="w.pt"))
 
 
 def test_the_lr_sweep_of_a_random_backbone_is_not_frozen_either(three_digits, tmp_path):

@@ -43,7 +43,8 @@ def _cache(out: Path) -> dict[str, int]:
 # --- the search space ----------------------------------------------------------------------------
 
 def _when(kind: str) -> set[str]:
-    return {p for p, _, when in tune.SPACE if when == "always" or kind in when}
+    """The parameters SPACE samples for a head kind, when --epochs is given."""
+    return {p for p, _, when in tune.SPACE if when == "always" or when.startswith("with --epochs") or kind in when}
 
 
 def test_search_space_is_the_documented_one():
@@ -62,7 +63,7 @@ def test_search_space_is_the_documented_one():
     assert all(len(v) > 20 for v in seen.values())
     every = [p for v in seen.values() for p in v]
     ranges = {"layer_width": (16, 1024), "num_layers": (2, 8), "num_splits": (2, 4), "mlp_width": (64, 2048),
-              "mlp_layers": (1, 2), "head_dropout": (0.0, 0.5), "lr": (1e-4, 1e-1), "weight_decay": (1e-6, 1e-2),
+              "mlp_layers": (1, 2), "head_dropout": (0.0, 0.5), "lr": (1e-4, 1e-1), "weight_decay": (1e-5, 1e-1),
               "label_smoothing": (0.0, 0.2), "epochs": (3, 9)}
     for name, (lo, hi) in ranges.items():
         values = [p[name] for p in every if name in p]
@@ -111,7 +112,7 @@ def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkey
     space and learns little in 2 epochs; a trial known to learn is queued before them, so a tuned trial wins."""
     data, weights = digits_transfer
     out = tmp_path / "tune"
-    (tmp_path / "slow.yaml").write_text("lr: 1.0e-5\n")
+    (tmp_path / "slow.yaml").write_text("lr: 1.0e-5\nfreeze_epochs: 1\n")
     args = ["tune", *cli_flags(data=data, weights=weights, **{**FLAGS, "epochs": 2}), "--recipe",
             str(tmp_path / "slow.yaml"), "--trials", "4", "--sampler-seed", "0", "--out", str(out)]
     real_run = train.run
@@ -147,7 +148,7 @@ def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkey
         f"(searched: 0.0001 .. 0.1) lie outside the search space")
     assert summary["versus_untuned"] in printed.err and "mode: fine-tune (as train); chosen trial" in printed.err
 
-    # Fine-tune, as train: every trial's run trains the backbone after train's frozen first epoch; no cache.
+    # Fine-tune, as train: every trial's run trains the backbone after the recipe's frozen first epoch; no cache.
     assert not (out / "feature-cache").exists()
     for t in trials:
         run = RunDir(t.user_attrs["run"])
@@ -250,13 +251,13 @@ def test_a_new_study_starts_with_the_untuned_defaults(tmp_path):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # study.ask(), not optimize
 def test_untuned_defaults_outside_the_space_are_named(tmp_path):
     base = resolve_config(None, {"data": str(tmp_path), "epochs": 3, "head": "mlp", "lr": 0.5,
-                                 "weight_decay": 0.0, "mlp_hidden": [4096, 4096]})
+                                 "weight_decay": 0.0, "mlp_hidden": [4096, 4096], "label_smoothing": 0.0})
     trial = _open(tmp_path, base).ask()
     assert tune.trial_fields(trial, base) == {}
     assert trial.params == {"head": "mlp", "mlp_layers": 2, "label_smoothing": 0.0, "epochs": 3}
     assert trial.user_attrs["outside_space"] == ["mlp_width 4096 (searched: 64 .. 2048)",
                                                   "lr 0.5 (searched: 0.0001 .. 0.1)",
-                                                  "weight_decay 0.0 (searched: 1e-06 .. 0.01)"]
+                                                  "weight_decay 0.0 (searched: 1e-05 .. 0.1)"]
 
 
 def _synthetic(values: list, untuned: Optional[int], state: str = "COMPLETE", **attrs) -> optuna.Study:
