@@ -171,7 +171,7 @@ class TrainConfig:
                                        "optimizer steps); with a multi-stage recipe, every stage's length", min=1)
     min_steps: int = _opt(300, "without --epochs: train at least this many optimizer steps, so a small folder gets "
                                "more than 10 epochs (measured on real ImageNet weights: benchmarks/RESULTS.md, "
-                               "defaults)", min=0, applies={"epochs": (None,)})
+                               "defaults)", min=0)
     steps_per_epoch: Optional[int] = _opt(None, "recorded by the run: its optimizer steps per epoch (what "
                                                 "--min-steps counts in)", min=1, recorded=True,
                                           applies={"epochs": (None,)})
