@@ -9,8 +9,8 @@ Links: the data folder, its split and class folders may be symbolic links. Insid
 folder) is followed only when it stays inside that class folder; a folder reached twice (a link loop) is read once
 and reported. A link that leads elsewhere in the data folder (up, or into another class or split) is skipped and
 listed: it would give images another label, or two. A link out of the data folder (an image store) is skipped and
-listed too, unless --follow-links is given. Nothing is dropped silently: folders next to train/ that are not read, image files outside any class folder and
-new files on resume are all reported.
+listed too, unless --follow-links is given. Nothing is dropped silently: folders next to train/ that are not
+read, image files outside any class folder and new files on resume are all reported.
 
 A run's file lists are fixed at its start (`record`): every split's files with their sizes and modification
 times (one stat each, cheap for a million files), and the classes. A resumed run and `evaluate RUN` use the
@@ -241,8 +241,9 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
          carve: bool = True, follow_links: bool = False) -> Splits:
     """Labelled train/val/test lists of a data folder (see the module docstring for layouts and links).
 
-    `follow_links` also reads links in class folders that lead out of the data folder. `carve=False` leaves a missing val/test split empty instead of carving it from train (evaluate on another
-    folder must not invent a test split)."""
+    `follow_links` also reads links in class folders that lead out of the data folder. `carve=False` leaves a
+    missing val/test split empty instead of carving it from train (evaluate on another folder must not invent a
+    test split)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder")
