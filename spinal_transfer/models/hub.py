@@ -235,7 +235,10 @@ def timm_unavailable(name: str, pretrained: bool) -> Optional[Unreachable]:
     """What `create_timm(name, pretrained)` would fail for, without building anything: Unreachable (why, the
     missing files, the repo) when a needed file is not cached and its server cannot be reached; else None.
     Lets a run refuse before it reads its data or takes its folder's lock."""
-    name, repo, rev, needed = _timm_needs(name, pretrained)
+    return _unavailable(*_timm_needs(name, pretrained)[1:])
+
+
+def _unavailable(repo: Optional[str], rev: Optional[str], needed: Tuple[str, ...]) -> Optional[Unreachable]:
     if repo is None:
         reason = url_unreachable(needed[0], _url_target(needed[0])) if needed else None
         return Unreachable(reason, (_url_target(needed[0]).name,)) if reason else None
@@ -251,10 +254,10 @@ def create_timm(name: str, pretrained: bool) -> nn.Module:
     weights. The Hub is probed once per process; when it does not answer, timm runs in offline mode."""
     import timm
 
-    gap = timm_unavailable(name, pretrained)
+    name, repo, rev, needed = _timm_needs(name, pretrained)
+    gap = _unavailable(repo, rev, needed)
     if gap is not None:
         raise gap
-    name, repo, rev, needed = _timm_needs(name, pretrained)
     if repo is None:
         return timm.create_model(name, pretrained=pretrained)
     reason = hub_offline_reason()
