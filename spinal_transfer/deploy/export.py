@@ -445,7 +445,7 @@ def quantize_int8(source: Path, ckpt: dict, stage: Path, max_accuracy_drop: floa
             "top1_fp32": info["top1_fp32"], "top1_int8": info["top1_int8"],
             "top1_drop_points": info["top1_drop_points"], "agreement": info["agreement"],
             "max_accuracy_drop": max_accuracy_drop, "forced": bool(force and info["top1_drop_points"] > max_accuracy_drop),
-            "warnings": info["warnings"]}
+            "fp32_nodes": info.get("fallback", {}).get("fp32_nodes", []), "warnings": info["warnings"]}
 
 
 # --- model card ----------------------------------------------------------------------------------
@@ -467,7 +467,9 @@ def format_check(f: dict) -> str:
     if "top1_int8" in f:
         return (f"{f['method']}; top-1 on {f['eval_images']} {f['eval_split']} images: int8 "
                 f"{100 * f['top1_int8']:.2f}% vs fp32 {100 * f['top1_fp32']:.2f}% ({f['top1_drop_points']:+.2f} "
-                f"points; bound {f['max_accuracy_drop']:g}{', forced' if f.get('forced') else ''})")
+                f"points; bound {f['max_accuracy_drop']:g}{', forced' if f.get('forced') else ''})"
+                + (f"; {len(f['fp32_nodes'])} node(s) kept in fp32: {', '.join(f['fp32_nodes'])}"
+                   if f.get("fp32_nodes") else ""))
     return f"{f['method']}, max abs logit difference {f['max_abs_diff']:.2g}"
 
 

@@ -408,17 +408,144 @@ def quantize_onnx(fp32_path: PathLike, out_path: PathLike, calibration_batches: 
 
 def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batches: Iterable[Batch],
                        eval_batches: Iterable[tuple], max_accuracy_drop: float = 1.0, force: bool = False,
-                       **options: Any) -> dict:
+                       fallback: bool = True, **options: Any) -> dict:
     """quantize_onnx, then top-1 of fp32 and int8 on `eval_batches` (labelled, one pass) and the
     guard: QuantizationError with both numbers when int8 loses more than `max_accuracy_drop` points
-    (the int8 file is then removed), unless `force`. The export command's building block."""
-    info = quantize_onnx(fp32_path, out_path, calibration_batches, **options)
-    cmp = compare_onnx([fp32_path, out_path], eval_batches)
+    (the int8 file is then removed), unless `force`. The export command's building block.
+
+    With `fallback`, a drop above the bound first tries `keep_fp32_fallback`: the nodes around the
+    activations that int8 represents worst stay in fp32 (1, 2, 4, then 8 of them), and the first try within the
+    bound is kept, its nodes recorded under "fallback"; when none is, the try that lost least is judged."""
+    calibration, evaluation = _reiterable(calibration_batches), _reiterable(eval_batches)
+    out_path = Path(out_path)
+    info = _quantize_and_compare(fp32_path, out_path, calibration, evaluation, **options)
+    if fallback and _drop(info) > max_accuracy_drop + 1e-9:
+        info = keep_fp32_fallback(fp32_path, out_path, calibration, evaluation, info, max_accuracy_drop, **options)
+    try:
+        info["top1_drop_points"] = check_accuracy_drop(info["top1_fp32"], info["top1_int8"], max_accuracy_drop, force)
+    except QuantizationError as e:
+        out_path.unlink(missing_ok=True)
+        tried = info.get("fallback", {}).get("tried")
+        raise QuantizationError(f"{e}" + (f" (also after {tried} tries keeping the nodes around the worst-quantized "
+                                          "activations in fp32)" if tried else "")) from None
+    return info
+
+
+def _reiterable(batches: Iterable) -> Sequence:
+    """Batches that can be read more than once (calibration may run again for the fallback)."""
+    return batches if isinstance(batches, Sequence) else list(batches)
+
+
+def _drop(info: dict) -> float:
+    return 100.0 * (info["top1_fp32"] - info["top1_int8"])
+
+
+def _quantize_and_compare(fp32_path: PathLike, out_path: Path, calibration: Sequence, evaluation: Sequence,
+                          **options: Any) -> dict:
+    info = quantize_onnx(fp32_path, out_path, calibration, **options)
+    cmp = compare_onnx([fp32_path, out_path], evaluation)
     info.update(top1_fp32=cmp["top1"][0], top1_int8=cmp["top1"][1], agreement=cmp["agreement"][1],
                 eval_images=cmp["images"])
-    try:
-        info["top1_drop_points"] = check_accuracy_drop(cmp["top1"][0], cmp["top1"][1], max_accuracy_drop, force)
-    except QuantizationError:
-        Path(out_path).unlink(missing_ok=True)
-        raise
     return info
+
+
+FALLBACK_TRIES = (1, 2, 4, 8)        # how many of the worst-quantized activations to keep in fp32, in turn
+SENSITIVITY_IMAGES = 32              # images the per-activation errors are measured on
+
+
+def keep_fp32_fallback(fp32_path: PathLike, out_path: Path, calibration: Sequence, evaluation: Sequence,
+                       first: dict, max_accuracy_drop: float, **options: Any) -> dict:
+    """Re-quantize with the nodes around the worst-quantized activations left in fp32, the fewest that hold the
+    drop within `max_accuracy_drop`: ORT's QDQ debugging tools (`activation_sqnr`) rank the activations of the
+    int8 model `first` describes (at `out_path`) by how much their own quantize/dequantize pair changes them;
+    each try excludes the producer and consumers of the k worst (`nodes_around`), so those tensors stay float.
+    Returns the kept try's info (at `out_path`) with "fallback": the activations, their SQNR, the fp32 nodes,
+    how many tries ran."""
+    ranked = sorted(activation_sqnr(out_path, calibration).items(), key=lambda kv: kv[1])
+    best, tries = first, 0
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".fallback-") as tmp:
+        for k in [k for k in FALLBACK_TRIES if k <= len(ranked)]:
+            worst = ranked[:k]
+            nodes = nodes_around(out_path, [t for t, _ in worst])      # names as in the graph quantize_onnx reads
+            trial_path = Path(tmp) / f"try{k}.onnx"
+            trial = _quantize_and_compare(fp32_path, trial_path, calibration, evaluation,
+                                          nodes_to_exclude=nodes, **options)
+            trial["fallback"] = {"activations": {t: round(db, 1) for t, db in worst}, "fp32_nodes": nodes}
+            tries += 1
+            if _drop(trial) < _drop(best):
+                best, best_path = trial, trial_path
+            if _drop(trial) <= max_accuracy_drop + 1e-9:
+                break
+        if best is not first:
+            shutil.move(str(best_path), str(out_path))
+            best["file"] = out_path.name
+    best.setdefault("fallback", {})["tried"] = tries
+    if best is not first:
+        best["warnings"] = [*best["warnings"], f"kept {len(best['fallback']['fp32_nodes'])} node(s) in fp32 around "
+                            f"the {len(best['fallback']['activations'])} activation(s) int8 represented worst "
+                            f"(SQNR {', '.join(f'{db:g} dB' for db in best['fallback']['activations'].values())}): "
+                            f"top-1 drop {_drop(first):.2f} -> {_drop(best):.2f} points"]
+    return best
+
+
+def activation_sqnr(int8_path: PathLike, batches: Iterable[Batch], max_images: int = SENSITIVITY_IMAGES) -> dict:
+    """{activation: SQNR in dB} for every activation of a QDQ model, each measured before vs after its own
+    QuantizeLinear/DequantizeLinear pair on up to `max_images` images (ORT's `qdq_loss_debug` collects them).
+    Low means the int8 grid represents that tensor badly. The SQNR is per channel (axis 1 of NCHW, the last axis
+    otherwise), averaged over the channels that carry signal: one outlier channel stretching a per-tensor range
+    leaves the whole tensor's SQNR high (its own energy dominates) while the other channels lose everything."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="spinal-qdq-debug-") as tmp:
+        augmented = Path(tmp) / "augmented.onnx"
+        modify_model_output_intermediate_tensors(str(int8_path), str(augmented))
+        reader = BatchReader(batches, onnx_session(int8_path).get_inputs()[0].name, max_images)
+        matched = create_activation_matching(collect_activations(str(augmented), reader))
+    return {name: channel_sqnr(np.concatenate(m["pre_qdq"]), np.concatenate(m["post_qdq"]))
+            for name, m in matched.items()}
+
+
+def channel_sqnr(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over channels with signal of 20 log10(|x_c| / |x_c - y_c|) (channels: axis 1 of 4-D, else last)."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    if x.ndim < 2:
+        x, y = x.reshape(1, -1), y.reshape(1, -1)
+    axis = 1 if x.ndim == 4 else x.ndim - 1
+    x, y = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1), np.moveaxis(y, axis, 0).reshape(y.shape[axis], -1)
+    signal, noise = np.linalg.norm(x, axis=1), np.linalg.norm(x - y, axis=1)
+    live = signal > 0
+    if not live.any():
+        return float("inf")
+    eps = np.finfo(np.float32).eps
+    return float(np.mean(20 * np.log10(signal[live] / np.maximum(noise[live], eps * signal[live]))))
+
+
+def nodes_around(int8_path: PathLike, activations: Sequence[str]) -> list[str]:
+    """Names of the compute nodes that produce or read (through their QuantizeLinear/DequantizeLinear pair)
+    `activations` in a QDQ model: excluded from quantization, they leave those tensors in fp32."""
+    import onnx
+
+    graph = onnx.load(str(int8_path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    names: list[str] = []
+
+    def add(node: Any) -> None:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and node.name and node.name not in names:
+            names.append(node.name)
+
+    for t in activations:
+        if t in producer:
+            add(producer[t])
+        for q in readers.get(t, []):
+            for dq in (readers.get(q.output[0], []) if q.op_type == "QuantizeLinear" else [q]):
+                for reader in (readers.get(dq.output[0], []) if dq.op_type == "DequantizeLinear" else [dq]):
+                    add(reader)
+    return names

@@ -7,6 +7,7 @@ with calibration on the train split (evaluation preprocessing), and compared on 
 from __future__ import annotations
 
 import warnings
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,12 @@ from spinal_transfer.data.transforms import build_transforms  # noqa: E402
 from spinal_transfer.deploy.quantize import (
     BatchReader,
     QuantizationError,
+    activation_sqnr,
+    channel_sqnr,
     check_accuracy_drop,
     compare_onnx,
     int8_suitability,
+    nodes_around,
     onnx_session,
     onnx_top1,
     quantize_and_check,
@@ -130,12 +134,73 @@ def test_wrong_calibration_is_caught_by_the_accuracy_guard(trained, tmp_path):
     wrong = [(x * 50, y) for x, y in train]
     out = tmp_path / "int8.onnx"
     with pytest.raises(QuantizationError, match=r"int8 top-1 \d+\.\d\d% vs fp32 \d+\.\d\d%: a drop of") as err:
-        quantize_and_check(fp32, out, wrong, val, max_accuracy_drop=1.0)
+        quantize_and_check(fp32, out, wrong, val, max_accuracy_drop=1.0, fallback=False)
     assert "(max_accuracy_drop=); pass force=True" in str(err.value) and not out.exists()
-    info = quantize_and_check(fp32, out, wrong, val, max_accuracy_drop=1.0, force=True)
+    info = quantize_and_check(fp32, out, wrong, val, max_accuracy_drop=1.0, force=True, fallback=False)
     assert out.exists() and info["top1_drop_points"] > 1.0
     assert info["top1_drop_points"] == pytest.approx(100 * (info["top1_fp32"] - info["top1_int8"]))
     assert info["agreement"] < MIN_AGREEMENT                  # the bound above does tell good from bad
+
+
+def _outlier_channels(model: torch.nn.Module, factor: float) -> torch.nn.Module:
+    """The same function with one outlier channel in each residual block's inner activation (the outlier
+    channels of trained networks): channel 0 of bn1 scaled by `factor` (ReLU commutes with it), conv2's weights
+    reading that channel divided by it."""
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in (net.layer1[0], net.layer2[0], net.layer3[0], net.layer4[0]):
+            block.bn1.weight[0] *= factor
+            block.bn1.bias[0] *= factor
+            block.conv2.weight[:, 0] /= factor
+    return net
+
+
+def test_fallback_keeps_the_outlier_activations_in_fp32(trained, tmp_path):
+    """With per-tensor uint8 activations, a channel 1000x larger than the rest leaves the others a handful of
+    levels: int8 loses more than the bound. The fallback must find exactly those activations (ORT's QDQ debug
+    tensors, per-channel SQNR), keep the convolutions around them in fp32, pass the guard and record them."""
+    import onnx
+    from onnx import numpy_helper
+
+    fp32, model, train, val = trained
+    net = _outlier_channels(model, 1000.0)
+    assert _eager_top1(net, val) == pytest.approx(_eager_top1(model, val), abs=1.5 / 359)   # the same function
+    path = _export(net, tmp_path / "outliers.onnx", SIZE)
+    with pytest.raises(QuantizationError, match="a drop of"):
+        quantize_and_check(path, tmp_path / "plain.int8.onnx", train, val, fallback=False)
+
+    first = tmp_path / "first.int8.onnx"
+    quantize_onnx(path, first, train)
+    sqnr = activation_sqnr(first, train)
+    outliers = {t for t, db in sqnr.items() if db < 10}              # the others measure 15-40 dB
+    assert len(outliers) == 4, sorted(sqnr.values())                  # one per reparameterised block
+
+    info = quantize_and_check(path, tmp_path / "int8.onnx", train, val)
+    fb = info["fallback"]
+    assert info["top1_drop_points"] <= 1.0 and 1 <= fb["tried"] <= 4
+    assert set(fb["activations"]) <= outliers and fb["fp32_nodes"] == nodes_around(first, list(fb["activations"]))
+    assert any("kept" in w and "node(s) in fp32" in w for w in info["warnings"])
+    # every kept convolution is a reparameterised one: its weights for channel 0 (written or read) are >100x off
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convs = [n for n in graph.node if n.name in fb["fp32_nodes"] and n.op_type == "Conv"]
+    assert len(convs) == len(fb["fp32_nodes"]) == 2 * len(fb["activations"])
+    for node in convs:
+        w = np.abs(weights[node.input[1]])                              # float: this conv was not quantized
+        out_ratio, in_ratio = w[0].mean() / w[1:].mean(), w[:, 0].mean() / w[:, 1:].mean()
+        assert out_ratio > 100 or in_ratio < 0.01, (node.name, out_ratio, in_ratio)
+
+
+def test_channel_sqnr_sees_a_channel_the_whole_tensor_hides():
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 4, 5, 5)).astype(np.float32)
+    x[:, 0] *= 1000
+    y = x.copy()
+    y[:, 1:] = 0                               # int8 with the outlier's range: the three small channels round to 0
+    whole = 20 * np.log10(np.linalg.norm(x) / np.linalg.norm(x - y))
+    assert whole > 50                          # the whole tensor looks fine
+    assert channel_sqnr(x, y) == pytest.approx(np.mean([20 * np.log10(np.finfo(np.float32).eps ** -1), 0, 0, 0]))
+    assert channel_sqnr(x, x) > 130 and channel_sqnr(np.zeros((2, 3)), np.zeros((2, 3))) == float("inf")
 
 
 def test_check_accuracy_drop():
