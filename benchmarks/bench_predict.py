@@ -292,8 +292,8 @@ def trained_by_train(kind: str, name: str, args, work: Path) -> tuple[nn.Module,
     data = _folders.build(work / "data", folder)
     weights = "none"
     if kind == "lite0":
+        convert_weights("bundled", name, work / "lite0_imagenet.safetensors")
         weights = str(work / "lite0_imagenet.safetensors")
-        convert_weights("bundled", name, weights)
     out = work / f"{kind}_run"
     t = time.perf_counter()
     report = run(TrainConfig(data=str(data), out=str(out), backbone=name, weights=weights, img_size=size,
@@ -346,6 +346,8 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
           f"{q['dequantize_nodes']} dequantize nodes left", flush=True)
     for w in q["warnings"]:
         print(f"  warning: {w}", flush=True)
+    if args.calibration:
+        calibration_settings(fp32_path, work / f"{kind}.calib.int8.onnx", train, val)
     print(f"  {suit['macs_per_image'] / 1e9:.2f} GMACs/image (Conv/MatMul/Gemm with static shapes)", flush=True)
 
     T = args.threads
@@ -416,6 +418,26 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
     return rows
 
 
+# --- int8 settings ---------------------------------------------------------------------------------
+
+CALIBRATION_SETTINGS = (("minmax", True, 256), ("minmax", True, 64), ("minmax", False, 256), ("entropy", True, 256),
+                        ("percentile", True, 256))      # method, per-channel weights, calibration images
+
+
+def calibration_settings(fp32: Path, out: Path, train: Batches, val: Batches) -> None:
+    """Top-1 and agreement with fp32 of int8 files quantized with each of ORT's calibration methods, per-channel or
+    per-tensor weights and fewer calibration images (the first row is what `export` does, but with 256 images)."""
+    fp32_top1 = compare_onnx([fp32], val)["top1"][0]
+    print(f"  int8 settings (top-1 on the labelled split; fp32 ONNX {100 * fp32_top1:.1f}%):", flush=True)
+    for method, per_channel, images in CALIBRATION_SETTINGS:
+        t = time.perf_counter()
+        q = quantize_onnx(fp32, out, train, max_images=images, per_channel=per_channel, calibrate_method=method)
+        cmp = compare_onnx([fp32, out], val)
+        print(f"    {method:10s} {'per-channel' if per_channel else 'per-tensor ':11s} {q['calibration_images']:3d} "
+              f"images: top-1 {100 * cmp['top1'][1]:.1f}% ({100 * (fp32_top1 - cmp['top1'][1]):+.2f} points), agrees "
+              f"with fp32 on {100 * cmp['agreement'][1]:.1f}% ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
 # --- batch size x threads -------------------------------------------------------------------------
 
 def runners_for_sweep(model: nn.Module, fp32: Path, int8: Path) -> Callable[[int], dict]:
@@ -464,6 +486,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting rounds after this (per model)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of compilation)")
     ap.add_argument("--no-fx", action="store_true", help="skip torch.ao FX int8")
+    ap.add_argument("--calibration", action="store_true", help="also compare int8 calibration methods (MinMax, "
+                    "Entropy, Percentile), per-channel vs per-tensor weights and 64 vs 256 calibration images")
     args = ap.parse_args()
     models = QUICK_MODELS if args.quick else MODELS
     args.threads = args.threads or os.cpu_count() or 1
