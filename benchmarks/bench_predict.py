@@ -478,8 +478,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="resnet18 and vit_tiny, fewer images, 2 rounds, no sweep")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                    help="lite0: real ImageNet weights fine-tuned here; resnet: trained here from random weights; cnn, vit: "
-                         "made non-trivial from random weights")
+                    help="lite0: real ImageNet weights fine-tuned here; resnet: trained here from random weights; "
+                         "cnn, vit: made non-trivial from random weights")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for every runner (default: all cores)")
     ap.add_argument("--rounds", type=int, default=None, help="default 5; quick 2")

@@ -124,8 +124,8 @@ class TrainConfig:
     augment: str = _opt("randaugment", "light: gentle random-resized crop (35-100% of the area) + flip, for small "
                                        "data; modern: random-resized crop down to 8% + flip (ImageNet training); "
                                        "trivial: light + one TrivialAugmentWide op per image; randaugment: light + "
-                                       "--randaugment-n ops at --randaugment-m (timm's fine-tuning recipe made milder, with "
-                                       "--random-erase); paper / paper_rrc: the SpinalNet scripts'; none: the "
+                                       "--randaugment-n ops at --randaugment-m (timm's fine-tuning recipe made "
+                                       "milder, with --random-erase); paper / paper_rrc: the SpinalNet scripts'; none: the "
                                        "evaluation pipeline", choices=list(POLICIES))
     img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)", min=8)
     resize_size: Optional[Union[int, list]] = _opt(None, "paper recipe: resize to this square (or [H, W]) before "

@@ -31,7 +31,8 @@ of the run's train images (preprocessed as evaluation), then top-1 of fp32 ONNX 
 on the run's val split (test when it has none) and both are recorded in config.json. When int8 loses
 more than --max-accuracy-drop points (default {MAX_ACCURACY_DROP:g}), the nodes around the activations int8
 represents worst are kept in fp32 (1, 2, 4, then 8 of them; recorded in config.json); when that does not
-hold the drop either, the export fails and changes nothing, unless --force. Predict with it: `spinal-transfer predict BUNDLE PHOTOS --runner onnx-int8` (or auto)."""
+hold the drop either, the export fails and changes nothing, unless --force.
+Predict with it: `spinal-transfer predict BUNDLE PHOTOS --runner onnx-int8` (or auto)."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

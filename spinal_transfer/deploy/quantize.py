@@ -186,12 +186,17 @@ def check_accuracy_drop(top1_fp32: float, top1_int8: float, max_drop_points: flo
     split, so 0.995 - 0.985 is 1.0000000000000009 points in floating point, and a drop of exactly the bound is
     within it."""
     drop = 100.0 * (top1_fp32 - top1_int8)
-    if drop > max_drop_points + 1e-9 and not force:
+    if _exceeds(drop, max_drop_points) and not force:
         raise QuantizationError(f"int8 top-1 {100 * top1_int8:.2f}% vs fp32 {100 * top1_fp32:.2f}%: a drop of "
                                 f"{drop:.2f} points, more than the allowed {max_drop_points:g} "
                                 f"({option_name('max_accuracy_drop').strip()}); pass {flag_name('force')} to keep "
                                 "it anyway")
     return drop
+
+
+def _exceeds(drop_points: float, max_drop_points: float) -> bool:
+    """Whether a drop is over the bound, compared as printed (to 1e-9 points; see check_accuracy_drop)."""
+    return drop_points > max_drop_points + 1e-9
 
 
 # --- graph analysis ---------------------------------------------------------------------------------
@@ -425,7 +430,7 @@ def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batc
     calibration, evaluation = _reiterable(calibration_batches), _reiterable(eval_batches)
     out_path = Path(out_path)
     info = _quantize_and_compare(fp32_path, out_path, calibration, evaluation, **options)
-    if fallback and _drop(info) > max_accuracy_drop + 1e-9:
+    if fallback and _exceeds(_drop(info), max_accuracy_drop):
         info = keep_fp32_fallback(fp32_path, out_path, calibration, evaluation, info, max_accuracy_drop, **options)
     try:
         info["top1_drop_points"] = check_accuracy_drop(info["top1_fp32"], info["top1_int8"], max_accuracy_drop, force)
@@ -480,7 +485,7 @@ def keep_fp32_fallback(fp32_path: PathLike, out_path: Path, calibration: Sequenc
             tries += 1
             if _drop(trial) < _drop(best):
                 best, best_path = trial, trial_path
-            if _drop(trial) <= max_accuracy_drop + 1e-9:
+            if not _exceeds(_drop(trial), max_accuracy_drop):
                 break
         if best is not first:
             shutil.move(str(best_path), str(out_path))

@@ -1,6 +1,6 @@
 """Every number the README quotes from benchmarks/RESULTS.md is there: the benchmark table's results column, the
-prediction-speed table, the defaults table's results and the figures quoted beside `bench_*.py` names. A quoted number may be rounded (5.3x for
-5.31x) but not made up or left stale when RESULTS.md is regenerated."""
+prediction-speed table, the defaults table's results and the figures quoted beside `bench_*.py` names. A quoted
+number may be rounded (5.3x for 5.31x) but not made up or left stale when RESULTS.md is regenerated."""
 from __future__ import annotations
 
 import re
