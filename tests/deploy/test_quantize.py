@@ -26,6 +26,7 @@ from spinal_transfer.deploy.quantize import (
     activation_sqnr,
     channel_sqnr,
     check_accuracy_drop,
+    coarse_guard_warning,
     compare_onnx,
     int8_suitability,
     nodes_around,
@@ -201,6 +202,21 @@ def test_channel_sqnr_sees_a_channel_the_whole_tensor_hides():
     assert whole > 50                          # the whole tensor looks fine
     assert channel_sqnr(x, y) == pytest.approx(np.mean([20 * np.log10(np.finfo(np.float32).eps ** -1), 0, 0, 0]))
     assert channel_sqnr(x, x) > 130 and channel_sqnr(np.zeros((2, 3)), np.zeros((2, 3))) == float("inf")
+
+
+def test_guard_on_a_tiny_split_says_it_is_coarse(trained, tmp_path):
+    """On 10 images one image is 10 points: the guard still judges, and says that it cannot see a drop under
+    10 points; on the 359-image split (one image 0.28 points) it says nothing."""
+    fp32, _, train, val = trained
+    tiny = [(val[0][0][:10], val[0][1][:10])]
+    info = quantize_and_check(fp32, tmp_path / "int8.onnx", train, tiny, max_accuracy_drop=1.0, force=True)
+    assert info["eval_images"] == 10
+    assert [w for w in info["warnings"] if "guard" in w] == [coarse_guard_warning(10, 1.0)]
+    assert "only 10 images: one image is 10.0 points, more than the allowed 1" in coarse_guard_warning(10, 1.0)
+    full = quantize_and_check(fp32, tmp_path / "int8.onnx", train, val, max_accuracy_drop=1.0)
+    assert full["eval_images"] == 359 and not [w for w in full["warnings"] if "guard" in w]
+    assert coarse_guard_warning(100, 1.0) is None and coarse_guard_warning(99, 1.0) is not None
+    assert coarse_guard_warning(20, 5.0) is None                # one image is exactly the bound: it can see it
 
 
 def test_check_accuracy_drop():
