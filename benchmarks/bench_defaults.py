@@ -37,6 +37,8 @@ Settings:
   linear probe       scikit-learn LogisticRegression on the frozen backbone's pooled features (evaluation
                      preprocessing, as `train --cache-features` computes them), standardised, C chosen on val from
                      1e-3..1e2; deterministic, so its std over seeds is 0
+After the table, a size check: the defaults and the probe on fewshot12 at its images' own 128 px (3 fine-tunes of
+~3 minutes), since 64 px may hide what the backbone's features can do without fine-tuning.
 Runs are kept under DIR/runs/<folder>/<digest of the whole configuration>: a setting that comes to the same
 configuration as another (a variant the defaults have since adopted) reuses its runs.
 """
@@ -63,6 +65,7 @@ from _common import header
 BACKBONE = "timm/tf_efficientnet_lite0"
 IMG_SIZE = 64
 FOLDERS = ("fewshot12", "textures8", "digits100")
+NATIVE_SIZE = 128              # fewshot12's images' own size, for the size check after the table
 EARLIER = dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.0,
                freeze_epochs=1, backbone_lr_mult=1.0, augment="light", random_erase=0.0)
 SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defaults (the anchors: all they set)
@@ -96,7 +99,8 @@ def settings_to_run(names: list[str]) -> list[str]:
     return [n for n in names if n in ("defaults", PROBE) or TrainConfig(**SETTINGS[n]) != TrainConfig()]
 
 
-def run_once(data: Path, runs: Path, weights: str, options: dict, seed: int, limit: Optional[int] = None) -> dict:
+def run_once(data: Path, runs: Path, weights: str, options: dict, seed: int, limit: Optional[int] = None,
+             img_size: int = IMG_SIZE) -> dict:
     """One run with train's defaults changed by `options`, in `runs`/<digest of its whole configuration>; returns
     its report plus the wall time. A finished run of the same configuration (a rerun with --keep, or another
     setting that comes to the same options, e.g. a variant that the defaults have since adopted) is read back
@@ -104,7 +108,7 @@ def run_once(data: Path, runs: Path, weights: str, options: dict, seed: int, lim
     from spinal_transfer.config import TrainConfig
     from spinal_transfer.training.train import run
 
-    cfg = TrainConfig(data=str(data), backbone=BACKBONE, weights=weights, img_size=IMG_SIZE, workers=0, device="cpu",
+    cfg = TrainConfig(data=str(data), backbone=BACKBONE, weights=weights, img_size=img_size, workers=0, device="cpu",
                       amp="none", seed=seed, log_interval=1000, limit_train_batches=limit, **options)
     key = run_key(dataclasses.asdict(cfg))
     out = runs / hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -129,7 +133,7 @@ def run_key(config: dict) -> str:
     return json.dumps({k: number(v) for k, v in config.items() if k != "out"}, sort_keys=True, default=str)
 
 
-def linear_probe(data: Path, weights: str, cache: Path) -> dict:
+def linear_probe(data: Path, weights: str, cache: Path, img_size: int = IMG_SIZE) -> dict:
     """Test top-1 of a logistic regression on the frozen backbone's pooled features, C picked on val."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -141,7 +145,7 @@ def linear_probe(data: Path, weights: str, cache: Path) -> dict:
     from spinal_transfer.experiments.audit import compute_features
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(data=str(data), backbone=BACKBONE, weights=weights, img_size=IMG_SIZE, workers=0,
+    cfg = TrainConfig(data=str(data), backbone=BACKBONE, weights=weights, img_size=img_size, workers=0,
                       device="cpu", amp="none")
     splits = config_splits(cfg)
     feats, _ = compute_features(cfg, splits, cache, SkipLog())
@@ -183,6 +187,21 @@ def verdicts(results: dict[str, dict[str, list[float]]], folders: list[str]) -> 
             lines.append(f"{f}: defaults - linear probe = {100 * gap:+.1f} top-1 points (needs >= +5.0): "
                          f"{'PASS' if gap >= 0.05 else 'MISS'}")
     return lines
+
+
+def native_size_check(root: Path, weights: str, seeds: int) -> str:
+    """The few-shot folder at its images' own size (NATIVE_SIZE px, not the table's 64): whether fine-tuning's lead
+    over the probe holds when the backbone sees the detail 64 px loses. Defaults and probe only (CPU time)."""
+    import _folders
+
+    data = _folders.build(root / "data", "fewshot12")
+    probe = linear_probe(data, weights, root / "feature-cache", NATIVE_SIZE)["test"]
+    tuned = [run_once(data, root / f"runs{NATIVE_SIZE}" / "fewshot12", weights, {}, seed, img_size=NATIVE_SIZE)
+             for seed in range(seeds)]
+    top1 = [r["test"]["top1"] for r in tuned]
+    return (f"fewshot12 at its images' own {NATIVE_SIZE} px (defaults and probe only): defaults {fmt(top1)} (best "
+            f"epochs {', '.join(str(r['best_epoch']) for r in tuned)}; {statistics.mean(r['seconds'] for r in tuned):.0f}"
+            f" s/run), linear probe {probe:.3f}: defaults - probe = {100 * (stats(top1)[0] - probe):+.1f} top-1 points")
 
 
 def main() -> None:
@@ -246,6 +265,8 @@ def main() -> None:
                     print(f"    {name} seed {seed}: test top-1 {rep['test']['top1']:.3f} (best epoch "
                           f"{rep['best_epoch']} of {ran}, {rep['seconds']:.0f} s"
                           f"{', reused' if rep['reused'] else ''})", flush=True)
+        size_check = (native_size_check(root, str(weights), seeds) if not args.quick and "fewshot12" in folders
+                      and {"defaults", PROBE} <= set(names) else "")
         print(f"took {time.perf_counter() - t_start:.0f} s in all; {reused} of {sum(map(len, epochs.values()))} "
               f"fine-tunes reused from {root / 'runs'} (finished earlier with the same whole configuration; their "
               f"seconds are from when they ran)", flush=True)
@@ -261,6 +282,8 @@ def main() -> None:
         print()
         for line in verdicts(results, folders):
             print(line)
+    if size_check:
+        print(f"\n{size_check}")
 
 
 if __name__ == "__main__":

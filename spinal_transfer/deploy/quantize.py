@@ -430,18 +430,20 @@ def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batc
     calibration, evaluation = _reiterable(calibration_batches), _reiterable(eval_batches)
     out_path = Path(out_path)
     info = _quantize_and_compare(fp32_path, out_path, calibration, evaluation, **options)
+    if fallback and _exceeds(_drop(info), max_accuracy_drop):
+        info = keep_fp32_fallback(fp32_path, out_path, calibration, evaluation, info, max_accuracy_drop, **options)
     coarse = coarse_guard_warning(info["eval_images"], max_accuracy_drop)
     if coarse:
         info["warnings"].append(coarse)
-    if fallback and _exceeds(_drop(info), max_accuracy_drop):
-        info = keep_fp32_fallback(fp32_path, out_path, calibration, evaluation, info, max_accuracy_drop, **options)
     try:
         info["top1_drop_points"] = check_accuracy_drop(info["top1_fp32"], info["top1_int8"], max_accuracy_drop, force)
     except QuantizationError as e:
         out_path.unlink(missing_ok=True)
         tried = info.get("fallback", {}).get("tried")
         raise QuantizationError(f"{e}" + (f" (also after {tried} tries keeping the nodes around the worst-quantized "
-                                          "activations in fp32)" if tried else "")) from None
+                                          "activations in fp32)" if tried else "")
+                                + (f"; measured on only {info['eval_images']} images (int8 agrees with fp32 on "
+                                   f"{100 * info['agreement']:.1f}% of them)" if coarse else "")) from None
     return info
 
 
@@ -453,7 +455,8 @@ def coarse_guard_warning(eval_images: int, max_accuracy_drop: float) -> Optional
         return None
     return (f"the accuracy guard measured only {eval_images} images: one image is {100.0 / eval_images:.1f} "
             f"points, more than the allowed {max_accuracy_drop:g}, so the guard is coarse here; judge int8 by its "
-            f"agreement with fp32 too, or export from a run with a bigger val split (--val-fraction)")
+            f"agreement with fp32 too, or export from a run with a bigger val split (more images in val/, or "
+            f"--val-fraction for a folder without one)")
 
 
 def _reiterable(batches: Iterable) -> Sequence:

@@ -215,6 +215,9 @@ def test_guard_on_a_tiny_split_says_it_is_coarse(trained, tmp_path):
     assert "only 10 images: one image is 10.0 points, more than the allowed 1" in coarse_guard_warning(10, 1.0)
     full = quantize_and_check(fp32, tmp_path / "int8.onnx", train, val, max_accuracy_drop=1.0)
     assert full["eval_images"] == 359 and not [w for w in full["warnings"] if "guard" in w]
+    wrong = [(x * 50, y) for x, y in train]          # a real loss on the tiny split: the refusal says how few
+    with pytest.raises(QuantizationError, match=r"; measured on only 10 images \(int8 agrees with fp32 on \d+\.\d%"):
+        quantize_and_check(fp32, tmp_path / "int8.onnx", wrong, tiny, max_accuracy_drop=1.0, fallback=False)
     assert coarse_guard_warning(100, 1.0) is None and coarse_guard_warning(99, 1.0) is not None
     assert coarse_guard_warning(20, 5.0) is None                # one image is exactly the bound: it can see it
 
