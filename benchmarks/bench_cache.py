@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import header, make_jpeg_folder, print_table, verdict  # noqa: E402
 
-import spinal_transfer.runs.checkpoint as C  # noqa: E402
+import spinal_transfer.training.selection as S  # noqa: E402
 import spinal_transfer.training.train as T  # noqa: E402
 from spinal_transfer.config import TrainConfig  # noqa: E402
 
 TARGET = 50.0
 
 _saves: list[tuple[str, float]] = []
-_atomic_save = C.atomic_save
+_atomic_save = S.atomic_save
 
 
 def _recording_save(obj, path, *a, **kw):
@@ -45,7 +45,7 @@ def _recording_save(obj, path, *a, **kw):
     return out
 
 
-C.atomic_save = _recording_save        # the saver's own checkpoint writes mark the end of each epoch
+S.atomic_save = _recording_save        # CheckpointSaver's own writes (last.pt each epoch) mark the epochs' ends
 
 
 def one_run(cfg: TrainConfig) -> dict:

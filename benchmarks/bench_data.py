@@ -72,7 +72,7 @@ def main() -> None:
         aug = Augmentation(policy=recipe)
         dc = resolve_data_config("torchvision/resnet18", "none", img_size=size, resize_size=resize)
         ours_tf[recipe] = (aug, build_transforms(dc, train=True, aug=aug))
-        ref_tf[recipe] = reference_transform(recipe, size, resize, dc.mean, dc.std, aug.rotation, aug.rrc_scale)
+        ref_tf[recipe] = reference_transform(recipe, size, resize, dc.mean, dc.std, aug.rotation, aug.crop_scale())
         print(f"{recipe} recipe, ours: {[type(t).__name__ for t in ours_tf[recipe][1].transforms]} "
               f"(interpolation {dc.interpolation}, INTER_AREA when downscaling)")
         print(f"{recipe} recipe, reference: {[type(t).__name__ for t in ref_tf[recipe].transforms]}")

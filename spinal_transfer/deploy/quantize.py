@@ -10,7 +10,7 @@ torch.compile (minutes of compilation per model on a small CPU). Neither is kept
 Choices, following ORT's guidance for CPUs (`quantize_static` docstring):
 - QDQ format (QuantizeLinear/DequantizeLinear pairs around float ops; ORT fuses them into int8
   kernels), per-channel int8 weights, uint8 activations from MinMax calibration. Measured on a fine-tuned
-  EfficientNet-Lite0 and a trained ResNet-18 (benchmarks/RESULTS.md, predict, `--calibration`): Entropy and
+  EfficientNet-Lite0 and a trained ResNet-18 (benchmarks/RESULTS.md, predict, "int8 settings"): Entropy and
   Percentile calibration lost the same top-1 (within half a point) and agreed with fp32 no more often; per-tensor
   weights cost Lite0 5 points; 64 calibration images lost no more top-1 than 256 (agreement fell by a point).
 - Full 8-bit weights on every CPU. `reduce_range` (7-bit weights) guards against int16 saturation in the
