@@ -66,6 +66,7 @@ from spinal_transfer.deploy.quantize import (
     cpu_int8_flags,
     int8_suitability,
     onnx_session,
+    quantize_and_compare,
     quantize_onnx,
 )
 from spinal_transfer.models.preprocess import resolve_data_config
@@ -432,11 +433,11 @@ def calibration_settings(fp32: Path, out: Path, train: Batches, val: Batches) ->
     print(f"  int8 settings (top-1 on the labelled split; fp32 ONNX {100 * fp32_top1:.1f}%):", flush=True)
     for method, per_channel, images in CALIBRATION_SETTINGS:
         t = time.perf_counter()
-        q = quantize_onnx(fp32, out, train, max_images=images, per_channel=per_channel, calibrate_method=method)
-        cmp = compare_onnx([fp32, out], val)
+        q = quantize_and_compare(fp32, out, train, val, max_images=images, per_channel=per_channel,
+                                 calibrate_method=method)
         print(f"    {method:10s} {'per-channel' if per_channel else 'per-tensor ':11s} {q['calibration_images']:3d} "
-              f"images: top-1 {100 * cmp['top1'][1]:.1f}% ({100 * (fp32_top1 - cmp['top1'][1]):+.2f} points), agrees "
-              f"with fp32 on {100 * cmp['agreement'][1]:.1f}% ({time.perf_counter() - t:.0f} s)", flush=True)
+              f"images: top-1 {100 * q['top1_int8']:.1f}% ({100 * (q['top1_fp32'] - q['top1_int8']):+.2f} points), "
+              f"agrees with fp32 on {100 * q['agreement']:.1f}% ({time.perf_counter() - t:.0f} s)", flush=True)
 
 
 # --- batch size x threads -------------------------------------------------------------------------

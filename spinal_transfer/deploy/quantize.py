@@ -429,7 +429,7 @@ def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batc
     bound is kept, its nodes recorded under "fallback"; when none is, the try that lost least is judged."""
     calibration, evaluation = _reiterable(calibration_batches), _reiterable(eval_batches)
     out_path = Path(out_path)
-    info = _quantize_and_compare(fp32_path, out_path, calibration, evaluation, **options)
+    info = quantize_and_compare(fp32_path, out_path, calibration, evaluation, **options)
     if fallback and _exceeds(_drop(info), max_accuracy_drop):
         info = keep_fp32_fallback(fp32_path, out_path, calibration, evaluation, info, max_accuracy_drop, **options)
     coarse = coarse_guard_warning(info["eval_images"], max_accuracy_drop)
@@ -468,8 +468,11 @@ def _drop(info: dict) -> float:
     return 100.0 * (info["top1_fp32"] - info["top1_int8"])
 
 
-def _quantize_and_compare(fp32_path: PathLike, out_path: Path, calibration: Sequence, evaluation: Sequence,
-                          **options: Any) -> dict:
+def quantize_and_compare(fp32_path: PathLike, out_path: PathLike, calibration: Iterable[Batch],
+                         evaluation: Iterable[tuple], **options: Any) -> dict:
+    """quantize_onnx's record plus top1_fp32, top1_int8, agreement and eval_images of both files on `evaluation`
+    (one pass): one quantization try, unjudged. The guard, the fallback's tries and bench_predict's settings table
+    are built on it."""
     info = quantize_onnx(fp32_path, out_path, calibration, **options)
     cmp = compare_onnx([fp32_path, out_path], evaluation)
     info.update(top1_fp32=cmp["top1"][0], top1_int8=cmp["top1"][1], agreement=cmp["agreement"][1],
@@ -496,7 +499,7 @@ def keep_fp32_fallback(fp32_path: PathLike, out_path: Path, calibration: Sequenc
             worst = ranked[:k]
             nodes = nodes_around(out_path, [t for t, _ in worst])      # names as in the graph quantize_onnx reads
             trial_path = Path(tmp) / f"try{k}.onnx"
-            trial = _quantize_and_compare(fp32_path, trial_path, calibration, evaluation,
+            trial = quantize_and_compare(fp32_path, trial_path, calibration, evaluation,
                                           nodes_to_exclude=nodes, **options)
             trial["fallback"] = {"activations": {t: round(db, 1) for t, db in worst}, "fp32_nodes": nodes}
             tries += 1
