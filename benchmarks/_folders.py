@@ -1,12 +1,15 @@
 """Small real image folders for the real-weights benchmarks, built only from images installed packages ship.
 
-    build(ROOT, "fewshot12" | "digits100" | "textures8")  -> ROOT/<name>/{train,val,test}/<class>/*.png
+    build(ROOT, "digits15" | "fewshot12" | "digits100" | "textures8")  -> ROOT/<name>/{train,val,test}/<class>/*.png
 
 Sources (inside wheels, no download): scikit-image `skimage.data` (astronaut, chelsea, coffee, rocket,
 stereo_motorcycle, camera, hubble_deep_field, immunohistochemistry, retina, brick, grass, gravel, moon, cell),
 scikit-learn (`load_digits`, `load_sample_images`: china, flower), matplotlib's grace_hopper.jpg.
 
-- fewshot12  12 photographs, one class each; 16 train / 8 val / 20 test crops per class (192/96/240), 128 px RGB.
+- digits15   few-shot: scikit-learn digits 0-9 as digits100 below, but 15 train / 10 val / 40 test a class
+             (150/100/400): every image a different handwritten digit, as in a user's few-shot folder.
+- fewshot12  12 photographs, one class each; 16 train / 8 val / 20 test crops per class (192/96/240), 128 px RGB:
+             few images a class, but all of them crops of the same photograph.
 - digits100  scikit-learn digits 0-9 (8x8, 17 grey levels) upscaled bilinear to 32 px RGB; per class
              100 train / 30 val / 40 test (1000/300/400), seeded.
 - textures8  8 grey-level textures (colour removed, so colour is no cue), 40 train / 15 val / 25 test crops per
@@ -43,6 +46,7 @@ class CropSpec:
 FEWSHOT12 = CropSpec(size=128, grid=3, tiles=(5, 2, 2), crops=(16, 8, 20), side=(0.6, 1.0), grey=False, seed=12)
 TEXTURES8 = CropSpec(size=96, grid=4, tiles=(10, 3, 3), crops=(40, 15, 25), side=(0.4, 0.8), grey=True, seed=8)
 DIGITS100 = {"size": 32, "per_class": (100, 30, 40), "seed": 100}
+DIGITS15 = {"size": 32, "per_class": (15, 10, 40), "seed": 15}
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
@@ -144,6 +148,8 @@ def build_arrays(name: str) -> tuple[dict, dict]:
         return crop_folder(texture_sources(), TEXTURES8), asdict(TEXTURES8)
     if name == "digits100":
         return digits_folder(**DIGITS100), dict(DIGITS100)
+    if name == "digits15":
+        return digits_folder(**DIGITS15), dict(DIGITS15)
     raise ValueError(f"unknown folder {name!r}")
 
 

@@ -208,8 +208,9 @@ class TrainConfig:
                                       gt=0.0, max=1.0)
     early_stop_patience: Optional[int] = _opt(None, "end a stage after this many epochs without the selection "
                                                     "metric improving by more than --early-stop-min-delta", min=1)
-    early_stop_min_delta: float = _opt(0.0, "improvement of the selection top-1 (a fraction) that resets the "
-                                            "patience", min=0.0, applies={"early_stop_patience": ()})
+    early_stop_min_delta: float = _opt(0.0, "improvement of the selection metric that resets the patience, in its "
+                                            "units (top-1 as a fraction, or loss)", min=0.0,
+                                       applies={"early_stop_patience": ()})
     # --- speed and hardware -----------------------------------------------------------------
     batch_size: int = _opt(32, "batch size per device", min=1)
     workers: Optional[int] = _opt(None, "DataLoader workers (default: min(8, cpu count))", min=0)
@@ -223,6 +224,10 @@ class TrainConfig:
     deterministic: bool = _opt(False, "deterministic algorithms (slower; exact resume on CPU)")
     leak_check: bool = _opt(True, "before training, count test and val images that are byte-identical copies of "
                                   "train images: one warning line, and report.json's leakage (--no-leak-check: off)")
+    select_metric: str = _opt("top1", "what picks the best epoch and drives early stopping: top1 (ties keep the "
+                                      "earlier epoch; timm's default) or loss (cross-entropy; fastai's and HF's "
+                                      "default; it still moves when top-1 ties on a small val split)",
+                              choices=["top1", "loss"])
     select_on: str = _opt("val", "split that picks the best epoch (with --protocol paper a recipe's paper_select_on "
                                  "decides)", choices=["val", "test"])
     limit_train_batches: Optional[int] = _opt(None, "stop each training epoch after this many batches (smoke tests)",

@@ -195,7 +195,8 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
     out["schedule"] = _schedule(cfg)
     if "best_epoch" in rep:
         on = rep.get("selected_on", "val")
-        out["best epoch"] = f"{rep['best_epoch']} (selected on {on} top-1" + (
+        by = "top-1" if rep.get("selected_by", "top1") == "top1" else "loss"
+        out["best epoch"] = f"{rep['best_epoch']} (selected on {on} {by}" + (
             ": the paper's protocol, test is not held out)" if on == "test" else ")")
     stopped = rep.get("stopped")
     if stopped:

@@ -54,6 +54,7 @@ from ..config import TrainConfig, resolve_config
 from ..errors import ConfigError, MissingDependency, NonFiniteLoss
 from ..evaluation.plots import figure_png
 from ..evaluation.tables import Table, page, png_img, table_html, to_csv, write_files
+from ..runs.checkpoint import load_checkpoint
 from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.filelock import exclusive
@@ -197,12 +198,13 @@ def trial_dir(out: Path, number: int) -> RunDir:
 
 
 def best_epoch(run: RunDir) -> tuple[int, float]:
-    """(epoch, val top-1) that train.run selects: the first epoch with the highest val top-1."""
-    rows = run.read_metrics()
-    if not rows:
+    """(epoch, val top-1) of the epoch train.run's CheckpointSaver selected, as best.pt records it: a trial
+    scores what `train --recipe` keeps, whatever --select-metric picks it."""
+    rows = {r["epoch"]: r for r in run.read_metrics()}
+    if not rows or not run.best.is_file():
         raise TuneError(f"{run.path} has no finished epoch")
-    best = max(rows, key=lambda r: r["val"]["top1"])
-    return best["epoch"], best["val"]["top1"]
+    epoch = int(load_checkpoint(run.best)["epoch"])
+    return epoch, rows[epoch]["val"]["top1"]
 
 
 def trial_fields(trial: "optuna.Trial", base: TrainConfig) -> dict:

@@ -13,12 +13,28 @@ import torch
 
 from ..runs.checkpoint import atomic_save, load_checkpoint, state_dict_cpu
 
+SELECT_METRICS = ("top1", "loss")
+
+
+def selection_score(metrics: dict, metric: str) -> float:
+    """The score that picks the best epoch and drives early stopping, higher is better: top-1, or the negated
+    cross-entropy for "loss" (which also moves when top-1 ties, as on a small val split at its ceiling)."""
+    if metric not in SELECT_METRICS:
+        raise ValueError(f"select metric {metric!r}: one of {', '.join(SELECT_METRICS)}")
+    return float(metrics["top1"]) if metric == "top1" else -float(metrics["loss"])
+
+
+def describe_score(score: float, metric: str) -> str:
+    """A score as the metric it came from (a loss score is the negated loss)."""
+    return f"top-1 {score:.4f}" if metric == "top1" else f"loss {-score:.4f}"
+
+
 
 class CheckpointSaver:
     """The one place that decides which weights are "best", and that writes best.pt, stage_best.pt and last.pt.
 
-    - Selection: an epoch is best when its score (top-1 on the selection split) beats every earlier epoch's;
-      ties keep the earlier epoch. The score is that of the weights evaluation ran on, which `eval_module`
+    - Selection: an epoch is best when its score (`selection_score` of the selection split: top-1 by default,
+      or the negated loss) beats every earlier epoch's; ties keep the earlier epoch. The score is that of the weights evaluation ran on, which `eval_module`
       chooses: the EMA weights when there is an EMA (they are what is evaluated, as in timm), else the raw ones.
       So best.pt holds exactly the weights whose score made them best.
     - stage_best.pt (multi-stage schedules) holds the raw weights of the stage's best epoch: the next stage
@@ -81,12 +97,13 @@ class CheckpointSaver:
 class EarlyStopping:
     """Ends a stage when the selection metric has not improved by more than `min_delta` for `patience` epochs
     (as fastai's EarlyStoppingCallback, per stage: a multi-stage schedule then starts its next stage from the
-    stage's best weights). It keeps its own state (the stage's best score, its epoch, the epochs since), saved
+    stage's best weights). `min_delta` is in the metric's units (a fraction of top-1, or loss). It keeps its own state (the stage's best score, its epoch, the epochs since), saved
     in last.pt through `state_dict`, so it survives a resume; every rank sees the same gathered metric, so every
     rank stops at the same epoch."""
 
     patience: Optional[int] = None
     min_delta: float = 0.0
+    metric: str = "top1"          # what the score is (selection_score), for the reason to stop
     best: float = float("-inf")
     best_epoch: int = 0           # 1-based; 0 = none yet in this stage
     bad: int = 0                  # epochs since the stage's best
@@ -108,5 +125,6 @@ class EarlyStopping:
         self.bad += 1
         if self.patience is None or self.bad < self.patience:
             return None
-        return (f"{split} top-1 did not improve by more than {self.min_delta:g} for {self.patience} epoch(s) "
-                f"(stage best {self.best:.4f} at epoch {self.best_epoch})")
+        what = "top-1" if self.metric == "top1" else "loss"
+        return (f"{split} {what} did not improve by more than {self.min_delta:g} for {self.patience} epoch(s) "
+                f"(stage best {describe_score(self.best, self.metric)} at epoch {self.best_epoch})")

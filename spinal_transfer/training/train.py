@@ -2,9 +2,9 @@
 epoch by epoch, select, test once.
 
 Stages follow the paper's scripts: each stage builds a fresh optimizer and scheduler and starts from the
-previous stage's best weights. The best epoch is chosen on `select_on` (val by default) by the
-CheckpointSaver; the test split is evaluated once, at the end, with the chosen weights. Epochs are numbered
-from 1 wherever a person reads them (log, metrics.jsonl, report.json, plots, model card).
+previous stage's best weights. The CheckpointSaver chooses the best epoch on `select_on` (val by default) by
+`select_metric` (top-1 by default); the test split is evaluated once, at the end, with the chosen weights.
+Epochs are numbered from 1 wherever a person reads them (log, metrics.jsonl, report.json, plots, model card).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ from .inputs import RunInputs, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
 from .optim import FreezePolicy, make_optimizer, make_scheduler
 from .preview import write_batch_preview
-from .selection import CheckpointSaver, EarlyStopping
+from .selection import CheckpointSaver, EarlyStopping, selection_score
 from .step import StepSettings, train_step
 
 log = logging.getLogger("spinal_transfer")
@@ -340,7 +340,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     s = Session(cfg, run, settings, model, ema, splits.classes, samples, loaders, sampler,
                 torch.amp.GradScaler(device.type, enabled=settings.dtype == torch.float16), skips, saver,
                 FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
-                EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta), Progress(),
+                EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, cfg.select_metric), Progress(),
                 control or StopControl([]), tracker, ckpt, leakage=leak)
     if ckpt is not None:
         _restore(s, ckpt)
@@ -641,9 +641,10 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
            "seconds": time.perf_counter() - t0}
     row.update({"val": summary(val_m)} if val_m else {})
     row.update({"test": summary(select_m)} if cfg.select_on == "test" else {})
-    stop = s.early.update(epoch, select_m["top1"], cfg.select_on)
+    score = selection_score(select_m, cfg.select_metric)
+    stop = s.early.update(epoch, score, cfg.select_on)
     if is_main():
-        best = s.saver.update(epoch, select_m["top1"], s.model, s.ema)
+        best = s.saver.update(epoch, score, s.model, s.ema)
         s.saver.save_last(s.model, s.ema, _train_state(s, opt))
         s.run.append_metrics(row)
         s.tracker.log_epoch(epoch, row)
@@ -804,7 +805,8 @@ def finish(s: Session) -> dict:
     s.skips.sync()
     skipped = s.skips.per_split(s.samples)
     stops = [{"stage": i + 1, **v} for i, v in sorted(s.progress.stopped.items())]
-    report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "protocol": s.cfg.protocol,
+    report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "selected_by": s.cfg.select_metric,
+              "protocol": s.cfg.protocol,
               "epochs_trained": s.progress.epoch, **({"early_stops": stops, "stopped": stops[-1]} if stops else {}),
               "val": val_m, "test": test_m, **extra, "classes": s.classes, "num_skipped_files": len(s.skips),
               "num_images": {n: len(v) - skipped[n] for n, v in s.samples.items()}, "num_skipped": skipped,
@@ -820,7 +822,7 @@ def finish(s: Session) -> dict:
         s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])
         s.tracker.close()
         log.info(_counts_line(report, s.run.skipped))
-        log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on}); test top1 {test_m['top1']:.4f}"
+        log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on} {s.cfg.select_metric}); test top1 {test_m['top1']:.4f}"
                  + (f" with TTA ({extra['test_without_tta']['top1']:.4f} without)" if s.cfg.tta else "") + ", "
                  f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}; see {s.run.report_html}")
     barrier()

@@ -1,13 +1,14 @@
-"""Best-epoch selection: the first of equal scores stays best, best.pt holds the weights that scored, and a saver
-rebuilt from its state_dict chooses as the uninterrupted one would."""
+"""Best-epoch selection: the first of equal scores stays best, best.pt holds the weights that scored, a saver
+rebuilt from its state_dict chooses as the uninterrupted one would, and --select-metric loss picks by val loss."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from spinal_transfer.runs.checkpoint import load_checkpoint
-from spinal_transfer.training.selection import CheckpointSaver
+from spinal_transfer.training.selection import SELECT_METRICS, CheckpointSaver, EarlyStopping, selection_score
 
 
 def _folder(tmp_path) -> SimpleNamespace:
@@ -52,3 +53,27 @@ def test_a_new_stage_has_its_own_best_and_the_ema_weights_are_the_ones_selected(
     assert load_checkpoint(run.stage_best)["epoch"] == 2                # ... but the new stage's
     assert torch.equal(saver.stage_start_weights()["weight"], torch.full((1, 2), 2.0))
     assert torch.equal(load_checkpoint(run.best)["model"]["weight"], torch.full((1, 2), -1.0))   # EMA of epoch 1
+
+
+def test_selection_by_loss_picks_the_lowest_loss_where_top1_ties(tmp_path):
+    # val top-1 ties at its ceiling from epoch 2; the loss goes on falling to epoch 4, then rises
+    metrics = [{"top1": 0.9, "loss": 0.50}, {"top1": 1.0, "loss": 0.30}, {"top1": 1.0, "loss": 0.20},
+               {"top1": 1.0, "loss": 0.10}, {"top1": 1.0, "loss": 0.15}]
+    picks = {}
+    for metric in SELECT_METRICS:
+        saver = CheckpointSaver(_folder(tmp_path / metric), {}, multi_stage=False)
+        for e, m in enumerate(metrics, 1):
+            saver.update(e, selection_score(m, metric), _model(e), None)
+        picks[metric] = load_checkpoint(tmp_path / metric / "best.pt")["epoch"]
+    assert picks == {"top1": 2, "loss": 4}
+    with pytest.raises(ValueError, match="top1, loss"):
+        selection_score(metrics[0], "f1")
+
+
+def test_early_stopping_on_loss_counts_min_delta_in_loss_units_and_says_so():
+    early = EarlyStopping(patience=2, min_delta=0.05, metric="loss")
+    losses = [1.0, 0.90, 0.87, 0.86]      # 0.90 beats 1.0 by 0.10; 0.87 and 0.86 beat 0.90 by less than 0.05
+    stops = [early.update(e, selection_score({"top1": 0.5, "loss": x}, "loss"), "val") for e, x in enumerate(losses, 1)]
+    assert stops[:3] == [None, None, None] and early.best_epoch == 2
+    assert stops[3] == ("val loss did not improve by more than 0.05 for 2 epoch(s) (stage best loss 0.9000 at "
+                        "epoch 2)")

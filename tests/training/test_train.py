@@ -212,6 +212,21 @@ def test_messy_folder_trains_and_lists_skipped_files(tmp_path):
         assert str(data / rel) in listed, rel
 
 
+def test_select_metric_keeps_the_epoch_it_names_and_tune_scores_that_epoch(digits_folder, tmp_path):
+    from spinal_transfer.experiments.tune import best_epoch
+    from spinal_transfer.runs.rundir import RunDir
+
+    for metric, score in [("top1", lambda r: r["val"]["top1"]), ("loss", lambda r: -r["val"]["loss"])]:
+        cfg = tiny_cfg(digits_folder, tmp_path / metric, epochs=5, limit_train_batches=2, select_metric=metric)
+        report = run(cfg)
+        rows = [json.loads(r) for r in (tmp_path / metric / "metrics.jsonl").read_text().splitlines()]
+        expected = max(rows, key=score)["epoch"]              # max keeps the first of ties, as the saver does
+        assert report["best_epoch"] == expected and report["selected_by"] == metric
+        assert load_checkpoint(tmp_path / metric / "checkpoints" / "best.pt")["epoch"] == expected
+        assert best_epoch(RunDir(cfg.out)) == (expected, rows[expected - 1]["val"]["top1"])
+    assert "selected on val loss" in (tmp_path / "loss" / "train.log").read_text()
+
+
 def test_class_weighted_loss_sampler_ema_and_accumulation_run(digits_folder, tmp_path):
     """The optional paths of the loop run end to end (their maths is the libraries')."""
     for i, extra in enumerate([dict(class_balance="loss", label_smoothing=0.1, accum_steps=2),
