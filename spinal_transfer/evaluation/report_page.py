@@ -28,6 +28,7 @@ from .. import __version__
 from ..config import TrainConfig
 from ..data.skiplog import SkipLog
 from ..runs.rundir import RunDir
+from ..training.selection import METRIC_NAMES
 from ..utils.atomic import atomic_write_text
 from .interpret import (
     ConfusedPair,
@@ -195,7 +196,7 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
     out["schedule"] = _schedule(cfg)
     if "best_epoch" in rep:
         on = rep.get("selected_on", "val")
-        by = "top-1" if rep.get("selected_by", "top1") == "top1" else "loss"
+        by = METRIC_NAMES[rep.get("selected_by", "top1")]
         out["best epoch"] = f"{rep['best_epoch']} (selected on {on} {by}" + (
             ": the paper's protocol, test is not held out)" if on == "test" else ")")
     stopped = rep.get("stopped")

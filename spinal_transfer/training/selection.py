@@ -13,7 +13,8 @@ import torch
 
 from ..runs.checkpoint import atomic_save, load_checkpoint, state_dict_cpu
 
-SELECT_METRICS = ("top1", "loss")
+METRIC_NAMES = {"top1": "top-1", "loss": "loss"}      # --select-metric: as a person reads it
+SELECT_METRICS = tuple(METRIC_NAMES)
 
 
 def selection_score(metrics: dict, metric: str) -> float:
@@ -26,17 +27,17 @@ def selection_score(metrics: dict, metric: str) -> float:
 
 def describe_score(score: float, metric: str) -> str:
     """A score as the metric it came from (a loss score is the negated loss)."""
-    return f"top-1 {score:.4f}" if metric == "top1" else f"loss {-score:.4f}"
-
+    return f"{METRIC_NAMES[metric]} {score if metric == 'top1' else -score:.4f}"
 
 
 class CheckpointSaver:
     """The one place that decides which weights are "best", and that writes best.pt, stage_best.pt and last.pt.
 
     - Selection: an epoch is best when its score (`selection_score` of the selection split: top-1 by default,
-      or the negated loss) beats every earlier epoch's; ties keep the earlier epoch. The score is that of the weights evaluation ran on, which `eval_module`
-      chooses: the EMA weights when there is an EMA (they are what is evaluated, as in timm), else the raw ones.
-      So best.pt holds exactly the weights whose score made them best.
+      or the negated loss) beats every earlier epoch's; ties keep the earlier epoch. The score is that of the
+      weights evaluation ran on, which `eval_module` chooses: the EMA weights when there is an EMA (they are what
+      is evaluated, as in timm), else the raw ones. So best.pt holds exactly the weights whose score made them
+      best.
     - stage_best.pt (multi-stage schedules) holds the raw weights of the stage's best epoch: the next stage
       starts from them, as in the paper's scripts (training continues from raw weights, not the EMA).
     - last.pt holds everything needed to continue: raw and EMA weights, optimizer, scheduler, scaler, RNG
@@ -97,9 +98,9 @@ class CheckpointSaver:
 class EarlyStopping:
     """Ends a stage when the selection metric has not improved by more than `min_delta` for `patience` epochs
     (as fastai's EarlyStoppingCallback, per stage: a multi-stage schedule then starts its next stage from the
-    stage's best weights). `min_delta` is in the metric's units (a fraction of top-1, or loss). It keeps its own state (the stage's best score, its epoch, the epochs since), saved
-    in last.pt through `state_dict`, so it survives a resume; every rank sees the same gathered metric, so every
-    rank stops at the same epoch."""
+    stage's best weights). `min_delta` is in the metric's units (a fraction of top-1, or loss). It keeps its own
+    state (the stage's best score, its epoch, the epochs since), saved in last.pt through `state_dict`, so it
+    survives a resume; every rank sees the same gathered metric, so every rank stops at the same epoch."""
 
     patience: Optional[int] = None
     min_delta: float = 0.0
@@ -125,6 +126,6 @@ class EarlyStopping:
         self.bad += 1
         if self.patience is None or self.bad < self.patience:
             return None
-        what = "top-1" if self.metric == "top1" else "loss"
-        return (f"{split} {what} did not improve by more than {self.min_delta:g} for {self.patience} epoch(s) "
-                f"(stage best {describe_score(self.best, self.metric)} at epoch {self.best_epoch})")
+        return (f"{split} {METRIC_NAMES[self.metric]} did not improve by more than {self.min_delta:g} for "
+                f"{self.patience} epoch(s) (stage best {describe_score(self.best, self.metric)} at epoch "
+                f"{self.best_epoch})")

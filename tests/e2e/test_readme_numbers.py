@@ -23,7 +23,7 @@ def _quoted(readme: str) -> list[tuple[str, str]]:
     out = []
     in_defaults = False                      # the table of bench_defaults' results ("Your own folder")
     for line in readme.splitlines():
-        if line.startswith("| setting | fewshot12 |"):
+        if line.startswith("| setting |") and "fewshot12" in line:
             in_defaults = True
             continue
         in_defaults = in_defaults and line.startswith("|")

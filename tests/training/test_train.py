@@ -225,6 +225,7 @@ def test_select_metric_keeps_the_epoch_it_names_and_tune_scores_that_epoch(digit
         assert load_checkpoint(tmp_path / metric / "checkpoints" / "best.pt")["epoch"] == expected
         assert best_epoch(RunDir(cfg.out)) == (expected, rows[expected - 1]["val"]["top1"])
     assert "selected on val loss" in (tmp_path / "loss" / "train.log").read_text()
+    assert "selected on val loss" in (tmp_path / "loss" / "report.html").read_text()
 
 
 def test_class_weighted_loss_sampler_ema_and_accumulation_run(digits_folder, tmp_path):
