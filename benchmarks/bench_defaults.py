@@ -281,13 +281,15 @@ def main() -> None:
               f"fine-tunes reused from {root / 'runs'} (finished earlier with the same whole configuration; their "
               f"seconds are from when they ran)", flush=True)
 
-    print("\nresults (test top-1, mean ± std over seeds; epochs: as trained, per folder in this order):")
-    print("| setting | " + " | ".join(folders) + " | epochs | s/run |")
-    print("|---|" + "---|" * (len(folders) + 2))
+    print("\nresults (test top-1, mean ± std over seeds; all folders: the mean of the folders' means; "
+          "epochs: as trained, per folder in this order):")
+    print("| setting | " + " | ".join(folders) + " | all folders | epochs | s/run |")
+    print("|---|" + "---|" * (len(folders) + 3))
     for n in names:
         ep = "/".join(str(e) for e in epochs[n][::seeds]) if epochs[n] else "-"
+        overall = statistics.mean(stats(results[n][f])[0] for f in folders)
         print(f"| {n} | " + " | ".join(fmt(results[n][f]) for f in folders)
-              + f" | {ep} | {statistics.mean(seconds[n]):.0f} |")
+              + f" | {overall:.3f} | {ep} | {statistics.mean(seconds[n]):.0f} |")
     if "defaults" in names and seeds > 1:
         print()
         for line in verdicts(results, folders):

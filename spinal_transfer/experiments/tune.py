@@ -574,7 +574,7 @@ def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, test
     summary = (f"Mode: {MODE_NAMES[study_mode(study)]}. Study {study.study_name!r} in {shown_storage(storage)}: "
                f"{len(study.trials)} trials (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
                + f"). Chosen trial {best.number}: val "
-               f"top-1 {100 * val['top1']:.2f}% (the selection score); test top-1 {100 * test['top1']:.2f}%, "
+               f"top-1 {100 * val['top1']:.2f}% (the trials' score); test top-1 {100 * test['top1']:.2f}%, "
                f"balanced accuracy {100 * test['balanced_accuracy']:.2f}%, macro F1 {100 * test['macro_f1']:.2f}%. "
                f"The test split was evaluated for {tested} trial(s) in all: the chosen one at the end of each tune "
                f"command. Against the untuned defaults: {verdict}.")
@@ -588,7 +588,7 @@ def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, test
     body = (f"<p>{e(summary)}</p>\n<h2>best configuration (best.yaml)</h2>\n"
             f"<pre>{e(recipe_text(study, best, report))}</pre>\n<h2>plots</h2>\n{figures}\n"
             f"<h2>search space</h2>\n{table_html(space)}\n<h2>trials</h2>\n{table_html(trials)}\n"
-            f"<p>Shaded: pruned, failed or unfinished trials. val_top1 is the selection score (best epoch on val); "
+            f"<p>Shaded: pruned, failed or unfinished trials. val_top1 is a trial's score: val top-1 of the epoch its run kept (best.pt); "
             f"a pruned trial's is its last reported value. The trial whose role is 'untuned defaults' trains the "
             f"options as given and train's defaults for the rest; a parameter left to train's rules (e.g. the "
             f"spinal layer width from the class count) has no value in its row.</p>")
