@@ -38,6 +38,11 @@ RESUME_SAFE = ("epochs", "stages", "data", "workers", "log_interval", "limit_tra
                "leak_check")
 
 
+# Options whose default changed after runs were saved, with the value those runs trained with: a run saved
+# before (its config.yaml or checkpoint lacks the option) resumes, extends and is compared as it was trained.
+ADDED_SINCE = {"select_metric": "top1"}     # --select-metric (default loss) came after runs selected by top-1
+
+
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field that carries its CLI help text and its checks:
     choices; min/max (inclusive) or gt (exclusive) bounds; item (list element type) and length;
@@ -224,10 +229,10 @@ class TrainConfig:
     deterministic: bool = _opt(False, "deterministic algorithms (slower; exact resume on CPU)")
     leak_check: bool = _opt(True, "before training, count test and val images that are byte-identical copies of "
                                   "train images: one warning line, and report.json's leakage (--no-leak-check: off)")
-    select_metric: str = _opt("top1", "what picks the best epoch and drives early stopping: top1 (ties keep the "
-                                      "earlier epoch; timm's default) or loss (cross-entropy; fastai's and HF's "
-                                      "default; it still moves when top-1 ties on a small val split)",
-                              choices=["top1", "loss"])
+    select_metric: str = _opt("loss", "what picks the best epoch and drives early stopping: loss (val "
+                                      "cross-entropy; fastai's and HF's default; it still moves when top-1 ties on "
+                                      "a small val split) or top1 (ties keep the earlier epoch; timm's default)",
+                              choices=["loss", "top1"])
     select_on: str = _opt("val", "split that picks the best epoch (with --protocol paper a recipe's paper_select_on "
                                  "decides)", choices=["val", "test"])
     limit_train_batches: Optional[int] = _opt(None, "stop each training epoch after this many batches (smoke tests)",
@@ -288,10 +293,13 @@ class TrainConfig:
         return yaml.safe_dump(d, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """Checked: every key known, every value of its type and range (ConfigError naming the key)."""
+    def from_dict(cls, d: dict, saved: bool = False) -> "TrainConfig":
+        """Checked: every key known, every value of its type and range (ConfigError naming the key). `saved`: the
+        config of an existing run (config.yaml, a checkpoint), which may predate options (ADDED_SINCE): those
+        take the value that trains as that run did, not today's default."""
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a mapping of option: value, got {type(d).__name__}")
+        d = {**ADDED_SINCE, **d} if saved else d
         unknown = sorted(set(d) - set(CONFIG_FIELDS))
         if unknown:
             import difflib
@@ -305,7 +313,7 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "TrainConfig":
+    def from_yaml(cls, path: Union[str, Path], saved: bool = False) -> "TrainConfig":
         """A recipe file. An empty file is an error: it is almost always the wrong file, and the defaults are
         what no recipe gives anyway."""
         path = Path(path)
@@ -327,7 +335,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: a recipe must be a YAML mapping of option: value, not a {type(d).__name__}")
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(d, saved)
         except ConfigError as e:
             line = lines.get(e.key or "", lines.get((e.key or "").split("[")[0]))
             raise ConfigError(f"{path}{f':{line}' if line else ''}: {e}", key=e.key) from None

@@ -106,7 +106,7 @@ class RunDir:
     def read_config(self):
         if not self.config.is_file():
             raise RunFolderError(f"{self.path} is not a run folder (no {self.config.name})")
-        return TrainConfig.from_yaml(self.config)
+        return TrainConfig.from_yaml(self.config, saved=True)
 
     def read_json(self, path: Path) -> Any:
         try:

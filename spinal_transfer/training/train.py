@@ -71,7 +71,7 @@ from .inputs import RunInputs, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
 from .optim import FreezePolicy, make_optimizer, make_scheduler
 from .preview import write_batch_preview
-from .selection import CheckpointSaver, EarlyStopping, selection_score
+from .selection import METRIC_NAMES, CheckpointSaver, EarlyStopping, selection_score
 from .step import StepSettings, train_step
 
 log = logging.getLogger("spinal_transfer")
@@ -185,7 +185,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
     with _exclusive(run_dir):
         ckpt = _open(run_dir, resume is not None, overwrite)
         if ckpt is not None:           # its own config, with the changes a resumed run may take
-            cfg = resume_config(TrainConfig.from_dict(ckpt["config"]), cfg, ckpt["progress"]["epoch"])
+            cfg = resume_config(TrainConfig.from_dict(ckpt["config"], saved=True), cfg,
+                                ckpt["progress"]["epoch"])
             if run_dir.is_finished() and Progress.from_checkpoint(ckpt).locate(cfg.resolved_stages())[0] == \
                     len(cfg.resolved_stages()):
                 log.info(f"{run_dir.path} is finished ({ckpt['progress']['epoch']} epochs); nothing to add. To "
@@ -822,7 +823,8 @@ def finish(s: Session) -> dict:
         s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])
         s.tracker.close()
         log.info(_counts_line(report, s.run.skipped))
-        log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on} {s.cfg.select_metric}); test top1 {test_m['top1']:.4f}"
+        log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on} {METRIC_NAMES[s.cfg.select_metric]}); "
+                 f"test top1 {test_m['top1']:.4f}"
                  + (f" with TTA ({extra['test_without_tta']['top1']:.4f} without)" if s.cfg.tta else "") + ", "
                  f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}; see {s.run.report_html}")
     barrier()

@@ -190,7 +190,7 @@ def test_report_html_is_self_contained_and_complete(run_dir):
     assert [f1[n] for n in names] == sorted(f1.values())
     # the settings that matter and the skipped files
     for text in ("timm/test_resnet", "spinal", "2 stages: 2 epochs at 0.05, 1 epoch at 0.005",
-                 f"{report['best_epoch']} (selected on val top-1)", "train 1,078"):
+                 f"{report['best_epoch']} (selected on val loss)", "train 1,078"):
         assert text in html, text
     assert re.search(r"frozen for the first 1 epoch\b", html)         # singular: "1 epochs" is a bug
     for path, reason in SkipLog(run_dir / "skipped_files.txt").entries.items():

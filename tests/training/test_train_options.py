@@ -100,3 +100,30 @@ def test_without_epochs_a_small_folder_trains_until_min_steps_and_a_resume_keeps
     assert epochs_trained(tmp_path / "fixed") == [1, 2]                             # --epochs is what it says
     big = TrainConfig(min_steps=300, steps_per_epoch=40)
     assert big.total_epochs() == DEFAULT_EPOCHS and TrainConfig(min_steps=300, steps_per_epoch=7).total_epochs() == 43
+
+
+def test_a_run_saved_before_select_metric_existed_resumes_selecting_by_top1(three_digits, tmp_path):
+    """The default selection became val loss after runs were saved selecting by top-1 (config.ADDED_SINCE): such
+    a run, extended with --resume, keeps choosing as it began; a new run or recipe gets the new default."""
+    from spinal_transfer.cli import main as cli
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
+    from spinal_transfer.runs.rundir import RunDir
+
+    out = tmp_path / "run"
+    train.run(tiny_cfg(three_digits, out, epochs=2, limit_train_batches=1, select_metric="top1"))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["select_metric"]                          # as an earlier version wrote the run
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(out / "checkpoints" / name)
+        del ckpt["config"]["select_metric"]
+        atomic_save(ckpt, out / "checkpoints" / name)
+    assert RunDir(out).read_config().select_metric == "top1"
+    assert TrainConfig.from_dict(saved).select_metric == "loss" == TrainConfig().select_metric
+    assert cli(["train", "--resume", str(out), "--epochs", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert report["selected_by"] == "top1"
+    assert report["best_epoch"] == max(rows, key=lambda r: r["val"]["top1"])["epoch"]
