@@ -38,6 +38,9 @@ RESUME_SAFE = ("epochs", "stages", "data", "workers", "log_interval", "limit_tra
                "leak_check")
 
 
+# --select-metric: each metric as a person reads it (log, early-stop reason, report page)
+METRIC_NAMES = {"loss": "loss", "top1": "top-1"}
+
 # Options whose default changed after runs were saved, with the value those runs trained with: a run saved
 # before (its config.yaml or checkpoint lacks the option) resumes, extends and is compared as it was trained.
 ADDED_SINCE = {"select_metric": "top1"}     # --select-metric (default loss) came after runs selected by top-1
@@ -232,7 +235,7 @@ class TrainConfig:
     select_metric: str = _opt("loss", "what picks the best epoch and drives early stopping: loss (val "
                                       "cross-entropy; fastai's and HF's default; it still moves when top-1 ties on "
                                       "a small val split) or top1 (ties keep the earlier epoch; timm's default)",
-                              choices=["loss", "top1"])
+                              choices=list(METRIC_NAMES))
     select_on: str = _opt("val", "split that picks the best epoch (with --protocol paper a recipe's paper_select_on "
                                  "decides)", choices=["val", "test"])
     limit_train_batches: Optional[int] = _opt(None, "stop each training epoch after this many batches (smoke tests)",

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .. import __version__
-from ..config import TrainConfig
+from ..config import METRIC_NAMES, TrainConfig
 from ..data.skiplog import SkipLog
 from ..runs.rundir import RunDir
-from ..training.selection import METRIC_NAMES
 from ..utils.atomic import atomic_write_text
 from .interpret import (
     ConfusedPair,

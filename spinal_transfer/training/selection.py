@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import METRIC_NAMES
 from ..runs.checkpoint import atomic_save, load_checkpoint, state_dict_cpu
 
-METRIC_NAMES = {"top1": "top-1", "loss": "loss"}      # --select-metric: as a person reads it
 SELECT_METRICS = tuple(METRIC_NAMES)
 
 

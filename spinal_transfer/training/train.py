@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import DEFAULT_EPOCHS, Stage, TrainConfig, resume_config
+from ..config import DEFAULT_EPOCHS, METRIC_NAMES, Stage, TrainConfig, resume_config
 from ..data.augment import erase_probability
 from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
@@ -71,7 +71,7 @@ from .inputs import RunInputs, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
 from .optim import FreezePolicy, make_optimizer, make_scheduler
 from .preview import write_batch_preview
-from .selection import METRIC_NAMES, CheckpointSaver, EarlyStopping, selection_score
+from .selection import CheckpointSaver, EarlyStopping, selection_score
 from .step import StepSettings, train_step
 
 log = logging.getLogger("spinal_transfer")

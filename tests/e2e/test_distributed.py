@@ -235,7 +235,7 @@ def test_early_stopping_under_torchrun_stops_both_ranks_where_one_process_stops(
     """Each rank scores only its shard of val; the stop is decided on the gathered metric, so both ranks end
     the stage after the same epoch (a rank that trained on alone would wait in DDP's all-reduce until the
     timeout fails this test), and it is the epoch a single process with the global batch stops at."""
-    opts = {"epochs": 6, "early_stop_patience": 1, "early_stop_min_delta": 0.02}
+    opts = {"epochs": 6, "early_stop_patience": 1, "early_stop_min_delta": 0.02, "select_metric": "top1"}
     out = tmp_path / "two"
     _run(_torchrun(*cli_flags(data=data, out=out, batch_size=PER_DEVICE_BATCH, **{**SMALL, **opts})),
          tmp_path / "two.log", timeout=300)

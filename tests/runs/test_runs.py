@@ -125,7 +125,7 @@ def test_resume_with_more_epochs_extends_a_finished_run_and_reselects(finished, 
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     report = json.loads((copy / "report.json").read_text())
     assert report["epochs_trained"] == 3
-    assert report["best_epoch"] == max(rows, key=lambda r: r["val"]["top1"])["epoch"]
+    assert report["best_epoch"] == min(rows, key=lambda r: r["val"]["loss"])["epoch"]      # the default: val loss
     assert (copy / "report-epoch2.json").is_file()                     # the earlier report, kept aside
     assert load_checkpoint(copy / "checkpoints" / "last.pt")["progress"]["epoch"] == 3
     again = cli_run("train", "--resume", str(copy))

@@ -66,7 +66,7 @@ def test_selection_by_loss_picks_the_lowest_loss_where_top1_ties(tmp_path):
             saver.update(e, selection_score(m, metric), _model(e), None)
         picks[metric] = load_checkpoint(tmp_path / metric / "best.pt")["epoch"]
     assert picks == {"top1": 2, "loss": 4}
-    with pytest.raises(ValueError, match="top1, loss"):
+    with pytest.raises(ValueError, match="loss, top1"):
         selection_score(metrics[0], "f1")
 
 

@@ -50,7 +50,7 @@ def test_digits_end_to_end_reaches_90_percent(trained, digits_folder):
     assert rep["test"]["num_samples"] == sum(1 for _ in (digits_folder / "test").rglob("*.png"))
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))                      # numbered from 1
-    assert rep["best_epoch"] == max(rows, key=lambda r: r["val"]["top1"])["epoch"]     # chosen on val
+    assert rep["best_epoch"] == min(rows, key=lambda r: r["val"]["loss"])["epoch"]     # chosen on val loss
     assert f"best epoch {rep['best_epoch']} " in (out / "train.log").read_text()
     # the resolved config is complete and reloads into the same dataclass
     cfg = TrainConfig.from_yaml(out / "config.yaml")
@@ -380,7 +380,7 @@ def test_early_stopping_ends_the_stage_says_why_and_survives_resume(digits_folde
     # a frozen backbone (BatchNorm statistics fixed) and an lr that cannot move the head: no epoch improves on
     # the first, so patience 2 stops stage 1 after its epoch 3; stage 2 (2 epochs) is too short to stop
     cfg = tiny_cfg(digits_folder, tmp_path / "run", stages=[{"epochs": 6, "lr": 1e-12}, {"epochs": 2, "lr": 1e-12}],
-                   limit_train_batches=2, early_stop_patience=2, freeze_backbone=True)
+                   limit_train_batches=2, early_stop_patience=2, freeze_backbone=True, select_metric="top1")
     report = run(cfg)
     assert [(x["stage"], x["ran"], x["epoch"]) for x in report["early_stops"]] == [(1, 3, 3)]
     assert "did not improve by more than 0 for 2 epoch(s)" in report["stopped"]["reason"]
@@ -394,7 +394,7 @@ def test_early_stopping_ends_the_stage_says_why_and_survives_resume(digits_folde
     from conftest import cli_flags
 
     flags = cli_flags(**{**TINY, "data": digits_folder, "out": tmp_path / "again", "limit_train_batches": 2,
-                         "early_stop_patience": 2, "freeze_backbone": "true",
+                         "early_stop_patience": 2, "freeze_backbone": "true", "select_metric": "top1",
                          "stages": "[{epochs: 6, lr: 1.0e-12}, {epochs: 2, lr: 1.0e-12}]"})
     stopped = subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, "5", "TERM", "1", "-1", "train", *flags],
                              env=ENV, capture_output=True, text=True)
