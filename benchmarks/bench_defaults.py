@@ -2,7 +2,7 @@
 otherwise pick (a linear probe, timm-train.py-like and fastai-fine_tune-like settings) and one-change variants,
 on four real folders of different sizes and kinds, over 3 seeds.
 
-  python benchmarks/bench_defaults.py             # 4 folders x 12 fine-tunes x 3 seeds + probes, ~3 h on 2 cores
+  python benchmarks/bench_defaults.py             # 4 folders x 13 fine-tunes x 3 seeds + probes, ~3 h on 2 cores
   python benchmarks/bench_defaults.py --quick     # 1 seed, defaults + probe, 1 folder, 4 steps: a smoke run
   python benchmarks/bench_defaults.py --keep DIR  # keep folders and runs; a rerun with the same DIR reuses finished
                                                   # runs whose whole configuration (defaults included) is unchanged

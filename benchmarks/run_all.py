@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~4 h on 2 CPU cores (defaults ~2 h, predict ~70 min)
+  python benchmarks/run_all.py                 # all of them, ~5 h on 2 CPU cores (defaults ~3 h, predict ~70 min)
   python benchmarks/run_all.py --keep DIR      # the same, keeping bench_defaults' runs in DIR/defaults (reused)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
@@ -29,8 +29,8 @@ BENCHES = {   # short name: (script, what it measures)
     "compare": ("bench_compare.py", "frozen compare, 4 heads x 3 seeds: one shared feature cache vs a cache per run"),
     "bf16": ("bench_bf16_accuracy.py", "validation accuracy on the digits folder, fp32 vs bf16 autocast"),
     "channels_last": ("bench_channels_last.py", "fp32 training step per architecture, NCHW vs channels_last (its default)"),
-    "defaults": ("bench_defaults.py", "train's defaults on real ImageNet weights (EfficientNet-Lite0; a few-shot, a "
-                                      "100-a-class and a texture folder) vs a linear probe, timm-like and fastai-like "
+    "defaults": ("bench_defaults.py", "train's defaults on real ImageNet weights (EfficientNet-Lite0; two few-shot "
+                                      "folders, a 100-a-class and a texture folder) vs a linear probe, timm-like and fastai-like "
                                       "settings and one-change variants"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
     "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "

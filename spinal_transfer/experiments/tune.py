@@ -588,7 +588,8 @@ def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, test
     body = (f"<p>{e(summary)}</p>\n<h2>best configuration (best.yaml)</h2>\n"
             f"<pre>{e(recipe_text(study, best, report))}</pre>\n<h2>plots</h2>\n{figures}\n"
             f"<h2>search space</h2>\n{table_html(space)}\n<h2>trials</h2>\n{table_html(trials)}\n"
-            f"<p>Shaded: pruned, failed or unfinished trials. val_top1 is a trial's score: val top-1 of the epoch its run kept (best.pt); "
+            f"<p>Shaded: pruned, failed or unfinished trials. val_top1 is a trial's score: val top-1 of the epoch "
+            f"its run kept (best.pt); "
             f"a pruned trial's is its last reported value. The trial whose role is 'untuned defaults' trains the "
             f"options as given and train's defaults for the rest; a parameter left to train's rules (e.g. the "
             f"spinal layer width from the class count) has no value in its row.</p>")
