@@ -33,8 +33,8 @@ def describe_score(score: float, metric: str) -> str:
 class CheckpointSaver:
     """The one place that decides which weights are "best", and that writes best.pt, stage_best.pt and last.pt.
 
-    - Selection: an epoch is best when its score (`selection_score` of the selection split: top-1 by default,
-      or the negated loss) beats every earlier epoch's; ties keep the earlier epoch. The score is that of the
+    - Selection: an epoch is best when its score (`selection_score` of the selection split: the negated loss by
+      default, or top-1) beats every earlier epoch's; ties keep the earlier epoch. The score is that of the
       weights evaluation ran on, which `eval_module` chooses: the EMA weights when there is an EMA (they are what
       is evaluated, as in timm), else the raw ones. So best.pt holds exactly the weights whose score made them
       best.

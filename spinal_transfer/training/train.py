@@ -3,7 +3,7 @@ epoch by epoch, select, test once.
 
 Stages follow the paper's scripts: each stage builds a fresh optimizer and scheduler and starts from the
 previous stage's best weights. The CheckpointSaver chooses the best epoch on `select_on` (val by default) by
-`select_metric` (top-1 by default); the test split is evaluated once, at the end, with the chosen weights.
+`select_metric` (val loss by default); the test split is evaluated once, at the end, with the chosen weights.
 Epochs are numbered from 1 wherever a person reads them (log, metrics.jsonl, report.json, plots, model card).
 """
 from __future__ import annotations
