@@ -2,7 +2,7 @@
 otherwise pick (a linear probe, timm-train.py-like and fastai-fine_tune-like settings) and one-change variants,
 on four real folders of different sizes and kinds, over 3 seeds.
 
-  python benchmarks/bench_defaults.py             # 4 folders x 13 fine-tunes x 3 seeds + probes, ~3 h on 2 cores
+  python benchmarks/bench_defaults.py             # 4 folders x 15 fine-tunes x 3 seeds + probes, ~3.5 h on 2 cores
   python benchmarks/bench_defaults.py --quick     # 1 seed, defaults + probe, 1 folder, 4 steps: a smoke run
   python benchmarks/bench_defaults.py --keep DIR  # keep folders and runs; a rerun with the same DIR reuses finished
                                                   # runs whose whole configuration (defaults included) is unchanged
@@ -22,6 +22,8 @@ Settings:
   defaults           train as it ships
   one-change variants, each the defaults with one option changed:
     10 epochs          the length before the step rule (--epochs 10)
+    >= 600 steps       the step rule at twice the steps (--min-steps 600): the other side of the default 300
+    lr 2e-3            twice the default lr (--lr 2e-3): the other side of timm's 5e-4
     lr 5e-4            timm's fine-tuning lr (--lr 5e-4)
     EMA 0.99           an EMA of the weights is evaluated and kept (--ema-decay 0.99)
     5 frozen epochs    the head alone first (--freeze-epochs 5), the linear-probe-then-fine-tune idea
@@ -75,6 +77,8 @@ EARLIER = dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine"
 SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defaults (the anchors: all they set)
     "defaults": {},
     "10 epochs": dict(epochs=10),
+    ">= 600 steps": dict(min_steps=600),
+    "lr 2e-3": dict(lr=2e-3),
     "lr 5e-4": dict(lr=5e-4, random_erase=0.25),   # 0.25: what the default resolves to with randaugment, written
                                                    # out as when these runs were made (so --keep reuses them)
     "EMA 0.99": dict(ema_decay=0.99),

@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~5 h on 2 CPU cores (defaults ~3 h, predict ~70 min)
+  python benchmarks/run_all.py                 # all of them, ~5.5 h on 2 CPU cores (defaults ~3.5 h, predict ~70 min)
   python benchmarks/run_all.py --keep DIR      # the same, keeping bench_defaults' runs in DIR/defaults (reused)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
