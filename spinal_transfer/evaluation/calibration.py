@@ -144,14 +144,32 @@ class Calibration:
         return f"temperature {self.temperature:.3f} (fitted on val): " + "; ".join(parts)
 
 
+NO_VAL_NOTE = ("not calibrated: the run has no val split, and fitting the temperature on test would make test "
+               "no longer held out; probabilities are the plain softmax (T = 1)")
+
+
+def unfittable(logits: torch.Tensor, targets: torch.Tensor) -> Optional[str]:
+    """Why a temperature cannot be fitted on this split (a note for report.json and the log), or None. With no
+    misclassified image, every smaller T lowers the NLL: the fit only runs down to its bound and would make
+    every probability about 1 (a 14-image val split all right gave T = 0.12 and p = 1 - 1e-12); with no image
+    right, the same towards the uniform. Neither says how sure the model should be, so T stays 1."""
+    if not len(targets):
+        return NO_VAL_NOTE
+    right = int((logits.argmax(1).cpu() == targets.cpu()).sum())
+    if 0 < right < len(targets):
+        return None
+    which = "every one" if right else "none"
+    return (f"not calibrated: {which} of the {len(targets)} val images is classified correctly, so the "
+            f"temperature has no finite best value (the fit would only reach its bound); probabilities are the "
+            f"plain softmax (T = 1); the fit needs a val split with images both right and wrong: a bigger one "
+            f"(--val-fraction, or more images in val/)")
+
+
 def calibrate(val: tuple[torch.Tensor, torch.Tensor], others: Optional[Mapping[str, tuple]] = None) -> Calibration:
     """Fit T on val's (logits, targets) and measure it there and on each of `others` ({name: (logits,
-    targets)}, e.g. test; empty splits are left out)."""
+    targets)}, e.g. test; empty splits are left out). Check `unfittable` first."""
     t = fit_temperature(*val)
     splits = {"val": SplitCalibration(*val, t)}
     splits.update({name: SplitCalibration(z, y, t) for name, (z, y) in (others or {}).items() if len(y)})
     return Calibration(t, splits)
 
-
-NO_VAL_NOTE = ("not calibrated: the run has no val split, and fitting the temperature on test would make test "
-               "no longer held out; probabilities are the plain softmax (T = 1)")

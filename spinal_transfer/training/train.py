@@ -32,7 +32,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import SPLIT_NAMES, Splits, config_splits, load_recorded, record
 from ..data.transforms import DataConfig
 from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
-from ..evaluation.calibration import NO_VAL_NOTE, calibrate
+from ..evaluation.calibration import NO_VAL_NOTE, calibrate, unfittable
 from ..evaluation.evaluate import TTA, Outputs, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
 from ..evaluation.metrics import classification_metrics, summary
@@ -795,9 +795,9 @@ def finish(s: Session) -> dict:
     else:
         test_m, test_out = evaluate_split(s, "test", model)
         plain = test_out
-    calib = calibrate((val_out.logits, val_out.targets), {"test": (plain.logits, plain.targets)}) \
-        if val_out is not None and len(val_out) else None
-    extra["calibration"] = calib.to_dict() if calib else {"temperature": None, "note": NO_VAL_NOTE}
+    no_fit = unfittable(val_out.logits, val_out.targets) if val_out is not None else NO_VAL_NOTE
+    calib = None if no_fit else calibrate((val_out.logits, val_out.targets), {"test": (plain.logits, plain.targets)})
+    extra["calibration"] = calib.to_dict() if calib else {"temperature": None, "note": no_fit}
     if s.leakage is not None:
         extra["leakage"] = s.leakage
     if s.run.lr_find.is_file():
@@ -818,6 +818,8 @@ def finish(s: Session) -> dict:
             s.saver.record_temperature(calib.temperature)
             plot_calibration(calib, s.run.plot("calibration.png"))
             log.info(f"calibration: {calib.describe()}")
+        else:
+            log.info(f"calibration: {no_fit}")
         write_outputs(s.run, report, s.samples["test"], test_out)
         s.tracker.log_summary(report)
         s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])

