@@ -198,10 +198,12 @@ def _check_classes(classes: dict[str, list[str]]) -> None:
 # ------------------------------------------------------------------------------------------------
 # Generated splits
 
-def _holdout(samples: list[Sample], fraction: float, seed: int, name: str,
+def _holdout(samples: list[Sample], fraction: float, seed: int, name: str, classes: list[str],
              notes: list[str]) -> tuple[list[Sample], list[Sample]]:
     """Stratified (rest, held_out). Classes with a single image stay in rest (they cannot be split);
-    if the held-out set is too small to hold every class once, the split is made unstratified."""
+    if the held-out set is too small to hold every class once, the split is made unstratified. A class left
+    without a held-out image is named in `notes`: its metrics on that split are not measured, which a
+    macro average would otherwise hide."""
     from sklearn.model_selection import train_test_split
 
     if fraction <= 0 or not samples:
@@ -209,31 +211,37 @@ def _holdout(samples: list[Sample], fraction: float, seed: int, name: str,
     labels = np.array([y for _, y in samples])
     counts = np.bincount(labels)
     single = counts[labels] < 2
-    if single.any():
-        notes.append(f"{name}: {int(single.sum())} class(es) with a single image kept in train only")
     pool = [s for s, one in zip(samples, single) if not one]
     kept = [s for s, one in zip(samples, single) if one]
     if len(pool) < 2:
-        return samples, []
-    try:
-        rest, held = train_test_split(pool, test_size=fraction, random_state=seed, stratify=[y for _, y in pool])
-    except ValueError as e:  # e.g. fewer held-out slots than classes
-        notes.append(f"{name}: stratified split impossible ({e}); used a plain random split")
-        rest, held = train_test_split(pool, test_size=fraction, random_state=seed)
+        rest, held = pool, []
+    else:
+        try:
+            rest, held = train_test_split(pool, test_size=fraction, random_state=seed,
+                                          stratify=[y for _, y in pool])
+        except ValueError as e:  # e.g. fewer held-out slots than classes
+            notes.append(f"{name}: stratified split impossible ({e}); used a plain random split")
+            rest, held = train_test_split(pool, test_size=fraction, random_state=seed)
+    absent = sorted(set(labels.tolist()) - {y for _, y in held})
+    if absent:
+        shown = ", ".join(f"{classes[y]} ({counts[y]} image{'s' if counts[y] > 1 else ''})" for y in absent[:5])
+        notes.append(f"{name}: {len(absent)} class(es) have no {name} image (too few images to hold one out): "
+                     f"{shown}{', ...' if len(absent) > 5 else ''}; their {name} metrics are not measured (add "
+                     f"images, or give the folder a {name}/ split)")
     return sorted(kept + rest), sorted(held)
 
 
 def _generate(splits: dict[str, list[Sample]], source: dict, val_fraction: float, test_fraction: float,
-              seed: int, notes: list[str]) -> None:
+              seed: int, classes: list[str], notes: list[str]) -> None:
     """Fill missing val/test from train, in place. Fractions are of the images in train/ (when both
     are missing, test is taken first and val's fraction is rescaled so both are of that total)."""
     total = len(splits["train"])
     if "test" not in splits:
-        splits["train"], splits["test"] = _holdout(splits["train"], test_fraction, seed, "test", notes)
+        splits["train"], splits["test"] = _holdout(splits["train"], test_fraction, seed, "test", classes, notes)
         source["test"] = {"kind": "generated", "from": "train", "fraction": test_fraction, "seed": seed}
     if "val" not in splits:
         frac = val_fraction * total / max(len(splits["train"]), 1)
-        splits["train"], splits["val"] = _holdout(splits["train"], frac, seed, "val", notes)
+        splits["train"], splits["val"] = _holdout(splits["train"], frac, seed, "val", classes, notes)
         source["val"] = {"kind": "generated", "from": "train", "fraction": val_fraction, "seed": seed}
 
 
@@ -270,7 +278,7 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
     splits = {s: [(p, i) for i, c in enumerate(cls) for p in images[s][c]] for s in images}
     source: dict = {s: {"kind": "folder", "path": str(d)} for s, d in dirs.items()}
     if carve and not {"val", "test"} <= splits.keys():
-        _generate(splits, source, val_fraction, test_fraction, seed, notes)
+        _generate(splits, source, val_fraction, test_fraction, seed, cls, notes)
     for n in notes:
         log.warning(n)
     if skipped:

@@ -165,11 +165,17 @@ def unfittable(logits: torch.Tensor, targets: torch.Tensor) -> Optional[str]:
             f"(--val-fraction, or more images in val/)")
 
 
-def calibrate(val: tuple[torch.Tensor, torch.Tensor], others: Optional[Mapping[str, tuple]] = None) -> Calibration:
+def calibrate(val: tuple[torch.Tensor, torch.Tensor],
+              others: Optional[Mapping[str, tuple]] = None) -> tuple[Optional[Calibration], Optional[str]]:
     """Fit T on val's (logits, targets) and measure it there and on each of `others` ({name: (logits,
-    targets)}, e.g. test; empty splits are left out). Check `unfittable` first."""
+    targets)}, e.g. test; empty splits are left out): (calibration, None), or (None, why) where val has no
+    finite best T (`unfittable`). A fit that ends on a bound of T_BOUNDS is kept: a model far less sure of
+    itself than it should be (a frozen random backbone's small logits) is still better calibrated there."""
+    why = unfittable(*val)
+    if why:
+        return None, why
     t = fit_temperature(*val)
     splits = {"val": SplitCalibration(*val, t)}
     splits.update({name: SplitCalibration(z, y, t) for name, (z, y) in (others or {}).items() if len(y)})
-    return Calibration(t, splits)
+    return Calibration(t, splits), None
 

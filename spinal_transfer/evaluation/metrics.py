@@ -14,7 +14,10 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes:
     """Top-1/top-5, balanced accuracy, macro F1, per-class precision/recall and the confusion matrix.
 
     Fractions in [0, 1]. Labels are always range(len(classes)) so a class absent from this split
-    still has its row, and top-5 is capped at the number of classes.
+    still has its row, and top-5 is capped at the number of classes. Macro F1 and balanced accuracy average
+    over the classes the split has or the model predicts (scikit-learn's own default): a class with neither
+    (e.g. too few images to hold one out) has no F1, and counting it as 0 would lower the score of a split
+    that holds nothing of it.
     """
     labels = list(range(len(classes)))
     y = targets.cpu().numpy()
@@ -29,7 +32,8 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes:
         "top1": float(skm.accuracy_score(y, pred)),
         "top5": top5,
         "balanced_accuracy": float(_balanced_accuracy(y, pred)),
-        "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(skm.f1_score(y, pred, labels=sorted(set(y) | set(pred)) or labels, average="macro",
+                                       zero_division=0)),
         "loss": loss,
         "num_samples": int(len(y)),
         "per_class": {c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}

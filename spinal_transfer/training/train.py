@@ -32,7 +32,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import SPLIT_NAMES, Splits, config_splits, load_recorded, record
 from ..data.transforms import DataConfig
 from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
-from ..evaluation.calibration import NO_VAL_NOTE, calibrate, unfittable
+from ..evaluation.calibration import NO_VAL_NOTE, calibrate
 from ..evaluation.evaluate import TTA, Outputs, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
 from ..evaluation.metrics import classification_metrics, summary
@@ -420,13 +420,11 @@ def _check_splits_usable(splits: Splits, select_on: str) -> None:
     """Refuse, before the run folder is written, splits that leave nothing to choose the best epoch on or to
     test (e.g. one image per class: such classes stay in train, so val and test are empty)."""
     empty = [n for n in dict.fromkeys((select_on, "test")) if not splits.get(n)]
-    if empty:
-        why = "; ".join(n for n in splits.source.get("notes", []) if "single image" in n or "impossible" in n)
+    if empty:      # the warnings just above (splits.scan's notes) name the classes too small to hold one out
         raise DataError(f"{splits.root}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
-                        f"(train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images"
-                        + (f"; {why}" if why else "") + "): the best epoch is chosen on " + select_on + " and the "
-                        "model is tested on test; add images (at least 3 per class to carve both), or give val/ and "
-                        "test/ folders")
+                        f"(train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images): the "
+                        f"best epoch is chosen on {select_on} and the model is tested on test; add images (at least 3 "
+                        f"per class to carve both), or give val/ and test/ folders")
 
 
 def _place(model: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool) -> nn.Module:
@@ -795,8 +793,8 @@ def finish(s: Session) -> dict:
     else:
         test_m, test_out = evaluate_split(s, "test", model)
         plain = test_out
-    no_fit = unfittable(val_out.logits, val_out.targets) if val_out is not None else NO_VAL_NOTE
-    calib = None if no_fit else calibrate((val_out.logits, val_out.targets), {"test": (plain.logits, plain.targets)})
+    calib, no_fit = calibrate((val_out.logits, val_out.targets), {"test": (plain.logits, plain.targets)}) \
+        if val_out is not None else (None, NO_VAL_NOTE)
     extra["calibration"] = calib.to_dict() if calib else {"temperature": None, "note": no_fit}
     if s.leakage is not None:
         extra["leakage"] = s.leakage

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -111,7 +112,12 @@ def test_tiny_classes_do_not_crash_the_split(tmp_path):
     assert sorted(p for p, _ in s.train + s.val + s.test) == sorted(str(p) for p in (tmp_path / "d").rglob("*.png"))
     single = s.classes.index("single")
     assert [y for _, y in s.train].count(single) == 1
-    assert any("single image" in n for n in s.source["notes"])
+    for split in ("val", "test"):       # every class a held-out split lacks is named in one note for that split
+        absent = sorted(set(s.classes) - {s.classes[y] for _, y in s.get(split)})
+        notes = [n for n in s.source["notes"] if n.startswith(f"{split}: ")]
+        assert "single" in absent and len(notes) == 1
+        named = re.findall(r"(\w+) \(\d+ images?\)", notes[0])
+        assert named == absent and f"{len(absent)} class(es) have no {split} image" in notes[0]
 
 
 def test_class_mismatch_names_missing_and_extra(tmp_path):

@@ -79,5 +79,6 @@ def test_one_image_per_class_is_refused_in_one_line_before_anything_is_written(t
         (tmp_path / "data" / c).mkdir(parents=True)
         Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(tmp_path / "data" / c / "0.png")
     res = _train(tmp_path, tmp_path / "data", tmp_path / "run")
-    _refused(res, "the val and test splits are empty", "train 2, val 0, test 0", "single image")
+    _refused(res, "the val and test splits are empty", "train 2, val 0, test 0")
+    assert "2 class(es) have no test image (too few images to hold one out): cat (1 image), dog (1 image)" in res.stderr
     assert res.returncode == 2 and not (tmp_path / "run").exists()

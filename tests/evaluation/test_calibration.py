@@ -64,7 +64,9 @@ def test_temperature_matches_scipy_and_lowers_nll_on_an_overconfident_model():
     assert t == pytest.approx(_scipy_temperature(z, y), abs=1e-3)
     assert t > 2                                        # it undoes most of the x5
     assert nll(z, y, t) < nll(z, y) - 0.5
-    cal = calibrate((z[:400], y[:400]), {"test": (z[400:], y[400:])}).to_dict()
+    fitted, why = calibrate((z[:400], y[:400]), {"test": (z[400:], y[400:])})
+    assert why is None
+    cal = fitted.to_dict()
     for split in ("val", "test"):                       # held-out test improves too: same model, same distribution
         d = cal[split]
         assert d["nll_after"] < d["nll_before"] and d["ece_after"] < d["ece_before"]
@@ -232,6 +234,7 @@ def test_a_split_all_right_or_all_wrong_has_no_temperature_to_fit():
     zw, yw = z[~right], y[~right]
     assert unfittable(zw, yw).startswith(f"not calibrated: none of the {len(yw)} val images")
     assert unfittable(z[:0], y[:0]) == NO_VAL_NOTE
+    assert calibrate((zr, yr)) == (None, note)
 
 
 def test_a_run_whose_val_is_all_right_keeps_the_plain_softmax(tmp_path: Path):

@@ -21,7 +21,9 @@ def test_metrics_match_a_hand_count():
     assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 3) / 2)        # classes present in the targets
     assert m["per_class"]["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
     assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)     # "c", never true nor predicted, has no F1
+    with_c = classification_metrics(LOGITS[:2], torch.tensor([0, 2]), ["a", "b", "c"])   # "c" true, never predicted
+    assert with_c["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)          # a: P 1/2 R 1 -> 2/3; c: 0; b absent
     by_hand = -sum(LOGITS[i, t] - math.log(sum(math.exp(v) for v in LOGITS[i].tolist()))
                    for i, t in enumerate(TARGETS.tolist())) / 6
     assert m["loss"] == pytest.approx(float(by_hand), rel=1e-6)
