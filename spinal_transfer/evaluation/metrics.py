@@ -14,10 +14,10 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes:
     """Top-1/top-5, balanced accuracy, macro F1, per-class precision/recall and the confusion matrix.
 
     Fractions in [0, 1]. Labels are always range(len(classes)) so a class absent from this split
-    still has its row, and top-5 is capped at the number of classes. Macro F1 and balanced accuracy average
-    over the classes the split has or the model predicts (scikit-learn's own default): a class with neither
-    (e.g. too few images to hold one out) has no F1, and counting it as 0 would lower the score of a split
-    that holds nothing of it.
+    still has its row, and top-5 is capped at the number of classes. Macro F1 averages over the classes the
+    split has or the model predicts (scikit-learn's own default; balanced accuracy over those the split has): a
+    class with neither (e.g. too few images to hold one out) has no F1, and counting it as 0 would lower the
+    score of a split that holds nothing of it.
     """
     labels = list(range(len(classes)))
     y = targets.cpu().numpy()
