@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..config import add_config_args, check_flags, given_flags
 from ..deploy.predict import RUNNERS, TOPK, predict, write_csv
@@ -36,7 +37,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="bundle folder, bundle .onnx file, run folder (best.pt) or checkpoint file")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--topk", type=int, default=TOPK, help=f"classes per image (default: {TOPK})")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv); an "
+                        "existing file is replaced, and its 'wrote' line says so")
     add_config_args(parser, only=SHARED, defaults={"workers": "as in training"})
     parser.add_argument("--runner", default="auto", choices=RUNNERS,
                         help="what runs the model: torch, onnx (the bundle's model.onnx), onnx-int8 (its "
@@ -65,11 +67,12 @@ def main(args: argparse.Namespace) -> int:
                     verify=not args.no_verify)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
+    replaced = Path(args.out).exists()          # said, never silent: it may hold another model's predictions
     skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)
     for path, reason in preds.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"wrote {len(preds.paths)} predictions to {args.out}; {len(preds.skipped)} file(s) skipped "
-          f"(listed in {skipped_path})", file=sys.stderr)
+    print(f"wrote {len(preds.paths)} predictions to {args.out}" + (" (replacing the file that was there)" if replaced
+          else "") + f"; {len(preds.skipped)} file(s) skipped (listed in {skipped_path})", file=sys.stderr)
     if args.min_confidence is not None:
         print(f"{int(preds.uncertain(args.min_confidence).sum())} of {len(preds.paths)} image(s) uncertain: top "
               f"probability below {args.min_confidence:g} (softmax(logits / T), T = {preds.temperature:.3f})",

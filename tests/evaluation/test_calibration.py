@@ -217,6 +217,11 @@ def test_min_confidence_counts_match_the_rows_written(bundle, images, tmp_path, 
     assert all(row["prediction"] == row["label_1"] for row in rows if row["prediction"] != "uncertain")
     said = re.search(r"(\d+) of (\d+) image\(s\) uncertain", r.stderr)
     assert said and (int(said[1]), int(said[2])) == (expected, len(images))
+    assert "replacing" not in r.stderr
+    again = cli_run("predict", bundle, images[0], "--runner", "torch", "--device", "cpu", "--workers", "0",
+                    "--out", out)
+    assert again.returncode == 0 and f"wrote 1 predictions to {out} (replacing the file that was there)" in again.stderr
+    assert len(list(csv.DictReader(out.open()))) == 1
     assert cli_run("predict", bundle, images[0], "--min-confidence", "1.5", "--out", out).returncode != 0
 
 
