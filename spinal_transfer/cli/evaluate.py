@@ -19,10 +19,12 @@ EXAMPLES = """\
   spinal-transfer evaluate runs/pets --tta                 # also with test-time augmentation (image + mirror)
   spinal-transfer evaluate runs/pets --tta --tta-crops 5   # ... and 4 corner + centre crops (12 views)
 Without --data the run's recorded split (RUN/splits.json) is used, so the numbers equal report.json's.
-Another --data folder is read as it is: its SPLIT/ folder, or all its images when it has no split
-folders (a split is never carved out of it). Which images were used is printed on stderr. With --tta
-the metrics are printed without and with TTA (mean softmax over the views); metrics_<split>.json
-holds the TTA ones, its "tta" entry the setting, and "without_tta" the plain summary.
+Another --data folder is read as it is: its SPLIT/ folder (no train/ needed), or all its images when it
+has no split folders (a split is never carved out of it). Its class folders are matched to the model's
+classes by name: any subset, in any order; one the model does not know is refused. Which images were
+used is printed on stderr. With --tta the metrics are printed without and with TTA (mean softmax over
+the views); metrics_<split>.json holds the TTA ones, its "tta" entry the setting, and "without_tta" the
+plain summary.
 The loss and the predictions' probabilities are calibrated: softmax(logits / T) with the temperature
 the run fitted on its val split (metrics "temperature"); --no-calibration gives the plain softmax, whose
 loss is report.json's. Accuracy metrics are the same either way."""

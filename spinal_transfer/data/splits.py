@@ -162,8 +162,9 @@ def _scan_split(folder: Path, notes: list[str], root: Path,
     return classes, images, skipped
 
 
-def _find_split_dirs(root: Path, notes: list[str]) -> dict[str, Path]:
-    """{"train": ROOT/train, ...} for the split folders present (aliases allowed, one per split)."""
+def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> dict[str, Path]:
+    """{"train": ROOT/train, ...} for the split folders present (aliases allowed, one per split). A folder to
+    train from needs train/; one only evaluated (`need_train=False`) may hold any of them, e.g. test/ alone."""
     names = set(_subdirs(root))
     found: dict[str, Path] = {}
     for split, aliases in SPLIT_ALIASES.items():
@@ -172,14 +173,15 @@ def _find_split_dirs(root: Path, notes: list[str]) -> dict[str, Path]:
             raise DataError(f"{root}: both {' and '.join(hits)} exist; keep one folder for the {split} split")
         if hits:
             found[split] = root / hits[0]
-    if found and "train" not in found:
+    if found and need_train and "train" not in found:
         raise DataError(f"{root}: found {', '.join(p.name + '/' for p in found.values())} but no train/ folder")
     if found:
         unused = sorted(names - {p.name for p in found.values()})
         if unused:
-            notes.append(f"{root} has folder(s) next to {found['train'].name}/ that are not read: "
+            beside = "/, ".join(p.name for p in found.values())
+            notes.append(f"{root} has folder(s) next to {beside}/ that are not read: "
                          f"{', '.join(u + '/' for u in unused[:10])}{' ...' if len(unused) > 10 else ''} "
-                         f"(with a train/ folder only train/, val/ and test/ are read)")
+                         f"(with split folders only train/, val/ and test/ are read)")
     return found
 
 
@@ -193,6 +195,48 @@ def _check_classes(classes: dict[str, list[str]]) -> None:
             problems.append(f"{split}: missing {missing or 'none'}, extra {extra or 'none'}")
     if problems:
         raise DataError("class folders differ between splits (compared with train): " + "; ".join(problems))
+
+
+def labelled_images(root: PathLike, split: str, classes: list[str],
+                    follow_links: bool = False) -> tuple[list[Sample], str]:
+    """The labelled images of a folder that is not a run's own, for scoring a model trained on `classes`
+    (`evaluate --data`): ROOT/SPLIT/<class>/ when ROOT has split folders (that one only: a test-only folder needs
+    no train/), else every image of ROOT/<class>/; a split is never carved out. Labels are the model's indices
+    of the class-folder names, so the folder may hold any subset of the model's classes, in any order (a folder
+    scanned on its own would number a subset 0..k-1: silently wrong labels). A folder name the model does not
+    know is refused: its images cannot be scored. Returns (samples, which images they are, in words)."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data folder")
+    notes: list[str] = []
+    dirs = _find_split_dirs(root, notes, need_train=False)
+    if dirs and split not in dirs:
+        raise DataError(f"{root} has no {split}/ folder (it has {', '.join(p.name + '/' for p in dirs.values())}); "
+                        f"choose --split among those")
+    folder = dirs.get(split, root)
+    names, images, skipped = _scan_split(folder, notes, root, follow_links)
+    unknown = [c for c in names if c not in classes]
+    if unknown:
+        raise DataError(f"{folder} has class folder(s) the model does not know: {', '.join(unknown[:10])}"
+                        f"{' ...' if len(unknown) > 10 else ''} (the model's classes: {', '.join(classes[:10])}"
+                        f"{' ...' if len(classes) > 10 else ''}); move them out to evaluate the rest")
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [(p, index[c]) for c in names for p in images[c]]
+    if not samples:
+        raise DataError(f"{folder}: no usable image in a class folder; expected {folder}/<class>/<image>"
+                        + (f" ({len(skipped)} file(s) skipped, e.g. {skipped[0][0]}: {skipped[0][1]})"
+                           if skipped else ""))
+    absent = [c for c in classes if not images.get(c)]
+    if absent:
+        notes.append(f"{len(absent)} of the model's {len(classes)} classes have no image in {folder}: "
+                     f"{', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''} (macro metrics average over "
+                     f"the classes present or predicted)")
+    for n in notes:
+        log.warning(n)
+    if skipped:
+        log.warning("%d file(s) under %s skipped, e.g. %s: %s", len(skipped), folder, *skipped[0])
+    return samples, (f"{split}/ of {root} ({len(samples)} images)" if dirs
+                     else f"all {len(samples)} images of {root} (it has no split folders)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,12 +290,11 @@ def _generate(splits: dict[str, list[Sample]], source: dict, val_fraction: float
 
 
 def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-         carve: bool = True, follow_links: bool = False) -> Splits:
+         follow_links: bool = False) -> Splits:
     """Labelled train/val/test lists of a data folder (see the module docstring for layouts and links).
 
-    `follow_links` also reads links in class folders that lead out of the data folder. `carve=False` leaves a
-    missing val/test split empty instead of carving it from train (evaluate on another folder must not invent a
-    test split)."""
+    `follow_links` also reads links in class folders that lead out of the data folder. (A folder only evaluated
+    is read by `labelled_images`, which never carves a split.)"""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder")
@@ -277,7 +320,7 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
     cls = classes["train"]
     splits = {s: [(p, i) for i, c in enumerate(cls) for p in images[s][c]] for s in images}
     source: dict = {s: {"kind": "folder", "path": str(d)} for s, d in dirs.items()}
-    if carve and not {"val", "test"} <= splits.keys():
+    if not {"val", "test"} <= splits.keys():
         _generate(splits, source, val_fraction, test_fraction, seed, cls, notes)
     for n in notes:
         log.warning(n)

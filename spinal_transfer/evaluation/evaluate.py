@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from ..data.loaders import ShardSampler, make_loader
 from ..data.skiplog import SkipLog
-from ..data.splits import config_splits, load_recorded, scan
+from ..data.splits import config_splits, labelled_images, load_recorded
 from ..data.transforms import build_transforms
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..models.restore import model_from_checkpoint
 from ..runs.rundir import RunDir, load_run_checkpoint
 from ..utils.distributed import gather_objects, is_main
@@ -202,8 +202,8 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     way. `metrics["temperature"]` records the T applied.
 
     Without `data` (or with the run's own data folder) the run's recorded split is used, so the numbers match
-    report.json exactly. Another folder is read as it is: its split folder when it has split folders, all its
-    images when it is a flat class-folder tree; a split is never carved out of another folder's images."""
+    report.json exactly. Another folder is read by `labelled_images`: its split folder, or all its images when
+    it is a flat class-folder tree (never a carved split), its class folders labelled by the model's classes."""
     ckpt = load_run_checkpoint(source)
     model, cfg, dc, classes = model_from_checkpoint(ckpt)
     samples, used = _eval_samples(Path(source), cfg, data, split, classes)
@@ -246,15 +246,4 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
         splits = config_splits(cfg)
         return splits.get(split), (f"the {split} split of {cfg.data} made again from the run's settings (no "
                                    f"splits.json beside the checkpoint): {len(splits.get(split))} images")
-    folder = data
-    splits = scan(folder, carve=False)
-    if splits.classes != classes:
-        raise DataError(f"{folder} has classes {splits.classes[:10]}{'...' if len(splits.classes) > 10 else ''}; the "
-                        f"model was trained on {classes[:10]}{'...' if len(classes) > 10 else ''}")
-    flat = splits.source["train"]["path"] == splits.root
-    if flat:
-        return splits.train, f"all {len(splits.train)} images of {folder} (it has no split folders)"
-    if not splits.get(split):
-        have = ", ".join(k + "/" for k in ("train", "val", "test") if k in splits.source)
-        raise DataError(f"{folder} has no {split}/ folder (it has {have}); choose --split among those")
-    return splits.get(split), f"{split}/ of {folder} ({len(splits.get(split))} images)"
+    return labelled_images(data, split, classes, cfg.follow_links)

@@ -108,6 +108,40 @@ def test_evaluate_on_another_folder_never_carves_a_split(finished, data, tmp_pat
     assert json.loads(res.stdout)["num_samples"] == n
 
 
+def test_evaluate_labels_another_folders_classes_by_name(finished, data, tmp_path, cli_run, caplog):
+    """A test-only folder holding a subset of the model's classes, listed in another order, is scored with the
+    model's own label of each class name (scanned alone, digit_2 would be label 1: silently wrong)."""
+    import csv
+
+    full = write_digits_folder(tmp_path / "full", digits=(0, 1, 2), splits=("test",))
+    sub = tmp_path / "sub" / "test"
+    for name in ("digit_2", "digit_0"):
+        shutil.copytree(full / "test" / name, sub / name)
+    runs = {}
+    for name, folder in (("full", full), ("sub", sub.parent)):
+        res = cli_run("evaluate", finished, "--data", folder, "--split", "test", "--out", tmp_path / f"eval_{name}")
+        assert res.returncode == 0, res.stderr[-2000:]
+        with open(tmp_path / f"eval_{name}" / "predictions_test.csv") as f:
+            runs[name] = {Path(r["path"]).relative_to(folder / "test").as_posix(): r for r in csv.DictReader(f)}
+        runs[name + "_stderr"] = res.stderr
+    assert f"test/ of {sub.parent}" in runs["sub_stderr"]
+    assert "1 of the model's 3 classes have no image" in caplog.text and ": digit_1 (" in caplog.text
+    sub_rows = runs["sub"]
+    assert len(sub_rows) == sum(1 for _ in sub.rglob("*.png")) > 0
+    classes = json.loads((finished / "classes.json").read_text())
+    classes = classes["classes"] if isinstance(classes, dict) else classes
+    for rel, row in sub_rows.items():
+        folder_name = rel.split("/")[0]
+        assert row["target_name"] == folder_name and classes[int(row["target"])] == folder_name
+        assert row["prediction"] == runs["full"][rel]["prediction"]      # the same image, the same model
+
+
+def test_evaluate_refuses_a_class_the_model_does_not_know(finished, tmp_path, cli_run):
+    other = write_digits_folder(tmp_path / "other", digits=(0, 7), splits=())
+    res = cli_run("evaluate", finished, "--data", other)
+    _one_line_error(res, 2, "class folder(s) the model does not know: digit_7", "digit_0, digit_1, digit_2")
+
+
 # --- configs validated up front, by key ----------------------------------------------------------
 
 @pytest.mark.parametrize("line, needles", [
