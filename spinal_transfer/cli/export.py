@@ -11,6 +11,7 @@ from ..deploy.export import (
     FORMAT_FILES,
     MAX_ACCURACY_DROP,
     QUANTIZE,
+    STANDALONE,
     WEIGHTS_FILE,
     export,
     format_check,
@@ -60,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {WEIGHTS_FILE}, {CONFIG_FILE}, {CARD_FILE}")
     for fmt, f in config["formats"].items():
         print(f"  {fmt}: {f['file']} ({format_check(f)})")
+    if "onnx" in config["formats"]:
+        print(f"  {STANDALONE.name}: predicts with the ONNX file without spinal-transfer (see {CARD_FILE})")
     int8 = config["formats"].get("onnx-int8")
     if int8 is not None:
         for warning in int8["warnings"]:

@@ -44,6 +44,7 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
 FORMAT_FILES = {"export": "model.pt2", "torchscript": "model.torchscript", "onnx": "model.onnx"}
 INT8_FILE = "model.int8.onnx"   # --quantize int8: onnxruntime static int8 of model.onnx (config["formats"]["onnx-int8"])
+STANDALONE = Path(__file__).with_name("predict_onnx.py")   # copied beside model.onnx: predicts without this package
 QUANTIZE = ("int8",)
 MAX_ACCURACY_DROP = 1.0         # top-1 points int8 may lose against fp32 ONNX before the export is refused
 ATOL = 1e-4                 # max abs logit difference an exported format may have from the eager model
@@ -386,6 +387,8 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
         config["formats"] = {}
         for fmt in formats:
             config["formats"][fmt] = _export_format(fmt, model, example, inputs, expected, stage, atol)
+        if "onnx" in formats:
+            shutil.copyfile(STANDALONE, stage / STANDALONE.name)
         if quantize == "int8":
             config["formats"]["onnx-int8"] = quantize_int8(source, ckpt, stage, max_accuracy_drop, force,
                                                            batch_size, workers, out)
@@ -459,6 +462,8 @@ _FILE_ROLES = {
     FORMAT_FILES["torchscript"]: "TorchScript (deprecated upstream, still widely served): `torch.jit.load(path)`",
     FORMAT_FILES["onnx"]: "ONNX, dynamic batch axis, input `input` -> output `logits`: onnxruntime",
     INT8_FILE: "int8 ONNX (static, QDQ) for CPUs, same inputs and outputs: onnxruntime",
+    STANDALONE.name: "predicts with the ONNX file(s) without spinal-transfer (numpy, OpenCV, Pillow, onnxruntime), "
+                     "preprocessing as spinal-transfer does",
 }
 
 
@@ -498,6 +503,11 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
           if "onnx" in config["formats"] else []),
         *(["spinal-transfer predict THIS_FOLDER images/ --runner onnx-int8 --out preds.csv   # int8, CPUs"]
           if "onnx-int8" in config["formats"] else []), "```", "",
+        *(["Without spinal-transfer (the same probabilities as `predict`):", "", "```bash",
+           "pip install numpy opencv-python-headless pillow onnxruntime",
+           f"python THIS_FOLDER/{STANDALONE.name} photo.jpg more/*.png --topk 3",
+           *([f"python THIS_FOLDER/{STANDALONE.name} photo.jpg --model {INT8_FILE}"]
+             if "onnx-int8" in config["formats"] else []), "```", ""] if "onnx" in config["formats"] else []),
         "## Input", "",
         f"RGB, {crop} ({inp['interpolation']} interpolation when upscaling, area when downscaling), "
         f"scale to [0, 1], normalize with mean {list(inp['mean'])} and std {list(inp['std'])}.", "",
@@ -539,6 +549,7 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
     ]
     checks = {f["file"]: format_check(f) for f in config["formats"].values()}
     for name, role in _FILE_ROLES.items():
-        if name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE) or name in checks:
+        if name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE) or name in checks or (
+                name == STANDALONE.name and "onnx" in config["formats"]):
             lines.append(f"| `{name}` | {role} | {checks.get(name, '')} |")
     return "\n".join(lines) + "\n"

@@ -263,7 +263,7 @@ def test_metadata_and_health(plain, bundle):
     config = json.loads((bundle / "config.json").read_text())
     assert meta["classes"] == config["classes"] and meta["input_size"] == config["input"]["img_size"] == 32
     assert meta["runner"] == "torch" and meta["max_batch"] == 32 and meta["max_wait_ms"] == 5
-    assert meta["digest_files"] == ["README.md", "config.json", "model.onnx", "model.safetensors"]
+    assert meta["digest_files"] == ["README.md", "config.json", "model.onnx", "model.safetensors", "predict_onnx.py"]
     assert meta["digest"] == digest_of(bundle_files(bundle)) and meta["digest"].startswith("sha256:")
     health = httpx.get(plain.url + "/healthz")
     assert health.status_code == 200 and health.json()["digest"] == meta["digest"]

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Classify images with this bundle's ONNX model, without spinal-transfer.
+
+    pip install numpy opencv-python-headless pillow onnxruntime
+    python predict_onnx.py photo.jpg more/*.png --topk 3
+    python predict_onnx.py photos/*.jpg --model model.int8.onnx --json
+
+It reads config.json beside it (classes in logit order, input size, mean, std, interpolation, the temperature)
+and preprocesses as spinal-transfer's evaluation pipeline does, step for step: the same decoding (OpenCV for
+plain JPEG and PNG, a large JPEG decoded at a reduced scale no smaller than the resize needs; Pillow for the rest,
+with EXIF orientation, 16-bit images to their high byte, transparency onto white), the same resize (area when
+downscaling), centre crop and normalization. The probabilities are those `spinal-transfer predict` gives for the
+same files (checked to 1e-5 by spinal-transfer's tests), calibrated as softmax(logits / T).
+
+spinal-transfer copies this file into every bundle it exports with --format onnx; it imports nothing of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps
+
+HERE = Path(__file__).resolve().parent
+INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+                 "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
+REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def _hw(size) -> tuple[int, int]:
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+
+def decode(path: Path, min_size: int) -> np.ndarray:
+    """HxWx3 uint8 RGB of an image file. A JPEG whose shorter side is at least twice `min_size` is decoded at
+    1/2, 1/4 or 1/8 scale (libjpeg's), never below `min_size`: spinal-transfer does the same."""
+    data = path.read_bytes()
+    im = Image.open(path)
+    plain = (im.mode in ("RGB", "L") and "transparency" not in im.info
+             and (im.format == "PNG" or (im.format == "JPEG" and data.endswith(b"\xff\xd9"))))
+    if plain:
+        flags = cv2.IMREAD_COLOR
+        if im.format == "JPEG":
+            flags = next((f for r, f in REDUCED if min(im.size) // r >= min_size), cv2.IMREAD_COLOR)
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)       # applies EXIF orientation
+        if bgr is not None:
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        high = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(high[:, :, None], 3, axis=2)
+    if "A" in im.mode or "a" in im.mode or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return np.array(im.convert("RGB"))
+
+
+def _resize(img: np.ndarray, h: int, w: int, interpolation: int, downscale: bool) -> np.ndarray:
+    if (h, w) == img.shape[:2]:
+        return img
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if downscale else interpolation)
+
+
+def preprocess(img: np.ndarray, inp: dict) -> np.ndarray:
+    """The model's 3xSxS float32 input: resize (the shorter side to resize_size, or to resize_size's HxW when it
+    is two numbers, or the whole image to SxS when eval_resize is not center_crop), centre crop SxS, normalize."""
+    size, interp = int(inp["img_size"]), INTERPOLATION[inp["interpolation"]]
+    h, w = _hw(inp["resize_size"])
+    if inp["eval_resize"] == "center_crop" and h != w:
+        img = _resize(img, h, w, interp, h < img.shape[0] or w < img.shape[1])
+    elif inp["eval_resize"] == "center_crop":
+        scale = h / min(img.shape[:2])
+        img = _resize(img, max(1, round(img.shape[0] * scale)), max(1, round(img.shape[1] * scale)), interp,
+                      scale < 1.0)
+    else:
+        img = _resize(img, size, size, interp, size < img.shape[0] or size < img.shape[1])
+    if inp["eval_resize"] == "center_crop":
+        top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        img = img[top:top + size, left:left + size]
+    mean, std = np.array(inp["mean"], np.float64), np.array(inp["std"], np.float64)
+    return ((img.astype(np.float64) / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1)
+
+
+def decode_size(inp: dict) -> int:
+    """The shorter side the first resize needs of the decoded image."""
+    h, w = _hw(inp["resize_size"])
+    return min(h, w) if inp["eval_resize"] == "center_crop" else int(inp["img_size"])
+
+
+def probabilities(session: ort.InferenceSession, batch: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) in float64, one row per image."""
+    z = session.run(None, {session.get_inputs()[0].name: batch})[0].astype(np.float64) / temperature
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="classify images with this bundle's ONNX model (top-k classes)")
+    ap.add_argument("images", nargs="+", type=Path)
+    ap.add_argument("--model", default="model.onnx", help="model.onnx (default) or model.int8.onnx, beside this file")
+    ap.add_argument("--topk", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--json", action="store_true", help="one JSON object: every image's probabilities")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    config = json.loads((HERE / "config.json").read_text())
+    inp, classes, temperature = config["input"], config["classes"], float(config.get("temperature") or 1.0)
+    session = ort.InferenceSession(str(HERE / args.model), providers=["CPUExecutionProvider"])
+    need, probs = decode_size(inp), []
+    for i in range(0, len(args.images), args.batch_size):
+        batch = np.stack([preprocess(decode(p, need), inp) for p in args.images[i:i + args.batch_size]])
+        probs.append(probabilities(session, batch, temperature))
+    p = np.concatenate(probs)
+    if args.json:
+        json.dump({"classes": classes, "temperature": temperature,
+                   "images": [str(f) for f in args.images], "probabilities": p.tolist()}, sys.stdout)
+        print()
+        return 0
+    k = min(args.topk, len(classes))
+    for f, row in zip(args.images, p):
+        top = np.argsort(-row, kind="stable")[:k]
+        print(f"{f}: " + ", ".join(f"{classes[j]} {row[j]:.4f}" for j in top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The bundle's predict_onnx.py: run without spinal-transfer importable, it gives `Predictor`'s probabilities for
+the same files (decoding paths of every kind: large JPEGs decoded at a reduced scale, greyscale, CMYK, EXIF
+rotation, alpha, palette transparency, 16-bit, WebP, an image smaller than the input), and its preprocessing
+equals the evaluation transform bit for bit under every eval resize mode."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, write_digits_folder
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+skd = pytest.importorskip("skimage.data")
+
+from spinal_transfer import Predictor                                       # noqa: E402
+from spinal_transfer.cli import main as cli                                 # noqa: E402
+from spinal_transfer.config import TrainConfig                              # noqa: E402
+from spinal_transfer.deploy import predict_onnx as standalone               # noqa: E402
+from spinal_transfer.deploy.export import STANDALONE, eval_transform        # noqa: E402
+from spinal_transfer.training.train import run                              # noqa: E402
+
+BLOCKED = ("import runpy, sys; sys.modules['spinal_transfer'] = None; sys.argv = sys.argv[1:]; "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")    # `import spinal_transfer` raises in there
+
+
+def _images(folder: Path) -> list[Path]:
+    """Real photographs written in the formats and modes a user's folder holds."""
+    folder.mkdir()
+    chelsea, coffee, camera = (Image.fromarray(a) for a in (skd.chelsea(), skd.coffee(), skd.camera()))
+    files = {"chelsea.jpg": (chelsea, {"quality": 90}), "coffee_grey.jpg": (coffee.convert("L"), {}),
+             "chelsea_cmyk.jpg": (chelsea.convert("CMYK"), {}), "small.png": (coffee.resize((30, 20)), {}),
+             "coffee.webp": (coffee, {"quality": 80}), "camera.png": (camera, {})}
+    exif = Image.Exif()
+    exif[0x0112] = 6                                         # orientation: rotate 90 degrees on display
+    files["rotated.jpg"] = (coffee, {"exif": exif.tobytes()})                 # OpenCV's path
+    files["rotated_cmyk.jpg"] = (chelsea.convert("CMYK"), {"exif": exif.tobytes()})    # Pillow's
+    rgba = chelsea.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(chelsea.size))
+    files["alpha.png"] = (rgba, {})
+    palette = coffee.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    files["palette.png"] = (palette, {"transparency": 0})
+    files["deep.png"] = (Image.fromarray(skd.camera().astype(np.uint16) * 257), {})          # 16-bit greyscale
+    for name, (im, kw) in files.items():
+        im.save(folder / name, **kw)
+    assert Image.open(folder / "deep.png").mode.startswith("I")
+    return sorted(folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("standalone")
+    data = write_digits_folder(root / "digits", digits=(0, 1, 2), size=16)
+    run(TrainConfig(**TINY, data=str(data), out=str(root / "run"), epochs=1))
+    assert cli(["export", str(root / "run"), "--out", str(root / "bundle"), "--format", "onnx"]) == 0
+    return root / "bundle"
+
+
+def test_predict_onnx_gives_predictors_probabilities_without_the_package(bundle, tmp_path):
+    files = _images(tmp_path / "photos")
+    config = json.loads((bundle / "config.json").read_text())
+    assert STANDALONE.name in config["files"] and STANDALONE.name in (bundle / "README.md").read_text()
+    res = subprocess.run([sys.executable, "-c", BLOCKED, str(bundle / STANDALONE.name), *map(str, files), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    theirs = np.array(out["probabilities"])
+    ours = Predictor(bundle, runner="onnx", device="cpu").probabilities([str(f) for f in files]).numpy()
+    assert out["classes"] == config["classes"] and theirs.shape == ours.shape == (len(files), len(config["classes"]))
+    assert np.abs(theirs - ours).max() < 1e-5
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+    top = subprocess.run([sys.executable, "-c", BLOCKED, str(bundle / STANDALONE.name), str(files[0]), "--topk", "2"],
+                         capture_output=True, text=True, timeout=300)
+    best = config["classes"][int(ours[0].argmax())]
+    assert top.returncode == 0 and top.stdout.startswith(f"{files[0]}: {best} {ours[0].max():.4f}, ")
+
+
+@pytest.mark.parametrize("eval_resize, resize_size", [("center_crop", 36), ("center_crop", [40, 34]),
+                                                      ("resize", 36)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_standalone_preprocessing_equals_the_eval_transform(eval_resize, resize_size, interpolation):
+    inp = {"img_size": 32, "resize_size": resize_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+           "interpolation": interpolation, "crop_pct": 0.9, "eval_resize": eval_resize}
+    ours = eval_transform({"input": inp})
+    assert standalone.decode_size(inp) == ours.decode_min_size
+    rng = np.random.default_rng(0)
+    for h, w in ((20, 30), (33, 32), (36, 36), (300, 451), (451, 300), (64, 200)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert np.array_equal(standalone.preprocess(img, inp), ours(img).numpy()), (h, w)
+
+
+def test_the_readmes_predict_onnx_lines_parse():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    lines = re.findall(r"^python \S+/predict_onnx\.py .*$", readme, re.M)
+    assert lines
+    for line in lines:
+        standalone.parser().parse_args(shlex.split(line.split("  #")[0])[2:])
