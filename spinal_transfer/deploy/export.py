@@ -479,6 +479,17 @@ def format_check(f: dict) -> str:
     return f"{f['method']}, max abs logit difference {f['max_abs_diff']:.2g}"
 
 
+def _resize_words(inp: dict) -> str:
+    """The evaluation resize and crop of a bundle's input config, in words (build_transforms' three cases)."""
+    size, resize = inp["img_size"], inp["resize_size"]
+    h, w = (resize, resize) if isinstance(resize, int) else resize
+    if inp["eval_resize"] != "center_crop":
+        return f"resize to {size}x{size}"
+    if h != w:
+        return f"resize to {h}x{w} (height x width), center-crop {size}"
+    return f"resize the shorter side to {h}, center-crop {size}"
+
+
 # long: the model card's template, read top to bottom as the card reads; parts of it would scatter the card
 def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional[dict], source: Path) -> str:
     """README.md of a bundle: what the model is, how it was trained, how well it did, how to use it."""
@@ -488,8 +499,7 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
     new_head = get_head(model)
     shape = new_head.extra_repr() if head["kind"] == "spinal" else repr(new_head).splitlines()[0]
     epoch = config["epoch"]
-    crop = (f"resize the shorter side to {inp['resize_size']}, center-crop {inp['img_size']}"
-            if inp["eval_resize"] == "center_crop" else f"resize to {inp['img_size']}x{inp['img_size']}")
+    crop = _resize_words(inp)
     stages = TrainConfig.from_dict(train_cfg).resolved_stages()
     schedule = ", then ".join(f"{s.epochs} epoch(s) at lr {s.lr:g}" for s in stages)
     lines = [

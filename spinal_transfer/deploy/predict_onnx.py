@@ -12,7 +12,9 @@ with EXIF orientation, 16-bit images to their high byte, transparency onto white
 downscaling), centre crop and normalization. The probabilities are those `spinal-transfer predict` gives for the
 same files (checked to 1e-5 by spinal-transfer's tests), calibrated as softmax(logits / T).
 
-spinal-transfer copies this file into every bundle it exports with --format onnx; it imports nothing of it.
+spinal-transfer copies this file into every bundle it exports with --format onnx; it imports nothing of it. The
+decoding and preprocessing repeat spinal_transfer/data/images.py and transforms.py on purpose (this file must run
+alone); tests/deploy/test_standalone.py holds the two equal.
 """
 from __future__ import annotations
 

@@ -102,3 +102,13 @@ def test_the_readmes_predict_onnx_lines_parse():
     assert lines
     for line in lines:
         standalone.parser().parse_args(shlex.split(line.split("  #")[0])[2:])
+
+
+@pytest.mark.parametrize("eval_resize, resize_size, words", [
+    ("center_crop", 36, "resize the shorter side to 36, center-crop 32"),
+    ("center_crop", [40, 34], "resize to 40x34 (height x width), center-crop 32"),   # SVHN's non-square resize
+    ("resize", 36, "resize to 32x32")])
+def test_the_model_card_says_the_resize_the_transform_does(eval_resize, resize_size, words):
+    from spinal_transfer.deploy.export import _resize_words
+
+    assert _resize_words({"img_size": 32, "resize_size": resize_size, "eval_resize": eval_resize}) == words
