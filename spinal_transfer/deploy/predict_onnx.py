@@ -19,6 +19,7 @@ alone); tests/deploy/test_standalone.py holds the two equal.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def decode(path: Path, min_size: int) -> np.ndarray:
     """HxWx3 uint8 RGB of an image file. A JPEG whose shorter side is at least twice `min_size` is decoded at
     1/2, 1/4 or 1/8 scale (libjpeg's), never below `min_size`: spinal-transfer does the same."""
     data = path.read_bytes()
-    im = Image.open(path)
+    im = Image.open(io.BytesIO(data))          # no file handle left open
     plain = (im.mode in ("RGB", "L") and "transparency" not in im.info
              and (im.format == "PNG" or (im.format == "JPEG" and data.endswith(b"\xff\xd9"))))
     if plain:
