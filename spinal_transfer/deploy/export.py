@@ -329,7 +329,7 @@ def _publish(stage: Path, out: Path) -> None:
     Ctrl-C held back until all are in place. Temp files are created owner-only; a bundle is meant to be shared,
     so it is made world-readable."""
     with _uninterrupted():
-        for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE):
+        for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE, STANDALONE.name):
             for f in out.glob(name + "*"):
                 f.unlink()
         for f in sorted(stage.iterdir()):

@@ -112,3 +112,11 @@ def test_the_model_card_says_the_resize_the_transform_does(eval_resize, resize_s
     from spinal_transfer.deploy.export import _resize_words
 
     assert _resize_words({"img_size": 32, "resize_size": resize_size, "eval_resize": eval_resize}) == words
+
+
+def test_a_later_export_without_onnx_removes_it(bundle, tmp_path):
+    out = tmp_path / "bundle"
+    assert cli(["export", str(bundle.parent / "run"), "--out", str(out), "--format", "onnx"]) == 0
+    assert (out / STANDALONE.name).is_file()
+    assert cli(["export", str(bundle.parent / "run"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
