@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~5.5 h on 2 CPU cores (defaults ~3.5 h, predict ~70 min)
+  python benchmarks/run_all.py                 # all of them, ~6 h on 2 CPU cores (defaults ~3.5 h, predict ~70 min)
   python benchmarks/run_all.py --keep DIR      # the same, keeping bench_defaults' runs in DIR/defaults (reused)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
@@ -32,6 +32,8 @@ BENCHES = {   # short name: (script, what it measures)
     "defaults": ("bench_defaults.py", "train's defaults on real ImageNet weights (EfficientNet-Lite0; two few-shot "
                                       "folders, a 100-a-class and a texture folder) vs a linear probe, timm-like and fastai-like "
                                       "settings and one-change variants"),
+    "lr_auto": ("bench_lr_auto.py", "train --lr auto (lr-find first, fastai's valley rule) vs the default lr on real "
+                                    "ImageNet weights, the four folders of bench_defaults"),
     "gpu": ("bench_gpu.py", "GPU training images/s and MFU, fp32 vs bf16 + channels_last (+ compile); CUDA only"),
     "predict": ("bench_predict.py", "prediction images/s per runner (eager, channels_last, compile, ONNX Runtime fp32 "
                                     "and int8) and their top-1: fine-tuned real EfficientNet-Lite0, a trained ResNet-18, CNN and ViT"),
