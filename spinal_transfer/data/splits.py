@@ -97,6 +97,11 @@ def walk_files(folder: Path, notes: Optional[list[str]] = None,
     return sorted(out)
 
 
+def _few(names: list[str], limit: int = 10) -> str:
+    """The first `limit` names, comma-separated, with " ..." when there are more: a message stays one line."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 def _subdirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not _hidden(p.name) and p.is_dir())
 
@@ -179,8 +184,7 @@ def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> d
         unused = sorted(names - {p.name for p in found.values()})
         if unused:
             beside = "/, ".join(p.name for p in found.values())
-            notes.append(f"{root} has folder(s) next to {beside}/ that are not read: "
-                         f"{', '.join(u + '/' for u in unused[:10])}{' ...' if len(unused) > 10 else ''} "
+            notes.append(f"{root} has folder(s) next to {beside}/ that are not read: {_few([u + '/' for u in unused])} "
                          f"(with split folders only train/, val/ and test/ are read)")
     return found
 
@@ -217,9 +221,8 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
     names, images, skipped = _scan_split(folder, notes, root, follow_links)
     unknown = [c for c in names if c not in classes]
     if unknown:
-        raise DataError(f"{folder} has class folder(s) the model does not know: {', '.join(unknown[:10])}"
-                        f"{' ...' if len(unknown) > 10 else ''} (the model's classes: {', '.join(classes[:10])}"
-                        f"{' ...' if len(classes) > 10 else ''}); move them out to evaluate the rest")
+        raise DataError(f"{folder} has class folder(s) the model does not know: {_few(unknown)} (the model's "
+                        f"classes: {_few(classes)}); move them out to evaluate the rest")
     index = {c: i for i, c in enumerate(classes)}
     samples = [(p, index[c]) for c in names for p in images[c]]
     if not samples:
@@ -229,8 +232,7 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
     absent = [c for c in classes if not images.get(c)]
     if absent:
         notes.append(f"{len(absent)} of the model's {len(classes)} classes have no image in {folder}: "
-                     f"{', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''} (macro metrics average over "
-                     f"the classes present or predicted)")
+                     f"{_few(absent)} (macro metrics average over the classes present or predicted)")
     for n in notes:
         log.warning(n)
     if skipped:
