@@ -10,7 +10,8 @@ and preprocesses as spinal-transfer's evaluation pipeline does, step for step: t
 plain JPEG and PNG, a large JPEG decoded at a reduced scale no smaller than the resize needs; Pillow for the rest,
 with EXIF orientation, 16-bit images to their high byte, transparency onto white), the same resize (area when
 downscaling), centre crop and normalization. The probabilities are those `spinal-transfer predict` gives for the
-same files (checked to 1e-5 by spinal-transfer's tests), calibrated as softmax(logits / T).
+same files (checked to 1e-5 by spinal-transfer's tests), calibrated as softmax(logits / T). A file that cannot be
+read is skipped and named on stderr (and under "skipped" with --json), as `predict` does.
 
 spinal-transfer copies this file into every bundle it exports with --format onnx; it imports nothing of it. The
 decoding and preprocessing repeat spinal_transfer/data/images.py and transforms.py on purpose (this file must run
@@ -27,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 HERE = Path(__file__).resolve().parent
 INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
@@ -43,7 +44,12 @@ def decode(path: Path, min_size: int) -> np.ndarray:
     """HxWx3 uint8 RGB of an image file. A JPEG whose shorter side is at least twice `min_size` is decoded at
     1/2, 1/4 or 1/8 scale (libjpeg's), never below `min_size`: spinal-transfer does the same."""
     data = path.read_bytes()
-    im = Image.open(io.BytesIO(data))          # no file handle left open
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))      # no file handle left open
+    except UnidentifiedImageError:
+        raise ValueError("not an image (unrecognised format)") from None
     plain = (im.mode in ("RGB", "L") and "transparency" not in im.info
              and (im.format == "PNG" or (im.format == "JPEG" and data.endswith(b"\xff\xd9"))))
     if plain:
@@ -117,18 +123,27 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((HERE / "config.json").read_text())
     inp, classes, temperature = config["input"], config["classes"], float(config.get("temperature") or 1.0)
     session = ort.InferenceSession(str(HERE / args.model), providers=["CPUExecutionProvider"])
-    need, probs = decode_size(inp), []
-    for i in range(0, len(args.images), args.batch_size):
-        batch = np.stack([preprocess(decode(p, need), inp) for p in args.images[i:i + args.batch_size]])
-        probs.append(probabilities(session, batch, temperature))
-    p = np.concatenate(probs)
+    need, read, skipped, probs = decode_size(inp), [], [], []
+    for i in range(0, len(args.images), args.batch_size):     # a batch at a time: memory stays one batch
+        batch = []
+        for f in args.images[i:i + args.batch_size]:       # an unreadable file is skipped and named, as in `predict`
+            try:
+                batch.append(preprocess(decode(f, need), inp))
+                read.append(f)
+            except (OSError, ValueError, SyntaxError, cv2.error) as e:   # missing, truncated, not an image, ...
+                why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"
+                skipped.append((str(f), why))
+                print(f"skipped {f}: {why}", file=sys.stderr)
+        if batch:
+            probs.append(probabilities(session, np.stack(batch), temperature))
+    p = np.concatenate(probs) if probs else np.zeros((0, len(classes)))
     if args.json:
-        json.dump({"classes": classes, "temperature": temperature,
-                   "images": [str(f) for f in args.images], "probabilities": p.tolist()}, sys.stdout)
+        json.dump({"classes": classes, "temperature": temperature, "images": [str(f) for f in read],
+                   "probabilities": p.tolist(), "skipped": skipped}, sys.stdout)
         print()
         return 0
     k = min(args.topk, len(classes))
-    for f, row in zip(args.images, p):
+    for f, row in zip(read, p):
         top = np.argsort(-row, kind="stable")[:k]
         print(f"{f}: " + ", ".join(f"{classes[j]} {row[j]:.4f}" for j in top))
     return 0

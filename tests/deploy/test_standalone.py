@@ -120,3 +120,20 @@ def test_a_later_export_without_onnx_removes_it(bundle, tmp_path):
     assert (out / STANDALONE.name).is_file()
     assert cli(["export", str(bundle.parent / "run"), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_predict_onnx_skips_and_names_unreadable_files(bundle, tmp_path):
+    good = tmp_path / "cat.png"
+    Image.fromarray(skd.chelsea()).save(good)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    args = [str(good), str(tmp_path / "notes.jpg"), str(tmp_path / "empty.png")]
+    res = subprocess.run([sys.executable, "-c", BLOCKED, str(bundle / STANDALONE.name), *args, "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert out["images"] == [str(good)]
+    assert out["skipped"] == [[args[1], "not an image (unrecognised format)"], [args[2], "empty file (0 bytes)"]]
+    assert f"skipped {args[1]}: not an image (unrecognised format)" in res.stderr
+    ours = Predictor(bundle, runner="onnx", device="cpu").probabilities([str(good)]).numpy()
+    assert np.abs(np.array(out["probabilities"]) - ours).max() < 1e-5
