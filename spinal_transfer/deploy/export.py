@@ -500,7 +500,7 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
     shape = new_head.extra_repr() if head["kind"] == "spinal" else repr(new_head).splitlines()[0]
     epoch = config["epoch"]
     crop = _resize_words(inp)
-    stages = TrainConfig.from_dict(train_cfg).resolved_stages()
+    stages = TrainConfig.from_dict(train_cfg, saved=True).resolved_stages()
     schedule = ", then ".join(f"{s.epochs} epoch(s) at lr {s.lr:g}" for s in stages)
     lines = [
         f"# {config['backbone']} with a {head['kind']} head, {len(classes)} classes", "",

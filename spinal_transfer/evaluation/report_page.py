@@ -108,7 +108,7 @@ def _schedule(cfg: Mapping) -> str:
         lr = ", ".join(f"{_n(s['epochs'], 'epoch')} at {s['lr']:g}" for s in stages)
         lr = f"{len(stages)} stages: {lr}"
     else:
-        epochs = cfg.get("epochs") or TrainConfig.from_dict(dict(cfg)).total_epochs()    # or by the data
+        epochs = cfg.get("epochs") or TrainConfig.from_dict(dict(cfg), saved=True).total_epochs()  # or by the data
         lr = f"{_n(epochs, 'epoch')} at lr {cfg.get('lr')}"
     sched = cfg.get("scheduler", "none")
     if sched == "step":

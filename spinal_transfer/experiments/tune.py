@@ -501,7 +501,7 @@ def test_once(run: RunDir, log: Callable[[str], Any]) -> dict:
 
 def recipe_text(study: "optuna.Study", best: Any, report: dict) -> str:
     """The chosen trial's config as a recipe `train --recipe` takes unchanged (no run folder in it)."""
-    cfg = TrainConfig.from_dict({**best.user_attrs["config"], "out": ""})
+    cfg = TrainConfig.from_dict({**best.user_attrs["config"], "out": ""}, saved=True)
     what = "the untuned defaults" if best.user_attrs.get(UNTUNED) else "the best on val"
     return (f"# trial {best.number} ({what}) of study {study.study_name!r}, mode {MODE_NAMES[study_mode(study)]}: "
             f"val top-1 {report['val']['top1']:.4f}, test top-1 {report['test']['top1']:.4f} (evaluated once)\n"

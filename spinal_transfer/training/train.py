@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import DEFAULT_EPOCHS, METRIC_NAMES, Stage, TrainConfig, resume_config
+from ..config import METRIC_NAMES, Stage, TrainConfig, resume_config
 from ..data.augment import erase_probability
 from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
@@ -367,8 +367,9 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
         cfg = dataclasses.replace(cfg, steps_per_epoch=steps_per_epoch)
         epochs = cfg.epochs_by_data()
         log.info(f"{epochs} epochs of {steps_per_epoch} optimizer steps" + (
-            f": raised from {DEFAULT_EPOCHS} to reach --min-steps {cfg.min_steps} on this folder (--epochs N: exactly N)"
-            if epochs > DEFAULT_EPOCHS else f" (--min-steps {cfg.min_steps} is reached; --epochs N: exactly N)"))
+            f": raised from --min-epochs {cfg.min_epochs} to reach --min-steps {cfg.min_steps} on this folder "
+            "(--epochs N: exactly N)" if epochs > cfg.min_epochs
+            else f" (--min-steps {cfg.min_steps} is reached; --epochs N: exactly N)"))
     return dataclasses.replace(
         cfg, out=out, layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
         mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,

@@ -81,15 +81,16 @@ def test_lr_auto_refuses_a_multi_stage_recipe():
 
 def test_without_epochs_a_small_folder_trains_until_min_steps_and_a_resume_keeps_that_length(three_digits,
                                                                                             tmp_path):
-    """Epochs follow the data: max(10, ceil(min_steps / steps per epoch)), steps counted as the run takes them
-    (here 1 batch an epoch); recorded in config.yaml, so a resume trains the same epochs. --epochs N: exactly N."""
-    from spinal_transfer.config import DEFAULT_EPOCHS, TrainConfig
+    """Epochs follow the data: max(min_epochs, ceil(min_steps / steps per epoch)), steps counted as the run takes
+    them (here 1 batch an epoch); recorded in config.yaml, so a resume trains the same epochs. --epochs N: exactly
+    N."""
+    from spinal_transfer.config import TrainConfig
 
     def epochs_trained(out):
         return [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()
                 if "epoch" in json.loads(ln)]
 
-    cfg = tiny_cfg(three_digits, tmp_path / "run", epochs=None, min_steps=13, limit_train_batches=1)
+    cfg = tiny_cfg(three_digits, tmp_path / "run", epochs=None, min_epochs=10, min_steps=13, limit_train_batches=1)
     report = train.run(cfg)
     assert epochs_trained(tmp_path / "run") == list(range(1, 14))                   # ceil(13 / 1) > 10
     recorded = TrainConfig.from_dict(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
@@ -99,7 +100,45 @@ def test_without_epochs_a_small_folder_trains_until_min_steps_and_a_resume_keeps
     train.run(tiny_cfg(three_digits, tmp_path / "fixed", epochs=2, min_steps=13, limit_train_batches=1))
     assert epochs_trained(tmp_path / "fixed") == [1, 2]                             # --epochs is what it says
     big = TrainConfig(min_steps=300, steps_per_epoch=40)
-    assert big.total_epochs() == DEFAULT_EPOCHS and TrainConfig(min_steps=300, steps_per_epoch=7).total_epochs() == 43
+    assert big.total_epochs() == TrainConfig().min_epochs == 20
+    assert TrainConfig(min_steps=300, steps_per_epoch=7).total_epochs() == 43
+
+
+def test_the_length_rule_trains_exactly_as_epochs_of_that_length(three_digits, tmp_path):
+    """A run without --epochs trains as `--epochs N` with the N its rule gives: bench_defaults shares one record
+    between settings that come to the same length (as_trained), e.g. --min-steps 600 and the defaults on digits100."""
+    common = dict(limit_train_batches=2, seed=1, scheduler="cosine", warmup_epochs=1.0)    # the schedule spans the run
+    ruled = train.run(tiny_cfg(three_digits, tmp_path / "ruled", epochs=None, min_epochs=3, min_steps=2, **common))
+    fixed = train.run(tiny_cfg(three_digits, tmp_path / "fixed", epochs=3, **common))
+    rows = {name: [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("ruled", "fixed")}
+    assert len(rows["ruled"]) == len(rows["fixed"]) >= 3 and len({r["lr"] for r in rows["ruled"] if "lr" in r}) == 3
+    for a, b in zip(rows["ruled"], rows["fixed"]):
+        assert (a.get("epoch"), a.get("train_loss"), a.get("val")) == (b.get("epoch"), b.get("train_loss"), b.get("val"))
+    assert ruled["test"] == fixed["test"]
+
+
+def test_a_run_saved_before_min_epochs_existed_keeps_its_ten_epoch_floor(three_digits, tmp_path):
+    """The floor of a run without --epochs was a fixed 10 before --min-epochs (now 20) existed (config.ADDED_SINCE):
+    such a run, resumed, is finished at its 10 epochs instead of being stretched to 20."""
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
+    from spinal_transfer.runs.rundir import RunDir
+
+    out = tmp_path / "run"
+    report = train.run(tiny_cfg(three_digits, out, epochs=None, min_epochs=10, min_steps=3, limit_train_batches=1))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["min_epochs"]                             # as an earlier version wrote the run
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(out / "checkpoints" / name)
+        del ckpt["config"]["min_epochs"]
+        atomic_save(ckpt, out / "checkpoints" / name)
+    assert RunDir(out).read_config().total_epochs() == 10
+    assert TrainConfig.from_dict(saved).total_epochs() == 20                 # a new run gets the new floor
+    assert train.run(resume=out) == report                                  # finished: nothing to add
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "epoch" in r] == list(range(1, 11))
 
 
 def test_a_run_saved_before_select_metric_existed_resumes_selecting_by_top1(three_digits, tmp_path):

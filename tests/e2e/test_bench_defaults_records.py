@@ -1,0 +1,47 @@
+"""bench_defaults shares one record between settings that train the same way, and only those: its key is the
+configuration as it trains on the folder (the length rule resolved to epochs), so --min-steps 600 and the defaults
+share digits100's 20 epochs while every setting that changes training keeps its own runs."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_defaults as bd  # noqa: E402
+from spinal_transfer.config import TrainConfig  # noqa: E402
+
+
+def key(n_train: int, **options) -> str:
+    return bd.run_key(bd.as_trained(TrainConfig(**options), n_train))
+
+
+def epochs(n_train: int, **options) -> int:
+    return bd.as_trained(TrainConfig(**options), n_train)["epochs"]
+
+
+def test_the_length_rule_resolves_to_trains_epochs():
+    d = TrainConfig()
+    for n in (40, 150, 192, 320, 1000, 5000):           # one partial batch, then full batches only (drop_last)
+        steps = n // d.batch_size if n >= 2 * d.batch_size else math.ceil(n / d.batch_size)
+        assert epochs(n) == max(d.min_epochs, math.ceil(d.min_steps / steps)), n
+    assert epochs(1000, epochs=7) == 7 and epochs(150, limit_train_batches=2) == 150     # 300 steps of 2 batches
+
+
+def test_settings_that_train_alike_share_a_key_and_the_others_do_not():
+    assert key(1000) == key(1000, min_steps=600)                        # 31 steps an epoch: 20 epochs both
+    assert key(1000, min_epochs=10) == key(1000, epochs=10)             # the old floor is --epochs 10 there
+    assert key(150) != key(150, min_steps=600)                          # 75 against 150 epochs
+    assert key(150) == key(150, min_epochs=10)                          # the floor does not bind on 150 images
+    assert key(1000) != key(1000, lr=2e-3) and key(1000, seed=1) != key(1000)
+    assert key(1000, randaugment_m=9) == key(1000, randaugment_m=9.0)   # 9 and 9.0 are one setting
+
+
+def test_every_named_setting_is_a_valid_config_and_the_variants_change_training():
+    base = key(150)
+    for name in bd.settings_to_run(list(bd.SETTINGS)):
+        cfg = TrainConfig(**bd.SETTINGS[name])
+        assert name == "defaults" or cfg != TrainConfig(), name
+        assert name == "defaults" or name == "10-epoch floor" or key(150, **bd.SETTINGS[name]) != base, name
