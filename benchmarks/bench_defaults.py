@@ -2,7 +2,7 @@
 otherwise pick (a linear probe, timm-train.py-like and fastai-fine_tune-like settings) and one-change variants,
 on four real folders of different sizes and kinds, over 3 seeds.
 
-  python benchmarks/bench_defaults.py             # 4 folders x 15 fine-tunes x 3 seeds + probes, ~3.5 h on 2 cores
+  python benchmarks/bench_defaults.py             # 4 folders x 16 settings x 3 seeds + probes, ~2.7 h on 2 cores
   python benchmarks/bench_defaults.py --quick     # 1 seed, defaults + probe, 1 folder, 4 steps: a smoke run
   python benchmarks/bench_defaults.py --keep DIR  # keep a small record of each finished fine-tune in DIR; a rerun
                                                   # with the same DIR reuses those whose whole configuration
@@ -116,12 +116,13 @@ def settings_to_run(names: list[str]) -> list[str]:
 def run_once(data: Path, records: Path, weights: str, options: dict, seed: int, limit: Optional[int] = None,
              img_size: int = IMG_SIZE) -> dict:
     """One run with train's defaults changed by `options`, in a temporary folder; returns its record (test top-1,
-    best epoch, epochs trained, lr as resolved (--lr auto), wall time, machine), which is also written to `records`/<digest of the whole
-    configuration and the intra-op threads>.json. A record of the same configuration on as many threads (a rerun
-    with --keep, or another setting that comes to the same options, e.g. a variant the defaults have since
-    adopted) is read back instead of running again. Threads are part of the identity because CPU kernels sum in
-    another order on another thread count: the same seed's top-1 moved by up to 2 points on fewshot12 between 1
-    and 2 threads. Folder and weights enter the key by name (the folders are rebuilt the same from their seeds)."""
+    best epoch, epochs trained, lr as resolved (--lr auto), wall time, machine), which is also written to
+    `records`/<digest of the configuration as trained (as_trained) and the intra-op threads>.json. A record of
+    the same configuration on as many threads (a rerun with --keep, or another setting that trains the same way,
+    e.g. a variant the defaults have since adopted) is read back instead of running again. Threads are part of
+    the identity because CPU kernels sum in another order on another thread count: the same seed's top-1 moved
+    by up to 2 points on fewshot12 between 1 and 2 threads. Folder and weights enter the key by name (the folders
+    are rebuilt the same from their seeds)."""
     import torch
 
     from _common import machine_info
@@ -141,7 +142,8 @@ def run_once(data: Path, records: Path, weights: str, options: dict, seed: int, 
         seconds = time.perf_counter() - t0
         ran = TrainConfig.from_dict(load_yaml((Path(tmp) / "run" / "config.yaml").read_text()))    # as resolved
     rec = {"config": key, "top1": report["test"]["top1"], "best_epoch": report["best_epoch"],
-           "epochs": ran.total_epochs(), "lr": ran.lr, "seconds": round(seconds, 1), "machine": machine_info(), "finished": time.strftime("%Y-%m-%d %H:%M")}
+           "epochs": ran.total_epochs(), "lr": ran.lr, "seconds": round(seconds, 1), "machine": machine_info(),
+           "finished": time.strftime("%Y-%m-%d %H:%M")}
     records.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(rec, indent=1) + "\n")
     return {**rec, "reused": False}
@@ -156,7 +158,8 @@ def as_trained(cfg, n_train: int) -> dict:
 
     d = dataclasses.asdict(cfg)
     if cfg.epochs is None and not cfg.stages:
-        batches = n_train // cfg.batch_size if train_drop_last(n_train, cfg.batch_size, 1) else -(-n_train // cfg.batch_size)
+        full = train_drop_last(n_train, cfg.batch_size, 1)
+        batches = n_train // cfg.batch_size if full else -(-n_train // cfg.batch_size)
         steps = max(1, min(batches, cfg.limit_train_batches or batches) // cfg.accum_steps)
         d["epochs"] = dataclasses.replace(cfg, steps_per_epoch=steps).total_epochs()
     del d["min_epochs"], d["min_steps"]           # the length is all they decide
@@ -300,7 +303,8 @@ def main() -> None:
              if args.jobs > 1 else f"; one fine-tune at a time on {torch.get_num_threads()} threads"))
     print(f"train's defaults: {d.optimizer} lr {d.lr:g}, wd {d.weight_decay:g}, {d.scheduler} + {d.warmup_epochs:g} "
           f"warm-up epoch(s), freeze_epochs {d.freeze_epochs}, backbone_lr_mult {d.backbone_lr_mult:g}, augment "
-          f"{d.augment}, head {d.head}, epochs {d.epochs or f'by the data (>= {d.min_epochs}, >= {d.min_steps} steps)'}, "
+          f"{d.augment}, head {d.head}, epochs "
+          f"{d.epochs or f'by the data (>= {d.min_epochs}, >= {d.min_steps} steps)'}, "
           f"batch {d.batch_size}", flush=True)
     logging.getLogger("spinal_transfer").setLevel(logging.WARNING)
 

@@ -1,7 +1,8 @@
 """Run the benchmarks and write benchmarks/RESULTS.md from what they print.
 
-  python benchmarks/run_all.py                 # all of them, ~6 h on 2 CPU cores (defaults ~3.5 h, predict ~70 min)
-  python benchmarks/run_all.py --keep DIR      # the same, keeping bench_defaults' runs in DIR/defaults (reused)
+  python benchmarks/run_all.py                 # all of them, ~5 h on 2 CPU cores (defaults ~2.7 h, predict ~70 min)
+  python benchmarks/run_all.py --keep benchmarks/records   # the same, reusing and adding to the committed records of
+                                                           # bench_defaults' fine-tunes (benchmarks/records/defaults)
   python benchmarks/run_all.py --only train    # rerun one (or several); the other sections are kept
   python benchmarks/run_all.py --quick         # every benchmark's --quick mode (a smoke run)
 
@@ -45,7 +46,7 @@ BENCHES = {   # short name: (script, what it measures)
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 
 
-KEEPS = ("defaults",)      # benchmarks whose finished runs a rerun can reuse (--keep DIR)
+KEEPS = ("defaults",)      # benchmarks whose finished runs a rerun can reuse (--keep DIR: their records)
 
 
 def run(name: str, quick: bool, keep: str | None = None) -> str:
@@ -65,8 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=list(BENCHES), help="run these; keep the other sections of RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (smoke run)")
-    ap.add_argument("--keep", metavar="DIR", help=f"keep the runs of {', '.join(KEEPS)} in DIR/<name>; a rerun reuses "
-                                                  "the finished ones whose configuration is unchanged")
+    ap.add_argument("--keep", metavar="DIR", help=f"keep records of the runs of {', '.join(KEEPS)} in DIR/<name>; a "
+                                                  "rerun reuses the finished ones whose configuration is unchanged")
     args = ap.parse_args()
     kept = _SECTION.finditer(RESULTS.read_text()) if RESULTS.exists() and args.only else ()
     sections = {m.group(1): m.group(0) for m in kept}
