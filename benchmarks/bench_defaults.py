@@ -145,7 +145,9 @@ def run_once(data: Path, records: Path, weights: str, options: dict, seed: int, 
            "epochs": ran.total_epochs(), "lr": ran.lr, "seconds": round(seconds, 1), "machine": machine_info(),
            "finished": time.strftime("%Y-%m-%d %H:%M")}
     records.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(rec, indent=1) + "\n")
+    partial = record.with_suffix(".partial")          # a record is whole or absent, even if the bench is killed
+    partial.write_text(json.dumps(rec, indent=1) + "\n")
+    partial.replace(record)
     return {**rec, "reused": False}
 
 
