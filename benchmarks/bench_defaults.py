@@ -153,16 +153,15 @@ def run_once(data: Path, records: Path, weights: str, options: dict, seed: int, 
 
 def as_trained(cfg, n_train: int) -> dict:
     """The configuration as it trains on a folder of `n_train` images: without --epochs, the epochs the length rule
-    gives it (train's steps per epoch: full batches once there are two, loaders.train_drop_last) in place of
+    gives it (train's own epoch_steps, with its drop_last rule, loaders.train_drop_last) in place of
     min_epochs and min_steps, so settings that train the same share one record (--min-steps 600 and the defaults
     both give digits100 20 epochs; tests/training/test_train_options.py checks the rule trains as --epochs does)."""
     from spinal_transfer.data.loaders import train_drop_last
+    from spinal_transfer.training.train import epoch_steps
 
     d = dataclasses.asdict(cfg)
     if cfg.epochs is None and not cfg.stages:
-        full = train_drop_last(n_train, cfg.batch_size, 1)
-        batches = n_train // cfg.batch_size if full else -(-n_train // cfg.batch_size)
-        steps = max(1, min(batches, cfg.limit_train_batches or batches) // cfg.accum_steps)
+        steps = epoch_steps(cfg, n_train, train_drop_last(n_train, cfg.batch_size, 1))
         d["epochs"] = dataclasses.replace(cfg, steps_per_epoch=steps).total_epochs()
     del d["min_epochs"], d["min_steps"]           # the length is all they decide
     return d

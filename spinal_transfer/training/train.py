@@ -328,8 +328,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         lr = _auto_lr(cfg, model, loaders["train"], dataclasses.replace(settings, criterion=hard, mixup=None), run,
                       skips)
     cfg = finish_config(cfg, str(run.path), model, dc, lr, new_run=ckpt is None,
-                        steps_per_epoch=max(1, _epoch_batches(cfg, sampler, loaders["train"].drop_last)
-                                            // cfg.accum_steps))
+                        steps_per_epoch=epoch_steps(cfg, sampler.per_rank, loaders["train"].drop_last))
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
     tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
@@ -562,7 +561,7 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
     _, done = s.progress.locate(cfg.resolved_stages())
     fresh = done == 0 and s.progress.batch == 0             # the stage starts now (not resumed inside it)
     opt = stage_optimizer(cfg, s.model, stage.lr)
-    steps_per_epoch = max(1, _batches_per_epoch(s) // cfg.accum_steps)
+    steps_per_epoch = epoch_steps(cfg, s.sampler.per_rank, s.loaders["train"].drop_last)
     if s.resume is not None and not fresh:
         base = [g["lr"] for g in opt.param_groups]
         opt.load_state_dict(s.resume["optimizer"])
@@ -614,13 +613,20 @@ def train_epoch(s: Session, opt: torch.optim.Optimizer, epoch: int, frozen: bool
 
 
 def _batches_per_epoch(s: Session) -> int:
-    return _epoch_batches(s.cfg, s.sampler, s.loaders["train"].drop_last)
+    return epoch_batches(s.cfg, s.sampler.per_rank, s.loaders["train"].drop_last)
 
 
-def _epoch_batches(cfg: TrainConfig, sampler: Any, drop_last: bool) -> int:
-    """Batches per rank in a whole epoch (the loader's length before any resumed start is skipped)."""
-    n = sampler.per_rank // cfg.batch_size if drop_last else math.ceil(sampler.per_rank / cfg.batch_size)
+def epoch_batches(cfg: TrainConfig, per_rank: int, drop_last: bool) -> int:
+    """Batches per rank in a whole epoch of `per_rank` images (the loader's length before any resumed start is
+    skipped)."""
+    n = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
     return min(n, cfg.limit_train_batches) if cfg.limit_train_batches else n
+
+
+def epoch_steps(cfg: TrainConfig, per_rank: int, drop_last: bool) -> int:
+    """Optimizer steps per epoch (at least 1): what --min-steps counts in and the schedule spans (bench_defaults
+    resolves the length rule with it too)."""
+    return max(1, epoch_batches(cfg, per_rank, drop_last) // cfg.accum_steps)
 
 
 def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) -> Optional[str]:

@@ -118,22 +118,30 @@ def test_the_length_rule_trains_exactly_as_epochs_of_that_length(three_digits, t
     assert ruled["test"] == fixed["test"]
 
 
+def _saved_without(out, option: str) -> dict:
+    """Run folder `out` as a version before `option` existed wrote it: the key gone from config.yaml and from both
+    checkpoints' configs. Returns the config.yaml mapping."""
+    from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved[option]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(out / "checkpoints" / name)
+        del ckpt["config"][option]
+        atomic_save(ckpt, out / "checkpoints" / name)
+    return saved
+
+
 def test_a_run_saved_before_min_epochs_existed_keeps_its_ten_epoch_floor(three_digits, tmp_path):
     """The floor of a run without --epochs was a fixed 10 before --min-epochs (now 20) existed (config.ADDED_SINCE):
     such a run, resumed, is finished at its 10 epochs instead of being stretched to 20."""
     from spinal_transfer.config import TrainConfig
-    from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
     from spinal_transfer.runs.rundir import RunDir
 
     out = tmp_path / "run"
     report = train.run(tiny_cfg(three_digits, out, epochs=None, min_epochs=10, min_steps=3, limit_train_batches=1))
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    del saved["min_epochs"]                             # as an earlier version wrote the run
-    (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    for name in ("last.pt", "best.pt"):
-        ckpt = load_checkpoint(out / "checkpoints" / name)
-        del ckpt["config"]["min_epochs"]
-        atomic_save(ckpt, out / "checkpoints" / name)
+    saved = _saved_without(out, "min_epochs")
     assert RunDir(out).read_config().total_epochs() == 10
     assert TrainConfig.from_dict(saved).total_epochs() == 20                 # a new run gets the new floor
     assert train.run(resume=out) == report                                  # finished: nothing to add
@@ -146,18 +154,11 @@ def test_a_run_saved_before_select_metric_existed_resumes_selecting_by_top1(thre
     a run, extended with --resume, keeps choosing as it began; a new run or recipe gets the new default."""
     from spinal_transfer.cli import main as cli
     from spinal_transfer.config import TrainConfig
-    from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
     from spinal_transfer.runs.rundir import RunDir
 
     out = tmp_path / "run"
     train.run(tiny_cfg(three_digits, out, epochs=2, limit_train_batches=1, select_metric="top1"))
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    del saved["select_metric"]                          # as an earlier version wrote the run
-    (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    for name in ("last.pt", "best.pt"):
-        ckpt = load_checkpoint(out / "checkpoints" / name)
-        del ckpt["config"]["select_metric"]
-        atomic_save(ckpt, out / "checkpoints" / name)
+    saved = _saved_without(out, "select_metric")
     assert RunDir(out).read_config().select_metric == "top1"
     assert TrainConfig.from_dict(saved).select_metric == "loss" == TrainConfig().select_metric
     assert cli(["train", "--resume", str(out), "--epochs", "4"]) == 0
