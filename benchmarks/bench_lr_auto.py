@@ -2,14 +2,16 @@
 
     python benchmarks/bench_lr_auto.py            # 4 folders x 2 settings x 3 seeds, ~30 min on 2 cores
     python benchmarks/bench_lr_auto.py --quick    # 1 seed, digits15, 2 epochs of 2 batches: a smoke run
+    python benchmarks/bench_lr_auto.py --keep benchmarks/records/defaults   # reuse (and add to) bench_defaults'
+                                                  # records: its defaults runs are the same configurations there
 
 fastai's users run `lr_find` before every fine-tune, and `train --lr auto` does it for them. The default lr (1e-3)
 was chosen by bench_defaults from fine-tunes on real ImageNet weights; this asks whether the range test's
 suggestion does better or worse on the same four folders, the same backbone, size and seeds: `train` as it ships
 against `train --lr auto` (everything else the defaults), test top-1 of the epoch chosen on val, mean ± std over
 seeds, with the lr each lr-find picked. Its defaults runs are bench_defaults' own configuration and thread layout
-(a fine-tune per core, 1 thread each), so they also check that the defaults section reproduces (same numbers,
-another run).
+(a fine-tune per core, 1 thread each): without --keep they run again and check that the defaults section
+reproduces (same numbers, another run); with bench_defaults' records they are read back.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, digits15, 2 epochs of 2 batches")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick 1)")
+    ap.add_argument("--keep", metavar="DIR", help="records of finished fine-tunes, as bench_defaults --keep (default: "
+                                                  "a temporary folder)")
     args = ap.parse_args()
     import _folders
 
@@ -52,7 +56,8 @@ def main() -> None:
         convert_weights("bundled", bd.BACKBONE, weights)
         pool = bd.executor(os.cpu_count() or 1)        # bench_defaults' layout: a fine-tune per core, 1 thread each
         built = {f: _folders.build(root / "data", f) for f in folders}
-        futures = {(f, name, seed): pool.submit(bd.run_once, built[f], root / "records" / f, str(weights),
+        records = Path(args.keep).resolve() if args.keep else root / "records"
+        futures = {(f, name, seed): pool.submit(bd.run_once, built[f], records / f, str(weights),
                                                 {**options, **quick}, seed, 2 if args.quick else None)
                    for f in folders for name, options in SETTINGS.items() for seed in range(seeds)}
         for (f, name, seed), future in futures.items():
@@ -61,7 +66,7 @@ def main() -> None:
             if name == "lr auto":
                 picked[f].append(rec["lr"])
             print(f"  {f} {name} seed {seed}: lr {rec['lr']:.3g}, test top-1 {rec['top1']:.3f} "
-                  f"({rec['seconds']:.0f} s)", flush=True)
+                  f"({rec['seconds']:.0f} s{', reused' if rec['reused'] else ''})", flush=True)
         pool.shutdown()
     print(f"took {time.perf_counter() - t0:.0f} s")
 

@@ -46,13 +46,15 @@ BENCHES = {   # short name: (script, what it measures)
 _SECTION = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", re.S)
 
 
-KEEPS = ("defaults",)      # benchmarks whose finished runs a rerun can reuse (--keep DIR: their records)
+# benchmarks whose finished runs a rerun can reuse (--keep DIR: their records), and the folder under DIR they keep
+# them in: lr_auto's defaults runs are bench_defaults' own configurations, so the two share one folder
+KEEPS = {"defaults": "defaults", "lr_auto": "defaults"}
 
 
 def run(name: str, quick: bool, keep: str | None = None) -> str:
     script, what = BENCHES[name]
     cmd = [sys.executable, str(HERE / script), *(["--quick"] if quick else []),
-           *(["--keep", str(Path(keep) / name)] if keep and name in KEEPS else [])]
+           *(["--keep", str(Path(keep) / KEEPS[name])] if keep and name in KEEPS else [])]
     print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t = time.time()
     # stdout is the benchmark's report; stderr (progress bars of the runs it makes) goes to the terminal
@@ -66,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=list(BENCHES), help="run these; keep the other sections of RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (smoke run)")
-    ap.add_argument("--keep", metavar="DIR", help=f"keep records of the runs of {', '.join(KEEPS)} in DIR/<name>; a "
+    ap.add_argument("--keep", metavar="DIR", help=f"keep records of the runs of {', '.join(KEEPS)} in DIR/defaults; a "
                                                   "rerun reuses the finished ones whose configuration is unchanged")
     args = ap.parse_args()
     kept = _SECTION.finditer(RESULTS.read_text()) if RESULTS.exists() and args.only else ()
