@@ -75,6 +75,28 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(log_t.detach().clamp(lo, hi).exp())
 
 
+BOOTSTRAP = 200            # resamples of val behind the temperature's interval
+INTERVAL = (2.5, 97.5)     # its percentiles: a 95% interval
+
+
+def temperature_interval(logits: torch.Tensor, targets: torch.Tensor, resamples: int = BOOTSTRAP,
+                         seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of the fitted T: T refitted on `resamples` resamples of the split (with
+    replacement), on a grid of 200 log-spaced T in T_BOUNDS (3% apart). Why: a T fitted on a small val split is
+    one number whatever its uncertainty, and on 50-100 images it can be off by a factor of two; the interval says
+    how far to trust the calibrated probabilities. A resample without a wrong (or right) image fits T at a bound,
+    which widens the interval to it: the split cannot pin T down. Seeded, so a run reports the same interval."""
+    z, y = logits.detach().double().cpu(), targets.detach().long().cpu()
+    grid = torch.logspace(math.log10(T_BOUNDS[0]), math.log10(T_BOUNDS[1]), 200, dtype=torch.float64)
+    per_image = torch.stack([F.cross_entropy(z / t, y, reduction="none") for t in grid], dim=1)      # (N, grid)
+    n = len(y)
+    picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    counts = torch.from_numpy(np.stack([np.bincount(row, minlength=n) for row in picks])).double()
+    fitted = grid[(counts @ per_image).argmin(dim=1)].numpy()
+    lo, hi = np.percentile(fitted, INTERVAL)
+    return float(lo), float(hi)
+
+
 @dataclass
 class Reliability:
     """Per equal-width confidence bin (lo, hi]: images, their accuracy and their mean confidence (top
@@ -132,16 +154,22 @@ class Calibration:
 
     temperature: float
     splits: dict[str, SplitCalibration]
+    interval: tuple[float, float]          # temperature_interval on val
 
     def to_dict(self) -> dict:
         """What report.json records under "calibration"."""
-        return {"temperature": self.temperature, "fitted_on": "val", "num_bins": NUM_BINS,
-                **{name: s.to_dict() for name, s in self.splits.items()}}
+        return {"temperature": self.temperature, "temperature_interval": list(self.interval),
+                "interval": f"95% percentile bootstrap over {BOOTSTRAP} resamples of val", "fitted_on": "val",
+                "num_bins": NUM_BINS, **{name: s.to_dict() for name, s in self.splits.items()}}
 
     def describe(self) -> str:
         parts = [f"{name} ECE {d['ece_before']:.4f} -> {d['ece_after']:.4f}, NLL {d['nll_before']:.4f} -> "
                  f"{d['nll_after']:.4f}" for name, d in ((n, s.to_dict()) for n, s in self.splits.items())]
-        return f"temperature {self.temperature:.3f} (fitted on val): " + "; ".join(parts)
+        lo, hi = self.interval
+        return (f"temperature {self.temperature:.3f} (fitted on {len(self.splits['val'].targets)} val images; 95% "
+                f"bootstrap interval {lo:.2f}-{hi:.2f}"
+                + ("; the val split is too small to pin it down: more val images (--val-fraction) narrow it"
+                   if hi > 2 * lo else "") + "): " + "; ".join(parts))
 
 
 NO_VAL_NOTE = ("not calibrated: the run has no val split, and fitting the temperature on test would make test "
@@ -177,5 +205,5 @@ def calibrate(val: tuple[torch.Tensor, torch.Tensor],
     t = fit_temperature(*val)
     splits = {"val": SplitCalibration(*val, t)}
     splits.update({name: SplitCalibration(z, y, t) for name, (z, y) in (others or {}).items() if len(y)})
-    return Calibration(t, splits), None
+    return Calibration(t, splits, temperature_interval(*val)), None
 

@@ -211,7 +211,7 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
             " (" + " \u00b7 ".join(f"{k} {v:,}" for k, v in per_split.items()) + ")" if per_split else "")
     cal = rep.get("calibration")
     if isinstance(cal, Mapping):
-        out["probabilities"] = (f"softmax(logits / T), T = {cal['temperature']:.3f} fitted on val"
+        out["probabilities"] = (f"softmax(logits / T), T = {cal['temperature']:.3f}{_interval(cal)} fitted on val"
                                 if cal.get("temperature") else str(cal.get("note", "plain softmax")))
     leak = rep.get("leakage")
     if isinstance(leak, Mapping):
@@ -347,14 +347,20 @@ def _calibration_section(calibration: Optional[Mapping], plot: Optional[PathLike
     table = ('<table id="calibration-table" style="max-width:760px"><tr><th>split</th><th class="n">ECE before</th>'
              '<th class="n">ECE after</th><th class="n">NLL before</th><th class="n">NLL after</th>'
              f'<th class="n">images</th></tr>{rows}</table>')
-    note = (f'<p class="note">probabilities are softmax(logits / T) with T = {calibration["temperature"]:.3f}, fitted '
-            f'on val to minimise its NLL; accuracy is unchanged. ECE: {calibration.get("num_bins", 15)} equal-width '
+    note = (f'<p class="note">probabilities are softmax(logits / T) with T = {calibration["temperature"]:.3f}'
+            + _interval(calibration) + ', fitted on val to minimise its NLL; accuracy is unchanged. ECE: {calibration.get("num_bins", 15)} equal-width '
             'confidence bins. The metrics above are of the plain softmax.</p>')
     img = ""
     if plot is not None and Path(plot).is_file():
         img = (f'<img class="wide" id="calibration-img" style="max-width:900px" alt="reliability diagram before '
                f'and after temperature scaling" src="{_png_uri(Path(plot).read_bytes())}">')
     return head + table + note + img + "</section>"
+
+
+def _interval(calibration: Mapping) -> str:
+    """" (95% interval lo-hi)" of the temperature, or "" for a report written before intervals were recorded."""
+    lo_hi = calibration.get("temperature_interval")
+    return f" (95% interval {lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else ""
 
 
 def _per_class_section(metrics: Mapping) -> str:

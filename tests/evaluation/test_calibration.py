@@ -23,6 +23,7 @@ from spinal_transfer.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
     nll,
+    temperature_interval,
     unfittable,
 )
 
@@ -102,6 +103,27 @@ def test_ece_equals_a_hand_computation():
     assert expected_calibration_error(probs, y) == pytest.approx(total, abs=1e-12)
 
 
+def _sampled_at_temperature(n: int, t_true: float, classes: int = 5, seed: int = 0):
+    """Logits and labels drawn from softmax(logits / t_true): a model whose true temperature is known."""
+    g = torch.Generator().manual_seed(seed)
+    z = 3 * torch.randn(n, classes, generator=g)
+    y = torch.multinomial(torch.softmax(z / t_true, 1), 1, generator=g).squeeze(1)
+    return z, y
+
+
+def test_the_temperature_interval_holds_the_true_t_and_narrows_with_more_val_images():
+    intervals = {}
+    for n in (60, 4000):
+        z, y = _sampled_at_temperature(n, t_true=2.0)
+        lo, hi = temperature_interval(z, y)
+        assert lo <= fit_temperature(z, y) <= hi
+        assert lo < 2.0 < hi, (n, lo, hi)                   # the true T; both splits hold it
+        intervals[n] = hi / lo
+    assert intervals[4000] < 1.3 < intervals[60]            # 4,000 images pin T to +-10%; 60 do not
+    z, y = _sampled_at_temperature(60, 2.0)
+    assert temperature_interval(z, y) == temperature_interval(z, y)      # seeded: a run reports one interval
+
+
 def test_run_records_calibration_and_carries_the_temperature(finished_run):
     from spinal_transfer.evaluation.evaluate import evaluate
     from spinal_transfer.runs.checkpoint import load_checkpoint
@@ -110,6 +132,8 @@ def test_run_records_calibration_and_carries_the_temperature(finished_run):
     cal = report["calibration"]
     t = cal["temperature"]
     assert T_BOUNDS[0] < t < T_BOUNDS[1] and t != 1.0
+    lo, hi = cal["temperature_interval"]
+    assert lo <= t <= hi and f"95% interval {lo:.2f}-{hi:.2f}" in (finished_run / "report.html").read_text()
     assert load_checkpoint(finished_run / "checkpoints" / "best.pt")["temperature"] == t
     assert (finished_run / "plots" / "calibration.png").stat().st_size > 0
     assert 'id="calibration-table"' in (finished_run / "report.html").read_text()
