@@ -159,7 +159,7 @@ class Calibration:
     def to_dict(self) -> dict:
         """What report.json records under "calibration"."""
         return {"temperature": self.temperature, "temperature_interval": list(self.interval),
-                "interval": f"95% percentile bootstrap over {BOOTSTRAP} resamples of val", "fitted_on": "val",
+                "temperature_interval_method": f"95% percentile bootstrap, {BOOTSTRAP} resamples of val", "fitted_on": "val",
                 "num_bins": NUM_BINS, **{name: s.to_dict() for name, s in self.splits.items()}}
 
     def describe(self) -> str:
