@@ -159,8 +159,8 @@ class Calibration:
     def to_dict(self) -> dict:
         """What report.json records under "calibration"."""
         return {"temperature": self.temperature, "temperature_interval": list(self.interval),
-                "temperature_interval_method": f"95% percentile bootstrap, {BOOTSTRAP} resamples of val", "fitted_on": "val",
-                "num_bins": NUM_BINS, **{name: s.to_dict() for name, s in self.splits.items()}}
+                "temperature_interval_method": f"95% percentile bootstrap, {BOOTSTRAP} resamples of val",
+                "fitted_on": "val", "num_bins": NUM_BINS, **{name: s.to_dict() for name, s in self.splits.items()}}
 
     def describe(self) -> str:
         parts = [f"{name} ECE {d['ece_before']:.4f} -> {d['ece_after']:.4f}, NLL {d['nll_before']:.4f} -> "
