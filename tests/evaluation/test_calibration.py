@@ -133,7 +133,8 @@ def test_run_records_calibration_and_carries_the_temperature(finished_run):
     t = cal["temperature"]
     assert T_BOUNDS[0] < t < T_BOUNDS[1] and t != 1.0
     lo, hi = cal["temperature_interval"]
-    assert lo <= t <= hi and f"95% interval {lo:.2f}-{hi:.2f}" in (finished_run / "report.html").read_text()
+    page = (finished_run / "report.html").read_text()
+    assert lo <= t <= hi and f"95% interval {lo:.2f}-{hi:.2f}" in page and f"ECE: {NUM_BINS} equal-width" in page
     assert load_checkpoint(finished_run / "checkpoints" / "best.pt")["temperature"] == t
     assert (finished_run / "plots" / "calibration.png").stat().st_size > 0
     assert 'id="calibration-table"' in (finished_run / "report.html").read_text()
