@@ -156,11 +156,16 @@ def as_trained(cfg, n_train: int) -> dict:
     """The configuration as it trains on a folder of `n_train` images: without --epochs, the epochs the length rule
     gives it (train's own epoch_steps, with its drop_last rule, loaders.train_drop_last) in place of
     min_epochs and min_steps, so settings that train the same share one record (--min-steps 600 and the defaults
-    both give digits100 20 epochs; tests/training/test_train_options.py checks the rule trains as --epochs does)."""
+    both give digits100 20 epochs; tests/training/test_train_options.py checks the rule trains as --epochs does).
+    The crop scale, flip and erasing probabilities are the ones in force (Augmentation's), not None: a policy
+    whose own default changes keys new runs apart from the records of the old one."""
+    from spinal_transfer.data.augment import Augmentation
     from spinal_transfer.data.loaders import train_drop_last
     from spinal_transfer.training.train import epoch_steps
 
     d = dataclasses.asdict(cfg)
+    aug = Augmentation.from_config(cfg)
+    d["rrc_scale"], d["hflip"], d["random_erase"] = list(aug.crop_scale()), aug.flip_p(), aug.random_erase
     if cfg.epochs is None and not cfg.stages:
         steps = epoch_steps(cfg, n_train, train_drop_last(n_train, cfg.batch_size, 1))
         d["epochs"] = dataclasses.replace(cfg, steps_per_epoch=steps).total_epochs()
