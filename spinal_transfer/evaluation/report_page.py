@@ -349,7 +349,8 @@ def _calibration_section(calibration: Optional[Mapping], plot: Optional[PathLike
              f'<th class="n">images</th></tr>{rows}</table>')
     note = (f'<p class="note">probabilities are softmax(logits / T) with T = {calibration["temperature"]:.3f}'
             + _interval(calibration) + ', fitted on val to minimise its NLL; accuracy is unchanged. ECE: '
-            f'{calibration.get("num_bins", 15)} equal-width confidence bins. The metrics above are of the plain softmax.</p>')
+            f'{calibration.get("num_bins", 15)} equal-width confidence bins. The metrics above are of the plain '
+            'softmax.</p>')
     img = ""
     if plot is not None and Path(plot).is_file():
         img = (f'<img class="wide" id="calibration-img" style="max-width:900px" alt="reliability diagram before '
