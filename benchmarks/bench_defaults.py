@@ -135,8 +135,7 @@ def run_once(data: Path, records: Path, weights: str, options: dict, seed: int, 
                    "data": data.name, "weights": WEIGHTS, "threads": torch.get_num_threads()})
     record = records / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if record.is_file() and json.loads(record.read_text())["config"] == key:
-        # records written before they kept the resolved lr: theirs is the configured one (--lr auto came later)
-        return {"lr": cfg.lr, **json.loads(record.read_text()), "reused": True}
+        return {**json.loads(record.read_text()), "reused": True}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         report = run(dataclasses.replace(cfg, out=str(Path(tmp) / "run")))
