@@ -34,7 +34,7 @@ Settings:
     5 frozen epochs    the head alone first (--freeze-epochs 5), the linear-probe-then-fine-tune idea
     backbone lr x0.1   fastai's discriminative lrs: the backbone at a tenth of the head's lr (--backbone-lr-mult 0.1)
     RandAugment m27    timm's magnitude 9 of 10 on torchvision's 0-30 scale (--randaugment-m 27; default 9)
-    crops 8-100%       timm's and torchvision's ImageNet crop scale (--rrc-scale 0.08 1; default 0.35-1)
+    crops 35-100%      the crop scale before this run (--rrc-scale 0.35 1; default timm's and torchvision's 0.08-1)
     linear head        --head linear instead of spinal
     select on val top-1 the best epoch by val top-1, not loss (--select-metric top1; timm's --eval-metric)
   fastai-like        fine_tune: one frozen epoch, then the whole net with the backbone at 0.1x (discriminative
@@ -90,7 +90,7 @@ SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defa
     "5 frozen epochs": dict(freeze_epochs=5),
     "backbone lr x0.1": dict(backbone_lr_mult=0.1),
     "RandAugment m27": dict(randaugment_m=27),
-    "crops 8-100%": dict(rrc_scale=[0.08, 1.0]),
+    "crops 35-100%": dict(rrc_scale=[0.35, 1.0]),
     "linear head": dict(head="linear"),
     "select on val top-1": dict(select_metric="top1"),
     "fastai-like": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,

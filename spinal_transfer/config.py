@@ -45,6 +45,10 @@ METRIC_NAMES = {"loss": "loss", "top1": "top-1"}
 # before (its config.yaml or checkpoint lacks the option) resumes, extends and is compared as it was trained.
 ADDED_SINCE = {"select_metric": "top1",    # --select-metric (default loss) came after runs selected by top-1
                "min_epochs": 10}          # the epoch floor was 10 before it became an option (now 20)
+# Options a run could leave unset (None: the policy's default) whose default in force changed since. Runs now record
+# the value in force (training.train.finish_config), so a saved run with one unset predates the change and trained
+# with the old value, given here with the options it applied under: {option: ({option: value}, old value)}.
+UNSET_BEFORE = {"rrc_scale": ({"augment": "randaugment"}, [0.35, 1.0])}   # randaugment's crops were 35-100%
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -131,10 +135,10 @@ class TrainConfig:
     # --- input and augmentation -------------------------------------------------------------
     augment: str = _opt("randaugment", "light: gentle random-resized crop (35-100% of the area) + flip, for small "
                                        "data; modern: random-resized crop down to 8% + flip (ImageNet training); "
-                                       "trivial: light + one TrivialAugmentWide op per image; randaugment: light + "
-                                       "--randaugment-n ops at --randaugment-m (timm's fine-tuning recipe made "
-                                       "milder, with --random-erase); paper / paper_rrc: the SpinalNet scripts'; none: the "
-                                       "evaluation pipeline", choices=list(POLICIES))
+                                       "trivial: light + one TrivialAugmentWide op per image; randaugment: modern + "
+                                       "--randaugment-n ops at --randaugment-m (timm's fine-tuning recipe at a "
+                                       "milder magnitude, with --random-erase); paper / paper_rrc: the SpinalNet "
+                                       "scripts'; none: the evaluation pipeline", choices=list(POLICIES))
     img_size: Optional[int] = _opt(None, "crop size fed to the model (default: backbone's pretrained config)", min=8)
     resize_size: Optional[Union[int, list]] = _opt(None, "paper recipe: resize to this square (or [H, W]) before "
                                                          "cropping; eval: resize the shorter side (default img_size / "
@@ -146,8 +150,8 @@ class TrainConfig:
     eval_resize: str = _opt("center_crop", "eval preprocessing: center_crop (resize then crop) or "
                                            "resize (straight to img_size, as the paper's scripts did)",
                             choices=["center_crop", "resize"])
-    rrc_scale: Optional[list] = _opt(None, "random-resized-crop scale range (default: the policy's: light, trivial, "
-                                           "randaugment [0.35, 1]; modern, paper_rrc [0.08, 1])", item=float,
+    rrc_scale: Optional[list] = _opt(None, "random-resized-crop scale range (default: the policy's: light, trivial "
+                                           "[0.35, 1]; randaugment, modern, paper_rrc [0.08, 1])", item=float,
                                      length=2, gt=0.0, max=1.0,
                                      applies={"augment": ("light", "modern", "trivial", "randaugment", "paper_rrc")})
     rotation: float = _opt(15.0, "paper recipe: max rotation in degrees", min=0.0, max=180.0,
@@ -302,11 +306,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict, saved: bool = False) -> "TrainConfig":
         """Checked: every key known, every value of its type and range (ConfigError naming the key). `saved`: the
-        config of an existing run (config.yaml, a checkpoint), which may predate options (ADDED_SINCE): those
-        take the value that trains as that run did, not today's default."""
+        config of an existing run (config.yaml, a checkpoint), which may predate options (ADDED_SINCE) or a
+        changed default (UNSET_BEFORE): those take the value that trains as that run did, not today's default."""
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a mapping of option: value, got {type(d).__name__}")
-        d = {**ADDED_SINCE, **d} if saved else d
+        if saved:
+            d = {**ADDED_SINCE, **d}
+            d.update({k: old for k, (when, old) in UNSET_BEFORE.items()
+                      if d.get(k) is None and all(d.get(o) == v for o, v in when.items())})
         unknown = sorted(set(d) - set(CONFIG_FIELDS))
         if unknown:
             import difflib

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import METRIC_NAMES, Stage, TrainConfig, resume_config
-from ..data.augment import erase_probability
+from ..data.augment import Augmentation, erase_probability
 from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
 from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
@@ -353,7 +353,8 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
     """The run's config as it runs and as config.yaml records it, made once, before the first epoch: the values
     the set-up resolved written in (the run folder; the spinal width the head rule chose; the input size,
     resize, normalization and interpolation of the backbone; the selection split of the protocol; the lr
-    `--lr auto` found; the policy's random erasing; no frozen epoch for a new run's random backbone; the optimizer
+    `--lr auto` found; the policy's random erasing and crop scale, so a later change of a policy's default does
+    not change a saved run (config.UNSET_BEFORE); no frozen epoch for a new run's random backbone; the optimizer
     steps per epoch that decide the epochs of a run without --epochs), so a resume, `evaluate` and `export` read
     what the run did. Nothing changes it after."""
     width = cfg.layer_width
@@ -373,6 +374,7 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
         cfg, out=out, layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
         mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
         random_erase=erase_probability(cfg.augment, cfg.random_erase),
+        rrc_scale=list(Augmentation.from_config(cfg).crop_scale()) if cfg.applies("rrc_scale") else cfg.rrc_scale,
         resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
 
 

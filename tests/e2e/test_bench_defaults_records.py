@@ -41,14 +41,14 @@ def test_settings_that_train_alike_share_a_key_and_the_others_do_not():
 
 def test_the_crop_scale_and_flip_in_force_are_the_key_not_none(monkeypatch):
     """A record of the policy's own crop scale is keyed by that scale: the explicit same scale shares it, and a
-    changed policy default (here randaugment's, as adopting timm's crops would) does not reuse the old records."""
+    changed policy default (here the default policy's, as adopting timm's crops did) does not reuse the old records."""
     from spinal_transfer.data import augment
 
     scale = list(augment.DEFAULT_CROP_SCALE[TrainConfig().augment])
     assert key(150) == key(150, rrc_scale=scale) == key(150, hflip=augment.DEFAULT_HFLIP[TrainConfig().augment])
     before = key(150)
-    monkeypatch.setitem(augment.DEFAULT_CROP_SCALE, TrainConfig().augment, (0.08, 1.0))
-    assert key(150) != before and key(150) == key(150, rrc_scale=[0.08, 1.0])
+    monkeypatch.setitem(augment.DEFAULT_CROP_SCALE, TrainConfig().augment, (0.5, 1.0))
+    assert key(150) != before and key(150) == key(150, rrc_scale=[0.5, 1.0])
 
 
 def test_every_named_setting_is_a_valid_config_and_the_variants_change_training():

@@ -167,3 +167,32 @@ def test_a_run_saved_before_select_metric_existed_resumes_selecting_by_top1(thre
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert report["selected_by"] == "top1"
     assert report["best_epoch"] == max(rows, key=lambda r: r["val"]["top1"])["epoch"]
+
+
+def test_a_run_records_its_crop_scale_and_one_saved_before_keeps_the_old_35_percent(three_digits, tmp_path):
+    """randaugment's default crops went from 35-100% to timm's 8-100% (RESULTS.md, defaults): a run now writes the
+    scale in force into config.yaml and its checkpoints, and a run saved with it unset (as every earlier
+    randaugment run was) resumes with the 35-100% it trained with (config.UNSET_BEFORE), not today's default."""
+    from spinal_transfer.cli import main as cli
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.data.augment import DEFAULT_CROP_SCALE, Augmentation
+    from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
+    from spinal_transfer.runs.rundir import RunDir
+
+    out = tmp_path / "run"
+    train.run(tiny_cfg(three_digits, out, epochs=1, limit_train_batches=1, augment="randaugment"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["rrc_scale"] == list(DEFAULT_CROP_SCALE["randaugment"])
+    assert RunDir(out).read_config().rrc_scale == [0.08, 1.0]
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())              # as a run before the change wrote it
+    saved["rrc_scale"] = None
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(out / "checkpoints" / name)
+        ckpt["config"]["rrc_scale"] = None
+        atomic_save(ckpt, out / "checkpoints" / name)
+    assert Augmentation.from_config(RunDir(out).read_config()).crop_scale() == (0.35, 1.0)
+    assert cli(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["rrc_scale"] == [0.35, 1.0]
+    light = TrainConfig.from_dict({**saved, "augment": "light"}, saved=True)    # a policy whose default did not change
+    assert light.rrc_scale is None and Augmentation.from_config(light).crop_scale() == DEFAULT_CROP_SCALE["light"]
