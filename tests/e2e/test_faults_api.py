@@ -90,13 +90,21 @@ def _complete_bundle(out: Path) -> bool:
         hashlib.sha256((out / n).read_bytes()).hexdigest() == d for n, d in config["files"].items())
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """SIGINT back to its default in the child: under a non-interactive shell's background job (`cmd &`, as a CI
+    script may run the tests) it is inherited ignored, and Python then installs no KeyboardInterrupt handler, so
+    Ctrl-C would never reach the export the test interrupts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("when", [0.3, 2.0, 5.0, 9.0, "after"])
 def test_ctrl_c_during_export_is_exit_130_no_traceback_and_no_half_bundle(finished_run, tmp_path, when):
     out = tmp_path / "bundles" / "b"
     proc = subprocess.Popen([sys.executable, "-m", "spinal_transfer", "export", finished_run, "--out", out],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "PYTHONUNBUFFERED": "1"})        # "wrote ..." arrives as it is printed
+                            env={**ENV, "PYTHONUNBUFFERED": "1"},        # "wrote ..." arrives as it is printed
+                            preexec_fn=_sigint_as_from_a_terminal)
     if when == "after":                       # the bundle is written: Ctrl-C while the interpreter shuts down
         proc.stdout.readline()
     else:
