@@ -118,19 +118,24 @@ def test_the_length_rule_trains_exactly_as_epochs_of_that_length(three_digits, t
     assert ruled["test"] == fixed["test"]
 
 
-def _saved_without(out, option: str) -> dict:
-    """Run folder `out` as a version before `option` existed wrote it: the key gone from config.yaml and from both
-    checkpoints' configs. Returns the config.yaml mapping."""
+def _saved_as_before(out, edit) -> dict:
+    """Run folder `out` as an earlier version wrote it: `edit` (a function of a config mapping) applied to
+    config.yaml and to both checkpoints' configs. Returns the config.yaml mapping."""
     from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    del saved[option]
+    edit(saved)
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     for name in ("last.pt", "best.pt"):
         ckpt = load_checkpoint(out / "checkpoints" / name)
-        del ckpt["config"][option]
+        edit(ckpt["config"])
         atomic_save(ckpt, out / "checkpoints" / name)
     return saved
+
+
+def _saved_without(out, option: str) -> dict:
+    """Run folder `out` as a version before `option` existed wrote it: the key gone from all three configs."""
+    return _saved_as_before(out, lambda d: d.pop(option))
 
 
 def test_a_run_saved_before_min_epochs_existed_keeps_its_ten_epoch_floor(three_digits, tmp_path):
@@ -176,7 +181,6 @@ def test_a_run_records_its_crop_scale_and_one_saved_before_keeps_the_old_35_perc
     from spinal_transfer.cli import main as cli
     from spinal_transfer.config import TrainConfig
     from spinal_transfer.data.augment import DEFAULT_CROP_SCALE, Augmentation
-    from spinal_transfer.runs.checkpoint import atomic_save, load_checkpoint
     from spinal_transfer.runs.rundir import RunDir
 
     out = tmp_path / "run"
@@ -184,13 +188,7 @@ def test_a_run_records_its_crop_scale_and_one_saved_before_keeps_the_old_35_perc
     assert yaml.safe_load((out / "config.yaml").read_text())["rrc_scale"] == list(DEFAULT_CROP_SCALE["randaugment"])
     assert RunDir(out).read_config().rrc_scale == [0.08, 1.0]
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())              # as a run before the change wrote it
-    saved["rrc_scale"] = None
-    (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    for name in ("last.pt", "best.pt"):
-        ckpt = load_checkpoint(out / "checkpoints" / name)
-        ckpt["config"]["rrc_scale"] = None
-        atomic_save(ckpt, out / "checkpoints" / name)
+    saved = _saved_as_before(out, lambda d: d.update(rrc_scale=None))      # as a run before the change wrote it
     assert Augmentation.from_config(RunDir(out).read_config()).crop_scale() == (0.35, 1.0)
     assert cli(["train", "--resume", str(out), "--epochs", "2"]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["rrc_scale"] == [0.35, 1.0]
