@@ -498,15 +498,23 @@ def write_outputs(result: AuditResult, out: Path) -> None:
     write_audit_html(result, out / "audit.html")
 
 
+def class_counts_line(counts: dict[str, int]) -> str:
+    """The smallest and the largest class and their ratio; "N each" when every class has the same count (naming
+    one class as both ends says nothing), and no ratio when a class has no image."""
+    lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)
+    if counts[lo] == counts[hi]:
+        return f"class counts: {counts[lo]:,} each"
+    ratio = f", imbalance {counts[hi] / counts[lo]:.2f}" if counts[lo] else ": a class with no image"
+    return f"class counts: {counts[lo]:,} ({lo}) to {counts[hi]:,} ({hi}){ratio}"
+
+
 def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
     """The one-screen summary `audit` prints."""
     s = result.summary()
     n = s["images"]
-    counts = {c: sum(v[c] for v in s["class_counts"].values()) for c in result.classes}
-    lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)
+    counts = {c: sum(v.get(c, 0) for v in s["class_counts"].values()) for c in result.classes}
     lines = [f"audit of {result.root}: {sum(n.values()):,} images, {len(result.classes)} classes "
-             f"({' · '.join(f'{k} {v:,}' for k, v in n.items() if v)})",
-             f"class counts: {counts[lo]:,} ({lo}) to {counts[hi]:,} ({hi}), imbalance {result.imbalance():.2f}"]
+             f"({' · '.join(f'{k} {v:,}' for k, v in n.items() if v)})", class_counts_line(counts)]
     if result.sizes:
         w, h = np.array(result.sizes).T
         aspect = w / h

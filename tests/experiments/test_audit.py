@@ -18,7 +18,7 @@ from PIL import Image
 
 from spinal_transfer.config import TrainConfig
 from spinal_transfer.evaluation.browser import render
-from spinal_transfer.experiments.audit import audit
+from spinal_transfer.experiments.audit import audit, class_counts_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_audit import save_variant  # noqa: E402
@@ -115,6 +115,10 @@ def test_summary_and_a_second_run_reuse_the_caches(leaky_run, cli_run, monkeypat
     assert f"LEAKAGE: {len(leaked)} of {n_test} test images" in r.stdout
     assert "exact duplicates: 5 pairs, 4 across splits" in r.stdout
     assert "undecodable files: 1" in r.stdout
+    counts = {c: sum(v[c] for v in json.loads((out / "audit.json").read_text())["class_counts"].values())
+              for c in ("digit_0", "digit_1", "digit_2")}
+    lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)
+    assert counts[lo] < counts[hi] and f"class counts: {counts[lo]} ({lo}) to {counts[hi]} ({hi})" in r.stdout
     assert len(r.stdout.splitlines()) <= 25                                   # one screen
 
 
@@ -143,6 +147,12 @@ def damaged(digits_transfer, tmp_path_factory) -> dict:
                       batch_size=64, workers=0, device="cpu")
     result = audit(cfg, tmp_path_factory.mktemp("damaged_audit") / "audit")
     return {"result": result, "copies": copies, "flipped": flipped, "root": root}
+
+
+def test_class_counts_line_names_the_ends_and_says_each_when_all_are_equal():
+    assert class_counts_line({"a": 14, "b": 14, "c": 14}) == "class counts: 14 each"
+    assert class_counts_line({"a": 10, "b": 25, "c": 14}) == "class counts: 10 (a) to 25 (b), imbalance 2.50"
+    assert class_counts_line({"a": 0, "b": 3}) == "class counts: 0 (a) to 3 (b): a class with no image"
 
 
 def test_reencodes_and_resizes_are_near_duplicates_a_different_image_is_not(damaged):
