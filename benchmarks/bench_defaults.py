@@ -2,7 +2,7 @@
 otherwise pick (a linear probe, timm-train.py-like and fastai-fine_tune-like settings) and one-change variants,
 on four real folders of different sizes and kinds, over 3 seeds.
 
-  python benchmarks/bench_defaults.py             # 4 folders x 16 settings x 3 seeds + probes, ~2.7 h on 2 cores
+  python benchmarks/bench_defaults.py             # 4 folders x 20 settings x 3 seeds + probes, ~3.5 h on 2 cores
   python benchmarks/bench_defaults.py --quick     # 1 seed, defaults + probe, 1 folder, 4 steps: a smoke run
   python benchmarks/bench_defaults.py --keep DIR  # keep a small record of each finished fine-tune in DIR; a rerun
                                                   # with the same DIR reuses those whose whole configuration
@@ -37,6 +37,11 @@ Settings:
     crops 35-100%      the crop scale before this run (--rrc-scale 0.35 1; default timm's and torchvision's 0.08-1)
     linear head        --head linear instead of spinal
     select on val top-1 the best epoch by val top-1, not loss (--select-metric top1; timm's --eval-metric)
+    mixup 0.2          timm's Mixup at a mild alpha (--mixup 0.2; default off)
+    cutmix 1.0         timm's CutMix at its usual alpha (--cutmix 1.0; default off)
+    head dropout 0.5   dropout before each spinal layer and the output layer (--head-dropout 0.5; the ResNet
+                       preset has none)
+    no label smoothing --label-smoothing 0 (default 0.1, timm's)
   fastai-like        fine_tune: one frozen epoch, then the whole net with the backbone at 0.1x (discriminative
                      lrs), AdamW 2e-3 wd 0.01, cosine with warm-up, flips + light jitter
   timm-like          train.py's fine-tuning recipe: AdamW 5e-4 wd 0.05, cosine + warm-up, label smoothing 0.1,
@@ -93,6 +98,10 @@ SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defa
     "crops 35-100%": dict(rrc_scale=[0.35, 1.0]),
     "linear head": dict(head="linear"),
     "select on val top-1": dict(select_metric="top1"),
+    "mixup 0.2": dict(mixup=0.2),
+    "cutmix 1.0": dict(cutmix=1.0),
+    "head dropout 0.5": dict(head_dropout=0.5),
+    "no label smoothing": dict(label_smoothing=0.0),
     "fastai-like": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,
                         freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2, label_smoothing=0.0,
                         random_erase=0.0, select_metric="top1"),
