@@ -500,19 +500,18 @@ def write_outputs(result: AuditResult, out: Path) -> None:
 
 def class_counts_line(counts: dict[str, int]) -> str:
     """The smallest and the largest class and their ratio; "N each" when every class has the same count (naming
-    one class as both ends says nothing), and no ratio when a class has no image."""
+    one class as both ends says nothing). Every class has an image: a class folder without one is refused."""
     lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)
     if counts[lo] == counts[hi]:
         return f"class counts: {counts[lo]:,} each"
-    ratio = f", imbalance {counts[hi] / counts[lo]:.2f}" if counts[lo] else ": a class with no image"
-    return f"class counts: {counts[lo]:,} ({lo}) to {counts[hi]:,} ({hi}){ratio}"
+    return f"class counts: {counts[lo]:,} ({lo}) to {counts[hi]:,} ({hi}), imbalance {counts[hi] / counts[lo]:.2f}"
 
 
 def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
     """The one-screen summary `audit` prints."""
     s = result.summary()
     n = s["images"]
-    counts = {c: sum(v.get(c, 0) for v in s["class_counts"].values()) for c in result.classes}
+    counts = {c: sum(v[c] for v in s["class_counts"].values()) for c in result.classes}
     lines = [f"audit of {result.root}: {sum(n.values()):,} images, {len(result.classes)} classes "
              f"({' · '.join(f'{k} {v:,}' for k, v in n.items() if v)})", class_counts_line(counts)]
     if result.sizes:

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from ..data.loaders import make_loader
 from ..data.transforms import transform_signature
 from ..evaluation.evaluate import autocast
-from ..models.surgery import get_head
 from ..models.convert import BUNDLED
+from ..models.surgery import get_head
 from ..utils.atomic import atomic_write_text
 from ..utils.filelock import exclusive
 

@@ -152,7 +152,6 @@ def damaged(digits_transfer, tmp_path_factory) -> dict:
 def test_class_counts_line_names_the_ends_and_says_each_when_all_are_equal():
     assert class_counts_line({"a": 14, "b": 14, "c": 14}) == "class counts: 14 each"
     assert class_counts_line({"a": 10, "b": 25, "c": 14}) == "class counts: 10 (a) to 25 (b), imbalance 2.50"
-    assert class_counts_line({"a": 0, "b": 3}) == "class counts: 0 (a) to 3 (b): a class with no image"
 
 
 def test_reencodes_and_resizes_are_near_duplicates_a_different_image_is_not(damaged):
