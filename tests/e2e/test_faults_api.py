@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -113,11 +114,14 @@ def test_ctrl_c_during_export_is_exit_130_no_traceback_and_no_half_bundle(finish
     else:
         time.sleep(when)
     finished_before = proc.poll() is not None
+    printed_before = bool(select.select([proc.stdout], [], [], 0)[0])   # "wrote ...": the export's work was done
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=600)
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
-    if finished_before:
-        assert proc.returncode == 0
+    if finished_before or (printed_before and proc.returncode == 0):
+        # exited, or a Ctrl-C in the interpreter's last instants (after Python code stops running, as it once came
+        # at 5.0 s in a loaded CI): nothing was left to interrupt, and the bundle must be whole
+        assert proc.returncode == 0 and "wrote" in stdout and _complete_bundle(out)
     else:
         assert proc.returncode == 130, (proc.returncode, stderr[-3000:])
         assert "interrupted" in stderr
