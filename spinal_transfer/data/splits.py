@@ -168,12 +168,12 @@ def _scan_split(folder: Path, notes: list[str], root: Path,
 
 
 def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> dict[str, Path]:
-    """{"train": ROOT/train, ...} for the split folders present (aliases allowed, one per split). A folder to
+    """{"train": ROOT/train, ...} for the split folders present (aliases in any case, one per split). A folder to
     train from needs train/; one only evaluated (`need_train=False`) may hold any of them, e.g. test/ alone."""
     names = set(_subdirs(root))
     found: dict[str, Path] = {}
-    for split, aliases in SPLIT_ALIASES.items():
-        hits = [a for a in aliases if a in names]
+    for split, aliases in SPLIT_ALIASES.items():     # Train/, VAL/: split names in any case (Kaggle's Training/)
+        hits = sorted(n for n in names if n.lower() in aliases)
         if len(hits) > 1:
             raise DataError(f"{root}: both {' and '.join(hits)} exist; keep one folder for the {split} split")
         if hits:

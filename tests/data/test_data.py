@@ -25,7 +25,7 @@ from spinal_transfer.data.loaders import (
     collate,
 )
 from spinal_transfer.data.skiplog import SkipLog
-from spinal_transfer.data.splits import list_images, load_recorded, record, scan
+from spinal_transfer.data.splits import SPLIT_NAMES, list_images, load_recorded, record, scan
 from spinal_transfer.data.transforms import DataConfig, build_transforms, transform_signature
 from spinal_transfer.errors import DataError
 from spinal_transfer.models.preprocess import resolve_data_config
@@ -101,6 +101,21 @@ def test_train_plus_valid_alias_generates_only_test(tmp_path):
     train_files = {str(p) for p in (root / "train").rglob("*.png")}
     assert {p for p, _ in s.train + s.test} == train_files
     assert abs(len(s.test) - 0.25 * len(train_files)) <= 1
+
+
+@pytest.mark.parametrize("names", [("Train", "Val", "Test"), ("TRAINING", "Validation", "Testing")])
+def test_split_folders_in_any_case_are_splits_not_classes(tmp_path, names):
+    """Train/Val/Test (or Kaggle's Training/Testing) read as classes would train on the test images."""
+    root = write_digits_folder(tmp_path / "d", digits=(3, 4), size=8)
+    for split, name in zip(SPLIT_NAMES, names):
+        (root / split).rename(root / name)
+    s = scan(root)
+    assert s.classes == ["digit_3", "digit_4"]
+    for split, name in zip(SPLIT_NAMES, names):
+        assert sorted(p for p, _ in s.get(split)) == sorted(str(p) for p in (root / name).rglob("*.png"))
+    (root / "train").mkdir()            # train/ beside Train/: which one is meant is not guessed
+    with pytest.raises(DataError, match=f"both {names[0]} and train exist"):
+        scan(root)
 
 
 def test_tiny_classes_do_not_crash_the_split(tmp_path):
