@@ -33,6 +33,14 @@ def erase_probability(policy: str, asked: Optional[float]) -> float:
     return DEFAULT_ERASE.get(policy, 0.0) if asked is None else float(asked)
 
 
+def values_in_force(cfg: Any) -> dict:
+    """The random-erasing probability and crop scale a TrainConfig trains with, written in (a saved config that
+    leaves them unset predates a change of the policy's default: config.UNSET_BEFORE reads it as the old one)."""
+    aug = Augmentation.from_config(cfg)
+    return {"random_erase": aug.random_erase,
+            "rrc_scale": list(aug.crop_scale()) if cfg.applies("rrc_scale") else cfg.rrc_scale}
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """The training-time augmentation, explicit: the policy and its knobs (README, "Augmentation").

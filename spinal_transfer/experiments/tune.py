@@ -46,11 +46,12 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from ..config import TrainConfig, resolve_config
+from ..data.augment import values_in_force
 from ..errors import ConfigError, MissingDependency, NonFiniteLoss
 from ..evaluation.plots import figure_png
 from ..evaluation.tables import Table, page, png_img, table_html, to_csv, write_files
@@ -227,7 +228,7 @@ def make_objective(base: TrainConfig, out: Path) -> Callable[["optuna.Trial"], f
     def objective(trial: "optuna.Trial") -> float:
         cfg = resolve_config(base, {**trial_fields(trial, base), "out": str(trial_dir(out, trial.number).path)})
         trial.set_user_attr("run", cfg.out)
-        trial.set_user_attr("config", cfg.to_dict())
+        trial.set_user_attr("config", replace(cfg, **values_in_force(cfg)).to_dict())      # as it trains
         last = cfg.total_epochs()
 
         def on_epoch(row: dict) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import METRIC_NAMES, Stage, TrainConfig, resume_config
-from ..data.augment import Augmentation, erase_probability
+from ..data.augment import values_in_force
 from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
 from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
@@ -373,8 +373,7 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
     return dataclasses.replace(
         cfg, out=out, layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
         mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
-        random_erase=erase_probability(cfg.augment, cfg.random_erase),
-        rrc_scale=list(Augmentation.from_config(cfg).crop_scale()) if cfg.applies("rrc_scale") else cfg.rrc_scale,
+        **values_in_force(cfg),
         resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
 
 

@@ -23,6 +23,7 @@ import spinal_transfer.training.train as train
 from spinal_transfer.cli import main as cli
 from spinal_transfer.cli.tune import CONTROLLED
 from spinal_transfer.config import TrainConfig, resolve_config
+from spinal_transfer.data.augment import Augmentation
 from spinal_transfer.experiments import tune
 from spinal_transfer.experiments.multirun import DEFAULT_MODE, MODE_NAMES, mode_fields
 from spinal_transfer.runs.rundir import RunDir
@@ -105,6 +106,20 @@ def test_a_pruned_trial_stops_early_and_is_never_tested(digits_transfer, tmp_pat
     assert [r["epoch"] for r in run.read_metrics()] == [1]                       # stopped after epoch 1 of 3
     assert t.intermediate_values[1] == run.read_metrics()[0]["val"]["top1"]
     assert not run.report.exists() and not run.predictions.exists()             # test never evaluated
+
+
+def test_tune_recipe_trains_as_its_trial_did(digits_transfer, tmp_path, one_thread):
+    """best.yaml under a policy whose own crop scale changed since (randaugment: config.UNSET_BEFORE) carries the
+    scale the trial trained with, so `train --recipe` runs the trial's configuration, not the old default's."""
+    data, weights = digits_transfer
+    flags = {**FLAGS, "augment": "randaugment", "epochs": 1}
+    assert cli(["tune", *cli_flags(data=data, weights=weights, **flags), "--trials", "1", "--out",
+                str(tmp_path / "tune")]) == 0
+    assert cli(["train", "--recipe", str(tmp_path / "tune" / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
+    trained = [TrainConfig.from_yaml(p / "config.yaml").to_dict()
+               for p in (tmp_path / "tune" / "trials" / "trial0000", tmp_path / "again")]
+    assert {**trained[1], "out": ""} == {**trained[0], "out": ""}
+    assert trained[1]["rrc_scale"] == list(Augmentation(policy="randaugment").crop_scale())
 
 
 def test_tune_recipe_reproduces_the_best_trial(digits_transfer, tmp_path, monkeypatch, one_thread, capsys):
