@@ -9,7 +9,7 @@ import importlib
 import os
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # albumentations asks the network for a newer release when imported; offline that is a warning on every command
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

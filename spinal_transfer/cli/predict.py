@@ -49,8 +49,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="write `uncertain` as the prediction of images whose top probability is below P, in "
                              "a `prediction` column, and count them")
     parser.add_argument("--no-verify", action="store_true",
-                        help="use a bundle whose files differ from the digests export recorded in its config.json "
-                             "(a bundle edited on purpose); without it such a bundle is refused")
+                        help="use a bundle whose files or config.json (class names, preprocessing, temperature) "
+                             "differ from the digests export recorded in its config.json (a bundle edited on "
+                             "purpose); without it such a bundle is refused")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -74,15 +76,41 @@ def bundle_config(ckpt: dict) -> dict:
     }
 
 
+CONFIG_KEYS = ("backbone", "head", "classes", "input")     # what rebuilds the model and its preprocessing
+
+
 def read_config(bundle: PathLike) -> dict:
-    """config.json of a bundle folder (or of the folder holding a bundle file such as model.onnx)."""
+    """config.json of a bundle folder (or of the folder holding a bundle file such as model.onnx); one line, not a
+    traceback, for one that is not JSON or lacks what rebuilds the model."""
     folder = Path(bundle)
     folder = folder.parent if folder.is_file() else folder
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a spinal-transfer bundle: no {CONFIG_FILE} there "
                                 f"(make one with `spinal-transfer export RUN --out DIR`)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
+    missing = [k for k in CONFIG_KEYS if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not the config.json export wrote; re-export the "
+                              f"bundle")
+    return config
+
+
+CONFIG_DIGEST_SINCE = (0, 3)      # bundles of this version on record config_sha256: one without it was edited
+
+
+def _version(config: dict) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", str(config.get("spinal_transfer_version", "0")))[:3])
+
+
+def config_sha256(config: dict) -> str:
+    """The digest of config.json's content (its keys sorted, the digest itself left out) that export records in
+    it: the file digests cover the model files, this covers the classes, preprocessing and temperature."""
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def build_from_config(config: dict) -> nn.Module:
@@ -93,9 +121,15 @@ def build_from_config(config: dict) -> nn.Module:
 
 
 def verify_bundle(folder: Path, config: dict, used: str) -> None:
-    """Refuse, in one line naming the file, a bundle file `used` (and its companions, e.g. model.onnx.data)
-    whose bytes differ from the sha256 that export recorded in config.json: an edited or corrupted file would
-    change predictions without a word. A bundle exported before digests were recorded is not checked."""
+    """Refuse, in one line naming the file, config.json or a bundle file `used` (and its companions, e.g.
+    model.onnx.data) that differs from the sha256 export recorded: an edited or corrupted file would change
+    labels or predictions without a word (reversed classes name every prediction wrong). A bundle of an earlier
+    version without the config's digest has its files checked only; one without digests at all, nothing."""
+    if "config_sha256" in config or _version(config) >= CONFIG_DIGEST_SINCE:
+        if config.get("config_sha256") != config_sha256(config):
+            raise CheckpointError(f"{folder / CONFIG_FILE} was changed since export (its content does not match the "
+                                  f"sha256 recorded in it), so its classes, preprocessing or temperature may no longer "
+                                  f"fit the model; re-export the bundle, or pass --no-verify to use it as it is")
     for name, want in (config.get("files") or {}).items():
         if name != used and not name.startswith(used + "."):
             continue
@@ -120,7 +154,12 @@ def load(bundle: PathLike, verify: bool = True) -> nn.Module:
     if verify:
         verify_bundle(folder, config, WEIGHTS_FILE)
     model = build_from_config(config)
-    load_model(model, str(folder / WEIGHTS_FILE))
+    try:
+        load_model(model, str(folder / WEIGHTS_FILE))
+    except RuntimeError as e:    # e.g. another class count: the config.json of another model (with --no-verify)
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the model {CONFIG_FILE} describes ("
+                              f"{len(config['classes'])} classes, {config['backbone']}): "
+                              f"{' '.join(str(e).split())[:300]}; re-export the bundle") from None
     return model.eval()
 
 
@@ -379,7 +418,7 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
     with _staging(out) as stage:
         save_model(trained, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))    # rewritten with the formats below
-        model = load(stage)                         # export what a user of the bundle gets
+        model = load(stage, verify=False)           # export what a user of the bundle gets (no digests yet)
         diff = max_abs_diff(model, inputs, expected)
         if diff != 0:
             raise ExportError(f"the bundle reloaded from {WEIGHTS_FILE} differs from the checkpoint (max abs "
@@ -395,6 +434,7 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
         atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source), source))
         config["files"] = {f.name: file_sha256(f) for f in sorted(stage.iterdir())
                            if f.is_file() and f.name != CONFIG_FILE}      # checked before use (verify_bundle)
+        config["config_sha256"] = config_sha256(config)                   # and config.json itself
         atomic_write_text(stage / CONFIG_FILE, json.dumps(config, indent=1))
         _publish(stage, out)
     return config

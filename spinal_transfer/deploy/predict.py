@@ -38,7 +38,7 @@ from ..data.images import BadImage, _pil_to_rgb, decode_image, load_image
 from ..data.loaders import BadSample, ImageDataset, make_loader
 from ..data.skiplog import SkipLog
 from ..data.splits import list_images
-from ..errors import ConfigError, DataError, option_name
+from ..errors import CheckpointError, ConfigError, DataError, option_name
 from ..evaluation.calibration import temperature_of
 from ..evaluation.evaluate import TTA, tta_probs
 from ..models.restore import model_from_checkpoint
@@ -186,7 +186,7 @@ def open_model(source: PathLike, device: torch.device, runner: str = "auto",
         config = read_config(path)
         if verify:
             verify_bundle(path.parent, config, path.name)
-        return config, onnx_runner(path, device.type), kind
+        return config, _checked(onnx_runner(path, device.type), config, path), kind
     if (path / CONFIG_FILE).is_file() or path.suffix == ".safetensors":
         config, model = read_config(path), load(path, verify)
     else:
@@ -200,7 +200,22 @@ def open_model(source: PathLike, device: torch.device, runner: str = "auto",
     def run(x: torch.Tensor) -> torch.Tensor:
         return model(x.to(device, non_blocking=True).contiguous(memory_format=memory_format)).float().cpu()
 
-    return config, run, kind
+    return config, _checked(run, config, path), kind
+
+
+def _checked(run: Runner, config: dict, path: Path) -> Runner:
+    """`run` once it gave one score per class of config.json on a blank image: a config.json of another model
+    (used with --no-verify) would otherwise fail mid-way with a traceback, or name the wrong classes."""
+    size, n = config["input"]["img_size"], len(config["classes"])
+    try:
+        scores = run(torch.zeros(1, 3, size, size)).shape[-1]
+    except Exception as e:       # the runtimes raise their own types (onnxruntime's Fail, torch's RuntimeError)
+        raise CheckpointError(f"{path} does not run on {CONFIG_FILE}'s {size} px input ({str(e).splitlines()[0]}); "
+                              f"re-export the bundle") from None
+    if scores != n:
+        raise CheckpointError(f"{path} gives {scores} scores an image but {CONFIG_FILE} lists {n} classes; "
+                              f"re-export the bundle")
+    return run
 
 
 def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[int] = None,

@@ -66,7 +66,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import SPLIT_NAMES, Splits, config_splits, load_recorded
 from ..errors import ConfigError, DataError, MissingDependency
 from ..models.heads import head_options
-from ..models.surgery import build_model, check_weights
+from ..models.surgery import build_model, check_backbone
 from ..runs.rundir import RunDir
 from ..training.features import cached_split, default_cache_dir
 from ..training.inputs import RunInputs
@@ -436,7 +436,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
         if cfg.data and folder.resolve().is_relative_to(Path(cfg.data).expanduser().resolve()):
             raise DataError(f"{what} {folder} is inside the data folder {cfg.data}: it would be read as a class "
                             f"next time; choose a place outside it")
-    check_weights(cfg.backbone, cfg.weights)         # offline and not cached: refuse before the images are hashed
+    check_backbone(cfg.backbone, cfg.weights)        # a typo, or offline and not cached: refuse before hashing
     splits = audit_splits(cfg, run)
     items = [Item(p, s, y) for s in SPLIT_NAMES for p, y in splits.get(s)]
     progress(f"auditing {len(items)} images of {splits.root} ({len(splits.classes)} classes)")

@@ -102,6 +102,10 @@ def resolve_data_config(backbone: str, weights: Optional[str], model: Optional[t
     img = img_size or base["img_size"]
     if resize_size:
         resize = tuple(int(r) for r in resize_size) if isinstance(resize_size, (list, tuple)) else int(resize_size)
+        if min(_hw(resize)) < img:          # the crop would not fit: albumentations fails mid-epoch
+            raise ConfigError(f"--resize-size {resize_size} is smaller than the {img} px crop (--img-size"
+                              f"{'' if img_size else ', the backbone default'}); give a --resize-size of at least "
+                              f"{img}", key="resize_size")
         crop_pct = img / min(_hw(resize))
     elif img_size:
         resize, crop_pct = round(img / base["crop_pct"]), base["crop_pct"]

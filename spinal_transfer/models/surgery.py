@@ -138,8 +138,7 @@ def _torchvision_input_size(name: str, model: nn.Module, weights: Any) -> int:
 def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, int]:
     import torchvision.models as tvm
 
-    if name not in tvm.list_models(module=tvm):
-        raise ConfigError(f"torchvision has no classification model {name!r}; see `spinal-transfer models torchvision/`")
+    check_name("torchvision", name)
     kwargs = {}
     if name in ("inception_v3", "googlenet"):
         kwargs = dict(aux_logits=True, init_weights=weights is None)
@@ -185,11 +184,7 @@ def _is_classifier(m: Optional[nn.Module], out_dim: int) -> bool:
 
 
 def _build_timm(name: str, source: Any) -> tuple[nn.Module, int]:
-    import timm
-
-    if not is_hub_name(name) and not timm.is_model(name):
-        hint = f"; a Hugging Face Hub repo is 'timm/hf-hub:{name}'" if "/" in name else ""
-        raise ConfigError(f"timm has no model {name!r}; see `spinal-transfer models timm/`{hint}")
+    check_name("timm", name)
     try:
         model = create_timm(name if source.tag is None else f"{name}.{source.tag}",
                             pretrained=source.builtin is not None)
@@ -252,10 +247,34 @@ def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str,
     return targets
 
 
-def check_weights(backbone: str, weights: Optional[str]) -> None:
-    """Refuse at once (WeightsUnavailable, naming the missing files and --weights none / FILE) when `weights`
-    need a download that cannot happen; nothing is built, so a run can say so before it reads its data."""
+def check_name(lib: str, name: str) -> None:
+    """ConfigError, with the closest names, for a model the library does not have (a typo)."""
+    import difflib
+
+    if lib == "timm":
+        import timm
+
+        if is_hub_name(name) or timm.is_model(name):
+            return
+        known, hint = timm.list_models(), f"; a Hugging Face Hub repo is 'timm/hf-hub:{name}'" if "/" in name else ""
+        what = "model"
+    else:
+        import torchvision.models as tvm
+
+        known, hint, what = tvm.list_models(module=tvm), "", "classification model"
+        if name in known:
+            return
+    close = difflib.get_close_matches(name, known, 3)
+    maybe = f" (did you mean {', '.join(f'{lib}/{c}' for c in close)}?)" if close else ""
+    raise ConfigError(f"{lib} has no {what} {name!r}{maybe}; see `spinal-transfer models {lib}/`{hint}")
+
+
+def check_backbone(backbone: str, weights: Optional[str]) -> None:
+    """Refuse at once a backbone the library does not have, or `weights` that need a download that cannot
+    happen (WeightsUnavailable, naming the missing files and --weights none / FILE): nothing is built, so a
+    run says so before it reads its data or clears an earlier run for --overwrite."""
     lib, name = parse_backbone(backbone)
+    check_name(lib, name)
     resolve_weights(lib, name, weights).fail_fast()
 
 

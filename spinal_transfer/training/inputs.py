@@ -24,6 +24,13 @@ from ..models.preprocess import resolve_data_config
 from ..utils.distributed import rank, world_size
 
 
+def data_config(cfg: TrainConfig, model: Optional[nn.Module] = None) -> DataConfig:
+    """The input size, resize and normalization of `cfg` on its backbone (the built `model`'s pretrained config,
+    else the registry's: nothing is built or downloaded); ConfigError for a resize the crop does not fit."""
+    return resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
+                               mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, eval_resize=cfg.eval_resize)
+
+
 @dataclass(frozen=True)
 class RunInputs:
     """A run's splits, input settings (size, resize, normalization) and transforms."""
@@ -40,9 +47,7 @@ class RunInputs:
         applied. `model`: the built model, whose pretrained config gives the input size and normalization;
         without one, the backbone's registry metadata does (offline: nothing is built or downloaded)."""
         splits = splits if splits is not None else config_splits(cfg)
-        dc = resolve_data_config(cfg.backbone, cfg.weights, model, img_size=cfg.img_size, resize_size=cfg.resize_size,
-                                 mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation,
-                                 eval_resize=cfg.eval_resize)
+        dc = data_config(cfg, model)
         return cls(splits, dc, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg)),
                    build_transforms(dc, train=False))
 

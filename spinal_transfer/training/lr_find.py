@@ -35,7 +35,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import config_splits
 from ..evaluation.plots import _figure, save_figure
 from ..models.heads import head_options
-from ..models.surgery import build_model, check_weights
+from ..models.surgery import build_model, check_backbone
 from ..utils.runtime import configure_process, pick_device, seed_everything
 from .inputs import RunInputs, train_sampler
 from .optim import FreezePolicy, make_optimizer
@@ -239,7 +239,7 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.device)
     configure_process(device)
-    check_weights(cfg.backbone, cfg.weights)         # offline and not cached: refuse before the data is read
+    check_backbone(cfg.backbone, cfg.weights)        # a typo, or offline and not cached: refuse before the data is read
     splits = config_splits(cfg)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
                         classes=splits.classes, weights_partial=cfg.weights_partial, **head_options(cfg))

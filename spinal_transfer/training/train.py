@@ -39,7 +39,7 @@ from ..evaluation.metrics import classification_metrics, summary
 from ..evaluation.plots import plot_calibration, plot_confusion, plot_curves, plot_top_losses
 from ..evaluation.report_page import write_report_html
 from ..models.heads import head_options
-from ..models.surgery import build_model, check_weights, get_head
+from ..models.surgery import build_model, check_backbone, get_head
 from ..runs.checkpoint import checkpoint_meta, load_checkpoint
 from ..runs.rundir import RunDir, check_new_run, default_run_name
 from ..utils.atomic import system_error
@@ -67,7 +67,7 @@ from ..utils.runtime import (
 )
 from ..utils.tracking import Tracker
 from .features import cached_split, default_cache_dir, feature_loader
-from .inputs import RunInputs, train_sampler
+from .inputs import RunInputs, data_config, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
 from .optim import FreezePolicy, make_optimizer, make_scheduler
 from .preview import write_batch_preview
@@ -179,7 +179,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
                      broadcast_object(default_run_name(cfg.backbone, cfg.head)))
     if resume is None:
         _check_data_folder(cfg.data, run_dir)
-        check_weights(cfg.backbone, cfg.weights)   # offline and not cached: refuse before the data is read
+        check_backbone(cfg.backbone, cfg.weights)  # a typo, or offline and not cached: refuse before the data is read
+        data_config(cfg)                           # a resize the crop does not fit: before --overwrite clears a run
     if resume is None and not overwrite:         # refuse before touching anything (checked again under the lock)
         _on_main(lambda: check_new_run(run_dir, overwrite, log.info))
     with _exclusive(run_dir):

@@ -1,6 +1,6 @@
-"""Verified bundles: export records every file's sha256 in config.json; predict, Predictor and the ONNX runners
-refuse a file that differs, in one line naming it; --no-verify (verify=False) uses it as it is; a bundle from
-before digests loads unchecked."""
+"""Verified bundles: export records every file's sha256 in config.json, and config.json's own; predict, Predictor
+and the ONNX runners refuse a file (config.json included) that differs, in one line naming it; --no-verify
+(verify=False) uses it as it is; a bundle from before digests loads unchecked."""
 from __future__ import annotations
 
 import hashlib
@@ -78,10 +78,72 @@ def test_a_bundle_exported_before_digests_loads_unchecked(bundle, tmp_path):
     old = tmp_path / "old"
     subprocess.run(["cp", "-r", str(bundle), str(old)], check=True)
     config = json.loads((old / "config.json").read_text())
-    del config["files"]
-    (old / "config.json").write_text(json.dumps(config))
+    del config["files"], config["config_sha256"]
+    (old / "config.json").write_text(json.dumps({**config, "spinal_transfer_version": "0.1.0"}))
     _flip_last_byte(old / "model.safetensors")
     assert Predictor(old, device="cpu", runner="torch").classes == config["classes"]
+
+
+def _edit_config(bundle: Path, to: Path, edit) -> dict:
+    subprocess.run(["cp", "-r", str(bundle), str(to)], check=True)
+    config = json.loads((to / "config.json").read_text())
+    edit(config)
+    (to / "config.json").write_text(json.dumps(config, indent=1))
+    return config
+
+
+def test_an_edited_config_json_is_refused_unless_told(bundle, three_digits, tmp_path, cli_run):
+    """config.json names the classes: reversed, every prediction is labelled wrong with no file changed but it.
+    Its own digest catches that, and a removed digest (or file list) in a bundle of this version, for every
+    runner; a bundle of 0.2 (file digests, no config digest) still loads with its files checked."""
+    from spinal_transfer.deploy.predictor import Predictor
+
+    images = sorted((three_digits / "test" / "digit_1").iterdir())[:4]
+    runners = ["torch", "onnx"] if (bundle / "model.onnx").is_file() else ["torch"]
+    edits = {"classes": lambda c: c["classes"].reverse(), "temperature": lambda c: c.update(temperature=100.0),
+             "no-digest": lambda c: c.pop("config_sha256"), "no-files": lambda c: c.pop("files")}
+    for name, edit in edits.items():
+        edited = tmp_path / name
+        _edit_config(bundle, edited, edit)
+        for runner in runners:
+            with pytest.raises(CheckpointError, match="config.json was changed since export"):
+                Predictor(edited, device="cpu", runner=runner)
+    res = cli_run("predict", tmp_path / "classes", *images, "--out", tmp_path / "p.csv")
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and "--no-verify" in errors[0], res.stderr[-2000:]
+    assert not (tmp_path / "p.csv").exists()
+    plain = Predictor(bundle, device="cpu", runner="torch")
+    told = Predictor(tmp_path / "classes", device="cpu", runner="torch", verify=False)
+    assert told.classes == plain.classes[::-1]                       # used as it is, when told
+    assert (told.probabilities(images) == plain.probabilities(images)).all()
+
+    older = _edit_config(bundle, tmp_path / "v02", lambda c: (c.pop("config_sha256"),
+                                                              c.update(spinal_transfer_version="0.2.0")))
+    assert Predictor(tmp_path / "v02", device="cpu", runner="torch").classes == older["classes"]
+    _flip_last_byte(tmp_path / "v02" / "model.safetensors")          # its files are still checked
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the sha256"):
+        Predictor(tmp_path / "v02", device="cpu", runner="torch")
+
+
+def test_a_config_json_of_another_model_or_broken_is_one_line(bundle, three_digits, tmp_path, cli_run):
+    """With --no-verify a config.json listing another number of classes meets the model: one line, for every
+    runner, instead of a traceback mid-way; a config.json that is not JSON, or lacks the backbone, likewise."""
+    images = three_digits / "test" / "digit_1"
+    wrong = _edit_config(bundle, tmp_path / "wrong", lambda c: c["classes"].append("extra"))
+    for runner in ["torch", "onnx"] if (bundle / "model.onnx").is_file() else ["torch"]:
+        res = cli_run("predict", tmp_path / "wrong", images, "--runner", runner, "--no-verify", "--out",
+                      tmp_path / "p.csv")
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert f"{len(wrong['classes'])} classes" in errors[0] and "re-export" in errors[0]
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(bundle), str(broken)], check=True)
+    text = (broken / "config.json").read_text()
+    for content, says in ((text[: len(text) // 2], "is not valid JSON"),
+                          (json.dumps({k: v for k, v in json.loads(text).items() if k != "backbone"}), "lacks backbone")):
+        (broken / "config.json").write_text(content)
+        res = cli_run("predict", broken, images, "--no-verify", "--out", tmp_path / "p.csv")
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
 
 
 def test_the_onnx_runner_refuses_a_tampered_model_onnx(bundle, three_digits, tmp_path, cli_run):

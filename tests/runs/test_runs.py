@@ -82,6 +82,20 @@ def test_overwrite_removes_the_runs_files_and_nothing_else(finished, three_digit
     assert load_checkpoint(copy / "checkpoints" / "best.pt")["epoch"] == 1
 
 
+def test_overwrite_with_a_mistyped_backbone_or_a_resize_too_small_keeps_the_run(finished, three_digits, tmp_path,
+                                                                                 cli_run):
+    """--overwrite clears the earlier run only for a run that can start: a backbone typo (with the closest
+    names) or a resize the crop does not fit is one line, and every file is left as it was."""
+    before = snapshot(finished)
+    backbone = TINY["backbone"]
+    for flags, says in ((("--backbone", backbone + "x"), f"did you mean {backbone}"),
+                        (("--resize-size", "8", "--img-size", "16"), "--resize-size 8 is smaller than the 16 px")):
+        res = cli_run(*_train_args(three_digits, finished), *flags, "--overwrite")
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and says in lines[0], res.stderr[-2000:]
+        assert snapshot(finished) == before
+
+
 def test_a_second_train_on_the_same_folder_refuses_while_the_first_runs(three_digits, tmp_path, cli_run):
     out = tmp_path / "busy"
     first = subprocess.Popen([sys.executable, "-m", "spinal_transfer", *_train_args(three_digits, out, epochs=50,
