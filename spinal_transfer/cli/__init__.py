@@ -59,6 +59,23 @@ def positive_int(s: str) -> int:
     return v
 
 
+def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> bool:
+    """Before the work: `path` may be written by a command that writes `suffixes` files (True: a file is there
+    and will be replaced, which the command says). ConfigError for a folder, or for a file of another kind (an
+    image among the inputs, a notes.txt): it is never replaced."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {p} is a folder; give a {' or '.join(suffixes)} file to write")
+    if p.exists() and p.suffix.lower() not in suffixes:
+        raise ConfigError(f"{option} {p} exists and is not a {' or '.join(suffixes)} file this command wrote; it is "
+                          f"not replaced: give another name")
+    return p.exists()
+
+
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser. The options of command `only` are loaded (its module imported); with None, every command's."""
     p = argparse.ArgumentParser(prog="spinal-transfer", description=__doc__.splitlines()[0],

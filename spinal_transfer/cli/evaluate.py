@@ -48,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
     from ..utils.atomic import atomic_write_text  # lazy: no torch at --help
 
     flags = check_flags({k: v for k, v in given_flags(args).items() if k in SHARED})
+    if args.out:
+        _check_out(Path(args.out), args.split)
     if flags.get("tta_crops") and not flags.get("tta"):
         raise ConfigError("--tta-crops needs --tta")
     tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
@@ -74,6 +76,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {out / f'metrics_{args.split}.json'}, {out / f'predictions_{args.split}.csv'} and {page}",
               file=sys.stderr)
     return 0
+
+
+def _check_out(out: Path, split: str) -> None:
+    """Before evaluating: --out is a folder, and not a run's (its report.html would be replaced by this page)."""
+    from ..runs.rundir import RunDir  # lazy: no torch at --help
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for metrics_{split}.json, predictions_{split}.csv "
+                          f"and report.html")
+    if RunDir(out).state() != "new":
+        raise ConfigError(f"--out {out} is a run folder, whose report.html this page would replace; give another "
+                          f"folder, e.g. --out {out / f'eval_{split}'}")
 
 
 def _page(args: argparse.Namespace, ev, out: Path) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..deploy.export import (
     ATOL,
@@ -13,6 +14,7 @@ from ..deploy.export import (
     QUANTIZE,
     STANDALONE,
     WEIGHTS_FILE,
+    check_out,
     export,
     format_check,
 )
@@ -56,8 +58,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.quantize is None and (args.force or args.max_accuracy_drop != MAX_ACCURACY_DROP):
         raise ConfigError("--max-accuracy-drop and --force apply to --quantize int8 only")
+    earlier = check_out(Path(args.out))
     config = export(args.run, args.out, args.formats, args.atol, quantize=args.quantize,
                     max_accuracy_drop=args.max_accuracy_drop, force=args.force)
+    if earlier:
+        print(f"replaced the earlier bundle in {args.out} ({', '.join(f.name for f in earlier)})")
     print(f"wrote {args.out}: {WEIGHTS_FILE}, {CONFIG_FILE}, {CARD_FILE}")
     for fmt, f in config["formats"].items():
         print(f"  {fmt}: {f['file']} ({format_check(f)})")

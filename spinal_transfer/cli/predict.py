@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from . import output_file
 from ..config import add_config_args, check_flags, given_flags
 from ..deploy.predict import RUNNERS, TOPK, predict, write_csv
 from ..errors import ConfigError
@@ -38,7 +38,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--topk", type=int, default=TOPK, help=f"classes per image (default: {TOPK})")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv); an "
-                        "existing file is replaced, and its 'wrote' line says so")
+                        "existing .csv file is replaced, and its 'wrote' line says so; any other file is refused")
     add_config_args(parser, only=SHARED, defaults={"workers": "as in training"})
     parser.add_argument("--runner", default="auto", choices=RUNNERS,
                         help="what runs the model: torch, onnx (the bundle's model.onnx), onnx-int8 (its "
@@ -62,13 +62,13 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--tta-crops needs --tta")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise ConfigError(f"--min-confidence must be a probability in [0, 1], got {args.min_confidence}")
+    replaced = output_file(args.out, (".csv",))   # said, never silent: it may hold another model's predictions
     tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
     preds = predict(args.model, args.paths, flags.get("batch_size"), flags.get("workers"), flags.get("device", "auto"),
                     tta=tta, runner=args.runner, calibrated=args.calibrated,
                     verify=not args.no_verify)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
-    replaced = Path(args.out).exists()          # said, never silent: it may hold another model's predictions
     skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)
     for path, reason in preds.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from . import positive_int
+from . import output_file, positive_int
 
 EXAMPLES = """\
   spinal-transfer report runs/pets                          # rewrite runs/pets/report.html (test split)
@@ -31,8 +32,13 @@ def main(args: argparse.Namespace) -> int:
     from ..evaluation.browser import screenshot  # lazy: no torch at --help
     from ..evaluation.report_page import write_report_html  # lazy: no torch at --help
 
+    replaced = args.out is not None and output_file(args.out, (".html", ".htm"))
+    if args.screenshot:
+        output_file(args.screenshot, (".png",), "--screenshot")
     page = write_report_html(args.run, args.out, args.split, args.top)
     print(page)
+    if replaced:
+        print(f"(replaced the page that was at {page})", file=sys.stderr)
     if args.screenshot:
         print(screenshot(page, args.screenshot, width=args.width, max_height=args.max_height))
     return 0

@@ -363,14 +363,35 @@ def _staging(out: Path) -> Iterator[Path]:
                     folder.rmdir()
 
 
+def _bundle_files(out: Path) -> list[Path]:
+    """The files in `out` that an export writes (an earlier export's, or a user's file of the same name)."""
+    return sorted(f for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE,
+                                 STANDALONE.name) for f in out.glob(name + "*") if f.is_file())
+
+
+def check_out(out: Path) -> list[Path]:
+    """The earlier bundle's files that exporting to `out` replaces; ExportError, before any work, for an `out`
+    that is a file, or a folder holding files of those names that no export wrote (a user's README.md or
+    config.json): they are never replaced."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; a bundle is a folder: give a new or empty folder")
+    earlier = _bundle_files(out) if out.is_dir() else []
+    if earlier:
+        try:
+            read_config(out)
+        except CheckpointError:
+            raise ExportError(f"--out {out} holds {', '.join(f.name for f in earlier)} that no export wrote (no "
+                              f"spinal-transfer {CONFIG_FILE}); give a new or empty folder") from None
+    return earlier
+
+
 def _publish(stage: Path, out: Path) -> None:
     """Move the staged files into `out`, first removing an earlier export's files (no stale formats), with
     Ctrl-C held back until all are in place. Temp files are created owner-only; a bundle is meant to be shared,
     so it is made world-readable."""
     with _uninterrupted():
-        for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE, STANDALONE.name):
-            for f in out.glob(name + "*"):
-                f.unlink()
+        for f in _bundle_files(out):
+            f.unlink()
         for f in sorted(stage.iterdir()):
             f.chmod(0o644)
             os.replace(f, out / f.name)
@@ -405,6 +426,7 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
     if "onnx" in formats:
         _require_onnx()
     source, out = Path(source), Path(out)
+    check_out(out)
     ckpt = load_run_checkpoint(source)              # weights_only: a crafted pickle is refused here
     trained, *_ = model_from_checkpoint(ckpt)
     config = bundle_config(ckpt)

@@ -82,3 +82,45 @@ def test_one_image_per_class_is_refused_in_one_line_before_anything_is_written(t
     _refused(res, "the val and test splits are empty", "train 2, val 0, test 0")
     assert "2 class(es) have no test image (too few images to hold one out): cat (1 image), dog (1 image)" in res.stderr
     assert res.returncode == 2 and not (tmp_path / "run").exists()
+
+
+def test_outputs_never_replace_what_the_command_did_not_write(finished_run, three_digits, tmp_path, cli_run):
+    """--out of predict, report, evaluate and export: a file of another kind (an input image, notes), a run's
+    own folder, or a folder of the user's files is refused before the work, in one line, and left as it was; an
+    earlier output of the same command is replaced, and the command says so."""
+    import shutil
+
+    image = tmp_path / "keep.png"
+    shutil.copyfile(next((three_digits / "test" / "digit_1").iterdir()), image)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my readme")
+    before = {p: p.read_bytes() for p in (image, notes, mine / "README.md")}
+    run_page = (finished_run / "report.html").read_bytes()
+    refused = [
+        (("predict", finished_run, image, "--out", image), "is not a .csv file"),
+        (("predict", finished_run, image, "--out", tmp_path), "is a folder"),
+        (("report", finished_run, "--out", notes), "is not a .html or .htm file"),
+        (("evaluate", finished_run, "--out", finished_run), "is a run folder"),
+        (("evaluate", finished_run, "--out", notes), "is a file"),
+        (("export", finished_run, "--out", notes), "is a file"),
+        (("export", finished_run, "--out", mine), "README.md that no export wrote"),
+    ]
+    for args, says in refused:
+        res = cli_run(*args)
+        _refused(res, says)
+        assert res.returncode == 2
+    assert {p: p.read_bytes() for p in before} == before and (finished_run / "report.html").read_bytes() == run_page
+
+    bundle = tmp_path / "bundle"
+    assert cli_run("export", finished_run, "--out", bundle).returncode == 0
+    (bundle / "model.onnx").write_bytes(b"a stale format of the earlier export")
+    res = cli_run("export", finished_run, "--out", bundle)
+    assert res.returncode == 0 and "replaced the earlier bundle" in res.stdout and "model.onnx" in res.stdout
+    assert not (bundle / "model.onnx").exists()
+    csv = tmp_path / "p.csv"
+    for _ in range(2):
+        res = cli_run("predict", bundle, image, "--out", csv)
+    assert res.returncode == 0 and "replacing the file that was there" in res.stderr
