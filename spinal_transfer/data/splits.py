@@ -142,11 +142,28 @@ def _stays_in_class(class_dir: Path, root: Path, skipped: list[tuple[str, str]],
     return follow
 
 
+def _check_class_links(folder: Path, classes: list[str], root: Path) -> None:
+    """DataError for a class folder that is (a link to) another class folder, or inside or around one, or a link
+    into another split: its images would have two labels, or train's images would be held out."""
+    real = {c: Path(os.path.realpath(folder / c)) for c in classes}
+    for a in sorted(classes, key=lambda c: not (folder / c).is_symlink()):      # a link is named as the link
+        for b in classes:
+            if a != b and real[a].is_relative_to(real[b]):
+                raise DataError(f"class folders {folder / a} and {folder / b} hold the same images ({a} is "
+                                f"{'a link to' if real[a] == real[b] else 'inside'} {real[b]}): each would have two "
+                                f"labels; remove the link or keep one folder")
+        if (folder / a).is_symlink() and real[a].is_relative_to(root) and not real[a].is_relative_to(
+                os.path.realpath(folder)):
+            raise DataError(f"class folder {folder / a} is a link into another part of the data folder ({real[a]}): "
+                            f"its images would be in two splits; remove the link")
+
+
 def _scan_split(folder: Path, notes: list[str], root: Path,
                 follow_links: bool = False) -> tuple[list[str], dict[str, list[str]], list[tuple[str, str]]]:
     """Classes of one split folder of the data folder `root` and their header-checked images; skipped files
     with reasons."""
     classes = _subdirs(folder)
+    _check_class_links(folder, classes, root)
     images: dict[str, list[str]] = {}
     skipped: list[tuple[str, str]] = []
     for c in classes:

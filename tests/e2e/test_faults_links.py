@@ -68,3 +68,31 @@ def test_a_link_out_of_the_data_folder_is_skipped_unless_follow_links(tmp_path, 
                   "--epochs", "1", "--workers", "0", "--follow-links", "--out", tmp_path / "run")
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "run" / "skipped_files.txt").read_text().strip() == ""
+
+
+def test_a_class_folder_that_links_to_another_class_or_split_is_refused(tmp_path):
+    """A class folder that is a link to a sibling class gives every image two labels; one into another split
+    puts train's images in val. Both are refused in one DataError naming the folder; a class folder linked to
+    an image store outside the data folder is read."""
+    import pytest
+
+    from spinal_transfer.errors import DataError
+
+    for split in ("train", "val"):
+        for c, value in (("cat", 10), ("dog", 20)):
+            for i in range(3):
+                _png(tmp_path / "data" / split / c / f"{i}.png", value)
+    root = tmp_path / "data"
+    os.symlink("dog", root / "train" / "dog2")
+    os.symlink("dog", root / "val" / "dog2")
+    with pytest.raises(DataError, match=r"class folders .*dog2 and .*dog hold the same images \(dog2 is a link to"):
+        scan(root)
+    for split in ("train", "val"):
+        (root / split / "dog2").unlink()
+    (root / "val" / "dog").rename(tmp_path / "store")
+    os.symlink(tmp_path / "store", root / "val" / "dog")           # an image store: read
+    assert [len(scan(root, test_fraction=0.3).val)] == [6]
+    (root / "val" / "dog").unlink()
+    os.symlink("../train/dog", root / "val" / "dog")               # into another split
+    with pytest.raises(DataError, match=r"val/dog is a link into another part of the data folder"):
+        scan(root)
