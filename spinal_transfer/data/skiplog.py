@@ -46,6 +46,30 @@ class SkipLog:
             counts[where.get(p, "scan")] += 1
         return counts
 
+    def emptied(self, samples: dict[str, list], classes: list[str]) -> dict[str, list[str]]:
+        """Per split, the classes whose every image is unreadable (truncated files pass the scan's header check
+        and fail only when decoded): a class train never saw, or one the test metrics do not cover. A class with
+        a skipped image has its other images decoded here until one reads: training's dropped last batch may
+        have left some never decoded. Those that fail are added to the log."""
+        from .images import BadImage, load_image
+
+        def readable(path: str) -> bool:
+            try:
+                load_image(path)
+                return True
+            except BadImage as e:
+                self.add([(path, e)])
+                return False
+
+        out = {}
+        for name, items in samples.items():
+            hit = {y for p, y in items if str(p) in self.entries}
+            lost = [y for y in sorted(hit) if not any(readable(str(p)) for p, c in items
+                                                       if c == y and str(p) not in self.entries)]
+            if lost:
+                out[name] = [classes[y] for y in lost]
+        return out
+
     def watch(self, batches: Iterable) -> Iterator[tuple]:
         """The batches of a loader without their unreadable files, which are recorded here."""
         for images, labels, index, bad in batches:

@@ -57,6 +57,23 @@ def test_undecodable_test_image_is_listed_once_and_predictions_keep_exact_paths(
     assert report["test"]["num_samples"] == len(others)
 
 
+def test_a_class_whose_every_image_is_unreadable_is_named(tmp_path):
+    """Truncated files pass the scan's header check and fail only when decoded: a class whose every train image
+    is such a file is one the model never learned; one with no readable test image is not in the test metrics.
+    Both are named in a warning and in report.json."""
+    data = write_digits_folder(tmp_path / "d", digits=(0, 1, 2))
+    cut = {split: len(list((data / split / f"digit_{digit}").iterdir())) for split, digit in (("train", 2), ("test", 1))}
+    for split, digit in (("train", 2), ("test", 1)):
+        for f in sorted((data / split / f"digit_{digit}").iterdir()):
+            truncated_jpeg(f.with_suffix(".jpg"))
+            f.unlink()
+    report = run(tiny_cfg(data, tmp_path / "run", epochs=1, batch_size=8))
+    assert report["classes_without_readable_images"] == {"train": ["digit_2"], "test": ["digit_1"]}
+    assert {n: report["num_skipped"][n] for n in cut} == cut      # every one, decoded in training or after it
+    warned = [ln for ln in (tmp_path / "run" / "train.log").read_text().splitlines() if "no readable" in ln]
+    assert len(warned) == 2 and "never learned" in warned[0] and "test metrics do not cover" in warned[1]
+
+
 # --- the folder is owned: no silent overwrite, a lock, a fresh default name ----------------------
 
 def test_rerun_into_a_finished_run_refuses_and_leaves_every_file_byte_identical(finished, three_digits, cli_run):
