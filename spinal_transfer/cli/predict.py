@@ -7,7 +7,7 @@ import sys
 from . import output_file
 from ..config import add_config_args, check_flags, given_flags
 from ..deploy.predict import RUNNERS, TOPK, predict, write_csv
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluation.evaluate import TTA
 
 # the flags predict shares with train, generated from the same TrainConfig fields (ONNX: --device cuda if
@@ -69,9 +69,12 @@ def main(args: argparse.Namespace) -> int:
                     verify=not args.no_verify)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
-    skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)
     for path, reason in preds.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not preds.paths:
+        raise DataError(f"none of the {len(preds.skipped)} image file(s) could be read (each is named above with "
+                        f"the reason); nothing was written to {args.out}")
+    skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)
     print(f"wrote {len(preds.paths)} predictions to {args.out}" + (" (replacing the file that was there)" if replaced
           else "") + f"; {len(preds.skipped)} file(s) skipped (listed in {skipped_path})", file=sys.stderr)
     if args.min_confidence is not None:

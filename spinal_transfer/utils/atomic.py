@@ -67,7 +67,7 @@ def write_atomically(path: Path, write: Any, needed: Optional[int] = None) -> No
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    data = text.encode()
+    data = text.encode("utf-8", "surrogateescape")   # a file name that is not UTF-8 is written as its own bytes
     write_atomically(Path(path), lambda f: f.write(data), len(data))
 
 

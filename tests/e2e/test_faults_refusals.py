@@ -124,3 +124,27 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
     for _ in range(2):
         res = cli_run("predict", bundle, image, "--out", csv)
     assert res.returncode == 0 and "replacing the file that was there" in res.stderr
+
+
+def test_predict_writes_a_file_name_that_is_not_utf8_as_its_own_bytes(finished_run, three_digits, tmp_path, cli_run):
+    """A file name that is not valid UTF-8 (Python holds it with surrogate escapes) is written to the CSV as the
+    bytes the file system has, instead of failing after inference with UnicodeEncodeError."""
+    import shutil
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    raw = os.fsencode(folder) + b"/bad\xff.png"
+    shutil.copyfile(next((three_digits / "test" / "digit_1").iterdir()), raw)
+    res = cli_run("predict", finished_run, folder, "--out", tmp_path / "p.csv")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert raw in (tmp_path / "p.csv").read_bytes()
+
+
+def test_predict_with_no_readable_image_fails_and_writes_nothing(finished_run, tmp_path, cli_run):
+    empty, text = tmp_path / "zero.jpg", tmp_path / "note.png"
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    res = cli_run("predict", finished_run, empty, text, "--out", tmp_path / "p.csv")
+    _refused(res, "none of the 2 image file(s) could be read")
+    assert res.returncode == 2 and not (tmp_path / "p.csv").exists()
+    assert str(empty) in res.stderr and str(text) in res.stderr           # each named, with its reason
