@@ -59,6 +59,22 @@ def positive_int(s: str) -> int:
     return v
 
 
+def port(s: str) -> int:
+    """argparse type of a TCP port: 0 (any free one) to 65535."""
+    v = int(s)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {s}")
+    return v
+
+
+def finite_nonnegative(s: str) -> float:
+    """argparse type of a tolerance or a bound: a finite number >= 0."""
+    v = float(s)
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
 def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> bool:
     """Before the work: `path` may be written by a command that writes `suffixes` files (True: a file is there
     and will be replaced, which the command says). ConfigError for a folder, or for a file of another kind (an

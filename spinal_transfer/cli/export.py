@@ -19,6 +19,7 @@ from ..deploy.export import (
     format_check,
 )
 from ..errors import ConfigError
+from . import finite_nonnegative
 
 EXAMPLES = f"""\
   spinal-transfer export runs/pets --out bundles/pets
@@ -43,12 +44,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
     parser.add_argument("--format", dest="formats", action="extend", nargs="+", default=[],
                         choices=list(FORMAT_FILES), help="extra format(s), repeatable; the bundle is always written")
-    parser.add_argument("--atol", type=float, default=ATOL,
+    parser.add_argument("--atol", type=finite_nonnegative, default=ATOL,
                         help=f"largest max abs logit difference accepted per format (default: {ATOL:g})")
     parser.add_argument("--quantize", choices=QUANTIZE,
                         help="also write model.int8.onnx, quantized from model.onnx (implies --format onnx), "
                              "calibrated on the run's train images and checked on its val (or test) split")
-    parser.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
+    parser.add_argument("--max-accuracy-drop", type=finite_nonnegative, default=MAX_ACCURACY_DROP, metavar="POINTS",
                         help="with --quantize: the most top-1 percentage points int8 may lose against fp32 ONNX "
                              f"(default: {MAX_ACCURACY_DROP:g})")
     parser.add_argument("--force", action="store_true",

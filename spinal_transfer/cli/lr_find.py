@@ -6,6 +6,7 @@ import sys
 
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..errors import ConfigError
+from . import output_file
 
 EXAMPLES = """\
   spinal-transfer lr-find --data data/digits --img-size 32 --out lr_find.png
@@ -54,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--start-lr ({args.start_lr:g}) must be below --end-lr ({args.end_lr:g})")
     if args.num_steps < 10:
         raise ConfigError(f"--num-steps {args.num_steps} is too few for a curve; use at least 10 (default 200)")
+    output_file(args.out, (".png",))            # before the work: a folder or a file of another kind is refused
     cfg = resolve_config(args.recipe, given_flags(args))
     if not cfg.data:
         raise ConfigError("--data DIR is required (or a --recipe that sets data)")

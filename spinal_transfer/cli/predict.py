@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import output_file
 from ..config import add_config_args, check_flags, given_flags
 from ..deploy.predict import RUNNERS, TOPK, predict, write_csv
 from ..errors import ConfigError, DataError
 from ..evaluation.evaluate import TTA
+from . import output_file
 
 # the flags predict shares with train, generated from the same TrainConfig fields (ONNX: --device cuda if
 # onnxruntime has it)

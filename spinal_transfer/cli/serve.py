@@ -5,7 +5,7 @@ import argparse
 
 from ..deploy.predict import RUNNERS, TOPK
 from ..errors import ConfigError, MissingDependency
-from . import positive_int
+from . import port, positive_int
 
 HOST, PORT = "127.0.0.1", 8000
 MAX_BATCH, MAX_WAIT_MS, MAX_UPLOAD_MB, DRAIN_TIMEOUT_S = 32, 5.0, 10.0, 30
@@ -29,7 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="BUNDLE_OR_RUN",
                         help="bundle folder, bundle .onnx file, run folder (best.pt) or checkpoint file")
     parser.add_argument("--host", default=HOST, help=f"address to listen on (default: {HOST}; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=PORT, help=f"port to listen on (default: {PORT})")
+    parser.add_argument("--port", type=port, default=PORT, help=f"port to listen on (default: {PORT})")
     parser.add_argument("--runner", default="auto", choices=RUNNERS,
                         help="what runs the model, as for `predict` (default: auto: int8 ONNX, else ONNX, else torch "
                              "on the CPU)")

@@ -6,6 +6,7 @@ import sys
 
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..errors import ConfigError
+from . import output_file
 
 EXAMPLES = """\
   spinal-transfer show-batch --data data/digits --img-size 64 --out batch.png
@@ -30,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.num_images is not None and args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
+    output_file(args.out, (".png",))            # before the work: a folder or a file of another kind is refused
     cfg = resolve_config(args.recipe, given_flags(args))
     if not cfg.data:
         raise ConfigError("--data DIR is required (or a --recipe that sets data)")

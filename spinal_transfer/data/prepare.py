@@ -682,6 +682,9 @@ def prepare(name: str, root: Union[str, Path], download: bool = False, source: U
         raise PrepareError(f"val_fraction must be in (0, 1), got {val_fraction}")
     spec = DATASETS[name]
     root = Path(root).expanduser()
+    blocked = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise PrepareError(f"--root {root}: {blocked} is a file; give a folder (it is made when missing)")
     src = Path(source).expanduser() if source is not None else root / "raw"
     out = root / name
     settings = split_settings(name, val_fraction, seed)

@@ -102,6 +102,17 @@ def _few(names: list[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
+def data_folder(path: PathLike) -> Path:
+    """`path` resolved, or DataError: missing, or a file (an image given where its folder is meant)."""
+    root = Path(path).expanduser().resolve()
+    if root.is_file():
+        raise DataError(f"{path} is a file; the data folder is the folder that holds the class (or train/val/test) "
+                        f"folders")
+    if not root.is_dir():
+        raise DataError(f"{path}: no such data folder")
+    return root
+
+
 def _subdirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not _hidden(p.name) and p.is_dir())
 
@@ -226,9 +237,7 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
     of the class-folder names, so the folder may hold any subset of the model's classes, in any order (a folder
     scanned on its own would number a subset 0..k-1: silently wrong labels). A folder name the model does not
     know is refused: its images cannot be scored. Returns (samples, which images they are, in words)."""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such data folder")
+    root = data_folder(root)
     notes: list[str] = []
     dirs = _find_split_dirs(root, notes, need_train=False)
     if dirs and split not in dirs:
@@ -314,9 +323,7 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
 
     `follow_links` also reads links in class folders that lead out of the data folder. (A folder only evaluated
     is read by `labelled_images`, which never carves a split.)"""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such data folder")
+    root = data_folder(root)
     notes: list[str] = []
     dirs = _find_split_dirs(root, notes) or {"train": root}
     classes: dict[str, list[str]] = {}

@@ -37,7 +37,13 @@ def pick_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
         return torch.device("cuda", local_rank())
-    return torch.device(name)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for but this PyTorch has no MPS (Apple GPU); use --device cpu or "
+                          "auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or mps") from None
 
 
 def configure_process(device: Optional[torch.device] = None) -> None:

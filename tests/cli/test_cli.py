@@ -100,16 +100,49 @@ def test_describe_says_how_much_larger_a_head_is_than_the_default(capsys):
     (["describe", "resnet18", "--num-classes", "3"], "'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:"),
     (["train", "--data", "/no/such/folder", "--backbone", "timm/test_resnet", "--weights", "none"], "no such data folder"),
     (["describe", "timm/no_such_net", "--num-classes", "3"], "spinal-transfer models timm/"),
+    (["describe", "timm/test_resnett", "--num-classes", "3"], "did you mean timm/test_resnet"),
+    (["train", "--data", "{file}", "--backbone", "timm/test_resnet", "--weights", "none"], "is a file; the data"),
+    (["prepare", "digits", "--root", "{file}"], "is a file; give a folder"),
+    (["show-batch", "--data", "{tmp}", "--out", "{tmp}"], "is a folder; give a .png file"),
+    (["lr-find", "--data", "{tmp}", "--out", "{file}"], "is not a .png file this command wrote"),
 ])
 def test_bad_input_is_a_one_line_error_not_a_traceback(argv, message, capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = [a.format(file=tmp_path / "notes.txt", tmp=tmp_path) for a in argv]
     if argv[0] == "train":
         argv = argv + ["--out", str(tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_models_output_into_a_closed_pipe_is_quiet():
     cmd = f"{sys.executable} -m spinal_transfer models | head -n 1"
     out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True)
     assert out.stdout.strip() and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "{run}", "--port", "99999"], "a port is 0 to 65535"),
+    (["export", "{run}", "--out", "{tmp}/b", "--atol", "nan"], "expected a finite number >= 0"),
+    (["export", "{run}", "--out", "{tmp}/b", "--quantize", "int8", "--max-accuracy-drop", "-5"],
+     "expected a finite number >= 0"),
+])
+def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([a.format(run=tmp_path / "run", tmp=tmp_path) for a in argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_device_this_torch_lacks_is_one_line():
+    import torch
+
+    from spinal_transfer.errors import ConfigError
+    from spinal_transfer.utils.runtime import pick_device
+
+    for name, says in (("mps", "has no MPS"), ("foo", "is not a device")):
+        if name == "mps" and torch.backends.mps.is_available():
+            continue
+        with pytest.raises(ConfigError, match=says):
+            pick_device(name)

@@ -62,8 +62,9 @@ def test_a_class_whose_every_image_is_unreadable_is_named(tmp_path):
     is such a file is one the model never learned; one with no readable test image is not in the test metrics.
     Both are named in a warning and in report.json."""
     data = write_digits_folder(tmp_path / "d", digits=(0, 1, 2))
-    cut = {split: len(list((data / split / f"digit_{digit}").iterdir())) for split, digit in (("train", 2), ("test", 1))}
-    for split, digit in (("train", 2), ("test", 1)):
+    emptied = (("train", 2), ("test", 1))
+    cut = {split: len(list((data / split / f"digit_{digit}").iterdir())) for split, digit in emptied}
+    for split, digit in emptied:
         for f in sorted((data / split / f"digit_{digit}").iterdir()):
             truncated_jpeg(f.with_suffix(".jpg"))
             f.unlink()
