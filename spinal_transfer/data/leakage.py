@@ -1,4 +1,5 @@
-"""Exact duplicates across splits: a test (or val) image whose file is byte-identical to a train image.
+"""Exact duplicates across splits: a test (or val) image whose file is byte-identical to a train image, or a test
+image identical to a val image (val picks the best epoch, so test would then partly score the selection set).
 
 Such a copy inflates the test score without any error, so `train` checks for it before training. The check is
 cheap: only files whose size equals that of a train file can be identical, so only those are read and hashed
@@ -12,7 +13,6 @@ import os
 from typing import Iterable, Sequence
 
 Sample = tuple[str, int]
-HELD_OUT = ("val", "test")
 
 
 def file_hash(path: str) -> str:
@@ -31,15 +31,15 @@ def _sizes(paths: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def duplicates_of_train(train: Sequence[Sample], held_out: Sequence[Sample]) -> list[tuple[str, str]]:
-    """(held-out path, a train path with the same bytes) for every held-out file that has a byte-identical
-    copy in `train`. Only files whose size matches a train file's are hashed."""
-    train_sizes, held_sizes = _sizes(p for p, _ in train), _sizes(p for p, _ in held_out)
-    shared = set(train_sizes.values()) & set(held_sizes.values())
+def duplicates_of(reference: Sequence[Sample], held_out: Sequence[Sample]) -> list[tuple[str, str]]:
+    """(held-out path, a `reference` path with the same bytes) for every held-out file that has a byte-identical
+    copy in `reference`. Only files whose size matches a reference file's are hashed."""
+    ref_sizes, held_sizes = _sizes(p for p, _ in reference), _sizes(p for p, _ in held_out)
+    shared = set(ref_sizes.values()) & set(held_sizes.values())
     if not shared:
         return []
     by_hash: dict[str, str] = {}
-    for p, size in train_sizes.items():
+    for p, size in ref_sizes.items():
         if size in shared:
             by_hash.setdefault(file_hash(p), p)
     found = []
@@ -51,18 +51,23 @@ def duplicates_of_train(train: Sequence[Sample], held_out: Sequence[Sample]) -> 
     return found
 
 
+PAIRS = (("test", "train"), ("val", "train"), ("test", "val"))     # (held out, the split it must not copy)
+
+
 def leakage(splits: dict[str, Sequence[Sample]]) -> dict[str, int]:
-    """{test_in_train: n, val_in_train: n}: how many test and val images also appear, byte for byte, in train
-    (what report.json records)."""
-    return {f"{name}_in_train": len(duplicates_of_train(splits["train"], splits.get(name, [])))
-            for name in reversed(HELD_OUT)}
+    """{test_in_train: n, val_in_train: n, test_in_val: n}: how many images of a held-out split also appear, byte
+    for byte, in train (or test images in val) (what report.json records)."""
+    return {f"{held}_in_{ref}": len(duplicates_of(splits.get(ref, []), splits.get(held, []))) for held, ref in PAIRS}
 
 
 def describe(counts: dict[str, int]) -> str:
-    """The one line `train` prints when held-out images are copies of train images ('' when none are)."""
-    parts = [f"{counts[f'{n}_in_train']} {n}" for n in reversed(HELD_OUT) if counts.get(f"{n}_in_train")]
+    """The one line `train` prints when held-out images are copies of train (or test of val) images ('' when
+    none are)."""
+    parts = [f"{counts[f'{held}_in_{ref}']} {held} image(s) are byte-identical copies of {ref} images"
+             for held, ref in PAIRS if counts.get(f"{held}_in_{ref}")]
     if not parts:
         return ""
-    return (f"leakage: {' and '.join(parts)} image(s) are byte-identical copies of train images, so "
-            f"{'the test score is inflated' if counts.get('test_in_train') else 'selection on val is biased'}; "
-            f"remove the copies (recorded in report.json; --no-leak-check skips this check)")
+    inflated = counts.get("test_in_train") or counts.get("test_in_val")
+    effect = "the test score is inflated" if inflated else "selection on val is biased"
+    return (f"leakage: {'; '.join(parts)}, so {effect}; remove the copies (recorded in report.json; --no-leak-check "
+            f"skips this check)")

@@ -216,7 +216,8 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
     leak = rep.get("leakage")
     if isinstance(leak, Mapping):
         out["leakage"] = (f"{leak.get('test_in_train', 0)} test and {leak.get('val_in_train', 0)} val image(s) are "
-                          f"byte-identical copies of train images")
+                          f"byte-identical copies of train images" + (f"; {leak['test_in_val']} test image(s) of val "
+                                                                      f"images" if leak.get("test_in_val") else ""))
     return out
 
 

@@ -395,8 +395,9 @@ def selection_split(cfg: TrainConfig) -> str:
 
 
 def check_leakage(cfg: TrainConfig, splits: Splits) -> Optional[dict]:
-    """{test_in_train, val_in_train}: held-out images byte-identical to train images (data/leakage.py, on rank 0,
-    every rank takes the counts), with one warning line when there are any; None with --no-leak-check."""
+    """{test_in_train, val_in_train, test_in_val}: held-out images byte-identical to train (or test to val)
+    images (data/leakage.py, on rank 0, every rank takes the counts), with one warning line when there are any;
+    None with --no-leak-check."""
     if not cfg.leak_check:
         return None
     counts = broadcast_object(leakage({n: splits.get(n) for n in SPLIT_NAMES}) if is_main() else None)

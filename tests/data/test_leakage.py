@@ -1,5 +1,6 @@
-"""`train`'s leakage check: held-out images that are byte-identical copies of train images are counted before
-training, said in one line, and recorded in report.json; --no-leak-check turns it off."""
+"""`train`'s leakage check: held-out images that are byte-identical copies of train images (or test images of val
+images) are counted before training, said in one line, and recorded in report.json; --no-leak-check turns it
+off."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import shutil
 
 from conftest import TINY, cli_flags
 
-from spinal_transfer.data.leakage import describe, duplicates_of_train, leakage
+from spinal_transfer.data.leakage import describe, duplicates_of, leakage
 
 
 def test_only_identical_bytes_count(tmp_path):
@@ -17,12 +18,18 @@ def test_only_identical_bytes_count(tmp_path):
     other_bytes.write_bytes(b"y" * 100)              # same size, different content: hashed, not a copy
     other_size.write_bytes(b"x" * 101)
     train = [(str(a), 0)]
-    assert duplicates_of_train(train, [(str(same), 1), (str(other_bytes), 0), (str(other_size), 0)]) == \
+    assert duplicates_of(train, [(str(same), 1), (str(other_bytes), 0), (str(other_size), 0)]) == \
         [(str(same), str(a))]
     counts = leakage({"train": train, "val": [(str(other_bytes), 0)], "test": [(str(same), 0)]})
-    assert counts == {"test_in_train": 1, "val_in_train": 0}
-    assert describe(counts).startswith("leakage: 1 test image(s) are byte-identical copies of train images")
-    assert describe({"test_in_train": 0, "val_in_train": 0}) == ""
+    assert counts == {"test_in_train": 1, "val_in_train": 0, "test_in_val": 0}
+    assert describe(counts).startswith("leakage: 1 test image(s) are byte-identical copies of train images, so the "
+                                       "test score is inflated")
+    assert describe({"test_in_train": 0, "val_in_train": 0, "test_in_val": 0}) == ""
+    # val and test holding the same images (a copied or linked folder): test would score the selection set
+    counts = leakage({"train": [(str(other_size), 0)], "val": [(str(a), 0)], "test": [(str(same), 0)]})
+    assert counts == {"test_in_train": 0, "val_in_train": 0, "test_in_val": 1}
+    assert describe(counts).startswith("leakage: 1 test image(s) are byte-identical copies of val images, so the "
+                                       "test score is inflated")
 
 
 def test_train_says_it_once_and_records_it(three_digits, tmp_path, cli_run):
@@ -41,7 +48,7 @@ def test_train_says_it_once_and_records_it(three_digits, tmp_path, cli_run):
     lines = [line for line in r.stderr.splitlines() if "leakage:" in line]
     assert len(lines) == 1 and "2 test image(s) are byte-identical copies of train images" in lines[0]
     report = json.loads((out / "report.json").read_text())
-    assert report["leakage"] == {"test_in_train": 2, "val_in_train": 0}
+    assert report["leakage"] == {"test_in_train": 2, "val_in_train": 0, "test_in_val": 0}
     assert "leakage: 2 test image(s)" in (out / "train.log").read_text()
     assert "2 test and 0 val image(s)" in (out / "report.html").read_text()
 
@@ -59,4 +66,5 @@ def test_no_leak_check_switches_it_off(three_digits):
     assert "leak_check" not in given_flags(build_parser("train").parse_args(["train", "--data", str(three_digits)]))
     splits = scan(three_digits)
     assert check_leakage(tiny_cfg(three_digits, "unused", leak_check=False), splits) is None
-    assert check_leakage(tiny_cfg(three_digits, "unused"), splits) == {"test_in_train": 0, "val_in_train": 0}
+    assert check_leakage(tiny_cfg(three_digits, "unused"), splits) == {"test_in_train": 0, "val_in_train": 0,
+                                                                        "test_in_val": 0}
