@@ -479,7 +479,8 @@ def check_value(name: str, value: Any) -> Any:
         return [_scalar(f"{name}[{i}]", v, int, bounds) for i, v in enumerate(value)]
     if tp is list or get_origin(tp) is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: {value!r} is not a list of {_describe(meta['item'])}s", key=name)
+            plural = {int: "integers", float: "numbers", str: "strings"}.get(meta["item"], "values")
+            raise ConfigError(f"{name}: {value!r} is not a list of {plural} (a YAML list: '[a, b, ...]')", key=name)
         if "length" in meta and len(value) != meta["length"]:
             raise ConfigError(f"{name}: expected {meta['length']} values, got {len(value)}", key=name)
         item_meta = {k: meta[k] for k in ("min", "max", "gt") if k in meta}

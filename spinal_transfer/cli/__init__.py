@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import math
 import os
 import signal
 import sys
@@ -67,10 +68,18 @@ def port(s: str) -> int:
     return v
 
 
-def finite_nonnegative(s: str) -> float:
-    """argparse type of a tolerance or a bound: a finite number >= 0."""
+def finite(s: str) -> float:
+    """argparse type of a bound: a finite number (nan and inf would make every comparison fail or pass)."""
     v = float(s)
-    if not 0 <= v < float("inf"):
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
+    return v
+
+
+def finite_nonnegative(s: str) -> float:
+    """argparse type of a tolerance: a finite number >= 0."""
+    v = finite(s)
+    if v < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
     return v
 

@@ -19,7 +19,7 @@ from ..deploy.export import (
     format_check,
 )
 from ..errors import ConfigError
-from . import finite_nonnegative
+from . import finite, finite_nonnegative
 
 EXAMPLES = f"""\
   spinal-transfer export runs/pets --out bundles/pets
@@ -49,19 +49,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANTIZE,
                         help="also write model.int8.onnx, quantized from model.onnx (implies --format onnx), "
                              "calibrated on the run's train images and checked on its val (or test) split")
-    parser.add_argument("--max-accuracy-drop", type=finite_nonnegative, default=MAX_ACCURACY_DROP, metavar="POINTS",
+    parser.add_argument("--max-accuracy-drop", type=finite, default=MAX_ACCURACY_DROP, metavar="POINTS",
                         help="with --quantize: the most top-1 percentage points int8 may lose against fp32 ONNX "
                              f"(default: {MAX_ACCURACY_DROP:g})")
+    parser.add_argument("--data", metavar="DIR", help="with --quantize: the run's data folder, if it moved since "
+                                                      "training (default: the one the run recorded)")
     parser.add_argument("--force", action="store_true",
                         help="with --quantize: keep the int8 file even when it loses more than --max-accuracy-drop")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.quantize is None and (args.force or args.max_accuracy_drop != MAX_ACCURACY_DROP):
-        raise ConfigError("--max-accuracy-drop and --force apply to --quantize int8 only")
+    if args.quantize is None and (args.force or args.data or args.max_accuracy_drop != MAX_ACCURACY_DROP):
+        raise ConfigError("--max-accuracy-drop, --force and --data apply to --quantize int8 only")
     earlier = check_out(Path(args.out))
     config = export(args.run, args.out, args.formats, args.atol, quantize=args.quantize,
-                    max_accuracy_drop=args.max_accuracy_drop, force=args.force)
+                    max_accuracy_drop=args.max_accuracy_drop, force=args.force, data=args.data)
     if earlier:
         print(f"replaced the earlier bundle in {args.out} ({', '.join(f.name for f in earlier)})")
     print(f"wrote {args.out}: {WEIGHTS_FILE}, {CONFIG_FILE}, {CARD_FILE}")

@@ -425,7 +425,7 @@ def load_recorded(doc: dict, root: PathLike, log_changes: bool = True) -> Splits
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{root}: the run's data folder does not exist (it was {doc['root']}); give its new "
-                        f"place with --data when resuming")
+                        f"place with --data (train --resume, evaluate, export --quantize)")
     out: dict[str, list[Sample]] = {}
     gone, changed = [], []
     for split in SPLIT_NAMES:

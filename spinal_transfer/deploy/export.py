@@ -405,11 +405,12 @@ def _report(source: Path) -> Optional[dict]:
 
 def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: float = ATOL,
            quantize: Optional[str] = None, max_accuracy_drop: float = MAX_ACCURACY_DROP, force: bool = False,
-           batch_size: Optional[int] = None, workers: Optional[int] = 0) -> dict:
+           batch_size: Optional[int] = None, workers: Optional[int] = 0, data: Optional[PathLike] = None) -> dict:
     """Write the bundle of `source` (a RUN dir, whose best.pt is used, or a checkpoint file) to `out`,
     plus each of `formats` ("export", "torchscript", "onnx"), each checked against the eager model.
     With `quantize="int8"` (implies "onnx"), also model.int8.onnx: quantize_int8, refused when int8 loses
-    more than `max_accuracy_drop` top-1 points against fp32 ONNX (unless `force`).
+    more than `max_accuracy_drop` top-1 points against fp32 ONNX (unless `force`), on the run's own images
+    (`data`: its data folder's new place, if it moved).
     All or nothing: `out` changes only when every file passed, and then an earlier export's files
     there are replaced. Returns the bundle's config."""
     from safetensors.torch import save_model
@@ -452,7 +453,7 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
             shutil.copyfile(STANDALONE, stage / STANDALONE.name)
         if quantize == "int8":
             config["formats"]["onnx-int8"] = quantize_int8(source, ckpt, stage, max_accuracy_drop, force,
-                                                           batch_size, workers, out)
+                                                           batch_size, workers, out, data)
         atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source), source))
         config["files"] = {f.name: file_sha256(f) for f in sorted(stage.iterdir())
                            if f.is_file() and f.name != CONFIG_FILE}      # checked before use (verify_bundle)
@@ -465,15 +466,16 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
 # --- int8 ----------------------------------------------------------------------------------------
 
 def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int], workers: Optional[int],
-                  limit: Optional[int] = None):
+                  limit: Optional[int] = None, data: Optional[PathLike] = None):
     """(labelled (inputs, labels) batches with the evaluation preprocessing, images, which split) of the run's
-    recorded `split` (as `evaluate` reads it); at most `limit` images, drawn with a fixed seed."""
+    recorded `split` (as `evaluate` reads it; `data`: where the run's data folder is now, if it moved); at most
+    `limit` images, drawn with a fixed seed."""
     import random
 
     from torch.utils.data import SequentialSampler
 
     cfg = TrainConfig.from_dict(ckpt["config"])
-    samples, _ = _eval_samples(source, cfg, None, split, list(ckpt["classes"]))
+    samples, _ = _eval_samples(source, cfg, data, split, list(ckpt["classes"]))
     if limit is not None and len(samples) > limit:
         samples = random.Random(0).sample(samples, limit)
     loader = make_loader(samples, eval_transform(bundle_config(ckpt)), batch_size or cfg.batch_size, workers,
@@ -484,17 +486,17 @@ def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int
 
 def quantize_int8(source: Path, ckpt: dict, stage: Path, max_accuracy_drop: float = MAX_ACCURACY_DROP,
                   force: bool = False, batch_size: Optional[int] = None, workers: Optional[int] = 0,
-                  out: Optional[Path] = None) -> dict:
+                  out: Optional[Path] = None, data: Optional[PathLike] = None) -> dict:
     """model.int8.onnx from the staged model.onnx (quantize.quantize_and_check): calibrated on up to
     quantize.CALIBRATION_IMAGES of the run's train images, top-1 of fp32 ONNX and int8 measured on its val
     split (test when it has no val). ExportError naming both numbers when the drop exceeds
     `max_accuracy_drop` points, unless `force`. Returns what config.json records under formats["onnx-int8"]."""
-    calibration, n_calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES)
+    calibration, n_calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES, data)
     split = "val"
-    evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers)
+    evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers, data=data)
     if not n_eval:
         split = "test"
-        evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers)
+        evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers, data=data)
     if not n_calibration or not n_eval:
         raise ExportError(f"--quantize int8 needs the run's train images (calibration) and its val or test images "
                           f"(accuracy check); found {n_calibration} train and {n_eval} {split} image(s)")

@@ -289,6 +289,9 @@ def _open(run: RunDir, resume: bool, overwrite: bool) -> Optional[dict]:
     _on_main(ready)
     if not resume:
         return None
+    if not run.last.is_file() and run.is_finished():
+        raise RunFolderError(f"cannot resume {run.path}: {run.last} is missing (removed since the run finished); its "
+                             f"best.pt still serves evaluate and export; to train more, start over with --overwrite")
     if not run.last.is_file():
         raise RunFolderError(f"cannot resume {run.path}: it has no checkpoint yet ({run.last} is missing; the run "
                              f"stopped before finishing an epoch); start it over with --overwrite")

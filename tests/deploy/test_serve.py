@@ -117,6 +117,28 @@ def test_accuracy_guard_refuses_int8_and_changes_nothing(finished_run, tmp_path,
     assert not (out / INT8_FILE).exists() and not (out / "config.json").exists()
 
 
+def test_int8_export_of_a_run_whose_data_folder_moved_takes_data(three_digits, tmp_path, cli_run):
+    """int8 calibrates on the run's train images and checks on its val images: after the data folder moved,
+    `export --quantize int8` says to give --data, and with it finds the images at their new place."""
+    from conftest import tiny_cfg
+
+    from spinal_transfer.training.train import run
+
+    data = tmp_path / "data"
+    for folder in sorted(three_digits.glob("*/*")):                # 8 images a class and split
+        (data / folder.relative_to(three_digits)).mkdir(parents=True)
+        for f in sorted(folder.glob("*.png"))[:8]:
+            shutil.copy(f, data / f.relative_to(three_digits))
+    run(tiny_cfg(data, tmp_path / "run", epochs=1))
+    data.rename(tmp_path / "moved")
+    args = ["export", tmp_path / "run", "--out", tmp_path / "bundle", "--quantize", "int8", "--force"]
+    res = cli_run(*args)
+    assert res.returncode == 2 and "give its new place with --data" in res.stderr, res.stderr[-2000:]
+    res = cli_run(*args, "--data", tmp_path / "moved")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "bundle" / INT8_FILE).is_file()
+
+
 def test_predict_runner_onnx_int8_agrees_with_predictor(bundle, images, tmp_path, cli_run):
     folder = tmp_path / "photos"
     folder.mkdir()
