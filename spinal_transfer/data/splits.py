@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -225,6 +226,10 @@ def _check_classes(classes: dict[str, list[str]]) -> None:
         missing, extra = sorted(ref - set(cls)), sorted(set(cls) - ref)
         if missing or extra:
             problems.append(f"{split}: missing {missing or 'none'}, extra {extra or 'none'}")
+            nfc = {unicodedata.normalize("NFC", c) for c in missing} & {unicodedata.normalize("NFC", c) for c in extra}
+            if nfc:        # e.g. a folder made on macOS (NFD) beside one made elsewhere (NFC)
+                problems[-1] += (f" ({', '.join(sorted(nfc))}: the same name in two Unicode forms, NFC and NFD; "
+                                 f"rename the folders so the bytes match)")
     if problems:
         raise DataError("class folders differ between splits (compared with train): " + "; ".join(problems))
 

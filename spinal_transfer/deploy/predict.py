@@ -148,6 +148,8 @@ def resolve_runner(source: PathLike, runner: str = "auto", device: Optional[torc
     if runner not in RUNNERS:
         raise ConfigError(f"{option_name('runner')}must be one of {', '.join(RUNNERS)}; got {runner!r}", key="runner")
     path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such bundle, ONNX file, run folder or checkpoint")
     if path.suffix == ".onnx":
         if runner in ("auto", "onnx"):
             return ("onnx-int8" if path.name == INT8_FILE else "onnx"), path

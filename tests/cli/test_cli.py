@@ -105,6 +105,8 @@ def test_describe_says_how_much_larger_a_head_is_than_the_default(capsys):
     (["prepare", "digits", "--root", "{file}"], "is a file; give a folder"),
     (["show-batch", "--data", "{tmp}", "--out", "{tmp}"], "is a folder; give a .png file"),
     (["lr-find", "--data", "{tmp}", "--out", "{file}"], "is not a .png file this command wrote"),
+    (["predict", "{tmp}/model.int8.onnx", "{file}", "--out", "{tmp}/p.csv"], "no such bundle, ONNX file, run folder"),
+    (["tune", "--data", "{tmp}/nope", "--out", "{tmp}/tune"], "no such data folder"),
 ])
 def test_bad_input_is_a_one_line_error_not_a_traceback(argv, message, capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
@@ -113,7 +115,7 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(argv, message, capsys, tm
         argv = argv + ["--out", str(tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert err.startswith("error:") and message in err and "Traceback" not in err    # the one line, first
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

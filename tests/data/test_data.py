@@ -145,7 +145,16 @@ def test_class_mismatch_names_missing_and_extra(tmp_path):
     with pytest.raises(DataError) as e:
         scan(tmp_path)
     msg = str(e.value)
-    assert "val: missing ['fox'], extra ['owl']" in msg and "test:" not in msg
+    assert "val: missing ['fox'], extra ['owl']" in msg and "test:" not in msg and "Unicode" not in msg
+
+
+def test_a_class_name_in_two_unicode_forms_is_explained(tmp_path):
+    nfc, nfd = "caf\u00e9", "cafe\u0301"               # how other systems and macOS write "café"
+    for split, name in (("train", nfc), ("val", nfd), ("test", nfc)):
+        for c in (name, "tea"):
+            _png(tmp_path / split / c / "a.png")
+    with pytest.raises(DataError, match="the same name in two Unicode forms, NFC and NFD"):
+        scan(tmp_path)
 
 
 def test_class_without_usable_image_is_named(tmp_path):
