@@ -15,10 +15,11 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
 from .. import __version__
-from ..errors import EXIT_ABORTED, EXIT_BUG, UserError, use_cli_option_names
+from ..errors import EXIT_ABORTED, EXIT_BUG, ConfigError, UserError, use_cli_option_names
 
 # command -> (its module in this package, its one-line help)
 COMMANDS = {
@@ -88,10 +89,6 @@ def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> 
     """Before the work: `path` may be written by a command that writes `suffixes` files (True: a file is there
     and will be replaced, which the command says). ConfigError for a folder, or for a file of another kind (an
     image among the inputs, a notes.txt): it is never replaced."""
-    from pathlib import Path
-
-    from ..errors import ConfigError
-
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{option} {p} is a folder; give a {' or '.join(suffixes)} file to write")

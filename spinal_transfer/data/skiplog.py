@@ -7,6 +7,7 @@ from typing import Iterable, Iterator, Optional
 
 from ..utils.atomic import atomic_write_text
 from ..utils.distributed import gather_objects, is_main
+from .images import BadImage, load_image
 
 
 class SkipLog:
@@ -51,8 +52,6 @@ class SkipLog:
         and fail only when decoded): a class train never saw, or one the test metrics do not cover. A class with
         a skipped image has its other images decoded here until one reads: training's dropped last batch may
         have left some never decoded. Those that fail are added to the log."""
-        from .images import BadImage, load_image
-
         def readable(path: str) -> bool:
             try:
                 load_image(path)

@@ -814,11 +814,11 @@ def finish(s: Session) -> dict:
     if s.run.lr_find.is_file():
         extra["lr_find"] = {k: v for k, v in s.run.read_json(s.run.lr_find).items()
                             if k in ("suggestion", "rule", "stopped", "start_lr", "end_lr", "num_steps")}
-    emptied = s.skips.emptied(s.samples, s.classes)        # may decode (and skip) more: before the counts
-    s.skips.sync()
-    skipped = s.skips.per_split(s.samples)
+    emptied = _classes_without_images(s)       # may decode (and skip) more files: before the counts
     if emptied:
         extra["classes_without_readable_images"] = emptied
+    s.skips.sync()
+    skipped = s.skips.per_split(s.samples)
     stops = [{"stage": i + 1, **v} for i, v in sorted(s.progress.stopped.items())]
     report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "selected_by": s.cfg.select_metric,
               "protocol": s.cfg.protocol,
@@ -839,17 +839,22 @@ def finish(s: Session) -> dict:
         s.tracker.log_artifacts([s.run.report, s.run.report_html, s.run.predictions, *sorted(s.run.plots.glob("*.png"))])
         s.tracker.close()
         log.info(_counts_line(report, s.run.skipped))
-        for split, names in emptied.items():
-            log.warning(f"no readable {split} image of class(es) {', '.join(names)}: every one was skipped (listed in "
-                        f"{s.run.skipped}), so " + ("the model never learned them; fix or replace those files and "
-                                                    "train again" if split == "train" else
-                                                    f"the {split} metrics do not cover them"))
         log.info(f"best epoch {best['epoch']} (selected on {s.cfg.select_on} {METRIC_NAMES[s.cfg.select_metric]}); "
                  f"test top1 {test_m['top1']:.4f}"
                  + (f" with TTA ({extra['test_without_tta']['top1']:.4f} without)" if s.cfg.tta else "") + ", "
                  f"top5 {test_m['top5']:.4f}, macro F1 {test_m['macro_f1']:.4f}; see {s.run.report_html}")
     barrier()
     return report
+
+
+def _classes_without_images(s: Session) -> dict[str, list[str]]:
+    """Per split, the classes with no readable image (SkipLog.emptied), each split said in a warning."""
+    emptied = s.skips.emptied(s.samples, s.classes)
+    for split, names in emptied.items() if is_main() else ():
+        log.warning(f"no readable {split} image of class(es) {', '.join(names)}: every one was skipped (listed in "
+                    f"{s.run.skipped}), so " + ("the model never learned them; fix or replace those files and train "
+                                                "again" if split == "train" else f"the {split} metrics do not cover them"))
+    return emptied
 
 
 def _counts_line(report: dict, skipped_file: Path) -> str:
