@@ -81,6 +81,7 @@ class ServeSettings:
     max_wait_ms: float
     max_upload_mb: float
     topk: int
+    verify: bool = True           # False: serve a bundle edited on purpose (predict's --no-verify)
 
 
 class RequestError(Exception):
@@ -132,7 +133,8 @@ class Model:
     """One worker's model: the Predictor, what /metadata says about it, and its check (see check_model)."""
 
     def __init__(self, settings: ServeSettings):
-        self.predictor = Predictor(settings.source, device=settings.device, runner=settings.runner)
+        self.predictor = Predictor(settings.source, device=settings.device, runner=settings.runner,
+                                   verify=settings.verify)
         files = bundle_files(settings.source)
         check_model(self.predictor)
         config = self.predictor.config

@@ -3,6 +3,7 @@ and the ONNX runners refuse a file (config.json included) that differs, in one l
 (verify=False) uses it as it is; a bundle from before digests loads unchecked."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -116,6 +117,12 @@ def test_an_edited_config_json_is_refused_unless_told(bundle, three_digits, tmp_
     told = Predictor(tmp_path / "classes", device="cpu", runner="torch", verify=False)
     assert told.classes == plain.classes[::-1]                       # used as it is, when told
     assert (told.probabilities(images) == plain.probabilities(images)).all()
+    from spinal_transfer.deploy import serve
+
+    settings = serve.ServeSettings(str(tmp_path / "classes"), "torch", "cpu", 8, 5.0, 10.0, 3)
+    with pytest.raises(CheckpointError, match="config.json was changed since export"):
+        serve.Model(settings)                                        # serve too, unless --no-verify
+    assert serve.Model(dataclasses.replace(settings, verify=False)).metadata["classes"] == plain.classes[::-1]
 
     older = _edit_config(bundle, tmp_path / "v02", lambda c: (c.pop("config_sha256"),
                                                               c.update(spinal_transfer_version="0.2.0")))
