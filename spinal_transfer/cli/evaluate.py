@@ -67,14 +67,16 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps(shown, indent=1))
     if args.out:
         out = Path(args.out)
+        names = (f"metrics_{args.split}.json", f"predictions_{args.split}.csv", "report.html")
+        replaced = [n for n in names if (out / n).exists()]        # said, never silent
         record = {**m, "images": ev.source}
         if tta is not None:
             record["without_tta"] = summary(ev.plain_metrics)
         atomic_write_text(out / f"metrics_{args.split}.json", json.dumps(record, indent=1))
         write_predictions(out / f"predictions_{args.split}.csv", ev.samples, ev.outputs, ev.classes)
         page = _page(args, ev, out)
-        print(f"wrote {out / f'metrics_{args.split}.json'}, {out / f'predictions_{args.split}.csv'} and {page}",
-              file=sys.stderr)
+        print(f"wrote {out / f'metrics_{args.split}.json'}, {out / f'predictions_{args.split}.csv'} and {page}"
+              + (f" (replacing the {', '.join(replaced)} that were there)" if replaced else ""), file=sys.stderr)
     return 0
 
 

@@ -96,7 +96,25 @@ def read_config(bundle: PathLike) -> dict:
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: not the config.json export wrote; re-export the "
                               f"bundle")
+    problem = _config_problem(config)
+    if problem:                      # checked with --no-verify too: a wrong type would fail mid-way or mislabel
+        raise CheckpointError(f"{path}: {problem}; re-export the bundle")
     return config
+
+
+def _config_problem(config: dict) -> Optional[str]:
+    """What makes config.json unusable whatever its digest says, or None: classes that are not distinct names, a
+    temperature that is not a positive number, an input size that is not a whole number of pixels."""
+    classes, t = config["classes"], config.get("temperature")
+    size = config["input"].get("img_size") if isinstance(config["input"], dict) else None
+    names = isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    if not names or len(set(classes)) < len(classes):
+        return "classes must be a list of distinct class names"
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
+        return f"temperature must be a positive number or null, not {t!r}"
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"input.img_size must be a whole number of pixels, not {size!r}"
+    return None
 
 
 CONFIG_DIGEST_SINCE = (0, 3)      # bundles of this version on record config_sha256: one without it was edited
@@ -127,9 +145,11 @@ def verify_bundle(folder: Path, config: dict, used: str) -> None:
     version without the config's digest has its files checked only; one without digests at all, nothing."""
     if "config_sha256" in config or _version(config) >= CONFIG_DIGEST_SINCE:
         if config.get("config_sha256") != config_sha256(config):
-            raise CheckpointError(f"{folder / CONFIG_FILE} was changed since export (its content does not match the "
-                                  f"sha256 recorded in it), so its classes, preprocessing or temperature may no longer "
-                                  f"fit the model; re-export the bundle, or pass --no-verify to use it as it is")
+            why = ("its content does not match the sha256 recorded in it" if "config_sha256" in config else
+                   "the sha256 of its content that export records was removed")
+            raise CheckpointError(f"{folder / CONFIG_FILE} was changed since export ({why}), so its classes, "
+                                  f"preprocessing or temperature may no longer fit the model; re-export the bundle, "
+                                  f"or pass --no-verify to use it as it is")
     for name, want in (config.get("files") or {}).items():
         if name != used and not name.startswith(used + "."):
             continue

@@ -146,8 +146,14 @@ def test_a_config_json_of_another_model_or_broken_is_one_line(bundle, three_digi
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", str(bundle), str(broken)], check=True)
     text = (broken / "config.json").read_text()
-    no_backbone = json.dumps({k: v for k, v in json.loads(text).items() if k != "backbone"})
-    for content, says in ((text[: len(text) // 2], "is not valid JSON"), (no_backbone, "lacks backbone")):
+    good = json.loads(text)
+    no_backbone = json.dumps({k: v for k, v in good.items() if k != "backbone"})
+    cases = [(text[: len(text) // 2], "is not valid JSON"), (no_backbone, "lacks backbone"),
+             (json.dumps({**good, "temperature": "hot"}), "temperature must be a positive number"),
+             (json.dumps({**good, "temperature": -1}), "temperature must be a positive number"),
+             (json.dumps({**good, "classes": [good["classes"][0]] * len(good["classes"])}), "distinct class names"),
+             (json.dumps({**good, "input": {**good["input"], "img_size": "32"}}), "input.img_size must be")]
+    for content, says in cases:
         (broken / "config.json").write_text(content)
         res = cli_run("predict", broken, images, "--no-verify", "--out", tmp_path / "p.csv")
         assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]

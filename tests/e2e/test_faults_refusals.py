@@ -124,6 +124,9 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
     for _ in range(2):
         res = cli_run("predict", bundle, image, "--out", csv)
     assert res.returncode == 0 and "replacing the file that was there" in res.stderr
+    for _ in range(2):
+        res = cli_run("evaluate", finished_run, "--out", tmp_path / "eval")
+    assert res.returncode == 0 and "(replacing the metrics_test.json, predictions_test.csv, report.html" in res.stderr
 
 
 def test_predict_writes_a_file_name_that_is_not_utf8_as_its_own_bytes(finished_run, three_digits, tmp_path, cli_run):

@@ -100,14 +100,18 @@ def test_overwrite_removes_the_runs_files_and_nothing_else(finished, three_digit
     assert load_checkpoint(copy / "checkpoints" / "best.pt")["epoch"] == 1
 
 
-def test_overwrite_with_a_mistyped_backbone_or_a_resize_too_small_keeps_the_run(finished, three_digits, tmp_path,
-                                                                                 cli_run):
+def test_overwrite_of_a_run_that_cannot_start_keeps_the_earlier_run(finished, three_digits, tmp_path, cli_run):
     """--overwrite clears the earlier run only for a run that can start: a backbone typo (with the closest
-    names) or a resize the crop does not fit is one line, and every file is left as it was."""
+    names), a resize the crop does not fit or a data folder the scan refuses is one line, and every file is
+    left as it was."""
     before = snapshot(finished)
     backbone = TINY["backbone"]
+    two_trains = tmp_path / "two_trains"               # a data folder the scan refuses: train/ beside Train/
+    shutil.copytree(three_digits, two_trains)
+    shutil.copytree(two_trains / "train", two_trains / "Train")
     for flags, says in ((("--backbone", backbone + "x"), f"did you mean {backbone}"),
-                        (("--resize-size", "8", "--img-size", "16"), "--resize-size 8 is smaller than the 16 px")):
+                        (("--resize-size", "8", "--img-size", "16"), "--resize-size 8 is smaller than the 16 px"),
+                        (("--data", two_trains), "both Train and train exist")):
         res = cli_run(*_train_args(three_digits, finished), *flags, "--overwrite")
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.returncode == 2 and len(lines) == 1 and says in lines[0], res.stderr[-2000:]
