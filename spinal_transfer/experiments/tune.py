@@ -52,7 +52,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from ..config import TrainConfig, resolve_config
 from ..data.augment import values_in_force
-from ..data.splits import data_folder
 from ..errors import ConfigError, MissingDependency, NonFiniteLoss
 from ..evaluation.plots import figure_png
 from ..evaluation.tables import Table, page, png_img, table_html, to_csv, write_files
@@ -366,7 +365,7 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
         raise TuneError(f"--trials must be >= 1, got {trials}")
     if not base.data:
         raise TuneError("--data DIR is required (or a --recipe that sets data)")
-    data_folder(base.data)           # missing: one line before a study (and its first failed trial) exists
+    train.check_data(base)           # one line before a study (and its first failed trial) exists
     check_backbone(base.backbone, base.weights)
     if base.select_on != "val":
         raise TuneError("tune selects on val only; a recipe with select_on: test would select on test (remove it)")

@@ -61,12 +61,22 @@ def parse_backbone(backbone: str) -> tuple[str, str]:
     lib, sep, name = backbone.partition("/")
     if not sep or lib not in LIBRARIES or not name:
         raise ConfigError(f"backbone must be 'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:<org>/<name>' "
-                         f"(a timm model on the Hugging Face Hub), got {backbone!r}; see `spinal-transfer models`")
+                         f"(a timm model on the Hugging Face Hub), got {backbone!r}{_library_of(backbone)}; see "
+                         f"`spinal-transfer models`")
     if is_hub_name(name):
         if lib != "timm":
             raise ConfigError(f"Hugging Face Hub backbones are timm models: use 'timm/{name}', not {backbone!r}")
         split_hub_name(name)
     return lib, name
+
+
+def _library_of(name: str) -> str:
+    """' (did you mean timm/resnet50 or torchvision/resnet50?)' for a bare name a library has, else ''."""
+    import timm  # lazy: only a backbone given without its library reaches here
+    import torchvision.models as tvm  # lazy: as timm
+
+    have = [f"timm/{name}"] * timm.is_model(name) + [f"torchvision/{name}"] * (name in tvm.list_models(module=tvm))
+    return f" (did you mean {' or '.join(have)}?)" if have else ""
 
 
 def split_hub_name(name: str) -> Tuple[str, Optional[str]]:

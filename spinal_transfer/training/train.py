@@ -182,7 +182,7 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
         check_backbone(cfg.backbone, cfg.weights)  # a typo, or offline and not cached: refuse before the data is read
         data_config(cfg)                           # a resize the crop does not fit: before --overwrite clears a run
     if resume is None and overwrite and run_dir.holds_run():
-        _on_main(lambda: _check_data_quietly(cfg))   # the data folder's own errors, too, before it is cleared
+        _on_main(lambda: check_data(cfg))   # the data folder's own errors, too, before it is cleared
     if resume is None and not overwrite:         # refuse before touching anything (checked again under the lock)
         _on_main(lambda: check_new_run(run_dir, overwrite, log.info))
     with _exclusive(run_dir):
@@ -424,10 +424,10 @@ def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
     return splits
 
 
-def _check_data_quietly(cfg: TrainConfig) -> None:
+def check_data(cfg: TrainConfig) -> None:
     """The folder scanned as load_data will scan it (split names, class links, classes per split, empty splits),
-    its warnings held back (load_data gives them): --overwrite removes an earlier run only for data that can
-    start a new one."""
+    its warnings held back (load_data gives them): --overwrite removes an earlier run, and tune opens a study,
+    only for data that can start a run."""
     level = log.level
     log.setLevel(logging.ERROR)
     try:

@@ -98,6 +98,7 @@ def test_describe_says_how_much_larger_a_head_is_than_the_default(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["describe", "torchvision/no_such_net", "--num-classes", "3"], "no classification model"),
     (["describe", "resnet18", "--num-classes", "3"], "'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:"),
+    (["describe", "resnet18", "--num-classes", "3"], "(did you mean timm/resnet18 or torchvision/resnet18?)"),
     (["train", "--data", "/no/such/folder", "--backbone", "timm/test_resnet", "--weights", "none"], "no such data folder"),
     (["describe", "timm/no_such_net", "--num-classes", "3"], "spinal-transfer models timm/"),
     (["describe", "timm/test_resnett", "--num-classes", "3"], "did you mean timm/test_resnet"),
@@ -107,6 +108,8 @@ def test_describe_says_how_much_larger_a_head_is_than_the_default(capsys):
     (["lr-find", "--data", "{tmp}", "--out", "{file}"], "is not a .png file this command wrote"),
     (["predict", "{tmp}/model.int8.onnx", "{file}", "--out", "{tmp}/p.csv"], "no such bundle, ONNX file, run folder"),
     (["tune", "--data", "{tmp}/nope", "--out", "{tmp}/tune"], "no such data folder"),
+    (["tune", "--data", "{tmp}", "--out", "{tmp}/tune", "--backbone", "timm/test_resnet", "--weights", "none"],
+     "no class folders"),
 ])
 def test_bad_input_is_a_one_line_error_not_a_traceback(argv, message, capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
