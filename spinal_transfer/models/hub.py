@@ -70,12 +70,29 @@ def parse_backbone(backbone: str) -> tuple[str, str]:
     return lib, name
 
 
-def _library_of(name: str) -> str:
-    """' (did you mean timm/resnet50 or torchvision/resnet50?)' for a bare name a library has, else ''."""
-    import timm  # lazy: only a backbone given without its library reaches here
+def model_names(lib: str) -> list[str]:
+    """The classification model names `lib` ("timm" or "torchvision") can build."""
+    if lib == "timm":
+        import timm  # lazy: only name checks need the registries, not every import of hub
+
+        return timm.list_models()
     import torchvision.models as tvm  # lazy: as timm
 
-    have = [f"timm/{name}"] * timm.is_model(name) + [f"torchvision/{name}"] * (name in tvm.list_models(module=tvm))
+    return tvm.list_models(module=tvm)
+
+
+def has_model(lib: str, name: str) -> bool:
+    """Whether `lib` can build `name` (timm: a pretrained tag or a Hub repo included)."""
+    if lib == "timm":
+        import timm  # lazy: as in model_names
+
+        return is_hub_name(name) or timm.is_model(name)
+    return name in model_names(lib)
+
+
+def _library_of(name: str) -> str:
+    """' (did you mean timm/resnet50 or torchvision/resnet50?)' for a bare name a library has, else ''."""
+    have = [f"{lib}/{name}" for lib in ("timm", "torchvision") if has_model(lib, name)]
     return f" (did you mean {' or '.join(have)}?)" if have else ""
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .heads import create_head
-from .hub import Unreachable, cached_hub_backbones, create_timm, is_hub_name, parse_backbone
+from .hub import Unreachable, cached_hub_backbones, create_timm, has_model, model_names, parse_backbone
 from .weights import load_backbone_weights, resolve_weights
 
 
@@ -49,12 +49,7 @@ class HeadInfo:
 
 def list_backbones(pattern: Optional[str] = None) -> List[str]:
     """Every backbone `build_model` accepts: torchvision's classification models and timm's architectures."""
-    import timm
-    import torchvision.models as tvm
-
-    names = [f"torchvision/{n}" for n in tvm.list_models(module=tvm)]
-    names += [f"timm/{n}" for n in timm.list_models()]
-
+    names = [f"{lib}/{n}" for lib in ("torchvision", "timm") for n in model_names(lib)]
     names += cached_hub_backbones()          # timm/hf-hub:org/name in the local HF cache; any Hub repo works
     if pattern:
         pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
@@ -251,21 +246,12 @@ def check_name(lib: str, name: str) -> None:
     """ConfigError, with the closest names, for a model the library does not have (a typo)."""
     import difflib
 
-    if lib == "timm":
-        import timm
-
-        if is_hub_name(name) or timm.is_model(name):
-            return
-        known, hint = timm.list_models(), f"; a Hugging Face Hub repo is 'timm/hf-hub:{name}'" if "/" in name else ""
-        what = "model"
-    else:
-        import torchvision.models as tvm
-
-        known, hint, what = tvm.list_models(module=tvm), "", "classification model"
-        if name in known:
-            return
-    close = difflib.get_close_matches(name, known, 3)
+    if has_model(lib, name):
+        return
+    close = difflib.get_close_matches(name, model_names(lib), 3)
     maybe = f" (did you mean {', '.join(f'{lib}/{c}' for c in close)}?)" if close else ""
+    what = "model" if lib == "timm" else "classification model"
+    hint = f"; a Hugging Face Hub repo is 'timm/hf-hub:{name}'" if lib == "timm" and "/" in name else ""
     raise ConfigError(f"{lib} has no {what} {name!r}{maybe}; see `spinal-transfer models {lib}/`{hint}")
 
 
