@@ -534,12 +534,13 @@ GROUPS = (("data", "data"), ("backbone", "model and head"), ("augment", "input a
 
 
 def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, ...]] = None,
-                    defaults: Optional[dict[str, str]] = None) -> None:
+                    defaults: Optional[dict[str, str]] = None, texts: Optional[dict[str, str]] = None) -> None:
     """One `--flag` per TrainConfig field (or per field in `only`), in argument groups. Defaults are None
     so that only the flags given on the command line override a recipe; `resolve_config` merges them.
     Commands that take a few of these flags without making a TrainConfig (evaluate, predict, reproduce) get the
-    same names, types and choices, say in `defaults` what an absent flag means for them (e.g. "the run's"), and
-    run `check_flags` for the same range checks."""
+    same names, types and choices, say in `defaults` what an absent flag means for them (e.g. "the run's") and in
+    `texts` what a flag does there when train's help would mislead, and run `check_flags` for the same range
+    checks."""
     group = parser
     starts = dict(GROUPS)
     for f in dataclasses.fields(TrainConfig):
@@ -550,7 +551,7 @@ def add_config_args(parser: argparse.ArgumentParser, only: Optional[tuple[str, .
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _base_type(_HINTS[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-        text = f.metadata.get("help", "")
+        text = (texts or {}).get(f.name, f.metadata.get("help", ""))
         if defaults and f.name in defaults:
             default, text = defaults[f.name], text.split(" (default:")[0]
         cond = f.metadata.get("applies")

@@ -87,14 +87,19 @@ def finite_nonnegative(s: str) -> float:
 
 def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> bool:
     """Before the work: `path` may be written by a command that writes `suffixes` files (True: a file is there
-    and will be replaced, which the command says). ConfigError for a folder, or for a file of another kind (an
-    image among the inputs, a notes.txt): it is never replaced."""
+    and will be replaced, which the command says). ConfigError for a folder, for a file of another kind (an
+    image among the inputs, a notes.txt: it is never replaced) and for a name of another kind (PNG bytes under
+    a .jpg name)."""
     p = Path(path)
+    kinds = " or ".join(suffixes)
     if p.is_dir():
-        raise ConfigError(f"{option} {p} is a folder; give a {' or '.join(suffixes)} file to write")
+        raise ConfigError(f"{option} {p} is a folder; give a {kinds} file to write")
     if p.exists() and p.suffix.lower() not in suffixes:
-        raise ConfigError(f"{option} {p} exists and is not a {' or '.join(suffixes)} file this command wrote; it is "
-                          f"not replaced: give another name")
+        raise ConfigError(f"{option} {p} exists and is not a {kinds} file this command wrote; it is not replaced: "
+                          f"give another name")
+    if p.suffix.lower() not in suffixes:       # a viewer trusts the name: PNG bytes in a .jpg open wrong or not
+        raise ConfigError(f"{option} {p}: this command writes a {suffixes[0][1:].upper()} file; give a name "
+                          f"ending in {kinds}")
     return p.exists()
 
 

@@ -39,7 +39,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=TOPK, help=f"classes per image (default: {TOPK})")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv); an "
                         "existing .csv file is replaced, and its 'wrote' line says so; any other file is refused")
-    add_config_args(parser, only=SHARED, defaults={"workers": "as in training"})
+    add_config_args(parser, only=SHARED, defaults={"workers": "as in training"},
+                    texts={"tta": "predict with test-time augmentation: the mean softmax over each image and its "
+                                  "mirror (slower; the CSV's probabilities are those means)"})
     parser.add_argument("--runner", default="auto", choices=RUNNERS,
                         help="what runs the model: torch, onnx (the bundle's model.onnx), onnx-int8 (its "
                              "model.int8.onnx) or auto (int8 ONNX, else ONNX, else torch; see below) (default: auto)")
@@ -62,7 +64,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--tta-crops needs --tta")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise ConfigError(f"--min-confidence must be a probability in [0, 1], got {args.min_confidence}")
-    replaced = output_file(args.out, (".csv",))   # said, never silent: it may hold another model's predictions
+    # said, never silent: they may hold another model's predictions and skip list
+    replaced = output_file(args.out, (".csv",))
+    replaced_list = output_file(f"{args.out}.skipped.txt", (".txt",), option="--out's skip list")
     tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
     preds = predict(args.model, args.paths, flags.get("batch_size"), flags.get("workers"), flags.get("device", "auto"),
                     tta=tta, runner=args.runner, calibrated=args.calibrated,
@@ -76,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
                         f"the reason); nothing was written to {args.out}")
     skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)
     print(f"wrote {len(preds.paths)} predictions to {args.out}" + (" (replacing the file that was there)" if replaced
-          else "") + f"; {len(preds.skipped)} file(s) skipped (listed in {skipped_path})", file=sys.stderr)
+          else "") + f"; {len(preds.skipped)} file(s) skipped (listed in {skipped_path}" +
+          (", replacing the list that was there)" if replaced_list else ")"), file=sys.stderr)
     if args.min_confidence is not None:
         print(f"{int(preds.uncertain(args.min_confidence).sum())} of {len(preds.paths)} image(s) uncertain: top "
               f"probability below {args.min_confidence:g} (softmax(logits / T), T = {preds.temperature:.3f})",

@@ -196,6 +196,13 @@ def _scan_split(folder: Path, notes: list[str], root: Path,
     return classes, images, skipped
 
 
+def _alias_names() -> str:
+    """train/ (or training/), val/ (or valid/, validation/) and test/ (or testing/)."""
+    said = [f"{a[0]}/" + (f" (or {', '.join(n + '/' for n in a[1:])})" if len(a) > 1 else "")
+            for a in SPLIT_ALIASES.values()]
+    return f"{', '.join(said[:-1])} and {said[-1]}"
+
+
 def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> dict[str, Path]:
     """{"train": ROOT/train, ...} for the split folders present (aliases in any case, one per split). A folder to
     train from needs train/; one only evaluated (`need_train=False`) may hold any of them, e.g. test/ alone."""
@@ -214,7 +221,7 @@ def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> d
         if unused:
             beside = "/, ".join(p.name for p in found.values())
             notes.append(f"{root} has folder(s) next to {beside}/ that are not read: {_few([u + '/' for u in unused])} "
-                         f"(with split folders only train/, val/ and test/ are read)")
+                         f"(with split folders only {_alias_names()} are read, in any case)")
     return found
 
 

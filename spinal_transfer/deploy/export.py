@@ -89,7 +89,7 @@ def read_config(bundle: PathLike) -> dict:
         raise CheckpointError(f"{folder} is not a spinal-transfer bundle: no {CONFIG_FILE} there "
                                 f"(make one with `spinal-transfer export RUN --out DIR`)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8-sig"))   # an editor may have saved it with a BOM
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
     missing = [k for k in CONFIG_KEYS if not isinstance(config, dict) or k not in config]
@@ -391,10 +391,12 @@ def _bundle_files(out: Path) -> list[Path]:
 
 def check_out(out: Path) -> list[Path]:
     """The earlier bundle's files that exporting to `out` replaces; ExportError, before any work, for an `out`
-    that is a file, or a folder holding files of those names that no export wrote (a user's README.md or
-    config.json): they are never replaced."""
+    that is a file, a run folder, or a folder holding files of those names that no export wrote (a user's
+    README.md or config.json): they are never replaced."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; a bundle is a folder: give a new or empty folder")
+    if RunDir(out).state() != "new":
+        raise ExportError(f"--out {out} is a run folder; a bundle is a folder of its own: give a new or empty folder")
     earlier = _bundle_files(out) if out.is_dir() else []
     if earlier:
         try:

@@ -120,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    config = json.loads((HERE / "config.json").read_text())
+    config = json.loads((HERE / "config.json").read_text(encoding="utf-8-sig"))
     inp, classes, temperature = config["input"], config["classes"], float(config.get("temperature") or 1.0)
     session = ort.InferenceSession(str(HERE / args.model), providers=["CPUExecutionProvider"])
     need, read, skipped, probs = decode_size(inp), [], [], []

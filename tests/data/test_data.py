@@ -25,7 +25,7 @@ from spinal_transfer.data.loaders import (
     collate,
 )
 from spinal_transfer.data.skiplog import SkipLog
-from spinal_transfer.data.splits import SPLIT_NAMES, list_images, load_recorded, record, scan
+from spinal_transfer.data.splits import SPLIT_ALIASES, SPLIT_NAMES, list_images, load_recorded, record, scan
 from spinal_transfer.data.transforms import DataConfig, build_transforms, transform_signature
 from spinal_transfer.errors import DataError
 from spinal_transfer.models.preprocess import resolve_data_config
@@ -113,6 +113,9 @@ def test_split_folders_in_any_case_are_splits_not_classes(tmp_path, names):
     assert s.classes == ["digit_3", "digit_4"]
     for split, name in zip(SPLIT_NAMES, names):
         assert sorted(p for p, _ in s.get(split)) == sorted(str(p) for p in (root / name).rglob("*.png"))
+    (root / "extra").mkdir()            # a folder beside the splits is not read, and the note says what is
+    note = next(n for n in scan(root).source["notes"] if "not read: extra/" in n)
+    assert all(f"{a}/" in note for aliases in SPLIT_ALIASES.values() for a in aliases), note
     (root / "train").mkdir()            # train/ beside Train/: which one is meant is not guessed
     with pytest.raises(DataError, match=f"both {names[0]} and train exist"):
         scan(root)

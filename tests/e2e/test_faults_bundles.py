@@ -134,7 +134,8 @@ def test_an_edited_config_json_is_refused_unless_told(bundle, three_digits, tmp_
 
 def test_a_config_json_of_another_model_or_broken_is_one_line(bundle, three_digits, tmp_path, cli_run):
     """With --no-verify a config.json listing another number of classes meets the model: one line, for every
-    runner, instead of a traceback mid-way; a config.json that is not JSON, or lacks the backbone, likewise."""
+    runner, instead of a traceback mid-way; a config.json that is not JSON, or lacks the backbone, likewise. The
+    same content saved with a byte-order mark loads."""
     images = three_digits / "test" / "digit_1"
     wrong = _edit_config(bundle, tmp_path / "wrong", lambda c: c["classes"].append("extra"))
     for runner in ["torch", "onnx"] if (bundle / "model.onnx").is_file() else ["torch"]:
@@ -157,6 +158,9 @@ def test_a_config_json_of_another_model_or_broken_is_one_line(bundle, three_digi
         (broken / "config.json").write_text(content)
         res = cli_run("predict", broken, images, "--no-verify", "--out", tmp_path / "p.csv")
         assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    (broken / "config.json").write_text("\ufeff" + text, encoding="utf-8")     # saved by an editor that adds a BOM
+    res = cli_run("predict", broken, images, "--out", tmp_path / "p.csv")       # the same content: it verifies
+    assert res.returncode == 0 and "wrote" in res.stderr, res.stderr[-2000:]
 
 
 def test_the_onnx_runner_refuses_a_tampered_model_onnx(bundle, three_digits, tmp_path, cli_run):

@@ -107,6 +107,10 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
         (("evaluate", finished_run, "--out", notes), "is a file"),
         (("export", finished_run, "--out", notes), "is a file"),
         (("export", finished_run, "--out", mine), "README.md that no export wrote"),
+        (("export", finished_run, "--out", finished_run), "is a run folder"),
+        (("predict", finished_run, image, "--out", tmp_path / "preds.txt"), "give a name ending in .csv"),
+        (("report", finished_run, "--screenshot", tmp_path / "page.jpg"), "writes a PNG file; give a name ending"),
+        (("show-batch", "--data", three_digits, "--out", tmp_path / "batch.jpg"), "ending in .png"),
     ]
     for args, says in refused:
         res = cli_run(*args)

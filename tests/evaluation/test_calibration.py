@@ -246,6 +246,7 @@ def test_min_confidence_counts_match_the_rows_written(bundle, images, tmp_path, 
     again = cli_run("predict", bundle, images[0], "--runner", "torch", "--device", "cpu", "--workers", "0",
                     "--out", out)
     assert again.returncode == 0 and f"wrote 1 predictions to {out} (replacing the file that was there)" in again.stderr
+    assert f"(listed in {out}.skipped.txt, replacing the list that was there)" in again.stderr
     assert len(list(csv.DictReader(out.open()))) == 1
     assert cli_run("predict", bundle, images[0], "--min-confidence", "1.5", "--out", out).returncode != 0
 
