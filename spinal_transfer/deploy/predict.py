@@ -206,17 +206,22 @@ def open_model(source: PathLike, device: torch.device, runner: str = "auto",
 
 
 def _checked(run: Runner, config: dict, path: Path) -> Runner:
-    """`run` once it gave one score per class of config.json on a blank image: a config.json of another model
-    (used with --no-verify) would otherwise fail mid-way with a traceback, or name the wrong classes."""
+    """`run` once it gave one finite score per class of config.json on a blank image: a config.json of another
+    model (used with --no-verify) would otherwise fail mid-way with a traceback, or name the wrong classes; a
+    model file that loads but does not compute (NaN weights) would write NaN probabilities. predict, Predictor
+    and serve (before it is ready) all open a model here."""
     size, n = config["input"]["img_size"], len(config["classes"])
     try:
-        scores = run(torch.zeros(1, 3, size, size)).shape[-1]
+        logits = torch.as_tensor(run(torch.zeros(1, 3, size, size)))
     except Exception as e:       # the runtimes raise their own types (onnxruntime's Fail, torch's RuntimeError)
         raise CheckpointError(f"{path} does not run on {CONFIG_FILE}'s {size} px input ({str(e).splitlines()[0]}); "
                               f"re-export the bundle") from None
-    if scores != n:
-        raise CheckpointError(f"{path} gives {scores} scores an image but {CONFIG_FILE} lists {n} classes; "
+    if logits.shape[-1] != n:
+        raise CheckpointError(f"{path} gives {logits.shape[-1]} scores an image but {CONFIG_FILE} lists {n} classes; "
                               f"re-export the bundle")
+    if not bool(torch.isfinite(logits.float()).all()):
+        raise CheckpointError(f"{path} gives non-finite scores (NaN or inf) on a blank image: its weights are broken; "
+                              f"re-export the bundle from a good checkpoint")
     return run
 
 

@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
-import numpy as np
 import torch
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -56,7 +55,6 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..data.images import BadImage
-from ..errors import CheckpointError
 from ..runs.rundir import RunDir
 from .export import CONFIG_FILE
 from .predict import preprocess_input, top_classes
@@ -116,27 +114,14 @@ def digest_of(files: list[Path]) -> str:
     return "sha256:" + outer.hexdigest()
 
 
-def check_model(predictor: Predictor) -> None:
-    """Run one blank image through the serving path; CheckpointError unless the answer is a softmax over the
-    bundle's classes (a model file that loads but does not compute is caught before the server is ready)."""
-    size = predictor.config["input"]["img_size"]
-    x = preprocess_input(np.zeros((size, size, 3), np.uint8), predictor.transform)[None]
-    probs = predictor.batch_probabilities(x)
-    ok = probs.shape == (1, len(predictor.classes)) and bool(torch.isfinite(probs).all()) \
-        and math.isclose(float(probs.sum()), 1.0, abs_tol=1e-4)
-    if not ok:
-        raise CheckpointError(f"{predictor.source}: a check batch gave {tuple(probs.shape)} outputs "
-                              f"(sum {float(probs.sum()):.4g}), not a softmax over {len(predictor.classes)} classes")
-
-
 class Model:
-    """One worker's model: the Predictor, what /metadata says about it, and its check (see check_model)."""
+    """One worker's model: the Predictor (opened with predict's check batch: one finite score per class), and
+    what /metadata says about it."""
 
     def __init__(self, settings: ServeSettings):
         self.predictor = Predictor(settings.source, device=settings.device, runner=settings.runner,
                                    verify=settings.verify)
         files = bundle_files(settings.source)
-        check_model(self.predictor)
         config = self.predictor.config
         self.metadata = {
             "classes": self.predictor.classes, "input_size": config["input"]["img_size"],

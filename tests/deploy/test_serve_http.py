@@ -409,6 +409,23 @@ def test_a_bad_model_is_one_line_before_listening(bundle, tmp_path, cli_run):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "model.safetensors" in res.stderr, res.stderr
 
 
+def test_a_model_that_computes_nan_is_refused_by_predict_and_serve(bundle, images, tmp_path, cli_run):
+    """Weights that load but compute NaN would write NaN probabilities: the check batch every runner opens a model
+    with refuses them, in one line, before any image (and before serve listens)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan"
+    shutil.copytree(bundle, broken)
+    tensors = load_file(broken / "model.safetensors")
+    save_file({k: t.fill_(float("nan")) if t.is_floating_point() else t for k, t in tensors.items()},
+              broken / "model.safetensors")
+    for args in (("predict", broken, images[0], "--out", tmp_path / "p.csv"),
+                 ("serve", broken, "--port", str(free_port()))):
+        res = cli_run(*args, "--runner", "torch", "--no-verify")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and "non-finite scores" in res.stderr, res.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
 @pytest.mark.slow
 def test_workers_share_one_port_and_add_up_their_metrics(bundle, images, tmp_path):
     server = Server(bundle, tmp_path / "serve.log", "--workers", "2", "--runner", "onnx")
