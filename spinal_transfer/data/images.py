@@ -20,6 +20,9 @@ PathLike = Union[str, os.PathLike]
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+MAX_ASPECT_RATIO = 100     # a 1x3,000,000 PNG is 3 KB, but resizing its shorter side to 34 px asks for 10 GB
+
+
 class BadImage(Exception):
     """A file that cannot be decoded into an image; the message says why."""
 
@@ -33,7 +36,7 @@ def _open(fp: BinaryIO) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(fp)
+            im = Image.open(fp)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise BadImage(f"exceeds the decompression-bomb bound (PIL.Image.MAX_IMAGE_PIXELS="
                        f"{Image.MAX_IMAGE_PIXELS}): {e}") from None
@@ -41,12 +44,22 @@ def _open(fp: BinaryIO) -> Image.Image:
         raise BadImage("not an image (unrecognised format)") from None
     except Exception as e:  # PIL raises many types for malformed headers
         raise BadImage(f"unreadable image header: {type(e).__name__}: {e}") from None
+    w, h = im.size
+    if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
+        raise BadImage(f"{w}x{h} px, an aspect ratio beyond {MAX_ASPECT_RATIO}:1: resizing its shorter side to the "
+                       f"model's input would make a huge image (crop it first)")
+    return im
 
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     """Decode with PIL: EXIF orientation; 16-bit keeps its high byte (as PIL's 16-bit RGB PNG reader
     and cv2 do); alpha and palette transparency are composited onto white (transparent backgrounds
-    become white, not whatever colour hides under alpha=0); CMYK etc. via PIL's convert."""
+    become white, not whatever colour hides under alpha=0); CMYK etc. via PIL's convert. 32-bit integer and
+    floating-point pixels (TIFF's I and F modes) have no agreed range (0-255? 0-1? 0-65535?): BadImage, not
+    a guess that would turn them black or white."""
+    if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):   # a PNG holds at most 16 bits (older PILs: I)
+        raise BadImage(f"{'floating-point' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode {im.mode}) have "
+                       f"no standard range; save the image with 8 or 16 bits per channel")
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode == "I":
         high = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
@@ -68,6 +81,16 @@ def _jpeg_flags(size: tuple[int, int], min_size: Optional[int]) -> int:
         if min_size and short // r >= min_size:
             return reduced | cv2.IMREAD_COLOR_RGB     # the REDUCED_GRAYSCALE bit is the scale; RGB the colour
     return cv2.IMREAD_COLOR_RGB
+
+
+def pil_to_rgb(im: Image.Image, min_size: Optional[int] = None) -> np.ndarray:
+    """HxWx3 uint8 RGB of a PIL image given by a caller (Predictor), or BadImage. One still as `Image.open`
+    left it (not yet decoded) is decoded from its file as `load_image` decodes that file: a large JPEG at
+    libjpeg's reduced scale, as in training, so a PIL image and its path give the same probabilities. An
+    image already decoded (or drawn) is taken at the resolution it has."""
+    if getattr(im, "tile", None) and isinstance(getattr(im, "filename", None), str) and Path(im.filename).is_file():
+        return load_image(im.filename, min_size)
+    return _pil_to_rgb(im)
 
 
 def load_image(path: PathLike, min_size: Optional[int] = None) -> np.ndarray:
@@ -102,6 +125,8 @@ def decode_image(data: bytes, min_size: Optional[int] = None) -> np.ndarray:
             return arr
     try:
         return _pil_to_rgb(im)
+    except BadImage:
+        raise
     except Exception as e:  # truncated/corrupt streams raise OSError, SyntaxError, ValueError, ...
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
 

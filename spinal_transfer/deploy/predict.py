@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import CONFIG_FIELDS
-from ..data.images import BadImage, _pil_to_rgb, decode_image, load_image
+from ..data.images import BadImage, decode_image, load_image, pil_to_rgb
 from ..data.loaders import BadSample, ImageDataset, make_loader
 from ..data.skiplog import SkipLog
 from ..data.splits import list_images
@@ -99,8 +99,10 @@ def top_classes(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[lis
 
 def decode_input(item: ImageInput, min_size: Optional[int] = None) -> np.ndarray:
     """HxWx3 uint8 RGB of a file path (images.load_image, as training decodes), the bytes of an image file
-    (images.decode_image: the same pixels as that file from its path), a PIL image (its EXIF
-    orientation, alpha on white, as a file of it would be) or an HxWx3 uint8 RGB array (used as is).
+    (images.decode_image: the same pixels as that file from its path), a PIL image (images.pil_to_rgb: one
+    fresh from `Image.open` as its file; else its EXIF orientation, alpha on white, at the resolution it has,
+    which for a large JPEG differs a little from the reduced-scale decode of its file) or an HxWx3 uint8 RGB
+    array (used as is).
     BadImage when a file cannot be decoded; DataError for anything else."""
     if isinstance(item, (str, os.PathLike)):
         return load_image(item, min_size)
@@ -109,10 +111,11 @@ def decode_input(item: ImageInput, min_size: Optional[int] = None) -> np.ndarray
     from PIL import Image
 
     if isinstance(item, Image.Image):
-        return _pil_to_rgb(item)
+        return pil_to_rgb(item, min_size)
     if isinstance(item, np.ndarray):
-        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-            raise DataError(f"an image array must be HxWx3 uint8 RGB; got shape {item.shape}, dtype {item.dtype}")
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8 or 0 in item.shape:
+            raise DataError(f"an image array must be HxWx3 uint8 RGB with H, W >= 1; got shape {item.shape}, dtype "
+                            f"{item.dtype}")
         return np.ascontiguousarray(item)
     raise DataError(f"cannot read an image from a {type(item).__name__}: give a path, the bytes of an image file, "
                     f"a PIL image or an HxWx3 uint8 array")

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from spinal_transfer.data.augment import Augmentation
-from spinal_transfer.data.images import BadImage, load_image
+from spinal_transfer.data.images import BadImage, check_image_header, load_image
 from spinal_transfer.data.loaders import (
     BadSample,
     ImageDataset,
@@ -371,6 +371,15 @@ def test_load_image_errors(tmp_path, monkeypatch):
     (tmp_path / "e.jpg").write_bytes(b"")
     with pytest.raises(BadImage, match="empty"):
         load_image(tmp_path / "e.jpg")
+    thin = tmp_path / "thin.png"              # 3 KB, but its resize would ask for gigabytes: refused at the header
+    Image.new("L", (300_000, 1), 255).save(thin)
+    assert "aspect ratio beyond 100:1" in check_image_header(thin)
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "i32.tif")          # PIL mode I: 0..63 of 2**31
+    Image.fromarray(grey.astype(np.float32) / 255, "F").save(tmp_path / "f.tif")  # mode F: 0..0.25
+    for name, says in (("i32.tif", "32-bit integer pixels"), ("f.tif", "floating-point pixels")):
+        with pytest.raises(BadImage, match=f"^{says} .*save the image with 8 or 16 bits"):   # not black, not guessed
+            load_image(tmp_path / name)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(BadImage, match="decompression-bomb bound"):
         load_image(_png(tmp_path / "big.png", 12, 12))  # 144 px: the warning zone counts too

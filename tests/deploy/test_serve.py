@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -83,8 +84,24 @@ def test_predictor_takes_paths_pil_images_and_arrays(bundle, images):
     _same(p.predict(arrays, topk=3), from_paths, tol=0)
     _same(p.predict(arrays[0], topk=1), [from_paths[0][:1]])          # one image alone (batch of 1: ~1e-9)
     assert sum(prob for _, prob in from_paths[0]) == pytest.approx(1.0)
-    with pytest.raises(DataError, match="HxWx3 uint8"):
-        p.predict([np.zeros((8, 8), np.uint8)])
+    for bad in (np.zeros((8, 8), np.uint8), np.zeros((0, 0, 3), np.uint8)):
+        with pytest.raises(DataError, match="HxWx3 uint8"):
+            p.predict([bad])
+
+
+def test_a_pil_image_fresh_from_its_file_predicts_as_its_path(bundle, tmp_path):
+    """A large JPEG path is decoded at libjpeg's reduced scale, as training decoded it; the same JPEG opened by
+    the caller with PIL goes the same way, so a web app's probabilities equal predict's and serve's."""
+    from sklearn.datasets import load_sample_images
+
+    p = Predictor(bundle, device="cpu", runner="torch")
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(load_sample_images().images[0]).save(jpeg, quality=90)    # 640x427: decoded at 1/8 scale
+    from_path = p.probabilities(jpeg)
+    assert torch.equal(p.probabilities(Image.open(jpeg)), from_path)
+    assert torch.equal(p.probabilities(jpeg.read_bytes()), from_path)
+    decoded = Image.open(jpeg).convert("RGB")           # decoded by the caller: taken at its full resolution
+    assert p.probabilities(decoded).shape == from_path.shape
 
 
 def test_quantized_bundle_records_both_numbers(bundle, finished_run):
