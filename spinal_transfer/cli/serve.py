@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 
 from ..deploy.predict import RUNNERS, TOPK
 from ..errors import ConfigError, MissingDependency
-from . import port, positive_int
+from . import finite, finite_nonnegative, port, positive_int
 
 HOST, PORT = "127.0.0.1", 8000
 MAX_BATCH, MAX_WAIT_MS, MAX_UPLOAD_MB, DRAIN_TIMEOUT_S = 32, 5.0, 10.0, 30
@@ -36,9 +38,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--max-batch", type=positive_int, default=MAX_BATCH,
                         help=f"most images per model call (default: {MAX_BATCH})")
-    parser.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS,
+    parser.add_argument("--max-wait-ms", type=finite_nonnegative, default=MAX_WAIT_MS,
                         help=f"how long a batch waits for more images after its first (default: {MAX_WAIT_MS:g})")
-    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+    parser.add_argument("--max-upload-mb", type=finite, default=MAX_UPLOAD_MB,
                         help=f"largest request body accepted, in MiB; larger gets 413 (default: {MAX_UPLOAD_MB:g})")
     parser.add_argument("--topk", type=positive_int, default=TOPK,
                         help=f"classes per image unless the request asks (?topk=N) (default: {TOPK})")
@@ -51,15 +53,35 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "bundle edited on purpose); without it such a bundle is refused")
 
 
+def check_address(host: str, port: int) -> None:
+    """ConfigError unless this process could listen on host:port now: a host that does not resolve, a port in
+    use or not ours to take. Bound with SO_REUSEADDR, as uvicorn binds, so a port in TIME_WAIT counts as free."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: not an address of this machine ({e.strerror}); give one such as "
+                          f"127.0.0.1, or 0.0.0.0 for all") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            busy = e.errno == errno.EADDRINUSE
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}" +
+                              ("; another server holds it: choose another --port" if busy else "")) from None
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
-        raise ConfigError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
+    if args.max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb must be > 0, got {args.max_upload_mb:g}")
     try:
         from ..deploy import serve  # lazy: torch, uvicorn, starlette, prometheus_client
     except ImportError as e:
         raise MissingDependency(f"serve needs uvicorn, starlette, python-multipart and prometheus-client ({e}): "
                                 f'pip install -e ".[serve]"') from None
 
+    check_address(args.host, args.port)      # before the model loads: a port in use is one line, not uvicorn's
     settings = serve.ServeSettings(args.model, args.runner, args.device, args.max_batch, args.max_wait_ms,
                                    args.max_upload_mb, args.topk, verify=not args.no_verify)
     model = serve.Model(settings)            # opened here: a bad bundle is one line on stderr, before listening

@@ -409,6 +409,35 @@ def test_a_bad_model_is_one_line_before_listening(bundle, tmp_path, cli_run):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "model.safetensors" in res.stderr, res.stderr
 
 
+def test_a_port_in_use_or_a_host_not_here_is_one_line_before_the_model_loads(bundle, cli_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        res = cli_run("serve", bundle, "--port", str(taken.getsockname()[1]))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "choose another --port" in res.stderr, res.stderr
+    res = cli_run("serve", bundle, "--host", "no-such-host.invalid", "--port", str(free_port()))
+    assert res.returncode == 2 and "--host no-such-host.invalid: not an address" in res.stderr, res.stderr
+
+
+def test_a_client_leaving_mid_upload_is_not_a_server_error(plain, images):
+    """Counted as client_disconnect (status 499), with no traceback in the log: an alert on 500s stays quiet."""
+    def errors() -> dict:
+        return {dict(labels)["reason"]: v for (name, labels), v in samples(plain).items()
+                if name == "spinal_serve_errors_total"}
+    before = errors()
+    with socket.create_connection(("127.0.0.1", plain.port)) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+                  + b"\x89PNG" * 10)
+    for _ in range(100):                     # the server notices the closed connection on its next read
+        if errors().get("client_disconnect", 0) > before.get("client_disconnect", 0):
+            break
+        time.sleep(0.05)
+    after = errors()
+    assert after.get("client_disconnect", 0) == before.get("client_disconnect", 0) + 1
+    assert after.get("internal", 0) == before.get("internal", 0) and "ClientDisconnect" not in plain.output()
+    assert plain.post(**png(images[0])).status_code == 200          # and it goes on serving
+
+
 def test_a_model_that_computes_nan_is_refused_by_predict_and_serve(bundle, images, tmp_path, cli_run):
     """Weights that load but compute NaN would write NaN probabilities: the check batch every runner opens a model
     with refuses them, in one line, before any image (and before serve listens)."""
