@@ -97,6 +97,10 @@ def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> 
     if p.exists() and p.suffix.lower() not in suffixes:
         raise ConfigError(f"{option} {p} exists and is not a {kinds} file this command wrote; it is not replaced: "
                           f"give another name")
+    folder = next(a for a in p.absolute().parents if a.exists())     # what the write will create its path in
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {p}: cannot write there ({folder} is " +
+                          ("a file, not a folder)" if not folder.is_dir() else "not writable)") + "; give another path")
     if p.suffix.lower() not in suffixes:       # a viewer trusts the name: PNG bytes in a .jpg open wrong or not
         raise ConfigError(f"{option} {p}: this command writes a {suffixes[0][1:].upper()} file; give a name "
                           f"ending in {kinds}")

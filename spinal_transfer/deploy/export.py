@@ -164,6 +164,7 @@ def verify_bundle(folder: Path, config: dict, used: str) -> None:
 def load(bundle: PathLike, verify: bool = True) -> nn.Module:
     """A bundle folder -> its model in eval mode, rebuilt offline; weights come from safetensors,
     so loading runs no code from the bundle. `verify`: check model.safetensors against config.json's digest."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     folder = Path(bundle)
@@ -176,6 +177,9 @@ def load(bundle: PathLike, verify: bool = True) -> nn.Module:
     model = build_from_config(config)
     try:
         load_model(model, str(folder / WEIGHTS_FILE))
+    except SafetensorError as e:    # a file cut short, or not safetensors (with --no-verify)
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file ({e}); re-export the "
+                              f"bundle") from None
     except RuntimeError as e:    # e.g. another class count: the config.json of another model (with --no-verify)
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the model {CONFIG_FILE} describes ("
                               f"{len(config['classes'])} classes, {config['backbone']}): "
@@ -258,7 +262,11 @@ def onnx_runner(path: PathLike, device: str = "cpu") -> Runner:
     providers = ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:      # onnxruntime's own types (InvalidProtobuf, Fail): a file cut short or not ONNX
+        raise CheckpointError(f"{path} is not a loadable ONNX model ({' '.join(str(e).split())[:200]}); re-export "
+                              f"the bundle") from None
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
 

@@ -32,6 +32,9 @@ def system_error(e: OSError, path: Path, needed: Optional[int] = None) -> Resour
         need = f" needs about {needed / 2**20:.0f} MB," if needed else ""
         return ResourceError(f"no space left on device: writing {path}{need} {free / 2**20:.0f} MB free there; "
                              f"free some space (or choose another --out) and resume")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):        # a file stands where a folder of the path should be
+        return ResourceError(f"cannot write {path}: a file stands where a folder of that path should be; choose "
+                             f"another --out")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         what = "read-only file system" if e.errno == errno.EROFS else "permission denied"
         return ResourceError(f"{what}: cannot write {path}; choose a writable --out")
@@ -42,10 +45,14 @@ def write_atomically(path: Path, write: Any, needed: Optional[int] = None) -> No
     """write(file object) into a temporary file beside `path`, fsync, rename over `path`: a kill at any moment
     leaves the old file or the new one, never a torn one. The temporary file is named `.<name>.<random>.tmp`,
     which `RunDir.remove_stray_temps` recognises after a kill -9."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if needed and shutil.disk_usage(path.parent).free < needed * 1.05:
-        raise system_error(OSError(errno.ENOSPC, "No space left on device"), path, needed)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        usage = shutil.disk_usage(path.parent)
+        if needed and usage.total and usage.free < needed * 1.05:     # /proc and the like have no size at all
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as e:
+        raise system_error(e, path, needed) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

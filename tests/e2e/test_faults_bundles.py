@@ -163,6 +163,22 @@ def test_a_config_json_of_another_model_or_broken_is_one_line(bundle, three_digi
     assert res.returncode == 0 and "wrote" in res.stderr, res.stderr[-2000:]
 
 
+def test_a_model_file_cut_short_is_one_line_even_unverified(bundle, three_digits, tmp_path, cli_run):
+    """--no-verify skips the digests, not the loading: a model.safetensors or model.onnx cut short is named in
+    one line (exit 2), not an onnxruntime or safetensors traceback."""
+    images = three_digits / "test" / "digit_1"
+    files = {"torch": "model.safetensors", "onnx": "model.onnx"} if (bundle / "model.onnx").is_file() else \
+        {"torch": "model.safetensors"}
+    for runner, name in files.items():
+        cut = tmp_path / runner
+        subprocess.run(["cp", "-r", str(bundle), str(cut)], check=True)
+        (cut / name).write_bytes((bundle / name).read_bytes()[:1000])
+        res = cli_run("predict", cut, images, "--runner", runner, "--no-verify", "--out", tmp_path / "p.csv")
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert f"{name} is not a" in errors[0] and "re-export" in errors[0]
+
+
 def test_the_onnx_runner_refuses_a_tampered_model_onnx(bundle, three_digits, tmp_path, cli_run):
     if not (bundle / "model.onnx").is_file():
         pytest.skip("onnx, onnxruntime and onnxscript (the extra `onnx`) are not installed")

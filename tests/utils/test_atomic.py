@@ -43,3 +43,10 @@ def test_new_file_gets_the_umask_mode_and_parents_are_made(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.read_text() == "hello" and (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_a_file_in_the_way_of_the_path_is_one_plain_error_not_a_disk_full(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"image")
+    with pytest.raises(ResourceError, match="a file stands where a folder of that path should be"):
+        atomic_write_text(tmp_path / "a.png" / "out.csv", "x")       # mkdir's FileExistsError, in plain words
+    assert (tmp_path / "a.png").read_bytes() == b"image"
