@@ -70,10 +70,11 @@ def _hidden(name: str) -> bool:
 
 
 def walk_files(folder: Path, notes: Optional[list[str]] = None,
-               follow: Optional[Callable[[Path], bool]] = None) -> list[Path]:
+               follow: Optional[Callable[[Path], bool]] = None, broken: Optional[list[Path]] = None) -> list[Path]:
     """Every non-hidden file below `folder`, recursively, links followed, sorted by path. A folder reached a
     second time (link loop, or two links to one place) is not read again; `notes` says where. `follow(link)`,
-    when given, is asked about every symbolic link met (folder or file): False leaves it out."""
+    when given, is asked about every symbolic link met (folder or file): False leaves it out. Broken links are
+    left out too, said in `notes` and listed in `broken`."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -93,8 +94,11 @@ def walk_files(folder: Path, notes: Optional[list[str]] = None,
                 continue
             if p.is_file():
                 out.append(p)
-            elif notes is not None and p.is_symlink():
-                notes.append(f"{p} is a broken symbolic link (its target does not exist); not used")
+            elif p.is_symlink():
+                if notes is not None:
+                    notes.append(f"{p} is a broken symbolic link (its target does not exist); not used")
+                if broken is not None:
+                    broken.append(p)
     return sorted(out)
 
 
@@ -119,11 +123,20 @@ def _subdirs(folder: Path) -> list[str]:
 
 
 def list_images(paths: list[PathLike]) -> list[str]:
-    """Files as given, folders expanded to their images (recursive, sorted, hidden skipped)."""
+    """Files as given, folders expanded to their images (recursive, sorted, hidden skipped). A broken link with
+    an image's name is kept, for the reader to skip with its reason; the other files of a folder (a .heic photo,
+    notes) are counted in a warning, not left out without a word."""
     out: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += [str(f) for f in walk_files(p) if f.suffix.lower() in IMG_EXTENSIONS]
+            broken: list[Path] = []
+            found = walk_files(p, broken=broken)
+            out += sorted(str(f) for f in found + broken if f.suffix.lower() in IMG_EXTENSIONS)
+            other = [f for f in found if f.suffix.lower() not in IMG_EXTENSIONS]
+            if other:
+                kinds = sorted({f.suffix.lower() or "(none)" for f in other})
+                log.warning(f"{len(other)} file(s) under {p} are not images by their extension ({_few(kinds, 5)}: "
+                            f"read are {' '.join(IMG_EXTENSIONS)}) and are not used, e.g. {other[0]}")
         elif p.is_file():
             out.append(str(p))
         else:

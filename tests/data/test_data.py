@@ -479,3 +479,16 @@ def test_config_overrides_win_and_unknown_backbone_falls_back():
     assert pdc.resize_size == round(64 / pdc.crop_pct)
     fallback = resolve_data_config("somewhere/unknown", "none")
     assert (fallback.img_size, fallback.resize_size, fallback.interpolation) == (224, 256, "bilinear")
+
+
+def test_list_images_keeps_broken_links_for_their_reason_and_counts_other_files(tmp_path, caplog):
+    """What predict reads of a folder: a broken link with an image's name reaches the reader (and the skip
+    list, with its reason); a .heic photo is not read, and a warning counts it instead of dropping it unsaid."""
+    good = _png(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "in" / "sub").mkdir()
+    (tmp_path / "in" / "sub" / "phone.heic").write_bytes(b"heic")
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        listed = list_images([tmp_path / "in"])
+    assert listed == [str(good), str(tmp_path / "in" / "gone.jpg")]
+    assert any("1 file(s) under" in r.message and ".heic" in r.message for r in caplog.records)
