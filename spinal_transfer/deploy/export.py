@@ -391,21 +391,27 @@ def _staging(out: Path) -> Iterator[Path]:
                     folder.rmdir()
 
 
-def _bundle_files(out: Path) -> list[Path]:
-    """The files in `out` that an export writes (an earlier export's, or a user's file of the same name)."""
+def bundle_files_in(out: Path) -> list[Path]:
+    """The files in `out` that an export writes (an earlier export's, or a user's file of the same name): what
+    a re-export replaces, and what serve's digest covers (not a notes.txt a user keeps beside them)."""
     return sorted(f for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, *FORMAT_FILES.values(), INT8_FILE,
                                  STANDALONE.name) for f in out.glob(name + "*") if f.is_file())
 
 
 def check_out(out: Path) -> list[Path]:
     """The earlier bundle's files that exporting to `out` replaces; ExportError, before any work, for an `out`
-    that is a file, a run folder, or a folder holding files of those names that no export wrote (a user's
-    README.md or config.json): they are never replaced."""
+    that is a file, a run folder, a folder of other files and no bundle (the data folder), or a folder holding
+    files of a bundle's names that no export wrote (a user's README.md or config.json): they are never
+    replaced. Files a user added beside an earlier bundle stay."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; a bundle is a folder: give a new or empty folder")
     if RunDir(out).state() != "new":
         raise ExportError(f"--out {out} is a run folder; a bundle is a folder of its own: give a new or empty folder")
-    earlier = _bundle_files(out) if out.is_dir() else []
+    earlier = bundle_files_in(out) if out.is_dir() else []
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if others and not earlier:          # the data folder, a folder of notes: a bundle would be mixed into it
+        raise ExportError(f"--out {out} holds other files ({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}) "
+                          f"and no earlier bundle; give a new or empty folder")
     if earlier:
         try:
             read_config(out)
@@ -420,7 +426,7 @@ def _publish(stage: Path, out: Path) -> None:
     Ctrl-C held back until all are in place. Temp files are created owner-only; a bundle is meant to be shared,
     so it is made world-readable."""
     with _uninterrupted():
-        for f in _bundle_files(out):
+        for f in bundle_files_in(out):
             f.unlink()
         for f in sorted(stage.iterdir()):
             f.chmod(0o644)

@@ -56,7 +56,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..data.images import BadImage
 from ..runs.rundir import RunDir
-from .export import CONFIG_FILE
+from .export import CONFIG_FILE, bundle_files_in
 from .predict import preprocess_input, top_classes
 from .predictor import Predictor
 
@@ -98,7 +98,7 @@ def bundle_files(source: str | os.PathLike) -> list[Path]:
     path = Path(source)
     folder = path if path.is_dir() else path.parent
     if (folder / CONFIG_FILE).is_file():
-        return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        return bundle_files_in(folder)
     return [RunDir(path).best if path.is_dir() else path]
 
 

@@ -271,11 +271,13 @@ def test_metadata_and_health(plain, bundle):
     assert missing.status_code == 404 and missing.json()["error"]
 
 
-def test_digest_changes_with_any_file(bundle, tmp_path):
+def test_digest_changes_with_any_file_of_the_bundle(bundle, tmp_path):
     from spinal_transfer.deploy.serve import bundle_files, digest_of
 
     copy = shutil.copytree(bundle, tmp_path / "b")
     first = digest_of(bundle_files(copy))
+    assert digest_of(bundle_files(copy)) == first
+    (copy / "notes.txt").write_text("a user's file beside the bundle")        # not the model's: not digested
     assert digest_of(bundle_files(copy)) == first
     (copy / "README.md").write_text((copy / "README.md").read_text() + "\n")
     assert digest_of(bundle_files(copy)) != first

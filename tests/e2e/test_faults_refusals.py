@@ -108,6 +108,7 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
         (("export", finished_run, "--out", notes), "is a file"),
         (("export", finished_run, "--out", mine), "README.md that no export wrote"),
         (("export", finished_run, "--out", finished_run), "is a run folder"),
+        (("export", finished_run, "--out", three_digits), "holds other files (test, train, val) and no earlier bundle"),
         (("predict", finished_run, image, "--out", tmp_path / "preds.txt"), "give a name ending in .csv"),
         (("predict", finished_run, image, "--out", image / "preds.csv"), "keep.png is a file, not a folder"),
         (("report", finished_run, "--screenshot", tmp_path / "page.jpg"), "writes a PNG file; give a name ending"),
