@@ -49,6 +49,7 @@ from .export import (
     CONFIG_FILE,
     FORMAT_FILES,
     INT8_FILE,
+    WEIGHTS_FILE,
     Runner,
     bundle_config,
     eval_transform,
@@ -153,11 +154,17 @@ def resolve_runner(source: PathLike, runner: str = "auto", device: Optional[torc
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such bundle, ONNX file, run folder or checkpoint")
-    if path.suffix == ".onnx":
-        if runner in ("auto", "onnx"):
-            return ("onnx-int8" if path.name == INT8_FILE else "onnx"), path
+    if path.suffix == ".onnx":                # a file named is the one run, unless --runner names another kind
+        kind = "onnx-int8" if path.name == INT8_FILE else "onnx"
+        if runner in ("auto", kind):
+            return kind, path
         path = path.parent                   # another runner of the same bundle
+    if path.suffix == ".safetensors" and runner == "auto":
+        return "torch", path                 # the weights file named: PyTorch runs it, not the folder's ONNX
     bundle = (path / CONFIG_FILE).is_file() or path.suffix == ".safetensors"
+    if not bundle and path.is_dir() and (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path} has {WEIGHTS_FILE} but no {CONFIG_FILE}, which names its backbone, classes and "
+                              f"preprocessing: copy the whole bundle, or re-export it")
     if not bundle:
         if runner in ("auto", "torch"):
             return "torch", path

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,9 +32,12 @@ log = logging.getLogger("spinal_transfer")
 
 
 def _is_single(images: Any) -> bool:
+    """One image, not a sequence of them (something not iterable, an int or None, is one too: decode_input
+    then says what it takes)."""
     from PIL import Image
 
-    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray))
+    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)) or \
+        not isinstance(images, Iterable)
 
 
 class Predictor:
@@ -53,7 +56,7 @@ class Predictor:
         if tta_crops and not tta:
             raise ConfigError(f"{option_name('tta_crops').strip()} needs {flag_name('tta')}", key="tta_crops")
         self.tta: Optional[TTA] = TTA(flip=True, crops=tta_crops) if tta else None
-        self.batch_size = batch_size or CONFIG_FIELDS["batch_size"].default
+        self.batch_size = CONFIG_FIELDS["batch_size"].default if batch_size is None else batch_size
         if self.batch_size < 1:
             raise ConfigError(f"{option_name('batch_size')}must be >= 1, got {self.batch_size}", key="batch_size")
         self.device = pick_device(device)

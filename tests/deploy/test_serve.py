@@ -20,7 +20,7 @@ from spinal_transfer.data.splits import list_images  # noqa: E402
 from spinal_transfer.deploy.export import INT8_FILE  # noqa: E402
 from spinal_transfer.deploy.predict import predict  # noqa: E402
 from spinal_transfer.deploy.predictor import Predictor  # noqa: E402
-from spinal_transfer.errors import ConfigError, DataError  # noqa: E402
+from spinal_transfer.errors import CheckpointError, ConfigError, DataError  # noqa: E402
 from spinal_transfer.utils.runtime import torch_threads  # noqa: E402
 
 NUMBERS = r"int8 top-1 \d+\.\d\d% vs fp32 \d+\.\d\d%: a drop of -?\d+\.\d\d points"
@@ -84,9 +84,13 @@ def test_predictor_takes_paths_pil_images_and_arrays(bundle, images):
     _same(p.predict(arrays, topk=3), from_paths, tol=0)
     _same(p.predict(arrays[0], topk=1), [from_paths[0][:1]])          # one image alone (batch of 1: ~1e-9)
     assert sum(prob for _, prob in from_paths[0]) == pytest.approx(1.0)
-    for bad in (np.zeros((8, 8), np.uint8), np.zeros((0, 0, 3), np.uint8)):
+    for bad in (np.zeros((8, 8), np.uint8), np.zeros((0, 0, 3), np.uint8), 3, None):
         with pytest.raises(DataError, match="HxWx3 uint8"):
             p.predict([bad])
+        with pytest.raises(DataError, match="HxWx3 uint8"):
+            p.predict(bad)                                            # alone too: not iterated as a sequence
+    with pytest.raises(ConfigError, match="must be >= 1, got 0"):
+        Predictor(bundle, device="cpu", runner="torch", batch_size=0)     # not replaced by the default unsaid
 
 
 def test_a_pil_image_fresh_from_its_file_predicts_as_its_path(bundle, tmp_path):
@@ -178,6 +182,15 @@ def test_runner_choices_and_errors(bundle, finished_run, images, tmp_path, cli_r
     assert Predictor(bundle / INT8_FILE, device="cpu").runner == "onnx-int8"
     assert Predictor(bundle, device="cpu", runner="onnx").runner == "onnx"
     assert Predictor(bundle / "model.onnx", device="cpu", runner="torch").runner == "torch"
+    # a file named runs as itself; a --runner of another kind runs that kind of the same bundle
+    assert Predictor(bundle / INT8_FILE, device="cpu", runner="onnx").runner == "onnx"
+    assert Predictor(bundle / "model.onnx", device="cpu", runner="onnx-int8").runner == "onnx-int8"
+    assert Predictor(bundle / "model.safetensors", device="cpu").runner == "torch"
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    shutil.copy(bundle / "model.safetensors", weights_only)
+    with pytest.raises(CheckpointError, match="has model.safetensors but no config.json"):
+        Predictor(weights_only, device="cpu")
     with pytest.raises(ConfigError, match="runner=onnx-int8 needs a bundle"):
         Predictor(finished_run, device="cpu", runner="onnx-int8")
     only_onnx = tmp_path / "only_onnx"
