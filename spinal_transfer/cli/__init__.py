@@ -61,6 +61,14 @@ def positive_int(s: str) -> int:
     return v
 
 
+def seed(s: str) -> int:
+    """argparse type of a random seed: 0 to 2**32 - 1 (numpy's and Optuna's range)."""
+    v = int(s)
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is 0 to 4294967295, got {s}")
+    return v
+
+
 def port(s: str) -> int:
     """argparse type of a TCP port: 0 (any free one) to 65535."""
     v = int(s)

@@ -8,7 +8,7 @@ from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..evaluation.metrics import summary
 from ..experiments.multirun import DEFAULT_MODE, MODE_HELP, MODE_NAMES, MODES
 from ..experiments.tune import DEFAULT_OUT, DEFAULT_SAMPLER_SEED, DEFAULT_STUDY, DEFAULT_TRIALS, PRUNERS, SEARCHED, tune
-from . import positive_int
+from . import positive_int, seed
 
 # TrainConfig fields tune searches or sets itself, so they are not its flags (--epochs is: the longest trial)
 CONTROLLED = (*SEARCHED, "out", "freeze_backbone", "cache_features", "select_on")
@@ -55,7 +55,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "machines (default: sqlite:///OUT/study.db)")
     parser.add_argument("--study-name", default=DEFAULT_STUDY, metavar="NAME",
                         help=f"study to create or continue in the storage (default: {DEFAULT_STUDY})")
-    parser.add_argument("--sampler-seed", type=int, default=DEFAULT_SAMPLER_SEED, metavar="N",
+    parser.add_argument("--sampler-seed", type=seed, default=DEFAULT_SAMPLER_SEED, metavar="N",
                         help="seed of the TPE sampler; give each parallel worker its own "
                              f"(default: {DEFAULT_SAMPLER_SEED}). --seed is the training seed of every trial")
     parser.add_argument("--pruner", choices=PRUNERS, default=PRUNERS[0],

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.images import BadImage, load_image
 from ..data.skiplog import SkipLog
-from ..data.splits import SPLIT_NAMES, Splits, config_splits, load_recorded
+from ..data.splits import SPLIT_NAMES, Splits, check_outside, config_splits, load_recorded
 from ..errors import ConfigError, DataError, MissingDependency
 from ..models.heads import head_options
 from ..models.surgery import build_model, check_backbone
@@ -433,9 +433,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     out = Path(out)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(Path(run) if run else out)   # train's
     for what, folder in (("--out", out), ("the feature cache", cache)):
-        if cfg.data and folder.resolve().is_relative_to(Path(cfg.data).expanduser().resolve()):
-            raise DataError(f"{what} {folder} is inside the data folder {cfg.data}: it would be read as a class "
-                            f"next time; choose a place outside it")
+        check_outside(folder, cfg.data, what)
     check_backbone(cfg.backbone, cfg.weights)        # a typo, or offline and not cached: refuse before hashing
     splits = audit_splits(cfg, run)
     items = [Item(p, s, y) for s in SPLIT_NAMES for p, y in splits.get(s)]

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import logging
 import math
 import sys
 import warnings
@@ -52,13 +53,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from ..config import TrainConfig, resolve_config
 from ..data.augment import values_in_force
-from ..errors import ConfigError, MissingDependency, NonFiniteLoss
+from ..data.splits import check_outside
+from ..errors import ConfigError, Interrupted, MissingDependency, NonFiniteLoss
 from ..evaluation.plots import figure_png
 from ..evaluation.tables import Table, page, png_img, table_html, to_csv, write_files
 from ..models.surgery import check_backbone
 from ..runs.checkpoint import load_checkpoint
 from ..runs.rundir import RunDir
 from ..training import train
+from ..utils.atomic import atomic_write_text
 from ..utils.filelock import exclusive
 from .multirun import DEFAULT_MODE, IGNORED, MODE_NAMES, MultiRunError, mode_fields, refuse_torchrun
 
@@ -76,6 +79,9 @@ PRUNE_FROM_EPOCH = 2                  # ...and stops a trial no earlier than aft
 PRUNERS = ("median", "none")
 HEARTBEAT_S, GRACE_S = 60, 180        # a RUNNING trial silent for GRACE_S is marked failed
 UNTUNED = "untuned"                   # user attribute of the trial that trains the untuned defaults
+INTERRUPTED = "interrupted"           # ... of a trial a signal stopped: not counted, its folder handed on
+RESUME_FROM = "resume_from"           # ... of the trial that continues it there (enqueued with its params)
+OWNER_FILE = ".study.json"            # OUT/<this>: the one study whose trial folders OUT/trials/ holds
 OUTSIDE = "outside_space"             # ... and its parameters the search space does not hold
 OUTPUT_FILES = ("best.yaml", "trials.csv", "tune.html")
 # TrainConfig fields the search sets (--epochs is the longest a trial may train; the others are not flags)
@@ -227,7 +233,8 @@ def make_objective(base: TrainConfig, out: Path) -> Callable[["optuna.Trial"], f
     optuna = _optuna()
 
     def objective(trial: "optuna.Trial") -> float:
-        cfg = resolve_config(base, {**trial_fields(trial, base), "out": str(trial_dir(out, trial.number).path)})
+        folder = trial.user_attrs.get(RESUME_FROM) or str(trial_dir(out, trial.number).path)
+        cfg = resolve_config(base, {**trial_fields(trial, base), "out": folder})
         trial.set_user_attr("run", cfg.out)
         trial.set_user_attr("config", replace(cfg, **values_in_force(cfg)).to_dict())      # as it trains
         last = cfg.total_epochs()
@@ -241,9 +248,19 @@ def make_objective(base: TrainConfig, out: Path) -> Callable[["optuna.Trial"], f
                                          f"the median of earlier trials")
 
         try:
-            train.run(cfg, on_epoch=on_epoch)
+            if RunDir(folder).state() == "interrupted":       # a trial a signal stopped: continued from its last.pt
+                train.run(resume=folder, on_epoch=on_epoch)
+            else:
+                train.run(cfg, on_epoch=on_epoch)
         except _Trained:
             pass
+        except Interrupted:
+            # not a failure of these parameters: the next run of tune continues this trial first, in its folder
+            trial.set_user_attr(INTERRUPTED, True)
+            trial.study.enqueue_trial(trial.params, user_attrs={RESUME_FROM: folder,
+                                                                **{k: v for k, v in trial.user_attrs.items()
+                                                                   if k in (UNTUNED,)}})
+            raise
         except (NonFiniteLoss, ConfigError) as e:
             trial.set_user_attr("error", str(e))
             raise
@@ -325,15 +342,52 @@ def open_study(storage: str, name: str, sampler: Any, pruner: Any, settings: dic
         diff = [f"{k}: {have.get(k)!r} there, {settings.get(k)!r} asked for" for k in sorted(set(have) | set(settings))
                 if have.get(k) != settings.get(k)]
         raise TuneError(f"study {name!r} in {shown_storage(storage)} was made with other settings "
-                        f"({'; '.join(diff)}); use another --study-name or --out")
+                        f"({'; '.join(diff)}); use another --out")
     return study
 
 
-def counted(study: "optuna.Study") -> int:
-    """Trials that count toward --trials: finished one way or another (complete, pruned or failed)."""
+def ended(study: "optuna.Study") -> list:
+    """Trials that count toward --trials: finished one way or another (complete, pruned or failed), but not
+    those a signal stopped: each is continued by an enqueued trial of the same parameters."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                 TrialState.FAIL))
+            if not t.user_attrs.get(INTERRUPTED)]
+
+
+def counted(study: "optuna.Study") -> int:
+    return len(ended(study))
+
+
+def claim_trials(out: Path, study_name: str, storage: str) -> None:
+    """OUT/trials/ holds the trial folders of one study (trial<N> is its trial number): TuneError for another
+    study, whose trial 0 would train into this one's trial0000."""
+    owner, me = out / OWNER_FILE, {"study": study_name, "storage": shown_storage(storage)}
+    if owner.is_file():
+        have = json.loads(owner.read_text())
+        if have != me:
+            raise TuneError(f"{out} holds the trials of study {have['study']!r} in {have['storage']}; one folder "
+                            f"holds one study: give another --out (or the same --study-name and --storage to "
+                            f"continue that one)")
+        return
+    atomic_write_text(owner, json.dumps(me))
+
+
+class _QuietInterrupt(logging.Filter):
+    """Optuna logs a trial that raised, with its traceback, in two warnings; a signal's stop is not a failure and
+    is said once, by tune, in one line. Attached to the logger of optuna.study._optimize while tune runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        words = record.getMessage().split()
+        trial = words[1] if len(words) > 1 and words[0] == "Trial" else None
+        if record.exc_info and isinstance(record.exc_info[1], Interrupted):
+            self.stopped.add(trial)
+        return trial is None or trial not in self.stopped
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -366,7 +420,11 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     if not base.data:
         raise TuneError("--data DIR is required (or a --recipe that sets data)")
     train.check_data(base)           # one line before a study (and its first failed trial) exists
+    check_outside(out, base.data)
     check_backbone(base.backbone, base.weights)
+    if base.stages:
+        raise TuneError("tune samples one lr and one length per trial; --stages (a recipe's multi-stage schedule) "
+                        "would train something else than a trial records: remove it")
     if base.select_on != "val":
         raise TuneError("tune selects on val only; a recipe with select_on: test would select on test (remove it)")
     out = Path(out).expanduser().resolve()
@@ -374,6 +432,7 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     base = resolve_config(base, {"data": str(Path(base.data).expanduser().resolve()),
                                  **mode_fields(mode, out, base.cache_dir)})
     storage = storage or default_storage(out)
+    claim_trials(out, study_name, storage)
     study = open_study(storage, study_name, make_sampler(sampler_seed),
                        make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
                        out / ".study.lock", untuned_params(base))
@@ -381,12 +440,21 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
         f"{max(0, remaining)} to go")
     if remaining > 0:
-        from optuna.study import MaxTrialsCallback
-        from optuna.trial import TrialState
+        def stop(st: "optuna.Study", _: Any) -> None:      # other workers' trials count too
+            if counted(st) >= trials:
+                st.stop()
 
-        stop = MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-        study.optimize(make_objective(base, out), n_trials=remaining,
-                       callbacks=[stop, lambda st, _: drop_checkpoints(st, out)], catch=(NonFiniteLoss, ConfigError))
+        quiet, optimize_log = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
+        optimize_log.addFilter(quiet)
+        try:
+            study.optimize(make_objective(base, out), n_trials=remaining,
+                           callbacks=[stop, lambda st, _: drop_checkpoints(st, out)],
+                           catch=(NonFiniteLoss, ConfigError))
+        except Interrupted:
+            raise Interrupted("tune was stopped by a signal in the middle of a trial; its last.pt is kept, and the "
+                              "same tune command continues that trial, then the study") from None
+        finally:
+            optimize_log.removeFilter(quiet)
     wait_for_running(study, log)
     return finish_study(study, out, storage, log)
 
@@ -418,17 +486,18 @@ def drop_checkpoints(study: "optuna.Study", out: Path) -> None:
     from optuna.trial import TrialState
 
     with exclusive(out / ".tune.lock"):
-        ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-        done = [t.number for t in ended if t.state == TrialState.COMPLETE]
+        finished = ended(study)           # a trial a signal stopped is left whole: its successor continues it
+        done = [t.number for t in finished if t.state == TrialState.COMPLETE]
         best = chosen(study).number if done else None
-        for t in ended:
+        for t in finished:
             if t.number != best and "run" in t.user_attrs:
                 shutil.rmtree(RunDir(t.user_attrs["run"]).checkpoints, ignore_errors=True)
 
 
 def untuned_trial(study: "optuna.Study") -> Optional[Any]:
     """The trial that trained the untuned defaults (None in a study begun before tune enqueued them)."""
-    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(UNTUNED)), None)
+    return next((t for t in study.get_trials(deepcopy=False)
+                 if t.user_attrs.get(UNTUNED) and not t.user_attrs.get(INTERRUPTED)), None)
 
 
 def chosen(study: "optuna.Study") -> Any:
@@ -520,7 +589,8 @@ TRIAL_COLUMNS = ("number", "state", "val_top1", "best_epoch", "epochs_reported",
 def _trial_row(t: Any) -> dict:
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
         else ""
-    return {"number": t.number, "state": t.state.name, "val_top1": "" if t.value is None else t.value,
+    state = "INTERRUPTED" if t.user_attrs.get(INTERRUPTED) else t.state.name     # continued by a later trial
+    return {"number": t.number, "state": state, "val_top1": "" if t.value is None else t.value,
             "best_epoch": t.user_attrs.get("best_epoch", ""), "epochs_reported": len(t.intermediate_values),
             "seconds": seconds, **{p: t.params.get(p, "") for p in PARAMS},
             "role": "untuned defaults" if t.user_attrs.get(UNTUNED) else "sampled", "run": t.user_attrs.get("run", ""),
@@ -573,7 +643,8 @@ def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, test
     e = html.escape
     states: dict[str, int] = {}
     for t in study.trials:
-        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+        state = _trial_row(t)["state"].lower()
+        states[state] = states.get(state, 0) + 1
     val, test = report["val"], report["test"]
     summary = (f"Mode: {MODE_NAMES[study_mode(study)]}. Study {study.study_name!r} in {shown_storage(storage)}: "
                f"{len(study.trials)} trials (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))

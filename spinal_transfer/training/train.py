@@ -29,7 +29,7 @@ from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
 from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
 from ..data.skiplog import SkipLog
-from ..data.splits import SPLIT_NAMES, Splits, config_splits, data_folder, load_recorded, record
+from ..data.splits import SPLIT_NAMES, Splits, check_outside, config_splits, load_recorded, record
 from ..data.transforms import DataConfig
 from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
 from ..evaluation.calibration import NO_VAL_NOTE, calibrate
@@ -224,10 +224,7 @@ def _explain(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunD
 def _check_data_folder(data: str, run: RunDir) -> None:
     if not data:
         raise DataError("no data folder given (--data DIR)")
-    folder = data_folder(data)
-    if run.path.resolve().is_relative_to(folder):
-        raise DataError(f"--out {run.path} is inside the data folder {data}: the run's files would be read as a "
-                        f"class; choose an --out outside it")
+    check_outside(run.path, data)
 
 
 def _last_good(run: RunDir) -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import TINY, cli_flags
 from PIL import Image
 
@@ -157,3 +158,32 @@ def test_predict_with_no_readable_image_fails_and_writes_nothing(finished_run, t
     _refused(res, "none of the 2 image file(s) could be read")
     assert res.returncode == 2 and not (tmp_path / "p.csv").exists()
     assert str(empty) in res.stderr and str(text) in res.stderr           # each named, with its reason
+
+
+def test_compare_and_tune_refuse_a_bad_out_or_flag_before_writing_anything(three_digits, tmp_path, cli_run):
+    """An --out inside the data folder (its files would be read as a class by the next train), or that is a file;
+    a seed Optuna cannot take; a multi-stage schedule a trial could not record: one line, exit 2, and nothing
+    written, inside the data folder least of all."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(three_digits, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    tiny = ["--data", data, "--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "16", "--epochs", "1"]
+    cases = [(("compare", *tiny, "--heads", "linear", "spinal", "--out", data / "results"), "inside the data folder"),
+             (("tune", *tiny, "--out", data / "tune"), "inside the data folder"),
+             (("compare", *tiny, "--heads", "linear", "spinal", "--out", afile), "is a file"),
+             (("tune", *tiny, "--out", afile), "is a file"),
+             (("tune", *tiny, "--stages", "[{epochs: 1, lr: 0.01}, {epochs: 1, lr: 0.001}]", "--out", tmp_path / "t"),
+              "remove it")]
+    for args, says in cases:
+        res = cli_run(*args)
+        _refused(res, says)
+        assert res.returncode == 2, args
+    with pytest.raises(SystemExit) as stop:         # argparse's own refusal, exit 2 (Optuna raised a ValueError)
+        cli_run("tune", *tiny, "--sampler-seed", "-5", "--out", tmp_path / "t")
+    assert stop.value.code == 2
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before and afile.read_text() == "mine"
+    assert not (tmp_path / "t").exists()

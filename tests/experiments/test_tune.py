@@ -343,3 +343,55 @@ def test_two_tune_processes_share_one_study_and_one_cache(digits_transfer, tmp_p
     assert len((out / "trials.csv").read_text().splitlines()) == len(numbers) + 1
     with sqlite3.connect(out / "study.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# --- a signal, a second study --------------------------------------------------------------------
+
+def test_a_signal_stops_a_trial_that_the_next_tune_continues(digits_transfer, tmp_path, monkeypatch, one_thread):
+    """SIGTERM in the middle of trial 0 (the untuned defaults): not a failure of its parameters, not counted
+    toward --trials, its last.pt kept; the same tune again continues it in its own folder, then the study."""
+    import signal
+
+    from spinal_transfer.errors import Interrupted
+
+    data, weights = digits_transfer
+    out = tmp_path / "tune"
+    base = resolve_config(None, {**FLAGS, "deterministic": True, "data": str(data), "weights": str(weights)})
+    real_run, calls = train.run, []
+
+    def signalled(cfg=None, resume=None, overwrite=False, on_epoch=None):
+        calls.append((Path(cfg.out if cfg else resume).name, resume is not None))
+
+        def hook(row: dict) -> None:
+            if len(calls) == 1 and row["epoch"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)      # train.run's own handler: stop after the step in flight
+            on_epoch(row)
+        return real_run(cfg, resume, overwrite, hook)
+
+    monkeypatch.setattr(train, "run", signalled)
+    with pytest.raises(Interrupted, match="the same tune command continues that trial"):
+        tune.tune(base, trials=2, mode="frozen", out=out, pruner="none", log=lambda _: None)
+    first = RunDir(out / "trials" / "trial0000")
+    assert first.state() == "interrupted" and tune.counted(_study(out)) == 0
+    tune.tune(base, trials=2, mode="frozen", out=out, pruner="none", log=lambda _: None)
+    study = _study(out)
+    assert [(t.number, t.state.name, bool(t.user_attrs.get(tune.INTERRUPTED))) for t in study.trials] == \
+        [(0, "FAIL", True), (1, "COMPLETE", False), (2, "COMPLETE", False)]
+    assert study.trials[1].user_attrs["run"] == str(first.path) and study.trials[1].user_attrs.get(tune.UNTUNED)
+    assert calls[:2] == [("trial0000", False), ("trial0000", True)]       # continued from its last.pt
+    assert [r["epoch"] for r in first.read_metrics()] == [1, 2, 3]        # each epoch once
+    assert tune.untuned_trial(study).number == 1
+    assert "INTERRUPTED" in (out / "trials.csv").read_text().splitlines()[1]
+
+
+def test_a_second_study_in_one_folder_is_refused(digits_transfer, tmp_path, one_thread, cli_run):
+    """Trial folders are named by trial number: another study's trial 0 would train into this one's trial0000."""
+    data, weights = digits_transfer
+    out = tmp_path / "tune"
+    flags = [*cli_flags(data=data, weights=weights, **{**FLAGS, "epochs": 1}), "--mode", "frozen", "--trials", "1",
+             "--out", str(out)]
+    assert cli(["tune", *flags]) == 0
+    before = {p: p.read_bytes() for p in (out / "trials").rglob("*") if p.is_file()}
+    res = cli_run("tune", *flags, "--study-name", "second")
+    assert res.returncode == 2 and "holds the trials of study 'spinal-transfer'" in res.stderr, res.stderr[-2000:]
+    assert {p: p.read_bytes() for p in (out / "trials").rglob("*") if p.is_file()} == before
