@@ -45,6 +45,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import TTA, evaluate, write_predictions  # lazy: no torch at --help
     from ..evaluation.metrics import summary  # lazy: no torch at --help
+    from ..runs.rundir import RunDir  # lazy: no torch at --help
     from ..utils.atomic import atomic_write_text  # lazy: no torch at --help
 
     flags = check_flags({k: v for k, v in given_flags(args).items() if k in SHARED})
@@ -57,6 +58,9 @@ def main(args: argparse.Namespace) -> int:
                   flags.get("workers"), tta=tta,
                   calibrated=args.calibrated)
     print(f"evaluated {ev.source}" + (f"; {tta.describe()}" if tta else ""), file=sys.stderr)
+    unfinished = RunDir(args.run).unfinished() if Path(args.run).is_dir() else None
+    if unfinished:                      # its best epoch so far, and no temperature fitted yet (that comes last)
+        print(f"note: {unfinished}; these are its best epoch so far, uncalibrated (temperature 1)", file=sys.stderr)
     m = ev.metrics
     shown = m if args.full else {**summary(m), "num_samples": m["num_samples"],
                                  "num_skipped_files": m["num_skipped_files"], "temperature": m["temperature"]}

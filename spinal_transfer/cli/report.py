@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..errors import DataError, RunFolderError
 from . import output_file, positive_int
+
+if TYPE_CHECKING:
+    from ..runs.rundir import RunDir
 
 EXAMPLES = """\
   spinal-transfer report runs/pets                          # rewrite runs/pets/report.html (test split)
@@ -28,14 +34,36 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="cut the screenshot at this height in CSS px (default: the whole page)")
 
 
+def _images_gone(run: RunDir) -> int:
+    """How many images of the run's test predictions are not at their recorded paths any more."""
+    import csv
+
+    if not run.predictions.is_file():
+        return 0
+    with open(run.predictions, newline="") as f:
+        return sum(not Path(row["path"]).is_file() for row in csv.DictReader(f))
+
+
 def main(args: argparse.Namespace) -> int:
     from ..evaluation.browser import screenshot  # lazy: no torch at --help
     from ..evaluation.report_page import write_report_html  # lazy: no torch at --help
+    from ..runs.rundir import RunDir  # lazy: no torch at --help
 
     replaced = args.out is not None and output_file(args.out, (".html", ".htm"))
     if args.screenshot:
         output_file(args.screenshot, (".png",), "--screenshot")
+    run = RunDir(args.run)
+    if run.unfinished():
+        raise RunFolderError(f"{run.unfinished()}, and writes its report")
+    gone = _images_gone(run)
+    if gone and args.out is None:       # the run's own page has its pictures: one without them does not replace it
+        raise DataError(f"{gone} of the test images the run predicted are no longer where it read them (was the data "
+                        f"folder moved?): a page written now would show placeholders instead of them; move the data "
+                        f"back, or write the page elsewhere with --out")
     page = write_report_html(args.run, args.out, args.split, args.top)
+    if gone:
+        print(f"note: {gone} of the test images are no longer where the run read them; the page shows placeholders "
+              f"for them", file=sys.stderr)
     print(page)
     if replaced:
         print(f"(replaced the page that was at {page})", file=sys.stderr)

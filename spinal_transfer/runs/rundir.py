@@ -97,6 +97,17 @@ class RunDir:
             return "interrupted"
         return "started" if self.holds_run() else "new"
 
+    def unfinished(self) -> Optional[str]:
+        """None for a finished run (or no run); else how far it got and how to finish it, in a sentence."""
+        state = self.state()
+        if state in ("finished", "new"):
+            return None
+        done = len(self.read_metrics())
+        total = self.read_config().total_epochs() if self.config.is_file() else "?"
+        how = f"`spinal-transfer train --resume {self.path}` finishes it" if state == "interrupted" else \
+            "it stopped before its first checkpoint: train it again"
+        return f"{self.path} has not finished (epoch {done} of {total}); {how}"
+
     def own_files(self) -> list[Path]:
         """Everything here that a run wrote (what --overwrite may remove)."""
         names = [self.path / n for n in OWN_FILES] + [self.path / d for d in OWN_DIRS]

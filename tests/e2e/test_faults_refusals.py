@@ -187,3 +187,35 @@ def test_compare_and_tune_refuse_a_bad_out_or_flag_before_writing_anything(three
     assert stop.value.code == 2
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before and afile.read_text() == "mine"
     assert not (tmp_path / "t").exists()
+
+
+def test_report_and_evaluate_say_when_a_run_is_unfinished_or_its_images_moved(finished_run, tmp_path, cli_run):
+    """report on a run whose data folder moved would replace its page with one of placeholders: refused, or
+    written elsewhere with a note; on an unfinished run it says so and how to finish it, and evaluate notes that
+    its numbers are the best epoch so far, uncalibrated."""
+    import csv
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(finished_run, moved)
+    rows = list(csv.DictReader((moved / "test_predictions.csv").open(newline="")))
+    for row in rows:
+        row["path"] = str(tmp_path / "gone" / Path(row["path"]).name)
+    with (moved / "test_predictions.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    page = (moved / "report.html").read_bytes()
+    res = cli_run("report", moved)
+    _refused(res, f"{len(rows)} of the test images", "--out")
+    assert res.returncode == 2 and (moved / "report.html").read_bytes() == page
+    res = cli_run("report", moved, "--out", tmp_path / "elsewhere.html")
+    assert res.returncode == 0 and "placeholders" in res.stderr and (tmp_path / "elsewhere.html").is_file()
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished_run, unfinished)
+    (unfinished / "report.json").unlink()                  # last.pt stays: a run stopped after its last epoch
+    res = cli_run("report", unfinished)
+    _refused(res, "has not finished (epoch 2 of 2)", f"train --resume {unfinished}")
+    res = cli_run("evaluate", unfinished)
+    assert res.returncode == 0 and "note: " in res.stderr and "best epoch so far, uncalibrated" in res.stderr

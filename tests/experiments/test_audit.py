@@ -239,3 +239,26 @@ def test_audit_of_a_run_reads_its_files_and_its_cached_features(tmp_path, cli_ru
     assert summary["settings"]["backbone"] == "timm/test_resnet" and summary["settings"]["run"] == str(rd)
     assert summary["settings"]["feature_cache"] == str(cache)
     assert summary["classes"] == json.loads((rd / "classes.json").read_text())
+
+
+def test_folds_as_run_and_a_one_image_class_said_once_in_words(tmp_path, cli_run, recwarn):
+    """A class of one image caps the out-of-fold regression at 2 folds: audit.json records the folds that ran
+    (and those asked), the log says why and which class cannot be checked, and sklearn's and cleanlab's raw
+    warnings stay out of the console."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c, n in ((0, 12), (1, 12), (2, 1)):
+        (tmp_path / "data" / f"digit_{c}").mkdir(parents=True)
+        for i, img in enumerate(digits.images[digits.target == c][:n]):
+            Image.fromarray((img * 15).astype(np.uint8)).resize((32, 32)).save(tmp_path / "data" / f"digit_{c}" /
+                                                                           f"{i}.png")
+    r = cli_run("audit", "--data", tmp_path / "data", "--out", tmp_path / "a", *TINY, *EXACT_ONLY, "--folds", "5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    settings = json.loads((tmp_path / "a" / "audit.json").read_text())["settings"]
+    assert (settings["folds"], settings["folds_asked"]) == (2, 5)
+    assert "2 folds, not 5: the smallest class has 1 image(s)" in r.stderr
+    assert "class(es) with one image (digit_2)" in r.stderr and "(out-of-fold logistic regression, 2 folds" in r.stdout
+    assert not [w for w in recwarn if issubclass(w.category, (UserWarning, RuntimeWarning))
+                and ("least populated" in str(w.message) or "label issues" in str(w.message)
+                     or "Number of classes" in str(w.message))]
