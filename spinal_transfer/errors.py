@@ -19,7 +19,8 @@ Exit codes (README, "Exit codes"):
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_DIVERGED, EXIT_SYSTEM, EXIT_INTERRUPTED, EXIT_ABORTED = 0, 1, 2, 3, 4, 75, 130
 
@@ -86,6 +87,18 @@ class Interrupted(UserError):
 
     exit_code = EXIT_INTERRUPTED
     prefix = "stopped"
+
+
+@contextlib.contextmanager
+def rerun_resumes(command: str) -> Iterator[None]:
+    """In a command that drives many runs (compare, reproduce, tune) the run a signal stopped is continued by
+    the same command run again, not by `train --resume` (which would leave the command's tables behind): its
+    Interrupted says so."""
+    try:
+        yield
+    except Interrupted as e:
+        raise Interrupted(f"{str(e).split(';')[0]}; the run in flight kept its last.pt, and the same {command} "
+                          f"command resumes it and goes on") from None
 
 
 # How messages name options: `weights=` for Python callers; the CLI switches to `--weights `.

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import CONFIG_FIELDS, TrainConfig, resolve_config
 from ..data.splits import check_outside
-from ..errors import NonFiniteLoss, RunFolderError
+from ..errors import NonFiniteLoss, RunFolderError, rerun_resumes
 from ..evaluation.stats import ALPHA, PairedTest, PairingError, overall_verdict, paired_test
 from ..evaluation.tables import Table, join, to_csv, to_html, to_markdown, write_files
 from ..models.heads_spec import HeadSpec
@@ -91,7 +91,8 @@ def plan(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int, mode: str, ou
         raise CompareError("compare picks every run's epoch on val and tests once; a recipe with "
                            "select_on: test cannot be compared fairly (remove it)")
     out = Path(out).expanduser().resolve()
-    common = {"data": str(Path(base.data).expanduser().resolve()), **mode_fields(mode, out, base.cache_dir)}
+    common = {"data": str(Path(base.data).expanduser().resolve()),
+              **mode_fields(mode, out, base.cache_dir, base.cache_features)}
     runs = [Planned(h, seed, resolve_config(base, {**common, **h.config_fields(), "seed": seed,
                                                    "out": str(run_dir(out, h, seed).path)}))
             for seed in range(seeds) for h in heads]
@@ -178,19 +179,20 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     for p in runs:
         check_settings(p)
     log(f"mode: {MODE_NAMES[mode]}")
-    try:
-        pending = runs
-        while pending:
-            left = []
-            for p in pending:
-                if not run_one(p, f"[{runs.index(p) + 1}/{len(runs)}] {p.head.text} seed {p.seed}", log):
-                    left.append(p)
-                write_results(runs, mode, out)
-            if left:
-                wait_for_others(left, log)
-            pending = left
-    finally:
-        results = write_results(runs, mode, out)
+    with rerun_resumes("compare"):
+        try:
+            pending = runs
+            while pending:
+                left = []
+                for p in pending:
+                    if not run_one(p, f"[{runs.index(p) + 1}/{len(runs)}] {p.head.text} seed {p.seed}", log):
+                        left.append(p)
+                    write_results(runs, mode, out)
+                if left:
+                    wait_for_others(left, log)
+                pending = left
+        finally:
+            results = write_results(runs, mode, out)
     log(results.splits.sentence())
     log(f"results: {', '.join(str(out / n) for n in RESULT_FILES)}")
     return results

@@ -33,14 +33,16 @@ class MultiRunError(UserError, ValueError):
     """A request to compare or tune that cannot run as given; the message says how to fix it."""
 
 
-def mode_fields(mode: str, out: Path, cache_dir: str = "") -> dict:
+def mode_fields(mode: str, out: Path, cache_dir: str = "", cache_features: bool = False) -> dict:
     """The TrainConfig fields a mode sets. Frozen: one feature cache for every run (OUT/feature-cache unless
-    the config names another), so the backbone's features are computed once for all runs."""
+    the config names another), so the backbone's features are computed once for all runs. Fine-tune: the
+    backbone trains; `cache_features` (the config's) is turned off only when it is on, since a field set here
+    for nothing would be warned about as a flag given for nothing."""
     if mode not in MODES:
         raise MultiRunError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "frozen":
         return {"freeze_backbone": True, "cache_features": True, "cache_dir": cache_dir or str(out / CACHE_DIR)}
-    return {"freeze_backbone": False, "cache_features": False}
+    return {"freeze_backbone": False, **({"cache_features": False} if cache_features else {})}
 
 
 def refuse_torchrun(command: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import TrainConfig, resolve_config
-from ..errors import NonFiniteLoss, RunFolderError, UserError
+from ..errors import NonFiniteLoss, RunFolderError, UserError, rerun_resumes
 from ..evaluation.stats import (
     ALPHA,
     PairedTest,
@@ -426,6 +426,16 @@ def shard_from_env(spec: str, environ: Optional[dict] = None) -> tuple[int, int]
     return k, n
 
 
+def check_prepared(folders: Sequence[str], data_root: PathLike) -> None:
+    """ReproduceError, before the first run, naming every dataset of the plan not prepared under `data_root`
+    and the command that prepares it (datasets are never downloaded by reproduce)."""
+    missing = sorted({Path(f).name for f in folders if not Path(f).is_dir()})
+    if missing:
+        raise ReproduceError(f"not prepared under {data_root}: {', '.join(missing)}; prepare each first, e.g. "
+                             f"`spinal-transfer prepare {missing[0]} --root {data_root} --download` (the download "
+                             f"needs the network once; offline, put its raw files in {data_root}/raw first)")
+
+
 def plan_runs(recipes: Sequence[Recipe], data_root: PathLike, out: Path, seeds: int,
               overrides: Optional[dict] = None) -> list[tuple[Recipe, int, TrainConfig]]:
     """Every (recipe, seed) of the table in order: seed by seed, each default recipe before its spinal ones."""
@@ -452,25 +462,27 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
     mine = shard_of([estimated_cost(cfg) for _, _, cfg in plan], *shard) if shard else range(len(plan))
     if shard:
         log(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the {len(plan)} runs")
-    try:
-        for n, i in enumerate(mine, 1):
-            r, seed, cfg = plan[i]
-            run, where = RunDir(cfg.out), f"[{n}/{len(mine)}] {r.name} seed {seed}"
-            state = run.state()
-            if state == "finished":
-                log(f"{where}: finished, skipped")
-                continue
-            if run.is_locked():
-                log(f"{where}: being trained by another process, left to it")
-                continue
-            log(f"{where}: {'resuming' if state == 'interrupted' else 'starting'} -> {cfg.out}")
-            try:       # a run that stopped before its first checkpoint starts over
-                train.run(cfg, resume=cfg.out if state == "interrupted" else None, overwrite=state == "started")
-            except (NonFiniteLoss, RunFolderError) as e:
-                log(f"{where}: {e}")
-            write_results(recipes, seeds, out)
-    finally:
-        rows = write_results(recipes, seeds, out)
+    check_prepared([plan[i][2].data for i in mine], data_root)
+    with rerun_resumes("reproduce"):
+        try:
+            for n, i in enumerate(mine, 1):
+                r, seed, cfg = plan[i]
+                run, where = RunDir(cfg.out), f"[{n}/{len(mine)}] {r.name} seed {seed}"
+                state = run.state()
+                if state == "finished":
+                    log(f"{where}: finished, skipped")
+                    continue
+                if run.is_locked():
+                    log(f"{where}: being trained by another process, left to it")
+                    continue
+                log(f"{where}: {'resuming' if state == 'interrupted' else 'starting'} -> {cfg.out}")
+                try:       # a run that stopped before its first checkpoint starts over
+                    train.run(cfg, resume=cfg.out if state == "interrupted" else None, overwrite=state == "started")
+                except (NonFiniteLoss, RunFolderError) as e:
+                    log(f"{where}: {e}")
+                write_results(recipes, seeds, out)
+        finally:
+            rows = write_results(recipes, seeds, out)
     log(f"results: {', '.join(str(out / n) for n in RESULT_FILES)}")
     return rows
 

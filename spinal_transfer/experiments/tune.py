@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 from ..config import TrainConfig, resolve_config
 from ..data.augment import values_in_force
 from ..data.splits import check_outside
-from ..errors import ConfigError, Interrupted, MissingDependency, NonFiniteLoss
+from ..errors import ConfigError, Interrupted, MissingDependency, NonFiniteLoss, rerun_resumes
 from ..evaluation.plots import figure_png
 from ..evaluation.tables import Table, page, png_img, table_html, to_csv, write_files
 from ..models.surgery import check_backbone
@@ -430,7 +430,7 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_config(base, {"data": str(Path(base.data).expanduser().resolve()),
-                                 **mode_fields(mode, out, base.cache_dir)})
+                                 **mode_fields(mode, out, base.cache_dir, base.cache_features)})
     storage = storage or default_storage(out)
     claim_trials(out, study_name, storage)
     study = open_study(storage, study_name, make_sampler(sampler_seed),
@@ -447,12 +447,10 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
         quiet, optimize_log = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
         optimize_log.addFilter(quiet)
         try:
-            study.optimize(make_objective(base, out), n_trials=remaining,
-                           callbacks=[stop, lambda st, _: drop_checkpoints(st, out)],
-                           catch=(NonFiniteLoss, ConfigError))
-        except Interrupted:
-            raise Interrupted("tune was stopped by a signal in the middle of a trial; its last.pt is kept, and the "
-                              "same tune command continues that trial, then the study") from None
+            with rerun_resumes("tune"):
+                study.optimize(make_objective(base, out), n_trials=remaining,
+                               callbacks=[stop, lambda st, _: drop_checkpoints(st, out)],
+                               catch=(NonFiniteLoss, ConfigError))
         finally:
             optimize_log.removeFilter(quiet)
     wait_for_running(study, log)

@@ -180,3 +180,11 @@ def test_tracking_flags_reach_every_run_and_stay_out_of_the_table(tmp_path):
     assert (cfg.log_to, cfg.tracking_uri, cfg.experiment) == ("tensorboard,mlflow", "sqlite:///x.db", "paper")
     assert rp._overrides(cfg, rp.recipe_config(rp.Recipe(recipe), tmp_path / "data", tmp_path / "out", 0)) == "none"
     assert not {"log_to", "tracking_uri", "experiment"} & set(rp.PROTOCOL)
+
+
+def test_a_dataset_not_prepared_is_named_with_its_prepare_command_before_any_run(tmp_path):
+    (tmp_path / "digits").mkdir()
+    with pytest.raises(rp.ReproduceError, match=r"not prepared under .*: cifar10, stl10; prepare each first, e\.g\. "
+                                                r"`spinal-transfer prepare cifar10 --root .* --download`"):
+        rp.check_prepared([str(tmp_path / "stl10"), str(tmp_path / "digits"), str(tmp_path / "cifar10")], tmp_path)
+    rp.check_prepared([str(tmp_path / "digits")], tmp_path)          # prepared: nothing to say

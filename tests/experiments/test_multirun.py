@@ -15,7 +15,8 @@ def test_frozen_mode_shares_one_feature_cache_and_finetune_trains_end_to_end(tmp
     assert frozen["freeze_backbone"] and frozen["cache_features"]
     assert Path(frozen["cache_dir"]).parent == tmp_path / "out"
     assert mode_fields("frozen", tmp_path / "out", cache_dir="/shared/cache")["cache_dir"] == "/shared/cache"
-    assert mode_fields("finetune", tmp_path) == {"freeze_backbone": False, "cache_features": False}
+    assert mode_fields("finetune", tmp_path) == {"freeze_backbone": False}       # nothing set for nothing
+    assert mode_fields("finetune", tmp_path, cache_features=True) == {"freeze_backbone": False, "cache_features": False}
     TrainConfig(**frozen)                               # fields a config accepts as they are
     with pytest.raises(MultiRunError, match="--mode must be one of"):
         mode_fields("linear-probe", tmp_path)
@@ -33,3 +34,15 @@ def test_refuses_torchrun(monkeypatch):
         refuse_torchrun("compare")
     monkeypatch.setenv("WORLD_SIZE", "1")
     refuse_torchrun("compare")
+
+
+def test_a_run_stopped_inside_a_driver_says_to_rerun_the_driver():
+    """compare, reproduce and tune resume their own runs: `train --resume` would leave their tables behind."""
+    from spinal_transfer.errors import Interrupted, rerun_resumes
+
+    said = "SIGTERM received: stopped at epoch 2, batch 3 (optimizer step 9); RUN/last.pt: train --resume RUN"
+    with pytest.raises(Interrupted) as stop:
+        with rerun_resumes("compare"):
+            raise Interrupted(said)
+    assert str(stop.value) == ("SIGTERM received: stopped at epoch 2, batch 3 (optimizer step 9); the run in flight "
+                               "kept its last.pt, and the same compare command resumes it and goes on")

@@ -369,7 +369,7 @@ def test_a_signal_stops_a_trial_that_the_next_tune_continues(digits_transfer, tm
         return real_run(cfg, resume, overwrite, hook)
 
     monkeypatch.setattr(train, "run", signalled)
-    with pytest.raises(Interrupted, match="the same tune command continues that trial"):
+    with pytest.raises(Interrupted, match="the same tune command resumes it and goes on"):
         tune.tune(base, trials=2, mode="frozen", out=out, pruner="none", log=lambda _: None)
     first = RunDir(out / "trials" / "trial0000")
     assert first.state() == "interrupted" and tune.counted(_study(out)) == 0
