@@ -19,7 +19,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..models.surgery import list_backbones  # lazy: no torch at --help
 
-    names = list_backbones(args.pattern or args.filter)
-    print("\n".join(names))
-    print(f"# {len(names)} backbones", file=sys.stderr)
+    pattern = args.pattern or args.filter
+    names = list_backbones(pattern)
+    if names:
+        print("\n".join(names))
+    print(f"# {len(names)} backbone{'' if len(names) == 1 else 's'}" + (
+        f": none matches {pattern!r} (a glob, or a word found anywhere in 'library/name' in any case; `spinal-transfer "
+        f"models` lists all)" if pattern and not names else ""), file=sys.stderr)
     return 0

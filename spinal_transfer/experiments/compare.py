@@ -40,7 +40,15 @@ from ..models.heads_spec import HeadSpec
 from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.filelock import exclusive
-from .multirun import DEFAULT_MODE, IGNORED, MODE_NAMES, MultiRunError, mode_fields, refuse_torchrun
+from .multirun import (
+    DEFAULT_MODE,
+    IGNORED,
+    MODE_NAMES,
+    MultiRunError,
+    mode_fields,
+    refuse_out_run,
+    refuse_torchrun,
+)
 
 DEFAULT_SEEDS = 3
 DEFAULT_OUT = "runs/compare"
@@ -174,6 +182,7 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     for at the end (and taken over if their process died), so every process ends with the whole table."""
     refuse_torchrun("compare")
     check_outside(out, base.data)        # before the table, the lock or a run is written there
+    refuse_out_run(out, "compare")
     out = Path(out).expanduser().resolve()
     runs = plan(base, heads, seeds, mode, out)
     for p in runs:

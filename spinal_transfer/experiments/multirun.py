@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Union
 
 from ..config import RESUME_SAFE
 from ..errors import UserError
@@ -29,6 +30,9 @@ CACHE_DIR = "feature-cache"
 IGNORED = (set(RESUME_SAFE) - {"epochs", "stages", "limit_train_batches", "data"}) | {"out"}
 
 
+PathLike = Union[str, Path]
+
+
 class MultiRunError(UserError, ValueError):
     """A request to compare or tune that cannot run as given; the message says how to fix it."""
 
@@ -43,6 +47,14 @@ def mode_fields(mode: str, out: Path, cache_dir: str = "", cache_features: bool 
     if mode == "frozen":
         return {"freeze_backbone": True, "cache_features": True, "cache_dir": cache_dir or str(out / CACHE_DIR)}
     return {"freeze_backbone": False, **({"cache_features": False} if cache_features else {})}
+
+
+def refuse_out_run(out: PathLike, command: str) -> None:
+    """A command's --out that is one run's folder (train's) would get its runs/ and tables mixed into that run."""
+    from ..runs.rundir import RunDir  # lazy: torch, which this module keeps out of the command line's --help
+
+    if RunDir(Path(out).expanduser()).holds_run():
+        raise MultiRunError(f"--out {out} is the folder of a train run; give {command} a folder of its own")
 
 
 def refuse_torchrun(command: str) -> None:

@@ -63,7 +63,15 @@ from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.atomic import atomic_write_text
 from ..utils.filelock import exclusive
-from .multirun import DEFAULT_MODE, IGNORED, MODE_NAMES, MultiRunError, mode_fields, refuse_torchrun
+from .multirun import (
+    DEFAULT_MODE,
+    IGNORED,
+    MODE_NAMES,
+    MultiRunError,
+    mode_fields,
+    refuse_out_run,
+    refuse_torchrun,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -298,7 +306,8 @@ def make_storage(url: str) -> "optuna.storages.RDBStorage":
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
                                               grace_period=GRACE_S)
     except Exception as e:         # a bad URL, an unreachable server, a missing driver
-        raise TuneError(f"cannot open the study storage {shown_storage(url)}: {str(e).splitlines()[0]}") from None
+        hint = f" (a file is named as a URL: sqlite:///{url})" if "://" not in url else ""
+        raise TuneError(f"cannot open the study storage {shown_storage(url)}: {str(e).splitlines()[0]}{hint}") from None
 
 
 def make_sampler(seed: int) -> "optuna.samplers.BaseSampler":
@@ -417,10 +426,13 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     refuse_torchrun("tune")
     if trials < 1:
         raise TuneError(f"--trials must be >= 1, got {trials}")
+    if not study_name.strip():
+        raise TuneError("--study-name must not be empty")
     if not base.data:
         raise TuneError("--data DIR is required (or a --recipe that sets data)")
     train.check_data(base)           # one line before a study (and its first failed trial) exists
     check_outside(out, base.data)
+    refuse_out_run(out, "tune")
     check_backbone(base.backbone, base.weights)
     if base.stages:
         raise TuneError("tune samples one lr and one length per trial; --stages (a recipe's multi-stage schedule) "
@@ -471,7 +483,9 @@ def wait_for_running(study: "optuna.Study", log: Callable[[str], Any], poll_s: f
         log(f"waiting for {len(running)} trial(s) that other workers are running")
     while running:
         time.sleep(poll_s)
-        fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", _optuna().exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
         running &= {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
 
 

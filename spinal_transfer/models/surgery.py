@@ -52,8 +52,8 @@ def list_backbones(pattern: Optional[str] = None) -> List[str]:
     names = [f"{lib}/{n}" for lib in ("torchvision", "timm") for n in model_names(lib)]
     names += cached_hub_backbones()          # timm/hf-hub:org/name in the local HF cache; any Hub repo works
     if pattern:
-        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        names = [n for n in names if fnmatch.fnmatch(n, pat)]
+        pat = (pattern if any(c in pattern for c in "*?[") else f"*{pattern}*").lower()
+        names = [n for n in names if fnmatch.fnmatchcase(n.lower(), pat)]       # TIMM/ResNet finds timm/resnet
     return names
 
 

@@ -49,6 +49,12 @@ def test_models_filter(capsys):
     assert main(["models", "timm/"]) == 0                           # the form error messages suggest
     names = capsys.readouterr().out.split()
     assert "timm/resnet50" in names and all(n.startswith("timm/") for n in names)
+    assert main(["models", "TIMM/Test_ResNet"]) == 0                # any case
+    said = capsys.readouterr()
+    assert said.out.split() == ["timm/test_resnet"] and said.err.strip() == "# 1 backbone"
+    assert main(["models", "nope_zzz"]) == 0
+    said = capsys.readouterr()
+    assert said.out == "" and "none matches 'nope_zzz'" in said.err
 
 
 def _describe(capsys, *argv: str) -> dict[str, str]:

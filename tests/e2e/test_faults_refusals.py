@@ -160,7 +160,8 @@ def test_predict_with_no_readable_image_fails_and_writes_nothing(finished_run, t
     assert str(empty) in res.stderr and str(text) in res.stderr           # each named, with its reason
 
 
-def test_compare_and_tune_refuse_a_bad_out_or_flag_before_writing_anything(three_digits, tmp_path, cli_run):
+def test_compare_and_tune_refuse_a_bad_out_or_flag_before_writing_anything(three_digits, finished_run, tmp_path,
+                                                                             cli_run):
     """An --out inside the data folder (its files would be read as a class by the next train), or that is a file;
     a seed Optuna cannot take; a multi-stage schedule a trial could not record: one line, exit 2, and nothing
     written, inside the data folder least of all."""
@@ -176,6 +177,8 @@ def test_compare_and_tune_refuse_a_bad_out_or_flag_before_writing_anything(three
              (("tune", *tiny, "--out", data / "tune"), "inside the data folder"),
              (("compare", *tiny, "--heads", "linear", "spinal", "--out", afile), "is a file"),
              (("tune", *tiny, "--out", afile), "is a file"),
+             (("compare", *tiny, "--heads", "linear", "spinal", "--out", finished_run), "is the folder of a train run"),
+             (("tune", *tiny, "--out", finished_run), "is the folder of a train run"),
              (("tune", *tiny, "--stages", "[{epochs: 1, lr: 0.01}, {epochs: 1, lr: 0.001}]", "--out", tmp_path / "t"),
               "remove it")]
     for args, says in cases:
@@ -186,7 +189,7 @@ def test_compare_and_tune_refuse_a_bad_out_or_flag_before_writing_anything(three
         cli_run("tune", *tiny, "--sampler-seed", "-5", "--out", tmp_path / "t")
     assert stop.value.code == 2
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before and afile.read_text() == "mine"
-    assert not (tmp_path / "t").exists()
+    assert not (tmp_path / "t").exists() and not (finished_run / "runs").exists()
 
 
 def test_report_and_evaluate_say_when_a_run_is_unfinished_or_its_images_moved(finished_run, tmp_path, cli_run):
