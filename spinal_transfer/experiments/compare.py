@@ -188,6 +188,11 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     for p in runs:
         check_settings(p)
     log(f"mode: {MODE_NAMES[mode]}")
+    others = sorted(set(str(d.parent) for d in (out / "runs").glob("*/seed*/report.json")) -
+                    {str(p.cfg.out) for p in runs})
+    if others:                       # an earlier, larger comparison: its runs stay, its table is rewritten
+        log(f"note: {len(others)} finished run(s) in {out / 'runs'} are not in this comparison (other heads or "
+            f"seeds, e.g. {Path(others[0]).relative_to(out)}): the tables show only the heads and seeds asked for")
     with rerun_resumes("compare"):
         try:
             pending = runs

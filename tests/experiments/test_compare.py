@@ -275,6 +275,13 @@ def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypat
     assert again == rows                       # the resumed runs re-tested their chosen weights: same numbers
     assert _cache(out) == cache and sum(_computing_lines(out).values()) == 3
 
+    # Fewer seeds in the same folder: the table is the one asked for, and the runs it leaves out are said.
+    calls.clear()
+    one_seed = args[:args.index("--seeds") + 1] + ["1"] + args[args.index("--seeds") + 2:]
+    assert cli(one_seed) == 0 and calls == []
+    err = capsys.readouterr().err
+    assert "note: 2 finished run(s)" in err and "the tables show only the heads and seeds asked for" in err
+
 
 def test_compare_fine_tunes_as_train_by_default(three_digits, tmp_path, one_thread, capsys):
     """Without --mode: every run is what `train` does with these options (here a frozen first epoch, then the whole
