@@ -325,6 +325,8 @@ def exact_duplicates(items: Sequence[Item], file_hashes: Sequence[str], pixel_ha
         ids.sort(key=lambda i: _sort_key(items[i]))
         for i in ids[1:]:
             same = "same file bytes" if file_hashes[i] == file_hashes[ids[0]] else "same pixels, other file bytes"
+            if items[i].label != items[ids[0]].label:     # one picture, two labels: one of them is wrong
+                same += f"; CONFLICTING LABELS {classes[items[ids[0]].label]} and {classes[items[i].label]}"
             out.append(_pair("exact_duplicate", items[i], items[ids[0]], classes, 1.0, same))
     return out, group
 
@@ -548,7 +550,10 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
                        ("near_duplicate", f"near duplicates (cosine >= {result.threshold:g} or perceptual hashes "
                                           f"<= {result.settings.get('hash_bits')} bits apart)")):
         f = result.of_kind(kind)
-        lines.append(f"{what}: {len(f)} pairs, {sum(x.leak for x in f)} across splits")
+        conflicting = sum(x.label != x.other_label for x in f)
+        lines.append(f"{what}: {len(f)} pairs, {sum(x.leak for x in f)} across splits" +
+                     (f", {conflicting} under different classes" + (" (one label of each is wrong)" if kind ==
+                                                                        "exact_duplicate" else "") if conflicting else ""))
     leaked = {sp: len(result.leaked(sp)) for sp in ("val", "test")}
     if n["test"]:
         lines.append(f"LEAKAGE: {leaked['test']} of {n['test']:,} test images have a duplicate in train or val"

@@ -40,12 +40,16 @@ def _pixels(path: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def leaky(three_digits, tmp_path_factory) -> dict:
-    """A copy of the three-digit folder with known exact duplicates and an undecodable file, audited via the CLI."""
+    """A copy of the three-digit folder with known exact duplicates (one under another class) and an undecodable
+    file, audited via the CLI."""
     root = tmp_path_factory.mktemp("leaky") / "digits"
     shutil.copytree(three_digits, root)
     tests = sorted((root / "test").rglob("*.png"))
     for p in tests[:3]:                                     # byte copies into train
         shutil.copyfile(p, root / "train" / p.parent.name / f"copy_{p.name}")
+    p = tests[4]                                            # a byte copy into train under another class
+    other = next(c for c in sorted(d.name for d in (root / "train").iterdir()) if c != p.parent.name)
+    shutil.copyfile(p, root / "train" / other / f"mislabelled_{p.name}")
     p = tests[3]                                            # same pixels, other bytes, into val
     Image.open(p).save(root / "val" / p.parent.name / f"resaved_{p.name}", compress_level=0)
     p = sorted((root / "train").rglob("*.png"))[0]          # a duplicate within train
@@ -75,17 +79,19 @@ def test_exact_duplicates_across_splits_are_found_and_counted(leaky_run, capsys)
     rows = csv_rows(out / "audit.csv")
     exact = [r for r in rows if r["kind"] == "exact_duplicate"]
     assert {frozenset((r["path"], r["other_path"])) for r in exact} == want
-    assert len(want) == 5
+    assert len(want) == 6
     split = lambda p: Path(p).relative_to(root).parts[0]                   # noqa: E731
     order = {"train": 0, "val": 1, "test": 2}
     for r in exact:
         assert (r["split"], r["other_split"]) == (split(r["path"]), split(r["other_path"]))
         assert r["leak"] == str(int(r["split"] != r["other_split"]))
         assert order[r["other_split"]] <= order[r["split"]]                # the earlier split is the "other"
+        assert ("CONFLICTING LABELS" in r["detail"]) == (Path(r["path"]).parent.name != Path(r["other_path"]).parent.name)
     leaked_test = {r["path"] for r in exact if r["leak"] == "1" and r["split"] == "test"}
-    assert len(leaked_test) == 4 and all(split(p) == "test" for p in leaked_test)
+    assert len(leaked_test) == 5 and all(split(p) == "test" for p in leaked_test)
+    assert sum("CONFLICTING LABELS" in r["detail"] for r in exact) == 1
     summary = json.loads((out / "audit.json").read_text())
-    assert summary["findings"]["exact_duplicate"] == 5
+    assert summary["findings"]["exact_duplicate"] == 6
     assert summary["leaked"]["test"] == len({r["path"] for r in rows if r["leak"] == "1" and r["split"] == "test"})
     assert summary["images"] == {s: sum(1 for p in files if split(p) == s) + (s == "train") for s in
                                  ("train", "val", "test")}                 # + the broken JPEG
@@ -113,7 +119,7 @@ def test_summary_and_a_second_run_reuse_the_caches(leaky_run, cli_run, monkeypat
     n_test = len(list((root / "test").rglob("*.png")))
     leaked = {x["path"] for x in csv_rows(out / "audit.csv") if x["leak"] == "1" and x["split"] == "test"}
     assert f"LEAKAGE: {len(leaked)} of {n_test} test images" in r.stdout
-    assert "exact duplicates: 5 pairs, 4 across splits" in r.stdout
+    assert "exact duplicates: 6 pairs, 5 across splits, 1 under different classes" in r.stdout
     assert "undecodable files: 1" in r.stdout
     counts = {c: sum(v[c] for v in json.loads((out / "audit.json").read_text())["class_counts"].values())
               for c in ("digit_0", "digit_1", "digit_2")}
