@@ -551,9 +551,9 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
                                           f"<= {result.settings.get('hash_bits')} bits apart)")):
         f = result.of_kind(kind)
         conflicting = sum(x.label != x.other_label for x in f)
+        wrong = " (one label of each is wrong)" if kind == "exact_duplicate" else ""
         lines.append(f"{what}: {len(f)} pairs, {sum(x.leak for x in f)} across splits" +
-                     (f", {conflicting} under different classes" + (" (one label of each is wrong)" if kind ==
-                                                                        "exact_duplicate" else "") if conflicting else ""))
+                     (f", {conflicting} under different classes{wrong}" if conflicting else ""))
     leaked = {sp: len(result.leaked(sp)) for sp in ("val", "test")}
     if n["test"]:
         lines.append(f"LEAKAGE: {leaked['test']} of {n['test']:,} test images have a duplicate in train or val"

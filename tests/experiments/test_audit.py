@@ -86,7 +86,8 @@ def test_exact_duplicates_across_splits_are_found_and_counted(leaky_run, capsys)
         assert (r["split"], r["other_split"]) == (split(r["path"]), split(r["other_path"]))
         assert r["leak"] == str(int(r["split"] != r["other_split"]))
         assert order[r["other_split"]] <= order[r["split"]]                # the earlier split is the "other"
-        assert ("CONFLICTING LABELS" in r["detail"]) == (Path(r["path"]).parent.name != Path(r["other_path"]).parent.name)
+        two_classes = Path(r["path"]).parent.name != Path(r["other_path"]).parent.name
+        assert ("CONFLICTING LABELS" in r["detail"]) == two_classes
     leaked_test = {r["path"] for r in exact if r["leak"] == "1" and r["split"] == "test"}
     assert len(leaked_test) == 5 and all(split(p) == "test" for p in leaked_test)
     assert sum("CONFLICTING LABELS" in r["detail"] for r in exact) == 1
