@@ -265,9 +265,8 @@ def make_objective(base: TrainConfig, out: Path) -> Callable[["optuna.Trial"], f
         except Interrupted:
             # not a failure of these parameters: the next run of tune continues this trial first, in its folder
             trial.set_user_attr(INTERRUPTED, True)
-            trial.study.enqueue_trial(trial.params, user_attrs={RESUME_FROM: folder,
-                                                                **{k: v for k, v in trial.user_attrs.items()
-                                                                   if k in (UNTUNED,)}})
+            untuned = {UNTUNED: True} if trial.user_attrs.get(UNTUNED) else {}
+            trial.study.enqueue_trial(trial.params, user_attrs={RESUME_FROM: folder, **untuned})
             raise
         except (NonFiniteLoss, ConfigError) as e:
             trial.set_user_attr("error", str(e))
@@ -423,6 +422,27 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
 
     `pruner` is a name of PRUNERS or an Optuna pruner object."""
     _optuna()                        # a missing install is one line before anything starts
+    check_request(base, trials, study_name, out)
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = resolve_config(base, {"data": str(Path(base.data).expanduser().resolve()),
+                                 **mode_fields(mode, out, base.cache_dir, base.cache_features)})
+    storage = storage or default_storage(out)
+    claim_trials(out, study_name, storage)
+    study = open_study(storage, study_name, make_sampler(sampler_seed),
+                       make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
+                       out / ".study.lock", untuned_params(base))
+    remaining = trials - counted(study)
+    log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
+        f"{max(0, remaining)} to go")
+    if remaining > 0:
+        run_trials(study, make_objective(base, out), trials, remaining, out)
+    wait_for_running(study, log)
+    return finish_study(study, out, storage, log)
+
+
+def check_request(base: TrainConfig, trials: int, study_name: str, out: PathLike) -> None:
+    """Everything that would make the study fail or mislead, said in one line before anything is written."""
     refuse_torchrun("tune")
     if trials < 1:
         raise TuneError(f"--trials must be >= 1, got {trials}")
@@ -439,34 +459,24 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
                         "would train something else than a trial records: remove it")
     if base.select_on != "val":
         raise TuneError("tune selects on val only; a recipe with select_on: test would select on test (remove it)")
-    out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    base = resolve_config(base, {"data": str(Path(base.data).expanduser().resolve()),
-                                 **mode_fields(mode, out, base.cache_dir, base.cache_features)})
-    storage = storage or default_storage(out)
-    claim_trials(out, study_name, storage)
-    study = open_study(storage, study_name, make_sampler(sampler_seed),
-                       make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
-                       out / ".study.lock", untuned_params(base))
-    remaining = trials - counted(study)
-    log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
-        f"{max(0, remaining)} to go")
-    if remaining > 0:
-        def stop(st: "optuna.Study", _: Any) -> None:      # other workers' trials count too
-            if counted(st) >= trials:
-                st.stop()
 
-        quiet, optimize_log = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
-        optimize_log.addFilter(quiet)
-        try:
-            with rerun_resumes("tune"):
-                study.optimize(make_objective(base, out), n_trials=remaining,
-                               callbacks=[stop, lambda st, _: drop_checkpoints(st, out)],
-                               catch=(NonFiniteLoss, ConfigError))
-        finally:
-            optimize_log.removeFilter(quiet)
-    wait_for_running(study, log)
-    return finish_study(study, out, storage, log)
+
+def run_trials(study: "optuna.Study", objective: Callable, trials: int, remaining: int, out: Path) -> None:
+    """This worker's share of the trials, until the study (all workers together) has `trials` ended ones. A
+    signal stops the trial in flight, which the next tune continues (make_objective): Optuna's traceback for it
+    is filtered, and tune says so in one line."""
+    def stop(st: "optuna.Study", _: Any) -> None:
+        if counted(st) >= trials:
+            st.stop()
+
+    quiet, optimize_log = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
+    optimize_log.addFilter(quiet)
+    try:
+        with rerun_resumes("tune"):
+            study.optimize(objective, n_trials=remaining, callbacks=[stop, lambda st, _: drop_checkpoints(st, out)],
+                           catch=(NonFiniteLoss, ConfigError))
+    finally:
+        optimize_log.removeFilter(quiet)
 
 
 def wait_for_running(study: "optuna.Study", log: Callable[[str], Any], poll_s: float = 1.0) -> None:
