@@ -53,8 +53,9 @@ def main(args: argparse.Namespace) -> int:
     if args.screenshot:
         output_file(args.screenshot, (".png",), "--screenshot")
     run = RunDir(args.run)
-    if run.unfinished():
-        raise RunFolderError(f"{run.unfinished()}, and writes its report")
+    unfinished = run.unfinished()
+    if unfinished:
+        raise RunFolderError(f"{unfinished}, and writes its report")
     gone = _images_gone(run)
     if gone and args.out is None:       # the run's own page has its pictures: one without them does not replace it
         raise DataError(f"{gone} of the test images the run predicted are no longer where it read them (was the data "
