@@ -312,7 +312,8 @@ def test_compare_fine_tunes_as_train_by_default(three_digits, tmp_path, one_thre
 
 
 def test_a_folder_of_other_settings_is_refused(tmp_path):
-    base = TrainConfig(data=str(tmp_path), lr=0.05)
+    (tmp_path / "data").mkdir()
+    base = TrainConfig(data=str(tmp_path / "data"), lr=0.05)
     heads = parse_head_specs(["linear", "spinal"])
     out = tmp_path / "cmp"
     first = cmp.plan(base, heads, 1, "frozen", out)[0]
