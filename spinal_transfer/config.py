@@ -64,7 +64,21 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, with floats as people write them: YAML 1.1 (PyYAML's) reads `1e-3`, `5E-4` and
     `1e+6` as strings (it wants a dot and a signed exponent), YAML 1.2 and every config tool read them as
-    numbers. Every YAML the tool reads goes through this loader (`load_yaml`)."""
+    numbers. A key given twice in one mapping is an error (PyYAML keeps the last one without a word, so
+    `lr: 0.1` above `lr: 0.5` trained at 0.5). Every YAML the tool reads goes through this loader (`load_yaml`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":        # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 YamlLoader.yaml_implicit_resolvers = {

@@ -25,8 +25,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..errors import ConfigError  # lazy: torch and timm only once the command runs
     from ..models.convert import convert_weights  # lazy: no torch at --help
+    from ..models.hub import is_hub_name, parse_backbone  # lazy: no torch at --help
+    from ..models.surgery import check_name  # lazy: no torch at --help
 
     if args.out.exists():
         raise ConfigError(f"{args.out} exists; choose another --out (nothing was written)")
+    lib, name = parse_backbone(args.backbone)
+    if is_hub_name(name):              # its architecture comes from the Hub: give the architecture's own name
+        raise ConfigError(f"--backbone {args.backbone}: convert-weights maps onto an architecture by name (e.g. "
+                          f"timm/resnet18), not a Hub model")
+    check_name(lib, name)              # a typo is one line with the closest names, not timm's traceback
     print(convert_weights(args.source, args.backbone, args.out))
     return 0

@@ -49,20 +49,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..data.splits import check_outside  # lazy: OpenCV, not needed at --help
     from ..training.lr_find import lr_find_for_config  # lazy: no torch at --help
 
     if args.start_lr >= args.end_lr:
         raise ConfigError(f"--start-lr ({args.start_lr:g}) must be below --end-lr ({args.end_lr:g})")
     if args.num_steps < 10:
         raise ConfigError(f"--num-steps {args.num_steps} is too few for a curve; use at least 10 (default 200)")
-    output_file(args.out, (".png",))            # before the work: a folder or a file of another kind is refused
+    replaced = output_file(args.out, (".png",))   # before the work: a folder or a file of another kind is refused
     cfg = resolve_config(args.recipe, given_flags(args))
     if not cfg.data:
         raise ConfigError("--data DIR is required (or a --recipe that sets data)")
+    check_outside(args.out, cfg.data, folder=False)   # a picture there would replace or join the training images
     result = lr_find_for_config(cfg, args.out, start_lr=args.start_lr, end_lr=args.end_lr,
                                 num_steps=args.num_steps, rule=args.rule)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"{result.describe()}; plot: {args.out}", file=sys.stderr)
+    print(f"{result.describe()}; plot: {args.out}" + (" (replacing the file that was there)" if replaced else ""),
+          file=sys.stderr)
     print(f"{result.suggestion:.3g}")
     return 0

@@ -27,16 +27,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..data.splits import check_outside  # lazy: OpenCV, not needed at --help
     from ..training.preview import show_batch  # lazy: no torch at --help
 
     if args.num_images is not None and args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
-    output_file(args.out, (".png",))            # before the work: a folder or a file of another kind is refused
+    replaced = output_file(args.out, (".png",))   # before the work: a folder or a file of another kind is refused
     cfg = resolve_config(args.recipe, given_flags(args))
     if not cfg.data:
         raise ConfigError("--data DIR is required (or a --recipe that sets data)")
+    check_outside(args.out, cfg.data, folder=False)   # a picture there would replace or join the training images
     preview = show_batch(cfg, args.out, args.num_images)
     for path, reason in preview.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"wrote {preview.path} ({len(preview.indices)} training images, augment {cfg.augment})", file=sys.stderr)
+    print(f"wrote {preview.path} ({len(preview.indices)} training images, augment {cfg.augment})" +
+          (" (replacing the file that was there)" if replaced else ""), file=sys.stderr)
     return 0

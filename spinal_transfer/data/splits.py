@@ -107,12 +107,13 @@ def _few(names: list[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
-def check_outside(out: PathLike, data: str, what: str = "--out") -> None:
-    """DataError for an output folder inside the data folder: what a command writes there (a run, a study, a
-    table) would be read as a class next time. Also for an output folder that is a file. Before anything is
-    written: train, compare, tune and audit check here."""
+def check_outside(out: PathLike, data: str, what: str = "--out", folder: bool = True) -> None:
+    """DataError for an output inside the data folder: what a command writes there (a run, a study, a table, a
+    picture of a batch) would be read as a class next time, or replace a training image. Also for an output
+    folder (`folder`) that is a file. Before anything is written: train, compare, tune, audit, show-batch and
+    lr-find check here."""
     path = Path(out).expanduser().resolve()
-    if path.is_file():
+    if folder and path.is_file():
         raise DataError(f"{what} {out} is a file; give a folder")
     if data and path.is_relative_to(data_folder(data)):
         raise DataError(f"{what} {out} is inside the data folder {data}: what is written there would be read as a "

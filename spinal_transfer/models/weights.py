@@ -18,7 +18,7 @@ from ..errors import CheckpointError, ConfigError, WeightsUnavailable, option_na
 from ..runs.checkpoint import read_weights_file
 from ..utils.atomic import file_sha256
 from .convert import (BUNDLED, BUNDLED_WHEELS, bundled_weight_file, bundled_wheel, converted_state_dict,
-                      reference_model)
+                      NBT, reference_model)
 from .hub import (HUB_FILES, Unreachable, hf_cache_dir, is_hub_name, parse_backbone, split_hub_name,
                   timm_unavailable, url_unreachable)
 
@@ -111,6 +111,15 @@ def _timm_message(src: WeightSource, exc: BaseException, why: str, opt: str) -> 
             + instead + ".")
 
 
+def _weights_in(folder: Path) -> Path:
+    """The weights file of a bundle folder (model.safetensors) or a run folder (checkpoints/best.pt)."""
+    for f in (folder / "model.safetensors", folder / "checkpoints" / "best.pt"):
+        if f.is_file():
+            return f
+    raise ConfigError(f"{weights_option()}{folder} is a folder with neither a bundle's model.safetensors nor a run's "
+                      f"checkpoints/best.pt: give the weights file itself")
+
+
 def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource:
     """Turn the user's `weights` value into a WeightSource (no loading yet)."""
     src = WeightSource(lib, name)
@@ -120,11 +129,14 @@ def resolve_weights(lib: str, name: str, weights: Optional[str]) -> WeightSource
     if weights.lower() == BUNDLED:
         src.path, src.bundled = bundled_weight_file(lib, name), True
         return src
-    if os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or Path(weights).is_file():
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"weights file {path} does not exist")
-        src.path = path
+    local = Path(weights).expanduser()
+    if os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or local.is_file() \
+            or (local.is_dir() and weights.lower() != "default"):
+        if local.is_dir():
+            local = _weights_in(local)
+        elif not local.is_file():
+            raise ConfigError(f"weights file {local} does not exist")
+        src.path = local
         return src
     if lib == "torchvision":
         import torchvision.models as tvm
@@ -195,17 +207,26 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
                               f"{recorded['backbone']}")
     own = model.state_dict()
     head_set = set(head_keys)
-    backbone_keys = [k for k in own if k not in head_set]
+    # BatchNorm's num_batches_tracked counters are not weights: they neither count as loaded nor as missing
+    backbone_keys = [k for k in own if k not in head_set and not k.endswith(NBT)]
     fits = [k for k in backbone_keys if k in sd and sd[k].shape == own[k].shape]
     missing = [k for k in backbone_keys if k not in sd]
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
              for k in backbone_keys if k in sd and sd[k].shape != own[k].shape]
-    unexpected = [k for k in sd if k not in own]
+    unexpected = [k for k in sd if k not in own and not k.endswith(NBT)]
+    # the file's own classifier sits where the new head is; anything else it has, this backbone has not
+    foreign = [k for k in unexpected if not k.startswith(tuple(p + "." for p in model.spinal_info.head_paths))]
     counts = (f"{len(fits)} of {len(backbone_keys)} backbone tensors loaded from {where}; {len(missing)} missing, "
               f"{len(wrong)} with a shape mismatch, {len(unexpected)} unexpected (not used)")
-    if (missing or wrong) and not partial:
+    if (missing or wrong or foreign) and not partial:
         raise CheckpointError(f"{path} does not match this backbone ({backbone}): {counts}; e.g. "
-                              f"{(missing + wrong)[:3]}. Pass --weights-partial to start from what fits")
+                              f"{(missing + wrong + foreign)[:3]}. " + (
+                                  "Its names are not the model's at all: map another implementation's file with "
+                                  "`spinal-transfer convert-weights`" if not fits else
+                                  "Pass --weights-partial to start from what fits"))
+    if not fits:                        # --weights-partial, and nothing fits: the backbone would stay random
+        raise CheckpointError(f"nothing of {path} fits {backbone} ({counts}): map another implementation's file "
+                              f"with `spinal-transfer convert-weights`, or give the file of this architecture")
     same_classes = recorded.get("classes") is not None and classes is not None and \
         list(recorded["classes"]) == list(classes)
     head_fits = bool(head_keys) and all(k in sd and sd[k].shape == own[k].shape for k in head_keys)
@@ -220,7 +241,8 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
         head = f"head: new ({path}'s classes differ)"
     else:
         head = f"head: new ({path}'s head has other shapes)"
-    model.load_state_dict({k: sd[k] for k in fits + (head_keys if restored else [])}, strict=False)
+    counters = [k for k in own if k.endswith(NBT) and k not in head_set and k in sd and sd[k].shape == own[k].shape]
+    model.load_state_dict({k: sd[k] for k in fits + counters + (head_keys if restored else [])}, strict=False)
     return WeightsTaken(str(path), file_sha256(path), len(fits), restored, [counts, head])
 
 

