@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..config import add_config_args, given_flags, resolve_config
 from ..errors import ConfigError, RunFolderError
@@ -46,8 +47,14 @@ def main(args: argparse.Namespace) -> int:
         return _resume_if_exists(args, flags)
     if args.resume:
         folder = RunDir(args.resume)
+        if not folder.path.exists():
+            raise RunFolderError(f"cannot resume {args.resume}: it does not exist")
         if not folder.holds_run():
-            raise RunFolderError(f"cannot resume {args.resume}: it holds no run (no config.yaml or checkpoint)")
+            raise RunFolderError(f"cannot resume {args.resume}: it holds no run (no config.yaml or checkpoint)" +
+                                 ("; give the run's folder" if folder.path.is_file() else ""))
+        if "out" in flags and Path(flags["out"]).resolve() != folder.path.resolve():
+            raise ConfigError(f"--out {flags['out']} with --resume {args.resume}: a run continues in its own folder; "
+                              f"leave --out out (to start a new run there, leave --resume out)")
         if args.overwrite:
             raise ConfigError("--overwrite and --resume contradict each other: resume continues the run, "
                               "--overwrite starts it over")

@@ -354,9 +354,9 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
 def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, lr: Any,
                   new_run: bool = True, steps_per_epoch: Optional[int] = None) -> TrainConfig:
     """The run's config as it runs and as config.yaml records it, made once, before the first epoch: the values
-    the set-up resolved written in (the run folder; the spinal width the head rule chose; the input size,
-    resize, normalization and interpolation of the backbone; the selection split of the protocol; the lr
-    `--lr auto` found; the policy's random erasing and crop scale, so a later change of a policy's default does
+    the set-up resolved written in (the run folder; the data folder as an absolute path; the spinal width the
+    head rule chose; the input size, resize, normalization and interpolation of the backbone; the selection
+    split of the protocol; the lr `--lr auto` found; the policy's random erasing and crop scale, so a later change of a policy's default does
     not change a saved run (config.UNSET_BEFORE); no frozen epoch for a new run's random backbone; the optimizer
     steps per epoch that decide the epochs of a run without --epochs), so a resume, `evaluate` and `export` read
     what the run did. Nothing changes it after."""
@@ -374,7 +374,8 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
             "(--epochs N: exactly N)" if epochs > cfg.min_epochs
             else f" (--min-steps {cfg.min_steps} is reached; --epochs N: exactly N)"))
     return dataclasses.replace(
-        cfg, out=out, layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
+        cfg, out=out, data=str(Path(cfg.data).expanduser().resolve()),     # a resume from another directory reads it
+        layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
         mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
         **values_in_force(cfg),
         resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
@@ -589,7 +590,8 @@ def run_stage(s: Session, si: int, stage: Stage) -> None:
                                  gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs)
     with warnings.catch_warnings():       # replaying a schedule steps it before any optimizer step
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(s.progress.stage_step if unit == "step" else done):
+        # a fresh stage replays nothing: progress.stage_step still counts the previous stage's steps here
+        for _ in range(0 if fresh else s.progress.stage_step if unit == "step" else done):
             sched.step()
     if si > 0 and fresh:
         weights = s.saver.stage_start_weights()        # the paper: the next stage starts from this one's best
@@ -744,7 +746,8 @@ def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torc
     progress = progress or Progress()
     device, resumed = settings.device, bool(start and is_main())    # rank 0 carries the epoch's sums so far
     t0 = last_shown = time.perf_counter()
-    seen = 0
+    # the resumed epoch's images so far, read once: a mid-epoch checkpoint (after_step) updates progress in place
+    seen, before = 0, (progress.epoch_seen if resumed else 0)
     loss_sum = torch.full((), progress.epoch_loss if resumed else 0.0, device=device)
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(batches, desc=desc, total=total, initial=start, leave=False, disable=not is_main())
@@ -768,13 +771,12 @@ def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torc
         if on_step is not None:
             on_step()
         if closes and after_step is not None and i + 1 != total:
-            after_step(i + 1, loss_sum, (progress.epoch_seen if resumed else 0) + seen)
+            after_step(i + 1, loss_sum, before + seen)
         if i + 1 == total:
             break
     if any_rank(bad_loss, device):
         raise NonFiniteLoss(f"the training loss became NaN/inf in {desc}")
     seconds = time.perf_counter() - t0
-    before = progress.epoch_seen if resumed else 0
     totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(before + seen), device=device)]))
     return (totals[0] / totals[1].clamp(min=1)).item(), seen, seconds
 

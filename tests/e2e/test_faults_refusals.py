@@ -12,6 +12,8 @@ import pytest
 from conftest import TINY, cli_flags
 from PIL import Image
 
+from spinal_transfer.config import TrainConfig
+
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -228,3 +230,20 @@ def test_report_and_evaluate_say_when_a_run_is_unfinished_or_its_images_moved(fi
     _refused(res, "has not finished (epoch 2 of 2)", f"train --resume {unfinished}")
     res = cli_run("evaluate", unfinished)
     assert res.returncode == 0 and "note: " in res.stderr and "best epoch so far, uncalibrated" in res.stderr
+
+
+def test_a_run_records_its_data_folder_absolute_and_resume_stays_in_its_own_folder(three_digits, finished_run,
+                                                                                  tmp_path, cli_run, monkeypatch):
+    """--data as typed (relative) would be read against the directory a later --resume is started from: another
+    folder named data there would be trained and tested on. And --resume with another --out was ignored."""
+    import shutil
+
+    shutil.copytree(three_digits, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    res = cli_run("train", *cli_flags(**{**TINY, "data": "data", "out": "run", "epochs": 1, "limit_train_batches": 1}))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert TrainConfig.from_yaml(tmp_path / "run" / "config.yaml").data == str(tmp_path / "data")
+    res = cli_run("train", "--resume", finished_run, "--epochs", "3", "--out", tmp_path / "elsewhere")
+    _refused(res, "a run continues in its own folder")
+    assert res.returncode == 2 and not (tmp_path / "elsewhere").exists()
+    _refused(cli_run("train", "--resume", tmp_path / "nothing"), "it does not exist")

@@ -156,6 +156,23 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_is_exact(digits_fold
     _same_weights(uninterrupted, out)
 
 
+def test_a_resumed_epoch_with_checkpoints_inside_it_records_the_uninterrupted_train_loss(digits_folder, tmp_path,
+                                                                                         uninterrupted):
+    """After a resume inside an epoch, a further mid-epoch checkpoint used to count that epoch's earlier images
+    twice: the weights were right, the train_loss in metrics.jsonl (and the trackers) too low."""
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-c", SIGNAL_AT_STEP, "5", "TERM", "1", "-1", *_train_cmd(digits_folder, out,
+                                                                                      EXACT_EPOCHS)[3:]]
+    assert subprocess.run(cmd, env=ENV, capture_output=True, text=True).returncode == 75
+    resumed = subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--resume", str(out),
+                              "--checkpoint-every-steps", "2"], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = [[json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (uninterrupted, out)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    _same_weights(uninterrupted, out)
+
+
 def test_a_second_ctrl_c_stops_at_once(digits_folder, tmp_path):
     cmd = [sys.executable, "-c", SIGNAL_AT_STEP, "3", "INT", "2", "-1", *_train_cmd(digits_folder, tmp_path / "r", 2)[3:]]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
@@ -173,6 +190,18 @@ def test_checkpoints_inside_an_epoch_every_n_steps(digits_folder, tmp_path, unin
     assert log.count("checkpoint written inside epoch") == len([s for s in range(1, EXACT_EPOCHS * 12 + 1)
                                                                 if s % 5 == 0 and s % 12 != 0])
     _same_weights(uninterrupted, out)                    # writing checkpoints changes nothing
+
+
+def test_every_stage_runs_its_own_schedule_from_its_start(digits_folder, tmp_path):
+    """Stage 2 of a cosine schedule with warm-up starts its own warm-up and ends at 0, as stage 1 did: its lr
+    per epoch is stage 1's times the ratio of their lrs (it used to continue stage 1's step count and wrap)."""
+    cfg = tiny_cfg(digits_folder, tmp_path / "run", stages=[{"epochs": 3, "lr": 0.04}, {"epochs": 3, "lr": 0.004}],
+                   scheduler="cosine", warmup_epochs=1.0, limit_train_batches=2)
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, second = ([r["lr"] for r in rows if r["stage"] == k] for k in (1, 2))
+    assert len(first) == len(second) == 3 and first[-1] == pytest.approx(0.0, abs=1e-12)
+    assert second == pytest.approx([lr / 10 for lr in first])
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(digits_folder, tmp_path):
