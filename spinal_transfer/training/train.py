@@ -46,6 +46,7 @@ from ..utils.atomic import system_error
 from ..utils.distributed import (
     any_rank,
     barrier,
+    broadcast_buffers,
     broadcast_object,
     init_distributed,
     is_main,
@@ -718,7 +719,8 @@ def _interrupted(s: Session) -> Interrupted:
 
 def evaluate_epoch(s: Session) -> tuple[Optional[dict], dict]:
     """(val metrics or None when there is no val split, metrics of the selection split) of the weights the saver
-    selects on."""
+    selects on: rank 0's, buffers included, on every rank's shard."""
+    broadcast_buffers(s.eval_module())
     val = evaluate_split(s, "val")[0] if s.samples["val"] else None
     return val, (evaluate_split(s, "test")[0] if s.cfg.select_on == "test" else val)
 

@@ -64,6 +64,16 @@ def gather_objects(obj: Any) -> list:
     return parts
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank (a collective). DDP broadcasts them at the
+    start of each training forward, after which each rank updates them with its own batch: without this, the
+    ranks would evaluate their val shards with different statistics, and the epoch's val metrics would mix two
+    models, neither of them the one rank 0 saves."""
+    if world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The elementwise sum of `t` over ranks (a collective)."""
     if world_size() > 1:

@@ -33,11 +33,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from urllib.parse import urlparse
 
+from .atomic import atomic_write_text
+
 log = logging.getLogger("spinal_transfer.utils.tracking")
 PathLike = Union[str, Path]
 KINDS = ("tensorboard", "mlflow", "wandb")
 INSTALL_HINT = 'pip install "spinal-transfer[track]"'
 DEFAULT_EXPERIMENT = "spinal-transfer"
+RUN_ID_FILE = "tracking.json"     # RUN/<this>: the MLflow run a resume continues
 Scalar = Union[str, int, float, bool]
 
 
@@ -264,10 +267,31 @@ class MLflowBackend(Backend):
             eid = exp.experiment_id
         self.experiment_id = eid
         self.run_dir = run_dir.resolve()
-        run = self.client.create_run(eid, run_name=run_name, tags={"run_dir": str(self.run_dir),
-                                                                   "mlflow.source.name": "spinal-transfer"})
-        self.run_id = run.info.run_id
+        self.run_id = self._earlier_run() or self._new_run(eid, run_name)
         self.pending: list = []
+
+    def _earlier_run(self) -> Optional[str]:
+        """The MLflow run this run folder logged to before (a resumed run continues it, not a second MLflow run
+        holding only the epochs after the interruption), when it is in this tracking store."""
+        record = self.run_dir / RUN_ID_FILE
+        if not record.is_file():
+            return None
+        try:
+            run_id = json.loads(record.read_text()).get("mlflow_run_id")
+            if self.client.get_run(run_id).info.experiment_id != self.experiment_id:
+                return None
+        except Exception:           # another store, a deleted run, a damaged file: a new MLflow run
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        self.resumed = True
+        return run_id
+
+    def _new_run(self, experiment_id: str, run_name: str) -> str:
+        run = self.client.create_run(experiment_id, run_name=run_name, tags={"run_dir": str(self.run_dir),
+                                                                             "mlflow.source.name": "spinal-transfer"})
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / RUN_ID_FILE, json.dumps({"mlflow_run_id": run.info.run_id}))
+        return run.info.run_id
 
     def _flush(self) -> None:
         while self.pending:
@@ -279,9 +303,17 @@ class MLflowBackend(Backend):
 
         return Metric(key, value, int(time.time() * 1000), step)
 
+    resumed = False
+
     def log_params(self, params: dict[str, Scalar]) -> None:
         from mlflow.entities import Param
 
+        if self.resumed:            # MLflow refuses to change a logged param: a changed one (--epochs) is a tag
+            logged = self.client.get_run(self.run_id).data.params
+            for k, v in params.items():
+                if k in logged and logged[k] != str(v)[:6000]:
+                    self.client.set_tag(self.run_id, f"resumed_with.{k}", str(v)[:5000])
+            params = {k: v for k, v in params.items() if k not in logged}
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):         # MLflow's limit per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])

@@ -246,3 +246,18 @@ def test_early_stopping_under_torchrun_stops_both_ranks_where_one_process_stops(
     assert two["epochs_trained"] == one["epochs_trained"] == stops[0][2] < opts["epochs"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == two["epochs_trained"]
     assert "stage 1 stopped early after epoch" in (out / "train.log").read_text()
+
+
+@pytest.mark.slow      # torchrun once: ~40 s
+def test_every_rank_evaluates_with_the_batchnorm_statistics_rank_0_saves(data, tmp_path):
+    """After an epoch each rank's BatchNorm running statistics carry its own last batch (DDP broadcasts rank 0's
+    only at the start of a forward): the val shards were evaluated with two sets, and the epoch's val metrics
+    belonged to no saved model. The best epoch's row must equal what report.json measures from best.pt."""
+    out = tmp_path / "bn"
+    flags = {**SMALL, "backbone": "timm/test_resnet", "augment": "light", "epochs": 2}
+    _run(_torchrun(*cli_flags(data=data, out=out, batch_size=PER_DEVICE_BATCH, **flags)), tmp_path / "bn.log")
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    best = next(r for r in rows if r["epoch"] == report["best_epoch"])
+    assert best["val"]["top1"] == report["val"]["top1"]
+    assert best["val"]["loss"] == pytest.approx(report["val"]["loss"], abs=1e-6)

@@ -279,3 +279,29 @@ def test_parse_and_flatten():
     assert m["val/top1"] == 0.9 and "epoch" not in m
     assert summary_metrics({"best_epoch": 3, "test": {"top1": 0.8, "per_class": {}}}) == \
         {"final/best_epoch": 3.0, "final/test/top1": 0.8}
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    """A resume logs into the MLflow run the folder started (RUN/tracking.json), not a second run holding only
+    the epochs after the interruption; a param the resume changed (--epochs) is a tag, since MLflow keeps the
+    first value of a param."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from spinal_transfer.utils.tracking import MLflowBackend
+
+    uri, run_dir = f"sqlite:///{tmp_path / 'ml.db'}", tmp_path / "runs" / "r"
+    first = MLflowBackend(run_dir, "r", uri, "resume")
+    first.log_params({"epochs": 2, "lr": 0.1})
+    first.log_epoch(1, {"val/top1": 0.5})
+    first.close("KILLED")
+    again = MLflowBackend(run_dir, "r", uri, "resume")
+    assert again.run_id == first.run_id
+    again.log_params({"epochs": 4, "lr": 0.1})
+    again.log_epoch(2, {"val/top1": 0.75})
+    again.close("FINISHED")
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params == {"epochs": "2", "lr": "0.1"}
+    assert run.data.tags["resumed_with.epochs"] == "4"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/top1")] == [(1, 0.5), (2, 0.75)]
