@@ -261,6 +261,9 @@ def check_new_run(run: RunDir, overwrite: bool, log: Any) -> None:
     what a run wrote there, and says what."""
     if not run.holds_run():
         return
+    if run.is_locked():            # a run in progress: neither interrupted nor ours to clear
+        raise RunFolderError(f"{run.path} holds a run that another process is training now; wait for it to end, or "
+                             f"choose another --out")
     if run.state() == "started" and not overwrite:     # it never finished an epoch: nothing to lose
         removed = run.clear()
         log(f"{run.path} held a run that never finished an epoch; starting over (removed "
@@ -270,8 +273,8 @@ def check_new_run(run: RunDir, overwrite: bool, log: Any) -> None:
         state = run.state()
         hint = (f"extend it with `spinal-transfer train --resume {run.path} --epochs N`" if state == "finished"
                 else f"continue it with `spinal-transfer train --resume {run.path}`")
-        raise RunFolderError(f"{run.path} already holds a {state} run; {hint}, start over with --overwrite "
-                             f"(removes that run's files), or choose another --out")
+        raise RunFolderError(f"{run.path} already holds {'an' if state[0] in 'aeiou' else 'a'} {state} run; {hint}, "
+                             f"start over with --overwrite (removes that run's files), or choose another --out")
     removed = run.clear()
     log(f"--overwrite: removed the earlier run's {', '.join(p.name for p in removed)} from {run.path}")
 
