@@ -474,15 +474,16 @@ def _missing(spec: DatasetSpec, src: Path) -> list[Path]:
     return [src / p for p in spec.needs if not (src / p).exists()]
 
 
-def how_to_get(name: str, src: Path) -> str:
-    """Exact files, where they go and where to get them: shown whenever a source is missing or unreadable."""
+def how_to_get(name: str, src: Path, downloading: bool = False) -> str:
+    """Exact files, where they go and where to get them: shown whenever a source is missing or unreadable
+    (`downloading`: --download was given and failed, so it is not offered again)."""
     spec = DATASETS[name]
     lines = [f"To prepare {spec.title} offline, put these in {src}/ (official page: {spec.page}):"]
     lines += [f"  {src}/{path}  <-  {url}" for path, url in spec.fetch]
     if spec.archives:
         lines.append("Archives are unpacked automatically (" +
                      ", ".join(f"{a.path} -> {a.unpack_to}/" for a in spec.archives) + ").")
-    if spec.downloadable:
+    if spec.downloadable and not downloading:
         lines.append("Or rerun with --download to fetch them.")
     if spec.note:
         lines.append(spec.note)
@@ -507,7 +508,10 @@ def _load_source(name: str, src: Path, download: bool, log: Callable[[str], Any]
     except PrepareError:
         raise
     except (RuntimeError, OSError, ValueError) as e:  # torchvision's "not found or corrupted", bad files, downloads
-        raise PrepareError(f"{name}: could not read the source in {src}: {e}\n{how_to_get(name, src)}") from e
+        offline = download and ("urlopen error" in str(e) or isinstance(e, (ConnectionError, TimeoutError)) or
+                                "Name or service not known" in str(e))
+        what = "the download failed (no network?)" if offline else f"could not read the source in {src}"
+        raise PrepareError(f"{name}: {what}: {e}\n{how_to_get(name, src, downloading=download)}") from e
     gone = [it.data for items in splits.values() for it in items if isinstance(it.data, Path) and not it.data.is_file()]
     if gone:
         raise PrepareError(f"{name}: {len(gone)} images listed by the source are missing, e.g. {gone[0]}\n"

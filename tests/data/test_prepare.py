@@ -533,3 +533,12 @@ def test_cli_help_has_examples_and_main_reports_errors(tmp_path, capsys):
     assert json.loads((tmp_path / "svhn" / prep.MANIFEST).read_text())["splits"]["val"]["fraction"] == 0.2
     assert main(["prepare", "cifar10", "--root", str(tmp_path)]) == 2
     assert "cifar-10-python.tar.gz" in capsys.readouterr().err
+
+
+def test_a_failed_download_is_not_answered_with_the_advice_to_download():
+    from spinal_transfer.data.prepare import how_to_get
+
+    src = Path("/raw")
+    assert "rerun with --download" in how_to_get("svhn", src)
+    assert "rerun with --download" not in how_to_get("svhn", src, downloading=True)
+    assert "/raw/svhn/train_32x32.mat" in how_to_get("svhn", src, downloading=True)
