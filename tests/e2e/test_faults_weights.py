@@ -88,7 +88,7 @@ def test_a_plain_state_dict_reports_its_counts_and_a_partial_one_needs_weights_p
     assert taken["backbone_tensors"] == n_backbone - 1 and taken["head_restored"] is False
 
     # Every tensor there but more besides (a deeper model of the family): another architecture, refused.
-    deeper = dict(load_checkpoint(finished_run / "checkpoints" / "best.pt")["model"], **{"layer9.weight": torch.ones(3)})
+    deeper = {**load_checkpoint(finished_run / "checkpoints" / "best.pt")["model"], "layer9.weight": torch.ones(3)}
     torch.save(deeper, tmp_path / "deeper.pt")
     line = _one_error_line(cli_run(*_train(three_digits, tmp_path / "deeper", tmp_path / "deeper.pt")).stderr)
     assert f"{n_backbone} of {n_backbone} backbone tensors" in line and "'layer9.weight'" in line
