@@ -253,6 +253,7 @@ def _train(s: Session) -> dict:
     barrier()
     for i in range(si, len(stages)):
         run_stage(s, i, stages[i])
+    s.control.finishing = True          # a signal from here on lets the report be written: it is the last step
     return finish(s)
 
 

@@ -43,6 +43,7 @@ class StopControl:
                  every_steps: Optional[int] = None):
         self.signals, self.every_minutes, self.every_steps = signals, every_minutes, every_steps
         self.received: Optional[str] = None      # the signal's name, on every rank once they agreed
+        self.finishing = False                   # the run tests its best epoch and writes its report: no stop now
         self._previous: dict = {}
         self._signum = 0
         self._last_save = time.monotonic()
@@ -65,7 +66,12 @@ class StopControl:
         name = signal.Signals(signum).name
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt          # a second Ctrl-C: stop now
-        if self.received is None:
+        if self.received is None and self.finishing:     # the last step: stopping would only lose the report
+            self.received, self._signum = name, signum
+            log.warning(f"{name} received while the run tests its best epoch and writes its report: finishing that "
+                        f"(seconds), then exiting" + ("; press Ctrl-C again to stop at once" if signum ==
+                                                      signal.SIGINT else ""))
+        elif self.received is None:
             self.received, self._signum = name, signum
             log.warning(f"{name} received: finishing the step in flight, then writing a checkpoint and stopping "
                         f"(resume with `spinal-transfer train --resume RUN`)"

@@ -26,3 +26,13 @@ def test_a_signal_stops_at_the_next_step_and_handlers_are_restored():
         assert stop.received == "SIGUSR1" and stop.decide(5) == "stop"
         assert stop.decide(6, due_ok=False) == "stop"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_signal_while_the_run_writes_its_report_says_it_finishes_that(caplog):
+    """The report is the last step: a signal there lets it be written (exit 0), and the log says so instead of
+    promising a checkpoint and a stop."""
+    with StopControl([signal.SIGUSR1]) as stop, caplog.at_level("WARNING"):
+        stop.finishing = True
+        os.kill(os.getpid(), signal.SIGUSR1)
+    said = [r.getMessage() for r in caplog.records if "SIGUSR1 received" in r.getMessage()]
+    assert len(said) == 1 and "writes its report: finishing that" in said[0] and "checkpoint" not in said[0]
