@@ -115,6 +115,11 @@ def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> 
     return p.exists()
 
 
+def replacing(replaced: bool) -> str:
+    """What a command adds to its "wrote" line when `output_file` found an earlier file there: said, never silent."""
+    return " (replacing the file that was there)" if replaced else ""
+
+
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser. The options of command `only` are loaded (its module imported); with None, every command's."""
     p = argparse.ArgumentParser(prog="spinal-transfer", description=__doc__.splitlines()[0],

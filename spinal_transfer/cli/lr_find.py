@@ -6,7 +6,7 @@ import sys
 
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..errors import ConfigError
-from . import output_file
+from . import output_file, replacing
 
 EXAMPLES = """\
   spinal-transfer lr-find --data data/digits --img-size 32 --out lr_find.png
@@ -65,7 +65,6 @@ def main(args: argparse.Namespace) -> int:
                                 num_steps=args.num_steps, rule=args.rule)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"{result.describe()}; plot: {args.out}" + (" (replacing the file that was there)" if replaced else ""),
-          file=sys.stderr)
+    print(f"{result.describe()}; plot: {args.out}{replacing(replaced)}", file=sys.stderr)
     print(f"{result.suggestion:.3g}")
     return 0

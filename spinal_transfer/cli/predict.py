@@ -8,7 +8,7 @@ from ..config import add_config_args, check_flags, given_flags
 from ..deploy.predict import RUNNERS, TOPK, predict, write_csv
 from ..errors import ConfigError, DataError
 from ..evaluation.evaluate import TTA
-from . import output_file
+from . import output_file, replacing
 
 # the flags predict shares with train, generated from the same TrainConfig fields (ONNX: --device cuda if
 # onnxruntime has it)
@@ -79,9 +79,9 @@ def main(args: argparse.Namespace) -> int:
         raise DataError(f"none of the {len(preds.skipped)} image file(s) could be read (each is named above with "
                         f"the reason); nothing was written to {args.out}")
     skipped_path = write_csv(preds, args.out, args.topk, args.min_confidence)
-    print(f"wrote {len(preds.paths)} predictions to {args.out}" + (" (replacing the file that was there)" if replaced
-          else "") + f"; {len(preds.skipped)} file(s) skipped (listed in {skipped_path}" +
-          (", replacing the list that was there)" if replaced_list else ")"), file=sys.stderr)
+    print(f"wrote {len(preds.paths)} predictions to {args.out}{replacing(replaced)}; {len(preds.skipped)} file(s) "
+          f"skipped (listed in {skipped_path}" + (", replacing the list that was there)" if replaced_list else ")"),
+          file=sys.stderr)
     if args.min_confidence is not None:
         print(f"{int(preds.uncertain(args.min_confidence).sum())} of {len(preds.paths)} image(s) uncertain: top "
               f"probability below {args.min_confidence:g} (softmax(logits / T), T = {preds.temperature:.3f})",

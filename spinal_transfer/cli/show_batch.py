@@ -6,7 +6,7 @@ import sys
 
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..errors import ConfigError
-from . import output_file
+from . import output_file, replacing
 
 EXAMPLES = """\
   spinal-transfer show-batch --data data/digits --img-size 64 --out batch.png
@@ -40,6 +40,6 @@ def main(args: argparse.Namespace) -> int:
     preview = show_batch(cfg, args.out, args.num_images)
     for path, reason in preview.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"wrote {preview.path} ({len(preview.indices)} training images, augment {cfg.augment})" +
-          (" (replacing the file that was there)" if replaced else ""), file=sys.stderr)
+    print(f"wrote {preview.path} ({len(preview.indices)} training images, augment {cfg.augment})"
+          f"{replacing(replaced)}", file=sys.stderr)
     return 0
