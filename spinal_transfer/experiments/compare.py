@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import CONFIG_FIELDS, TrainConfig, resolve_config
-from ..data.splits import check_outside
 from ..errors import NonFiniteLoss, RunFolderError, rerun_resumes
 from ..evaluation.stats import ALPHA, PairedTest, PairingError, overall_verdict, paired_test
 from ..evaluation.tables import Table, join, to_csv, to_html, to_markdown, write_files
@@ -45,8 +44,8 @@ from .multirun import (
     IGNORED,
     MODE_NAMES,
     MultiRunError,
+    check_out,
     mode_fields,
-    refuse_out_run,
     refuse_torchrun,
 )
 
@@ -181,8 +180,7 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     after each run and on the way out of an interruption. Runs that other processes are training are waited
     for at the end (and taken over if their process died), so every process ends with the whole table."""
     refuse_torchrun("compare")
-    check_outside(out, base.data)        # before the table, the lock or a run is written there
-    refuse_out_run(out, "compare")
+    check_out(out, base.data, "compare")        # before the table, the lock or a run is written there
     out = Path(out).expanduser().resolve()
     runs = plan(base, heads, seeds, mode, out)
     for p in runs:

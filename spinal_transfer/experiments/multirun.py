@@ -49,10 +49,14 @@ def mode_fields(mode: str, out: Path, cache_dir: str = "", cache_features: bool 
     return {"freeze_backbone": False, **({"cache_features": False} if cache_features else {})}
 
 
-def refuse_out_run(out: PathLike, command: str) -> None:
-    """A command's --out that is one run's folder (train's) would get its runs/ and tables mixed into that run."""
+def check_out(out: PathLike, data: str, command: str) -> None:
+    """Before anything is written to `command`'s --out: not a file, not inside the data folder (its files would
+    be read as a class next time: data.splits.check_outside), and not one train run's folder, which would get
+    the command's runs/ and tables mixed into it."""
+    from ..data.splits import check_outside  # lazy: OpenCV, which this module keeps out of --help too
     from ..runs.rundir import RunDir  # lazy: torch, which this module keeps out of the command line's --help
 
+    check_outside(out, data)
     if RunDir(Path(out).expanduser()).holds_run():
         raise MultiRunError(f"--out {out} is the folder of a train run; give {command} a folder of its own")
 

@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from ..config import TrainConfig, resolve_config
 from ..data.augment import values_in_force
-from ..data.splits import check_outside
 from ..errors import ConfigError, Interrupted, MissingDependency, NonFiniteLoss, rerun_resumes
 from ..evaluation.plots import figure_png
 from ..evaluation.tables import Table, page, png_img, table_html, to_csv, write_files
@@ -68,8 +67,8 @@ from .multirun import (
     IGNORED,
     MODE_NAMES,
     MultiRunError,
+    check_out,
     mode_fields,
-    refuse_out_run,
     refuse_torchrun,
 )
 
@@ -451,8 +450,7 @@ def check_request(base: TrainConfig, trials: int, study_name: str, out: PathLike
     if not base.data:
         raise TuneError("--data DIR is required (or a --recipe that sets data)")
     train.check_data(base)           # one line before a study (and its first failed trial) exists
-    check_outside(out, base.data)
-    refuse_out_run(out, "tune")
+    check_out(out, base.data, "tune")
     check_backbone(base.backbone, base.weights)
     if base.stages:
         raise TuneError("tune samples one lr and one length per trial; --stages (a recipe's multi-stage schedule) "
