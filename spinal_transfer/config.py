@@ -650,6 +650,9 @@ def _warn_unused(cfg: TrainConfig, flags: dict) -> None:
             need = ", ".join(f"--{o.replace('_', '-')} {'/'.join(map(str, v))}".rstrip() for o, v in cond.items())
             logging.getLogger("spinal_transfer").warning(f"--{k.replace('_', '-')} has no effect here: it applies "
                                                          f"only with {need}")
+    if flags.get("weights_partial") and cfg.weights in ("none", "default", "bundled"):
+        logging.getLogger("spinal_transfer").warning(f"--weights-partial has no effect here: it applies only with "
+                                                     f"--weights FILE (not {cfg.weights})")
 
 
 def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int] = None) -> TrainConfig:

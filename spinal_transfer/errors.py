@@ -20,7 +20,7 @@ Exit codes (README, "Exit codes"):
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_DIVERGED, EXIT_SYSTEM, EXIT_INTERRUPTED, EXIT_ABORTED = 0, 1, 2, 3, 4, 75, 130
 
@@ -99,6 +99,11 @@ def rerun_resumes(command: str) -> Iterator[None]:
     except Interrupted as e:
         raise Interrupted(f"{str(e).split(';')[0]}; the run in flight kept its last.pt, and the same {command} "
                           f"command resumes it and goes on") from None
+
+
+def few(names: Sequence[str], limit: int = 10) -> str:
+    """The first `limit` names, comma-separated, with " ..." when there are more: a message stays one line."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
 # How messages name options: `weights=` for Python callers; the CLI switches to `--weights `.

@@ -9,10 +9,31 @@ from ..utils.atomic import atomic_write_text
 from ..utils.distributed import gather_objects, is_main
 from .images import BadImage, load_image
 
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def skip_lines(pairs: Iterable[tuple[str, str]]) -> str:
+    """The `path<TAB>reason` lines of a skip list, one per entry: a backslash, tab, newline or carriage return in a
+    path is written escaped (\\\\, \\t, \\n, \\r), so a file named with one stays one line and reads back."""
+    return "".join(f"{''.join(_ESCAPES.get(c, c) for c in str(p))}\t{' '.join(str(r).split())}\n" for p, r in pairs)
+
+
+def _unescape(path: str) -> str:
+    """A path of `skip_lines` as it was (a backslash before another character, as a list from before the escapes
+    may hold, is kept)."""
+    back = {v[1]: k for k, v in _ESCAPES.items()}
+    out, chars = [], iter(path)
+    for c in chars:
+        if c == "\\":
+            nxt = next(chars, "")
+            c = back.get(nxt, c + nxt)
+        out.append(c)
+    return "".join(out)
+
 
 class SkipLog:
     """Every unreadable file met in any split, at any time, on any rank: listed once with its reason in
-    skipped_files.txt (`path<TAB>reason`) and counted in report.json.
+    skipped_files.txt (`skip_lines`) and counted in report.json.
 
     Loaders yield `(images, labels, indices, bad)`; `watch` takes `bad` out of each batch and yields the
     rest, so no loop handles bad files itself. `sync` gathers every rank's finds and rank 0 writes the file.
@@ -25,7 +46,7 @@ class SkipLog:
             for line in path.read_text().splitlines():
                 p, _, reason = line.rpartition("\t")
                 if p:
-                    self.entries[p] = reason
+                    self.entries[_unescape(p)] = reason
         self._written = dict(self.entries)
 
     def __len__(self) -> int:
@@ -88,7 +109,7 @@ class SkipLog:
                 self.entries.setdefault(p, r)
         if write and self.path is not None and is_main() and (self.entries != self._written or
                                                                not self.path.is_file()):
-            atomic_write_text(self.path, "".join(f"{p}\t{r}\n" for p, r in self.entries.items()))
+            atomic_write_text(self.path, skip_lines(self.entries.items()))
             self._written = dict(self.entries)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, few
 from .images import IMG_EXTENSIONS, check_image_header
 
 log = logging.getLogger("spinal_transfer")
@@ -102,11 +102,6 @@ def walk_files(folder: Path, notes: Optional[list[str]] = None,
     return sorted(out)
 
 
-def _few(names: list[str], limit: int = 10) -> str:
-    """The first `limit` names, comma-separated, with " ..." when there are more: a message stays one line."""
-    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
-
-
 def check_outside(out: PathLike, data: str, what: str = "--out", folder: bool = True) -> None:
     """DataError for an output inside the data folder: what a command writes there (a run, a study, a table, a
     picture of a batch) would be read as a class next time, or replace a training image. Also for an output
@@ -148,7 +143,7 @@ def list_images(paths: list[PathLike]) -> list[str]:
             other = [f for f in found if f.suffix.lower() not in IMG_EXTENSIONS]
             if other:
                 kinds = sorted({f.suffix.lower() or "(none)" for f in other})
-                log.warning(f"{len(other)} file(s) under {p} are not images by their extension ({_few(kinds, 5)}: "
+                log.warning(f"{len(other)} file(s) under {p} are not images by their extension ({few(kinds, 5)}: "
                             f"read are {' '.join(IMG_EXTENSIONS)}) and are not used, e.g. {other[0]}")
         elif p.is_file():
             out.append(str(p))
@@ -246,7 +241,7 @@ def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> d
         unused = sorted(names - {p.name for p in found.values()})
         if unused:
             beside = "/, ".join(p.name for p in found.values())
-            notes.append(f"{root} has folder(s) next to {beside}/ that are not read: {_few([u + '/' for u in unused])} "
+            notes.append(f"{root} has folder(s) next to {beside}/ that are not read: {few([u + '/' for u in unused])} "
                          f"(with split folders only {_alias_names()} are read, in any case)")
     return found
 
@@ -285,8 +280,8 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
     names, images, skipped = _scan_split(folder, notes, root, follow_links)
     unknown = [c for c in names if c not in classes]
     if unknown:
-        raise DataError(f"{folder} has class folder(s) the model does not know: {_few(unknown)} (the model's "
-                        f"classes: {_few(classes)}); move them out to evaluate the rest")
+        raise DataError(f"{folder} has class folder(s) the model does not know: {few(unknown)} (the model's "
+                        f"classes: {few(classes)}); move them out to evaluate the rest")
     index = {c: i for i, c in enumerate(classes)}
     samples = [(p, index[c]) for c in names for p in images[c]]
     if not samples:
@@ -296,7 +291,7 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
     absent = [c for c in classes if not images.get(c)]
     if absent:
         notes.append(f"{len(absent)} of the model's {len(classes)} classes have no image in {folder}: "
-                     f"{_few(absent)} (macro metrics average over the classes present or predicted)")
+                     f"{few(absent)} (macro metrics average over the classes present or predicted)")
     for n in notes:
         log.warning(n)
     if skipped:

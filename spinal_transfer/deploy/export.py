@@ -32,7 +32,7 @@ from ..data.images import _pil_to_rgb
 from ..data.loaders import make_loader
 from ..data.skiplog import SkipLog
 from ..data.transforms import DataConfig, build_transforms
-from ..errors import CheckpointError, DataError, MissingDependency, UserError, option_name
+from ..errors import CheckpointError, DataError, MissingDependency, UserError, few, option_name
 from ..evaluation.evaluate import _eval_samples
 from ..models.restore import model_from_checkpoint
 from ..models.surgery import build_model, get_head
@@ -410,7 +410,7 @@ def check_out(out: Path) -> list[Path]:
     earlier = bundle_files_in(out) if out.is_dir() else []
     others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
     if others and not earlier:          # the data folder, a folder of notes: a bundle would be mixed into it
-        raise ExportError(f"--out {out} holds other files ({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}) "
+        raise ExportError(f"--out {out} holds other files ({few(others, 5)}) "
                           f"and no earlier bundle; give a new or empty folder")
     if earlier:
         try:

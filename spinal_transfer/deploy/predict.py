@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..config import CONFIG_FIELDS
 from ..data.images import BadImage, decode_image, load_image, pil_to_rgb
 from ..data.loaders import BadSample, ImageDataset, make_loader
-from ..data.skiplog import SkipLog
+from ..data.skiplog import SkipLog, skip_lines
 from ..data.splits import list_images
 from ..errors import CheckpointError, ConfigError, DataError, option_name
 from ..evaluation.calibration import temperature_of
@@ -288,5 +288,5 @@ def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK, min_confidenc
                         [v for label, p in top for v in (label, f"{p:.6f}")])
     atomic_write_text(out, buf.getvalue())
     skipped_path = Path(f"{out}.skipped.txt")
-    atomic_write_text(skipped_path, "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in preds.skipped))
+    atomic_write_text(skipped_path, skip_lines(preds.skipped))
     return skipped_path

@@ -65,7 +65,7 @@ from ..config import TrainConfig
 from ..data.images import BadImage, load_image
 from ..data.skiplog import SkipLog
 from ..data.splits import SPLIT_NAMES, Splits, check_outside, config_splits, load_recorded
-from ..errors import ConfigError, DataError, MissingDependency
+from ..errors import ConfigError, DataError, MissingDependency, few
 from ..models.heads import head_options
 from ..models.surgery import build_model, check_backbone
 from ..runs.rundir import RunDir
@@ -367,14 +367,9 @@ def near_duplicates(items: Sequence[Item], x: np.ndarray, phashes: np.ndarray, g
     return out
 
 
-def fold_count(y: np.ndarray, folds: int) -> int:
-    """The folds out_of_fold_probs can use: `folds`, fewer when the smallest class has fewer images (at least 2)."""
-    return max(2, min(folds, int(np.bincount(y).min())))
-
-
 def out_of_fold_probs(x: np.ndarray, y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
     """(n, classes) probabilities of each image from a logistic regression fitted on the other folds
-    (stratified k-fold with fold_count(y, folds) folds). sklearn's warnings about a class too small for every
+    (stratified k-fold, `folds` of them: fold_count). sklearn's warnings about a class too small for every
     fold are not shown: `audit` says it once, in words."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -385,21 +380,24 @@ def out_of_fold_probs(x: np.ndarray, y: np.ndarray, folds: int, seed: int = 0) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)      # "The least populated class in y has only 1 members"
         warnings.simplefilter("ignore", RuntimeWarning)   # "Number of classes in training fold (2) does not match"
-        return cross_val_predict(model, x, y, cv=StratifiedKFold(fold_count(y, folds), shuffle=True,
-                                                                 random_state=seed), method="predict_proba")
+        return cross_val_predict(model, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                                 method="predict_proba")
 
 
-def _fold_notes(y: np.ndarray, folds: int, classes: Sequence[str]) -> None:
-    """Say once why fewer folds than asked ran, and which classes' labels cannot be checked (one image: no fold
-    trains on it while it is held out)."""
+def fold_count(y: np.ndarray, folds: int, classes: Sequence[str]) -> int:
+    """The folds out_of_fold_probs can use: `folds`, fewer when the smallest class present has fewer images (at
+    least 2). Says once why fewer folds than asked run, and which classes' labels cannot be checked (one image: no
+    fold trains on it while it is held out)."""
     counts = np.bincount(y, minlength=len(classes))
-    k = fold_count(y, folds)
+    smallest = int(counts[counts > 0].min())
+    k = max(2, min(folds, smallest))
     if k < folds:
-        log.warning(f"label errors: {k} folds, not {folds}: the smallest class has {int(counts.min())} image(s)")
+        log.warning(f"label errors: {k} folds, not {folds}: the smallest class has {smallest} image(s)")
     single = [classes[c] for c in np.flatnonzero(counts == 1)]
     if single:
-        log.warning(f"label errors: class(es) with one image ({', '.join(single[:10])}): no fold trains on the class "
+        log.warning(f"label errors: class(es) with one image ({few(single)}): no fold trains on the class "
                     f"while its image is held out, so its label cannot be checked")
+    return k
 
 
 def _cleanlab():
@@ -414,7 +412,7 @@ def _cleanlab():
 def label_issues(items: Sequence[Item], probs: np.ndarray, classes: Sequence[str]) -> list[Finding]:
     """cleanlab's likely label errors, most likely first (lowest out-of-fold probability of the given label)."""
     y = np.array([it.label for it in items])
-    with warnings.catch_warnings():        # "May not flag all label issues in class": _fold_notes said why
+    with warnings.catch_warnings():        # "May not flag all label issues in class": fold_count said why
         warnings.simplefilter("ignore", UserWarning)
         ranked = _cleanlab().filter.find_label_issues(labels=y, pred_probs=probs,
                                                       return_indices_ranked_by="self_confidence")
@@ -487,8 +485,8 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
         log.warning(f"{len(near)} near-duplicate pairs among {len(good)} images: --threshold {threshold:g} or "
                     f"--hash-bits {hash_bits} is too loose for these images or this backbone's features")
     labels = np.array([it.label for it in good])
-    _fold_notes(labels, folds, splits.classes)
-    probs = out_of_fold_probs(x, labels, folds, cfg.seed)
+    k = fold_count(labels, folds, splits.classes)
+    probs = out_of_fold_probs(x, labels, k, cfg.seed)
     issues = label_issues(good, probs, splits.classes)
     top = default_outliers(len(good)) if num_outliers is None else min(num_outliers, len(good))
     ood = outlier_scores(x)
@@ -497,7 +495,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
            for p, r in skips.entries.items()]
     t3 = time.perf_counter()
     findings = sorted(exact + near, key=lambda f: (not f.leak, -f.score, f.path)) + issues + odd + bad
-    settings.update(folds=fold_count(labels, folds), folds_asked=folds, hash_bits=hash_bits, data=splits.root,
+    settings.update(folds=k, folds_asked=folds, hash_bits=hash_bits, data=splits.root,
                     run=str(run) if run else "")
     result = AuditResult(splits.root, splits.classes, items, findings, [d.size for d in digests if d.size], threshold,
                          settings, {"hashing": t1 - t0, "features": t2 - t1, "analysis": t3 - t2,

@@ -256,6 +256,10 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
                             num_steps=num_steps, rule=rule)
     if len(skips):
         result.notes.append(f"{len(skips)} unreadable file(s) left out, e.g. {next(iter(skips.entries))}")
+    if len(splits.train) < cfg.batch_size:
+        result.notes.append(f"the train split has {len(splits.train)} images, fewer than one batch (--batch-size "
+                            f"{cfg.batch_size}): every sweep step trains on the same images, so the loss falls as "
+                            "they are memorised and the suggestion is rough")
     if plot is not None:
         plot_lr_find(result, plot)
     return result

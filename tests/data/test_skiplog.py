@@ -35,3 +35,21 @@ def test_watched_can_be_iterated_twice(tmp_path):
     log = SkipLog()
     twice = log.watched(batches)
     assert len(list(twice)) == len(list(twice)) == 3 and len(log) == 2
+
+
+def test_a_path_with_a_newline_tab_or_backslash_stays_one_line_and_reads_back(tmp_path):
+    path = tmp_path / "skipped_files.txt"
+    names = ["dir/two\nlines.png", "tab\there.jpg", "back\\slash\\n.png", "cr\r.png", "plain.png"]
+    log = SkipLog(path)
+    log.add((n, "cannot identify image file") for n in names)
+    log.sync()
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(names) and all(line.count("\t") == 1 for line in lines)
+    assert lines[0] == "dir/two\\nlines.png\tcannot identify image file"
+    assert SkipLog(path).entries == log.entries
+
+
+def test_a_list_written_before_the_escapes_keeps_its_backslashes(tmp_path):
+    path = tmp_path / "skipped_files.txt"
+    path.write_text("C:\\data\\x.png\tbad\n")
+    assert SkipLog(path).entries == {"C:\\data\\x.png": "bad"}

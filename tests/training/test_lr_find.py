@@ -103,3 +103,23 @@ def test_lr_find_cli_on_the_digits_writes_the_plot_and_prints_the_lr(digits_fold
     again = lr_find_for_config(tiny_cfg(digits_folder, "unused", augment="none"), None, start_lr=1e-3,
                                num_steps=30)
     assert again.suggestion == pytest.approx(lr, rel=1e-2)      # seeded: the same sweep gives the same answer
+
+
+def test_a_train_split_smaller_than_a_batch_is_said(three_digits, tmp_path):
+    import shutil
+
+    from spinal_transfer.data.splits import config_splits
+
+    for d in sorted((three_digits / "train").iterdir())[:2]:       # 2 classes x 10 images, split off as the user's
+        (tmp_path / "small" / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:10]:
+            shutil.copy(f, tmp_path / "small" / d.name)
+    cfg = tiny_cfg(tmp_path / "small", tmp_path / "unused", augment="none")
+    n = len(config_splits(cfg).train)
+    notes = {b: [note for note in lr_find_for_config(tiny_cfg(tmp_path / "small", tmp_path / "unused", augment="none",
+                                                              batch_size=b), None, start_lr=1e-3,
+                                                     num_steps=10).notes if "fewer than one batch" in note]
+             for b in (n, n + 1)}
+    assert notes == {n: [], n + 1: [
+        f"the train split has {n} images, fewer than one batch (--batch-size {n + 1}): every sweep step trains on "
+        "the same images, so the loss falls as they are memorised and the suggestion is rough"]}

@@ -71,6 +71,14 @@ def test_flag_that_does_not_apply_is_said_once(caplog):
         "--layer-width has no effect here: it applies only with --head spinal"]
 
 
+@pytest.mark.parametrize("weights, said", [("none", True), ("bundled", True), ("w.pt", False)])
+def test_weights_partial_without_a_file_is_said(caplog, weights, said):
+    with caplog.at_level(logging.WARNING, logger="spinal_transfer"):
+        resolve_config(None, {"weights": weights, "weights_partial": True, "data": "x"})
+    assert [r.getMessage() for r in caplog.records] == (
+        [f"--weights-partial has no effect here: it applies only with --weights FILE (not {weights})"] if said else [])
+
+
 def test_lr_auto_refuses_a_multi_stage_recipe():
     from spinal_transfer.errors import ConfigError
 
