@@ -269,3 +269,17 @@ def test_folds_as_run_and_a_one_image_class_said_once_in_words(tmp_path, cli_run
     assert not [w for w in recwarn if issubclass(w.category, (UserWarning, RuntimeWarning))
                 and ("least populated" in str(w.message) or "label issues" in str(w.message)
                      or "Number of classes" in str(w.message))]
+
+
+def test_fold_count_follows_the_smallest_class_present(caplog):
+    from spinal_transfer.experiments.audit import fold_count
+
+    y = np.array([0] * 4 + [2] * 3)                 # class 1 has no decodable image: it is in no fold
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        assert fold_count(y, 5, ["a", "b", "c"]) == 3
+        assert fold_count(np.array([0] * 9 + [1]), 5, ["a", "b"]) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "label errors: 3 folds, not 5: the smallest class has 3 image(s)",
+        "label errors: 2 folds, not 5: the smallest class has 1 image(s)",
+        "label errors: class(es) with one image (b): no fold trains on the class while its image is held out, so its "
+        "label cannot be checked"]
