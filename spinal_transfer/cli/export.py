@@ -71,6 +71,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {fmt}: {f['file']} ({format_check(f)})")
     if "onnx" in config["formats"]:
         print(f"  {STANDALONE.name}: predicts with the ONNX file without spinal-transfer (see {CARD_FILE})")
+    if not config.get("temperature"):       # last.pt, a run still training: its bundle would pass for calibrated
+        from ..evaluation.calibration import probabilities_note  # lazy: no torch at --help
+
+        print(f"note: {probabilities_note(config)}", file=sys.stderr)
     int8 = config["formats"].get("onnx-int8")
     if int8 is not None:
         for warning in int8["warnings"]:

@@ -70,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
     preds = predict(args.model, args.paths, flags.get("batch_size"), flags.get("workers"), flags.get("device", "auto"),
                     tta=tta, runner=args.runner, calibrated=args.calibrated,
-                    verify=not args.no_verify)
+                    verify=not args.no_verify, min_confidence=args.min_confidence)
+    print(preds.probabilities, file=sys.stderr)
     if tta is not None:
         print(tta.describe(), file=sys.stderr)
     for path, reason in preds.skipped:

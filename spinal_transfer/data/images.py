@@ -87,8 +87,9 @@ def pil_to_rgb(im: Image.Image, min_size: Optional[int] = None) -> np.ndarray:
     """HxWx3 uint8 RGB of a PIL image given by a caller (Predictor), or BadImage. One still as `Image.open`
     left it (not yet decoded) is decoded from its file as `load_image` decodes that file: a large JPEG at
     libjpeg's reduced scale, as in training, so a PIL image and its path give the same probabilities. An
-    image already decoded (or drawn) is taken at the resolution it has."""
-    if getattr(im, "tile", None) and isinstance(getattr(im, "filename", None), str) and Path(im.filename).is_file():
+    image already decoded (or drawn), or moved to a later frame of its file (`seek`), is taken as it is."""
+    if (getattr(im, "tile", None) and im.tell() == 0 and isinstance(getattr(im, "filename", None), str)
+            and Path(im.filename).is_file()):
         return load_image(im.filename, min_size)
     return _pil_to_rgb(im)
 

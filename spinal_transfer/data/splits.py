@@ -25,7 +25,7 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -246,6 +246,14 @@ def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> d
     return found
 
 
+def _unicode_twins(names: Sequence[str], others: Sequence[str]) -> str:
+    """" (café: the same name in two Unicode forms ...)" when a name of one list is one of the other's written
+    otherwise (a folder made on macOS, NFD, beside one made elsewhere, NFC), else "": they look identical."""
+    nfc = {unicodedata.normalize("NFC", c) for c in names} & {unicodedata.normalize("NFC", c) for c in others}
+    return (f" ({', '.join(sorted(nfc))}: the same name in two Unicode forms, NFC and NFD; rename the folders so "
+            f"the bytes match)" if nfc else "")
+
+
 def _check_classes(classes: dict[str, list[str]]) -> None:
     """Every folder split must list the same classes as train (a label must mean one thing)."""
     ref = set(classes["train"])
@@ -254,10 +262,7 @@ def _check_classes(classes: dict[str, list[str]]) -> None:
         missing, extra = sorted(ref - set(cls)), sorted(set(cls) - ref)
         if missing or extra:
             problems.append(f"{split}: missing {missing or 'none'}, extra {extra or 'none'}")
-            nfc = {unicodedata.normalize("NFC", c) for c in missing} & {unicodedata.normalize("NFC", c) for c in extra}
-            if nfc:        # e.g. a folder made on macOS (NFD) beside one made elsewhere (NFC)
-                problems[-1] += (f" ({', '.join(sorted(nfc))}: the same name in two Unicode forms, NFC and NFD; "
-                                 f"rename the folders so the bytes match)")
+            problems[-1] += _unicode_twins(missing, extra)
     if problems:
         raise DataError("class folders differ between splits (compared with train): " + "; ".join(problems))
 
@@ -281,7 +286,8 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
     unknown = [c for c in names if c not in classes]
     if unknown:
         raise DataError(f"{folder} has class folder(s) the model does not know: {few(unknown)} (the model's "
-                        f"classes: {few(classes)}); move them out to evaluate the rest")
+                        f"classes: {few(classes)}){_unicode_twins(unknown, classes)}; move them out to evaluate "
+                        f"the rest")
     index = {c: i for i, c in enumerate(classes)}
     samples = [(p, index[c]) for c in names for p in images[c]]
     if not samples:
@@ -366,8 +372,12 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
         classes[split], images[split], sk = _scan_split(folder, notes, root, follow_links)
         skipped += sk
     if not classes["train"]:
+        beside = sorted(set(_subdirs(root)) - {p.name for p in dirs.values()})
         raise DataError(f"{dirs['train']}: no class folders found; expected ROOT/<class>/<image> "
-                        f"or ROOT/train/<class>/<image>")
+                        f"or ROOT/train/<class>/<image>" + (
+                            f" ({root} also has {few([b + '/' for b in beside])}: if {dirs['train'].name}/ is one "
+                            f"of the classes, rename it; a folder named like a split makes {root} a folder of "
+                            f"split folders)" if beside else ""))
     if len(classes["train"]) < 2:
         raise DataError(f"{dirs['train']}: only one class folder ({classes['train'][0]}/); a classifier needs at "
                         f"least two classes (one class folder per class)")
@@ -447,6 +457,17 @@ def record(s: Splits) -> dict:
     return {"version": RECORD_VERSION, "root": str(root), "classes": s.classes, "source": s.source,
             "splits": {k: [entry(p, y) for p, y in s.get(k)] for k in SPLIT_NAMES},
             "skipped": [[os.path.relpath(p, root), r] for p, r in s.skipped]}
+
+
+def fingerprints(s: Splits) -> dict[str, str]:
+    """Per split, a sha256 of its files (paths relative to the data folder) and labels: what a checkpoint carries,
+    so a split made again from its settings away from its run folder (no splits.json) can be checked to be the
+    one the run used, wherever the folder now is."""
+    import hashlib
+
+    root = Path(s.root)
+    return {k: hashlib.sha256("".join(f"{os.path.relpath(p, root)}\0{y}\n" for p, y in sorted(s.get(k)))
+                              .encode()).hexdigest() for k in SPLIT_NAMES}
 
 
 def load_recorded(doc: dict, root: PathLike, log_changes: bool = True) -> Splits:

@@ -39,7 +39,7 @@ from ..data.loaders import BadSample, ImageDataset, make_loader
 from ..data.skiplog import SkipLog, skip_lines
 from ..data.splits import list_images
 from ..errors import CheckpointError, ConfigError, DataError, option_name
-from ..evaluation.calibration import temperature_of
+from ..evaluation.calibration import probabilities_note, temperature_of
 from ..evaluation.evaluate import TTA, tta_probs
 from ..models.restore import model_from_checkpoint
 from ..runs.rundir import load_run_checkpoint
@@ -76,6 +76,7 @@ class Predictions:
     runner: str = "torch"               # what ran the model: torch, onnx or onnx-int8
     seconds: float = 0.0                # wall time of decoding, preprocessing and running every image
     temperature: float = 1.0            # probs = softmax(logits / temperature); 1: plain softmax
+    probabilities: str = ""             # how they were made, in words (calibration.probabilities_note)
 
     def top(self, k: int) -> list[list[tuple[str, float]]]:
         """Per image, the k most probable (class, probability), most probable first."""
@@ -237,12 +238,15 @@ def _checked(run: Runner, config: dict, path: Path) -> Runner:
 
 def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[int] = None,
             workers: Optional[int] = None, device: str = "auto", tta: Optional[TTA] = None,
-            runner: str = "auto", calibrated: bool = True, verify: bool = True) -> Predictions:
+            runner: str = "auto", calibrated: bool = True, verify: bool = True,
+            min_confidence: Optional[float] = None) -> Predictions:
     """Class probabilities of every image in `paths` (files, or folders searched recursively);
     batch size and workers default to training's. With `tta`, the mean softmax over its views of each
     preprocessed image (evaluation.TTA; works with every runner). `runner`: auto, torch, onnx, onnx-int8.
     `calibrated`: softmax(logits / T) with the model's temperature (else T = 1). `verify`: check a bundle's file
-    against its recorded digest before use (False: for bundles edited on purpose)."""
+    against its recorded digest before use (False: for bundles edited on purpose). `min_confidence`: the gate
+    write_csv will apply, checked against the class names before any image is read (a class named `uncertain`
+    could not be told from its marker)."""
     from torch.utils.data import SequentialSampler
 
     files = list_images(list(paths))
@@ -251,6 +255,10 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
     dev = pick_device(device)
     configure_process(dev)
     config, run, kind = open_model(source, dev, runner, verify)
+    if min_confidence is not None and UNCERTAIN in config["classes"]:
+        raise ConfigError(f"the model has a class named {UNCERTAIN!r}, the word written for an image below the "
+                          f"minimum confidence: the two could not be told apart; leave the minimum out and filter "
+                          f"on prob_1", key="min_confidence")
     temperature = temperature_of(config) if calibrated else 1.0
     start = time.perf_counter()
     loader = make_loader([(f, -1) for f in files], eval_transform(config),
@@ -269,7 +277,7 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
     num_classes = len(config["classes"])
     return Predictions([files[i] for i in order], torch.cat(probs) if probs else torch.zeros(0, num_classes),
                        config["classes"], list(skips.entries.items()), tta.to_dict() if tta is not None else None,
-                       kind, seconds, temperature)
+                       kind, seconds, temperature, probabilities_note(config, calibrated))
 
 
 def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK, min_confidence: Optional[float] = None) -> Path:

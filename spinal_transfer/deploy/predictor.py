@@ -58,7 +58,7 @@ class Predictor:
         self.tta: Optional[TTA] = TTA(flip=True, crops=tta_crops) if tta else None
         self.batch_size = CONFIG_FIELDS["batch_size"].default if batch_size is None else batch_size
         if self.batch_size < 1:
-            raise ConfigError(f"{option_name('batch_size')}must be >= 1, got {self.batch_size}", key="batch_size")
+            raise ConfigError(f"{option_name('batch_size')}{self.batch_size} is out of range: it must be >= 1", key="batch_size")
         self.device = pick_device(device)
         configure_process(self.device)
         self.source = str(source)
@@ -113,7 +113,7 @@ class Predictor:
         on_error="skip" it is skipped as `spinal-transfer predict` skips it: None in its place, (path, reason)
         in `self.skipped` and a warning in the log."""
         if topk < 1:
-            raise ConfigError(f"{option_name('topk')}must be >= 1, got {topk}", key="topk")
+            raise ConfigError(f"{option_name('topk')}{topk} is out of range: it must be >= 1", key="topk")
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"{option_name('on_error')}must be raise or skip, got {on_error!r}", key="on_error")
         items = [images] if _is_single(images) else list(images)

@@ -10,7 +10,8 @@ runners, `auto` included), and answers:
   probabilities come from Predictor.batch_probabilities: the same answers as `spinal-transfer predict`.
 * `GET /healthz`: 200 once the model is loaded, its files hashed and a check batch has given a softmax over
   the bundle's classes (and while the batching task runs), else 503.
-* `GET /metadata`: classes, input size, runner, the bundle's digest (sha256 over its files).
+* `GET /metadata`: classes, input size, runner, the bundle's digest (sha256 over its files), its temperature and how its
+  probabilities are made (calibrated or the plain softmax).
 * `GET /metrics`: Prometheus text: requests by endpoint and status, latency and batch-size histograms,
   errors by reason. With several workers, prometheus_client's multiprocess mode adds them all up.
 * `GET /`: a self-contained page (no outside request) to drop an image on and see the top-k bars.
@@ -55,6 +56,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..data.images import BadImage
+from ..evaluation.calibration import probabilities_note
 from ..runs.rundir import RunDir
 from .export import CONFIG_FILE, bundle_files_in
 from .predict import preprocess_input, top_classes
@@ -130,6 +132,7 @@ class Model:
             "digest": digest_of(files), "digest_files": [f.name for f in files],
             "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
             "max_upload_mb": settings.max_upload_mb, "topk": settings.topk, "version": __version__,
+            "temperature": config.get("temperature"), "probabilities": probabilities_note(config),
         }
 
 
@@ -393,7 +396,7 @@ def create_app(settings: ServeSettings, model: Optional[Model] = None) -> Callab
         state["batcher"] = batcher
         log.info(f"spinal-transfer serve: {settings.source}, runner {predictor.runner} on {predictor.device}, "
                  f"{len(predictor.classes)} classes, {model.metadata['digest']}; batches of up to "
-                 f"{settings.max_batch} within {settings.max_wait_ms:g} ms")
+                 f"{settings.max_batch} within {settings.max_wait_ms:g} ms; {model.metadata['probabilities']}")
         try:
             yield
         finally:

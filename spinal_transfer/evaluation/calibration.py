@@ -33,6 +33,19 @@ def temperature_of(meta: Optional[Mapping]) -> float:
     return float(t) if t else 1.0
 
 
+def probabilities_note(meta: Optional[Mapping], calibrated: bool = True) -> str:
+    """How a model's probabilities are made, in one line: predict, export and serve say it, so a plain softmax
+    (from last.pt, a run still training, or a bundle exported from one) is never taken for a calibrated one."""
+    if not calibrated:
+        return "probabilities: the plain softmax (calibration turned off)"
+    t = (meta or {}).get("temperature")
+    if t:
+        return f"probabilities: softmax(logits / T), T = {float(t):.3f}, calibrated on the run's val split"
+    return ("probabilities: the plain softmax (not calibrated): this model carries no temperature. A run fits one "
+            "on its val split when it finishes and keeps it in checkpoints/best.pt; last.pt, a run still training "
+            "or without val, and a bundle exported from one of those have none")
+
+
 def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0,
                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """softmax(logits / T) along dim 1, in `dtype`: the probabilities every consumer of a model reports."""

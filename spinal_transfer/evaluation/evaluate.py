@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from ..data.loaders import ShardSampler, make_loader
 from ..data.skiplog import SkipLog
-from ..data.splits import config_splits, labelled_images, load_recorded
+from ..data.splits import config_splits, fingerprints, labelled_images, load_recorded
 from ..data.transforms import build_transforms
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.restore import model_from_checkpoint
 from ..runs.rundir import RunDir, load_run_checkpoint
 from ..utils.distributed import gather_objects, is_main
@@ -206,7 +206,7 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     it is a flat class-folder tree (never a carved split), its class folders labelled by the model's classes."""
     ckpt = load_run_checkpoint(source)
     model, cfg, dc, classes = model_from_checkpoint(ckpt)
-    samples, used = _eval_samples(Path(source), cfg, data, split, classes)
+    samples, used = _eval_samples(Path(source), cfg, data, split, classes, ckpt.get("split_fingerprints"))
     dev = pick_device(device)
     configure_process(dev)
     channels_last = use_channels_last(cfg.channels_last, dev)
@@ -235,8 +235,11 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     return Evaluation(m, out, samples, classes, used, plain_m)
 
 
-def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str]) -> tuple[list, str]:
-    """The samples `evaluate` reads, and a sentence saying which they are."""
+def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str],
+                  recorded: Optional[dict] = None) -> tuple[list, str]:
+    """The samples `evaluate` reads, and a sentence saying which they are. `recorded`: the checkpoint's
+    split fingerprints; a split made again that does not match them is refused (the folder changed since the
+    run, and the new split may hold images it trained on)."""
     run = RunDir(source if source.is_dir() else source.parent.parent)
     own = data is None or Path(data).expanduser().resolve() == Path(cfg.data).resolve()
     if own and run.splits.is_file():
@@ -244,6 +247,12 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
         return splits.get(split), f"the run's recorded {split} split ({len(splits.get(split))} images, {run.splits})"
     if own:           # a checkpoint away from its run folder: the split is made again the way the run made it
         splits = config_splits(cfg)
+        changed = [k for k, v in fingerprints(splits).items() if recorded and recorded.get(k) != v]
+        if changed:
+            raise DataError(f"the {'/'.join(changed)} split(s) of {cfg.data} made again from the run's settings are "
+                            f"not those the run used (images were added, removed or renamed since), so its {split} "
+                            f"split may hold images the model trained on; evaluate the run folder (its splits.json), "
+                            f"or give another folder with --data")
         return splits.get(split), (f"the {split} split of {cfg.data} made again from the run's settings (no "
                                    f"splits.json beside the checkpoint): {len(splits.get(split))} images")
     return labelled_images(data, split, classes, cfg.follow_links)

@@ -209,10 +209,8 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
         per_split = rep.get("num_skipped") or {}
         out["skipped files"] = str(rep["num_skipped_files"]) + (
             " (" + " \u00b7 ".join(f"{k} {v:,}" for k, v in per_split.items()) + ")" if per_split else "")
-    cal = rep.get("calibration")
-    if isinstance(cal, Mapping):
-        out["probabilities"] = (f"softmax(logits / T), T = {cal['temperature']:.3f}{_interval(cal)} fitted on val"
-                                if cal.get("temperature") else str(cal.get("note", "plain softmax")))
+    if isinstance(rep.get("calibration"), Mapping):
+        out["probabilities"] = _probabilities(rep["calibration"])
     leak = rep.get("leakage")
     if isinstance(leak, Mapping):
         out["leakage"] = (f"{leak.get('test_in_train', 0)} test and {leak.get('val_in_train', 0)} val image(s) are "
@@ -359,6 +357,15 @@ def _calibration_section(calibration: Optional[Mapping], plot: Optional[PathLike
     return head + table + note + img + "</section>"
 
 
+def _probabilities(cal: Mapping) -> str:
+    """The run's temperature, and that this page (as report.json) shows the plain softmax."""
+    if not cal.get("temperature"):
+        return str(cal.get("note", "plain softmax"))
+    return (f"softmax(logits / T), T = {cal['temperature']:.3f}{_interval(cal)} fitted on val, as predict, evaluate "
+            f"and the bundle give them; the metrics and per-image probabilities on this page are the plain softmax "
+            f"(T = 1), as report.json's")
+
+
 def _interval(calibration: Mapping) -> str:
     """" (95% interval lo-hi)" of the temperature, or "" for a report written before intervals were recorded."""
     lo_hi = calibration.get("temperature_interval")
@@ -369,11 +376,18 @@ def _per_class_section(metrics: Mapping) -> str:
     per = metrics.get("per_class") or {}
     if not per:
         return ""
-    items = sorted(per.items(), key=lambda kv: (kv[1]["f1"], kv[1]["recall"], kv[1]["precision"], kv[0]))
+    matrix = metrics.get("confusion_matrix") or []
+    predicted = {name: sum(row[j] for row in matrix) for j, name in enumerate(per)}     # column sums
+    # A class this split has no image of has no recall, and no precision or F1 unless it was predicted: "n/a",
+    # listed last, not 0% at the top of "worst F1 first" (macro F1 leaves such a class out too).
+    shown = {name: {k: m[k] if m["support"] or (k != "recall" and predicted.get(name, 0)) else None
+                    for k in ("precision", "recall", "f1")} for name, m in per.items()}
+    items = sorted(per.items(), key=lambda kv: (shown[kv[0]]["f1"] is None, kv[1]["f1"], kv[1]["recall"],
+                                                kv[1]["precision"], kv[0]))
     body = "".join(
         f'<tr><td>{_e(name)}</td>' + "".join(
-            f'<td class="n">{100 * m[k]:.1f}%</td>' for k in ("precision", "recall", "f1"))
-        + f'<td><span class="bar" style="width:{100 * m["f1"]:.0f}px"></span></td>'
+            f'<td class="n">{"n/a" if v is None else f"{100 * v:.1f}%"}</td>' for v in shown[name].values())
+        + f'<td><span class="bar" style="width:{100 * (shown[name]["f1"] or 0):.0f}px"></span></td>'
         f'<td class="n">{m["support"]}</td></tr>' for name, m in items)
     table = (f'<table id="per-class"><tr><th>class</th><th class="n">precision</th><th class="n">recall</th>'
              f'<th class="n">F1</th><th></th><th class="n">images</th></tr>{body}</table>')

@@ -203,10 +203,13 @@ def _bundle_record(weights: Path) -> dict:
 
 # --- models from checkpoints ---------------------------------------------------------------------
 
-def checkpoint_meta(config: dict, classes: list[str], data_config: Any, head_info: Any) -> dict:
-    """What a checkpoint needs to rebuild its model and preprocessing without the run folder."""
+def checkpoint_meta(config: dict, classes: list[str], data_config: Any, head_info: Any,
+                    split_fingerprints: Optional[dict] = None) -> dict:
+    """What a checkpoint needs to rebuild its model and preprocessing without the run folder, and to check a
+    split made again from its settings (`splits.fingerprints`)."""
     return {"config": dict(config), "classes": list(classes), "data_config": asdict(data_config),
-            "head_info": head_info.to_dict() if hasattr(head_info, "to_dict") else dict(head_info)}
+            "head_info": head_info.to_dict() if hasattr(head_info, "to_dict") else dict(head_info),
+            "split_fingerprints": dict(split_fingerprints or {})}
 
 
 # --- the saver -----------------------------------------------------------------------------------

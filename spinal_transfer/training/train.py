@@ -29,7 +29,8 @@ from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
 from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
 from ..data.skiplog import SkipLog
-from ..data.splits import SPLIT_NAMES, Splits, check_outside, config_splits, load_recorded, record
+from ..data.splits import (SPLIT_NAMES, Splits, check_outside, config_splits, fingerprints, load_recorded,
+                           record)
 from ..data.transforms import DataConfig
 from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
 from ..evaluation.calibration import NO_VAL_NOTE, calibrate
@@ -340,7 +341,8 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
                              enabled=is_main())
     tracker.log_params(cfg.to_dict())
     ema = _make_ema(model, cfg.ema_decay)
-    saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info),
+    saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info,
+                                                 fingerprints(splits)),
                             multi_stage=len(cfg.resolved_stages()) > 1, state=ckpt.get("saver") if ckpt else None)
     s = Session(cfg, run, settings, model, ema, splits.classes, samples, loaders, sampler,
                 torch.amp.GradScaler(device.type, enabled=settings.dtype == torch.float16), skips, saver,

@@ -160,6 +160,28 @@ def test_a_class_name_in_two_unicode_forms_is_explained(tmp_path):
         scan(tmp_path)
 
 
+def test_a_folder_to_evaluate_with_a_class_name_in_the_other_unicode_form_is_explained(tmp_path):
+    from spinal_transfer.data.splits import labelled_images
+
+    for c in ("cafe\u0301", "tea"):                    # written on macOS (NFD); the model's "café" is NFC
+        _png(tmp_path / c / "a.png")
+    with pytest.raises(DataError) as e:
+        labelled_images(tmp_path, "test", ["caf\u00e9", "tea"])
+    assert str(e.value).endswith("(café: the same name in two Unicode forms, NFC and NFD; rename the folders so the "
+                                 "bytes match); move them out to evaluate the rest")
+
+
+def test_a_class_named_like_a_split_folder_is_explained(tmp_path):
+    for c in ("bus", "car", "train"):                   # vehicles: train/ is a class here, not the train split
+        _png(tmp_path / c / "a.png")
+    with pytest.raises(DataError) as e:
+        scan(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'train'}: no class folders found; expected ROOT/<class>/<image> or "
+                            f"ROOT/train/<class>/<image> ({tmp_path} also has bus/, car/: if train/ is one of the "
+                            f"classes, rename it; a folder named like a split makes {tmp_path} a folder of split "
+                            f"folders)")
+
+
 def test_class_without_usable_image_is_named(tmp_path):
     _png(tmp_path / "cat" / "a.png")
     (tmp_path / "dog").mkdir()

@@ -89,7 +89,7 @@ def test_predictor_takes_paths_pil_images_and_arrays(bundle, images):
             p.predict([bad])
         with pytest.raises(DataError, match="HxWx3 uint8"):
             p.predict(bad)                                            # alone too: not iterated as a sequence
-    with pytest.raises(ConfigError, match="must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"^batch_size=0 is out of range: it must be >= 1$"):
         Predictor(bundle, device="cpu", runner="torch", batch_size=0)     # not replaced by the default unsaid
 
 
@@ -106,6 +106,20 @@ def test_a_pil_image_fresh_from_its_file_predicts_as_its_path(bundle, tmp_path):
     assert torch.equal(p.probabilities(jpeg.read_bytes()), from_path)
     decoded = Image.open(jpeg).convert("RGB")           # decoded by the caller: taken at its full resolution
     assert p.probabilities(decoded).shape == from_path.shape
+
+
+def test_a_pil_image_moved_to_a_later_frame_predicts_that_frame(bundle, tmp_path):
+    """A multi-frame TIFF after `seek(1)` is its second frame, not the file's first."""
+    from sklearn.datasets import load_sample_images
+
+    p = Predictor(bundle, device="cpu", runner="torch")
+    frames = [Image.fromarray(im).resize((64, 48)) for im in load_sample_images().images]
+    tif = tmp_path / "two.tif"
+    frames[0].save(tif, save_all=True, append_images=frames[1:])
+    im = Image.open(tif)
+    im.seek(1)
+    assert torch.equal(p.probabilities(im), p.probabilities(np.asarray(frames[1])))
+    assert not torch.equal(p.probabilities(frames[0]), p.probabilities(frames[1]))      # the frames tell apart
 
 
 def test_quantized_bundle_records_both_numbers(bundle, finished_run):

@@ -265,6 +265,9 @@ def test_metadata_and_health(plain, bundle):
     assert meta["runner"] == "torch" and meta["max_batch"] == 32 and meta["max_wait_ms"] == 5
     assert meta["digest_files"] == ["README.md", "config.json", "model.onnx", "model.safetensors", "predict_onnx.py"]
     assert meta["digest"] == digest_of(bundle_files(bundle)) and meta["digest"].startswith("sha256:")
+    assert meta["temperature"] == config["temperature"] and meta["temperature"] > 0      # finished_run is calibrated
+    assert meta["probabilities"] == f"probabilities: softmax(logits / T), T = {config['temperature']:.3f}, " \
+                                    "calibrated on the run's val split"
     health = httpx.get(plain.url + "/healthz")
     assert health.status_code == 200 and health.json()["digest"] == meta["digest"]
     missing = httpx.get(plain.url + "/nothing-here")

@@ -240,6 +240,8 @@ def test_min_confidence_counts_match_the_rows_written(bundle, images, tmp_path, 
     assert len(uncertain) == expected
     assert all(float(row["prob_1"]) < p for row in uncertain)
     assert all(row["prediction"] == row["label_1"] for row in rows if row["prediction"] != "uncertain")
+    t = json.loads((bundle / "config.json").read_text())["temperature"]
+    assert f"probabilities: softmax(logits / T), T = {t:.3f}, calibrated on the run's val split\n" in r.stderr
     said = re.search(r"(\d+) of (\d+) image\(s\) uncertain", r.stderr)
     assert said and (int(said[1]), int(said[2])) == (expected, len(images))
     assert "replacing" not in r.stderr
@@ -249,6 +251,42 @@ def test_min_confidence_counts_match_the_rows_written(bundle, images, tmp_path, 
     assert f"(listed in {out}.skipped.txt, replacing the list that was there)" in again.stderr
     assert len(list(csv.DictReader(out.open()))) == 1
     assert cli_run("predict", bundle, images[0], "--min-confidence", "1.5", "--out", out).returncode != 0
+
+
+def test_a_class_named_like_the_uncertain_marker_is_refused_before_any_image(bundle, images, tmp_path, cli_run):
+    import shutil
+
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    config = json.loads((copy / "config.json").read_text())
+    config["classes"][0] = "uncertain"
+    (copy / "config.json").write_text(json.dumps(config))
+    r = cli_run("predict", copy, *images, "--no-verify", "--runner", "torch", "--device", "cpu", "--workers", "0",
+                "--min-confidence", "0.5", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "p.csv").exists()
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "the model has a class named 'uncertain', the word written for an image below the minimum confidence: the "
+        "two could not be told apart; leave the minimum out and filter on prob_1")
+    ok = cli_run("predict", copy, images[0], "--no-verify", "--runner", "torch", "--device", "cpu", "--workers", "0",
+                 "--out", tmp_path / "p.csv")                                  # without the gate: nothing to confuse
+    assert ok.returncode == 0
+
+
+def test_last_pt_and_its_bundle_say_their_probabilities_are_the_plain_softmax(finished_run, images, tmp_path,
+                                                                              cli_run):
+    """last.pt has no temperature (it is fitted into best.pt when the run finishes): export and predict say so."""
+    plain = ("probabilities: the plain softmax (not calibrated): this model carries no temperature. A run fits one "
+             "on its val split when it finishes and keeps it in checkpoints/best.pt; last.pt, a run still training "
+             "or without val, and a bundle exported from one of those have none")
+    r = cli_run("export", finished_run / "checkpoints" / "last.pt", "--out", tmp_path / "b")
+    assert r.returncode == 0 and f"note: {plain}\n" in r.stderr
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["temperature"] is None
+    p = cli_run("predict", tmp_path / "b", images[0], "--device", "cpu", "--workers", "0", "--out", tmp_path / "p.csv")
+    assert p.returncode == 0 and f"{plain}\n" in p.stderr
+    off = cli_run("predict", finished_run, images[0], "--no-calibration", "--device", "cpu", "--workers", "0",
+                  "--out", tmp_path / "q.csv")
+    assert off.returncode == 0 and "probabilities: the plain softmax (calibration turned off)\n" in off.stderr
+    best = cli_run("export", finished_run, "--out", tmp_path / "c")
+    assert best.returncode == 0 and "probabilities" not in best.stderr
 
 
 def test_a_split_all_right_or_all_wrong_has_no_temperature_to_fit():

@@ -295,3 +295,18 @@ def test_screenshot_command(run_dir, tmp_path, capsys, monkeypatch):
     im = Image.open(png)
     assert im.size == (1280, 1600)
     assert np.asarray(im.convert("L"), dtype=np.float64).std() > 20
+
+
+def test_a_class_the_split_has_no_image_of_is_na_and_listed_last(tmp_path):
+    """'ghost' has no test image and is never predicted: nothing of it is measured. 'decoy' has no image but is
+    predicted once: its precision (0) and F1 (0) are measured, its recall is not."""
+    from spinal_transfer.evaluation.metrics import classification_metrics
+
+    classes = ["cat", "decoy", "dog", "ghost"]
+    y = torch.tensor([0, 0, 0, 2, 2, 2])
+    pred = torch.tensor([0, 0, 1, 2, 2, 0])
+    metrics = classification_metrics(torch.nn.functional.one_hot(pred, 4).float() * 5, y, classes)
+    p = parse(write_evaluation_html(tmp_path / "r.html", metrics, None, classes, {}).read_text())
+    rows = [r for r in p.per_class if r]
+    assert [r[:4] for r in rows] == [["decoy", "0.0%", "n/a", "0.0%"], ["cat", "66.7%", "66.7%", "66.7%"],
+                                     ["dog", "100.0%", "66.7%", "80.0%"], ["ghost", "n/a", "n/a", "n/a"]]

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import tiny_cfg
 from PIL import Image
 
@@ -57,3 +58,29 @@ def test_lr_find_show_batch_and_evaluate_see_the_runs_files_under_the_paper_prot
     assert [p for p, _ in ev.samples] == files["val"] and "made again" in ev.source
     honest = TrainConfig.from_dict({**cfg.to_dict(), "protocol": "honest"})
     assert [p for p, _ in training_pipeline(honest)[0]] != files["train"]       # the protocol matters here
+
+
+def test_evaluate_away_from_the_run_refuses_a_split_the_changed_folder_makes_again(three_digits, tmp_path):
+    """The checkpoint carries its splits' fingerprints: once images are added to a flat folder, the split carved
+    again is another one (it may hold training images), and evaluate says so instead of scoring it."""
+    from spinal_transfer.errors import DataError
+
+    flat = tmp_path / "flat"
+    for d in sorted((three_digits / "train").iterdir()):
+        (flat / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:20]:
+            shutil.copy(f, flat / d.name)
+    run(tiny_cfg(flat, tmp_path / "run", epochs=1, limit_train_batches=1, batch_size=16))
+    away = tmp_path / "away" / "checkpoints"
+    away.mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "checkpoints" / "best.pt", away / "best.pt")
+    recorded = json.loads((tmp_path / "run" / "splits.json").read_text())["splits"]["test"]
+    ev = evaluate(away / "best.pt", device="cpu", workers=0)
+    assert sorted(p for p, _ in ev.samples) == sorted(str(flat / e[0]) for e in recorded)    # unchanged: the same
+    for d in sorted((three_digits / "train").iterdir()):
+        for f in sorted(d.iterdir())[20:26]:
+            shutil.copy(f, flat / d.name)
+    with pytest.raises(DataError, match=r"^the train/val/test split\(s\) of .* made again from the run's settings "
+                                        r"are not those the run used"):
+        evaluate(away / "best.pt", device="cpu", workers=0)
+    assert len(evaluate(tmp_path / "run", device="cpu", workers=0).samples) == len(recorded)   # its splits.json
