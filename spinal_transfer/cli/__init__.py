@@ -20,6 +20,7 @@ from typing import Callable, NoReturn, Optional
 
 from .. import __version__
 from ..errors import EXIT_ABORTED, EXIT_BUG, ConfigError, UserError, use_cli_option_names
+from ..utils.stamp import is_ours
 
 # command -> (its module in this package, its one-line help)
 COMMANDS = {
@@ -102,7 +103,7 @@ def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> 
     kinds = " or ".join(suffixes)
     if p.is_dir():
         raise ConfigError(f"{option} {p} is a folder; give a {kinds} file to write")
-    if p.exists() and p.suffix.lower() not in suffixes:
+    if p.exists() and (p.suffix.lower() not in suffixes or not is_ours(p)):
         raise ConfigError(f"{option} {p} exists and is not a {kinds} file this command wrote; it is not replaced: "
                           f"give another name")
     folder = next(a for a in p.absolute().parents if a.exists())     # what the write will create its path in

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from ..utils.stamp import stamp_png
+
 PathLike = Union[str, Path]
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = ("--headless", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
@@ -283,5 +285,5 @@ def screenshot(page: PathLike, png: PathLike, *, width: int = 1280, max_height: 
     shot = render(page, width=width, max_height=max_height, chromium=chromium).screenshot
     out = Path(png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(shot)
+    out.write_bytes(stamp_png(shot))
     return out

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from ..data.images import BadImage, load_image
+from ..utils.stamp import png_metadata
 from .interpret import Prediction
 
 if TYPE_CHECKING:       # matplotlib is imported inside the functions: the CLI imports this module
@@ -51,7 +52,7 @@ def figure_png(fig: "Figure", dpi: int = 100) -> bytes:
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, metadata=png_metadata())
     return buf.getvalue()
 
 

@@ -29,6 +29,7 @@ from ..config import METRIC_NAMES, TrainConfig
 from ..data.skiplog import SkipLog
 from ..runs.rundir import RunDir
 from ..utils.atomic import atomic_write_text
+from ..utils.stamp import html_generator
 from .interpret import (
     ConfusedPair,
     Prediction,
@@ -481,7 +482,7 @@ def render_report_html(metrics: Mapping, predictions_csv: Optional[PathLike], cl
         _skipped_section(list(skipped)),
     ]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'{html_generator()}<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<title>{_e(title)} \u2013 spinal-transfer report</title><style>{_CSS}</style></head>'
             f'<body><main>{"".join(body)}</main></body></html>\n')

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ..data.loaders import BadSample, EpochSampler, ImageDataset
+from ..utils.stamp import png_metadata
 from .inputs import RunInputs
 
 PathLike = Union[str, Path]
@@ -108,7 +109,7 @@ def write_batch_preview(samples: Sequence[tuple[str, int]], transform: Any, clas
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    fig.savefig(tmp, dpi=DPI, format="png")
+    fig.savefig(tmp, dpi=DPI, format="png", metadata=png_metadata())
     tmp.replace(out)
     return BatchPreview(out, indices, seeds, boxes, scale, skipped)
 

@@ -158,3 +158,36 @@ def test_a_device_this_torch_lacks_is_one_line():
             continue
         with pytest.raises(ConfigError, match=says):
             pick_device(name)
+
+
+def test_output_file_replaces_only_a_file_spinal_transfer_wrote(tmp_path):
+    """By its mark (utils.stamp), not its name: a plot, a screenshot, a page, predict's CSV and a skip list of ours
+    are replaced (True: said); a user's PNG, CSV, page or text file of the same kind is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from spinal_transfer.cli import output_file
+    from spinal_transfer.data.skiplog import skip_lines
+    from spinal_transfer.errors import ConfigError
+    from spinal_transfer.evaluation.plots import _figure, save_figure
+    from spinal_transfer.utils.stamp import html_generator, stamp_png
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photo.png")
+    ours = {"plot.png": save_figure(_figure(1, 1), tmp_path / "plot.png"),
+            "shot.png": tmp_path / "shot.png", "page.html": tmp_path / "page.html", "p.csv": tmp_path / "p.csv",
+            "p.csv.skipped.txt": tmp_path / "p.csv.skipped.txt"}
+    ours["shot.png"].write_bytes(stamp_png((tmp_path / "photo.png").read_bytes()))
+    ours["page.html"].write_text(f"<!DOCTYPE html><html><head>{html_generator()}</head></html>")
+    ours["p.csv"].write_text("path,label_1,prob_1\na.png,cat,0.9\n")
+    ours["p.csv.skipped.txt"].write_text(skip_lines([("b.png", "truncated")]))
+    for p in ours.values():
+        assert output_file(str(p), (p.suffix,)) is True, p
+    assert np.array_equal(np.asarray(Image.open(ours["shot.png"])), np.asarray(Image.open(tmp_path / "photo.png")))
+    (tmp_path / "labels.csv").write_text("id,label\n1,cat\n")
+    (tmp_path / "mine.html").write_text("<html><head><title>mine</title></head></html>")
+    (tmp_path / "notes.txt").write_text("a line without a tab\n")
+    for name in ("photo.png", "labels.csv", "mine.html", "notes.txt"):
+        with pytest.raises(ConfigError, match=f"{name} exists and is not a .{name.split('.')[-1]} file this command "
+                                              f"wrote; it is not replaced"):
+            output_file(str(tmp_path / name), ("." + name.split(".")[-1],))
+    assert output_file(str(tmp_path / "new.png"), (".png",)) is False

@@ -104,7 +104,10 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
     mine.mkdir()
     (mine / "README.md").write_text("my readme")
     training_image = next((three_digits / "train" / "digit_0").iterdir())     # a PNG: the kind these write
-    before = {p: p.read_bytes() for p in (image, notes, mine / "README.md", training_image)}
+    labels, page = tmp_path / "labels.csv", tmp_path / "page.html"            # the kinds predict and report write
+    labels.write_text("id,label\n1,cat\n")
+    page.write_text("<!DOCTYPE html><html><head><title>my page</title></head></html>")
+    before = {p: p.read_bytes() for p in (image, notes, mine / "README.md", training_image, labels, page)}
     run_page = (finished_run / "report.html").read_bytes()
     refused = [
         (("predict", finished_run, image, "--out", image), "is not a .csv file"),
@@ -120,14 +123,23 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
         (("predict", finished_run, image, "--out", image / "preds.csv"), "keep.png is a file, not a folder"),
         (("report", finished_run, "--screenshot", tmp_path / "page.jpg"), "writes a PNG file; give a name ending"),
         (("show-batch", "--data", three_digits, "--out", tmp_path / "batch.jpg"), "ending in .png"),
-        (("show-batch", "--data", three_digits, *TINY_FLAGS, "--out", training_image), "inside the data folder"),
-        (("lr-find", "--data", three_digits, *TINY_FLAGS, "--out", training_image), "inside the data folder"),
+        (("show-batch", "--data", three_digits, *TINY_FLAGS, "--out", training_image), "is not a .png file this"),
+        (("show-batch", "--data", three_digits, *TINY_FLAGS, "--out", training_image.parent / "batch.png"),
+         "inside the data folder"),                 # a new file there: it would be read as a training image
+        (("lr-find", "--data", three_digits, *TINY_FLAGS, "--out", training_image.parent / "lr.png"),
+         "inside the data folder"),
+        (("show-batch", "--data", three_digits, *TINY_FLAGS, "--out", image), "is not a .png file this command wrote"),
+        (("lr-find", "--data", three_digits, *TINY_FLAGS, "--out", image), "is not a .png file this command wrote"),
+        (("report", finished_run, "--screenshot", image), "is not a .png file this command wrote"),
+        (("predict", finished_run, image, "--out", labels), "is not a .csv file this command wrote"),
+        (("report", finished_run, "--out", page), "is not a .html or .htm file this command wrote"),
     ]
     for args, says in refused:
         res = cli_run(*args)
         _refused(res, says)
         assert res.returncode == 2
     assert {p: p.read_bytes() for p in before} == before and (finished_run / "report.html").read_bytes() == run_page
+    assert not (training_image.parent / "batch.png").exists() and not (training_image.parent / "lr.png").exists()
 
     bundle = tmp_path / "bundle"
     assert cli_run("export", finished_run, "--out", bundle).returncode == 0
