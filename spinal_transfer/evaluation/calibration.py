@@ -173,7 +173,8 @@ class Calibration:
         """What report.json records under "calibration"."""
         return {"temperature": self.temperature, "temperature_interval": list(self.interval),
                 "temperature_interval_method": f"95% percentile bootstrap, {BOOTSTRAP} resamples of val",
-                "fitted_on": "val", "num_bins": NUM_BINS, **{name: s.to_dict() for name, s in self.splits.items()}}
+                "fitted_on": "val", "num_bins": NUM_BINS, **{name: s.to_dict() for name, s in self.splits.items()},
+                **({"warning": self.bound_note()} if self.bound_note() else {})}
 
     def describe(self) -> str:
         parts = [f"{name} ECE {d['ece_before']:.4f} -> {d['ece_after']:.4f}, NLL {d['nll_before']:.4f} -> "
@@ -182,7 +183,19 @@ class Calibration:
         return (f"temperature {self.temperature:.3f} (fitted on {len(self.splits['val'].targets)} val images; 95% "
                 f"bootstrap interval {lo:.2f}-{hi:.2f}"
                 + ("; the val split is too small to pin it down: more val images (--val-fraction) narrow it"
-                   if hi > 2 * lo else "") + "): " + "; ".join(parts))
+                   if hi > 2 * lo else "") + (f"; {self.bound_note()}" if self.bound_note() else "") + "): "
+                + "; ".join(parts))
+
+    def bound_note(self) -> Optional[str]:
+        """Said when T ended on a bound of T_BOUNDS: the best T may lie beyond it, and the probabilities are as
+        sharp (T = 0.05: a few val images all but one right ask for certainty) or as flat as the bound allows."""
+        at = next((b for b in T_BOUNDS if abs(math.log(self.temperature / b)) < 0.01), None)
+        if at is None:
+            return None
+        return (f"T is at the {'lower' if at == T_BOUNDS[0] else 'upper'} bound of its search ({at:g}): the "
+                f"{len(self.splits['val'].targets)} val images ask for {'sharper' if at == T_BOUNDS[0] else 'flatter'} "
+                f"probabilities than any T allowed, so the probabilities are {'near 0 or 1' if at == T_BOUNDS[0] else 'near uniform'}; "
+                f"a bigger val split (--val-fraction) gives a T to trust, or use --no-calibration")
 
 
 NO_VAL_NOTE = ("not calibrated: the run has no val split, and fitting the temperature on test would make test "

@@ -849,7 +849,7 @@ def finish(s: Session) -> dict:
         if calib is not None:      # the temperature goes with the weights it was fitted on (README, "calibration")
             s.saver.record_temperature(calib.temperature)
             plot_calibration(calib, s.run.plot("calibration.png"))
-            log.info(f"calibration: {calib.describe()}")
+            (log.warning if calib.bound_note() else log.info)(f"calibration: {calib.describe()}")
         else:
             log.info(f"calibration: {no_fit}")
         write_outputs(s.run, report, s.samples["test"], test_out)

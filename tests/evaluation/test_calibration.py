@@ -289,6 +289,23 @@ def test_last_pt_and_its_bundle_say_their_probabilities_are_the_plain_softmax(fi
     assert best.returncode == 0 and "probabilities" not in best.stderr
 
 
+def test_a_temperature_on_its_bound_is_said():
+    """Six val images right by a small margin and one wrong by a hair (an unsure model) ask for a T below the bound
+    (0.05): kept, as calibrate's docstring says, but with a warning in describe() and report.json; a T inside the
+    bounds has none."""
+    z = torch.tensor([[0.3, 0.0]] * 3 + [[0.0, 0.3]] * 3 + [[1e-4, 0.0]])
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    calib, why = calibrate((z, y))
+    assert why is None and calib.temperature == pytest.approx(T_BOUNDS[0])
+    note = calib.bound_note()
+    assert note.startswith("T is at the lower bound of its search (0.05): the 7 val images ask for sharper "
+                           "probabilities than any T allowed")
+    assert calib.to_dict()["warning"] == note and note in calib.describe()
+    inside, _ = calibrate(_overconfident(n=200))
+    assert T_BOUNDS[0] < inside.temperature < T_BOUNDS[1] and inside.bound_note() is None
+    assert "warning" not in inside.to_dict()
+
+
 def test_a_split_all_right_or_all_wrong_has_no_temperature_to_fit():
     """All right: the NLL keeps falling as T -> 0 (the fit only runs down towards its bound); all wrong: the same
     towards large T. `unfittable` names the case; a split with both has a temperature."""
