@@ -70,7 +70,7 @@ class CheckpointSaver:
             self.stage_best = score
             if self.multi_stage:
                 atomic_save({"model": state_dict_cpu(model), "epoch": epoch}, self.run.stage_best)
-        if score <= self.best:
+        if not score > self.best:          # ties keep the earlier epoch; a NaN score is never best
             return False
         self.best, self.best_epoch = score, epoch
         atomic_save({"model": state_dict_cpu(self.eval_module(model, ema)), "epoch": epoch, **self.meta},

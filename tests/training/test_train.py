@@ -204,6 +204,41 @@ def test_every_stage_runs_its_own_schedule_from_its_start(digits_folder, tmp_pat
     assert second == pytest.approx([lr / 10 for lr in first])
 
 
+def test_a_val_loss_that_overflows_stops_the_run_and_is_never_best(three_digits, tmp_path, monkeypatch):
+    """Finite training loss but inf/NaN logits on val (an lr far too high): the epoch is not "best" and the run
+    stops as for a NaN training loss, last.pt and best.pt keeping the epoch before."""
+    from spinal_transfer.training import train as train_module
+
+    calls, original = [], train_module.evaluate_epoch
+
+    def overflow_in_epoch_2(s):
+        val, select = original(s)
+        calls.append(1)
+        return ({**val, "loss": float("nan")},) * 2 if len(calls) == 2 else (val, select)
+    monkeypatch.setattr(train_module, "evaluate_epoch", overflow_in_epoch_2)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as e:
+        run(tiny_cfg(three_digits, out, epochs=3, limit_train_batches=2))
+    assert str(e.value).startswith("the val loss became NaN/inf after epoch 2/3 (the model's outputs overflow); "
+                                   f"stopped. The last good checkpoint is {out / 'checkpoints' / 'last.pt'} (after "
+                                   "epoch 1")
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["epoch"] == 1
+    assert load_checkpoint(out / "checkpoints" / "best.pt")["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_nan_score_is_never_the_best_epoch(tmp_path):
+    from spinal_transfer.runs.rundir import RunDir
+    from spinal_transfer.training.selection import CheckpointSaver
+
+    saver = CheckpointSaver(RunDir(tmp_path / "run"), {}, multi_stage=False)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    model = torch.nn.Linear(2, 2)
+    assert saver.update(1, float("nan"), model, None) is False and saver.best_epoch == 0
+    assert saver.update(2, -1.0, model, None) is True and saver.update(3, float("nan"), model, None) is False
+    assert (saver.best, saver.best_epoch) == (-1.0, 2)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(digits_folder, tmp_path):
     out = tmp_path / "nan"
     cfg = tiny_cfg(digits_folder, out, stages=[{"epochs": 1, "lr": 0.05}, {"epochs": 1, "lr": 1e12}],
