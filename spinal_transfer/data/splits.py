@@ -209,12 +209,16 @@ def _scan_split(folder: Path, notes: list[str], root: Path,
                 skipped.append((str(f), reason))
             else:
                 images[c].append(str(f))
-    loose = [p.name for p in folder.iterdir() if not _hidden(p.name) and p.is_file()
-             and p.suffix.lower() in IMG_EXTENSIONS]
-    if loose:
-        notes.append(f"{len(loose)} image file(s) directly in {folder} are in no class folder and are not used "
-                     f"(e.g. {loose[0]})")
+    _note_loose_images(folder, notes, "in no class folder")
     return classes, images, skipped
+
+
+def _note_loose_images(folder: Path, notes: list[str], where: str) -> None:
+    """Images lying directly in `folder`, where none is read: said, never dropped without a word."""
+    loose = sorted(p.name for p in folder.iterdir() if not _hidden(p.name) and p.is_file()
+                   and p.suffix.lower() in IMG_EXTENSIONS)
+    if loose:
+        notes.append(f"{len(loose)} image file(s) directly in {folder} are {where} and are not used (e.g. {loose[0]})")
 
 
 def _alias_names() -> str:
@@ -238,6 +242,7 @@ def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> d
     if found and need_train and "train" not in found:
         raise DataError(f"{root}: found {', '.join(p.name + '/' for p in found.values())} but no train/ folder")
     if found:
+        _note_loose_images(root, notes, "in no split and class folder")
         unused = sorted(names - {p.name for p in found.values()})
         if unused:
             beside = "/, ".join(p.name for p in found.values())

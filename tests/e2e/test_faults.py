@@ -345,6 +345,7 @@ def test_class_like_folders_next_to_train_and_loose_images_are_reported(tmp_path
                 _png(tmp_path / split / c / f"{i}.png")
     _png(tmp_path / "owl" / "0.png")                  # next to train/: not read
     _png(tmp_path / "train" / "loose.png")            # in no class folder
+    _png(tmp_path / "stray.png")                      # beside the split folders: in none
     import logging
 
     records: list[str] = []
@@ -357,7 +358,10 @@ def test_class_like_folders_next_to_train_and_loose_images_are_reported(tmp_path
         logging.getLogger("spinal_transfer").removeHandler(handler)
     assert s.classes == ["cat", "dog"]
     assert any("not read: owl/" in r for r in records), records
-    assert any("1 image file(s) directly in" in r and "loose.png" in r for r in records), records
+    assert f"1 image file(s) directly in {tmp_path / 'train'} are in no class folder and are not used (e.g. " \
+           "loose.png)" in records
+    assert f"1 image file(s) directly in {tmp_path} are in no split and class folder and are not used (e.g. " \
+           "stray.png)" in records
 
 
 def test_symlinks_are_followed_everywhere_and_a_loop_is_read_once(tmp_path):
