@@ -3,15 +3,16 @@
 
     pip install numpy opencv-python-headless pillow onnxruntime
     python predict_onnx.py photo.jpg more/*.png --topk 3
-    python predict_onnx.py photos/*.jpg --model model.int8.onnx --json
+    python predict_onnx.py photos/ --model model.int8.onnx --json
 
 It reads config.json beside it (classes in logit order, input size, mean, std, interpolation, the temperature)
 and preprocesses as spinal-transfer's evaluation pipeline does, step for step: the same decoding (OpenCV for
 plain JPEG and PNG, a large JPEG decoded at a reduced scale no smaller than the resize needs; Pillow for the rest,
 with EXIF orientation, 16-bit images to their high byte, transparency onto white), the same resize (area when
 downscaling), centre crop and normalization. The probabilities are those `spinal-transfer predict` gives for the
-same files (checked to 1e-5 by spinal-transfer's tests), calibrated as softmax(logits / T). A file that cannot be
-read is skipped and named on stderr (and under "skipped" with --json), as `predict` does.
+same files (checked to 1e-5 by spinal-transfer's tests), calibrated as softmax(logits / T). A folder is searched
+for images (by extension, recursively, hidden files left out), as `predict` does. A file that cannot be read is
+skipped and named on stderr (and under "skipped" with --json); when none can be read, the exit status is 2.
 
 spinal-transfer copies this file into every bundle it exports with --format onnx; it imports nothing of it. The
 decoding and preprocessing repeat spinal_transfer/data/images.py and transforms.py on purpose (this file must run
@@ -34,6 +35,27 @@ HERE = Path(__file__).resolve().parent
 INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
 REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")   # predict's
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """Files as given; folders expanded to their images (recursive, sorted, hidden files and folders left out)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in EXTENSIONS and f.is_file()
+                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+def model_file(name: str, ap: argparse.ArgumentParser) -> Path:
+    """--model as a path (from here, or absolute), else a file of that name beside this script."""
+    for p in (Path(name), HERE / name):
+        if p.is_file():
+            return p
+    ap.error(f"--model {name}: no such file, here or beside {Path(__file__).name} ({HERE})")
 
 
 def _hw(size) -> tuple[int, int]:
@@ -110,8 +132,9 @@ def probabilities(session: ort.InferenceSession, batch: np.ndarray, temperature:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="classify images with this bundle's ONNX model (top-k classes)")
-    ap.add_argument("images", nargs="+", type=Path)
-    ap.add_argument("--model", default="model.onnx", help="model.onnx (default) or model.int8.onnx, beside this file")
+    ap.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    ap.add_argument("--model", default="model.onnx",
+                    help="model.onnx (default) or model.int8.onnx beside this file, or a path to one")
     ap.add_argument("--topk", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--json", action="store_true", help="one JSON object: every image's probabilities")
@@ -119,14 +142,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    config = json.loads((HERE / "config.json").read_text(encoding="utf-8-sig"))
+    ap = parser()
+    args = ap.parse_args(argv)
+    model = model_file(args.model, ap)
+    config_file = next(c for c in (model.parent / "config.json", HERE / "config.json") if c.is_file() or c.parent == HERE)
+    config = json.loads(config_file.read_text(encoding="utf-8-sig"))        # the model's bundle's, else this one's
     inp, classes, temperature = config["input"], config["classes"], float(config.get("temperature") or 1.0)
-    session = ort.InferenceSession(str(HERE / args.model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    files = image_files(args.images)
     need, read, skipped, probs = decode_size(inp), [], [], []
-    for i in range(0, len(args.images), args.batch_size):     # a batch at a time: memory stays one batch
+    for i in range(0, len(files), args.batch_size):           # a batch at a time: memory stays one batch
         batch = []
-        for f in args.images[i:i + args.batch_size]:       # an unreadable file is skipped and named, as in `predict`
+        for f in files[i:i + args.batch_size]:             # an unreadable file is skipped and named, as in `predict`
             try:
                 batch.append(preprocess(decode(f, need), inp))
                 read.append(f)
@@ -137,16 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         if batch:
             probs.append(probabilities(session, np.stack(batch), temperature))
     p = np.concatenate(probs) if probs else np.zeros((0, len(classes)))
+    if not read:
+        print(f"error: none of the {len(files)} image file(s) could be read", file=sys.stderr)
     if args.json:
         json.dump({"classes": classes, "temperature": temperature, "images": [str(f) for f in read],
                    "probabilities": p.tolist(), "skipped": skipped}, sys.stdout)
         print()
-        return 0
+        return 0 if read else 2
     k = min(args.topk, len(classes))
     for f, row in zip(read, p):
         top = np.argsort(-row, kind="stable")[:k]
         print(f"{f}: " + ", ".join(f"{classes[j]} {row[j]:.4f}" for j in top))
-    return 0
+    return 0 if read else 2
 
 
 if __name__ == "__main__":

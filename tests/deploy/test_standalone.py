@@ -137,3 +137,30 @@ def test_predict_onnx_skips_and_names_unreadable_files(bundle, tmp_path):
     assert f"skipped {args[1]}: not an image (unrecognised format)" in res.stderr
     ours = Predictor(bundle, runner="onnx", device="cpu").probabilities([str(good)]).numpy()
     assert np.abs(np.array(out["probabilities"]) - ours).max() < 1e-5
+
+
+def test_predict_onnx_reads_folders_takes_a_model_path_and_fails_when_nothing_reads(bundle, tmp_path):
+    """A folder is searched for images as predict does; --model may be a path from where the user stands; a model
+    that is not there, and inputs none of which can be read, end in one line and a non-zero status."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    files = _images(photos)
+    (photos / ".hidden.png").write_bytes((files[0]).read_bytes())
+    (photos / "notes.txt").write_text("not an image")
+    script = [sys.executable, "-c", BLOCKED, str(bundle / STANDALONE.name)]
+    shutil.copy(bundle / "model.onnx", tmp_path / "copy.onnx")
+    res = subprocess.run([*script, "photos", "--model", "copy.onnx", "--json"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["images"] == sorted(str(f.relative_to(tmp_path)) for f in files)
+    missing = subprocess.run([*script, str(files[0]), "--model", "nope.onnx"], capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].endswith(
+        f"error: --model nope.onnx: no such file, here or beside {STANDALONE.name} ({bundle})")
+    (tmp_path / "broken.jpg").write_text("not an image")
+    none = subprocess.run([*script, str(tmp_path / "broken.jpg"), str(tmp_path / "gone.png")], capture_output=True,
+                          text=True, timeout=300)
+    assert none.returncode == 2 and none.stdout == "" and "Traceback" not in none.stderr
+    assert none.stderr.strip().splitlines()[-1] == "error: none of the 2 image file(s) could be read"
