@@ -209,7 +209,7 @@ class TrainConfig:
                                                 "--min-steps counts in)", min=1, recorded=True,
                                           applies={"epochs": (None,)})
     lr: Union[float, str] = _opt(1e-3, "learning rate of the head, or auto: run lr-find first and take its "
-                                       "suggestion (on real-weights folders it picked 3-10x below the default and "
+                                       "suggestion (on real-weights folders it picked 3-15x below the default and "
                                        "scored lower: README); with a multi-stage recipe, the first stage's (the "
                                        "others keep their ratio to it)", gt=0.0, auto_ok=True)
     stages: list = _opt([], "multi-stage schedule, e.g. [{epochs: 25, lr: 1e-3}, {epochs: 25, lr: 1e-4}]; "

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 SHARED = ("tta", "tta_crops", "batch_size", "workers", "device")
 
 EXAMPLES = """\
-  spinal-transfer evaluate runs/pets                       # the run's own test split, as in report.json
+  spinal-transfer evaluate runs/pets                       # the run's own test split (report.json's top-1)
   spinal-transfer evaluate runs/pets --split val --out runs/pets/eval_val
   spinal-transfer evaluate runs/pets/checkpoints/last.pt --data ~/other_pets --split test --full
   spinal-transfer evaluate runs/pets --tta                 # also with test-time augmentation (image + mirror)
@@ -59,7 +59,10 @@ def main(args: argparse.Namespace) -> int:
                   flags.get("workers"), tta=tta,
                   calibrated=args.calibrated)
     print(f"evaluated {ev.source}" + (f"; {tta.describe()}" if tta else ""), file=sys.stderr)
-    unfinished = RunDir(args.run).unfinished() if Path(args.run).is_dir() else None
+    source = Path(args.run)              # a run folder, or its checkpoints/best.pt
+    best_of = source if source.is_dir() else source.parent.parent if source.parts[-2:] == ("checkpoints", "best.pt") \
+        else None
+    unfinished = RunDir(best_of).unfinished() if best_of else None
     if unfinished:                      # its best epoch so far, and no temperature fitted yet (that comes last)
         print(f"note: {unfinished}; these are its best epoch so far, uncalibrated (temperature 1)", file=sys.stderr)
     m = ev.metrics

@@ -18,8 +18,8 @@ exponentially from --start-lr to --end-lr over --num-steps batches, stopping onc
 exceeds 4x its minimum. Prints the suggested lr (fastai's "valley" rule: half way along the longest
 stretch where the loss keeps falling) and writes the curve with the suggestion marked. Then:
   spinal-transfer train --data ~/pets --lr <suggested> ...
-On an ImageNet-pretrained backbone the suggestion has measured 3-10x below the lr that fine-tunes best
-(benchmarks/bench_lr_auto.py: 1e-4 to 3e-4 against the default 1e-3, 11.6 points lower on average):
+On an ImageNet-pretrained backbone the suggestion has measured 3-15x below the lr that fine-tunes best
+(benchmarks/bench_lr_auto.py: 7e-5 to 4e-4 against the default 1e-3, 13.5 points lower on average):
 read the curve for where the loss blows up rather than taking the suggestion as it is."""
 
 

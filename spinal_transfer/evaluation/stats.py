@@ -88,6 +88,6 @@ def overall_verdict(tests: Sequence[PairedTest], head: str) -> str:
         return ""
     verdicts = [t.verdict(head) for t in tests]
     if len(set(verdicts)) == 1:
-        return verdicts[0] + (f" in all {len(tests)} seeds" if len(tests) > 1 else "")
+        return verdicts[0] + (f" in each of the {len(tests)} seeds" if len(tests) > 1 else "")
     counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
     return "mixed: " + ", ".join(f"{v} in {n}" for v, n in counts.items()) + f" of {len(tests)} seeds"

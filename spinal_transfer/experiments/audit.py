@@ -550,7 +550,7 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
         f = result.of_kind(kind)
         conflicting = sum(x.label != x.other_label for x in f)
         wrong = " (one label of each is wrong)" if kind == "exact_duplicate" else ""
-        lines.append(f"{what}: {len(f)} pairs, {sum(x.leak for x in f)} across splits" +
+        lines.append(f"{what}: {len(f)} pair{'' if len(f) == 1 else 's'}, {sum(x.leak for x in f)} across splits" +
                      (f", {conflicting} under different classes{wrong}" if conflicting else ""))
     leaked = {sp: len(result.leaked(sp)) for sp in ("val", "test")}
     if n["test"]:
@@ -563,8 +563,10 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
                  f"{result.settings.get('folds')} folds, cleanlab)")
     lines += [f"  {f.path}: {f.label} -> {f.suggested_label} ({f.detail.split(', ')[0]})" for f in issues[:examples]]
     odd = result.of_kind("outlier")
-    lines.append(f"outliers: the {len(odd)} least typical images (cleanlab OOD)")
-    lines += [f"  {f.path} ({f.label})" for f in odd[:min(3, examples)]]
+    shown = odd[:min(3, examples)]
+    lines.append(f"outliers: the {len(odd)} least typical images (cleanlab OOD" +
+                 (f"; the first {len(shown)} below, all in audit.csv)" if len(shown) < len(odd) else ")"))
+    lines += [f"  {f.path} ({f.label})" for f in shown]
     lines.append(f"undecodable files: {len(result.of_kind('undecodable'))}")
     lines.append(f"wrote {out / 'audit.csv'} ({len(result.findings)} findings), {out / 'audit.html'}, "
                  f"{out / 'audit.json'} in {result.seconds.get('total', 0):.1f} s")

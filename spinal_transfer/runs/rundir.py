@@ -104,7 +104,9 @@ class RunDir:
             return None
         done = len(self.read_metrics())
         total = self.read_config().total_epochs() if self.config.is_file() else "?"
-        how = f"`spinal-transfer train --resume {self.path}` finishes it" if state == "interrupted" else \
+        holder = self.lock_holder()
+        how = f"{holder} is training it now" if holder else \
+            f"`spinal-transfer train --resume {self.path}` finishes it" if state == "interrupted" else \
             "it stopped before its first checkpoint: train it again"
         return f"{self.path} has not finished (epoch {done} of {total}); {how}"
 
@@ -244,15 +246,20 @@ class RunDir:
 
     def is_locked(self) -> bool:
         """Whether another process holds this folder's lock right now (a test that takes nothing)."""
+        return self.lock_holder() is not None
+
+    def lock_holder(self) -> Optional[str]:
+        """Who holds this folder's lock right now ("pid N on HOST since ..."), or None (a test that takes nothing)."""
         if self._lock_fd is not None or not self.lock_file.exists():
-            return False
+            return None
         fd = os.open(self.lock_file, os.O_RDWR)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return True
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         finally:
             os.close(fd)
+        return None
         return False
 
 
@@ -261,8 +268,9 @@ def check_new_run(run: RunDir, overwrite: bool, log: Any) -> None:
     what a run wrote there, and says what."""
     if not run.holds_run():
         return
-    if run.is_locked():            # a run in progress: neither interrupted nor ours to clear
-        raise RunFolderError(f"{run.path} holds a run that another process is training now; wait for it to end, or "
+    holder = run.lock_holder()
+    if holder:                     # a run in progress: neither interrupted nor ours to clear
+        raise RunFolderError(f"{run.path} holds a run that {holder} is training now; wait for it to end, or "
                              f"choose another --out")
     if run.state() == "started" and not overwrite:     # it never finished an epoch: nothing to lose
         removed = run.clear()

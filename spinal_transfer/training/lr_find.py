@@ -213,7 +213,7 @@ def lr_find_figure(result: LRFindResult):
             label=f"suggested lr {result.suggestion:.2g} ({result.rule})")
     ax.set_xscale("log")
     top = max(result.losses[: max(2, len(result.losses) * 9 // 10)])
-    bottom = min(result.losses)
+    bottom = min(result.losses + [v for v in result.raw_losses if math.isfinite(v)])   # every step's loss shows
     ax.set_ylim(bottom - 0.05 * (top - bottom + 1e-12), top + 0.15 * (top - bottom + 1e-12))
     ax.set_xlabel("learning rate (head; other groups keep their ratio)")
     ax.set_ylabel("training loss")

@@ -229,13 +229,19 @@ def _check_data_folder(data: str, run: RunDir) -> None:
     check_outside(run.path, data)
 
 
+def _resume_point(progress: dict) -> str:
+    """Where a checkpoint's progress continues: inside an epoch, or after one."""
+    if progress.get("batch"):
+        return f"in epoch {progress['epoch'] + 1} at batch {progress['batch']}"
+    return f"after epoch {progress['epoch']}"
+
+
 def _last_good(run: RunDir) -> str:
     """Where the run can be continued from, named only if it exists."""
     if not run.last.is_file():
         return "No checkpoint was saved yet."
-    p = load_checkpoint(run.last)["progress"]
-    where = f"epoch {p['epoch'] + 1}, batch {p['batch']}" if p.get("batch") else f"after epoch {p['epoch']}"
-    return f"The last good checkpoint is {run.last} ({where}; not overwritten)."
+    return f"The last good checkpoint is {run.last} ({_resume_point(load_checkpoint(run.last)['progress'])}; not " \
+           f"overwritten)."
 
 
 def _out_of_memory(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunDir) -> ResourceError:
@@ -306,7 +312,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
           control: Optional[StopControl] = None) -> Session:
     """Everything the loop needs: data, model, input pipeline, loaders, loss, checkpoint saver, restored state."""
     seed_everything(cfg.seed, cfg.deterministic)
-    log.info(f"run folder {run.path}" + (f" (resuming from epoch {ckpt['progress']['epoch']})" if ckpt else ""))
+    log.info(f"run folder {run.path}" + (f" (resuming {_resume_point(ckpt['progress'])})" if ckpt else ""))
     skips = SkipLog(run.skipped)
     splits = load_data(cfg, run, skips)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
@@ -571,7 +577,7 @@ def _log_start(s: Session, splits: Splits) -> None:
     lrs = ", ".join(f"{st.lr:g}" for st in cfg.resolved_stages())
     log.info(f"world size {world_size()}; batch {cfg.batch_size} per device, global batch "
              f"{cfg.batch_size * world_size()}" + (f" x {cfg.accum_steps} accumulation steps" if cfg.accum_steps > 1
-                                                   else "") + f"; lr {lrs} (as given: not scaled with the global batch)")
+                                                   else "") + f"; lr {lrs} (not scaled with the global batch)")
 
 
 # --- one stage, one epoch ------------------------------------------------------------------------

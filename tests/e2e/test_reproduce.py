@@ -38,7 +38,7 @@ def test_mcnemar_known_values_and_verdicts():
     better, worse, none = rp.PairedTest(0, 2, 10, 0.039), rp.PairedTest(1, 10, 2, 0.039), rp.PairedTest(2, 3, 4, 1.0)
     assert better.verdict("spinal") == "spinal better (p<0.05)"
     assert worse.verdict("spinal") == "spinal worse (p<0.05)"
-    assert rp.overall_verdict([better, better], "spinal") == "spinal better (p<0.05) in all 2 seeds"
+    assert rp.overall_verdict([better, better], "spinal") == "spinal better (p<0.05) in each of the 2 seeds"
     assert rp.overall_verdict([better, none], "spinal").startswith("mixed:")
 
 

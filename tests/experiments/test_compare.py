@@ -154,7 +154,7 @@ def _expected_verdict(tests: list[tuple[int, int, float]], head: str) -> str:
         return "mixed"
     sign = signs.pop()
     verdict = f"{head} {sign} (p<0.05)" if sign != "none" else "no significant difference"
-    return f"{verdict} in all {len(tests)} seeds"
+    return f"{verdict} in each of the {len(tests)} seeds"
 
 
 def _computing_lines(out: Path) -> dict[str, int]:

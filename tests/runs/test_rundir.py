@@ -40,7 +40,10 @@ def test_a_second_process_is_refused_with_who_holds_the_folder(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert run.is_locked()
+        assert run.is_locked() and run.lock_holder().startswith(f"pid {holder.pid} on ")
+        run.write_text(run.config, "epochs: 3\n")
+        atomic_save({"epoch": 1}, run.last)                  # a run in training: said as such, not as one to resume
+        assert run.unfinished() == f"{run.path} has not finished (epoch 0 of 3); {run.lock_holder()} is training it now"
         with pytest.raises(RunFolderError, match=rf"in use by pid {holder.pid} on "):
             with run.lock():
                 pass

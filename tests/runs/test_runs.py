@@ -133,7 +133,8 @@ def test_a_second_train_on_the_same_folder_refuses_while_the_first_runs(three_di
         resume = cli_run("train", "--resume", str(out))
         assert resume.returncode == 2 and "is in use" in resume.stderr
         plain = cli_run(*_train_args(three_digits, out))      # said as a run in progress, not one to resume
-        assert plain.returncode == 2 and "another process is training now" in plain.stderr, plain.stderr
+        assert plain.returncode == 2 and f"holds a run that pid {first.pid} on " in plain.stderr, plain.stderr
+        assert " is training now; wait for it to end" in plain.stderr
         assert (out / "config.yaml").exists()                # and not cleared as a run that never got going
     finally:
         first.send_signal(signal.SIGKILL)
