@@ -48,6 +48,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="server processes, each with its own copy of the model (default: 1)")
     parser.add_argument("--drain-timeout", type=positive_int, default=DRAIN_TIMEOUT_S,
                         help=f"on SIGTERM, seconds to finish the requests in flight (default: {DRAIN_TIMEOUT_S})")
+    parser.add_argument("--no-calibration", dest="calibrated", action="store_false",
+                        help="answer with the plain softmax, without the model's temperature (default: calibrated, "
+                             "as predict; /metadata says which)")
     parser.add_argument("--no-verify", action="store_true",
                         help="serve a bundle whose files or config.json differ from the digests export recorded (a "
                              "bundle edited on purpose); without it such a bundle is refused")
@@ -83,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
 
     check_address(args.host, args.port)      # before the model loads: a port in use is one line, not uvicorn's
     settings = serve.ServeSettings(args.model, args.runner, args.device, args.max_batch, args.max_wait_ms,
-                                   args.max_upload_mb, args.topk, verify=not args.no_verify)
+                                   args.max_upload_mb, args.topk, verify=not args.no_verify,
+                                   calibrated=args.calibrated)
     model = serve.Model(settings)            # opened here: a bad bundle is one line on stderr, before listening
     if args.workers > 1:
         model = None                         # that was the check: each worker opens its own copy

@@ -82,6 +82,7 @@ class ServeSettings:
     max_upload_mb: float
     topk: int
     verify: bool = True           # False: serve a bundle edited on purpose (predict's --no-verify)
+    calibrated: bool = True       # False: the plain softmax (predict's --no-calibration)
 
 
 class RequestError(Exception):
@@ -122,7 +123,7 @@ class Model:
 
     def __init__(self, settings: ServeSettings):
         self.predictor = Predictor(settings.source, device=settings.device, runner=settings.runner,
-                                   verify=settings.verify)
+                                   verify=settings.verify, calibrated=settings.calibrated)
         files = bundle_files(settings.source)
         config = self.predictor.config
         self.metadata = {
@@ -132,7 +133,8 @@ class Model:
             "digest": digest_of(files), "digest_files": [f.name for f in files],
             "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
             "max_upload_mb": settings.max_upload_mb, "topk": settings.topk, "version": __version__,
-            "temperature": config.get("temperature"), "probabilities": probabilities_note(config),
+            "temperature": self.predictor.temperature if settings.calibrated and config.get("temperature") else None,
+            "probabilities": probabilities_note(config, settings.calibrated),
         }
 
 

@@ -274,6 +274,23 @@ def test_metadata_and_health(plain, bundle):
     assert missing.status_code == 404 and missing.json()["error"]
 
 
+def test_no_calibration_serves_the_plain_softmax_and_says_so(bundle, three_digits):
+    import torch
+
+    from spinal_transfer.cli import build_parser
+    from spinal_transfer.deploy import serve
+
+    args = build_parser("serve").parse_args(["serve", str(bundle), "--no-calibration"])
+    assert args.calibrated is False
+    plain = serve.Model(serve.ServeSettings(str(bundle), "torch", "cpu", 8, 5.0, 10.0, 3, calibrated=False))
+    calibrated = serve.Model(serve.ServeSettings(str(bundle), "torch", "cpu", 8, 5.0, 10.0, 3))
+    assert plain.metadata["temperature"] is None and calibrated.metadata["temperature"] > 0
+    assert plain.metadata["probabilities"] == "probabilities: the plain softmax (calibration turned off)"
+    image = str(next((three_digits / "test" / "digit_1").iterdir()))
+    z = torch.log(calibrated.predictor.probabilities([image])) * calibrated.metadata["temperature"]   # logits + c
+    assert torch.allclose(plain.predictor.probabilities([image]), torch.softmax(z, 1), atol=1e-6)
+
+
 def test_digest_changes_with_any_file_of_the_bundle(bundle, tmp_path):
     from spinal_transfer.deploy.serve import bundle_files, digest_of
 
