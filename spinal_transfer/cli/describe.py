@@ -32,7 +32,7 @@ def compare(default: int, new: int) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from ..models.heads import head_options  # lazy: no torch at --help
-    from ..models.surgery import build_model, get_head  # lazy: no torch at --help
+    from ..models.surgery import build_model, get_head, inference_heads  # lazy: no torch at --help
 
     if args.num_classes < 2:
         raise ConfigError(f"--num-classes must be >= 2, got {args.num_classes}")
@@ -50,8 +50,14 @@ def main(args: argparse.Namespace) -> int:
             ("new head MACs vs default", compare(info.default_head_macs, head.macs())),
             ("new head params vs default", compare(info.default_head_params, head.num_params())),
             ("model params (with new head)", f"{total:,}")]
-    if len(info.head_paths) > 1:
-        rows.append(("auxiliary heads", ", ".join(info.head_paths[1:])))
+    if len(info.head_paths) > 1:       # DeiT-distilled's second head runs at inference, GoogLeNet's aux heads do not
+        called = inference_heads(model)
+        rows.append(("other heads replaced", ", ".join(
+            f"{p} ({'at inference too' if m in called else 'training only'})"
+            for p, m in zip(info.head_paths[1:], info.head_modules[1:]))))
+        if len(called) > 1:
+            rows.append(("note", f"{len(called)} heads run at inference and the model combines their outputs; the "
+                                 f"head params and MACs above are of one of them"))
     rows += [("note", n) for n in info.notes]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -122,6 +122,30 @@ def _probe(model: nn.Module, input_size: int, watch: dict[str, nn.Module]) -> tu
     return seen, out
 
 
+def inference_heads(model: nn.Module) -> list[str]:
+    """The new heads (HeadInfo.head_modules) an eval-mode forward calls: DeiT-distilled's two, whose outputs timm
+    averages; GoogLeNet's main one only (its auxiliary heads train only)."""
+    info = model.spinal_info
+    seen, _ = _probe(model, info.input_size, {m: get_module(model, m) for m in info.head_modules})
+    return [m for m in info.head_modules if m in seen]
+
+
+def check_input_size(model: nn.Module, img_size: int) -> None:
+    """ConfigError, before any training, when the model cannot run on `img_size` px images: a ViT, DeiT or LeViT
+    built for 224 px has a fixed patch grid (timm marks it fixed_input_size), and would fail inside the first
+    training step with a traceback. A model's own input size is not checked again (it was probed when built)."""
+    info = model.spinal_info
+    if img_size == info.input_size:
+        return
+    try:
+        with torch.no_grad():
+            _probe(model, img_size, {})
+    except Exception as e:       # timm raises AssertionError or RuntimeError, depending on the architecture
+        raise ConfigError(f"{info.backbone} does not run on {img_size} px images ({str(e).splitlines()[0]}): its "
+                          f"input size is fixed; use --img-size {info.input_size} (its own), or another backbone",
+                          key="img_size") from None
+
+
 def _torchvision_input_size(name: str, model: nn.Module, weights: Any) -> int:
     if weights is not None:
         return int(weights.transforms().crop_size[0])

@@ -21,6 +21,7 @@ from ..data.loaders import EpochSampler, ShardSampler, balanced_sample_weights, 
 from ..data.splits import Sample, Splits, config_splits
 from ..data.transforms import DataConfig, build_transforms
 from ..models.preprocess import resolve_data_config
+from ..models.surgery import check_input_size
 from ..utils.distributed import rank, world_size
 
 
@@ -48,6 +49,8 @@ class RunInputs:
         without one, the backbone's registry metadata does (offline: nothing is built or downloaded)."""
         splits = splits if splits is not None else config_splits(cfg)
         dc = data_config(cfg, model)
+        if model is not None:
+            check_input_size(model, dc.img_size)
         return cls(splits, dc, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg)),
                    build_transforms(dc, train=False))
 

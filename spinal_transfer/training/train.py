@@ -318,6 +318,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
                         weights="none" if ckpt else cfg.weights, replace=cfg.replace, classes=splits.classes,
                         weights_partial=cfg.weights_partial, **head_options(cfg))
+    inputs = RunInputs.from_config(cfg, model, splits)   # refuses an input size the model cannot run on
     attach_log_file(run.log)                          # data and model are fine: the run folder is written from here
     if is_main() and not run.splits.is_file():
         run.write_json(run.splits, record(splits))
@@ -325,7 +326,6 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     leak = check_leakage(cfg, splits)
     for note in model.spinal_info.notes:
         log.info(note)
-    inputs = RunInputs.from_config(cfg, model, splits)
     dc = inputs.data_config
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
     model = _place(model, cfg, device, channels_last)

@@ -101,6 +101,17 @@ def test_describe_says_how_much_larger_a_head_is_than_the_default(capsys):
     assert new > default and rows["new head MACs vs default"] == f"{new / default:.2f}x more"
 
 
+def test_describe_says_which_other_heads_run_at_inference(capsys):
+    """DeiT-distilled averages its two heads at inference; GoogLeNet's auxiliary heads train only."""
+    deit = _describe(capsys, "timm/deit_tiny_distilled_patch16_224", "--num-classes", "3")
+    assert deit["other heads replaced"] == "head_dist (at inference too)"
+    assert deit["note"] == ("2 heads run at inference and the model combines their outputs; the head params and MACs "
+                            "above are of one of them")
+    googlenet = _describe(capsys, "torchvision/googlenet", "--num-classes", "3")
+    assert googlenet["other heads replaced"] == "aux1.fc2 (training only), aux2.fc2 (training only)"
+    assert "note" not in googlenet
+
+
 @pytest.mark.parametrize("argv,message", [
     (["describe", "torchvision/no_such_net", "--num-classes", "3"], "no classification model"),
     (["describe", "resnet18", "--num-classes", "3"], "'torchvision/<name>', 'timm/<name>' or 'timm/hf-hub:"),

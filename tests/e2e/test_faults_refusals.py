@@ -259,3 +259,13 @@ def test_a_run_records_its_data_folder_absolute_and_resume_stays_in_its_own_fold
     _refused(res, "a run continues in its own folder")
     assert res.returncode == 2 and not (tmp_path / "elsewhere").exists()
     _refused(cli_run("train", "--resume", tmp_path / "nothing"), "it does not exist")
+
+
+def test_a_backbone_of_fixed_input_size_is_refused_at_another_size(three_digits, tmp_path, cli_run):
+    """A ViT built for 224 px fails inside its first training step at 32 px; it is refused before the run folder
+    is written, naming the size it takes."""
+    res = cli_run("train", "--data", three_digits, "--backbone", "timm/vit_tiny_patch16_224", "--weights", "none",
+                  "--img-size", "32", "--epochs", "1", "--out", tmp_path / "run")
+    _refused(res, "timm/vit_tiny_patch16_224 does not run on 32 px images (Input height (32) doesn't match model "
+                  "(224).): its input size is fixed; use --img-size 224 (its own), or another backbone")
+    assert res.returncode == 2 and not (tmp_path / "run").exists()
