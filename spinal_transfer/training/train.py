@@ -32,7 +32,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import (SPLIT_NAMES, Splits, check_outside, config_splits, fingerprints, load_recorded,
                            record)
 from ..data.transforms import DataConfig
-from ..errors import DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
+from ..errors import ConfigError, DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
 from ..evaluation.calibration import NO_VAL_NOTE, calibrate
 from ..evaluation.evaluate import TTA, Outputs, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
@@ -173,6 +173,10 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
         if resume is None:
             raise RunFolderError("train.run needs a TrainConfig, or a run folder to resume")
         cfg = RunDir(resume).read_config()
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"train.run takes a TrainConfig, not a {type(cfg).__name__} (TrainConfig.from_dict makes "
+                          f"one from a dict)")
+    cfg = TrainConfig.from_dict(cfg.to_dict())   # one built by hand is checked as a loaded one, before any work
     init_distributed(cfg.device)
     device = pick_device(cfg.device)
     configure_process(device)

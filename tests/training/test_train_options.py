@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -202,3 +203,21 @@ def test_a_run_records_its_crop_scale_and_one_saved_before_keeps_the_old_35_perc
     assert yaml.safe_load((out / "config.yaml").read_text())["rrc_scale"] == [0.35, 1.0]
     light = TrainConfig.from_dict({**saved, "augment": "light"}, saved=True)    # a policy whose default did not change
     assert light.rrc_scale is None and Augmentation.from_config(light).crop_scale() == DEFAULT_CROP_SCALE["light"]
+
+
+@pytest.mark.parametrize("bad, says", [({"epochs": 0}, "epochs: 0 is out of range"),
+                                       ({"head_dropout": -0.5}, "head_dropout: -0.5 is out of range"),
+                                       ({"batch_size": -5}, "batch_size: -5 is out of range")])
+def test_a_config_built_by_hand_is_checked_before_any_work(three_digits, tmp_path, bad, says):
+    """TrainConfig(...) is not checked when made; train.run checks it as a loaded one, so epochs=0 no longer trains
+    20 epochs and then fails reading its own config.yaml, leaving a folder it cannot resume."""
+    from conftest import tiny_cfg
+
+    from spinal_transfer.errors import ConfigError
+    from spinal_transfer.training.train import run
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(says)}"):
+        run(tiny_cfg(three_digits, tmp_path / "run", **bad))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"^train.run takes a TrainConfig, not a dict"):
+        run({"data": str(three_digits)})
