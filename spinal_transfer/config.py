@@ -24,7 +24,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .data.augment import POLICIES, Augmentation
-from .errors import ConfigError
+from .errors import ConfigError, flag_name, option_name, option_value
 from .utils.preemption import parse_signals
 from .utils.tracking import parse_log_to
 
@@ -669,10 +669,11 @@ def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int]
     refused = [k for k in changed if k not in RESUME_SAFE
                and not (k in ("batch_size", "accum_steps") and same_global_batch)]
     if refused:
-        shown = ", ".join(f"--{k.replace('_', '-')} {changed[k]!r} (the run has {have[k]!r})" for k in refused)
+        shown = ", ".join(f"{option_value(k, changed[k])} (the run has {have[k]!r})" for k in refused)
         raise ConfigError(f"{shown} would make the resumed run a different experiment. Resume accepts only "
-                          f"{', '.join('--' + k.replace('_', '-') for k in RESUME_SAFE)}; for another experiment "
-                          f"start a new run (another --out, or --overwrite)", key=refused[0])
+                          f"{', '.join(option_name(k).strip(' =') for k in RESUME_SAFE)}; for another experiment "
+                          f"start a new run (another {option_name('out').strip()}, or {flag_name('overwrite')})",
+                          key=refused[0])
     cfg = TrainConfig.from_dict({**have, **changed})
     if done_epochs is not None:
         _check_schedule_change(old, cfg, done_epochs)

@@ -123,6 +123,11 @@ def option_name(name: str, style: Optional[str] = None) -> str:
     return f"--{name.replace('_', '-')} " if (style or _option_style) == "cli" else f"{name}="
 
 
+def option_value(name: str, value: object, style: Optional[str] = None) -> str:
+    """An option given a value, as the reader would write it: `device='gpu'` (Python) or `--device gpu` (CLI)."""
+    return f"{option_name(name, style)}{value}" if (style or _option_style) == "cli" else f"{name}={value!r}"
+
+
 def flag_name(name: str, style: Optional[str] = None) -> str:
     """A boolean switch as the reader would turn it on: `name=True` (Python) or `--name` (CLI)."""
     return option_name(name, style).strip() if (style or _option_style) == "cli" else f"{name}=True"

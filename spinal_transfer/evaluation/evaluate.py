@@ -21,7 +21,7 @@ from ..data.loaders import ShardSampler, make_loader
 from ..data.skiplog import SkipLog
 from ..data.splits import config_splits, fingerprints, labelled_images, load_recorded
 from ..data.transforms import build_transforms
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, option_value
 from ..models.restore import model_from_checkpoint
 from ..runs.rundir import RunDir, load_run_checkpoint
 from ..utils.distributed import gather_objects, is_main
@@ -68,8 +68,8 @@ class TTA:
 
     def __post_init__(self) -> None:
         if self.crops not in TTA_CROPS:
-            raise ConfigError(f"--tta-crops must be one of {TTA_CROPS} (0: none; 5: four corners and the centre), "
-                              f"got {self.crops}", key="tta_crops")
+            raise ConfigError(f"{option_value('tta_crops', self.crops)} is not one of {TTA_CROPS} (0: none; 5: four "
+                              f"corners and the centre)", key="tta_crops")
         if not 0 < self.crop_fraction < 1:
             raise ConfigError(f"TTA crop_fraction must be in (0, 1), got {self.crop_fraction}")
 

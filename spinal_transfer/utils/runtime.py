@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, option_value
 from .distributed import is_main, local_rank
 
 log = logging.getLogger("spinal_transfer")
@@ -35,15 +35,16 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+            raise ConfigError(f"{option_value('device', 'cuda')} was asked for but CUDA is not available; use "
+                              f"{option_value('device', 'cpu')} or auto")
         return torch.device("cuda", local_rank())
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for but this PyTorch has no MPS (Apple GPU); use --device cpu or "
-                          "auto")
+        raise ConfigError(f"{option_value('device', 'mps')} was asked for but this PyTorch has no MPS (Apple GPU); "
+                          f"use {option_value('device', 'cpu')} or auto")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or mps") from None
+        raise ConfigError(f"{option_value('device', name)} is not a device; use auto, cpu, cuda or mps") from None
 
 
 def configure_process(device: Optional[torch.device] = None) -> None:
