@@ -451,7 +451,7 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
     there are replaced. Returns the bundle's config."""
     from safetensors.torch import save_model
 
-    formats = list(dict.fromkeys(formats))
+    formats = list(dict.fromkeys([formats] if isinstance(formats, str) else formats))     # "onnx" is one format
     unknown = [f for f in formats if f not in FORMAT_FILES]
     if unknown:
         raise ExportError(f"unknown format(s) {unknown}; choose from {list(FORMAT_FILES)}")

@@ -20,7 +20,7 @@ import torch
 
 from ..config import CONFIG_FIELDS
 from ..data.images import BadImage
-from ..errors import ConfigError, DataError, flag_name, option_name
+from ..errors import ConfigError, DataError, flag_name, option_name, option_value
 from ..evaluation.calibration import temperature_of
 from ..evaluation.evaluate import TTA, tta_probs
 from ..utils.runtime import configure_process, pick_device
@@ -40,6 +40,10 @@ def _is_single(images: Any) -> bool:
         not isinstance(images, Iterable)
 
 
+
+def _whole(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
 class Predictor:
     """Classify images with a bundle folder, a run folder (its best checkpoint) or a bundle's .onnx file.
 
@@ -57,8 +61,9 @@ class Predictor:
             raise ConfigError(f"{option_name('tta_crops').strip()} needs {flag_name('tta')}", key="tta_crops")
         self.tta: Optional[TTA] = TTA(flip=True, crops=tta_crops) if tta else None
         self.batch_size = CONFIG_FIELDS["batch_size"].default if batch_size is None else batch_size
-        if self.batch_size < 1:
-            raise ConfigError(f"{option_name('batch_size')}{self.batch_size} is out of range: it must be >= 1", key="batch_size")
+        if not _whole(self.batch_size):
+            raise ConfigError(f"{option_value('batch_size', self.batch_size)} is out of range: it must be a whole "
+                              f"number >= 1", key="batch_size")
         self.device = pick_device(device)
         configure_process(self.device)
         self.source = str(source)
@@ -112,8 +117,9 @@ class Predictor:
         probable (class, probability), most probable first. An unreadable file raises DataError; with
         on_error="skip" it is skipped as `spinal-transfer predict` skips it: None in its place, (path, reason)
         in `self.skipped` and a warning in the log."""
-        if topk < 1:
-            raise ConfigError(f"{option_name('topk')}{topk} is out of range: it must be >= 1", key="topk")
+        if not _whole(topk):
+            raise ConfigError(f"{option_value('topk', topk)} is out of range: it must be a whole number >= 1",
+                              key="topk")
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"{option_name('on_error')}must be raise or skip, got {on_error!r}", key="on_error")
         items = [images] if _is_single(images) else list(images)

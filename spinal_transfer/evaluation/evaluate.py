@@ -10,7 +10,7 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -192,10 +192,11 @@ class Evaluation:
 
 
 def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str = "test", device: str = "auto",
-             batch_size: Optional[int] = None, workers: Optional[int] = None, tta: Optional[TTA] = None,
+             batch_size: Optional[int] = None, workers: Optional[int] = None, tta: Union[TTA, bool, None] = None,
              calibrated: bool = True) -> Evaluation:
-    """Metrics of a run's best checkpoint (or any checkpoint file) on one split; with `tta`, the metrics with
-    test-time augmentation (`metrics["tta"]` records its setting) and, in `plain_metrics`, without.
+    """Metrics of a run's best checkpoint (or any checkpoint file) on one split; with `tta` (a TTA, or True: the
+    image and its mirror), the metrics with test-time augmentation (`metrics["tta"]` records its setting) and, in
+    `plain_metrics`, without.
 
     `calibrated`: logits divided by the checkpoint's temperature (calibration.py; T = 1 when it has none), so
     the loss and the predictions CSV are of the calibrated probabilities; accuracy metrics are the same either
@@ -204,6 +205,7 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     Without `data` (or with the run's own data folder) the run's recorded split is used, so the accuracy metrics
     match report.json's exactly (the loss too with `calibrated=False`). Another folder is read by `labelled_images`: its split folder, or all its images when
     it is a flat class-folder tree (never a carved split), its class folders labelled by the model's classes."""
+    tta = (TTA(flip=True) if tta else None) if isinstance(tta, bool) else tta
     ckpt = load_run_checkpoint(source)
     model, cfg, dc, classes = model_from_checkpoint(ckpt)
     samples, used = _eval_samples(Path(source), cfg, data, split, classes, ckpt.get("split_fingerprints"))

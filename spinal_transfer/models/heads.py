@@ -201,7 +201,18 @@ def create_head(kind: str, in_features: int, num_classes: int, *, preset: Option
                 shared_weights: bool = False, hidden: Sequence[int] = (4096, 4096)) -> nn.Module:
     """The one head factory. `dropout`/`batch_norm` left as None take the spinal preset's values
     (mlp: dropout 0.5 as in VGG's classifier); a spinal `layer_width` left as None is
-    `default_layer_width(in_features, num_classes)`, so the rule sees the width that actually reaches the head."""
+    `default_layer_width(in_features, num_classes)`, so the rule sees the width that actually reaches the head.
+    Arguments are checked here, each named as a caller spells it (a float width or a dropout of 1.5 would fail
+    inside torch, and a negative dropout would be taken as none)."""
+    for name, value in (("in_features", in_features), ("num_classes", num_classes), ("layer_width", layer_width),
+                        ("num_layers", num_layers), ("num_splits", num_splits), *(("hidden", h) for h in hidden)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name}={value!r}: expected a whole number >= 1", key=name)
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0 <= dropout < 1):
+        raise ConfigError(f"dropout={dropout!r}: expected a probability in [0, 1)", key="dropout")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation={activation!r}: expected one of {sorted(ACTIVATIONS)}", key="activation")
     if kind == "linear":
         return LinearHead(in_features, num_classes)
     if kind == "mlp":
@@ -218,6 +229,10 @@ def create_head(kind: str, in_features: int, num_classes: int, *, preset: Option
         return SpinalHead(in_features, num_classes, width, num_layers, num_splits,
                           activation=activation, shared_weights=shared_weights, **base)
     raise ConfigError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
+
+
+HEAD_OPTIONS = ("preset", "layer_width", "num_layers", "num_splits", "dropout", "batch_norm", "activation",
+                "shared_weights", "hidden")     # create_head's keywords: what build_model passes on
 
 
 def head_options(cfg) -> dict:

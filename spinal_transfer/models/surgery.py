@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .heads import create_head
+from .heads import HEAD_OPTIONS, create_head
 from .hub import Unreachable, cached_hub_backbones, create_timm, has_model, model_names, parse_backbone
 from .weights import load_backbone_weights, resolve_weights
 
@@ -304,6 +304,14 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
     flattened features, as the paper did; "last" only its last Linear; "auto" = "classifier" for
     spinal/mlp heads on VGG/AlexNet, "last" everywhere else.
     """
+    if not isinstance(backbone, str):
+        raise ConfigError(f"backbone={backbone!r}: expected a name such as 'timm/resnet18'", key="backbone")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise ConfigError(f"num_classes={num_classes!r}: expected a whole number >= 1", key="num_classes")
+    unknown = sorted(set(head_options) - set(HEAD_OPTIONS))
+    if unknown:
+        raise ConfigError(f"build_model: unknown head option(s) {', '.join(unknown)}; the head takes "
+                          f"{', '.join(HEAD_OPTIONS)}", key=unknown[0])
     lib, name = parse_backbone(backbone)
     if replace not in ("auto", "last", "classifier"):
         raise ConfigError(f"replace must be auto, last or classifier, got {replace!r}")

@@ -204,7 +204,7 @@ def test_failed_check_fails_loudly_and_keeps_nothing(exported, tmp_path, monkeyp
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)            # as if the extra were not installed
     with pytest.raises(MissingDependency, match=r'pip install -e "\.\[onnx\]"'):
-        export(run_dir, tmp_path / "bundle", ["onnx"])
+        export(run_dir, tmp_path / "bundle", "onnx")                 # one format as a string: not o, n, n, x
 
 
 @pytest.mark.slow

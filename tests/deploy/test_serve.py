@@ -89,8 +89,12 @@ def test_predictor_takes_paths_pil_images_and_arrays(bundle, images):
             p.predict([bad])
         with pytest.raises(DataError, match="HxWx3 uint8"):
             p.predict(bad)                                            # alone too: not iterated as a sequence
-    with pytest.raises(ConfigError, match=r"^batch_size=0 is out of range: it must be >= 1$"):
+    with pytest.raises(ConfigError, match=r"^batch_size=0 is out of range: it must be a whole number >= 1$"):
         Predictor(bundle, device="cpu", runner="torch", batch_size=0)     # not replaced by the default unsaid
+    with pytest.raises(ConfigError, match=r"^batch_size='8' is out of range"):
+        Predictor(bundle, device="cpu", runner="torch", batch_size="8")
+    with pytest.raises(ConfigError, match=r"^topk=2.5 is out of range"):
+        p.predict(images[:1], topk=2.5)
 
 
 def test_a_pil_image_fresh_from_its_file_predicts_as_its_path(bundle, tmp_path):

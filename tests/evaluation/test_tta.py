@@ -91,6 +91,7 @@ def test_evaluate_prints_and_records_the_metric_with_and_without_tta(short_run, 
     assert saved["top1"] == shown["with_tta"]["top1"]
     ident = evaluate(out, split="test", device="cpu", tta=TTA(flip=False))
     assert ident.metrics["top1"] == report["test"]["top1"] and ident.metrics["tta"]["views"] == 1
+    assert evaluate(out, device="cpu", tta=True).metrics["top1"] == saved["top1"]      # True: image and mirror
     assert cli(["evaluate", str(out), "--tta-crops", "5"]) == 2
 
 

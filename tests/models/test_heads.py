@@ -424,3 +424,34 @@ def test_wrong_input_width_is_an_error():
     head = create_head("spinal", 10, 3, layer_width=4)
     with pytest.raises(RuntimeError):
         head(torch.randn(2, 11))
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"layer_width": 16.5}, "layer_width=16.5: expected a whole number >= 1"),
+    ({"num_splits": 2.0}, "num_splits=2.0: expected a whole number >= 1"),
+    ({"dropout": -0.1}, "dropout=-0.1: expected a probability in [0, 1)"),
+    ({"dropout": 1.5}, "dropout=1.5: expected a probability in [0, 1)"),
+    ({"activation": "foo"}, "activation='foo': expected one of"),
+    ({"hidden": [-1]}, "hidden=-1: expected a whole number >= 1"),
+])
+def test_create_head_names_a_bad_argument_as_python_spells_it(kw, says):
+    from spinal_transfer.errors import ConfigError
+
+    kind = "mlp" if "hidden" in kw else "spinal"
+    with pytest.raises(ConfigError) as e:
+        create_head(kind, 64, 3, **kw)
+    assert str(e.value).startswith(says)
+
+
+@pytest.mark.parametrize("args, kw, says", [
+    (("timm/test_resnet", "10"), {}, "num_classes='10': expected a whole number >= 1"),
+    ((123, 3), {}, "backbone=123: expected a name such as 'timm/resnet18'"),
+    (("timm/test_resnet", 3), {"layer_wdth": 32}, "build_model: unknown head option(s) layer_wdth; the head takes"),
+])
+def test_build_model_names_a_bad_argument(args, kw, says):
+    from spinal_transfer.errors import ConfigError
+    from spinal_transfer.models.surgery import build_model
+
+    with pytest.raises(ConfigError) as e:
+        build_model(*args, weights="none", **kw)
+    assert str(e.value).startswith(says)
