@@ -145,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     model = model_file(args.model, ap)
-    config_file = next(c for c in (model.parent / "config.json", HERE / "config.json") if c.is_file() or c.parent == HERE)
-    config = json.loads(config_file.read_text(encoding="utf-8-sig"))        # the model's bundle's, else this one's
+    config_file = model.parent / "config.json"
+    if not config_file.is_file():           # a model copied out of its bundle: this bundle's config
+        config_file = HERE / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8-sig"))
     inp, classes, temperature = config["input"], config["classes"], float(config.get("temperature") or 1.0)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     files = image_files(args.images)

@@ -40,9 +40,9 @@ def _is_single(images: Any) -> bool:
         not isinstance(images, Iterable)
 
 
-
 def _whole(n: Any) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
 
 class Predictor:
     """Classify images with a bundle folder, a run folder (its best checkpoint) or a bundle's .onnx file.

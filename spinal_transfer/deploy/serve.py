@@ -10,8 +10,8 @@ runners, `auto` included), and answers:
   probabilities come from Predictor.batch_probabilities: the same answers as `spinal-transfer predict`.
 * `GET /healthz`: 200 once the model is loaded, its files hashed and a check batch has given a softmax over
   the bundle's classes (and while the batching task runs), else 503.
-* `GET /metadata`: classes, input size, runner, the bundle's digest (sha256 over its files), its temperature and how its
-  probabilities are made (calibrated or the plain softmax).
+* `GET /metadata`: classes, input size, runner, the bundle's digest (sha256 over its files), its temperature and
+  how its probabilities are made (calibrated or the plain softmax).
 * `GET /metrics`: Prometheus text: requests by endpoint and status, latency and batch-size histograms,
   errors by reason. With several workers, prometheus_client's multiprocess mode adds them all up.
 * `GET /`: a self-contained page (no outside request) to drop an image on and see the top-k bars.

@@ -192,10 +192,11 @@ class Calibration:
         at = next((b for b in T_BOUNDS if abs(math.log(self.temperature / b)) < 0.01), None)
         if at is None:
             return None
-        return (f"T is at the {'lower' if at == T_BOUNDS[0] else 'upper'} bound of its search ({at:g}): the "
-                f"{len(self.splits['val'].targets)} val images ask for {'sharper' if at == T_BOUNDS[0] else 'flatter'} "
-                f"probabilities than any T allowed, so the probabilities are {'near 0 or 1' if at == T_BOUNDS[0] else 'near uniform'}; "
-                f"a bigger val split (--val-fraction) gives a T to trust, or use --no-calibration")
+        low = at == T_BOUNDS[0]
+        return (f"T is at the {'lower' if low else 'upper'} bound of its search ({at:g}): the "
+                f"{len(self.splits['val'].targets)} val images ask for {'sharper' if low else 'flatter'} "
+                f"probabilities than any T allowed, so the probabilities are "
+                f"{'near 0 or 1' if low else 'near uniform'}; a bigger val split (--val-fraction) gives a T to trust, or use --no-calibration")
 
 
 NO_VAL_NOTE = ("not calibrated: the run has no val split, and fitting the temperature on test would make test "

@@ -203,8 +203,9 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     way. `metrics["temperature"]` records the T applied.
 
     Without `data` (or with the run's own data folder) the run's recorded split is used, so the accuracy metrics
-    match report.json's exactly (the loss too with `calibrated=False`). Another folder is read by `labelled_images`: its split folder, or all its images when
-    it is a flat class-folder tree (never a carved split), its class folders labelled by the model's classes."""
+    match report.json's exactly (the loss too with `calibrated=False`). Another folder is read by
+    `labelled_images`: its split folder, or all its images when it is a flat class-folder tree (never a carved
+    split), its class folders labelled by the model's classes."""
     tta = (TTA(flip=True) if tta else None) if isinstance(tta, bool) else tta
     ckpt = load_run_checkpoint(source)
     model, cfg, dc, classes = model_from_checkpoint(ckpt)

@@ -350,7 +350,9 @@ def _calibration_section(calibration: Optional[Mapping], plot: Optional[PathLike
     note = (f'<p class="note">probabilities are softmax(logits / T) with T = {calibration["temperature"]:.3f}'
             + _interval(calibration) + ', fitted on val to minimise its NLL; accuracy is unchanged. ECE: '
             f'{calibration.get("num_bins", 15)} equal-width confidence bins. The metrics above are of the plain '
-            'softmax.</p>') + (f'<p class="note">{_e(calibration["warning"])}</p>' if calibration.get("warning") else "")
+            'softmax.</p>')
+    if calibration.get("warning"):         # T on a bound of its search
+        note += f'<p class="note">{_e(calibration["warning"])}</p>'
     img = ""
     if plot is not None and Path(plot).is_file():
         img = (f'<img class="wide" id="calibration-img" style="max-width:900px" alt="reliability diagram before '

@@ -675,7 +675,7 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
     val_m, select_m = evaluate_epoch(s)
     overflow = [name for name, m in (("val", val_m), ("test", select_m)) if m and m["num_samples"]
                 and not math.isfinite(m["loss"])]
-    if overflow:            # inf/NaN logits: a broken model is no candidate for best.pt, and last.pt keeps the epoch before
+    if overflow:         # inf/NaN logits: a broken model is no candidate for best.pt; last.pt keeps the epoch before
         raise NonFiniteLoss(f"the {overflow[0]} loss became NaN/inf after epoch {epoch}/{cfg.total_epochs()} (the "
                             f"model's outputs overflow)")
     s.progress.epoch, s.progress.batch, s.progress.epoch_loss, s.progress.epoch_seen = epoch, 0, 0.0, 0
