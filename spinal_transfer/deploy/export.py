@@ -511,7 +511,7 @@ def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int
     from torch.utils.data import SequentialSampler
 
     cfg = TrainConfig.from_dict(ckpt["config"])
-    samples, _ = _eval_samples(source, cfg, data, split, list(ckpt["classes"]))
+    samples, _ = _eval_samples(source, cfg, data, split, list(ckpt["classes"]), ckpt.get("split_fingerprints"))
     if limit is not None and len(samples) > limit:
         samples = random.Random(0).sample(samples, limit)
     loader = make_loader(samples, eval_transform(bundle_config(ckpt)), batch_size or cfg.batch_size, workers,
