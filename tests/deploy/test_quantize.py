@@ -178,14 +178,21 @@ def test_fallback_keeps_the_outlier_activations_in_fp32(trained, tmp_path):
 
     info = quantize_and_check(path, tmp_path / "int8.onnx", train, val)
     fb = info["fallback"]
+    kept = list(fb["activations"])
     assert info["top1_drop_points"] <= 1.0 and 1 <= fb["tried"] <= 4
-    assert set(fb["activations"]) <= outliers and fb["fp32_nodes"] == nodes_around(first, list(fb["activations"]))
+    # the worst-represented activations are kept first, so the outliers before any other (the clean model's own
+    # int8 drop, near the bound for this small model, may ask for a few more)
+    assert set(kept) == set(sorted(sqnr, key=sqnr.get)[:len(kept)])
+    assert outliers <= set(kept) or set(kept) <= outliers
+    assert fb["fp32_nodes"] == nodes_around(first, kept)
     assert any("kept" in w and "node(s) in fp32" in w for w in info["warnings"])
-    # every kept convolution is a reparameterised one: its weights for channel 0 (written or read) are >100x off
+    # the convolutions kept around the outliers are the reparameterised ones: their weights for channel 0 (written
+    # or read) are >100x off
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    convs = [n for n in graph.node if n.name in fb["fp32_nodes"] and n.op_type == "Conv"]
-    assert len(convs) == len(fb["fp32_nodes"]) == 2 * len(fb["activations"])
+    around = set(nodes_around(first, sorted(outliers & set(kept))))
+    convs = [n for n in graph.node if n.name in around and n.op_type == "Conv"]
+    assert len(convs) == len(around) == 2 * len(outliers & set(kept)) and set(fb["fp32_nodes"]) >= around
     for node in convs:
         w = np.abs(weights[node.input[1]])                              # float: this conv was not quantized
         out_ratio, in_ratio = w[0].mean() / w[1:].mean(), w[:, 0].mean() / w[:, 1:].mean()
