@@ -132,8 +132,9 @@ def inference_heads(model: nn.Module) -> list[str]:
 
 def check_input_size(model: nn.Module, img_size: int) -> None:
     """ConfigError, before any training, when the model cannot run on `img_size` px images: a ViT, DeiT or LeViT
-    built for 224 px has a fixed patch grid (timm marks it fixed_input_size), and would fail inside the first
-    training step with a traceback. A model's own input size is not checked again (it was probed when built)."""
+    built for 224 px has a fixed patch grid (timm marks it fixed_input_size), AlexNet's pooling needs more than 32
+    px; either would fail inside the first training step with a traceback. A model's own input size is not checked
+    again (it was probed when built)."""
     info = model.spinal_info
     if img_size == info.input_size:
         return
@@ -141,9 +142,8 @@ def check_input_size(model: nn.Module, img_size: int) -> None:
         with torch.no_grad():
             _probe(model, img_size, {})
     except Exception as e:       # timm raises AssertionError or RuntimeError, depending on the architecture
-        raise ConfigError(f"{info.backbone} does not run on {img_size} px images ({str(e).splitlines()[0]}): its "
-                          f"input size is fixed; use --img-size {info.input_size} (its own), or another backbone",
-                          key="img_size") from None
+        raise ConfigError(f"{info.backbone} does not run on {img_size} px images ({str(e).splitlines()[0]}); use "
+                          f"--img-size {info.input_size} (its own size), or another backbone", key="img_size") from None
 
 
 def _torchvision_input_size(name: str, model: nn.Module, weights: Any) -> int:

@@ -267,5 +267,5 @@ def test_a_backbone_of_fixed_input_size_is_refused_at_another_size(three_digits,
     res = cli_run("train", "--data", three_digits, "--backbone", "timm/vit_tiny_patch16_224", "--weights", "none",
                   "--img-size", "32", "--epochs", "1", "--out", tmp_path / "run")
     _refused(res, "timm/vit_tiny_patch16_224 does not run on 32 px images (Input height (32) doesn't match model "
-                  "(224).): its input size is fixed; use --img-size 224 (its own), or another backbone")
+                  "(224).); use --img-size 224 (its own size), or another backbone")
     assert res.returncode == 2 and not (tmp_path / "run").exists()
