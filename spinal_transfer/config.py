@@ -672,7 +672,7 @@ def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int]
         shown = ", ".join(f"{option_value(k, changed[k])} (the run has {have[k]!r})" for k in refused)
         raise ConfigError(f"{shown} would make the resumed run a different experiment. Resume accepts only "
                           f"{', '.join(option_name(k).strip(' =') for k in RESUME_SAFE)}; for another experiment "
-                          f"start a new run (another {option_name('out').strip()}, or {flag_name('overwrite')})",
+                          f"start a new run (another {option_name('out').strip(' =')}, or {flag_name('overwrite')})",
                           key=refused[0])
     cfg = TrainConfig.from_dict({**have, **changed})
     if done_epochs is not None:

