@@ -133,7 +133,7 @@ class Model:
             "digest": digest_of(files), "digest_files": [f.name for f in files],
             "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
             "max_upload_mb": settings.max_upload_mb, "topk": settings.topk, "version": __version__,
-            "temperature": self.predictor.temperature if settings.calibrated and config.get("temperature") else None,
+            "temperature": config.get("temperature") if settings.calibrated else None,
             "probabilities": probabilities_note(config, settings.calibrated),
         }
 

@@ -171,20 +171,20 @@ class Calibration:
 
     def to_dict(self) -> dict:
         """What report.json records under "calibration"."""
+        warning = self.bound_note()
         return {"temperature": self.temperature, "temperature_interval": list(self.interval),
                 "temperature_interval_method": f"95% percentile bootstrap, {BOOTSTRAP} resamples of val",
                 "fitted_on": "val", "num_bins": NUM_BINS, **{name: s.to_dict() for name, s in self.splits.items()},
-                **({"warning": self.bound_note()} if self.bound_note() else {})}
+                **({"warning": warning} if warning else {})}
 
     def describe(self) -> str:
         parts = [f"{name} ECE {d['ece_before']:.4f} -> {d['ece_after']:.4f}, NLL {d['nll_before']:.4f} -> "
                  f"{d['nll_after']:.4f}" for name, d in ((n, s.to_dict()) for n, s in self.splits.items())]
-        lo, hi = self.interval
+        lo, hi, warning = *self.interval, self.bound_note()
         return (f"temperature {self.temperature:.3f} (fitted on {len(self.splits['val'].targets)} val images; 95% "
                 f"bootstrap interval {lo:.2f}-{hi:.2f}"
                 + ("; the val split is too small to pin it down: more val images (--val-fraction) narrow it"
-                   if hi > 2 * lo else "") + (f"; {self.bound_note()}" if self.bound_note() else "") + "): "
-                + "; ".join(parts))
+                   if hi > 2 * lo else "") + (f"; {warning}" if warning else "") + "): " + "; ".join(parts))
 
     def bound_note(self) -> Optional[str]:
         """Said when T ended on a bound of T_BOUNDS: the best T may lie beyond it, and the probabilities are as
@@ -196,7 +196,8 @@ class Calibration:
         return (f"T is at the {'lower' if low else 'upper'} bound of its search ({at:g}): the "
                 f"{len(self.splits['val'].targets)} val images ask for {'sharper' if low else 'flatter'} "
                 f"probabilities than any T allowed, so the probabilities are "
-                f"{'near 0 or 1' if low else 'near uniform'}; a bigger val split (--val-fraction) gives a T to trust, or use --no-calibration")
+                f"{'near 0 or 1' if low else 'near uniform'}; a bigger val split (--val-fraction) gives a T to trust, "
+                f"or use --no-calibration")
 
 
 NO_VAL_NOTE = ("not calibrated: the run has no val split, and fitting the temperature on test would make test "

@@ -6,6 +6,7 @@ building a backbone.
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Sequence
 
 import torch
@@ -231,8 +232,8 @@ def create_head(kind: str, in_features: int, num_classes: int, *, preset: Option
     raise ConfigError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
 
 
-HEAD_OPTIONS = ("preset", "layer_width", "num_layers", "num_splits", "dropout", "batch_norm", "activation",
-                "shared_weights", "hidden")     # create_head's keywords: what build_model passes on
+# create_head's keyword-only options: what build_model passes on to it
+HEAD_OPTIONS = tuple(p.name for p in inspect.signature(create_head).parameters.values() if p.kind is p.KEYWORD_ONLY)
 
 
 def head_options(cfg) -> dict:

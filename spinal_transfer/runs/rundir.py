@@ -225,7 +225,7 @@ class RunDir:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             if e.errno in (errno.EACCES, errno.EAGAIN):
                 raise RunFolderError(f"{self.path} is in use by {holder}; wait for it to end, or use another "
@@ -256,11 +256,15 @@ class RunDir:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            return _holder(fd)
         finally:
             os.close(fd)
         return None
-        return False
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock on `fd`, as its holder wrote it ("pid N on HOST since ...")."""
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
 
 
 def check_new_run(run: RunDir, overwrite: bool, log: Any) -> None:
