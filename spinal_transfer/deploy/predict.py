@@ -45,6 +45,7 @@ from ..models.restore import model_from_checkpoint
 from ..runs.rundir import load_run_checkpoint
 from ..utils.atomic import atomic_write_text
 from ..utils.runtime import configure_process, pick_device, use_channels_last
+from ..utils.stamp import csv_header
 from .export import (
     CONFIG_FILE,
     FORMAT_FILES,
@@ -288,8 +289,7 @@ def write_csv(preds: Predictions, out: PathLike, topk: int = TOPK, min_confidenc
     buf = io.StringIO()
     writer = csv.writer(buf)
     gate = min_confidence is not None
-    writer.writerow(["path"] + (["prediction"] if gate else []) +
-                    [f"{col}_{j}" for j in range(1, k + 1) for col in ("label", "prob")])
+    writer.writerow(csv_header(k, gate))
     unsure = preds.uncertain(min_confidence).tolist() if gate else [False] * len(preds.paths)
     for path, top, no in zip(preds.paths, preds.top(k), unsure):
         writer.writerow([path] + ([UNCERTAIN if no else top[0][0]] if gate else []) +

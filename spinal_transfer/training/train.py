@@ -32,7 +32,8 @@ from ..data.skiplog import SkipLog
 from ..data.splits import (SPLIT_NAMES, Splits, check_outside, config_splits, fingerprints, load_recorded,
                            record)
 from ..data.transforms import DataConfig
-from ..errors import ConfigError, DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError
+from ..errors import (ConfigError, DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError,
+                      option_value)
 from ..evaluation.calibration import NO_VAL_NOTE, calibrate
 from ..evaluation.evaluate import TTA, Outputs, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
@@ -229,7 +230,7 @@ def _explain(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunD
 
 def _check_data_folder(data: str, run: RunDir) -> None:
     if not data:
-        raise DataError("no data folder given (--data DIR)")
+        raise DataError(f"no data folder given ({option_value('data', 'DIR')})")
     check_outside(run.path, data)
 
 

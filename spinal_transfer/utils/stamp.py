@@ -15,7 +15,15 @@ from .. import __version__
 
 STAMP = "spinal-transfer"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CSV_HEADERS = ("path,label_1,prob_1", "path,prediction,label_1,prob_1")    # predict's write_csv
+
+
+def csv_header(k: int, gate: bool) -> list[str]:
+    """predict's CSV columns for its top `k` (`gate`: with --min-confidence's `prediction` column)."""
+    return ["path"] + (["prediction"] if gate else []) + [f"{col}_{j}" for j in range(1, k + 1)
+                                                          for col in ("label", "prob")]
+
+
+CSV_HEADERS = tuple(",".join(csv_header(1, gate)) for gate in (False, True))     # how each CSV of ours begins
 
 
 def png_metadata() -> dict[str, str]:

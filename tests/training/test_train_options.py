@@ -221,3 +221,16 @@ def test_a_config_built_by_hand_is_checked_before_any_work(three_digits, tmp_pat
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match=r"^train.run takes a TrainConfig, not a dict"):
         run({"data": str(three_digits)})
+
+
+def test_a_config_without_data_names_the_option_as_the_caller_writes_it(tmp_path, cli_run):
+    """From Python the missing folder is `data='DIR'` (it said `--data DIR`), from the CLI `--data DIR`: the words
+    the caller types."""
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.errors import DataError
+    from spinal_transfer.training.train import run
+
+    with pytest.raises(DataError, match=re.escape("no data folder given (data='DIR')")):
+        run(TrainConfig(out=str(tmp_path / "run"), weights="none"))
+    r = cli_run("train", "--out", str(tmp_path / "cli"), "--weights", "none")
+    assert r.returncode == 2 and "--data DIR is required" in r.stderr and "Traceback" not in r.stderr
