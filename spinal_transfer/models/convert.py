@@ -77,22 +77,54 @@ def bundled_weight_file(lib: str, name: str) -> Path:
     return found[0]
 
 
+def _is_counter(key: str, tensor: torch.Tensor) -> bool:
+    """A BatchNorm `num_batches_tracked` counter: by its name, or, under names that say nothing, by being a single
+    whole number (no weight is a 0-dim integer tensor)."""
+    return key.endswith(NBT) or (tensor.ndim == 0 and not tensor.is_floating_point())
+
+
+def _same_names_problem(src_keys: list[str], dst_keys: list[str]) -> str:
+    """When most of the source's names are the model's own, the ones it lacks or adds (a file of this very model
+    with a tensor removed or added), else ''."""
+    common = set(src_keys) & set(dst_keys)
+    if len(common) < max(len(src_keys), len(dst_keys)) / 2:
+        return ""
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    missing, extra = [k for k in dst_keys if k not in common], [k for k in src_keys if k not in common]
+    return "; ".join(([f"it lacks the model's {listed(missing)}"] if missing else []) +
+                     ([f"it has {listed(extra)}, which the model does not"] if extra else []))
+
+
+def _ambiguous_siblings(key: str, target: Mapping[str, torch.Tensor]) -> list[str]:
+    """The model's other tensors of `key`'s module with its shape (a BatchNorm's weight, bias, running_mean and
+    running_var): what a source tensor whose name says no role could as well be."""
+    module, shape = key.rpartition(".")[0], tuple(target[key].shape)
+    return [k for k in target if k != key and k.rpartition(".")[0] == module and tuple(target[k].shape) == shape
+            and not k.endswith(NBT)]
+
+
 def map_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
                  source_name: str = "source") -> "OrderedDict[str, torch.Tensor]":
     """`target`'s keys holding `source`'s tensors, paired by position; ConfigError (one line naming both keys and
-    shapes) on the first shape mismatch, or naming both counts when the counts differ."""
+    shapes) on the first shape mismatch, on a pair whose names say other roles, on a tensor whose name says no
+    role where the model's module has equal-shaped tensors of other roles (order alone cannot tell them apart),
+    or naming both counts (or, for the model's own names, the keys) when the counts differ."""
     src_keys, dst_keys = list(source), list(target)
     if set(src_keys) == set(dst_keys) and src_keys != dst_keys:      # the model's own names: pair them by name
         source = {k: source[k] for k in dst_keys}
         src_keys = dst_keys
     kept: dict[str, torch.Tensor] = {}
-    if not any(k.endswith(NBT) for k in src_keys):
+    if not any(_is_counter(k, source[k]) for k in src_keys):
         kept = {k: target[k] for k in dst_keys if k.endswith(NBT)}
         dst_keys = [k for k in dst_keys if not k.endswith(NBT)]
     if len(src_keys) != len(dst_keys):
+        named = _same_names_problem(src_keys, dst_keys)
         raise ConfigError(f"{source_name} has {len(src_keys)} tensors, the model {len(dst_keys)}"
-                          f"{' (num_batches_tracked left out)' if kept else ''}: not the same architecture, "
-                          f"so the tensors cannot be paired by order")
+                          f"{' (num_batches_tracked left out)' if kept else ''}: "
+                          + (f"{named}" if named else "not the same architecture, so the tensors cannot be paired "
+                                                      "by order"))
     out: dict[str, torch.Tensor] = dict(kept)
     for i, (sk, dk) in enumerate(zip(src_keys, dst_keys)):
         s, d = source[sk], target[dk]
@@ -103,6 +135,12 @@ def map_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.
             raise ConfigError(f"{source_name} tensor {i} {sk} would pair with the model's {dk}: a {_role(sk)} with a "
                               f"{_role(dk)} (equal shapes, other roles): the file lists a module's tensors in another "
                               f"order than the model, so pairing by order would load them into the wrong places")
+        siblings = [] if _role(sk) or sk == dk else _ambiguous_siblings(dk, target)
+        if siblings:
+            raise ConfigError(f"{source_name} tensor {i} {sk} would pair with the model's {dk}, but its name does not "
+                              f"say what it is (weight, bias, running_mean, ...) and {siblings[0]} has the same "
+                              f"shape: order alone cannot tell them apart; give the keys names that end in their "
+                              f"roles")
         out[dk] = s.detach().to(d.dtype).clone()
     return OrderedDict((k, out[k]) for k in target)
 

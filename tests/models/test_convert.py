@@ -110,6 +110,33 @@ def test_pairing_by_order_refuses_tensors_of_other_roles_and_pairs_the_models_ow
         converted_state_dict(model, path)
 
 
+def test_names_that_say_no_role_are_refused_where_order_alone_cannot_tell_tensors_apart(tmp_path):
+    """Under names like p0, p1, ... a BatchNorm's weight, bias and statistics (equal shapes) could be listed in
+    any order: with the first two swapped, the file loaded them swapped in silence. Such a file is refused, naming
+    the tensor; its counters (0-dim integers) are counted as counters, so the refusal gives this reason, not a
+    count; where shapes tell tensors apart (a conv weight, a Linear), role-less names still pair."""
+    model = reference_model("timm/test_resnet")
+    sd = model.state_dict()
+    keys = _bias_first(list(sd))                   # a swap such a file cannot show: it is refused at its first BN
+    torch.save({f"p{i}": sd[k] for i, k in enumerate(keys)}, tmp_path / "opaque.pth")
+    with pytest.raises(ConfigError, match=r"opaque\.pth tensor (\d+) p\1 would pair with the model's (\S+)\.weight, "
+                                          r"but its name does not say what it is .* \2\.bias has the same shape"):
+        converted_state_dict(model, tmp_path / "opaque.pth")
+    linear = OrderedDict([("fc.weight", torch.zeros(3, 4)), ("fc.bias", torch.zeros(3))])
+    out = map_by_order({"p0": torch.ones(3, 4), "p1": torch.full((3,), 2.0)}, linear)
+    assert torch.equal(out["fc.bias"], torch.full((3,), 2.0))
+
+
+def test_a_file_of_the_models_own_names_with_a_tensor_missing_or_added_names_it(tmp_path):
+    model = reference_model("timm/test_resnet")
+    sd = model.state_dict()
+    gone = next(k for k in sd if k.endswith("conv1.weight"))
+    with pytest.raises(ConfigError, match=rf"it lacks the model's {gone}$"):
+        map_by_order({k: v for k, v in sd.items() if k != gone}, sd)
+    with pytest.raises(ConfigError, match=r"it has extra\.weight, which the model does not$"):
+        map_by_order({**sd, "extra.weight": torch.zeros(1)}, sd)
+
+
 def test_counters_missing_from_the_source_are_kept_as_the_model_made_them():
     target = OrderedDict(w=torch.zeros(2), num_batches_tracked=torch.tensor(7), v=torch.zeros(3))
     out = map_by_order({"p": torch.ones(2), "q": torch.full((3,), 2.0)}, target)
@@ -132,6 +159,8 @@ def test_convert_weights_cli_writes_a_file_train_loads_as_backbone_weights(tmp_p
                            capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "tensors" in wrong.stderr
     assert not (tmp_path / "x.pth").exists()
+    text = subprocess.run(cmd[:-1] + [str(tmp_path / "z.txt")], capture_output=True, text=True)
+    assert text.returncode == 2 and ".safetensors, .pth, .pt, .bin" in text.stderr and not (tmp_path / "z.txt").exists()
 
 
 def test_weights_bundled_loads_the_wheel_into_every_backbone_tensor_and_says_where_from(lite0):
