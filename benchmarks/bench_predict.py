@@ -85,6 +85,13 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 # --- data -----------------------------------------------------------------------------------------
 
+def points_versus(drop: float, reference: str) -> str:
+    """A top-1 drop (points, positive = lost) in words that cannot be read as a gain."""
+    if round(drop, 2) == 0:
+        return f"level with {reference}"
+    return f"{abs(drop):.2f} points {'below' if drop > 0 else 'above'} {reference}"
+
+
 def labelled_digits(root: Path, n: int) -> tuple[list, list]:
     """(train, val) (path, label) lists: n digit JPEGs (48-256 px), stratified 70/30, fixed seed."""
     from sklearn.model_selection import train_test_split
@@ -402,7 +409,7 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
             a = f"= eager (max abs logit diff {diffs[k]:.1e})"
         target = "(reference)" if k == "eager_fp32" else "(reported)"
         if kind in TARGETS and k == "ort_int8":           # speed and accuracy of the same model: one verdict
-            a += f" ({drop:+.2f} points vs eager fp32)"
+            a += f" ({points_versus(drop, 'eager fp32')})"
             ok = med >= TARGET_SPEEDUP and drop <= MAX_DROP_POINTS
             target = f"target >= {TARGET_SPEEDUP:g}x and drop <= {MAX_DROP_POINTS:g} point: {'PASS' if ok else 'MISS'}"
         rows.append((f"{kind} {k}", f"{R.median_rate(k):.1f} img/s, {a}" + (f"; {notes[k]}" if k in notes else ""),
@@ -411,7 +418,7 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
           f"{len(R.rates['eager_fp32'])} rounds of images/s relative to eager_fp32 in the same round; top-1 on "
           f"{fit['val_images']} labelled val images):")
     print_table(rows)
-    print(f"{kind} int8 top-1 drop vs eager fp32: {drop:+.2f} points (int8 agrees with ORT fp32 on "
+    print(f"{kind} int8 top-1 vs eager fp32: {points_versus(drop, 'it')} (int8 agrees with ORT fp32 on "
           f"{100 * agree_int8:.1f}% of val images)" + (f"; target <= {MAX_DROP_POINTS:g} point: "
                                                         f"{'PASS' if drop <= MAX_DROP_POINTS else 'MISS'}"
                                                         if kind in TARGETS else ""))
@@ -436,7 +443,8 @@ def calibration_settings(fp32: Path, out: Path, train: Batches, val: Batches) ->
         q = quantize_and_compare(fp32, out, train, val, max_images=images, per_channel=per_channel,
                                  calibrate_method=method)
         print(f"    {method:10s} {'per-channel' if per_channel else 'per-tensor ':11s} {q['calibration_images']:3d} "
-              f"images: top-1 {100 * q['top1_int8']:.1f}% ({100 * (q['top1_fp32'] - q['top1_int8']):+.2f} points), "
+              f"images: top-1 {100 * q['top1_int8']:.1f}% "
+              f"({points_versus(100 * (q['top1_fp32'] - q['top1_int8']), 'fp32')}), "
               f"agrees with fp32 on {100 * q['agreement']:.1f}% ({time.perf_counter() - t:.0f} s)", flush=True)
 
 

@@ -571,7 +571,7 @@ def format_check(f: dict) -> str:
     """How an exported file was checked, in words (config["formats"][...])."""
     if "top1_int8" in f:
         return (f"{f['method']}; top-1 on {f['eval_images']} {f['eval_split']} images: int8 "
-                f"{100 * f['top1_int8']:.2f}% vs fp32 {100 * f['top1_fp32']:.2f}% ({f['top1_drop_points']:+.2f} "
+                f"{100 * f['top1_int8']:.2f}% vs fp32 {100 * f['top1_fp32']:.2f}% (drop {f['top1_drop_points']:.2f} "
                 f"points; bound {f['max_accuracy_drop']:g}{', forced' if f.get('forced') else ''}; agrees with fp32 on "
                 f"{100 * f['agreement']:.1f}%)"
                 + (f"; {len(f['fp32_nodes'])} node(s) kept in fp32: {', '.join(f['fp32_nodes'])}"

@@ -21,7 +21,7 @@ DEFAULT_MODE = "finetune"
 # how the outputs (logs, tables, pages, JSON) name each mode: the screen must never pass for the real thing
 MODE_NAMES = {"finetune": "fine-tune (as train)",
               "frozen": "frozen-backbone screen (features cached; not what train does)"}
-MODE_HELP = ("finetune: every run trains as `train` does (end to end, after train's frozen first epoch); frozen: a "
+MODE_HELP = ("finetune: every run trains as `train` does (with train's --freeze-epochs, 0 by default: end to end from the first step); frozen: a "
              "fast screen, not what train does: the backbone stays frozen and its features are computed once and "
              f"shared by every run (default: {DEFAULT_MODE})")
 CACHE_DIR = "feature-cache"

@@ -315,6 +315,16 @@ def make_sampler(seed: int) -> "optuna.samplers.BaseSampler":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
 
 
+def resume_sampling(study: "optuna.Study", seed: int) -> None:
+    """A continued study's sampler seeded past the trials it has: seeded as a new one, it drew the same random
+    start-up points again (trial 2 of a rerun repeated trial 1). A new study's sampling is unchanged (seed + 0)."""
+    from optuna.trial import TrialState
+
+    started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    if started:
+        study.sampler = make_sampler(seed + started)
+
+
 def make_pruner(name: str) -> "optuna.pruners.BasePruner":
     optuna = _optuna()
     if name == "none":
@@ -431,6 +441,7 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     study = open_study(storage, study_name, make_sampler(sampler_seed),
                        make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
                        out / ".study.lock", untuned_params(base))
+    resume_sampling(study, sampler_seed)
     remaining = trials - counted(study)
     log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
         f"{max(0, remaining)} to go")

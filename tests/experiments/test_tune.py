@@ -264,6 +264,30 @@ def test_a_new_study_starts_with_the_untuned_defaults(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # study.ask(), not optimize
+def test_a_continued_study_samples_new_points(tmp_path):
+    """Rerunning tune reopened the study with its sampler seeded as new: its first sampled trial repeated the
+    first one of the earlier command (the same random start-up point, trained twice)."""
+    base = resolve_config(None, {"data": str(tmp_path), "epochs": 6})
+
+    def reopen() -> optuna.Study:
+        return tune.open_study(tune.default_storage(tmp_path), "s", tune.make_sampler(0), optuna.pruners.NopPruner(),
+                               {"mode": "finetune"}, tmp_path / ".lock", tune.untuned_params(base))
+    study = reopen()
+    tune.resume_sampling(study, 0)
+    def sample(study: optuna.Study) -> dict:
+        trial = study.ask()
+        fields = tune.trial_fields(trial, base)          # the search space's suggestions, as a trial makes them
+        study.tell(trial, 0.5)
+        return fields
+    assert sample(study) == {}                           # the untuned defaults
+    first_sampled = sample(study)
+    assert first_sampled and sample(reopen()) == first_sampled          # what a rerun drew before
+    study = reopen()
+    tune.resume_sampling(study, 0)
+    assert sample(study) != first_sampled
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # study.ask(), not optimize
 def test_untuned_defaults_outside_the_space_are_named(tmp_path):
     base = resolve_config(None, {"data": str(tmp_path), "epochs": 3, "head": "mlp", "lr": 0.5,
                                  "weight_decay": 0.0, "mlp_hidden": [4096, 4096], "label_smoothing": 0.0})
