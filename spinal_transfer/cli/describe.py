@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-classes must be >= 2, got {args.num_classes}")
     cfg = resolve_config(flags={**given_flags(args), "backbone": args.backbone})
     model = build_model(cfg.backbone, args.num_classes, head=cfg.head, weights=None, replace=cfg.replace,
-                        **head_options(cfg))
+                        img_size=cfg.img_size, **head_options(cfg))
     info, head = model.spinal_info, get_head(model)
     total = sum(p.numel() for p in model.parameters())
     rows = [("backbone", info.backbone), ("classifier replaced", ", ".join(info.head_paths) + f" ({info.replace})"),

@@ -135,7 +135,7 @@ def build_from_config(config: dict) -> nn.Module:
     """The bundle's architecture with random weights; weights=None, so nothing is downloaded."""
     head = config["head"]
     return build_model(config["backbone"], len(config["classes"]), head=head["kind"], weights=None,
-                       replace=head["replace"], **head["options"])
+                       replace=head["replace"], img_size=config["input"]["img_size"], **head["options"])
 
 
 def verify_bundle(folder: Path, config: dict, used: str) -> None:

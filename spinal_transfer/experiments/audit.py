@@ -266,7 +266,7 @@ def compute_features(cfg: TrainConfig, splits: Splits, cache: Path, skips: SkipL
     device = pick_device(cfg.device)
     configure_process(device)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
-                        **head_options(cfg))
+                        img_size=cfg.img_size, **head_options(cfg))
     inputs = RunInputs.from_config(cfg, model, splits)        # train's input settings and evaluation transform
     dc, tf = inputs.data_config, inputs.eval_transform
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)

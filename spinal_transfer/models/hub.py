@@ -288,8 +288,8 @@ def _unavailable(repo: Optional[str], rev: Optional[str], needed: Tuple[str, ...
     return Unreachable(reason, missing, repo) if reason else None
 
 
-def create_timm(name: str, pretrained: bool) -> nn.Module:
-    """`timm.create_model(name, pretrained=...)` that fails within seconds, raising Unreachable with the
+def create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """`timm.create_model(name, pretrained=..., **kwargs)` that fails within seconds, raising Unreachable with the
     missing files, when they are not cached and the server cannot be reached. `name` is a registry
     name (possibly `arch.tag`) or `hf-hub:org/name[@rev]`, whose config.json is needed even without
     weights. The Hub is probed once per process; when it does not answer, timm runs in offline mode."""
@@ -300,11 +300,11 @@ def create_timm(name: str, pretrained: bool) -> nn.Module:
     if gap is not None:
         raise gap
     if repo is None:
-        return timm.create_model(name, pretrained=pretrained)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     reason = hub_offline_reason()
     try:
         with hub_offline_mode(reason is not None or hf_offline_flag()):
-            return timm.create_model(name, pretrained=pretrained, cache_dir=str(hf_cache_dir()))
+            return timm.create_model(name, pretrained=pretrained, cache_dir=str(hf_cache_dir()), **kwargs)
     except _hub_errors() as e:
         missing = tuple(f for f in needed if not _cached_or_alternative(repo, f, rev)) or needed
         raise Unreachable(reason or _short(e), missing, repo) from e

@@ -13,7 +13,7 @@ def model_from_checkpoint(ckpt: dict):
     cfg = TrainConfig.from_dict(ckpt["config"])
     classes, info = ckpt["classes"], ckpt["head_info"]
     model = build_model(cfg.backbone, len(classes), head=cfg.head, weights=None, replace=info["replace"],
-                        **head_options(cfg))
+                        img_size=info.get("input_size"), **head_options(cfg))
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, cfg, DataConfig(**ckpt["data_config"]), classes

@@ -131,19 +131,21 @@ def inference_heads(model: nn.Module) -> list[str]:
 
 
 def check_input_size(model: nn.Module, img_size: int) -> None:
-    """ConfigError, before any training, when the model cannot run on `img_size` px images: a ViT, DeiT or LeViT
-    built for 224 px has a fixed patch grid (timm marks it fixed_input_size), AlexNet's pooling needs more than 32
-    px; either would fail inside the first training step with a traceback. A model's own input size is not checked
-    again (it was probed when built)."""
+    """ConfigError, before any training, when the model cannot run on `img_size` px images: torchvision's ViT,
+    whose weights fix its patch grid, or AlexNet below 63 px would fail inside the first training step with a
+    traceback (timm's fixed-size models are built for the asked size: _build_timm). A model's own input size is
+    not checked again (it was probed when built)."""
     info = model.spinal_info
-    if img_size == info.input_size:
-        return
+    if img_size != info.input_size:
+        _refuse_unless_it_runs(model, info.backbone, img_size, info.input_size)
+
+
+def _refuse_unless_it_runs(model: nn.Module, backbone: str, img_size: int, own_size: int) -> None:
     try:
-        with torch.no_grad():
-            _probe(model, img_size, {})
+        _probe(model, img_size, {})
     except Exception as e:       # timm raises AssertionError or RuntimeError, depending on the architecture
-        raise ConfigError(f"{info.backbone} does not run on {img_size} px images ({str(e).splitlines()[0]}); use "
-                          f"--img-size {info.input_size} (its own size), or another backbone", key="img_size") from None
+        raise ConfigError(f"{backbone} does not run on {img_size} px images ({_short_error(e)}); use --img-size "
+                          f"{own_size} (its own size), or another backbone", key="img_size") from None
 
 
 def _torchvision_input_size(name: str, model: nn.Module, weights: Any) -> int:
@@ -202,18 +204,37 @@ def _is_classifier(m: Optional[nn.Module], out_dim: int) -> bool:
             or (isinstance(m, nn.Conv2d) and m.out_channels == out_dim and m.kernel_size == (1, 1)))
 
 
-def _build_timm(name: str, source: Any) -> tuple[nn.Module, int]:
+def _build_timm(name: str, source: Any, img_size: Optional[int] = None) -> tuple[nn.Module, int]:
+    """(model, its input size). A model of a fixed input size (timm's fixed_input_size: ViT, DeiT, Swin, LeViT,
+    ...) asked for another `img_size` is built for it, as `timm.create_model(..., img_size=)` does (timm resamples
+    pretrained position embeddings; a weights file's are resampled on loading, weights.fit_position_embedding),
+    so that it runs on the images it is given rather than refusing them."""
     check_name("timm", name)
+    full = name if source.tag is None else f"{name}.{source.tag}"
     try:
-        model = create_timm(name if source.tag is None else f"{name}.{source.tag}",
-                            pretrained=source.builtin is not None)
+        model = create_timm(full, pretrained=source.builtin is not None)
+        native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        if not img_size or img_size == native or not model.pretrained_cfg.get("fixed_input_size"):
+            return model, native
+        try:
+            model = create_timm(full, pretrained=source.builtin is not None, img_size=img_size)
+        except (TypeError, ValueError, AssertionError, RuntimeError) as e:    # no img_size, or a grid it cannot take
+            raise ConfigError(f"timm/{name} is built for {native} px and cannot be built for {img_size} px "
+                              f"({_short_error(e)}); use --img-size {native}, or another size", key="img_size") from None
+        _refuse_unless_it_runs(model, f"timm/{name}", img_size, native)      # built, yet too small for a patch
+        return model, img_size
     except Unreachable as e:             # fails fast, naming the missing files (also config.json of a Hub repo)
         source.raise_unavailable(e)
+    except ConfigError:
+        raise
     except Exception as e:
         if source.builtin is None:       # no download was involved: a real error
             raise
         source.raise_unavailable(e)
-    return model, int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def _short_error(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str, torch.Size]]:
@@ -291,7 +312,7 @@ def check_backbone(backbone: str, weights: Optional[str]) -> None:
 # long: the one model factory: backbone, weights, head placement and checks in the order a model is put together
 def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: Optional[str] = None,
                 replace: str = "auto", *, classes: Optional[Sequence[str]] = None, weights_partial: bool = False,
-                **head_options: Any) -> nn.Module:
+                img_size: Optional[int] = None, **head_options: Any) -> nn.Module:
     """Load `backbone` ("torchvision/<name>", "timm/<name>" or "timm/hf-hub:<org>/<name>") and replace
     its classifier by a new `head` ("linear", "mlp", "spinal") of the width that actually reaches it.
 
@@ -300,6 +321,7 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
     with weights_only=True, or safetensors).
     classes: the run's class names; a weights file's head is restored only when it records the same ones.
     weights_partial: start from a weights file that does not cover the whole backbone (else refused).
+    img_size: the images' size; a timm model of a fixed input size (ViT, Swin, ...) is built for it (_build_timm).
     replace (torchvision VGG/AlexNet): "classifier" replaces the whole 4096-4096 classifier from the
     flattened features, as the paper did; "last" only its last Linear; "auto" = "classifier" for
     spinal/mlp heads on VGG/AlexNet, "last" everywhere else.
@@ -363,7 +385,7 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
             raise ConfigError("replace='classifier' is for torchvision VGG/AlexNet; timm heads replace the final "
                              "classifier layer(s) (use replace='last')")
         replace = "last"
-        model, input_size = _build_timm(name, source)
+        model, input_size = _build_timm(name, source, img_size)
         imagenet_classes = int(model.num_classes)
         targets = _find_timm_classifiers(model, input_size)
         original = [get_module(model, p) for p, _ in targets]

@@ -217,6 +217,7 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
                               f"--backbone {backbone}: give a file of that architecture, or --backbone "
                               f"{recorded['backbone']}")
     own = model.state_dict()
+    sd, resampled = fit_position_embedding(sd, model)
     head_set = set(head_keys)
     # BatchNorm's num_batches_tracked counters are not weights: they neither count as loaded nor as missing
     backbone_keys = [k for k in own if k not in head_set and not k.endswith(NBT)]
@@ -245,6 +246,28 @@ def load_backbone_weights(model: nn.Module, path: Path, head_keys: List[str], ba
     head = _head_note(path, restored, bundled, recorded, same_classes, len(classes or []))
     counters = [k for k in own if k.endswith(NBT) and k not in head_set and k in sd and sd[k].shape == own[k].shape]
     model.load_state_dict({k: sd[k] for k in fits + counters + (head_keys if restored else [])}, strict=False)
-    return WeightsTaken(str(path), file_sha256(path), len(fits), restored, [counts, head])
+    return WeightsTaken(str(path), file_sha256(path), len(fits), restored, [counts, head] + resampled)
+
+
+def fit_position_embedding(sd: dict, model: nn.Module) -> tuple[dict, list[str]]:
+    """`sd` with a ViT-style `pos_embed` for another patch grid resampled to `model`'s (a model built for another
+    --img-size than its weights: surgery._build_timm), as timm does when it loads pretrained weights; and the note
+    saying so. Anything else of another shape is left for the loader to refuse."""
+    own = model.state_dict().get("pos_embed")
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    theirs = sd.get("pos_embed")
+    if own is None or theirs is None or grid is None or theirs.shape == own.shape or theirs.ndim != 3:
+        return sd, []
+    from timm.layers import resample_abs_pos_embed  # lazy: only a ViT-style model at another size needs timm here
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    try:
+        fitted = resample_abs_pos_embed(theirs.float(), new_size=list(grid), num_prefix_tokens=prefix).to(own.dtype)
+    except (RuntimeError, ValueError):          # not a square grid of patches: the loader names the mismatch
+        return sd, []
+    if fitted.shape != own.shape:
+        return sd, []
+    return {**sd, "pos_embed": fitted}, [f"pos_embed resampled from {tuple(theirs.shape)} to {tuple(own.shape)} "
+                                         f"(the model is built for {grid[0]}x{grid[1]} patches), as timm does"]
 
 

@@ -242,7 +242,8 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     check_backbone(cfg.backbone, cfg.weights)        # a typo, or offline and not cached: refuse before the data is read
     splits = config_splits(cfg)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head, weights=cfg.weights, replace=cfg.replace,
-                        classes=splits.classes, weights_partial=cfg.weights_partial, **head_options(cfg))
+                        classes=splits.classes, weights_partial=cfg.weights_partial, img_size=cfg.img_size,
+                        **head_options(cfg))
     inputs = RunInputs.from_config(cfg, model, splits)
     weight = class_weights(splits.train, len(splits.classes)).to(device) if cfg.class_balance == "loss" else None
     settings = StepSettings.from_config(cfg, device, nn.CrossEntropyLoss(weight=weight,

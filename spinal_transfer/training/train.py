@@ -322,7 +322,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     splits = load_data(cfg, run, skips)
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
                         weights="none" if ckpt else cfg.weights, replace=cfg.replace, classes=splits.classes,
-                        weights_partial=cfg.weights_partial, **head_options(cfg))
+                        weights_partial=cfg.weights_partial, img_size=cfg.img_size, **head_options(cfg))
     inputs = RunInputs.from_config(cfg, model, splits)   # refuses an input size the model cannot run on
     attach_log_file(run.log)                          # data and model are fine: the run folder is written from here
     if is_main() and not run.splits.is_file():

@@ -2,6 +2,7 @@
 split leaves --out byte for byte as it was (not created when it did not exist)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -261,11 +262,23 @@ def test_a_run_records_its_data_folder_absolute_and_resume_stays_in_its_own_fold
     _refused(cli_run("train", "--resume", tmp_path / "nothing"), "it does not exist")
 
 
-def test_a_backbone_of_fixed_input_size_is_refused_at_another_size(three_digits, tmp_path, cli_run):
-    """A ViT built for 224 px fails inside its first training step at 32 px; it is refused before the run folder
-    is written, naming the size it takes."""
-    res = cli_run("train", "--data", three_digits, "--backbone", "timm/vit_tiny_patch16_224", "--weights", "none",
+def test_a_timm_backbone_of_fixed_input_size_trains_at_another_size_and_a_torchvision_one_is_refused(
+        three_digits, tmp_path, cli_run):
+    """A timm ViT built for 160 px (timm/test_vit) is built for the asked 32 px, as timm's img_size= does (it was
+    refused), and that size travels with it: evaluate rebuilds it, export's bundle runs the same logits. A
+    torchvision ViT, whose weights fix its size, fails inside its first training step at 32 px: it is refused
+    before the run folder is written, naming the size it takes."""
+    run = tmp_path / "vit"
+    res = cli_run("train", *cli_flags(**{**TINY, "data": three_digits, "out": run, "epochs": 1,
+                                         "backbone": "timm/test_vit", "limit_train_batches": 1}))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = cli_run("evaluate", run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["top1"] == json.loads((run / "report.json").read_text())["test"]["top1"]
+    res = cli_run("export", run, "--out", tmp_path / "bundle", "--format", "onnx")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = cli_run("train", "--data", three_digits, "--backbone", "torchvision/vit_b_16", "--weights", "none",
                   "--img-size", "32", "--epochs", "1", "--out", tmp_path / "run")
-    _refused(res, "timm/vit_tiny_patch16_224 does not run on 32 px images (Input height (32) doesn't match model "
-                  "(224).); use --img-size 224 (its own size), or another backbone")
+    _refused(res, "torchvision/vit_b_16 does not run on 32 px images (Wrong image height! Expected 224 but got 32!); "
+                  "use --img-size 224 (its own size), or another backbone")
     assert res.returncode == 2 and not (tmp_path / "run").exists()

@@ -522,3 +522,28 @@ def test_head_info_round_trip():
     assert d["backbone"] == "timm/test_resnet" and d["head_options"] == {"layer_width": 8, "preset": "vgg"}
     assert d["feature_width"] == get_head(m).in_features and d["replace"] == "last"
     assert d["default_head_params"] == (d["feature_width"] + 1) * C
+
+
+def test_a_timm_model_of_fixed_input_size_is_built_for_the_asked_size_and_its_weights_fitted(tmp_path):
+    """timm/test_vit is built for 160 px (a 10x10 patch grid); asked for 64 px it is built for a 4x4 grid, and a
+    weights file of the 160 px model has its position embedding resampled as timm's own loader does
+    (vision_transformer.checkpoint_filter_fn), every other tensor taken as it is. A size the model cannot run on
+    (smaller than one patch) is one line naming the model's own size, not a traceback."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    model = build_model("timm/test_vit", 3, head="linear", img_size=64)
+    assert model.spinal_info.input_size == 64 and model.patch_embed.grid_size == (4, 4)
+    assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    native = timm.create_model("test_vit", pretrained=False)
+    torch.save(native.state_dict(), tmp_path / "vit160.pth")
+    loaded = build_model("timm/test_vit", 3, head="linear", weights=str(tmp_path / "vit160.pth"), img_size=64)
+    expected = checkpoint_filter_fn(native.state_dict(), timm.create_model("test_vit", pretrained=False, img_size=64))
+    got = loaded.state_dict()
+    assert torch.allclose(got["pos_embed"], expected["pos_embed"], atol=1e-6)
+    assert torch.equal(got["blocks.0.attn.qkv.weight"], native.state_dict()["blocks.0.attn.qkv.weight"])
+    assert any("pos_embed resampled from (1, 101, 64) to (1, 17, 64)" in n for n in loaded.spinal_info.notes)
+    assert build_model("timm/resnet18", 3, head="linear", img_size=64).spinal_info.input_size == 224  # not fixed
+    with pytest.raises(ConfigError, match=r"^timm/test_vit does not run on 8 px images \(Input height \(8\) should be "
+                                          r"divisible by patch size \(16\)\.\); use --img-size 160 \(its own size\)"):
+        build_model("timm/test_vit", 3, head="linear", img_size=8)
