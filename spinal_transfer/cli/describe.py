@@ -9,16 +9,17 @@ from ..errors import ConfigError
 EXAMPLES = """\
   spinal-transfer describe torchvision/vgg19_bn --num-classes 225 --head spinal --head-preset vgg --layer-width 1024
   spinal-transfer describe torchvision/wide_resnet101_2 --num-classes 196 --layer-width 196
-  spinal-transfer describe timm/convnext_tiny --num-classes 10 --head mlp --mlp-hidden '[512]'"""
+  spinal-transfer describe timm/convnext_tiny --num-classes 10 --head mlp --mlp-hidden '[512]'
+  spinal-transfer describe timm/vit_small_patch16_224 --num-classes 10 --img-size 96   # built for 96 px"""
 
-HEAD_OPTIONS = ("head", "head_preset", "layer_width", "num_layers", "num_splits", "shared_weights", "head_dropout",
-                "mlp_hidden", "replace")
+OPTIONS = ("head", "head_preset", "layer_width", "num_layers", "num_splits", "shared_weights", "head_dropout",
+           "mlp_hidden", "replace", "img_size")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("backbone", help="torchvision/<name> or timm/<name>")
     parser.add_argument("--num-classes", type=int, required=True)
-    add_config_args(parser, only=HEAD_OPTIONS)
+    add_config_args(parser, only=OPTIONS)
 
 
 def compare(default: int, new: int) -> str:
@@ -32,7 +33,7 @@ def compare(default: int, new: int) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from ..models.heads import head_options  # lazy: no torch at --help
-    from ..models.surgery import build_model, get_head, inference_heads  # lazy: no torch at --help
+    from ..models.surgery import build_model, check_input_size, get_head, inference_heads  # lazy: no torch at --help
 
     if args.num_classes < 2:
         raise ConfigError(f"--num-classes must be >= 2, got {args.num_classes}")
@@ -40,9 +41,13 @@ def main(args: argparse.Namespace) -> int:
     model = build_model(cfg.backbone, args.num_classes, head=cfg.head, weights=None, replace=cfg.replace,
                         img_size=cfg.img_size, **head_options(cfg))
     info, head = model.spinal_info, get_head(model)
+    if cfg.img_size:
+        check_input_size(model, cfg.img_size)     # what train would refuse, said here first
+    size = str(info.input_size) + (f" (its own size; it runs on the asked {cfg.img_size} too)"
+                                   if cfg.img_size and cfg.img_size != info.input_size else "")
     total = sum(p.numel() for p in model.parameters())
     rows = [("backbone", info.backbone), ("classifier replaced", ", ".join(info.head_paths) + f" ({info.replace})"),
-            ("feature width", info.feature_width), ("input size", info.input_size),
+            ("feature width", info.feature_width), ("input size", size),
             ("default head params", f"{info.default_head_params:,}"),
             ("default head MACs/sample", f"{info.default_head_macs:,}"),
             (f"new {info.head} head", repr(head).splitlines()[0] if info.head != "spinal" else head.extra_repr()),

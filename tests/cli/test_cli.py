@@ -202,3 +202,14 @@ def test_output_file_replaces_only_a_file_spinal_transfer_wrote(tmp_path):
                                               f"wrote; it is not replaced"):
             output_file(str(tmp_path / name), ("." + name.split(".")[-1],))
     assert output_file(str(tmp_path / "new.png"), (".png",)) is False
+
+
+def test_describe_takes_the_image_size_train_would_use(capsys, cli_run):
+    """A timm ViT is described as built for --img-size; a CNN keeps its own size and runs on the asked one; what
+    train would refuse (AlexNet at 32 px) describe refuses in the same line."""
+    assert _describe(capsys, "timm/test_vit", "--num-classes", "3", "--img-size", "64")["input size"] == "64"
+    rows = _describe(capsys, "timm/test_resnet", "--num-classes", "3", "--img-size", "64")
+    assert rows["input size"] == "160 (its own size; it runs on the asked 64 too)"
+    res = cli_run("describe", "torchvision/alexnet", "--num-classes", "3", "--img-size", "32")
+    assert res.returncode == 2 and "torchvision/alexnet does not run on 32 px images" in res.stderr
+    assert "use --img-size 224 (its own size)" in res.stderr and "Traceback" not in res.stderr
