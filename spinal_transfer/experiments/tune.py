@@ -442,11 +442,11 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
                        make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
                        out / ".study.lock", untuned_params(base))
     resume_sampling(study, sampler_seed)
-    remaining = trials - counted(study)
+    flying = len(in_flight(study))
     log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
-        f"{max(0, remaining)} to go")
-    if remaining > 0:
-        run_trials(study, make_objective(base, out), trials, remaining, out)
+        + (f"{flying} running in other workers, " if flying else "") + f"{max(0, to_go(study, trials))} to go")
+    if to_go(study, trials) > 0:
+        run_trials(study, make_objective(base, out), trials, out)
     wait_for_running(study, log)
     return finish_study(study, out, storage, log)
 
@@ -470,19 +470,32 @@ def check_request(base: TrainConfig, trials: int, study_name: str, out: PathLike
         raise TuneError("tune selects on val only; a recipe with select_on: test would select on test (remove it)")
 
 
-def run_trials(study: "optuna.Study", objective: Callable, trials: int, remaining: int, out: Path) -> None:
-    """This worker's share of the trials, until the study (all workers together) has `trials` ended ones. A
-    signal stops the trial in flight, which the next tune continues (make_objective): Optuna's traceback for it
-    is filtered, and tune says so in one line."""
+def in_flight(study: "optuna.Study") -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def to_go(study: "optuna.Study", trials: int) -> int:
+    """Trials still to start: `trials` less those ended and those other workers are running (counting only the
+    ended ones, a worker started one more while another ran the last, and the study overshot --trials)."""
+    return trials - counted(study) - len(in_flight(study))
+
+
+def run_trials(study: "optuna.Study", objective: Callable, trials: int, out: Path) -> None:
+    """This worker's share of the trials, until the study (all workers together) has `trials` ended or running
+    ones. A signal stops the trial in flight, which the next tune continues (make_objective): Optuna's traceback
+    for it is filtered, and tune says so in one line."""
     def stop(st: "optuna.Study", _: Any) -> None:
-        if counted(st) >= trials:
+        if to_go(st, trials) <= 0:          # this worker's trial has ended: the running ones are others'
             st.stop()
 
     quiet, optimize_log = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
     optimize_log.addFilter(quiet)
     try:
         with rerun_resumes("tune"):
-            study.optimize(objective, n_trials=remaining, callbacks=[stop, lambda st, _: drop_checkpoints(st, out)],
+            study.optimize(objective, n_trials=to_go(study, trials),
+                           callbacks=[stop, lambda st, _: drop_checkpoints(st, out)],
                            catch=(NonFiniteLoss, ConfigError))
     finally:
         optimize_log.removeFilter(quiet)
@@ -495,9 +508,8 @@ def wait_for_running(study: "optuna.Study", log: Callable[[str], Any], poll_s: f
     import time
 
     from optuna.storages import fail_stale_trials
-    from optuna.trial import TrialState
 
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    running = {t.number for t in in_flight(study)}
     if running:
         log(f"waiting for {len(running)} trial(s) that other workers are running")
     while running:
@@ -505,7 +517,7 @@ def wait_for_running(study: "optuna.Study", log: Callable[[str], Any], poll_s: f
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _optuna().exceptions.ExperimentalWarning)
             fail_stale_trials(study)
-        running &= {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        running &= {t.number for t in in_flight(study)}
 
 
 def drop_checkpoints(study: "optuna.Study", out: Path) -> None:

@@ -287,6 +287,19 @@ def test_a_continued_study_samples_new_points(tmp_path):
     assert sample(study) != first_sampled
 
 
+def test_a_worker_starts_no_trial_that_another_worker_is_already_running_toward_the_total(tmp_path):
+    """--trials 3 with one trial ended and one running in another worker: this worker runs one, not two (counting
+    only ended trials, parallel workers overshot --trials by the trials in flight)."""
+    study = optuna.create_study(direction="maximize")
+    study.tell(study.ask(), 0.5)
+    elsewhere = study.ask()                                       # another worker's trial, still running
+    ran = []
+    tune.run_trials(study, lambda t: ran.append(t.number) or 0.6, 3, tmp_path)
+    assert ran == [2] and tune.to_go(study, 3) == 0
+    study.tell(elsewhere, 0.7)
+    assert tune.counted(study) == 3
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # study.ask(), not optimize
 def test_untuned_defaults_outside_the_space_are_named(tmp_path):
     base = resolve_config(None, {"data": str(tmp_path), "epochs": 3, "head": "mlp", "lr": 0.5,
