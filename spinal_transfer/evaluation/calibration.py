@@ -20,7 +20,6 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 NUM_BINS = 15
 T_BOUNDS = (0.05, 20.0)     # beyond these the val split is degenerate (e.g. all correct: T -> 0), not informative
@@ -50,18 +49,6 @@ def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0,
                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """softmax(logits / T) along dim 1, in `dtype`: the probabilities every consumer of a model reports."""
     return torch.softmax(logits.to(dtype) / temperature, dim=1)
-
-
-class TemperatureScaled(nn.Module):
-    """`model` whose logits are divided by `temperature` (float32): every consumer of logits (metrics,
-    test-time augmentation's mean softmax, the predictions CSV) then reads calibrated probabilities."""
-
-    def __init__(self, model: nn.Module, temperature: float):
-        super().__init__()
-        self.model, self.temperature = model, float(temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).float() / self.temperature
 
 
 def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:

@@ -26,7 +26,7 @@ from ..models.restore import model_from_checkpoint
 from ..runs.rundir import RunDir, load_run_checkpoint
 from ..utils.distributed import gather_objects, is_main
 from ..utils.runtime import amp_dtype, configure_process, pick_device, use_channels_last
-from .calibration import TemperatureScaled, calibrated_softmax, temperature_of
+from .calibration import calibrated_softmax, temperature_of
 from .interpret import write_predictions_csv
 from .metrics import classification_metrics
 
@@ -102,12 +102,20 @@ def tta_views(x: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
 
 def tta_probs(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: Optional[TTA],
               dtype: torch.dtype = torch.float32, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over the views of softmax(run(view) / temperature) (calibration.calibrated_softmax), in `dtype`;
-    without TTA (or one view) the plain (calibrated) softmax. `predict`, `Predictor` and anything serving a
-    model compute their probabilities here."""
+    """softmax(log(p) / temperature) in `dtype`, p the mean over the views of their plain softmax (as train's
+    TTA and TTAModel average them): the temperature scales the averaged prediction, so calibration never changes
+    a class (averaging each view's calibrated softmax did, under TTA). One view: softmax(logits / T). `predict`,
+    `Predictor` and anything serving a model compute their probabilities here."""
     views = tta_views(x, tta) if tta is not None else [x]
-    probs = [calibrated_softmax(run(v), temperature, dtype) for v in views]
-    return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
+    return calibrated_softmax(log_mean_softmax([run(v).to(dtype) for v in views]), temperature, dtype)
+
+
+def log_mean_softmax(logits: list[torch.Tensor]) -> torch.Tensor:
+    """log of the mean softmax of several views' logits, as a log-mean-exp of log-softmaxes (no underflow to
+    log(0) for a confident view); one view's own logits, unchanged."""
+    if len(logits) == 1:
+        return logits[0]
+    return torch.logsumexp(torch.stack([o.log_softmax(1) for o in logits]), 0) - math.log(len(logits))
 
 
 class TTAModel(nn.Module):
@@ -122,9 +130,7 @@ class TTAModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [self.model(v).float() for v in tta_views(x, self.tta)]
-        # log of the mean softmax, as a log-mean-exp of log-softmaxes: no underflow to log(0) for a confident view
-        out = outs[0] if len(outs) == 1 else \
-            torch.logsumexp(torch.stack([o.log_softmax(1) for o in outs]), 0) - math.log(len(outs))
+        out = log_mean_softmax(outs)
         return torch.cat([outs[0], out], dim=1) if self.keep_plain else out
 
 
@@ -217,8 +223,6 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     if channels_last:
         model.to(memory_format=torch.channels_last)
     temperature = temperature_of(ckpt) if calibrated else 1.0
-    if temperature != 1.0:
-        model = TemperatureScaled(model, temperature)
     loader = make_loader(samples, build_transforms(dc, train=False), batch_size or cfg.batch_size,
                          workers if workers is not None else cfg.workers, dev, ShardSampler(len(samples)))
     skips = SkipLog()
@@ -229,13 +233,21 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     else:
         plain, out = predict_logits_tta(model, skips.watch(loader), dev, tta, amp_dtype(cfg.amp, dev), channels_last,
                                         desc=f"{split} (TTA x{tta.num_views})")
+        plain = scaled(plain, temperature)
         plain_m = {**classification_metrics(plain.logits, plain.targets, classes), "tta": None}
+    out = scaled(out, temperature)        # after TTA's average (tta_probs): calibration changes no class
     m = classification_metrics(out.logits, out.targets, classes)
     m["tta"] = tta.to_dict() if tta is not None else None
     m["temperature"] = temperature
     m["num_skipped_files"] = len(skips)
     m["skipped_files"] = [[p, r] for p, r in skips.entries.items()]
     return Evaluation(m, out, samples, classes, used, plain_m)
+
+
+def scaled(out: Outputs, temperature: float) -> Outputs:
+    """`out` with its logits (a TTA output's log of the mean softmax) divided by the temperature: what every
+    consumer of logits (metrics, the predictions CSV) then reads as calibrated probabilities."""
+    return out if temperature == 1.0 else Outputs(out.logits / temperature, out.targets, out.index)
 
 
 def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str],

@@ -106,3 +106,24 @@ def test_predict_with_tta(short_run, digits_folder):
     assert torch.equal(plain.probs, ident.probs) and plain.tta is None and flip.tta["views"] == 2
     assert plain.paths == flip.paths and not torch.allclose(plain.probs, flip.probs)
     assert torch.allclose(flip.probs.sum(1), torch.ones(len(flip.paths), dtype=torch.float64))
+
+
+def test_calibration_scales_the_tta_average_and_never_changes_a_class(short_run, digits_folder):
+    """Under TTA the views' plain softmaxes are averaged (as train's TTA does) and T scales that average:
+    evaluate's calibrated TTA logits are the uncalibrated ones / T, and predict's probabilities are
+    softmax(log(mean plain softmax) / T). Averaging each view's calibrated softmax instead moved classes and
+    accuracy with calibration (evaluate RUN --tta did not reproduce report.json)."""
+    from spinal_transfer.deploy.predict import predict
+
+    out, report = short_run
+    T = report["calibration"]["temperature"]
+    assert T is not None and abs(T - 1) > 0.05
+    cal, plain = (evaluate(out, device="cpu", tta=True, calibrated=c) for c in (True, False))
+    assert torch.allclose(cal.outputs.logits, plain.outputs.logits / T, atol=1e-5)
+    assert torch.equal(cal.outputs.logits.argmax(1), plain.outputs.logits.argmax(1))
+    assert {k: cal.metrics[k] for k in ("top1", "top5", "macro_f1")} == \
+        {k: plain.metrics[k] for k in ("top1", "top5", "macro_f1")}
+    folder = digits_folder / "test" / "digit_3"
+    got = predict(out, [folder], workers=0, device="cpu", tta=TTA(flip=True))
+    mean = predict(out, [folder], workers=0, device="cpu", tta=TTA(flip=True), calibrated=False).probs
+    assert torch.allclose(got.probs, torch.softmax(mean.log() / T, dim=1), atol=1e-9)
