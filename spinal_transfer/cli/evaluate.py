@@ -102,7 +102,8 @@ def _check_out(out: Path, split: str) -> None:
 
 def _page(args: argparse.Namespace, ev, out: Path) -> Path:
     """report.html of this evaluation: the run's settings and curves, this split's analysis."""
-    from ..evaluation.report_page import run_settings, write_evaluation_html  # lazy: no torch at --help
+    from ..evaluation.metrics import summary  # lazy: no torch at --help
+    from ..evaluation.report_page import WITHOUT_TTA, run_settings, write_evaluation_html  # lazy: no torch at --help
     from ..runs.rundir import RunDir, load_run_checkpoint  # lazy: no torch at --help
 
     source = Path(args.run)
@@ -114,7 +115,8 @@ def _page(args: argparse.Namespace, ev, out: Path) -> Path:
                                   "images evaluated": ev.source, "probabilities": _probabilities(ev.metrics)},
                                  run.read_metrics() or None,
                                  [tuple(x) for x in ev.metrics["skipped_files"]], split=args.split,
-                                 title=f"{run.path.name}: {args.split}", best_epoch=report and report["best_epoch"])
+                                 title=f"{run.path.name}: {args.split}", best_epoch=report and report["best_epoch"],
+                                 other_metrics={WITHOUT_TTA: summary(ev.plain_metrics)} if ev.plain_metrics else None)
 
 
 def _probabilities(metrics: dict) -> str:

@@ -42,6 +42,7 @@ from .plots import MATRIX_NUMBERS_MAX_CLASSES, confusion_figure, curves_figure, 
 
 PathLike = Union[str, Path]
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+WITHOUT_TTA = "without TTA"           # the column of the same split's metrics without test-time augmentation
 SUMMARY_ROWS = (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy"), ("balanced_accuracy", "balanced accuracy"),
                 ("macro_f1", "macro F1"), ("loss", "loss (cross-entropy)"), ("num_samples", "images"))
 
@@ -237,6 +238,8 @@ def write_report_html(run_dir: PathLike, out: Optional[PathLike] = None, split: 
     preds = run.predictions if split == "test" else None
     sizes = {k: int(v) for k, v in report.get("num_images", {}).items()}
     others = {k: report[k] for k in ("val", "test") if k != split and isinstance(report.get(k), Mapping)}
+    if split == "test" and isinstance(report.get("test_without_tta"), Mapping):     # a run trained with --tta
+        others[WITHOUT_TTA] = report["test_without_tta"]
     return write_evaluation_html(
         Path(out) if out is not None else run.report_html, report[split],
         preds if preds is not None and preds.is_file() else None, classes, run_settings(cfg, report, sizes),
@@ -284,7 +287,12 @@ def _summary_section(metrics: Mapping, split: str, other: Mapping[str, Mapping])
             body += f"<tr><td>{_e(label)}</td>" + "".join(
                 f'<td class="n">{_fmt(v, pct=k not in ("loss", "num_samples"))}</td>' for v in vals) + "</tr>"
         table = f'<table style="margin-top:14px;max-width:560px"><tr><th>metric</th>{head}</tr>{body}</table>'
-    return f'<section id="metrics"><h2>{_e(split)} metrics</h2><div class="cards">{cards}</div>{table}</section>'
+    tta = metrics.get("tta")
+    said = (f", with test-time augmentation (the mean softmax of {tta.get('views')} views of each image"
+            + (f"; column '{WITHOUT_TTA}': the same images without it)" if WITHOUT_TTA in other else ")")
+            if isinstance(tta, Mapping) else "")
+    return (f'<section id="metrics"><h2>{_e(split)} metrics{_e(said)}</h2><div class="cards">{cards}</div>{table}'
+            f'</section>')
 
 
 def _settings_section(settings: Mapping[str, str]) -> str:
@@ -331,9 +339,10 @@ def _confusion_section(metrics: Mapping, classes: Sequence[str], preds: Optional
     return "".join(parts)
 
 
-def _calibration_section(calibration: Optional[Mapping], plot: Optional[PathLike]) -> str:
+def _calibration_section(calibration: Optional[Mapping], plot: Optional[PathLike], tta: bool = False) -> str:
     """Temperature, ECE and NLL before and after on val (where T was fitted) and test, and the reliability
-    diagram; or the note saying why the run is not calibrated."""
+    diagram; or the note saying why the run is not calibrated. `tta`: the page's metrics are with test-time
+    augmentation, and these (fitted and measured without it) are said to be not."""
     if not calibration:
         return ""
     head = '<section id="calibration"><h2>calibration</h2>'
@@ -348,9 +357,10 @@ def _calibration_section(calibration: Optional[Mapping], plot: Optional[PathLike
              '<th class="n">ECE after</th><th class="n">NLL before</th><th class="n">NLL after</th>'
              f'<th class="n">images</th></tr>{rows}</table>')
     note = (f'<p class="note">probabilities are softmax(logits / T) with T = {calibration["temperature"]:.3f}'
-            + _interval(calibration) + ', fitted on val to minimise its NLL; accuracy is unchanged. ECE: '
+            + _interval(calibration) + ', fitted on val to minimise its NLL; accuracy is unchanged (with TTA, T '
+            'scales the mean softmax of the views). ECE: '
             f'{calibration.get("num_bins", 15)} equal-width confidence bins. The metrics above are of the plain '
-            'softmax.</p>')
+            'softmax' + ('; this table is without test-time augmentation, as T was fitted' if tta else '') + '.</p>')
     if calibration.get("warning"):         # T on a bound of its search
         note += f'<p class="note">{_e(calibration["warning"])}</p>'
     img = ""
@@ -477,7 +487,7 @@ def render_report_html(metrics: Mapping, predictions_csv: Optional[PathLike], cl
         _settings_section(settings),
         _curves_section(rows, best_epoch) if rows else "",
         _confusion_section(metrics, classes, preds),
-        _calibration_section(calibration, calibration_plot),
+        _calibration_section(calibration, calibration_plot, tta=bool(metrics.get("tta"))),
         _per_class_section(metrics),
         _top_losses_section(preds, top_n, split),
         _batch_section(batch_preview),

@@ -89,6 +89,9 @@ def test_evaluate_prints_and_records_the_metric_with_and_without_tta(short_run, 
     saved = json.loads((tmp_path / "ev" / "metrics_test.json").read_text())
     assert saved["tta"]["views"] == 2 and saved["without_tta"]["top1"] == shown["without_tta"]["top1"]
     assert saved["top1"] == shown["with_tta"]["top1"]
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert "test metrics, with test-time augmentation (the mean softmax of 2 views of each image; column" in page
+    assert "<th class=\"n\">without TTA</th>" in page
     ident = evaluate(out, split="test", device="cpu", tta=TTA(flip=False))
     assert ident.metrics["top1"] == report["test"]["top1"] and ident.metrics["tta"]["views"] == 1
     assert evaluate(out, device="cpu", tta=True).metrics["top1"] == saved["top1"]      # True: image and mirror

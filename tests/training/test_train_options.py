@@ -37,6 +37,21 @@ def test_lr_auto_runs_the_range_test_and_trains_with_its_suggestion(auto_run):
     assert (out / "plots" / "lr_find.png").is_file()
 
 
+def test_a_tta_run_page_says_its_test_metrics_are_with_tta_beside_those_without(auto_run):
+    """report.json's test metrics of a run trained with --tta are TTA ones: the page said nothing of it (its
+    headline looked like a contradiction of evaluate without --tta)."""
+    import re
+
+    out, report = auto_run
+    page = (out / "report.html").read_text()
+    heading = re.search(r'<section id="metrics"><h2>(.*?)</h2>', page).group(1)
+    assert heading == ("test metrics, with test-time augmentation (the mean softmax of 2 views of each image; "
+                       "column &#x27;without TTA&#x27;: the same images without it)")
+    table = page[page.index('<section id="metrics">'):page.index("</section>", page.index('<section id="metrics">'))]
+    assert "<th class=\"n\">without TTA</th>" in table
+    assert f"{100 * report['test_without_tta']['top1']:.2f}%" in table and f"{100 * report['test']['top1']:.2f}%" in table
+
+
 def test_width_rule_is_written_into_the_run(auto_run):
     out, _ = auto_run
     from spinal_transfer.models.heads import default_layer_width
