@@ -303,8 +303,11 @@ def _settings_section(settings: Mapping[str, str]) -> str:
 def _curves_section(rows: Sequence[dict], best_epoch: Optional[int]) -> str:
     uri = _png_uri(figure_png(curves_figure(rows, best_epoch), dpi=90))
     return (f'<section id="curves"><h2>training curves</h2><img class="wide" id="curves-img" alt="loss, accuracy '
-            f'and learning rate per epoch" src="{uri}"><p class="note">{_n(len(rows), "epoch")}; dashed line: the best '
-            f'epoch; grey band: backbone frozen; dotted line: a new learning-rate stage.</p></section>')
+            f'and learning rate per epoch" src="{uri}"><p class="note">{_n(len(rows), "epoch")}'
+            + ("; dashed line: the best epoch" if best_epoch else "")
+            + ("; grey band: backbone frozen" if any(r.get("frozen") for r in rows) else "")
+            + ("; dotted line: a new learning-rate stage" if len({r.get("stage", 1) for r in rows}) > 1 else "")
+            + '.</p></section>')
 
 
 def _pairs_table(pairs: Sequence[ConfusedPair]) -> str:

@@ -193,6 +193,7 @@ def test_report_html_is_self_contained_and_complete(run_dir):
                  f"{report['best_epoch']} (selected on val loss)", "train 1,078"):
         assert text in html, text
     assert re.search(r"frozen for the first 1 epoch\b", html)         # singular: "1 epochs" is a bug
+    assert "; grey band: backbone frozen; dotted line: a new learning-rate stage." in html    # both are drawn
     for path, reason in SkipLog(run_dir / "skipped_files.txt").entries.items():
         assert path in html and reason in html
     assert len(SkipLog(run_dir / "skipped_files.txt").entries.items()) == 2

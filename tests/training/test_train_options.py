@@ -50,6 +50,7 @@ def test_a_tta_run_page_says_its_test_metrics_are_with_tta_beside_those_without(
     table = page[page.index('<section id="metrics">'):page.index("</section>", page.index('<section id="metrics">'))]
     assert "<th class=\"n\">without TTA</th>" in table
     assert f"{100 * report['test_without_tta']['top1']:.2f}%" in table and f"{100 * report['test']['top1']:.2f}%" in table
+    assert "grey band" not in page and "dotted line" not in page     # nothing frozen, one stage: not drawn, not said
 
 
 def test_width_rule_is_written_into_the_run(auto_run):
