@@ -361,6 +361,16 @@ def _generate(splits: dict[str, list[Sample]], source: dict, val_fraction: float
         source["val"] = {"kind": "generated", "from": "train", "fraction": val_fraction, "seed": seed}
 
 
+def _why_empty(folder: Path, root: Path, skipped: list[tuple[str, str]]) -> str:
+    """`folder` (relative to `root`) and why it has no image: nothing in it, or its files that cannot be read."""
+    inside = [(p, r) for p, r in skipped if Path(p).resolve().is_relative_to(folder.resolve())]
+    name = os.path.relpath(folder, root)
+    if not inside:
+        return f"{name} (no image file)"
+    p, r = inside[0]
+    return f"{name} ({len(inside)} file(s) it cannot read, e.g. {os.path.relpath(p, root)}: {r})"
+
+
 def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
          follow_links: bool = False) -> Splits:
     """Labelled train/val/test lists of a data folder (see the module docstring for layouts and links).
@@ -387,10 +397,11 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
         raise DataError(f"{dirs['train']}: only one class folder ({classes['train'][0]}/); a classifier needs at "
                         f"least two classes (one class folder per class)")
     _check_classes(classes)
-    empty = [os.path.relpath(dirs[s] / c, root) for s in images for c, v in images[s].items() if not v]
+    empty = [dirs[s] / c for s in images for c, v in images[s].items() if not v]
     if empty:
-        raise DataError(f"class folder(s) under {root} without a usable image: {', '.join(empty)}"
-                        + (f" (see the {len(skipped)} skipped file(s))" if skipped else ""))
+        raise DataError(f"class folder(s) under {root} without a usable image: "
+                        f"{'; '.join(_why_empty(folder, root, skipped) for folder in empty)}; add images to each, or "
+                        f"remove it from every split")
     cls = classes["train"]
     splits = {s: [(p, i) for i, c in enumerate(cls) for p in images[s][c]] for s in images}
     source: dict = {s: {"kind": "folder", "path": str(d)} for s, d in dirs.items()}

@@ -187,8 +187,13 @@ def test_class_without_usable_image_is_named(tmp_path):
     (tmp_path / "dog").mkdir()
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "dog" / ".DS_Store").write_bytes(b"\0")
-    with pytest.raises(DataError, match=r"without a usable image: dog"):
+    (tmp_path / "eel").mkdir()
+    (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")      # unreadable, but not why dog or eel is empty
+    with pytest.raises(DataError) as e:
         scan(tmp_path)
+    assert str(e.value) == (f"class folder(s) under {tmp_path} without a usable image: dog (1 file(s) it cannot "
+                            f"read, e.g. dog/broken.jpg: not an image (unrecognised format)); eel (no image "
+                            f"file); add images to each, or remove it from every split")
 
 
 def test_hidden_entries_ignored_nested_images_found_and_class_order_is_sorted(tmp_path):
