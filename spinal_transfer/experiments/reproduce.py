@@ -429,11 +429,20 @@ def shard_from_env(spec: str, environ: Optional[dict] = None) -> tuple[int, int]
 def check_prepared(folders: Sequence[str], data_root: PathLike) -> None:
     """ReproduceError, before the first run, naming every dataset of the plan not prepared under `data_root`
     and the command that prepares it (datasets are never downloaded by reproduce)."""
+    from ..data.prepare import DATASETS  # lazy: the dataset table is needed only when something is missing
+
     missing = sorted({Path(f).name for f in folders if not Path(f).is_dir()})
-    if missing:
-        raise ReproduceError(f"not prepared under {data_root}: {', '.join(missing)}; prepare each first, e.g. "
-                             f"`spinal-transfer prepare {missing[0]} --root {data_root} --download` (the download "
-                             f"needs the network once; offline, put its raw files in {data_root}/raw first)")
+    if not missing:
+        return
+    fetched = [m for m in missing if m in DATASETS and DATASETS[m].downloadable]
+    manual = [m for m in missing if m not in fetched]
+    how = ([f"`spinal-transfer prepare {fetched[0]} --root {data_root} --download` fetches "
+            f"{'it' if len(fetched) == 1 else 'each of ' + ', '.join(fetched)} (the network once)"] if fetched else []) + \
+        ([f"`spinal-transfer prepare {manual[0]} --root {data_root}` says where to get the raw files of "
+          f"{'it' if len(manual) == 1 else 'each of ' + ', '.join(manual)} (prepare cannot download them)"]
+         if manual else [])
+    raise ReproduceError(f"not prepared under {data_root}: {', '.join(missing)}; prepare each first: "
+                         + "; ".join(how))
 
 
 def plan_runs(recipes: Sequence[Recipe], data_root: PathLike, out: Path, seeds: int,
