@@ -38,8 +38,8 @@ def _open(fp: BinaryIO) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(fp)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise BadImage(f"exceeds the decompression-bomb bound (PIL.Image.MAX_IMAGE_PIXELS="
-                       f"{Image.MAX_IMAGE_PIXELS}): {e}") from None
+        raise BadImage(f"over PIL's decompression-bomb bound ({e}; the bound is PIL.Image.MAX_IMAGE_PIXELS, twice "
+                       f"it for a hard error: raise it for images you trust)") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
     except Exception as e:  # PIL raises many types for malformed headers

@@ -388,7 +388,7 @@ def create_app(settings: ServeSettings, model: Optional[Model] = None) -> Callab
         return HTMLResponse(page)
 
     async def json_error(request: Request, exc: HTTPException) -> Response:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)  # 405's Allow
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

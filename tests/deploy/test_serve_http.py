@@ -272,6 +272,8 @@ def test_metadata_and_health(plain, bundle):
     assert health.status_code == 200 and health.json()["digest"] == meta["digest"]
     missing = httpx.get(plain.url + "/nothing-here")
     assert missing.status_code == 404 and missing.json()["error"]
+    wrong = httpx.get(plain.url + "/predict")                  # HTTP: a 405 names the methods that are allowed
+    assert wrong.status_code == 405 and wrong.json()["error"] and wrong.headers["allow"] == "POST"
 
 
 def test_no_calibration_serves_the_plain_softmax_and_says_so(bundle, three_digits):
