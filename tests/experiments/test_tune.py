@@ -362,7 +362,7 @@ def test_two_tune_processes_share_one_study_and_one_cache(digits_transfer, tmp_p
         ran.append({int(n) for n in re.findall(r"Trial (\d+) (?:finished|pruned)", err)})
     study = _study(out)
     numbers = [t.number for t in study.trials]
-    assert numbers == list(range(len(numbers))) and 4 <= len(numbers) <= 5     # the last trial in flight may end
+    assert numbers == list(range(len(numbers))) and 4 <= len(numbers) <= 5     # 5: both asked for the last at once
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
     assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == set(numbers)   # each trial once
     runs = [t.user_attrs["run"] for t in study.trials]
