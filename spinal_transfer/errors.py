@@ -101,6 +101,13 @@ def rerun_resumes(command: str) -> Iterator[None]:
                           f"command resumes it and goes on") from None
 
 
+def first_line(exc: BaseException, limit: Optional[int] = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters; '' when it has none): what a one-line
+    error quotes of a library's multi-line one."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return line if limit is None else line[:limit]
+
+
 def few(names: Sequence[str], limit: int = 10) -> str:
     """The first `limit` names, comma-separated, with " ..." when there are more: a message stays one line."""
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")

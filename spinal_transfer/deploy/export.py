@@ -32,7 +32,7 @@ from ..data.images import _pil_to_rgb
 from ..data.loaders import make_loader
 from ..data.skiplog import SkipLog
 from ..data.transforms import DataConfig, build_transforms
-from ..errors import CheckpointError, DataError, MissingDependency, UserError, few, option_name
+from ..errors import CheckpointError, DataError, MissingDependency, UserError, few, first_line, option_name
 from ..evaluation.evaluate import _eval_samples
 from ..models.restore import model_from_checkpoint
 from ..models.surgery import build_model, get_head
@@ -350,7 +350,7 @@ def _export_format(fmt: str, model: nn.Module, example: torch.Tensor, inputs: li
             write(model, example, path)
             diff = max_abs_diff(READERS[fmt](path), inputs, expected)
         except Exception as e:     # exporters fail in many ways; each is reported, the next way is tried
-            failures.append(f"{method}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+            failures.append(f"{method}: {type(e).__name__}: {first_line(e, None)}")
             continue
         if diff <= atol:
             return {"file": path.name, "method": method, "max_abs_diff": diff}

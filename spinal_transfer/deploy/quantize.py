@@ -45,7 +45,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import flag_name, option_name
+from ..errors import first_line, flag_name, option_name
 
 PathLike = Union[str, os.PathLike]
 Batch = Any              # a (B,3,H,W) tensor/array, or an (inputs, labels) pair as a DataLoader yields
@@ -362,7 +362,7 @@ def _preprocess(src: Path, dst: Path) -> Optional[str]:
         quant_pre_process(str(src), str(dst), save_as_external_data=big, all_tensors_to_one_file=True)
         return None
     except Exception as e:            # shape inference fails on some exotic graphs; quantization can go on
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        return f"{type(e).__name__}: {first_line(e)}"
 
 
 def quantize_onnx(fp32_path: PathLike, out_path: PathLike, calibration_batches: Iterable[Batch], *,

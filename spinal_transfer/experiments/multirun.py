@@ -21,9 +21,9 @@ DEFAULT_MODE = "finetune"
 # how the outputs (logs, tables, pages, JSON) name each mode: the screen must never pass for the real thing
 MODE_NAMES = {"finetune": "fine-tune (as train)",
               "frozen": "frozen-backbone screen (features cached; not what train does)"}
-MODE_HELP = ("finetune: every run trains as `train` does (with train's --freeze-epochs, 0 by default: end to end from the first step); frozen: a "
-             "fast screen, not what train does: the backbone stays frozen and its features are computed once and "
-             f"shared by every run (default: {DEFAULT_MODE})")
+MODE_HELP = ("finetune: every run trains as `train` does (with train's --freeze-epochs, 0 by default: end to end "
+             "from the first step); frozen: a fast screen, not what train does: the backbone stays frozen and its "
+             f"features are computed once and shared by every run (default: {DEFAULT_MODE})")
 CACHE_DIR = "feature-cache"
 # Settings that may differ between a run (or study) on disk and the one asked for: where and how fast it runs,
 # not what it learns (config.RESUME_SAFE, less the schedule and the data, which change results).

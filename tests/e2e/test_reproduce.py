@@ -189,8 +189,8 @@ def test_a_dataset_not_prepared_is_named_with_its_prepare_command_before_any_run
                                                 r"each of cifar10, stl10 \(the network once\)$"):
         rp.check_prepared([str(tmp_path / "stl10"), str(tmp_path / "digits"), str(tmp_path / "cifar10")], tmp_path)
     with pytest.raises(rp.ReproduceError, match=r": bird225, svhn; prepare each first: `spinal-transfer prepare svhn "
-                                                r"--root .* --download` fetches it \(the network once\); `spinal-transfer "
-                                                r"prepare bird225 --root .*` says where to get the raw files of it "
-                                                r"\(prepare cannot download them\)$"):
+                                                r"--root .* --download` fetches it \(the network once\); "
+                                                r"`spinal-transfer prepare bird225 --root .*` says where to get the "
+                                                r"raw files of it \(prepare cannot download them\)$"):
         rp.check_prepared([str(tmp_path / "bird225"), str(tmp_path / "svhn")], tmp_path)     # Kaggle's: no --download
     rp.check_prepared([str(tmp_path / "digits")], tmp_path)          # prepared: nothing to say

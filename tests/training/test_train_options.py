@@ -49,7 +49,8 @@ def test_a_tta_run_page_says_its_test_metrics_are_with_tta_beside_those_without(
                        "column &#x27;without TTA&#x27;: the same images without it)")
     table = page[page.index('<section id="metrics">'):page.index("</section>", page.index('<section id="metrics">'))]
     assert "<th class=\"n\">without TTA</th>" in table
-    assert f"{100 * report['test_without_tta']['top1']:.2f}%" in table and f"{100 * report['test']['top1']:.2f}%" in table
+    for metrics in (report["test_without_tta"], report["test"]):
+        assert f"{100 * metrics['top1']:.2f}%" in table
     assert "grey band" not in page and "dotted line" not in page     # nothing frozen, one stage: not drawn, not said
 
 
