@@ -21,7 +21,8 @@ feature-cache/ beside OUT, or beside RUN with --run, where `train --cache-featur
 reports exact duplicates (file bytes or decoded pixels), near duplicates (cosine similarity of the centred
 features >= --threshold, or perceptual hashes <= --hash-bits apart), pairs across train/val/test as leakage,
 likely label errors (out-of-fold logistic regression ranked by cleanlab), outliers (cleanlab's OOD score),
-class counts, image sizes and undecodable files. Writes OUT/audit.csv (one row per finding), OUT/audit.html
+class counts, image sizes, undecodable files, and the class folders train refuses (empty, or in one split
+and not another) as findings rather than a stop. Writes OUT/audit.csv (one row per finding), OUT/audit.html
 and OUT/audit.json; prints a summary."""
 
 

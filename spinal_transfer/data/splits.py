@@ -44,6 +44,18 @@ PathLike = Union[str, os.PathLike]
 
 
 @dataclass
+class FolderProblem:
+    """A class folder that `train` refuses and a lenient scan keeps, for `audit` to report: a class folder without
+    a usable image ("empty_class"), or a class that one split has and another lacks ("class_mismatch")."""
+
+    kind: str
+    path: str        # the class folder; for a class a split lacks, the split folder it is missing from
+    split: str
+    label: str       # the class
+    detail: str
+
+
+@dataclass
 class Splits:
     classes: list[str]
     train: list[Sample]
@@ -54,6 +66,7 @@ class Splits:
     # "notes": human-readable remarks (e.g. classes too small to stratify).
     source: dict = field(default_factory=dict)
     root: str = ""
+    problems: list[FolderProblem] = field(default_factory=list)   # what a lenient scan (audit) kept, not refused
 
     def get(self, name: str) -> list[Sample]:
         if name not in SPLIT_NAMES:
@@ -259,17 +272,21 @@ def _unicode_twins(names: Sequence[str], others: Sequence[str]) -> str:
             f"the bytes match)" if nfc else "")
 
 
-def _check_classes(classes: dict[str, list[str]]) -> None:
-    """Every folder split must list the same classes as train (a label must mean one thing)."""
+def _class_mismatches(classes: dict[str, list[str]], dirs: dict[str, Path]) -> tuple[str, list[FolderProblem]]:
+    """Every folder split must list the same classes as train (a label must mean one thing): what differs, as the
+    refusal's text ("" when nothing does) and as one FolderProblem per class a split lacks or adds."""
     ref = set(classes["train"])
-    problems = []
+    said, problems = [], []
     for split, cls in classes.items():
         missing, extra = sorted(ref - set(cls)), sorted(set(cls) - ref)
         if missing or extra:
-            problems.append(f"{split}: missing {missing or 'none'}, extra {extra or 'none'}")
-            problems[-1] += _unicode_twins(missing, extra)
-    if problems:
-        raise DataError("class folders differ between splits (compared with train): " + "; ".join(problems))
+            said.append(f"{split}: missing {missing or 'none'}, extra {extra or 'none'}"
+                        + _unicode_twins(missing, extra))
+        problems += [FolderProblem("class_mismatch", str(dirs[split]), split, c, f"train has {c}/, {split}/ has not")
+                     for c in missing]
+        problems += [FolderProblem("class_mismatch", str(dirs[split] / c), split, c,
+                                   f"{split}/ has {c}/, train has not: train cannot learn it") for c in extra]
+    return ("class folders differ between splits (compared with train): " + "; ".join(said) if said else ""), problems
 
 
 def labelled_images(root: PathLike, split: str, classes: list[str],
@@ -362,20 +379,37 @@ def _generate(splits: dict[str, list[Sample]], source: dict, val_fraction: float
 
 
 def _why_empty(folder: Path, root: Path, skipped: list[tuple[str, str]]) -> str:
-    """`folder` (relative to `root`) and why it has no image: nothing in it, or its files that cannot be read."""
+    """Why `folder` has no image: nothing in it, or its files that cannot be read (named relative to `root`)."""
     inside = [(p, r) for p, r in skipped if Path(p).resolve().is_relative_to(folder.resolve())]
-    name = os.path.relpath(folder, root)
     if not inside:
-        return f"{name} (no image file)"
+        return "no image file"
     p, r = inside[0]
-    return f"{name} ({len(inside)} file(s) it cannot read, e.g. {os.path.relpath(p, root)}: {r})"
+    return f"{len(inside)} file(s) it cannot read, e.g. {os.path.relpath(p, root)}: {r}"
+
+
+def _folder_problems(classes: dict[str, list[str]], images: dict[str, dict[str, list[str]]], dirs: dict[str, Path],
+                     root: Path, skipped: list[tuple[str, str]], lenient: bool) -> list[FolderProblem]:
+    """Classes that differ between splits and class folders without a usable image: refused (one line naming each),
+    or with `lenient` returned for audit to report."""
+    refusal, problems = _class_mismatches(classes, dirs)
+    if refusal and not lenient:
+        raise DataError(refusal)
+    empty = [(s, dirs[s] / c) for s in images for c, v in images[s].items() if not v]
+    if empty and not lenient:
+        said = "; ".join(f"{os.path.relpath(f, root)} ({_why_empty(f, root, skipped)})" for _, f in empty)
+        raise DataError(f"class folder(s) under {root} without a usable image: {said}; add images to each, or remove "
+                        f"it from every split")
+    return problems + [FolderProblem("empty_class", str(f), s, f.name, _why_empty(f, root, skipped))
+                       for s, f in empty]
 
 
 def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-         follow_links: bool = False) -> Splits:
+         follow_links: bool = False, lenient: bool = False) -> Splits:
     """Labelled train/val/test lists of a data folder (see the module docstring for layouts and links).
 
-    `follow_links` also reads links in class folders that lead out of the data folder. (A folder only evaluated
+    `follow_links` also reads links in class folders that lead out of the data folder. `lenient` (audit) keeps
+    class folders without a usable image and classes that differ between splits as `problems` instead of
+    refusing them; the classes are then train's followed by those only other splits have. (A folder only evaluated
     is read by `labelled_images`, which never carves a split.)"""
     root = data_folder(root)
     notes: list[str] = []
@@ -396,14 +430,9 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
     if len(classes["train"]) < 2:
         raise DataError(f"{dirs['train']}: only one class folder ({classes['train'][0]}/); a classifier needs at "
                         f"least two classes (one class folder per class)")
-    _check_classes(classes)
-    empty = [dirs[s] / c for s in images for c, v in images[s].items() if not v]
-    if empty:
-        raise DataError(f"class folder(s) under {root} without a usable image: "
-                        f"{'; '.join(_why_empty(folder, root, skipped) for folder in empty)}; add images to each, or "
-                        f"remove it from every split")
-    cls = classes["train"]
-    splits = {s: [(p, i) for i, c in enumerate(cls) for p in images[s][c]] for s in images}
+    problems = _folder_problems(classes, images, dirs, root, skipped, lenient)
+    cls = classes["train"] + sorted({c for v in classes.values() for c in v} - set(classes["train"]))
+    splits = {s: [(p, i) for i, c in enumerate(cls) for p in images[s].get(c, [])] for s in images}
     source: dict = {s: {"kind": "folder", "path": str(d)} for s, d in dirs.items()}
     if not {"val", "test"} <= splits.keys():
         _generate(splits, source, val_fraction, test_fraction, seed, cls, notes)
@@ -413,7 +442,8 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
         log.warning("%d file(s) under %s skipped (not readable images, or links out of their class folder)",
                     len(skipped), root)
     source["notes"] = notes
-    return Splits(cls, splits["train"], splits.get("val", []), splits.get("test", []), skipped, source, str(root))
+    return Splits(cls, splits["train"], splits.get("val", []), splits.get("test", []), skipped, source, str(root),
+                  problems)
 
 
 def apply_protocol(s: Splits, protocol: str, paper_select_on: Optional[str],
@@ -448,13 +478,13 @@ def apply_protocol(s: Splits, protocol: str, paper_select_on: Optional[str],
                                source={**s.source, "notes": notes, "protocol": "paper"})
 
 
-def config_splits(cfg: Any) -> Splits:
+def config_splits(cfg: Any, lenient: bool = False) -> Splits:
     """The splits a run of TrainConfig `cfg` trains, selects and tests on: its data folder scanned (a missing
     val/test carved with its fractions and split seed), then its protocol applied. The one way a config
     becomes file lists (train, lr-find, show-batch, and `evaluate` of a checkpoint without its splits.json);
-    a run records the result in splits.json and reads that back from then on."""
+    a run records the result in splits.json and reads that back from then on. `lenient`: see `scan`."""
     return apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
-                               follow_links=cfg.follow_links), cfg.protocol, cfg.paper_select_on,
+                               follow_links=cfg.follow_links, lenient=lenient), cfg.protocol, cfg.paper_select_on,
                           cfg.paper_val_index_mod)
 
 

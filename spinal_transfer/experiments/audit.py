@@ -21,7 +21,9 @@ are kept there too (audit-digests.json), so a second audit decodes only new or c
   the training images, labels wrong ones included, so they are not out-of-sample as confident learning needs;
 * outliers: cleanlab's `OutOfDistribution` score on the features (mean cosine distance to the k nearest
   neighbours), the lowest first;
-* undecodable files (the skip log), class counts and imbalance, image sizes and aspect ratios.
+* undecodable files (the skip log), class counts and imbalance, image sizes and aspect ratios;
+* the class folders `train` refuses (a lenient scan keeps them): one without a usable image, and a class that one
+  split has and another lacks. The rest is audited; a class only val or test has is labelled after train's.
 
 Every finding has a `score`, higher = surer: 1 for exact duplicates and undecodable files, the larger of the
 centred cosine and the hash similarity 1 - bits/64 for near duplicates, 1 - p(given label) for label issues,
@@ -81,7 +83,8 @@ PathLike = Union[str, os.PathLike]
 DEFAULT_THRESHOLD = 0.95      # centred cosine; measured, see the module docstring
 DEFAULT_HASH_BITS = 4         # perceptual-hash bits (of 64) two near duplicates may differ in; measured too
 DEFAULT_FOLDS = 5
-KINDS = ("exact_duplicate", "near_duplicate", "label_issue", "outlier", "undecodable")
+KINDS = ("exact_duplicate", "near_duplicate", "label_issue", "outlier", "undecodable", "empty_class",
+         "class_mismatch")
 CSV_FIELDS = ("kind", "score", "path", "split", "label", "suggested_label", "other_path", "other_split",
               "other_label", "leak", "detail")
 SPLIT_ORDER = {s: i for i, s in enumerate(SPLIT_NAMES)}
@@ -174,11 +177,13 @@ class AuditResult:
 
 def audit_splits(cfg: TrainConfig, run: Optional[PathLike] = None) -> Splits:
     """The splits `train` would use for `cfg` (scan, protocol, carving), or with `run` the run's recorded
-    splits.json, its files found under `cfg.data` (the run's own data folder unless another is given)."""
+    splits.json, its files found under `cfg.data` (the run's own data folder unless another is given). Unlike
+    train, a class folder without a usable image and classes that differ between splits are not refused: they
+    are what an audit is for, and become findings (`Splits.problems`)."""
     if not cfg.data:
         raise ConfigError("--data DIR is required (or --run RUN, or a --recipe that sets data)")
     if run is None:
-        return config_splits(cfg)
+        return config_splits(cfg, lenient=True)
     return load_recorded(RunDir(run).read_json(RunDir(run).splits), cfg.data)
 
 
@@ -410,16 +415,33 @@ def _cleanlab():
 
 
 def label_issues(items: Sequence[Item], probs: np.ndarray, classes: Sequence[str]) -> list[Finding]:
-    """cleanlab's likely label errors, most likely first (lowest out-of-fold probability of the given label)."""
+    """cleanlab's likely label errors, most likely first (lowest out-of-fold probability of the given label).
+    `probs`' columns are the classes present among `items` in index order, as sklearn gives them: a class with no
+    decodable image is in no fold, and cleanlab needs every column's class among the labels."""
     y = np.array([it.label for it in items])
+    present = np.unique(y)
+    given = np.searchsorted(present, y)
     with warnings.catch_warnings():        # "May not flag all label issues in class": fold_count said why
         warnings.simplefilter("ignore", UserWarning)
-        ranked = _cleanlab().filter.find_label_issues(labels=y, pred_probs=probs,
+        ranked = _cleanlab().filter.find_label_issues(labels=given, pred_probs=probs,
                                                       return_indices_ranked_by="self_confidence")
-    return [Finding("label_issue", items[i].path, items[i].split, classes[y[i]], float(1.0 - probs[i, y[i]]),
-                    suggested_label=classes[int(probs[i].argmax())],
-                    detail=f"out-of-fold p({classes[y[i]]}) = {probs[i, y[i]]:.3f}, "
-                           f"p({classes[int(probs[i].argmax())]}) = {probs[i].max():.3f}") for i in ranked]
+    p_given, best = probs[np.arange(len(y)), given], present[probs.argmax(axis=1)]
+    return [Finding("label_issue", items[i].path, items[i].split, classes[y[i]], float(1.0 - p_given[i]),
+                    suggested_label=classes[best[i]],
+                    detail=f"out-of-fold p({classes[y[i]]}) = {p_given[i]:.3f}, "
+                           f"p({classes[best[i]]}) = {probs[i].max():.3f}") for i in ranked]
+
+
+def checked_labels(items: Sequence[Item], x: np.ndarray, folds: int, classes: Sequence[str],
+                   seed: int) -> tuple[list[Finding], int]:
+    """(likely label errors, folds run): none and 0 folds when fewer than two classes have a decodable image, as
+    there is then no other class a label could be confused with."""
+    labels = np.array([it.label for it in items])
+    if len(np.unique(labels)) < 2:
+        log.warning("label errors: not checked: the decodable images are all of one class")
+        return [], 0
+    k = fold_count(labels, folds, classes)
+    return label_issues(items, out_of_fold_probs(x, labels, k, seed), classes), k
 
 
 def outlier_scores(x: np.ndarray) -> np.ndarray:
@@ -484,15 +506,13 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     if len(near) > 10 * len(good):
         log.warning(f"{len(near)} near-duplicate pairs among {len(good)} images: --threshold {threshold:g} or "
                     f"--hash-bits {hash_bits} is too loose for these images or this backbone's features")
-    labels = np.array([it.label for it in good])
-    k = fold_count(labels, folds, splits.classes)
-    probs = out_of_fold_probs(x, labels, k, cfg.seed)
-    issues = label_issues(good, probs, splits.classes)
+    issues, k = checked_labels(good, x, folds, splits.classes, cfg.seed)
     top = default_outliers(len(good)) if num_outliers is None else min(num_outliers, len(good))
     ood = outlier_scores(x)
     odd = outliers(good, ood, splits.classes, top)
     bad = [Finding("undecodable", p, _split_of(p, items), _label_of(p, items, splits.classes), 1.0, detail=r)
            for p, r in skips.entries.items()]
+    bad += [Finding(f.kind, f.path, f.split, f.label, 1.0, detail=f.detail) for f in splits.problems]
     t3 = time.perf_counter()
     findings = sorted(exact + near, key=lambda f: (not f.leak, -f.score, f.path)) + issues + odd + bad
     settings.update(folds=k, folds_asked=folds, hash_bits=hash_bits, data=splits.root,
@@ -525,10 +545,14 @@ def write_outputs(result: AuditResult, out: Path) -> None:
 
 def class_counts_line(counts: dict[str, int]) -> str:
     """The smallest and the largest class and their ratio; "N each" when every class has the same count (naming
-    one class as both ends says nothing). Every class has an image: a class folder without one is refused."""
+    one class as both ends says nothing); the classes without an image, by name, when some have none."""
     lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)
     if counts[lo] == counts[hi]:
         return f"class counts: {counts[lo]:,} each"
+    if not counts[lo]:
+        none = [c for c, n in counts.items() if not n]
+        return (f"class counts: 0 to {counts[hi]:,} ({hi}); {len(none)} class(es) have no image: {few(none)}, "
+                f"no imbalance ratio")
     return f"class counts: {counts[lo]:,} ({lo}) to {counts[hi]:,} ({hi}), imbalance {counts[hi] / counts[lo]:.2f}"
 
 
@@ -560,7 +584,8 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
         lines.append(f"LEAKAGE: {leaked['val']} of {n['val']:,} val images have a duplicate in train")
     issues = result.of_kind("label_issue")
     lines.append(f"likely label errors: {len(issues)} (out-of-fold logistic regression, "
-                 f"{result.settings.get('folds')} folds, cleanlab)")
+                 f"{result.settings.get('folds')} folds, cleanlab)" if result.settings.get("folds")
+                 else "likely label errors: not checked (the decodable images are all of one class)")
     lines += [f"  {f.path}: {f.label} -> {f.suggested_label} ({f.detail.split(', ')[0]})" for f in issues[:examples]]
     odd = result.of_kind("outlier")
     shown = odd[:min(3, examples)]
@@ -568,6 +593,11 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
                  (f"; the first {len(shown)} below, all in audit.csv)" if len(shown) < len(odd) else ")"))
     lines += [f"  {f.path} ({f.label})" for f in shown]
     lines.append(f"undecodable files: {len(result.of_kind('undecodable'))}")
+    problems = result.of_kind("empty_class") + result.of_kind("class_mismatch")
+    if problems:
+        lines.append(f"CLASS FOLDERS train refuses: {len(result.of_kind('empty_class'))} without a usable image, "
+                     f"{len(result.of_kind('class_mismatch'))} class(es) one split has and another lacks")
+        lines += [f"  {f.path}: {f.detail}" for f in problems[:examples]]
     lines.append(f"wrote {out / 'audit.csv'} ({len(result.findings)} findings), {out / 'audit.html'}, "
                  f"{out / 'audit.json'} in {result.seconds.get('total', 0):.1f} s")
     return "\n".join(lines)

@@ -69,12 +69,15 @@ def _cards(result: Any) -> str:
     s = result.summary()
     n = sum(s["images"].values())
     cards = [("images", f"{n:,}"), ("classes", str(len(result.classes))),
-             ("imbalance", f"{result.imbalance():.2f}"),
+             ("imbalance", _fmt(result.imbalance())),
              ("test images leaked", f"{s['leaked']['test']} of {s['images']['test']:,}"),
              ("exact duplicate pairs", str(s["findings"]["exact_duplicate"])),
              ("near duplicate pairs", str(s["findings"]["near_duplicate"])),
              ("likely label errors", str(s["findings"]["label_issue"])),
              ("undecodable files", str(s["findings"]["undecodable"]))]
+    problems = s["findings"]["empty_class"] + s["findings"]["class_mismatch"]
+    if problems:
+        cards.insert(2, ("class folders train refuses", str(problems)))
     return '<div class="cards">' + "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}'
                                            f'</div></div>' for k, v in cards) + "</div>"
 
@@ -93,7 +96,7 @@ def _classes_section(result: Any) -> str:
     if len(result.classes) > 20:
         table = f'<div class="scroll">{table}</div>'
     return (f'<section id="classes"><h2>classes, smallest first</h2><p class="note">imbalance (largest class / '
-            f'smallest): all {result.imbalance():.2f} \u00b7 {imb}</p>{table}</section>')
+            f'smallest): all {_fmt(result.imbalance())} \u00b7 {imb}</p>{table}</section>')
 
 
 def sizes_figure(sizes: Sequence[tuple[int, int]]):
@@ -128,12 +131,16 @@ def _settings_section(result: Any) -> str:
     return f'<section id="settings"><h2>settings</h2><table class="kv">{body}</table></section>'
 
 
-def _undecodable_section(found: Sequence[Any]) -> str:
+def _table_section(sid: str, title: str, note: str, found: Sequence[Any]) -> str:
+    """A section listing findings without a picture (a file that cannot be decoded, a class folder): where, and
+    why. Said as "none." when nothing was found."""
     if not found:
-        return '<section id="undecodable"><h2>undecodable files</h2><p class="note">none.</p></section>'
-    body = "".join(f'<tr><td class="path">{_e(f.path)}</td><td>{_e(f.detail)}</td></tr>' for f in found)
-    return (f'<section id="undecodable"><h2>undecodable files ({len(found)})</h2>'
-            f'<table id="undecodable-files"><tr><th>file</th><th>reason</th></tr>{body}</table></section>')
+        return f'<section id="{sid}"><h2>{_e(title)}</h2><p class="note">none.</p></section>'
+    body = "".join(f'<tr><td class="path">{_e(f.path)}</td><td>{_e(f.label)}</td><td>{_e(f.split)}</td>'
+                   f'<td>{_e(f.detail)}</td></tr>' for f in found)
+    return (f'<section id="{sid}"><h2>{_e(title)} ({len(found)})</h2><p class="note">{_e(note)}</p>'
+            f'<table id="{sid}-files"><tr><th>path</th><th>class</th><th>split</th><th>reason</th></tr>{body}'
+            f'</table></section>')
 
 
 def render_audit_html(result: Any, limit: int = 200) -> str:
@@ -157,7 +164,11 @@ def render_audit_html(result: Any, limit: int = 200) -> str:
         _grid_section("outliers", "outliers: the least typical images",
                       "score: 1 \u2212 cleanlab's out-of-distribution score (distance to the nearest neighbours in "
                       "feature space).", result.of_kind("outlier"), limit),
-        _undecodable_section(result.of_kind("undecodable")),
+        _table_section("undecodable", "undecodable files", "files train skips, with the reason.",
+                       result.of_kind("undecodable")),
+        _table_section("class-folders", "class folders train refuses",
+                       "train stops on these: a class folder without a usable image, or a class that one split has "
+                       "and another lacks.", result.of_kind("empty_class") + result.of_kind("class_mismatch")),
         _classes_section(result),
         _sizes_section(result),
         _settings_section(result),

@@ -159,6 +159,8 @@ def damaged(digits_transfer, tmp_path_factory) -> dict:
 def test_class_counts_line_names_the_ends_and_says_each_when_all_are_equal():
     assert class_counts_line({"a": 14, "b": 14, "c": 14}) == "class counts: 14 each"
     assert class_counts_line({"a": 10, "b": 25, "c": 14}) == "class counts: 10 (a) to 25 (b), imbalance 2.50"
+    assert class_counts_line({"a": 10, "b": 0, "c": 14, "d": 0}) == ("class counts: 0 to 14 (c); 2 class(es) have no "
+                                                                     "image: b, d, no imbalance ratio")
 
 
 def test_reencodes_and_resizes_are_near_duplicates_a_different_image_is_not(damaged):
@@ -283,3 +285,64 @@ def test_fold_count_follows_the_smallest_class_present(caplog):
         "label errors: 2 folds, not 5: the smallest class has 1 image(s)",
         "label errors: class(es) with one image (b): no fold trains on the class while its image is held out, so its "
         "label cannot be checked"]
+
+
+def test_folder_problems_train_refuses_are_findings_not_a_refusal(three_digits, tmp_path, capsys):
+    """A class folder without a usable image and classes that differ between splits stop `train`; `audit` reports
+    each as a finding (csv, json, page, summary) and audits the rest, the extra class's images under their own
+    label."""
+    from spinal_transfer.cli import main
+    from spinal_transfer.data.splits import scan
+    from spinal_transfer.errors import DataError
+
+    root = tmp_path / "digits"
+    shutil.copytree(three_digits, root)
+    (root / "train" / "digit_9").mkdir()
+    (root / "train" / "digit_9" / "notes.txt").write_text("not an image")      # train/digit_9: no usable image
+    shutil.rmtree(root / "val" / "digit_2")                                     # val lacks digit_2 (and digit_9)
+    (root / "test" / "digit_7").mkdir()                                         # test has a class train lacks
+    moved = sorted((root / "test" / "digit_2").glob("*.png"))[:4]
+    for f in moved:
+        f.rename(root / "test" / "digit_7" / f.name)
+    with pytest.raises(DataError, match="class folders differ between splits"):
+        scan(root)
+    out = tmp_path / "audit"
+    assert main(["audit", "--data", str(root), "--out", str(out), *TINY, *EXACT_ONLY]) == 0
+    rows = [(r["kind"], r["path"], r["split"], r["label"]) for r in csv_rows(out / "audit.csv")
+            if r["kind"] in ("empty_class", "class_mismatch")]
+    assert sorted(rows) == sorted([
+        ("empty_class", str(root / "train" / "digit_9"), "train", "digit_9"),
+        ("class_mismatch", str(root / "val"), "val", "digit_2"),
+        ("class_mismatch", str(root / "val"), "val", "digit_9"),
+        ("class_mismatch", str(root / "test"), "test", "digit_9"),
+        ("class_mismatch", str(root / "test" / "digit_7"), "test", "digit_7")])
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["classes"] == ["digit_0", "digit_1", "digit_2", "digit_9", "digit_7"]
+    assert summary["class_counts"]["test"]["digit_7"] == len(moved)
+    assert summary["class_counts"]["train"]["digit_9"] == 0
+    assert (summary["findings"]["empty_class"], summary["findings"]["class_mismatch"]) == (1, 4)
+    assert summary["imbalance"]["all"] is None
+    printed = capsys.readouterr().out
+    assert ("CLASS FOLDERS train refuses: 1 without a usable image, 4 class(es) one split has and another lacks"
+            in printed)
+    assert f"{root / 'train' / 'digit_9'}: 1 file(s) it cannot read, e.g. train/digit_9/notes.txt" in printed
+    assert "2 class(es) have no image" not in printed and "1 class(es) have no image: digit_9" in printed
+    page = (out / "audit.html").read_text()
+    section = page[page.index('<section id="class-folders">'):]
+    assert section[:section.index("</section>")].count('<tr><td class="path">') == 5
+
+
+def test_label_issues_map_the_columns_of_the_classes_present(tmp_path):
+    """A class without a decodable image is in no fold, so sklearn's probabilities have a column per class present:
+    the given label's probability and the suggested class are read through that order, not the class index."""
+    from spinal_transfer.experiments.audit import Item, label_issues
+
+    classes = ["a", "b", "c"]                        # b has no image
+    labels = [0] * 6 + [2] * 6
+    probs = np.array([[0.95, 0.05]] * 5 + [[0.1, 0.9]] + [[0.05, 0.95]] * 5 + [[0.85, 0.15]])
+    items = [Item(str(tmp_path / f"{i}.png"), "train", y) for i, y in enumerate(labels)]
+    found = {f.path: f for f in label_issues(items, probs, classes)}
+    assert set(found) == {items[5].path, items[11].path}
+    assert (found[items[5].path].label, found[items[5].path].suggested_label) == ("a", "c")
+    assert (found[items[11].path].label, found[items[11].path].suggested_label) == ("c", "a")
+    assert found[items[5].path].score == pytest.approx(0.9) and found[items[11].path].score == pytest.approx(0.85)
