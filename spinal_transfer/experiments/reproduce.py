@@ -148,6 +148,7 @@ class Row:
     head: str
     compared_with: str                                  # the default recipe; "" for a default recipe
     seeds: int                                          # asked for
+    backbone: str = ""                                  # the recipe's, as train builds it (timm/..., torchvision/...)
     top1: dict[int, float] = field(default_factory=dict)     # seed -> test top-1 (%), finished runs only
     selected_on: str = ""                               # split that picked the best epoch (ours)
     protocol: str = ""                                  # honest or paper
@@ -195,6 +196,7 @@ def table_rows(recipes: Sequence[Recipe], seeds: int, out: PathLike) -> list[Row
     for r in recipes:
         row = Row(r.name, r.head, r.partner or "", seeds, paper=paper.get(r.name, []))
         recipe_cfg = TrainConfig.from_yaml(r.path)
+        row.backbone = recipe_cfg.backbone
         selections, protocols, overrides, notes = set(), set(), set(), set()
         for seed in range(seeds):
             d = run_dir(out, r.name, seed)
@@ -256,9 +258,9 @@ def cells(row: Row) -> dict[str, str]:
 
 
 CSV_COLUMNS = ("recipe", "dataset", "backbone", "head", "compared_with", "seeds", "finished_seeds", "protocol",
-               "train_images", "selected_on", "overrides", "paper_top1", "paper_split", "paper_selected_on_same_split", "ours_top1_mean",
-               "ours_top1_std", "ours_top1_per_seed", "diff_vs_paper", "mcnemar_seeds", "mcnemar_b", "mcnemar_c",
-               "mcnemar_p", "verdict", "note")
+               "train_images", "selected_on", "overrides", "paper_top1", "paper_split", "paper_selected_on_same_split",
+               "ours_top1_mean", "ours_top1_std", "ours_top1_per_seed", "diff_vs_paper", "mcnemar_seeds", "mcnemar_b",
+               "mcnemar_c", "mcnemar_p", "verdict", "note")
 
 
 def _join(values: Any) -> str:
@@ -267,20 +269,23 @@ def _join(values: Any) -> str:
 
 def to_csv(rows: Sequence[Row]) -> str:
     """Machine-readable: full precision; several values in one cell (seeds, paper rows) are joined by ';', in the
-    order of finished_seeds, mcnemar_seeds and the paper rows."""
+    order of finished_seeds (the seed numbers of the finished runs; `seeds` is how many were asked for),
+    mcnemar_seeds and the paper rows. `backbone` is the recipe's own (e.g. torchvision/wide_resnet101_2), not the
+    short name in its file name."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(CSV_COLUMNS)
     for r in rows:
         mean, std = r.mean_std
-        dataset, _, backbone = r.recipe.rsplit("_", 1)[0].rpartition("_")
-        w.writerow([r.recipe, dataset, backbone, r.head, r.compared_with, r.seeds, _join(r.top1), r.protocol,
-                    _join(r.train_images.values()), r.selected_on, r.overrides, _join(p["top1"] for p in r.paper) or "not reported", _join(p["split"] for p in r.paper),
+        dataset = r.recipe.rsplit("_", 1)[0].rpartition("_")[0]        # <dataset>_<backbone>_<head>
+        w.writerow([r.recipe, dataset, r.backbone, r.head, r.compared_with, r.seeds, _join(r.top1), r.protocol,
+                    _join(r.train_images.values()), r.selected_on, r.overrides,
+                    _join(p["top1"] for p in r.paper) or "not reported", _join(p["split"] for p in r.paper),
                     _join(p.get("selected_on_same_split", "") for p in r.paper), "" if mean is None else mean,
                     "" if std is None else std, _join(r.top1.values()),
                     "" if mean is None else _join(mean - float(p["top1"]) for p in r.paper),
-                    _join(t.seed for t in r.tests), _join(t.b for t in r.tests), _join(t.c for t in r.tests), _join(t.p for t in r.tests),
-                    overall_verdict(r.tests, r.head), r.test_note])
+                    _join(t.seed for t in r.tests), _join(t.b for t in r.tests), _join(t.c for t in r.tests),
+                    _join(t.p for t in r.tests), overall_verdict(r.tests, r.head), r.test_note])
     return buf.getvalue()
 
 

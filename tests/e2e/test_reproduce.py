@@ -121,7 +121,8 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     assert default["paper_top1"] == "not reported" and spinal["paper_top1"] == "50.00;60.00"
     for name, row in rows.items():
         top1 = [100 * json.loads(Path(dirs[name, s], "report.json").read_text())["test"]["top1"] for s in (0, 1)]
-        assert row["finished_seeds"] == "0;1" and row["selected_on"] == "val"
+        assert row["finished_seeds"] == "0;1" and row["selected_on"] == "val" and row["seeds"] == "2"
+        assert (row["dataset"], row["backbone"]) == ("digits", TINY["backbone"])     # the recipe's, not "tiny"
         assert row["overrides"] == "epochs=1, limit_train_batches=2"
         assert float(row["ours_top1_mean"]) == pytest.approx(statistics.mean(top1))
         assert float(row["ours_top1_std"]) == pytest.approx(statistics.stdev(top1))
@@ -164,6 +165,7 @@ def test_reproduce_under_both_protocols_says_which_and_how_many_training_images(
             rows = list(csv.DictReader(f))
         assert [(r["protocol"], r["train_images"], r["selected_on"]) for r in rows] == \
                [(protocol, str(train_images), selected)] * 2
+        assert [(r["dataset"], r["backbone"]) for r in rows] == [("digits", TINY["backbone"])] * 2   # not "tiny"
         report = json.loads((rp.run_dir(out, "digits_tiny_spinal", 0).report).read_text())
         assert report["protocol"] == protocol and report["num_images"]["train"] == train_images
         assert (report["val"] is None) == (protocol == "paper")
