@@ -12,6 +12,7 @@ head to a `.fc` that VGG never calls).
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, List, Optional, Sequence
 
@@ -22,6 +23,8 @@ from ..errors import ConfigError, first_line
 from .heads import HEAD_OPTIONS, create_head
 from .hub import Unreachable, cached_hub_backbones, create_timm, has_model, model_names, parse_backbone
 from .weights import load_backbone_weights, resolve_weights
+
+log = logging.getLogger("spinal_transfer")
 
 
 @dataclass
@@ -213,21 +216,20 @@ def _build_timm(name: str, source: Any, img_size: Optional[int] = None) -> tuple
     """(model, its input size). A model of a fixed input size (timm's fixed_input_size: ViT, DeiT, Swin, LeViT,
     ...) asked for another `img_size` is built for it, as `timm.create_model(..., img_size=)` does (timm resamples
     pretrained position embeddings; a weights file's are resampled on loading, weights.fit_position_embedding),
-    so that it runs on the images it is given rather than refusing them."""
+    so that it runs on the images it is given rather than refusing them. timm's registry says whether it is such
+    a model before anything is built; a Hub model's config comes with it, so that one is built to find out."""
     check_name("timm", name)
     full = name if source.tag is None else f"{name}.{source.tag}"
+    pretrained = source.builtin is not None
     try:
-        model = create_timm(full, pretrained=source.builtin is not None)
+        known = _registered_cfg(full)
+        if known is not None and img_size and known.fixed_input_size and img_size != known.input_size[-1]:
+            return _build_timm_for(full, name, pretrained, img_size, int(known.input_size[-1])), img_size
+        model = create_timm(full, pretrained=pretrained)
         native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
         if not img_size or img_size == native or not model.pretrained_cfg.get("fixed_input_size"):
             return model, native
-        try:
-            model = create_timm(full, pretrained=source.builtin is not None, img_size=img_size)
-        except (TypeError, ValueError, AssertionError, RuntimeError) as e:    # no img_size, or a grid it cannot take
-            raise ConfigError(f"timm/{name} is built for {native} px and cannot be built for {img_size} px "
-                              f"({_reason(e)}); use --img-size {native}, or another size", key="img_size") from None
-        _refuse_unless_it_runs(model, f"timm/{name}", img_size, native)      # built, yet too small for a patch
-        return model, img_size
+        return _build_timm_for(full, name, pretrained, img_size, native), img_size
     except Unreachable as e:             # fails fast, naming the missing files (also config.json of a Hub repo)
         source.raise_unavailable(e)
     except ConfigError:
@@ -236,6 +238,29 @@ def _build_timm(name: str, source: Any, img_size: Optional[int] = None) -> tuple
         if source.builtin is None:       # no download was involved: a real error
             raise
         source.raise_unavailable(e)
+
+
+def _registered_cfg(full: str) -> Any:
+    """timm's pretrained config of a registry name (`arch` or `arch.tag`), None for a Hub model or an unknown tag."""
+    from timm.models import get_pretrained_cfg  # lazy: timm is imported only where a timm model is built
+
+    return None if full.startswith("hf-hub:") else get_pretrained_cfg(full)
+
+
+def _build_timm_for(full: str, name: str, pretrained: bool, img_size: int, native: int) -> nn.Module:
+    """A fixed-size timm model built for `img_size` (its `native` size is another), or one line saying it cannot
+    be; the log says the size it was built for and, for a patch model, its grid (the image is cut into that many
+    patches: fewer than at its own size)."""
+    try:
+        model = create_timm(full, pretrained=pretrained, img_size=img_size)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:    # no img_size, or a grid it cannot take
+        raise ConfigError(f"timm/{name} is built for {native} px and cannot be built for {img_size} px "
+                          f"({_reason(e)}); use --img-size {native}, or another size", key="img_size") from None
+    _refuse_unless_it_runs(model, f"timm/{name}", img_size, native)      # built, yet too small for a patch
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    log.info(f"timm/{name}: built for {img_size} px, not its own {native} px"
+             + (f" ({grid[0]}x{grid[1]} patches)" if grid else ""))
+    return model
 
 
 def _find_timm_classifiers(model: nn.Module, input_size: int) -> List[tuple[str, torch.Size]]:

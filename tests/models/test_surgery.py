@@ -524,7 +524,8 @@ def test_head_info_round_trip():
     assert d["default_head_params"] == (d["feature_width"] + 1) * C
 
 
-def test_a_timm_model_of_fixed_input_size_is_built_for_the_asked_size_and_its_weights_fitted(tmp_path):
+def test_a_timm_model_of_fixed_input_size_is_built_for_the_asked_size_and_its_weights_fitted(tmp_path, caplog,
+                                                                                              monkeypatch):
     """timm/test_vit is built for 160 px (a 10x10 patch grid); asked for 64 px it is built for a 4x4 grid, and a
     weights file of the 160 px model has its position embedding resampled as timm's own loader does
     (vision_transformer.checkpoint_filter_fn), every other tensor taken as it is. A size the model cannot run on
@@ -532,8 +533,15 @@ def test_a_timm_model_of_fixed_input_size_is_built_for_the_asked_size_and_its_we
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    model = build_model("timm/test_vit", 3, head="linear", img_size=64)
+    from spinal_transfer.models import surgery
+
+    built, original = [], surgery.create_timm
+    monkeypatch.setattr(surgery, "create_timm", lambda *a, **k: built.append(k) or original(*a, **k))
+    with caplog.at_level("INFO", logger="spinal_transfer"):
+        model = build_model("timm/test_vit", 3, head="linear", img_size=64)
     assert model.spinal_info.input_size == 64 and model.patch_embed.grid_size == (4, 4)
+    assert built == [{"pretrained": False, "img_size": 64}]        # built once, for the asked size
+    assert "timm/test_vit: built for 64 px, not its own 160 px (4x4 patches)" in caplog.messages
     assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 3)
     native = timm.create_model("test_vit", pretrained=False)
     torch.save(native.state_dict(), tmp_path / "vit160.pth")
