@@ -24,7 +24,22 @@ MAX_ASPECT_RATIO = 100     # a 1x3,000,000 PNG is 3 KB, but resizing its shorter
 
 
 class BadImage(Exception):
-    """A file that cannot be decoded into an image; the message says why."""
+    """A file that cannot be decoded into an image; the message says why, `reason` names the kind of failure
+    in a word (serve counts its errors by it)."""
+
+    reason = "not_an_image"
+
+
+class DecompressionBomb(BadImage):
+    """More pixels than PIL's decompression-bomb bound: refused before they are decoded."""
+
+    reason = "decompression_bomb"
+
+
+class ExtremeAspectRatio(BadImage):
+    """An image so thin that resizing its shorter side to a model's input would make a huge one."""
+
+    reason = "extreme_aspect_ratio"
 
 
 def _open(fp: BinaryIO) -> Image.Image:
@@ -38,16 +53,16 @@ def _open(fp: BinaryIO) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(fp)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise BadImage(f"over PIL's decompression-bomb bound ({e}; the bound is PIL.Image.MAX_IMAGE_PIXELS, twice "
-                       f"it for a hard error: raise it for images you trust)") from None
+        raise DecompressionBomb(f"over PIL's decompression-bomb bound ({e}; the bound is PIL.Image.MAX_IMAGE_PIXELS, "
+                                f"twice it for a hard error: raise it for images you trust)") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
     except Exception as e:  # PIL raises many types for malformed headers
         raise BadImage(f"unreadable image header: {type(e).__name__}: {e}") from None
     w, h = im.size
     if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
-        raise BadImage(f"{w}x{h} px, an aspect ratio beyond {MAX_ASPECT_RATIO}:1: resizing its shorter side to the "
-                       f"model's input would make a huge image (crop it first)")
+        raise ExtremeAspectRatio(f"{w}x{h} px, an aspect ratio beyond {MAX_ASPECT_RATIO}:1: resizing its shorter side "
+                                 f"to the model's input would make a huge image (crop it first)")
     return im
 
 

@@ -5,21 +5,28 @@ runners, `auto` included), and answers:
 
 * `POST /predict`: one or more images, as multipart files or as the raw bytes of one image with an image
   content type (named by `?name=` in the answer); JSON with the top-k classes and probabilities of each
-  (`?topk=` or --topk). Every image is decoded and
+  (`?topk=` or --topk): `{"runner": ..., "predictions": [{"name": ..., "top": [{"label": ..., "probability":
+  ...}, ...]}, ...]}`, one entry per file in request order. Every image is decoded and
   preprocessed by predict.preprocess_input (in a thread, so the event loop keeps accepting) and its
   probabilities come from Predictor.batch_probabilities: the same answers as `spinal-transfer predict`.
+  As `predict` skips a bad file, a file that is not a usable image (see below) is an entry of its own,
+  `{"name": ..., "error": ...}` (the reason, worded as the 4xx that file alone gets, after its name), and
+  the others are predicted: 200 when at least one file was; when none was, that 4xx of the first bad file.
 * `GET /healthz`: 200 once the model is loaded, its files hashed and a check batch has given a softmax over
   the bundle's classes (and while the batching task runs), else 503.
 * `GET /metadata`: classes, input size, runner, the bundle's digest (sha256 over its files), its temperature and
   how its probabilities are made (calibrated or the plain softmax).
 * `GET /metrics`: Prometheus text: requests by endpoint and status, latency and batch-size histograms,
-  errors by reason. With several workers, prometheus_client's multiprocess mode adds them all up.
+  errors by reason (a bad file of a request counts too, by BadImage's reason: not_an_image,
+  decompression_bomb, extreme_aspect_ratio; an unknown path is not_found, a wrong method method_not_allowed).
+  With several workers, prometheus_client's multiprocess mode adds them all up.
 * `GET /`: a self-contained page (no outside request) to drop an image on and see the top-k bars.
 
 Dynamic batching: preprocessed images wait on an asyncio queue; one task takes the first, then whatever
 else arrives within `max_wait_ms`, up to `max_batch`, and runs them as one batch in a single model thread.
-A bad upload (not an image, a decompression bomb by PIL's MAX_IMAGE_PIXELS, larger than `max_upload_mb`)
-is answered with a 4xx JSON error before it reaches the queue, so it cannot fail anyone else's batch.
+A bad upload (larger than `max_upload_mb`, a malformed form) is answered with a 4xx JSON error, and a bad
+image (not an image, a decompression bomb by PIL's MAX_IMAGE_PIXELS, an extreme aspect ratio) with its
+entry, before it reaches the queue, so it cannot fail anyone else's batch.
 On SIGTERM uvicorn stops accepting, waits for the requests in flight (their batches still run), then the
 batching task finishes whatever is queued and the process exits.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http
 import json
 import logging
 import math
@@ -232,8 +240,8 @@ class Metrics:
         buckets = sorted({2 ** i for i in range(int(math.log2(max_batch)) + 1)} | {max_batch})
         self.batch_size = Histogram("spinal_serve_batch_size", "images per model call (dynamic batching)",
                                     buckets=buckets, registry=self.registry)
-        self.errors = Counter("spinal_serve_errors", "requests answered with an error, by reason",
-                              ["reason"], registry=self.registry)
+        self.errors = Counter("spinal_serve_errors", "requests, and bad files of a request, answered with an "
+                              "error, by reason", ["reason"], registry=self.registry)
         self.exposed = self.registry
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.exposed = CollectorRegistry()
@@ -329,13 +337,25 @@ def requested_topk(request: Request, default: int) -> int:
     return int(raw)
 
 
-def preprocess_upload(name: str, data: bytes, transform: Any) -> torch.Tensor:
-    """The model input of one uploaded image, as `predict` computes it from the same file; 422 when it is not
-    an image PIL can read, or is over PIL's decompression-bomb bound (Image.MAX_IMAGE_PIXELS)."""
+def preprocess_upload(data: bytes, transform: Any) -> torch.Tensor | BadImage:
+    """The model input of one uploaded image, as `predict` computes it from the same file; the BadImage, returned
+    rather than raised so that the request's other files go on, when it is not an image PIL can read, is over
+    PIL's decompression-bomb bound (Image.MAX_IMAGE_PIXELS) or too thin to resize."""
     try:
         return preprocess_input(data, transform)
     except BadImage as e:
-        raise RequestError(422, "not_an_image", f"{name}: {e}") from None
+        return e
+
+
+def answer(runner: str, names: list[str], inputs: list[torch.Tensor | BadImage],
+           rows: list[list[tuple[str, float]]]) -> dict:
+    """The JSON of /predict: per file in request order, its top classes (`rows`, one per good input), or its
+    error."""
+    good = iter(rows)
+    return {"runner": runner, "predictions": [
+        {"name": name, "error": str(x)} if isinstance(x, BadImage) else
+        {"name": name, "top": [{"label": c, "probability": p} for c, p in next(good)]}
+        for name, x in zip(names, inputs)]}
 
 
 # --- the app --------------------------------------------------------------------------------------
@@ -355,9 +375,16 @@ def create_app(settings: ServeSettings, model: Optional[Model] = None) -> Callab
         try:
             images = await read_images(request, limit)
             topk = requested_topk(request, settings.topk)
-            tensors = await asyncio.gather(*(run_in_threadpool(preprocess_upload, name, data, predictor.transform)
-                                             for name, data in images))
-            probs = torch.stack(await asyncio.gather(*(batcher.submit(x) for x in tensors)))
+            inputs = await asyncio.gather(*(run_in_threadpool(preprocess_upload, data, predictor.transform)
+                                            for _, data in images))
+            bad = [(name, x) for (name, _), x in zip(images, inputs) if isinstance(x, BadImage)]
+            for _, e in bad:
+                metrics.errors.labels(e.reason).inc()
+            if len(bad) == len(images):          # nothing to predict: the first bad file's error, as sent alone
+                name, e = bad[0]
+                return JSONResponse({"error": f"{name}: {e}"}, status_code=422)
+            good = [x for x in inputs if not isinstance(x, BadImage)]
+            probs = torch.stack(await asyncio.gather(*(batcher.submit(x) for x in good)))
         except RequestError as e:
             metrics.errors.labels(e.reason).inc()
             return JSONResponse({"error": str(e)}, status_code=e.status)
@@ -368,9 +395,7 @@ def create_app(settings: ServeSettings, model: Optional[Model] = None) -> Callab
         finally:
             state["answered"] += 1
         rows = top_classes(probs, predictor.classes, topk)
-        return JSONResponse({"runner": predictor.runner, "predictions": [
-            {"name": name, "top": [{"label": c, "probability": p} for c, p in row]}
-            for (name, _), row in zip(images, rows)]})
+        return JSONResponse(answer(predictor.runner, [name for name, _ in images], inputs, rows))
 
     async def healthz(request: Request) -> Response:
         batcher = state["batcher"]
@@ -388,6 +413,9 @@ def create_app(settings: ServeSettings, model: Optional[Model] = None) -> Callab
         return HTMLResponse(page)
 
     async def json_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's own errors (an unknown path: 404, a wrong method: 405) as JSON, counted by the status's
+        name (not_found, method_not_allowed: a few names, never the path)."""
+        metrics.errors.labels(http.HTTPStatus(exc.status_code).name.lower()).inc()
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)  # 405's Allow
 
     @contextlib.asynccontextmanager

@@ -1,7 +1,8 @@
 """`spinal-transfer serve` as a user runs it: the real server in a subprocess on a free port, spoken to over
-real HTTP. Its answers are checked against `predict` on the same files; bad uploads against their 4xx and
-the batch they shared; /metrics against the requests sent; SIGTERM against a burst of requests in flight;
-the page in headless Chromium; the README's curl line and the deployment examples against the CLI.
+real HTTP. Its answers are checked against `predict` on the same files; bad uploads against their 4xx (a bad file
+among good ones against its own entry) and the batch they shared; /metrics against the requests sent; SIGTERM
+against a burst of requests in flight; the page in headless Chromium; the README's curl line and the deployment
+examples against the CLI.
 
 The model is the `finished_run` fixture (timm test_resnet + spinal head on digits 0-2 at 32 px) exported with
 its ONNX file. The batching server runs batches of exactly 3 (`--max-batch 3` and a minute's wait), so which
@@ -9,6 +10,7 @@ requests share a batch is decided by the test, not by timing."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -198,6 +200,20 @@ def bomb_png(side: int = 20000) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
+def sliver_png() -> bytes:
+    """A real 1x3000 PNG: an aspect ratio no model input can be resized from."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("L", (1, 3000)).save(out, "PNG")
+    return out.getvalue()
+
+
+def errors_by_reason(server: Server) -> dict[str, float]:
+    return {dict(labels)["reason"]: v for (name, labels), v in samples(server).items()
+            if name == "spinal_serve_errors_total"}
+
+
 # --- answers --------------------------------------------------------------------------------------
 
 def test_predictions_equal_predicts(batching, bundle, images):
@@ -229,20 +245,62 @@ def test_bad_uploads_get_4xx_while_their_batch_succeeds(batching, bundle, images
         400: lambda: batching.post(**raw(b"--x\r\nnot a form", "multipart/form-data; boundary=y")),
     }
     bomb = lambda: batching.post(**raw(bomb_png(), "image/png"))  # noqa: E731
-    *good, r422, r413, r415, r400, r_bomb = concurrently(*goods, *bads.values(), bomb)
+    sliver = lambda: batching.post(**raw(sliver_png(), "image/png"))  # noqa: E731
+    *good, r422, r413, r415, r400, r_bomb, r_sliver = concurrently(*goods, *bads.values(), bomb, sliver)
     assert_same([answered(r)[0] for r in good], expected(bundle, images[:3], "onnx"))
     for status, r in zip(bads, (r422, r413, r415, r400)):
         assert r.status_code == status and r.json()["error"], (status, r.text)
     assert r_bomb.status_code == 422 and "decompression-bomb" in r_bomb.json()["error"]
+    assert r_sliver.status_code == 422 and "1x3000 px, an aspect ratio beyond" in r_sliver.json()["error"]
     after = samples(batching)
     # the three good images ran as one batch (it runs only once 3 are queued); no bad one reached the model
     assert after[("spinal_serve_batch_size_count", ())] - before[("spinal_serve_batch_size_count", ())] == 1
     assert after[("spinal_serve_batch_size_sum", ())] - before[("spinal_serve_batch_size_sum", ())] == 3
-    reasons = {"not_an_image": 2, "too_large": 1, "unsupported_media_type": 1, "bad_request": 1}
+    reasons = {"not_an_image": 1, "decompression_bomb": 1, "extreme_aspect_ratio": 1, "too_large": 1,
+               "unsupported_media_type": 1, "bad_request": 1}
     for reason, n in reasons.items():
         key = ("spinal_serve_errors_total", (("reason", reason),))
         assert after[key] - before.get(key, 0) == n, reason
     assert httpx.get(batching.url + "/healthz").status_code == 200          # and the server goes on
+
+
+def test_a_bad_file_among_good_ones_gets_its_own_entry(batching, bundle, images):
+    """As `predict` skips a bad file and predicts the rest: each bad file of a multipart request is an entry
+    naming it and saying why, in its place; the good files are predicted (one batch of 3) and the answer is 200."""
+    before = samples(batching)
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in images[:3]]
+    bad = {"notes.txt": b"this is not an image", "bomb.png": bomb_png(), "sliver.png": sliver_png()}
+    mixed = [files[0], *[("file", (name, data, "image/png")) for name, data in bad.items()], *files[1:]]
+    response = batching.post(files=mixed)
+    assert response.status_code == 200, response.text
+    entries = response.json()["predictions"]
+    assert [e["name"] for e in entries] == [images[0].name, *bad, images[1].name, images[2].name]
+    # a bad file's entry is its name and the reason the same file alone gets in its 4xx (after its name)
+    alone = [batching.post(files=[("file", (name, data, "image/png"))]) for name, data in bad.items()]
+    assert [r.status_code for r in alone] == [422] * 3
+    assert [{"name": name, "error": r.json()["error"].removeprefix(f"{name}: ")} for name, r in zip(bad, alone)] \
+        == entries[1:4]
+    assert entries[1]["error"] == "not an image (unrecognised format)"
+    good = [entries[0], *entries[4:]]
+    assert_same([[(t["label"], t["probability"]) for t in e["top"]] for e in good],
+                expected(bundle, images[:3], "onnx"))
+    after = samples(batching)
+    assert after[("spinal_serve_batch_size_sum", ())] - before[("spinal_serve_batch_size_sum", ())] == 3
+    for reason in ("not_an_image", "decompression_bomb", "extreme_aspect_ratio"):     # the mixed request's, alone's
+        key = ("spinal_serve_errors_total", (("reason", reason),))
+        assert after[key] - before.get(key, 0) == 2, reason
+
+
+def test_a_request_of_only_bad_files_gets_the_first_ones_4xx(batching):
+    """Every file bad: the 4xx of its first bad file, as when that file is sent alone; each counted by its reason."""
+    before = errors_by_reason(batching)
+    response = batching.post(files=[("file", ("notes.txt", b"not an image", "image/png")),
+                                    ("file", ("bomb.png", bomb_png(), "image/png"))])
+    assert response.status_code == 422
+    assert response.json() == {"error": "notes.txt: not an image (unrecognised format)"}
+    after = errors_by_reason(batching)
+    assert after["not_an_image"] - before.get("not_an_image", 0) == 1
+    assert after["decompression_bomb"] - before.get("decompression_bomb", 0) == 1
 
 
 def test_metrics_count_every_request(batching, images):
@@ -270,10 +328,18 @@ def test_metadata_and_health(plain, bundle):
                                     "calibrated on the run's val split"
     health = httpx.get(plain.url + "/healthz")
     assert health.status_code == 200 and health.json()["digest"] == meta["digest"]
-    missing = httpx.get(plain.url + "/nothing-here")
-    assert missing.status_code == 404 and missing.json()["error"]
+
+
+def test_unknown_paths_and_wrong_methods_are_counted_as_errors(plain):
+    """404 and 405 count in spinal_serve_errors_total by a reason that never holds the path (bounded labels)."""
+    before = errors_by_reason(plain)
+    missing = [httpx.get(plain.url + path) for path in ("/nothing-here", "/or/here")]
+    assert all(r.status_code == 404 and r.json()["error"] for r in missing)
     wrong = httpx.get(plain.url + "/predict")                  # HTTP: a 405 names the methods that are allowed
     assert wrong.status_code == 405 and wrong.json()["error"] and wrong.headers["allow"] == "POST"
+    after = errors_by_reason(plain)
+    assert {reason: n - before.get(reason, 0) for reason, n in after.items() if n != before.get(reason, 0)} \
+        == {"not_found": 2, "method_not_allowed": 1}
 
 
 def test_no_calibration_serves_the_plain_softmax_and_says_so(bundle, three_digits):
@@ -445,18 +511,15 @@ def test_a_port_in_use_or_a_host_not_here_is_one_line_before_the_model_loads(bun
 
 def test_a_client_leaving_mid_upload_is_not_a_server_error(plain, images):
     """Counted as client_disconnect (status 499), with no traceback in the log: an alert on 500s stays quiet."""
-    def errors() -> dict:
-        return {dict(labels)["reason"]: v for (name, labels), v in samples(plain).items()
-                if name == "spinal_serve_errors_total"}
-    before = errors()
+    before = errors_by_reason(plain)
     with socket.create_connection(("127.0.0.1", plain.port)) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
                   + b"\x89PNG" * 10)
     for _ in range(100):                     # the server notices the closed connection on its next read
-        if errors().get("client_disconnect", 0) > before.get("client_disconnect", 0):
+        if errors_by_reason(plain).get("client_disconnect", 0) > before.get("client_disconnect", 0):
             break
         time.sleep(0.05)
-    after = errors()
+    after = errors_by_reason(plain)
     assert after.get("client_disconnect", 0) == before.get("client_disconnect", 0) + 1
     assert after.get("internal", 0) == before.get("internal", 0) and "ClientDisconnect" not in plain.output()
     assert plain.post(**png(images[0])).status_code == 200          # and it goes on serving
