@@ -439,6 +439,17 @@ def test_page_uploads_an_image_in_chromium(plain, bundle, images):
         page.requests                                                               # nothing from outside
 
 
+def test_page_says_why_a_file_is_refused_once(plain, tmp_path):
+    from spinal_transfer.evaluation.browser import render
+
+    chromium_or_skip()
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a png at all")
+    page = render(plain.url + "/", files={"#file": [junk]}, evaluate={"result": _RESULT_JS}, timeout=60)
+    result = page.values["result"]
+    assert result["state"] == "error" and result["status"] == "junk.png: not an image (unrecognised format)", result
+
+
 def _serve_section() -> str:
     text = (REPO / "README.md").read_text()
     return re.search(r"^## Serve it\n(.*?)(?=^## )", text, re.S | re.M).group(1)
