@@ -317,12 +317,15 @@ def make_sampler(seed: int) -> "optuna.samplers.BaseSampler":
 
 def resume_sampling(study: "optuna.Study", seed: int) -> None:
     """A continued study's sampler seeded past the trials it has: seeded as a new one, it drew the same random
-    start-up points again (trial 2 of a rerun repeated trial 1). A new study's sampling is unchanged (seed + 0)."""
+    start-up points again (trial 2 of a rerun repeated trial 1). The seed mixes (seed, trials so far) through
+    numpy's SeedSequence, not seed + trials: worker --sampler-seed 1 joining after one trial would otherwise draw
+    what worker --sampler-seed 2 draws. A new study's sampling is unchanged (seeded with seed itself)."""
+    import numpy as np
     from optuna.trial import TrialState
 
     started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
     if started:
-        study.sampler = make_sampler(seed + started)
+        study.sampler = make_sampler(int(np.random.SeedSequence([seed, started]).generate_state(1)[0]))
 
 
 def make_pruner(name: str) -> "optuna.pruners.BasePruner":

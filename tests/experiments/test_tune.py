@@ -285,6 +285,15 @@ def test_a_continued_study_samples_new_points(tmp_path):
     study = reopen()
     tune.resume_sampling(study, 0)
     assert sample(study) != first_sampled
+    # a worker of another --sampler-seed joining this study draws what no new study of another seed draws
+    # (seeded seed + trials so far, --sampler-seed 1 after 3 trials drew what --sampler-seed 4 draws first)
+    joined = reopen()
+    tune.resume_sampling(joined, 1)
+    fresh = tune.open_study(tune.default_storage(tmp_path), "t", tune.make_sampler(1 + len(joined.trials)),
+                            optuna.pruners.NopPruner(), {"mode": "finetune"}, tmp_path / ".lock",
+                            tune.untuned_params(base))
+    assert sample(fresh) == {}                           # its untuned defaults first, then its first draw
+    assert sample(joined) != sample(fresh)
 
 
 def test_a_worker_starts_no_trial_that_another_worker_is_already_running_toward_the_total(tmp_path):
