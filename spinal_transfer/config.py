@@ -53,7 +53,7 @@ UNSET_BEFORE = {"rrc_scale": ({"augment": "randaugment"}, [0.35, 1.0])}   # rand
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field that carries its CLI help text and its checks:
-    choices; min/max (inclusive) or gt (exclusive) bounds; item (list element type) and length;
+    choices; min/max (inclusive) or gt/lt (exclusive) bounds; item (list element type) and length;
     applies ({field: values}: the option only matters when those fields take those values); recorded (a value
     the run writes in, not a flag to give: hidden from --help)."""
     if isinstance(default, (list, dict)):
@@ -239,7 +239,7 @@ class TrainConfig:
     class_balance: str = _opt("none", "imbalanced folders: weighted loss or balanced sampler",
                               choices=["none", "loss", "sampler"])
     ema_decay: Optional[float] = _opt(None, "keep an EMA of the weights (timm ModelEmaV3) with this decay",
-                                      gt=0.0, max=1.0)
+                                      gt=0.0, lt=1.0)     # 1.0: the average never leaves the first step
     early_stop_patience: Optional[int] = _opt(None, "end a stage after this many epochs without the selection "
                                                     "metric improving by more than --early-stop-min-delta", min=1)
     early_stop_min_delta: float = _opt(0.0, "improvement of the selection metric that resets the patience, in its "
@@ -439,7 +439,7 @@ def _scalar(name: str, value: Any, tp: Any, meta: dict) -> Any:
         value = float(value)
     if tp in (int, float):
         if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]) or \
-                ("gt" in meta and value <= meta["gt"]):
+                ("gt" in meta and value <= meta["gt"]) or ("lt" in meta and value >= meta["lt"]):
             raise ConfigError(f"{name}: {value!r} is out of range (expected {expected})", key=name)
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name}: {value!r} is not one of {meta['choices']}", key=name)
@@ -448,7 +448,7 @@ def _scalar(name: str, value: Any, tp: Any, meta: dict) -> Any:
 
 def _bounds_text(meta: dict) -> str:
     parts = [f">= {meta['min']:g}" if "min" in meta else "", f"> {meta['gt']:g}" if "gt" in meta else "",
-             f"<= {meta['max']:g}" if "max" in meta else ""]
+             f"<= {meta['max']:g}" if "max" in meta else "", f"< {meta['lt']:g}" if "lt" in meta else ""]
     parts = [p for p in parts if p]
     return (" " + " and ".join(parts)) if parts else ""
 
@@ -489,7 +489,7 @@ def check_value(name: str, value: Any) -> Any:
     if meta.get("pair_ok") and isinstance(value, (list, tuple)):      # an int, or [H, W]
         if len(value) != 2:
             raise ConfigError(f"{name}: expected one size or [height, width], got {value!r}", key=name)
-        bounds = {k: meta[k] for k in ("min", "max", "gt") if k in meta}
+        bounds = {k: meta[k] for k in ("min", "max", "gt", "lt") if k in meta}
         return [_scalar(f"{name}[{i}]", v, int, bounds) for i, v in enumerate(value)]
     if tp is list or get_origin(tp) is list:
         if not isinstance(value, (list, tuple)):
@@ -497,7 +497,7 @@ def check_value(name: str, value: Any) -> Any:
             raise ConfigError(f"{name}: {value!r} is not a list of {plural} (a YAML list: '[a, b, ...]')", key=name)
         if "length" in meta and len(value) != meta["length"]:
             raise ConfigError(f"{name}: expected {meta['length']} values, got {len(value)}", key=name)
-        item_meta = {k: meta[k] for k in ("min", "max", "gt") if k in meta}
+        item_meta = {k: meta[k] for k in ("min", "max", "gt", "lt") if k in meta}
         return [_scalar(f"{name}[{i}]", v, meta["item"], item_meta) for i, v in enumerate(value)]
     return _scalar(name, value, tp, meta)
 

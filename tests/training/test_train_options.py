@@ -224,7 +224,10 @@ def test_a_run_records_its_crop_scale_and_one_saved_before_keeps_the_old_35_perc
 
 @pytest.mark.parametrize("bad, says", [({"epochs": 0}, "epochs: 0 is out of range"),
                                        ({"head_dropout": -0.5}, "head_dropout: -0.5 is out of range"),
-                                       ({"batch_size": -5}, "batch_size: -5 is out of range")])
+                                       ({"batch_size": -5}, "batch_size: -5 is out of range"),
+                                       # an average of decay 1 stays at the first step's weights: training thrown away
+                                       ({"ema_decay": 1.0}, "ema_decay: 1.0 is out of range (expected a number > 0 "
+                                                            "and < 1)")])
 def test_a_config_built_by_hand_is_checked_before_any_work(three_digits, tmp_path, bad, says):
     """TrainConfig(...) is not checked when made; train.run checks it as a loaded one, so epochs=0 no longer trains
     20 epochs and then fails reading its own config.yaml, leaving a folder it cannot resume."""
