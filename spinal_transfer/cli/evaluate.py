@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     ev = evaluate(args.run, args.data, args.split, flags.get("device", "auto"), flags.get("batch_size"),
                   flags.get("workers"), tta=tta,
                   calibrated=args.calibrated)
-    print(f"evaluated {ev.source}" + (f"; {tta.describe()}" if tta else ""), file=sys.stderr)
+    print(f"evaluated {ev.source}" + (f"; {ev.tta.describe()}" if ev.tta else ""), file=sys.stderr)
     source = Path(args.run)              # a run folder, or its checkpoints/best.pt
     best_of = source if source.is_dir() else source.parent.parent if source.parts[-2:] == ("checkpoints", "best.pt") \
         else None

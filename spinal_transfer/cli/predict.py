@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
                     verify=not args.no_verify, min_confidence=args.min_confidence)
     print(preds.probabilities, file=sys.stderr)
     if tta is not None:
-        print(tta.describe(), file=sys.stderr)
+        print(TTA.from_dict(preds.tta).describe(), file=sys.stderr)     # as used: without a mirror for --hflip 0
     for path, reason in preds.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not preds.paths:

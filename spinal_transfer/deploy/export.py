@@ -73,6 +73,8 @@ def bundle_config(ckpt: dict) -> dict:
         "epoch": ckpt.get("epoch") or ckpt.get("progress", {}).get("epoch"),     # 1-based
         # probabilities are softmax(logits / temperature) (evaluation/calibration.py); null: not calibrated (T = 1)
         "temperature": ckpt.get("temperature"),
+        # 0: trained with --hflip 0, so TTA shows no mirror view (TTA.as_trained); null: the policy's flips
+        "train_hflip": ckpt["config"].get("hflip"),
     }
 
 

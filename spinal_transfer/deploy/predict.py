@@ -261,6 +261,7 @@ def predict(source: PathLike, paths: Sequence[PathLike], batch_size: Optional[in
                           f"minimum confidence: the two could not be told apart; leave the minimum out and filter "
                           f"on prob_1", key="min_confidence")
     temperature = temperature_of(config) if calibrated else 1.0
+    tta = tta.as_trained(config.get("train_hflip")) if tta is not None else None
     start = time.perf_counter()
     loader = make_loader([(f, -1) for f in files], eval_transform(config),
                          batch_size or CONFIG_FIELDS["batch_size"].default, workers, dev,

@@ -7,8 +7,9 @@ file that fails to decode simply has no row.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -29,6 +30,8 @@ from ..utils.runtime import amp_dtype, configure_process, pick_device, use_chann
 from .calibration import calibrated_softmax, temperature_of
 from .interpret import write_predictions_csv
 from .metrics import classification_metrics
+
+log = logging.getLogger("spinal_transfer")
 
 
 @dataclass
@@ -80,6 +83,22 @@ class TTA:
     def to_dict(self) -> dict:
         """What a report records: the setting and how many views each image was seen in."""
         return {**asdict(self), "views": self.num_views}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TTA":
+        """The TTA that `to_dict` recorded."""
+        return cls(flip=d["flip"], crops=d["crops"], crop_fraction=d["crop_fraction"])
+
+    def as_trained(self, hflip: Optional[float]) -> "TTA":
+        """Without the mirror view when the model was trained with `--hflip 0` (`hflip` is the run's setting; None:
+        the policy's, or unknown for a bundle exported before it was recorded): the user said a mirrored image is
+        not of the same class (text, digits, arrows), and averaging it in lowered accuracy. Said in the log."""
+        if not self.flip or hflip != 0:
+            return self
+        log.info("TTA: no mirror view: the model was trained with --hflip 0 (a mirrored image is not of its class)"
+                 + ("" if self.crops else "; with no crops (--tta-crops) that leaves the image alone, the same as "
+                                          "without TTA"))
+        return replace(self, flip=False)
 
     def describe(self) -> str:
         parts = ["image"] + (["its mirror"] if self.flip else []) + \
@@ -195,6 +214,7 @@ class Evaluation:
     classes: list[str]
     source: str             # which images were used, in words
     plain_metrics: Optional[dict] = None      # with TTA: the same split without it
+    tta: Optional[TTA] = None                 # the views used (TTA.as_trained of the one asked for)
 
 
 def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str = "test", device: str = "auto",
@@ -215,6 +235,7 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     tta = (TTA(flip=True) if tta else None) if isinstance(tta, bool) else tta
     ckpt = load_run_checkpoint(source)
     model, cfg, dc, classes = model_from_checkpoint(ckpt)
+    tta = tta.as_trained(cfg.hflip) if tta is not None else None
     samples, used = _eval_samples(Path(source), cfg, data, split, classes, ckpt.get("split_fingerprints"))
     dev = pick_device(device)
     configure_process(dev)
@@ -241,7 +262,7 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     m["temperature"] = temperature
     m["num_skipped_files"] = len(skips)
     m["skipped_files"] = [[p, r] for p, r in skips.entries.items()]
-    return Evaluation(m, out, samples, classes, used, plain_m)
+    return Evaluation(m, out, samples, classes, used, plain_m, tta)
 
 
 def scaled(out: Outputs, temperature: float) -> Outputs:

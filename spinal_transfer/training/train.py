@@ -831,7 +831,7 @@ def finish(s: Session) -> dict:
     val_m, val_out = evaluate_split(s, "val", model) if s.samples["val"] else (None, None)
     extra: dict = {}
     if s.cfg.tta:        # the test metrics with TTA; the plain ones kept beside them (one pass over the data)
-        tta = TTA(flip=True, crops=s.cfg.tta_crops)
+        tta = TTA(flip=True, crops=s.cfg.tta_crops).as_trained(s.cfg.hflip)
         st = s.settings
         plain, test_out = predict_logits_tta(model, s.skips.watch(s.loaders["test"]), st.device, tta, st.dtype,
                                              st.channels_last, desc="test (TTA)", total=len(s.loaders["test"]))

@@ -130,3 +130,22 @@ def test_calibration_scales_the_tta_average_and_never_changes_a_class(short_run,
     got = predict(out, [folder], workers=0, device="cpu", tta=TTA(flip=True))
     mean = predict(out, [folder], workers=0, device="cpu", tta=TTA(flip=True), calibrated=False).probs
     assert torch.allclose(got.probs, torch.softmax(mean.log() / T, dim=1), atol=1e-9)
+
+
+def test_a_run_trained_without_flips_gets_no_mirror_view(digits_folder, tmp_path):
+    """--hflip 0 says a mirrored image is not of the same class (digits, text): train's final TTA, evaluate,
+    predict and Predictor then average no mirror view (it lowered accuracy), and say so."""
+    from spinal_transfer.deploy.predict import predict
+    from spinal_transfer.deploy.predictor import Predictor
+    from spinal_transfer.training.train import run
+
+    out = tmp_path / "noflip"
+    report = run(tiny_cfg(digits_folder, out, epochs=1, limit_train_batches=2, hflip=0.0, tta=True, tta_crops=5))
+    assert report["test"]["tta"] == {"flip": False, "crops": 5, "crop_fraction": 0.875, "views": 6}
+    assert "TTA: no mirror view: the model was trained with --hflip 0" in (out / "train.log").read_text()
+    ev = evaluate(out, device="cpu", tta=True)
+    assert ev.tta == TTA(flip=False) and ev.metrics["tta"]["views"] == 1
+    assert ev.metrics["top1"] == ev.plain_metrics["top1"] == report["test_without_tta"]["top1"]
+    folder = digits_folder / "test" / "digit_3"
+    assert predict(out, [folder], workers=0, device="cpu", tta=TTA(flip=True, crops=5)).tta["views"] == 6
+    assert Predictor(out, device="cpu", tta=True).tta == TTA(flip=False)
