@@ -83,9 +83,15 @@ def head_param_names(model: nn.Module) -> List[str]:
     return [k for k in model.state_dict() if k.startswith(prefixes)]
 
 
-def _count(module: nn.Module, num_classes: int, imagenet_classes: int = 1000) -> tuple[int, int]:
+def _count(module: nn.Module, num_classes: int, imagenet_classes: int = 1000,
+           input_shape: Sequence[int] = ()) -> tuple[int, int]:
     """(params, MACs per sample) of the original classifier retargeted to `num_classes`: the
-    "default head" the paper compares with. MACs count Linear and 1x1-conv layers only."""
+    "default head" the paper compares with. MACs count Linear and 1x1-conv layers only, at every position of
+    its input (`input_shape`, batch first): SqueezeNet's 1x1-conv classifier runs on each of 13x13 positions at
+    224 px, a token-wise Linear on each token; a pooled vector is one position."""
+    positions = int(torch.Size(input_shape[2:]).numel()) if len(input_shape) > 2 else 1
+    if len(input_shape) == 3:                     # (N, tokens, width): a Linear per token
+        positions = int(input_shape[1])
     params = macs = 0
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -97,7 +103,7 @@ def _count(module: nn.Module, num_classes: int, imagenet_classes: int = 1000) ->
             continue
         n_out = num_classes if n_out == imagenet_classes else n_out
         params += (n_in + (m.bias is not None)) * n_out
-        macs += n_in * n_out
+        macs += n_in * n_out * positions
     return params, macs
 
 
@@ -393,6 +399,7 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
 
         main_width = int(main_in[1:].numel()) if replace == "classifier" else in_width(main)
         targets = [(main, main_width)] + [(p, in_width(p)) for p in aux]
+        main_shape = tuple(main_in)
         original = [get_module(model, p) for p, _ in targets]
         paths, head_modules = [], []
         for p, width in targets:
@@ -414,6 +421,7 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
         model, input_size = _build_timm(name, source, img_size)
         imagenet_classes = int(model.num_classes)
         targets = _find_timm_classifiers(model, input_size)
+        main_shape = tuple(targets[0][1])
         original = [get_module(model, p) for p, _ in targets]
         paths, head_modules = [], []
         for p, shape in targets:
@@ -432,7 +440,7 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
         model.num_classes = num_classes          # timm's convention; some forward_heads read it
 
     default_params, default_macs = _count(original[0], num_classes,
-                                          1000 if lib == "torchvision" else imagenet_classes)
+                                          1000 if lib == "torchvision" else imagenet_classes, main_shape)
     model.spinal_info = HeadInfo(
         backbone=backbone, num_classes=num_classes, head=head, head_options=dict(head_options),
         feature_width=width, head_paths=paths, head_modules=head_modules, replace=replace,

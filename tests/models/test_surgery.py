@@ -555,3 +555,16 @@ def test_a_timm_model_of_fixed_input_size_is_built_for_the_asked_size_and_its_we
     with pytest.raises(ConfigError, match=r"^timm/test_vit does not run on 8 px images \(Input height \(8\) should be "
                                           r"divisible by patch size \(16\)\.\); use --img-size 160 \(its own size\)"):
         build_model("timm/test_vit", 3, head="linear", img_size=8)
+
+
+@pytest.mark.parametrize("num_classes", [1000, 4])
+def test_the_default_heads_macs_count_every_position_a_1x1_conv_classifier_runs_on(num_classes):
+    """SqueezeNet's classifier is a 1x1 conv on the feature map, then a pool: its MACs are in x out at each of
+    the map's positions at the model's input size (13x13 at 224 px), measured here by running the model's own
+    features; a pooled Linear (ResNet) is one position."""
+    model = build_model("torchvision/squeezenet1_0", num_classes, head="spinal", weights="none")
+    size = model.spinal_info.input_size
+    with torch.no_grad():
+        h, w = model.features(torch.zeros(1, 3, size, size)).shape[2:]
+    assert (size, h, w) == (224, 13, 13) and model.spinal_info.default_head_macs == 512 * num_classes * h * w
+    assert build_model("torchvision/resnet18", 4, head="linear", weights="none").spinal_info.default_head_macs == 512 * 4
