@@ -20,6 +20,8 @@ EXAMPLES = """\
   spinal-transfer evaluate runs/pets --tta --tta-crops 5   # ... and 4 corner + centre crops (12 views)
 Without --data the run's recorded split (RUN/splits.json) is used, so the accuracy metrics equal report.json's
 (its loss too with --no-calibration: see below).
+A --data folder that holds most of the run's train and SPLIT images at their recorded paths and sizes
+(its data folder, moved or copied) is read as the run's own: its recorded split is used.
 Another --data folder is read as it is: its SPLIT/ folder (no train/ needed), or all its images when it
 has no split folders (a split is never carved out of it). Its class folders are matched to the model's
 classes by name: any subset, in any order; one the model does not know is refused. Which images were

@@ -59,6 +59,21 @@ class SkipLog:
         for p, reason in pairs:
             self.entries.setdefault(str(p), " ".join(str(reason).split()))
 
+    def moved_to(self, root: str, files: Iterable[str]) -> None:
+        """Entries outside `root`, the data folder the run reads now, listed at their place under it: an entry
+        whose path ends with the path of one of `files` (the run's files under `root`) relative to `root`
+        becomes that file, the longest such ending first. A run resumed from its data folder's new place (or a
+        later one: the log holds the paths of the last place read) lists each skipped file once, where it is."""
+        if all(Path(p).is_relative_to(root) for p in self.entries):
+            return
+        here = {Path(f).relative_to(root).parts: str(f) for f in files}
+        out: dict[str, str] = {}
+        for p, reason in self.entries.items():
+            parts = Path(p).parts
+            new = next((here[parts[i:]] for i in range(1, len(parts)) if parts[i:] in here), p)
+            out.setdefault(new, reason)
+        self.entries = out
+
     def per_split(self, samples: dict[str, list]) -> dict[str, int]:
         """Skipped files per split ({name: [(path, label), ...]}), and under "scan" those skipped while the
         folder was scanned (in no split: e.g. a wrong extension, a bad header, a link out of its class)."""

@@ -516,6 +516,37 @@ def fingerprints(s: Splits) -> dict[str, str]:
                               .encode()).hexdigest() for k in SPLIT_NAMES}
 
 
+def recorded_fingerprints(doc: dict) -> Optional[dict[str, str]]:
+    """`fingerprints` of the splits a run's splits.json records, from the record alone (no file is read): a
+    checkpoint can be checked against the run folder it sits in before any of its files are looked for. None for
+    a record of another version (`load_recorded` refuses it)."""
+    if doc.get("version") != RECORD_VERSION:
+        return None
+    root = doc["root"]
+    lists = [[(os.path.join(root, rel), y) for rel, y, *_ in doc["splits"][k]] for k in SPLIT_NAMES]
+    return fingerprints(Splits(doc["classes"], *lists, root=root))
+
+
+def holds_recorded(doc: dict, root: PathLike, split: str) -> bool:
+    """Whether the folder `root` holds most of a run's recorded train images and of its `split`, each at its
+    relative path with its recorded size: then it is the run's data folder, moved or copied, and `evaluate
+    --data`/`export --data` read the run's recorded `split` from it; read as another folder, its images could
+    include those the model trained on (all of a flat folder's are read). Most, not all: a moved folder that lost
+    a file is still the run's (`load_recorded` then names the file)."""
+    if doc.get("version") != RECORD_VERSION:
+        return False
+    for name in {"train", split}:
+        files, found = doc["splits"].get(name, []), 0
+        for rel, _, size, _ in files:
+            try:
+                found += os.stat(Path(root).expanduser() / rel).st_size == size
+            except OSError:
+                continue
+        if files and 2 * found <= len(files):
+            return False
+    return True
+
+
 def load_recorded(doc: dict, root: PathLike, log_changes: bool = True) -> Splits:
     """The recorded splits of a run, with their files found under `root` (the run's data folder, which may
     have moved). Files gone -> DataError; added, modified files and new class folders -> one warning each."""

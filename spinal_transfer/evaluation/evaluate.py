@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..data.loaders import ShardSampler, make_loader
 from ..data.skiplog import SkipLog
-from ..data.splits import config_splits, fingerprints, labelled_images, load_recorded
+from ..data.splits import (config_splits, fingerprints, holds_recorded, labelled_images, load_recorded,
+                           recorded_fingerprints)
 from ..data.transforms import build_transforms
 from ..errors import ConfigError, DataError, option_value
 from ..models.restore import model_from_checkpoint
@@ -228,8 +229,9 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     the loss and the predictions CSV are of the calibrated probabilities; accuracy metrics are the same either
     way. `metrics["temperature"]` records the T applied.
 
-    Without `data` (or with the run's own data folder) the run's recorded split is used, so the accuracy metrics
-    match report.json's exactly (the loss too with `calibrated=False`). Another folder is read by
+    Without `data` (or with the run's own data folder, where it is now if it moved, or a copy of it: see
+    `_eval_samples`) the run's recorded split is used, so the accuracy metrics match report.json's exactly (the
+    loss too with `calibrated=False`). Another folder is read by
     `labelled_images`: its split folder, or all its images when it is a flat class-folder tree (never a carved
     split), its class folders labelled by the model's classes."""
     tta = (TTA(flip=True) if tta else None) if isinstance(tta, bool) else tta
@@ -273,17 +275,30 @@ def scaled(out: Outputs, temperature: float) -> Outputs:
 
 def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str],
                   recorded: Optional[dict] = None) -> tuple[list, str]:
-    """The samples `evaluate` reads, and a sentence saying which they are. `recorded`: the checkpoint's
-    split fingerprints; a split made again that does not match them is refused (the folder changed since the
-    run, and the new split may hold images it trained on)."""
+    """The samples `evaluate` reads, and a sentence saying which they are. `recorded`: the checkpoint's split
+    fingerprints; splits that do not match them are refused (another run's splits.json, or a folder that changed
+    since the run: either may hold images the model trained on).
+
+    `data` is the run's data folder when it is the recorded one, or when it holds the run's train and `split`
+    images at their recorded paths and sizes (`holds_recorded`: the folder moved, or a copy of it, even while the
+    recorded folder is still there): the run's recorded split is read from it, never all its images, training
+    images included. Any other folder is read by `labelled_images`."""
     run = RunDir(source if source.is_dir() else source.parent.parent)
     own = data is None or Path(data).expanduser().resolve() == Path(cfg.data).resolve()
-    if own and run.splits.is_file():
-        splits = load_recorded(run.read_json(run.splits), data or cfg.data)
-        return splits.get(split), f"the run's recorded {split} split ({len(splits.get(split))} images, {run.splits})"
+    doc = run.read_json(run.splits) if run.splits.is_file() else None
+    if doc is not None and (own or holds_recorded(doc, data, split)):
+        changed = _changed(recorded_fingerprints(doc), recorded)
+        if changed:
+            raise DataError(f"the {'/'.join(changed)} split(s) recorded in {run.splits} are not those {source} was "
+                            f"trained on (the checkpoint's split fingerprints differ: it comes from another run), so "
+                            f"the {split} split may hold images the model trained on; evaluate the checkpoint in its "
+                            f"own run folder, or give another folder with --data")
+        images = load_recorded(doc, data or cfg.data).get(split)
+        where = "" if own else f"; read under {data}, which holds the run's files (its data folder, moved or copied)"
+        return images, f"the run's recorded {split} split ({len(images)} images, {run.splits}){where}"
     if own:           # a checkpoint away from its run folder: the split is made again the way the run made it
         splits = config_splits(cfg)
-        changed = [k for k, v in fingerprints(splits).items() if recorded and recorded.get(k) != v]
+        changed = _changed(fingerprints(splits), recorded)
         if changed:
             raise DataError(f"the {'/'.join(changed)} split(s) of {cfg.data} made again from the run's settings are "
                             f"not those the run used (images were added, removed or renamed since), so its {split} "
@@ -292,3 +307,9 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
         return splits.get(split), (f"the {split} split of {cfg.data} made again from the run's settings (no "
                                    f"splits.json beside the checkpoint): {len(splits.get(split))} images")
     return labelled_images(data, split, classes, cfg.follow_links)
+
+
+def _changed(now: Optional[dict], recorded: Optional[dict]) -> list[str]:
+    """The splits whose fingerprint differs from the checkpoint's (none when either side has none: a checkpoint
+    from before fingerprints, a record of another version)."""
+    return [k for k, v in (now or {}).items() if recorded and recorded.get(k) != v]

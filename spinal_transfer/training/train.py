@@ -432,6 +432,9 @@ def load_data(cfg: TrainConfig, run: RunDir, skips: SkipLog) -> Splits:
     if is_main():
         splits = load_recorded(run.read_json(run.splits), cfg.data) if run.splits.is_file() else config_splits(cfg)
     splits = broadcast_object(splits)
+    # resumed from the data folder's new place: the skip log read back lists its files where they were
+    skips.moved_to(splits.root, [p for name in SPLIT_NAMES for p, _ in splits.get(name)] +
+                   [p for p, _ in splits.skipped])
     skips.add(splits.skipped)
     _check_splits_usable(splits, selection_split(cfg))
     return splits

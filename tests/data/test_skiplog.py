@@ -1,7 +1,7 @@
 """The skip log: bad files taken out of the batches, listed once with their reason, written and read back."""
 from __future__ import annotations
 
-from spinal_transfer.data.skiplog import SkipLog
+from spinal_transfer.data.skiplog import SkipLog, skip_lines
 
 
 def _batches():
@@ -53,3 +53,15 @@ def test_a_list_written_before_the_escapes_keeps_its_backslashes(tmp_path):
     path = tmp_path / "skipped_files.txt"
     path.write_text("C:\\data\\x.png\tbad\n")
     assert SkipLog(path).entries == {"C:\\data\\x.png": "bad"}
+
+
+def test_moved_to_lists_each_entry_once_under_the_folder_read_now(tmp_path):
+    """A run resumed from its data folder's new place (here the second move: the log has the first new place's
+    paths) lists each skipped file under the folder it reads now, once, whatever place the log had it at."""
+    log = tmp_path / "skipped_files.txt"
+    log.write_text(skip_lines([("/b/data/x/cut.jpg", "truncated"), ("/b/data/notes.txt", "not an image")]))
+    skips = SkipLog(log)
+    files = ["/c/new/x/cut.jpg", "/c/new/x/ok.png", "/c/new/notes.txt"]
+    skips.moved_to("/c/new", files)
+    skips.add([("/c/new/notes.txt", "not an image"), ("/c/new/x/cut.jpg", "truncated")])
+    assert skips.entries == {"/c/new/x/cut.jpg": "truncated", "/c/new/notes.txt": "not an image"}

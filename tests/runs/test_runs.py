@@ -75,6 +75,23 @@ def test_a_class_whose_every_image_is_unreadable_is_named(tmp_path):
     assert len(warned) == 2 and "never learned" in warned[0] and "test metrics do not cover" in warned[1]
 
 
+def test_resume_from_a_moved_data_folder_lists_each_skipped_file_once_under_its_new_place(three_digits, tmp_path,
+                                                                                         cli_run):
+    data = tmp_path / "data"
+    for d in sorted((three_digits / "train").iterdir()):
+        shutil.copytree(d, data / d.name, ignore=lambda folder, names: sorted(names)[20:])
+    truncated_jpeg(data / "digit_1" / "cut.jpg")                 # fails when decoded
+    (data / "digit_2" / "notes.txt").write_text("not an image")   # skipped by the scan
+    run(tiny_cfg(data, tmp_path / "run", epochs=1, batch_size=16))
+    assert len((tmp_path / "run" / "skipped_files.txt").read_text().splitlines()) == 2
+    moved = data.rename(tmp_path / "moved")
+    res = cli_run("train", "--resume", tmp_path / "run", "--epochs", 2, "--data", moved)
+    assert res.returncode == 0, res.stderr[-2000:]
+    listed = [ln.split("\t")[0] for ln in (tmp_path / "run" / "skipped_files.txt").read_text().splitlines()]
+    assert sorted(listed) == [str(moved / "digit_1" / "cut.jpg"), str(moved / "digit_2" / "notes.txt")]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["num_skipped_files"] == 2
+
+
 # --- the folder is owned: no silent overwrite, a lock, a fresh default name ----------------------
 
 def test_rerun_into_a_finished_run_refuses_and_leaves_every_file_byte_identical(finished, three_digits, cli_run):

@@ -84,3 +84,55 @@ def test_evaluate_away_from_the_run_refuses_a_split_the_changed_folder_makes_aga
                                         r"are not those the run used"):
         evaluate(away / "best.pt", device="cpu", workers=0)
     assert len(evaluate(tmp_path / "run", device="cpu", workers=0).samples) == len(recorded)   # its splits.json
+
+
+def _flat_run(three_digits: Path, tmp_path: Path, name: str = "run", **kw) -> tuple[Path, Path]:
+    """A flat folder (20 train images a class, its val and test carved out of it) and a tiny run on it."""
+    flat = tmp_path / "flat"
+    if not flat.is_dir():
+        for d in sorted((three_digits / "train").iterdir()):
+            (flat / d.name).mkdir(parents=True)
+            for f in sorted(d.iterdir())[:20]:
+                shutil.copy2(f, flat / d.name)
+    run(tiny_cfg(flat, tmp_path / name, epochs=1, limit_train_batches=1, batch_size=16, **kw))
+    return flat, tmp_path / name
+
+
+def test_evaluate_and_int8_data_of_a_moved_or_copied_run_folder_read_its_recorded_splits(three_digits, tmp_path):
+    """--data pointing at the run's data folder at its new place (or at a copy of it) scores the run's recorded
+    split there, never all of the folder's images (its training images among them); another folder is read as
+    it is."""
+    from spinal_transfer.deploy.export import _split_loader
+    from spinal_transfer.runs.rundir import load_run_checkpoint
+
+    flat, out = _flat_run(three_digits, tmp_path)
+    recorded = json.loads((out / "splits.json").read_text())["splits"]
+    copy = tmp_path / "copy"
+    shutil.copytree(flat, copy)
+    moved = tmp_path / "moved"
+    for folder in (copy, flat.rename(moved)):          # a copy while the run's folder is there; then it moved
+        ev = evaluate(out, data=folder, device="cpu", workers=0)
+        assert [p for p, _ in ev.samples] == [str(folder / e[0]) for e in recorded["test"]]
+        assert ev.source.startswith("the run's recorded test split") and f"read under {folder}" in ev.source
+    _, n_train = _split_loader(out, load_run_checkpoint(out), "train", 16, 0, data=moved)     # int8 calibration
+    assert n_train == len(recorded["train"])
+    other = tmp_path / "other"                          # images the run never saw, under other names
+    for d in sorted((three_digits / "test").iterdir()):
+        shutil.copytree(d, other / d.name)
+    ev = evaluate(out, data=other, device="cpu", workers=0)
+    assert len(ev.samples) == sum(1 for _ in other.rglob("*.png")) and "(it has no split folders)" in ev.source
+
+
+def test_evaluate_refuses_a_checkpoint_copied_into_another_runs_folder(three_digits, tmp_path):
+    """A checkpoint of one run put in another run's checkpoints/ is not scored on that run's splits.json: its
+    test split holds images the checkpoint's run trained on (the split fingerprints differ)."""
+    from spinal_transfer.errors import DataError
+
+    _, r2 = _flat_run(three_digits, tmp_path, "r2")
+    _, r5 = _flat_run(three_digits, tmp_path, "r5", split_seed=5)
+    stray = r2 / "checkpoints" / "r5_best.pt"
+    shutil.copy(r5 / "checkpoints" / "best.pt", stray)
+    with pytest.raises(DataError, match=r"^the train/val/test split\(s\) recorded in .*r2/splits.json are not those "
+                                        r".*r5_best.pt was trained on .* evaluate the checkpoint in its own run"):
+        evaluate(stray, device="cpu", workers=0)
+    assert len(evaluate(r5, device="cpu", workers=0).samples) == len(evaluate(r2, device="cpu", workers=0).samples)
