@@ -81,6 +81,9 @@ def decode(path: Path, min_size: int) -> np.ndarray:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)       # applies EXIF orientation
         if bgr is not None:
             return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):   # as spinal-transfer: no agreed range
+        raise ValueError(f"{'floating-point' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode {im.mode}) "
+                         f"have no standard range; save the image with 8 or 16 bits per channel")
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode == "I":
         high = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)

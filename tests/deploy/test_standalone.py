@@ -25,6 +25,7 @@ from spinal_transfer.cli import main as cli                                 # no
 from spinal_transfer.config import TrainConfig                              # noqa: E402
 from spinal_transfer.deploy import predict_onnx as standalone               # noqa: E402
 from spinal_transfer.deploy.export import STANDALONE, eval_transform        # noqa: E402
+from spinal_transfer.deploy.predict import predict                         # noqa: E402
 from spinal_transfer.training.train import run                              # noqa: E402
 
 BLOCKED = ("import runpy, sys; sys.modules['spinal_transfer'] = None; sys.argv = sys.argv[1:]; "
@@ -127,13 +128,19 @@ def test_predict_onnx_skips_and_names_unreadable_files(bundle, tmp_path):
     Image.fromarray(skd.chelsea()).save(good)
     (tmp_path / "notes.jpg").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
-    args = [str(good), str(tmp_path / "notes.jpg"), str(tmp_path / "empty.png")]
+    Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32), mode="F").save(tmp_path / "f.tif")
+    Image.fromarray(np.arange(32 * 32, dtype=np.int32).reshape(32, 32) * 3000, mode="I").save(tmp_path / "i.tif")
+    args = [str(good), str(tmp_path / "notes.jpg"), str(tmp_path / "empty.png"), str(tmp_path / "f.tif"),
+            str(tmp_path / "i.tif")]
     res = subprocess.run([sys.executable, "-c", BLOCKED, str(bundle / STANDALONE.name), *args, "--json"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert out["images"] == [str(good)]
-    assert out["skipped"] == [[args[1], "not an image (unrecognised format)"], [args[2], "empty file (0 bytes)"]]
+    assert out["skipped"][:2] == [[args[1], "not an image (unrecognised format)"], [args[2], "empty file (0 bytes)"]]
+    # 32-bit float and integer TIFFs: skipped for the reason predict gives, not guessed into colours
+    skipped_by_predict = dict(predict(bundle, args[3:], workers=0, device="cpu", runner="onnx").skipped)
+    assert dict(out["skipped"][2:]) == skipped_by_predict and len(skipped_by_predict) == 2
     assert f"skipped {args[1]}: not an image (unrecognised format)" in res.stderr
     ours = Predictor(bundle, runner="onnx", device="cpu").probabilities([str(good)]).numpy()
     assert np.abs(np.array(out["probabilities"]) - ours).max() < 1e-5
