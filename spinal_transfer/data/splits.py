@@ -43,10 +43,14 @@ Sample = tuple[str, int]
 PathLike = Union[str, os.PathLike]
 
 
+FOLDER_KINDS = ("empty_class", "missing_class", "extra_class")      # FolderProblem.kind
+
+
 @dataclass
 class FolderProblem:
     """A class folder that `train` refuses and a lenient scan keeps, for `audit` to report: a class folder without
-    a usable image ("empty_class"), or a class that one split has and another lacks ("class_mismatch")."""
+    a usable image ("empty_class"), a class train has and another split lacks ("missing_class"), or a class
+    another split has and train lacks ("extra_class")."""
 
     kind: str
     path: str        # the class folder; for a class a split lacks, the split folder it is missing from
@@ -282,9 +286,9 @@ def _class_mismatches(classes: dict[str, list[str]], dirs: dict[str, Path]) -> t
         if missing or extra:
             said.append(f"{split}: missing {missing or 'none'}, extra {extra or 'none'}"
                         + _unicode_twins(missing, extra))
-        problems += [FolderProblem("class_mismatch", str(dirs[split]), split, c, f"train has {c}/, {split}/ has not")
+        problems += [FolderProblem("missing_class", str(dirs[split]), split, c, f"train has {c}/, {split}/ has not")
                      for c in missing]
-        problems += [FolderProblem("class_mismatch", str(dirs[split] / c), split, c,
+        problems += [FolderProblem("extra_class", str(dirs[split] / c), split, c,
                                    f"{split}/ has {c}/, train has not: train cannot learn it") for c in extra]
     return ("class folders differ between splits (compared with train): " + "; ".join(said) if said else ""), problems
 

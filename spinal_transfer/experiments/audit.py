@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.images import BadImage, load_image
 from ..data.skiplog import SkipLog
-from ..data.splits import SPLIT_NAMES, Splits, check_outside, config_splits, load_recorded
+from ..data.splits import FOLDER_KINDS, SPLIT_NAMES, Splits, check_outside, config_splits, load_recorded
 from ..errors import ConfigError, DataError, MissingDependency, few
 from ..models.heads import head_options
 from ..models.surgery import build_model, check_backbone
@@ -83,8 +83,7 @@ PathLike = Union[str, os.PathLike]
 DEFAULT_THRESHOLD = 0.95      # centred cosine; measured, see the module docstring
 DEFAULT_HASH_BITS = 4         # perceptual-hash bits (of 64) two near duplicates may differ in; measured too
 DEFAULT_FOLDS = 5
-KINDS = ("exact_duplicate", "near_duplicate", "label_issue", "outlier", "undecodable", "empty_class",
-         "class_mismatch")
+KINDS = ("exact_duplicate", "near_duplicate", "label_issue", "outlier", "undecodable", *FOLDER_KINDS)
 CSV_FIELDS = ("kind", "score", "path", "split", "label", "suggested_label", "other_path", "other_split",
               "other_label", "leak", "detail")
 SPLIT_ORDER = {s: i for i, s in enumerate(SPLIT_NAMES)}
@@ -556,6 +555,22 @@ def class_counts_line(counts: dict[str, int]) -> str:
     return f"class counts: {counts[lo]:,} ({lo}) to {counts[hi]:,} ({hi}), imbalance {counts[hi] / counts[lo]:.2f}"
 
 
+def folder_problem_lines(result: AuditResult) -> list[str]:
+    """The class folders train refuses, by class: each class once, with the splits where it is empty, missing or
+    the only place it is (a class empty in three splits is one class, not three)."""
+    said = {"empty_class": "without a usable image in", "missing_class": "in train, missing from",
+            "extra_class": "not in train, only in"}
+    lines = []
+    for kind in FOLDER_KINDS:
+        splits: dict[str, list[str]] = {}
+        for f in result.of_kind(kind):
+            splits.setdefault(f.label, []).append(f.split)
+        if splits:
+            lines.append(f"  {len(splits)} class(es) {said[kind]} a split: "
+                         + few([f"{c} ({', '.join(s)})" for c, s in splits.items()]))
+    return ["CLASS FOLDERS train refuses (the rest is audited):"] + lines if lines else []
+
+
 def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
     """The one-screen summary `audit` prints."""
     s = result.summary()
@@ -593,11 +608,7 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
                  (f"; the first {len(shown)} below, all in audit.csv)" if len(shown) < len(odd) else ")"))
     lines += [f"  {f.path} ({f.label})" for f in shown]
     lines.append(f"undecodable files: {len(result.of_kind('undecodable'))}")
-    problems = result.of_kind("empty_class") + result.of_kind("class_mismatch")
-    if problems:
-        lines.append(f"CLASS FOLDERS train refuses: {len(result.of_kind('empty_class'))} without a usable image, "
-                     f"{len(result.of_kind('class_mismatch'))} class(es) one split has and another lacks")
-        lines += [f"  {f.path}: {f.detail}" for f in problems[:examples]]
+    lines += folder_problem_lines(result)
     lines.append(f"wrote {out / 'audit.csv'} ({len(result.findings)} findings), {out / 'audit.html'}, "
                  f"{out / 'audit.json'} in {result.seconds.get('total', 0):.1f} s")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import __version__
+from ..data.splits import FOLDER_KINDS
 from ..evaluation.plots import figure_png
 from ..evaluation.report_page import _CSS, CSP, _e, _fmt, _png_uri, _thumb_uri  # one look for both pages
 from ..utils.atomic import atomic_write_text
@@ -75,9 +76,9 @@ def _cards(result: Any) -> str:
              ("near duplicate pairs", str(s["findings"]["near_duplicate"])),
              ("likely label errors", str(s["findings"]["label_issue"])),
              ("undecodable files", str(s["findings"]["undecodable"]))]
-    problems = s["findings"]["empty_class"] + s["findings"]["class_mismatch"]
-    if problems:
-        cards.insert(2, ("class folders train refuses", str(problems)))
+    refused = {f.label for kind in FOLDER_KINDS for f in result.of_kind(kind)}
+    if refused:
+        cards.insert(2, ("classes train refuses", str(len(refused))))
     return '<div class="cards">' + "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}'
                                            f'</div></div>' for k, v in cards) + "</div>"
 
@@ -168,7 +169,7 @@ def render_audit_html(result: Any, limit: int = 200) -> str:
                        result.of_kind("undecodable")),
         _table_section("class-folders", "class folders train refuses",
                        "train stops on these: a class folder without a usable image, or a class that one split has "
-                       "and another lacks.", result.of_kind("empty_class") + result.of_kind("class_mismatch")),
+                       "and another lacks.", [f for kind in FOLDER_KINDS for f in result.of_kind(kind)]),
         _classes_section(result),
         _sizes_section(result),
         _settings_section(result),

@@ -309,23 +309,24 @@ def test_folder_problems_train_refuses_are_findings_not_a_refusal(three_digits, 
     out = tmp_path / "audit"
     assert main(["audit", "--data", str(root), "--out", str(out), *TINY, *EXACT_ONLY]) == 0
     rows = [(r["kind"], r["path"], r["split"], r["label"]) for r in csv_rows(out / "audit.csv")
-            if r["kind"] in ("empty_class", "class_mismatch")]
+            if r["kind"] in ("empty_class", "missing_class", "extra_class")]
     assert sorted(rows) == sorted([
         ("empty_class", str(root / "train" / "digit_9"), "train", "digit_9"),
-        ("class_mismatch", str(root / "val"), "val", "digit_2"),
-        ("class_mismatch", str(root / "val"), "val", "digit_9"),
-        ("class_mismatch", str(root / "test"), "test", "digit_9"),
-        ("class_mismatch", str(root / "test" / "digit_7"), "test", "digit_7")])
+        ("missing_class", str(root / "val"), "val", "digit_2"),
+        ("missing_class", str(root / "val"), "val", "digit_9"),
+        ("missing_class", str(root / "test"), "test", "digit_9"),
+        ("extra_class", str(root / "test" / "digit_7"), "test", "digit_7")])
     summary = json.loads((out / "audit.json").read_text())
     assert summary["classes"] == ["digit_0", "digit_1", "digit_2", "digit_9", "digit_7"]
     assert summary["class_counts"]["test"]["digit_7"] == len(moved)
     assert summary["class_counts"]["train"]["digit_9"] == 0
-    assert (summary["findings"]["empty_class"], summary["findings"]["class_mismatch"]) == (1, 4)
+    assert [summary["findings"][k] for k in ("empty_class", "missing_class", "extra_class")] == [1, 3, 1]
     assert summary["imbalance"]["all"] is None
     printed = capsys.readouterr().out
-    assert ("CLASS FOLDERS train refuses: 1 without a usable image, 4 class(es) one split has and another lacks"
-            in printed)
-    assert f"{root / 'train' / 'digit_9'}: 1 file(s) it cannot read, e.g. train/digit_9/notes.txt" in printed
+    assert ("CLASS FOLDERS train refuses (the rest is audited):\n"
+            "  1 class(es) without a usable image in a split: digit_9 (train)\n"
+            "  2 class(es) in train, missing from a split: digit_2 (val), digit_9 (val, test)\n"
+            "  1 class(es) not in train, only in a split: digit_7 (test)\n") in printed
     assert "2 class(es) have no image" not in printed and "1 class(es) have no image: digit_9" in printed
     page = (out / "audit.html").read_text()
     section = page[page.index('<section id="class-folders">'):]
