@@ -20,9 +20,11 @@ Exit codes (README, "Exit codes"):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator, Optional, Sequence
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_DIVERGED, EXIT_SYSTEM, EXIT_INTERRUPTED, EXIT_ABORTED = 0, 1, 2, 3, 4, 75, 130
+_driver: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("driver", default=None)   # rerun_resumes'
 
 
 class UserError(Exception):
@@ -93,12 +95,24 @@ class Interrupted(UserError):
 def rerun_resumes(command: str) -> Iterator[None]:
     """In a command that drives many runs (compare, reproduce, tune) the run a signal stopped is continued by
     the same command run again, not by `train --resume` (which would leave the command's tables behind): its
-    Interrupted says so."""
+    Interrupted says so, and so does the line a run logs when the signal arrives (`resume_advice`)."""
+    token = _driver.set(command)
     try:
         yield
     except Interrupted as e:
         raise Interrupted(f"{str(e).split(';')[0]}; the run in flight kept its last.pt, and the same {command} "
                           f"command resumes it and goes on") from None
+    finally:
+        _driver.reset(token)
+
+
+def resume_advice() -> str:
+    """How the run in flight is continued after a signal stops it: `train --resume` for a run of its own, the same
+    command again inside compare, reproduce or tune (`rerun_resumes`), which would otherwise run it outside
+    their study or tables."""
+    command = _driver.get()
+    return "resume with `spinal-transfer train --resume RUN`" if command is None else \
+        f"the same {command} command, run again, resumes it"
 
 
 def first_line(exc: BaseException, limit: Optional[int] = 200) -> str:

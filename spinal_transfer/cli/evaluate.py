@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import add_config_args, check_flags, given_flags
 from ..errors import ConfigError
+from ..utils.stamp import json_generator, refuse_others
 
 # the flags evaluate shares with train, generated from the same TrainConfig fields
 SHARED = ("tta", "tta_crops", "batch_size", "workers", "device")
@@ -52,8 +53,9 @@ def main(args: argparse.Namespace) -> int:
     from ..utils.atomic import atomic_write_text  # lazy: no torch at --help
 
     flags = check_flags({k: v for k, v in given_flags(args).items() if k in SHARED})
+    names = (f"metrics_{args.split}.json", f"predictions_{args.split}.csv", "report.html")
     if args.out:
-        _check_out(Path(args.out), args.split)
+        _check_out(Path(args.out), args.split, names)
     if flags.get("tta_crops") and not flags.get("tta"):
         raise ConfigError("--tta-crops needs --tta")
     tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
@@ -77,9 +79,8 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps(shown, indent=1))
     if args.out:
         out = Path(args.out)
-        names = (f"metrics_{args.split}.json", f"predictions_{args.split}.csv", "report.html")
-        replaced = [n for n in names if (out / n).exists()]        # said, never silent
-        record = {**m, "images": ev.source}
+        replaced = [n for n in names if (out / n).exists()]        # ours (_check_out): said, never silent
+        record = {**json_generator(), **m, "images": ev.source}
         if tta is not None:
             record["without_tta"] = summary(ev.plain_metrics)
         atomic_write_text(out / f"metrics_{args.split}.json", json.dumps(record, indent=1))
@@ -90,8 +91,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: Path, split: str) -> None:
-    """Before evaluating: --out is a folder, and not a run's (its report.html would be replaced by this page)."""
+def _check_out(out: Path, split: str, names: tuple[str, ...]) -> None:
+    """Before evaluating: --out is a folder, not a run's (its report.html would be replaced by this page), and
+    holds none of the user's own files under `names` (the ones it writes)."""
+    from ..evaluation.interpret import prediction_header  # lazy: no torch at --help
     from ..runs.rundir import RunDir  # lazy: no torch at --help
 
     if out.exists() and not out.is_dir():
@@ -100,6 +103,7 @@ def _check_out(out: Path, split: str) -> None:
     if RunDir(out).state() != "new":
         raise ConfigError(f"--out {out} is a run folder, whose report.html this page would replace; give another "
                           f"folder, e.g. --out {out / f'eval_{split}'}")
+    refuse_others(out, names, prediction_header(1, topk=0))     # the columns every predictions CSV begins with
 
 
 def _page(args: argparse.Namespace, ev, out: Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
 from ..utils.atomic import atomic_write_text
+from ..utils.stamp import html_generator, md_generator
 
 PathLike = Union[str, Path]
 
@@ -51,7 +52,8 @@ def to_markdown(t: Table) -> str:
     lines = ["| " + " | ".join(h for h, _ in t.columns) + " |", "|" + "---|" * len(t.columns)]
     lines += ["| " + " | ".join(esc(r.get(k, "")) for _, k in t.columns) + " |" for r in t.rows]
     intro = "".join(f"{s}\n\n" for s in t.intro)
-    return f"# {t.title}\n\n{intro}" + "\n".join(lines) + "\n\n" + "".join(f"* {n}\n" for n in t.notes)
+    return (f"# {t.title}\n\n{intro}" + "\n".join(lines) + "\n\n" + "".join(f"* {n}\n" for n in t.notes)
+            + "\n" + md_generator())
 
 
 def table_html(t: Table) -> str:
@@ -67,7 +69,8 @@ def table_html(t: Table) -> str:
 
 def page(title: str, body: str) -> str:
     """A complete HTML document around `body` (already HTML), with the shared style and nothing external."""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{html_generator()}'
+            f'<title>{html.escape(title)}</title>\n'
             f"<style>\n{STYLE}\n</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
 
 

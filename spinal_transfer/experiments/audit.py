@@ -75,6 +75,7 @@ from ..training.features import cached_split, default_cache_dir
 from ..training.inputs import RunInputs
 from ..utils.atomic import atomic_write_text
 from ..utils.runtime import amp_dtype, configure_process, pick_device, seed_everything, use_channels_last
+from ..utils.stamp import json_generator, refuse_others
 from .audit_page import write_audit_html
 
 log = logging.getLogger("spinal_transfer")
@@ -84,6 +85,7 @@ DEFAULT_THRESHOLD = 0.95      # centred cosine; measured, see the module docstri
 DEFAULT_HASH_BITS = 4         # perceptual-hash bits (of 64) two near duplicates may differ in; measured too
 DEFAULT_FOLDS = 5
 KINDS = ("exact_duplicate", "near_duplicate", "label_issue", "outlier", "undecodable", *FOLDER_KINDS)
+OUTPUT_FILES = ("audit.csv", "audit.json", "audit.html")
 CSV_FIELDS = ("kind", "score", "path", "split", "label", "suggested_label", "other_path", "other_split",
               "other_label", "leak", "detail")
 SPLIT_ORDER = {s: i for i, s in enumerate(SPLIT_NAMES)}
@@ -479,6 +481,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(Path(run) if run else out)   # train's
     for what, folder in (("--out", out), ("the feature cache", cache)):
         check_outside(folder, cfg.data, what)
+    refuse_others(out, OUTPUT_FILES, CSV_FIELDS)
     check_backbone(cfg.backbone, cfg.weights)        # a typo, or offline and not cached: refuse before hashing
     splits = audit_splits(cfg, run)
     items = [Item(p, s, y) for s in SPLIT_NAMES for p, y in splits.get(s)]
@@ -537,9 +540,10 @@ def write_outputs(result: AuditResult, out: Path) -> None:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     w.writerows(f.row() for f in result.findings)
-    atomic_write_text(out / "audit.csv", buf.getvalue())
-    atomic_write_text(out / "audit.json", json.dumps(result.summary(), indent=1))
-    write_audit_html(result, out / "audit.html")
+    csv_name, json_name, html_name = OUTPUT_FILES
+    atomic_write_text(out / csv_name, buf.getvalue())
+    atomic_write_text(out / json_name, json.dumps({**json_generator(), **result.summary()}, indent=1))
+    write_audit_html(result, out / html_name)
 
 
 def class_counts_line(counts: dict[str, int]) -> str:

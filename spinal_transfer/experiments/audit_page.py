@@ -18,6 +18,7 @@ from ..data.splits import FOLDER_KINDS
 from ..evaluation.plots import figure_png
 from ..evaluation.report_page import _CSS, CSP, _e, _fmt, _png_uri, _thumb_uri  # one look for both pages
 from ..utils.atomic import atomic_write_text
+from ..utils.stamp import html_generator
 
 THUMB = 128
 _MORE_CSS = """
@@ -174,7 +175,7 @@ def render_audit_html(result: Any, limit: int = 200) -> str:
         _sizes_section(result),
         _settings_section(result),
     ]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{html_generator()}'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<title>audit of {_e(Path(result.root).name)} \u2013 spinal-transfer</title>'

@@ -39,6 +39,7 @@ from ..models.heads_spec import HeadSpec
 from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.filelock import exclusive
+from ..utils.stamp import refuse_others
 from .multirun import (
     DEFAULT_MODE,
     IGNORED,
@@ -47,6 +48,7 @@ from .multirun import (
     check_out,
     mode_fields,
     refuse_torchrun,
+    tracked_as,
 )
 
 DEFAULT_SEEDS = 3
@@ -151,7 +153,7 @@ def run_one(p: Planned, where: str, log: Callable[[str], Any]) -> bool:
         return False
     log(f"{where}: {'resuming' if state == 'interrupted' else 'starting'} -> {p.cfg.out}")
     try:       # a run that stopped before its first checkpoint starts over (train.check_new_run)
-        train.run(p.cfg, resume=p.cfg.out if state == "interrupted" else None)
+        train.run(p.cfg, resume=p.cfg.out if state == "interrupted" else None, track_as=tracked_as(p.cfg.out))
     except NonFiniteLoss as e:
         log(f"{where}: {e}")
         return True
@@ -181,6 +183,7 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     for at the end (and taken over if their process died), so every process ends with the whole table."""
     refuse_torchrun("compare")
     check_out(out, base.data, "compare")        # before the table, the lock or a run is written there
+    refuse_others(out, RESULT_FILES, CSV_COLUMNS)
     out = Path(out).expanduser().resolve()
     runs = plan(base, heads, seeds, mode, out)
     for p in runs:

@@ -61,6 +61,14 @@ def check_out(out: PathLike, data: str, command: str) -> None:
         raise MultiRunError(f"--out {out} is the folder of a train run; give {command} a folder of its own")
 
 
+def tracked_as(run: PathLike) -> tuple[Path, str]:
+    """A run of compare or reproduce, OUT/runs/<head or recipe>/seed<k>, in the trackers (`train.run`'s track_as):
+    in ONE MLflow store, OUT/mlruns.db (not one per head or recipe beside its seeds), named `<head or
+    recipe>/seed<k>` (not just `seed0`, which every head and recipe has)."""
+    p = Path(run)
+    return p.parents[2], f"{p.parent.name}/{p.name}"
+
+
 def refuse_torchrun(command: str) -> None:
     """A driver of many runs decides per run whether to train, skip or leave it to another process; ranks of one
     torchrun job could decide differently and wait on each other forever. Several processes on one OUT share

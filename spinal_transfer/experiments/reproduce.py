@@ -38,6 +38,8 @@ from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.atomic import atomic_write_text
 from ..utils.distributed import is_main
+from ..utils.stamp import html_generator, md_generator, refuse_others
+from .multirun import tracked_as
 
 DEFAULT_SEEDS = 3
 DEFAULT_RECIPES = "recipes/*.yaml"
@@ -319,7 +321,8 @@ def to_markdown(rows: Sequence[Row]) -> str:
     for r in rows:
         c = cells(r)
         lines.append("| " + " | ".join(esc(c[k]) for _, k in TABLE) + " |")
-    return "# SpinalNet transfer results\n\n" + "\n".join(lines) + "\n\n" + "".join(f"* {n}\n" for n in NOTES)
+    return ("# SpinalNet transfer results\n\n" + "\n".join(lines) + "\n\n" + "".join(f"* {n}\n" for n in NOTES)
+            + "\n" + md_generator())
 
 
 def to_html(rows: Sequence[Row]) -> str:
@@ -333,7 +336,7 @@ def to_html(rows: Sequence[Row]) -> str:
         body.append(f"<tr{smoke}>" + "".join(f"<td>{e(c[k])}</td>" for _, k in TABLE) + "</tr>")
     notes = "".join(f"<li>{e(n)}</li>" for n in NOTES)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>SpinalNet transfer results</title>
+<html lang="en"><head><meta charset="utf-8">{html_generator()}<title>SpinalNet transfer results</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
@@ -472,6 +475,7 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
     if seeds < 1:
         raise ReproduceError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out).expanduser().resolve()      # runs record absolute paths: resume works from any directory
+    refuse_others(out, RESULT_FILES, CSV_COLUMNS)
     plan = plan_runs(recipes, data_root, out, seeds, overrides)
     for _, _, cfg in plan:
         check_protocol(cfg)
@@ -493,7 +497,8 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
                     continue
                 log(f"{where}: {'resuming' if state == 'interrupted' else 'starting'} -> {cfg.out}")
                 try:       # a run that stopped before its first checkpoint starts over
-                    train.run(cfg, resume=cfg.out if state == "interrupted" else None, overwrite=state == "started")
+                    train.run(cfg, resume=cfg.out if state == "interrupted" else None, overwrite=state == "started",
+                              track_as=tracked_as(cfg.out))
                 except (NonFiniteLoss, RunFolderError) as e:
                     log(f"{where}: {e}")
                 write_results(recipes, seeds, out)
@@ -507,6 +512,7 @@ def collect(recipes: Sequence[Recipe], data_root: PathLike, out: PathLike, seeds
             overrides: Optional[dict] = None, log: Callable[[str], Any] = _stderr) -> list[Row]:
     """The tables from whatever has finished (no training), and what is still missing, said."""
     out = Path(out).expanduser().resolve()
+    refuse_others(out, RESULT_FILES, CSV_COLUMNS)
     plan = plan_runs(recipes, data_root, out, seeds, overrides)
     for _, _, cfg in plan:
         check_protocol(cfg)

@@ -62,6 +62,7 @@ from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.atomic import atomic_write_text
 from ..utils.filelock import exclusive
+from ..utils.stamp import refuse_others, yaml_generator
 from .multirun import (
     DEFAULT_MODE,
     IGNORED,
@@ -465,6 +466,7 @@ def check_request(base: TrainConfig, trials: int, study_name: str, out: PathLike
         raise TuneError("--data DIR is required (or a --recipe that sets data)")
     train.check_data(base)           # one line before a study (and its first failed trial) exists
     check_out(out, base.data, "tune")
+    refuse_others(out, OUTPUT_FILES, TRIAL_COLUMNS)
     check_backbone(base.backbone, base.weights)
     if base.stages:
         raise TuneError("tune samples one lr and one length per trial; --stages (a recipe's multi-stage schedule) "
@@ -624,7 +626,7 @@ def recipe_text(study: "optuna.Study", best: Any, report: dict) -> str:
     what = "the untuned defaults" if best.user_attrs.get(UNTUNED) else "the best on val"
     return (f"# trial {best.number} ({what}) of study {study.study_name!r}, mode {MODE_NAMES[study_mode(study)]}: "
             f"val top-1 {report['val']['top1']:.4f}, test top-1 {report['test']['top1']:.4f} (evaluated once)\n"
-            f"# spinal-transfer train --recipe best.yaml --out runs/best\n" + cfg.to_yaml())
+            f"# spinal-transfer train --recipe best.yaml --out runs/best\n" + yaml_generator() + cfg.to_yaml())
 
 
 PARAMS = tuple(name for name, _, _ in SPACE)

@@ -163,13 +163,15 @@ class Session:
 # --- the run -------------------------------------------------------------------------------------
 
 def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, overwrite: bool = False,
-        on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+        on_epoch: Optional[Callable[[dict], None]] = None, track_as: Optional[tuple[Path, str]] = None) -> dict:
     """Fine-tune according to `cfg` into its run folder (README, "What lands in RUN/"); return the report.
 
     `resume`: continue the run in that folder from its last.pt, with its own config; `cfg` (optional) may
     change what a resumed run may change (config.RESUME_SAFE: more epochs, workers, ...) and nothing else.
     A new run refuses a folder that holds a run unless `overwrite`. `on_epoch(row)` is called on every rank
-    with each epoch's metrics row once last.pt is written (a search prunes a trial by raising from it)."""
+    with each epoch's metrics row once last.pt is written (a search prunes a trial by raising from it).
+    `track_as`: (the folder of the default MLflow store, the run's name in the trackers) for a command that
+    drives many runs and keeps them in one store (default: beside the run folder, named after it)."""
     if cfg is None:
         if resume is None:
             raise RunFolderError("train.run needs a TrainConfig, or a run folder to resume")
@@ -203,7 +205,7 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
                          f"train more, resume with a larger --epochs")
                 return run_dir.read_report()
         with StopControl(parse_signals(cfg.stop_signals), cfg.checkpoint_every, cfg.checkpoint_every_steps) as stop:
-            s = setup(cfg, run_dir, device, ckpt, stop)
+            s = setup(cfg, run_dir, device, ckpt, stop, track_as)
             s.on_epoch = on_epoch
             try:
                 return _train(s)
@@ -314,7 +316,7 @@ def _open(run: RunDir, resume: bool, overwrite: bool) -> Optional[dict]:
 # --- set-up --------------------------------------------------------------------------------------
 
 def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[dict] = None,
-          control: Optional[StopControl] = None) -> Session:
+          control: Optional[StopControl] = None, track_as: Optional[tuple[Path, str]] = None) -> Session:
     """Everything the loop needs: data, model, input pipeline, loaders, loss, checkpoint saver, restored state."""
     seed_everything(cfg.seed, cfg.deterministic)
     log.info(f"run folder {run.path}" + (f" (resuming {_resume_point(ckpt['progress'])})" if ckpt else ""))
@@ -348,8 +350,9 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
                         steps_per_epoch=epoch_steps(cfg, sampler.per_rank, loaders["train"].drop_last))
     if is_main():
         run.write_text(run.config, cfg.to_yaml())
-    tracker = Tracker.create(cfg.log_to, run.path, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
-                             enabled=is_main())
+    store, name = track_as or (None, None)
+    tracker = Tracker.create(cfg.log_to, run.path, run_name=name, tracking_uri=cfg.tracking_uri,
+                             experiment=cfg.experiment, enabled=is_main(), store_root=store)
     tracker.log_params(cfg.to_dict())
     ema = _make_ema(model, cfg.ema_decay)
     saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info,

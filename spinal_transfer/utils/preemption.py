@@ -16,7 +16,7 @@ import signal
 import time
 from typing import Any, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, resume_advice
 
 log = logging.getLogger("spinal_transfer")
 SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2, "INT": signal.SIGINT,
@@ -74,7 +74,7 @@ class StopControl:
         elif self.received is None:
             self.received, self._signum = name, signum
             log.warning(f"{name} received: finishing the step in flight, then writing a checkpoint and stopping "
-                        f"(resume with `spinal-transfer train --resume RUN`)"
+                        f"({resume_advice()})"
                         + ("; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""))
 
     # --- the per-step decision --------------------------------------------------------------------

@@ -230,7 +230,9 @@ class MLflowBackend(Backend):
 
     Default store: SQLite `mlruns.db` beside the run folders (`<runs root>/mlruns.db`), with
     artifacts in `<runs root>/mlartifacts/`: the runs of one project end up in one table without a
-    server (`mlflow ui --backend-store-uri sqlite:///<runs root>/mlruns.db`). Step metrics are
+    server (`mlflow ui --backend-store-uri sqlite:///<runs root>/mlruns.db`). compare and reproduce,
+    whose runs sit in OUT/runs/<head or recipe>/seed<k>, give OUT as the root (`store_root`) and
+    `<head or recipe>/seed<k>` as the name, so all their runs are in one store. Step metrics are
     buffered and written once per epoch, so a database or server round trip never sits in the
     training loop's inner steps.
     """
@@ -238,10 +240,11 @@ class MLflowBackend(Backend):
     name = "mlflow"
     FLUSH_AT = 900          # MLflow accepts at most 1000 metrics per batch
 
-    def __init__(self, run_dir: Path, run_name: str, tracking_uri: Optional[str], experiment: Optional[str]) -> None:
+    def __init__(self, run_dir: Path, run_name: str, tracking_uri: Optional[str], experiment: Optional[str],
+                 store_root: Optional[PathLike] = None) -> None:
         from mlflow.tracking import MlflowClient
 
-        root = run_dir.resolve().parent
+        root = Path(store_root).resolve() if store_root else run_dir.resolve().parent
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns.db'}"
         if urlparse(uri).scheme in ("http", "https"):
             # A server that dies mid-run: a few retries, then this backend is switched off.
@@ -420,12 +423,13 @@ class Tracker:
     @classmethod
     def create(cls, kinds: Union[None, str, Sequence[str]], run_dir: PathLike, run_name: Optional[str] = None,
                tracking_uri: Optional[str] = None, experiment: Optional[str] = None,
-               enabled: bool = True) -> "Tracker":
+               enabled: bool = True, store_root: Optional[PathLike] = None) -> "Tracker":
         """Start the backends named in `kinds` ("tensorboard,mlflow,wandb" or a list).
 
         `run_name` defaults to the run folder's name; `experiment` names the MLflow experiment and
         the W&B project (default $MLFLOW_EXPERIMENT_NAME / $WANDB_PROJECT, else "spinal-transfer");
-        `tracking_uri` is MLflow's (default: SQLite beside the runs). Pass `enabled=is_main()`.
+        `tracking_uri` is MLflow's (default: SQLite in `store_root`, by default the folder holding the run
+        folder). Pass `enabled=is_main()`.
         Unknown kinds raise ValueError; every other problem only warns.
         """
         names = parse_log_to(kinds)
@@ -439,7 +443,7 @@ class Tracker:
                 if kind == "tensorboard":
                     tracker.backends.append(TensorBoardBackend(run_dir, run_name))
                 elif kind == "mlflow":
-                    tracker.backends.append(MLflowBackend(run_dir, run_name, tracking_uri, experiment))
+                    tracker.backends.append(MLflowBackend(run_dir, run_name, tracking_uri, experiment, store_root))
                 else:
                     tracker.backends.append(WandbBackend(run_dir, run_name, experiment))
             except ImportError as e:

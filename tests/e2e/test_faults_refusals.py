@@ -157,6 +157,35 @@ def test_outputs_never_replace_what_the_command_did_not_write(finished_run, thre
     assert res.returncode == 0 and "(replacing the metrics_test.json, predictions_test.csv, report.html" in res.stderr
 
 
+def test_a_commands_out_folder_keeps_the_users_own_files_of_its_output_names(finished_run, three_digits, tmp_path,
+                                                                             cli_run):
+    """audit, compare, tune, reproduce and evaluate write fixed names into their --out folder: a file there of
+    one of those names that spinal-transfer did not write (no mark; a CSV without the command's header) is
+    refused, in one line naming it, before any work (no feature cache, run or study appears), and left as it was.
+    Their own files from an earlier run are replaced (the reruns in test_audit, test_compare, test_tune and
+    test_outputs_never_replace_what_the_command_did_not_write)."""
+    tiny = ["--data", three_digits, *TINY_FLAGS, "--workers", "0", "--epochs", "1"]
+    cases = [(("audit", "--data", three_digits, *TINY_FLAGS, "--workers", "0"), "audit.csv", "my,own,notes\n"),
+             (("audit", "--data", three_digits, *TINY_FLAGS, "--workers", "0"), "audit.html", "<html>mine</html>"),
+             (("compare", *tiny, "--heads", "linear", "spinal", "--mode", "frozen"), "compare.csv", "head,mine\n"),
+             (("compare", *tiny, "--heads", "linear", "spinal"), "compare.md", "# my notes\n"),
+             (("tune", *tiny, "--mode", "frozen", "--trials", "1"), "best.yaml", "lr: 0.1\n"),
+             (("tune", *tiny, "--trials", "1"), "trials.csv", "number,state\n"),
+             (("reproduce", "--recipes", "recipes/smoke/*.yaml", "--data-root", tmp_path, "--seeds", "1"),
+              "results.html", "<!DOCTYPE html><html>mine</html>"),
+             (("reproduce", "--recipes", "recipes/smoke/*.yaml", "--collect"), "results.csv", "recipe\n"),
+             (("evaluate", finished_run), "report.html", "<!DOCTYPE html><html>mine</html>"),
+             (("evaluate", finished_run), "metrics_test.json", '{"top1": 1.0}')]
+    for i, (args, name, text) in enumerate(cases):
+        out = tmp_path / f"out{i}" / "Q"
+        out.mkdir(parents=True)
+        (out / name).write_text(text)
+        res = cli_run(*args, "--out", out)
+        _refused(res, str(out / name), "is not a file spinal-transfer wrote", "give another --out, or move the file")
+        assert res.returncode == 2, args
+        assert os.listdir(out.parent) == ["Q"] and os.listdir(out) == [name] and (out / name).read_text() == text
+
+
 def test_predict_writes_a_file_name_that_is_not_utf8_as_its_own_bytes(finished_run, three_digits, tmp_path, cli_run):
     """A file name that is not valid UTF-8 (Python holds it with surrogate escapes) is written to the CSV as the
     bytes the file system has, instead of failing after inference with UnicodeEncodeError."""

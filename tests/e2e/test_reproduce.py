@@ -75,9 +75,9 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     real_run = train.run
     calls: list[tuple[str, bool]] = []
 
-    def killed_in_second_run(cfg, resume=None, overwrite=False):
+    def killed_in_second_run(cfg, resume=None, overwrite=False, track_as=None):
         calls.append((cfg.out, resume is not None))
-        report = real_run(cfg, resume, overwrite)
+        report = real_run(cfg, resume, overwrite, track_as=track_as)
         if len(calls) == 2:     # killed after the last checkpoint, before the report: must resume, not restart
             (Path(cfg.out) / "report.json").unlink()
             (Path(cfg.out) / "test_predictions.csv").unlink()
@@ -103,9 +103,9 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
             "--out", str(out), *SMOKE]
     assert cli(args + ["--select-on", "test"]) == 2 and calls == []
 
-    def recording(cfg, resume=None, overwrite=False):
+    def recording(cfg, resume=None, overwrite=False, track_as=None):
         calls.append((cfg.out, resume is not None))
-        return real_run(cfg, resume, overwrite)
+        return real_run(cfg, resume, overwrite, track_as=track_as)
 
     monkeypatch.setattr(train, "run", recording)
     assert cli(args) == 0
@@ -196,3 +196,25 @@ def test_a_dataset_not_prepared_is_named_with_its_prepare_command_before_any_run
                                                 r"raw files of it \(prepare cannot download them\)$"):
         rp.check_prepared([str(tmp_path / "bird225"), str(tmp_path / "svhn")], tmp_path)     # Kaggle's: no --download
     rp.check_prepared([str(tmp_path / "digits")], tmp_path)          # prepared: nothing to say
+
+
+def _mlflow_runs(db: Path) -> dict[str, str]:
+    """Run name -> run folder of every MLflow run in the SQLite store `db`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return {r.info.run_name: r.data.tags["run_dir"] for r in runs}
+
+
+def test_every_run_is_in_one_mlflow_store_under_out_named_by_recipe_and_seed(digits_folder, tmp_path, one_thread):
+    """The default MLflow store of reproduce is OUT/mlruns.db for all its runs (not one per recipe beside its
+    seeds), each run named `<recipe>/seed<k>` (not a `seed0` that every recipe has)."""
+    pytest.importorskip("mlflow")
+    recipes = rp.find_recipes(str(_write_recipes(tmp_path / "recipes", digits_folder.name) / "*.yaml"))
+    out = tmp_path / "rep1"
+    rp.reproduce(recipes, digits_folder.parent, out, seeds=1, log=print,
+                 overrides={"epochs": 1, "limit_train_batches": 1, "log_to": "mlflow"})
+    expected = {f"digits_tiny_{h}/seed0": str(rp.run_dir(out, f"digits_tiny_{h}", 0).path) for h in HEADS}
+    assert _mlflow_runs(out / "mlruns.db") == expected
+    assert not list((out / "runs").rglob("mlruns.db"))

@@ -191,9 +191,9 @@ def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypat
     real_run = train.run
     calls: list[tuple[str, bool]] = []
 
-    def recording(cfg, resume=None, overwrite=False, on_epoch=None):
+    def recording(cfg, resume=None, overwrite=False, on_epoch=None, track_as=None):
         calls.append((Path(cfg.out).relative_to(out / "runs").as_posix(), resume is not None))
-        return real_run(cfg, resume, overwrite, on_epoch)
+        return real_run(cfg, resume, overwrite, on_epoch, track_as)
 
     monkeypatch.setattr(train, "run", recording)
     assert cli(args) == 0
@@ -352,3 +352,25 @@ def test_two_compare_processes_share_one_folder(digits_transfer, tmp_path):
     assert len(_cache(out)) == 3 and sum(_computing_lines(out).values()) == 3
     with open(out / "compare.csv") as f:
         assert [r["finished_seeds"] for r in csv.DictReader(f)] == ["0", "0"]
+
+
+def test_every_run_is_in_one_mlflow_store_under_out_named_by_head_and_seed(three_digits, tmp_path, one_thread):
+    """compare's runs all go to OUT/mlruns.db (not one store per head), named `<head>/seed<k>`; a plain train run
+    keeps its store beside its folder, named after it."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "cmp"
+    flags = cli_flags(data=three_digits, backbone="timm/test_resnet", weights="none", img_size=16, batch_size=64,
+                      workers=0, augment="none", epochs=1, limit_train_batches=1, log_interval=1000, device="cpu",
+                      layer_width=8, log_to="mlflow")
+    assert cli(["compare", *flags, "--heads", "linear", "spinal", "--seeds", "1", "--out", str(out)]) == 0
+    assert cli(["train", *flags, "--out", str(tmp_path / "plain" / "r1")]) == 0
+    names = {}
+    for db in (out / "mlruns.db", tmp_path / "plain" / "mlruns.db"):
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        names[db] = {r.info.run_name: r.data.tags["run_dir"]
+                     for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert names[out / "mlruns.db"] == {f"{h}/seed0": str(out / "runs" / h / "seed0") for h in ("linear", "spinal")}
+    assert names[tmp_path / "plain" / "mlruns.db"] == {"r1": str(tmp_path / "plain" / "r1")}
+    assert not list((out / "runs").rglob("mlruns.db"))

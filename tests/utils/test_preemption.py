@@ -2,12 +2,13 @@
 step, checkpoints every N steps, and the previous handlers back afterwards."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
 import pytest
 
-from spinal_transfer.errors import ConfigError
+from spinal_transfer.errors import ConfigError, rerun_resumes
 from spinal_transfer.utils.preemption import StopControl, parse_signals
 
 
@@ -36,3 +37,20 @@ def test_a_signal_while_the_run_writes_its_report_says_it_finishes_that(caplog):
         os.kill(os.getpid(), signal.SIGUSR1)
     said = [r.getMessage() for r in caplog.records if "SIGUSR1 received" in r.getMessage()]
     assert len(said) == 1 and "writes its report: finishing that" in said[0] and "checkpoint" not in said[0]
+
+
+@pytest.mark.parametrize("command", [None, "tune", "compare"])
+def test_the_signal_line_says_how_to_resume_train_or_the_command_driving_the_run(caplog, command):
+    """A run of its own resumes with `train --resume`; a run inside tune or compare (rerun_resumes) resumes with
+    that command run again: `train --resume` would train a trial outside its study, a run outside the tables."""
+    with contextlib.ExitStack() as stack, caplog.at_level("WARNING"):
+        if command:
+            stack.enter_context(rerun_resumes(command))
+        with StopControl([signal.SIGUSR1]):
+            os.kill(os.getpid(), signal.SIGUSR1)
+    said = [r.getMessage() for r in caplog.records if "SIGUSR1 received" in r.getMessage()]
+    assert len(said) == 1
+    if command:
+        assert f"(the same {command} command, run again, resumes it)" in said[0] and "train --resume" not in said[0]
+    else:
+        assert "(resume with `spinal-transfer train --resume RUN`)" in said[0]
