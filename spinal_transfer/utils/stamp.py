@@ -97,9 +97,14 @@ def refuse_others(folder: Union[str, Path], names: Iterable[str], csv_header: Se
     """Before a command writes `names` into its output `folder` (and before its work starts): ConfigError for
     the first of them that is there and not ours (`is_ours`; a CSV by the command's `csv_header`), so that a
     user's own audit.csv or report.html is never replaced. Ours, from an earlier run, are replaced: reruns and
-    resumes into the same folder go on."""
-    for name in names:
-        p = Path(folder).expanduser() / name
-        if (p.exists() or p.is_symlink()) and not is_ours(p, csv_header):
+    resumes into the same folder go on. A folder holding the command's CSV (known by its header, which versions
+    before these marks wrote too) is the command's own: its other files, perhaps unmarked, are replaced too, so an
+    older version's study or comparison goes on after an upgrade."""
+    paths = [Path(folder).expanduser() / n for n in names]
+    present = [p for p in paths if p.exists() or p.is_symlink()]
+    if csv_header and any(p.suffix == ".csv" and is_ours(p, csv_header) for p in present):
+        return
+    for p in present:
+        if not is_ours(p, csv_header):
             raise ConfigError(f"{option} {folder}: {p} is not a file spinal-transfer wrote, and this command would "
                               f"replace it; it is not replaced: give another {option}, or move the file")

@@ -204,6 +204,27 @@ def test_output_file_replaces_only_a_file_spinal_transfer_wrote(tmp_path):
     assert output_file(str(tmp_path / "new.png"), (".png",)) is False
 
 
+def test_an_out_folder_is_the_commands_when_its_csv_is_there_from_a_version_before_the_marks(tmp_path):
+    """refuse_others: a user's compare.md beside no table of ours is refused; the same unmarked compare.md beside
+    compare.csv with compare's own header (what versions before the marks wrote) is an older comparison, and goes
+    on, replaced; a CSV of another header does not make the folder ours."""
+    from spinal_transfer.errors import ConfigError
+    from spinal_transfer.experiments.compare import CSV_COLUMNS, RESULT_FILES
+    from spinal_transfer.utils.stamp import md_generator, refuse_others
+
+    (tmp_path / "compare.md").write_text("# my notes\n")
+    with pytest.raises(ConfigError, match="compare.md is not a file spinal-transfer wrote"):
+        refuse_others(tmp_path, RESULT_FILES, CSV_COLUMNS)
+    (tmp_path / "compare.csv").write_text("head,mine\n")
+    with pytest.raises(ConfigError, match="compare.csv is not a file spinal-transfer wrote"):
+        refuse_others(tmp_path, RESULT_FILES, CSV_COLUMNS)
+    (tmp_path / "compare.csv").write_text(",".join(CSV_COLUMNS) + "\n")
+    refuse_others(tmp_path, RESULT_FILES, CSV_COLUMNS)
+    (tmp_path / "compare.csv").unlink()
+    (tmp_path / "compare.md").write_text("# table\n" + md_generator())
+    refuse_others(tmp_path, RESULT_FILES, CSV_COLUMNS)
+
+
 def test_describe_takes_the_image_size_train_would_use(capsys, cli_run):
     """A timm ViT is described as built for --img-size; a CNN keeps its own size and runs on the asked one; what
     train would refuse (AlexNet at 32 px) describe refuses in the same line."""
