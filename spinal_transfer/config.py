@@ -661,10 +661,8 @@ def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int]
     A setting of `new` that would make the run another experiment is refused, naming it (a None in `new`
     where None means "resolve from the backbone" is no change). With `done_epochs`, a changed schedule is
     checked against what the run has done: stages it has finished keep their length."""
-    have, want = old.to_dict(), new.to_dict()
-    changed = {k: v for k, v in want.items() if k != "out" and v != have[k] and old.applies(k)
-               and not (v is None and CONFIG_FIELDS[k].default is None)
-               and not (k == "freeze_epochs" and new.new_run_freeze_epochs() == have[k])}   # as the run resolved it
+    have = old.to_dict()
+    changed = {k: to for k, (_, to) in resume_changes(old, new).items()}
     same_global_batch = old.batch_size * old.accum_steps == new.batch_size * new.accum_steps
     refused = [k for k in changed if k not in RESUME_SAFE
                and not (k in ("batch_size", "accum_steps") and same_global_batch)]
@@ -678,6 +676,16 @@ def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int]
     if done_epochs is not None:
         _check_schedule_change(old, cfg, done_epochs)
     return cfg
+
+
+def resume_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{setting: (the run's value, `new`'s)} for each setting `new` changes in the run's own config `old`: what
+    resume_config accepts or refuses, and what a resumed run records it changed (report.json "resumes"). A None
+    in `new` where None means "resolve from the backbone" is no change, nor a freeze_epochs the run resolved."""
+    have, want = old.to_dict(), new.to_dict()
+    return {k: (have[k], v) for k, v in want.items() if k != "out" and v != have[k] and old.applies(k)
+            and not (v is None and CONFIG_FIELDS[k].default is None)
+            and not (k == "freeze_epochs" and new.new_run_freeze_epochs() == have[k])}   # as the run resolved it
 
 
 def _check_schedule_change(old: TrainConfig, new: TrainConfig, done: int) -> None:

@@ -162,6 +162,14 @@ def _weights(cfg: Mapping, taken: Optional[Mapping]) -> str:
             f"{'restored' if taken['head_restored'] else 'new'})")
 
 
+def _resumed(resumes: list) -> str:
+    """Where the run was resumed and what each resume changed (report.json "resumes"): config.yaml and the
+    settings above hold the values in force at the end, not those the earlier epochs trained with."""
+    return "; ".join(f"{r.get('at')}" + (" with " + ", ".join(f"{k} {c.get('from')} \u2192 {c.get('to')}"
+                                                              for k, c in r["changed"].items())
+                                         if r.get("changed") else "") for r in resumes)
+
+
 def run_settings(config: Mapping, report: Optional[Mapping] = None,
                  sizes: Optional[Mapping[str, int]] = None) -> dict[str, str]:
     """The settings a reader needs to interpret the numbers, as {label: text}, in reading order.
@@ -204,6 +212,8 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
     if stopped:
         out["stopped"] = (f"after epoch {stopped.get('epoch')}: {stopped.get('reason')}"
                           if isinstance(stopped, Mapping) else str(stopped))
+    if rep.get("resumes"):
+        out["resumed"] = _resumed(rep["resumes"])
     if rep.get("tta"):
         tta = rep["tta"]
         out["test-time augmentation"] = json.dumps(tta) if not isinstance(tta, str) else tta

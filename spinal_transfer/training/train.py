@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import METRIC_NAMES, Stage, TrainConfig, resume_config
+from ..config import METRIC_NAMES, Stage, TrainConfig, resume_changes, resume_config
 from ..data.augment import values_in_force
 from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
@@ -86,8 +86,9 @@ LR_FIND_STEPS = 100     # --lr auto: enough for a smooth curve, a minute on a CP
 @dataclass
 class Progress:
     """How far the schedule is: epochs finished (the next is epoch + 1), optimizer steps taken in all and in
-    the current stage, and within an interrupted epoch the batches done (per rank) and the training loss summed
-    so far over every rank's images. Saved in last.pt."""
+    the current stage, and within an interrupted epoch the batches done (per rank), the training loss summed
+    so far over every rank's images and the seconds spent training them, so that the resumed epoch's metrics
+    row covers the whole epoch (None: a last.pt written before the seconds were kept). Saved in last.pt."""
 
     epoch: int = 0
     step: int = 0
@@ -95,13 +96,17 @@ class Progress:
     batch: int = 0
     epoch_loss: float = 0.0
     epoch_seen: int = 0
+    epoch_seconds: Optional[float] = 0.0
     stopped: dict = field(default_factory=dict)      # stage index -> {ran, epoch, reason} when it stopped early
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "Progress":
         """last.pt's progress; one written before EarlyStopping kept its own state carried that state here
-        (early_best, early_best_epoch, early_bad), which `early_stopping_state` reads instead."""
-        return cls(**{k: v for k, v in ckpt["progress"].items() if k not in LEGACY_EARLY})
+        (early_best, early_best_epoch, early_bad), which `early_stopping_state` reads instead. One written inside
+        an epoch before epoch_seconds was kept has no record of that epoch's time so far (None)."""
+        saved = ckpt["progress"]
+        known = {"epoch_seconds": None} if saved.get("batch") and "epoch_seconds" not in saved else {}
+        return cls(**{**{k: v for k, v in saved.items() if k not in LEGACY_EARLY}, **known})
 
     def locate(self, stages: list[Stage]) -> tuple[int, int]:
         """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done.
@@ -137,6 +142,7 @@ class Session:
     control: StopControl
     tracker: Tracker
     resume: Optional[dict] = None         # last.pt while it still has state to restore
+    resumes: list = field(default_factory=list)   # per resume: where it continued, what it changed (report.json)
     on_epoch: Optional[Callable[[dict], None]] = None
     leakage: Optional[dict] = None        # held-out images that are copies of train images (None: not checked)
     _wrapped: dict = field(default_factory=dict)
@@ -348,8 +354,9 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
                       skips)
     cfg = finish_config(cfg, str(run.path), model, dc, lr, new_run=ckpt is None,
                         steps_per_epoch=epoch_steps(cfg, sampler.per_rank, loaders["train"].drop_last))
+    resumes = resumes_so_far(ckpt, cfg) if ckpt else []
     if is_main():
-        run.write_text(run.config, cfg.to_yaml())
+        run.write_text(run.config, config_text(cfg, resumes))
     store, name = track_as or (None, None)
     tracker = Tracker.create(cfg.log_to, run.path, run_name=name, tracking_uri=cfg.tracking_uri,
                              experiment=cfg.experiment, enabled=is_main(), store_root=store)
@@ -362,7 +369,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
                 torch.amp.GradScaler(device.type, enabled=settings.dtype == torch.float16), skips, saver,
                 FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
                 EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, cfg.select_metric), Progress(),
-                control or StopControl([]), tracker, ckpt, leakage=leak)
+                control or StopControl([]), tracker, ckpt, resumes=resumes, leakage=leak)
     if ckpt is not None:
         _restore(s, ckpt)
     _log_start(s, splits)
@@ -397,6 +404,28 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
         mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
         **values_in_force(cfg),
         resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
+
+
+def resumes_so_far(ckpt: dict, cfg: TrainConfig) -> list[dict]:
+    """Every resume of the run, this one last: where it continued and each setting it changed (config.
+    resume_changes, from -> to) from the config the run had until then. config.yaml holds only the settings in
+    force now, and a resume may change some that change the training (a batch size: BatchNorm's statistics)."""
+    p = ckpt["progress"]
+    changed = resume_changes(TrainConfig.from_dict(ckpt["config"], saved=True), cfg)
+    if changed:
+        log.info("resumed with " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return [*ckpt.get("resumes", []), {"at": _resume_point(p), "epochs_done": p["epoch"], "batch": p.get("batch", 0),
+                                       "step": p["step"], "changed": {k: {"from": a, "to": b}
+                                                                      for k, (a, b) in changed.items()}}]
+
+
+def config_text(cfg: TrainConfig, resumes: list[dict]) -> str:
+    """config.yaml: the settings in force, below one comment line per resume that changed any (YAML skips
+    comments; report.json["resumes"] lists them all), so the file never passes for the whole run's settings."""
+    notes = [f"# resumed {r['at']} with " + ", ".join(f"{k} {c['from']!r} -> {c['to']!r}"
+                                                     for k, c in r["changed"].items()) + "; below: the settings now"
+             for r in resumes if r["changed"]]
+    return "".join(n + "\n" for n in notes) + cfg.to_yaml()
 
 
 def _frozen_epochs(cfg: TrainConfig, new_run: bool) -> int:
@@ -566,6 +595,9 @@ def _restore(s: Session, ckpt: dict) -> None:
     if s.ema is not None and ckpt.get("ema") is not None:
         s.ema.module.load_state_dict(ckpt["ema"])
     s.progress = Progress.from_checkpoint(ckpt)
+    if s.progress.epoch_seconds is None:
+        log.info(f"{s.run.last} predates the record of an epoch's seconds so far: epoch {s.progress.epoch + 1}'s "
+                 f"seconds and images/s in metrics.jsonl cover only the part trained after this resume")
     s.early.load_state_dict(early_stopping_state(ckpt))
     if is_main():          # epochs a killed run logged after its last checkpoint are dropped
         s.run.keep_metrics_until(s.progress.epoch)
@@ -674,11 +706,11 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
     the epoch's metrics row. Returns why the stage should stop early, if it should."""
     cfg, epoch = s.cfg, s.progress.epoch + 1
     frozen = s.freeze.frozen(epoch)
-    t0 = time.perf_counter()
-    loss, seen, seconds = train_epoch(s, opt, epoch, frozen,
-                                      f"epoch {epoch}/{cfg.total_epochs()}" + (" (backbone frozen)" if frozen else ""),
-                                      sched=step_sched, on_log=s.tracker.log_step,
-                                      after_step=lambda *partial: _between_steps(s, opt, *partial))
+    t0 = time.perf_counter() - (s.progress.epoch_seconds or 0.0)     # a resumed epoch's seconds before its checkpoint
+    loss, images, seconds = train_epoch(s, opt, epoch, frozen, f"epoch {epoch}/{cfg.total_epochs()}"
+                                        + (" (backbone frozen)" if frozen else ""),
+                                        sched=step_sched, on_log=s.tracker.log_step,
+                                        after_step=lambda *partial: _between_steps(s, opt, *partial))
     val_m, select_m = evaluate_epoch(s)
     overflow = [name for name, m in (("val", val_m), ("test", select_m)) if m and m["num_samples"]
                 and not math.isfinite(m["loss"])]
@@ -686,9 +718,10 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
         raise NonFiniteLoss(f"the {overflow[0]} loss became NaN/inf after epoch {epoch}/{cfg.total_epochs()} (the "
                             f"model's outputs overflow)")
     s.progress.epoch, s.progress.batch, s.progress.epoch_loss, s.progress.epoch_seen = epoch, 0, 0.0, 0
+    s.progress.epoch_seconds = 0.0
     s.skips.sync()
     row = {"epoch": epoch, "stage": si + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss,
-           "train_images_per_s": seen * world_size() / max(seconds, 1e-9), "frozen": frozen,
+           "train_images_per_s": images / max(seconds, 1e-9), "frozen": frozen,
            "seconds": time.perf_counter() - t0}
     row.update({"val": summary(val_m)} if val_m else {})
     row.update({"test": summary(select_m)} if cfg.select_on == "test" else {})
@@ -713,19 +746,22 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
 def _train_state(s: Session, opt: torch.optim.Optimizer) -> dict:
     """What last.pt holds besides the weights: enough to continue at the next batch."""
     return {"optimizer": opt.state_dict(), "scaler": s.scaler.state_dict(), "rng": rng_state(),
-            "progress": dataclasses.asdict(s.progress), "early_stopping": s.early.state_dict()}
+            "progress": dataclasses.asdict(s.progress), "early_stopping": s.early.state_dict(),
+            "resumes": s.resumes}
 
 
-def _between_steps(s: Session, opt: torch.optim.Optimizer, batches: int, loss_sum: torch.Tensor, seen: int) -> None:
+def _between_steps(s: Session, opt: torch.optim.Optimizer, batches: int, loss_sum: torch.Tensor, seen: int,
+                   seconds: Optional[float]) -> None:
     """After an optimizer step inside an epoch: write a mid-epoch last.pt when a signal or the checkpoint clock
-    asks for one (every rank agrees first), and stop after it on a signal."""
+    asks for one (every rank agrees first), with the epoch's sums and seconds so far, and stop after it on a
+    signal."""
     decision = s.control.decide(s.progress.step)
     if not decision:
         return
     totals = sum_over_ranks(torch.stack([loss_sum.detach().float(),
                                          torch.tensor(float(seen), device=s.settings.device)]))
     p = s.progress          # updated in place: the epoch loop holds this object
-    p.batch, p.epoch_loss, p.epoch_seen = batches, totals[0].item(), int(totals[1].item())
+    p.batch, p.epoch_loss, p.epoch_seen, p.epoch_seconds = batches, totals[0].item(), int(totals[1].item()), seconds
     if is_main():
         s.saver.save_last(s.model, s.ema, _train_state(s, opt))
         log.info(f"checkpoint written inside epoch {s.progress.epoch + 1} after batch {batches} "
@@ -762,16 +798,20 @@ def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torc
                     sched: Any = None, ema: Any = None, total: Optional[int] = None, start: int = 0,
                     desc: str = "train", on_step: Optional[Callable[[], None]] = None,
                     on_log: Optional[Callable[[int, dict], None]] = None,
-                    after_step: Optional[Callable[[int, torch.Tensor, int], None]] = None) -> tuple[float, int, float]:
+                    after_step: Optional[Callable[[int, torch.Tensor, int, Optional[float]], None]] = None
+                    ) -> tuple[float, int, float]:
     """One pass over `(images, labels, indices)` batches: `train_step` on each through `fwd` (an optimizer step
     every `settings.accum_steps` batches, then the EMA of `raw` and a per-step `sched`), for `total` batches of
-    the epoch of which `start` were done before (a resumed epoch). Returns (mean loss over every rank's images
-    of the whole epoch, images seen on this rank in this call, seconds). The loss is read back only every
-    `log_interval` steps (non-finite check, all ranks together) and about once a second for the progress bar
-    and `on_log(step, values)`: no per-step host-device sync. `after_step(batches done, loss sum, images)` runs
-    after every optimizer step (mid-epoch checkpoints); `on_step()` after every batch (benchmarks time it)."""
+    the epoch of which `start` were done before (a resumed epoch, whose seconds so far `progress` carries).
+    Returns (mean loss over every rank's images of the whole epoch, images of every rank, seconds): images and
+    seconds of the whole epoch, or of this call alone when the resumed epoch's earlier seconds are unknown. The
+    loss is read back only every `log_interval` steps (non-finite check, all ranks together) and about once a
+    second for the progress bar and `on_log(step, values)`: no per-step host-device sync. `after_step(batches
+    done, loss sum, images, the epoch's seconds)` runs after every optimizer step (mid-epoch checkpoints);
+    `on_step()` after every batch (benchmarks time it)."""
     progress = progress or Progress()
     device, resumed = settings.device, bool(start and is_main())    # rank 0 carries the epoch's sums so far
+    earlier = progress.epoch_seconds if start else 0.0              # None: unknown (an older last.pt)
     t0 = last_shown = time.perf_counter()
     # the resumed epoch's images so far, read once: a mid-epoch checkpoint (after_step) updates progress in place
     seen, before = 0, (progress.epoch_seen if resumed else 0)
@@ -798,14 +838,19 @@ def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torc
         if on_step is not None:
             on_step()
         if closes and after_step is not None and i + 1 != total:
-            after_step(i + 1, loss_sum, before + seen)
+            after_step(i + 1, loss_sum, before + seen, None if earlier is None else
+                       earlier + time.perf_counter() - t0)
         if i + 1 == total:
             break
     if any_rank(bad_loss, device):
         raise NonFiniteLoss(f"the training loss became NaN/inf in {desc}")
     seconds = time.perf_counter() - t0
-    totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(before + seen), device=device)]))
-    return (totals[0] / totals[1].clamp(min=1)).item(), seen, seconds
+    totals = sum_over_ranks(torch.stack([loss_sum.float(), torch.tensor(float(before + seen), device=device),
+                                         torch.tensor(float(seen), device=device)]))
+    mean = (totals[0] / totals[1].clamp(min=1)).item()
+    if earlier is None:          # the rate of the part this call trained
+        return mean, int(totals[2].item()), seconds
+    return mean, int(totals[1].item()), earlier + seconds
 
 
 def _count_step(progress: Progress, raw: nn.Module, ema: Any, sched: Any) -> None:
@@ -863,6 +908,7 @@ def finish(s: Session) -> dict:
     report = {"best_epoch": best["epoch"], "selected_on": s.cfg.select_on, "selected_by": s.cfg.select_metric,
               "protocol": s.cfg.protocol,
               "epochs_trained": s.progress.epoch, **({"early_stops": stops, "stopped": stops[-1]} if stops else {}),
+              **({"resumes": s.resumes} if s.resumes else {}),
               "val": val_m, "test": test_m, **extra, "classes": s.classes, "num_skipped_files": len(s.skips),
               "num_images": {n: len(v) - skipped[n] for n, v in s.samples.items()}, "num_skipped": skipped,
               "head": model_summary(s.model),
