@@ -567,4 +567,5 @@ def test_the_default_heads_macs_count_every_position_a_1x1_conv_classifier_runs_
     with torch.no_grad():
         h, w = model.features(torch.zeros(1, 3, size, size)).shape[2:]
     assert (size, h, w) == (224, 13, 13) and model.spinal_info.default_head_macs == 512 * num_classes * h * w
-    assert build_model("torchvision/resnet18", 4, head="linear", weights="none").spinal_info.default_head_macs == 512 * 4
+    resnet = build_model("torchvision/resnet18", 4, head="linear", weights="none")
+    assert resnet.spinal_info.default_head_macs == 512 * 4
