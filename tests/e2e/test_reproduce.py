@@ -207,6 +207,7 @@ def _mlflow_runs(db: Path) -> dict[str, str]:
     return {r.info.run_name: r.data.tags["run_dir"] for r in runs}
 
 
+@pytest.mark.slow      # ~9 s: real runs and an MLflow store read back; the default suite stays ~10 min
 def test_every_run_is_in_one_mlflow_store_under_out_named_by_recipe_and_seed(digits_folder, tmp_path, one_thread):
     """The default MLflow store of reproduce is OUT/mlruns.db for all its runs (not one per recipe beside its
     seeds), each run named `<recipe>/seed<k>` (not a `seed0` that every recipe has)."""

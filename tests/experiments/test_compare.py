@@ -354,6 +354,7 @@ def test_two_compare_processes_share_one_folder(digits_transfer, tmp_path):
         assert [r["finished_seeds"] for r in csv.DictReader(f)] == ["0", "0"]
 
 
+@pytest.mark.slow      # ~10 s: four real runs and an MLflow store read back; the default suite stays ~10 min
 def test_every_run_is_in_one_mlflow_store_under_out_named_by_head_and_seed(three_digits, tmp_path, one_thread):
     """compare's runs all go to OUT/mlruns.db (not one store per head), named `<head>/seed<k>`; a plain train run
     keeps its store beside its folder, named after it."""

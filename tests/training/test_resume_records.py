@@ -77,6 +77,7 @@ def test_an_old_last_pt_without_the_epochs_seconds_still_resumes_and_says_so(thr
     assert row["train_images_per_s"] > 0 and row["seconds"] > 0
 
 
+@pytest.mark.slow      # ~12-17 s: a real run stopped and resumed through the CLI
 def test_a_resume_with_another_batch_size_is_recorded_in_the_runs_files(three_digits, tmp_path, monkeypatch):
     """config.yaml used to be rewritten as if the whole run had trained with the new batch size, and nothing in
     the run's files said otherwise (BatchNorm makes batch 8 another training than batch 16)."""
@@ -100,6 +101,7 @@ def test_a_resume_with_another_batch_size_is_recorded_in_the_runs_files(three_di
     assert [r["changed"] for r in resumes] == [report["resumes"][0]["changed"], {"epochs": {"from": 2, "to": 3}}]
 
 
+@pytest.mark.slow      # ~12-17 s: a real run stopped and resumed through the CLI
 def test_an_epoch_resumed_with_another_batch_size_goes_on_at_its_image(three_digits, tmp_path, monkeypatch):
     """Stopped after 3 batches of 16 (48 images), resumed with batches of 8 (x2 accumulation, the same global
     batch): the epoch goes on at image 48, i.e. batch 6 of 8, so its other images are trained once. Counting
