@@ -59,6 +59,7 @@ class Predictor:
                  tta_crops: int = 0, batch_size: Optional[int] = None, calibrated: bool = True, verify: bool = True):
         if tta_crops and not tta:
             raise ConfigError(f"{option_name('tta_crops').strip()} needs {flag_name('tta')}", key="tta_crops")
+        asked = TTA(flip=True, crops=tta_crops) if tta else None     # a bad --tta-crops refused before loading
         self.batch_size = CONFIG_FIELDS["batch_size"].default if batch_size is None else batch_size
         if not _whole(self.batch_size):
             raise ConfigError(f"{option_value('batch_size', self.batch_size)} is out of range: it must be a whole "
@@ -67,8 +68,7 @@ class Predictor:
         configure_process(self.device)
         self.source = str(source)
         self.config, self._run, self.runner = open_model(source, self.device, runner, verify)
-        self.tta: Optional[TTA] = TTA(flip=True, crops=tta_crops).as_trained(self.config.get("train_hflip")) \
-            if tta else None
+        self.tta: Optional[TTA] = asked.as_trained(self.config.get("train_hflip")) if asked else None
         self.classes: list[str] = list(self.config["classes"])
         self.temperature = temperature_of(self.config) if calibrated else 1.0
         self.transform = eval_transform(self.config)
