@@ -61,18 +61,18 @@ def test_every_policy_gives_a_normalized_tensor_of_the_crop_size(policy):
 
 
 @pytest.mark.parametrize("ops", [trivial_augment_ops(), randaugment_ops(1, 30)], ids=["trivial", "randaugment_m30"])
-def test_every_op_alone_keeps_an_rgb_uint8_image_and_most_change_it(ops):
+def test_every_op_alone_keeps_an_rgb_uint8_image_and_all_but_identity_change_it(ops):
     img = _photo()
-    changed = 0
     for op in ops.transforms:
-        for seed in range(3):
-            _reseed(op, seed)
-            out = A.Compose([op])(image=img)["image"]
+        changed = 0
+        for seed in range(5):
+            one = A.Compose([op])   # Compose gives its transforms fresh seeds when built: reseed after building
+            _reseed(one, seed)
+            out = one(image=img)["image"]
             assert out.shape == img.shape and out.dtype == np.uint8, op
             changed += not np.array_equal(out, img)
-    # all but the identity op change the picture, but a magnitude drawn near 0 (or autocontrast/equalize on an
-    # image already spanning 0-255) may leave one draw of a few ops as it was
-    assert changed >= 3 * (len(ops.transforms) - 1) - 3
+        # a magnitude drawn near 0 (Posterize keeping 8 bits) may leave a draw as it was, but not every draw
+        assert (changed == 0) if isinstance(op, A.NoOp) else (changed >= 1), (op, changed)
 
 
 def test_sharpness_follows_pil():
