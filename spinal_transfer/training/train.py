@@ -68,7 +68,7 @@ from ..utils.runtime import (
     setup_logging,
     use_channels_last,
 )
-from ..utils.tracking import Tracker
+from ..utils.tracking import Tracker, record_destination, recorded_destination
 from .features import cached_split, default_cache_dir, feature_loader
 from .inputs import RunInputs, data_config, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
@@ -357,9 +357,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     resumes = resumes_so_far(ckpt, cfg) if ckpt else []
     if is_main():
         run.write_text(run.config, config_text(cfg, resumes))
-    store, name = track_as or (None, None)
-    tracker = Tracker.create(cfg.log_to, run.path, run_name=name, tracking_uri=cfg.tracking_uri,
-                             experiment=cfg.experiment, enabled=is_main(), store_root=store)
+    tracker = _tracker(cfg, run, track_as)
     tracker.log_params(cfg.to_dict())
     ema = _make_ema(model, cfg.ema_decay)
     saver = CheckpointSaver(run, checkpoint_meta(cfg.to_dict(), splits.classes, dc, model.spinal_info,
@@ -374,6 +372,25 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
         _restore(s, ckpt)
     _log_start(s, splits)
     return s
+
+
+def _tracker(cfg: TrainConfig, run: RunDir, track_as: Optional[tuple[Path, str]]) -> Tracker:
+    """The run's trackers, in the store and under the name the command that drives it gave it. compare and
+    reproduce pass `track_as`, kept in RUN/tracking.json; a `train --resume` of one of their runs by hand passes
+    none and reads it back, so its epochs continue the same MLflow run in the command's store (not a new MLflow
+    run in a store beside the run folder). A --tracking-uri given to the resume still names the store, as the
+    tracking settings a resume may change always do (config.RESUME_SAFE)."""
+    if is_main() and track_as is not None:
+        record_destination(run.path, *track_as)
+    elif is_main():
+        track_as = recorded_destination(run.path)
+        if track_as is not None and cfg.log_to:
+            log.info(f"tracking as {track_as[1]} with the runs of {track_as[0]} (RUN/tracking.json: where the "
+                     f"command that started this run keeps them)" +
+                     (f"; --tracking-uri {cfg.tracking_uri} names the MLflow store" if cfg.tracking_uri else ""))
+    store, name = track_as or (None, None)
+    return Tracker.create(cfg.log_to, run.path, run_name=name, tracking_uri=cfg.tracking_uri,
+                          experiment=cfg.experiment, enabled=is_main(), store_root=store)
 
 
 def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, lr: Any,

@@ -40,7 +40,7 @@ PathLike = Union[str, Path]
 KINDS = ("tensorboard", "mlflow", "wandb")
 INSTALL_HINT = 'pip install "spinal-transfer[track]"'
 DEFAULT_EXPERIMENT = "spinal-transfer"
-RUN_ID_FILE = "tracking.json"     # RUN/<this>: the MLflow run a resume continues
+RUN_ID_FILE = "tracking.json"     # RUN/<this>: the MLflow run a resume continues, and the store it is in
 Scalar = Union[str, int, float, bool]
 
 
@@ -145,6 +145,39 @@ def summary_tags(report: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+def read_record(run_dir: PathLike) -> dict:
+    """RUN/tracking.json: where this run is tracked (its MLflow run's id, and the destination a driver of many runs
+    gave it: `record_destination`); {} when there is none or it is damaged, since tracking never costs a run."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_ID_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def record_destination(run_dir: PathLike, store_root: PathLike, run_name: str) -> None:
+    """Keep in RUN/tracking.json where compare or reproduce tracks this run (`train.run`'s track_as: the folder of
+    its default MLflow store and its name there), so a `train --resume RUN` started by hand continues it there
+    (`recorded_destination`) instead of opening a second MLflow run in a store beside the run folder. The folder
+    is kept relative to the run folder: an OUT moved as a whole keeps its store."""
+    run_dir = Path(run_dir).resolve()
+    where = {"store_root": os.path.relpath(Path(store_root).resolve(), run_dir), "run_name": run_name}
+    record = read_record(run_dir)
+    if {k: record.get(k) for k in where} != where:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / RUN_ID_FILE, json.dumps({**record, **where}))
+
+
+def recorded_destination(run_dir: PathLike) -> Optional[tuple[Path, str]]:
+    """(store folder, run name) that `record_destination` kept for this run, or None (a run of its own: its store
+    is beside it, and it is named after its folder)."""
+    record = read_record(run_dir)
+    root, name = record.get("store_root"), record.get("run_name")
+    if not isinstance(root, str) or not isinstance(name, str) or not name:
+        return None
+    return (Path(run_dir).resolve() / root).resolve(), name
+
+
 # ------------------------------------------------------------------------------------------------
 # Backends: each method may raise; Tracker turns the first exception into one warning.
 
@@ -232,7 +265,8 @@ class MLflowBackend(Backend):
     artifacts in `<runs root>/mlartifacts/`: the runs of one project end up in one table without a
     server (`mlflow ui --backend-store-uri sqlite:///<runs root>/mlruns.db`). compare and reproduce,
     whose runs sit in OUT/runs/<head or recipe>/seed<k>, give OUT as the root (`store_root`) and
-    `<head or recipe>/seed<k>` as the name, so all their runs are in one store. Step metrics are
+    `<head or recipe>/seed<k>` as the name, so all their runs are in one store; RUN/tracking.json keeps both
+    (`record_destination`), so a `train --resume` by hand continues there. Step metrics are
     buffered and written once per epoch, so a database or server round trip never sits in the
     training loop's inner steps.
     """
@@ -276,11 +310,10 @@ class MLflowBackend(Backend):
     def _earlier_run(self) -> Optional[str]:
         """The MLflow run this run folder logged to before (a resumed run continues it, not a second MLflow run
         holding only the epochs after the interruption), when it is in this tracking store."""
-        record = self.run_dir / RUN_ID_FILE
-        if not record.is_file():
+        run_id = read_record(self.run_dir).get("mlflow_run_id")
+        if not run_id:
             return None
         try:
-            run_id = json.loads(record.read_text()).get("mlflow_run_id")
             if self.client.get_run(run_id).info.experiment_id != self.experiment_id:
                 return None
         except Exception:           # another store, a deleted run, a damaged file: a new MLflow run
@@ -292,8 +325,9 @@ class MLflowBackend(Backend):
     def _new_run(self, experiment_id: str, run_name: str) -> str:
         run = self.client.create_run(experiment_id, run_name=run_name, tags={"run_dir": str(self.run_dir),
                                                                              "mlflow.source.name": "spinal-transfer"})
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / RUN_ID_FILE, json.dumps({"mlflow_run_id": run.info.run_id}))
+        self.run_dir.mkdir(parents=True, exist_ok=True)      # the destination recorded with it stays
+        atomic_write_text(self.run_dir / RUN_ID_FILE, json.dumps({**read_record(self.run_dir),
+                                                                  "mlflow_run_id": run.info.run_id}))
         return run.info.run_id
 
     def _flush(self) -> None:

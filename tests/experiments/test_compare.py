@@ -375,3 +375,37 @@ def test_every_run_is_in_one_mlflow_store_under_out_named_by_head_and_seed(three
     assert names[out / "mlruns.db"] == {f"{h}/seed0": str(out / "runs" / h / "seed0") for h in ("linear", "spinal")}
     assert names[tmp_path / "plain" / "mlruns.db"] == {"r1": str(tmp_path / "plain" / "r1")}
     assert not list((out / "runs").rglob("mlruns.db"))
+
+
+@pytest.mark.slow      # ~10 s: two runs and an MLflow store read back; the default suite stays ~10 min
+def test_a_compare_run_resumed_by_train_continues_in_compares_store(three_digits, tmp_path, one_thread, monkeypatch):
+    """A run of compare (train.run with multirun.tracked_as, as compare calls it) stopped after its first epoch and
+    resumed by hand with `train --resume RUN` keeps tracking in OUT/mlruns.db, in the same MLflow run named
+    `<head>/seed<k>` (RUN/tracking.json records where), not in a second store beside the run folder holding a
+    second MLflow run with only the resumed epochs."""
+    pytest.importorskip("mlflow")
+    from conftest import tiny_cfg
+    from mlflow.tracking import MlflowClient
+
+    from spinal_transfer.errors import Interrupted
+    from spinal_transfer.experiments.multirun import tracked_as
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "cmp"
+    run_dir = out / "runs" / "linear" / "seed0"
+    cfg = tiny_cfg(three_digits, run_dir, head="linear", img_size=16, epochs=2, limit_train_batches=1,
+                   device="cpu", log_to="mlflow")
+
+    def stop(row: dict) -> None:
+        raise Interrupted("stopped after epoch 1")      # after last.pt, as a signal would stop it
+
+    with pytest.raises(Interrupted):
+        train.run(cfg, on_epoch=stop, track_as=tracked_as(run_dir))
+    assert cli(["train", "--resume", str(run_dir)]) == 0
+    assert sorted(tmp_path.rglob("mlruns.db")) == [out / "mlruns.db"], "nothing in a store beside the run folder"
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert (run.info.run_name, run.info.status) == ("linear/seed0", "FINISHED")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
+    assert "final/test/top1" in run.data.metrics

@@ -305,3 +305,23 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     assert run.info.status == "FINISHED" and run.data.params == {"epochs": "2", "lr": "0.1"}
     assert run.data.tags["resumed_with.epochs"] == "4"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/top1")] == [(1, 0.5), (2, 0.75)]
+
+
+def test_the_destination_a_driver_gave_a_run_travels_with_it(tmp_path):
+    """RUN/tracking.json keeps the store folder and name compare or reproduce gave a run (relative to the run
+    folder: an OUT moved as a whole keeps its store) beside its MLflow run id; a run of its own records none."""
+    from spinal_transfer.utils.tracking import RUN_ID_FILE, record_destination, recorded_destination
+
+    out = tmp_path / "cmp"
+    run_dir = out / "runs" / "spinal" / "seed1"
+    assert recorded_destination(run_dir) is None
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_ID_FILE).write_text(json.dumps({"mlflow_run_id": "abc"}))
+    record_destination(run_dir, out, "spinal/seed1")
+    assert recorded_destination(run_dir) == (out.resolve(), "spinal/seed1")
+    assert json.loads((run_dir / RUN_ID_FILE).read_text())["mlflow_run_id"] == "abc"
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert recorded_destination(moved / "runs" / "spinal" / "seed1") == (moved.resolve(), "spinal/seed1")
+    (moved / "runs" / "spinal" / "seed1" / RUN_ID_FILE).write_text("{damaged")
+    assert recorded_destination(moved / "runs" / "spinal" / "seed1") is None
