@@ -36,6 +36,10 @@ on the run's val split (test when it has none) and both are recorded in config.j
 more than --max-accuracy-drop points (default {MAX_ACCURACY_DROP:g}), the nodes around the activations int8
 represents worst are kept in fp32 (1, 2, 4, then 8 of them; recorded in config.json); when that does not
 hold the drop either, the export fails and changes nothing, unless --force.
+--data DIR: the run's data folder at a new place (or a copy) is read as the run's own. Another labelled folder
+is never calibrated on the images its guard scores: its train/ calibrates and its val/ (else test/) is scored;
+without that pair its images are split in two, stratified by class with seed 0, half for the guard. A line on
+stderr says which images did which.
 Predict with it: `spinal-transfer predict BUNDLE PHOTOS --runner onnx-int8` (or auto)."""
 
 
@@ -53,7 +57,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="with --quantize: the most top-1 percentage points int8 may lose against fp32 ONNX "
                              f"(default: {MAX_ACCURACY_DROP:g})")
     parser.add_argument("--data", metavar="DIR", help="with --quantize: the run's data folder, if it moved since "
-                                                      "training (default: the one the run recorded)")
+                                                      "training (default: the one the run recorded), or another "
+                                                      "labelled folder (calibration and guard on disjoint parts)")
     parser.add_argument("--force", action="store_true",
                         help="with --quantize: keep the int8 file even when it loses more than --max-accuracy-drop")
 
@@ -77,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"note: {probabilities_note(config)}", file=sys.stderr)
     int8 = config["formats"].get("onnx-int8")
     if int8 is not None:
+        print(f"int8: calibrated on {int8['calibration_images']} images ({int8['calibration_source']}); the accuracy "
+              f"guard scored {int8['eval_images']} others ({int8['eval_source']})", file=sys.stderr)
         for warning in int8["warnings"]:
             print(f"warning: int8: {warning}", file=sys.stderr)
         if int8["forced"]:

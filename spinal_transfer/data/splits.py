@@ -332,6 +332,45 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
                      else f"all {len(samples)} images of {root} (it has no split folders)")
 
 
+@dataclass
+class HeldApart:
+    """Two disjoint sets of labelled images of one folder (`fit_and_held_out`): `fit` to fit something on, `held`
+    to check it on; `held_name` is the folder `held` is ("val", "test") or "held-out" when it was carved."""
+
+    fit: list[Sample]
+    held: list[Sample]
+    held_name: str
+    fit_words: str
+    held_words: str
+
+
+def fit_and_held_out(root: PathLike, classes: list[str], fraction: float, seed: int,
+                     follow_links: bool = False) -> HeldApart:
+    """Disjoint fit and held-out images of a folder that is not a run's own, labelled by the model's `classes`
+    (`export --quantize int8 --data OTHER`: int8 is calibrated on the first and its accuracy guard scores the
+    second; an image in both would let the guard score images the calibration fitted its ranges on). With a
+    train/ and a val/ (else test/) folder, those two, as a run's own folder is used. Otherwise (no split folders,
+    or not both) every image it has (`labelled_images` of each split folder there is, or of the whole folder) is
+    split as a missing val/ is carved from train/ (`_holdout`: stratified by class, `seed`), `fraction` of them
+    held out; the images of a class with one image stay in `fit`."""
+    root = data_folder(root)
+    dirs = _find_split_dirs(root, [], need_train=False)
+    held_split = next((s for s in ("val", "test") if s in dirs), None)
+    if "train" in dirs and held_split:
+        fit, fit_words = labelled_images(root, "train", classes, follow_links)
+        held, held_words = labelled_images(root, held_split, classes, follow_links)
+        return HeldApart(fit, held, held_split, fit_words, held_words)
+    pool = sorted(s for split in (dirs or ["train"]) for s in labelled_images(root, split, classes, follow_links)[0])
+    notes: list[str] = []
+    fit, held = _holdout(pool, fraction, seed, "val", classes, notes)
+    for n in notes:
+        log.warning(n)
+    where = (f"the {len(pool)} images of {root} ({'/, '.join(dirs)}/: no train/ and val/ or test/ pair)" if dirs
+             else f"the {len(pool)} images of {root} (it has no split folders)")
+    return HeldApart(fit, held, "held-out", f"{len(fit)} of {where}, split stratified by class with seed {seed}",
+                     f"the other {len(held)} of {where}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Generated splits
 

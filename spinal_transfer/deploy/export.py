@@ -31,9 +31,10 @@ from ..config import TrainConfig
 from ..data.images import _pil_to_rgb
 from ..data.loaders import make_loader
 from ..data.skiplog import SkipLog
+from ..data.splits import fit_and_held_out
 from ..data.transforms import DataConfig, build_transforms
 from ..errors import CheckpointError, DataError, MissingDependency, UserError, few, first_line, option_name
-from ..evaluation.evaluate import _eval_samples
+from ..evaluation.evaluate import _eval_samples, reads_other_folder
 from ..models.restore import model_from_checkpoint
 from ..models.surgery import build_model, get_head
 from ..runs.rundir import RunDir, load_run_checkpoint
@@ -49,6 +50,9 @@ INT8_FILE = "model.int8.onnx"   # --quantize int8: onnxruntime static int8 of mo
 STANDALONE = Path(__file__).with_name("predict_onnx.py")   # copied beside model.onnx: predicts without this package
 QUANTIZE = ("int8",)
 MAX_ACCURACY_DROP = 1.0         # top-1 points int8 may lose against fp32 ONNX before the export is refused
+# --quantize int8 --data OTHER without train/ and val/ (or test/) folders: this share of its images, stratified by
+# class with this seed, is held out for the accuracy guard; up to CALIBRATION_IMAGES of the rest calibrate
+GUARD_FRACTION, GUARD_SEED = 0.5, 0
 ATOL = 1e-4                 # max abs logit difference an exported format may have from the eager model
 TRACE_BATCH = 2             # example batch for tracing/exporting ...
 CHECK_BATCHES = (1, 3)      # ... and the batches compared: other sizes, so a baked-in batch size fails
@@ -503,41 +507,67 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
 
 # --- int8 ----------------------------------------------------------------------------------------
 
-def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int], workers: Optional[int],
-                  limit: Optional[int] = None, data: Optional[PathLike] = None):
-    """(labelled (inputs, labels) batches with the evaluation preprocessing, images, which split) of the run's
-    recorded `split` (as `evaluate` reads it; `data`: where the run's data folder is now, if it moved); at most
-    `limit` images, drawn with a fixed seed."""
+def _loader(samples: list, ckpt: dict, batch_size: int, workers: Optional[int],
+            limit: Optional[int] = None) -> tuple[list, int]:
+    """(labelled (inputs, labels) batches with the evaluation preprocessing, images read) of `samples`; at most
+    `limit` images, drawn with a fixed seed (int8 calibration needs no more)."""
     import random
 
     from torch.utils.data import SequentialSampler
 
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    samples, _ = _eval_samples(source, cfg, data, split, list(ckpt["classes"]), ckpt.get("split_fingerprints"))
     if limit is not None and len(samples) > limit:
         samples = random.Random(0).sample(samples, limit)
-    loader = make_loader(samples, eval_transform(bundle_config(ckpt)), batch_size or cfg.batch_size, workers,
-                         torch.device("cpu"), SequentialSampler(range(len(samples))))
+    loader = make_loader(samples, eval_transform(bundle_config(ckpt)), batch_size, workers, torch.device("cpu"),
+                         SequentialSampler(range(len(samples))))
     skips = SkipLog()
     return [(x, y) for x, y, _ in skips.watch(loader) if len(x)], len(samples) - len(skips)
+
+
+def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int], workers: Optional[int],
+                  limit: Optional[int] = None, data: Optional[PathLike] = None) -> tuple[list, int, str]:
+    """`_loader` of the run's recorded `split` (as `evaluate` reads it; `data`: where the run's data folder is now,
+    if it moved), and which images they are, in words."""
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    samples, words = _eval_samples(source, cfg, data, split, list(ckpt["classes"]), ckpt.get("split_fingerprints"))
+    return (*_loader(samples, ckpt, batch_size or cfg.batch_size, workers, limit), words)
+
+
+def _int8_images(source: Path, ckpt: dict, batch_size: Optional[int], workers: Optional[int],
+                 data: Optional[PathLike]) -> tuple[tuple, tuple, str]:
+    """((batches, images, words) to calibrate int8 on, (batches, images, words) its accuracy guard scores, the
+    guard's split), never an image in both. The run's data folder (recorded, moved or copied): up to
+    CALIBRATION_IMAGES of its recorded train split, and its val split (test when val has no image). Another
+    folder (`data` read as `evaluate --data` reads one that is not the run's): `splits.fit_and_held_out`, its
+    train/ and val/ (else test/) folders, or else its images split in two (stratified by class, GUARD_FRACTION
+    held out for the guard, seed GUARD_SEED); up to CALIBRATION_IMAGES of the other part calibrate."""
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    if reads_other_folder(source, cfg, data, "val"):
+        parts = fit_and_held_out(data, list(ckpt["classes"]), GUARD_FRACTION, GUARD_SEED, cfg.follow_links)
+        batch = batch_size or cfg.batch_size
+        return ((*_loader(parts.fit, ckpt, batch, workers, CALIBRATION_IMAGES), parts.fit_words),
+                (*_loader(parts.held, ckpt, batch, workers), parts.held_words), parts.held_name)
+    calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES, data)
+    split = "val"
+    evaluation = _split_loader(source, ckpt, split, batch_size, workers, data=data)
+    if not evaluation[1]:
+        split = "test"
+        evaluation = _split_loader(source, ckpt, split, batch_size, workers, data=data)
+    return calibration, evaluation, split
 
 
 def quantize_int8(source: Path, ckpt: dict, stage: Path, max_accuracy_drop: float = MAX_ACCURACY_DROP,
                   force: bool = False, batch_size: Optional[int] = None, workers: Optional[int] = 0,
                   out: Optional[Path] = None, data: Optional[PathLike] = None) -> dict:
     """model.int8.onnx from the staged model.onnx (quantize.quantize_and_check): calibrated on up to
-    quantize.CALIBRATION_IMAGES of the run's train images, top-1 of fp32 ONNX and int8 measured on its val
-    split (test when it has no val). ExportError naming both numbers when the drop exceeds
-    `max_accuracy_drop` points, unless `force`. Returns what config.json records under formats["onnx-int8"]."""
-    calibration, n_calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES, data)
-    split = "val"
-    evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers, data=data)
-    if not n_eval:
-        split = "test"
-        evaluation, n_eval = _split_loader(source, ckpt, split, batch_size, workers, data=data)
+    quantize.CALIBRATION_IMAGES images and top-1 of fp32 ONNX and int8 measured on others (`_int8_images`: the
+    run's train and val or test splits; of another --data folder, two disjoint parts). ExportError naming both
+    numbers when the drop exceeds `max_accuracy_drop` points, unless `force`. Returns what config.json records
+    under formats["onnx-int8"], with which images calibrated and which the guard scored."""
+    (calibration, n_calibration, calibration_words), (evaluation, n_eval, eval_words), split = \
+        _int8_images(source, ckpt, batch_size, workers, data)
     if not n_calibration or not n_eval:
-        raise ExportError(f"--quantize int8 needs the run's train images (calibration) and its val or test images "
-                          f"(accuracy check); found {n_calibration} train and {n_eval} {split} image(s)")
+        raise ExportError(f"--quantize int8 needs images to calibrate on and others to check its accuracy on; found "
+                          f"{n_calibration} ({calibration_words}) and {n_eval} ({eval_words})")
     try:
         info = quantize_and_check(stage / FORMAT_FILES["onnx"], stage / INT8_FILE, calibration, evaluation,
                                   max_accuracy_drop, force)
@@ -546,7 +576,8 @@ def quantize_int8(source: Path, ckpt: dict, stage: Path, max_accuracy_drop: floa
     return {"file": INT8_FILE, "method": f"onnxruntime static {info['format']}, {info['weights']} weights, "
                                          f"{info['activations']} activations, {info['calibrate_method']} calibration",
             "quantized_from": FORMAT_FILES["onnx"], "reduce_range": info["reduce_range"],
-            "calibration_images": info["calibration_images"], "eval_split": split, "eval_images": info["eval_images"],
+            "calibration_images": info["calibration_images"], "calibration_source": calibration_words,
+            "eval_split": split, "eval_images": info["eval_images"], "eval_source": eval_words,
             "top1_fp32": info["top1_fp32"], "top1_int8": info["top1_int8"],
             "top1_drop_points": info["top1_drop_points"], "agreement": info["agreement"],
             "max_accuracy_drop": max_accuracy_drop, "forced": bool(force and info["top1_drop_points"] > max_accuracy_drop),

@@ -283,9 +283,8 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
     images at their recorded paths and sizes (`holds_recorded`: the folder moved, or a copy of it, even while the
     recorded folder is still there): the run's recorded split is read from it, never all its images, training
     images included. Any other folder is read by `labelled_images`."""
-    run = RunDir(source if source.is_dir() else source.parent.parent)
-    own = data is None or Path(data).expanduser().resolve() == Path(cfg.data).resolve()
-    doc = run.read_json(run.splits) if run.splits.is_file() else None
+    run, doc = _run_record(source)
+    own = _own_folder(cfg, data)
     if doc is not None and (own or holds_recorded(doc, data, split)):
         changed = _changed(recorded_fingerprints(doc), recorded)
         if changed:
@@ -307,6 +306,28 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
         return splits.get(split), (f"the {split} split of {cfg.data} made again from the run's settings (no "
                                    f"splits.json beside the checkpoint): {len(splits.get(split))} images")
     return labelled_images(data, split, classes, cfg.follow_links)
+
+
+def _run_record(source: Path) -> tuple[RunDir, Optional[dict]]:
+    """The run folder of a run or checkpoint `source`, and its splits.json (None when it has none)."""
+    run = RunDir(source if source.is_dir() else source.parent.parent)
+    return run, run.read_json(run.splits) if run.splits.is_file() else None
+
+
+def _own_folder(cfg, data: Optional[str | Path]) -> bool:
+    """Whether `data` names the data folder the run recorded (or none is given)."""
+    return data is None or Path(data).expanduser().resolve() == Path(cfg.data).resolve()
+
+
+def reads_other_folder(source: Path, cfg, data: Optional[str | Path], split: str) -> bool:
+    """Whether `_eval_samples` reads `data` as a folder that is not the run's (`labelled_images`) for `split`:
+    neither the recorded data folder nor one that holds the run's train and `split` images. `export --quantize
+    int8` then keeps its calibration images apart from those its accuracy guard scores itself (the run's own
+    splits already are)."""
+    if _own_folder(cfg, data):
+        return False
+    _, doc = _run_record(source)
+    return doc is None or not holds_recorded(doc, data, split)
 
 
 def _changed(now: Optional[dict], recorded: Optional[dict]) -> list[str]:

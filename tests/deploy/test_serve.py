@@ -178,6 +178,67 @@ def test_int8_export_of_a_run_whose_data_folder_moved_takes_data(three_digits, t
     assert (tmp_path / "bundle" / INT8_FILE).is_file()
 
 
+def _small_copy(three_digits: Path, data: Path, per_folder: int) -> Path:
+    """The first `per_folder` images of each class and split of `three_digits`, at their places under `data`."""
+    for folder in sorted(three_digits.glob("*/*")):
+        (data / folder.relative_to(three_digits)).mkdir(parents=True)
+        for f in sorted(folder.glob("*.png"))[:per_folder]:
+            shutil.copy(f, data / f.relative_to(three_digits))
+    return data
+
+
+def test_int8_export_on_another_folder_calibrates_and_guards_on_disjoint_images(three_digits, tmp_path, cli_run,
+                                                                                monkeypatch):
+    """`export --quantize int8 --data OTHER`, OTHER not the run's folder: the accuracy guard never scores an image
+    int8 was calibrated on. A flat OTHER (it was: calibrated on up to 512 of all its images, the guard scored all
+    of them) is split stratified by class with seed 0, half for the guard; one with train/ and test/ but no val/
+    (it was: refused, "no val/ folder; choose --split", an option export has not) calibrates on train/ and is
+    guarded on test/. The stderr line says which images did what; the run's own folder is unchanged (other tests)."""
+    import math
+
+    import spinal_transfer.deploy.export as export_module
+    from conftest import tiny_cfg
+
+    from spinal_transfer.training.train import run
+
+    run(tiny_cfg(_small_copy(three_digits, tmp_path / "data", 8), tmp_path / "run", epochs=1))
+    flat = tmp_path / "flat"                          # images the run never saw: the test/ images past the 8th
+    for d in sorted((three_digits / "test").iterdir()):
+        (flat / d.name).mkdir(parents=True)
+        for f in sorted(d.glob("*.png"))[8:]:
+            shutil.copy(f, flat / d.name)
+    split = tmp_path / "split"
+    for part in ("train", "test"):
+        for d in sorted((three_digits / part).iterdir()):
+            shutil.copytree(d, split / part / d.name, ignore=lambda _, names: sorted(names)[:8])
+    read: list[list[str]] = []
+    real = export_module.make_loader
+    monkeypatch.setattr(export_module, "make_loader", lambda samples, *a, **k: (
+        read.append([p for p, _ in samples]), real(samples, *a, **k))[1])
+    for other in (flat, split):
+        read.clear()
+        bundle = tmp_path / f"bundle_{other.name}"
+        res = cli_run("export", tmp_path / "run", "--out", bundle, "--quantize", "int8", "--force", "--data", other)
+        assert res.returncode == 0, res.stderr[-2000:]
+        (calibration, guard), everything = read[-2:], sorted(map(str, other.rglob("*.png")))
+        assert not set(calibration) & set(guard) and len(set(calibration)) == len(calibration)
+        q = json.loads((bundle / "config.json").read_text())["formats"]["onnx-int8"]
+        assert (q["calibration_images"], q["eval_images"]) == (len(calibration), len(guard))
+        line = next(x for x in res.stderr.splitlines() if x.startswith("int8: calibrated on"))
+        if other is flat:                         # n images: ceil(n / 2) guard, the rest calibrate (n < 1024)
+            n = len(everything)
+            assert (len(guard), len(calibration)) == (math.ceil(n / 2), n - math.ceil(n / 2))
+            assert sorted(calibration + guard) == everything and q["eval_split"] == "held-out"
+            for c in ("digit_0", "digit_1", "digit_2"):        # stratified: each class halved
+                assert abs(sum(f"/{c}/" in p for p in guard) - sum(f"/{c}/" in p for p in calibration)) <= 1
+            assert f"{len(calibration)} of the {n} images of {flat}" in line and "seed 0" in line
+            assert f"guard scored {len(guard)} others (the other {len(guard)} of the {n} images" in line
+        else:
+            assert sorted(calibration) == sorted(map(str, (split / "train").rglob("*.png")))
+            assert sorted(guard) == sorted(map(str, (split / "test").rglob("*.png"))) and q["eval_split"] == "test"
+            assert f"train/ of {split}" in line and f"test/ of {split}" in line
+
+
 def test_predict_runner_onnx_int8_agrees_with_predictor(bundle, images, tmp_path, cli_run):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -114,7 +114,7 @@ def test_evaluate_and_int8_data_of_a_moved_or_copied_run_folder_read_its_recorde
         ev = evaluate(out, data=folder, device="cpu", workers=0)
         assert [p for p, _ in ev.samples] == [str(folder / e[0]) for e in recorded["test"]]
         assert ev.source.startswith("the run's recorded test split") and f"read under {folder}" in ev.source
-    _, n_train = _split_loader(out, load_run_checkpoint(out), "train", 16, 0, data=moved)     # int8 calibration
+    _, n_train, _ = _split_loader(out, load_run_checkpoint(out), "train", 16, 0, data=moved)  # int8 calibration
     assert n_train == len(recorded["train"])
     other = tmp_path / "other"                          # images the run never saw, under other names
     for d in sorted((three_digits / "test").iterdir()):
