@@ -590,9 +590,16 @@ def holds_recorded(doc: dict, root: PathLike, split: str) -> bool:
     return True
 
 
-def load_recorded(doc: dict, root: PathLike, log_changes: bool = True) -> Splits:
+# What `load_recorded` suggests when recorded files are gone; each command that reads a run's record says what
+# works for it (evaluate, export --quantize and audit --run pass their own).
+GONE_ADVICE = ("Restore them (if the folder moved, give its new place with --data), or start a new run on the folder "
+               "as it is now")
+
+
+def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: str = GONE_ADVICE) -> Splits:
     """The recorded splits of a run, with their files found under `root` (the run's data folder, which may
-    have moved). Files gone -> DataError; added, modified files and new class folders -> one warning each."""
+    have moved). Files gone -> DataError ending in `advice`, what the calling command can do about it (the
+    default is train --resume's); added, modified files and new class folders -> one warning each."""
     if doc.get("version") != RECORD_VERSION:
         raise DataError(f"the run's splits.json is of another version ({doc.get('version')}); it was made by an "
                         f"older spinal-transfer: start a new run")
@@ -616,8 +623,7 @@ def load_recorded(doc: dict, root: PathLike, log_changes: bool = True) -> Splits
             out[split].append((str(p), int(y)))
     if gone:
         shown = "; ".join(gone[:5]) + (f"; ... and {len(gone) - 5} more" if len(gone) > 5 else "")
-        raise DataError(f"{len(gone)} file(s) this run uses are gone from {root}: {shown}. Restore them, or "
-                        f"start a new run on the folder as it is now")
+        raise DataError(f"{len(gone)} file(s) this run uses are gone from {root}: {shown}. {advice}")
     skipped = [(str(root / rel), reason) for rel, reason in doc.get("skipped", [])]
     if log_changes:
         _report_changes(root, doc, out, skipped, changed)

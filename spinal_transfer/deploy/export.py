@@ -53,6 +53,10 @@ MAX_ACCURACY_DROP = 1.0         # top-1 points int8 may lose against fp32 ONNX b
 # --quantize int8 --data OTHER without train/ and val/ (or test/) folders: this share of its images, stratified by
 # class with this seed, is held out for the accuracy guard; up to CALIBRATION_IMAGES of the rest calibrate
 GUARD_FRACTION, GUARD_SEED = 0.5, 0
+# --quantize int8 of a run whose recorded files are gone: what works instead (`_int8_images` reads another folder)
+GONE_ADVICE = ("Restore them (if the folder moved, give its new place with --data), or calibrate and check int8 on "
+               "another labelled folder with --data: one that does not hold most of the run's files is read as it "
+               "is, its train/ and val/ (or test/), or its images split in two (export --help)")
 ATOL = 1e-4                 # max abs logit difference an exported format may have from the eager model
 TRACE_BATCH = 2             # example batch for tracing/exporting ...
 CHECK_BATCHES = (1, 3)      # ... and the batches compared: other sizes, so a baked-in batch size fails
@@ -528,7 +532,8 @@ def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int
     """`_loader` of the run's recorded `split` (as `evaluate` reads it; `data`: where the run's data folder is now,
     if it moved), and which images they are, in words."""
     cfg = TrainConfig.from_dict(ckpt["config"])
-    samples, words = _eval_samples(source, cfg, data, split, list(ckpt["classes"]), ckpt.get("split_fingerprints"))
+    samples, words = _eval_samples(source, cfg, data, split, list(ckpt["classes"]), ckpt.get("split_fingerprints"),
+                                   GONE_ADVICE)
     return (*_loader(samples, ckpt, batch_size or cfg.batch_size, workers, limit), words)
 
 

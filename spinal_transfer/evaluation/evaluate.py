@@ -273,11 +273,19 @@ def scaled(out: Outputs, temperature: float) -> Outputs:
     return out if temperature == 1.0 else Outputs(out.logits / temperature, out.targets, out.index)
 
 
+# `evaluate` of a run whose recorded files are gone: the folder restored or at its new place is read as the run's;
+# one that does not hold most of its files is scored as it is (`_eval_samples`, `splits.holds_recorded`)
+GONE_ADVICE = ("Restore them (if the folder moved, give its new place with --data), or score another labelled "
+               "folder with --data: one that does not hold most of the run's files is read as it is (its --split "
+               "folder, or all its images)")
+
+
 def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str],
-                  recorded: Optional[dict] = None) -> tuple[list, str]:
+                  recorded: Optional[dict] = None, advice: str = GONE_ADVICE) -> tuple[list, str]:
     """The samples `evaluate` reads, and a sentence saying which they are. `recorded`: the checkpoint's split
     fingerprints; splits that do not match them are refused (another run's splits.json, or a folder that changed
-    since the run: either may hold images the model trained on).
+    since the run: either may hold images the model trained on). `advice`: what the calling command suggests when
+    recorded files are gone (`load_recorded`).
 
     `data` is the run's data folder when it is the recorded one, or when it holds the run's train and `split`
     images at their recorded paths and sizes (`holds_recorded`: the folder moved, or a copy of it, even while the
@@ -292,7 +300,7 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
                             f"trained on (the checkpoint's split fingerprints differ: it comes from another run), so "
                             f"the {split} split may hold images the model trained on; evaluate the checkpoint in its "
                             f"own run folder, or give another folder with --data")
-        images = load_recorded(doc, data or cfg.data).get(split)
+        images = load_recorded(doc, data or cfg.data, advice=advice).get(split)
         where = "" if own else f"; read under {data}, which holds the run's files (its data folder, moved or copied)"
         return images, f"the run's recorded {split} split ({len(images)} images, {run.splits}){where}"
     if own:           # a checkpoint away from its run folder: the split is made again the way the run made it

@@ -176,6 +176,11 @@ class AuditResult:
 
 # --- reading the folder ------------------------------------------------------------------------
 
+# `audit --run` of a run whose recorded files are gone: without --run the folder is read as train would read it now
+GONE_ADVICE = ("Restore them (if the folder moved, give its new place with --data), or audit the folder as it is "
+               "now: audit --data DIR, without --run")
+
+
 def audit_splits(cfg: TrainConfig, run: Optional[PathLike] = None) -> Splits:
     """The splits `train` would use for `cfg` (scan, protocol, carving), or with `run` the run's recorded
     splits.json, its files found under `cfg.data` (the run's own data folder unless another is given). Unlike
@@ -185,7 +190,7 @@ def audit_splits(cfg: TrainConfig, run: Optional[PathLike] = None) -> Splits:
         raise ConfigError("--data DIR is required (or --run RUN, or a --recipe that sets data)")
     if run is None:
         return config_splits(cfg, lenient=True)
-    return load_recorded(RunDir(run).read_json(RunDir(run).splits), cfg.data)
+    return load_recorded(RunDir(run).read_json(RunDir(run).splits), cfg.data, advice=GONE_ADVICE)
 
 
 def _imagehash():

@@ -96,6 +96,39 @@ def test_resume_refuses_when_a_recorded_file_is_gone_and_changes_nothing(finishe
     assert snapshot(run_copy) == before
 
 
+def test_each_command_that_reads_a_runs_record_says_what_works_for_it_when_a_file_is_gone(finished, data, tmp_path,
+                                                                                         cli_run):
+    """A recorded file gone from the run's data folder (here a copy given with --data): train --resume, evaluate,
+    export --quantize int8 and audit --run each refuse in one line whose advice is their own (it was train's "start
+    a new run" for all four); evaluate's and export's (another folder with --data) are then followed and work."""
+    folder = _copy(data, tmp_path / "digits")
+    run_copy = _copy(finished, tmp_path / "run")
+    gone = sorted((folder / "test" / "digit_2").glob("*.png"))[0]
+    gone.unlink()
+    before = snapshot(run_copy)
+    advice = {"train": "or start a new run on the folder as it is now",
+              "evaluate": "or score another labelled folder with --data: one that does not hold most of the run's "
+                          "files is read as it is",
+              "export": "or calibrate and check int8 on another labelled folder with --data",
+              "audit": "or audit the folder as it is now: audit --data DIR, without --run"}
+    commands = {"train": ["train", "--resume", run_copy, "--epochs", 3],
+                "evaluate": ["evaluate", run_copy],
+                "export": ["export", run_copy, "--out", tmp_path / "bundle", "--quantize", "int8", "--force"],
+                "audit": ["audit", "--run", run_copy, "--out", tmp_path / "audit"]}
+    for name, args in commands.items():
+        res = cli_run(*args, "--data", folder)
+        line = _one_line_error(res, 2, "1 file(s) this run uses are gone", gone.name, "Restore them",
+                               "if the folder moved, give its new place with --data", advice[name])
+        assert [other for other in advice if advice[other] in line] == [name], line
+    assert snapshot(run_copy) == before and not (tmp_path / "bundle").exists()
+    other = write_digits_folder(tmp_path / "other", digits=(0, 1, 2), size=16, splits=())    # flat, never seen
+    res = cli_run("evaluate", run_copy, "--data", other)
+    assert res.returncode == 0 and "(it has no split folders)" in res.stderr, res.stderr[-3000:]
+    pytest.importorskip("onnxruntime")
+    res = cli_run(*commands["export"], "--data", other)
+    assert res.returncode == 0 and f"of the 537 images of {other}" in res.stderr, res.stderr[-3000:]
+
+
 def test_evaluate_on_another_folder_never_carves_a_split(finished, data, tmp_path, cli_run):
     other = write_digits_folder(tmp_path / "other", digits=(0, 1, 2), splits=("train", "val"))
     res = cli_run("evaluate", finished, "--data", other, "--split", "test")
