@@ -54,6 +54,7 @@ from .multirun import (
 DEFAULT_SEEDS = 3
 DEFAULT_OUT = "runs/compare"
 RESULT_FILES = ("compare.csv", "compare.md", "compare.html")
+RUNS_FOLDER = "runs/"                  # OUT/runs/<head>/seed<k>/: the run folders (run_dir)
 # TrainConfig fields that compare sets itself (per head, per seed, per mode), so they are not its flags
 CONTROLLED = ("head", "seed", "out", "freeze_backbone", "cache_features", "select_on")
 METRICS = (("top1", "test top-1"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"))
@@ -183,7 +184,7 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     for at the end (and taken over if their process died), so every process ends with the whole table."""
     refuse_torchrun("compare")
     check_out(out, base.data, "compare")        # before the table, the lock or a run is written there
-    refuse_others(out, RESULT_FILES, CSV_COLUMNS)
+    refuse_others(out, (*RESULT_FILES, RUNS_FOLDER), CSV_COLUMNS, run_folder=lambda p: RunDir(p).is_run_folder())
     out = Path(out).expanduser().resolve()
     runs = plan(base, heads, seeds, mode, out)
     for p in runs:

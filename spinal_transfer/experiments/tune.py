@@ -435,7 +435,7 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
 
     `pruner` is a name of PRUNERS or an Optuna pruner object."""
     _optuna()                        # a missing install is one line before anything starts
-    check_request(base, trials, study_name, out)
+    check_request(base, trials, study_name, out, storage)
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_config(base, {"data": str(Path(base.data).expanduser().resolve()),
@@ -455,8 +455,10 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     return finish_study(study, out, storage, log)
 
 
-def check_request(base: TrainConfig, trials: int, study_name: str, out: PathLike) -> None:
-    """Everything that would make the study fail or mislead, said in one line before anything is written."""
+def check_request(base: TrainConfig, trials: int, study_name: str, out: PathLike,
+                  storage: Optional[str] = None) -> None:
+    """Everything that would make the study fail or mislead, said in one line before anything is written (OUT's
+    study.db too, which holds the study when no `storage` is given)."""
     refuse_torchrun("tune")
     if trials < 1:
         raise TuneError(f"--trials must be >= 1, got {trials}")
@@ -466,7 +468,7 @@ def check_request(base: TrainConfig, trials: int, study_name: str, out: PathLike
         raise TuneError("--data DIR is required (or a --recipe that sets data)")
     train.check_data(base)           # one line before a study (and its first failed trial) exists
     check_out(out, base.data, "tune")
-    refuse_others(out, OUTPUT_FILES, TRIAL_COLUMNS)
+    refuse_others(out, OUTPUT_FILES + (() if storage else (STORAGE_FILE,)), TRIAL_COLUMNS)
     check_backbone(base.backbone, base.weights)
     if base.stages:
         raise TuneError("tune samples one lr and one length per trial; --stages (a recipe's multi-stage schedule) "

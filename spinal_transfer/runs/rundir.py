@@ -85,6 +85,11 @@ class RunDir:
         """A run was started here (its config, metrics or a checkpoint exist)."""
         return any(p.exists() for p in (self.config, self.metrics, self.last, self.best))
 
+    def is_run_folder(self) -> bool:
+        """A run's folder, or one a run is being started in (the lock it takes before it writes anything): what a
+        command's folder of runs may hold (`utils.stamp.stray_run`)."""
+        return self.holds_run() or self.lock_file.exists()
+
     def is_finished(self) -> bool:
         """The one marker of a finished run: report.json, which training writes last."""
         return self.report.is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -409,3 +410,43 @@ def test_a_compare_run_resumed_by_train_continues_in_compares_store(three_digits
     assert (run.info.run_name, run.info.status) == ("linear/seed0", "FINISHED")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
     assert "final/test/top1" in run.data.metrics
+
+
+def test_a_runs_folder_holding_what_compare_did_not_make_is_refused(three_digits, tmp_path, cli_run):
+    """OUT/runs/ holds compare's run folders, runs/<head>/seed<k>/: one holding anything else (a file, a folder
+    of another shape, a seed<k> folder without a run's files or lock) is refused in one line before any work
+    and left as it was. compare's own go on: runs, a run being started (its lock only, or its folders before
+    the lock file), and anything beside compare's own compare.csv."""
+    from spinal_transfer.utils.stamp import refuse_others
+
+    out = tmp_path / "out"
+    flags = ["--data", three_digits, "--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "16",
+             "--workers", "0", "--epochs", "1", "--heads", "linear", "spinal", "--seeds", "1", "--out", out]
+    for stray in ("mine.txt", "linear/notes/a.txt", "linear/seed0/a.txt", "linear/seed0x/config.yaml"):
+        runs = out / "runs"
+        (runs / stray).parent.mkdir(parents=True)
+        (runs / stray).write_text("mine")
+        res = cli_run("compare", *flags)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 2 and "Traceback" not in res.stderr and len(errors) == 1, res.stderr[-2000:]
+        first = runs / "/".join(stray.split("/")[:2])           # the entry that is not compare's
+        assert f"{first} is not one of this command's run folders" in errors[0] and "give another --out" in errors[0]
+        assert os.listdir(out) == ["runs"] and sorted(p for p in runs.rglob("*") if p.is_file()) == [runs / stray]
+        shutil.rmtree(out)
+    ours = {"linear/seed0/config.yaml": "head: linear\n", "spinal/seed0/.lock": "", "spinal/seed1/.lock": None,
+            "mlp/seed2/checkpoints/last.pt": ""}
+    for name, text in ours.items():
+        (out / "runs" / name).parent.mkdir(parents=True, exist_ok=True)
+        if text is not None:
+            (out / "runs" / name).write_text(text)
+    (out / "runs" / "empty").mkdir()
+
+    def is_run(p: Path) -> bool:                                # as compare passes it
+        return cmp.RunDir(p).is_run_folder()
+
+    refuse_others(out, (*cmp.RESULT_FILES, cmp.RUNS_FOLDER), cmp.CSV_COLUMNS, run_folder=is_run)
+    (out / "runs" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt is not one of this command's run folders"):
+        refuse_others(out, (*cmp.RESULT_FILES, cmp.RUNS_FOLDER), cmp.CSV_COLUMNS, run_folder=is_run)
+    (out / "compare.csv").write_text(",".join(cmp.CSV_COLUMNS) + "\n")
+    refuse_others(out, (*cmp.RESULT_FILES, cmp.RUNS_FOLDER), cmp.CSV_COLUMNS, run_folder=is_run)

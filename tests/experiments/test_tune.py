@@ -24,6 +24,7 @@ from spinal_transfer.cli import main as cli
 from spinal_transfer.cli.tune import CONTROLLED
 from spinal_transfer.config import TrainConfig, resolve_config
 from spinal_transfer.data.augment import Augmentation
+from spinal_transfer.errors import ConfigError
 from spinal_transfer.experiments import tune
 from spinal_transfer.experiments.multirun import DEFAULT_MODE, MODE_NAMES, mode_fields
 from spinal_transfer.runs.rundir import RunDir
@@ -441,3 +442,49 @@ def test_a_second_study_in_one_folder_is_refused(digits_transfer, tmp_path, one_
     res = cli_run("tune", *flags, "--study-name", "second")
     assert res.returncode == 2 and "holds the trials of study 'spinal-transfer'" in res.stderr, res.stderr[-2000:]
     assert {p: p.read_bytes() for p in (out / "trials").rglob("*") if p.is_file()} == before
+
+
+def test_a_study_db_that_is_not_an_optuna_study_is_refused(three_digits, tmp_path, cli_run):
+    """OUT/study.db holds the study tune continues: a user's file of that name (not SQLite, or SQLite without
+    Optuna's tables) is refused in one line before any work and left as it was. An Optuna study there goes on,
+    and so does one a tune starting beside this one is creating (empty, no tables yet), any study.db beside
+    tune's own trials.csv, and any with --storage elsewhere (OUT's study.db is then not tune's)."""
+    from conftest import tiny_cfg
+
+    out = tmp_path / "out"
+    out.mkdir()
+    db = out / "study.db"
+    flags = ["--data", three_digits, "--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "16",
+             "--workers", "0", "--epochs", "1", "--trials", "1", "--out", out]
+    _sql(db, "CREATE TABLE photos (path TEXT)")
+    for mine in (b"my notes\n", db.read_bytes()):
+        db.write_bytes(mine)
+        res = cli_run("tune", *flags)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 2 and "Traceback" not in res.stderr and len(errors) == 1, res.stderr[-2000:]
+        assert f"{db} is not an Optuna study" in errors[0] and "give another --out" in errors[0]
+        assert os.listdir(out) == ["study.db"] and db.read_bytes() == mine
+    base = tiny_cfg(three_digits, tmp_path / "unused", img_size=16)
+    with pytest.raises(ConfigError, match="is not an Optuna study"):
+        tune.check_request(base, 1, tune.DEFAULT_STUDY, out)
+    tune.check_request(base, 1, tune.DEFAULT_STUDY, out, storage=f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    (out / "trials.csv").write_text(",".join(tune.TRIAL_COLUMNS) + "\n")
+    tune.check_request(base, 1, tune.DEFAULT_STUDY, out)
+    (out / "trials.csv").unlink()
+    db.write_bytes(b"")
+    tune.check_request(base, 1, tune.DEFAULT_STUDY, out)
+    _sql(db, "CREATE TABLE t (x)", "DROP TABLE t")
+    assert db.read_bytes().startswith(b"SQLite format 3")
+    tune.check_request(base, 1, tune.DEFAULT_STUDY, out)
+    optuna.create_study(storage=tune.default_storage(out), study_name="another")
+    tune.check_request(base, 1, tune.DEFAULT_STUDY, out)
+
+
+def _sql(db: Path, *statements: str) -> None:
+    con = sqlite3.connect(db)
+    try:
+        for statement in statements:
+            con.execute(statement)
+        con.commit()
+    finally:
+        con.close()
