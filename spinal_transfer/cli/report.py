@@ -17,8 +17,9 @@ EXAMPLES = """\
   spinal-transfer report runs/pets --split val --out runs/pets/report_val.html
   spinal-transfer report runs/pets --screenshot docs/report.png --max-height 2600    # the README's picture
 Reads a finished run folder (report.json, metrics, predictions, plots) and writes its self-contained
-page again; training writes the same page at the end of a run. --screenshot renders the page in
-headless Chromium (chromium or google-chrome on PATH)."""
+page again; training writes the same page at the end of a run. A resumed run gets one line per resume
+(where, and each setting it changed: config.yaml holds only those in force at the end). --screenshot
+renders the page in headless Chromium (chromium or google-chrome on PATH)."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def _images_gone(run: RunDir) -> int:
 
 def main(args: argparse.Namespace) -> int:
     from ..evaluation.browser import screenshot  # lazy: no torch at --help
-    from ..evaluation.report_page import write_report_html  # lazy: no torch at --help
+    from ..evaluation.report_page import resume_texts, write_report_html  # lazy: no torch at --help
     from ..runs.rundir import RunDir  # lazy: no torch at --help
 
     replaced = args.out is not None and output_file(args.out, (".html", ".htm"))
@@ -66,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"note: {gone} of the test images are no longer where the run read them; the page shows placeholders "
               f"for them", file=sys.stderr)
     print(page)
+    for text in resume_texts(run.read_report().get("resumes") or [], arrow="->"):   # its settings changed then
+        print(f"resumed {text}", file=sys.stderr)
     if replaced:
         print(f"(replaced the page that was at {page})", file=sys.stderr)
     if args.screenshot:

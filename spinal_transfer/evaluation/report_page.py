@@ -165,9 +165,15 @@ def _weights(cfg: Mapping, taken: Optional[Mapping]) -> str:
 def _resumed(resumes: list) -> str:
     """Where the run was resumed and what each resume changed (report.json "resumes"): config.yaml and the
     settings above hold the values in force at the end, not those the earlier epochs trained with."""
-    return "; ".join(f"{r.get('at')}" + (" with " + ", ".join(f"{k} {c.get('from')} \u2192 {c.get('to')}"
-                                                              for k, c in r["changed"].items())
-                                         if r.get("changed") else "") for r in resumes)
+    return "; ".join(resume_texts(resumes))
+
+
+def resume_texts(resumes: list, arrow: str = "\u2192") -> list[str]:
+    """Each resume of report.json "resumes" as `after epoch 1 with batch_size 16 -> 8` (`arrow` between the
+    values): one wording for the page's settings and the `report` command's lines."""
+    return [f"{r.get('at')}" + (" with " + ", ".join(f"{k} {c.get('from')} {arrow} {c.get('to')}"
+                                                     for k, c in r["changed"].items())
+                                if r.get("changed") else "") for r in resumes]
 
 
 def run_settings(config: Mapping, report: Optional[Mapping] = None,

@@ -1,6 +1,6 @@
 """What a resumed run's own files say about its resumes: the interrupted epoch's seconds and images/s cover the
 whole epoch (metrics.jsonl), and each resume, with the settings it changed, is listed (report.json, config.yaml,
-report.html). Real tiny runs, interrupted in this process by a real SIGTERM after a chosen optimizer step."""
+report.html, the `report` command's lines). Real tiny runs, interrupted in this process by a real SIGTERM after a chosen optimizer step."""
 from __future__ import annotations
 
 import json
@@ -118,3 +118,18 @@ def test_an_epoch_resumed_with_another_batch_size_goes_on_at_its_image(three_dig
     assert len(batches) == (n - 3 * 16) // 8                 # (train drops the last partial batch)
     assert "the interrupted epoch goes on at image 48 (batch 6 of 8, was batch size 16)" in \
         (out / "train.log").read_text()
+
+
+def test_the_report_command_says_each_resume_and_what_it_changed(three_digits, tmp_path, cli_run):
+    """`report` printed only the page's path: that a run was resumed with another batch size (config.yaml holds
+    only the settings at the end) was on the page alone. Now one line per resume; none for a run never resumed."""
+    out = tmp_path / "run"
+    T.run(tiny_cfg(three_digits, out, epochs=1, img_size=16, limit_train_batches=1))
+    res = cli_run("report", out)
+    assert res.returncode == 0 and "resumed" not in res.stderr, res.stderr[-2000:]
+    res = cli_run("train", "--resume", out, "--epochs", "2", "--batch-size", "16", "--accum-steps", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = cli_run("report", out)
+    assert res.returncode == 0 and res.stdout.split() == [str(out / "report.html")], res.stderr[-2000:]
+    assert [line for line in res.stderr.splitlines() if line.startswith("resumed")] == [
+        "resumed after epoch 1 with epochs 1 -> 2, accum_steps 1 -> 2, batch_size 32 -> 16"]
