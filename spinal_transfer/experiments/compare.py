@@ -39,22 +39,23 @@ from ..models.heads_spec import HeadSpec
 from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.filelock import exclusive
-from ..utils.stamp import refuse_others
 from .multirun import (
     DEFAULT_MODE,
     IGNORED,
     MODE_NAMES,
+    RUNS,
     MultiRunError,
     check_out,
     mode_fields,
+    refuse_others_in,
     refuse_torchrun,
+    run_dir,
     tracked_as,
 )
 
 DEFAULT_SEEDS = 3
 DEFAULT_OUT = "runs/compare"
 RESULT_FILES = ("compare.csv", "compare.md", "compare.html")
-RUNS_FOLDER = "runs/"                  # OUT/runs/<head>/seed<k>/: the run folders (run_dir)
 # TrainConfig fields that compare sets itself (per head, per seed, per mode), so they are not its flags
 CONTROLLED = ("head", "seed", "out", "freeze_backbone", "cache_features", "select_on")
 METRICS = (("top1", "test top-1"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"))
@@ -81,10 +82,6 @@ class Planned:
         return RunDir(self.cfg.out)
 
 
-def run_dir(out: PathLike, head: HeadSpec, seed: int) -> RunDir:
-    return RunDir(Path(out) / "runs" / head.slug / f"seed{seed}")
-
-
 def plan(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int, mode: str, out: PathLike) -> list[Planned]:
     """Every (seed, head) run, seed by seed with the reference first, so paired results appear early.
 
@@ -104,7 +101,7 @@ def plan(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int, mode: str, ou
     common = {"data": str(Path(base.data).expanduser().resolve()),
               **mode_fields(mode, out, base.cache_dir, base.cache_features)}
     runs = [Planned(h, seed, resolve_config(base, {**common, **h.config_fields(), "seed": seed,
-                                                   "out": str(run_dir(out, h, seed).path)}))
+                                                   "out": str(run_dir(out, h.slug, seed).path)}))
             for seed in range(seeds) for h in heads]
     _refuse_same_heads(runs[:len(heads)])
     return runs
@@ -184,16 +181,16 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     for at the end (and taken over if their process died), so every process ends with the whole table."""
     refuse_torchrun("compare")
     check_out(out, base.data, "compare")        # before the table, the lock or a run is written there
-    refuse_others(out, (*RESULT_FILES, RUNS_FOLDER), CSV_COLUMNS, run_folder=lambda p: RunDir(p).is_run_folder())
+    refuse_others_in(out, RESULT_FILES, CSV_COLUMNS)
     out = Path(out).expanduser().resolve()
     runs = plan(base, heads, seeds, mode, out)
     for p in runs:
         check_settings(p)
     log(f"mode: {MODE_NAMES[mode]}")
-    others = sorted(set(str(d.parent) for d in (out / "runs").glob("*/seed*/report.json")) -
+    others = sorted(set(str(d.parent) for d in (out / RUNS).glob("*/seed*/report.json")) -
                     {str(p.cfg.out) for p in runs})
     if others:                       # an earlier, larger comparison: its runs stay, its table is rewritten
-        log(f"note: {len(others)} finished run(s) in {out / 'runs'} are not in this comparison (other heads or "
+        log(f"note: {len(others)} finished run(s) in {out / RUNS} are not in this comparison (other heads or "
             f"seeds, e.g. {Path(others[0]).relative_to(out)}): the tables show only the heads and seeds asked for")
     with rerun_resumes("compare"):
         try:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 from ..config import RESUME_SAFE
 from ..errors import UserError
+from ..runs.rundir import RunDir
+from ..utils.stamp import refuse_others
 
 MODES = ("frozen", "finetune")
 DEFAULT_MODE = "finetune"
@@ -25,6 +27,7 @@ MODE_HELP = ("finetune: every run trains as `train` does (with train's --freeze-
              "from the first step); frozen: a fast screen, not what train does: the backbone stays frozen and its "
              f"features are computed once and shared by every run (default: {DEFAULT_MODE})")
 CACHE_DIR = "feature-cache"
+RUNS = "runs"            # OUT/runs/<head or recipe>/seed<k>/: the run folders of compare and reproduce
 # Settings that may differ between a run (or study) on disk and the one asked for: where and how fast it runs,
 # not what it learns (config.RESUME_SAFE, less the schedule and the data, which change results).
 IGNORED = (set(RESUME_SAFE) - {"epochs", "stages", "limit_train_batches", "data"}) | {"out"}
@@ -59,6 +62,17 @@ def check_out(out: PathLike, data: str, command: str) -> None:
     check_outside(out, data)
     if RunDir(Path(out).expanduser()).holds_run():
         raise MultiRunError(f"--out {out} is the folder of a train run; give {command} a folder of its own")
+
+
+def run_dir(out: PathLike, name: str, seed: int) -> RunDir:
+    """Seed `seed` of head or recipe `name`: OUT/runs/<name>/seed<k>."""
+    return RunDir(Path(out) / RUNS / name / f"seed{seed}")
+
+
+def refuse_others_in(out: PathLike, result_files: Sequence[str], csv_columns: Sequence[str]) -> None:
+    """`refuse_others` for a command of many runs: its result files, and OUT/runs/, which may hold only run
+    folders (a user's own runs/ there would get the command's runs mixed into it)."""
+    refuse_others(out, (*result_files, f"{RUNS}/"), csv_columns, run_folder=lambda p: RunDir(p).is_run_folder())
 
 
 def tracked_as(run: PathLike) -> tuple[Path, str]:

@@ -38,8 +38,8 @@ from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.atomic import atomic_write_text
 from ..utils.distributed import is_main
-from ..utils.stamp import html_generator, md_generator, refuse_others
-from .multirun import tracked_as
+from ..utils.stamp import html_generator, md_generator
+from .multirun import refuse_others_in, run_dir, tracked_as
 
 DEFAULT_SEEDS = 3
 DEFAULT_RECIPES = "recipes/*.yaml"
@@ -92,10 +92,6 @@ def find_recipes(pattern: str) -> list[Recipe]:
         partner = Recipe(p).partner
         found |= {q for q in (p.parent / f"{partner}.yaml", p.parent / f"{partner}.yml") if partner and q.is_file()}
     return sorted((Recipe(p) for p in found), key=lambda r: (r.group, r.head != DEFAULT_HEAD, r.name))
-
-
-def run_dir(out: PathLike, recipe: str, seed: int) -> RunDir:
-    return RunDir(Path(out) / "runs" / recipe / f"seed{seed}")
 
 
 OVERRIDES = ("protocol", "select_on", "epochs", "limit_train_batches", "batch_size", "img_size", "amp", "device",
@@ -475,7 +471,7 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
     if seeds < 1:
         raise ReproduceError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out).expanduser().resolve()      # runs record absolute paths: resume works from any directory
-    refuse_others(out, RESULT_FILES, CSV_COLUMNS)
+    refuse_others_in(out, RESULT_FILES, CSV_COLUMNS)
     plan = plan_runs(recipes, data_root, out, seeds, overrides)
     for _, _, cfg in plan:
         check_protocol(cfg)
@@ -512,7 +508,7 @@ def collect(recipes: Sequence[Recipe], data_root: PathLike, out: PathLike, seeds
             overrides: Optional[dict] = None, log: Callable[[str], Any] = _stderr) -> list[Row]:
     """The tables from whatever has finished (no training), and what is still missing, said."""
     out = Path(out).expanduser().resolve()
-    refuse_others(out, RESULT_FILES, CSV_COLUMNS)
+    refuse_others_in(out, RESULT_FILES, CSV_COLUMNS)
     plan = plan_runs(recipes, data_root, out, seeds, overrides)
     for _, _, cfg in plan:
         check_protocol(cfg)

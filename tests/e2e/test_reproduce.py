@@ -219,3 +219,18 @@ def test_every_run_is_in_one_mlflow_store_under_out_named_by_recipe_and_seed(dig
     expected = {f"digits_tiny_{h}/seed0": str(rp.run_dir(out, f"digits_tiny_{h}", 0).path) for h in HEADS}
     assert _mlflow_runs(out / "mlruns.db") == expected
     assert not list((out / "runs").rglob("mlruns.db"))
+
+
+def test_a_runs_folder_holding_what_reproduce_did_not_make_is_refused_before_any_run(digits_folder, tmp_path,
+                                                                                    monkeypatch):
+    """reproduce's OUT/runs/ is checked as compare's is (multirun.refuse_others_in): a user's own file there is
+    refused in one line before a run starts, by `reproduce` and by `collect`, and left as it was."""
+    recipes = rp.find_recipes(str(_write_recipes(tmp_path / "recipes", digits_folder.name) / "*_spinal.yaml"))
+    out = tmp_path / "out"
+    (out / "runs" / "digits_tiny_default" / "seed0").mkdir(parents=True)
+    (out / "runs" / "digits_tiny_default" / "seed0" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a run started"))
+    for command in (rp.reproduce, rp.collect):
+        with pytest.raises(rp.UserError, match=r"seed0 is not one of this command's run folders.*give another --out"):
+            command(recipes, digits_folder.parent, out, seeds=1, log=print)
+    assert [p.name for p in out.rglob("*") if p.is_file()] == ["notes.txt"]

@@ -417,7 +417,7 @@ def test_a_runs_folder_holding_what_compare_did_not_make_is_refused(three_digits
     of another shape, a seed<k> folder without a run's files or lock) is refused in one line before any work
     and left as it was. compare's own go on: runs, a run being started (its lock only, or its folders before
     the lock file), and anything beside compare's own compare.csv."""
-    from spinal_transfer.utils.stamp import refuse_others
+    from spinal_transfer.experiments.multirun import refuse_others_in
 
     out = tmp_path / "out"
     flags = ["--data", three_digits, "--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "16",
@@ -441,12 +441,9 @@ def test_a_runs_folder_holding_what_compare_did_not_make_is_refused(three_digits
             (out / "runs" / name).write_text(text)
     (out / "runs" / "empty").mkdir()
 
-    def is_run(p: Path) -> bool:                                # as compare passes it
-        return cmp.RunDir(p).is_run_folder()
-
-    refuse_others(out, (*cmp.RESULT_FILES, cmp.RUNS_FOLDER), cmp.CSV_COLUMNS, run_folder=is_run)
+    refuse_others_in(out, cmp.RESULT_FILES, cmp.CSV_COLUMNS)
     (out / "runs" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="notes.txt is not one of this command's run folders"):
-        refuse_others(out, (*cmp.RESULT_FILES, cmp.RUNS_FOLDER), cmp.CSV_COLUMNS, run_folder=is_run)
+        refuse_others_in(out, cmp.RESULT_FILES, cmp.CSV_COLUMNS)
     (out / "compare.csv").write_text(",".join(cmp.CSV_COLUMNS) + "\n")
-    refuse_others(out, (*cmp.RESULT_FILES, cmp.RUNS_FOLDER), cmp.CSV_COLUMNS, run_folder=is_run)
+    refuse_others_in(out, cmp.RESULT_FILES, cmp.CSV_COLUMNS)
