@@ -97,6 +97,7 @@ class Progress:
     epoch_loss: float = 0.0
     epoch_seen: int = 0
     epoch_seconds: Optional[float] = 0.0
+    lr: Optional[float] = None      # the head's lr of the last optimizer step (`step_lr`)
     stopped: dict = field(default_factory=dict)      # stage index -> {ran, epoch, reason} when it stopped early
 
     @classmethod
@@ -107,6 +108,11 @@ class Progress:
         saved = ckpt["progress"]
         known = {"epoch_seconds": None} if saved.get("batch") and "epoch_seconds" not in saved else {}
         return cls(**{**{k: v for k, v in saved.items() if k not in LEGACY_EARLY}, **known})
+
+    def step_lr(self, opt: torch.optim.Optimizer) -> float:
+        """The head's lr of the last optimizer step (what metrics.jsonl and the progress bar show: a per-step
+        schedule has already moved the optimizer's lr on to the next step's); before the first step, the first's."""
+        return self.lr if self.lr is not None else opt.param_groups[0]["lr"]
 
     def locate(self, stages: list[Stage]) -> tuple[int, int]:
         """(stage index, epochs finished in it) of the next epoch; (len(stages), 0) when the schedule is done.
@@ -742,7 +748,7 @@ def run_epoch(s: Session, opt: torch.optim.Optimizer, step_sched: Any, si: int) 
     s.progress.epoch, s.progress.batch, s.progress.epoch_loss, s.progress.epoch_seen = epoch, 0, 0.0, 0
     s.progress.epoch_seconds = 0.0
     s.skips.sync()
-    row = {"epoch": epoch, "stage": si + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss,
+    row = {"epoch": epoch, "stage": si + 1, "lr": s.progress.step_lr(opt), "train_loss": loss,
            "train_images_per_s": images / max(seconds, 1e-9), "frozen": frozen,
            "seconds": time.perf_counter() - t0}
     row.update({"val": summary(val_m)} if val_m else {})
@@ -850,12 +856,13 @@ def train_one_epoch(fwd: nn.Module, raw: nn.Module, batches: Iterable, opt: torc
             loss_sum += loss.float() * n
             seen += n
             if closes:
+                progress.lr = opt.param_groups[0]["lr"]         # what this step used, before the schedule moves
                 _count_step(progress, raw, ema, sched)
         if i % settings.log_interval == 0 and any_rank(bad_loss, device):      # every rank stops together
             break
         if is_main() and time.perf_counter() - last_shown >= 1.0 and seen:
             last_shown = time.perf_counter()
-            _show(bar, loss.item(), opt.param_groups[0]["lr"], seen * world_size() / (last_shown - t0),
+            _show(bar, loss.item(), progress.step_lr(opt), seen * world_size() / (last_shown - t0),
                   progress.step, on_log)
         if on_step is not None:
             on_step()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -193,14 +194,18 @@ def test_checkpoints_inside_an_epoch_every_n_steps(digits_folder, tmp_path, unin
 
 
 def test_every_stage_runs_its_own_schedule_from_its_start(digits_folder, tmp_path):
-    """Stage 2 of a cosine schedule with warm-up starts its own warm-up and ends at 0, as stage 1 did: its lr
-    per epoch is stage 1's times the ratio of their lrs (it used to continue stage 1's step count and wrap)."""
+    """Stage 2 of a cosine schedule with warm-up starts its own warm-up, as stage 1 did: its lr per epoch is
+    stage 1's times the ratio of their lrs (it used to continue stage 1's step count and wrap). Each epoch's
+    row holds the lr its last optimizer step used (not the next step's, which the schedule has moved on to)."""
     cfg = tiny_cfg(digits_folder, tmp_path / "run", stages=[{"epochs": 3, "lr": 0.04}, {"epochs": 3, "lr": 0.004}],
                    scheduler="cosine", warmup_epochs=1.0, limit_train_batches=2)
     run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first, second = ([r["lr"] for r in rows if r["stage"] == k] for k in (1, 2))
-    assert len(first) == len(second) == 3 and first[-1] == pytest.approx(0.0, abs=1e-12)
+    # 2 steps an epoch, 6 in all: linear warm-up from 1e-3 over steps 0-1, then cosine over steps 2-5 (T_max 4);
+    # the epochs' last steps are 1, 3, 5
+    used = [1e-3 + (1 - 1e-3) / 2, (1 + math.cos(math.pi / 4)) / 2, (1 + math.cos(3 * math.pi / 4)) / 2]
+    assert first == pytest.approx([0.04 * f for f in used])
     assert second == pytest.approx([lr / 10 for lr in first])
 
 
