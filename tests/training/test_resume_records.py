@@ -1,6 +1,7 @@
 """What a resumed run's own files say about its resumes: the interrupted epoch's seconds and images/s cover the
 whole epoch (metrics.jsonl), and each resume, with the settings it changed, is listed (report.json, config.yaml,
-report.html, the `report` command's lines). Real tiny runs, interrupted in this process by a real SIGTERM after a chosen optimizer step."""
+report.html, the `report` command's lines). Real tiny runs, interrupted in this process by a real SIGTERM after
+a chosen optimizer step."""
 from __future__ import annotations
 
 import json
