@@ -590,15 +590,14 @@ def holds_recorded(doc: dict, root: PathLike, split: str) -> bool:
     return True
 
 
-# What `load_recorded` suggests when recorded files are gone; each command that reads a run's record says what
-# works for it (evaluate, export --quantize and audit --run pass their own).
-GONE_ADVICE = ("Restore them (if the folder moved, give its new place with --data), or start a new run on the folder "
-               "as it is now")
+# What `load_recorded` suggests when recorded files are gone: restore them, or what works for the command that
+# reads the run's record (train --resume's below; evaluate, export --quantize and audit --run pass their own)
+GONE_ADVICE = "start a new run on the folder as it is now"
 
 
 def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: str = GONE_ADVICE) -> Splits:
     """The recorded splits of a run, with their files found under `root` (the run's data folder, which may
-    have moved). Files gone -> DataError ending in `advice`, what the calling command can do about it (the
+    have moved). Files gone -> DataError ending in `advice`, what else the calling command can do (the
     default is train --resume's); added, modified files and new class folders -> one warning each."""
     if doc.get("version") != RECORD_VERSION:
         raise DataError(f"the run's splits.json is of another version ({doc.get('version')}); it was made by an "
@@ -623,7 +622,8 @@ def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: s
             out[split].append((str(p), int(y)))
     if gone:
         shown = "; ".join(gone[:5]) + (f"; ... and {len(gone) - 5} more" if len(gone) > 5 else "")
-        raise DataError(f"{len(gone)} file(s) this run uses are gone from {root}: {shown}. {advice}")
+        raise DataError(f"{len(gone)} file(s) this run uses are gone from {root}: {shown}. Restore them (if the "
+                        f"folder moved, give its new place with --data), or {advice}")
     skipped = [(str(root / rel), reason) for rel, reason in doc.get("skipped", [])]
     if log_changes:
         _report_changes(root, doc, out, skipped, changed)

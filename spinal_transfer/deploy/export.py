@@ -54,9 +54,9 @@ MAX_ACCURACY_DROP = 1.0         # top-1 points int8 may lose against fp32 ONNX b
 # class with this seed, is held out for the accuracy guard; up to CALIBRATION_IMAGES of the rest calibrate
 GUARD_FRACTION, GUARD_SEED = 0.5, 0
 # --quantize int8 of a run whose recorded files are gone: what works instead (`_int8_images` reads another folder)
-GONE_ADVICE = ("Restore them (if the folder moved, give its new place with --data), or calibrate and check int8 on "
-               "another labelled folder with --data: one that does not hold most of the run's files is read as it "
-               "is, its train/ and val/ (or test/), or its images split in two (export --help)")
+GONE_ADVICE = ("calibrate and check int8 on another labelled folder with --data: one that does not hold most of "
+               "the run's files is read as it is, its train/ and val/ (or test/), or its images split in two "
+               "(export --help)")
 ATOL = 1e-4                 # max abs logit difference an exported format may have from the eager model
 TRACE_BATCH = 2             # example batch for tracing/exporting ...
 CHECK_BATCHES = (1, 3)      # ... and the batches compared: other sizes, so a baked-in batch size fails

@@ -275,9 +275,8 @@ def scaled(out: Outputs, temperature: float) -> Outputs:
 
 # `evaluate` of a run whose recorded files are gone: the folder restored or at its new place is read as the run's;
 # one that does not hold most of its files is scored as it is (`_eval_samples`, `splits.holds_recorded`)
-GONE_ADVICE = ("Restore them (if the folder moved, give its new place with --data), or score another labelled "
-               "folder with --data: one that does not hold most of the run's files is read as it is (its --split "
-               "folder, or all its images)")
+GONE_ADVICE = ("score another labelled folder with --data: one that does not hold most of the run's files is "
+               "read as it is (its --split folder, or all its images)")
 
 
 def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str],

@@ -177,8 +177,7 @@ class AuditResult:
 # --- reading the folder ------------------------------------------------------------------------
 
 # `audit --run` of a run whose recorded files are gone: without --run the folder is read as train would read it now
-GONE_ADVICE = ("Restore them (if the folder moved, give its new place with --data), or audit the folder as it is "
-               "now: audit --data DIR, without --run")
+GONE_ADVICE = "audit the folder as it is now: audit --data DIR, without --run"
 
 
 def audit_splits(cfg: TrainConfig, run: Optional[PathLike] = None) -> Splits:
