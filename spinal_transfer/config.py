@@ -668,10 +668,12 @@ def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int]
                and not (k in ("batch_size", "accum_steps") and same_global_batch)]
     if refused:
         shown = ", ".join(f"{option_value(k, changed[k])} (the run has {have[k]!r})" for k in refused)
+        flag = [option_name(k).strip(" =") for k in ("batch_size", "accum_steps", "out")]
         raise ConfigError(f"{shown} would make the resumed run a different experiment. Resume accepts only "
-                          f"{', '.join(option_name(k).strip(' =') for k in RESUME_SAFE)}; for another experiment "
-                          f"start a new run (another {option_name('out').strip(' =')}, or {flag_name('overwrite')})",
-                          key=refused[0])
+                          f"{', '.join(option_name(k).strip(' =') for k in RESUME_SAFE)}, and {flag[0]} and "
+                          f"{flag[1]} that keep their product (the global batch, "
+                          f"{old.batch_size * old.accum_steps}); for another experiment start a new run (another "
+                          f"{flag[2]}, or {flag_name('overwrite')})", key=refused[0])
     cfg = TrainConfig.from_dict({**have, **changed})
     if done_epochs is not None:
         _check_schedule_change(old, cfg, done_epochs)

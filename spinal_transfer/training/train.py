@@ -621,8 +621,8 @@ def _restore(s: Session, ckpt: dict) -> None:
     saved_batch = ckpt["config"]["batch_size"]
     if s.progress.batch and saved_batch != s.cfg.batch_size:    # mid-epoch, another batch size (same global batch)
         s.progress.batch = s.progress.batch * saved_batch // s.cfg.batch_size      # the epoch goes on at its image
-        log.info(f"the interrupted epoch goes on at image {s.progress.batch * s.cfg.batch_size} (batch "
-                 f"{s.progress.batch} of {s.cfg.batch_size}, was batch size {saved_batch})")
+        log.info(f"the interrupted epoch goes on at image {s.progress.batch * s.cfg.batch_size} ("
+                 f"{s.progress.batch} batches of {s.cfg.batch_size} done; it had batch size {saved_batch})")
     if s.progress.epoch_seconds is None:
         log.info(f"{s.run.last} predates the record of an epoch's seconds so far: epoch {s.progress.epoch + 1}'s "
                  f"seconds and images/s in metrics.jsonl cover only the part trained after this resume")

@@ -190,12 +190,16 @@ def test_resume_with_more_epochs_extends_a_finished_run_and_reselects(finished, 
 
 
 @pytest.mark.parametrize("flag", [["--lr", "0.5"], ["--backbone", "timm/test_vit"], ["--seed", "7"],
-                                  ["--head", "linear"], ["--augment", "modern"]])
+                                  ["--head", "linear"], ["--augment", "modern"], ["--batch-size", "7"]])
 def test_resume_refuses_a_flag_that_would_change_the_experiment(finished, flag, cli_run):
     before = snapshot(finished)
+    saved = load_checkpoint(finished / "checkpoints" / "last.pt")["config"]
+    global_batch = saved["batch_size"] * saved["accum_steps"]
     res = cli_run("train", "--resume", str(finished), *flag)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"{flag[0]} " in res.stderr and "different experiment" in res.stderr
+    # what it does accept, said in the same line: a batch size that keeps the global batch is not a new experiment
+    assert f"--batch-size and --accum-steps that keep their product (the global batch, {global_batch})" in res.stderr
     assert snapshot(finished) == before
 
 

@@ -105,7 +105,7 @@ def test_a_resume_with_another_batch_size_is_recorded_in_the_runs_files(three_di
 @pytest.mark.slow      # ~12-17 s: a real run stopped and resumed through the CLI
 def test_an_epoch_resumed_with_another_batch_size_goes_on_at_its_image(three_digits, tmp_path, monkeypatch):
     """Stopped after 3 batches of 16 (48 images), resumed with batches of 8 (x2 accumulation, the same global
-    batch): the epoch goes on at image 48, i.e. batch 6 of 8, so its other images are trained once. Counting
+    batch): the epoch goes on at image 48, 6 batches of 8 done, so its other images are trained once. Counting
     batches done by the new size started it at image 24 (24 images twice)."""
     out = tmp_path / "run"
     _sigterm_after_step(monkeypatch, 3)
@@ -117,7 +117,7 @@ def test_an_epoch_resumed_with_another_batch_size_goes_on_at_its_image(three_dig
     assert cli(["train", "--resume", str(out), "--batch-size", "8", "--accum-steps", "2"]) == 0
     n = json.loads((out / "report.json").read_text())["num_images"]["train"]
     assert len(batches) == (n - 3 * 16) // 8                 # (train drops the last partial batch)
-    assert "the interrupted epoch goes on at image 48 (batch 6 of 8, was batch size 16)" in \
+    assert "the interrupted epoch goes on at image 48 (6 batches of 8 done; it had batch size 16)" in \
         (out / "train.log").read_text()
 
 
