@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from .atomic import atomic_write_text
 
@@ -279,7 +280,9 @@ class MLflowBackend(Backend):
         from mlflow.tracking import MlflowClient
 
         root = Path(store_root).resolve() if store_root else run_dir.resolve().parent
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns.db'}"
+        default = f"sqlite:///{root / 'mlruns.db'}"
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+        self.store_root = root if uri == default else None     # the store this backend keeps in a folder
         if urlparse(uri).scheme in ("http", "https"):
             # A server that dies mid-run: a few retries, then this backend is switched off.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -372,6 +375,8 @@ class MLflowBackend(Backend):
             self.client.set_tag(self.run_id, k, v)
 
     def log_artifacts(self, files: list[Path]) -> None:
+        if not self._artifacts_in_store():
+            return
         for f in files:
             try:
                 rel = f.resolve().parent.relative_to(self.run_dir)
@@ -379,6 +384,33 @@ class MLflowBackend(Backend):
             except ValueError:
                 sub = None
             self.client.log_artifact(self.run_id, str(f), artifact_path=sub)
+
+    moved_warned = False
+
+    def _artifacts_in_store(self) -> bool:
+        """Whether this run's artifacts go in the folder of the store it logs to. MLflow keeps the absolute
+        artifact folder of an experiment, and of each run, in its database and has no call to change it: once the
+        OUT of a compare is moved as a whole, its runs (old and new) would write their artifacts to the old place,
+        re-creating the folder the user moved away, or failing where a file now stands. Then the artifacts are not
+        logged (one warning); the metrics and params still go to the moved store, in the same MLflow run, and the
+        files are in the run folder. A store named by --tracking-uri keeps its artifacts where it says."""
+        if self.store_root is None:
+            return True
+        where = self.client.get_run(self.run_id).info.artifact_uri
+        u = urlparse(where)
+        if u.scheme not in ("", "file"):
+            return True
+        path = Path(url2pathname(u.path)).resolve()
+        if path.is_relative_to(self.store_root):
+            return True
+        if not self.moved_warned:
+            self.moved_warned = True
+            old = Path(*path.parts[:path.parts.index("mlartifacts")]) if "mlartifacts" in path.parts else path
+            log.warning(f"tracking: the MLflow store {self.store_root} was moved from {old} (MLflow keeps its "
+                        f"artifact folder, {where}, and cannot change it): this run's artifacts are not logged, "
+                        f"so nothing is written to the old place; its metrics and params are, and its report and "
+                        f"plots are in {self.run_dir}")
+        return False
 
     def close(self, status: str) -> None:
         try:

@@ -325,3 +325,49 @@ def test_the_destination_a_driver_gave_a_run_travels_with_it(tmp_path):
     assert recorded_destination(moved / "runs" / "spinal" / "seed1") == (moved.resolve(), "spinal/seed1")
     (moved / "runs" / "spinal" / "seed1" / RUN_ID_FILE).write_text("{damaged")
     assert recorded_destination(moved / "runs" / "spinal" / "seed1") is None
+
+
+def test_a_moved_store_gets_no_artifact_written_to_its_old_place(tmp_path, caplog, monkeypatch):
+    """MLflow keeps the absolute artifact folder of an experiment and its runs in the database: after OUT is moved
+    as a whole, a resumed run (and a new one) would write its artifacts to the old place, re-creating the folder
+    moved away or failing on the file standing there (mlflow off, the run FAILED). They are not logged there: one
+    warning, and the metrics still go to the moved store, in the same MLflow run, which ends FINISHED."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    old, new = tmp_path / "cmp7", tmp_path / "cmp7m"
+    run_dir = old / "runs" / "linear" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "report.json").write_text("{}")
+    first = Tracker.create("mlflow", run_dir, run_name="linear/seed0", experiment="moved", store_root=old)
+    first.log_epoch(1, {"epoch": 1, "val": {"top1": 0.5}})
+    first.log_artifacts([run_dir / "report.json"])
+    first.close("KILLED")
+    old.rename(new)
+    old.write_text("the user's file")
+    caplog.set_level(logging.WARNING, logger="spinal_transfer.utils.tracking")
+    run_dir = new / "runs" / "linear" / "seed0"
+    again = Tracker.create("mlflow", run_dir, run_name="linear/seed0", experiment="moved", store_root=new)
+    again.log_epoch(2, {"epoch": 2, "val": {"top1": 0.75}})
+    again.log_artifacts([run_dir / "report.json"])
+    again.log_artifacts([run_dir / "report.json"])
+    assert again.active == ["mlflow"]
+    again.close()
+    assert old.read_text() == "the user's file"
+    mine = [r.getMessage() for r in caplog.records if r.name == "spinal_transfer.utils.tracking"]
+    assert len(mine) == 1 and f"moved from {old.resolve()}" in mine[0] and "not logged" in mine[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{new.resolve() / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("moved").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "linear/seed0"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/top1")] == [(1, 0.5), (2, 0.75)]
+    old.unlink()                    # a new run in the moved store: the experiment's old place is not re-created
+    fresh = new / "runs" / "spinal" / "seed0"
+    fresh.mkdir(parents=True)
+    (fresh / "report.json").write_text("{}")
+    with Tracker.create("mlflow", fresh, run_name="spinal/seed0", experiment="moved", store_root=new) as tracker:
+        tracker.log_epoch(1, {"epoch": 1, "val": {"top1": 0.25}})
+        tracker.log_artifacts([fresh / "report.json"])
+    assert not old.exists()
+    runs = client.search_runs([client.get_experiment_by_name("moved").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
