@@ -32,7 +32,7 @@ PathLike = Union[str, os.PathLike]
 # Every file and folder a run writes; --overwrite removes these and nothing else.
 OWN_FILES = ("config.yaml", "classes.json", "splits.json", "metrics.jsonl", "report.json", "report.html",
              "test_predictions.csv", "skipped_files.txt", "train.log", "lr_find.png",
-             "lr_find.json", "tracking.json")
+             "lr_find.json", "tracking.json", "tracking.json.damaged")
 OWN_DIRS = ("checkpoints", "plots", "tensorboard", "wandb")
 
 

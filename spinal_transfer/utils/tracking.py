@@ -42,6 +42,7 @@ KINDS = ("tensorboard", "mlflow", "wandb")
 INSTALL_HINT = 'pip install "spinal-transfer[track]"'
 DEFAULT_EXPERIMENT = "spinal-transfer"
 RUN_ID_FILE = "tracking.json"     # RUN/<this>: the MLflow run a resume continues, and the store it is in
+DAMAGED_SUFFIX = ".damaged"       # RUN/tracking.json<this>: a damaged one, set aside (read_record)
 Scalar = Union[str, int, float, bool]
 
 
@@ -148,12 +149,35 @@ def summary_tags(report: Mapping[str, Any]) -> dict[str, str]:
 
 def read_record(run_dir: PathLike) -> dict:
     """RUN/tracking.json: where this run is tracked (its MLflow run's id, and the destination a driver of many runs
-    gave it: `record_destination`); {} when there is none or it is damaged, since tracking never costs a run."""
+    gave it: `record_destination`); {} when there is none or it is damaged, since tracking never costs a run. A
+    damaged one is set aside (`_set_aside`) instead of being read as absent without a word and overwritten."""
+    path = Path(run_dir) / RUN_ID_FILE
     try:
-        record = json.loads((Path(run_dir) / RUN_ID_FILE).read_text())
-    except (OSError, ValueError):
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
-    return record if isinstance(record, dict) else {}
+    except (OSError, ValueError) as e:
+        _set_aside(path, f"{type(e).__name__}: {e}")
+        return {}
+    if not isinstance(record, dict):
+        _set_aside(path, f"a JSON {type(record).__name__}, not an object")
+        return {}
+    return record
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    """Keep a damaged RUN/tracking.json as tracking.json.damaged, with one warning: what it held (the MLflow run
+    the run logs to, the store and name a compare or reproduce gave it) is lost to tracking, which goes on as for
+    a new run; renamed, it is read (and warned about) once, and the next write does not destroy it."""
+    kept = path.with_name(path.name + DAMAGED_SUFFIX)
+    try:
+        os.replace(path, kept)
+        where = f"the damaged file is kept as {kept.name}"
+    except OSError as e:
+        where = f"it could not be set aside ({type(e).__name__}: {e})"
+    log.warning(f"tracking: {path} is damaged ({problem}): where this run was tracked is unknown, so it is tracked "
+                f"as a new MLflow run, in the store its command names (compare, reproduce, --tracking-uri) or else "
+                f"in the one beside the run folder; {where}")
 
 
 def record_destination(run_dir: PathLike, store_root: PathLike, run_name: str) -> None:

@@ -371,3 +371,33 @@ def test_a_moved_store_gets_no_artifact_written_to_its_old_place(tmp_path, caplo
     assert not old.exists()
     runs = client.search_runs([client.get_experiment_by_name("moved").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.parametrize("damaged", ['{"store_root": "../../..", "run_na', "[1, 2]"])
+def test_a_damaged_record_is_set_aside_with_one_warning(tmp_path, caplog, monkeypatch, damaged):
+    """A damaged RUN/tracking.json was read as absent without a word: a `train --resume` of a compare run opened
+    a second MLflow store beside the run and overwrote the file. Now one warning names it and says what happens
+    (a new MLflow run in the store beside the run folder, the file kept as tracking.json.damaged), as it does."""
+    pytest.importorskip("mlflow")
+    from types import SimpleNamespace
+
+    from spinal_transfer.runs.rundir import RunDir
+    from spinal_transfer.training.train import _tracker
+    from spinal_transfer.utils.tracking import RUN_ID_FILE, read_record
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "cmp" / "runs" / "linear" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_ID_FILE).write_text(damaged)
+    caplog.set_level(logging.WARNING, logger="spinal_transfer.utils.tracking")
+    cfg = SimpleNamespace(log_to="mlflow", tracking_uri=None, experiment="damaged")
+    with _tracker(cfg, RunDir(run_dir), None) as tracker:
+        assert tracker.active == ["mlflow"]
+        tracker.log_epoch(1, {"epoch": 1, "val": {"top1": 0.5}})
+    assert read_record(tmp_path / "elsewhere") == {}             # a missing one is silent
+    mine = [r.getMessage() for r in caplog.records if r.name == "spinal_transfer.utils.tracking"]
+    assert len(mine) == 1 and str(run_dir / RUN_ID_FILE) in mine[0] and "damaged" in mine[0]
+    assert "beside the run folder" in mine[0] and "kept as tracking.json.damaged" in mine[0]
+    assert (run_dir / "tracking.json.damaged").read_text() == damaged
+    assert (run_dir.parent / "mlruns.db").is_file()          # the store beside it, as the warning says
+    assert set(json.loads((run_dir / RUN_ID_FILE).read_text())) == {"mlflow_run_id"}
