@@ -388,9 +388,9 @@ def _tracker(cfg: TrainConfig, run: RunDir, track_as: Optional[tuple[Path, str]]
     tracking settings a resume may change always do (config.RESUME_SAFE)."""
     if is_main() and track_as is not None:
         record_destination(run.path, *track_as)
-    elif is_main():
+    elif is_main() and cfg.log_to:       # untracked, the record is not read (a damaged one is left as it is)
         track_as = recorded_destination(run.path)
-        if track_as is not None and cfg.log_to:
+        if track_as is not None:
             log.info(f"tracking as {track_as[1]} with the runs of {track_as[0]} (RUN/tracking.json: where the "
                      f"command that started this run keeps them)" +
                      (f"; --tracking-uri {cfg.tracking_uri} names the MLflow store" if cfg.tracking_uri else ""))

@@ -390,6 +390,9 @@ def test_a_damaged_record_is_set_aside_with_one_warning(tmp_path, caplog, monkey
     run_dir.mkdir(parents=True)
     (run_dir / RUN_ID_FILE).write_text(damaged)
     caplog.set_level(logging.WARNING, logger="spinal_transfer.utils.tracking")
+    with _tracker(SimpleNamespace(log_to="", tracking_uri=None, experiment="damaged"), RunDir(run_dir), None):
+        pass                                                     # untracked: the record is not read, nor moved
+    assert (run_dir / RUN_ID_FILE).read_text() == damaged and not caplog.records
     cfg = SimpleNamespace(log_to="mlflow", tracking_uri=None, experiment="damaged")
     with _tracker(cfg, RunDir(run_dir), None) as tracker:
         assert tracker.active == ["mlflow"]
