@@ -595,10 +595,14 @@ def holds_recorded(doc: dict, root: PathLike, split: str) -> bool:
 GONE_ADVICE = "start a new run on the folder as it is now"
 
 
-def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: str = GONE_ADVICE) -> Splits:
+def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: str = GONE_ADVICE,
+                  needed: Sequence[str] = SPLIT_NAMES) -> Splits:
     """The recorded splits of a run, with their files found under `root` (the run's data folder, which may
-    have moved). Files gone -> DataError ending in `advice`, what else the calling command can do (the
-    default is train --resume's); added, modified files and new class folders -> one warning each."""
+    have moved). Files gone from the `needed` splits (what the calling command reads) -> DataError ending in
+    `advice`, what else the command can do (the default is train --resume's); files gone from the other splits
+    are dropped from them with one warning, since refusing would block a command they do not matter to (`evaluate
+    --split test` without a train image). Added, modified files and new class folders -> one warning each
+    (`log_changes`: these warnings, the gone files' included; off for a second read of one record)."""
     if doc.get("version") != RECORD_VERSION:
         raise DataError(f"the run's splits.json is of another version ({doc.get('version')}); it was made by an "
                         f"older spinal-transfer: start a new run")
@@ -607,27 +611,39 @@ def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: s
         raise DataError(f"{root}: the run's data folder does not exist (it was {doc['root']}); give its new "
                         f"place with --data (train --resume, evaluate, export --quantize)")
     out: dict[str, list[Sample]] = {}
-    gone, changed = [], []
+    gone: dict[str, list[str]] = {}
+    changed = []
     for split in SPLIT_NAMES:
-        out[split] = []
+        out[split], gone[split] = [], []
         for rel, y, size, mtime in doc["splits"][split]:
             p = root / rel
             try:
                 st = os.stat(p)
             except OSError:
-                gone.append(str(p))
+                gone[split].append(str(p))
                 continue
             if (st.st_size, st.st_mtime_ns) != (size, mtime):
                 changed.append(str(p))
             out[split].append((str(p), int(y)))
-    if gone:
-        shown = "; ".join(gone[:5]) + (f"; ... and {len(gone) - 5} more" if len(gone) > 5 else "")
-        raise DataError(f"{len(gone)} file(s) this run uses are gone from {root}: {shown}. Restore them (if the "
+    refused = [p for s in SPLIT_NAMES if s in needed for p in gone[s]]
+    if refused:
+        shown = "; ".join(refused[:5]) + (f"; ... and {len(refused) - 5} more" if len(refused) > 5 else "")
+        raise DataError(f"{len(refused)} file(s) this run uses are gone from {root}: {shown}. Restore them (if the "
                         f"folder moved, give its new place with --data), or {advice}")
     skipped = [(str(root / rel), reason) for rel, reason in doc.get("skipped", [])]
     if log_changes:
+        _report_gone({s: v for s, v in gone.items() if v}, root)
         _report_changes(root, doc, out, skipped, changed)
     return Splits(doc["classes"], out["train"], out["val"], out["test"], skipped, dict(doc["source"]), str(root))
+
+
+def _report_gone(gone: dict[str, list[str]], root: Path) -> None:
+    """One warning for the recorded files gone from splits the command does not read (dropped from them)."""
+    if gone:
+        counts = ", ".join(f"{len(v)} of the {s} split" for s, v in gone.items())
+        first = next(iter(gone.values()))[0]
+        log.warning(f"{sum(map(len, gone.values()))} file(s) the run recorded are gone from {root} ({counts}), "
+                    f"e.g. {first}; not used here")
 
 
 def _report_changes(root: Path, doc: dict, out: dict, skipped: list, changed: list[str]) -> None:

@@ -31,10 +31,10 @@ from ..config import TrainConfig
 from ..data.images import _pil_to_rgb
 from ..data.loaders import make_loader
 from ..data.skiplog import SkipLog
-from ..data.splits import fit_and_held_out
+from ..data.splits import SPLIT_NAMES, fit_and_held_out
 from ..data.transforms import DataConfig, build_transforms
 from ..errors import CheckpointError, DataError, MissingDependency, UserError, few, first_line, option_name
-from ..evaluation.evaluate import _eval_samples, reads_other_folder
+from ..evaluation.evaluate import _eval_samples, _run_record, reads_other_folder
 from ..models.restore import model_from_checkpoint
 from ..models.surgery import build_model, get_head
 from ..runs.rundir import RunDir, load_run_checkpoint
@@ -528,13 +528,23 @@ def _loader(samples: list, ckpt: dict, batch_size: int, workers: Optional[int],
 
 
 def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int], workers: Optional[int],
-                  limit: Optional[int] = None, data: Optional[PathLike] = None) -> tuple[list, int, str]:
+                  limit: Optional[int] = None, data: Optional[PathLike] = None, needed: Sequence[str] = SPLIT_NAMES,
+                  log_changes: bool = True) -> tuple[list, int, str]:
     """`_loader` of the run's recorded `split` (as `evaluate` reads it; `data`: where the run's data folder is now,
-    if it moved), and which images they are, in words."""
+    if it moved; `needed`: the recorded splits whose gone files are refused), and which images they are, in
+    words."""
     cfg = TrainConfig.from_dict(ckpt["config"])
     samples, words = _eval_samples(source, cfg, data, split, list(ckpt["classes"]), ckpt.get("split_fingerprints"),
-                                   GONE_ADVICE)
+                                   GONE_ADVICE, needed, log_changes)
     return (*_loader(samples, ckpt, batch_size or cfg.batch_size, workers, limit), words)
+
+
+def _int8_needs(source: Path) -> tuple[str, ...]:
+    """The recorded splits int8 reads: train to calibrate, val for the guard, test when val has no image. A file
+    gone from another split does not stop it."""
+    _, doc = _run_record(source)
+    val = doc is not None and bool(doc.get("splits", {}).get("val"))
+    return ("train", "val") if val else ("train", "val", "test")
 
 
 def _int8_images(source: Path, ckpt: dict, batch_size: Optional[int], workers: Optional[int],
@@ -551,12 +561,14 @@ def _int8_images(source: Path, ckpt: dict, batch_size: Optional[int], workers: O
         batch = batch_size or cfg.batch_size
         return ((*_loader(parts.fit, ckpt, batch, workers, CALIBRATION_IMAGES), parts.fit_words),
                 (*_loader(parts.held, ckpt, batch, workers), parts.held_words), parts.held_name)
-    calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES, data)
+    needed = _int8_needs(source)
+    calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES, data, needed)
     split = "val"
-    evaluation = _split_loader(source, ckpt, split, batch_size, workers, data=data)
+    evaluation = _split_loader(source, ckpt, split, batch_size, workers, data=data, needed=needed, log_changes=False)
     if not evaluation[1]:
         split = "test"
-        evaluation = _split_loader(source, ckpt, split, batch_size, workers, data=data)
+        evaluation = _split_loader(source, ckpt, split, batch_size, workers, data=data, needed=needed,
+                                   log_changes=False)
     return calibration, evaluation, split
 
 

@@ -280,11 +280,15 @@ GONE_ADVICE = ("score another labelled folder with --data: one that does not hol
 
 
 def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str],
-                  recorded: Optional[dict] = None, advice: str = GONE_ADVICE) -> tuple[list, str]:
+                  recorded: Optional[dict] = None, advice: str = GONE_ADVICE, needed: Optional[Sequence[str]] = None,
+                  log_changes: bool = True) -> tuple[list, str]:
     """The samples `evaluate` reads, and a sentence saying which they are. `recorded`: the checkpoint's split
     fingerprints; splits that do not match them are refused (another run's splits.json, or a folder that changed
     since the run: either may hold images the model trained on). `advice`: what the calling command suggests when
-    recorded files are gone (`load_recorded`).
+    recorded files are gone (`load_recorded`); `needed`: the recorded splits whose gone files are refused (default
+    `split` alone: a gone train image does not change a test score; export's int8 reads train and val, and passes
+    them), those of the others are dropped with a warning (`log_changes`: the warnings about the folder, off for a
+    second read).
 
     `data` is the run's data folder when it is the recorded one, or when it holds the run's train and `split`
     images at their recorded paths and sizes (`holds_recorded`: the folder moved, or a copy of it, even while the
@@ -299,7 +303,7 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
                             f"trained on (the checkpoint's split fingerprints differ: it comes from another run), so "
                             f"the {split} split may hold images the model trained on; evaluate the checkpoint in its "
                             f"own run folder, or give another folder with --data")
-        images = load_recorded(doc, data or cfg.data, advice=advice).get(split)
+        images = load_recorded(doc, data or cfg.data, log_changes, advice, needed or (split,)).get(split)
         where = "" if own else f"; read under {data}, which holds the run's files (its data folder, moved or copied)"
         return images, f"the run's recorded {split} split ({len(images)} images, {run.splits}){where}"
     if own:           # a checkpoint away from its run folder: the split is made again the way the run made it

@@ -90,6 +90,23 @@ def test_flat_layout_generates_recorded_stratified_split_and_reuses_it(tmp_path)
     gone.unlink()
     with pytest.raises(DataError, match=gone.name):
         load_recorded(saved, moved)
+    with pytest.raises(DataError, match=gone.name):
+        load_recorded(saved, moved, needed=("train", "val"))
+
+
+def test_a_file_gone_from_a_split_not_needed_is_dropped_from_it_with_one_warning(tmp_path, caplog):
+    """`load_recorded(needed=...)`: a gone file of a split the caller does not read (a train image, for `evaluate
+    --split test`) is dropped from it and said once; it was refused whatever the caller read."""
+    root = write_digits_folder(tmp_path / "d", digits=(0, 1), size=8)
+    s = scan(root)
+    saved = json.loads(json.dumps(record(s)))
+    for p, _ in s.train[:2] + s.val[:1]:
+        Path(p).unlink()
+    got = load_recorded(saved, root, needed=("test",))
+    assert got.test == s.test and got.train == s.train[2:] and got.val == s.val[1:]
+    said = [r.getMessage() for r in caplog.records if "not used here" in r.getMessage()]
+    assert len(said) == 1 and "3 file(s) the run recorded are gone" in said[0], said
+    assert "2 of the train split, 1 of the val split" in said[0]
 
 
 def test_train_plus_valid_alias_generates_only_test(tmp_path):

@@ -98,12 +98,13 @@ def test_resume_refuses_when_a_recorded_file_is_gone_and_changes_nothing(finishe
 
 def test_each_command_that_reads_a_runs_record_says_what_works_for_it_when_a_file_is_gone(finished, data, tmp_path,
                                                                                          cli_run):
-    """A recorded file gone from the run's data folder (here a copy given with --data): train --resume, evaluate,
-    export --quantize int8 and audit --run each refuse in one line whose advice is their own (it was train's "start
-    a new run" for all four); evaluate's and export's (another folder with --data) are then followed and work."""
+    """A recorded train file gone from the run's data folder (here a copy given with --data): train --resume,
+    evaluate --split train, export --quantize int8 and audit --run, which all read train, each refuse in one line
+    whose advice is their own (it was train's "start a new run" for all four); evaluate's and export's (another
+    folder with --data) are then followed and work."""
     folder = _copy(data, tmp_path / "digits")
     run_copy = _copy(finished, tmp_path / "run")
-    gone = sorted((folder / "test" / "digit_2").glob("*.png"))[0]
+    gone = sorted((folder / "train" / "digit_2").glob("*.png"))[0]
     gone.unlink()
     before = snapshot(run_copy)
     advice = {"train": "or start a new run on the folder as it is now",
@@ -112,7 +113,7 @@ def test_each_command_that_reads_a_runs_record_says_what_works_for_it_when_a_fil
               "export": "or calibrate and check int8 on another labelled folder with --data",
               "audit": "or audit the folder as it is now: audit --data DIR, without --run"}
     commands = {"train": ["train", "--resume", run_copy, "--epochs", 3],
-                "evaluate": ["evaluate", run_copy],
+                "evaluate": ["evaluate", run_copy, "--split", "train"],
                 "export": ["export", run_copy, "--out", tmp_path / "bundle", "--quantize", "int8", "--force"],
                 "audit": ["audit", "--run", run_copy, "--out", tmp_path / "audit"]}
     for name, args in commands.items():
@@ -127,6 +128,34 @@ def test_each_command_that_reads_a_runs_record_says_what_works_for_it_when_a_fil
     pytest.importorskip("onnxruntime")
     res = cli_run(*commands["export"], "--data", other)
     assert res.returncode == 0 and f"of the 537 images of {other}" in res.stderr, res.stderr[-3000:]
+
+
+def test_a_file_gone_from_a_split_a_command_does_not_read_is_dropped_with_one_warning(finished, data, tmp_path,
+                                                                                       cli_run):
+    """evaluate --split test reads the test split only, export --quantize int8 train and val: a file gone from
+    another split is dropped from it, said in one warning line (it was refused: "1 file(s) this run uses are gone",
+    though the score does not use it). A gone file of a split the command reads is still refused."""
+    folder = _copy(data, tmp_path / "digits")
+    run_copy = _copy(finished, tmp_path / "run")
+    gone = sorted((folder / "train" / "digit_2").glob("*.png"))[0]
+    saved = gone.read_bytes()
+    gone.unlink()
+    res = cli_run("evaluate", run_copy, "--data", folder, "--split", "test")
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [ln for ln in res.stderr.splitlines() if "not used here" in ln]
+    assert len(said) == 1 and "1 file(s) the run recorded are gone" in said[0] and "1 of the train split" in said[0]
+    assert gone.name in said[0]
+    _one_line_error(cli_run("evaluate", run_copy, "--data", folder, "--split", "train"), 2, "1 file(s) this run uses "
+                    "are gone", gone.name)
+    gone.write_bytes(saved)
+    gone = sorted((folder / "test" / "digit_1").glob("*.png"))[0]
+    gone.unlink()
+    _one_line_error(cli_run("evaluate", run_copy, "--data", folder), 2, "1 file(s) this run uses are gone", gone.name)
+    pytest.importorskip("onnxruntime")
+    res = cli_run("export", run_copy, "--out", tmp_path / "bundle", "--quantize", "int8", "--force", "--data", folder)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [ln for ln in res.stderr.splitlines() if "not used here" in ln]
+    assert len(said) == 1 and "1 of the test split" in said[0], res.stderr[-3000:]
 
 
 def test_evaluate_on_another_folder_never_carves_a_split(finished, data, tmp_path, cli_run):
