@@ -595,6 +595,20 @@ def holds_recorded(doc: dict, root: PathLike, split: str) -> bool:
 GONE_ADVICE = "start a new run on the folder as it is now"
 
 
+def recorded_root(doc: dict, root: PathLike) -> Path:
+    """`root` resolved, the data folder a run's record `doc` is read under, or DataError: a record of another
+    version, or a folder that is not there (moved: each command that reads a run's record takes --data). The one
+    check for them all (`load_recorded`, and `audit --run` before it checks where it writes)."""
+    if doc.get("version") != RECORD_VERSION:
+        raise DataError(f"the run's splits.json is of another version ({doc.get('version')}); it was made by an "
+                        f"older spinal-transfer: start a new run")
+    path = Path(root).expanduser().resolve()
+    if not path.is_dir():
+        raise DataError(f"{path}: the run's data folder does not exist (it was {doc['root']}); give its new "
+                        f"place with --data (train --resume, evaluate, export --quantize, audit --run)")
+    return path
+
+
 def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: str = GONE_ADVICE,
                   needed: Sequence[str] = SPLIT_NAMES) -> Splits:
     """The recorded splits of a run, with their files found under `root` (the run's data folder, which may
@@ -603,13 +617,7 @@ def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: s
     are dropped from them with one warning, since refusing would block a command they do not matter to (`evaluate
     --split test` without a train image). Added, modified files and new class folders -> one warning each
     (`log_changes`: these warnings, the gone files' included; off for a second read of one record)."""
-    if doc.get("version") != RECORD_VERSION:
-        raise DataError(f"the run's splits.json is of another version ({doc.get('version')}); it was made by an "
-                        f"older spinal-transfer: start a new run")
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DataError(f"{root}: the run's data folder does not exist (it was {doc['root']}); give its new "
-                        f"place with --data (train --resume, evaluate, export --quantize)")
+    root = recorded_root(doc, root)
     out: dict[str, list[Sample]] = {}
     gone: dict[str, list[str]] = {}
     changed = []

@@ -66,7 +66,8 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.images import BadImage, load_image
 from ..data.skiplog import SkipLog
-from ..data.splits import FOLDER_KINDS, SPLIT_NAMES, Splits, check_outside, config_splits, load_recorded
+from ..data.splits import (FOLDER_KINDS, SPLIT_NAMES, Splits, check_outside, config_splits, load_recorded,
+                           recorded_root)
 from ..errors import ConfigError, DataError, MissingDependency, few
 from ..models.heads import head_options
 from ..models.surgery import build_model, check_backbone
@@ -483,6 +484,8 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     t0 = time.perf_counter()
     out = Path(out)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(Path(run) if run else out)   # train's
+    if run is not None:          # a moved data folder: say to give --data, as every reader of a run's record does
+        recorded_root(RunDir(run).read_json(RunDir(run).splits), cfg.data)
     for what, folder in (("--out", out), ("the feature cache", cache)):
         check_outside(folder, cfg.data, what)
     refuse_others(out, OUTPUT_FILES, CSV_FIELDS)

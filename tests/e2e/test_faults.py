@@ -158,6 +158,23 @@ def test_a_file_gone_from_a_split_a_command_does_not_read_is_dropped_with_one_wa
     assert len(said) == 1 and "1 of the test split" in said[0], res.stderr[-3000:]
 
 
+def test_audit_run_of_a_moved_data_folder_says_to_give_data_as_evaluate_does(tmp_path, cli_run):
+    """The run's data folder moved: audit --run said only "...: no such data folder"; it now says what evaluate
+    says (the same check, `splits.recorded_root`): where it was, and to give its new place with --data."""
+    from conftest import tiny_cfg
+
+    from spinal_transfer.training.train import run
+
+    folder = write_digits_folder(tmp_path / "digits", digits=(0, 1), size=16)
+    run(tiny_cfg(folder, tmp_path / "run", epochs=1, limit_train_batches=1))
+    folder.rename(tmp_path / "moved")
+    lines = [_one_line_error(cli_run(*args), 2, "the run's data folder does not exist", f"(it was {folder}",
+                             "give its new place with --data", "audit --run)")
+             for args in (["audit", "--run", tmp_path / "run", "--out", tmp_path / "audit"],
+                          ["evaluate", tmp_path / "run"])]
+    assert lines[0] == lines[1] and not (tmp_path / "audit").exists()
+
+
 def test_evaluate_on_another_folder_never_carves_a_split(finished, data, tmp_path, cli_run):
     other = write_digits_folder(tmp_path / "other", digits=(0, 1, 2), splits=("train", "val"))
     res = cli_run("evaluate", finished, "--data", other, "--split", "test")
