@@ -312,8 +312,8 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
     unknown = [c for c in names if c not in classes]
     if unknown:
         raise DataError(f"{folder} has class folder(s) the model does not know: {few(unknown)} (the model's "
-                        f"classes: {few(classes)}){_unicode_twins(unknown, classes)}; move them out to evaluate "
-                        f"the rest")
+                        f"classes: {few(classes)}){_unicode_twins(unknown, classes)}; move them out, or give a "
+                        f"folder without them")
     index = {c: i for i, c in enumerate(classes)}
     samples = [(p, index[c]) for c in names for p in images[c]]
     if not samples:
@@ -335,13 +335,15 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
 @dataclass
 class HeldApart:
     """Two disjoint sets of labelled images of one folder (`fit_and_held_out`): `fit` to fit something on, `held`
-    to check it on; `held_name` is the folder `held` is ("val", "test") or "held-out" when it was carved."""
+    to check it on; `held_name` is the folder `held` is ("val", "test") or "held-out" when it was carved;
+    `unheld`: the classes a carved `held` has no image of (too few to hold one out), for the caller to word."""
 
     fit: list[Sample]
     held: list[Sample]
     held_name: str
     fit_words: str
     held_words: str
+    unheld: list[str] = field(default_factory=list)
 
 
 def fit_and_held_out(root: PathLike, classes: list[str], fraction: float, seed: int,
@@ -352,7 +354,8 @@ def fit_and_held_out(root: PathLike, classes: list[str], fraction: float, seed: 
     train/ and a val/ (else test/) folder, those two, as a run's own folder is used. Otherwise (no split folders,
     or not both) every image it has (`labelled_images` of each split folder there is, or of the whole folder) is
     split as a missing val/ is carved from train/ (`_holdout`: stratified by class, `seed`), `fraction` of them
-    held out; the images of a class with one image stay in `fit`."""
+    held out; the images of a class with one image stay in `fit` (named in `unheld`: `_holdout`'s notes speak of a
+    split's metrics, which the caller does not measure)."""
     root = data_folder(root)
     dirs = _find_split_dirs(root, [], need_train=False)
     held_split = next((s for s in ("val", "test") if s in dirs), None)
@@ -361,14 +364,12 @@ def fit_and_held_out(root: PathLike, classes: list[str], fraction: float, seed: 
         held, held_words = labelled_images(root, held_split, classes, follow_links)
         return HeldApart(fit, held, held_split, fit_words, held_words)
     pool = sorted(s for split in (dirs or ["train"]) for s in labelled_images(root, split, classes, follow_links)[0])
-    notes: list[str] = []
-    fit, held = _holdout(pool, fraction, seed, "val", classes, notes)
-    for n in notes:
-        log.warning(n)
+    fit, held = _holdout(pool, fraction, seed, "val", classes, [])
+    unheld = sorted({classes[y] for _, y in fit} - {classes[y] for _, y in held}, key=classes.index)
     where = (f"the {len(pool)} images of {root} ({'/, '.join(dirs)}/: no train/ and val/ or test/ pair)" if dirs
              else f"the {len(pool)} images of {root} (it has no split folders)")
     return HeldApart(fit, held, "held-out", f"{len(fit)} of {where}, split stratified by class with seed {seed}",
-                     f"the other {len(held)} of {where}")
+                     f"the other {len(held)} of {where}", unheld)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,8 +40,9 @@ from ..models.restore import model_from_checkpoint
 from ..models.surgery import build_model, get_head
 from ..runs.rundir import RunDir, load_run_checkpoint
 from ..utils.atomic import atomic_write_text, file_sha256
-from .quantize import CALIBRATION_IMAGES, QuantizationError, quantize_and_check
+from .quantize import CALIBRATION_IMAGES, GUARD_ADVICE, QuantizationError, quantize_and_check
 
+log = logging.getLogger("spinal_transfer")
 PathLike = Union[str, os.PathLike]
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,6 +59,9 @@ GUARD_FRACTION, GUARD_SEED = 0.5, 0
 GONE_ADVICE = ("calibrate and check int8 on another labelled folder with --data: one that does not hold most of "
                "the run's files is read as it is, its train/ and val/ (or test/), or its images split in two "
                "(export --help)")
+# what makes a coarse accuracy guard (too few images for its bound) finer when it scored half of another --data
+# folder (`quantize.coarse_guard_warning`; quantize.GUARD_ADVICE when it scored the run's val or test split)
+OTHER_GUARD_ADVICE = "give a bigger --data folder (or one with train/ and val/ folders)"
 ATOL = 1e-4                 # max abs logit difference an exported format may have from the eager model
 TRACE_BATCH = 2             # example batch for tracing/exporting ...
 CHECK_BATCHES = (1, 3)      # ... and the batches compared: other sizes, so a baked-in batch size fails
@@ -548,19 +553,14 @@ def _int8_needs(source: Path) -> tuple[str, ...]:
 
 
 def _int8_images(source: Path, ckpt: dict, batch_size: Optional[int], workers: Optional[int],
-                 data: Optional[PathLike]) -> tuple[tuple, tuple, str]:
+                 data: Optional[PathLike]) -> tuple[tuple, tuple, str, str]:
     """((batches, images, words) to calibrate int8 on, (batches, images, words) its accuracy guard scores, the
-    guard's split), never an image in both. The run's data folder (recorded, moved or copied): up to
-    CALIBRATION_IMAGES of its recorded train split, and its val split (test when val has no image). Another
-    folder (`data` read as `evaluate --data` reads one that is not the run's): `splits.fit_and_held_out`, its
-    train/ and val/ (else test/) folders, or else its images split in two (stratified by class, GUARD_FRACTION
-    held out for the guard, seed GUARD_SEED); up to CALIBRATION_IMAGES of the other part calibrate."""
+    guard's split, what makes the guard finer), never an image in both. The run's data folder (recorded, moved or
+    copied): up to CALIBRATION_IMAGES of its recorded train split, and its val split (test when val has no image).
+    Another folder (`data` read as `evaluate --data` reads one that is not the run's): `_other_folder`."""
     cfg = TrainConfig.from_dict(ckpt["config"])
     if reads_other_folder(source, cfg, data, "val"):
-        parts = fit_and_held_out(data, list(ckpt["classes"]), GUARD_FRACTION, GUARD_SEED, cfg.follow_links)
-        batch = batch_size or cfg.batch_size
-        return ((*_loader(parts.fit, ckpt, batch, workers, CALIBRATION_IMAGES), parts.fit_words),
-                (*_loader(parts.held, ckpt, batch, workers), parts.held_words), parts.held_name)
+        return _other_folder(ckpt, cfg, batch_size, workers, Path(data))
     needed = _int8_needs(source)
     calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES, data, needed)
     split = "val"
@@ -569,7 +569,26 @@ def _int8_images(source: Path, ckpt: dict, batch_size: Optional[int], workers: O
         split = "test"
         evaluation = _split_loader(source, ckpt, split, batch_size, workers, data=data, needed=needed,
                                    log_changes=False)
-    return calibration, evaluation, split
+    return calibration, evaluation, split, GUARD_ADVICE
+
+
+def _other_folder(ckpt: dict, cfg: TrainConfig, batch_size: Optional[int], workers: Optional[int],
+                  data: Path) -> tuple[tuple, tuple, str, str]:
+    """`_int8_images` of a folder that is not the run's: `splits.fit_and_held_out`, its train/ and val/ (else
+    test/) folders, or else its images split in two (stratified by class, GUARD_FRACTION held out for the guard,
+    seed GUARD_SEED); up to CALIBRATION_IMAGES of the other part calibrate. DataError, saying what works, when
+    none is left for the guard (one image of each class)."""
+    parts = fit_and_held_out(data, list(ckpt["classes"]), GUARD_FRACTION, GUARD_SEED, cfg.follow_links)
+    if not parts.held:
+        raise DataError(f"--quantize int8 --data {data}: no image is left for the accuracy guard ({parts.fit_words}, "
+                        f"none of a class with two or more); it needs at least 2 images of a class (one to calibrate, "
+                        f"one for the guard), or train/ and val/ (or test/) folders")
+    if parts.unheld:
+        log.warning(f"the int8 accuracy guard scores no image of {len(parts.unheld)} class(es) of {data}: "
+                    f"{few(parts.unheld)} (too few images to hold one out; they only calibrate)")
+    batch = batch_size or cfg.batch_size
+    return ((*_loader(parts.fit, ckpt, batch, workers, CALIBRATION_IMAGES), parts.fit_words),
+            (*_loader(parts.held, ckpt, batch, workers), parts.held_words), parts.held_name, OTHER_GUARD_ADVICE)
 
 
 def quantize_int8(source: Path, ckpt: dict, stage: Path, max_accuracy_drop: float = MAX_ACCURACY_DROP,
@@ -580,14 +599,14 @@ def quantize_int8(source: Path, ckpt: dict, stage: Path, max_accuracy_drop: floa
     run's train and val or test splits; of another --data folder, two disjoint parts). ExportError naming both
     numbers when the drop exceeds `max_accuracy_drop` points, unless `force`. Returns what config.json records
     under formats["onnx-int8"], with which images calibrated and which the guard scored."""
-    (calibration, n_calibration, calibration_words), (evaluation, n_eval, eval_words), split = \
+    (calibration, n_calibration, calibration_words), (evaluation, n_eval, eval_words), split, advice = \
         _int8_images(source, ckpt, batch_size, workers, data)
     if not n_calibration or not n_eval:
         raise ExportError(f"--quantize int8 needs images to calibrate on and others to check its accuracy on; found "
                           f"{n_calibration} ({calibration_words}) and {n_eval} ({eval_words})")
     try:
         info = quantize_and_check(stage / FORMAT_FILES["onnx"], stage / INT8_FILE, calibration, evaluation,
-                                  max_accuracy_drop, force)
+                                  max_accuracy_drop, force, guard_advice=advice)
     except QuantizationError as e:
         raise ExportError(f"{e}; {out or 'the bundle folder'} was left unchanged") from None
     return {"file": INT8_FILE, "method": f"onnxruntime static {info['format']}, {info['weights']} weights, "

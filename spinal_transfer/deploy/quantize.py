@@ -417,12 +417,18 @@ def quantize_onnx(fp32_path: PathLike, out_path: PathLike, calibration_batches: 
             "suitability": suitability, "warnings": warnings}
 
 
+# how the guard gets more images when it scores a run's val split (export of another --data folder passes its own)
+GUARD_ADVICE = ("export from a run with a bigger val split (more images in val/, or --val-fraction for a folder "
+                "without one)")
+
+
 def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batches: Iterable[Batch],
                        eval_batches: Iterable[tuple], max_accuracy_drop: float = 1.0, force: bool = False,
-                       fallback: bool = True, **options: Any) -> dict:
+                       fallback: bool = True, guard_advice: Optional[str] = None, **options: Any) -> dict:
     """quantize_onnx, then top-1 of fp32 and int8 on `eval_batches` (labelled, one pass) and the
     guard: QuantizationError with both numbers when int8 loses more than `max_accuracy_drop` points
-    (the int8 file is then removed), unless `force`. The export command's building block.
+    (the int8 file is then removed), unless `force`. The export command's building block. `guard_advice`: how
+    the caller's guard gets more images, for `coarse_guard_warning` (only the caller knows where they came from).
 
     With `fallback`, a drop above the bound first tries `keep_fp32_fallback`: the nodes around the
     activations that int8 represents worst stay in fp32 (1, 2, 4, then 8 of them), and the first try within the
@@ -432,7 +438,7 @@ def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batc
     info = quantize_and_compare(fp32_path, out_path, calibration, evaluation, **options)
     if fallback and _exceeds(_drop(info), max_accuracy_drop):
         info = keep_fp32_fallback(fp32_path, out_path, calibration, evaluation, info, max_accuracy_drop, **options)
-    coarse = coarse_guard_warning(info["eval_images"], max_accuracy_drop)
+    coarse = coarse_guard_warning(info["eval_images"], max_accuracy_drop, guard_advice or GUARD_ADVICE)
     if coarse:
         info["warnings"].append(coarse)
     try:
@@ -447,16 +453,16 @@ def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batc
     return info
 
 
-def coarse_guard_warning(eval_images: int, max_accuracy_drop: float) -> Optional[str]:
+def coarse_guard_warning(eval_images: int, max_accuracy_drop: float, advice: str = GUARD_ADVICE) -> Optional[str]:
     """A warning when one image of the guard's split is worth more than the allowed drop: on 10 val images a
     1-point bound passes only an int8 model that gets every image fp32 gets right, and one lucky image hides a
-    real loss. The agreement with fp32 (printed beside it) is then the steadier sign."""
+    real loss. The agreement with fp32 (printed beside it) is then the steadier sign; `advice` says how to give
+    the guard more images, which depends on where they came from."""
     if eval_images <= 0 or 100.0 / eval_images <= max_accuracy_drop:
         return None
     return (f"the accuracy guard measured only {eval_images} images: one image is {100.0 / eval_images:.1f} "
             f"points, more than the allowed {max_accuracy_drop:g}, so the guard is coarse here; judge int8 by its "
-            f"agreement with fp32 too, or export from a run with a bigger val split (more images in val/, or "
-            f"--val-fraction for a folder without one)")
+            f"agreement with fp32 too, or {advice}")
 
 
 def _reiterable(batches: Iterable) -> Sequence:

@@ -185,7 +185,7 @@ def test_a_folder_to_evaluate_with_a_class_name_in_the_other_unicode_form_is_exp
     with pytest.raises(DataError) as e:
         labelled_images(tmp_path, "test", ["caf\u00e9", "tea"])
     assert str(e.value).endswith("(café: the same name in two Unicode forms, NFC and NFD; rename the folders so the "
-                                 "bytes match); move them out to evaluate the rest")
+                                 "bytes match); move them out, or give a folder without them")
 
 
 def test_a_class_named_like_a_split_folder_is_explained(tmp_path):

@@ -233,10 +233,37 @@ def test_int8_export_on_another_folder_calibrates_and_guards_on_disjoint_images(
                 assert abs(sum(f"/{c}/" in p for p in guard) - sum(f"/{c}/" in p for p in calibration)) <= 1
             assert f"{len(calibration)} of the {n} images of {flat}" in line and "seed 0" in line
             assert f"guard scored {len(guard)} others (the other {len(guard)} of the {n} images" in line
+            coarse = next(x for x in res.stderr.splitlines() if "the accuracy guard measured only" in x)
+            assert "give a bigger --data folder (or one with train/ and val/ folders)" in coarse   # not a run's val
+            assert "val split" not in coarse and "are not measured" not in res.stderr
         else:
             assert sorted(calibration) == sorted(map(str, (split / "train").rglob("*.png")))
             assert sorted(guard) == sorted(map(str, (split / "test").rglob("*.png"))) and q["eval_split"] == "test"
             assert f"train/ of {split}" in line and f"test/ of {split}" in line
+
+
+def test_int8_export_on_another_folder_too_small_or_with_an_unknown_class_says_what_works(finished_run, three_digits,
+                                                                                         tmp_path, cli_run):
+    """`export --quantize int8 --data OTHER` refuses in one line that says what works: OTHER with one image a class
+    (it was: a warning that "val metrics are not measured", a split export does not have, then an error saying
+    what was found only), and OTHER with a class folder the model does not know (it said "move them out to
+    evaluate the rest", evaluate's words)."""
+    one = tmp_path / "one"
+    for d in sorted((three_digits / "test").iterdir()):
+        (one / d.name).mkdir(parents=True)
+        shutil.copy(sorted(d.glob("*.png"))[0], one / d.name)
+    args = ["export", finished_run, "--out", tmp_path / "bundle", "--format", "onnx", "--quantize", "int8", "--data"]
+    res = cli_run(*args, one)
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "needs at least 2 images of a class (one to calibrate, one for the guard), or train/ and val/ (or " \
+           "test/) folders" in errors[0] and "the 3 images of" in errors[0]
+    assert "not measured" not in res.stderr and "val/ split" not in res.stderr
+    shutil.copytree(one / "digit_0", one / "bird")
+    res = cli_run(*args, one)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].endswith("move them out, or give a folder without them")
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_predict_runner_onnx_int8_agrees_with_predictor(bundle, images, tmp_path, cli_run):
