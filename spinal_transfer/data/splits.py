@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import DataError, few
 from .images import IMG_EXTENSIONS, check_image_header
+from .leakage import duplicates_of
 
 log = logging.getLogger("spinal_transfer")
 
@@ -355,21 +356,33 @@ def fit_and_held_out(root: PathLike, classes: list[str], fraction: float, seed: 
     or not both) every image it has (`labelled_images` of each split folder there is, or of the whole folder) is
     split as a missing val/ is carved from train/ (`_holdout`: stratified by class, `seed`), `fraction` of them
     held out; the images of a class with one image stay in `fit` (named in `unheld`: `_holdout`'s notes speak of a
-    split's metrics, which the caller does not measure)."""
+    split's metrics, which the caller does not measure). A held-out image byte-identical to a fit image (a copy
+    under another name or folder) is left out of `held`, and its words say how many."""
     root = data_folder(root)
     dirs = _find_split_dirs(root, [], need_train=False)
     held_split = next((s for s in ("val", "test") if s in dirs), None)
     if "train" in dirs and held_split:
         fit, fit_words = labelled_images(root, "train", classes, follow_links)
         held, held_words = labelled_images(root, held_split, classes, follow_links)
-        return HeldApart(fit, held, held_split, fit_words, held_words)
+        return _without_copies(HeldApart(fit, held, held_split, fit_words, held_words))
     pool = sorted(s for split in (dirs or ["train"]) for s in labelled_images(root, split, classes, follow_links)[0])
     fit, held = _holdout(pool, fraction, seed, "val", classes, [])
     unheld = sorted({classes[y] for _, y in fit} - {classes[y] for _, y in held}, key=classes.index)
     where = (f"the {len(pool)} images of {root} ({'/, '.join(dirs)}/: no train/ and val/ or test/ pair)" if dirs
              else f"the {len(pool)} images of {root} (it has no split folders)")
-    return HeldApart(fit, held, "held-out", f"{len(fit)} of {where}, split stratified by class with seed {seed}",
-                     f"the other {len(held)} of {where}", unheld)
+    return _without_copies(HeldApart(fit, held, "held-out", f"{len(fit)} of {where}, split stratified by class "
+                                     f"with seed {seed}", f"the other {len(held)} of {where}", unheld))
+
+
+def _without_copies(parts: HeldApart) -> HeldApart:
+    """`parts` without the held-out images whose bytes equal a fit image's (`leakage.duplicates_of`): a check
+    that scored them would score what was fitted on, as if kept apart by their paths alone."""
+    copies = {p for p, _ in duplicates_of(parts.fit, parts.held)}
+    if not copies:
+        return parts
+    return dataclasses.replace(parts, held=[s for s in parts.held if s[0] not in copies],
+                               held_words=f"{parts.held_words}; {len(copies)} of them left out: byte-identical "
+                                          f"copies of images of the other part")
 
 
 # ------------------------------------------------------------------------------------------------

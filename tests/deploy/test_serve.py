@@ -193,7 +193,8 @@ def test_int8_export_on_another_folder_calibrates_and_guards_on_disjoint_images(
     int8 was calibrated on. A flat OTHER (it was: calibrated on up to 512 of all its images, the guard scored all
     of them) is split stratified by class with seed 0, half for the guard; one with train/ and test/ but no val/
     (it was: refused, "no val/ folder; choose --split", an option export has not) calibrates on train/ and is
-    guarded on test/. The stderr line says which images did what; the run's own folder is unchanged (other tests)."""
+    guarded on test/, less the test/ files that are byte-identical copies of train/ ones (under other names). The
+    stderr line says which images did what; the run's own folder is unchanged (other tests)."""
     import math
 
     import spinal_transfer.deploy.export as export_module
@@ -211,11 +212,15 @@ def test_int8_export_on_another_folder_calibrates_and_guards_on_disjoint_images(
     for part in ("train", "test"):
         for d in sorted((three_digits / part).iterdir()):
             shutil.copytree(d, split / part / d.name, ignore=lambda _, names: sorted(names)[:8])
+    copied = tmp_path / "copied"                      # split, and 3 of its train/ images again in test/, renamed
+    shutil.copytree(split, copied)
+    copies = [shutil.copy(f, copied / "test" / f.parent.name / f"again_{f.name}")
+              for f in sorted((copied / "train" / "digit_1").glob("*.png"))[:3]]
     read: list[list[str]] = []
     real = export_module.make_loader
     monkeypatch.setattr(export_module, "make_loader", lambda samples, *a, **k: (
         read.append([p for p, _ in samples]), real(samples, *a, **k))[1])
-    for other in (flat, split):
+    for other in (flat, split, copied):
         read.clear()
         bundle = tmp_path / f"bundle_{other.name}"
         res = cli_run("export", tmp_path / "run", "--out", bundle, "--quantize", "int8", "--force", "--data", other)
@@ -237,9 +242,11 @@ def test_int8_export_on_another_folder_calibrates_and_guards_on_disjoint_images(
             assert "give a bigger --data folder (or one with train/ and val/ folders)" in coarse   # not a run's val
             assert "val split" not in coarse and "are not measured" not in res.stderr
         else:
-            assert sorted(calibration) == sorted(map(str, (split / "train").rglob("*.png")))
-            assert sorted(guard) == sorted(map(str, (split / "test").rglob("*.png"))) and q["eval_split"] == "test"
-            assert f"train/ of {split}" in line and f"test/ of {split}" in line
+            left_out = set(map(str, copies)) if other is copied else set()
+            assert sorted(calibration) == sorted(map(str, (other / "train").rglob("*.png")))
+            assert sorted(guard) == sorted(set(map(str, (other / "test").rglob("*.png"))) - left_out)
+            assert q["eval_split"] == "test" and f"train/ of {other}" in line and f"test/ of {other}" in line
+            assert ("3 of them left out: byte-identical copies" in line) == (other is copied)
 
 
 def test_int8_export_on_another_folder_too_small_or_with_an_unknown_class_says_what_works(finished_run, three_digits,
