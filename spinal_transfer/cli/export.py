@@ -38,8 +38,8 @@ represents worst are kept in fp32 (1, 2, 4, then 8 of them; recorded in config.j
 hold the drop either, the export fails and changes nothing, unless --force.
 --data DIR: the run's data folder at a new place (or a copy) is read as the run's own. Another labelled folder
 is never calibrated on the images its guard scores: its train/ calibrates and its val/ (else test/) is scored;
-without that pair its images are split in two, stratified by class with seed 0, half for the guard. A line on
-stderr says which images did which.
+without that pair its images are split in two, stratified by class with seed 0, half for the guard; byte-identical
+copies of calibration images are not scored. A line on stderr says which images did which.
 Predict with it: `spinal-transfer predict BUNDLE PHOTOS --runner onnx-int8` (or auto)."""
 
 
