@@ -187,6 +187,7 @@ def _small_copy(three_digits: Path, data: Path, per_folder: int) -> Path:
     return data
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_int8_export_on_another_folder_calibrates_and_guards_on_disjoint_images(three_digits, tmp_path, cli_run,
                                                                                 monkeypatch):
     """`export --quantize int8 --data OTHER`, OTHER not the run's folder: the accuracy guard never scores an image

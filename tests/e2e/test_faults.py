@@ -347,6 +347,7 @@ def _in_small_tmpfs(folder: Path, size_kb: int, command: list[str]) -> subproces
                           env=ENV, timeout=600)
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_a_full_disk_is_one_plain_line_and_the_last_good_checkpoint_stays(finished, data, tmp_path):
     ckpts = finished / "checkpoints"
     # room for everything epoch 1 writes, with the second copy of best.pt that writing the fitted temperature into it
@@ -391,6 +392,7 @@ def _train(data: Path, out: Path, **kw) -> list[str]:
     return ["train", *cli_flags(**{**TINY, "data": data, "out": out, "limit_train_batches": 2, **kw})]
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_out_of_memory_names_the_batch_size_and_suggests_a_smaller_one(data, tmp_path):
     """The address space is capped a few GB above what the imported libraries already map, so a batch of 128
     images at 512 px cannot be allocated: host memory runs out in the first step."""

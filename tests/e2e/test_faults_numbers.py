@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import TINY, cli_flags
 
@@ -22,6 +23,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
                           text=True, env=ENV, timeout=600)
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_exponent_floats_are_numbers_in_a_recipe_and_in_stages(three_digits, tmp_path):
     assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}         # the trap: PyYAML alone gives a string
     recipe = tmp_path / "recipe.yaml"

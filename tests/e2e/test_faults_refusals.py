@@ -43,6 +43,7 @@ def _refused(res: subprocess.CompletedProcess, *needles: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_offline_weights_leave_no_folder_and_an_existing_one_unchanged(three_digits, tmp_path):
     out = tmp_path / "new" / "run"
     _refused(_train(tmp_path, three_digits, out, weights="default"), "cannot load timm/test_resnet")

@@ -149,6 +149,7 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     assert cli(args) == 0 and calls == []
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_reproduce_under_both_protocols_says_which_and_how_many_training_images(digits_folder, tmp_path, one_thread):
     recipes_dir = tmp_path / "recipes"
     recipes_dir.mkdir()

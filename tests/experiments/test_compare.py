@@ -184,6 +184,7 @@ def _hold_lock(run: Path, until: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypatch, one_thread, capsys):
     data, weights = digits_transfer
     out = tmp_path / "cmp"

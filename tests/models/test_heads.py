@@ -366,6 +366,7 @@ def test_torchscript_matches_eager(kw, tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(preset="vgg", layer_width=6),
                                 dict(preset=None, layer_width=5, num_layers=6, num_splits=4, shared_weights=True)])
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_torch_compile_matches_eager(kw):
     head = randomize(create_head("spinal", 24, 5, **kw)).eval()
     x = torch.randn(4, 24)

@@ -40,6 +40,7 @@ def test_cached_run_matches_uncached_frozen_run(digits_folder, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_runs_share_the_cache_and_a_change_of_preprocessing_or_weights_file_makes_new_entries(tmp_path):
     digits_folder = write_digits_folder(tmp_path / "digits", digits=(0, 1, 2))
     # a backbone checkpoint to start from, saved by a short run

@@ -118,6 +118,7 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(v, y["model"][k]), k
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_kill_and_resume_matches_uninterrupted(digits_folder, tmp_path, uninterrupted):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(digits_folder, killed, EXACT_EPOCHS), env=ENV, stdout=subprocess.DEVNULL,
@@ -157,6 +158,7 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_is_exact(digits_fold
     _same_weights(uninterrupted, out)
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_a_resumed_epoch_with_checkpoints_inside_it_records_the_uninterrupted_train_loss(digits_folder, tmp_path,
                                                                                          uninterrupted):
     """After a resume inside an epoch, a further mid-epoch checkpoint used to count that epoch's earlier images
@@ -182,6 +184,7 @@ def test_a_second_ctrl_c_stops_at_once(digits_folder, tmp_path):
     assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()        # no checkpoint was asked to finish
 
 
+@pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_checkpoints_inside_an_epoch_every_n_steps(digits_folder, tmp_path, uninterrupted):
     out = tmp_path / "every5"
     res = subprocess.run(_train_cmd(digits_folder, out, EXACT_EPOCHS) + ["--checkpoint-every-steps", "5"], env=ENV,
