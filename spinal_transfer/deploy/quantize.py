@@ -424,7 +424,7 @@ GUARD_ADVICE = ("export from a run with a bigger val split (more images in val/,
 
 def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batches: Iterable[Batch],
                        eval_batches: Iterable[tuple], max_accuracy_drop: float = 1.0, force: bool = False,
-                       fallback: bool = True, guard_advice: Optional[str] = None, **options: Any) -> dict:
+                       fallback: bool = True, guard_advice: str = GUARD_ADVICE, **options: Any) -> dict:
     """quantize_onnx, then top-1 of fp32 and int8 on `eval_batches` (labelled, one pass) and the
     guard: QuantizationError with both numbers when int8 loses more than `max_accuracy_drop` points
     (the int8 file is then removed), unless `force`. The export command's building block. `guard_advice`: how
@@ -438,7 +438,7 @@ def quantize_and_check(fp32_path: PathLike, out_path: PathLike, calibration_batc
     info = quantize_and_compare(fp32_path, out_path, calibration, evaluation, **options)
     if fallback and _exceeds(_drop(info), max_accuracy_drop):
         info = keep_fp32_fallback(fp32_path, out_path, calibration, evaluation, info, max_accuracy_drop, **options)
-    coarse = coarse_guard_warning(info["eval_images"], max_accuracy_drop, guard_advice or GUARD_ADVICE)
+    coarse = coarse_guard_warning(info["eval_images"], max_accuracy_drop, guard_advice)
     if coarse:
         info["warnings"].append(coarse)
     try:

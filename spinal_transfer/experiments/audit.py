@@ -190,7 +190,13 @@ def audit_splits(cfg: TrainConfig, run: Optional[PathLike] = None) -> Splits:
         raise ConfigError("--data DIR is required (or --run RUN, or a --recipe that sets data)")
     if run is None:
         return config_splits(cfg, lenient=True)
-    return load_recorded(RunDir(run).read_json(RunDir(run).splits), cfg.data, advice=GONE_ADVICE)
+    return load_recorded(_record(run), cfg.data, advice=GONE_ADVICE)
+
+
+def _record(run: PathLike) -> dict:
+    """The run's splits.json (what `--run` audits)."""
+    folder = RunDir(run)
+    return folder.read_json(folder.splits)
 
 
 def _imagehash():
@@ -485,7 +491,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     out = Path(out)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(Path(run) if run else out)   # train's
     if run is not None:          # a moved data folder: say to give --data, as every reader of a run's record does
-        recorded_root(RunDir(run).read_json(RunDir(run).splits), cfg.data)
+        recorded_root(_record(run), cfg.data)
     for what, folder in (("--out", out), ("the feature cache", cache)):
         check_outside(folder, cfg.data, what)
     refuse_others(out, OUTPUT_FILES, CSV_FIELDS)
