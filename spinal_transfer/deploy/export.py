@@ -35,7 +35,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import SPLIT_NAMES, fit_and_held_out
 from ..data.transforms import DataConfig, build_transforms
 from ..errors import CheckpointError, DataError, MissingDependency, UserError, few, first_line, option_name
-from ..evaluation.evaluate import _eval_samples, _run_record, reads_other_folder
+from ..evaluation.evaluate import _eval_samples, split_source
 from ..models.restore import model_from_checkpoint
 from ..models.surgery import build_model, get_head
 from ..runs.rundir import RunDir, load_run_checkpoint
@@ -544,10 +544,9 @@ def _split_loader(source: Path, ckpt: dict, split: str, batch_size: Optional[int
     return (*_loader(samples, ckpt, batch_size or cfg.batch_size, workers, limit), words)
 
 
-def _int8_needs(source: Path) -> tuple[str, ...]:
-    """The recorded splits int8 reads: train to calibrate, val for the guard, test when val has no image. A file
-    gone from another split does not stop it."""
-    _, doc = _run_record(source)
+def _int8_needs(doc: Optional[dict]) -> tuple[str, ...]:
+    """The recorded splits (of splits.json `doc`) int8 reads: train to calibrate, val for the guard, test when val
+    has no image. A file gone from another split does not stop it."""
     val = doc is not None and bool(doc.get("splits", {}).get("val"))
     return ("train", "val") if val else ("train", "val", "test")
 
@@ -559,9 +558,10 @@ def _int8_images(source: Path, ckpt: dict, batch_size: Optional[int], workers: O
     copied): up to CALIBRATION_IMAGES of its recorded train split, and its val split (test when val has no image).
     Another folder (`data` read as `evaluate --data` reads one that is not the run's): `_other_folder`."""
     cfg = TrainConfig.from_dict(ckpt["config"])
-    if reads_other_folder(source, cfg, data, "val"):
+    where = split_source(source, cfg, data, "val")
+    if not where.own and not where.reads_record:              # as `evaluate --data` reads a folder that is not the run's
         return _other_folder(ckpt, cfg, batch_size, workers, Path(data))
-    needed = _int8_needs(source)
+    needed = _int8_needs(where.doc)
     calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES, data, needed)
     split = "val"
     evaluation = _split_loader(source, ckpt, split, batch_size, workers, data=data, needed=needed, log_changes=False)

@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -294,9 +294,8 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
     images at their recorded paths and sizes (`holds_recorded`: the folder moved, or a copy of it, even while the
     recorded folder is still there): the run's recorded split is read from it, never all its images, training
     images included. Any other folder is read by `labelled_images`."""
-    run, doc = _run_record(source)
-    own = _own_folder(cfg, data)
-    if doc is not None and (own or holds_recorded(doc, data, split)):
+    run, doc, own, reads_record = split_source(source, cfg, data, split)
+    if reads_record:
         changed = _changed(recorded_fingerprints(doc), recorded)
         if changed:
             raise DataError(f"the {'/'.join(changed)} split(s) recorded in {run.splits} are not those {source} was "
@@ -325,20 +324,21 @@ def _run_record(source: Path) -> tuple[RunDir, Optional[dict]]:
     return run, run.read_json(run.splits) if run.splits.is_file() else None
 
 
-def _own_folder(cfg, data: Optional[str | Path]) -> bool:
-    """Whether `data` names the data folder the run recorded (or none is given)."""
-    return data is None or Path(data).expanduser().resolve() == Path(cfg.data).resolve()
+class SplitSource(NamedTuple):
+    """`_eval_samples`' decision. `own`: `data` names the data folder the run recorded (or none is given);
+    `reads_record`: the run's recorded split is read (from that folder, or from `data` when it holds the run's train and
+    split images: `holds_recorded`); neither: `data` is another folder, read as it is (`labelled_images`)."""
+
+    run: RunDir
+    doc: Optional[dict]              # the run's splits.json, None when it has none
+    own: bool
+    reads_record: bool
 
 
-def reads_other_folder(source: Path, cfg, data: Optional[str | Path], split: str) -> bool:
-    """Whether `_eval_samples` reads `data` as a folder that is not the run's (`labelled_images`) for `split`:
-    neither the recorded data folder nor one that holds the run's train and `split` images. `export --quantize
-    int8` then keeps its calibration images apart from those its accuracy guard scores itself (the run's own
-    splits already are)."""
-    if _own_folder(cfg, data):
-        return False
-    _, doc = _run_record(source)
-    return doc is None or not holds_recorded(doc, data, split)
+def split_source(source: Path, cfg, data: Optional[str | Path], split: str) -> SplitSource:
+    run, doc = _run_record(source)
+    own = data is None or Path(data).expanduser().resolve() == Path(cfg.data).resolve()
+    return SplitSource(run, doc, own, doc is not None and (own or holds_recorded(doc, data, split)))
 
 
 def _changed(now: Optional[dict], recorded: Optional[dict]) -> list[str]:

@@ -481,12 +481,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
           hash_bits: int = DEFAULT_HASH_BITS, folds: int = DEFAULT_FOLDS, num_outliers: Optional[int] = None,
           progress: Callable[[str], Any] = log.info) -> AuditResult:
     """Audit the folder `cfg` describes (or `run`'s recorded splits); write OUT/audit.{csv,html,json}."""
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"--threshold must be in (0, 1], got {threshold}")
-    if not 0 <= hash_bits < 64:
-        raise ConfigError(f"--hash-bits must be in 0..63, got {hash_bits}")
-    if folds < 2:
-        raise ConfigError(f"--folds must be >= 2, got {folds}")
+    _check_settings(threshold, hash_bits, folds)
     t0 = time.perf_counter()
     out = Path(out)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(Path(run) if run else out)   # train's
@@ -513,23 +508,14 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     good = [items[i] for i in ok]
     if len(good) < 2:
         raise DataError(f"{splits.root}: fewer than two images could be decoded; nothing to compare")
-    exact, group = exact_duplicates(good, [digests[i].file for i in ok], [digests[i].pixels for i in ok],
-                                    splits.classes)
-    x = np.stack([feats[it.path] for it in good]) if good else np.zeros((0, 1), np.float32)
-    near = near_duplicates(good, centred(x), np.stack([digests[i].phash for i in ok]), group, splits.classes,
-                           threshold, hash_bits)
-    if len(near) > 10 * len(good):
-        log.warning(f"{len(near)} near-duplicate pairs among {len(good)} images: --threshold {threshold:g} or "
-                    f"--hash-bits {hash_bits} is too loose for these images or this backbone's features")
-    issues, k = checked_labels(good, x, folds, splits.classes, cfg.seed)
-    top = default_outliers(len(good)) if num_outliers is None else min(num_outliers, len(good))
-    ood = outlier_scores(x)
-    odd = outliers(good, ood, splits.classes, top)
+    x = np.stack([feats[it.path] for it in good])
+    found, k, ood = _findings(good, [digests[i] for i in ok], x, splits.classes, threshold, hash_bits, folds,
+                              num_outliers, cfg.seed)
     bad = [Finding("undecodable", p, _split_of(p, items), _label_of(p, items, splits.classes), 1.0, detail=r)
            for p, r in skips.entries.items()]
     bad += [Finding(f.kind, f.path, f.split, f.label, 1.0, detail=f.detail) for f in splits.problems]
     t3 = time.perf_counter()
-    findings = sorted(exact + near, key=lambda f: (not f.leak, -f.score, f.path)) + issues + odd + bad
+    findings = found + bad
     settings.update(folds=k, folds_asked=folds, hash_bits=hash_bits, data=splits.root,
                     run=str(run) if run else "")
     result = AuditResult(splits.root, splits.classes, items, findings, [d.size for d in digests if d.size], threshold,
@@ -537,6 +523,34 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
                                     "total": t3 - t0}, dict(zip((it.path for it in good), map(float, ood))))
     write_outputs(result, out)
     return result
+
+
+def _check_settings(threshold: float, hash_bits: int, folds: int) -> None:
+    """One line for a bad setting, before any image is read."""
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"--threshold must be in (0, 1], got {threshold}")
+    if not 0 <= hash_bits < 64:
+        raise ConfigError(f"--hash-bits must be in 0..63, got {hash_bits}")
+    if folds < 2:
+        raise ConfigError(f"--folds must be >= 2, got {folds}")
+
+
+def _findings(good: list[Item], digests: list, x: np.ndarray, classes: Sequence[str], threshold: float,
+              hash_bits: int, folds: int, num_outliers: Optional[int], seed: int) -> tuple[list[Finding], int,
+                                                                                          np.ndarray]:
+    """What the decoded images `good` (their hash digests, features `x`) show: duplicates (leaks first, then by
+    score), label issues, outliers; with the folds the label check used and every image's outlier score."""
+    exact, group = exact_duplicates(good, [d.file for d in digests], [d.pixels for d in digests], classes)
+    near = near_duplicates(good, centred(x), np.stack([d.phash for d in digests]), group, classes, threshold,
+                           hash_bits)
+    if len(near) > 10 * len(good):
+        log.warning(f"{len(near)} near-duplicate pairs among {len(good)} images: --threshold {threshold:g} or "
+                    f"--hash-bits {hash_bits} is too loose for these images or this backbone's features")
+    issues, k = checked_labels(good, x, folds, classes, seed)
+    top = default_outliers(len(good)) if num_outliers is None else min(num_outliers, len(good))
+    ood = outlier_scores(x)
+    duplicates = sorted(exact + near, key=lambda f: (not f.leak, -f.score, f.path))
+    return duplicates + issues + outliers(good, ood, classes, top), k, ood
 
 
 def _split_of(path: str, items: Iterable[Item]) -> str:
