@@ -57,22 +57,20 @@ def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """The T in T_BOUNDS that minimises the NLL of `targets` under softmax(logits / T): L-BFGS on log T
-    (float64; log T keeps T positive, and the bounds are a clamp whose zero gradient stops the search)."""
+    """The T in T_BOUNDS that minimises the NLL of `targets` under softmax(logits / T): scipy's bounded Brent
+    search over log T (float64). The NLL is convex in 1/T, so one bounded 1-D search finds the optimum; a
+    gradient method on a clamped log T stopped wherever a step first crossed a bound (the clamp's gradient is
+    zero there), and returned the bound for an optimum inside it."""
+    from scipy.optimize import minimize_scalar  # lazy: scipy's import is slow and only a finished run needs it
+
     z, y = logits.detach().double().cpu(), targets.detach().long().cpu()
-    lo, hi = (math.log(b) for b in T_BOUNDS)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z / log_t.clamp(lo, hi).exp(), y)
-        loss.backward()
-        return loss
+    def loss(log_t: float) -> float:
+        return float(F.cross_entropy(z / math.exp(log_t), y))
 
-    opt.step(closure)
-    return float(log_t.detach().clamp(lo, hi).exp())
+    res = minimize_scalar(loss, bounds=tuple(math.log(b) for b in T_BOUNDS), method="bounded",
+                          options={"xatol": 1e-10})
+    return float(min(max(math.exp(res.x), T_BOUNDS[0]), T_BOUNDS[1]))
 
 
 BOOTSTRAP = 200            # resamples of val behind the temperature's interval

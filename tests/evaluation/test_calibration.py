@@ -74,6 +74,26 @@ def test_temperature_matches_scipy_and_lowers_nll_on_an_overconfident_model():
     assert cal["val"]["num_samples"] == 400 and cal["test"]["num_samples"] == 200
 
 
+def _underconfident(seed: int, n: int = 60, classes: int = 3):
+    """Small logits of a model that is mostly right: its NLL is lowest at a T well below 1, near T_BOUNDS[0]."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    z = torch.randn(n, classes, generator=g)
+    z[torch.arange(n), y] += 2.0
+    return 0.15 * z, y
+
+
+@pytest.mark.parametrize("seed", [4, 6, 7])
+def test_an_optimum_just_inside_the_lower_bound_is_found_not_the_bound(seed):
+    """A search that overshoots the bound must come back: T is the scipy optimum (0.07-0.09 here), not 0.05.
+    (L-BFGS on a clamped log T stopped at the bound, whose gradient is zero: a 2-epoch run recorded T = 0.05.)"""
+    z, y = _underconfident(seed)
+    t = fit_temperature(z, y)
+    assert t == pytest.approx(_scipy_temperature(z, y), abs=1e-4)
+    assert t > 1.3 * T_BOUNDS[0]
+    assert nll(z, y, t) < nll(z, y, T_BOUNDS[0])
+
+
 def test_trained_model_made_overconfident_is_calibrated_back(finished_run):
     """The real model's val logits x5: the fitted T is the scipy optimum and about 5 times the run's own."""
     from spinal_transfer.evaluation.evaluate import evaluate
