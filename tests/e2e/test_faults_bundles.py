@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,20 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
 def _flip_last_byte(path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0x10                       # inside the last tensor's bytes: the file still loads
+    path.write_bytes(bytes(raw))
+
+
+def _raise_a_class_bias(path: Path) -> None:
+    """Add 10 to the first class's output bias in a model.safetensors, in place (the file still loads): every
+    image's probabilities change, whichever images are scored (a flipped bit elsewhere may sit in a unit those
+    images never use)."""
+    raw = bytearray(path.read_bytes())
+    size = struct.unpack_from("<Q", raw)[0]
+    header = json.loads(raw[8:8 + size])
+    (name,) = [k for k in header if k.endswith("fc_out.bias")]
+    assert header[name]["dtype"] == "F32"
+    start = 8 + size + header[name]["data_offsets"][0]
+    struct.pack_into("<f", raw, start, struct.unpack_from("<f", raw, start)[0] + 10.0)
     path.write_bytes(bytes(raw))
 
 
@@ -54,7 +69,7 @@ def test_a_tampered_bundle_is_refused_by_predict_and_predictor_unless_told(bundl
     before = Predictor(bundle, device="cpu", runner="torch").probabilities(sorted(images.iterdir())[:4])
     tampered = tmp_path / "tampered"
     subprocess.run(["cp", "-r", str(bundle), str(tampered)], check=True)
-    _flip_last_byte(tampered / "model.safetensors")
+    _raise_a_class_bias(tampered / "model.safetensors")
     res = subprocess.run([sys.executable, "-m", "spinal_transfer", "predict", tampered, images, "--runner", "torch",
                           "--device", "cpu", "--out", tmp_path / "p.csv"], capture_output=True, text=True, env=ENV,
                          timeout=600)

@@ -93,7 +93,8 @@ def test_lr_find_cli_on_the_digits_writes_the_plot_and_prints_the_lr(digits_fold
     png = tmp_path / "lr_find.png"
     args = ["lr-find", "--data", str(digits_folder), "--backbone", "timm/test_resnet", "--weights", "none",
             "--layer-width", "32", "--img-size", "32", "--workers", "0", "--augment", "none",
-            "--optimizer", "sgd", "--weight-decay", "0", "--freeze-epochs", "0",      # as tiny_cfg below
+            "--optimizer", "sgd", "--weight-decay", "0", "--freeze-epochs", "0",      # as tiny_cfg below, whose
+            "--label-smoothing", "0",                                                  # loss has no smoothing
             "--num-steps", "30", "--start-lr", "1e-3", "--out", str(png)]
     assert cli(args) == 0
     out, err = capsys.readouterr()
