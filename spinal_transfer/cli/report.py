@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DataError, RunFolderError
+from ..utils.textfiles import open_text
 from . import output_file, positive_int
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def _images_gone(run: RunDir) -> int:
 
     if not run.predictions.is_file():
         return 0
-    with open(run.predictions, newline="") as f:
+    with open_text(run.predictions) as f:     # a name that is not UTF-8 reads back as its file's path
         return sum(not Path(row["path"]).is_file() for row in csv.DictReader(f))
 
 

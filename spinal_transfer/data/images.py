@@ -10,7 +10,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO, Iterable, Optional, Union
 
 import cv2
 import numpy as np
@@ -157,3 +157,17 @@ def check_image_header(path: PathLike) -> Optional[str]:
     except OSError as e:
         return f"cannot read file: {e}"
     return None
+
+
+def first_readable(paths: Iterable[PathLike]) -> tuple[Optional[PathLike], list[tuple[PathLike, str]]]:
+    """The first of `paths` that decodes (None when none does), and each that failed before it with its reason.
+    Whether a class has a readable image is asked without decoding the whole folder: a healthy class costs one
+    decode, and only a class whose files fail is read further (truncated files pass the header check)."""
+    failed: list[tuple[PathLike, str]] = []
+    for path in paths:
+        try:
+            load_image(path)
+            return path, failed
+        except BadImage as e:
+            failed.append((path, str(e)))
+    return None, failed

@@ -7,7 +7,8 @@ from typing import Iterable, Iterator, Optional
 
 from ..utils.atomic import atomic_write_text
 from ..utils.distributed import gather_objects, is_main
-from .images import BadImage, load_image
+from ..utils.textfiles import read_text
+from .images import first_readable
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
@@ -43,7 +44,7 @@ class SkipLog:
         self.path = path
         self.entries: dict[str, str] = {}
         if path is not None and path.is_file():
-            for line in path.read_text().splitlines():
+            for line in read_text(path).splitlines():     # a name that is not UTF-8: its own bytes
                 p, _, reason = line.rpartition("\t")
                 if p:
                     self.entries[_unescape(p)] = reason
@@ -88,21 +89,16 @@ class SkipLog:
         and fail only when decoded): a class train never saw, or one the test metrics do not cover. A class with
         a skipped image has its other images decoded here until one reads: training's dropped last batch may
         have left some never decoded. Those that fail are added to the log."""
-        def readable(path: str) -> bool:
-            try:
-                load_image(path)
-                return True
-            except BadImage as e:
-                self.add([(path, e)])
-                return False
-
         out = {}
         for name, items in samples.items():
-            hit = {y for p, y in items if str(p) in self.entries}
-            lost = [y for y in sorted(hit) if not any(readable(str(p)) for p, c in items
-                                                       if c == y and str(p) not in self.entries)]
+            lost = []
+            for y in sorted({y for p, y in items if str(p) in self.entries}):
+                found, failed = first_readable([str(p) for p, c in items if c == y and str(p) not in self.entries])
+                self.add(failed)
+                if found is None:
+                    lost.append(classes[y])
             if lost:
-                out[name] = [classes[y] for y in lost]
+                out[name] = lost
         return out
 
     def watch(self, batches: Iterable) -> Iterator[tuple]:

@@ -20,6 +20,7 @@ and the run refuses only when files it needs are gone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import unicodedata
@@ -30,7 +31,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import DataError, few
-from .images import IMG_EXTENSIONS, check_image_header
+from ..utils.textfiles import encode_text
+from .images import IMG_EXTENSIONS, check_image_header, first_readable
 from .leakage import duplicates_of
 
 log = logging.getLogger("spinal_transfer")
@@ -460,14 +462,44 @@ def _folder_problems(classes: dict[str, list[str]], images: dict[str, dict[str, 
                        for s, f in empty]
 
 
+def _undecodable(train: Sequence[Sample], classes: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """The classes none of whose train images decodes, each with its files' (path, reason). Each class's images are
+    decoded in order until one reads (`first_readable`): one decode per healthy class, not the whole folder."""
+    by_class: dict[int, list[str]] = {}
+    for p, y in train:
+        by_class.setdefault(y, []).append(p)
+    lost = {}
+    for y, paths in sorted(by_class.items()):
+        found, failed = first_readable(paths)
+        if found is None:
+            lost[classes[y]] = failed
+    return lost
+
+
+def _undecodable_classes(train: Sequence[Sample], classes: list[str], folder: Path, root: Path,
+                         lenient: bool) -> list[FolderProblem]:
+    """Classes none of whose train images decodes (truncated files, float TIFFs pass the header check): refused as
+    a class folder without a usable image is, before anything is written (the model would never learn them), or
+    with `lenient` returned for audit. Checked on train as carved: a class whose only readable images went to val
+    or test is refused too."""
+    said = {c: f"{len(f)} train file(s) that fail to decode, e.g. {os.path.relpath(f[0][0], root)}: {f[0][1]}"
+            for c, f in _undecodable(train, classes).items()}
+    if said and not lenient:
+        shown = "; ".join(f"{c} ({why})" for c, why in list(said.items())[:3]) + ("; ..." if len(said) > 3 else "")
+        raise DataError(f"class(es) under {root} without a train image that can be decoded: {shown}; the model "
+                        f"could never learn {'them' if len(said) > 1 else 'it'}: replace those files with readable "
+                        f"images, or remove the class folder from every split, and run train again")
+    return [FolderProblem("empty_class", str(folder / c), "train", c, why) for c, why in said.items()]
+
+
 def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
          follow_links: bool = False, lenient: bool = False) -> Splits:
     """Labelled train/val/test lists of a data folder (see the module docstring for layouts and links).
 
     `follow_links` also reads links in class folders that lead out of the data folder. `lenient` (audit) keeps
-    class folders without a usable image and classes that differ between splits as `problems` instead of
-    refusing them; the classes are then train's followed by those only other splits have. (A folder only evaluated
-    is read by `labelled_images`, which never carves a split.)"""
+    class folders without a usable image (none passes the header check, or none of train decodes) and classes that
+    differ between splits as `problems` instead of refusing them; the classes are then train's followed by those
+    only other splits have. (A folder only evaluated is read by `labelled_images`, which never carves a split.)"""
     root = data_folder(root)
     notes: list[str] = []
     dirs = _find_split_dirs(root, notes) or {"train": root}
@@ -493,6 +525,8 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
     source: dict = {s: {"kind": "folder", "path": str(d)} for s, d in dirs.items()}
     if not {"val", "test"} <= splits.keys():
         _generate(splits, source, val_fraction, test_fraction, seed, cls, notes)
+    # before the notes are logged: a hold-out note would count a refused class's files as images
+    problems += _undecodable_classes(splits["train"], cls, dirs["train"], root, lenient)
     for n in notes:
         log.warning(n)
     if skipped:
@@ -565,12 +599,14 @@ def record(s: Splits) -> dict:
 def fingerprints(s: Splits) -> dict[str, str]:
     """Per split, a sha256 of its files (paths relative to the data folder) and labels: what a checkpoint carries,
     so a split made again from its settings away from its run folder (no splits.json) can be checked to be the
-    one the run used, wherever the folder now is."""
-    import hashlib
-
+    one the run used, wherever the folder now is. A name that is not UTF-8 is hashed as its own bytes
+    (`encode_text`), as the file system holds it."""
     root = Path(s.root)
-    return {k: hashlib.sha256("".join(f"{os.path.relpath(p, root)}\0{y}\n" for p, y in sorted(s.get(k)))
-                              .encode()).hexdigest() for k in SPLIT_NAMES}
+
+    def digest(samples: Sequence[Sample]) -> str:
+        text = "".join(f"{os.path.relpath(p, root)}\0{y}\n" for p, y in sorted(samples))
+        return hashlib.sha256(encode_text(text)).hexdigest()
+    return {k: digest(s.get(k)) for k in SPLIT_NAMES}
 
 
 def recorded_fingerprints(doc: dict) -> Optional[dict[str, str]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from ..utils.atomic import atomic_write_text
+from ..utils.textfiles import open_text
 
 PathLike = Union[str, Path]
 
@@ -72,9 +73,10 @@ def _name(row: dict, key: str, idx: int, classes: Optional[Sequence[str]]) -> st
 
 
 def read_predictions(path: PathLike, classes: Optional[Sequence[str]] = None) -> list[Prediction]:
-    """Rows of a predictions CSV, in file order. `classes` fills in names for the old 3-column format."""
+    """Rows of a predictions CSV, in file order. `classes` fills in names for the old 3-column format. A path
+    that is not UTF-8 reads back as the name of its file (`open_text`), as it was written."""
     out: list[Prediction] = []
-    with open(path, newline="") as f:
+    with open_text(path) as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         k = 0

@@ -1,2 +1,2 @@
-"""Utilities every layer may use: atomic files, the file lock, runtime settings, torch.distributed,
-preemption signals and experiment tracking. Imports nothing above errors/config."""
+"""Utilities every layer may use: atomic files, file names in text files (`textfiles`), the file lock, runtime
+settings, torch.distributed, preemption signals and experiment tracking. Imports nothing above errors/config."""

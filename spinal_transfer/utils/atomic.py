@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import ResourceError
+from .textfiles import encode_text
 
 PathLike = Union[str, Path]
 
@@ -74,7 +75,8 @@ def write_atomically(path: Path, write: Any, needed: Optional[int] = None) -> No
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    data = text.encode("utf-8", "surrogateescape")   # a file name that is not UTF-8 is written as its own bytes
+    """Write `text` atomically (`write_atomically`), a file name in it that is not UTF-8 as its own bytes."""
+    data = encode_text(text)
     write_atomically(Path(path), lambda f: f.write(data), len(data))
 
 

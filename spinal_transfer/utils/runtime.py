@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError, option_value
 from .distributed import is_main, local_rank
+from .textfiles import ENCODING, ERRORS
 
 log = logging.getLogger("spinal_transfer")
 
@@ -183,7 +184,7 @@ def attach_log_file(log_file: Path) -> None:
     if not is_main():
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    fh = _RunLogFile(log_file)
+    fh = _RunLogFile(log_file, encoding=ENCODING, errors=ERRORS)    # a line naming a non-UTF-8 file is not dropped
     fh.setFormatter(_FORMAT)
     for h in pending:
         for record in h.records:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, cli_flags
+from conftest import TINY, cli_flags, truncated_jpeg
 from PIL import Image
 
 from spinal_transfer.config import TrainConfig
@@ -90,6 +90,40 @@ def test_one_image_per_class_is_refused_in_one_line_before_anything_is_written(t
 
 
 TINY_FLAGS = ("--backbone", "timm/test_resnet", "--weights", "none", "--img-size", "16")
+
+
+def _float_tiff(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).random((32, 32), dtype=np.float32), mode="F").save(path)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda d, i: truncated_jpeg(d / f"{i}.jpg", seed=i),       # pass the header check, fail to decode
+    lambda d, i: _float_tiff(d / f"{i}.tif"),
+    lambda d, i: (d / f"{i}.png").write_bytes(b""),            # fail the header check
+    lambda d, i: (d / f"{i}.png").write_text("not a picture")], ids=["truncated-jpeg", "float-tiff", "empty", "text"])
+def test_a_class_whose_every_train_file_is_unreadable_is_refused_before_training(three_digits, tmp_path, cli_run,
+                                                                                 bad):
+    """A class folder whose every file is unreadable, whether the scan's header check sees it (0 bytes, text) or
+    only decoding does (a truncated JPEG, float pixels), is refused in one line naming it, exit 2, before the run
+    folder is made: the model could never learn it (before, the decode failures trained to the end, exit 0, with a
+    warning that counted them as 'too few images to hold one out'). Audit's lenient scan reports both alike."""
+    import shutil
+
+    from spinal_transfer.data.splits import scan
+
+    data = tmp_path / "data"
+    for d in sorted((three_digits / "train").iterdir())[:2]:
+        shutil.copytree(d, data / d.name, ignore=lambda folder, names: sorted(names)[12:])
+    (data / "rocket").mkdir()
+    for i in range(2):
+        bad(data / "rocket", i)
+    res = cli_run("train", "--data", data, "--out", tmp_path / "run", *TINY_FLAGS, "--epochs", "1", "--workers", "0")
+    line = _refused(res, "rocket", "without a", "remove")
+    assert res.returncode == 2 and not (tmp_path / "run").exists(), line
+    assert "too few images to hold one out" not in res.stderr
+    assert [(f.kind, f.split, f.label) for f in scan(data, lenient=True).problems] == [("empty_class", "train",
+                                                                                         "rocket")]
 
 
 def test_outputs_never_replace_what_the_command_did_not_write(finished_run, three_digits, tmp_path, cli_run):
@@ -199,6 +233,59 @@ def test_predict_writes_a_file_name_that_is_not_utf8_as_its_own_bytes(finished_r
     res = cli_run("predict", finished_run, folder, "--out", tmp_path / "p.csv")
     assert res.returncode == 0, res.stderr[-2000:]
     assert raw in (tmp_path / "p.csv").read_bytes()
+
+
+def _named(folder: Path, raw_name: bytes) -> str:
+    """The path (as Python holds it: surrogate escapes) of a file in `folder` whose name is the bytes `raw_name`."""
+    return os.fsdecode(os.path.join(os.fsencode(folder), raw_name))
+
+
+def test_train_and_evaluate_keep_a_file_name_that_is_not_utf8_as_its_own_bytes(three_digits, tmp_path, cli_run):
+    """A file name that is not valid UTF-8 (Python holds it with surrogate escapes) is trained on, tested and
+    listed like any other: splits.json, the split fingerprints, skipped_files.txt, the predictions CSVs and the
+    report pages write it as the bytes the file system has, and each reads back to the same file (before, train
+    died hashing the splits, UnicodeEncodeError, and evaluate --data reading its own CSV back, UnicodeDecodeError).
+    train.log: tests/utils/test_runtime.py."""
+    import shutil
+
+    from spinal_transfer.data.skiplog import SkipLog
+    from spinal_transfer.evaluation.interpret import read_predictions
+
+    data = tmp_path / "data"
+    for d in sorted((three_digits / "train").iterdir())[:2]:           # 2 classes, 12 images per split each
+        for split in ("train", "val", "test"):
+            shutil.copytree(three_digits / split / d.name, data / split / d.name,
+                            ignore=lambda folder, names: sorted(names)[12:])
+    image = next((three_digits / "test" / "digit_1").iterdir())
+    trained = _named(data / "train" / "digit_0", b"bad\xff\xfeutf8.png")     # a real image: trained on
+    tested = _named(data / "test" / "digit_1", b"t\xfe.png")
+    cut = _named(data / "train" / "digit_1", b"cut\xff.jpg")                 # fails to decode: listed as skipped
+    for path in (trained, tested):
+        shutil.copyfile(image, path)
+    truncated_jpeg(Path(cut))
+    run = tmp_path / "run"
+    res = cli_run("train", "--data", data, "--out", run, *TINY_FLAGS, "--epochs", "1", "--workers", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    record = json.loads((run / "splits.json").read_text())
+    train_files = [str(data / rel) for rel, *_ in record["splits"]["train"]]
+    assert trained in train_files and os.path.exists(train_files[train_files.index(trained)])
+    assert list(SkipLog(run / "skipped_files.txt").entries) == [cut] and os.path.exists(cut)
+    assert os.fsencode(cut) in (run / "skipped_files.txt").read_bytes()
+    tested_rows = [r.path for r in read_predictions(run / "test_predictions.csv") if r.path == tested]
+    assert tested_rows == [tested] and os.path.exists(tested_rows[0])
+    assert os.fsencode(tested) in (run / "test_predictions.csv").read_bytes()
+    assert os.fsencode(cut) in (run / "report.html").read_bytes()                 # the page's skipped files
+    assert cli_run("report", run).returncode == 0                                 # reads the CSV back
+
+    other = tmp_path / "other" / "digit_1"
+    shutil.copytree(three_digits / "test" / "digit_1", other, ignore=lambda folder, names: sorted(names)[4:])
+    named = _named(other, b"e\xff.png")
+    shutil.copyfile(image, named)
+    res = cli_run("evaluate", run, "--data", other.parent, "--out", tmp_path / "eval", "--workers", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = read_predictions(tmp_path / "eval" / "predictions_test.csv")
+    assert len(rows) == 5 and named in [r.path for r in rows] and all(os.path.exists(r.path) for r in rows)
+    assert os.fsencode(named) in (tmp_path / "eval" / "predictions_test.csv").read_bytes()
 
 
 def test_predict_with_no_readable_image_fails_and_writes_nothing(finished_run, tmp_path, cli_run):

@@ -48,3 +48,24 @@ def test_torch_threads_are_restored():
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_a_run_log_line_naming_a_file_that_is_not_utf8_is_written_as_its_bytes(tmp_path):
+    """train.log's handler swallows write errors (a full disk is reported elsewhere), so a line naming a file whose
+    name is not UTF-8 was silently dropped: it is written as the bytes the file system has, as every file does."""
+    import os
+
+    from spinal_transfer.utils.runtime import attach_log_file, log, setup_logging
+
+    name = os.fsdecode(b"bad\xff\xfe.png")
+    setup_logging()
+    try:
+        attach_log_file(tmp_path / "train.log")
+        log.warning(f"skipped {name}")
+        log.warning("the next line")
+    finally:
+        for h in list(log.handlers):
+            log.removeHandler(h)
+            h.close()
+    assert (tmp_path / "train.log").read_bytes().splitlines()[0].endswith(b"skipped bad\xff\xfe.png")
+    assert (tmp_path / "train.log").read_bytes().splitlines()[1].endswith(b"the next line")
