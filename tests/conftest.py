@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 
 def write_digits_folder(root: Path, digits: tuple[int, ...] = tuple(range(10)), size: int = 32,
@@ -38,6 +40,39 @@ def write_digits_folder(root: Path, digits: tuple[int, ...] = tuple(range(10)), 
             img = Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
             img.save(d / f"{i:04d}.png")
     return root
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A PNG whose header claims side x side pixels (400 M at 20000: over PIL's decompression-bomb bound)
+    with nearly no data: what a decompression bomb looks like before it is decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+XMP = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       '<rdf:Description rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/"{}>{}</rdf:Description>'
+       '</rdf:RDF></x:xmpmeta>')
+
+
+def save_oriented(im: Image.Image, path: Path, orientation: int, where: str) -> Path:
+    """`im` saved with its orientation kept in EXIF ("exif"), or only in XMP (a JPEG's or WebP's APP1 packet, a PNG's
+    iTXt), as an attribute ("xmp") or an element ("xmp-element"): the two forms Pillow reads."""
+    if where == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.save(path, exif=exif.tobytes())
+        return path
+    packet = (XMP.format(f' tiff:Orientation="{orientation}"', "") if where == "xmp"
+              else XMP.format("", f"<tiff:Orientation>{orientation}</tiff:Orientation>"))
+    if path.suffix == ".png":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", packet)
+        im.save(path, pnginfo=info)
+    else:
+        im.save(path, xmp=packet.encode())
+    return path
 
 
 def truncated_jpeg(path: Path, seed: int = 0) -> Path:

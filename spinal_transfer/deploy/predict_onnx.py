@@ -7,12 +7,14 @@
 
 It reads config.json beside it (classes in logit order, input size, mean, std, interpolation, the temperature)
 and preprocesses as spinal-transfer's evaluation pipeline does, step for step: the same decoding (OpenCV for
-plain JPEG and PNG, a large JPEG decoded at a reduced scale no smaller than the resize needs; Pillow for the rest,
-with EXIF orientation, 16-bit images to their high byte, transparency onto white), the same resize (area when
-downscaling), centre crop and normalization. The probabilities are those `spinal-transfer predict` gives for the
-same files (checked to 1e-5 by spinal-transfer's tests), calibrated as softmax(logits / T). A folder is searched
-for images (by extension, recursively, hidden files left out), as `predict` does. A file that cannot be read is
-skipped and named on stderr (and under "skipped" with --json); when none can be read, the exit status is 2.
+plain JPEG and PNG, a large JPEG decoded at a reduced scale no smaller than the resize needs; Pillow for the rest;
+upright by EXIF's orientation, else XMP's, as Pillow reads them; 16-bit images to their high byte, transparency
+onto white), the same resize (area when downscaling), centre crop and normalization. The probabilities are those
+`spinal-transfer predict` gives for the same files (checked to 1e-5 by spinal-transfer's tests), calibrated as
+softmax(logits / T). A folder is searched for images (by extension, recursively, hidden files left out), as
+`predict` does. A file that cannot be read, or that `predict` refuses unread (more pixels than Pillow's
+decompression-bomb bound, an aspect ratio beyond 100:1), is skipped and named on stderr in one line (and under
+"skipped" with --json); when none can be read, the exit status is 2.
 
 spinal-transfer copies this file into every bundle it exports with --format onnx; it imports nothing of it. The
 decoding and preprocessing repeat spinal_transfer/data/images.py and transforms.py on purpose (this file must run
@@ -24,6 +26,7 @@ import argparse
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -36,6 +39,12 @@ INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bi
                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
 REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")   # predict's
+MAX_ASPECT_RATIO = 100     # spinal-transfer's: a 1x3,000,000 PNG is 3 KB, but its resize would ask for 10 GB
+ORIENTATION = 0x0112       # EXIF's Orientation tag
+# Pillow's exif_transpose on an HxWxC array, by orientation (1: as stored; 6 turns 90 degrees clockwise)
+UPRIGHT = {2: lambda a: cv2.flip(a, 1), 3: lambda a: cv2.rotate(a, cv2.ROTATE_180), 4: lambda a: cv2.flip(a, 0),
+           5: cv2.transpose, 6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+           7: lambda a: cv2.flip(cv2.transpose(a), -1), 8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE)}
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -62,29 +71,65 @@ def _hw(size) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
+def open_image(data: bytes) -> Image.Image:
+    """Pillow's lazy open (header only), refusing what spinal-transfer refuses before decoding, in its words: more
+    pixels than Pillow's decompression-bomb bound (its warning zone too, where Pillow alone would decode them all) and
+    an aspect ratio beyond MAX_ASPECT_RATIO (the resize would make a huge image)."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))      # no file handle left open
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ValueError(f"over PIL's decompression-bomb bound ({e}; the bound is PIL.Image.MAX_IMAGE_PIXELS, "
+                         f"twice it for a hard error: raise it for images you trust)") from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image (unrecognised format)") from None
+    except Exception as e:  # Pillow raises many types for malformed headers
+        raise ValueError(f"unreadable image header: {type(e).__name__}: {e}") from None
+    w, h = im.size
+    if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
+        raise ValueError(f"{w}x{h} px, an aspect ratio beyond {MAX_ASPECT_RATIO}:1: resizing its shorter side to "
+                         f"the model's input would make a huge image (crop it first)")
+    return im
+
+
+def decode_plain(data: bytes, im: Image.Image, min_size: int) -> np.ndarray | None:
+    """OpenCV's RGB of a plain JPEG or PNG turned upright as Pillow turns it, or None where OpenCV cannot decode it
+    (or the file's EXIF is malformed: Pillow then says what it makes of it). OpenCV applies EXIF's orientation but
+    not one kept only in XMP, which Pillow follows: a file with XMP is decoded as stored and turned by Pillow's."""
+    flags = cv2.IMREAD_COLOR
+    if im.format == "JPEG":
+        flags = next((f for r, f in REDUCED if min(im.size) // r >= min_size), cv2.IMREAD_COLOR)
+    turn = None
+    if im.info.get("xmp") or im.info.get("XML:com.adobe.xmp"):
+        try:
+            turn = UPRIGHT.get(im.getexif().get(ORIENTATION))
+        except Exception:  # a malformed EXIF block: Pillow's decoding says what it makes of it
+            return None
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)       # applies EXIF orientation unless told not to
+    if bgr is None:
+        return None
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return turn(rgb) if turn else rgb
+
+
 def decode(path: Path, min_size: int) -> np.ndarray:
     """HxWx3 uint8 RGB of an image file. A JPEG whose shorter side is at least twice `min_size` is decoded at
     1/2, 1/4 or 1/8 scale (libjpeg's), never below `min_size`: spinal-transfer does the same."""
     data = path.read_bytes()
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        im = Image.open(io.BytesIO(data))      # no file handle left open
-    except UnidentifiedImageError:
-        raise ValueError("not an image (unrecognised format)") from None
+    im = open_image(data)
     plain = (im.mode in ("RGB", "L") and "transparency" not in im.info
              and (im.format == "PNG" or (im.format == "JPEG" and data.endswith(b"\xff\xd9"))))
-    if plain:
-        flags = cv2.IMREAD_COLOR
-        if im.format == "JPEG":
-            flags = next((f for r, f in REDUCED if min(im.size) // r >= min_size), cv2.IMREAD_COLOR)
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)       # applies EXIF orientation
-        if bgr is not None:
-            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    rgb = decode_plain(data, im, min_size) if plain else None
+    if rgb is not None:
+        return rgb
     if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):   # as spinal-transfer: no agreed range
         raise ValueError(f"{'floating-point' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode {im.mode}) "
                          f"have no standard range; save the image with 8 or 16 bits per channel")
-    im = ImageOps.exif_transpose(im)
+    im = ImageOps.exif_transpose(im)       # EXIF's orientation, else XMP's
     if im.mode.startswith("I;16") or im.mode == "I":
         high = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
         return np.repeat(high[:, :, None], 3, axis=2)

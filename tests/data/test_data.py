@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import write_digits_folder
+from conftest import XMP, save_oriented, write_digits_folder
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from spinal_transfer.data.augment import Augmentation
-from spinal_transfer.data.images import BadImage, check_image_header, load_image
+from spinal_transfer.data.images import BadImage, check_image_header, decode_image, load_image
 from spinal_transfer.data.loaders import (
     BadSample,
     ImageDataset,
@@ -369,6 +369,28 @@ def test_exif_orientation_and_fast_path_equal_pil(tmp_path, fmt):
     grey = tmp_path / f"grey.{fmt.lower()}"
     Image.fromarray(img[:, :, 0], "L").save(grey, fmt, quality=95)
     _check(load_image(grey), np.array(Image.open(grey).convert("RGB")))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_an_orientation_only_in_xmp_is_applied_as_pillow_applies_it(tmp_path, suffix):
+    """OpenCV reads EXIF's orientation only; Pillow's exif_transpose reads XMP's tiff:Orientation (attribute or element)
+    where EXIF has none. Each of the 8 kept only in XMP decodes on OpenCV's path (file and bytes) to the pixels of the
+    same orientation kept in EXIF, which are Pillow's; with both, EXIF's wins, as in Pillow."""
+    img = Image.fromarray(_smooth(20, 32))
+    for orientation in range(1, 9):
+        in_exif = load_image(save_oriented(img, tmp_path / f"exif{orientation}{suffix}", orientation, "exif"))
+        for form in ("xmp", "xmp-element"):
+            p = save_oriented(img, tmp_path / f"{form}{orientation}{suffix}", orientation, form)
+            _check(load_image(p), in_exif)
+            _check(decode_image(p.read_bytes()), in_exif)
+            _check(load_image(p), np.array(ImageOps.exif_transpose(Image.open(p)).convert("RGB")))
+    assert load_image(tmp_path / f"xmp6{suffix}").shape == (32, 20, 3)
+    both = tmp_path / "both.jpg"                      # upright in EXIF, turned in XMP: EXIF's word holds, as in Pillow
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    img.save(both, exif=exif.tobytes(), xmp=XMP.format(' tiff:Orientation="6"', "").encode())
+    assert load_image(both).shape == (20, 32, 3)
+    _check(load_image(both), np.array(ImageOps.exif_transpose(Image.open(both)).convert("RGB")))
 
 
 def _photo_jpeg(path: Path, h: int, w: int, orientation: int = 1) -> Path:

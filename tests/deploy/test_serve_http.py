@@ -18,12 +18,10 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +32,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
-from conftest import chromium_or_skip
+from conftest import bomb_png, chromium_or_skip
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from spinal_transfer.data.splits import list_images  # noqa: E402
@@ -189,15 +187,6 @@ def concurrently(*calls):
     """Run the calls at once, each in its own thread; their results in order."""
     with ThreadPoolExecutor(len(calls)) as pool:
         return [f.result() for f in [pool.submit(c) for c in calls]]
-
-
-def bomb_png(side: int = 20000) -> bytes:
-    """A PNG whose header claims side x side pixels (400 M at 20000: over PIL's decompression-bomb bound)
-    with nearly no data: what a decompression bomb looks like before it is decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def sliver_png() -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, write_digits_folder
+from conftest import TINY, bomb_png, save_oriented, write_digits_folder
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -23,6 +23,7 @@ skd = pytest.importorskip("skimage.data")
 from spinal_transfer import Predictor                                       # noqa: E402
 from spinal_transfer.cli import main as cli                                 # noqa: E402
 from spinal_transfer.config import TrainConfig                              # noqa: E402
+from spinal_transfer.data import images as package_images                   # noqa: E402
 from spinal_transfer.deploy import predict_onnx as standalone               # noqa: E402
 from spinal_transfer.deploy.export import STANDALONE, eval_transform        # noqa: E402
 from spinal_transfer.deploy.predict import predict                         # noqa: E402
@@ -171,3 +172,66 @@ def test_predict_onnx_reads_folders_takes_a_model_path_and_fails_when_nothing_re
                           text=True, timeout=300)
     assert none.returncode == 2 and none.stdout == "" and "Traceback" not in none.stderr
     assert none.stderr.strip().splitlines()[-1] == "error: none of the 2 image file(s) could be read"
+
+
+def test_predict_onnx_skips_what_predict_refuses_unread(bundle, tmp_path):
+    """A header claiming 100000x100000 px (past twice Pillow's bound, where Pillow raises), one claiming 10000x10000
+    (its warning zone, where Pillow alone decodes all 100 M pixels) and a real 4000x20 PNG (beyond 100:1): `predict`
+    refuses each at the header; predict_onnx.py skips each in one stderr line with predict's reason, no traceback,
+    and predicts the rest. Its limit is the package's."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(skd.chelsea()).save(photos / "cat.png")
+    (photos / "hard_bomb.png").write_bytes(bomb_png(100_000))
+    (photos / "bomb.png").write_bytes(bomb_png(10_000))
+    Image.new("L", (4000, 20), 128).save(photos / "sliver.png")
+    res = subprocess.run([sys.executable, "-c", BLOCKED, str(bundle / STANDALONE.name), str(photos), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert out["images"] == [str(photos / "cat.png")]
+    ours = predict(bundle, [photos], workers=0, device="cpu", runner="onnx")
+    assert len(ours.skipped) == 3 and dict(out["skipped"]) == dict(ours.skipped)
+    assert "over PIL's decompression-bomb bound" in dict(ours.skipped)[str(photos / "bomb.png")]
+    assert dict(ours.skipped)[str(photos / "sliver.png")].startswith("4000x20 px, an aspect ratio beyond 100:1")
+    for path, why in out["skipped"]:
+        assert [line for line in res.stderr.splitlines() if path in line] == [f"skipped {path}: {why}"]
+    assert ours.paths == out["images"] and np.abs(np.array(out["probabilities"]) - ours.probs.numpy()).max() < 1e-5
+    assert standalone.MAX_ASPECT_RATIO == package_images.MAX_ASPECT_RATIO      # held in step
+
+
+def test_an_orientation_kept_only_in_xmp_turns_the_picture_on_every_path(bundle, tmp_path):
+    """Pillow's exif_transpose reads XMP's tiff:Orientation where EXIF has none; OpenCV reads EXIF only. A photo with
+    XMP orientation 6 decodes, on every path, to exactly the pixels of the same photo with EXIF orientation 6: the
+    package's decoder (OpenCV for RGB/grey JPEG and PNG, at full and reduced scale; Pillow for CMYK and WebP), bytes
+    (serve), an already decoded PIL image (Predictor) and the bundle's predict_onnx.py; so are the probabilities."""
+    chelsea = Image.fromarray(skd.chelsea())                                 # 451 wide, 300 high
+    need = standalone.decode_size(json.loads((bundle / "config.json").read_text())["input"])
+    xmp, exif = [], []
+    for name, im in (("rgb.jpg", chelsea), ("grey.jpg", chelsea.convert("L")), ("cmyk.jpg", chelsea.convert("CMYK")),
+                     ("rgb.webp", chelsea), ("rgb.png", chelsea)):
+        xmp.append(save_oriented(im, tmp_path / f"xmp_{name}", 6, "xmp"))
+        exif.append(save_oriented(im, tmp_path / f"exif_{name}", 6, "exif"))
+        upright = package_images.load_image(exif[-1])
+        assert upright.shape == (451, 300, 3), name
+        for min_size in (None, need):
+            assert np.array_equal(package_images.load_image(xmp[-1], min_size),
+                                  package_images.load_image(exif[-1], min_size)), (name, min_size)
+        assert np.array_equal(package_images.decode_image(xmp[-1].read_bytes()), upright), name
+        given = Image.open(xmp[-1])
+        given.load()
+        assert np.array_equal(package_images.pil_to_rgb(given), upright), name
+        assert np.array_equal(standalone.decode(xmp[-1], need), package_images.load_image(exif[-1], need)), name
+    predictor = Predictor(bundle, runner="onnx", device="cpu")
+    ours = predictor.probabilities([str(f) for f in exif]).numpy()
+    for given in ([str(f) for f in xmp], [f.read_bytes() for f in xmp]):
+        assert np.abs(predictor.probabilities(given).numpy() - ours).max() < 1e-12
+    decoded = {"xmp": [Image.open(f) for f in xmp], "exif": [Image.open(f) for f in exif]}     # full scale: as given
+    for im in decoded["xmp"] + decoded["exif"]:
+        im.load()
+    assert np.abs(predictor.probabilities(decoded["xmp"]).numpy()
+                  - predictor.probabilities(decoded["exif"]).numpy()).max() < 1e-12
+    res = subprocess.run([sys.executable, "-c", BLOCKED, str(bundle / STANDALONE.name), *map(str, xmp), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert np.abs(np.array(json.loads(res.stdout)["probabilities"]) - ours).max() < 1e-5
