@@ -86,6 +86,8 @@ def bundle_config(ckpt: dict) -> dict:
         "epoch": ckpt.get("epoch") or ckpt.get("progress", {}).get("epoch"),     # 1-based
         # probabilities are softmax(logits / temperature) (evaluation/calibration.py); null: not calibrated (T = 1)
         "temperature": ckpt.get("temperature"),
+        # why a finished run fitted none (calibration.unfittable), said by predict/serve; null: none recorded
+        "calibration_note": ckpt.get("calibration_note"),
         # 0: trained with --hflip 0, so TTA shows no mirror view (TTA.as_trained); null: the policy's flips
         "train_hflip": ckpt["config"].get("hflip"),
     }

@@ -34,12 +34,16 @@ def temperature_of(meta: Optional[Mapping]) -> float:
 
 def probabilities_note(meta: Optional[Mapping], calibrated: bool = True) -> str:
     """How a model's probabilities are made, in one line: predict, export and serve say it, so a plain softmax
-    (from last.pt, a run still training, or a bundle exported from one) is never taken for a calibrated one."""
+    (from last.pt, a run still training, or a bundle exported from one) is never taken for a calibrated one. A
+    finished run that fitted no temperature recorded why (`calibration_note`: a val split all right, none right, or
+    none at all): that reason is said, not guesses that do not apply to it."""
     if not calibrated:
         return "probabilities: the plain softmax (calibration turned off)"
-    t = (meta or {}).get("temperature")
+    t, why = (meta or {}).get("temperature"), (meta or {}).get("calibration_note")
     if t:
         return f"probabilities: softmax(logits / T), T = {float(t):.3f}, calibrated on the run's val split"
+    if why:
+        return f"probabilities: {why}"
     return ("probabilities: the plain softmax (not calibrated): this model carries no temperature. A run fits one "
             "on its val split when it finishes and keeps it in checkpoints/best.pt; last.pt, a run still training "
             "or without val, and a bundle exported from one of those have none")

@@ -83,11 +83,15 @@ class CheckpointSaver:
         atomic_save({"model": state_dict_cpu(model), "ema": None if ema is None else state_dict_cpu(ema.module),
                      "saver": self.state_dict(), **train_state, **self.meta}, self.run.last)
 
-    def record_temperature(self, temperature: float) -> None:
-        """Write the calibration temperature fitted on best.pt's weights into best.pt, so that every model made
-        from it (evaluate, predict, export) applies softmax(logits / T). A later best epoch writes a best.pt
-        without one until the run finishes again and refits it."""
-        atomic_save({**load_checkpoint(self.run.best), "temperature": float(temperature)}, self.run.best)
+    def record_calibration(self, temperature: Optional[float], note: Optional[str] = None) -> None:
+        """Write into best.pt the calibration temperature fitted on its weights, so that every model made from it
+        (evaluate, predict, export) applies softmax(logits / T); or, with none fitted, `note`, why not (the val
+        split all right, none right, or absent), so that they say that reason, not the one for last.pt or a run
+        still training. A later best epoch writes a best.pt without either until the run finishes again."""
+        ckpt = {k: v for k, v in load_checkpoint(self.run.best).items()
+                if k not in ("temperature", "calibration_note")}
+        atomic_save({**ckpt, **({"temperature": float(temperature)} if temperature is not None
+                                else {"calibration_note": note})}, self.run.best)
 
     def stage_start_weights(self) -> Optional[dict]:
         """The weights the next stage starts from (the finished stage's best), if saved."""

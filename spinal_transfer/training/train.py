@@ -943,8 +943,9 @@ def finish(s: Session) -> dict:
               "head": model_summary(s.model),
               "weights": best.get("head_info", {}).get("weights_file") or {"source": s.cfg.weights}}
     if is_main():
-        if calib is not None:      # the temperature goes with the weights it was fitted on (README, "calibration")
-            s.saver.record_temperature(calib.temperature)
+        # the temperature, or why none, goes with the weights it was fitted on (README, "calibration")
+        s.saver.record_calibration(calib.temperature if calib else None, no_fit)
+        if calib is not None:
             plot_calibration(calib, s.run.plot("calibration.png"))
             (log.warning if calib.bound_note() else log.info)(f"calibration: {calib.describe()}")
         else:

