@@ -34,6 +34,7 @@ from ..errors import DataError, few
 from ..utils.textfiles import encode_text
 from .images import IMG_EXTENSIONS, check_image_header, first_readable
 from .leakage import duplicates_of
+from .skiplog import SkipLog
 
 log = logging.getLogger("spinal_transfer")
 
@@ -296,14 +297,15 @@ def _class_mismatches(classes: dict[str, list[str]], dirs: dict[str, Path]) -> t
     return ("class folders differ between splits (compared with train): " + "; ".join(said) if said else ""), problems
 
 
-def labelled_images(root: PathLike, split: str, classes: list[str],
-                    follow_links: bool = False) -> tuple[list[Sample], str]:
+def labelled_images(root: PathLike, split: str, classes: list[str], follow_links: bool = False,
+                    skips: Optional[SkipLog] = None) -> tuple[list[Sample], str]:
     """The labelled images of a folder that is not a run's own, for scoring a model trained on `classes`
     (`evaluate --data`): ROOT/SPLIT/<class>/ when ROOT has split folders (that one only: a test-only folder needs
     no train/), else every image of ROOT/<class>/; a split is never carved out. Labels are the model's indices
     of the class-folder names, so the folder may hold any subset of the model's classes, in any order (a folder
     scanned on its own would number a subset 0..k-1: silently wrong labels). A folder name the model does not
-    know is refused: its images cannot be scored. Returns (samples, which images they are, in words)."""
+    know is refused: its images cannot be scored. Returns (samples, which images they are, in words); the files
+    the scan skipped go to `skips` too, so a caller's record lists them beside those that fail to decode later."""
     root = data_folder(root)
     notes: list[str] = []
     dirs = _find_split_dirs(root, notes, need_train=False)
@@ -331,6 +333,8 @@ def labelled_images(root: PathLike, split: str, classes: list[str],
         log.warning(n)
     if skipped:
         log.warning("%d file(s) under %s skipped, e.g. %s: %s", len(skipped), folder, *skipped[0])
+        if skips is not None:
+            skips.add(skipped)
     return samples, (f"{split}/ of {root} ({len(samples)} images)" if dirs
                      else f"all {len(samples)} images of {root} (it has no split folders)")
 

@@ -23,7 +23,7 @@ from ..data.skiplog import SkipLog
 from ..data.splits import (config_splits, fingerprints, holds_recorded, labelled_images, load_recorded,
                            recorded_fingerprints)
 from ..data.transforms import build_transforms
-from ..errors import ConfigError, DataError, option_value
+from ..errors import ConfigError, DataError, few, option_value
 from ..models.restore import model_from_checkpoint
 from ..runs.rundir import RunDir, load_run_checkpoint
 from ..utils.distributed import gather_objects, is_main
@@ -238,7 +238,9 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     ckpt = load_run_checkpoint(source)
     model, cfg, dc, classes = model_from_checkpoint(ckpt)
     tta = tta.as_trained(cfg.hflip) if tta is not None else None
-    samples, used = _eval_samples(Path(source), cfg, data, split, classes, ckpt.get("split_fingerprints"))
+    skips = SkipLog()                      # the scan's and the decoder's: metrics list every file not scored
+    samples, used = _eval_samples(Path(source), cfg, data, split, classes, ckpt.get("split_fingerprints"),
+                                  skips=skips)
     dev = pick_device(device)
     configure_process(dev)
     channels_last = use_channels_last(cfg.channels_last, dev)
@@ -248,7 +250,6 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     temperature = temperature_of(ckpt) if calibrated else 1.0
     loader = make_loader(samples, build_transforms(dc, train=False), batch_size or cfg.batch_size,
                          workers if workers is not None else cfg.workers, dev, ShardSampler(len(samples)))
-    skips = SkipLog()
 
     plain_m = None
     if tta is None:
@@ -264,7 +265,20 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     m["temperature"] = temperature
     m["num_skipped_files"] = len(skips)
     m["skipped_files"] = [[p, r] for p, r in skips.entries.items()]
-    return Evaluation(m, out, samples, classes, used, plain_m, tta)
+    return Evaluation(m, out, samples, classes, used + _unscored(samples, out.targets, classes), plain_m, tta)
+
+
+def _unscored(samples: list, scored: torch.Tensor, classes: list[str]) -> str:
+    """What the metrics leave out of `samples` (listed for scoring) because the decoder skipped them, in words
+    for the line saying which images were evaluated ("" when every one was scored); a class none of whose images
+    could be read is named in a warning, since its recall is then not measured at all."""
+    if len(scored) == len(samples):
+        return ""
+    lost = sorted({classes[y] for _, y in samples} - {classes[int(y)] for y in scored})
+    if lost:
+        log.warning(f"no image of {len(lost)} class(es) could be decoded, so the metrics say nothing of them: "
+                    f"{few(lost)} (the skipped files are listed in the metrics)")
+    return f"; {len(scored)} of them scored, {len(samples) - len(scored)} could not be decoded"
 
 
 def scaled(out: Outputs, temperature: float) -> Outputs:
@@ -281,14 +295,14 @@ GONE_ADVICE = ("score another labelled folder with --data: one that does not hol
 
 def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, classes: list[str],
                   recorded: Optional[dict] = None, advice: str = GONE_ADVICE, needed: Optional[Sequence[str]] = None,
-                  log_changes: bool = True) -> tuple[list, str]:
+                  log_changes: bool = True, skips: Optional[SkipLog] = None) -> tuple[list, str]:
     """The samples `evaluate` reads, and a sentence saying which they are. `recorded`: the checkpoint's split
     fingerprints; splits that do not match them are refused (another run's splits.json, or a folder that changed
     since the run: either may hold images the model trained on). `advice`: what the calling command suggests when
     recorded files are gone (`load_recorded`); `needed`: the recorded splits whose gone files are refused (default
     `split` alone: a gone train image does not change a test score; export's int8 reads train and val, and passes
     them), those of the others are dropped with a warning (`log_changes`: the warnings about the folder, off for a
-    second read).
+    second read). `skips`: where the files another folder's scan skipped are listed.
 
     `data` is the run's data folder when it is the recorded one, or when it holds the run's train and `split`
     images at their recorded paths and sizes (`holds_recorded`: the folder moved, or a copy of it, even while the
@@ -315,7 +329,7 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
                             f"or give another folder with --data")
         return splits.get(split), (f"the {split} split of {cfg.data} made again from the run's settings (no "
                                    f"splits.json beside the checkpoint): {len(splits.get(split))} images")
-    return labelled_images(data, split, classes, cfg.follow_links)
+    return labelled_images(data, split, classes, cfg.follow_links, skips)
 
 
 def _run_record(source: Path) -> tuple[RunDir, Optional[dict]]:

@@ -136,3 +136,29 @@ def test_evaluate_refuses_a_checkpoint_copied_into_another_runs_folder(three_dig
                                         r".*r5_best.pt was trained on .* evaluate the checkpoint in its own run"):
         evaluate(stray, device="cpu", workers=0)
     assert len(evaluate(r5, device="cpu", workers=0).samples) == len(evaluate(r2, device="cpu", workers=0).samples)
+
+
+def test_evaluate_data_lists_every_file_it_did_not_score_and_names_a_class_none_of_whose_images_decode(
+        finished_run, three_digits, tmp_path, cli_run, caplog):
+    """Another folder's broken files: those its scan skips (empty, not an image) and those that only fail to
+    decode (a truncated PNG passes the header check) are all listed in metrics_test.json, the line saying which
+    images were evaluated counts those actually scored, and a class left with no decodable image is named."""
+    folder = tmp_path / "other"
+    good = sorted((three_digits / "test" / "digit_0").glob("*.png"))[:6]
+    (folder / "digit_0").mkdir(parents=True)
+    (folder / "digit_1").mkdir()
+    for f in good:
+        shutil.copy(f, folder / "digit_0")
+    (folder / "digit_0" / "empty.png").write_bytes(b"")                            # the scan skips it
+    (folder / "digit_0" / "notes.png").write_text("not an image")                  # the scan skips it
+    whole = sorted((three_digits / "test" / "digit_1").glob("*.png"))[0].read_bytes()
+    for k in range(3):                                                             # pass the header, fail to decode
+        (folder / "digit_1" / f"cut{k}.png").write_bytes(whole[:len(whole) // 2])
+    r = cli_run("evaluate", finished_run, "--data", folder, "--out", tmp_path / "ev", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics_test.json").read_text())
+    skipped = {Path(p).name for p, _ in metrics["skipped_files"]}
+    assert skipped == {"empty.png", "notes.png", "cut0.png", "cut1.png", "cut2.png"}
+    assert metrics["num_skipped_files"] == 5 and metrics["num_samples"] == len(good)
+    assert f"all 9 images of {folder} (it has no split folders); 6 of them scored, 3 could not be decoded" in r.stderr
+    assert "no image of 1 class(es) could be decoded, so the metrics say nothing of them: digit_1" in caplog.text
