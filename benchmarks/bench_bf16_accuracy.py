@@ -44,8 +44,9 @@ def main() -> None:
     base = TrainConfig(data=str(root), backbone="timm/test_resnet", weights="none", head="spinal",
                        head_preset="resnet", layer_width=64, img_size=32, batch_size=64, workers=0, augment="none",
                        epochs=args.epochs, lr=0.05, scheduler="cosine", device="cpu", log_interval=1000)
-    print(f"config: timm/test_resnet + spinal w64, 32 px, batch 64, SGD lr 0.05 momentum 0.9 cosine, "
-          f"{args.epochs} epochs, seeds 0-{seeds - 1}, digits {digits[0]}-{digits[-1]}", flush=True)
+    print(f"config: timm/test_resnet + spinal w64, 32 px, batch 64, {base.optimizer} lr {base.lr:g} wd "
+          f"{base.weight_decay:g} {base.scheduler}, label smoothing {base.label_smoothing:g} (train's defaults but "
+          f"lr), {args.epochs} epochs, seeds 0-{seeds - 1}, digits {digits[0]}-{digits[-1]}", flush=True)
     res: dict[str, list] = {"none": [], "bf16": []}
     for seed in range(seeds):
         for amp in ("none", "bf16"):
@@ -53,7 +54,7 @@ def main() -> None:
             report = run(dataclasses.replace(base, amp=amp, seed=seed, out=str(out)))
             rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if r]
             res[amp].append((report, rows))
-            print(f"  seed {seed} amp {amp:4s}: best epoch {report['best_epoch'] + 1}, val top1 "
+            print(f"  seed {seed} amp {amp:4s}: best epoch {report['best_epoch']} of {len(rows)}, val top1 "
                   f"{report['val']['top1']:.4f} (loss {report['val']['loss']:.4f}), test top1 "
                   f"{report['test']['top1']:.4f}; per-epoch val top1 {[round(r['val']['top1'], 4) for r in rows]}; "
                   f"train {statistics.median(r['train_images_per_s'] for r in rows):.0f} img/s", flush=True)

@@ -79,9 +79,15 @@ def main() -> None:
     print(f"wrote {RESULTS}", file=sys.stderr)
 
 
+def _cell(line: str) -> str:
+    """A verdict line as one cell of the Targets table: a line that is itself a table row keeps its pipes escaped,
+    or Markdown would drop every cell past the header's two, the verdict among them."""
+    return line.strip().strip("|").strip().replace("|", "\\|")
+
+
 def write(sections: dict[str, str]) -> None:
     body = [sections[n] for n in BENCHES if n in sections]
-    targets = [f"| {n} | {line.strip().strip('|').strip()} |" for n in BENCHES if n in sections
+    targets = [f"| {n} | {_cell(line)} |" for n in BENCHES if n in sections
                for line in sections[n].splitlines() if re.search(r"\b(PASS|MISS)\b", line)]
     RESULTS.write_text(
         "# Benchmark results\n\n"
