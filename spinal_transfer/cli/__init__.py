@@ -49,6 +49,18 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals (a bad value, an unknown flag, a missing argument) as one line like every other
+    user mistake (ConfigError: `error: ...`, exit 2), not the command's whole usage (70 lines for compare) above it.
+    Subcommand parsers are of the same class (argparse makes them so). `help_prog`: whose --help the line names
+    (the top parser refuses unknown flags of a command: that command's)."""
+
+    help_prog: Optional[str] = None
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (`{self.help_prog or self.prog} --help` lists the options)")
+
+
 def command_parser(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +135,7 @@ def replacing(replaced: bool) -> str:
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser. The options of command `only` are loaded (its module imported); with None, every command's."""
-    p = argparse.ArgumentParser(prog="spinal-transfer", description=__doc__.splitlines()[0],
+    p = Parser(prog="spinal-transfer", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run `spinal-transfer COMMAND --help` for a command's options and examples.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -136,6 +148,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         sp = command_parser(sub, name, help_, mod.EXAMPLES)
         mod.add_args(sp)
         sp.set_defaults(func=mod.main)
+    p.help_prog = f"{p.prog} {only}" if only in COMMANDS else None
     return p
 
 

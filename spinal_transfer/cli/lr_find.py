@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from . import output_file, replacing
 
 EXAMPLES = """\
-  spinal-transfer lr-find --data data/digits --img-size 32 --out lr_find.png
+  spinal-transfer lr-find --data data/digits --weights bundled --img-size 32 --out lr_find.png
   spinal-transfer lr-find --data ~/pets --backbone timm/resnet50 --optimizer adamw --weight-decay 0.05
   spinal-transfer lr-find --recipe recipes/stl10_wrn101_spinal.yaml --data data/stl10 --num-steps 300
 Takes the options of `train` and runs the learning-rate range test on a copy of that run's model
