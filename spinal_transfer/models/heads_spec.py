@@ -47,7 +47,7 @@ class HeadSpecError(ConfigError):
 
 
 def _integer(text: str) -> int:
-    if not re.fullmatch(r"\d+", text):
+    if not re.fullmatch(r"-?\d+", text):       # -3 is an integer: the field's own range check says what fits
         raise ValueError("an integer")
     return int(text)
 
