@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     unfinished = run.unfinished()
     if unfinished:
-        raise RunFolderError(f"{unfinished}, and writes its report")
+        raise RunFolderError(f"{unfinished} (a run's report comes when it finishes)")
     gone = _images_gone(run)
     if gone and args.out is None:       # the run's own page has its pictures: one without them does not replace it
         raise DataError(f"{gone} of the test images the run predicted are no longer where it read them (was the data "

@@ -111,9 +111,16 @@ class RunDir:
         total = self.read_config().total_epochs() if self.config.is_file() else "?"
         holder = self.lock_holder()
         how = f"{holder} is training it now" if holder else \
-            f"`spinal-transfer train --resume {self.path}` finishes it" if state == "interrupted" else \
-            "it stopped before its first checkpoint: train it again"
+            f"`spinal-transfer train --resume {self.path}` finishes it{self._made_by()}" if state == "interrupted" \
+            else "it stopped before its first checkpoint: train it again"
         return f"{self.path} has not finished (epoch {done} of {total}); {how}"
+
+    def _made_by(self) -> str:
+        """For a run inside a compare/reproduce OUT/runs/<name>/seed<k>/ or a tune OUT/trials/trial<n>/ folder: that
+        rerunning the command resumes it too (with the rest of its runs), in words; "" for a run of its own."""
+        inside = self.path.parent.name == "trials" or self.path.parent.parent.name == "runs"
+        return (", or rerunning the compare, reproduce or tune command that made it (it resumes its runs)"
+                if inside else "")
 
     def own_files(self) -> list[Path]:
         """Everything here that a run wrote (what --overwrite may remove)."""

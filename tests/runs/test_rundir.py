@@ -86,3 +86,15 @@ def test_a_folder_without_best_pt_or_a_checkpoint_without_a_model_is_refused(tmp
     atomic_save({"model": {}}, run.best)
     with pytest.raises(CheckpointError, match="holds no model description"):
         load_run_checkpoint(run.path)
+
+
+def test_an_interrupted_run_of_compare_or_tune_says_the_command_resumes_it_too(tmp_path):
+    for folder, says in ((tmp_path / "cmp" / "runs" / "linear" / "seed0", True),
+                         (tmp_path / "tune" / "trials" / "trial0003", True), (tmp_path / "mine", False)):
+        run = RunDir(folder)
+        run.write_text(run.config, "epochs: 3\n")
+        atomic_save({"epoch": 1}, run.last)
+        text = run.unfinished()
+        assert text.startswith(f"{folder} has not finished (epoch 0 of 3); `spinal-transfer train --resume {folder}` "
+                               f"finishes it")
+        assert ("rerunning the compare, reproduce or tune command that made it" in text) == says, text
