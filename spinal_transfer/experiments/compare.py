@@ -99,7 +99,7 @@ def plan(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int, mode: str, ou
                            "select_on: test cannot be compared fairly (remove it)")
     out = Path(out).expanduser().resolve()
     common = {"data": str(Path(base.data).expanduser().resolve()),
-              **mode_fields(mode, out, base.cache_dir, base.cache_features)}
+              **mode_fields(mode, out, base.cache_dir, base.cache_features, base.freeze_backbone)}
     runs = [Planned(h, seed, resolve_config(base, {**common, **h.config_fields(), "seed": seed,
                                                    "out": str(run_dir(out, h.slug, seed).path)}))
             for seed in range(seeds) for h in heads]

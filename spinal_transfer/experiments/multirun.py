@@ -9,6 +9,7 @@ that shows the mode names it with MODE_NAMES. No torch here (the command line's 
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence, Union
@@ -34,19 +35,25 @@ IGNORED = (set(RESUME_SAFE) - {"epochs", "stages", "limit_train_batches", "data"
 
 
 PathLike = Union[str, Path]
+log = logging.getLogger(__name__)
 
 
 class MultiRunError(UserError, ValueError):
     """A request to compare or tune that cannot run as given; the message says how to fix it."""
 
 
-def mode_fields(mode: str, out: Path, cache_dir: str = "", cache_features: bool = False) -> dict:
+def mode_fields(mode: str, out: Path, cache_dir: str = "", cache_features: bool = False,
+                freeze_backbone: bool = False) -> dict:
     """The TrainConfig fields a mode sets. Frozen: one feature cache for every run (OUT/feature-cache unless
     the config names another), so the backbone's features are computed once for all runs. Fine-tune: the
     backbone trains; `cache_features` (the config's) is turned off only when it is on, since a field set here
-    for nothing would be warned about as a flag given for nothing."""
+    for nothing would be warned about as a flag given for nothing. A recipe's `freeze_backbone: true` (a frozen
+    tune's best.yaml) that fine-tune mode overrides is said: the runs would train what the recipe kept frozen."""
     if mode not in MODES:
         raise MultiRunError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "finetune" and freeze_backbone:
+        log.warning("the recipe keeps the backbone frozen (freeze_backbone: true), but --mode finetune (the default) "
+                    "trains it, as train does; give --mode frozen to keep it frozen")
     if mode == "frozen":
         return {"freeze_backbone": True, "cache_features": True, "cache_dir": cache_dir or str(out / CACHE_DIR)}
     return {"freeze_backbone": False, **({"cache_features": False} if cache_features else {})}

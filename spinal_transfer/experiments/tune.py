@@ -439,7 +439,7 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_config(base, {"data": str(Path(base.data).expanduser().resolve()),
-                                 **mode_fields(mode, out, base.cache_dir, base.cache_features)})
+                                 **mode_fields(mode, out, base.cache_dir, base.cache_features, base.freeze_backbone)})
     storage = storage or default_storage(out)
     claim_trials(out, study_name, storage)
     study = open_study(storage, study_name, make_sampler(sampler_seed),

@@ -46,3 +46,14 @@ def test_a_run_stopped_inside_a_driver_says_to_rerun_the_driver():
             raise Interrupted(said)
     assert str(stop.value) == ("SIGTERM received: stopped at epoch 2, batch 3 (optimizer step 9); the run in flight "
                                "kept its last.pt, and the same compare command resumes it and goes on")
+
+
+def test_finetune_mode_says_when_it_trains_a_backbone_the_recipe_keeps_frozen(tmp_path, caplog):
+    """A frozen tune's best.yaml (freeze_backbone: true) given to compare, whose default mode fine-tunes: said."""
+    for mode, frozen_recipe, warned in (("finetune", True, True), ("finetune", False, False),
+                                        ("frozen", True, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            fields = mode_fields(mode, tmp_path, freeze_backbone=frozen_recipe)
+        assert fields["freeze_backbone"] == (mode == "frozen")
+        assert ("give --mode frozen to keep it frozen" in caplog.text) == warned, (mode, frozen_recipe)
