@@ -439,12 +439,15 @@ def check_prepared(folders: Sequence[str], data_root: PathLike) -> None:
     if not missing:
         return
     fetched = [m for m in missing if m in DATASETS and DATASETS[m].downloadable]
-    manual = [m for m in missing if m not in fetched]
+    bundled = [m for m in missing if m in DATASETS and not (DATASETS[m].needs or DATASETS[m].fetch)]
+    manual = [m for m in missing if m not in fetched and m not in bundled]
 
     def which(names: list[str]) -> str:
         return "it" if len(names) == 1 else "each of " + ", ".join(names)
     how = ([f"`spinal-transfer prepare {fetched[0]} --root {data_root} --download` fetches {which(fetched)} (the "
             f"network once)"] if fetched else []) + \
+        ([f"`spinal-transfer prepare {bundled[0]} --root {data_root}` makes {which(bundled)} from images installed "
+          f"packages ship (nothing to fetch)"] if bundled else []) + \
         ([f"`spinal-transfer prepare {manual[0]} --root {data_root}` says where to get the raw files of "
           f"{which(manual)} (prepare cannot download them)"] if manual else [])
     raise ReproduceError(f"not prepared under {data_root}: {', '.join(missing)}; prepare each first: "

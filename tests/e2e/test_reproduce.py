@@ -197,6 +197,11 @@ def test_a_dataset_not_prepared_is_named_with_its_prepare_command_before_any_run
                                                 r"raw files of it \(prepare cannot download them\)$"):
         rp.check_prepared([str(tmp_path / "bird225"), str(tmp_path / "svhn")], tmp_path)     # Kaggle's: no --download
     rp.check_prepared([str(tmp_path / "digits")], tmp_path)          # prepared: nothing to say
+    with pytest.raises(rp.ReproduceError, match=r": photos, svhn; prepare each first: `spinal-transfer prepare svhn "
+                                                r"--root .* --download` fetches it \(the network once\); "
+                                                r"`spinal-transfer prepare photos --root .*` makes it from images "
+                                                r"installed packages ship \(nothing to fetch\)$"):
+        rp.check_prepared([str(tmp_path / "photos"), str(tmp_path / "svhn")], tmp_path)    # photos: no raw files
 
 
 def _mlflow_runs(db: Path) -> dict[str, str]:
