@@ -38,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
 REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")   # predict's
+# predict's (data.images.IMG_EXTENSIONS; test_standalone checks they agree)
+EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_ASPECT_RATIO = 100     # spinal-transfer's: a 1x3,000,000 PNG is 3 KB, but its resize would ask for 10 GB
 ORIENTATION = 0x0112       # EXIF's Orientation tag
 # Pillow's exif_transpose on an HxWxC array, by orientation (1: as stored; 6 turns 90 degrees clockwise)

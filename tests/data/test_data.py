@@ -558,3 +558,14 @@ def test_list_images_keeps_broken_links_for_their_reason_and_counts_other_files(
         listed = list_images([tmp_path / "in"])
     assert listed == [str(good), str(tmp_path / "in" / "gone.jpg")]
     assert any("1 file(s) under" in r.message and ".heic" in r.message for r in caplog.records)
+
+
+def test_jpeg_files_named_jfif_or_jpe_are_images(tmp_path):
+    """.jfif and .jpe are JPEG's other names (Windows saves web images as .jfif): read, not skipped as other files."""
+    from skimage import data as skdata
+
+    (tmp_path / "in").mkdir()
+    for name in ("cat.jfif", "cat.jpe"):
+        Image.fromarray(skdata.chelsea()).save(tmp_path / "in" / name, format="JPEG")
+    assert list_images([tmp_path / "in"]) == [str(tmp_path / "in" / "cat.jfif"), str(tmp_path / "in" / "cat.jpe")]
+    assert load_image(tmp_path / "in" / "cat.jfif").shape == skdata.chelsea().shape

@@ -198,6 +198,7 @@ def test_predict_onnx_skips_what_predict_refuses_unread(bundle, tmp_path):
         assert [line for line in res.stderr.splitlines() if path in line] == [f"skipped {path}: {why}"]
     assert ours.paths == out["images"] and np.abs(np.array(out["probabilities"]) - ours.probs.numpy()).max() < 1e-5
     assert standalone.MAX_ASPECT_RATIO == package_images.MAX_ASPECT_RATIO      # held in step
+    assert standalone.EXTENSIONS == package_images.IMG_EXTENSIONS
 
 
 def test_an_orientation_kept_only_in_xmp_turns_the_picture_on_every_path(bundle, tmp_path):
