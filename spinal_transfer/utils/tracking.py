@@ -23,6 +23,7 @@ process given `enabled=True` (rank 0 under torchrun) logs anything.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,11 +31,12 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from .atomic import atomic_write_text
+from .filelock import exclusive
 
 log = logging.getLogger("spinal_transfer.utils.tracking")
 PathLike = Union[str, Path]
@@ -283,6 +285,21 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"cannot reach the MLflow server at {uri}: {e}") from None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store: held while the store is created and its experiment looked up or made. MLflow creates
+    the schema (and migrates it) on first use without a lock of its own, so two processes starting on one new
+    store (two `compare` workers sharing OUT) failed with "table experiments already exists" and one ran
+    untracked. A server's store needs none: the server serialises it."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(db.with_name(f".{db.name}.lock")):
+        yield
+
+
 class MLflowBackend(Backend):
     """One MLflow run per training run, named after the run folder.
 
@@ -312,27 +329,28 @@ class MLflowBackend(Backend):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
             _check_reachable(uri)
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        with _store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment, root, tracking_uri)
+        self.run_dir = run_dir.resolve()
+        self.run_id = self._earlier_run() or self._new_run(self.experiment_id, run_name)
+        self.pending: list = []
+
+    def _experiment(self, experiment: Optional[str], root: Path, tracking_uri: Optional[str]) -> str:
+        """The id of the experiment runs log to (created when missing; the first call also creates the store)."""
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") and not tracking_uri else None
-            try:
-                eid = self.client.create_experiment(name, artifact_location=location)
-            except Exception:         # another run created it in the meantime
-                exp = self.client.get_experiment_by_name(name)
-                if exp is None:
-                    raise
-                eid = exp.experiment_id
-        else:
-            eid = exp.experiment_id
-        self.experiment_id = eid
-        self.run_dir = run_dir.resolve()
-        self.run_id = self._earlier_run() or self._new_run(eid, run_name)
-        self.pending: list = []
+        if exp is not None:
+            return exp.experiment_id
+        location = (root / "mlartifacts").as_uri() if self.uri.startswith("sqlite:") and not tracking_uri else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:         # another run (a server's client, not under our lock) created it in the meantime
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def _earlier_run(self) -> Optional[str]:
         """The MLflow run this run folder logged to before (a resumed run continues it, not a second MLflow run

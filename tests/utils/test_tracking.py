@@ -404,3 +404,39 @@ def test_a_damaged_record_is_set_aside_with_one_warning(tmp_path, caplog, monkey
     assert (run_dir / "tracking.json.damaged").read_text() == damaged
     assert (run_dir.parent / "mlruns.db").is_file()          # the store beside it, as the warning says
     assert set(json.loads((run_dir / RUN_ID_FILE).read_text())) == {"mlflow_run_id"}
+
+
+_START_TOGETHER = """
+import sys, time
+from pathlib import Path
+root, i = Path(sys.argv[1]), sys.argv[2]
+from spinal_transfer.utils.tracking import MLflowBackend
+(root / f"ready{i}").touch()
+while not (root / "go").exists():
+    time.sleep(0.001)
+backend = MLflowBackend(root / f"run{i}", f"run{i}", None, None)
+print(backend.run_id)
+"""
+
+
+@pytest.mark.slow  # ~15 s: four processes import MLflow
+def test_processes_starting_on_one_new_mlflow_store_all_track(tmp_path):
+    """Two compare workers sharing OUT start their first runs at once on a new OUT/mlruns.db: MLflow creates the
+    schema without a lock, so all but one failed ("table experiments already exists") and ran untracked. Four
+    processes released together: each gets its own MLflow run in the one store."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", _START_TOGETHER, str(tmp_path), str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.time() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outs]
+    ids = {out.strip() for out, _ in outs}
+    assert len(ids) == 4
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert {client.get_run(r).info.run_name for r in ids} == {f"run{i}" for i in range(4)}
