@@ -100,8 +100,9 @@ def rerun_resumes(command: str) -> Iterator[None]:
     try:
         yield
     except Interrupted as e:
-        raise Interrupted(f"{str(e).split(';')[0]}; the run in flight kept its last.pt, and the same {command} "
-                          f"command resumes it and goes on") from None
+        kept = "the run in flight kept its last.pt, and " if getattr(e, "in_flight", True) else ""
+        raise Interrupted(f"{str(e).split(';')[0]}; {kept}the same {command} command resumes it and goes on") \
+            from None
     finally:
         _driver.reset(token)
 

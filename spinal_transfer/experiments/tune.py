@@ -62,6 +62,7 @@ from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.atomic import atomic_write_text
 from ..utils.filelock import exclusive
+from ..utils.preemption import StopControl, parse_signals
 from ..utils.stamp import refuse_others, yaml_generator
 from .multirun import (
     DEFAULT_MODE,
@@ -86,6 +87,7 @@ PRUNE_AFTER_TRIALS = 5                # the median pruner waits for this many fi
 PRUNE_FROM_EPOCH = 2                  # ...and stops a trial no earlier than after this epoch
 PRUNERS = ("median", "none")
 HEARTBEAT_S, GRACE_S = 60, 180        # a RUNNING trial silent for GRACE_S is marked failed
+ABANDONED_S = HEARTBEAT_S             # a RUNNING trial this old with no heartbeat at all was never trained
 UNTUNED = "untuned"                   # user attribute of the trial that trains the untuned defaults
 INTERRUPTED = "interrupted"           # ... of a trial a signal stopped: not counted, its folder handed on
 RESUME_FROM = "resume_from"           # ... of the trial that continues it there (enqueued with its params)
@@ -235,9 +237,13 @@ def trial_fields(trial: "optuna.Trial", base: TrainConfig) -> dict:
     return {}
 
 
-def make_objective(base: TrainConfig, out: Path) -> Callable[["optuna.Trial"], float]:
+def make_objective(base: TrainConfig, out: Path,
+                   stop: Optional[StopControl] = None) -> Callable[["optuna.Trial"], float]:
     """The objective: train one sampled configuration (or the untuned defaults) in OUT/trials/trial<N>/, report
-    val top-1 every epoch (pruning), stop before the test evaluation, return the best val top-1."""
+    val top-1 every epoch (pruning), stop before the test evaluation, return the best val top-1. `stop` is the
+    command's control: a signal that came between trials stops the trial Optuna has just created before it
+    trains, as not counted (like one a signal stopped while training)."""
+    stop = stop or StopControl([])
     optuna = _optuna()
 
     def objective(trial: "optuna.Trial") -> float:
@@ -256,6 +262,7 @@ def make_objective(base: TrainConfig, out: Path) -> Callable[["optuna.Trial"], f
                                          f"the median of earlier trials")
 
         try:
+            stop.raise_if_stopped("between trials")
             if RunDir(folder).state() == "interrupted":       # a trial a signal stopped: continued from its last.pt
                 train.run(resume=folder, on_epoch=on_epoch)
             else:
@@ -442,17 +449,23 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
                                  **mode_fields(mode, out, base.cache_dir, base.cache_features, base.freeze_backbone)})
     storage = storage or default_storage(out)
     claim_trials(out, study_name, storage)
-    study = open_study(storage, study_name, make_sampler(sampler_seed),
-                       make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
-                       out / ".study.lock", untuned_params(base))
-    resume_sampling(study, sampler_seed)
-    flying = len(in_flight(study))
-    log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
-        + (f"{flying} running in other workers, " if flying else "") + f"{max(0, to_go(study, trials))} to go")
-    if to_go(study, trials) > 0:
-        run_trials(study, make_objective(base, out), trials, out)
-    wait_for_running(study, log)
-    return finish_study(study, out, storage, log)
+    # the whole command, not only a trial's training: a signal between trials used to kill the process (143)
+    with StopControl(parse_signals(base.stop_signals)) as stop, rerun_resumes("tune"):
+        study = open_study(storage, study_name, make_sampler(sampler_seed),
+                           make_pruner(pruner) if isinstance(pruner, str) else pruner, settings_of(base, mode),
+                           out / ".study.lock", untuned_params(base))
+        resume_sampling(study, sampler_seed)
+        fail_abandoned(study, out, log)
+        flying = len(in_flight(study))
+        log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
+            + (f"{flying} running in other workers, " if flying else "") + f"{max(0, to_go(study, trials))} to go")
+        while True:       # again when a trial waited for turned out abandoned (not counted: its slot is free)
+            if to_go(study, trials) > 0:
+                run_trials(study, make_objective(base, out, stop), trials, out, stop)
+            wait_for_running(study, out, log, stop)
+            if to_go(study, trials) <= 0:
+                break
+        return finish_study(study, out, storage, log)
 
 
 def check_request(base: TrainConfig, trials: int, study_name: str, out: PathLike,
@@ -489,12 +502,14 @@ def to_go(study: "optuna.Study", trials: int) -> int:
     return trials - counted(study) - len(in_flight(study))
 
 
-def run_trials(study: "optuna.Study", objective: Callable, trials: int, out: Path) -> None:
+def run_trials(study: "optuna.Study", objective: Callable, trials: int, out: Path,
+               control: Optional[StopControl] = None) -> None:
     """This worker's share of the trials, until the study (all workers together) has `trials` ended or running
     ones. A signal stops the trial in flight, which the next tune continues (make_objective): Optuna's traceback
-    for it is filtered, and tune says so in one line."""
+    for it is filtered, and tune says so in one line. A signal after a trial's end (`control`, the command's)
+    starts no other trial and stops the command."""
     def stop(st: "optuna.Study", _: Any) -> None:
-        if to_go(st, trials) <= 0:          # this worker's trial has ended: the running ones are others'
+        if to_go(st, trials) <= 0 or (control is not None and control.received):    # the running ones are others'
             st.stop()
 
     quiet, optimize_log = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
@@ -504,14 +519,18 @@ def run_trials(study: "optuna.Study", objective: Callable, trials: int, out: Pat
             study.optimize(objective, n_trials=to_go(study, trials),
                            callbacks=[stop, lambda st, _: drop_checkpoints(st, out)],
                            catch=(NonFiniteLoss, ConfigError))
+            if control is not None:
+                control.raise_if_stopped("between trials")
     finally:
         optimize_log.removeFilter(quiet)
 
 
-def wait_for_running(study: "optuna.Study", log: Callable[[str], Any], poll_s: float = 1.0) -> None:
+def wait_for_running(study: "optuna.Study", out: Path, log: Callable[[str], Any],
+                     control: Optional[StopControl] = None, poll_s: float = 1.0) -> None:
     """Wait for the trials other workers are running now, so that the best trial is chosen, and tested, once
     they have ended rather than once per worker. Trials of a worker that died end as failed when their
-    heartbeat is older than the grace period."""
+    heartbeat is older than the grace period; a trial with no heartbeat at all ends as abandoned
+    (`fail_abandoned`): Optuna's check skips those, and a worker waited for it forever. A signal stops the wait."""
     import time
 
     from optuna.storages import fail_stale_trials
@@ -520,11 +539,47 @@ def wait_for_running(study: "optuna.Study", log: Callable[[str], Any], poll_s: f
     if running:
         log(f"waiting for {len(running)} trial(s) that other workers are running")
     while running:
+        if control is not None:
+            control.raise_if_stopped("while waiting for other workers' trials")
         time.sleep(poll_s)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _optuna().exceptions.ExperimentalWarning)
             fail_stale_trials(study)
+        fail_abandoned(study, out, log)
         running &= {t.number for t in in_flight(study)}
+
+
+def _heartbeats(study: "optuna.Study") -> set[int]:
+    """Storage ids of the trials that ever recorded a heartbeat (Optuna's RDB table; it has no public query)."""
+    import sqlalchemy  # lazy: comes with Optuna, which tune imports only when it runs
+
+    storage = getattr(study._storage, "_backend", study._storage)
+    with storage.engine.connect() as db:
+        return {row[0] for row in db.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+
+
+def fail_abandoned(study: "optuna.Study", out: Path, log: Callable[[str], Any]) -> None:
+    """A RUNNING trial older than ABANDONED_S that never recorded a heartbeat was left by a process that died
+    before it trained (a live worker beats as soon as its trial starts): it ends as failed and not counted, like
+    a trial a signal stopped, and its enqueued parameters (the untuned defaults, a trial to continue) go back in
+    the queue. Under the study lock, so two waiting workers do not both enqueue them."""
+    import datetime
+
+    from optuna.trial import TrialState
+
+    with exclusive(out / ".study.lock"):
+        beating, now = _heartbeats(study), datetime.datetime.now()
+        for t in in_flight(study):
+            if t._trial_id in beating or (now - t.datetime_start).total_seconds() < ABANDONED_S:
+                continue
+            log(f"trial {t.number} is running in no worker (no heartbeat since {t.datetime_start:%H:%M:%S}): "
+                f"abandoned, not counted")
+            keep = {k: v for k, v in t.user_attrs.items() if k in (UNTUNED, RESUME_FROM)}
+            study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
+            fixed = t.system_attrs.get("fixed_params", {})
+            if fixed or keep:
+                study.enqueue_trial(fixed, user_attrs=keep)
+            study.tell(t.number, state=TrialState.FAIL)
 
 
 def drop_checkpoints(study: "optuna.Study", out: Path) -> None:

@@ -8,6 +8,12 @@ rank 0 writes last.pt with everything needed to continue at the next batch, and 
 
 `--checkpoint-every MINUTES` (or `--checkpoint-every-steps N`) also writes such a mid-epoch last.pt while
 training goes on, so a kill -9 (no signal first) loses at most that much work.
+
+A command that drives many runs (compare, reproduce, tune) holds a StopControl of its own for its whole length:
+a signal between runs (or between trials) is then recorded instead of killing the process (exit 143), and the
+command stops at its next check (`raise_if_stopped`). Controls nest: a run's control takes over a signal its
+command already received, and hands its own back when it ends (a signal that arrived while the run wrote its
+report is honoured by the command after that run, not forgotten).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import signal
 import time
 from typing import Any, Optional
 
-from ..errors import ConfigError, resume_advice
+from ..errors import ConfigError, Interrupted, resume_advice
 
 log = logging.getLogger("spinal_transfer")
 SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2, "INT": signal.SIGINT,
@@ -34,6 +40,9 @@ def parse_signals(text: str) -> list[signal.Signals]:
     return out
 
 
+_ACTIVE: list["StopControl"] = []             # the controls whose handlers are in force, outermost first
+
+
 class StopControl:
     """Signal handlers for the duration of a run, and the per-step decision: go on, write a checkpoint, or
     write one and stop. Every rank takes the same decision (one small all-reduce per optimizer step under
@@ -47,12 +56,17 @@ class StopControl:
         self._previous: dict = {}
         self._signum = 0
         self._last_save = time.monotonic()
+        self._parent: Optional["StopControl"] = None
 
     # --- handlers -------------------------------------------------------------------------------
     def __enter__(self) -> "StopControl":
         import threading
 
         if threading.current_thread() is threading.main_thread():      # Python allows handlers only there
+            self._parent = _ACTIVE[-1] if _ACTIVE else None
+            if self._parent is not None and self._parent.received is not None:   # arrived before this run began
+                self.received, self._signum = self._parent.received, self._parent._signum
+            _ACTIVE.append(self)
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -61,6 +75,19 @@ class StopControl:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
+        if _ACTIVE and _ACTIVE[-1] is self:
+            _ACTIVE.pop()
+        parent, self._parent = self._parent, None
+        if parent is not None and parent.received is None and self.received is not None:
+            parent.received, parent._signum = self.received, self._signum      # the command stops after this run
+
+    def raise_if_stopped(self, where: str) -> None:
+        """Interrupted when a signal was received: a command's check between its runs, where nothing is in
+        flight (the message says so; rerun_resumes adds how to continue)."""
+        if self.received is not None:
+            e = Interrupted(f"{self.received} received: stopped {where}")
+            e.in_flight = False                  # type: ignore[attr-defined]  # no run kept a last.pt just now
+            raise e
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name

@@ -488,3 +488,70 @@ def _sql(db: Path, *statements: str) -> None:
         con.commit()
     finally:
         con.close()
+
+
+def _tune_cmd(data: Path, weights: Path, out: Path, trials: int) -> list[str]:
+    return [sys.executable, "-m", "spinal_transfer", "tune", *cli_flags(data=data, weights=weights, **FLAGS),
+            "--mode", "frozen", "--pruner", "none", "--trials", str(trials), "--out", str(out)]
+
+
+def _signal_after(cmd: list[str], line: str, sig: int, env: dict) -> tuple[int, str]:
+    """Run `cmd`, send `sig` the moment stderr shows `line` (timed on what the command logs, not on a sleep);
+    (exit code, all of stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for text in proc.stderr:
+        seen.append(text)
+        if line in text:
+            proc.send_signal(sig)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_between_trials_stops_tune_resumably_and_the_rerun_finishes(digits_transfer, tmp_path, sig):
+    """SIGTERM (or one Ctrl-C) as soon as trial 1 is logged finished, while Optuna starts trial 2: the old code
+    had no handler there (exit 143, or Ctrl-C's 130 with a traceback and trial 2 FAILED and counted), and left
+    trial 2 RUNNING for ever. Now: exit 75 with the usual line, trial 2 not counted, and the same command again
+    finishes the study."""
+    import signal
+
+    from spinal_transfer.errors import EXIT_INTERRUPTED
+
+    data, weights = digits_transfer
+    out, env = tmp_path / "tune", {**os.environ, "OMP_NUM_THREADS": "1"}
+    code, err = _signal_after(_tune_cmd(data, weights, out, 3), "Trial 1 finished", getattr(signal, sig), env)
+    assert code == EXIT_INTERRUPTED, err[-3000:]
+    assert f"stopped: {sig} received" in err and "the same tune command resumes it" in err, err[-3000:]
+    assert "Traceback" not in err
+    study = _study(out)
+    # the signal may land before Optuna creates trial 2 (none then) or after (it ends not counted)
+    assert [t.state.name for t in study.trials][:2] == ["COMPLETE", "COMPLETE"] and not tune.in_flight(study)
+    assert all(t.user_attrs.get(tune.INTERRUPTED) for t in study.trials[2:] if t.state.name == "FAIL")
+    assert tune.counted(study) == 2
+    again = subprocess.run(_tune_cmd(data, weights, out, 3), capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert tune.counted(_study(out)) == 3 and not tune.in_flight(_study(out))
+
+
+def test_a_running_trial_with_no_heartbeat_is_abandoned_not_waited_for(digits_transfer, tmp_path):
+    """A process killed between Optuna creating a trial and its first heartbeat leaves it RUNNING with no
+    heartbeat row, which Optuna's stale check skips: the old code said '1 running in other workers' and waited
+    for ever (the subprocess's timeout). Now the trial ends as abandoned, not counted, and this worker trains
+    the study's last trial itself."""
+    data, weights = digits_transfer
+    out, env = tmp_path / "tune", {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(_tune_cmd(data, weights, out, 1), capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    _study(out).ask()                   # trial 1, RUNNING, as a process killed right then leaves it
+    code = ("import sys; from spinal_transfer.experiments import tune; tune.ABANDONED_S = 0; "
+            "from spinal_transfer.cli import main; sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code, *_tune_cmd(data, weights, out, 2)[3:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trial 1 is running in no worker" in done.stderr
+    study = _study(out)
+    assert [(t.state.name, bool(t.user_attrs.get(tune.INTERRUPTED))) for t in study.trials] == \
+        [("COMPLETE", False), ("FAIL", True), ("COMPLETE", False)]
+    assert tune.counted(study) == 2
