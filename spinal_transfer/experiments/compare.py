@@ -39,6 +39,7 @@ from ..models.heads_spec import HeadSpec
 from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.filelock import exclusive
+from ..utils.preemption import StopControl, parse_signals
 from .multirun import (
     DEFAULT_MODE,
     IGNORED,
@@ -165,10 +166,14 @@ def run_one(p: Planned, where: str, log: Callable[[str], Any]) -> bool:
     return True
 
 
-def wait_for_others(runs: Sequence[Planned], log: Callable[[str], Any], poll_s: float = 1.0) -> None:
-    """Block until no process holds any of `runs` (their locks die with their holders, so this ends)."""
+def wait_for_others(runs: Sequence[Planned], log: Callable[[str], Any], poll_s: float = 1.0,
+                    control: Optional[StopControl] = None) -> None:
+    """Block until no process holds any of `runs` (their locks die with their holders, so this ends), or until
+    a signal (`control`, the command's) stops the command."""
     log(f"waiting for {len(runs)} run(s) that other processes are training")
     while any(p.run.is_locked() for p in runs):
+        if control is not None:
+            control.raise_if_stopped("while waiting for other processes' runs")
         time.sleep(poll_s)
 
 
@@ -192,17 +197,22 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     if others:                       # an earlier, larger comparison: its runs stay, its table is rewritten
         log(f"note: {len(others)} finished run(s) in {out / RUNS} are not in this comparison (other heads or "
             f"seeds, e.g. {Path(others[0]).relative_to(out)}): the tables show only the heads and seeds asked for")
-    with rerun_resumes("compare"):
+    # the command's own handlers: a signal between runs used to kill it (143), and one a run received while
+    # writing its report was forgotten when that run returned (the command trained every remaining run)
+    with StopControl(parse_signals(base.stop_signals)) as stop, rerun_resumes("compare"):
         try:
             pending = runs
             while pending:
                 left = []
                 for p in pending:
-                    if not run_one(p, f"[{runs.index(p) + 1}/{len(runs)}] {p.head.text} seed {p.seed}", log):
+                    where = f"[{runs.index(p) + 1}/{len(runs)}] {p.head.text} seed {p.seed}"
+                    stop.raise_if_stopped(f"before {where}")
+                    if not run_one(p, where, log):
                         left.append(p)
                     write_results(runs, mode, out)
+                    stop.raise_if_stopped(f"after {where}")
                 if left:
-                    wait_for_others(left, log)
+                    wait_for_others(left, log, control=stop)
                 pending = left
         finally:
             results = write_results(runs, mode, out)

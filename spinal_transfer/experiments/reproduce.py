@@ -38,6 +38,7 @@ from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.atomic import atomic_write_text
 from ..utils.distributed import is_main
+from ..utils.preemption import StopControl, parse_signals
 from ..utils.stamp import html_generator, md_generator
 from .multirun import refuse_others_in, run_dir, tracked_as
 
@@ -482,11 +483,15 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
     if shard:
         log(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the {len(plan)} runs")
     check_prepared([plan[i][2].data for i in mine], data_root)
-    with rerun_resumes("reproduce"):
+    # the command's own handlers (the first run's signals: a recipe's stop_signals): a signal between runs used
+    # to kill it (143), and one a run received while writing its report was forgotten when that run returned
+    signals = parse_signals(plan[mine[0]][2].stop_signals) if len(mine) else []
+    with StopControl(signals) as stop, rerun_resumes("reproduce"):
         try:
             for n, i in enumerate(mine, 1):
                 r, seed, cfg = plan[i]
                 run, where = RunDir(cfg.out), f"[{n}/{len(mine)}] {r.name} seed {seed}"
+                stop.raise_if_stopped(f"before {where}")
                 state = run.state()
                 if state == "finished":
                     log(f"{where}: finished, skipped")
@@ -501,6 +506,7 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
                 except (NonFiniteLoss, RunFolderError) as e:
                     log(f"{where}: {e}")
                 write_results(recipes, seeds, out)
+                stop.raise_if_stopped(f"after {where}")
         finally:
             rows = write_results(recipes, seeds, out)
     log(f"results: {', '.join(str(out / n) for n in RESULT_FILES)}")

@@ -198,3 +198,32 @@ def test_kubernetes_indexed_job_pods_together_finish_the_table(data_root, tmp_pa
     collect = subprocess.run(command[:-2] + ["--collect"], env=_env(), capture_output=True, text=True)
     assert collect.returncode == 0, collect.stderr[-2000:]
     assert shlex.join(container["command"]).startswith("spinal-transfer reproduce")
+
+
+# --- a signal while a run writes its report, or between runs ---------------------------------------
+
+@pytest.mark.parametrize("line,finishing", [
+    ("calibration: temperature", True),          # run 1 tests its best epoch and writes its report
+    ("seed 0: starting", False),                 # run 1 logged, its train.run not yet holding the signals
+])
+def test_reproduce_stops_after_the_run_in_flight_on_a_signal(data_root, tmp_path, line, finishing):
+    """The old code said 'finishing that (seconds), then exiting' for a SIGTERM during run 1's report, then
+    trained run 2 and exited 0. Now: exit 75 with the usual line once run 1's report is written, run 2 never
+    started. Timed on the log line, not on a sleep."""
+    recipes = _recipes(tmp_path / "recipes", "digits")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "spinal_transfer", "reproduce", "--recipes",
+                             str(recipes / "*.yaml"), "--data-root", str(data_root), "--seeds", "1", "--out", str(out)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for text in proc.stderr:
+        seen.append(text)
+        if line in text:
+            proc.send_signal(signal.SIGTERM)
+            break
+    code, err = proc.wait(timeout=600), "".join(seen) + proc.stderr.read()
+    assert code == EXIT_INTERRUPTED, err[-3000:]
+    assert ("finishing that (seconds), then exiting" in err) == finishing, err[-3000:]
+    assert "stopped: SIGTERM received" in err and "the same reproduce command resumes it" in err, err[-3000:]
+    assert "[2/2]" not in err and "Traceback" not in err
+    assert len(list(out.rglob("report.json"))) == (1 if finishing else 0)

@@ -451,3 +451,43 @@ def test_a_runs_folder_holding_what_compare_did_not_make_is_refused(three_digits
         refuse_others_in(out, cmp.RESULT_FILES, cmp.CSV_COLUMNS)
     (out / "compare.csv").write_text(",".join(cmp.CSV_COLUMNS) + "\n")
     refuse_others_in(out, cmp.RESULT_FILES, cmp.CSV_COLUMNS)
+
+
+def _compare_until(data: Path, weights: Path, out: Path, line: str) -> tuple[int, str]:
+    """`compare` of two heads in a real process, SIGTERM the moment stderr shows `line` (timed on what the
+    command logs, not on a sleep): (exit code, stderr)."""
+    import signal
+
+    cmd = [sys.executable, "-m", "spinal_transfer", "compare", *cli_flags(**_options(data, weights)),
+           "--heads", "linear", "mlp:hidden=32", "--seeds", "1", "--mode", "frozen", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = []
+    for text in proc.stderr:
+        seen.append(text)
+        if line in text:
+            proc.send_signal(signal.SIGTERM)
+            break
+    return proc.wait(timeout=300), "".join(seen) + proc.stderr.read()
+
+
+@pytest.mark.parametrize("line,finishing", [
+    ("calibration: temperature", True),      # run 1 is testing its best epoch and writing its report
+    ("seed 0: trained", False),              # run 1 is done, run 2 not started: the old code had no handler
+])
+def test_a_signal_during_a_report_or_between_runs_stops_compare_resumably(digits_transfer, tmp_path, line,
+                                                                          finishing):
+    """The old code went on to train run 2 and exited 0 after a SIGTERM during run 1's report (it said
+    'finishing that, then exiting'), and was killed with 143 and no message by one between the runs. Now both
+    exit 75 with the usual line, run 1 finished, run 2 never started; the same command then finishes it."""
+    from spinal_transfer.errors import EXIT_INTERRUPTED
+
+    data, weights = digits_transfer
+    out = tmp_path / "cmp"
+    code, err = _compare_until(data, weights, out, line)
+    assert code == EXIT_INTERRUPTED, err[-3000:]
+    assert ("finishing that (seconds), then exiting" in err) == finishing, err[-3000:]
+    assert "stopped: SIGTERM received" in err and "the same compare command resumes it" in err, err[-3000:]
+    assert "Traceback" not in err and "[2/2]" not in err
+    assert [d.parent.parent.name for d in sorted((out / "runs").glob("*/seed0/report.json"))] == ["linear"]
+    assert (out / "compare.csv").is_file()                 # the tables are written on the way out
