@@ -32,7 +32,8 @@ Storage: an SQLite file in the output folder by default, so rerunning the comman
 `--trials` finished trials in all); several processes on one machine may share it. `--storage
 postgresql://user:password@host/db` (any Optuna RDB URL) lets workers on many machines share one study: start
 the same command on each, with the same --study-name, a --out on a shared file system and each its own
---sampler-seed. Heartbeats mark the trials of a worker that died as failed.
+--sampler-seed. Heartbeats mark the trials of a worker that died as failed; a trial left RUNNING by a process
+that died before its first heartbeat ends as abandoned (failed, not counted: `fail_abandoned`).
 
 Layout: OUT/study.db, OUT/trials/trial<NNNN>/ (run folders), OUT/feature-cache/ (frozen mode),
 OUT/best.yaml, OUT/trials.csv, OUT/tune.html. A trial's checkpoints (the whole model, twice) are deleted when

@@ -54,3 +54,22 @@ def test_the_signal_line_says_how_to_resume_train_or_the_command_driving_the_run
         assert f"(the same {command} command, run again, resumes it)" in said[0] and "train --resume" not in said[0]
     else:
         assert "(resume with `spinal-transfer train --resume RUN`)" in said[0]
+
+
+def test_a_commands_control_and_its_runs_control_share_one_signal():
+    """A command (compare, reproduce, tune) holds its own control around its runs: a signal before a run takes
+    its handlers stops that run at its first step, and one a run received (while writing its report, say) is
+    the command's once the run ends; the old controls knew nothing of each other, so the command forgot it."""
+    from spinal_transfer.errors import Interrupted
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopControl([signal.SIGUSR1]) as command:
+        with StopControl([signal.SIGUSR1]) as run:
+            run.finishing = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert command.received == "SIGUSR1"
+        with pytest.raises(Interrupted, match="SIGUSR1 received: stopped between runs"):
+            command.raise_if_stopped("between runs")
+        with StopControl([signal.SIGUSR1]) as nxt:
+            assert nxt.decide(1) == "stop"
+    assert signal.getsignal(signal.SIGUSR1) is before
