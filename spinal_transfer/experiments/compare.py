@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import CONFIG_FIELDS, TrainConfig, resolve_config
+from ..data.splits import config_splits
 from ..errors import NonFiniteLoss, RunFolderError, rerun_resumes
 from ..evaluation.stats import ALPHA, PairedTest, PairingError, overall_verdict, paired_test
 from ..evaluation.tables import Table, join, to_csv, to_html, to_markdown, write_files
@@ -191,7 +192,8 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     runs = plan(base, heads, seeds, mode, out)
     for p in runs:
         check_settings(p)
-    log(f"mode: {MODE_NAMES[mode]}")
+    config_splits(runs[0].cfg)        # the folder as every run reads it: one train refuses is refused before any
+    log(f"mode: {MODE_NAMES[mode]}")  # table, lock or run folder is written (they were, empty, for a one-class one)
     others = sorted(set(str(d.parent) for d in (out / RUNS).glob("*/seed*/report.json")) -
                     {str(p.cfg.out) for p in runs})
     if others:                       # an earlier, larger comparison: its runs stay, its table is rewritten

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import cli_flags
+from conftest import cli_flags, write_digits_folder
 from scipy.stats import binom
 
 import spinal_transfer.training.train as train
@@ -491,3 +491,13 @@ def test_a_signal_during_a_report_or_between_runs_stops_compare_resumably(digits
     assert "Traceback" not in err and "[2/2]" not in err
     assert [d.parent.parent.name for d in sorted((out / "runs").glob("*/seed0/report.json"))] == ["linear"]
     assert (out / "compare.csv").is_file()                 # the tables are written on the way out
+
+
+def test_a_folder_train_refuses_is_refused_before_any_table_lock_or_run_is_written(tmp_path, cli_run):
+    """One class folder: compare said so only from its first run, after writing empty compare.{csv,md,html} ("0/1"
+    rows) and its lock into OUT."""
+    write_digits_folder(tmp_path / "one", digits=(3,), splits=())
+    res = cli_run("compare", "--data", tmp_path / "one", "--heads", "linear", "spinal", "--backbone",
+                  "timm/test_resnet", "--weights", "none", "--epochs", "1", "--out", tmp_path / "cmp")
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("error: ") and "only one class" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "cmp").exists()
