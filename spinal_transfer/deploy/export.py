@@ -561,7 +561,7 @@ def _int8_images(source: Path, ckpt: dict, batch_size: Optional[int], workers: O
     Another folder (`data` read as `evaluate --data` reads one that is not the run's): `_other_folder`."""
     cfg = TrainConfig.from_dict(ckpt["config"])
     where = split_source(source, cfg, data, "val")
-    if not where.own and not where.reads_record:              # as `evaluate --data` reads a folder that is not the run's
+    if not where.own and not where.reads_record:      # as `evaluate --data` reads a folder not the run's
         return _other_folder(ckpt, cfg, batch_size, workers, Path(data))
     needed = _int8_needs(where.doc)
     calibration = _split_loader(source, ckpt, "train", batch_size, workers, CALIBRATION_IMAGES, data, needed)
