@@ -5,6 +5,7 @@ import hashlib
 import struct
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -122,6 +123,23 @@ def tiny_cfg(data: Path, out: Path, **kw):
     from spinal_transfer.config import TrainConfig
 
     return TrainConfig(**{**TINY, "data": str(data), "out": str(out), **kw})
+
+
+def signal_after(cmd: list[str], line: str, sig: int, env: Optional[dict] = None,
+                 timeout: float = 600) -> tuple[int, str]:
+    """Run `cmd`, send `sig` the moment its stderr shows `line` (timed on what the command logs, not on a sleep):
+    (exit code, all of stderr)."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for text in proc.stderr:
+        seen.append(text)
+        if line in text:
+            proc.send_signal(sig)
+            break
+    rest = proc.communicate(timeout=timeout)[1]
+    return proc.returncode, "".join(seen) + rest
 
 
 def cli_flags(**options) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_digits_folder
+from conftest import signal_after, write_digits_folder
 
 from spinal_transfer.errors import EXIT_INTERRUPTED
 from spinal_transfer.experiments import reproduce as rp
@@ -212,16 +212,9 @@ def test_reproduce_stops_after_the_run_in_flight_on_a_signal(data_root, tmp_path
     started. Timed on the log line, not on a sleep."""
     recipes = _recipes(tmp_path / "recipes", "digits")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "spinal_transfer", "reproduce", "--recipes",
-                             str(recipes / "*.yaml"), "--data-root", str(data_root), "--seeds", "1", "--out", str(out)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = []
-    for text in proc.stderr:
-        seen.append(text)
-        if line in text:
-            proc.send_signal(signal.SIGTERM)
-            break
-    code, err = proc.wait(timeout=600), "".join(seen) + proc.stderr.read()
+    cmd = [sys.executable, "-m", "spinal_transfer", "reproduce", "--recipes", str(recipes / "*.yaml"),
+           "--data-root", str(data_root), "--seeds", "1", "--out", str(out)]
+    code, err = signal_after(cmd, line, signal.SIGTERM, _env())
     assert code == EXIT_INTERRUPTED, err[-3000:]
     assert ("finishing that (seconds), then exiting" in err) == finishing, err[-3000:]
     assert "stopped: SIGTERM received" in err and "the same reproduce command resumes it" in err, err[-3000:]

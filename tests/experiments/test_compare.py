@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import cli_flags, write_digits_folder
+from conftest import cli_flags, signal_after, write_digits_folder
 from scipy.stats import binom
 
 import spinal_transfer.training.train as train
@@ -460,15 +460,7 @@ def _compare_until(data: Path, weights: Path, out: Path, line: str) -> tuple[int
 
     cmd = [sys.executable, "-m", "spinal_transfer", "compare", *cli_flags(**_options(data, weights)),
            "--heads", "linear", "mlp:hidden=32", "--seeds", "1", "--mode", "frozen", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    seen = []
-    for text in proc.stderr:
-        seen.append(text)
-        if line in text:
-            proc.send_signal(signal.SIGTERM)
-            break
-    return proc.wait(timeout=300), "".join(seen) + proc.stderr.read()
+    return signal_after(cmd, line, signal.SIGTERM, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
 @pytest.mark.parametrize("line,finishing", [

@@ -17,7 +17,7 @@ from typing import Optional
 
 import optuna
 import pytest
-from conftest import cli_flags
+from conftest import cli_flags, signal_after
 
 import spinal_transfer.training.train as train
 from spinal_transfer.cli import main as cli
@@ -495,20 +495,6 @@ def _tune_cmd(data: Path, weights: Path, out: Path, trials: int) -> list[str]:
             "--mode", "frozen", "--pruner", "none", "--trials", str(trials), "--out", str(out)]
 
 
-def _signal_after(cmd: list[str], line: str, sig: int, env: dict) -> tuple[int, str]:
-    """Run `cmd`, send `sig` the moment stderr shows `line` (timed on what the command logs, not on a sleep);
-    (exit code, all of stderr)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    seen = []
-    for text in proc.stderr:
-        seen.append(text)
-        if line in text:
-            proc.send_signal(sig)
-            break
-    rest = proc.communicate(timeout=300)[1]
-    return proc.returncode, "".join(seen) + rest
-
-
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_between_trials_stops_tune_resumably_and_the_rerun_finishes(digits_transfer, tmp_path, sig):
     """SIGTERM (or one Ctrl-C) as soon as trial 1 is logged finished, while Optuna starts trial 2: the old code
@@ -521,7 +507,7 @@ def test_a_signal_between_trials_stops_tune_resumably_and_the_rerun_finishes(dig
 
     data, weights = digits_transfer
     out, env = tmp_path / "tune", {**os.environ, "OMP_NUM_THREADS": "1"}
-    code, err = _signal_after(_tune_cmd(data, weights, out, 3), "Trial 1 finished", getattr(signal, sig), env)
+    code, err = signal_after(_tune_cmd(data, weights, out, 3), "Trial 1 finished", getattr(signal, sig), env)
     assert code == EXIT_INTERRUPTED, err[-3000:]
     assert f"stopped: {sig} received" in err and "the same tune command resumes it" in err, err[-3000:]
     assert "Traceback" not in err
