@@ -33,10 +33,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import CONFIG_FIELDS, TrainConfig, resolve_config
 from ..data.splits import config_splits
-from ..errors import NonFiniteLoss, RunFolderError, rerun_resumes
+from ..errors import ConfigError, NonFiniteLoss, RunFolderError, rerun_resumes
 from ..evaluation.stats import ALPHA, PairedTest, PairingError, overall_verdict, paired_test
 from ..evaluation.tables import Table, join, to_csv, to_html, to_markdown, write_files
+from ..models.heads import create_head, head_options
 from ..models.heads_spec import HeadSpec
+from ..models.surgery import build_model
 from ..runs.rundir import RunDir
 from ..training import train
 from ..utils.filelock import exclusive
@@ -82,6 +84,23 @@ class Planned:
     @property
     def run(self) -> RunDir:
         return RunDir(self.cfg.out)
+
+
+def check_heads(first: Sequence[Planned], num_classes: int) -> None:
+    """Before any table, lock or run folder is written (the caller has scanned the folder, as every run reads it:
+    one train refuses, e.g. of one class, is refused here): every head can be built on this backbone's features.
+    A spec such as spinal:splits=99 on 96 features failed only when its first run started, after the runs before
+    it had trained. One backbone built without weights gives the width every head receives."""
+    cfg = first[0].cfg
+    width = build_model(cfg.backbone, num_classes, head="linear", weights="none", replace=cfg.replace,
+                        img_size=cfg.img_size).spinal_info.feature_width
+    for p in first:
+        try:
+            create_head(p.cfg.head, width, num_classes, **head_options(p.cfg))
+        except ConfigError as e:
+            raise CompareError(f"head {p.head.text!r} cannot be built on {cfg.backbone}'s {width} features: {e}; "
+                               f"change it (`spinal-transfer describe {cfg.backbone} --num-classes {num_classes}` "
+                               f"shows what it takes)") from None
 
 
 def plan(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int, mode: str, out: PathLike) -> list[Planned]:
@@ -192,8 +211,8 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     runs = plan(base, heads, seeds, mode, out)
     for p in runs:
         check_settings(p)
-    config_splits(runs[0].cfg)        # the folder as every run reads it: one train refuses is refused before any
-    log(f"mode: {MODE_NAMES[mode]}")  # table, lock or run folder is written (they were, empty, for a one-class one)
+    check_heads(runs[:len(heads)], len(config_splits(runs[0].cfg).classes))   # a folder train refuses, too
+    log(f"mode: {MODE_NAMES[mode]}")
     others = sorted(set(str(d.parent) for d in (out / RUNS).glob("*/seed*/report.json")) -
                     {str(p.cfg.out) for p in runs})
     if others:                       # an earlier, larger comparison: its runs stay, its table is rewritten

@@ -493,3 +493,17 @@ def test_a_folder_train_refuses_is_refused_before_any_table_lock_or_run_is_writt
                   "timm/test_resnet", "--weights", "none", "--epochs", "1", "--out", tmp_path / "cmp")
     assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("error: ") and "only one class" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "cmp").exists()
+
+
+def test_a_head_the_backbone_cannot_take_is_refused_before_any_run_trains(tmp_path, cli_run):
+    """spinal:splits=99 on test_resnet's 96 features failed only when its first run started, after the linear
+    reference had trained (a whole fine-tune on a real backbone)."""
+    write_digits_folder(tmp_path / "two", digits=(3, 4), splits=())
+    res = cli_run("compare", "--data", tmp_path / "two", "--heads", "linear", "spinal:splits=99", "--backbone",
+                  "timm/test_resnet", "--weights", "none", "--epochs", "1", "--img-size", "32", "--out", tmp_path / "c")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines()[-1] == (
+        "error: head 'spinal:splits=99' cannot be built on timm/test_resnet's 96 features: num_splits must be in "
+        "[1, in_features=96], got 99; change it (`spinal-transfer describe timm/test_resnet --num-classes 2` shows "
+        "what it takes)")
+    assert not (tmp_path / "c").exists()
