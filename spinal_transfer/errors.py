@@ -85,10 +85,15 @@ class ResourceError(UserError, OSError):
 
 
 class Interrupted(UserError):
-    """A signal asked the run to stop; a checkpoint was written and the run can be resumed."""
+    """A signal asked the run to stop; a checkpoint was written and the run can be resumed. `in_flight`: False
+    for a command stopped between its runs, where no run kept a last.pt just then (rerun_resumes words it)."""
 
     exit_code = EXIT_INTERRUPTED
     prefix = "stopped"
+
+    def __init__(self, message: str = "", in_flight: bool = True):
+        super().__init__(message)
+        self.in_flight = in_flight
 
 
 @contextlib.contextmanager
@@ -100,7 +105,7 @@ def rerun_resumes(command: str) -> Iterator[None]:
     try:
         yield
     except Interrupted as e:
-        kept = "the run in flight kept its last.pt, and " if getattr(e, "in_flight", True) else ""
+        kept = "the run in flight kept its last.pt, and " if e.in_flight else ""
         raise Interrupted(f"{str(e).split(';')[0]}; {kept}the same {command} command resumes it and goes on") \
             from None
     finally:

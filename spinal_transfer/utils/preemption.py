@@ -85,9 +85,7 @@ class StopControl:
         """Interrupted when a signal was received: a command's check between its runs, where nothing is in
         flight (the message says so; rerun_resumes adds how to continue)."""
         if self.received is not None:
-            e = Interrupted(f"{self.received} received: stopped {where}")
-            e.in_flight = False                  # type: ignore[attr-defined]  # no run kept a last.pt just now
-            raise e
+            raise Interrupted(f"{self.received} received: stopped {where}", in_flight=False)
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
