@@ -3,8 +3,8 @@
 A Starlette app run by uvicorn. Each worker process opens the model once, as a `Predictor` (predict's
 runners, `auto` included), and answers:
 
-* `POST /predict`: one or more images, as multipart files or as the raw bytes of one image with an image
-  content type (named by `?name=` in the answer); JSON with the top-k classes and probabilities of each
+* `POST /predict`: one or more images, as multipart files or as the raw bytes of one image, whatever its
+  content type says (named by `?name=` in the answer); JSON with the top-k classes and probabilities of each
   (`?topk=` or --topk): `{"runner": ..., "predictions": [{"name": ..., "top": [{"label": ..., "probability":
   ...}, ...]}, ...]}`, one entry per file in request order. Every image is decoded and
   preprocessed by predict.preprocess_input (in a thread, so the event loop keeps accepting) and its
@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import hashlib
 import http
+import io
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 import torch
 import uvicorn
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
@@ -303,16 +305,27 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
+def _image_header(data: bytes) -> bool:
+    """Whether `data` starts as an image PIL can open (its header only, not a decode)."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except Exception:   # noqa: BLE001 - PIL raises many kinds for bytes that are not an image
+        return False
+
+
 async def read_images(request: Request, limit: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of each image of a request: every file of a multipart form, or the whole body when its
-    content type is an image (or application/octet-stream)."""
+    """(name, bytes) of each image of a request: every file of a multipart form, or the whole body. A body is
+    taken by what it holds, not by its label: `curl --data-binary @cat.jpg` sends a JPEG as
+    application/x-www-form-urlencoded and `requests.post(data=...)` sends none, so a body labelled other than an
+    image is refused (415) only when it is not one."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "multipart/form-data" and not kind.startswith("image/") and kind != "application/octet-stream":
-        raise RequestError(415, "unsupported_media_type",
-                           f"send images as multipart/form-data files or as a body with an image content type "
-                           f"(image/jpeg, image/png, ...); got {kind or 'no content type'}")
     body = await read_body(request, limit)
     if kind != "multipart/form-data":
+        if not (kind.startswith("image/") or kind == "application/octet-stream" or _image_header(body)):
+            raise RequestError(415, "unsupported_media_type",
+                               f"send images as multipart/form-data files or as an image body; got "
+                               f"{kind or 'no content type'} whose body is not an image")
         return [(request.query_params.get("name", "body"), body)]
     try:
         form = await MultiPartParser(request.headers, _once(body), max_files=MAX_FILES).parse()

@@ -216,6 +216,12 @@ def test_predictions_equal_predicts(batching, bundle, images):
     # ... and three raw-body requests at once (one batch of 3)
     raw = concurrently(*[lambda p=p: batching.post(**png(p)) for p in images[6:9]])
     assert_same([answered(r)[0] for r in raw], want[6:9])
+    # a body is read by what it holds: an image labelled text/plain, form-urlencoded (curl --data-binary) or not at all
+    labels = ("text/plain", "application/x-www-form-urlencoded", None)
+    mislabelled = concurrently(*[lambda p=p, t=t: batching.post(content=p.read_bytes(), headers={"Content-Type": t}
+                                                                if t else {})
+                                 for p, t in zip(images[6:9], labels)])
+    assert_same([answered(r)[0] for r in mislabelled], want[6:9])
     top1 = batching.post(files=files[:3], params={"topk": 1})           # ?topk= per request
     assert_same(answered(top1), [row[:1] for row in want[:3]])
     # what the server decodes, Predictor decodes the same way from the bytes of the files
