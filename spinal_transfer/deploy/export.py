@@ -696,7 +696,8 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
         (f"softmax(logits / T) with T = {config['temperature']:.4f} (`temperature` in config.json): temperature "
          f"scaling fitted on the run's val split, so a probability p means about a fraction p of such predictions "
          f"is right on images like those; `predict --no-calibration` gives the plain softmax."
-         if config.get("temperature") else "the plain softmax of the logits (not calibrated: T = 1)."), "",
+         if config.get("temperature") else "the plain softmax of the logits, T = 1 ("
+         + (config.get("calibration_note") or "not calibrated: the checkpoint carries no temperature") + ")."), "",
     ]
     lines += ["## Metrics", ""]
     if report is None:

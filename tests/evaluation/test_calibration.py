@@ -404,6 +404,7 @@ def test_a_run_whose_val_is_all_right_keeps_the_plain_softmax(tmp_path: Path, cl
     assert exported.returncode == 0 and f"note: {said}\n" in exported.stderr
     assert "carries no temperature" not in exported.stderr
     assert json.loads((tmp_path / "bundle" / "config.json").read_text())["calibration_note"] == cal["note"]
+    assert cal["note"] in (tmp_path / "bundle" / "README.md").read_text()        # the model card says why, too
     photo = next((tmp_path / "data" / "test" / "cat").iterdir())
     for source in (tmp_path / "bundle", out):
         p = cli_run("predict", source, photo, "--device", "cpu", "--workers", "0", "--out", tmp_path / "p.csv")
