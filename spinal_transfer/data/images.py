@@ -190,14 +190,16 @@ def check_image_header(path: PathLike) -> Optional[str]:
     return None
 
 
-def first_readable(paths: Iterable[PathLike]) -> tuple[Optional[PathLike], list[tuple[PathLike, str]]]:
+def first_readable(paths: Iterable[PathLike], min_size: Optional[int] = None
+                   ) -> tuple[Optional[PathLike], list[tuple[PathLike, str]]]:
     """The first of `paths` that decodes (None when none does), and each that failed before it with its reason.
     Whether a class has a readable image is asked without decoding the whole folder: a healthy class costs one
-    decode, and only a class whose files fail is read further (truncated files pass the header check)."""
+    decode, and only a class whose files fail is read further (truncated files pass the header check).
+    `min_size` as load_image's (1: a large JPEG at 1/8 scale, when only whether it decodes matters)."""
     failed: list[tuple[PathLike, str]] = []
     for path in paths:
         try:
-            load_image(path)
+            load_image(path, min_size)
             return path, failed
         except BadImage as e:
             failed.append((path, str(e)))

@@ -466,34 +466,40 @@ def _folder_problems(classes: dict[str, list[str]], images: dict[str, dict[str, 
                        for s, f in empty]
 
 
-def _undecodable(train: Sequence[Sample], classes: list[str]) -> dict[str, list[tuple[str, str]]]:
-    """The classes none of whose train images decodes, each with its files' (path, reason). Each class's images are
-    decoded in order until one reads (`first_readable`): one decode per healthy class, not the whole folder."""
+def _undecodable(samples: Sequence[Sample], classes: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """The classes none of whose `samples` decodes, each with its files' (path, reason). Each class's images are
+    decoded in order until one reads (`first_readable`, a large JPEG at libjpeg's 1/8 scale): one cheap decode per
+    healthy class, not the whole folder."""
     by_class: dict[int, list[str]] = {}
-    for p, y in train:
+    for p, y in samples:
         by_class.setdefault(y, []).append(p)
     lost = {}
     for y, paths in sorted(by_class.items()):
-        found, failed = first_readable(paths)
+        found, failed = first_readable(paths, min_size=1)
         if found is None:
             lost[classes[y]] = failed
     return lost
 
 
-def _undecodable_classes(train: Sequence[Sample], classes: list[str], folder: Path, root: Path,
+def _undecodable_classes(splits: dict[str, list[Sample]], classes: list[str], dirs: dict[str, Path], root: Path,
                          lenient: bool) -> list[FolderProblem]:
-    """Classes none of whose train images decodes (truncated files, float TIFFs pass the header check): refused as
-    a class folder without a usable image is, before anything is written (the model would never learn them), or
-    with `lenient` returned for audit. Checked on train as carved: a class whose only readable images went to val
-    or test is refused too."""
-    said = {c: f"{len(f)} train file(s) that fail to decode, e.g. {os.path.relpath(f[0][0], root)}: {f[0][1]}"
-            for c, f in _undecodable(train, classes).items()}
+    """Classes of a split none of whose images decodes (truncated files, float TIFFs pass the header check):
+    refused as a class folder without a usable image is, before anything is written (the model would never learn
+    a class without a train image, and the val or test metrics would say nothing of one without its images), or
+    with `lenient` returned for audit. Checked on the splits as carved: a class whose only readable images went to
+    val or test is refused too."""
+    said = {(s, c): f"{len(f)} {s} file(s) that fail to decode, e.g. {os.path.relpath(f[0][0], root)}: {f[0][1]}"
+            for s, samples in splits.items() for c, f in _undecodable(samples, classes).items()}
     if said and not lenient:
-        shown = "; ".join(f"{c} ({why})" for c, why in list(said.items())[:3]) + ("; ..." if len(said) > 3 else "")
-        raise DataError(f"class(es) under {root} without a train image that can be decoded: {shown}; the model "
-                        f"could never learn {'them' if len(said) > 1 else 'it'}: replace those files with readable "
-                        f"images, or remove the class folder from every split, and run train again")
-    return [FolderProblem("empty_class", str(folder / c), "train", c, why) for c, why in said.items()]
+        shown = "; ".join(f"{c} ({why})" for (_, c), why in list(said.items())[:3]) + ("; ..." if len(said) > 3
+                                                                                       else "")
+        where = sorted({s for s, _ in said}, key=list(splits).index)
+        raise DataError(f"class(es) under {root} without a {'/'.join(where)} image that can be decoded: {shown}; "
+                        + ("the model could never learn " if "train" in where else "the metrics would say nothing of ")
+                        + f"{'them' if len(said) > 1 else 'it'}: replace those files with readable images, or remove "
+                          f"the class folder from every split, and run train again")
+    return [FolderProblem("empty_class", str(dirs.get(s, dirs["train"]) / c), s, c, why)
+            for (s, c), why in said.items()]
 
 
 def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
@@ -530,7 +536,7 @@ def scan(root: PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1, 
     if not {"val", "test"} <= splits.keys():
         _generate(splits, source, val_fraction, test_fraction, seed, cls, notes)
     # before the notes are logged: a hold-out note would count a refused class's files as images
-    problems += _undecodable_classes(splits["train"], cls, dirs["train"], root, lenient)
+    problems += _undecodable_classes(splits, cls, dirs, root, lenient)
     for n in notes:
         log.warning(n)
     if skipped:

@@ -126,6 +126,28 @@ def test_a_class_whose_every_train_file_is_unreadable_is_refused_before_training
                                                                                          "rocket")]
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_class_whose_every_val_or_test_file_fails_to_decode_is_refused_before_training(three_digits, tmp_path,
+                                                                                         cli_run, split):
+    """The same for a val/ or test/ class folder: a test class none of whose files decodes trained to the end
+    and was named only in a warning under test metrics that said nothing of it (a val one, selection blind to
+    it). One line naming the split and the class, exit 2, no run folder; audit's lenient scan reports it."""
+    import shutil
+
+    from spinal_transfer.data.splits import scan
+
+    data = tmp_path / "data"
+    shutil.copytree(three_digits, data)
+    for i, f in enumerate(sorted((data / split / "digit_1").iterdir())):
+        f.unlink()
+        truncated_jpeg(data / split / "digit_1" / f"{i}.jpg", seed=i)
+    res = cli_run("train", "--data", data, "--out", tmp_path / "run", *TINY_FLAGS, "--epochs", "1", "--workers", "0")
+    line = _refused(res, f"without a {split} image that can be decoded", "digit_1", "metrics would say nothing")
+    assert res.returncode == 2 and not (tmp_path / "run").exists(), line
+    assert [(f.kind, f.split, f.label, f.path) for f in scan(data, lenient=True).problems] == [
+        ("empty_class", split, "digit_1", str(data / split / "digit_1"))]
+
+
 def test_outputs_never_replace_what_the_command_did_not_write(finished_run, three_digits, tmp_path, cli_run):
     """--out of predict, report, evaluate and export: a file of another kind (an input image, notes), a run's
     own folder, or a folder of the user's files is refused before the work, in one line, and left as it was; an
