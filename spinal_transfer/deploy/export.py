@@ -36,7 +36,7 @@ from ..data.splits import SPLIT_NAMES, fit_and_held_out
 from ..data.transforms import DataConfig, build_transforms
 from ..errors import CheckpointError, DataError, MissingDependency, UserError, few, first_line, option_name
 from ..evaluation.evaluate import _eval_samples, split_source
-from ..models.restore import model_from_checkpoint
+from ..models.restore import model_from_checkpoint, recorded_transform_input, set_transform_input
 from ..models.surgery import build_model, get_head
 from ..runs.rundir import RunDir, load_run_checkpoint
 from ..utils.atomic import atomic_write_text, file_sha256
@@ -90,6 +90,8 @@ def bundle_config(ckpt: dict) -> dict:
         "calibration_note": ckpt.get("calibration_note"),
         # 0: trained with --hflip 0, so TTA shows no mirror view (TTA.as_trained); null: the policy's flips
         "train_hflip": ckpt["config"].get("hflip"),
+        # torchvision GoogLeNet/Inception v3's input remap as trained (restore.recorded_transform_input); null: none
+        "transform_input": recorded_transform_input(info),
     }
 
 
@@ -151,8 +153,10 @@ def config_sha256(config: dict) -> str:
 def build_from_config(config: dict) -> nn.Module:
     """The bundle's architecture with random weights; weights=None, so nothing is downloaded."""
     head = config["head"]
-    return build_model(config["backbone"], len(config["classes"]), head=head["kind"], weights=None,
-                       replace=head["replace"], img_size=config["input"]["img_size"], **head["options"])
+    model = build_model(config["backbone"], len(config["classes"]), head=head["kind"], weights=None,
+                        replace=head["replace"], img_size=config["input"]["img_size"], **head["options"])
+    set_transform_input(model, config.get("transform_input", False))   # a bundle before the key: exported off
+    return model
 
 
 def verify_bundle(folder: Path, config: dict, used: str) -> None:

@@ -45,6 +45,7 @@ class HeadInfo:
     weights: Optional[str] = None
     notes: List[str] = field(default_factory=list)
     weights_file: Optional[dict] = None   # --weights FILE or bundled: source, sha256, what was taken (WeightsTaken)
+    transform_input: Optional[bool] = None   # torchvision GoogLeNet/Inception v3's input remap (None: no such flag)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,7 +177,10 @@ def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, int]:
     check_name("torchvision", name)
     kwargs = {}
     if name in ("inception_v3", "googlenet"):
-        kwargs = dict(aux_logits=True, init_weights=weights is None)
+        # transform_input: torchvision turns it on only when it loads its own weights, so a model rebuilt without
+        # them (evaluate, export, predict) ran another network than the one trained; always on, it is one network
+        # (an affine map of the input, which torchvision's ImageNet weights expect and a random start learns past)
+        kwargs = dict(aux_logits=True, init_weights=weights is None, transform_input=True)
     model = tvm.get_model(name, weights=weights, **kwargs)
     return model, _torchvision_input_size(name, model, weights)
 
@@ -445,7 +449,8 @@ def build_model(backbone: str, num_classes: int, head: str = "spinal", weights: 
         backbone=backbone, num_classes=num_classes, head=head, head_options=dict(head_options),
         feature_width=width, head_paths=paths, head_modules=head_modules, replace=replace,
         default_head_params=default_params, default_head_macs=default_macs, input_size=input_size,
-        weights=None if weights in (None, "none") else str(weights), notes=notes)
+        weights=None if weights in (None, "none") else str(weights), notes=notes,
+        transform_input=getattr(model, "transform_input", None))
 
     if source.path is not None:
         taken = load_backbone_weights(model, source.path, head_param_names(model), backbone, classes,

@@ -41,6 +41,7 @@ from ..evaluation.metrics import classification_metrics, summary
 from ..evaluation.plots import plot_calibration, plot_confusion, plot_curves, plot_top_losses
 from ..evaluation.report_page import write_report_html
 from ..models.heads import head_options
+from ..models.restore import recorded_transform_input, set_transform_input
 from ..models.surgery import build_model, check_backbone, get_head
 from ..runs.checkpoint import checkpoint_meta, load_checkpoint
 from ..runs.rundir import RunDir, check_new_run, default_run_name
@@ -617,10 +618,17 @@ def _loss(cfg: TrainConfig, train_samples: list, num_classes: int, device: torch
 def _carry_weights_record(model: nn.Module, ckpt: dict) -> None:
     """A resumed model is built without its starting weights (last.pt has them): keep the record of the file they
     came from (source, sha256), so the feature cache finds the entries the run started with (features.fingerprint)
-    and the checkpoints and report.json written from here still say what the run started from."""
-    recorded = (ckpt.get("head_info") or {}).get("weights_file")
+    and the checkpoints and report.json written from here still say what the run started from. A GoogLeNet or
+    Inception v3 keeps the input remap it trained with (restore.recorded_transform_input; runs before it was
+    recorded had it off unless torchvision loaded its weights)."""
+    info = ckpt.get("head_info") or {}
+    recorded = info.get("weights_file")
     if recorded and model.spinal_info.weights_file is None:
         model.spinal_info.weights_file = dict(recorded)
+    remap = recorded_transform_input(info)
+    if remap is not None:
+        set_transform_input(model, remap)
+        model.spinal_info.transform_input = remap
 
 
 def _restore(s: Session, ckpt: dict) -> None:
