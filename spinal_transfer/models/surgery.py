@@ -11,6 +11,7 @@ head to a `.fc` that VGG never calls).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 from dataclasses import asdict, dataclass, field
@@ -109,9 +110,11 @@ def _count(module: nn.Module, num_classes: int, imagenet_classes: int = 1000,
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, input_size: int, watch: dict[str, nn.Module]) -> tuple[dict[str, torch.Size], Any]:
-    """One eval-mode forward of a zero image: (input shape of each watched module that was called,
-    in call order; the model's output)."""
+def _probe(model: nn.Module, input_size: int, watch: dict[str, nn.Module],
+           train: bool = False) -> tuple[dict[str, torch.Size], Any]:
+    """One eval-mode forward of a zero image (or, with `train`, a train-mode one of two, without gradients and with
+    the BatchNorm statistics put back): (input shape of each watched module that was called, in call order; the
+    model's output)."""
     seen: dict[str, torch.Size] = {}
 
     def record(name: str):
@@ -121,12 +124,18 @@ def _probe(model: nn.Module, input_size: int, watch: dict[str, nn.Module]) -> tu
 
     hooks = [m.register_forward_hook(record(n)) for n, m in watch.items()]
     was_training = model.training
-    model.eval()
+    kept = {k: b.clone() for k, b in model.named_buffers()} if train else {}
+    model.train(train)
     try:
-        x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
-        out = model(x)
+        x = torch.zeros(2 if train else 1, 3, input_size, input_size, device=next(model.parameters()).device)
+        with torch.no_grad() if train else contextlib.nullcontext():
+            out = model(x)
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in kept:
+                    b.copy_(kept[k])
         for h in hooks:
             h.remove()
     return seen, out
@@ -153,6 +162,9 @@ def check_input_size(model: nn.Module, img_size: int) -> None:
 def _refuse_unless_it_runs(model: nn.Module, backbone: str, img_size: int, own_size: int) -> None:
     try:
         _probe(model, img_size, {})
+        info = getattr(model, "spinal_info", None)      # (none yet while a timm model is being built)
+        if info is not None and len(info.head_paths) > 1:   # auxiliary heads run in training only: Inception
+            _probe(model, img_size, {}, train=True)          # v3's AuxLogits fails below ~270 px, the rest runs
     except Exception as e:       # timm raises AssertionError or RuntimeError, depending on the architecture
         raise ConfigError(f"{backbone} does not run on {img_size} px images ({_reason(e)}); use --img-size "
                           f"{own_size} (its own size), or another backbone", key="img_size") from None

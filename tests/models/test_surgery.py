@@ -569,3 +569,19 @@ def test_the_default_heads_macs_count_every_position_a_1x1_conv_classifier_runs_
     assert (size, h, w) == (224, 13, 13) and model.spinal_info.default_head_macs == 512 * num_classes * h * w
     resnet = build_model("torchvision/resnet18", 4, head="linear", weights="none")
     assert resnet.spinal_info.default_head_macs == 512 * 4
+
+
+def test_a_size_only_the_auxiliary_heads_cannot_take_is_refused_before_training():
+    """Inception v3 runs on 80 px in eval mode, but its AuxLogits (train mode only) fail there: the size check
+    probed eval mode alone, so train crashed with a traceback in its first step (QA 25). A model with auxiliary
+    heads is probed in train mode too, without changing its BatchNorm statistics (GoogLeNet at 96 px runs)."""
+    from spinal_transfer.models.surgery import check_input_size
+
+    inception = build_model("torchvision/inception_v3", 3, head="linear", weights="none")
+    with pytest.raises(ConfigError, match=r"^torchvision/inception_v3 does not run on 80 px images \(.*\); use "
+                                          r"--img-size 299 \(its own size\)"):
+        check_input_size(inception, 80)
+    googlenet = build_model("torchvision/googlenet", 3, head="linear", weights="none")
+    before = {k: b.clone() for k, b in googlenet.named_buffers()}
+    check_input_size(googlenet, 96)
+    assert all(torch.equal(b, before[k]) for k, b in googlenet.named_buffers()) and googlenet.training
