@@ -66,13 +66,18 @@ def _open(fp: BinaryIO) -> Image.Image:
     return im
 
 
+# formats whose PIL mode I holds at most 16 bits: a 16-bit PNG (older PILs), a PGM/PPM of maxval above 255
+# (Pillow scales it to 0-65535)
+SIXTEEN_BIT = ("PNG", "PPM")
+
+
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     """Decode with PIL: EXIF orientation (else XMP's); 16-bit keeps its high byte (as PIL's 16-bit RGB PNG reader
     and cv2 do); alpha and palette transparency are composited onto white (transparent backgrounds
     become white, not whatever colour hides under alpha=0); CMYK etc. via PIL's convert. 32-bit integer and
     floating-point pixels (TIFF's I and F modes) have no agreed range (0-255? 0-1? 0-65535?): BadImage, not
     a guess that would turn them black or white."""
-    if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):   # a PNG holds at most 16 bits (older PILs: I)
+    if im.mode == "F" or (im.mode == "I" and im.format not in SIXTEEN_BIT):
         raise BadImage(f"{'floating-point' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode {im.mode}) have "
                        f"no standard range; save the image with 8 or 16 bits per channel")
     im = ImageOps.exif_transpose(im)

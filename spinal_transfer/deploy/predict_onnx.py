@@ -41,6 +41,7 @@ REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2,
 # predict's (data.images.IMG_EXTENSIONS; test_standalone checks they agree)
 EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_ASPECT_RATIO = 100     # spinal-transfer's: a 1x3,000,000 PNG is 3 KB, but its resize would ask for 10 GB
+SIXTEEN_BIT = ("PNG", "PPM")   # formats whose PIL mode I is at most 16 bits (a PGM above maxval 255: 0-65535)
 ORIENTATION = 0x0112       # EXIF's Orientation tag
 # Pillow's exif_transpose on an HxWxC array, by orientation (1: as stored; 6 turns 90 degrees clockwise)
 UPRIGHT = {2: lambda a: cv2.flip(a, 1), 3: lambda a: cv2.rotate(a, cv2.ROTATE_180), 4: lambda a: cv2.flip(a, 0),
@@ -127,7 +128,7 @@ def decode(path: Path, min_size: int) -> np.ndarray:
     rgb = decode_plain(data, im, min_size) if plain else None
     if rgb is not None:
         return rgb
-    if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):   # as spinal-transfer: no agreed range
+    if im.mode == "F" or (im.mode == "I" and im.format not in SIXTEEN_BIT):   # as spinal-transfer: no agreed range
         raise ValueError(f"{'floating-point' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode {im.mode}) "
                          f"have no standard range; save the image with 8 or 16 bits per channel")
     im = ImageOps.exif_transpose(im)       # EXIF's orientation, else XMP's

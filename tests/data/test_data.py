@@ -446,6 +446,12 @@ def test_load_image_errors(tmp_path, monkeypatch):
     for name, says in (("i32.tif", "32-bit integer pixels"), ("f.tif", "floating-point pixels")):
         with pytest.raises(BadImage, match=f"^{says} .*save the image with 8 or 16 bits"):   # not black, not guessed
             load_image(tmp_path / name)
+    deep = grey.astype(np.uint16) * 1000                 # a 16-bit PGM is mode I too, but 0-65535: read as a PNG's
+    cv2.imwrite(str(tmp_path / "deep.pgm"), deep)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.pgm").mode == "I"
+    assert np.array_equal(load_image(tmp_path / "deep.pgm"), load_image(tmp_path / "deep.png"))
+    assert np.array_equal(load_image(tmp_path / "deep.pgm")[..., 0], (deep >> 8).astype(np.uint8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(BadImage, match="decompression-bomb bound"):
         load_image(_png(tmp_path / "big.png", 12, 12))  # 144 px: the warning zone counts too

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import TINY, bomb_png, save_oriented, write_digits_folder
@@ -53,6 +54,8 @@ def _images(folder: Path) -> list[Path]:
     for name, (im, kw) in files.items():
         im.save(folder / name, **kw)
     assert Image.open(folder / "deep.png").mode.startswith("I")
+    cv2.imwrite(str(folder / "deep.pgm"), skd.camera().astype(np.uint16) * 257)    # 16-bit PGM: PIL mode I
+    assert Image.open(folder / "deep.pgm").mode == "I"
     return sorted(folder.iterdir())
 
 
