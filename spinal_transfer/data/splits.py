@@ -489,13 +489,13 @@ def _undecodable_classes(splits: dict[str, list[Sample]], classes: list[str], di
     with `lenient` returned for audit. Checked on the splits as carved: a class whose only readable images went to
     val or test is refused too."""
     said = {(s, c): f"{len(f)} {s} file(s) that fail to decode, e.g. {os.path.relpath(f[0][0], root)}: {f[0][1]}"
-            for s, samples in splits.items() for c, f in _undecodable(samples, classes).items()}
+            for s in SPLIT_NAMES if s in splits for c, f in _undecodable(splits[s], classes).items()}
     if said and not lenient:
-        shown = "; ".join(f"{c} ({why})" for (_, c), why in list(said.items())[:3]) + ("; ..." if len(said) > 3
-                                                                                       else "")
-        where = sorted({s for s, _ in said}, key=list(splits).index)
-        raise DataError(f"class(es) under {root} without a {'/'.join(where)} image that can be decoded: {shown}; "
-                        + ("the model could never learn " if "train" in where else "the metrics would say nothing of ")
+        shown = "; ".join(f"{c} in {s} ({why})" for (s, c), why in list(said.items())[:3]) + (
+            "; ..." if len(said) > 3 else "")
+        train = any(s == "train" for s, _ in said)
+        raise DataError(f"class(es) under {root} without an image that can be decoded in a split: {shown}; "
+                        + ("the model could never learn " if train else "the metrics would say nothing of ")
                         + f"{'them' if len(said) > 1 else 'it'}: replace those files with readable images, or remove "
                           f"the class folder from every split, and run train again")
     return [FolderProblem("empty_class", str(dirs.get(s, dirs["train"]) / c), s, c, why)
