@@ -90,6 +90,9 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name in _JUNK
 
 
+NOT_A_FILE = "is not a regular file (a pipe, socket or device)"
+
+
 def walk_files(folder: Path, notes: Optional[list[str]] = None,
                follow: Optional[Callable[[Path], bool]] = None, broken: Optional[list[Path]] = None) -> list[Path]:
     """Every non-hidden file below `folder`, recursively, links followed, sorted by path. A folder reached a
@@ -115,11 +118,13 @@ def walk_files(folder: Path, notes: Optional[list[str]] = None,
                 continue
             if p.is_file():
                 out.append(p)
-            elif p.is_symlink():
+            elif p.is_symlink() and not p.exists():
                 if notes is not None:
                     notes.append(f"{p} is a broken symbolic link (its target does not exist); not used")
                 if broken is not None:
                     broken.append(p)
+            elif notes is not None:          # reading a pipe would wait for a writer: never opened
+                notes.append(f"{p} {NOT_A_FILE}; not used")
     return sorted(out)
 
 
@@ -159,7 +164,11 @@ def list_images(paths: list[PathLike]) -> list[str]:
     for p in map(Path, paths):
         if p.is_dir():
             broken: list[Path] = []
-            found = walk_files(p, broken=broken)
+            notes: list[str] = []
+            found = walk_files(p, notes, broken=broken)
+            for note in notes:
+                if NOT_A_FILE in note:      # broken links are kept: the reader skips them with their reason
+                    log.warning(note)
             out += sorted(str(f) for f in found + broken if f.suffix.lower() in IMG_EXTENSIONS)
             other = [f for f in found if f.suffix.lower() not in IMG_EXTENSIONS]
             if other:
@@ -168,6 +177,8 @@ def list_images(paths: list[PathLike]) -> list[str]:
                             f"read are {' '.join(IMG_EXTENSIONS)}) and are not used, e.g. {other[0]}")
         elif p.is_file():
             out.append(str(p))
+        elif p.exists():
+            raise DataError(f"{p}: {NOT_A_FILE}; give image files or folders (a piped image: save it to a file)")
         else:
             raise DataError(f"{p}: no such file or folder")
     return list(dict.fromkeys(out))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -564,6 +565,30 @@ def test_list_images_keeps_broken_links_for_their_reason_and_counts_other_files(
         listed = list_images([tmp_path / "in"])
     assert listed == [str(good), str(tmp_path / "in" / "gone.jpg")]
     assert any("1 file(s) under" in r.message and ".heic" in r.message for r in caplog.records)
+
+
+def test_a_pipe_is_never_opened_and_is_named_not_left_out_unsaid(tmp_path, caplog, three_digits):
+    """A named pipe (or socket, device) is not an image file: reading it would wait for a writer. Given by name
+    it is refused as what it is (it said 'no such file or folder'); in a folder predict reads or a class folder
+    train reads it is left out with a warning naming it (it was dropped without a word)."""
+    import shutil
+
+    good = _png(tmp_path / "in" / "a.png")
+    os.mkfifo(tmp_path / "in" / "fifo.jpg")
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        assert list_images([tmp_path / "in"]) == [str(good)]
+    assert f"{tmp_path / 'in' / 'fifo.jpg'} is not a regular file (a pipe, socket or device); not used" in caplog.text
+    with pytest.raises(DataError, match=r"fifo\.jpg: is not a regular file \(a pipe, socket or device\); give image "
+                                        r"files or folders"):
+        list_images([tmp_path / "in" / "fifo.jpg"])
+    data = tmp_path / "data"
+    shutil.copytree(three_digits, data)
+    os.mkfifo(data / "train" / "digit_1" / "pipe.png")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        splits = scan(data)
+    assert "pipe.png is not a regular file" in caplog.text
+    assert not any(p.endswith("pipe.png") for p, _ in splits.train)
 
 
 def test_jpeg_files_named_jfif_or_jpe_are_images(tmp_path):
