@@ -2,7 +2,7 @@
 otherwise pick (a linear probe, timm-train.py-like and fastai-fine_tune-like settings) and one-change variants,
 on four real folders of different sizes and kinds, over 3 seeds.
 
-  python benchmarks/bench_defaults.py             # 4 folders x 20 settings x 3 seeds + probes, ~3.5 h on 2 cores
+  python benchmarks/bench_defaults.py             # 4 folders x 21 settings x 3 seeds + probes, ~3.7 h on 2 cores
   python benchmarks/bench_defaults.py --quick     # 1 seed, defaults + probe, 1 folder, 4 steps: a smoke run
   python benchmarks/bench_defaults.py --keep DIR  # keep a small record of each finished fine-tune in DIR; a rerun
                                                   # with the same DIR reuses those whose whole configuration
@@ -42,6 +42,8 @@ Settings:
     head dropout 0.5   dropout before each spinal layer and the output layer (--head-dropout 0.5; the ResNet
                        preset has none)
     no label smoothing --label-smoothing 0 (default 0.1, timm's)
+    BN stats frozen    the backbone's BatchNorm keeps its ImageNet running statistics (--bn-stats frozen; default
+                       update), as Keras advises for fine-tuning
   fastai-like        fine_tune: one frozen epoch, then the whole net with the backbone at 0.1x (discriminative
                      lrs), AdamW 2e-3 wd 0.01, cosine with warm-up, flips + light jitter
   timm-like          train.py's fine-tuning recipe: AdamW 5e-4 wd 0.05, cosine + warm-up, label smoothing 0.1,
@@ -50,8 +52,8 @@ Settings:
   linear probe       scikit-learn LogisticRegression on the frozen backbone's pooled features (evaluation
                      preprocessing, as `train --cache-features` computes them), standardised, C chosen on val from
                      1e-3..1e2; deterministic, so its std over seeds is 0
-After the table, a size check: the defaults and the probe on fewshot12 at its images' own 128 px (3 fine-tunes of
-~3 minutes), since 64 px may hide what the backbone's features can do without fine-tuning.
+After the table, a size check: the defaults, BN stats frozen and the probe on fewshot12 at its images' own 128 px
+(6 fine-tunes of ~4-7 minutes), since 64 px may hide what the backbone's features can do without fine-tuning.
 With --keep DIR each finished fine-tune leaves DIR/<folder>/<digest of its whole configuration and thread
 count>.json (top-1, best epoch, epochs, seconds, machine); a setting that comes to the same configuration as
 another (a variant the defaults have since adopted) reuses its record. benchmarks/records/defaults holds the
@@ -102,6 +104,7 @@ SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defa
     "cutmix 1.0": dict(cutmix=1.0),
     "head dropout 0.5": dict(head_dropout=0.5),
     "no label smoothing": dict(label_smoothing=0.0),
+    "BN stats frozen": dict(bn_stats="frozen"),
     "fastai-like": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,
                         freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2, label_smoothing=0.0,
                         random_erase=0.0, select_metric="top1"),
@@ -252,19 +255,27 @@ def verdicts(results: dict[str, dict[str, list[float]]], folders: list[str]) -> 
     return lines
 
 
-def native_size_check(root: Path, records: Path, weights: str, seeds: int, submit) -> str:
+SIZE_CHECKED = ("defaults", "BN stats frozen")       # the settings the size check fine-tunes
+
+
+def native_size_check(root: Path, records: Path, weights: str, seeds: int, submit) -> list[str]:
     """The few-shot folder at its images' own size (NATIVE_SIZE px, not the table's 64): whether fine-tuning's lead
-    over the probe holds when the backbone sees the detail 64 px loses. Defaults and probe only (CPU time)."""
+    over the probe holds when the backbone sees the detail 64 px loses. SIZE_CHECKED and the probe (CPU time)."""
     import _folders
 
     data = _folders.build(root / "data", "fewshot12")
     probe = linear_probe(data, weights, root / "feature-cache", NATIVE_SIZE)["test"]
-    tuned = [f.result() for f in [submit(run_once, data, records / f"fewshot12-{NATIVE_SIZE}px", weights, {}, seed,
-                                         None, NATIVE_SIZE) for seed in range(seeds)]]
-    top1 = [r["top1"] for r in tuned]
-    return (f"fewshot12 at its images' own {NATIVE_SIZE} px (defaults and probe only): defaults {fmt(top1)} (best "
-            f"epochs {', '.join(str(r['best_epoch']) for r in tuned)}; {statistics.mean(r['seconds'] for r in tuned):.0f}"
-            f" s/run), linear probe {probe:.3f}: defaults - probe = {100 * (stats(top1)[0] - probe):+.1f} top-1 points")
+    futures = {(name, seed): submit(run_once, data, records / f"fewshot12-{NATIVE_SIZE}px", weights, SETTINGS[name],
+                                    seed, None, NATIVE_SIZE) for name in SIZE_CHECKED for seed in range(seeds)}
+    lines = [f"fewshot12 at its images' own {NATIVE_SIZE} px ({', '.join(SIZE_CHECKED)} and the probe only): "
+             f"linear probe {probe:.3f}"]
+    for name in SIZE_CHECKED:
+        tuned = [futures[name, seed].result() for seed in range(seeds)]
+        top1 = [r["top1"] for r in tuned]
+        lines.append(f"  {name} {fmt(top1)} (best epochs {', '.join(str(r['best_epoch']) for r in tuned)}; "
+                     f"{statistics.mean(r['seconds'] for r in tuned):.0f} s/run): {name} - probe = "
+                     f"{100 * (stats(top1)[0] - probe):+.1f} top-1 points")
+    return lines
 
 
 def _worker_init(threads: int) -> None:
@@ -359,7 +370,7 @@ def main() -> None:
                     print(f"    {name} seed {seed}: test top-1 {rec['top1']:.3f} (best epoch {rec['best_epoch']} of "
                           f"{rec['epochs']}, {rec['seconds']:.0f} s{', reused' if rec['reused'] else ''})", flush=True)
         size_check = (native_size_check(root, records, str(weights), seeds, pool.submit) if not args.quick
-                      and "fewshot12" in folders and {"defaults", PROBE} <= set(names) else "")
+                      and "fewshot12" in folders and {"defaults", PROBE} <= set(names) else [])
         pool.shutdown()
     print(f"took {time.perf_counter() - t_start:.0f} s in all; {len(reused)} of {sum(map(len, epochs.values()))} "
           f"fine-tunes reused from the records in {records}" + (
@@ -382,7 +393,7 @@ def main() -> None:
         for line in verdicts(results, folders):
             print(line)
     if size_check:
-        print(f"\n{size_check}")
+        print("\n" + "\n".join(size_check))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ METRIC_NAMES = {"loss": "loss", "top1": "top-1"}
 # Options whose default changed after runs were saved, with the value those runs trained with: a run saved
 # before (its config.yaml or checkpoint lacks the option) resumes, extends and is compared as it was trained.
 ADDED_SINCE = {"select_metric": "top1",    # --select-metric (default loss) came after runs selected by top-1
-               "min_epochs": 10}          # the epoch floor was 10 before it became an option (now 20)
+               "min_epochs": 10,          # the epoch floor was 10 before it became an option (now 20)
+               "bn_stats": "update"}      # BatchNorm statistics always updated before --bn-stats
 # Options a run could leave unset (None: the policy's default) whose default in force changed since. Runs now record
 # the value in force (training.train.finish_config), so a saved run with one unset predates the change and trained
 # with the old value, given here with the options it applied under: {option: ({option: value}, old value)}.
@@ -226,6 +227,11 @@ class TrainConfig:
     freeze_epochs: int = _opt(0, "train only the head for the first K epochs (the log says 'backbone frozen')",
                               min=0)
     freeze_backbone: bool = _opt(False, "keep the backbone frozen for the whole run")
+    bn_stats: str = _opt("update", "the backbone's BatchNorm statistics while it trains: update (PyTorch's train "
+                                   "mode: re-estimated from each augmented batch) or frozen (the pretrained running "
+                                   "mean/var, as Keras advises for fine-tuning; scale and shift still train). A "
+                                   "random backbone (--weights none) has none to keep: its statistics update",
+                         choices=["update", "frozen"])
     cache_features: bool = _opt(False, "with --freeze-backbone: compute backbone features once, train the head on them",
                                 applies={"freeze_backbone": (True,)})
     cache_dir: str = _opt("", "where cached features are kept, shared by every run that uses the same backbone, "
@@ -246,7 +252,9 @@ class TrainConfig:
                                             "units (top-1 as a fraction, or loss)", min=0.0,
                                        applies={"early_stop_patience": ()})
     # --- speed and hardware -----------------------------------------------------------------
-    batch_size: int = _opt(32, "batch size per device", min=1)
+    batch_size: int = _opt(32, "batch size per device (at least 2: a batch of one image is never trained on, "
+                               "as BatchNorm cannot train on it; less memory: a smaller batch with --accum-steps)",
+                           min=2)
     workers: Optional[int] = _opt(None, "DataLoader workers (default: min(8, cpu count))", min=0)
     device: str = _opt("auto", "device", choices=["auto", "cpu", "cuda", "mps"])
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, off on CPU", choices=["auto", "bf16", "fp16", "none"])
@@ -303,6 +311,10 @@ class TrainConfig:
         (weights none), where a frozen backbone would only teach the head noise (training/train.finish_config
         records it in config.yaml, so a resume compares against this, not the value asked for)."""
         return 0 if str(self.weights).lower() == "none" else self.freeze_epochs
+
+    def frozen_bn_stats(self) -> bool:
+        """Whether the backbone's BatchNorm statistics stay as loaded: --bn-stats frozen, with weights to keep."""
+        return self.bn_stats == "frozen" and str(self.weights).lower() != "none"
 
     def applies(self, name: str) -> bool:
         """Whether option `name` matters for this config (e.g. layer_width only for a spinal head); an empty

@@ -36,6 +36,7 @@ from ..data.splits import SPLIT_NAMES, fit_and_held_out
 from ..data.transforms import DataConfig, build_transforms
 from ..errors import CheckpointError, DataError, MissingDependency, UserError, few, first_line, option_name
 from ..evaluation.evaluate import _eval_samples, split_source
+from ..evaluation.report_page import schedule_words
 from ..models.restore import model_from_checkpoint, recorded_transform_input, set_transform_input
 from ..models.surgery import build_model, get_head
 from ..runs.rundir import RunDir, load_run_checkpoint
@@ -675,8 +676,6 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
     shape = new_head.extra_repr() if head["kind"] == "spinal" else repr(new_head).splitlines()[0]
     epoch = config["epoch"]
     crop = _resize_words(inp)
-    stages = TrainConfig.from_dict(train_cfg, saved=True).resolved_stages()
-    schedule = ", then ".join(f"{s.epochs} epoch(s) at lr {s.lr:g}" for s in stages)
     lines = [
         f"# {config['backbone']} with a {head['kind']} head, {len(classes)} classes", "",
         f"Fine-tuned with spinal-transfer {config['spinal_transfer_version']}; exported from `{source}`"
@@ -725,8 +724,8 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
         f"- backbone `{config['backbone']}`, starting weights `{train_cfg['weights']}`",
         f"- `{head['kind']}` head in place of the original classifier ({head['replace']}): {shape}, "
         f"{new_head.num_params():,} parameters",
-        f"- {schedule}; optimizer {train_cfg['optimizer']}, scheduler {train_cfg['scheduler']}, "
-        f"batch size {train_cfg['batch_size']}, augmentation {train_cfg['augment']}",
+        f"- {schedule_words(train_cfg)}; optimizer {train_cfg['optimizer']}, batch size {train_cfg['batch_size']}, "
+        f"augmentation {train_cfg['augment']}",
         "", "<details><summary>full training configuration</summary>", "", "```yaml",
         yaml.safe_dump(train_cfg, sort_keys=False).rstrip(), "```", "", "</details>", "",
         "## Classes", "", "Logit i is class i:", "",

@@ -104,7 +104,9 @@ def _fmt(v: Any, pct: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------
 # Reading a run folder
 
-def _schedule(cfg: Mapping) -> str:
+def schedule_words(cfg: Mapping) -> str:
+    """How a run trained, in words (epochs and lr per stage, scheduler, what of the backbone was frozen or kept):
+    the report page's and the model card's one description of a config."""
     stages = cfg.get("stages") or []
     if stages:
         lr = ", ".join(f"{_n(s['epochs'], 'epoch')} at {s['lr']:g}" for s in stages)
@@ -125,6 +127,8 @@ def _schedule(cfg: Mapping) -> str:
         parts.append("backbone frozen throughout" + (" (cached features)" if cfg.get("cache_features") else ""))
     elif cfg.get("freeze_epochs"):
         parts.append(f"backbone frozen for the first {_n(cfg['freeze_epochs'], 'epoch')}")
+    if cfg.get("bn_stats") == "frozen" and not cfg.get("freeze_backbone"):
+        parts.append("backbone BatchNorm statistics kept as loaded")
     return "; ".join(parts)
 
 
@@ -208,7 +212,7 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
     opt += f", weight decay {cfg.get('weight_decay')}"
     bs = f"batch {cfg.get('batch_size')}" + (f" \u00d7 {cfg['accum_steps']} accumulation" if cfg.get("accum_steps", 1) > 1 else "")
     out["optimizer"] = f"{opt}; {bs}" + (f"; EMA {cfg['ema_decay']}" if cfg.get("ema_decay") else "")
-    out["schedule"] = _schedule(cfg)
+    out["schedule"] = schedule_words(cfg)
     if "best_epoch" in rep:
         on = rep.get("selected_on", "val")
         by = METRIC_NAMES[rep.get("selected_by", "top1")]

@@ -372,7 +372,8 @@ def _settings(cfg: TrainConfig, mode: str, seeds: int) -> str:
         how = f"features cached once in {cfg.cache_dir}"
     else:
         how = (f"backbone frozen for the first {cfg.freeze_epochs} epoch(s), as train does" if cfg.freeze_epochs
-               else "end to end from the first epoch")
+               else "end to end from the first epoch") + (
+            ", its BatchNorm statistics kept as loaded" if cfg.frozen_bn_stats() else "")
     epochs = "+".join(str(s.epochs) for s in cfg.resolved_stages())
     return (f"Mode: {MODE_NAMES[mode]}. Data {cfg.data}; backbone {cfg.backbone} (weights {cfg.weights}), {how}; "
             f"{epochs} epochs, lr "

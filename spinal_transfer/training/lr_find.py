@@ -153,7 +153,7 @@ def find_lr(model: nn.Module, batches: Iterable, optimizer_factory: Callable[[nn
     step (step.train_step) under `settings` (device, precision, memory format, loss) on one batch, without
     accumulation or clipping: the test measures where the plain loss diverges. `optimizer_factory(copy)` builds
     the optimizer (its groups' lr ratios are kept, their absolute lr set by the sweep). `prepare(copy)` runs
-    before that, e.g. `lambda m: FreezePolicy.apply(m, frozen=True)` to sweep the frozen first epoch."""
+    before that, e.g. `lambda m: FreezePolicy().apply(m, frozen=True)` to sweep the frozen first epoch."""
     if not 0 < start_lr < end_lr:
         raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     settings = dataclasses.replace(settings, accum_steps=1, clip_grad=None)
@@ -271,11 +271,12 @@ def find_lr_as_run(cfg: Any, model: nn.Module, batches: Iterable, settings: Step
     """find_lr with the run's step settings, optimizer (its weight decay, momentum, backbone lr multiplier) and
     its first epoch's freezing (a new run's: none for a random backbone); `model` is the head alone in
     cached-feature mode (nothing to freeze then). `lr-find` and `train --lr auto` both sweep through here."""
-    frozen = FreezePolicy(cfg.new_run_freeze_epochs(), cfg.freeze_backbone).frozen(1) and not cfg.cache_features
+    policy = FreezePolicy(cfg.new_run_freeze_epochs(), cfg.freeze_backbone, cfg.frozen_bn_stats())
+    frozen = policy.frozen(1) and not cfg.cache_features
     result = find_lr(model, batches,
                      lambda m: make_optimizer(m, cfg.optimizer, 1.0, weight_decay=cfg.weight_decay,
                                               momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),
-                     settings, prepare=None if cfg.cache_features else (lambda m: FreezePolicy.apply(m, frozen)),
+                     settings, prepare=None if cfg.cache_features else (lambda m: policy.apply(m, frozen)),
                      **sweep)
     if frozen:
         result.notes.append("swept with the backbone frozen, as the run's first epoch trains")

@@ -157,7 +157,7 @@ class Session:
     def forward_module(self, frozen: bool) -> nn.Module:
         """What the loop calls: the head alone on cached features, else the whole model; under torchrun a DDP
         wrapper, rebuilt whenever the set of trainable parameters changes (DDP fixes it at wrapping)."""
-        FreezePolicy.apply(self.model, frozen)
+        self.freeze.apply(self.model, frozen)
         if frozen not in self._wrapped:
             self._wrapped.clear()
             m = get_head(self.model) if self.cfg.cache_features else self.model
@@ -265,10 +265,11 @@ def _last_good(run: RunDir) -> str:
 
 
 def _out_of_memory(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunDir) -> ResourceError:
-    half = max(1, cfg.batch_size // 2)
+    half = cfg.batch_size // 2
+    smaller = (f"try --batch-size {half} --accum-steps {cfg.accum_steps * 2} (the same global batch; a resumed run "
+               f"accepts it)" if half >= 2 else "try a smaller --img-size")      # a batch is at least 2 images
     return ResourceError(f"out of memory on {device} with --batch-size {cfg.batch_size}"
-                         f"{f' at --img-size {cfg.img_size}' if cfg.img_size else ''}: try --batch-size {half} "
-                         f"--accum-steps {cfg.accum_steps * 2} (the same global batch; a resumed run accepts it)"
+                         f"{f' at --img-size {cfg.img_size}' if cfg.img_size else ''}: {smaller}"
                          + (" or --amp bf16" if cfg.amp in ("auto", "none") else "") + f". {_last_good(run)}")
 
 
@@ -374,7 +375,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
                             multi_stage=len(cfg.resolved_stages()) > 1, state=ckpt.get("saver") if ckpt else None)
     s = Session(cfg, run, settings, model, ema, splits.classes, samples, loaders, sampler,
                 torch.amp.GradScaler(device.type, enabled=settings.dtype == torch.float16), skips, saver,
-                FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone),
+                FreezePolicy(cfg.freeze_epochs, cfg.freeze_backbone, cfg.frozen_bn_stats()),
                 EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, cfg.select_metric), Progress(),
                 control or StopControl([]), tracker, ckpt, resumes=resumes, leakage=leak)
     if ckpt is not None:
@@ -426,7 +427,8 @@ def finish_config(cfg: TrainConfig, out: str, model: nn.Module, dc: DataConfig, 
             else f" (--min-steps {cfg.min_steps} is reached; --epochs N: exactly N)"))
     return dataclasses.replace(
         cfg, out=out, data=str(Path(cfg.data).expanduser().resolve()),     # a resume from another directory reads it
-        layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), img_size=dc.img_size,
+        layer_width=width, freeze_epochs=_frozen_epochs(cfg, new_run), bn_stats=_bn_stats(cfg, new_run),
+        img_size=dc.img_size,
         mean=list(dc.mean), std=list(dc.std), interpolation=dc.interpolation, select_on=selection_split(cfg), lr=lr,
         **values_in_force(cfg),
         resize_size=list(dc.resize_size) if isinstance(dc.resize_size, tuple) else dc.resize_size)
@@ -462,6 +464,18 @@ def _frozen_epochs(cfg: TrainConfig, new_run: bool) -> int:
     log.info(f"freeze_epochs {cfg.freeze_epochs} -> 0: with --weights none the backbone is random, and a frozen "
              f"random backbone would only teach the head noise")
     return cfg.new_run_freeze_epochs()
+
+
+def _bn_stats(cfg: TrainConfig, new_run: bool) -> str:
+    """--bn-stats as the run trains: a new run's random backbone (--weights none) has no statistics to keep, so
+    they update and config.yaml says so (a resume, compare or tune rerun then sees what the run did)."""
+    if new_run and cfg.bn_stats == "frozen" and not cfg.frozen_bn_stats():
+        log.info("bn_stats frozen -> update: with --weights none the backbone is random and has no BatchNorm "
+                 "statistics to keep")
+        return "update"
+    if cfg.frozen_bn_stats():
+        log.info("the backbone's BatchNorm statistics stay as loaded (--bn-stats frozen); its scale and shift train")
+    return cfg.bn_stats
 
 
 def selection_split(cfg: TrainConfig) -> str:
@@ -557,7 +571,7 @@ def build_loaders(cfg: TrainConfig, model: nn.Module, inputs: RunInputs, device:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(run.path)
     log.info(f"cached-feature mode: the backbone runs once without augmentation (features in {cache}); "
              f"training sees the stored features")
-    FreezePolicy.apply(model, frozen=True)
+    FreezePolicy().apply(model, frozen=True)
     feats = {}
     for turn in ("compute", "load"):
         if turn == "load" or is_main():

@@ -70,14 +70,14 @@ def test_find_lr_leaves_model_and_rng_untouched_and_suggests_inside_the_sweep(di
 
     model, batches = _model_and_batches(digits_folder)
     model.eval()
-    FreezePolicy.apply(model, frozen=True)          # the copy is unfrozen below: this model's flags must stay
+    FreezePolicy().apply(model, frozen=True)        # the copy is unfrozen below: this model's flags must stay
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {k: p.requires_grad for k, p in model.named_parameters()}
     modes = {k: m.training for k, m in model.named_modules()}
     rng = torch.get_rng_state()
     result = find_lr(model, batches, lambda m: make_optimizer(m, "sgd", 1.0, backbone_lr_mult=0.1),
                      StepSettings(torch.device("cpu")), start_lr=1e-3, end_lr=100.0, num_steps=50,
-                     prepare=lambda m: FreezePolicy.apply(m, frozen=False))
+                     prepare=lambda m: FreezePolicy().apply(m, frozen=False))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)                 # weights and BN statistics
     assert grads == {k: p.requires_grad for k, p in model.named_parameters()}

@@ -254,3 +254,21 @@ def test_a_config_without_data_names_the_option_as_the_caller_writes_it(tmp_path
         run(TrainConfig(out=str(tmp_path / "run"), weights="none"))
     r = cli_run("train", "--out", str(tmp_path / "cli"), "--weights", "none")
     assert r.returncode == 2 and "--data DIR is required" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bn_stats_is_recorded_as_the_run_trains_and_said_where_the_run_is_described(three_digits, tmp_path):
+    """--bn-stats frozen with --weights none: the random backbone has no statistics to keep, they update, and
+    config.yaml says 'update' (it said 'frozen', so a resume with --bn-stats update was refused as 'a different
+    experiment'; QA 26). Where it is in force, the report page's and the model card's schedule say it."""
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.evaluation.report_page import schedule_words
+
+    train.run(tiny_cfg(three_digits, tmp_path / "run", epochs=1, bn_stats="frozen"))
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["bn_stats"] == "update"
+    assert "bn_stats frozen -> update: with --weights none the backbone is random" in (
+        tmp_path / "run" / "train.log").read_text()
+    train.run(tiny_cfg(three_digits, tmp_path / "run", epochs=2, bn_stats="update"),     # the same run: accepted
+              resume=tmp_path / "run")
+    cfg = {**TrainConfig(weights="bundled", bn_stats="frozen").to_dict(), "epochs": 3}
+    assert "backbone BatchNorm statistics kept as loaded" in schedule_words(cfg)
+    assert "BatchNorm" not in schedule_words({**cfg, "bn_stats": "update"})
