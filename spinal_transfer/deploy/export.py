@@ -667,6 +667,28 @@ def _resize_words(inp: dict) -> str:
 
 
 # long: the model card's template, read top to bottom as the card reads; parts of it would scatter the card
+def _probabilities_words(config: dict, report: Optional[dict]) -> str:
+    """The model card's account of its probabilities: the temperature with how well val pinned it down and what
+    it did on test (report.json's calibration), or why there is none."""
+    t = config.get("temperature")
+    if not t:
+        return ("the plain softmax of the logits, T = 1 ("
+                + (config.get("calibration_note") or "not calibrated: the checkpoint carries no temperature") + ").")
+    words = (f"softmax(logits / T) with T = {t:.4f} (`temperature` in config.json): temperature scaling fitted on "
+             f"the run's val split; `predict --no-calibration` gives the plain softmax.")
+    cal = (report or {}).get("calibration") or {}
+    if cal.get("temperature_interval") and cal.get("val"):
+        lo, hi = cal["temperature_interval"]
+        words += (f" Fitted on {cal['val']['num_samples']} val images, 95% bootstrap interval of T {lo:.2f}-{hi:.2f}"
+                  + (": the val split was too small to pin it down, so read the probabilities as rough"
+                     if hi > 2 * lo else "") + (f"; {cal['warning']}" if cal.get("warning") else "") + ".")
+    if cal.get("test"):
+        test = cal["test"]
+        words += (f" On the held-out test split the expected calibration error went from {test['ece_before']:.3f} "
+                  f"to {test['ece_after']:.3f} ({test['num_samples']} images).")
+    return words
+
+
 def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional[dict], source: Path) -> str:
     """README.md of a bundle: what the model is, how it was trained, how well it did, how to use it."""
     import yaml
@@ -695,18 +717,13 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
         "## Input", "",
         f"RGB, {crop} ({inp['interpolation']} interpolation when upscaling, area when downscaling), "
         f"scale to [0, 1], normalize with mean {list(inp['mean'])} and std {list(inp['std'])}.", "",
-        "## Probabilities", "",
-        (f"softmax(logits / T) with T = {config['temperature']:.4f} (`temperature` in config.json): temperature "
-         f"scaling fitted on the run's val split, so a probability p means about a fraction p of such predictions "
-         f"is right on images like those; `predict --no-calibration` gives the plain softmax."
-         if config.get("temperature") else "the plain softmax of the logits, T = 1 ("
-         + (config.get("calibration_note") or "not calibrated: the checkpoint carries no temperature") + ")."), "",
+        "## Probabilities", "", _probabilities_words(config, report), "",
     ]
     lines += ["## Metrics", ""]
     if report is None:
         lines += ["No report.json was found next to the checkpoint.", ""]
     else:
-        lines += ["| split | " + " | ".join(n for _, n in _METRICS) + " | loss | images |",
+        lines += ["| split | " + " | ".join(n for _, n in _METRICS) + " | loss (plain softmax) | images |",
                   "|---" * (len(_METRICS) + 3) + "|"]
         for split in ("val", "test"):
             m = report.get(split)

@@ -85,6 +85,11 @@ def test_bundle_reloads_offline_with_the_trained_logits(exported, digits_folder,
     assert all(f["max_abs_diff"] <= 1e-4 for f in config["formats"].values())
     card = (bundle / "README.md").read_text()
     assert f"{report['test']['top1']:.4f}" in card and "timm/test_resnet" in card and "model.onnx" in card
+    cal = report["calibration"]                  # the card says how well val pinned T down and what it did on test
+    lo, hi = cal["temperature_interval"]
+    assert f"T = {cal['temperature']:.4f}" in card and f"95% bootstrap interval of T {lo:.2f}-{hi:.2f}" in card
+    assert f"went from {cal['test']['ece_before']:.3f} to {cal['test']['ece_after']:.3f}" in card
+    assert "| loss (plain softmax) |" in card    # report.json's loss is the plain softmax's, not predict's
 
     def no_network(*args, **kwargs):
         raise AssertionError("load() tried to reach the network")
