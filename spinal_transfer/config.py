@@ -252,9 +252,8 @@ class TrainConfig:
                                             "units (top-1 as a fraction, or loss)", min=0.0,
                                        applies={"early_stop_patience": ()})
     # --- speed and hardware -----------------------------------------------------------------
-    batch_size: int = _opt(32, "batch size per device (at least 2: a batch of one image is never trained on, "
-                               "as BatchNorm cannot train on it; less memory: a smaller batch with --accum-steps)",
-                           min=2)
+    batch_size: int = _opt(32, "batch size per device (training: at least 2, as a batch of one image is never "
+                               "trained on; less memory: a smaller batch with --accum-steps)", min=1)
     workers: Optional[int] = _opt(None, "DataLoader workers (default: min(8, cpu count))", min=0)
     device: str = _opt("auto", "device", choices=["auto", "cpu", "cuda", "mps"])
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, off on CPU", choices=["auto", "bf16", "fp16", "none"])
@@ -389,6 +388,10 @@ class TrainConfig:
         stages = self.resolved_stages()
         if not stages:
             raise ConfigError("stages: the schedule is empty", key="stages")
+        if self.batch_size < 2:         # (evaluate, predict and export take --batch-size 1)
+            raise ConfigError(f"batch_size {self.batch_size} trains nothing: a batch of one image is never trained "
+                              f"on, as BatchNorm cannot train on it; use --batch-size 2 or more (less memory: "
+                              f"with --accum-steps)", key="batch_size")
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
                               f"training images; keep their sum below 1", key="val_fraction")

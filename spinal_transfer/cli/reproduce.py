@@ -15,6 +15,7 @@ from ..experiments.reproduce import (
     collect,
     find_recipes,
     reproduce,
+    seeds_asked,
     shard_from_env,
 )
 from . import positive_int
@@ -55,8 +56,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT, metavar="DIR",
                         help=f"folder holding the prepared datasets; a recipe's relative data: is resolved "
                              f"against it (default: {DEFAULT_DATA_ROOT})")
-    parser.add_argument("--seeds", type=positive_int, default=DEFAULT_SEEDS, metavar="N",
-                        help=f"run seeds 0..N-1 of every recipe (default: {DEFAULT_SEEDS})")
+    parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
+                        help=f"run seeds 0..N-1 of every recipe (default: {DEFAULT_SEEDS}; with --collect, as many as "
+                             f"the reproduce that wrote --out asked for)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--shard", metavar="K/N", help="run shard K of N (0 <= K < N), or auto / auto/N inside a "
                                                        "SLURM job array or a Kubernetes Indexed Job")
@@ -89,11 +91,12 @@ def main(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in OVERRIDES}
     check_flags({k: v for k, v in overrides.items() if v is not None})        # the ranges train checks
     recipes = find_recipes(args.recipes)
-    if args.collect:
-        rows = collect(recipes, args.data_root, args.out, args.seeds, overrides)
+    if args.collect:     # without --seeds, the table keeps the seed count OUT was made with
+        seeds = args.seeds or seeds_asked(args.out) or DEFAULT_SEEDS
+        rows = collect(recipes, args.data_root, args.out, seeds, overrides)
         return 3 if any(len(r.top1) < r.seeds for r in rows) else 0
     shard = shard_from_env(args.shard) if args.shard else None
-    rows = reproduce(recipes, args.data_root, args.out, args.seeds, overrides, shard)
+    rows = reproduce(recipes, args.data_root, args.out, args.seeds or DEFAULT_SEEDS, overrides, shard)
     incomplete = [r.recipe for r in rows if len(r.top1) < r.seeds]
     if incomplete and shard is None:
         print(f"incomplete rows (see the logs above): {', '.join(incomplete)}", file=sys.stderr)

@@ -513,6 +513,17 @@ def reproduce(recipes: Sequence[Recipe], data_root: PathLike = DEFAULT_DATA_ROOT
     return rows
 
 
+def seeds_asked(out: PathLike) -> Optional[int]:
+    """How many seeds the reproduce that wrote OUT asked for (results.csv's `seeds`, which every shard writes
+    after each run), or None when OUT has no table yet: what `--collect` without --seeds tabulates."""
+    try:
+        with open(Path(out) / RESULT_FILES[0], newline="", encoding="utf-8") as f:
+            asked = [int(row["seeds"]) for row in csv.DictReader(f) if str(row.get("seeds", "")).isdigit()]
+    except (OSError, ValueError, csv.Error):
+        return None
+    return max(asked, default=None)
+
+
 def collect(recipes: Sequence[Recipe], data_root: PathLike, out: PathLike, seeds: int,
             overrides: Optional[dict] = None, log: Callable[[str], Any] = _stderr) -> list[Row]:
     """The tables from whatever has finished (no training), and what is still missing, said."""

@@ -228,7 +228,7 @@ def test_evaluate_refuses_a_class_the_model_does_not_know(finished, tmp_path, cl
     ('epochs: "2"', ["recipe.yaml:3", "epochs", "the string '2'"]),
     ("epochs: 1.7", ["recipe.yaml:3", "epochs: 1.7 is not an integer"]),
     ("stages:\n- {epochs: 2, lr: 0.1}\n- {epochs: 3}", ["recipe.yaml:5", "stages[1]", "missing lr"]),
-    ("batch_size: -5", ["recipe.yaml:3", "batch_size: -5 is out of range", ">= 2"]),
+    ("batch_size: -5", ["recipe.yaml:3", "batch_size: -5 is out of range", ">= 1"]),
     ("head: [spinal", ["recipe.yaml:", "not valid YAML"]),
     ("lr: 0.1\nlayer_wdth: 8", ["recipe.yaml:4", "unknown option 'layer_wdth'", "did you mean 'layer_width'"]),
     ("lr: 0.1\nepochs: 2\nlr: 0.5", ["recipe.yaml:5:1", "duplicate key 'lr' (first on line 3)"]),
@@ -245,9 +245,9 @@ def test_an_empty_recipe_and_a_bad_flag_are_refused_up_front(tmp_path, data, cli
     (tmp_path / "empty.yaml").write_text("\n# nothing\n")
     _one_line_error(cli_run("train", "--recipe", tmp_path / "empty.yaml", "--data", data), 2, "the recipe is empty")
     res = cli_run("train", "--data", data, "--batch-size", "-5", "--out", tmp_path / "run")
-    _one_line_error(res, 2, "--batch-size", "-5", ">= 2")
+    _one_line_error(res, 2, "--batch-size", "-5", ">= 1")
     res = cli_run("train", "--data", data, "--batch-size", "1", "--out", tmp_path / "run")   # it trained nothing,
-    _one_line_error(res, 2, "--batch-size", "1", ">= 2")                        # exit 0 (every batch skipped)
+    _one_line_error(res, 2, "batch_size 1 trains nothing", "--batch-size 2 or more")   # exit 0, no batch used
     res = cli_run("train", "--data", data, "--val-fraction", "0.6", "--test-fraction", "0.5", "--out", tmp_path / "run")
     _one_line_error(res, 2, "val_fraction + test_fraction")
     assert not (tmp_path / "run").exists()

@@ -147,6 +147,11 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     # Everything finished: a rerun trains nothing and rewrites the same table.
     calls.clear()
     assert cli(args) == 0 and calls == []
+    # --collect without --seeds keeps the 2 seeds OUT was made with (it rewrote the table as 2 of 3 seeds, exit 3)
+    table = (out / "results.csv").read_bytes()
+    assert SMOKE[:2] == ["--seeds", "2"]
+    assert cli([*args[:-len(SMOKE)], *SMOKE[2:], "--collect"]) == 0
+    assert (out / "results.csv").read_bytes() == table and calls == []
 
 
 @pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
