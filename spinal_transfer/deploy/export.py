@@ -666,7 +666,6 @@ def _resize_words(inp: dict) -> str:
     return f"resize the shorter side to {h}, center-crop {size}"
 
 
-# long: the model card's template, read top to bottom as the card reads; parts of it would scatter the card
 def _probabilities_words(config: dict, report: Optional[dict]) -> str:
     """The model card's account of its probabilities: the temperature with how well val pinned it down and what
     it did on test (report.json's calibration), or why there is none."""
@@ -689,6 +688,7 @@ def _probabilities_words(config: dict, report: Optional[dict]) -> str:
     return words
 
 
+# long: the model card's template, read top to bottom as the card reads; parts of it would scatter the card
 def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional[dict], source: Path) -> str:
     """README.md of a bundle: what the model is, how it was trained, how well it did, how to use it."""
     import yaml
