@@ -499,7 +499,7 @@ def _undecodable_classes(splits: dict[str, list[Sample]], classes: list[str], di
     a class without a train image, and the val or test metrics would say nothing of one without its images), or
     with `lenient` returned for audit. Checked on the splits as carved: a class whose only readable images went to
     val or test is refused too."""
-    said = {(s, c): f"{len(f)} {s} file(s) that fail to decode, e.g. {os.path.relpath(f[0][0], root)}: {f[0][1]}"
+    said = {(s, c): f"{len(f)} file(s) that fail to decode, e.g. {os.path.relpath(f[0][0], root)}: {f[0][1]}"
             for s in SPLIT_NAMES if s in splits for c, f in _undecodable(splits[s], classes).items()}
     if said and not lenient:
         shown = "; ".join(f"{c} in {s} ({why})" for (s, c), why in list(said.items())[:3]) + (
