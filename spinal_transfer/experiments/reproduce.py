@@ -88,7 +88,12 @@ def find_recipes(pattern: str) -> list[Recipe]:
     ordered by group, default first."""
     found = {Path(p) for p in glob.glob(os.path.expanduser(pattern)) if p.endswith((".yaml", ".yml"))}
     if not found:
-        raise ReproduceError(f"no recipe matches {pattern!r} (give a glob of YAML files, e.g. {DEFAULT_RECIPES!r})")
+        checkout = Path(__file__).resolve().parents[2]      # the source checkout the package is installed from
+        there = str(checkout / os.path.expanduser(pattern))
+        hint = (f"; the checked-in recipes are in the source checkout: {there!r} matches, so run from {checkout} or "
+                f"give that path" if not os.path.isabs(os.path.expanduser(pattern)) and glob.glob(there) else "")
+        raise ReproduceError(f"no recipe matches {pattern!r} (give a glob of YAML files, e.g. {DEFAULT_RECIPES!r})"
+                             + hint)
     for p in list(found):
         partner = Recipe(p).partner
         found |= {q for q in (p.parent / f"{partner}.yaml", p.parent / f"{partner}.yml") if partner and q.is_file()}

@@ -613,3 +613,20 @@ def test_paper_protocol_trains_on_the_official_training_set_and_selects_on_the_r
         assert np.abs(share - whole).max() < 0.02
     else:
         assert len(honest.train) == official_train
+
+
+def test_a_relative_recipe_glob_from_elsewhere_names_the_checkouts_recipes(tmp_path, monkeypatch):
+    """The help's examples glob recipes/... relative to the checkout; run from another folder they matched nothing
+    and the message did not say where the recipes are (they are not installed with the package; QA 26)."""
+    from spinal_transfer.experiments.reproduce import ReproduceError, find_recipes
+
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(ReproduceError, match=re.escape(f"{str(root / 'recipes/smoke/*.yaml')!r} matches, so run "
+                                                       f"from {root} or give that path")):
+        find_recipes("recipes/smoke/*.yaml")
+    with pytest.raises(ReproduceError) as e:
+        find_recipes("nowhere/*.yaml")
+    assert "source checkout" not in str(e.value)                      # no hint where the checkout has none either
+    monkeypatch.chdir(root)
+    assert find_recipes("recipes/smoke/*.yaml")
