@@ -94,13 +94,22 @@ def check_heads(first: Sequence[Planned], num_classes: int) -> None:
     cfg = first[0].cfg
     width = build_model(cfg.backbone, num_classes, head="linear", weights="none", replace=cfg.replace,
                         img_size=cfg.img_size).spinal_info.feature_width
+    seen: dict[str, str] = {}
     for p in first:
         try:
-            create_head(p.cfg.head, width, num_classes, **head_options(p.cfg))
+            head = create_head(p.cfg.head, width, num_classes, **head_options(p.cfg))
         except ConfigError as e:
             raise CompareError(f"head {p.head.text!r} cannot be built on {cfg.backbone}'s {width} features: {e}; "
                                f"change it (`spinal-transfer describe {cfg.backbone} --num-classes {num_classes}` "
                                f"shows what it takes)") from None
+        # `spinal` and `spinal:width=W` are one head when W is the width the rule gives on these features
+        resolved = {**p.cfg.to_dict(), "out": "", "layer_width": getattr(head, "layer_width", p.cfg.layer_width)}
+        key = json.dumps(resolved, sort_keys=True, default=str)
+        if key in seen:
+            raise CompareError(f"heads {seen[key]!r} and {p.head.text!r} are the same head on {cfg.backbone}'s "
+                               f"{width} features (layer width {resolved['layer_width']} either way); give each "
+                               f"head once")
+        seen[key] = p.head.text
 
 
 def plan(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int, mode: str, out: PathLike) -> list[Planned]:
@@ -288,9 +297,10 @@ class SplitCheck:
         if not self.runs:
             return "Splits: no run has recorded its split yet."
         if self.differing:
-            return (f"SPLITS DIFFER: {len(self.differing)} of {self.runs} runs recorded other files than the first "
-                    f"({', '.join(self.differing)}); the data folder changed between runs, so their paired tests "
-                    f"are refused. Rerun into a new --out.")
+            return (f"SPLITS DIFFER: {len(self.differing)} of {self.runs} runs recorded another split than the "
+                    f"first (other files, or the same files with another size or modification time: "
+                    f"{', '.join(self.differing)}); the data folder changed between runs, so their seeds' paired "
+                    f"tests are left out and their metrics may be of other images. Rerun into a new --out.")
         sizes = ", ".join(f"{k} {v}" for k, v in self.sizes.items())
         return (f"Splits: all {self.runs} runs recorded the same split (identical splits.json class lists and "
                 f"files: {sizes} images).")
@@ -357,6 +367,9 @@ def collect(runs: Sequence[Planned], mode: str) -> Results:
                 continue
             if not by_key[ref, seed].is_finished():
                 notes.add(f"{ref.text} seed {seed} not finished")
+                continue
+            if {str(run.path), str(by_key[ref, seed].path)} & set(splits.differing):
+                notes.add(f"seed {seed} not paired: its runs recorded different splits")
                 continue
             try:
                 row.tests.append(paired_test(by_key[ref, seed], run, seed))

@@ -100,6 +100,17 @@ def test_the_same_head_twice_is_refused(tmp_path):
     base = TrainConfig(data=str(tmp_path))              # spinal's default preset is resnet: the same run
     with pytest.raises(cmp.CompareError, match="'spinal' and 'spinal:resnet' are the same head"):
         cmp.plan(base, parse_head_specs(["linear", "spinal", "spinal:resnet"]), 2, "frozen", tmp_path / "out")
+    # the width the rule gives, spelled out: the same head once it is resolved on the backbone's features (QA 27)
+    from spinal_transfer.models.heads import create_head
+
+    base = TrainConfig(data=str(tmp_path), backbone="timm/test_resnet", weights="none", img_size=32)
+    width = create_head("spinal", 96, 3).layer_width              # timm/test_resnet: 96 features
+    specs = parse_head_specs(["linear", "spinal", f"spinal:width={width}"])
+    with pytest.raises(cmp.CompareError, match=f"'spinal' and 'spinal:width={width}' are the same head on "
+                                               f"timm/test_resnet's 96 features"):
+        cmp.check_heads(cmp.plan(base, specs, 1, "frozen", tmp_path / "out"), 3)
+    cmp.check_heads(cmp.plan(base, parse_head_specs(["linear", "spinal", f"spinal:width={width + 8}"]), 1,
+                             "frozen", tmp_path / "out"), 3)
     with pytest.raises(cmp.CompareError, match="at least two heads"):
         cmp.plan(base, parse_head_specs(["spinal"]), 2, "frozen", tmp_path / "out")
 
@@ -286,6 +297,17 @@ def test_compare_frozen_two_heads_two_seeds(digits_transfer, tmp_path, monkeypat
     assert cli(one_seed) == 0 and calls == []
     err = capsys.readouterr().err
     assert "note: 2 finished run(s)" in err and "the tables show only the heads and seeds asked for" in err
+
+    # A run that recorded another split (a test file touched between runs): its seed's paired test is left out,
+    # as the sentence says (QA 27: the sentence said refused, the table kept the test and counted it)
+    doc = json.loads((runs["spinal", 1] / "splits.json").read_text())
+    doc["splits"]["test"][0][3] += 1
+    (runs["spinal", 1] / "splits.json").write_text(json.dumps(doc))
+    base = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in _options(data, weights).items()})
+    res = cmp.collect(cmp.plan(base, parse_head_specs(["linear", "spinal"]), 2, "frozen", out), "frozen")
+    assert [t.seed for t in res.heads[1].tests] == [0]
+    assert res.heads[1].note == "seed 1 not paired: its runs recorded different splits"
+    assert res.splits.sentence().startswith("SPLITS DIFFER: 1 of 4 runs recorded another split than the first")
 
 
 def test_compare_fine_tunes_as_train_by_default(three_digits, tmp_path, one_thread, capsys):
