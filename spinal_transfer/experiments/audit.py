@@ -342,9 +342,8 @@ def exact_duplicates(items: Sequence[Item], file_hashes: Sequence[str], pixel_ha
         ids.sort(key=lambda i: _sort_key(items[i]))
         for i in ids[1:]:
             same = "same file bytes" if file_hashes[i] == file_hashes[ids[0]] else "same pixels, other file bytes"
-            if items[i].label != items[ids[0]].label:     # one picture, two labels: one of them is wrong
-                same += f"; CONFLICTING LABELS {classes[items[ids[0]].label]} and {classes[items[i].label]}"
-            out.append(_pair("exact_duplicate", items[i], items[ids[0]], classes, 1.0, same))
+            out.append(_pair("exact_duplicate", items[i], items[ids[0]], classes, 1.0,
+                             same + _conflict(items[ids[0]], items[i], classes)))
     return out, group
 
 
@@ -380,8 +379,15 @@ def near_duplicates(items: Sequence[Item], x: np.ndarray, phashes: np.ndarray, g
         bits = int(np.count_nonzero(phashes[i] != phashes[j]))
         out.append(_pair("near_duplicate", items[i], items[j], classes, max(sim, 1.0 - bits / phashes.shape[1]),
                          f"cosine {sim:.3f} (centred features), perceptual hashes {bits} of "
-                         f"{phashes.shape[1]} bits apart"))
+                         f"{phashes.shape[1]} bits apart"
+                         + _conflict(*sorted((items[i], items[j]), key=_sort_key), classes)))
     return out
+
+
+def _conflict(a: Item, b: Item, classes: Sequence[str]) -> str:
+    """What a duplicate pair's detail adds when its two copies carry two labels (one of them is wrong): the
+    earlier's (train before val before test) first."""
+    return f"; CONFLICTING LABELS {classes[a.label]} and {classes[b.label]}" if a.label != b.label else ""
 
 
 def out_of_fold_probs(x: np.ndarray, y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -511,7 +517,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     x = np.stack([feats[it.path] for it in good])
     found, k, ood = _findings(good, [digests[i] for i in ok], x, splits.classes, threshold, hash_bits, folds,
                               num_outliers, cfg.seed)
-    bad = [Finding("undecodable", p, _split_of(p, items), _label_of(p, items, splits.classes), 1.0, detail=r)
+    bad = [Finding("undecodable", p, *_split_and_label(p, items, splits), 1.0, detail=r)
            for p, r in skips.entries.items()]
     bad += [Finding(f.kind, f.path, f.split, f.label, 1.0, detail=f.detail) for f in splits.problems]
     t3 = time.perf_counter()
@@ -553,12 +559,19 @@ def _findings(good: list[Item], digests: list, x: np.ndarray, classes: Sequence[
     return duplicates + issues + outliers(good, ood, classes, top), k, ood
 
 
-def _split_of(path: str, items: Iterable[Item]) -> str:
-    return next((it.split for it in items if it.path == path), "")
-
-
-def _label_of(path: str, items: Iterable[Item], classes: Sequence[str]) -> str:
-    return next((classes[it.label] for it in items if it.path == path), "")
+def _split_and_label(path: str, items: Iterable[Item], splits: Splits) -> tuple[str, str]:
+    """(split, class) of a file that could not be read: its item's, or for one the scan skipped (in no split's
+    list) the split folder it lies in and its class folder; no split where the splits are carved from one folder
+    (the file would have gone to any of them)."""
+    it = next((it for it in items if it.path == path), None)
+    if it is not None:
+        return it.split, splits.classes[it.label]
+    carved = any(src.get("kind") == "generated" for src in splits.source.values() if isinstance(src, dict))
+    for name, src in splits.source.items():
+        if isinstance(src, dict) and src.get("kind") == "folder" and Path(path).is_relative_to(src["path"]):
+            rel = Path(path).relative_to(src["path"])
+            return ("" if carved else name), (rel.parts[0] if len(rel.parts) > 1 else "")
+    return "", ""
 
 
 def write_outputs(result: AuditResult, out: Path) -> None:

@@ -347,3 +347,26 @@ def test_label_issues_map_the_columns_of_the_classes_present(tmp_path):
     assert (found[items[5].path].label, found[items[5].path].suggested_label) == ("a", "c")
     assert (found[items[11].path].label, found[items[11].path].suggested_label) == ("c", "a")
     assert found[items[5].path].score == pytest.approx(0.9) and found[items[11].path].score == pytest.approx(0.85)
+
+
+def test_a_skipped_file_keeps_its_split_and_class_and_a_near_duplicate_under_two_classes_says_so(three_digits,
+                                                                                                   tmp_path):
+    """A file the scan skips (not an image) was listed with empty split and label columns although its path says
+    val/digit_1; a near duplicate under two classes was counted as such in the summary but its row did not say
+    'CONFLICTING LABELS', as an exact one's does (QA 27)."""
+    from spinal_transfer.cli import main
+
+    root = tmp_path / "digits"
+    shutil.copytree(three_digits, root)
+    (root / "val" / "digit_1" / "notes.png").write_text("not an image")
+    src = sorted((root / "train" / "digit_0").glob("*.png"))[0]
+    im = np.asarray(Image.open(src).convert("L")).astype(np.int16)
+    im[0, 0] = 255 - im[0, 0]                        # other pixels, the same perceptual hash
+    Image.fromarray(im.astype(np.uint8)).save(root / "val" / "digit_2" / "near_copy.png")
+    out = tmp_path / "audit"
+    assert main(["audit", "--data", str(root), "--out", str(out), *TINY, "--threshold", "1", "--hash-bits", "0"]) == 0
+    rows = csv_rows(out / "audit.csv")
+    bad = [(Path(r["path"]).name, r["split"], r["label"]) for r in rows if r["kind"] == "undecodable"]
+    assert bad == [("notes.png", "val", "digit_1")]
+    near = [r for r in rows if r["kind"] == "near_duplicate" and Path(r["path"]).name == "near_copy.png"]
+    assert len(near) == 1 and near[0]["detail"].endswith("; CONFLICTING LABELS digit_0 and digit_2")
