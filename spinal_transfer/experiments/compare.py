@@ -103,8 +103,8 @@ def check_heads(first: Sequence[Planned], num_classes: int) -> None:
                                f"change it (`spinal-transfer describe {cfg.backbone} --num-classes {num_classes}` "
                                f"shows what it takes)") from None
         # `spinal` and `spinal:width=W` are one head when W is the width the rule gives on these features
-        resolved = {**p.cfg.to_dict(), "out": "", "layer_width": getattr(head, "layer_width", p.cfg.layer_width)}
-        key = json.dumps(resolved, sort_keys=True, default=str)
+        resolved = {**p.cfg.to_dict(), "layer_width": getattr(head, "layer_width", p.cfg.layer_width)}
+        key = _run_identity(resolved)
         if key in seen:
             raise CompareError(f"heads {seen[key]!r} and {p.head.text!r} are the same head on {cfg.backbone}'s "
                                f"{width} features (layer width {resolved['layer_width']} either way); give each "
@@ -137,11 +137,16 @@ def plan(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int, mode: str, ou
     return runs
 
 
+def _run_identity(config: dict) -> str:
+    """What makes two planned runs the same run: their whole config but the run folder."""
+    return json.dumps({k: v for k, v in config.items() if k != "out"}, sort_keys=True, default=str)
+
+
 def _refuse_same_heads(first_seed: Sequence[Planned]) -> None:
     """Two specs that make the same run (e.g. `spinal` and `spinal:resnet` with the default preset)."""
     seen: dict[str, str] = {}
     for p in first_seed:
-        key = json.dumps({k: v for k, v in p.cfg.to_dict().items() if k != "out"}, sort_keys=True)
+        key = _run_identity(p.cfg.to_dict())
         if key in seen:
             raise CompareError(f"heads {seen[key]!r} and {p.head.text!r} are the same head with these options; "
                                f"give each head once")

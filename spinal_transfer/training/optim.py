@@ -79,10 +79,10 @@ class FreezePolicy:
             for path in model.spinal_info.head_paths:
                 model.get_submodule(path).train()
         elif self.frozen_bn_stats:
-            heads = tuple(model.spinal_info.head_paths)
+            heads = model.spinal_info.head_paths
+            inside = tuple(h + "." for h in heads)
             for name, m in model.named_modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (
-                        name in heads or name.startswith(tuple(h + "." for h in heads))):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in heads and not name.startswith(inside):
                     m.eval()
 
 
