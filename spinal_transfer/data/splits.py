@@ -94,11 +94,12 @@ NOT_A_FILE = "is not a regular file (a pipe, socket or device)"
 
 
 def walk_files(folder: Path, notes: Optional[list[str]] = None,
-               follow: Optional[Callable[[Path], bool]] = None, broken: Optional[list[Path]] = None) -> list[Path]:
+               follow: Optional[Callable[[Path], bool]] = None, broken: Optional[list[Path]] = None,
+               special: Optional[list[Path]] = None) -> list[Path]:
     """Every non-hidden file below `folder`, recursively, links followed, sorted by path. A folder reached a
     second time (link loop, or two links to one place) is not read again; `notes` says where. `follow(link)`,
     when given, is asked about every symbolic link met (folder or file): False leaves it out. Broken links are
-    left out too, said in `notes` and listed in `broken`."""
+    left out too, said in `notes` and listed in `broken`; so are pipes, sockets and devices, listed in `special`."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -123,8 +124,11 @@ def walk_files(folder: Path, notes: Optional[list[str]] = None,
                     notes.append(f"{p} is a broken symbolic link (its target does not exist); not used")
                 if broken is not None:
                     broken.append(p)
-            elif notes is not None:          # reading a pipe would wait for a writer: never opened
-                notes.append(f"{p} {NOT_A_FILE}; not used")
+            else:                            # reading a pipe would wait for a writer: never opened
+                if notes is not None:
+                    notes.append(f"{p} {NOT_A_FILE}; not used")
+                if special is not None:
+                    special.append(p)
     return sorted(out)
 
 
@@ -164,11 +168,10 @@ def list_images(paths: list[PathLike]) -> list[str]:
     for p in map(Path, paths):
         if p.is_dir():
             broken: list[Path] = []
-            notes: list[str] = []
-            found = walk_files(p, notes, broken=broken)
-            for note in notes:
-                if NOT_A_FILE in note:      # broken links are kept: the reader skips them with their reason
-                    log.warning(note)
+            special: list[Path] = []        # broken links are kept: the reader skips them with their reason
+            found = walk_files(p, broken=broken, special=special)
+            for f in special:
+                log.warning(f"{f} {NOT_A_FILE}; not used")
             out += sorted(str(f) for f in found + broken if f.suffix.lower() in IMG_EXTENSIONS)
             other = [f for f in found if f.suffix.lower() not in IMG_EXTENSIONS]
             if other:
