@@ -408,14 +408,17 @@ def out_of_fold_probs(x: np.ndarray, y: np.ndarray, folds: int, seed: int = 0) -
 
 
 def fold_count(y: np.ndarray, folds: int, classes: Sequence[str]) -> int:
-    """The folds out_of_fold_probs can use: `folds`, fewer when the smallest class present has fewer images (at
-    least 2). Says once why fewer folds than asked run, and which classes' labels cannot be checked (one image: no
-    fold trains on it while it is held out)."""
+    """The folds out_of_fold_probs can use: `folds`, fewer only when even the largest class has fewer images (at
+    least 2; stratified k-fold needs one class with k). A small class does not lower the folds of all the others
+    (a class only in test/ with 3 images would have every fold train on 2/3 of the folder, not 4/5): its images
+    spread over fewer folds, each held out with the class's other images in training. Says once why fewer folds
+    than asked run, and which classes' labels cannot be checked (one image: no fold trains on it while it is
+    held out)."""
     counts = np.bincount(y, minlength=len(classes))
-    smallest = int(counts[counts > 0].min())
-    k = max(2, min(folds, smallest))
+    largest = int(counts.max())
+    k = max(2, min(folds, largest))
     if k < folds:
-        log.warning(f"label errors: {k} folds, not {folds}: the smallest class has {smallest} image(s)")
+        log.warning(f"label errors: {k} folds, not {folds}: the largest class has {largest} image(s)")
     single = [classes[c] for c in np.flatnonzero(counts == 1)]
     if single:
         log.warning(f"label errors: class(es) with one image ({few(single)}): no fold trains on the class "

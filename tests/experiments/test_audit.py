@@ -251,7 +251,7 @@ def test_audit_of_a_run_reads_its_files_and_its_cached_features(tmp_path, cli_ru
 
 
 def test_folds_as_run_and_a_one_image_class_said_once_in_words(tmp_path, cli_run, recwarn):
-    """A class of one image caps the out-of-fold regression at 2 folds: audit.json records the folds that ran
+    """A class of one image does not cap the out-of-fold regression's folds: audit.json records the folds that ran
     (and those asked), the log says why and which class cannot be checked, and sklearn's and cleanlab's raw
     warnings stay out of the console."""
     from sklearn.datasets import load_digits
@@ -265,26 +265,32 @@ def test_folds_as_run_and_a_one_image_class_said_once_in_words(tmp_path, cli_run
     r = cli_run("audit", "--data", tmp_path / "data", "--out", tmp_path / "a", *TINY, *EXACT_ONLY, "--folds", "5")
     assert r.returncode == 0, r.stderr[-2000:]
     settings = json.loads((tmp_path / "a" / "audit.json").read_text())["settings"]
-    assert (settings["folds"], settings["folds_asked"]) == (2, 5)
-    assert "2 folds, not 5: the smallest class has 1 image(s)" in r.stderr
-    assert "class(es) with one image (digit_2)" in r.stderr and "(out-of-fold logistic regression, 2 folds" in r.stdout
+    assert (settings["folds"], settings["folds_asked"]) == (5, 5)      # the one-image class lowers no one's folds
+    assert "folds, not 5" not in r.stderr
+    assert "class(es) with one image (digit_2)" in r.stderr and "(out-of-fold logistic regression, 5 folds" in r.stdout
     assert not [w for w in recwarn if issubclass(w.category, (UserWarning, RuntimeWarning))
                 and ("least populated" in str(w.message) or "label issues" in str(w.message)
                      or "Number of classes" in str(w.message))]
 
 
-def test_fold_count_follows_the_smallest_class_present(caplog):
-    from spinal_transfer.experiments.audit import fold_count
+def test_fold_count_follows_the_largest_class_not_the_smallest(caplog):
+    """A small class (say one only in test/) spreads over fewer folds; it does not lower every class's folds."""
+    from spinal_transfer.experiments.audit import fold_count, out_of_fold_probs
 
     y = np.array([0] * 4 + [2] * 3)                 # class 1 has no decodable image: it is in no fold
     with caplog.at_level("WARNING", logger="spinal_transfer"):
-        assert fold_count(y, 5, ["a", "b", "c"]) == 3
-        assert fold_count(np.array([0] * 9 + [1]), 5, ["a", "b"]) == 2
+        assert fold_count(y, 5, ["a", "b", "c"]) == 4
+        assert fold_count(np.array([0] * 9 + [1]), 5, ["a", "b"]) == 5
+        assert fold_count(np.array([0] * 40 + [1] * 3), 5, ["a", "b"]) == 5
     assert [r.getMessage() for r in caplog.records] == [
-        "label errors: 3 folds, not 5: the smallest class has 3 image(s)",
-        "label errors: 2 folds, not 5: the smallest class has 1 image(s)",
+        "label errors: 4 folds, not 5: the largest class has 4 image(s)",
         "label errors: class(es) with one image (b): no fold trains on the class while its image is held out, so its "
         "label cannot be checked"]
+    rng = np.random.default_rng(0)                  # 5 folds run with a 3-image class: one probability row each
+    y = np.array([0] * 40 + [1] * 3)
+    x = rng.normal(size=(len(y), 4)) + 3 * y[:, None]
+    probs = out_of_fold_probs(x, y, 5)
+    assert probs.shape == (43, 2) and np.allclose(probs.sum(1), 1) and (probs.argmax(1) == y).mean() > 0.9
 
 
 def test_folder_problems_train_refuses_are_findings_not_a_refusal(three_digits, tmp_path, capsys):
