@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 import unicodedata
@@ -276,6 +277,7 @@ def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> d
             found[split] = root / hits[0]
     if found and need_train and "train" not in found:
         raise DataError(f"{root}: found {', '.join(p.name + '/' for p in found.values())} but no train/ folder")
+    _check_split_links(found)
     if found:
         _note_loose_images(root, notes, "in no split and class folder")
         unused = sorted(names - {p.name for p in found.values()})
@@ -284,6 +286,18 @@ def _find_split_dirs(root: Path, notes: list[str], need_train: bool = True) -> d
             notes.append(f"{root} has folder(s) next to {beside}/ that are not read: {few([u + '/' for u in unused])} "
                          f"(with split folders only {_alias_names()} are read, in any case)")
     return found
+
+
+def _check_split_links(found: dict[str, Path]) -> None:
+    """DataError for two split folders that are one folder (test/ a link to train/, or inside it): the model would
+    be tested, or its best epoch chosen, on images it trained on."""
+    real = {s: Path(os.path.realpath(d)) for s, d in found.items()}
+    for a, b in itertools.combinations(found, 2):
+        if real[a].is_relative_to(real[b]) or real[b].is_relative_to(real[a]):
+            link, other = (b, a) if found[b].is_symlink() or not found[a].is_symlink() else (a, b)   # the later
+            raise DataError(f"split folders {found[link]} and {found[other]} hold the same images ({found[link].name} "
+                            f"is {'a link to' if real[a] == real[b] else 'inside or around'} {real[other]}): "
+                            f"the {link} split would hold the {other} split's images; give each split its own folder")
 
 
 def _unicode_twins(names: Sequence[str], others: Sequence[str]) -> str:

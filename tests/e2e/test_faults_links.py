@@ -96,3 +96,36 @@ def test_a_class_folder_that_links_to_another_class_or_split_is_refused(tmp_path
     os.symlink("../train/dog", root / "val" / "dog")               # into another split
     with pytest.raises(DataError, match=r"val/dog is a link into another part of the data folder"):
         scan(root)
+
+
+def test_a_split_folder_that_is_another_split_is_refused(tmp_path):
+    """test/ (or val/) a link to train/, or two splits linked to one store: the model would be tested, or its best
+    epoch chosen, on the images it trains on. Refused in one line naming both folders; splits linked to folders
+    of their own are read."""
+    import pytest
+
+    from spinal_transfer.errors import DataError
+
+    for split in ("train", "val", "test"):
+        for c, value in (("cat", 10), ("dog", 20)):
+            for i in range(3):
+                _png(tmp_path / "store" / split / c / f"{i}.png", value)
+    root = tmp_path / "data"
+    root.mkdir()
+    for split in ("train", "val", "test"):
+        os.symlink(tmp_path / "store" / split, root / split)
+    s = scan(root)
+    assert (len(s.train), len(s.val), len(s.test)) == (6, 6, 6)
+    (root / "test").unlink()
+    os.symlink(tmp_path / "store" / "train", root / "test")
+    with pytest.raises(DataError, match=r"split folders .*data/test and .*data/train hold the same images \(test is "
+                                        r"a link to .*store/train\): the test split would hold the train split's"):
+        scan(root)
+    (root / "test").unlink()
+    os.symlink(tmp_path / "store" / "val", root / "test")
+    with pytest.raises(DataError, match=r"split folders .*data/test and .*data/val hold the same images"):
+        scan(root)
+    (root / "test").unlink()
+    os.symlink(tmp_path / "store" / "train" / "cat", root / "test")   # inside train: its "classes" are files
+    with pytest.raises(DataError, match=r"test is inside or around .*store/train"):
+        scan(root)
