@@ -726,6 +726,10 @@ def load_recorded(doc: dict, root: PathLike, log_changes: bool = True, advice: s
         shown = "; ".join(refused[:5]) + (f"; ... and {len(refused) - 5} more" if len(refused) > 5 else "")
         raise DataError(f"{len(refused)} file(s) this run uses are gone from {root}: {shown}. Restore them (if the "
                         f"folder moved, give its new place with --data), or {advice}")
+    if root != Path(doc["root"]) and not all(holds_recorded(doc, root, s) for s in needed):
+        raise DataError(f"{root} is not the run's data folder (it was {doc['root']}): most of the files its "
+                        f"splits.json records have another size there, other images under the same names. Give the "
+                        f"folder the run read (moved or copied) with --data, or {advice}")
     skipped = [(str(root / rel), reason) for rel, reason in doc.get("skipped", [])]
     if log_changes:
         _report_gone({s: v for s, v in gone.items() if v}, root)

@@ -96,15 +96,20 @@ def _what_archive(path: Path) -> Optional[str]:
     return None
 
 
-def safe_load(path: PathLike) -> Any:
-    """torch.load with weights_only=True, every failure turned into one line that says what the file is."""
+# what to do about a damaged checkpoint; train --resume says what its run can do instead (train._load_last)
+ANOTHER = "use another checkpoint (e.g. the run's best.pt)"
+
+
+def safe_load(path: PathLike, advice: str = ANOTHER) -> Any:
+    """torch.load with weights_only=True, every failure turned into one line that says what the file is (and, for
+    a damaged one, `advice`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file: {path}")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): its write was interrupted or the disk was full; "
-                              f"use another checkpoint (e.g. best.pt, or resume from an older one)")
+                              f"{advice}")
     program = _what_archive(path)
     if program:
         raise CheckpointError(program)
@@ -116,7 +121,7 @@ def safe_load(path: PathLike) -> Any:
                               f"random or foreign bytes)")
     if is_zip and not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is truncated or damaged ({size} bytes; its zip directory is missing): use "
-                              f"another checkpoint (e.g. best.pt, or resume from an older one)")
+                              f"{advice}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -130,21 +135,21 @@ def safe_load(path: PathLike) -> Any:
         raise CheckpointError(f"{path} is damaged: {text.splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0][:200]}); use another checkpoint") from None
+                              f"{(str(e).splitlines() or [''])[0][:200]}); {advice}") from None
 
 
-def load_checkpoint(path: PathLike) -> dict:
-    """One of our checkpoints, its content hash verified; a foreign or corrupted file is refused."""
+def load_checkpoint(path: PathLike, advice: str = ANOTHER) -> dict:
+    """One of our checkpoints, its content hash verified; a foreign or corrupted file is refused (saying `advice`
+    for a damaged one)."""
     path = Path(path)
-    ckpt = safe_load(path)
+    ckpt = safe_load(path, advice)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a spinal-transfer checkpoint (no '{FORMAT}' format key); a run's "
                               f"checkpoints are RUN/checkpoints/*.pt, and a plain state dict goes to --weights")
     stored = ckpt.pop("digest", None)
     if stored != digest(ckpt):
         raise CheckpointError(f"{path} is corrupted: its content does not match the hash written with it "
-                              f"(changed bits on disk or in transfer); use another checkpoint (best.pt, or resume "
-                              f"from an older copy)")
+                              f"(changed bits on disk or in transfer); {advice}")
     return ckpt
 
 

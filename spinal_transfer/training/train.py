@@ -29,11 +29,11 @@ from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
 from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
 from ..data.skiplog import SkipLog
-from ..data.splits import (SPLIT_NAMES, Splits, check_outside, config_splits, fingerprints, load_recorded,
-                           record)
+from ..data.splits import (SPLIT_NAMES, Splits, check_outside, config_splits, fingerprints, load_recorded, record,
+                           recorded_fingerprints)
 from ..data.transforms import DataConfig
-from ..errors import (ConfigError, DataError, Interrupted, NonFiniteLoss, ResourceError, RunFolderError, UserError,
-                      option_value)
+from ..errors import (CheckpointError, ConfigError, DataError, Interrupted, NonFiniteLoss, ResourceError,
+                      RunFolderError, UserError, option_value)
 from ..evaluation.calibration import NO_VAL_NOTE, calibrate
 from ..evaluation.evaluate import TTA, Outputs, predict_logits, predict_logits_tta, write_predictions
 from ..evaluation.interpret import read_predictions, top_losses
@@ -324,7 +324,26 @@ def _open(run: RunDir, resume: bool, overwrite: bool) -> Optional[dict]:
     if not run.last.is_file():
         raise RunFolderError(f"cannot resume {run.path}: it has no checkpoint yet ({run.last} is missing; the run "
                              f"stopped before finishing an epoch); start it over with --overwrite")
-    return run.load_last()
+    return _load_last(run)
+
+
+def _load_last(run: RunDir) -> dict:
+    """last.pt, refused in one line when the run cannot continue from it: damaged, weights only (best.pt copied
+    over it: no optimizer, no progress), or another run's (its split fingerprints differ from RUN/splits.json's:
+    a last.pt copied from a run on other images would train on from that run's weights and place in its epoch)."""
+    instead = (f"a run continues only from the last.pt it wrote: " + (
+        f"{run.best} still serves evaluate and export, and `train --data DIR --weights {run.best} --out NEW` starts "
+        f"a new run from its weights; " if run.best.is_file() else "") + "--overwrite starts this run over")
+    ckpt = load_checkpoint(run.last, advice=instead)
+    if "progress" not in ckpt:
+        raise CheckpointError(f"cannot resume {run.path}: {run.last} holds a model's weights only (a copy of best.pt?), "
+                              f"not a training state; {instead}")
+    recorded = recorded_fingerprints(run.read_json(run.splits)) if run.splits.is_file() else None
+    theirs = ckpt.get("split_fingerprints")
+    if recorded and theirs and theirs != recorded:
+        raise CheckpointError(f"cannot resume {run.path}: {run.last} comes from another run (its split "
+                              f"fingerprints differ from {run.splits}'s: other images or labels); {instead}")
+    return ckpt
 
 
 # --- set-up --------------------------------------------------------------------------------------

@@ -236,3 +236,46 @@ def test_training_is_made_of_short_functions_and_only_the_drivers_import_the_loo
                 importers.add(str(path.relative_to(PACKAGE)))
     assert importers <= {"cli/train.py", "experiments/reproduce.py", "experiments/compare.py",
                          "experiments/tune.py"}, importers    # the drivers
+
+
+def test_resume_refuses_a_last_pt_it_cannot_continue_from_and_another_folders_images(finished, three_digits,
+                                                                                     tmp_path, cli_run):
+    """QA 28: a last.pt copied from another run (other images) trained on from that run's weights and place; a
+    best.pt copied over last.pt (the old advice for a damaged one) ended in a KeyError traceback; a --data folder
+    holding other images under the run's file names trained on them after a warning. Each is one line, exit 2,
+    and the damaged-last.pt advice names what the run can do instead."""
+    other_data = write_digits_folder(tmp_path / "other", digits=(3, 4, 5))
+    other = tmp_path / "other_run"
+    run(tiny_cfg(other_data, other, epochs=1, limit_train_batches=2))
+    mine = tmp_path / "mine"
+    shutil.copytree(finished, mine)
+    shutil.copy(other / "checkpoints" / "last.pt", mine / "checkpoints" / "last.pt")
+    before = snapshot(mine)
+    res = cli_run("train", "--resume", mine, "--epochs", 3)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert "last.pt comes from another run (its split fingerprints differ" in lines[0] and "Traceback" not in res.stderr
+    assert snapshot(mine) == before
+
+    shutil.copy(mine / "checkpoints" / "best.pt", mine / "checkpoints" / "last.pt")
+    res = cli_run("train", "--resume", mine, "--epochs", 3)
+    assert res.returncode == 2 and "holds a model's weights only" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+    shutil.copy(finished / "checkpoints" / "last.pt", mine / "checkpoints" / "last.pt")
+    with open(mine / "checkpoints" / "last.pt", "r+b") as f:
+        f.truncate(1000)
+    res = cli_run("train", "--resume", mine, "--epochs", 3)
+    assert res.returncode == 2 and "is truncated or damaged" in res.stderr, res.stderr[-2000:]
+    assert "a run continues only from the last.pt it wrote" in res.stderr and "--weights" in res.stderr
+    assert "resume from an older one" not in res.stderr
+
+    shutil.copy(finished / "checkpoints" / "last.pt", mine / "checkpoints" / "last.pt")
+    impostor = tmp_path / "impostor"              # the run's file names, other digits' images in them
+    pool = sorted((other_data / "train").rglob("*.png"))
+    for i, f in enumerate(sorted(three_digits.rglob("*.png"))):
+        (impostor / f.relative_to(three_digits)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pool[i % len(pool)], impostor / f.relative_to(three_digits))
+    res = cli_run("train", "--resume", mine, "--epochs", 3, "--data", impostor)
+    assert res.returncode == 2 and f"{impostor} is not the run's data folder" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
