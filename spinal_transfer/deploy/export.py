@@ -40,7 +40,7 @@ from ..evaluation.report_page import schedule_words
 from ..models.restore import model_from_checkpoint, recorded_transform_input, set_transform_input
 from ..models.surgery import build_model, get_head
 from ..runs.rundir import RunDir, load_run_checkpoint
-from ..utils.atomic import atomic_write_text, file_sha256
+from ..utils.atomic import atomic_write_text, file_sha256, system_error
 from .quantize import CALIBRATION_IMAGES, GUARD_ADVICE, QuantizationError, quantize_and_check
 
 log = logging.getLogger("spinal_transfer")
@@ -401,8 +401,11 @@ def _staging(out: Path) -> Iterator[Path]:
     stage: Optional[Path] = None
     try:
         with _uninterrupted():
-            out.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                stage = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+            except OSError as e:              # read-only, no permission, a file where a folder should be
+                raise system_error(e, Path(e.filename or out)) from None
         yield stage
     finally:
         with _uninterrupted():

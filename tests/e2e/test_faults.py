@@ -390,6 +390,23 @@ def test_a_read_only_output_folder_is_one_plain_line(data, tmp_path):
     _one_line_error(res, 4, "read-only file system", str(ro / "run"))
 
 
+def test_export_to_an_unwritable_out_is_one_plain_line(finished, tmp_path):
+    """QA 28: export crashed with an OSError traceback (exit 1) where its --out could not be made: read-only, or a
+    file standing where a folder of the path should be."""
+    (tmp_path / "plain.jpg").write_bytes(b"x")
+    res = _cli("export", finished, "--out", tmp_path / "plain.jpg" / "bundle")
+    _one_line_error(res, 4, "a file stands where a folder of that path should be")
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("user namespaces are not allowed here")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {ro} {ro} && mount -o remount,ro,bind {ro} && "
+                          f"exec \"$@\"", "sh", sys.executable, "-m", "spinal_transfer", "export", str(finished),
+                          "--out", str(ro / "bundle")], capture_output=True, text=True, env=ENV, timeout=600)
+    _one_line_error(res, 4, "read-only file system", str(ro / "bundle"))
+    assert not list(ro.iterdir())
+
+
 def _train(data: Path, out: Path, **kw) -> list[str]:
     return ["train", *cli_flags(**{**TINY, "data": data, "out": out, "limit_train_batches": 2, **kw})]
 
