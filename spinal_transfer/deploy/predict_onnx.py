@@ -23,6 +23,7 @@ alone); tests/deploy/test_standalone.py holds the two equal.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
@@ -53,8 +54,8 @@ def image_files(paths: list[Path]) -> list[Path]:
     """Files as given; folders expanded to their images (recursive, sorted, hidden files and folders left out)."""
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in EXTENSIONS and f.is_file()
+        if p.is_dir():         # a broken link is kept: it is skipped and named, as `predict` does
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in EXTENSIONS and (f.is_file() or f.is_symlink())
                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             out.append(p)
@@ -67,6 +68,38 @@ def model_file(name: str, ap: argparse.ArgumentParser) -> Path:
         if p.is_file():
             return p
     ap.error(f"--model {name}: no such file, here or beside {Path(__file__).name} ({HERE})")
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2 (spinal-transfer's for a user's mistake)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(model: Path, config: dict, config_file: Path) -> None:
+    """Refuse (as `predict` does) a config.json edited since export (its classes, preprocessing or temperature
+    may no longer fit the model) and a model that is none of the files export recorded in it (another bundle's
+    model.onnx copied in: its logits would be read with these classes). A bundle without digests: unchecked."""
+    if "config_sha256" in config:
+        body = {k: v for k, v in config.items() if k != "config_sha256"}
+        if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != config["config_sha256"]:
+            fail(f"{config_file} was changed since export (its content does not match the sha256 recorded in it); "
+                 f"re-export the bundle, or pass --no-verify to use it as it is")
+    files = config.get("files") or {}
+    if files and sha256(model) not in files.values():
+        fail(f"{model} is not a model of this bundle (its sha256 is none of those {config_file} records: edited, "
+             f"corrupted or another bundle's); re-export the bundle, or pass --no-verify to use it as it is")
+    data = model.with_name(model.name + ".data")           # an ONNX model's external weights, beside it
+    if model.name + ".data" in files and data.is_file() and sha256(data) != files[model.name + ".data"]:
+        fail(f"{data} does not match the sha256 recorded in {config_file}; re-export the bundle")
 
 
 def _hw(size) -> tuple[int, int]:
@@ -185,10 +218,22 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("images", nargs="+", type=Path, help="image files or folders")
     ap.add_argument("--model", default="model.onnx",
                     help="model.onnx (default) or model.int8.onnx beside this file, or a path to one")
-    ap.add_argument("--topk", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--topk", type=positive, default=5, help="classes shown per image (default 5)")
+    ap.add_argument("--batch-size", type=positive, default=32, help="images per model call (default 32)")
     ap.add_argument("--json", action="store_true", help="one JSON object: every image's probabilities")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="use a bundle whose config.json or model differs from the sha256 export recorded")
     return ap
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,10 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     config_file = model.parent / "config.json"
     if not config_file.is_file():           # a model copied out of its bundle: this bundle's config
         config_file = HERE / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8-sig"))
-    inp, classes, temperature = config["input"], config["classes"], float(config.get("temperature") or 1.0)
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8-sig"))
+        inp, classes, temperature = config["input"], config["classes"], float(config.get("temperature") or 1.0)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{config_file} is missing or unreadable ({type(e).__name__}: {e}): this script reads the classes and "
+             f"preprocessing from the config.json of its bundle")
+    if not args.no_verify:
+        verify(model, config, config_file)
+    try:
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    except Exception as e:                  # onnxruntime's own exception types: not an ONNX model, a damaged one
+        fail(f"{model} is not an ONNX model onnxruntime can load ({str(e).splitlines()[0][:200]})")
     files = image_files(args.images)
+    if not files:
+        fail(f"no images found in {' '.join(map(str, args.images))} (read are {' '.join(EXTENSIONS)})")
     need, read, skipped, probs = decode_size(inp), [], [], []
     for i in range(0, len(files), args.batch_size):           # a batch at a time: memory stays one batch
         batch = []

@@ -239,3 +239,52 @@ def test_an_orientation_kept_only_in_xmp_turns_the_picture_on_every_path(bundle,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert np.abs(np.array(json.loads(res.stdout)["probabilities"]) - ours).max() < 1e-5
+
+
+def test_predict_onnx_refuses_an_edited_bundle_and_bad_arguments_in_one_line(bundle, tmp_path):
+    """QA 28: predict_onnx.py read an edited config.json (renamed classes) or another bundle's model.onnx without a
+    word while `predict` refuses them; --topk 0 printed nothing, --batch-size 0, a non-ONNX --model and a missing
+    config.json ended in tracebacks; an empty folder read as 'none of the 0 files'; a broken link was dropped
+    unnamed. --no-verify reads an edited bundle as it is."""
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    image = _images(tmp_path / "photos")[0]
+    script = [sys.executable, "-c", BLOCKED, str(copy / STANDALONE.name)]
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*script, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    def refused(res: subprocess.CompletedProcess, needle: str) -> None:
+        assert res.returncode == 2 and "Traceback" not in res.stderr and res.stdout == "", res.stderr[-2000:]
+        assert needle in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+
+    config = json.loads((copy / "config.json").read_text())
+    edited = {**config, "classes": config["classes"][::-1]}
+    (copy / "config.json").write_text(json.dumps(edited))
+    refused(call(str(image)), "config.json was changed since export")
+    ok = call(str(image), "--no-verify", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["classes"] == config["classes"][::-1]
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes() + b"\0")   # another model's bytes
+    refused(call(str(image)), "is not a model of this bundle")
+    shutil.copy(bundle / "model.onnx", copy / "model.onnx")
+    refused(call(str(image), "--topk", "0"), "--topk: expected a whole number >= 1, got '0'")
+    refused(call(str(image), "--batch-size", "0"), "--batch-size: expected a whole number >= 1, got '0'")
+    (tmp_path / "not.onnx").write_text("not a model")
+    refused(call(str(image), "--model", str(tmp_path / "not.onnx"), "--no-verify"), "is not an ONNX model")
+    (tmp_path / "empty").mkdir()
+    refused(call(str(tmp_path / "empty")), "no images found in")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    shutil.copy(image, tmp_path / "links" / "a.png")
+    res = call(str(tmp_path / "links"))
+    assert res.returncode == 0 and "skipped " + str(tmp_path / "links" / "gone.png") in res.stderr, res.stderr
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(STANDALONE, lone / STANDALONE.name)
+    shutil.copy(bundle / "model.onnx", lone / "model.onnx")
+    res = subprocess.run([sys.executable, "-c", BLOCKED, str(lone / STANDALONE.name), str(image)],
+                         capture_output=True, text=True, timeout=300)
+    refused(res, "config.json is missing or unreadable")
