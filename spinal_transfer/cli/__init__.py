@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from .. import __version__
 from ..errors import EXIT_ABORTED, EXIT_BUG, ConfigError, UserError, use_cli_option_names
@@ -66,9 +66,18 @@ def command_parser(sub, name: str, help: str, examples: str) -> argparse.Argumen
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def number(s: str, kind: type = int) -> Any:
+    """`s` as an int (or float): argparse's own message for a ValueError names the type function ("invalid
+    positive_int value"), which means nothing to a user."""
+    try:
+        return kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}") from None
+
+
 def positive_int(s: str) -> int:
     """argparse type of a count: an integer >= 1."""
-    v = int(s)
+    v = number(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
     return v
@@ -76,7 +85,7 @@ def positive_int(s: str) -> int:
 
 def seed(s: str) -> int:
     """argparse type of a random seed: 0 to 2**32 - 1 (numpy's and Optuna's range)."""
-    v = int(s)
+    v = number(s)
     if not 0 <= v < 2**32:
         raise argparse.ArgumentTypeError(f"a seed is 0 to 4294967295, got {s}")
     return v
@@ -84,7 +93,7 @@ def seed(s: str) -> int:
 
 def port(s: str) -> int:
     """argparse type of a TCP port: 0 (any free one) to 65535."""
-    v = int(s)
+    v = number(s)
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {s}")
     return v
@@ -92,7 +101,7 @@ def port(s: str) -> int:
 
 def finite(s: str) -> float:
     """argparse type of a bound: a finite number (nan and inf would make every comparison fail or pass)."""
-    v = float(s)
+    v = number(s, float)
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
     return v

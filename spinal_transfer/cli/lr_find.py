@@ -6,7 +6,7 @@ import sys
 
 from ..config import CONFIG_FIELDS, add_config_args, given_flags, resolve_config
 from ..errors import ConfigError
-from . import output_file, replacing
+from . import number, output_file, replacing
 
 EXAMPLES = """\
   spinal-transfer lr-find --data data/digits --weights bundled --img-size 32 --out lr_find.png
@@ -25,7 +25,7 @@ read the curve for where the loss blows up rather than taking the suggestion as 
 
 def _positive(kind):
     def parse(s: str):
-        v = kind(s)
+        v = number(s, kind)
         if v <= 0:
             raise argparse.ArgumentTypeError(f"expected a number > 0, got {s}")
         return v

@@ -154,6 +154,10 @@ def test_models_output_into_a_closed_pipe_is_quiet():
     (["compare", "--data", "{tmp}", "--heads", "linear", "spinal", "--seeds", "0"], "expected an integer >= 1"),
     (["tune", "--data", "{tmp}", "--trials", "0"], "expected an integer >= 1"),
     (["tune", "--data", "{tmp}", "--lr", "0.01"], "unrecognized arguments: --lr 0.01"),
+    (["compare", "--data", "{tmp}", "--seeds", "abc"], "--seeds: expected an integer, got 'abc'"),   # not the
+    (["lr-find", "--data", "{tmp}", "--num-steps", "abc"], "--num-steps: expected an integer, got 'abc'"),  # type
+    (["serve", "{run}", "--port", "http"], "--port: expected an integer, got 'http'"),          # function's name
+    (["export", "{run}", "--out", "{tmp}/b", "--atol", "x"], "--atol: expected a number, got 'x'"),
     (["predict", "{run}"], "the following arguments are required: PATH"),
 ])
 def test_bad_numbers_are_refused_by_the_parser_in_one_line(argv, message, capsys, tmp_path):
