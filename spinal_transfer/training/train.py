@@ -210,6 +210,8 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
     with _exclusive(run_dir):
         ckpt = _open(run_dir, resume is not None, overwrite)
         if ckpt is not None:           # its own config, with the changes a resumed run may take
+            if cfg.lr == "auto" and run_dir.lr_find.is_file():     # the requeued command of an --lr auto run
+                cfg = dataclasses.replace(cfg, lr=ckpt["config"]["lr"])  # means the lr the run found
             cfg = resume_config(TrainConfig.from_dict(ckpt["config"], saved=True), cfg,
                                 ckpt["progress"]["epoch"])
             if run_dir.is_finished() and Progress.from_checkpoint(ckpt).locate(cfg.resolved_stages())[0] == \

@@ -2,6 +2,7 @@
 rule written into the run, and flags that do not apply said once."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -35,6 +36,28 @@ def test_lr_auto_runs_the_range_test_and_trains_with_its_suggestion(auto_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] <= cfg["lr"] * (1 + 1e-9)            # the schedule starts from the found lr
     assert (out / "plots" / "lr_find.png").is_file()
+
+
+def test_the_requeued_command_of_an_lr_auto_run_resumes_it(auto_run, three_digits, tmp_path):
+    """QA 28: `train ... --lr auto --resume-if-exists` run again (a requeued job) was refused: "--lr auto (the run
+    has 0.0027) would make the resumed run a different experiment". --lr auto on resume means the lr the run
+    found (its lr_find.json); a run that did not find its lr still refuses it."""
+    import shutil
+
+    from spinal_transfer.errors import ConfigError
+
+    out, _ = auto_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    found = yaml.safe_load((out / "config.yaml").read_text())["lr"]
+    same = tiny_cfg(three_digits, copy, lr="auto", tta=True, augment="light", layer_width=None, epochs=3,
+                    limit_train_batches=4)
+    report = train.run(same, resume=copy)
+    assert report["epochs_trained"] == 3 and len(report["resumes"]) == 1
+    assert yaml.safe_load((copy / "config.yaml").read_text())["lr"] == found
+    (copy / "lr_find.json").unlink()
+    with pytest.raises(ConfigError, match="would make the resumed run a different experiment"):
+        train.run(dataclasses.replace(same, epochs=4), resume=copy)
 
 
 def test_a_tta_run_page_says_its_test_metrics_are_with_tta_beside_those_without(auto_run):
