@@ -63,6 +63,7 @@ def _open(fp: BinaryIO) -> Image.Image:
     if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
         raise ExtremeAspectRatio(f"{w}x{h} px, an aspect ratio beyond {MAX_ASPECT_RATIO}:1: resizing its shorter side "
                                  f"to the model's input would make a huge image (crop it first)")
+    _check_mode(im)          # in the header: the scan skips such a file before a split is carved from the folder
     return im
 
 
@@ -71,15 +72,20 @@ def _open(fp: BinaryIO) -> Image.Image:
 SIXTEEN_BIT = ("PNG", "PPM")
 
 
+def _check_mode(im: Image.Image) -> None:
+    """BadImage for pixels without an agreed range: floating point and 32-bit integers (TIFF's F and I modes)."""
+    if im.mode == "F" or (im.mode == "I" and im.format not in SIXTEEN_BIT):
+        raise BadImage(f"{'floating-point' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode {im.mode}) have "
+                       f"no standard range; save the image with 8 or 16 bits per channel")
+
+
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     """Decode with PIL: EXIF orientation (else XMP's); 16-bit keeps its high byte (as PIL's 16-bit RGB PNG reader
     and cv2 do); alpha and palette transparency are composited onto white (transparent backgrounds
     become white, not whatever colour hides under alpha=0); CMYK etc. via PIL's convert. 32-bit integer and
     floating-point pixels (TIFF's I and F modes) have no agreed range (0-255? 0-1? 0-65535?): BadImage, not
     a guess that would turn them black or white."""
-    if im.mode == "F" or (im.mode == "I" and im.format not in SIXTEEN_BIT):
-        raise BadImage(f"{'floating-point' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode {im.mode}) have "
-                       f"no standard range; save the image with 8 or 16 bits per channel")
+    _check_mode(im)
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode == "I":
         high = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8

@@ -447,6 +447,7 @@ def test_load_image_errors(tmp_path, monkeypatch):
     for name, says in (("i32.tif", "32-bit integer pixels"), ("f.tif", "floating-point pixels")):
         with pytest.raises(BadImage, match=f"^{says} .*save the image with 8 or 16 bits"):   # not black, not guessed
             load_image(tmp_path / name)
+        assert check_image_header(tmp_path / name).startswith(says)      # in the header: skipped by the scan
     deep = grey.astype(np.uint16) * 1000                 # a 16-bit PGM is mode I too, but 0-65535: read as a PNG's
     cv2.imwrite(str(tmp_path / "deep.pgm"), deep)
     Image.fromarray(deep).save(tmp_path / "deep.png")
@@ -600,3 +601,19 @@ def test_jpeg_files_named_jfif_or_jpe_are_images(tmp_path):
         Image.fromarray(skdata.chelsea()).save(tmp_path / "in" / name, format="JPEG")
     assert list_images([tmp_path / "in"]) == [str(tmp_path / "in" / "cat.jfif"), str(tmp_path / "in" / "cat.jpe")]
     assert load_image(tmp_path / "in" / "cat.jfif").shape == skdata.chelsea().shape
+
+
+def test_a_float_tiff_in_a_flat_folder_is_skipped_by_the_scan_not_carved_into_test(tmp_path):
+    """QA 28: a floating-point TIFF passed the header check, the carving put it in test as the class's only test
+    image, and the run was refused ("a class without an image that can be decoded in a split"). Its mode is in
+    the header: the scan skips it with the reason, and the class keeps its decodable images in every split."""
+    from spinal_transfer.data.splits import scan
+
+    for c in ("a", "b"):
+        for i in range(10):
+            _png(tmp_path / "data" / c / f"{i}.png", 8, 8)
+    Image.fromarray(np.ones((8, 8), np.float32), "F").save(tmp_path / "data" / "b" / "f.tif")
+    s = scan(tmp_path / "data", val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert [(Path(p).name, why.split(" (")[0]) for p, why in s.skipped] == [("f.tif", "floating-point pixels")]
+    assert all(Path(p).suffix == ".png" for split in (s.train, s.val, s.test) for p, _ in split)
+    assert len(s.train) + len(s.val) + len(s.test) == 20
