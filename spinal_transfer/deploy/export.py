@@ -458,10 +458,19 @@ def _publish(stage: Path, out: Path) -> None:
             os.replace(f, out / f.name)
 
 
-def _report(source: Path) -> Optional[dict]:
-    """report.json of the run behind a RUN folder or a RUN/checkpoints/<file>, if there is one."""
+def _report(source: Path, ckpt: dict) -> Optional[dict]:
+    """report.json of the run behind a RUN folder or a RUN/checkpoints/<file>, if there is one and `ckpt` is that
+    run's (a checkpoint file from another run, put in its checkpoints folder, would get its metrics and
+    temperature interval on the model card)."""
     run = RunDir(source if source.is_dir() else source.parent.parent)
-    return run.read_report() if run.is_finished() else None
+    if not run.is_finished():
+        return None
+    try:
+        run.check_own(ckpt, source, "")
+    except CheckpointError as e:
+        log.warning(f"{e}the model card leaves out {run.report}'s metrics")
+        return None
+    return run.read_report()
 
 
 def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: float = ATOL,
@@ -515,7 +524,7 @@ def export(source: PathLike, out: PathLike, formats: Sequence[str] = (), atol: f
         if quantize == "int8":
             config["formats"]["onnx-int8"] = quantize_int8(source, ckpt, stage, max_accuracy_drop, force,
                                                            batch_size, workers, out, data)
-        atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source), source))
+        atomic_write_text(stage / CARD_FILE, model_card(config, model, ckpt["config"], _report(source, ckpt), source))
         config["files"] = {f.name: file_sha256(f) for f in sorted(stage.iterdir())
                            if f.is_file() and f.name != CONFIG_FILE}      # checked before use (verify_bundle)
         config["config_sha256"] = config_sha256(config)                   # and config.json itself

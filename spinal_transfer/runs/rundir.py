@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from ..config import TrainConfig
+from ..data.splits import recorded_fingerprints
 from ..errors import CheckpointError, ResourceError, RunFolderError
 from ..utils.atomic import TMP_SUFFIX, atomic_write_text, system_error
 from .checkpoint import load_checkpoint
@@ -113,7 +114,7 @@ class RunDir:
         how = f"{holder} is training it now" if holder else \
             f"`spinal-transfer train --resume {self.path}` finishes it{self._made_by()}" if state == "interrupted" \
             else "it stopped before its first checkpoint: train it again"
-        return f"{self.path} has not finished (epoch {done} of {total}); {how}"
+        return f"{self.path} has not finished ({done} of {total} epochs done); {how}"
 
     def _made_by(self) -> str:
         """For a run inside a compare/reproduce OUT/runs/<name>/seed<k>/ or a tune OUT/trials/trial<n>/ folder: that
@@ -154,6 +155,17 @@ class RunDir:
 
     def load_last(self) -> dict:
         return load_checkpoint(self.last)
+
+    def check_own(self, ckpt: dict, path: Path, instead: str) -> None:
+        """CheckpointError (saying `instead`) when `ckpt`, read from `path` in this folder, is another run's: its
+        split fingerprints differ from splits.json's (a checkpoint copied in from a run on other images or labels
+        would be resumed, evaluated or exported as this run's, with this run's report). Unchecked when either
+        side has none (a run from before fingerprints)."""
+        recorded = recorded_fingerprints(self.read_json(self.splits)) if self.splits.is_file() else None
+        theirs = ckpt.get("split_fingerprints")
+        if recorded and theirs and theirs != recorded:
+            raise CheckpointError(f"{path} comes from another run (its split fingerprints differ from {self.splits}'s: "
+                                  f"other images or labels); {instead}")
 
     # --- writing (rank 0) -----------------------------------------------------------------------
     def write_text(self, path: Path, text: str) -> None:
@@ -318,4 +330,6 @@ def load_run_checkpoint(path: PathLike) -> dict:
     ckpt = load_checkpoint(p)
     if "config" not in ckpt or "head_info" not in ckpt:
         raise CheckpointError(f"{p} holds no model description (config, head_info)")
+    if Path(path).is_dir():
+        RunDir(path).check_own(ckpt, p, "put the run's own best.pt back, or pass the checkpoint file itself")
     return ckpt

@@ -29,8 +29,8 @@ from ..data.leakage import describe as describe_leakage
 from ..data.leakage import leakage
 from ..data.loaders import EpochSampler, ShardSampler, class_weights, train_drop_last
 from ..data.skiplog import SkipLog
-from ..data.splits import (SPLIT_NAMES, Splits, check_outside, config_splits, fingerprints, load_recorded, record,
-                           recorded_fingerprints)
+from ..data.splits import (SPLIT_NAMES, Splits, check_outside, config_splits, fingerprints, load_recorded,
+                           record)
 from ..data.transforms import DataConfig
 from ..errors import (CheckpointError, ConfigError, DataError, Interrupted, NonFiniteLoss, ResourceError,
                       RunFolderError, UserError, option_value)
@@ -340,11 +340,7 @@ def _load_last(run: RunDir) -> dict:
     if "progress" not in ckpt:
         raise CheckpointError(f"cannot resume {run.path}: {run.last} holds a model's weights only (a copy of best.pt?), "
                               f"not a training state; {instead}")
-    recorded = recorded_fingerprints(run.read_json(run.splits)) if run.splits.is_file() else None
-    theirs = ckpt.get("split_fingerprints")
-    if recorded and theirs and theirs != recorded:
-        raise CheckpointError(f"cannot resume {run.path}: {run.last} comes from another run (its split "
-                              f"fingerprints differ from {run.splits}'s: other images or labels); {instead}")
+    run.check_own(ckpt, run.last, instead)
     return ckpt
 
 

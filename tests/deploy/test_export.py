@@ -225,3 +225,35 @@ def test_googlenet_exports_in_eval_mode(tmp_path):
     config = export(tmp_path / "googlenet.pt", tmp_path / "bundle", list(FORMAT_FILES))
     assert config["formats"]["torchscript"]["method"] == "trace"
     assert "No report.json" in (tmp_path / "bundle" / "README.md").read_text()
+
+
+def test_a_best_pt_from_another_run_is_refused_in_its_folder_and_gets_no_metrics_as_a_file(finished_run, tmp_path,
+                                                                                          cli_run):
+    """QA 28: a run folder whose best.pt was copied from another run exported (exit 0) a bundle titled with that
+    model, whose card quoted this run's test top-1, temperature interval and ECE. A run folder's checkpoint must
+    be its own (split fingerprints against splits.json) for export, evaluate and predict; the checkpoint file
+    passed itself exports, its card without the folder's metrics."""
+    from conftest import tiny_cfg
+
+    from spinal_transfer.training.train import run
+
+    other_data = write_digits_folder(tmp_path / "other", digits=(4, 5, 6))
+    other = tmp_path / "other_run"
+    run(tiny_cfg(other_data, other, epochs=1, limit_train_batches=2))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(finished_run, mixed)
+    shutil.copy(other / "checkpoints" / "best.pt", mixed / "checkpoints" / "best.pt")
+    for argv in (("export", mixed, "--out", tmp_path / "b"), ("evaluate", mixed),
+                 ("predict", mixed, other_data / "test")):
+        res = cli_run(*argv)
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, (argv, res.stderr[-2000:])
+        assert "best.pt comes from another run (its split fingerprints differ" in lines[0], lines
+    assert not (tmp_path / "b").exists()
+    shutil.copy(other / "checkpoints" / "best.pt", mixed / "checkpoints" / "theirs.pt")
+    res = cli_run("export", mixed / "checkpoints" / "theirs.pt", "--out", tmp_path / "b")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "the model card leaves out" in res.stderr
+    card = (tmp_path / "b" / "README.md").read_text()
+    theirs = json.loads((finished_run / "report.json").read_text())["test"]["top1"]
+    assert f"{100 * theirs:.2f}%" not in card and "bootstrap" not in card
