@@ -14,7 +14,8 @@ from ..utils.stamp import json_generator, refuse_others
 SHARED = ("tta", "tta_crops", "batch_size", "workers", "device")
 
 EXAMPLES = """\
-  spinal-transfer evaluate runs/pets                       # the run's own test split (report.json's top-1)
+  spinal-transfer evaluate runs/pets                       # the run's own test split (report.json's top-1,
+                                                           # with TTA if the run trained with --tta)
   spinal-transfer evaluate runs/pets --split val --out runs/pets/eval_val
   spinal-transfer evaluate runs/pets/checkpoints/last.pt --data ~/other_pets --split test --full
   spinal-transfer evaluate runs/pets --tta                 # also with test-time augmentation (image + mirror)
@@ -58,11 +59,15 @@ def main(args: argparse.Namespace) -> int:
         _check_out(Path(args.out), args.split, names)
     if flags.get("tta_crops") and not flags.get("tta"):
         raise ConfigError("--tta-crops needs --tta")
-    tta = TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else None
+    # without --tta: as the run was tested (its report.json's metrics are TTA ones when it trained with --tta)
+    tta = (TTA(flip=True, crops=flags.get("tta_crops", 0)) if flags.get("tta") else
+           None if flags.get("tta") is False else "run")
     ev = evaluate(args.run, args.data, args.split, flags.get("device", "auto"), flags.get("batch_size"),
-                  flags.get("workers"), tta=tta,
-                  calibrated=args.calibrated)
-    print(f"evaluated {ev.source}" + (f"; {ev.tta.describe()}" if ev.tta else ""), file=sys.stderr)
+                  flags.get("workers"), tta=tta, calibrated=args.calibrated)
+    tta = ev.tta
+    print(f"evaluated {ev.source}" + (f"; {ev.tta.describe()}" + (" as the run was tested (--tta false: "
+                                                                  "without)" if "tta" not in flags else "")
+                                      if ev.tta else ""), file=sys.stderr)
     source = Path(args.run)              # a run folder, or its checkpoints/best.pt
     best_of = source if source.is_dir() else source.parent.parent if source.parts[-2:] == ("checkpoints", "best.pt") \
         else None

@@ -219,10 +219,11 @@ class Evaluation:
 
 
 def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str = "test", device: str = "auto",
-             batch_size: Optional[int] = None, workers: Optional[int] = None, tta: Union[TTA, bool, None] = None,
-             calibrated: bool = True) -> Evaluation:
+             batch_size: Optional[int] = None, workers: Optional[int] = None,
+             tta: Union[TTA, bool, str, None] = None, calibrated: bool = True) -> Evaluation:
     """Metrics of a run's best checkpoint (or any checkpoint file) on one split; with `tta` (a TTA, or True: the
-    image and its mirror), the metrics with test-time augmentation (`metrics["tta"]` records its setting) and, in
+    image and its mirror; "run": the run's own --tta setting, so a run trained with --tta gets report.json's
+    metrics), the metrics with test-time augmentation (`metrics["tta"]` records its setting) and, in
     `plain_metrics`, without.
 
     `calibrated`: logits divided by the checkpoint's temperature (calibration.py; T = 1 when it has none), so
@@ -237,6 +238,8 @@ def evaluate(source: str | Path, data: Optional[str | Path] = None, split: str =
     tta = (TTA(flip=True) if tta else None) if isinstance(tta, bool) else tta
     ckpt = load_run_checkpoint(source)
     model, cfg, dc, classes = model_from_checkpoint(ckpt)
+    if tta == "run":
+        tta = TTA(flip=True, crops=cfg.tta_crops) if cfg.tta else None
     tta = tta.as_trained(cfg.hflip) if tta is not None else None
     skips = SkipLog()                      # the scan's and the decoder's: metrics list every file not scored
     samples, used = _eval_samples(Path(source), cfg, data, split, classes, ckpt.get("split_fingerprints"),

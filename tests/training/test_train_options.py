@@ -60,6 +60,21 @@ def test_the_requeued_command_of_an_lr_auto_run_resumes_it(auto_run, three_digit
         train.run(dataclasses.replace(same, epochs=4), resume=copy)
 
 
+def test_evaluate_of_a_tta_run_gives_report_jsons_metrics_by_default(auto_run, cli_run):
+    """QA 28: `evaluate RUN` of a run trained with --tta printed the metrics without TTA while its help promises
+    report.json's top-1 (a TTA one). Without --tta it now evaluates as the run was tested; --tta false without."""
+    out, report = auto_run
+    res = cli_run("evaluate", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    shown = json.loads(res.stdout)
+    assert shown["with_tta"]["top1"] == pytest.approx(report["test"]["top1"], abs=1e-9)
+    assert shown["without_tta"]["top1"] == pytest.approx(report["test_without_tta"]["top1"], abs=1e-9)
+    assert "as the run was tested (--tta false: without)" in res.stderr
+    plain = cli_run("evaluate", out, "--tta", "false")
+    assert plain.returncode == 0 and json.loads(plain.stdout)["top1"] == pytest.approx(
+        report["test_without_tta"]["top1"], abs=1e-9)
+
+
 def test_a_tta_run_page_says_its_test_metrics_are_with_tta_beside_those_without(auto_run):
     """report.json's test metrics of a run trained with --tta are TTA ones: the page said nothing of it (its
     headline looked like a contradiction of evaluate without --tta)."""
