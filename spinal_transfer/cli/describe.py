@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
             ("feature width", info.feature_width), ("input size", size),
             ("default head params", f"{info.default_head_params:,}"),
             ("default head MACs/sample", f"{info.default_head_macs:,}"),
-            (f"new {info.head} head", repr(head).splitlines()[0] if info.head != "spinal" else head.extra_repr()),
+            (f"new {info.head} head", head.extra_repr()),
             ("new head params", f"{head.num_params():,}"), ("new head MACs/sample", f"{head.macs():,}"),
             ("new head MACs vs default", compare(info.default_head_macs, head.macs())),
             ("new head params vs default", compare(info.default_head_params, head.num_params())),

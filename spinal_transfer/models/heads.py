@@ -147,6 +147,10 @@ class MLPHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x.flatten(1))
 
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, hidden={self.hidden}, num_classes={self.num_classes}, "
+                f"dropout={self.dropout}, activation={self.activation}")
+
     def num_params(self) -> int:
         widths = [self.in_features, *self.hidden, self.num_classes]
         return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))

@@ -93,6 +93,9 @@ def test_describe_timm_measures_the_width_that_reaches_the_classifier(capsys):
     assert _int(rows["feature width"]) == width
     assert _int(rows["new head params"]) == (width + 1) * 7 == _int(rows["default head params"])
     assert rows["new head MACs vs default"] == "the same"
+    assert rows["new linear head"] == f"in_features={width}, out_features=7, bias=True"
+    rows = _describe(capsys, "timm/test_resnet", "--num-classes", "7", "--head", "mlp", "--mlp-hidden", "[512]")
+    assert rows["new mlp head"] == f"in_features={width}, hidden=[512], num_classes=7, dropout=0.5, activation=relu"
 
 
 def test_describe_says_how_much_larger_a_head_is_than_the_default(capsys):

@@ -379,7 +379,7 @@ def test_report_and_evaluate_say_when_a_run_is_unfinished_or_its_images_moved(fi
     shutil.copytree(finished_run, unfinished)
     (unfinished / "report.json").unlink()                  # last.pt stays: a run stopped after its last epoch
     res = cli_run("report", unfinished)
-    _refused(res, "has not finished (epoch 2 of 2)", f"train --resume {unfinished}")
+    _refused(res, "has not finished (2 of 2 epochs done)", f"train --resume {unfinished}")
     res = cli_run("evaluate", unfinished)
     assert res.returncode == 0 and "note: " in res.stderr and "best epoch so far, uncalibrated" in res.stderr
 
