@@ -321,6 +321,9 @@ async def read_images(request: Request, limit: int) -> list[tuple[str, bytes]]:
     image is refused (415) only when it is not one."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request, limit)
+    if not body:
+        raise RequestError(400, "bad_request", "the request body is empty: send images as multipart/form-data files "
+                                               "or one image as the body")
     if kind != "multipart/form-data":
         if not (kind.startswith("image/") or kind == "application/octet-stream" or _image_header(body)):
             raise RequestError(415, "unsupported_media_type",
@@ -330,6 +333,9 @@ async def read_images(request: Request, limit: int) -> list[tuple[str, bytes]]:
     try:
         form = await MultiPartParser(request.headers, _once(body), max_files=MAX_FILES).parse()
     except MultiPartException as e:
+        if e.message.startswith("Too many files"):         # starlette's words for its max_files: a limit, not an error
+            raise RequestError(413, "too_many_files", f"at most {MAX_FILES} images per request (serve's limit): "
+                                                      f"send the rest in further requests") from None
         raise RequestError(400, "bad_request", f"malformed multipart form: {e.message}") from None
     files = []
     for _, value in form.multi_items():

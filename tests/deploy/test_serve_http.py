@@ -259,6 +259,21 @@ def test_bad_uploads_get_4xx_while_their_batch_succeeds(batching, bundle, images
     assert httpx.get(batching.url + "/healthz").status_code == 200          # and the server goes on
 
 
+def test_too_many_files_is_a_limit_and_an_empty_body_says_so(plain, images):
+    """QA 28: a multipart request of 90 images was answered 400 "malformed multipart form: Too many files", and an
+    empty POST 415 "no content type whose body is not an image". The one is serve's limit (413, naming it), the
+    other an empty body (400, saying so)."""
+    from spinal_transfer.deploy.serve import MAX_FILES
+
+    data = images[0].read_bytes()
+    many = plain.post(files=[("file", (f"{i}.png", data, "image/png")) for i in range(MAX_FILES + 1)])
+    assert many.status_code == 413 and many.json()["error"].startswith(f"at most {MAX_FILES} images per request")
+    exactly = plain.post(files=[("file", (f"{i}.png", data, "image/png")) for i in range(MAX_FILES)])
+    assert exactly.status_code == 200 and len(exactly.json()["predictions"]) == MAX_FILES
+    empty = plain.post(content=b"")
+    assert empty.status_code == 400 and empty.json()["error"].startswith("the request body is empty")
+
+
 def test_a_bad_file_among_good_ones_gets_its_own_entry(batching, bundle, images):
     """As `predict` skips a bad file and predicts the rest: each bad file of a multipart request is an entry
     naming it and saying why, in its place; the good files are predicted (one batch of 3) and the answer is 200."""
