@@ -19,8 +19,9 @@ EXAMPLES = """\
   spinal-transfer serve runs/pets --runner torch --device cuda
   curl -F file=@photo.jpg http://127.0.0.1:8000/predict
   curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' 'http://127.0.0.1:8000/predict?topk=3'
-POST /predict takes images as multipart files or one raw image body and answers JSON with the top-k classes
-and probabilities (as `predict` computes them); GET / is a page to try it, GET /healthz is 200 once the model
+POST /predict takes images as multipart files (at most 64 a request) or one raw image body and answers JSON
+with the top-k classes and probabilities (as `predict` computes them); GET / is a page to try it, GET /healthz
+is 200 once the model
 is loaded and checked, GET /metadata gives the classes, input size and the bundle's digest, GET /metrics is
 Prometheus text. Images arriving within --max-wait-ms run as one batch of up to --max-batch. A bad upload
 (over --max-upload-mb, or every file of it not a usable image) gets a 4xx JSON error; a bad file among good
