@@ -64,11 +64,15 @@ def check_out(out: PathLike, data: str, command: str) -> None:
     be read as a class next time: data.splits.check_outside), and not one train run's folder, which would get
     the command's runs/ and tables mixed into it."""
     from ..data.splits import check_outside  # lazy: OpenCV, which this module keeps out of --help too
-    from ..runs.rundir import RunDir  # lazy: torch, which this module keeps out of the command line's --help
+    from ..runs.rundir import RunDir, user_image  # lazy: torch, which this module keeps out of --help
 
     check_outside(out, data)
     if RunDir(Path(out).expanduser()).holds_run():
         raise MultiRunError(f"--out {out} is the folder of a train run; give {command} a folder of its own")
+    image = user_image(Path(out).expanduser())
+    if image is not None:
+        raise MultiRunError(f"--out {out} holds images ({image}): it is a data folder, and {command}'s runs there "
+                            f"would be read as a class by a train on it; give {command} a folder of its own")
 
 
 def run_dir(out: PathLike, name: str, seed: int) -> RunDir:

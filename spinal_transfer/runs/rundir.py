@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from ..config import TrainConfig
+from ..data.images import IMG_EXTENSIONS
 from ..data.splits import recorded_fingerprints
 from ..errors import CheckpointError, ResourceError, RunFolderError
 from ..utils.atomic import TMP_SUFFIX, atomic_write_text, system_error
+from ..utils.stamp import is_ours
 from .checkpoint import load_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -291,10 +293,31 @@ def _holder(fd: int) -> str:
     return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
 
 
+def user_image(folder: Path) -> Optional[Path]:
+    """An image file directly in `folder` or in one of its subfolders (hidden ones left out) that spinal-transfer
+    did not write (`is_ours`: a plot of ours is marked), or None: such a folder is a data folder, and an output
+    written into it would join its classes (a run's plots read as class "runs" by the next train on it)."""
+    if not folder.is_dir():
+        return None
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        for p in [*entries, *(q for d in entries if d.is_dir() for q in sorted(d.iterdir())
+                              if not q.name.startswith("."))]:
+            if p.suffix.lower() in IMG_EXTENSIONS and p.is_file() and not is_ours(p):
+                return p
+    except OSError:               # unreadable: the write that follows says so
+        return None
+    return None
+
+
 def check_new_run(run: RunDir, overwrite: bool, log: Any) -> None:
     """Starting a new run in `run`: refuse a folder that holds a run unless `overwrite`, which removes only
-    what a run wrote there, and says what."""
+    what a run wrote there, and says what; refuse a data folder (`user_image`)."""
     if not run.holds_run():
+        image = user_image(run.path)
+        if image is not None:
+            raise RunFolderError(f"--out {run.path} holds images ({image}): it is a data folder, and the run's files "
+                                 f"there would be read as a class by a train on it; choose another --out")
         return
     holder = run.lock_holder()
     if holder:                     # a run in progress: neither interrupted nor ours to clear

@@ -279,3 +279,32 @@ def test_resume_refuses_a_last_pt_it_cannot_continue_from_and_another_folders_im
     res = cli_run("train", "--resume", mine, "--epochs", 3, "--data", impostor)
     assert res.returncode == 2 and f"{impostor} is not the run's data folder" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+def test_an_out_that_is_a_data_folder_is_refused_before_anything_is_written(three_digits, tmp_path, cli_run):
+    """QA 28: `train --out` (or compare's) into a folder of class folders was accepted; the next train on that
+    folder read the run's plots as a class "runs". A folder holding images of its own (not ours, which are
+    marked) is refused, --overwrite or not; one holding only our marked plots or other files is not."""
+    other = tmp_path / "other_data"
+    shutil.copytree(three_digits / "train", other)
+    before = snapshot(other)
+    for argv in (_train_args(three_digits, other), [*_train_args(three_digits, other), "--overwrite"],
+                 _train_args(three_digits, other / "digit_0"),
+                 ["compare", *cli_flags(**{**{k: v for k, v in TINY.items() if k != "head"}, "data": three_digits,
+                                           "out": other, "epochs": 1}),
+                  "--heads", "linear", "spinal", "--seeds", "1"]):
+        res = cli_run(*argv)
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, (argv, res.stderr[-2000:])
+        assert "holds images (" in lines[0] and "it is a data folder" in lines[0], lines
+    assert snapshot(other) == before
+    from spinal_transfer.runs.rundir import user_image
+    from spinal_transfer.evaluation.plots import _figure, save_figure
+
+    mine = tmp_path / "notes"
+    (mine / "plots").mkdir(parents=True)
+    save_figure(_figure(1, 1), mine / "plots" / "curve.png")       # ours: marked
+    (mine / "notes.txt").write_text("mine")
+    assert user_image(mine) is None
+    shutil.copy(next((three_digits / "train" / "digit_0").iterdir()), mine / "plots" / "photo.png")
+    assert user_image(mine) == mine / "plots" / "photo.png"
