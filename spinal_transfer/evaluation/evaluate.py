@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.leakage import duplicates_of
 from ..data.loaders import ShardSampler, make_loader
 from ..data.skiplog import SkipLog
 from ..data.splits import (config_splits, fingerprints, holds_recorded, labelled_images, load_recorded,
@@ -332,7 +333,23 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
                             f"or give another folder with --data")
         return splits.get(split), (f"the {split} split of {cfg.data} made again from the run's settings (no "
                                    f"splits.json beside the checkpoint): {len(splits.get(split))} images")
-    return labelled_images(data, split, classes, cfg.follow_links, skips)
+    samples, used = labelled_images(data, split, classes, cfg.follow_links, skips)
+    _warn_trained_on(samples, doc)
+    return samples, used
+
+
+def _warn_trained_on(samples: Sequence, doc: Optional[dict]) -> None:
+    """One warning when images of another folder are byte-identical to the run's train or val images (its
+    recorded splits, where its data folder still is): their score is not that of new images (data/leakage.py's
+    check, which train runs on its own splits)."""
+    if doc is None or not Path(doc["root"]).is_dir():
+        return
+    seen = [(str(Path(doc["root"]) / rel), y) for s in ("train", "val") for rel, y, *_ in doc["splits"][s]]
+    copies = duplicates_of(seen, samples)
+    if copies:
+        log.warning(f"{len(copies)} of the {len(samples)} images evaluated are byte-identical to images the run "
+                    f"trained on or chose its best epoch on (e.g. {copies[0][0]} = {copies[0][1]}): their score says "
+                    f"nothing of new images")
 
 
 def _run_record(source: Path) -> tuple[RunDir, Optional[dict]]:

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,28 @@ def test_evaluate_reproduces_report(trained, digits_folder, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["top1"] == pytest.approx(report["test"]["top1"])
     assert "the run's recorded test split (360 images" in captured.err
+
+
+def test_evaluate_on_another_folder_of_the_runs_own_images_warns(trained, digits_folder, tmp_path, caplog):
+    """QA 28: `evaluate RUN --data X` where X holds copies of the run's training images scored them with no word.
+    Byte-identical copies of its train or val images are counted in one warning; new images get none."""
+    out, _ = trained
+    flat = tmp_path / "flat"
+    for split, n in (("train", 3), ("test", 2)):          # 3 train copies a class, 2 test images a class
+        for d in sorted((digits_folder / split).iterdir()):
+            for f in sorted(d.iterdir())[:n]:
+                (flat / d.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, flat / d.name / f"{split}_{f.name}")
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        ev = evaluate(out, str(flat), "test", "cpu")
+    said = [r.getMessage() for r in caplog.records if "byte-identical to images the run" in r.getMessage()]
+    assert ev.metrics["num_samples"] == 50 and len(said) == 1 and said[0].startswith("30 of the 50 images evaluated")
+    caplog.clear()
+    for f in flat.rglob("train_*"):
+        f.unlink()
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        evaluate(out, str(flat), "test", "cpu")
+    assert not [r for r in caplog.records if "byte-identical" in r.getMessage()]
 
 
 @pytest.mark.slow      # 3 runs; test_first_run's slow test covers transfer with the defaults
