@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ from .export import (
 
 PathLike = Union[str, os.PathLike]
 ImageInput = Any           # a path, the bytes of an image file, a PIL image or an HxWx3 uint8 RGB array
+log = logging.getLogger("spinal_transfer")
 TOPK = 5
 RUNNERS = ("auto", "torch", "onnx", "onnx-int8")
 UNCERTAIN = "uncertain"     # the prediction of an image whose top probability is below --min-confidence
@@ -176,6 +178,12 @@ def resolve_runner(source: PathLike, runner: str = "auto", device: Optional[torc
     folder = path if path.is_dir() else path.parent
     files = {"onnx": folder / FORMAT_FILES["onnx"], "onnx-int8": folder / INT8_FILE}
     if runner == "auto":
+        listed = (read_config(folder).get("files") or {}) if (folder / CONFIG_FILE).is_file() else {}
+        gone = [f.name for f in files.values() if f.name in listed and not f.is_file()]
+        if gone:              # removed since export: said, as auto would otherwise quietly run another model file
+            log.warning(f"{', '.join(gone)} of {folder} {'is' if len(gone) == 1 else 'are'} missing though "
+                        f"{CONFIG_FILE} lists {'it' if len(gone) == 1 else 'them'} (removed since export); --runner "
+                        f"auto runs what is there")
         if (device is None or device.type == "cpu") and _has_onnxruntime():
             for kind in ("onnx-int8", "onnx"):
                 if files[kind].is_file():

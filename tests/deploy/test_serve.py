@@ -327,3 +327,21 @@ def test_help_lists_the_new_options(cli_run, capsys):
         examples = text[text.index("examples:"):]
         for option in options:
             assert option in text[:text.index("examples:")] and option in examples, (command, option)
+
+
+def test_auto_says_when_a_model_file_config_json_lists_is_gone(bundle, tmp_path, caplog):
+    """QA 28: with model.int8.onnx deleted from a bundle, --runner auto quietly ran model.onnx (other
+    probabilities than the int8 ones it gave before). It still runs what is there, and says the file is gone."""
+    from spinal_transfer.deploy.predict import resolve_runner
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        assert resolve_runner(copy, "auto", torch.device("cpu")) == ("onnx-int8", copy / INT8_FILE)
+    assert not caplog.records
+    (copy / INT8_FILE).unlink()
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        assert resolve_runner(copy, "auto", torch.device("cpu")) == ("onnx", copy / "model.onnx")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{INT8_FILE} of {copy} is missing though config.json lists it (removed since export); --runner auto runs "
+        f"what is there"]
