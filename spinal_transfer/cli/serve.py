@@ -22,9 +22,10 @@ EXAMPLES = """\
 POST /predict takes images as multipart files (at most 64 a request) or one raw image body and answers JSON
 with the top-k classes and probabilities (as `predict` computes them); GET / is a page to try it, GET /healthz
 is 200 once the model is loaded and checked, GET /metadata gives the classes, input size and the bundle's
-digest, GET /metrics is Prometheus text. Images arriving within --max-wait-ms run as one batch of up to --max-batch. A bad upload
-(over --max-upload-mb, or every file of it not a usable image) gets a 4xx JSON error; a bad file among good
-ones gets an entry with its error, as `predict` skips it. SIGTERM answers the requests in flight, then exits.
+digest, GET /metrics is Prometheus text. Images arriving within --max-wait-ms run as one batch of up to
+--max-batch. A bad upload (over --max-upload-mb or 64 files, or every file of it not a usable image) gets a 4xx
+JSON error; a bad file among good ones gets an entry with its error, as `predict` skips it. SIGTERM answers the
+requests in flight, then exits.
 Needs the extra: pip install -e ".[serve]"."""
 
 

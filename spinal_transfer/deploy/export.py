@@ -721,7 +721,9 @@ def model_card(config: dict, model: nn.Module, train_cfg: dict, report: Optional
           if "onnx" in config["formats"] else []),
         *(["spinal-transfer predict THIS_FOLDER images/ --runner onnx-int8 --out preds.csv   # int8, CPUs"]
           if "onnx-int8" in config["formats"] else []), "```", "",
-        *(["Without spinal-transfer (the same probabilities as `predict`):", "", "```bash",
+        *(["Without spinal-transfer (the probabilities of `predict --runner onnx`; with `--model "
+           f"{INT8_FILE}`, of `--runner onnx-int8`):" if "onnx-int8" in config["formats"] else
+           "Without spinal-transfer (the probabilities of `predict --runner onnx`):", "", "```bash",
            "pip install numpy opencv-python-headless pillow onnxruntime",
            f"python THIS_FOLDER/{STANDALONE.name} photo.jpg more/*.png --topk 3",
            *([f"python THIS_FOLDER/{STANDALONE.name} photo.jpg --model {INT8_FILE}"]

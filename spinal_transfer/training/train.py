@@ -338,8 +338,8 @@ def _load_last(run: RunDir) -> dict:
         f"a new run from its weights; " if run.best.is_file() else "") + "--overwrite starts this run over")
     ckpt = load_checkpoint(run.last, advice=instead)
     if "progress" not in ckpt:
-        raise CheckpointError(f"cannot resume {run.path}: {run.last} holds a model's weights only (a copy of best.pt?), "
-                              f"not a training state; {instead}")
+        raise CheckpointError(f"cannot resume {run.path}: {run.last} holds a model's weights only (a copy of "
+                              f"best.pt?), not a training state; {instead}")
     run.check_own(ckpt, run.last, instead)
     return ckpt
 

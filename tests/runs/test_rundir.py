@@ -43,7 +43,8 @@ def test_a_second_process_is_refused_with_who_holds_the_folder(tmp_path):
         assert run.is_locked() and run.lock_holder().startswith(f"pid {holder.pid} on ")
         run.write_text(run.config, "epochs: 3\n")
         atomic_save({"epoch": 1}, run.last)                  # a run in training: said as such, not as one to resume
-        assert run.unfinished() == f"{run.path} has not finished (0 of 3 epochs done); {run.lock_holder()} is training it now"
+        assert run.unfinished() == (f"{run.path} has not finished (0 of 3 epochs done); {run.lock_holder()} is "
+                                    f"training it now")
         with pytest.raises(RunFolderError, match=rf"in use by pid {holder.pid} on "):
             with run.lock():
                 pass
@@ -95,6 +96,6 @@ def test_an_interrupted_run_of_compare_or_tune_says_the_command_resumes_it_too(t
         run.write_text(run.config, "epochs: 3\n")
         atomic_save({"epoch": 1}, run.last)
         text = run.unfinished()
-        assert text.startswith(f"{folder} has not finished (0 of 3 epochs done); `spinal-transfer train --resume {folder}` "
-                               f"finishes it")
+        assert text.startswith(f"{folder} has not finished (0 of 3 epochs done); `spinal-transfer train --resume "
+                               f"{folder}` finishes it")
         assert ("rerunning the compare, reproduce or tune command that made it" in text) == says, text
