@@ -185,6 +185,18 @@ def finished_run(three_digits, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, finished 1-epoch run) on digits 3, 4, 5: another run, on other images than `finished_run`'s,
+    whose checkpoints tests copy into that run's folder."""
+    from spinal_transfer.training.train import run
+
+    root = tmp_path_factory.mktemp("other")
+    data = write_digits_folder(root / "digits", digits=(3, 4, 5))
+    run(tiny_cfg(data, root / "run", epochs=1, limit_train_batches=2))
+    return data, root / "run"
+
+
+@pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory) -> Path:
     """All ten digits, ROOT/{train,val,test}/digit_<k>/*.png (1797 images, 32x32)."""
     return write_digits_folder(tmp_path_factory.mktemp("digits"))

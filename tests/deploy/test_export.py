@@ -227,19 +227,13 @@ def test_googlenet_exports_in_eval_mode(tmp_path):
     assert "No report.json" in (tmp_path / "bundle" / "README.md").read_text()
 
 
-def test_a_best_pt_from_another_run_is_refused_in_its_folder_and_gets_no_metrics_as_a_file(finished_run, tmp_path,
-                                                                                          cli_run):
+def test_a_best_pt_from_another_run_is_refused_in_its_folder_and_gets_no_metrics_as_a_file(finished_run, other_run,
+                                                                                          tmp_path, cli_run):
     """QA 28: a run folder whose best.pt was copied from another run exported (exit 0) a bundle titled with that
     model, whose card quoted this run's test top-1, temperature interval and ECE. A run folder's checkpoint must
     be its own (split fingerprints against splits.json) for export, evaluate and predict; the checkpoint file
     passed itself exports, its card without the folder's metrics."""
-    from conftest import tiny_cfg
-
-    from spinal_transfer.training.train import run
-
-    other_data = write_digits_folder(tmp_path / "other", digits=(4, 5, 6))
-    other = tmp_path / "other_run"
-    run(tiny_cfg(other_data, other, epochs=1, limit_train_batches=2))
+    other_data, other = other_run
     mixed = tmp_path / "mixed"
     shutil.copytree(finished_run, mixed)
     shutil.copy(other / "checkpoints" / "best.pt", mixed / "checkpoints" / "best.pt")

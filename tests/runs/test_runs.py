@@ -238,15 +238,13 @@ def test_training_is_made_of_short_functions_and_only_the_drivers_import_the_loo
                          "experiments/tune.py"}, importers    # the drivers
 
 
-def test_resume_refuses_a_last_pt_it_cannot_continue_from_and_another_folders_images(finished, three_digits,
-                                                                                     tmp_path, cli_run):
+def test_resume_refuses_a_last_pt_it_cannot_continue_from_and_another_folders_images(finished, other_run,
+                                                                                     three_digits, tmp_path, cli_run):
     """QA 28: a last.pt copied from another run (other images) trained on from that run's weights and place; a
     best.pt copied over last.pt (the old advice for a damaged one) ended in a KeyError traceback; a --data folder
     holding other images under the run's file names trained on them after a warning. Each is one line, exit 2,
     and the damaged-last.pt advice names what the run can do instead."""
-    other_data = write_digits_folder(tmp_path / "other", digits=(3, 4, 5))
-    other = tmp_path / "other_run"
-    run(tiny_cfg(other_data, other, epochs=1, limit_train_batches=2))
+    other_data, other = other_run
     mine = tmp_path / "mine"
     shutil.copytree(finished, mine)
     shutil.copy(other / "checkpoints" / "last.pt", mine / "checkpoints" / "last.pt")
