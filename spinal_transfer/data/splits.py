@@ -480,16 +480,17 @@ def _why_empty(folder: Path, root: Path, skipped: list[tuple[str, str]]) -> str:
 
 def _folder_problems(classes: dict[str, list[str]], images: dict[str, dict[str, list[str]]], dirs: dict[str, Path],
                      root: Path, skipped: list[tuple[str, str]], lenient: bool) -> list[FolderProblem]:
-    """Classes that differ between splits and class folders without a usable image: refused (one line naming each),
-    or with `lenient` returned for audit to report."""
-    refusal, problems = _class_mismatches(classes, dirs)
-    if refusal and not lenient:
-        raise DataError(refusal)
+    """Class folders without a usable image and classes that differ between splits: refused (one line naming each;
+    an empty folder first, since it is the cause when the other splits lack its class: an empty train/7 beside
+    val/ and test/ without 7/ is that, not three splits that disagree), or with `lenient` returned for audit."""
     empty = [(s, dirs[s] / c) for s in images for c, v in images[s].items() if not v]
     if empty and not lenient:
         said = "; ".join(f"{os.path.relpath(f, root)} ({_why_empty(f, root, skipped)})" for _, f in empty)
         raise DataError(f"class folder(s) under {root} without a usable image: {said}; add images to each, or remove "
                         f"it from every split")
+    refusal, problems = _class_mismatches(classes, dirs)
+    if refusal and not lenient:
+        raise DataError(refusal)
     return problems + [FolderProblem("empty_class", str(f), s, f.name, _why_empty(f, root, skipped))
                        for s, f in empty]
 

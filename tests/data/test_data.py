@@ -169,6 +169,20 @@ def test_class_mismatch_names_missing_and_extra(tmp_path):
     assert "val: missing ['fox'], extra ['owl']" in msg and "test:" not in msg and "Unicode" not in msg
 
 
+def test_an_empty_train_class_folder_is_named_as_empty_not_as_a_class_the_others_lack(tmp_path):
+    """QA 28: an empty train/7 beside val/ and test/ without 7/ was refused as "val: missing ['7'] ... test:
+    missing ['7']", while an empty val/2 is named as a folder without a usable image. The empty folder is the
+    cause: it is named first, the same way in every split."""
+    for split in ("train", "val", "test"):
+        for c in ("1", "2"):
+            _png(tmp_path / split / c / "a.png")
+    (tmp_path / "train" / "7").mkdir()
+    with pytest.raises(DataError) as e:
+        scan(tmp_path)
+    assert str(e.value) == (f"class folder(s) under {tmp_path} without a usable image: {Path('train') / '7'} (no "
+                            f"image file); add images to each, or remove it from every split")
+
+
 def test_a_class_name_in_two_unicode_forms_is_explained(tmp_path):
     nfc, nfd = "caf\u00e9", "cafe\u0301"               # how other systems and macOS write "café"
     for split, name in (("train", nfc), ("val", nfd), ("test", nfc)):
