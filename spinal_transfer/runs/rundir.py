@@ -335,7 +335,10 @@ def check_new_run(run: RunDir, overwrite: bool, log: Any) -> None:
         raise RunFolderError(f"{run.path} already holds {'an' if state[0] in 'aeiou' else 'a'} {state} run; {hint}, "
                              f"start over with --overwrite (removes that run's files), or choose another --out")
     removed = run.clear()
-    log(f"--overwrite: removed the earlier run's {', '.join(p.name for p in removed)} from {run.path}")
+    kept = sorted(p.name + "/" * p.is_dir() for p in run.path.iterdir() if not p.name.startswith("."))
+    log(f"--overwrite: removed the earlier run's {', '.join(p.name for p in removed)} from {run.path}" + (
+        f"; kept what a train run does not write: {', '.join(kept)} (an evaluate or report page among them "
+        f"describes the earlier model, not the new one)" if kept else ""))
 
 
 # --- the skip log --------------------------------------------------------------------------------

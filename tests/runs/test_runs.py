@@ -109,10 +109,12 @@ def test_overwrite_removes_the_runs_files_and_nothing_else(finished, three_digit
     shutil.copytree(finished, copy)
     (copy / "my_notes.txt").write_text("mine")
     (copy / "checkpoints" / "best.pt").write_bytes(b"junk that must go")
+    (copy / "eval_val").mkdir()                       # evaluate --out RUN/eval_val of the earlier model
     res = cli_run(*_train_args(three_digits, copy, epochs=1, limit_train_batches=1), "--overwrite")
     assert res.returncode == 0, res.stderr
-    assert (copy / "my_notes.txt").read_text() == "mine"
+    assert (copy / "my_notes.txt").read_text() == "mine" and (copy / "eval_val").is_dir()
     assert "--overwrite: removed the earlier run's" in res.stderr and "checkpoints" in res.stderr
+    assert "kept what a train run does not write: eval_val/, my_notes.txt (an evaluate or report" in res.stderr
     assert len((copy / "metrics.jsonl").read_text().splitlines()) == 1
     assert load_checkpoint(copy / "checkpoints" / "best.pt")["epoch"] == 1
 
