@@ -41,7 +41,10 @@ def probabilities_note(meta: Optional[Mapping], calibrated: bool = True) -> str:
         return "probabilities: the plain softmax (calibration turned off)"
     t, why = (meta or {}).get("temperature"), (meta or {}).get("calibration_note")
     if t:
-        return f"probabilities: softmax(logits / T), T = {float(t):.3f}, calibrated on the run's val split"
+        edge = any(math.isclose(float(t), b, rel_tol=1e-3) for b in T_BOUNDS)   # the search stopped at its end
+        return (f"probabilities: softmax(logits / T), T = {float(t):.3f}, calibrated on the run's val split"
+                + (f"; T is at the end of the range searched ({T_BOUNDS[0]:g}-{T_BOUNDS[1]:g}): the val split did "
+                   f"not pin it down, so read the probabilities as rough" if edge else ""))
     if why:
         return f"probabilities: {why}"
     return ("probabilities: the plain softmax (not calibrated): this model carries no temperature. A run fits one "

@@ -348,8 +348,12 @@ def test_the_probabilities_note_says_the_recorded_reason_and_the_guesses_only_wi
     """A model with a temperature says it; one whose run recorded why it fitted none says that reason; one with
     neither (last.pt, a run still training, a bundle of those or of an older version) gets the general guesses."""
     why = unfittable(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1]))
-    assert probabilities_note({"temperature": 1.5, "calibration_note": None}).startswith(
-        "probabilities: softmax(logits / T), T = 1.500")
+    assert probabilities_note({"temperature": 1.5, "calibration_note": None}) == (
+        "probabilities: softmax(logits / T), T = 1.500, calibrated on the run's val split")
+    for edge in T_BOUNDS:            # QA 28: predict and serve said nothing of a T the search left at its end
+        assert probabilities_note({"temperature": edge}).endswith(
+            f"; T is at the end of the range searched (0.05-20): the val split did not pin it down, so read the "
+            f"probabilities as rough")
     assert probabilities_note({"temperature": None, "calibration_note": why}) == f"probabilities: {why}"
     assert probabilities_note({"temperature": None, "calibration_note": NO_VAL_NOTE}) == f"probabilities: {NO_VAL_NOTE}"
     for meta in ({"temperature": None}, {"temperature": None, "calibration_note": None}, None):
