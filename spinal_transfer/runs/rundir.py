@@ -161,13 +161,19 @@ class RunDir:
     def check_own(self, ckpt: dict, path: Path, instead: str) -> None:
         """CheckpointError (saying `instead`) when `ckpt`, read from `path` in this folder, is another run's: its
         split fingerprints differ from splits.json's (a checkpoint copied in from a run on other images or labels
-        would be resumed, evaluated or exported as this run's, with this run's report). Unchecked when either
-        side has none (a run from before fingerprints)."""
+        would be resumed, evaluated or exported as this run's, with this run's report), or its backbone or head
+        from config.yaml's (a run on the same images: a resume named flags the user never gave as the change).
+        Unchecked where either side has none (a run from before fingerprints)."""
         recorded = recorded_fingerprints(self.read_json(self.splits)) if self.splits.is_file() else None
         theirs = ckpt.get("split_fingerprints")
         if recorded and theirs and theirs != recorded:
             raise CheckpointError(f"{path} comes from another run (its split fingerprints differ from {self.splits}'s: "
                                   f"other images or labels); {instead}")
+        mine = self.read_config().to_dict() if self.config.is_file() else {}
+        for key in ("backbone", "head"):
+            if key in mine and key in ckpt.get("config", {}) and ckpt["config"][key] != mine[key]:
+                raise CheckpointError(f"{path} comes from another run (its {key} {ckpt['config'][key]!r} is not "
+                                      f"{self.config}'s {mine[key]!r}); {instead}")
 
     # --- writing (rank 0) -----------------------------------------------------------------------
     def write_text(self, path: Path, text: str) -> None:

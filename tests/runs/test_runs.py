@@ -257,6 +257,15 @@ def test_resume_refuses_a_last_pt_it_cannot_continue_from_and_another_folders_im
     assert "last.pt comes from another run (its split fingerprints differ" in lines[0] and "Traceback" not in res.stderr
     assert snapshot(mine) == before
 
+    config = (mine / "config.yaml").read_text()     # a run on the same images with another backbone: its last.pt
+    shutil.copy(finished / "checkpoints" / "last.pt", mine / "checkpoints" / "last.pt")
+    (mine / "config.yaml").write_text(config.replace("backbone: timm/test_resnet", "backbone: timm/test_efficientnet"))
+    res = cli_run("train", "--resume", mine)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert ("last.pt comes from another run (its backbone 'timm/test_resnet' is not "
+            f"{mine / 'config.yaml'}'s 'timm/test_efficientnet')") in res.stderr
+    (mine / "config.yaml").write_text(config)
+
     shutil.copy(mine / "checkpoints" / "best.pt", mine / "checkpoints" / "last.pt")
     res = cli_run("train", "--resume", mine, "--epochs", 3)
     assert res.returncode == 2 and "holds a model's weights only" in res.stderr, res.stderr[-2000:]
