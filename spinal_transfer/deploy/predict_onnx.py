@@ -11,11 +11,12 @@ plain JPEG and PNG, a large JPEG decoded at a reduced scale no smaller than the 
 upright by EXIF's orientation, else XMP's, as Pillow reads them; 16-bit images to their high byte, transparency
 onto white), the same resize (area when downscaling), centre crop and normalization. The probabilities are those
 `spinal-transfer predict --runner onnx` gives for the same files (--runner onnx-int8 with --model model.int8.onnx;
-checked to 1e-5 by spinal-transfer's tests), calibrated as
-softmax(logits / T). A folder is searched for images (by extension, recursively, hidden files left out), as
-`predict` does. A file that cannot be read, or that `predict` refuses unread (more pixels than Pillow's
-decompression-bomb bound, an aspect ratio beyond 100:1), is skipped and named on stderr in one line (and under
-"skipped" with --json); when none can be read, the exit status is 2.
+checked to 1e-5 by spinal-transfer's tests), calibrated as softmax(logits / T). A folder is searched for images
+(by extension, recursively, hidden files left out), as `predict` does. A file that cannot be read, or that
+`predict` refuses unread (more pixels than Pillow's decompression-bomb bound, an aspect ratio beyond 100:1), is
+skipped and named on stderr in one line (and under "skipped" with --json); when none can be read, the exit status
+is 2. A config.json edited since export, or a model that is none of the files it records, is refused (as
+`predict` refuses them) unless --no-verify.
 
 spinal-transfer copies this file into every bundle it exports with --format onnx; it imports nothing of it. The
 decoding and preprocessing repeat spinal_transfer/data/images.py and transforms.py on purpose (this file must run

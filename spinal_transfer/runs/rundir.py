@@ -155,9 +155,6 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
-    def load_last(self) -> dict:
-        return load_checkpoint(self.last)
-
     def check_own(self, ckpt: dict, path: Path, instead: str) -> None:
         """CheckpointError (saying `instead`) when `ckpt`, read from `path` in this folder, is another run's: its
         split fingerprints differ from splits.json's (a checkpoint copied in from a run on other images or labels

@@ -331,9 +331,9 @@ def _open(run: RunDir, resume: bool, overwrite: bool) -> Optional[dict]:
 
 def _load_last(run: RunDir) -> dict:
     """last.pt, refused in one line when the run cannot continue from it: damaged, weights only (best.pt copied
-    over it: no optimizer, no progress), or another run's (its split fingerprints differ from RUN/splits.json's:
-    a last.pt copied from a run on other images would train on from that run's weights and place in its epoch)."""
-    instead = (f"a run continues only from the last.pt it wrote: " + (
+    over it: no optimizer, no progress), or another run's (RunDir.check_own: a last.pt copied from another run
+    would train on from that run's weights and place in its epoch)."""
+    instead = ("a run continues only from the last.pt it wrote: " + (
         f"{run.best} still serves evaluate and export, and `train --data DIR --weights {run.best} --out NEW` starts "
         f"a new run from its weights; " if run.best.is_file() else "") + "--overwrite starts this run over")
     ckpt = load_checkpoint(run.last, advice=instead)
