@@ -16,6 +16,10 @@ from ..models.surgery import head_param_names
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> list[dict]:
+    """The head's parameters at `lr`, the backbone's at `lr * backbone_lr_mult`; a head alone (cached-feature
+    mode: `train --lr auto` sweeps the head on the cached features) is all head."""
+    if not hasattr(model, "spinal_info"):
+        return [{"params": list(model.parameters()), "lr": lr, "name": "head"}]
     head_keys = set(head_param_names(model))
     head, backbone = [], []
     for name, p in model.named_parameters():

@@ -200,7 +200,7 @@ def run(cfg: Optional[TrainConfig] = None, resume: Optional[str | Path] = None, 
     run_dir = RunDir(resume if resume is not None else cfg.out or
                      broadcast_object(default_run_name(cfg.backbone, cfg.head)))
     if resume is None:
-        _check_data_folder(cfg.data, run_dir)
+        _check_data_folder(cfg.data, run_dir, cfg.cache_dir if cfg.cache_features else None)
         check_backbone(cfg.backbone, cfg.weights)  # a typo, or offline and not cached: refuse before the data is read
         data_config(cfg)                           # a resize the crop does not fit: before --overwrite clears a run
     if resume is None and overwrite and run_dir.holds_run():
@@ -245,10 +245,14 @@ def _explain(e: BaseException, cfg: TrainConfig, device: torch.device, run: RunD
     return e
 
 
-def _check_data_folder(data: str, run: RunDir) -> None:
+def _check_data_folder(data: str, run: RunDir, cache_dir: Optional[str]) -> None:
+    """A data folder is given, and neither the run folder nor a --cache-dir of cached features is inside it
+    (what is written there would be read as a class by the next train on it)."""
     if not data:
         raise DataError(f"no data folder given ({option_value('data', 'DIR')})")
     check_outside(run.path, data)
+    if cache_dir:
+        check_outside(cache_dir, data, "the feature cache (--cache-dir)")
 
 
 def _resume_point(progress: dict) -> str:

@@ -97,3 +97,20 @@ def test_a_resumed_bundled_weights_run_reads_the_cache_its_start_wrote(three_dig
     assert _features(cache) == first                                       # read back, none computed again
     resumed = load_checkpoint(out / "checkpoints" / "last.pt")
     assert resumed["progress"]["epoch"] == 2 and resumed["head_info"]["weights_file"] == started
+
+
+def test_lr_auto_sweeps_the_head_on_cached_features_and_a_cache_inside_the_data_is_refused(three_digits, tmp_path):
+    """QA 29: `train --lr auto --freeze-backbone --cache-features` ended in an AttributeError traceback (the head
+    alone has no spinal_info for the optimizer's groups), leaving a half-made run folder; and a --cache-dir
+    inside the data folder was written there, so the next train refused a class folder of .npy files."""
+    from spinal_transfer.errors import DataError
+
+    cfg = TrainConfig(**{**BASE, "epochs": 1, "lr": "auto"}, data=str(three_digits), out=str(tmp_path / "run"),
+                      cache_features=True)
+    report = run(cfg)
+    found = json.loads((tmp_path / "run" / "lr_find.json").read_text())
+    assert report["lr_find"]["suggestion"] == found["suggestion"] > 0
+    inside = three_digits / "test" / "cache"
+    with pytest.raises(DataError, match="the feature cache \\(--cache-dir\\) .* is inside the data folder"):
+        run(dataclasses.replace(cfg, lr=0.05, out=str(tmp_path / "r2"), cache_dir=str(inside)))
+    assert not inside.exists() and not (tmp_path / "r2").exists()
