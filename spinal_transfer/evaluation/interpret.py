@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from ..errors import DataError
 from ..utils.atomic import atomic_write_text
 from ..utils.textfiles import open_text
 
@@ -74,7 +75,8 @@ def _name(row: dict, key: str, idx: int, classes: Optional[Sequence[str]]) -> st
 
 def read_predictions(path: PathLike, classes: Optional[Sequence[str]] = None) -> list[Prediction]:
     """Rows of a predictions CSV, in file order. `classes` fills in names for the old 3-column format. A path
-    that is not UTF-8 reads back as the name of its file (`open_text`), as it was written."""
+    that is not UTF-8 reads back as the name of its file (`open_text`), as it was written. A row cut short or
+    edited (an empty or non-numeric number, a missing column) is a DataError naming the file and line."""
     out: list[Prediction] = []
     with open_text(path) as f:
         reader = csv.DictReader(f)
@@ -82,18 +84,28 @@ def read_predictions(path: PathLike, classes: Optional[Sequence[str]] = None) ->
         k = 0
         while f"top{k + 1}_name" in fields:
             k += 1
-        for r in reader:
-            t, p = int(r["target"]), int(r["prediction"])
-            tp = _float(r.get("target_prob"))
-            loss = _float(r.get("loss"))
-            if loss is None and tp is not None:     # the contract defines loss as -log p(target)
-                loss = -math.log(max(tp, 1e-45))
-            topk = tuple((r[f"top{i}_name"], float(r[f"top{i}_prob"])) for i in range(1, k + 1)
-                         if r.get(f"top{i}_name"))
-            out.append(Prediction(r["path"], t, p, _name(r, "target_name", t, classes),
-                                  _name(r, "prediction_name", p, classes), tp,
-                                  _float(r.get("prediction_prob")), loss, topk))
+        try:
+            for r in reader:
+                out.append(_prediction(r, k, classes))
+        except (KeyError, ValueError, TypeError) as e:
+            raise DataError(f"{path} is damaged at line {reader.line_num} ({type(e).__name__}: {e}): it is not the "
+                            f"predictions CSV spinal-transfer wrote; restore it, or remove it to go without "
+                            f"what it feeds (the page's predictions, a paired test)") from None
     return out
+
+
+def _prediction(r: dict, k: int, classes: Optional[Sequence[str]]) -> Prediction:
+    """One row of a predictions CSV with `k` top-k columns."""
+    if None in r.values() or None in r:            # csv.DictReader's marks of a row shorter or longer than the header
+        raise ValueError(f"{sum(v is not None for v in r.values())} of {len(r)} columns")
+    t, p = int(r["target"]), int(r["prediction"])
+    tp = _float(r.get("target_prob"))
+    loss = _float(r.get("loss"))
+    if loss is None and tp is not None:     # the contract defines loss as -log p(target)
+        loss = -math.log(max(tp, 1e-45))
+    topk = tuple((r[f"top{i}_name"], float(r[f"top{i}_prob"])) for i in range(1, k + 1) if r.get(f"top{i}_name"))
+    return Prediction(r["path"], t, p, _name(r, "target_name", t, classes), _name(r, "prediction_name", p, classes),
+                      tp, _float(r.get("prediction_prob")), loss, topk)
 
 
 def top_losses(predictions: Iterable[Prediction], n: int = 16, wrong_only: bool = True) -> list[Prediction]:

@@ -37,6 +37,26 @@ def test_the_csv_reads_back_to_the_logits_probabilities_and_losses(preds):
     assert preds[0].topk[0][0] == "cat" and len(preds[0].topk) == 3
 
 
+def test_a_csv_cut_short_is_one_line_naming_the_file_and_line(tmp_path, cli_run, finished_run):
+    """QA 29: `report RUN` of a run whose test_predictions.csv was cut mid-row ended in a ValueError traceback."""
+    import shutil
+
+    from spinal_transfer.errors import DataError
+
+    path = write_predictions_csv(tmp_path / "p.csv", PATHS, LOGITS, TARGETS, CLASSES)
+    text = path.read_text()
+    path.write_text(text[:text.index("\n", text.index("\n") + 1) + 40])        # the header, one row, a cut row
+    with pytest.raises(DataError, match=r"p\.csv is damaged at line 3 \(ValueError: "):
+        read_predictions(path, CLASSES)
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    cut = (run / "test_predictions.csv").read_text()[:300]
+    (run / "test_predictions.csv").write_text(cut)
+    res = cli_run("report", run)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "test_predictions.csv is damaged at line" in res.stderr
+
+
 def test_top_losses_are_the_wrong_answers_highest_loss_first(preds):
     assert [p.path for p in top_losses(preds, n=2)] == [PATHS[2], PATHS[1]]
     assert [p.path for p in top_losses(preds, n=10, wrong_only=False)][:3] == [PATHS[2], PATHS[1], PATHS[4]]
