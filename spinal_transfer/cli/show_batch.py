@@ -40,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     preview = show_batch(cfg, args.out, args.num_images)
     for path, reason in preview.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"wrote {preview.path} ({len(preview.indices)} training images, augment {cfg.augment})"
+    aug = "none: cached features are of unaugmented images" if cfg.cache_features else cfg.augment
+    print(f"wrote {preview.path} ({len(preview.indices)} training images, augment {aug})"
           f"{replacing(replaced)}", file=sys.stderr)
     return 0

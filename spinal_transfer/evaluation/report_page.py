@@ -201,7 +201,8 @@ def run_settings(config: Mapping, report: Optional[Mapping] = None,
         out["images"] = " \u00b7 ".join(f"{k} {v:,}" for k, v in sizes.items())
     inp = f"{cfg.get('img_size')} px, {cfg.get('interpolation')} interpolation, eval {cfg.get('eval_resize')}"
     out["input"] = inp
-    aug = str(cfg.get("augment"))
+    aug = ("none (cached features: the backbone ran once on each image, unaugmented; --augment "
+           f"{cfg.get('augment')} did not apply)" if cfg.get("cache_features") else str(cfg.get("augment")))
     extra = [f"{k.replace('_', ' ')} {cfg[k]}" for k in ("mixup", "cutmix", "label_smoothing") if cfg.get(k)]
     if cfg.get("class_balance", "none") != "none":
         extra.append(f"class balance by {cfg['class_balance']}")

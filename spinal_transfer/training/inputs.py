@@ -51,8 +51,10 @@ class RunInputs:
         dc = data_config(cfg, model)
         if model is not None:
             check_input_size(model, dc.img_size)
-        return cls(splits, dc, build_transforms(dc, train=True, aug=Augmentation.from_config(cfg)),
-                   build_transforms(dc, train=False))
+        plain = build_transforms(dc, train=False)
+        # cached features are of each image once, unaugmented: what training sees, and what show-batch shows
+        return cls(splits, dc, plain if cfg.cache_features else
+                   build_transforms(dc, train=True, aug=Augmentation.from_config(cfg)), plain)
 
     @property
     def classes(self) -> list[str]:

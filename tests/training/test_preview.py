@@ -57,6 +57,23 @@ def test_show_batch_cli_builds_trains_pipeline_offline(digits_folder, tmp_path, 
     assert len(again.indices) == 8 and dc.img_size == 32 and classes[0] == "digit_0"
 
 
+def test_cached_feature_mode_shows_and_reports_no_augmentation(digits_folder, tmp_path, capsys):
+    """QA 29: with --freeze-backbone --cache-features the backbone runs once on unaugmented images, but show-batch
+    drew RandAugment'ed ones and the report page said "augmentation randaugment"."""
+    from spinal_transfer.evaluation.report_page import run_settings
+
+    cfg = tiny_cfg(digits_folder, tmp_path / "unused", augment="randaugment", freeze_backbone=True,
+                   cache_features=True, batch_size=8)
+    samples, classes, dc, tf = training_pipeline(cfg)
+    plain = ImageDataset(samples, build_transforms(dc, False))
+    preview = show_batch(cfg, tmp_path / "b.png")
+    png = np.asarray(Image.open(preview.path).convert("RGB"))
+    for j, i in enumerate(preview.indices):
+        assert np.array_equal(_tile(png, preview.boxes[j], preview.scale), denormalize(plain[i][0], dc.mean, dc.std))
+    assert run_settings(cfg.to_dict())["augmentation"].startswith("none (cached features: the backbone ran once")
+    assert run_settings({**cfg.to_dict(), "cache_features": False})["augmentation"].startswith("randaugment")
+
+
 def test_show_batch_without_data_is_a_one_line_error(capsys):
     assert cli(["show-batch", "--backbone", "timm/test_resnet"]) == 2
     assert "--data DIR is required" in capsys.readouterr().err
