@@ -32,6 +32,11 @@ def temperature_of(meta: Optional[Mapping]) -> float:
     return float(t) if t else 1.0
 
 
+def bound_of(temperature: float) -> Optional[float]:
+    """The end of T_BOUNDS `temperature` sits on (the best T may lie beyond it), or None."""
+    return next((b for b in T_BOUNDS if abs(math.log(temperature / b)) < 0.01), None)
+
+
 def probabilities_note(meta: Optional[Mapping], calibrated: bool = True) -> str:
     """How a model's probabilities are made, in one line: predict, export and serve say it, so a plain softmax
     (from last.pt, a run still training, or a bundle exported from one) is never taken for a calibrated one. A
@@ -41,7 +46,7 @@ def probabilities_note(meta: Optional[Mapping], calibrated: bool = True) -> str:
         return "probabilities: the plain softmax (calibration turned off)"
     t, why = (meta or {}).get("temperature"), (meta or {}).get("calibration_note")
     if t:
-        edge = any(math.isclose(float(t), b, rel_tol=1e-3) for b in T_BOUNDS)   # the search stopped at its end
+        edge = bound_of(float(t)) is not None      # the search stopped at an end of its range
         return (f"probabilities: softmax(logits / T), T = {float(t):.3f}, calibrated on the run's val split"
                 + (f"; T is at the end of the range searched ({T_BOUNDS[0]:g}-{T_BOUNDS[1]:g}): the val split did "
                    f"not pin it down, so read the probabilities as rough" if edge else ""))
@@ -181,15 +186,15 @@ class Calibration:
     def bound_note(self) -> Optional[str]:
         """Said when T ended on a bound of T_BOUNDS: the best T may lie beyond it, and the probabilities are as
         sharp (T = 0.05: a few val images all but one right ask for certainty) or as flat as the bound allows."""
-        at = next((b for b in T_BOUNDS if abs(math.log(self.temperature / b)) < 0.01), None)
+        at = bound_of(self.temperature)
         if at is None:
             return None
         low = at == T_BOUNDS[0]
         return (f"T is at the {'lower' if low else 'upper'} bound of its search ({at:g}): the "
                 f"{len(self.splits['val'].targets)} val images ask for {'sharper' if low else 'flatter'} "
                 f"probabilities than any T allowed, so the probabilities are "
-                f"{'near 0 or 1' if low else 'near uniform'}; a bigger val split (--val-fraction) gives a T to trust, "
-                f"or use --no-calibration")
+                f"{'near 0 or 1' if low else 'near uniform'}; a bigger val split (--val-fraction) gives a T to trust "
+                f"(predict and evaluate give the plain softmax with --no-calibration)")
 
 
 NO_VAL_NOTE = ("not calibrated: the run has no val split, and fitting the temperature on test would make test "
