@@ -130,16 +130,18 @@ def _protocol(cfg: TrainConfig) -> dict:
             "stages (epochs, lr)": [(s.epochs, s.lr) for s in cfg.resolved_stages()]}
 
 
-def check_protocol(cfg: TrainConfig) -> None:
-    """Refuse to skip or resume a run made with other settings (e.g. a smoke run, or the other selection)."""
+def check_protocol(cfg: TrainConfig, collect: bool = False) -> None:
+    """Refuse to skip or resume a run made with other settings (e.g. a smoke run, or the other selection); to
+    `collect` one, the command repeats the overrides the runs were made with (the table names them)."""
     run = RunDir(cfg.out)
     if not run.config.is_file():
         return
     have, want = _protocol(run.read_config()), _protocol(cfg)
     diff = [f"{k}: {have[k]} there, {want[k]} asked for" for k in want if have[k] != want[k]]
     if diff:
-        raise ReproduceError(f"{run.path} was run with other settings ({'; '.join(diff)}). "
-                             f"Use another --out, or delete that run directory to redo it.")
+        raise ReproduceError(f"{run.path} was run with other settings ({'; '.join(diff)}). " + (
+            "--collect reads the runs as they were made: give it the overrides they were made with (e.g. --epochs)"
+            if collect else "Use another --out, or delete that run directory to redo it."))
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -536,7 +538,7 @@ def collect(recipes: Sequence[Recipe], data_root: PathLike, out: PathLike, seeds
     refuse_others_in(out, RESULT_FILES, CSV_COLUMNS)
     plan = plan_runs(recipes, data_root, out, seeds, overrides)
     for _, _, cfg in plan:
-        check_protocol(cfg)
+        check_protocol(cfg, collect=True)
     missing = [f"{r.name} seed {seed} ({RunDir(cfg.out).state()})" for r, seed, cfg in plan
                if not RunDir(cfg.out).is_finished()]
     rows = write_results(recipes, seeds, out)

@@ -69,7 +69,7 @@ def _independent_mcnemar(default: Path, spinal: Path) -> tuple[int, int, float]:
 
 
 @pytest.mark.slow      # ~30 s; test_reproduce_under_both_protocols runs reproduce end to end by default
-def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeypatch, one_thread):
+def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeypatch, one_thread, capsys):
     recipes_dir = _write_recipes(tmp_path / "recipes", digits_folder.name)
     out = tmp_path / "out"
     real_run = train.run
@@ -152,6 +152,11 @@ def test_reproduce_end_to_end_with_interruption(digits_folder, tmp_path, monkeyp
     assert SMOKE[:2] == ["--seeds", "2"]
     assert cli([*args[:-len(SMOKE)], *SMOKE[2:], "--collect"]) == 0
     assert (out / "results.csv").read_bytes() == table and calls == []
+    # --collect without the runs' --epochs 1: they are refused with what to give (QA 29: "Use another --out")
+    capsys.readouterr()
+    assert cli([*args[:-len(SMOKE)], "--collect"]) == 2 and calls == []
+    assert "--collect reads the runs as they were made: give it the overrides they were made with (e.g. --epochs)" \
+        in capsys.readouterr().err
 
 
 @pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
