@@ -353,6 +353,27 @@ def test_a_folder_of_other_settings_is_refused(tmp_path):
     cmp.check_settings(first)
 
 
+def test_a_run_of_another_split_is_refused(tmp_path):
+    """QA 29: images added to the data folder between two compare commands into one --out: the second trained its
+    new seeds on another split and the table averaged test sets of other images (SPLITS DIFFER said after the
+    fact). A finished or interrupted run whose recorded split is not the one the folder gives now is refused."""
+    import shutil
+
+    from spinal_transfer.data.splits import config_splits, fingerprints, record
+
+    data = write_digits_folder(tmp_path / "data", digits=(0, 1), splits=())
+    base = TrainConfig(data=str(data), lr=0.05)
+    first = cmp.plan(base, parse_head_specs(["linear", "spinal"]), 1, "frozen", tmp_path / "cmp")[0]
+    first.run.path.mkdir(parents=True)
+    first.run.write_json(first.run.splits, record(config_splits(first.cfg)))      # as the run recorded it
+    cmp.check_split(first, fingerprints(config_splits(first.cfg)))                  # the same folder: goes on
+    for f in sorted(next(data.iterdir()).iterdir())[:3]:
+        shutil.copy(f, f.with_name("new_" + f.name))
+    with pytest.raises(cmp.CompareError, match=r"seed0 was run on another train/val/test split of .*data \(images "
+                                               r"were added, removed or renamed since\)"):
+        cmp.check_split(first, fingerprints(config_splits(first.cfg)))
+
+
 @pytest.mark.slow      # two processes: ~20 s
 def test_two_compare_processes_share_one_folder(digits_transfer, tmp_path):
     """Started together on one --out: each run is trained once, by one of them (each trains one); the backbone
