@@ -538,7 +538,8 @@ def wait_for_running(study: "optuna.Study", out: Path, log: Callable[[str], Any]
 
     running = {t.number for t in in_flight(study)}
     if running:
-        log(f"waiting for {len(running)} trial(s) that other workers are running")
+        log(f"waiting for {len(running)} trial(s) that other workers are running (a worker killed without a word "
+            f"is known by its silence: its trial ends as failed {GRACE_S} s after its last heartbeat)")
     while running:
         if control is not None:
             control.raise_if_stopped("while waiting for other workers' trials")
@@ -700,7 +701,8 @@ def _trial_row(t: Any) -> dict:
             "best_epoch": t.user_attrs.get("best_epoch", ""), "epochs_reported": len(t.intermediate_values),
             "seconds": seconds, **{p: t.params.get(p, "") for p in PARAMS},
             "role": "untuned defaults" if t.user_attrs.get(UNTUNED) else "sampled", "run": t.user_attrs.get("run", ""),
-            "error": t.user_attrs.get("error", "")}
+            "error": t.user_attrs.get("error", "") or (     # failed by Optuna's heartbeat check: its worker died
+                f"no heartbeat for {GRACE_S} s: its worker died (killed or lost)" if t.state.name == "FAIL" else "")}
 
 
 def trials_csv(study: "optuna.Study") -> str:

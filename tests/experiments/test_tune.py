@@ -357,6 +357,17 @@ def test_the_recipe_is_never_worse_than_the_untuned_defaults(values, untuned, st
     assert best.value == max(finished)
 
 
+def test_a_trial_failed_without_an_error_says_its_worker_died():
+    """QA 29: a trial whose worker was killed (Optuna fails it once its heartbeat is GRACE_S old) had an empty
+    error column in trials.csv; one failed by its run keeps that run's error."""
+    died = _synthetic([None, 0.8], 0, "FAIL")
+    assert tune._trial_row(died.trials[0])["error"] == (f"no heartbeat for {tune.GRACE_S} s: its worker died (killed "
+                                                        f"or lost)")
+    assert tune._trial_row(died.trials[1])["error"] == ""
+    nan = _synthetic([None, 0.8], 0, "FAIL", error="loss is nan")
+    assert tune._trial_row(nan.trials[0])["error"] == "loss is nan"
+
+
 @pytest.mark.slow      # two processes: ~30 s
 def test_two_tune_processes_share_one_study_and_one_cache(digits_transfer, tmp_path):
     data, weights = digits_transfer
