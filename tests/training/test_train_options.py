@@ -104,7 +104,7 @@ def test_width_rule_is_written_into_the_run(auto_run):
 def test_final_evaluation_with_tta_keeps_the_plain_metrics(auto_run, cli_run):
     out, report = auto_run
     assert report["test"]["tta"]["views"] == 2 and "test_without_tta" in report
-    r = cli_run("evaluate", out, "--device", "cpu")         # plain evaluation of the same weights
+    r = cli_run("evaluate", out, "--device", "cpu", "--tta", "false")    # plain evaluation of the same weights
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["top1"] == pytest.approx(report["test_without_tta"]["top1"])
 
