@@ -648,6 +648,12 @@ def fingerprints(s: Splits) -> dict[str, str]:
     return {k: digest(s.get(k)) for k in SPLIT_NAMES}
 
 
+def changed_splits(now: Optional[dict], recorded: Optional[dict]) -> list[str]:
+    """The splits whose fingerprint in `now` differs from `recorded`'s (none when either side has none: a
+    checkpoint from before fingerprints, a record of another version)."""
+    return [k for k, v in (now or {}).items() if recorded and recorded.get(k) != v]
+
+
 def recorded_fingerprints(doc: dict) -> Optional[dict[str, str]]:
     """`fingerprints` of the splits a run's splits.json records, from the record alone (no file is read): a
     checkpoint can be checked against the run folder it sits in before any of its files are looked for. None for

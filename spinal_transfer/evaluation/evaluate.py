@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..data.leakage import duplicates_of
 from ..data.loaders import ShardSampler, make_loader
 from ..data.skiplog import SkipLog
-from ..data.splits import (config_splits, fingerprints, holds_recorded, labelled_images, load_recorded,
+from ..data.splits import (changed_splits, config_splits, fingerprints, holds_recorded, labelled_images, load_recorded,
                            recorded_fingerprints)
 from ..data.transforms import build_transforms
 from ..errors import ConfigError, DataError, few, option_value
@@ -314,7 +314,7 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
     images included. Any other folder is read by `labelled_images`."""
     run, doc, own, reads_record = split_source(source, cfg, data, split)
     if reads_record:
-        changed = _changed(recorded_fingerprints(doc), recorded)
+        changed = changed_splits(recorded_fingerprints(doc), recorded)
         if changed:
             raise DataError(f"the {'/'.join(changed)} split(s) recorded in {run.splits} are not those {source} was "
                             f"trained on (the checkpoint's split fingerprints differ: it comes from another run), so "
@@ -325,7 +325,7 @@ def _eval_samples(source: Path, cfg, data: Optional[str | Path], split: str, cla
         return images, f"the run's recorded {split} split ({len(images)} images, {run.splits}){where}"
     if own:           # a checkpoint away from its run folder: the split is made again the way the run made it
         splits = config_splits(cfg)
-        changed = _changed(fingerprints(splits), recorded)
+        changed = changed_splits(fingerprints(splits), recorded)
         if changed:
             raise DataError(f"the {'/'.join(changed)} split(s) of {cfg.data} made again from the run's settings are "
                             f"not those the run used (images were added, removed or renamed since), so its {split} "
@@ -375,7 +375,3 @@ def split_source(source: Path, cfg, data: Optional[str | Path], split: str) -> S
     return SplitSource(run, doc, own, doc is not None and (own or holds_recorded(doc, data, split)))
 
 
-def _changed(now: Optional[dict], recorded: Optional[dict]) -> list[str]:
-    """The splits whose fingerprint differs from the checkpoint's (none when either side has none: a checkpoint
-    from before fingerprints, a record of another version)."""
-    return [k for k, v in (now or {}).items() if recorded and recorded.get(k) != v]

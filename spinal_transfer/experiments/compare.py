@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import CONFIG_FIELDS, TrainConfig, resolve_config
-from ..data.splits import SPLIT_NAMES, config_splits, fingerprints, recorded_fingerprints
+from ..data.splits import changed_splits, config_splits, fingerprints, recorded_fingerprints
 from ..errors import ConfigError, NonFiniteLoss, RunFolderError, rerun_resumes
 from ..evaluation.stats import ALPHA, PairedTest, PairingError, overall_verdict, paired_test
 from ..evaluation.tables import Table, join, to_csv, to_html, to_markdown, write_files
@@ -170,7 +170,7 @@ def check_split(p: Planned, now: dict[str, str]) -> None:
     """Refuse to skip or resume a run folder whose recorded split is not the one the data folder gives now
     (images added, removed or renamed since): the table would average test sets of other images."""
     recorded = recorded_fingerprints(p.run.read_json(p.run.splits)) if p.run.splits.is_file() else None
-    changed = [s for s in SPLIT_NAMES if recorded and recorded.get(s) != now.get(s)]
+    changed = changed_splits(now, recorded)
     if changed:
         raise CompareError(f"{p.run.path} was run on another {'/'.join(changed)} split of {p.cfg.data} (images were "
                            f"added, removed or renamed since); use another --out, or delete that run folder to redo "
@@ -237,8 +237,9 @@ def compare(base: TrainConfig, heads: Sequence[HeadSpec], seeds: int = DEFAULT_S
     for p in runs:
         check_settings(p)
     splits = config_splits(runs[0].cfg)          # the split every run gets (heads and seeds share it)
+    now = fingerprints(splits)
     for p in runs:
-        check_split(p, fingerprints(splits))
+        check_split(p, now)
     check_heads(runs[:len(heads)], len(splits.classes))   # a folder train refuses, too
     log(f"mode: {MODE_NAMES[mode]}")
     others = sorted(set(str(d.parent) for d in (out / RUNS).glob("*/seed*/report.json")) -

@@ -702,7 +702,7 @@ def _trial_row(t: Any) -> dict:
             "seconds": seconds, **{p: t.params.get(p, "") for p in PARAMS},
             "role": "untuned defaults" if t.user_attrs.get(UNTUNED) else "sampled", "run": t.user_attrs.get("run", ""),
             "error": t.user_attrs.get("error", "") or (     # failed by Optuna's heartbeat check: its worker died
-                f"no heartbeat for {GRACE_S} s: its worker died (killed or lost)" if t.state.name == "FAIL" else "")}
+                f"no heartbeat for {GRACE_S} s: its worker died (killed or lost)" if state == "FAIL" else "")}
 
 
 def trials_csv(study: "optuna.Study") -> str:

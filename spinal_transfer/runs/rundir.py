@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional, Union
 
 from ..config import TrainConfig
 from ..data.images import IMG_EXTENSIONS
-from ..data.splits import recorded_fingerprints
+from ..data.splits import changed_splits, recorded_fingerprints
 from ..errors import CheckpointError, ResourceError, RunFolderError
 from ..utils.atomic import TMP_SUFFIX, atomic_write_text, system_error
 from ..utils.stamp import is_ours
@@ -162,8 +162,7 @@ class RunDir:
         from config.yaml's (a run on the same images: a resume named flags the user never gave as the change).
         Unchecked where either side has none (a run from before fingerprints)."""
         recorded = recorded_fingerprints(self.read_json(self.splits)) if self.splits.is_file() else None
-        theirs = ckpt.get("split_fingerprints")
-        if recorded and theirs and theirs != recorded:
+        if changed_splits(ckpt.get("split_fingerprints"), recorded):
             raise CheckpointError(f"{path} comes from another run (its split fingerprints differ from {self.splits}'s: "
                                   f"other images or labels); {instead}")
         mine = self.read_config().to_dict() if self.config.is_file() else {}

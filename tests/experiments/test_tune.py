@@ -366,6 +366,9 @@ def test_a_trial_failed_without_an_error_says_its_worker_died():
     assert tune._trial_row(died.trials[1])["error"] == ""
     nan = _synthetic([None, 0.8], 0, "FAIL", error="loss is nan")
     assert tune._trial_row(nan.trials[0])["error"] == "loss is nan"
+    abandoned = _synthetic([None, 0.8], 0, "FAIL", **{tune.INTERRUPTED: True})     # re-queued, not a dead worker's
+    assert (tune._trial_row(abandoned.trials[0])["state"], tune._trial_row(abandoned.trials[0])["error"]) == (
+        "INTERRUPTED", "")
 
 
 @pytest.mark.slow      # two processes: ~30 s
