@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Collection, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -637,17 +637,19 @@ def check_flags(flags: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config(recipe: Optional[Union[str, Path, TrainConfig]] = None, flags: Optional[dict] = None,
-                   resumed: Optional[TrainConfig] = None) -> TrainConfig:
+                   resumed: Optional[TrainConfig] = None, used: Collection[str] = ()) -> TrainConfig:
     """The one way a run's config is made.
 
     New run: `recipe` (a YAML path or a TrainConfig; None = the defaults), then `flags` on top.
     Resume (`resumed` = the run's own config): the flags on top of it, checked by `resume_config`.
+    `used`: options the calling command uses whatever the config's `applies` says (audit reads --cache-dir
+    without --cache-features), so no "has no effect" warning for them.
     """
     flags = check_flags(flags or {})
     if resumed is None:
         base = recipe if isinstance(recipe, TrainConfig) else TrainConfig.from_yaml(recipe) if recipe else TrainConfig()
         cfg = TrainConfig.from_dict({**base.to_dict(), **_schedule(base, flags)})
-        _warn_unused(cfg, flags)
+        _warn_unused(cfg, {k: v for k, v in flags.items() if k not in used})
         return cfg
     if recipe is not None:
         raise ConfigError("--recipe cannot be given with --resume: a resumed run keeps its own config "

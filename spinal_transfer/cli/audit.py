@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..config import add_config_args, given_flags, resolve_config
 from . import positive_int
@@ -48,6 +49,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(group, only=AUDIT_FIELDS)
 
 
+# what a run's config resolved from its backbone and input size: derived anew when --run is given another
+RESOLVED_FROM = {"backbone": ("resize_size", "mean", "std", "interpolation"), "img_size": ("resize_size",)}
+
+
+def run_flags(run_cfg: Any, flags: dict) -> dict:
+    """`flags` for auditing a run's files: a flag that changes the features (another backbone, weights, input
+    size) is said once, since audit --run otherwise means the run's own model; and the preprocessing the run
+    resolved from its backbone and size (its resize, mean, std, interpolation) is resolved anew for the given
+    ones, unless given too, so `--img-size 48` does not crop 48 px out of the run's 73-px resize."""
+    import logging
+
+    changed = {k: v for k, v in flags.items() if k in ("backbone", "weights", "replace", "img_size")
+               and v != getattr(run_cfg, k)}
+    if changed:
+        logging.getLogger("spinal_transfer").warning(
+            "audit --run: " + ", ".join(f"--{k.replace('_', '-')} {v} (the run has {getattr(run_cfg, k)})"
+                                        for k, v in changed.items())
+            + ": near duplicates, label issues and outliers are found on these features, not the run's model's")
+    derived = {d for k in changed for d in RESOLVED_FROM.get(k, ())}
+    return {**{d: None for d in derived if d not in flags}, **flags}
+
+
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -56,7 +79,12 @@ def main(args: argparse.Namespace) -> int:
     from ..utils.runtime import setup_logging  # lazy: torch
 
     setup_logging()
-    cfg = resolve_config(RunDir(args.run).read_config() if args.run else args.recipe, given_flags(args))
+    flags = given_flags(args)
+    if args.run:
+        cfg = resolve_config(RunDir(args.run).read_config(), run_flags(RunDir(args.run).read_config(), flags),
+                             used=("cache_dir",))
+    else:
+        cfg = resolve_config(args.recipe, flags, used=("cache_dir",))
     result = audit(cfg, args.out, run=args.run, threshold=args.threshold, hash_bits=args.hash_bits, folds=args.folds,
                    num_outliers=args.outliers)
     print(summary_text(result, Path(args.out)))

@@ -14,6 +14,7 @@ stops the run before a single file is written.
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
 import re
@@ -642,6 +643,20 @@ def _count_files(out: Path) -> dict[str, int]:
             for s in SPLITS}
 
 
+def _listing_digest(out: Path) -> str:
+    """A digest of every split file's path and size: what "already complete" is decided by. Counts alone pass a
+    folder with one image removed and another added, or one cut short; reading every byte would make a no-op
+    rerun of a large dataset slow, and a file that changed size is what a cut copy or a hand edit leaves."""
+    h = hashlib.blake2b(digest_size=16)
+    for s in SPLITS:
+        for d, dirs, files in sorted(os.walk(out / s)):
+            dirs.sort()
+            for f in sorted(f for f in files if not f.startswith(".")):
+                p = Path(d) / f
+                h.update(f"{p.relative_to(out)}\0{p.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}{_PARTIAL}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -662,10 +677,14 @@ def _finished(name: str, out: Path, settings: dict, log: Callable[[str], Any]) -
         raise PrepareError(f"{out} was prepared as {old.get('dataset')} with splits {json.dumps(old_settings)}; "
                            f"this run asks for {name} with {json.dumps(settings)}. Rerun with the same "
                            f"--val-fraction/--split-seed, or delete {out} to prepare it again.")
-    if _count_files(out) == old_counts:
+    counts, digest = _count_files(out), _listing_digest(out)
+    # a manifest from before the listing digest: decided by counts, as then
+    if counts == old_counts and old.get("files_digest", digest) == digest:
         log(f"{name}: {out} is already complete ({_counts_text(old_counts)}); nothing to do.")
         return True
-    log(f"{name}: {out} is incomplete; checking and completing it.")
+    log(f"{name}: {out} is " + ("incomplete" if counts != old_counts else
+                                "not as prepared (a file removed, added or changed in size)")
+        + "; checking and completing it.")
     return False
 
 
@@ -715,7 +734,7 @@ def prepare(name: str, root: Union[str, Path], download: bool = False, source: U
         "source_counts": {s: len(items) for s, items in splits.items()}, "official_counts": spec.sizes,
         "counts_checked": check_counts, "classes": len({it.label for it in plan.values()}),
         "unlabeled_not_written": {s: len(splits.get(s, [])) for s in spec.unlabeled},
-        "counts": counts, "splits": settings,
+        "counts": counts, "files_digest": _listing_digest(out), "splits": settings,
     })
     log(f"{name}: done -> {out} ({_counts_text(counts)})")
     return out

@@ -143,10 +143,16 @@ class AuditResult:
     def of_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
 
+    def usable(self) -> list[Item]:
+        """The images listed that decode: what train would learn from and test on (an undecodable file is a
+        finding, not an image of its class)."""
+        bad = {f.path for f in self.of_kind("undecodable")}
+        return [it for it in self.items if it.path not in bad]
+
     def counts(self) -> dict[str, dict[str, int]]:
-        """{split: {class: images}} of the images listed."""
+        """{split: {class: images}} of the usable images."""
         out = {s: {c: 0 for c in self.classes} for s in SPLIT_NAMES}
-        for it in self.items:
+        for it in self.usable():
             out[it.split][self.classes[it.label]] += 1
         return {s: c for s, c in out.items() if sum(c.values())}
 
@@ -154,7 +160,7 @@ class AuditResult:
         """Largest class over smallest class, in `split` (default: all splits together); None when a class has
         no image there."""
         totals = np.zeros(len(self.classes))
-        for it in self.items:
+        for it in self.usable():
             if split is None or it.split == split:
                 totals[it.label] += 1
         return float(totals.max() / totals.min()) if totals.min() > 0 else None
@@ -165,7 +171,7 @@ class AuditResult:
 
     def summary(self) -> dict:
         """audit.json: the numbers of the summary."""
-        n = {s: sum(it.split == s for it in self.items) for s in SPLIT_NAMES}
+        n = {s: sum(it.split == s for it in self.usable()) for s in SPLIT_NAMES}
         pairs = {k: len(self.of_kind(k)) for k in KINDS}
         return {"root": self.root, "classes": self.classes, "images": n, "class_counts": self.counts(),
                 "imbalance": {"all": self.imbalance(), **{s: self.imbalance(s) for s in SPLIT_NAMES if n[s]}},
@@ -623,8 +629,10 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
     s = result.summary()
     n = s["images"]
     counts = {c: sum(v[c] for v in s["class_counts"].values()) for c in result.classes}
+    bad = len(result.of_kind("undecodable"))
     lines = [f"audit of {result.root}: {sum(n.values()):,} images, {len(result.classes)} classes "
-             f"({' · '.join(f'{k} {v:,}' for k, v in n.items() if v)})", class_counts_line(counts)]
+             f"({' · '.join(f'{k} {v:,}' for k, v in n.items() if v)})"
+             + (f"; {bad} undecodable file(s) not counted" if bad else ""), class_counts_line(counts)]
     if result.sizes:
         w, h = np.array(result.sizes).T
         aspect = w / h
@@ -654,7 +662,7 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
     lines.append(f"outliers: the {len(odd)} least typical images (cleanlab OOD" +
                  (f"; the first {len(shown)} below, all in audit.csv)" if len(shown) < len(odd) else ")"))
     lines += [f"  {f.path} ({f.label})" for f in shown]
-    lines.append(f"undecodable files: {len(result.of_kind('undecodable'))}")
+    lines.append(f"undecodable files: {bad}")
     lines += folder_problem_lines(result)
     lines.append(f"wrote {out / 'audit.csv'} ({len(result.findings)} findings), {out / 'audit.html'}, "
                  f"{out / 'audit.json'} in {result.seconds.get('total', 0):.1f} s")

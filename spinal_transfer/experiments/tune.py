@@ -32,8 +32,9 @@ Storage: an SQLite file in the output folder by default, so rerunning the comman
 `--trials` finished trials in all); several processes on one machine may share it. `--storage
 postgresql://user:password@host/db` (any Optuna RDB URL) lets workers on many machines share one study: start
 the same command on each, with the same --study-name, a --out on a shared file system and each its own
---sampler-seed. Heartbeats mark the trials of a worker that died as failed; a trial left RUNNING by a process
-that died before its first heartbeat ends as abandoned (failed, not counted: `fail_abandoned`).
+--sampler-seed. Heartbeats mark the trials of a worker that died as failed; such a trial is run again once, from
+its last.pt when it has one, and is not counted (`requeue_dead`); a trial left RUNNING by a process that died
+before its first heartbeat ends as abandoned (failed, not counted, re-queued: `fail_abandoned`).
 
 Layout: OUT/study.db, OUT/trials/trial<NNNN>/ (run folders), OUT/feature-cache/ (frozen mode),
 OUT/best.yaml, OUT/trials.csv, OUT/tune.html. A trial's checkpoints (the whole model, twice) are deleted when
@@ -92,6 +93,7 @@ ABANDONED_S = HEARTBEAT_S             # a RUNNING trial this old with no heartbe
 UNTUNED = "untuned"                   # user attribute of the trial that trains the untuned defaults
 INTERRUPTED = "interrupted"           # ... of a trial a signal stopped: not counted, its folder handed on
 RESUME_FROM = "resume_from"           # ... of the trial that continues it there (enqueued with its params)
+RETRY_OF = "retry_of"                 # ... of the trial that reruns one whose worker died (once, then it counts)
 OWNER_FILE = ".study.json"            # OUT/<this>: the one study whose trial folders OUT/trials/ holds
 OUTSIDE = "outside_space"             # ... and its parameters the search space does not hold
 OUTPUT_FILES = ("best.yaml", "trials.csv", "tune.html")
@@ -311,7 +313,7 @@ def make_storage(url: str) -> "optuna.storages.RDBStorage":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
+                                              grace_period=GRACE_S, failed_trial_callback=requeue_dead)
     except Exception as e:         # a bad URL, an unreachable server, a missing driver
         hint = f" (a file is named as a URL: sqlite:///{url})" if "://" not in url else ""
         raise TuneError(f"cannot open the study storage {shown_storage(url)}: {str(e).splitlines()[0]}{hint}") from None
@@ -375,14 +377,37 @@ def open_study(storage: str, name: str, sampler: Any, pruner: Any, settings: dic
     return study
 
 
+def requeue_dead(study: "optuna.Study", trial: Any) -> None:
+    """Optuna's heartbeat check failed `trial`: its worker died (killed, lost), which says nothing of its
+    parameters. It runs again once, as a trial a signal stopped does: the same parameters, continued from its
+    folder's last.pt when it has one, and it is not counted (`continued_later`). A rerun that dies too counts as
+    failed: a configuration that kills its worker (out of memory) is not retried for ever."""
+    if trial.user_attrs.get(RETRY_OF) is not None:
+        return
+    keep = {k: v for k, v in trial.user_attrs.items() if k == UNTUNED}
+    folder = trial.user_attrs.get("run")
+    if folder and RunDir(folder).state() == "interrupted":
+        keep[RESUME_FROM] = folder
+    study.enqueue_trial(trial.params, user_attrs={**keep, RETRY_OF: trial.number})
+
+
+def continued_later(study: "optuna.Study") -> set[int]:
+    """Numbers of the trials a later trial continues or reruns: stopped by a signal or abandoned (INTERRUPTED),
+    or failed by a dead worker and re-queued (`requeue_dead`). They do not count, nor stand for their role."""
+    trials = study.get_trials(deepcopy=False)
+    return {t.number for t in trials if t.user_attrs.get(INTERRUPTED)} | \
+        {t.user_attrs[RETRY_OF] for t in trials if t.user_attrs.get(RETRY_OF) is not None}
+
+
 def ended(study: "optuna.Study") -> list:
     """Trials that count toward --trials: finished one way or another (complete, pruned or failed), but not
-    those a signal stopped: each is continued by an enqueued trial of the same parameters."""
+    those a later trial continues (continued_later)."""
     from optuna.trial import TrialState
 
+    later = continued_later(study)
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                  TrialState.FAIL))
-            if not t.user_attrs.get(INTERRUPTED)]
+            if t.number not in later]
 
 
 def counted(study: "optuna.Study") -> int:
@@ -603,8 +628,9 @@ def drop_checkpoints(study: "optuna.Study", out: Path) -> None:
 
 def untuned_trial(study: "optuna.Study") -> Optional[Any]:
     """The trial that trained the untuned defaults (None in a study begun before tune enqueued them)."""
-    return next((t for t in study.get_trials(deepcopy=False)
-                 if t.user_attrs.get(UNTUNED) and not t.user_attrs.get(INTERRUPTED)), None)
+    later = continued_later(study)
+    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(UNTUNED) and t.number not in later),
+                None)
 
 
 def chosen(study: "optuna.Study") -> Any:
@@ -693,21 +719,33 @@ TRIAL_COLUMNS = ("number", "state", "val_top1", "best_epoch", "epochs_reported",
                  "error")
 
 
-def _trial_row(t: Any) -> dict:
+def _trial_row(t: Any, later: set[int]) -> dict:
+    """trials.csv's row of trial `t`; `later`: the trials continued by a later one (continued_later)."""
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
         else ""
-    state = "INTERRUPTED" if t.user_attrs.get(INTERRUPTED) else t.state.name     # continued by a later trial
+    state = "INTERRUPTED" if t.number in later else t.state.name
     return {"number": t.number, "state": state, "val_top1": "" if t.value is None else t.value,
             "best_epoch": t.user_attrs.get("best_epoch", ""), "epochs_reported": len(t.intermediate_values),
             "seconds": seconds, **{p: t.params.get(p, "") for p in PARAMS},
             "role": "untuned defaults" if t.user_attrs.get(UNTUNED) else "sampled", "run": t.user_attrs.get("run", ""),
-            "error": t.user_attrs.get("error", "") or (     # failed by Optuna's heartbeat check: its worker died
-                f"no heartbeat for {GRACE_S} s: its worker died (killed or lost)" if state == "FAIL" else "")}
+            "error": t.user_attrs.get("error", "") or _died(t, later)}
+
+
+def _died(t: Any, later: set[int]) -> str:
+    """The error of a trial failed by Optuna's heartbeat check (no error of its own, not stopped by a signal): its
+    worker died; whether it runs again (requeue_dead) or died a second time."""
+    if t.state.name != "FAIL" or t.user_attrs.get(INTERRUPTED):
+        return ""
+    retry_of = t.user_attrs.get(RETRY_OF)
+    return (f"no heartbeat for {GRACE_S} s: its worker died (killed or lost)" +
+            ("; run again once" if t.number in later else f", as trial {retry_of}'s did: not run again"
+             if retry_of is not None else ""))
 
 
 def trials_csv(study: "optuna.Study") -> str:
     """Every trial of the study, one row each (a pruned trial's val_top1 is its last reported value)."""
-    return to_csv(TRIAL_COLUMNS, ([r[c] for c in TRIAL_COLUMNS] for r in map(_trial_row, study.trials)))
+    later = continued_later(study)
+    return to_csv(TRIAL_COLUMNS, ([_trial_row(t, later)[c] for c in TRIAL_COLUMNS] for t in study.trials))
 
 
 @contextlib.contextmanager
@@ -750,8 +788,10 @@ def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, test
     """One self-contained page: summary, the recipe, the search space, the plots (embedded PNGs), all trials."""
     e = html.escape
     states: dict[str, int] = {}
-    for t in study.trials:
-        state = _trial_row(t)["state"].lower()
+    later = continued_later(study)
+    rows = [_trial_row(t, later) for t in study.trials]
+    for row in rows:
+        state = row["state"].lower()
         states[state] = states.get(state, 0) + 1
     val, test = report["val"], report["test"]
     summary = (f"Mode: {MODE_NAMES[study_mode(study)]}. Study {study.study_name!r} in {shown_storage(storage)}: "
@@ -764,7 +804,7 @@ def tune_html(study: "optuna.Study", best: Any, report: dict, storage: str, test
     space = Table("", (("parameter", "p"), ("values", "v"), ("when", "w")),
                   [{"p": p, "v": v, "w": w} for p, v, w in SPACE])
     trials = Table("", [(c, c) for c in TRIAL_COLUMNS if c not in ("run", "error")] + [("error", "error")],
-                   [{k: _fmt(v) for k, v in _trial_row(t).items()} for t in study.trials],
+                   [{k: _fmt(v) for k, v in row.items()} for row in rows],
                    muted=[i for i, t in enumerate(study.trials) if t.state.name != "COMPLETE"])
     figures = "".join(f"<h3>{e(title)}</h3>" + (png_img(png, title) if png else f"<p>{e(why)}</p>")
                       for title, png, why in plots(study))

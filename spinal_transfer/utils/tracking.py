@@ -359,13 +359,30 @@ class MLflowBackend(Backend):
         if not run_id:
             return None
         try:
-            if self.client.get_run(run_id).info.experiment_id != self.experiment_id:
+            earlier = self.client.get_run(run_id)
+            if earlier.info.experiment_id != self.experiment_id:
                 return None
         except Exception:           # another store, a deleted run, a damaged file: a new MLflow run
+            return None
+        if self._copied_from(earlier.data.tags.get("run_dir"), run_id):
             return None
         self.client.update_run(run_id, status="RUNNING")
         self.resumed = True
         return run_id
+
+    def _copied_from(self, logged_from: Optional[str], run_id: str) -> bool:
+        """Whether this run folder is a copy of the one that logged MLflow run `run_id`: that folder is still
+        there and still names the run (its tracking.json was copied with it). The copy's epochs must not land in
+        the original's MLflow run, so it gets a new one; a folder moved as a whole (the original gone) continues
+        it, its run_dir tag updated."""
+        if not logged_from or Path(logged_from) == self.run_dir:
+            return False
+        if Path(logged_from).is_dir() and read_record(logged_from).get("mlflow_run_id") == run_id:
+            log.warning(f"{self.run_dir / RUN_ID_FILE} names MLflow run {run_id} of {logged_from}, which still "
+                        f"logs to it: this folder is a copy, so it is tracked as a new MLflow run")
+            return True
+        self.client.set_tag(run_id, "run_dir", str(self.run_dir))
+        return False
 
     def _new_run(self, experiment_id: str, run_name: str) -> str:
         run = self.client.create_run(experiment_id, run_name=run_name, tags={"run_dir": str(self.run_dir),

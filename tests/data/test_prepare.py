@@ -542,3 +542,27 @@ def test_a_failed_download_is_not_answered_with_the_advice_to_download():
     assert "rerun with --download" in how_to_get("svhn", src)
     assert "rerun with --download" not in how_to_get("svhn", src, downloading=True)
     assert "/raw/svhn/train_32x32.mat" in how_to_get("svhn", src, downloading=True)
+
+
+def test_a_file_swapped_or_cut_short_after_prepare_is_not_called_complete(tmp_path):
+    """The counts alone would pass a folder with one image removed and another added under the same count, or one
+    cut short: the manifest's listing digest (paths and sizes) catches both, and the check that follows refuses
+    the stranger and the cut file in words (nothing is overwritten)."""
+    fake_svhn(tmp_path / "raw")
+    out = prep.prepare("svhn", tmp_path, check_counts=False, log=_quiet)
+    first = sorted((out / "train" / "1").iterdir())[0]
+    saved = first.read_bytes()
+    first.rename(first.with_name("mine.png"))                   # removed one, added one: the same counts
+    messages: list[str] = []
+    with pytest.raises(prep.PrepareError, match="mine.png \\(not written by prepare\\)"):
+        prep.prepare("svhn", tmp_path, check_counts=False, log=messages.append)
+    assert any("not as prepared" in m for m in messages) and not any("already complete" in m for m in messages)
+    first.with_name("mine.png").rename(first)
+    first.write_bytes(saved[: len(saved) // 2])                  # cut short
+    with pytest.raises(prep.PrepareError, match="exists with different content"):
+        prep.prepare("svhn", tmp_path, check_counts=False, log=_quiet)
+    assert first.read_bytes() == saved[: len(saved) // 2]        # left as it is
+    first.write_bytes(saved)
+    messages.clear()
+    prep.prepare("svhn", tmp_path, check_counts=False, log=messages.append)
+    assert any("already complete" in m for m in messages)

@@ -94,9 +94,11 @@ def test_exact_duplicates_across_splits_are_found_and_counted(leaky_run, capsys)
     summary = json.loads((out / "audit.json").read_text())
     assert summary["findings"]["exact_duplicate"] == 6
     assert summary["leaked"]["test"] == len({r["path"] for r in rows if r["leak"] == "1" and r["split"] == "test"})
-    assert summary["images"] == {s: sum(1 for p in files if split(p) == s) + (s == "train") for s in
-                                 ("train", "val", "test")}                 # + the broken JPEG
-    assert summary["class_counts"]["train"]["digit_0"] == len(list((root / "train" / "digit_0").iterdir()))
+    assert summary["images"] == {s: sum(1 for p in files if split(p) == s) for s in
+                                 ("train", "val", "test")}                 # the broken JPEG is not an image
+    broken_in = [d.name for d in (root / "train").iterdir() if (d / "broken.jpg").exists()]
+    assert summary["class_counts"]["train"] == {d.name: len(list(d.iterdir())) - (d.name in broken_in)
+                                                for d in (root / "train").iterdir()}
     bad = [r for r in rows if r["kind"] == "undecodable"]
     assert [Path(r["path"]).name for r in bad] == ["broken.jpg"] and bad[0]["split"] == "train"
 
@@ -121,7 +123,7 @@ def test_summary_and_a_second_run_reuse_the_caches(leaky_run, cli_run, monkeypat
     leaked = {x["path"] for x in csv_rows(out / "audit.csv") if x["leak"] == "1" and x["split"] == "test"}
     assert f"LEAKAGE: {len(leaked)} of {n_test} test images" in r.stdout
     assert "exact duplicates: 6 pairs, 5 across splits, 1 under different classes" in r.stdout
-    assert "undecodable files: 1" in r.stdout
+    assert "undecodable files: 1" in r.stdout and "; 1 undecodable file(s) not counted" in r.stdout
     counts = {c: sum(v[c] for v in json.loads((out / "audit.json").read_text())["class_counts"].values())
               for c in ("digit_0", "digit_1", "digit_2")}
     lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)
@@ -376,3 +378,29 @@ def test_a_skipped_file_keeps_its_split_and_class_and_a_near_duplicate_under_two
     assert bad == [("notes.png", "val", "digit_1")]
     near = [r for r in rows if r["kind"] == "near_duplicate" and Path(r["path"]).name == "near_copy.png"]
     assert len(near) == 1 and near[0]["detail"].endswith("; CONFLICTING LABELS digit_0 and digit_2")
+
+
+def test_audit_run_with_another_size_or_backbone_says_so_and_resolves_its_preprocessing_anew(caplog):
+    """`audit --run RUN --img-size 48` would crop 48 px out of the run's own resize (resolved for its 32 px): the
+    resize is resolved anew for the given size, and another backbone's mean/std/interpolation too; a flag that
+    changes the features is said, one equal to the run's is not; --cache-dir, which audit reads, draws no "has no
+    effect" warning."""
+    from spinal_transfer.cli.audit import run_flags
+    from spinal_transfer.config import TrainConfig, resolve_config
+
+    ran = TrainConfig(backbone="timm/test_resnet", img_size=32, resize_size=34, mean=[0.4] * 3, std=[0.2] * 3,
+                      interpolation="bilinear")
+    caplog.set_level("WARNING", logger="spinal_transfer")
+    cfg = resolve_config(ran, run_flags(ran, {"img_size": 48}))
+    assert (cfg.img_size, cfg.resize_size, cfg.mean, cfg.interpolation) == (48, None, [0.4] * 3, "bilinear")
+    assert "--img-size 48 (the run has 32)" in caplog.text
+    other = run_flags(ran, {"backbone": "timm/test_vit"})
+    assert other == {"backbone": "timm/test_vit", "resize_size": None, "mean": None, "std": None,
+                     "interpolation": None}
+    assert run_flags(ran, {"img_size": 48, "resize_size": 56}) == {"img_size": 48, "resize_size": 56}  # given: kept
+    caplog.clear()
+    assert run_flags(ran, {"img_size": 32}) == {"img_size": 32} and not caplog.text                  # the run's own
+    resolve_config(TrainConfig(), {"cache_dir": "cache"}, used=("cache_dir",))
+    assert "has no effect" not in caplog.text
+    resolve_config(TrainConfig(), {"cache_dir": "cache"})
+    assert "--cache-dir has no effect here" in caplog.text

@@ -5,13 +5,16 @@ that `train --recipe` reproduces to the same val metric, a study that continues,
 study and one feature cache."""
 from __future__ import annotations
 
+import csv
 import html
+import io
 import json
 import os
 import re
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -360,15 +363,16 @@ def test_the_recipe_is_never_worse_than_the_untuned_defaults(values, untuned, st
 def test_a_trial_failed_without_an_error_says_its_worker_died():
     """QA 29: a trial whose worker was killed (Optuna fails it once its heartbeat is GRACE_S old) had an empty
     error column in trials.csv; one failed by its run keeps that run's error."""
+    def row(study, i):
+        return tune._trial_row(study.trials[i], tune.continued_later(study))
+
     died = _synthetic([None, 0.8], 0, "FAIL")
-    assert tune._trial_row(died.trials[0])["error"] == (f"no heartbeat for {tune.GRACE_S} s: its worker died (killed "
-                                                        f"or lost)")
-    assert tune._trial_row(died.trials[1])["error"] == ""
+    assert row(died, 0)["error"] == f"no heartbeat for {tune.GRACE_S} s: its worker died (killed or lost)"
+    assert row(died, 1)["error"] == ""
     nan = _synthetic([None, 0.8], 0, "FAIL", error="loss is nan")
-    assert tune._trial_row(nan.trials[0])["error"] == "loss is nan"
+    assert row(nan, 0)["error"] == "loss is nan"
     abandoned = _synthetic([None, 0.8], 0, "FAIL", **{tune.INTERRUPTED: True})     # re-queued, not a dead worker's
-    assert (tune._trial_row(abandoned.trials[0])["state"], tune._trial_row(abandoned.trials[0])["error"]) == (
-        "INTERRUPTED", "")
+    assert (row(abandoned, 0)["state"], row(abandoned, 0)["error"]) == ("INTERRUPTED", "")
 
 
 @pytest.mark.slow      # two processes: ~30 s
@@ -533,6 +537,42 @@ def test_a_signal_between_trials_stops_tune_resumably_and_the_rerun_finishes(dig
     again = subprocess.run(_tune_cmd(data, weights, out, 3), capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert tune.counted(_study(out)) == 3 and not tune.in_flight(_study(out))
+
+
+def test_a_trial_whose_worker_was_killed_runs_again_once_from_its_last_checkpoint(digits_transfer, tmp_path):
+    """QA 29: a worker SIGKILLed after its trial's first heartbeat left a trial Optuna's heartbeat check fails; it
+    counted toward --trials and was never run, so the study ended a trial short (here: without the untuned
+    defaults). Now it is re-queued once with its parameters and role, continued from its folder's last.pt, and
+    not counted; trials.csv says so."""
+    data, weights = digits_transfer
+    out, env = tmp_path / "tune", {**os.environ, "OMP_NUM_THREADS": "1"}
+    fast = "import os, signal, sys, time; from spinal_transfer.experiments import tune; tune.HEARTBEAT_S = 1; " \
+           "tune.GRACE_S = 2; "
+    die = ("real = tune.train.run\n"
+           "def run(*a, on_epoch, **k):\n"
+           "    def at_epoch(row):\n"
+           "        on_epoch(row)\n"
+           "        if row['epoch'] == 2: time.sleep(1.5); os.kill(os.getpid(), signal.SIGKILL)\n"
+           "    return real(*a, on_epoch=at_epoch, **k)\n"
+           "tune.train.run = run\n")
+    cli = "from spinal_transfer.cli import main; sys.exit(main(sys.argv[1:]))"
+    killed = subprocess.run([sys.executable, "-c", fast + "\n" + die + cli, *_tune_cmd(data, weights, out, 2)[3:]],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (out / "trials" / "trial0000" / "checkpoints" / "last.pt").is_file()
+    time.sleep(2.5)                                               # its heartbeat is stale now
+    again = subprocess.run([sys.executable, "-c", fast + cli, *_tune_cmd(data, weights, out, 2)[3:]],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = _study(out)
+    (dead, retry, other) = study.trials
+    assert (dead.state.name, retry.state.name, other.state.name) == ("FAIL", "COMPLETE", "COMPLETE")
+    assert retry.user_attrs[tune.RETRY_OF] == 0 and retry.user_attrs.get(tune.UNTUNED) and retry.params == dead.params
+    assert retry.user_attrs["run"] == dead.user_attrs["run"] == str(out / "trials" / "trial0000")
+    assert "resuming" in (out / "trials" / "trial0000" / "train.log").read_text()
+    assert tune.counted(study) == 2 and tune.untuned_trial(study).number == 1
+    rows = {r["number"]: r for r in csv.DictReader(io.StringIO((out / "trials.csv").read_text()))}
+    assert rows["0"]["state"] == "INTERRUPTED" and rows["0"]["error"].endswith("; run again once")
 
 
 def test_a_running_trial_with_no_heartbeat_is_abandoned_not_waited_for(digits_transfer, tmp_path):

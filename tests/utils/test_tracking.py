@@ -307,6 +307,36 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/top1")] == [(1, 0.5), (2, 0.75)]
 
 
+def test_a_copied_run_folder_gets_its_own_mlflow_run_and_a_moved_one_continues(tmp_path, caplog):
+    """A run folder copied (tracking.json with it) and resumed would log its epochs into the original's MLflow run:
+    while the original folder is there and names that run, the copy gets a new MLflow run, said once; a folder moved
+    as a whole (the original gone) continues its run, whose run_dir tag follows it."""
+    pytest.importorskip("mlflow")
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from spinal_transfer.utils.tracking import MLflowBackend
+
+    uri, original = f"sqlite:///{tmp_path / 'ml.db'}", tmp_path / "runs" / "r"
+    first = MLflowBackend(original, "r", uri, "copies")
+    first.log_epoch(1, {"val/top1": 0.5})
+    first.close("KILLED")
+    shutil.copytree(original, tmp_path / "runs" / "copy")
+    copy = MLflowBackend(tmp_path / "runs" / "copy", "copy", uri, "copies")
+    assert copy.run_id != first.run_id and "this folder is a copy" in caplog.text
+    copy.log_epoch(2, {"val/top1": 0.9})
+    copy.close("FINISHED")
+    client = MlflowClient(tracking_uri=uri)
+    assert [m.value for m in client.get_metric_history(first.run_id, "val/top1")] == [0.5]   # the original's alone
+    assert MLflowBackend(tmp_path / "runs" / "copy", "copy", uri, "copies").run_id == copy.run_id  # its own now
+    moved = tmp_path / "moved"
+    original.rename(moved)
+    again = MLflowBackend(moved, "r", uri, "copies")
+    assert again.run_id == first.run_id
+    assert client.get_run(first.run_id).data.tags["run_dir"] == str(moved.resolve())
+
+
 def test_the_destination_a_driver_gave_a_run_travels_with_it(tmp_path):
     """RUN/tracking.json keeps the store folder and name compare or reproduce gave a run (relative to the run
     folder: an OUT moved as a whole keeps its store) beside its MLflow run id; a run of its own records none."""
