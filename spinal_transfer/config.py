@@ -363,7 +363,7 @@ class TrainConfig:
         try:
             text = path.read_text()
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+            raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e}){_close_recipe(path)}") from None
         try:
             d = load_yaml(text)
             lines = _key_lines(text)
@@ -697,14 +697,32 @@ def resume_config(old: TrainConfig, new: TrainConfig, done_epochs: Optional[int]
     return cfg
 
 
+def _close_recipe(path: Path) -> str:
+    """"; did you mean X?" for a missing recipe file whose folder holds one of a close name (a typo), else ""."""
+    import difflib
+
+    if path.exists() or not path.parent.is_dir():
+        return ""
+    near = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*.y*ml")], 1)
+    return f"; did you mean {path.parent / near[0]}?" if near else ""
+
+
 def resume_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """{setting: (the run's value, `new`'s)} for each setting `new` changes in the run's own config `old`: what
     resume_config accepts or refuses, and what a resumed run records it changed (report.json "resumes"). A None
-    in `new` where None means "resolve from the backbone" is no change, nor a freeze_epochs the run resolved."""
+    in `new` where the run resolves the value (`resolved`) is no change, nor a freeze_epochs the run resolved."""
     have, want = old.to_dict(), new.to_dict()
     return {k: (have[k], v) for k, v in want.items() if k != "out" and v != have[k] and old.applies(k)
-            and not (v is None and CONFIG_FIELDS[k].default is None)
+            and not resolved(k, v)
             and not (k == "freeze_epochs" and new.new_run_freeze_epochs() == have[k])}   # as the run resolved it
+
+
+def resolved(key: str, value: Any) -> bool:
+    """Whether `value` of option `key` is one a run resolves when it starts and records resolved (None: from the
+    backbone; --bn-stats auto: the choice measured on its images), so a run's recorded value is no change of it: a
+    resume, or compare skipping a finished run, asked for the same thing. (--lr auto is no change only where the
+    run found its lr: train's resume checks its lr_find.json.)"""
+    return (value is None and CONFIG_FIELDS[key].default is None) or (key == "bn_stats" and value == "auto")
 
 
 def _check_schedule_change(old: TrainConfig, new: TrainConfig, done: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
 
 from .. import __version__
-from ..errors import EXIT_ABORTED, EXIT_BUG, ConfigError, UserError, use_cli_option_names
+from ..errors import EXIT_ABORTED, EXIT_BUG, ConfigError, ResourceError, UserError, use_cli_option_names
 from ..utils.stamp import is_ours
 
 # command -> (its module in this package, its one-line help)
@@ -119,7 +119,7 @@ def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> 
     """Before the work: `path` may be written by a command that writes `suffixes` files (True: a file is there
     and will be replaced, which the command says). ConfigError for a folder, for a file of another kind (an
     image among the inputs, a notes.txt: it is never replaced) and for a name of another kind (PNG bytes under
-    a .jpg name)."""
+    a .jpg name); ResourceError (exit 4, as every write the system refuses) for a folder that is not writable."""
     p = Path(path)
     kinds = " or ".join(suffixes)
     if p.is_dir():
@@ -128,9 +128,10 @@ def output_file(path: str, suffixes: tuple[str, ...], option: str = "--out") -> 
         raise ConfigError(f"{option} {p} exists and is not a {kinds} file this command wrote; it is not replaced: "
                           f"give another name")
     folder = next(a for a in p.absolute().parents if a.exists())     # what the write will create its path in
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {p}: cannot write there ({folder} is " +
-                          ("a file, not a folder)" if not folder.is_dir() else "not writable)") + "; give another path")
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {p}: cannot write there ({folder} is a file, not a folder); give another path")
+    if not os.access(folder, os.W_OK | os.X_OK):                      # a read-only mount: the system's refusal (4)
+        raise ResourceError(f"{option} {p}: cannot write there ({folder} is not writable); give another path")
     if p.suffix.lower() not in suffixes:       # a viewer trusts the name: PNG bytes in a .jpg open wrong or not
         raise ConfigError(f"{option} {p}: this command writes a {suffixes[0][1:].upper()} file; give a name "
                           f"ending in {kinds}")

@@ -5,6 +5,7 @@ import argparse
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -216,6 +217,24 @@ def test_output_file_replaces_only_a_file_spinal_transfer_wrote(tmp_path):
                                               f"wrote; it is not replaced"):
             output_file(str(tmp_path / name), ("." + name.split(".")[-1],))
     assert output_file(str(tmp_path / "new.png"), (".png",)) is False
+
+
+def test_an_unwritable_out_folder_is_the_systems_refusal_exit_4(tmp_path, monkeypatch, capsys):
+    """QA 29: `predict --out` on a read-only mount exited 2 (a user mistake) though the README's exit codes give 4
+    to a read-only or unwritable folder, as export's write does. (Tests run as root, where permissions do not bind:
+    the check's os.access answers as on a read-only mount.) A file standing where the folder should be stays 2."""
+    import os
+
+    import spinal_transfer.cli as cli_pkg
+    from spinal_transfer.cli import main
+
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(cli_pkg.os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real(p, mode))
+    assert main(["predict", str(tmp_path / "no-bundle"), str(tmp_path), "--out", str(tmp_path / "ro" / "p.csv")]) == 4
+    assert "cannot write there" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["predict", str(tmp_path / "no-bundle"), str(tmp_path), "--out", str(tmp_path / "file" / "p.csv")]) == 2
 
 
 def test_an_out_folder_is_the_commands_when_its_csv_is_there_from_a_version_before_the_marks(tmp_path):

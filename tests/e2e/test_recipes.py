@@ -630,3 +630,14 @@ def test_a_relative_recipe_glob_from_elsewhere_names_the_checkouts_recipes(tmp_p
     assert "source checkout" not in str(e.value)                      # no hint where the checkout has none either
     monkeypatch.chdir(root)
     assert find_recipes("recipes/smoke/*.yaml")
+
+
+def test_a_recipe_name_with_a_typo_is_one_line_naming_the_close_one(cli_run, tmp_path):
+    """`train --recipe recipes/stl10_wrn101_spinl.yaml` said only that the file cannot be read; the recipe of the
+    close name beside it is named. A name close to nothing gets no guess."""
+    typo = RECIPES_DIR / "stl10_wrn101_spinl.yaml"
+    r = cli_run("train", "--recipe", typo, "--data", tmp_path, "--out", tmp_path / "run")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert f"did you mean {RECIPES_DIR / 'stl10_wrn101_spinal.yaml'}?" in r.stderr
+    far = cli_run("train", "--recipe", RECIPES_DIR / "zzzz.yaml", "--data", tmp_path, "--out", tmp_path / "run")
+    assert far.returncode == 2 and "cannot read the recipe" in far.stderr and "did you mean" not in far.stderr
