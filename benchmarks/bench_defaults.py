@@ -2,7 +2,7 @@
 otherwise pick (a linear probe, timm-train.py-like and fastai-fine_tune-like settings) and one-change variants,
 on four real folders of different sizes and kinds, over 3 seeds.
 
-  python benchmarks/bench_defaults.py             # 4 folders x 21 settings x 3 seeds + probes, ~3.7 h on 2 cores
+  python benchmarks/bench_defaults.py             # 4 folders x 22 settings x 3 seeds + probes, ~3.9 h on 2 cores
   python benchmarks/bench_defaults.py --quick     # 1 seed, defaults + probe, 1 folder, 4 steps: a smoke run
   python benchmarks/bench_defaults.py --keep DIR  # keep a small record of each finished fine-tune in DIR; a rerun
                                                   # with the same DIR reuses those whose whole configuration
@@ -44,16 +44,21 @@ Settings:
     no label smoothing --label-smoothing 0 (default 0.1, timm's)
     BN stats frozen    the backbone's BatchNorm keeps its ImageNet running statistics (--bn-stats frozen; default
                        update), as Keras advises for fine-tuning
+    BN stats auto      frozen where the folder's images are close to those statistics, update where they are not,
+                       measured before training (--bn-stats auto: fewshot12's photographs frozen, the digits and
+                       the textures update; each folder's line says which). On each folder it trains as the
+                       defaults or as BN stats frozen do, and reuses that record
   fastai-like        fine_tune: one frozen epoch, then the whole net with the backbone at 0.1x (discriminative
-                     lrs), AdamW 2e-3 wd 0.01, cosine with warm-up, flips + light jitter
+                     lrs), AdamW 2e-3 wd 0.01, cosine with warm-up, flips + light jitter, BatchNorm statistics
+                     updated (train mode)
   timm-like          train.py's fine-tuning recipe: AdamW 5e-4 wd 0.05, cosine + warm-up, label smoothing 0.1,
                      random-resized crops of 8-100%, RandAugment n2 at timm's m9 (27 of torchvision's 30), random
-                     erasing 0.25, no frozen epoch
+                     erasing 0.25, no frozen epoch, BatchNorm statistics updated (train mode)
   linear probe       scikit-learn LogisticRegression on the frozen backbone's pooled features (evaluation
                      preprocessing, as `train --cache-features` computes them), standardised, C chosen on val from
                      1e-3..1e2; deterministic, so its std over seeds is 0
-After the table, a size check: the defaults, BN stats frozen and the probe on fewshot12 at its images' own 128 px
-(6 fine-tunes of ~4-7 minutes), since 64 px may hide what the backbone's features can do without fine-tuning.
+After the table, a size check: the defaults, both BN variants and the probe on fewshot12 at its images' own 128 px
+(9 fine-tunes of ~4-7 minutes), since 64 px may hide what the backbone's features can do without fine-tuning.
 With --keep DIR each finished fine-tune leaves DIR/<folder>/<digest of its whole configuration and thread
 count>.json (top-1, best epoch, epochs, seconds, machine); a setting that comes to the same configuration as
 another (a variant the defaults have since adopted) reuses its record. benchmarks/records/defaults holds the
@@ -63,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -105,13 +111,15 @@ SETTINGS: dict[str, dict[str, Any]] = {      # options changed from train's defa
     "head dropout 0.5": dict(head_dropout=0.5),
     "no label smoothing": dict(label_smoothing=0.0),
     "BN stats frozen": dict(bn_stats="frozen"),
+    "BN stats auto": dict(bn_stats="auto"),
+    # both tools train BatchNorm in PyTorch's train mode: statistics updated
     "fastai-like": dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0,
                         freeze_epochs=1, backbone_lr_mult=0.1, augment="light", color_jitter=0.2, label_smoothing=0.0,
-                        random_erase=0.0, select_metric="top1"),
+                        random_erase=0.0, select_metric="top1", bn_stats="update"),
     "timm-like": dict(optimizer="adamw", lr=5e-4, weight_decay=0.05, scheduler="cosine", warmup_epochs=1.0,
                       label_smoothing=0.1, freeze_epochs=0, backbone_lr_mult=1.0, augment="randaugment",
                       randaugment_n=2, randaugment_m=27, rrc_scale=[0.08, 1.0], random_erase=0.25,
-                      select_metric="top1"),
+                      select_metric="top1", bn_stats="update"),
 }
 PROBE = "linear probe"
 PROBE_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -181,7 +189,33 @@ def as_trained(cfg, n_train: int) -> dict:
         steps = epoch_steps(cfg, n_train, train_drop_last(n_train, cfg.batch_size, 1))
         d["epochs"] = dataclasses.replace(cfg, steps_per_epoch=steps).total_epochs()
     del d["min_epochs"], d["min_steps"]           # the length is all they decide
+    if cfg.bn_stats == "auto":                    # as the run resolves it on this folder: settings that train the
+        d["bn_stats"] = auto_bn_stats(cfg.data, cfg.weights, cfg.img_size)   # same share a record
     return d
+
+
+@functools.lru_cache(maxsize=None)
+def bn_choice(data: str, weights: str, img_size: int) -> tuple[str, float]:
+    """What --bn-stats auto chooses for the backbone on the folder `data` (training.bn_stats.resolve, as train
+    calls it) and the distance it measured (bn_shift, median KL), once per folder, weights and size in a process."""
+    import torch
+
+    from spinal_transfer.config import TrainConfig
+    from spinal_transfer.data.splits import config_splits
+    from spinal_transfer.models.surgery import build_model
+    from spinal_transfer.training import bn_stats
+    from spinal_transfer.training.inputs import RunInputs
+
+    cfg = TrainConfig(data=data, backbone=BACKBONE, weights=weights, img_size=img_size, bn_stats="auto")
+    splits = config_splits(cfg)
+    model = build_model(BACKBONE, len(splits.classes), weights=weights, classes=splits.classes, img_size=img_size)
+    inputs = RunInputs.from_config(cfg, model, splits)
+    shift = bn_stats.bn_shift(model, bn_stats.sample_images([p for p, _ in splits.train], inputs.eval_transform))
+    return bn_stats.resolve(cfg, model, inputs, torch.device("cpu")), shift
+
+
+def auto_bn_stats(data: str, weights: str, img_size: int) -> str:
+    return bn_choice(data, weights, img_size)[0]
 
 
 def run_key(config: dict) -> str:
@@ -255,7 +289,7 @@ def verdicts(results: dict[str, dict[str, list[float]]], folders: list[str]) -> 
     return lines
 
 
-SIZE_CHECKED = ("defaults", "BN stats frozen")       # the settings the size check fine-tunes
+SIZE_CHECKED = ("defaults", "BN stats frozen", "BN stats auto")       # the settings the size check fine-tunes
 
 
 def native_size_check(root: Path, records: Path, weights: str, seeds: int, submit) -> list[str]:
@@ -267,7 +301,9 @@ def native_size_check(root: Path, records: Path, weights: str, seeds: int, submi
     probe = linear_probe(data, weights, root / "feature-cache", NATIVE_SIZE)["test"]
     futures = {(name, seed): submit(run_once, data, records / f"fewshot12-{NATIVE_SIZE}px", weights, SETTINGS[name],
                                     seed, None, NATIVE_SIZE) for name in SIZE_CHECKED for seed in range(seeds)}
-    lines = [f"fewshot12 at its images' own {NATIVE_SIZE} px ({', '.join(SIZE_CHECKED)} and the probe only): "
+    choice, shift = bn_choice(str(data), weights, NATIVE_SIZE)
+    lines = [f"fewshot12 at its images' own {NATIVE_SIZE} px ({', '.join(SIZE_CHECKED)} and the probe only; "
+             f"--bn-stats auto: {choice}, the training images {shift:.3f} from the statistics): "
              f"linear probe {probe:.3f}"]
     for name in SIZE_CHECKED:
         tuned = [futures[name, seed].result() for seed in range(seeds)]
@@ -316,6 +352,7 @@ def main() -> None:
 
     from spinal_transfer.config import TrainConfig
     from spinal_transfer.models.convert import convert_weights
+    from spinal_transfer.training.bn_stats import KEEP_BELOW
 
     seeds = args.seeds or (1 if args.quick else 3)
     limit = 2 if args.quick else None
@@ -352,7 +389,10 @@ def main() -> None:
                    for f in folders for name in names if name != PROBE for seed in range(seeds)}
         for f in folders:
             counts = json.loads((built[f] / "folders.json").read_text())["counts"]
-            print(f"  {f}: train/val/test {counts['train']}/{counts['val']}/{counts['test']} images", flush=True)
+            choice, shift = bn_choice(str(built[f]), str(weights), IMG_SIZE)
+            print(f"  {f}: train/val/test {counts['train']}/{counts['val']}/{counts['test']} images; --bn-stats auto: "
+                  f"{choice} (the training images {shift:.3f} from the ImageNet BatchNorm statistics, median KL; kept "
+                  f"below {KEEP_BELOW})", flush=True)
             for name in names:
                 if name == PROBE:
                     pr = linear_probe(built[f], str(weights), root / "feature-cache")

@@ -228,10 +228,12 @@ class TrainConfig:
                               min=0)
     freeze_backbone: bool = _opt(False, "keep the backbone frozen for the whole run")
     bn_stats: str = _opt("update", "the backbone's BatchNorm statistics while it trains: update (PyTorch's train "
-                                   "mode: re-estimated from each augmented batch) or frozen (the pretrained running "
-                                   "mean/var, as Keras advises for fine-tuning; scale and shift still train). A "
+                                   "mode: re-estimated from each augmented batch), frozen (the pretrained running "
+                                   "mean/var, as Keras advises for fine-tuning; scale and shift still train) or auto "
+                                   "(frozen when the training images are close to them, measured before training: "
+                                   "photos near ImageNet's; else update; not with head dropout: see README). A "
                                    "random backbone (--weights none) has none to keep: its statistics update",
-                         choices=["update", "frozen"])
+                         choices=["update", "frozen", "auto"])
     cache_features: bool = _opt(False, "with --freeze-backbone: compute backbone features once, train the head on them",
                                 applies={"freeze_backbone": (True,)})
     cache_dir: str = _opt("", "where cached features are kept, shared by every run that uses the same backbone, "

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from ..config import CONFIG_FIELDS, TrainConfig, resolve_config
+from ..config import TrainConfig, resolve_config, resolved
 from ..data.splits import changed_splits, config_splits, fingerprints, recorded_fingerprints
 from ..errors import ConfigError, NonFiniteLoss, RunFolderError, rerun_resumes
 from ..evaluation.stats import ALPHA, PairedTest, PairingError, overall_verdict, paired_test
@@ -159,8 +159,7 @@ def check_settings(p: Planned) -> None:
         return
     have, want = p.run.read_config().to_dict(), p.cfg.to_dict()
     diff = [f"{k}: {have[k]!r} there, {want[k]!r} asked for" for k in want
-            if k not in IGNORED and have[k] != want[k] and p.cfg.applies(k)
-            and not (want[k] is None and CONFIG_FIELDS[k].default is None)]    # None: resolved from the backbone
+            if k not in IGNORED and have[k] != want[k] and p.cfg.applies(k) and not resolved(k, want[k])]
     if diff:
         raise CompareError(f"{p.run.path} was run with other settings ({'; '.join(diff)}); use another --out, "
                            f"or delete that run folder to redo it")

@@ -37,6 +37,7 @@ from ..evaluation.plots import _figure, save_figure
 from ..models.heads import head_options
 from ..models.surgery import build_model, check_backbone
 from ..utils.runtime import configure_process, pick_device, seed_everything
+from . import bn_stats
 from .inputs import RunInputs, train_sampler
 from .optim import FreezePolicy, make_optimizer
 from .step import StepSettings, train_step
@@ -251,6 +252,8 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
+    cfg = dataclasses.replace(cfg, bn_stats=bn_stats.resolve(cfg, model, inputs, device, settings.dtype,
+                                                             settings.channels_last))
     skips = SkipLog()
     loader = inputs.loaders(cfg, device, train_sampler(cfg, splits.train, len(splits.classes)))["train"]
     result = find_lr_as_run(cfg, model, skips.watched(loader), settings, start_lr=start_lr, end_lr=end_lr,

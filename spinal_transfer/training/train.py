@@ -70,6 +70,7 @@ from ..utils.runtime import (
     use_channels_last,
 )
 from ..utils.tracking import Tracker, record_destination, recorded_destination
+from . import bn_stats
 from .features import cached_split, default_cache_dir, feature_loader
 from .inputs import RunInputs, data_config, train_sampler
 from .lr_find import find_lr_as_run, plot_lr_find
@@ -373,6 +374,8 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     dc = inputs.data_config
     dtype, channels_last = amp_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device)
     model = _place(model, cfg, device, channels_last)
+    if ckpt is None:                                  # a resumed run has the choice it made (config.yaml)
+        cfg = dataclasses.replace(cfg, bn_stats=bn_stats.resolve(cfg, model, inputs, device, dtype, channels_last))
     samples, loaders, sampler = build_loaders(cfg, model, inputs, device, dtype, channels_last, run, skips)
     if is_main() and not cfg.cache_features and ckpt is None:
         _write_batch_preview(cfg, inputs, run)

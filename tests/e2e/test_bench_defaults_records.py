@@ -10,8 +10,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import pytest  # noqa: E402
+
 import bench_defaults as bd  # noqa: E402
 from spinal_transfer.config import TrainConfig  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def auto_chooses(monkeypatch) -> list:
+    """--bn-stats auto measured on a folder: here its choice is set (these keys name no folder); [0] is it."""
+    choice = ["update"]
+    monkeypatch.setattr(bd, "auto_bn_stats", lambda *a: choice[0])
+    return choice
 
 
 def key(n_train: int, **options) -> str:
@@ -51,9 +61,22 @@ def test_the_crop_scale_and_flip_in_force_are_the_key_not_none(monkeypatch):
     assert key(150) != before and key(150) == key(150, rrc_scale=[0.5, 1.0])
 
 
-def test_every_named_setting_is_a_valid_config_and_the_variants_change_training():
-    base = key(150)
-    for name in bd.settings_to_run(list(bd.SETTINGS)):
-        cfg = TrainConfig(**bd.SETTINGS[name])
-        assert name == "defaults" or cfg != TrainConfig(), name
-        assert name == "defaults" or name == "10-epoch floor" or key(150, **bd.SETTINGS[name]) != base, name
+def test_auto_bn_stats_shares_the_record_of_what_it_chose(auto_chooses):
+    """--bn-stats auto is keyed as the folder resolves it: the record of the defaults (update) or of BN stats frozen,
+    whichever it chose (and a run recorded before the option existed, which updated its statistics, keeps its key)."""
+    auto = bd.SETTINGS["BN stats auto"]
+    assert key(150, **auto) == key(150) != key(150, bn_stats="frozen")
+    auto_chooses[0] = "frozen"
+    assert key(150, **auto) == key(150, bn_stats="frozen") != key(150)
+    assert "bn_stats" not in bd.run_key(bd.as_trained(TrainConfig(bn_stats="update"), 150))   # as before the option
+
+
+def test_every_named_setting_is_a_valid_config_and_the_variants_change_training(auto_chooses):
+    for choice in ("update", "frozen"):
+        auto_chooses[0] = choice
+        base = key(150)
+        same_as_defaults = {"defaults", "10-epoch floor"} | ({"BN stats auto"} if choice == "update" else set())
+        for name in bd.settings_to_run(list(bd.SETTINGS)):
+            cfg = TrainConfig(**bd.SETTINGS[name])
+            assert name == "defaults" or cfg != TrainConfig(), name
+            assert name in same_as_defaults or key(150, **bd.SETTINGS[name]) != base, name
