@@ -304,6 +304,16 @@ def shown_storage(url: str) -> str:
         return url.split("@")[-1]
 
 
+def _stale_callback_name() -> str:
+    """The RDBStorage argument for the callback of a trial failed by the heartbeat check: Optuna 4.9 renamed
+    failed_trial_callback (deprecated, gone in 6.0) to heartbeat_stale_trial_callback; setup.cfg allows 4.0."""
+    import inspect
+
+    optuna = _optuna()
+    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+
+
 def make_storage(url: str) -> "optuna.storages.RDBStorage":
     """An RDB storage with heartbeats (a dead worker's trial becomes failed instead of running forever); an
     SQLite file waits up to a minute for a lock another process holds instead of failing."""
@@ -313,7 +323,7 @@ def make_storage(url: str) -> "optuna.storages.RDBStorage":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S, failed_trial_callback=requeue_dead)
+                                              grace_period=GRACE_S, **{_stale_callback_name(): requeue_dead})
     except Exception as e:         # a bad URL, an unreachable server, a missing driver
         hint = f" (a file is named as a URL: sqlite:///{url})" if "://" not in url else ""
         raise TuneError(f"cannot open the study storage {shown_storage(url)}: {str(e).splitlines()[0]}{hint}") from None
