@@ -539,6 +539,7 @@ def test_a_signal_between_trials_stops_tune_resumably_and_the_rerun_finishes(dig
     assert tune.counted(_study(out)) == 3 and not tune.in_flight(_study(out))
 
 
+@pytest.mark.slow      # two tune processes, one killed mid-trial: ~45 s
 def test_a_trial_whose_worker_was_killed_runs_again_once_from_its_last_checkpoint(digits_transfer, tmp_path):
     """QA 29: a worker SIGKILLed after its trial's first heartbeat left a trial Optuna's heartbeat check fails; it
     counted toward --trials and was never run, so the study ended a trial short (here: without the untuned

@@ -67,6 +67,7 @@ def bundled_folders(tmp_path_factory):
     return {name: prepare(name, root, log=lambda *_: None) for name in ("photos", "digits")}
 
 
+@pytest.mark.slow      # the real Lite0 on two prepared folders at two sizes: ~30 s
 @pytest.mark.parametrize("folder,size,chosen", [("photos", 64, "frozen"), ("photos", 128, "frozen"),
                                                 ("digits", 32, "update"), ("digits", 64, "update")])
 def test_real_imagenet_weights_keep_their_statistics_for_photos_not_for_digits(bundled_folders, folder, size, chosen,
