@@ -58,7 +58,8 @@ Settings:
                      preprocessing, as `train --cache-features` computes them), standardised, C chosen on val from
                      1e-3..1e2; deterministic, so its std over seeds is 0
 After the table, a size check: the defaults, both BN variants and the probe on fewshot12 at its images' own 128 px
-(9 fine-tunes of ~4-7 minutes), since 64 px may hide what the backbone's features can do without fine-tuning.
+(6 fine-tunes of ~4-7 minutes; auto trains as one of the others), since 64 px may hide what the backbone's features
+can do without fine-tuning.
 With --keep DIR each finished fine-tune leaves DIR/<folder>/<digest of its whole configuration and thread
 count>.json (top-1, best epoch, epochs, seconds, machine); a setting that comes to the same configuration as
 another (a variant the defaults have since adopted) reuses its record. benchmarks/records/defaults holds the
@@ -196,8 +197,8 @@ def as_trained(cfg, n_train: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def bn_choice(data: str, weights: str, img_size: int) -> tuple[str, float]:
-    """What --bn-stats auto chooses for the backbone on the folder `data` (training.bn_stats.resolve, as train
-    calls it) and the distance it measured (bn_shift, median KL), once per folder, weights and size in a process."""
+    """What --bn-stats auto chooses for the backbone on the folder `data` and the distance it measured (training.
+    bn_stats.measure and decision, as train's resolve calls them), once per folder, weights and size in a process."""
     import torch
 
     from spinal_transfer.config import TrainConfig
@@ -206,12 +207,12 @@ def bn_choice(data: str, weights: str, img_size: int) -> tuple[str, float]:
     from spinal_transfer.training import bn_stats
     from spinal_transfer.training.inputs import RunInputs
 
-    cfg = TrainConfig(data=data, backbone=BACKBONE, weights=weights, img_size=img_size, bn_stats="auto")
+    cfg = TrainConfig(data=data, backbone=BACKBONE, weights=weights, img_size=img_size)
     splits = config_splits(cfg)
     model = build_model(BACKBONE, len(splits.classes), weights=weights, classes=splits.classes, img_size=img_size)
     inputs = RunInputs.from_config(cfg, model, splits)
-    shift = bn_stats.bn_shift(model, bn_stats.sample_images([p for p, _ in splits.train], inputs.eval_transform))
-    return bn_stats.resolve(cfg, model, inputs, torch.device("cpu")), shift
+    shift = bn_stats.measure(model, [p for p, _ in splits.train], inputs.eval_transform, torch.device("cpu"))
+    return bn_stats.decision(shift), shift
 
 
 def auto_bn_stats(data: str, weights: str, img_size: int) -> str:

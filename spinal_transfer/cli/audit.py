@@ -81,8 +81,8 @@ def main(args: argparse.Namespace) -> int:
     setup_logging()
     flags = given_flags(args)
     if args.run:
-        cfg = resolve_config(RunDir(args.run).read_config(), run_flags(RunDir(args.run).read_config(), flags),
-                             used=("cache_dir",))
+        ran = RunDir(args.run).read_config()
+        cfg = resolve_config(ran, run_flags(ran, flags), used=("cache_dir",))
     else:
         cfg = resolve_config(args.recipe, flags, used=("cache_dir",))
     result = audit(cfg, args.out, run=args.run, threshold=args.threshold, hash_bits=args.hash_bits, folds=args.folds,

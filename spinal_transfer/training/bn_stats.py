@@ -97,20 +97,31 @@ def resolve(cfg: TrainConfig, model: nn.Module, inputs: RunInputs, device: torch
     return choose(model, [p for p, _ in inputs.splits.train], inputs.eval_transform, device, dtype, channels_last)
 
 
-def choose(model: nn.Module, paths: Sequence[str], transform, device: torch.device,
-           dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> str:
-    """--bn-stats auto as this run trains: "frozen" when the training images are within KEEP_BELOW of the
-    backbone's statistics, else "update" (also without BatchNorm layers: there is nothing to keep). Logged with the
-    measured value."""
+def measure(model: nn.Module, paths: Sequence[str], transform, device: torch.device,
+            dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> Optional[float]:
+    """`bn_shift` of a sample of `paths` (sample_images) as the run would feed them; None without BatchNorm."""
     if not batchnorms(model):
-        return "update"
+        return None
     x = sample_images(paths, transform).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, dtype):
-        shift = bn_shift(model, x)
-    keep = shift is not None and shift < KEEP_BELOW
-    log.info(f"--bn-stats auto -> {'frozen' if keep else 'update'}: the training images are {shift:.3f} from the "
-             f"backbone's BatchNorm statistics (median KL over its layers, {len(x)} images; kept below "
-             f"{KEEP_BELOW}: {'close' if keep else 'far'} enough to {'keep' if keep else 're-estimate'} them)")
-    return "frozen" if keep else "update"
+        return bn_shift(model, x)
+
+
+def decision(shift: Optional[float]) -> str:
+    """"frozen" for a measured shift below KEEP_BELOW, else "update" (also None: no BatchNorm, nothing to keep)."""
+    return "frozen" if shift is not None and shift < KEEP_BELOW else "update"
+
+
+def choose(model: nn.Module, paths: Sequence[str], transform, device: torch.device,
+           dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> str:
+    """--bn-stats auto as this run trains (`measure`, then `decision`), logged with the measured value."""
+    shift = measure(model, paths, transform, device, dtype, channels_last)
+    chosen = decision(shift)
+    if shift is not None:
+        keep = chosen == "frozen"
+        log.info(f"--bn-stats auto -> {chosen}: the training images are {shift:.3f} from the backbone's BatchNorm "
+                 f"statistics (median KL over its layers, {min(SAMPLE, len(paths))} images at most; kept below "
+                 f"{KEEP_BELOW}: {'close' if keep else 'far'} enough to {'keep' if keep else 're-estimate'} them)")
+    return chosen
