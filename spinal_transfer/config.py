@@ -536,12 +536,31 @@ def _key_lines(text: str) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 # CLI glue: flags are generated from the dataclass fields.
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
+    if s.lower() in TRUE_WORDS:
         return True
-    if s.lower() in ("0", "false", "no", "off"):
+    if s.lower() in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def attach_switch_values(argv: list[str]) -> list[str]:
+    """`evaluate --tta runs/pets`: a switch's value is optional (`--tta`, `--tta false`), and argparse gave it the
+    next word, the run folder, refused as 'expected true/false'. A switch followed by a word that is not a
+    true/false word is a bare switch (`--tta=true`), so the word stays the positional it was meant as."""
+    switches = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+                if _base_type(_HINTS[f.name])[0] is bool}
+    out = list(argv)
+    for i, word in enumerate(argv[:-1]):
+        if word == "--":
+            break
+        after = argv[i + 1]
+        if word in switches and not after.startswith("-") and after.lower() not in TRUE_WORDS + FALSE_WORDS:
+            out[i] = word + "=true"
+    return out
 
 
 def _float_or_auto(s: str) -> Any:

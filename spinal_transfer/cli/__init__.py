@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
 
 from .. import __version__
+from ..config import attach_switch_values
 from ..errors import EXIT_ABORTED, EXIT_BUG, ConfigError, ResourceError, UserError, use_cli_option_names
 from ..utils.stamp import is_ours
 
@@ -172,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     try:                             # building the parser imports the command's module (torch): Ctrl-C may come
-        args = build_parser(only=command).parse_args(argv)
+        args = build_parser(only=command).parse_args(attach_switch_values(argv))
         func: Callable[[argparse.Namespace], int] = args.func
         use_cli_option_names()       # messages name options as typed here: --weights, not weights=
         return func(args)

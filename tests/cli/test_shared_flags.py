@@ -73,3 +73,21 @@ def test_report_command_rewrites_a_runs_page(finished_run, tmp_path, cli_run):
     assert res.returncode == 0 and res.stdout.split() == [str(page)]
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "val split" in html
+
+
+def test_a_switch_before_a_positional_leaves_it_the_positional():
+    """`evaluate --tta runs/pets` refused the run folder as the switch's value ('expected true/false'); a switch
+    takes the next word only when it is a true/false word, and parses to the same namespace as written after."""
+    from spinal_transfer.cli import build_parser
+    from spinal_transfer.config import attach_switch_values
+
+    def parse(*argv: str) -> argparse.Namespace:
+        return build_parser(only=argv[0]).parse_args(attach_switch_values(list(argv)))
+
+    before, after = parse("evaluate", "--tta", "runs/pets"), parse("evaluate", "runs/pets", "--tta")
+    assert vars(before) == vars(after) and before.tta is True and before.run == "runs/pets"
+    assert parse("evaluate", "--tta", "false", "runs/pets").tta is False
+    assert parse("evaluate", "--tta", "No", "runs/pets").tta is False
+    assert parse("predict", "--tta", "model", "x.png").paths == ["x.png"]
+    assert attach_switch_values(["evaluate", "--", "--tta", "x"]) == ["evaluate", "--", "--tta", "x"]
+    assert attach_switch_values(["train", "--amp", "bf16"]) == ["train", "--amp", "bf16"]     # not a switch
