@@ -227,13 +227,13 @@ class TrainConfig:
     freeze_epochs: int = _opt(0, "train only the head for the first K epochs (the log says 'backbone frozen')",
                               min=0)
     freeze_backbone: bool = _opt(False, "keep the backbone frozen for the whole run")
-    bn_stats: str = _opt("update", "the backbone's BatchNorm statistics while it trains: update (PyTorch's train "
-                                   "mode: re-estimated from each augmented batch), frozen (the pretrained running "
-                                   "mean/var, as Keras advises for fine-tuning; scale and shift still train) or auto "
-                                   "(frozen when the training images are close to them, measured before training: "
-                                   "photos near ImageNet's; else update; not with head dropout: see README). A "
-                                   "random backbone (--weights none) has none to keep: its statistics update",
-                         choices=["update", "frozen", "auto"])
+    bn_stats: str = _opt("auto", "the backbone's BatchNorm statistics while it trains: auto (frozen when the "
+                                 "training images are close to them, measured before training: photos near "
+                                 "ImageNet's; else update; update with head dropout: see README), update (PyTorch's "
+                                 "train mode: re-estimated from each augmented batch) or frozen (the pretrained "
+                                 "running mean/var, as Keras advises for fine-tuning; scale and shift still train). "
+                                 "A random backbone (--weights none) has none to keep: its statistics update",
+                         choices=["auto", "update", "frozen"])
     cache_features: bool = _opt(False, "with --freeze-backbone: compute backbone features once, train the head on them",
                                 applies={"freeze_backbone": (True,)})
     cache_dir: str = _opt("", "where cached features are kept, shared by every run that uses the same backbone, "

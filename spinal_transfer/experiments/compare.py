@@ -371,6 +371,7 @@ def collect(runs: Sequence[Planned], mode: str) -> Results:
     splits = check_splits([p.run for p in runs])
     ref = heads[0]
     rows = []
+    bn: dict[str, set[str]] = {}                  # head -> what its runs did with the BatchNorm statistics
     for h in heads:
         row = HeadResult(h, None if h == ref else ref, seeds)
         notes = set()
@@ -379,6 +380,7 @@ def collect(runs: Sequence[Planned], mode: str) -> Results:
             if not run.is_finished():
                 continue
             report = run.read_report()
+            bn.setdefault(h.text, set()).add(run.read_config().bn_stats)
             row.metrics[seed] = {k: report["test"][k] for k, _ in METRICS}
             row.head_params, row.head_macs = report["head"]["head_params"], report["head"]["head_macs"]
             row.train_seconds[seed] = _train_seconds(run)
@@ -396,16 +398,27 @@ def collect(runs: Sequence[Planned], mode: str) -> Results:
                 notes.add(f"seed {seed} not paired: {e}")
         row.note = "; ".join(sorted(notes))
         rows.append(row)
-    return Results(rows, splits, seeds, mode, _settings(runs[0].cfg, mode, seeds))
+    return Results(rows, splits, seeds, mode, _settings(runs[0].cfg, mode, seeds, bn))
 
 
-def _settings(cfg: TrainConfig, mode: str, seeds: int) -> str:
+def _bn_words(bn: dict[str, set[str]]) -> str:
+    """What the finished runs did with the backbone's BatchNorm statistics, as their config.yaml records it: with
+    --bn-stats auto the folder decides, and a head with dropout re-estimates them, so heads can differ."""
+    kept = [h for h, done in bn.items() if "frozen" in done]
+    if not kept:
+        return ""
+    if len(kept) == len(bn):
+        return ", its BatchNorm statistics kept as loaded"
+    return (f", its BatchNorm statistics kept as loaded for {', '.join(kept)} and re-estimated for "
+            f"{', '.join(h for h in bn if h not in kept)} (--bn-stats auto re-estimates them under a head with dropout)")
+
+
+def _settings(cfg: TrainConfig, mode: str, seeds: int, bn: dict[str, set[str]]) -> str:
     if mode == "frozen":
         how = f"features cached once in {cfg.cache_dir}"
     else:
         how = (f"backbone frozen for the first {cfg.freeze_epochs} epoch(s), as train does" if cfg.freeze_epochs
-               else "end to end from the first epoch") + (
-            ", its BatchNorm statistics kept as loaded" if cfg.frozen_bn_stats() else "")
+               else "end to end from the first epoch") + _bn_words(bn)
     epochs = "+".join(str(s.epochs) for s in cfg.resolved_stages())
     return (f"Mode: {MODE_NAMES[mode]}. Data {cfg.data}; backbone {cfg.backbone} (weights {cfg.weights}), {how}; "
             f"{epochs} epochs, lr "

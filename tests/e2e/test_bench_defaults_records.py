@@ -20,7 +20,7 @@ from spinal_transfer.config import TrainConfig  # noqa: E402
 def auto_chooses(monkeypatch) -> list:
     """--bn-stats auto measured on a folder: here its choice is set (these keys name no folder); [0] is it."""
     choice = ["update"]
-    monkeypatch.setattr(bd, "auto_bn_stats", lambda *a: choice[0])
+    monkeypatch.setattr(bd, "bn_choice", lambda *a: (choice[0], 0.5))
     return choice
 
 
@@ -62,12 +62,14 @@ def test_the_crop_scale_and_flip_in_force_are_the_key_not_none(monkeypatch):
 
 
 def test_auto_bn_stats_shares_the_record_of_what_it_chose(auto_chooses):
-    """--bn-stats auto is keyed as the folder resolves it: the record of the defaults (update) or of BN stats frozen,
-    whichever it chose (and a run recorded before the option existed, which updated its statistics, keeps its key)."""
-    auto = bd.SETTINGS["BN stats auto"]
-    assert key(150, **auto) == key(150) != key(150, bn_stats="frozen")
+    """--bn-stats auto (the default) is keyed as the folder resolves it: the record of BN stats update or of BN stats
+    frozen, whichever it chose; a head with dropout updates whatever the folder (train's bn_stats.resolve); and a run
+    recorded before the option existed, which updated its statistics, keeps its key."""
+    assert key(150) == key(150, bn_stats="update") != key(150, bn_stats="frozen")
     auto_chooses[0] = "frozen"
-    assert key(150, **auto) == key(150, bn_stats="frozen") != key(150)
+    assert key(150) == key(150, bn_stats="frozen") != key(150, bn_stats="update")
+    assert key(150, head_dropout=0.5) == key(150, head_dropout=0.5, bn_stats="update")
+    assert key(150, head="linear") == key(150, head="linear", bn_stats="frozen")
     assert "bn_stats" not in bd.run_key(bd.as_trained(TrainConfig(bn_stats="update"), 150))   # as before the option
 
 
@@ -75,7 +77,7 @@ def test_every_named_setting_is_a_valid_config_and_the_variants_change_training(
     for choice in ("update", "frozen"):
         auto_chooses[0] = choice
         base = key(150)
-        same_as_defaults = {"defaults", "10-epoch floor"} | ({"BN stats auto"} if choice == "update" else set())
+        same_as_defaults = {"defaults", "10-epoch floor", f"BN stats {choice}"}
         for name in bd.settings_to_run(list(bd.SETTINGS)):
             cfg = TrainConfig(**bd.SETTINGS[name])
             assert name == "defaults" or cfg != TrainConfig(), name

@@ -550,3 +550,12 @@ def test_a_head_the_backbone_cannot_take_is_refused_before_any_run_trains(tmp_pa
         "[1, in_features=96], got 99; change it (`spinal-transfer describe timm/test_resnet --num-classes 2` shows "
         "what it takes)")
     assert not (tmp_path / "c").exists()
+
+
+def test_the_settings_line_says_what_each_head_did_with_the_batchnorm_statistics():
+    """--bn-stats auto keeps them for a photo folder but re-estimates them under a head with dropout: the table's
+    settings line names the heads apart instead of saying nothing (or 'kept' of both)."""
+    assert cmp._bn_words({"linear": {"update"}, "spinal": {"update"}}) == ""
+    assert cmp._bn_words({"linear": {"frozen"}, "spinal": {"frozen"}}) == ", its BatchNorm statistics kept as loaded"
+    mixed = cmp._bn_words({"linear": {"frozen"}, "spinal:preset=vgg": {"update"}})
+    assert "kept as loaded for linear and re-estimated for spinal:preset=vgg" in mixed

