@@ -99,7 +99,7 @@ def head_dropout(model: nn.Module) -> float:
 
 
 DROPOUT_COLLAPSE = ("with the backbone's BatchNorm statistics kept, the head's dropout drives the backbone to switch "
-                    "its features off (see training/bn_stats.py)")
+                    "its features off (README: the --bn-stats row and the bullet after the defaults table)")
 
 
 def resolve(cfg: TrainConfig, model: nn.Module, inputs: RunInputs, device: torch.device,
