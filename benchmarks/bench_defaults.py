@@ -216,16 +216,25 @@ def bn_choice(data: str, weights: str, img_size: int) -> tuple[str, float]:
 
 
 def auto_bn_stats(cfg) -> str:
-    """--bn-stats auto as train's bn_stats.resolve decides it for `cfg`: update under a head with dropout, else what
-    the folder's measured distance gives (bn_choice)."""
+    """--bn-stats auto as train's bn_stats.resolve decides it for `cfg`: bn_stats.unmeasured (e.g. update under a
+    head with dropout), else what the folder's measured distance gives (bn_choice)."""
     from spinal_transfer.models.heads import head_options
+    from spinal_transfer.training import bn_stats
+
+    options = tuple(sorted(head_options(cfg).items()))
+    chosen = bn_stats.unmeasured(cfg, head_dropout(cfg.head, options, cfg.img_size))
+    return chosen or bn_choice(cfg.data, cfg.weights, cfg.img_size)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def head_dropout(head: str, options: tuple, img_size: int) -> float:
+    """bn_stats.head_dropout of the backbone with this head, built once per head in a process (as_trained keys
+    every fine-tune, a few hundred, by it)."""
     from spinal_transfer.models.surgery import build_model
     from spinal_transfer.training import bn_stats
 
-    model = build_model(BACKBONE, 2, head=cfg.head, weights="none", img_size=cfg.img_size, **head_options(cfg))
-    if bn_stats.head_dropout(model) > 0:
-        return "update"
-    return bn_choice(cfg.data, cfg.weights, cfg.img_size)[0]
+    return bn_stats.head_dropout(build_model(BACKBONE, 2, head=head, weights="none", img_size=img_size,
+                                             **dict(options)))
 
 
 def run_key(config: dict) -> str:

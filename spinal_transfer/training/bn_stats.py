@@ -102,23 +102,31 @@ DROPOUT_COLLAPSE = ("with the backbone's BatchNorm statistics kept, the head's d
                     "its features off (README: the --bn-stats row and the bullet after the defaults table)")
 
 
+def unmeasured(cfg: TrainConfig, drop: float) -> Optional[str]:
+    """--bn-stats auto's choice where the folder need not be measured, None where it must be: a backbone kept
+    frozen never updates its statistics, a random one (--weights none) has none worth keeping, and a head with
+    dropout (`drop`, head_dropout) collapses with them kept: update. bench_defaults keys its records by this too."""
+    if cfg.freeze_backbone or str(cfg.weights).lower() == "none" or drop > 0:
+        return "update"
+    return None
+
+
 def resolve(cfg: TrainConfig, model: nn.Module, inputs: RunInputs, device: torch.device,
             dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> str:
-    """The config's --bn-stats as a new run trains (train, and lr-find's sweep of its first epoch): auto measured on
-    its training images (`choose`); a backbone kept frozen never updates its statistics, a random one
-    (--weights none) has none worth keeping, and a head with dropout collapses with them kept: update."""
+    """The config's --bn-stats as a new run trains (train, and lr-find's sweep of its first epoch): auto as
+    `unmeasured` decides it, else measured on its training images (`choose`)."""
     drop = head_dropout(model)
     if cfg.frozen_bn_stats() and drop > 0 and not cfg.freeze_backbone:
         log.warning(f"--bn-stats frozen with head dropout {drop:g}: {DROPOUT_COLLAPSE}; if the val loss stays near "
                     f"ln(classes), use --bn-stats auto or update")
     if cfg.bn_stats != "auto":
         return cfg.bn_stats
-    if cfg.freeze_backbone or str(cfg.weights).lower() == "none":
-        return "update"
-    if drop > 0:
+    chosen = unmeasured(cfg, drop)
+    if chosen is None:
+        return choose(model, [p for p, _ in inputs.splits.train], inputs.eval_transform, device, dtype, channels_last)
+    if unmeasured(cfg, 0.0) is None:                  # without the head's dropout it would have been measured
         log.info(f"--bn-stats auto -> update: the head has dropout {drop:g}; {DROPOUT_COLLAPSE}")
-        return "update"
-    return choose(model, [p for p, _ in inputs.splits.train], inputs.eval_transform, device, dtype, channels_last)
+    return chosen
 
 
 def measure(model: nn.Module, paths: Sequence[str], transform, device: torch.device,
