@@ -89,12 +89,20 @@ def truncated_jpeg(path: Path, seed: int = 0) -> Path:
     return path
 
 
-# Sends `signal` to its own process (or rank) right after optimizer step `k`: the test then knows exactly how
-# many steps were done before the signal. A real signal, a real handler.
+# Sends `signal` to its own process (or rank) right after optimizer step `k`, or with NAME@group to its whole process
+# group: the test then knows exactly how many steps were done before the signal. A real signal, a real handler.
 SIGNAL_AT_STEP = """
-import os, signal, sys
+import os, signal, sys, time
 import spinal_transfer.training.train as T
 k, name, times, only_rank = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+name, _, to = name.partition("@")            # NAME@group: to the whole process group (start it in a session)
+
+
+def send(sig):
+    if to != "group":
+        return os.kill(os.getpid(), sig)
+    os.killpg(0, sig)
+    time.sleep(1)             # the step in flight goes on a while (a real one's forward and backward) meanwhile
 real, fired = T.train_one_epoch, []
 
 def patched(*args, **kw):
@@ -104,7 +112,7 @@ def patched(*args, **kw):
         if progress.step == k and not fired and only_rank in (-1, int(os.environ.get("RANK", 0))):
             fired.append(k)
             for _ in range(times):
-                os.kill(os.getpid(), getattr(signal, "SIG" + name))
+                send(getattr(signal, "SIG" + name))
     return real(*args, **{**kw, "on_step": on_step})
 
 T.train_one_epoch = patched

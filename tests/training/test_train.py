@@ -181,6 +181,35 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_is_exact(digits_fold
     _same_weights(uninterrupted, out)
 
 
+def test_a_signal_to_the_whole_process_group_stops_as_one_to_the_main_process(digits_folder, tmp_path, uninterrupted):
+    """Slurm signals every process of a job step, `timeout` and a terminal the whole process group: the DataLoader
+    workers get the SIGTERM too. They leave it to the main process (data/loaders.py), which checkpoints the step in
+    flight; they end with it; the resumed run equals the uninterrupted one (augmentation does not depend on the
+    worker)."""
+    out = tmp_path / "group"
+    cmd = [sys.executable, "-c", SIGNAL_AT_STEP, "5", "TERM@group", "1", "-1",
+           *_train_cmd(digits_folder, out, EXACT_EPOCHS)[3:], "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr and "stopped: SIGTERM received" in stderr
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["step"] == 5
+    deadline = time.time() + 30                   # the workers end with the main process
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("DataLoader workers outlived the stopped run")
+    resumed = subprocess.run([sys.executable, "-m", "spinal_transfer", "train", "--resume", str(out)], env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_weights(uninterrupted, out)
+
+
 @pytest.mark.slow      # 9-16 s; the default suite stays near 10 minutes
 def test_a_resumed_epoch_with_checkpoints_inside_it_records_the_uninterrupted_train_loss(digits_folder, tmp_path,
                                                                                          uninterrupted):
