@@ -19,7 +19,7 @@ from ..deploy.export import (
     format_check,
 )
 from ..errors import ConfigError
-from . import finite, finite_nonnegative
+from . import finite_nonnegative
 
 EXAMPLES = f"""\
   spinal-transfer export runs/pets --out bundles/pets
@@ -53,9 +53,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANTIZE,
                         help="also write model.int8.onnx, quantized from model.onnx (implies --format onnx), "
                              "calibrated on the run's train images and checked on its val (or test) split")
-    parser.add_argument("--max-accuracy-drop", type=finite, default=MAX_ACCURACY_DROP, metavar="POINTS",
-                        help="with --quantize: the most top-1 percentage points int8 may lose against fp32 ONNX "
-                             f"(default: {MAX_ACCURACY_DROP:g})")
+    parser.add_argument("--max-accuracy-drop", type=finite_nonnegative, default=MAX_ACCURACY_DROP, metavar="POINTS",
+                        help="with --quantize: the most top-1 percentage points int8 may lose against fp32 ONNX, "
+                             f">= 0 (default: {MAX_ACCURACY_DROP:g}; 0: int8 must score as fp32 does)")
     parser.add_argument("--data", metavar="DIR", help="with --quantize: the run's data folder, if it moved since "
                                                       "training (default: the one the run recorded), or another "
                                                       "labelled folder (calibration and guard on disjoint parts)")

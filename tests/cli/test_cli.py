@@ -155,6 +155,8 @@ def test_models_output_into_a_closed_pipe_is_quiet():
     (["export", "{run}", "--out", "{tmp}/b", "--atol", "-1"], "expected a finite number >= 0"),
     (["export", "{run}", "--out", "{tmp}/b", "--quantize", "int8", "--max-accuracy-drop", "inf"],
      "expected a finite number"),
+    (["export", "{run}", "--out", "{tmp}/b", "--quantize", "int8", "--max-accuracy-drop", "-1"],
+     "expected a finite number >= 0, got -1"),
     (["compare", "--data", "{tmp}", "--heads", "linear", "spinal", "--seeds", "0"], "expected an integer >= 1"),
     (["tune", "--data", "{tmp}", "--trials", "0"], "expected an integer >= 1"),
     (["tune", "--data", "{tmp}", "--lr", "0.01"], "unrecognized arguments: --lr 0.01"),
