@@ -142,8 +142,9 @@ def run_once(data: Path, records: Path, weights: str, options: dict, seed: int, 
     the same configuration on as many threads (a rerun with --keep, or another setting that trains the same way,
     e.g. a variant the defaults have since adopted) is read back instead of running again. Threads are part of
     the identity because CPU kernels sum in another order on another thread count: the same seed's top-1 moved
-    by up to 2 points on fewshot12 between 1 and 2 threads. Folder and weights enter the key by name (the folders
-    are rebuilt the same from their seeds)."""
+    by up to 2 points on fewshot12 between 1 and 2 threads. The weights enter the key by name; the folder by name and
+    the settings it is built from (folders.json: rebuilt the same from them), so a folder whose recipe changes
+    trains anew instead of reading back the records of the old one."""
     import torch
 
     from _common import machine_info
@@ -152,8 +153,9 @@ def run_once(data: Path, records: Path, weights: str, options: dict, seed: int, 
 
     cfg = TrainConfig(data=str(data), backbone=BACKBONE, weights=weights, img_size=img_size, workers=0, device="cpu",
                       amp="none", seed=seed, log_interval=1000, limit_train_batches=limit, **options)
-    key = run_key({**as_trained(cfg, json.loads((data / "folders.json").read_text())["counts"]["train"]),
-                   "data": data.name, "weights": WEIGHTS, "threads": torch.get_num_threads()})
+    built = json.loads((data / "folders.json").read_text())
+    key = run_key({**as_trained(cfg, built["counts"]["train"]), "data": data.name, "folder": built["settings"],
+                   "weights": WEIGHTS, "threads": torch.get_num_threads()})
     record = records / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if record.is_file() and json.loads(record.read_text())["config"] == key:
         return {**json.loads(record.read_text()), "reused": True}
