@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import DataError, few
+from ..errors import DataError, few, option_value
 from ..utils.textfiles import encode_text
 from .images import IMG_EXTENSIONS, check_image_header, first_readable
 from .leakage import duplicates_of
@@ -613,9 +613,20 @@ def config_splits(cfg: Any, lenient: bool = False) -> Splits:
     val/test carved with its fractions and split seed), then its protocol applied. The one way a config
     becomes file lists (train, lr-find, show-batch, and `evaluate` of a checkpoint without its splits.json);
     a run records the result in splits.json and reads that back from then on. `lenient`: see `scan`."""
-    return apply_protocol(scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
-                               follow_links=cfg.follow_links, lenient=lenient), cfg.protocol, cfg.paper_select_on,
-                          cfg.paper_val_index_mod)
+    scanned = scan(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, follow_links=cfg.follow_links,
+                   lenient=lenient)
+    _warn_unused_fractions(cfg, scanned)
+    return apply_protocol(scanned, cfg.protocol, cfg.paper_select_on, cfg.paper_val_index_mod)
+
+
+def _warn_unused_fractions(cfg: Any, s: Splits) -> None:
+    """A --val-fraction or --test-fraction changed from its default carves nothing where the folder has that split
+    folder: one line says so, instead of a flag silently ignored."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name, split in (("val_fraction", "val"), ("test_fraction", "test")):
+        if getattr(cfg, name) != defaults[name] and s.source.get(split, {}).get("kind") == "folder":
+            log.warning(f"{option_value(name, getattr(cfg, name))} is not used: {s.root} has its own {split}/ "
+                        f"folder, which is the {split} split")
 
 
 # ------------------------------------------------------------------------------------------------

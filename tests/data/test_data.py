@@ -121,6 +121,25 @@ def test_train_plus_valid_alias_generates_only_test(tmp_path):
     assert abs(len(s.test) - 0.25 * len(train_files)) <= 1
 
 
+def test_a_fraction_the_folder_does_not_use_is_named_once(tmp_path, caplog):
+    """--val-fraction carves nothing from a folder with val/ (its own val split): one warning line says so; the
+    test fraction, which carves test/ there, and a default fraction are not named."""
+    from conftest import tiny_cfg
+
+    from spinal_transfer.data.splits import config_splits
+
+    root = write_digits_folder(tmp_path / "d", digits=(3, 4), size=8, splits=("train", "val"))
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        s = config_splits(tiny_cfg(root, tmp_path / "run", val_fraction=0.3, test_fraction=0.25))
+    unused = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+    assert unused == [f"val_fraction=0.3 is not used: {root} has its own val/ folder, which is the val split"]
+    assert sorted(p for p, _ in s.val) == sorted(str(p) for p in (root / "val").rglob("*.png"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spinal_transfer"):
+        config_splits(tiny_cfg(root, tmp_path / "run"))
+    assert not [r for r in caplog.records if "is not used" in r.getMessage()]
+
+
 @pytest.mark.parametrize("names", [("Train", "Val", "Test"), ("TRAINING", "Validation", "Testing")])
 def test_split_folders_in_any_case_are_splits_not_classes(tmp_path, names):
     """Train/Val/Test (or Kaggle's Training/Testing) read as classes would train on the test images."""
