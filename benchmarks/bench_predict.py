@@ -384,9 +384,11 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
         runners["torch_fx_int8"] = torch_runner(fxq, True, T)
         notes["torch_fx_int8"] = f"prepare+calibrate {time.perf_counter() - t:.0f} s"
 
-    # top-1 on the labelled val split: eager from the head training; every other runner measured,
+    # top-1 on the labelled split (val for the digit models, the trained run's test split for TRAINED): eager from
+    # the head training or the run; every other runner measured,
     # except the fp32 relayouts/compilations, which are checked against eager instead (same function)
     acc = {"eager_fp32": fit["val_top1"]}
+    split = "test" if kind in TRAINED else "val"
     onnx_acc = compare_onnx([fp32_path, work / f"{kind}.int8.onnx"], val, T)
     acc["ort_fp32"], acc["ort_int8"] = onnx_acc["top1"]
     agree_int8 = onnx_acc["agreement"][1]
@@ -416,10 +418,10 @@ def bench_model(kind: str, name: str, args, folder: list, work: Path) -> list[tu
                      f"{med:.2f}x (min {lo:.2f}, max {hi:.2f})", target))
     print(f"\nresults {kind} ({name}, {size} px, batch {args.batch_size}, {T} thread(s); median over "
           f"{len(R.rates['eager_fp32'])} rounds of images/s relative to eager_fp32 in the same round; top-1 on "
-          f"{fit['val_images']} labelled val images):")
+          f"{fit['val_images']} labelled {split} images):")
     print_table(rows)
     print(f"{kind} int8 top-1 vs eager fp32: {points_versus(drop, 'it')} (int8 agrees with ORT fp32 on "
-          f"{100 * agree_int8:.1f}% of val images)" + (f"; target <= {MAX_DROP_POINTS:g} point: "
+          f"{100 * agree_int8:.1f}% of {split} images)" + (f"; target <= {MAX_DROP_POINTS:g} point: "
                                                         f"{'PASS' if drop <= MAX_DROP_POINTS else 'MISS'}"
                                                         if kind in TARGETS else ""))
     if kind == "cnn" and args.sweep:
