@@ -15,7 +15,7 @@ Backbone: timm/tf_efficientnet_lite0 with the ImageNet weights of the efficientn
 (benchmarks/_folders.py, images installed packages ship): two few-shot folders, digits15 (scikit-learn digits,
 15 different handwritten digits a class) and fewshot12 (12 photographs, 16 train crops of the one photograph a
 class: val and test come from parts of it training never saw), digits100 (the digits, 100 a class) and textures8
-(8 grey textures, 40 crops a class). Every fine-tune is `spinal_transfer.training.train.run` with
+(8 grey textures, 40 small patches a class). Every fine-tune is `spinal_transfer.training.train.run` with
 `TrainConfig()`'s own defaults (read at run time, not copied here) changed only by the setting's options, at 64 px
 (CPU time; the same for every setting); test top-1 of the epoch picked on val, mean ± std over seeds 0..2.
 The anchors train as long as the defaults do (the length rule), so they differ from the defaults by their recipe;
