@@ -14,14 +14,12 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ..utils.preemption import SIGNALS
 from .images import BadImage, load_image
 
 Sample = tuple[str, int]
@@ -122,17 +120,6 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def leave_signals_to_the_main_process(worker_id: int) -> None:
-    """A DataLoader worker ignores the stop signals: Slurm signals every process of a job step, and `timeout` and a
-    terminal's Ctrl-C the whole process group, so the workers get the SIGTERM too. A forked worker usually inherits
-    the run's handler, but once (`timeout` during --lr auto's sweep) a worker died of it and PyTorch's SIGCHLD
-    handler raised "DataLoader worker ... is killed by signal: Terminated" in the main process mid-backward: a
-    traceback instead of a checkpoint. The main process alone stops the run (utils/preemption.py); its workers end
-    with it (PyTorch's watchdog ends a worker whose parent is gone)."""
-    for s in SIGNALS.values():
-        signal.signal(s, signal.SIG_IGN)
-
-
 def default_workers(workers: Optional[int]) -> int:
     return workers if workers is not None else min(8, os.cpu_count() or 1)
 
@@ -148,8 +135,7 @@ def make_loader(samples: Sequence[Sample], transform: Any, batch_size: int, work
     return DataLoader((dataset_class or ImageDataset)(samples, transform), batch_size=batch_size, sampler=sampler,
                       num_workers=n_workers, collate_fn=collate, pin_memory=device.type == "cuda",
                       drop_last=drop_last, persistent_workers=n_workers > 0,
-                      prefetch_factor=4 if n_workers > 0 else None, generator=torch.Generator().manual_seed(0),
-                      worker_init_fn=leave_signals_to_the_main_process if n_workers > 0 else None)
+                      prefetch_factor=4 if n_workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
 def train_drop_last(n: int, batch_size: int, world: int) -> bool:

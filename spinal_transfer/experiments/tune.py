@@ -316,17 +316,34 @@ def _stale_callback_name() -> str:
 
 def make_storage(url: str) -> "optuna.storages.RDBStorage":
     """An RDB storage with heartbeats (a dead worker's trial becomes failed instead of running forever); an
-    SQLite file waits up to a minute for a lock another process holds instead of failing."""
+    SQLite file waits up to a minute for a lock another process holds instead of failing, and serializes its
+    transactions (`_serialize_sqlite`)."""
     optuna = _optuna()
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    sqlite = url.startswith("sqlite")
+    # isolation_level None: pysqlite emits no BEGIN of its own, the one `_serialize_sqlite` adds is the only one
+    kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S, **{_stale_callback_name(): requeue_dead})
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=GRACE_S, **{_stale_callback_name(): requeue_dead})
     except Exception as e:         # a bad URL, an unreachable server, a missing driver
         hint = f" (a file is named as a URL: sqlite:///{url})" if "://" not in url else ""
         raise TuneError(f"cannot open the study storage {shown_storage(url)}: {str(e).splitlines()[0]}{hint}") from None
+    if sqlite:
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine: Any) -> None:
+    """Every transaction on `engine` starts with BEGIN IMMEDIATE (SQLAlchemy's recipe for SQLite isolation).
+    Optuna reads a trial "for update" before it changes it, which SQLite ignores: two workers asking for a
+    trial at once both read the queued untuned trial as WAITING, both set it RUNNING, and both trained it (the
+    second to finish crashed on "Trial#0 has already finished"). Holding the write lock from the read on makes
+    each read-then-write whole; a worker waits (up to the connection timeout) instead."""
+    import sqlalchemy  # lazy: comes with Optuna, which tune imports only when it runs
+
+    sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def make_sampler(seed: int) -> "optuna.samplers.BaseSampler":

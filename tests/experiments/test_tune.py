@@ -267,6 +267,35 @@ def test_a_new_study_starts_with_the_untuned_defaults(tmp_path):
     assert [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
 
 
+def test_workers_asking_at_once_get_a_queued_trial_once(tmp_path):
+    """Four workers (own storages, own connections) pop the one queued trial at the same instant, 12 times: one
+    gets it. Without BEGIN IMMEDIATE (make_storage) about half the rounds gave it to two workers, which both
+    trained it: CI's two tune processes both ran the untuned trial 0 and the second crashed on telling it."""
+    import threading
+
+    url = tune.default_storage(tmp_path)
+    storages = [tune.make_storage(url) for _ in range(4)]
+    twice = []
+    for r in range(12):
+        optuna.create_study(storage=storages[0], study_name=f"s{r}").enqueue_trial({"x": 1.0})
+        studies = [optuna.load_study(study_name=f"s{r}", storage=s) for s in storages]
+        got, start = [], threading.Barrier(len(studies))
+
+        def pop(study: optuna.Study) -> None:
+            start.wait()
+            got.append(study._pop_waiting_trial_id())        # what study.ask() does first
+
+        threads = [threading.Thread(target=pop, args=(s,)) for s in studies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if sum(g is not None for g in got) != 1:
+            twice.append(r)
+        assert [t.state.name for t in studies[0].get_trials()] == ["RUNNING"]
+    assert twice == []
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # study.ask(), not optimize
 def test_a_continued_study_samples_new_points(tmp_path):
     """Rerunning tune reopened the study with its sampler seeded as new: its first sampled trial repeated the
