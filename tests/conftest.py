@@ -92,7 +92,7 @@ def truncated_jpeg(path: Path, seed: int = 0) -> Path:
 # Sends `signal` to its own process (or rank) right after optimizer step `k`, or with NAME@group to its whole process
 # group: the test then knows exactly how many steps were done before the signal. A real signal, a real handler.
 SIGNAL_AT_STEP = """
-import os, signal, sys, time
+import os, signal, subprocess, sys, time
 import spinal_transfer.training.train as T
 k, name, times, only_rank = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 name, _, to = name.partition("@")            # NAME@group: to the whole process group (start it in a session)
@@ -101,7 +101,8 @@ name, _, to = name.partition("@")            # NAME@group: to the whole process 
 def send(sig):
     if to != "group":
         return os.kill(os.getpid(), sig)
-    os.killpg(0, sig)
+    # sent by another process, as timeout and Slurm send it: a DataLoader worker tells its parent's SIGTERM from others'
+    subprocess.run(["kill", "-s", sig.name[3:], "--", f"-{os.getpgid(0)}"], start_new_session=True, check=True)
     time.sleep(1)             # the step in flight goes on a while (a real one's forward and backward) meanwhile
 real, fired = T.train_one_epoch, []
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import threading
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from ..utils.preemption import SIGNALS
 from .images import BadImage, load_image
 
 Sample = tuple[str, int]
@@ -120,6 +123,26 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker leaves the stop signals to the main process, which finishes the step and writes last.pt.
+    Slurm signals every process of a job step, `timeout` and a terminal the whole process group, so the workers get
+    the SIGTERM too; PyTorch's worker handler dies of a SIGTERM that its parent did not send, and the main process
+    then raised "DataLoader worker ... is killed by signal: Terminated" mid-step instead of checkpointing. The
+    worker blocks them and a thread takes them: a SIGTERM from its parent (shutdown, multiprocessing's terminate at
+    exit) still ends it at once, as PyTorch's handler does; any other is dropped. Ignoring them (SIG_IGN) made the
+    parent's terminate at exit wait forever. A worker whose parent is gone ends by PyTorch's watchdog."""
+    stops = set(SIGNALS.values())
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)          # threads started later in the worker inherit it
+    threading.Thread(target=_end_on_the_parents_sigterm, args=(stops,), daemon=True, name="stop-signals").start()
+
+
+def _end_on_the_parents_sigterm(stops: set) -> None:
+    while True:
+        got = signal.sigwaitinfo(stops)
+        if got.si_signo == signal.SIGTERM and got.si_pid == os.getppid():
+            os._exit(0)
+
+
 def default_workers(workers: Optional[int]) -> int:
     return workers if workers is not None else min(8, os.cpu_count() or 1)
 
@@ -135,7 +158,8 @@ def make_loader(samples: Sequence[Sample], transform: Any, batch_size: int, work
     return DataLoader((dataset_class or ImageDataset)(samples, transform), batch_size=batch_size, sampler=sampler,
                       num_workers=n_workers, collate_fn=collate, pin_memory=device.type == "cuda",
                       drop_last=drop_last, persistent_workers=n_workers > 0,
-                      prefetch_factor=4 if n_workers > 0 else None, generator=torch.Generator().manual_seed(0))
+                      prefetch_factor=4 if n_workers > 0 else None, generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=leave_stop_signals_to_the_main_process if n_workers > 0 else None)
 
 
 def train_drop_last(n: int, batch_size: int, world: int) -> bool:

@@ -5,6 +5,8 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -650,3 +652,34 @@ def test_a_float_tiff_in_a_flat_folder_is_skipped_by_the_scan_not_carved_into_te
     assert [(Path(p).name, why.split(" (")[0]) for p, why in s.skipped] == [("f.tif", "floating-point pixels")]
     assert all(Path(p).suffix == ".png" for split in (s.train, s.val, s.test) for p, _ in split)
     assert len(s.train) + len(s.val) + len(s.test) == 20
+
+
+LOADER_ALIVE_AT_EXIT = """
+import torch
+from torch.utils.data import Dataset, SequentialSampler
+from spinal_transfer.cli import exit_process
+from spinal_transfer.data.loaders import make_loader
+
+class Numbers(Dataset):
+    def __init__(self, samples, transform):
+        self.samples = samples
+    def __len__(self):
+        return len(self.samples)
+    def __getitem__(self, i):
+        return torch.zeros(1), 0, i
+
+loader = make_loader([("x", 0)] * 8, None, 2, 2, torch.device("cpu"), SequentialSampler(range(8)),
+                     dataset_class=Numbers)
+batches = iter(loader)
+next(batches)
+exit_process(0)
+"""
+
+
+def test_a_command_ends_while_its_loader_workers_are_alive():
+    """A command ends (exit_process, atexit) with persistent DataLoader workers still up, as `train` does:
+    multiprocessing ends them with SIGTERM and waits. Workers that ignored SIGTERM (a worker_init_fn once did, to
+    leave a group's signal to the main process) made that wait endless: README's first command hung after its
+    report. Seconds here; a hang is cut at 120 s."""
+    done = subprocess.run([sys.executable, "-c", LOADER_ALIVE_AT_EXIT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -183,9 +183,10 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_is_exact(digits_fold
 
 def test_a_signal_to_the_whole_process_group_stops_as_one_to_the_main_process(digits_folder, tmp_path, uninterrupted):
     """Slurm signals every process of a job step, `timeout` and a terminal the whole process group: the DataLoader
-    workers get the SIGTERM too. They leave it to the main process (data/loaders.py), which checkpoints the step in
-    flight; they end with it; the resumed run equals the uninterrupted one (augmentation does not depend on the
-    worker)."""
+    workers get the SIGTERM too, from a process that is not their parent, which PyTorch's worker handler dies of
+    (the run ended in "DataLoader worker ... is killed by signal: Terminated"). They leave it to the main process
+    (data/loaders.py), which checkpoints the step in flight; they end with it; the resumed run equals the
+    uninterrupted one (augmentation does not depend on the worker)."""
     out = tmp_path / "group"
     cmd = [sys.executable, "-c", SIGNAL_AT_STEP, "5", "TERM@group", "1", "-1",
            *_train_cmd(digits_folder, out, EXACT_EPOCHS)[3:], "--workers", "2"]
