@@ -147,14 +147,16 @@ def _step_lr(work: nn.Module, it: Iterator, opt: torch.optim.Optimizer, scaler: 
 def find_lr(model: nn.Module, batches: Iterable, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
             settings: StepSettings, *, start_lr: float = DEFAULT_START, end_lr: float = DEFAULT_END,
             num_steps: int = DEFAULT_STEPS, rule: str = "valley",
-            prepare: Optional[Callable[[nn.Module], None]] = None) -> LRFindResult:
+            prepare: Optional[Callable[[nn.Module], None]] = None,
+            should_stop: Callable[[], bool] = lambda: False) -> Optional[LRFindResult]:
     """Run the range test on a deep copy of `model` (which, like the torch RNG, is left exactly as it was).
 
     `batches`: `(images, labels, ...)` batches, iterated again when exhausted. Each sweep step is the training
     step (step.train_step) under `settings` (device, precision, memory format, loss) on one batch, without
     accumulation or clipping: the test measures where the plain loss diverges. `optimizer_factory(copy)` builds
     the optimizer (its groups' lr ratios are kept, their absolute lr set by the sweep). `prepare(copy)` runs
-    before that, e.g. `lambda m: FreezePolicy().apply(m, frozen=True)` to sweep the frozen first epoch."""
+    before that, e.g. `lambda m: FreezePolicy().apply(m, frozen=True)` to sweep the frozen first epoch.
+    `should_stop()` True before a step (a signal came; a sweep outlasts a scheduler's grace) ends it with None."""
     if not 0 < start_lr < end_lr:
         raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     settings = dataclasses.replace(settings, accum_steps=1, clip_grad=None)
@@ -176,6 +178,8 @@ def find_lr(model: nn.Module, batches: Iterable, optimizer_factory: Callable[[nn
         avg, best, stopped = 0.0, math.inf, "end of sweep"
         it = iter(_batches_forever(batches))
         for t, lr in enumerate(lrs_planned):
+            if should_stop():
+                return None
             for g, r in zip(opt.param_groups, ratios):
                 g["lr"] = lr * r
             value = float(_step_lr(work, it, opt, scaler, settings).float())
@@ -258,6 +262,7 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
     loader = inputs.loaders(cfg, device, train_sampler(cfg, splits.train, len(splits.classes)))["train"]
     result = find_lr_as_run(cfg, model, skips.watched(loader), settings, start_lr=start_lr, end_lr=end_lr,
                             num_steps=num_steps, rule=rule)
+    assert result is not None                  # only a should_stop ends a sweep with no result
     if len(skips):
         result.notes.append(f"{len(skips)} unreadable file(s) left out, e.g. {next(iter(skips.entries))}")
     if len(splits.train) < cfg.batch_size:
@@ -270,7 +275,7 @@ def lr_find_for_config(cfg: Any, plot: Optional[PathLike] = None, *, start_lr: f
 
 
 def find_lr_as_run(cfg: Any, model: nn.Module, batches: Iterable, settings: StepSettings,
-                   **sweep: Any) -> LRFindResult:
+                   **sweep: Any) -> Optional[LRFindResult]:
     """find_lr with the run's step settings, optimizer (its weight decay, momentum, backbone lr multiplier) and
     its first epoch's freezing (a new run's: none for a random backbone); `model` is the head alone in
     cached-feature mode (nothing to freeze then). `lr-find` and `train --lr auto` both sweep through here."""
@@ -281,6 +286,6 @@ def find_lr_as_run(cfg: Any, model: nn.Module, batches: Iterable, settings: Step
                                               momentum=cfg.momentum, backbone_lr_mult=cfg.backbone_lr_mult),
                      settings, prepare=None if cfg.cache_features else (lambda m: policy.apply(m, frozen)),
                      **sweep)
-    if frozen:
+    if frozen and result is not None:
         result.notes.append("swept with the backbone frozen, as the run's first epoch trains")
     return result

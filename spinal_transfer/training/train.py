@@ -385,7 +385,7 @@ def setup(cfg: TrainConfig, run: RunDir, device: torch.device, ckpt: Optional[di
     if cfg.lr == "auto":                              # a new run only: a resumed one has the lr it found
         hard = criterion if mixup is None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         lr = _auto_lr(cfg, model, loaders["train"], dataclasses.replace(settings, criterion=hard, mixup=None), run,
-                      skips)
+                      skips, control)
     cfg = finish_config(cfg, str(run.path), model, dc, lr, new_run=ckpt is None,
                         steps_per_epoch=epoch_steps(cfg, sampler.per_rank, loaders["train"].drop_last))
     resumes = resumes_so_far(ckpt, cfg) if ckpt else []
@@ -614,19 +614,27 @@ def build_loaders(cfg: TrainConfig, model: nn.Module, inputs: RunInputs, device:
 
 
 def _auto_lr(cfg: TrainConfig, model: nn.Module, train_loader: Any, settings: StepSettings, run: RunDir,
-             skips: SkipLog) -> float:
+             skips: SkipLog, control: Optional[StopControl]) -> float:
     """--lr auto: the range test (lr_find.py) on a copy of the model, with the run's data, loss, optimizer and
     first-epoch freezing, on rank 0; every rank takes its suggestion. Its curve goes to plots/lr_find.png, its
-    numbers to lr_find.json (and report.json)."""
+    numbers to lr_find.json (and report.json). A signal stops the sweep at its next step, on every rank: nothing
+    was trained, so nothing is checkpointed, and the same command starts the run over."""
     suggestion = None
     if is_main():
         result = find_lr_as_run(cfg, get_head(model) if cfg.cache_features else model, skips.watched(train_loader),
-                                settings, num_steps=LR_FIND_STEPS)
-        plot_lr_find(result, run.plot("lr_find.png"))
-        run.write_json(run.lr_find, result.to_dict())
-        log.info(f"lr auto: {result.describe()}; the curve is in {run.plot('lr_find.png')}")
-        suggestion = result.suggestion
-    return float(broadcast_object(suggestion))
+                                settings, num_steps=LR_FIND_STEPS,
+                                should_stop=lambda: control is not None and control.received is not None)
+        if result is not None:
+            plot_lr_find(result, run.plot("lr_find.png"))
+            run.write_json(run.lr_find, result.to_dict())
+            log.info(f"lr auto: {result.describe()}; the curve is in {run.plot('lr_find.png')}")
+            suggestion = result.suggestion
+    suggestion = broadcast_object(suggestion)
+    if suggestion is None:
+        name = control.received if control is not None and control.received else "a signal (on rank 0)"
+        raise Interrupted(f"{name} received: stopped in --lr auto's range test, before training began; nothing to "
+                          f"resume: the same command starts the run over", in_flight=False)
+    return float(suggestion)
 
 
 def _write_batch_preview(cfg: TrainConfig, inputs: RunInputs, run: RunDir) -> None:

@@ -60,6 +60,37 @@ def test_the_requeued_command_of_an_lr_auto_run_resumes_it(auto_run, three_digit
         train.run(dataclasses.replace(same, epochs=4), resume=copy)
 
 
+def test_a_signal_in_the_lr_auto_sweep_stops_it_at_the_next_step(three_digits, tmp_path, monkeypatch):
+    """A sweep of 100 steps is minutes on a CPU, longer than a scheduler waits after its SIGTERM: the signal
+    stopped nothing until the sweep had ended. Now the sweep stops at its next step (SIGTERM after step 3: 3 steps
+    taken), with no checkpoint (nothing was trained) and no lr_find.json; the same command then starts over."""
+    import os
+    import signal
+
+    from spinal_transfer.errors import Interrupted
+    from spinal_transfer.training import lr_find
+
+    real, taken = lr_find._step_lr, []
+
+    def step(*args, **kw):
+        taken.append(1)
+        if len(taken) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lr_find, "_step_lr", step)
+    out = tmp_path / "run"
+    cfg = tiny_cfg(three_digits, out, lr="auto", epochs=1, limit_train_batches=2)
+    with pytest.raises(Interrupted, match=r"^SIGTERM received: stopped in --lr auto's range test, before training "
+                                          r"began; nothing to resume: the same command starts the run over$") as e:
+        train.run(cfg)
+    assert e.value.exit_code == 75 and len(taken) == 3
+    assert not (out / "lr_find.json").exists() and not any((out / "checkpoints").glob("*.pt"))
+    monkeypatch.setattr(lr_find, "_step_lr", real)
+    report = train.run(cfg)                                     # the same command: a new run, its own sweep
+    assert report["epochs_trained"] == 1 and (out / "lr_find.json").is_file()
+
+
 def test_evaluate_of_a_tta_run_gives_report_jsons_metrics_by_default(auto_run, cli_run):
     """QA 28: `evaluate RUN` of a run trained with --tta printed the metrics without TTA while its help promises
     report.json's top-1 (a TTA one). Without --tta it now evaluates as the run was tested; --tta false without."""
