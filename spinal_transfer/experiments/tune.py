@@ -512,12 +512,17 @@ def tune(base: TrainConfig, trials: int = DEFAULT_TRIALS, mode: str = DEFAULT_MO
         flying = len(in_flight(study))
         log(f"study {study_name!r} in {shown_storage(storage)}: {counted(study)} trial(s) finished, "
             + (f"{flying} running in other workers, " if flying else "") + f"{max(0, to_go(study, trials))} to go")
-        while True:       # again when a trial waited for turned out abandoned (not counted: its slot is free)
-            if to_go(study, trials) > 0:
-                run_trials(study, make_objective(base, out, stop), trials, out, stop)
-            wait_for_running(study, out, log, stop)
-            if to_go(study, trials) <= 0:
-                break
+        try:
+            while True:   # again when a trial waited for turned out abandoned (not counted: its slot is free)
+                if to_go(study, trials) > 0:
+                    run_trials(study, make_objective(base, out, stop), trials, out, stop)
+                wait_for_running(study, out, log, stop)
+                if to_go(study, trials) <= 0:
+                    break
+        except Interrupted:
+            with exclusive(out / ".tune.lock"):     # a stopped tune says what ran, the stopped attempt included
+                write_files(out, {OUTPUT_FILES[1]: trials_csv(study)})
+            raise
         return finish_study(study, out, storage, log)
 
 

@@ -443,7 +443,8 @@ def test_two_tune_processes_share_one_study_and_one_cache(digits_transfer, tmp_p
 
 def test_a_signal_stops_a_trial_that_the_next_tune_continues(digits_transfer, tmp_path, monkeypatch, one_thread):
     """SIGTERM in the middle of trial 0 (the untuned defaults): not a failure of its parameters, not counted
-    toward --trials, its last.pt kept; the same tune again continues it in its own folder, then the study."""
+    toward --trials, its last.pt kept, trials.csv written with it; the same tune again continues it in its own
+    folder, then the study."""
     import signal
 
     from spinal_transfer.errors import Interrupted
@@ -467,6 +468,10 @@ def test_a_signal_stops_a_trial_that_the_next_tune_continues(digits_transfer, tm
         tune.tune(base, trials=2, mode="frozen", out=out, pruner="none", log=lambda _: None)
     first = RunDir(out / "trials" / "trial0000")
     assert first.state() == "interrupted" and tune.counted(_study(out)) == 0
+    stopped = list(csv.DictReader(io.StringIO((out / "trials.csv").read_text())))   # written on the way out
+    assert [(r["number"], r["state"], r["run"]) for r in stopped] == [("0", "INTERRUPTED", str(first.path)),
+                                                                      ("1", "WAITING", "")]   # its continuation
+    assert not (out / "best.yaml").exists() and not (out / "tune.html").exists()
     tune.tune(base, trials=2, mode="frozen", out=out, pruner="none", log=lambda _: None)
     study = _study(out)
     assert [(t.number, t.state.name, bool(t.user_attrs.get(tune.INTERRUPTED))) for t in study.trials] == \
