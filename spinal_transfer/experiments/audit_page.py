@@ -80,6 +80,8 @@ def _cards(result: Any) -> str:
     refused = {f.label for kind in FOLDER_KINDS for f in result.of_kind(kind)}
     if refused:
         cards.insert(2, ("classes train refuses", str(len(refused))))
+    if s["findings"]["small_image"]:
+        cards.append(("small images", str(s["findings"]["small_image"])))
     return '<div class="cards">' + "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}'
                                            f'</div></div>' for k, v in cards) + "</div>"
 
@@ -166,6 +168,10 @@ def render_audit_html(result: Any, limit: int = 200) -> str:
         _grid_section("outliers", "outliers: the least typical images",
                       "score: 1 \u2212 cleanlab's out-of-distribution score (distance to the nearest neighbours in "
                       "feature space).", result.of_kind("outlier"), limit),
+        _grid_section("small-images", "small images",
+                      f"a shorter side at most 1/{result.settings.get('small_factor')} of the folder's median: train "
+                      f"upscales them to the model's input. score: the median over the image's shorter side.",
+                      result.of_kind("small_image"), limit),
         _table_section("undecodable", "undecodable files", "files train skips, with the reason.",
                        result.of_kind("undecodable")),
         _table_section("class-folders", "class folders train refuses",

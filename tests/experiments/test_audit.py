@@ -77,6 +77,7 @@ def test_exact_duplicates_across_splits_are_found_and_counted(leaky_run, capsys)
         by_pixels.setdefault(hashlib.sha256(_pixels(p)).hexdigest(), []).append(str(p))
     want = {frozenset(g) for g in list(by_bytes.values()) + list(by_pixels.values()) if len(g) > 1}
     rows = csv_rows(out / "audit.csv")
+    assert not [r for r in rows if r["kind"] == "small_image"]         # a folder of small images is not flagged
     exact = [r for r in rows if r["kind"] == "exact_duplicate"]
     assert {frozenset((r["path"], r["other_path"])) for r in exact} == want
     assert len(want) == 6
@@ -339,6 +340,33 @@ def test_folder_problems_train_refuses_are_findings_not_a_refusal(three_digits, 
     page = (out / "audit.html").read_text()
     section = page[page.index('<section id="class-folders">'):]
     assert section[:section.index("</section>")].count('<tr><td class="path">') == 5
+
+
+def test_small_images_are_found_relative_to_the_folder(three_digits, tmp_path, capsys):
+    """A 1x1 pixel and an 8x8 thumbnail among 32-px digits are small images (a shorter side at most a quarter of
+    the median), smallest first, scored median / side; a 9x9 one is not, nor is a folder of small images alone."""
+    from spinal_transfer.cli import main
+
+    root = tmp_path / "digits"
+    shutil.copytree(three_digits, root)
+    median = float(np.median([min(Image.open(p).size) for p in root.rglob("*.png")]))
+    assert median == 32
+    cls = root / "train" / "digit_1"
+    for name, size in (("pixel.png", (1, 1)), ("thumb.png", (8, 12)), ("nine.png", (9, 9))):
+        Image.new("RGB", size, (200, 30, 30)).save(cls / name)
+    out = tmp_path / "audit"
+    assert main(["audit", "--data", str(root), "--out", str(out), *TINY, *EXACT_ONLY]) == 0
+    small = [(Path(r["path"]).name, float(r["score"]), r["label"], r["detail"]) for r in csv_rows(out / "audit.csv")
+             if r["kind"] == "small_image"]
+    assert small == [("pixel.png", 32.0, "digit_1", "1x1: shorter side 1 px, the folder's median 32 px"),
+                     ("thumb.png", 4.0, "digit_1", "8x12: shorter side 8 px, the folder's median 32 px")]
+    assert json.loads((out / "audit.json").read_text())["findings"]["small_image"] == 2
+    printed = capsys.readouterr().out
+    assert "SMALL IMAGES: 2 with a shorter side at most 1/4 of the folder's median" in printed
+    assert f"  {cls / 'pixel.png'} (1x1)\n  {cls / 'thumb.png'} (8x12)\n" in printed
+    page = (out / "audit.html").read_text()
+    section = page[page.index('<section id="small-images">'):]
+    assert section[:section.index("</section>")].count('data-kind="small_image"') == 2
 
 
 def test_label_issues_map_the_columns_of_the_classes_present(tmp_path):
