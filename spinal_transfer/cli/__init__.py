@@ -61,6 +61,23 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (`{self.help_prog or self.prog} --help` lists the options)")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        words = sys.argv[1:] if args is None else [str(a) for a in args]
+        refuse_paths_read_as_options(words)
+        return super().parse_known_args(words, namespace)
+
+
+def refuse_paths_read_as_options(words: list[str]) -> None:
+    """A file named like an option (`-odd.png`) is read as one: `-o dd.png`, --out dd.png, with the path lost
+    (a missing-PATH error, or worse a run that quietly writes elsewhere). A word before `--` that starts with `-`
+    and names an existing file is refused in one line saying how to pass it."""
+    for word in words:
+        if word == "--":
+            return
+        if word.startswith("-") and len(word) > 1 and Path(word).exists():
+            raise ConfigError(f"{word} is a file here, but a word that starts with - reads as an option: write "
+                              f"./{word}, or put -- before the paths")
+
 
 def command_parser(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,

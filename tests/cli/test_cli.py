@@ -143,6 +143,22 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(argv, message, capsys, tm
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_file_named_like_an_option_is_refused_not_read_as_one(tmp_path, monkeypatch, cli_run):
+    """`predict RUN -odd.png` read the file as `-o dd.png` (--out dd.png) and the path was gone: a file named
+    like an option is refused in one line saying how to pass it; after `--` (or as ./-odd.png) it is a path."""
+    monkeypatch.chdir(tmp_path)
+    Path("-odd.png").write_bytes(b"not read")
+    for argv in (["predict", "runs/r", "-odd.png"], ["evaluate", "runs/r", "--out", "-odd.png"]):
+        res = cli_run(*argv)
+        assert res.returncode == 2 and res.stderr == ("error: -odd.png is a file here, but a word that starts with - "
+                                                      "reads as an option: write ./-odd.png, or put -- before the "
+                                                      "paths\n"), res.stderr
+    res = cli_run("predict", "runs/r", "--", "-odd.png")                        # a path now: the run is missing
+    assert res.returncode == 2 and "-odd.png is a file here" not in res.stderr and "runs/r" in res.stderr
+    res = cli_run("predict", "runs/r", "x.png", "-zz")                          # no file of that name: argparse's
+    assert res.returncode == 2 and "unrecognized arguments: -zz" in res.stderr
+
+
 def test_models_output_into_a_closed_pipe_is_quiet():
     cmd = f"{sys.executable} -m spinal_transfer models | head -n 1"
     out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True)
