@@ -61,11 +61,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (`{self.help_prog or self.prog} --help` lists the options)")
 
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        words = sys.argv[1:] if args is None else [str(a) for a in args]
-        refuse_paths_read_as_options(words)
-        return super().parse_known_args(words, namespace)
-
 
 def refuse_paths_read_as_options(words: list[str]) -> None:
     """A file named like an option (`-odd.png`) is read as one: `-o dd.png`, --out dd.png, with the path lost
@@ -190,6 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     try:                             # building the parser imports the command's module (torch): Ctrl-C may come
+        refuse_paths_read_as_options(argv)
         args = build_parser(only=command).parse_args(attach_switch_values(argv))
         func: Callable[[argparse.Namespace], int] = args.func
         use_cli_option_names()       # messages name options as typed here: --weights, not weights=
